@@ -1,0 +1,99 @@
+#include "core/arena.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace lmf {
+
+namespace {
+std::atomic<size_t> g_arena_allocs{0};
+size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+}  // namespace
+
+size_t arena_allocation_count() { return g_arena_allocs.load(); }
+
+int64_t TensorSpec::numel() const {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device)
+    : name_(std::move(arena_name)), specs_(std::move(specs)), device_(device) {
+  LMF_CHECK(device == Device::cpu, "arena '", name_, "': device ", device_name(device),
+            " is not available in this build");
+  offsets_.reserve(specs_.size());
+  size_t off = 0;
+  for (const TensorSpec& s : specs_) {
+    LMF_CHECK(!s.shape.empty() && s.shape.size() <= Tensor::kMaxDims, "arena '", name_, "': tensor '", s.name,
+              "' has ", s.shape.size(), " dims");
+    for (int64_t d : s.shape) LMF_CHECK(d >= 0, "arena '", name_, "': tensor '", s.name, "' has dimension ", d);
+    off = align_up(off, kAlign);
+    offsets_.push_back(off);
+    off += s.nbytes();
+  }
+  bytes_ = align_up(off, kAlign);
+  if (bytes_ == 0) return;
+  base_ = std::aligned_alloc(kAlign, bytes_);
+  if (!base_) fail("arena '", name_, "': cannot allocate ", bytes_, " bytes");
+  std::memset(base_, 0, bytes_);
+  g_arena_allocs++;
+}
+
+Arena::~Arena() { std::free(base_); }
+
+Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
+
+Arena& Arena::operator=(Arena&& o) noexcept {
+  if (this != &o) {
+    std::free(base_);
+    name_ = std::move(o.name_);
+    specs_ = std::move(o.specs_);
+    offsets_ = std::move(o.offsets_);
+    bytes_ = o.bytes_;
+    base_ = o.base_;
+    device_ = o.device_;
+    o.base_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+Tensor Arena::operator[](size_t i) const {
+  LMF_CHECK(i < specs_.size(), "arena '", name_, "' has ", specs_.size(), " tensors, asked for #", i);
+  const TensorSpec& s = specs_[i];
+  Tensor t;
+  t.data = static_cast<char*>(base_) + offsets_[i];
+  t.dtype = s.dtype;
+  t.device = device_;
+  t.ndim = static_cast<int>(s.shape.size());
+  for (int d = 0; d < t.ndim; ++d) t.shape[d] = s.shape[d];
+  t.name = s.name.c_str();
+  return t;
+}
+
+long Arena::find(const std::string& name) const {
+  for (size_t i = 0; i < specs_.size(); ++i)
+    if (specs_[i].name == name) return static_cast<long>(i);
+  return -1;
+}
+
+Tensor Arena::get(const std::string& name) const {
+  long i = find(name);
+  LMF_CHECK(i >= 0, "arena '", name_, "' has no tensor '", name, "'");
+  return (*this)[static_cast<size_t>(i)];
+}
+
+Tensor Arena::flat_f32() const {
+  for (const TensorSpec& s : specs_)
+    LMF_CHECK(s.dtype == DType::f32, "arena '", name_, "': flat_f32 needs all-f32 specs, '", s.name, "' is ",
+              dtype_name(s.dtype));
+  return Tensor(base_, DType::f32, {static_cast<int64_t>(bytes_ / 4)}, name_.c_str(), device_);
+}
+
+void Arena::zero() {
+  if (base_) std::memset(base_, 0, bytes_);
+}
+
+}  // namespace lmf

@@ -1,0 +1,64 @@
+// arena.h: memory planned up front (DESIGN.md section 1).
+//
+// A spec table (name, shape, dtype) is turned into one allocation; each tensor is a slice of it,
+// aligned to kAlign bytes. All sizes are known before the first step; nothing is allocated later.
+// Padding between slices is zeroed and never written, so a flat f32 view of the whole arena can be
+// reduced over (e.g. the global gradient norm) without touching anything but real elements and zeros.
+#pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace lmf {
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  DType dtype = DType::f32;
+
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+};
+
+class Arena {
+ public:
+  static constexpr size_t kAlign = 64;
+
+  Arena() = default;
+  // Allocates one zero-filled block holding every spec, in order.
+  Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device = Device::cpu);
+  ~Arena();
+  Arena(Arena&& o) noexcept;
+  Arena& operator=(Arena&& o) noexcept;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  size_t size() const { return specs_.size(); }
+  const TensorSpec& spec(size_t i) const { return specs_.at(i); }
+  const std::vector<TensorSpec>& specs() const { return specs_; }
+  Tensor operator[](size_t i) const;
+  Tensor get(const std::string& name) const;  // throws if absent
+  // Index of `name`, or -1.
+  long find(const std::string& name) const;
+  // The whole block as a 1-D f32 tensor (only if every spec is f32).
+  Tensor flat_f32() const;
+  size_t bytes() const { return bytes_; }
+  void* base() const { return base_; }
+  void zero();
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+  std::vector<TensorSpec> specs_;
+  std::vector<size_t> offsets_;
+  size_t bytes_ = 0;
+  void* base_ = nullptr;
+  Device device_ = Device::cpu;
+};
+
+// Number of arena allocations made so far in this process (for the "no allocation in a step" tests).
+size_t arena_allocation_count();
+
+}  // namespace lmf

@@ -1,0 +1,15 @@
+// activation.h: GELU (tanh approximation, as GPT-2) and SwiGLU.
+#pragma once
+#include "core/tensor.h"
+
+namespace lmf {
+
+// out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), elementwise; out and inp same shape
+void gelu_forward(Tensor out, Tensor inp);
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp +=
+
+// inp: (N, 2F) = [gate | up] along the last dim; out: (N, F) = silu(gate) * up
+void swiglu_forward(Tensor out, Tensor inp);
+void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp: (N, 2F) +=
+
+}  // namespace lmf

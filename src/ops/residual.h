@@ -1,0 +1,12 @@
+// residual.h: residual add.
+#pragma once
+#include "core/tensor.h"
+
+namespace lmf {
+
+// out = a + b (same shapes; out may alias a or b)
+void residual_forward(Tensor out, Tensor a, Tensor b);
+// da += dout; db += dout (either may be absent)
+void residual_backward(Tensor da, Tensor db, Tensor dout);
+
+}  // namespace lmf

@@ -1,0 +1,22 @@
+// rope.h: rotary position embedding, "rotate half" convention (GPT-NeoX / Hugging Face Llama):
+// for head vector x of size HS and pair index i in [0, HS/2):
+//   x'[i]        = x[i] * cos(p*f_i) - x[i+HS/2] * sin(p*f_i)
+//   x'[i+HS/2]   = x[i+HS/2] * cos(p*f_i) + x[i] * sin(p*f_i),      f_i = theta^(-2i/HS)
+// applied in place to the q and k heads of a fused qkv buffer; v is untouched.
+#pragma once
+#include "core/tensor.h"
+
+namespace lmf {
+
+// freqs: (maxT, HS/2, 2) f32 table of (cos, sin), computed in double then rounded.
+void rope_table_init(Tensor freqs, float theta);
+
+// qkv: (B, T, (NH + 2*NKV) * HS), rows laid out [q heads | k heads | v heads]; position of row t is
+// pos_offset + t. Rotates q and k in place.
+void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset = 0);
+
+// dqkv: same layout; rotates the q and k gradients back in place (the transpose of the rotation).
+// Unlike other backward functions this one transforms in place rather than accumulating.
+void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset = 0);
+
+}  // namespace lmf

@@ -1,0 +1,98 @@
+#include "support/test_util.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+
+#include "core/rng.h"
+
+namespace lmf::test {
+
+std::vector<float> randn(size_t n, uint64_t seed, float scale) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = scale * rng_normal(seed, 0x7e57, i);
+  return v;
+}
+
+std::vector<float> uniform(size_t n, uint64_t seed, float lo, float hi) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = lo + (hi - lo) * rng_uniform(seed, 0x7e58, i);
+  return v;
+}
+
+std::vector<int32_t> randint(size_t n, uint64_t seed, int32_t hi) {
+  std::vector<int32_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(rng_u64(seed, 0x7e59, i) % static_cast<uint64_t>(hi));
+  return v;
+}
+
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<float> to_float(const std::vector<double>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = static_cast<float>(v[i]);
+  return r;
+}
+
+Tensor tensor_of(std::vector<float>& v, std::initializer_list<int64_t> shape, const char* name) {
+  Tensor t(v.data(), DType::f32, shape, name);
+  LMF_CHECK(static_cast<size_t>(t.numel()) == v.size(), "tensor_of: shape ", t.shape_str(), " vs ", v.size());
+  return t;
+}
+
+Tensor tensor_of(std::vector<int32_t>& v, std::initializer_list<int64_t> shape, const char* name) {
+  Tensor t(v.data(), DType::i32, shape, name);
+  LMF_CHECK(static_cast<size_t>(t.numel()) == v.size(), "tensor_of: shape ", t.shape_str(), " vs ", v.size());
+  return t;
+}
+
+::testing::AssertionResult all_close(const std::string& what, const float* actual, const double* ref, size_t n,
+                                     double atol, double rtol) {
+  double max_abs = 0, max_rel = 0, worst_used = 0;
+  size_t worst = 0;
+  bool nan = false;
+  for (size_t i = 0; i < n; ++i) {
+    double a = actual[i], r = ref[i];
+    if (std::isnan(a) != std::isnan(r)) { nan = true; worst = i; break; }
+    double err = std::fabs(a - r);
+    double used = err / (atol + rtol * std::fabs(r));
+    max_abs = std::max(max_abs, err);
+    if (std::fabs(r) > 0) max_rel = std::max(max_rel, err / std::fabs(r));
+    if (used > worst_used) { worst_used = used; worst = i; }
+  }
+  if (!nan && worst_used <= 1.0) return ::testing::AssertionSuccess();
+  std::ostringstream os;
+  os << what << ": " << (nan ? "NaN mismatch" : "out of tolerance") << " at index " << worst << " of " << n
+     << ": value " << actual[worst] << " reference " << ref[worst] << "; max abs err " << max_abs
+     << ", max rel err " << max_rel << ", tolerance used " << worst_used * 100 << "% (atol " << atol << ", rtol "
+     << rtol << ")";
+  return ::testing::AssertionFailure() << os.str();
+}
+
+std::vector<double> finite_diff(const std::function<double(const std::vector<double>&)>& f, std::vector<double> x,
+                                double h) {
+  std::vector<double> g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    double x0 = x[i], step = h * std::max(1.0, std::fabs(x0));
+    x[i] = x0 + step;
+    double fp = f(x);
+    x[i] = x0 - step;
+    double fm = f(x);
+    x[i] = x0;
+    g[i] = (fp - fm) / (2 * step);
+  }
+  return g;
+}
+
+const char* lmforge_binary() { return LMF_BINARY; }
+std::string fixture_path(const std::string& name) { return std::string(LMF_TEST_FIXTURES) + "/" + name; }
+
+std::string make_temp_dir(const std::string& tag) {
+  namespace fs = std::filesystem;
+  std::string tmpl = (fs::temp_directory_path() / ("lmforge_" + tag + "_XXXXXX")).string();
+  char* p = mkdtemp(tmpl.data());
+  LMF_CHECK(p != nullptr, "mkdtemp failed for ", tmpl);
+  return tmpl;
+}
+
+}  // namespace lmf::test
