@@ -1,0 +1,56 @@
+// loader.h: batches of B windows of T+1 tokens from one or more shards (or an in-memory token
+// stream such as the bundled corpus).
+//
+// Window b of batch number k starts at a uniformly drawn offset:
+//   w = rng_u64(seed, kDataStream, k * B + b) mod total_windows
+// over the concatenation of all sources (a window never crosses a source boundary). The loader's
+// only state is k, `position()`, which checkpoints save: resuming reproduces the same batches.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/shard.h"
+
+namespace lmf {
+
+class DataLoader {
+ public:
+  // `paths`: shard files (a path may contain * or ? wildcards); every token must be < vocab_size.
+  DataLoader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint64_t seed, int64_t vocab_size);
+  // In-memory tokens (e.g. the bundled corpus); `name` is used in messages.
+  DataLoader(std::vector<uint16_t> tokens, const std::string& name, int64_t B, int64_t T, uint64_t seed,
+             int64_t vocab_size);
+
+  // inputs, targets: (B, T) i32; targets are inputs shifted by one.
+  void next(int32_t* inputs, int32_t* targets);
+  uint64_t position() const { return position_; }
+  void set_position(uint64_t p) { position_ = p; }
+  int64_t total_tokens() const;
+  const std::string& description() const { return description_; }
+
+ private:
+  struct Source {
+    const uint16_t* tokens;
+    int64_t n;
+    std::string name;
+  };
+  void finish_setup(int64_t vocab_size);
+
+  int64_t B_, T_;
+  uint64_t seed_;
+  uint64_t position_ = 0;
+  std::vector<Shard> shards_;
+  std::vector<uint16_t> owned_;
+  std::vector<Source> sources_;
+  std::vector<int64_t> window_start_;  // cumulative window counts per source
+  int64_t total_windows_ = 0;
+  std::string description_;
+};
+
+// Expands shell wildcards in a path; a path without wildcards is returned as is (even if missing,
+// so opening it gives the precise error).
+std::vector<std::string> expand_data_paths(const std::string& pattern);
+
+}  // namespace lmf

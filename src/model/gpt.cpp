@@ -1,0 +1,389 @@
+#include "model/gpt.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/rng.h"
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/cross_entropy.h"
+#include "ops/embedding.h"
+#include "ops/linear.h"
+#include "ops/norm.h"
+#include "ops/residual.h"
+#include "ops/rope.h"
+
+namespace lmf {
+
+namespace {
+
+std::string layer_name(int i, const char* rest) { return "layers." + std::to_string(i) + "." + rest; }
+
+// Upper bound on the fused LM-head scratch: the head runs over chunks of rows so no full
+// (B*T, Vp) logits buffer exists (8M floats = 32 MiB).
+constexpr int64_t kLogitsScratchElems = int64_t{8} << 20;
+
+}  // namespace
+
+std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) {
+  const int64_t C = c.d_model, Vp = c.padded_vocab(), HS = c.head_size();
+  const bool ln_bias = c.norm == NormKind::layernorm && c.bias;
+  std::vector<TensorSpec> s;
+  s.push_back({"tok_emb.weight", {Vp, C}});
+  if (c.positions == PositionKind::learned) s.push_back({"pos_emb.weight", {c.context_length, C}});
+  for (int i = 0; i < c.n_layer; ++i) {
+    s.push_back({layer_name(i, "norm1.weight"), {C}});
+    if (ln_bias) s.push_back({layer_name(i, "norm1.bias"), {C}});
+    s.push_back({layer_name(i, "attn.qkv.weight"), {c.qkv_dim(), C}});
+    if (c.bias) s.push_back({layer_name(i, "attn.qkv.bias"), {c.qkv_dim()}});
+    s.push_back({layer_name(i, "attn.proj.weight"), {C, c.n_head * HS}});
+    if (c.bias) s.push_back({layer_name(i, "attn.proj.bias"), {C}});
+    s.push_back({layer_name(i, "norm2.weight"), {C}});
+    if (ln_bias) s.push_back({layer_name(i, "norm2.bias"), {C}});
+    s.push_back({layer_name(i, "mlp.fc.weight"), {c.fc_dim(), C}});
+    if (c.bias) s.push_back({layer_name(i, "mlp.fc.bias"), {c.fc_dim()}});
+    s.push_back({layer_name(i, "mlp.proj.weight"), {C, c.d_ff}});
+    if (c.bias) s.push_back({layer_name(i, "mlp.proj.bias"), {C}});
+  }
+  s.push_back({"norm_f.weight", {C}});
+  if (ln_bias) s.push_back({"norm_f.bias", {C}});
+  if (!c.tied_embeddings) s.push_back({"lm_head.weight", {Vp, C}});
+  return s;
+}
+
+int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding) {
+  int64_t n = 0;
+  for (const TensorSpec& s : gpt_param_specs(c))
+    if (include_position_embedding || s.name != "pos_emb.weight") n += s.numel();
+  return n;
+}
+
+double gpt_train_flops_per_token(const ModelConfig& c, int64_t T) {
+  return 6.0 * static_cast<double>(gpt_param_count(c, false)) +
+         12.0 * c.n_layer * static_cast<double>(c.d_model) * static_cast<double>(T);
+}
+
+GptTensors gpt_bind(const Arena& a, const ModelConfig& c) {
+  auto opt = [&](const std::string& name) { long i = a.find(name); return i < 0 ? Tensor() : a[static_cast<size_t>(i)]; };
+  GptTensors t;
+  t.tok_emb = a.get("tok_emb.weight");
+  t.pos_emb = opt("pos_emb.weight");
+  t.normf_w = a.get("norm_f.weight");
+  t.normf_b = opt("norm_f.bias");
+  t.lm_head = c.tied_embeddings ? t.tok_emb : a.get("lm_head.weight");
+  for (int i = 0; i < c.n_layer; ++i) {
+    GptLayerTensors l;
+    l.norm1_w = a.get(layer_name(i, "norm1.weight"));
+    l.norm1_b = opt(layer_name(i, "norm1.bias"));
+    l.qkv_w = a.get(layer_name(i, "attn.qkv.weight"));
+    l.qkv_b = opt(layer_name(i, "attn.qkv.bias"));
+    l.proj_w = a.get(layer_name(i, "attn.proj.weight"));
+    l.proj_b = opt(layer_name(i, "attn.proj.bias"));
+    l.norm2_w = a.get(layer_name(i, "norm2.weight"));
+    l.norm2_b = opt(layer_name(i, "norm2.bias"));
+    l.fc_w = a.get(layer_name(i, "mlp.fc.weight"));
+    l.fc_b = opt(layer_name(i, "mlp.fc.bias"));
+    l.mproj_w = a.get(layer_name(i, "mlp.proj.weight"));
+    l.mproj_b = opt(layer_name(i, "mlp.proj.bias"));
+    t.layers.push_back(l);
+  }
+  return t;
+}
+
+Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(plan) {
+  cfg_.validate("model config");
+  const int64_t B = plan.B, T = plan.T, C = cfg_.d_model, NH = cfg_.n_head, Vp = cfg_.padded_vocab();
+  const int64_t N = B * T, QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, HS = cfg_.head_size();
+  if (B < 1) fail("batch size ", B, " must be >= 1");
+  if (T < 1 || T > cfg_.context_length)
+    fail("sequence length ", T, " must be in [1, context_length=", cfg_.context_length, "]");
+
+  // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
+  auto pspecs = gpt_param_specs(cfg_);
+  params_ = Arena("params", pspecs);
+  p_ = gpt_bind(params_, cfg_);
+  if (plan.training) {
+    grads_ = Arena("grads", pspecs);
+    m_ = Arena("adam_m", pspecs);
+    v_ = Arena("adam_v", pspecs);
+    g_ = gpt_bind(grads_, cfg_);
+  }
+
+  // --- activations (everything backward reads) ----------------------------------------------
+  std::vector<TensorSpec> as;
+  auto add = [&](std::vector<TensorSpec>& v, std::string name, std::vector<int64_t> shape,
+                 DType dt = DType::f32) { v.push_back({std::move(name), std::move(shape), dt}); };
+  add(as, "encoded", {B, T, C});
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    add(as, layer_name(l, "ln1"), {B, T, C});
+    add(as, layer_name(l, "ln1_mean"), {N});
+    add(as, layer_name(l, "ln1_rstd"), {N});
+    add(as, layer_name(l, "qkv"), {B, T, QKV});
+    add(as, layer_name(l, "probs"), {B, NH, T, T});
+    add(as, layer_name(l, "att"), {B, T, NH * HS});
+    add(as, layer_name(l, "res1"), {B, T, C});
+    add(as, layer_name(l, "ln2"), {B, T, C});
+    add(as, layer_name(l, "ln2_mean"), {N});
+    add(as, layer_name(l, "ln2_rstd"), {N});
+    add(as, layer_name(l, "fc"), {B, T, FC});
+    add(as, layer_name(l, "act"), {B, T, F});
+    add(as, layer_name(l, "res2"), {B, T, C});
+  }
+  add(as, "lnf", {B, T, C});
+  add(as, "lnf_mean", {N});
+  add(as, "lnf_rstd", {N});
+  add(as, "losses", {N});
+  acts_ = Arena("activations", as);
+  encoded_ = acts_.get("encoded");
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    auto a = [&](const char* n) { return acts_.get(layer_name(l, n)); };
+    la_.push_back({a("ln1"), a("ln1_mean"), a("ln1_rstd"), a("qkv"), a("probs"), a("att"), a("res1"), a("ln2"),
+                   a("ln2_mean"), a("ln2_rstd"), a("fc"), a("act"), a("res2")});
+  }
+  lnf_ = acts_.get("lnf");
+  lnf_mean_ = acts_.get("lnf_mean");
+  lnf_rstd_ = acts_.get("lnf_rstd");
+  losses_ = acts_.get("losses");
+
+  // --- workspace -------------------------------------------------------------------------------
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kLogitsScratchElems / Vp));
+  std::vector<TensorSpec> ws;
+  add(ws, "logits_scratch", {R, Vp});
+  if (cfg_.positions == PositionKind::rope) add(ws, "rope_freqs", {cfg_.context_length, HS / 2, 2});
+  if (plan.training) {
+    add(ws, "d_res", {B, T, C});
+    add(ws, "d_ln", {B, T, C});
+    add(ws, "d_qkv", {B, T, QKV});
+    add(ws, "d_att", {B, T, NH * HS});
+    add(ws, "d_fc", {B, T, FC});
+    add(ws, "d_act", {B, T, F});
+    add(ws, "d_probs", {B, NH, T, T});
+  }
+  work_ = Arena("workspace", ws);
+  logits_scratch_ = work_.get("logits_scratch");
+  if (cfg_.positions == PositionKind::rope) {
+    rope_freqs_ = work_.get("rope_freqs");
+    rope_table_init(rope_freqs_, cfg_.rope_theta);
+  }
+  if (plan.training) {
+    d_res_ = work_.get("d_res");
+    d_ln_ = work_.get("d_ln");
+    d_qkv_ = work_.get("d_qkv");
+    d_att_ = work_.get("d_att");
+    d_fc_ = work_.get("d_fc");
+    d_act_ = work_.get("d_act");
+    d_probs_ = work_.get("d_probs");
+  }
+
+  // --- decode state (batch 1, KV cache) --------------------------------------------------------
+  if (plan.decode_ctx > 0) {
+    const int64_t S = plan.decode_ctx, KV = cfg_.n_kv_head * HS;
+    if (S > cfg_.context_length) fail("decode context ", S, " exceeds context_length=", cfg_.context_length);
+    std::vector<TensorSpec> ds;
+    add(ds, "k_cache", {cfg_.n_layer, S, KV});
+    add(ds, "v_cache", {cfg_.n_layer, S, KV});
+    add(ds, "x", {1, 1, C});
+    add(ds, "ln", {1, 1, C});
+    add(ds, "mean", {1});
+    add(ds, "rstd", {1});
+    add(ds, "qkv", {1, 1, QKV});
+    add(ds, "att", {1, NH * HS});
+    add(ds, "tmp", {1, C});
+    add(ds, "fc", {1, FC});
+    add(ds, "act", {1, F});
+    add(ds, "scores", {NH, S});
+    add(ds, "logits", {1, cfg_.vocab_size});
+    add(ds, "token", {1, 1}, DType::i32);
+    decode_ = Arena("decode", ds);
+    k_cache_ = decode_.get("k_cache");
+    v_cache_ = decode_.get("v_cache");
+    dx_ = decode_.get("x");
+    dln_ = decode_.get("ln");
+    dmean_ = decode_.get("mean");
+    drstd_ = decode_.get("rstd");
+    dqkv_ = decode_.get("qkv");
+    datt_ = decode_.get("att");
+    dtmp_ = decode_.get("tmp");
+    dfc_ = decode_.get("fc");
+    dact_ = decode_.get("act");
+    dscores_ = decode_.get("scores");
+    dlogits_ = decode_.get("logits");
+    dtok_ = decode_.get("token");
+  }
+}
+
+size_t Gpt::arena_bytes() const {
+  return params_.bytes() + grads_.bytes() + m_.bytes() + v_.bytes() + acts_.bytes() + work_.bytes() + decode_.bytes();
+}
+
+void Gpt::init_weights(uint64_t seed) {
+  const double std_base = 0.02, std_proj = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
+  const int64_t V = cfg_.vocab_size;
+  for (size_t k = 0; k < params_.size(); ++k) {
+    Tensor t = params_[k];
+    const std::string& name = params_.spec(k).name;
+    float* w = t.f32();
+    const int64_t n = t.numel();
+    auto ends_with = [&](const char* suf) {
+      size_t L = std::strlen(suf);
+      return name.size() >= L && name.compare(name.size() - L, L, suf) == 0;
+    };
+    if (ends_with(".bias")) {
+      std::fill(w, w + n, 0.0f);
+    } else if (name.find("norm") != std::string::npos) {
+      std::fill(w, w + n, 1.0f);
+    } else {
+      const double sd = (ends_with("attn.proj.weight") || ends_with("mlp.proj.weight")) ? std_proj : std_base;
+      for (int64_t j = 0; j < n; ++j) w[j] = static_cast<float>(sd * rng_normal(seed, k + 1, static_cast<uint64_t>(j)));
+      if (name == "tok_emb.weight" || name == "lm_head.weight")  // padded vocab rows stay zero
+        std::fill(w + V * cfg_.d_model, w + n, 0.0f);
+    }
+  }
+}
+
+void Gpt::norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b) {
+  if (cfg_.norm == NormKind::layernorm) layernorm_forward(out, mean, rstd, inp, w, b, cfg_.norm_eps);
+  else rmsnorm_forward(out, rstd, inp, w, cfg_.norm_eps);
+}
+
+void Gpt::norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd) {
+  if (cfg_.norm == NormKind::layernorm) layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd);
+  else rmsnorm_backward(dinp, dw, dout, inp, w, rstd);
+}
+
+void Gpt::forward_body(Tensor tokens) {
+  const int64_t B = plan_.B, T = plan_.T;
+  check_shape(tokens, {B, T}, "gpt forward");
+  embedding_forward(encoded_, tokens, p_.tok_emb, p_.pos_emb);
+  Tensor x = encoded_;
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const GptLayerTensors& w = p_.layers[l];
+    LayerActs& a = la_[l];
+    norm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.norm1_w, w.norm1_b);
+    linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b);
+    if (cfg_.positions == PositionKind::rope) rope_forward(a.qkv, rope_freqs_, cfg_.n_head, cfg_.n_kv_head);
+    attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head);
+    linear_forward(a.res1, a.att, w.proj_w, w.proj_b);
+    residual_forward(a.res1, a.res1, x);
+    norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, w.norm2_w, w.norm2_b);
+    linear_forward(a.fc, a.ln2, w.fc_w, w.fc_b);
+    if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+    else swiglu_forward(a.act, a.fc);
+    linear_forward(a.res2, a.act, w.mproj_w, w.mproj_b);
+    residual_forward(a.res2, a.res2, a.res1);
+    x = a.res2;
+  }
+  norm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p_.normf_w, p_.normf_b);
+}
+
+namespace {
+double mean_of(const Tensor& losses) {
+  const float* l = losses.f32();
+  double s = 0;  // fixed order
+  for (int64_t i = 0; i < losses.numel(); ++i) s += l[i];
+  return s / static_cast<double>(losses.numel());
+}
+}  // namespace
+
+double Gpt::forward_loss(Tensor tokens, Tensor targets) {
+  const int64_t N = plan_.B * plan_.T;
+  check_shape(targets, {plan_.B, plan_.T}, "gpt forward (targets)");
+  forward_body(tokens);
+  lm_head_cross_entropy(losses_, Tensor(), Tensor(), lnf_.view({N, cfg_.d_model}), p_.lm_head,
+                        targets.view({N}), logits_scratch_, cfg_.vocab_size, 0.0f);
+  return mean_of(losses_);
+}
+
+void Gpt::forward_logits(Tensor logits, Tensor tokens) {
+  const int64_t N = plan_.B * plan_.T;
+  check_shape(logits, {plan_.B, plan_.T, cfg_.vocab_size}, "gpt forward_logits");
+  forward_body(tokens);
+  linear_forward(logits.view({N, cfg_.vocab_size}), lnf_.view({N, cfg_.d_model}), p_.lm_head.rows(0, cfg_.vocab_size),
+                 Tensor());
+}
+
+double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
+  LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model;
+  check_shape(targets, {B, T}, "gpt forward_backward (targets)");
+  forward_body(tokens);
+
+  // LM head + cross-entropy: losses, d(lnf) and d(head weight) in one pass.
+  std::memset(d_ln_.data, 0, d_ln_.nbytes());
+  const float grad_scale = loss_scale / static_cast<float>(N);
+  lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), p_.lm_head, targets.view({N}),
+                        logits_scratch_, cfg_.vocab_size, grad_scale);
+
+  // d_res carries d(loss)/d(residual stream), walking back through the layers.
+  std::memset(d_res_.data, 0, d_res_.nbytes());
+  Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
+  norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_);
+
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+    const GptLayerTensors& w = p_.layers[l];
+    const GptLayerTensors& gw = g_.layers[l];
+    LayerActs& a = la_[l];
+    Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
+
+    // MLP block: res2 = res1 + act(fc(norm2(res1))) Wm^T + bm
+    std::memset(d_act_.data, 0, d_act_.nbytes());
+    linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w);
+    std::memset(d_fc_.data, 0, d_fc_.nbytes());
+    if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
+    else swiglu_backward(d_fc_, d_act_, a.fc);
+    std::memset(d_ln_.data, 0, d_ln_.nbytes());
+    linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w);
+    norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd);
+
+    // Attention block: res1 = x_in + attn(rope(qkv(norm1(x_in)))) Wp^T + bp
+    std::memset(d_att_.data, 0, d_att_.nbytes());
+    linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, w.proj_w);
+    std::memset(d_qkv_.data, 0, d_qkv_.nbytes());
+    attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.probs, cfg_.n_head, cfg_.n_kv_head);
+    if (cfg_.positions == PositionKind::rope) rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head);
+    std::memset(d_ln_.data, 0, d_ln_.nbytes());
+    linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, w.qkv_w);
+    norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd);
+  }
+  embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens);
+  return mean_of(losses_);
+}
+
+const float* Gpt::decode_step(int32_t token, int64_t pos) {
+  LMF_CHECK(plan_.decode_ctx > 0, "decode_step on a model planned without a KV cache");
+  if (pos < 0 || pos >= plan_.decode_ctx) fail("decode position ", pos, " outside the KV cache of ", plan_.decode_ctx);
+  const int64_t C = cfg_.d_model, HS = cfg_.head_size(), NH = cfg_.n_head, KV = cfg_.n_kv_head * HS;
+  dtok_.i32()[0] = token;
+  embedding_forward(dx_, dtok_, p_.tok_emb, p_.pos_emb, pos);
+  Tensor x = dx_.view({1, C});
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const GptLayerTensors& w = p_.layers[l];
+    norm_forward(dln_, dmean_, drstd_, dx_, w.norm1_w, w.norm1_b);
+    linear_forward(dqkv_, dln_, w.qkv_w, w.qkv_b);
+    if (cfg_.positions == PositionKind::rope) rope_forward(dqkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head, pos);
+    // append this position's k and v to the cache
+    const float* qkv = dqkv_.f32();
+    float* kc = k_cache_.f32() + (static_cast<int64_t>(l) * plan_.decode_ctx + pos) * KV;
+    float* vc = v_cache_.f32() + (static_cast<int64_t>(l) * plan_.decode_ctx + pos) * KV;
+    std::memcpy(kc, qkv + NH * HS, sizeof(float) * KV);
+    std::memcpy(vc, qkv + NH * HS + KV, sizeof(float) * KV);
+    Tensor kcache(k_cache_.f32() + static_cast<int64_t>(l) * plan_.decode_ctx * KV, DType::f32, {plan_.decode_ctx, KV}, "k_cache");
+    Tensor vcache(v_cache_.f32() + static_cast<int64_t>(l) * plan_.decode_ctx * KV, DType::f32, {plan_.decode_ctx, KV}, "v_cache");
+    Tensor q(dqkv_.f32(), DType::f32, {NH * HS}, "q");
+    attention_decode_forward(datt_.view({NH * HS}), dscores_, q, kcache, vcache, pos + 1, cfg_.n_head, cfg_.n_kv_head);
+    linear_forward(dtmp_, datt_, w.proj_w, w.proj_b);
+    residual_forward(x, x, dtmp_);
+    norm_forward(dln_, dmean_, drstd_, dx_, w.norm2_w, w.norm2_b);
+    linear_forward(dfc_, dln_.view({1, C}), w.fc_w, w.fc_b);
+    if (cfg_.activation == ActivationKind::gelu) gelu_forward(dact_, dfc_);
+    else swiglu_forward(dact_, dfc_);
+    linear_forward(dtmp_, dact_, w.mproj_w, w.mproj_b);
+    residual_forward(x, x, dtmp_);
+  }
+  norm_forward(dln_, dmean_, drstd_, dx_, p_.normf_w, p_.normf_b);
+  linear_forward(dlogits_, dln_.view({1, C}), p_.lm_head.rows(0, cfg_.vocab_size), Tensor());
+  return dlogits_.f32();
+}
+
+}  // namespace lmf

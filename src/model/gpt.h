@@ -1,0 +1,92 @@
+// gpt.h: the decoder-only transformer of docs/MODEL.md as plain data plus explicit
+// forward/backward calls per layer family (DESIGN.md sections 1 and 2).
+//
+// Plan, then run: the constructor turns (config, B, T) into spec tables and carves every arena
+// (parameters, gradients, AdamW m and v, activations, workspace). forward_backward(), forward_loss()
+// and decode_step() only read and write those buffers: no allocation, no resizing.
+//
+// Gradient buffers accumulate across micro-batches; zero_grad() starts a new accumulation.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/arena.h"
+#include "model/config.h"
+
+namespace lmf {
+
+// Parameter specs in the canonical order of docs/MODEL.md (also the safetensors order).
+std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c);
+// Parameters counted for FLOPs (everything but pos_emb) and in total.
+int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding = true);
+// 6 N + 12 L C T FLOPs per token for a training step (docs/MODEL.md).
+double gpt_train_flops_per_token(const ModelConfig& c, int64_t T);
+
+// Views of one arena laid out by gpt_param_specs (parameters or their gradients).
+struct GptLayerTensors {
+  Tensor norm1_w, norm1_b, qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc_w, fc_b, mproj_w, mproj_b;
+};
+struct GptTensors {
+  Tensor tok_emb, pos_emb, normf_w, normf_b, lm_head;  // lm_head aliases tok_emb when tied
+  std::vector<GptLayerTensors> layers;
+};
+GptTensors gpt_bind(const Arena& arena, const ModelConfig& c);
+
+struct GptPlan {
+  int64_t B = 1;           // micro-batch size
+  int64_t T = 1;           // sequence length (<= context_length)
+  bool training = true;    // plan gradients and AdamW state
+  int64_t decode_ctx = 0;  // > 0: also plan a batch-1 KV cache of this many positions for decode_step()
+};
+
+class Gpt {
+ public:
+  Gpt(const ModelConfig& config, const GptPlan& plan);
+
+  const ModelConfig& config() const { return cfg_; }
+  const GptPlan& plan() const { return plan_; }
+
+  // GPT-2 initialisation from the counter RNG (docs/MODEL.md).
+  void init_weights(uint64_t seed);
+
+  // tokens, targets: (B, T) i32. Returns the mean loss over B*T.
+  double forward_loss(Tensor tokens, Tensor targets);
+  // Forward + backward; gradients accumulate (+=) scaled so that they are d(mean loss)/dparam * loss_scale.
+  double forward_backward(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
+  // Logits (B, T, V) of the real vocabulary (for tests and tools; not on the training path).
+  void forward_logits(Tensor logits, Tensor tokens);
+  void zero_grad() { grads_.zero(); }
+
+  // Generation with a KV cache (batch 1). Feeds `token` at position `pos` (0-based, < decode_ctx) and
+  // returns the logits (V) of the next token. Positions must be fed in order 0, 1, 2, ...
+  const float* decode_step(int32_t token, int64_t pos);
+
+  Arena& params() { return params_; }
+  Arena& grads() { return grads_; }
+  Arena& adam_m() { return m_; }
+  Arena& adam_v() { return v_; }
+  const GptTensors& p() const { return p_; }
+  const GptTensors& g() const { return g_; }
+  size_t arena_bytes() const;
+
+ private:
+  struct LayerActs {
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, att, res1, ln2, ln2_mean, ln2_rstd, fc, act, res2;
+  };
+  void forward_body(Tensor tokens);  // embedding .. final norm into lnf_
+  void norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b);
+  void norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd);
+
+  ModelConfig cfg_;
+  GptPlan plan_;
+  Arena params_, grads_, m_, v_, acts_, work_, decode_;
+  GptTensors p_, g_;
+  std::vector<LayerActs> la_;
+  Tensor encoded_, lnf_, lnf_mean_, lnf_rstd_, losses_;
+  // workspace: activation gradients (reused by every layer) and scratch
+  Tensor d_res_, d_ln_, d_qkv_, d_att_, d_fc_, d_act_, d_probs_, logits_scratch_, rope_freqs_, norm_dummy_;
+  // decode state (batch 1)
+  Tensor k_cache_, v_cache_, dx_, dln_, dqkv_, datt_, dtmp_, dfc_, dact_, dscores_, dlogits_, dmean_, drstd_, dtok_;
+};
+
+}  // namespace lmf

@@ -1,0 +1,113 @@
+// cross_entropy.cpp: CPU reference of the LM head fused with softmax cross-entropy.
+//
+// Rows are processed in chunks of R = logits_scratch rows, in increasing order:
+//   logits = x_chunk W[:V]^T            (sgemm into the scratch, leading dimension Vp; rows V..Vp-1 of
+//                                       W are never read, so they never enter the softmax)
+//   loss   = logsumexp(logits) - logits[target], max-subtracted; exp in float, the sum and the
+//            log in double (a 50k-term float sum would lose ~3 digits)
+//   dlogits = grad_scale (softmax - onehot), written in place over the scratch (only when dx/dw)
+//   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (sgemm, beta = 1)
+// Padded rows of dW are never written (they receive zero gradient). Rows of a chunk are
+// independent (OpenMP over rows); the chunk order is fixed, so results are deterministic.
+#include "ops/cross_entropy.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+namespace lmf {
+namespace {
+
+constexpr const char* kOp = "lm_head_cross_entropy";
+
+// losses: (N); dx: (N, C) or nullptr; dw: (Vp, C) or nullptr (both or neither); x: (N, C);
+// w: (Vp, C); targets: (N) in [0, V); logits: (R, Vp) scratch. All row-major.
+void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float* x, const float* w,
+                               const int32_t* targets, float* logits, int N, int C, int V, int Vp, int R,
+                               float grad_scale) {
+  const bool grad = dx != nullptr;
+  for (int n0 = 0; n0 < N; n0 += R) {
+    const int rows = std::min(R, N - n0);
+    const float* xc = x + static_cast<int64_t>(n0) * C;  // (rows, C)
+    // logits[0:rows, 0:V] = xc W[:V]^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * V >= (1 << 15))
+    for (int r = 0; r < rows; ++r) {
+      float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
+      const int tgt = targets[n0 + r];
+      const float l_tgt = l[tgt];
+      float mx = l[0];
+      for (int j = 1; j < V; ++j) mx = std::max(mx, l[j]);
+      double sum = 0.0;
+      for (int j = 0; j < V; ++j) {
+        const float e = std::exp(l[j] - mx);
+        l[j] = e;  // keep exp(l - max) for the gradient
+        sum += e;
+      }
+      losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
+      if (grad) {
+        const float inv = static_cast<float>(1.0 / sum);
+        const float e_tgt = l[tgt];
+        for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
+        l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+      }
+    }
+    if (!grad) continue;
+    // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f,
+                dx + static_cast<int64_t>(n0) * C, C);
+    // dW[:V] += dlogits^T (V, rows) xc (rows, C)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+  }
+}
+
+}  // namespace
+
+void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
+                           Tensor logits_scratch, int64_t vocab_size, float grad_scale) {
+  check_f32(losses, kOp);
+  check_f32(x, kOp);
+  check_f32(w, kOp);
+  check_f32(logits_scratch, kOp);
+  LMF_CHECK(targets.defined() && targets.dtype == DType::i32, kOp, ": targets '", targets.name, "' must be i32, got ",
+            targets.defined() ? dtype_name(targets.dtype) : "<absent>");
+  LMF_CHECK(dx.defined() == dw.defined(), kOp, ": dx '", dx.name, "' and dw '", dw.name,
+            "' must be both present or both absent (dx ", dx.defined() ? "present" : "absent", ", dw ",
+            dw.defined() ? "present" : "absent", ")");
+  check_same_device(kOp, {&losses, &dx, &dw, &x, &w, &targets, &logits_scratch});
+  LMF_CHECK(x.ndim == 2, kOp, ": x '", x.name, "' must be (N, C), got ", x.shape_str());
+  LMF_CHECK(w.ndim == 2, kOp, ": w '", w.name, "' must be (Vp, C), got ", w.shape_str());
+  const int64_t N = x.shape[0], C = x.shape[1], Vp = w.shape[0];
+  LMF_CHECK(C >= 1, kOp, ": x '", x.name, "' has shape ", x.shape_str());
+  LMF_CHECK(vocab_size >= 1 && vocab_size <= Vp, kOp, ": vocab_size=", vocab_size, " must be in [1, Vp=", Vp,
+            "] of w '", w.name, "' ", w.shape_str());
+  check_shape(w, {Vp, C}, kOp);
+  check_shape(losses, {N}, kOp);
+  check_shape(targets, {N}, kOp);
+  LMF_CHECK(logits_scratch.ndim == 2 && logits_scratch.shape[0] >= 1 && logits_scratch.shape[1] == Vp, kOp,
+            ": logits_scratch '", logits_scratch.name, "' ", logits_scratch.shape_str(), " must be (R >= 1, Vp=", Vp,
+            ")");
+  const int64_t R = logits_scratch.shape[0];
+  if (dx.defined()) {
+    check_f32(dx, kOp);
+    check_f32(dw, kOp);
+    check_shape(dx, {N, C}, kOp);
+    check_shape(dw, {Vp, C}, kOp);
+  }
+  LMF_CHECK(N <= INT_MAX && C <= INT_MAX && Vp <= INT_MAX, kOp, ": sizes N=", N, " C=", C, " Vp=", Vp,
+            " exceed the BLAS int range");
+  if (N == 0) return;
+  if (x.device != Device::cpu) fail(kOp, ": CUDA backend not built");
+  const int32_t* tg = targets.i32();
+  for (int64_t n = 0; n < N; ++n)
+    LMF_CHECK(tg[n] >= 0 && tg[n] < vocab_size, kOp, ": targets '", targets.name, "' row ", n, " is ", tg[n],
+              ", outside [0, vocab_size=", vocab_size, ")");
+  lm_head_cross_entropy_cpu(losses.f32(), dx.defined() ? dx.f32() : nullptr, dw.defined() ? dw.f32() : nullptr,
+                            x.f32(), w.f32(), tg, logits_scratch.f32(), static_cast<int>(N), static_cast<int>(C),
+                            static_cast<int>(vocab_size), static_cast<int>(Vp),
+                            static_cast<int>(std::min<int64_t>(R, N)), grad_scale);
+}
+
+}  // namespace lmf

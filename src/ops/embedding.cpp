@@ -1,0 +1,126 @@
+// embedding.cpp: CPU reference of the token + learned position embedding (embedding.h).
+//
+// Every token id is checked to lie in [0, Vp) before any memory is touched; the error names the
+// (b, t) position and the value.
+// Backward accumulates (+=) into dwte and dwpe (src/ops/README.md) and is deterministic without
+// atomics: dwte runs over fixed blocks of columns, and within a block visits the rows n = b*T + t in
+// increasing order, so rows sharing a token are summed in increasing (b, t) order whatever the thread
+// count; dwpe runs over positions t (independent rows), summing b = 0..B-1 in order.
+#include "ops/embedding.h"
+
+#include <algorithm>
+#include <initializer_list>
+
+namespace lmf {
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
+constexpr int64_t kColBlock = 64;          // columns per task in the dwte reduction
+
+// out: (B*T, C) row-major; tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr, rows from pos_offset
+void embedding_forward_cpu(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B,
+                           int64_t T, int64_t C, int64_t pos_offset) {
+  const int64_t N = B * T;
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* te = wte + static_cast<int64_t>(tokens[n]) * C;
+    float* o = out + n * C;
+    if (wpe) {
+      const float* pe = wpe + (pos_offset + n % T) * C;
+      for (int64_t i = 0; i < C; ++i) o[i] = te[i] + pe[i];
+    } else {
+      for (int64_t i = 0; i < C; ++i) o[i] = te[i];
+    }
+  }
+}
+
+// dwte: (Vp, C) +=; dout: (N, C) row-major; tokens: (N). Rows summed in increasing n per column.
+void embedding_backward_wte_cpu(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C) {
+  const int64_t nblocks = (C + kColBlock - 1) / kColBlock;
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t c0 = blk * kColBlock;
+    const int64_t nc = std::min(kColBlock, C - c0);
+    for (int64_t n = 0; n < N; ++n) {
+      float* dw = dwte + static_cast<int64_t>(tokens[n]) * C + c0;
+      const float* dy = dout + n * C + c0;
+      for (int64_t j = 0; j < nc; ++j) dw[j] += dy[j];
+    }
+  }
+}
+
+// dwpe: (maxT, C) +=, rows [0, T); dout: (B, T, C) row-major. dwpe[t] += dout[0,t] + ... in b order.
+void embedding_backward_wpe_cpu(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C) {
+#pragma omp parallel for schedule(static) if (B * T * C >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    float* dp = dwpe + t * C;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* dy = dout + (b * T + t) * C;
+      for (int64_t i = 0; i < C; ++i) dp[i] += dy[i];
+    }
+  }
+}
+
+// Fails naming the first (b, t) whose token is outside [0, Vp). tokens: (B, T)
+void check_tokens(const int32_t* tokens, int64_t B, int64_t T, int64_t Vp, const char* op, const char* name) {
+  for (int64_t n = 0; n < B * T; ++n)
+    if (tokens[n] < 0 || tokens[n] >= Vp)
+      fail(op, ": tensor '", name, "' has token ", tokens[n], " at (b=", n / T, ", t=", n % T,
+           "), outside the vocabulary [0, Vp=", Vp, ")");
+}
+
+// Tokens (B, T) i32.
+void check_token_tensor(const Tensor& tokens, const char* op) {
+  if (!tokens.defined()) fail(op, ": tensor '", tokens.name, "' is absent");
+  LMF_CHECK(tokens.dtype == DType::i32 && tokens.ndim == 2, op, ": tensor '", tokens.name, "' is ",
+            tokens.describe(), ", expected i32 (B, T)");
+}
+
+}  // namespace
+
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset) {
+  const char* op = "embedding_forward";
+  check_token_tensor(tokens, op);
+  for (const Tensor* t : {&out, &wte}) check_f32(*t, op);
+  if (wpe.defined()) check_f32(wpe, op);
+  check_same_device(op, {&out, &tokens, &wte, &wpe});
+  LMF_CHECK(wte.ndim == 2, op, ": tensor '", wte.name, "' has shape ", wte.shape_str(), ", expected (Vp, C)");
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), Vp = wte.dim(0), C = wte.dim(1);
+  check_shape(out, {B, T, C}, op);
+  if (wpe.defined()) {
+    LMF_CHECK(wpe.ndim == 2 && wpe.dim(1) == C, op, ": tensor '", wpe.name, "' has shape ", wpe.shape_str(),
+              ", expected (maxT, C=", C, ")");
+    LMF_CHECK(pos_offset >= 0 && pos_offset + T <= wpe.dim(0), op, ": positions [", pos_offset, ", ",
+              pos_offset + T, ") exceed tensor '", wpe.name, "' with maxT=", wpe.dim(0));
+  }
+  if (out.device == Device::cpu) {
+    check_tokens(tokens.i32(), B, T, Vp, op, tokens.name);
+    embedding_forward_cpu(out.f32(), tokens.i32(), wte.f32(), wpe.defined() ? wpe.f32() : nullptr, B, T, C,
+                          pos_offset);
+  } else {
+    fail(op, ": CUDA backend not built");
+  }
+}
+
+void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+  const char* op = "embedding_backward";
+  check_token_tensor(tokens, op);
+  for (const Tensor* t : {&dwte, &dout}) check_f32(*t, op);
+  if (dwpe.defined()) check_f32(dwpe, op);
+  check_same_device(op, {&dwte, &dwpe, &dout, &tokens});
+  LMF_CHECK(dwte.ndim == 2, op, ": tensor '", dwte.name, "' has shape ", dwte.shape_str(), ", expected (Vp, C)");
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), Vp = dwte.dim(0), C = dwte.dim(1);
+  check_shape(dout, {B, T, C}, op);
+  if (dwpe.defined())
+    LMF_CHECK(dwpe.ndim == 2 && dwpe.dim(1) == C && T <= dwpe.dim(0), op, ": tensor '", dwpe.name,
+              "' has shape ", dwpe.shape_str(), ", expected (maxT >= T=", T, ", C=", C, ")");
+  if (dout.device == Device::cpu) {
+    check_tokens(tokens.i32(), B, T, Vp, op, tokens.name);
+    embedding_backward_wte_cpu(dwte.f32(), dout.f32(), tokens.i32(), B * T, C);
+    if (dwpe.defined()) embedding_backward_wpe_cpu(dwpe.f32(), dout.f32(), B, T, C);
+  } else {
+    fail(op, ": CUDA backend not built");
+  }
+}
+
+}  // namespace lmf

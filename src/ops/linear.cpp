@@ -1,0 +1,139 @@
+// linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through OpenBLAS.
+//
+// Every GEMM reads the caller's row-major buffers in place (transposes and leading dimensions, no
+// copies). Backward accumulates (+=, sgemm beta = 1) into every gradient it is given.
+// Determinism: OpenBLAS sgemm is deterministic for a fixed thread count; the bias-gradient reduction
+// sums each column over rows in increasing row order, whatever the number of OpenMP threads.
+#include "ops/linear.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+
+namespace lmf {
+namespace {
+
+constexpr const char* kOpForward = "linear_forward";
+constexpr const char* kOpBackward = "linear_backward";
+
+// Columns per OpenMP work item in the bias reduction: wide enough to vectorise the row loop.
+constexpr int64_t kBiasCols = 64;
+
+// out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or nullptr. All row-major.
+void linear_forward_cpu(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
+                        int64_t IC, int64_t OC) {
+  // out = inp weight^T
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
+              static_cast<int>(IC), 1.0f, inp, static_cast<int>(IC), weight, static_cast<int>(IC), 0.0f, out,
+              static_cast<int>(OC));
+  if (!bias) return;
+#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
+  for (int64_t n = 0; n < N; ++n) {
+    float* o = out + n * OC;
+    for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
+  }
+}
+
+// dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
+// dout: (N, OC); inp: (N, IC); weight: (OC, IC). All accumulated.
+void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                         const float* weight, int64_t N, int64_t IC, int64_t OC) {
+  const int n = static_cast<int>(N), ic = static_cast<int>(IC), oc = static_cast<int>(OC);
+  // dinp (N, IC) += dout (N, OC) weight (OC, IC)
+  if (dinp)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, ic, oc, 1.0f, dout, oc, weight, ic, 1.0f, dinp, ic);
+  // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
+  if (dweight)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, oc, ic, n, 1.0f, dout, oc, inp, ic, 1.0f, dweight, ic);
+  // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
+  if (dbias) {
+    const int64_t n_blocks = (OC + kBiasCols - 1) / kBiasCols;
+#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t c0 = blk * kBiasCols, w = std::min(kBiasCols, OC - c0);
+      float acc[kBiasCols] = {};
+      for (int64_t r = 0; r < N; ++r) {
+        const float* row = dout + r * OC + c0;
+        for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+      }
+      for (int64_t c = 0; c < w; ++c) dbias[c0 + c] += acc[c];
+    }
+  }
+}
+
+// Rows of a tensor whose last dimension is `cols` (leading dimensions flatten).
+int64_t flat_rows(const Tensor& t, int64_t cols) { return cols ? t.numel() / cols : 0; }
+
+}  // namespace
+
+void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+  check_f32(out, kOpForward);
+  check_f32(inp, kOpForward);
+  check_f32(weight, kOpForward);
+  check_same_device(kOpForward, {&out, &inp, &weight, &bias});
+  LMF_CHECK(weight.ndim == 2, kOpForward, ": weight '", weight.name, "' must be 2-D (OC, IC), got ",
+            weight.shape_str());
+  const int64_t OC = weight.shape[0], IC = weight.shape[1];
+  LMF_CHECK(OC >= 1 && IC >= 1, kOpForward, ": weight '", weight.name, "' has shape ", weight.shape_str());
+  LMF_CHECK(inp.dim(-1) == IC, kOpForward, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
+            " of weight '", weight.name, "' ", weight.shape_str());
+  LMF_CHECK(out.dim(-1) == OC, kOpForward, ": out '", out.name, "' ", out.shape_str(), " last dim must be OC=", OC,
+            " of weight '", weight.name, "' ", weight.shape_str());
+  const int64_t N = flat_rows(inp, IC);
+  LMF_CHECK(flat_rows(out, OC) == N, kOpForward, ": out '", out.name, "' ", out.shape_str(), " has ",
+            flat_rows(out, OC), " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
+  if (bias.defined()) {
+    check_f32(bias, kOpForward);
+    check_shape(bias, {OC}, kOpForward);
+  }
+  LMF_CHECK(N <= INT_MAX && IC <= INT_MAX && OC <= INT_MAX, kOpForward, ": sizes N=", N, " IC=", IC, " OC=", OC,
+            " exceed the BLAS int range");
+  if (N == 0) return;
+  if (out.device == Device::cpu)
+    linear_forward_cpu(out.f32(), inp.f32(), weight.f32(), bias.defined() ? bias.f32() : nullptr, N, IC, OC);
+  else
+    fail(kOpForward, ": CUDA backend not built");
+}
+
+void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
+  check_f32(dout, kOpBackward);
+  check_f32(inp, kOpBackward);
+  check_f32(weight, kOpBackward);
+  check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
+  LMF_CHECK(weight.ndim == 2, kOpBackward, ": weight '", weight.name, "' must be 2-D (OC, IC), got ",
+            weight.shape_str());
+  const int64_t OC = weight.shape[0], IC = weight.shape[1];
+  LMF_CHECK(OC >= 1 && IC >= 1, kOpBackward, ": weight '", weight.name, "' has shape ", weight.shape_str());
+  LMF_CHECK(inp.dim(-1) == IC, kOpBackward, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
+            " of weight '", weight.name, "' ", weight.shape_str());
+  LMF_CHECK(dout.dim(-1) == OC, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(),
+            " last dim must be OC=", OC, " of weight '", weight.name, "' ", weight.shape_str());
+  const int64_t N = flat_rows(inp, IC);
+  LMF_CHECK(flat_rows(dout, OC) == N, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(), " has ",
+            flat_rows(dout, OC), " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
+  if (dinp.defined()) {
+    check_f32(dinp, kOpBackward);
+    LMF_CHECK(dinp.dim(-1) == IC && flat_rows(dinp, IC) == N, kOpBackward, ": dinp '", dinp.name, "' ",
+              dinp.shape_str(), " must hold N=", N, " rows of IC=", IC, " like inp '", inp.name, "' ",
+              inp.shape_str());
+  }
+  if (dweight.defined()) {
+    check_f32(dweight, kOpBackward);
+    check_shape(dweight, {OC, IC}, kOpBackward);
+  }
+  if (dbias.defined()) {
+    check_f32(dbias, kOpBackward);
+    check_shape(dbias, {OC}, kOpBackward);
+  }
+  LMF_CHECK(N <= INT_MAX && IC <= INT_MAX && OC <= INT_MAX, kOpBackward, ": sizes N=", N, " IC=", IC, " OC=", OC,
+            " exceed the BLAS int range");
+  if (N == 0) return;
+  auto opt = [](const Tensor& t) { return t.defined() ? t.f32() : nullptr; };
+  if (dout.device == Device::cpu)
+    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC);
+  else
+    fail(kOpBackward, ": CUDA backend not built");
+}
+
+}  // namespace lmf

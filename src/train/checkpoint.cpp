@@ -1,0 +1,135 @@
+#include "train/checkpoint.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/check.h"
+#include "train/fsutil.h"
+#include "train/safetensors.h"
+
+namespace lmf {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::string step_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "step_%06lld", static_cast<long long>(step));
+  return buf;
+}
+
+// Every tensor in `file` must be one of `arena`'s (with prefix) and vice versa; then copy.
+void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& prefix) {
+  std::set<std::string> expected;
+  for (size_t i = 0; i < arena.size(); ++i) expected.insert(prefix + arena.spec(i).name);
+  for (const auto& e : file.entries())
+    if (!expected.count(e.name)) fail(file.path(), ": unexpected tensor '", e.name, "' (not part of this model)");
+  for (size_t i = 0; i < arena.size(); ++i) {
+    std::string name = prefix + arena.spec(i).name;
+    if (!file.find(name)) fail(file.path(), ": missing tensor '", name, "'");
+  }
+  for (size_t i = 0; i < arena.size(); ++i) file.read_into(prefix + arena.spec(i).name, arena[i]);
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainState& state) {
+  fs::path root = fs::path(out_dir) / "checkpoints";
+  fs::create_directories(root);
+  const std::string name = step_dir_name(state.step);
+  fs::path final_dir = root / name;
+  fs::path tmp_dir = root / ("." + name + ".tmp");
+  fs::remove_all(tmp_dir);
+  fs::create_directories(tmp_dir);
+
+  std::vector<std::pair<std::string, Tensor>> params, opt;
+  for (size_t i = 0; i < model.params().size(); ++i) params.emplace_back(model.params().spec(i).name, model.params()[i]);
+  for (size_t i = 0; i < model.adam_m().size(); ++i) opt.emplace_back("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
+  for (size_t i = 0; i < model.adam_v().size(); ++i) opt.emplace_back("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  write_file_atomic((tmp_dir / "model.safetensors").string(),
+                    safetensors_serialize(params, {{"format", "pt"}, {"lmforge_config", config_to_json(model.config())}}));
+  write_file_atomic((tmp_dir / "optimizer.safetensors").string(), safetensors_serialize(opt));
+  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(model.config()) + "\n");
+  json st = {{"step", state.step},
+             {"seed", state.seed},
+             {"data_position", state.data_position},
+             {"options", state.options_json.empty() ? json::object() : json::parse(state.options_json)}};
+  write_file_atomic((tmp_dir / "state.json").string(), st.dump(2) + "\n");
+
+  // Move into place. If a checkpoint of this step exists (a rerun), it is replaced only after the
+  // new one is complete.
+  fs::path old_dir = root / ("." + name + ".old");
+  fs::remove_all(old_dir);
+  if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
+  fs::rename(tmp_dir, final_dir);
+  fsync_dir(root.string());
+  write_file_atomic((root / "latest").string(), name + "\n");
+  fs::remove_all(old_dir);
+  return final_dir.string();
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  fs::path p(path);
+  if (fs::exists(p / "model.safetensors")) return p.string();
+  fs::path latest = p / "checkpoints" / "latest";
+  if (fs::exists(latest)) {
+    std::string name = read_file(latest.string(), "checkpoint pointer");
+    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    fs::path d = p / "checkpoints" / name;
+    if (!fs::exists(d / "model.safetensors")) fail(latest.string(), ": points at '", name, "' which has no model.safetensors");
+    return d.string();
+  }
+  if (!fs::exists(p)) fail(path, ": checkpoint not found");
+  fail(path, ": not a checkpoint (no model.safetensors) and no checkpoints/latest inside");
+}
+
+ModelConfig load_checkpoint_config(const std::string& dir) {
+  fs::path f = fs::path(dir) / "config.json";
+  if (!fs::exists(f)) fail(f.string(), ": checkpoint has no config.json");
+  return config_from_file(f.string());
+}
+
+void load_checkpoint_weights(const std::string& dir, Gpt& model) {
+  SafetensorsFile f((fs::path(dir) / "model.safetensors").string());
+  load_arena(f, model.params(), "");
+}
+
+TrainState load_checkpoint(const std::string& dir, Gpt& model) {
+  // Validate everything before touching the model.
+  SafetensorsFile mf((fs::path(dir) / "model.safetensors").string());
+  fs::path of = fs::path(dir) / "optimizer.safetensors";
+  if (!fs::exists(of)) fail(of.string(), ": checkpoint has no optimizer state");
+  SafetensorsFile opt(of.string());
+  fs::path sf = fs::path(dir) / "state.json";
+  std::string text = read_file(sf.string(), "checkpoint state");
+  TrainState st;
+  try {
+    json j = json::parse(text);
+    st.step = j.at("step").get<int64_t>();
+    st.seed = j.at("seed").get<uint64_t>();
+    st.data_position = j.at("data_position").get<uint64_t>();
+    if (j.contains("options")) st.options_json = j.at("options").dump();
+  } catch (const json::exception& e) {
+    fail(sf.string(), ": invalid checkpoint state (", e.what(), ")");
+  }
+  load_arena(mf, model.params(), "");
+  // optimizer file holds m.* and v.*: check both halves against the same specs
+  std::set<std::string> expected;
+  for (size_t i = 0; i < model.adam_m().size(); ++i) {
+    expected.insert("m." + model.adam_m().spec(i).name);
+    expected.insert("v." + model.adam_v().spec(i).name);
+  }
+  for (const auto& e : opt.entries())
+    if (!expected.count(e.name)) fail(opt.path(), ": unexpected tensor '", e.name, "'");
+  for (size_t i = 0; i < model.adam_m().size(); ++i) {
+    opt.read_into("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
+    opt.read_into("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  }
+  return st;
+}
+
+}  // namespace lmf

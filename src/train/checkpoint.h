@@ -1,0 +1,39 @@
+// checkpoint.h: training checkpoints.
+//
+// A checkpoint is a directory <out-dir>/checkpoints/step_NNNNNN/ holding
+//   model.safetensors      parameters (names and order of docs/MODEL.md), opens in other tools
+//   optimizer.safetensors  AdamW state: "m.<param>" and "v.<param>"
+//   config.json            the model config
+//   state.json             step, seed, data loader position, the training options
+// and <out-dir>/checkpoints/latest names the newest one. Saving writes a temporary directory
+// (each file fsynced), renames it into place, then replaces `latest` atomically: a crash mid-save
+// leaves the previous checkpoint and `latest` intact. Loading validates every tensor's name, dtype,
+// shape and byte size before the run starts, and reports the first problem precisely.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "model/config.h"
+#include "model/gpt.h"
+
+namespace lmf {
+
+struct TrainState {
+  int64_t step = 0;             // optimizer steps completed
+  uint64_t seed = 0;
+  uint64_t data_position = 0;   // DataLoader::position()
+  std::string options_json;     // the TrainOptions of the run, for the record
+};
+
+// Saves into <out_dir>/checkpoints/step_NNNNNN and points `latest` at it; returns the directory.
+std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainState& state);
+
+// `path` is a checkpoint directory or an out-dir with checkpoints/latest. Returns the directory.
+std::string resolve_checkpoint(const std::string& path);
+ModelConfig load_checkpoint_config(const std::string& ckpt_dir);
+// Parameters only (generation). Model must be planned with the checkpoint's config.
+void load_checkpoint_weights(const std::string& ckpt_dir, Gpt& model);
+// Parameters, optimizer state and training state (resume).
+TrainState load_checkpoint(const std::string& ckpt_dir, Gpt& model);
+
+}  // namespace lmf

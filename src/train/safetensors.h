@@ -1,0 +1,52 @@
+// safetensors.h: the safetensors format (Hugging Face), so weights open in other tools:
+//   u64 little-endian header size N | N bytes of JSON header | raw little-endian tensor data
+// The header maps each name to {"dtype", "shape", "data_offsets": [begin, end)} relative to the
+// data start, plus an optional "__metadata__" string->string map.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace lmf {
+
+struct SafetensorsEntry {
+  std::string name;
+  std::string dtype;  // "F32", "F64", "I32", "BF16", "U16", ...
+  std::vector<int64_t> shape;
+  size_t begin = 0, end = 0;  // byte offsets into the data section
+};
+
+class SafetensorsFile {
+ public:
+  // Reads and validates the whole file: header JSON, offsets inside the file, sizes matching
+  // dtype x shape, no overlap. Errors name the file and the tensor.
+  explicit SafetensorsFile(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  const std::vector<SafetensorsEntry>& entries() const { return entries_; }
+  const SafetensorsEntry* find(const std::string& name) const;
+  const void* data(const SafetensorsEntry& e) const { return bytes_.data() + data_start_ + e.begin; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+  // Copies tensor `name` into `dst`, checking it exists with dst's dtype and shape (errors name
+  // the file, the tensor, the expected and the found shape/dtype).
+  void read_into(const std::string& name, const Tensor& dst) const;
+
+ private:
+  std::string path_;
+  std::string bytes_;
+  size_t data_start_ = 0;
+  std::vector<SafetensorsEntry> entries_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Serialises tensors (in the given order) with optional metadata.
+std::string safetensors_serialize(const std::vector<std::pair<std::string, Tensor>>& tensors,
+                                  const std::map<std::string, std::string>& metadata = {});
+
+const char* safetensors_dtype(DType t);  // DType -> "F32", ...
+
+}  // namespace lmf

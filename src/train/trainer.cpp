@@ -1,0 +1,256 @@
+#include "train/trainer.h"
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "core/check.h"
+#include "data/corpus.h"
+#include "data/tokenizer.h"
+#include "ops/optim.h"
+#include "train/checkpoint.h"
+
+namespace lmf {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::string with_commas(double v) {
+  long long n = std::llround(v);
+  std::string s = std::to_string(n < 0 ? -n : n);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return (n < 0 ? "-" : "") + s;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), f, v);
+  return buf;
+}
+
+std::string human_count(int64_t n) {
+  if (n >= 1000000) return fmt("%.2fM", n / 1e6);
+  if (n >= 1000) return fmt("%.2fK", n / 1e3);
+  return std::to_string(n);
+}
+
+// Bundled corpus, byte-tokenized: the first 90% trains, the last 10% validates.
+std::vector<uint16_t> bundled_tokens(bool val) {
+  std::string_view text = bundled_corpus();
+  size_t split = text.size() / 10 * 9;
+  ByteTokenizer tok;
+  return tok.encode(val ? text.substr(split) : text.substr(0, split));
+}
+
+}  // namespace
+
+std::string TrainOptions::to_json() const {
+  json j = {{"config", config_path}, {"preset", preset}, {"data", data}, {"val_data", val_data},
+            {"batch_size", batch_size}, {"seq_len", seq_len}, {"grad_accum", grad_accum}, {"steps", steps},
+            {"lr", lr}, {"min_lr", min_lr}, {"warmup", warmup}, {"weight_decay", weight_decay},
+            {"grad_clip", grad_clip}, {"seed", seed}};
+  return j.dump();
+}
+
+double lr_at_step(const TrainOptions& o, int64_t s) {
+  const double lr = o.lr, min_lr = o.min_lr < 0 ? o.lr * 0.1 : o.min_lr;
+  if (s < o.warmup) return lr * static_cast<double>(s + 1) / static_cast<double>(o.warmup);
+  double p = static_cast<double>(s - o.warmup) / static_cast<double>(std::max<int64_t>(1, o.steps - o.warmup));
+  p = std::min(1.0, p);
+  return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * p));
+}
+
+Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(log) {
+  // --- validate options (one-line errors naming the flag) -------------------------------------
+  if (o_.batch_size < 1) fail("--batch-size=", o_.batch_size, " must be >= 1");
+  if (o_.grad_accum < 1) fail("--grad-accum=", o_.grad_accum, " must be >= 1");
+  if (o_.steps < 1) fail("--steps=", o_.steps, " must be >= 1");
+  if (!(o_.lr > 0)) fail("--lr=", o_.lr, " must be > 0");
+  if (o_.warmup < 0) fail("--warmup=", o_.warmup, " must be >= 0");
+  if (o_.grad_clip < 0) fail("--grad-clip=", o_.grad_clip, " must be >= 0 (0 = off)");
+  if (o_.log_every < 1) fail("--log-every=", o_.log_every, " must be >= 1");
+  if (o_.eval_every < 0) fail("--eval-every=", o_.eval_every, " must be >= 0");
+  if (o_.checkpoint_every < 0) fail("--checkpoint-every=", o_.checkpoint_every, " must be >= 0");
+
+  // --- config: from the checkpoint when resuming, else --config or --preset --------------------
+  std::string resume_dir;
+  if (!o_.resume.empty()) {
+    resume_dir = resolve_checkpoint(o_.resume);
+    cfg_ = load_checkpoint_config(resume_dir);
+    if (!o_.config_path.empty() && config_to_json(config_from_file(o_.config_path)) != config_to_json(cfg_))
+      fail("--config ", o_.config_path, " differs from the config of checkpoint ", resume_dir);
+  } else if (!o_.config_path.empty()) {
+    cfg_ = config_from_file(o_.config_path);
+  } else {
+    cfg_ = config_preset(o_.preset);
+  }
+  const int64_t T = o_.seq_len == 0 ? cfg_.context_length : o_.seq_len;
+  if (T < 1 || T > cfg_.context_length)
+    fail("--seq-len=", o_.seq_len, " must be in [1, context_length=", cfg_.context_length, "]");
+
+  // --- plan ------------------------------------------------------------------------------------
+  model_ = std::make_unique<Gpt>(cfg_, GptPlan{o_.batch_size, T, true, 0});
+  batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
+                           {"targets", {o_.batch_size, T}, DType::i32},
+                           {"grad_norm", {1}, DType::f32}});
+  tokens_ = batch_.get("tokens");
+  targets_ = batch_.get("targets");
+  norm_ = batch_.get("grad_norm");
+  grads_flat_ = model_->grads().flat_f32();
+  for (size_t i = 0; i < model_->params().size(); ++i) decay_.push_back(model_->params().spec(i).shape.size() == 2);
+
+  // --- data ------------------------------------------------------------------------------------
+  if (o_.data.empty()) {
+    train_ = std::make_unique<DataLoader>(bundled_tokens(false), "bundled corpus (train)", o_.batch_size, T, o_.seed,
+                                          cfg_.vocab_size);
+    if (o_.val_data.empty())
+      val_ = std::make_unique<DataLoader>(bundled_tokens(true), "bundled corpus (val)", o_.batch_size, T,
+                                          o_.seed + 1, cfg_.vocab_size);
+  } else {
+    train_ = std::make_unique<DataLoader>(o_.data, o_.batch_size, T, o_.seed, cfg_.vocab_size);
+  }
+  if (!o_.val_data.empty())
+    val_ = std::make_unique<DataLoader>(o_.val_data, o_.batch_size, T, o_.seed + 1, cfg_.vocab_size);
+
+  // --- weights: checkpoint or fresh --------------------------------------------------------------
+  if (!resume_dir.empty()) {
+    TrainState st = load_checkpoint(resume_dir, *model_);
+    step_ = st.step;
+    train_->set_position(st.data_position);
+    if (st.seed != o_.seed) fail("--seed=", o_.seed, " differs from the checkpoint's seed ", st.seed, " (", resume_dir, ")");
+    if (step_ >= o_.steps) fail("--steps=", o_.steps, " but checkpoint ", resume_dir, " is already at step ", step_);
+  } else {
+    model_->init_weights(o_.seed);
+  }
+
+  tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum);
+  flops_per_token_ = gpt_train_flops_per_token(cfg_, T);
+
+  // --- only now touch the output directory --------------------------------------------------
+  fs::create_directories(o_.out_dir);
+  fs::path mpath = fs::path(o_.out_dir) / "metrics.jsonl";
+  metrics_.open(mpath, resume_dir.empty() ? std::ios::trunc : std::ios::app);
+  if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
+
+  const int64_t total = gpt_param_count(cfg_);
+  log_ << "params total=" << human_count(total) << " (" << with_commas(static_cast<double>(total)) << ")\n";
+  log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
+  log_ << "model layers=" << cfg_.n_layer << " d_model=" << cfg_.d_model << " heads=" << cfg_.n_head << "/"
+       << cfg_.n_kv_head << " vocab=" << cfg_.vocab_size << " (padded " << cfg_.padded_vocab() << ")"
+       << " norm=" << (cfg_.norm == NormKind::layernorm ? "layernorm" : "rmsnorm")
+       << " act=" << (cfg_.activation == ActivationKind::gelu ? "gelu" : "swiglu")
+       << " pos=" << (cfg_.positions == PositionKind::learned ? "learned" : "rope") << "\n";
+  log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_tokens()))
+       << " tokens) val=" << (val_ ? val_->description() : std::string("none")) << "\n";
+  log_ << "batch B=" << o_.batch_size << " T=" << T << " grad_accum=" << o_.grad_accum
+       << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", model_->arena_bytes() / 1048576.0)
+       << " MiB\n";
+  if (!resume_dir.empty()) log_ << "resumed from " << resume_dir << " at step " << step_ << "\n";
+  log_.flush();
+}
+
+Trainer::~Trainer() = default;
+
+double Trainer::last_grad_norm() const { return norm_.f32()[0]; }
+
+double Trainer::step() {
+  const double lr = lr_at_step(o_, step_);
+  model_->zero_grad();
+  double loss = 0;
+  const float scale = 1.0f / static_cast<float>(o_.grad_accum);
+  for (int64_t micro = 0; micro < o_.grad_accum; ++micro) {
+    train_->next(tokens_.i32(), targets_.i32());
+    loss += model_->forward_backward(tokens_, targets_, scale);
+  }
+  loss /= static_cast<double>(o_.grad_accum);
+  grad_global_norm(norm_, grads_flat_);
+  Arena& p = model_->params();
+  Arena& g = model_->grads();
+  Arena& m = model_->adam_m();
+  Arena& v = model_->adam_v();
+  for (size_t i = 0; i < p.size(); ++i)
+    adamw_update(p[i], m[i], v[i], g[i], norm_, o_.grad_clip, static_cast<float>(lr), o_.beta1, o_.beta2, o_.adam_eps,
+                 decay_[i] ? o_.weight_decay : 0.0f, step_ + 1);
+  step_++;
+  return loss;
+}
+
+double Trainer::evaluate() {
+  if (!val_) return std::nan("");
+  val_->set_position(0);  // the same fixed batches every evaluation
+  double sum = 0;
+  for (int64_t i = 0; i < o_.eval_batches; ++i) {
+    val_->next(tokens_.i32(), targets_.i32());
+    sum += model_->forward_loss(tokens_, targets_);
+  }
+  return sum / static_cast<double>(o_.eval_batches);
+}
+
+std::string Trainer::save() {
+  TrainState st{step_, o_.seed, train_->position(), o_.to_json()};
+  return save_checkpoint(o_.out_dir, *model_, st);
+}
+
+void Trainer::write_metric(const std::string& line) {
+  metrics_ << line << "\n";
+  metrics_.flush();
+}
+
+void Trainer::log_step(double loss, double step_ms) {
+  const double lr = lr_at_step(o_, step_ - 1);
+  const double tok_s = tokens_per_step_ / (step_ms / 1000.0);
+  const double tflops = tok_s * flops_per_token_ / 1e12;
+  if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
+  log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss) << " lr=" << fmt("%.2e", lr)
+       << " toks/s=" << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
+       << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops) << "\n";
+  log_.flush();
+  json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},
+            {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_}};
+  write_metric(j.dump());
+}
+
+void Trainer::run() {
+  using clock = std::chrono::steady_clock;
+  const bool tty = o_.progress && ::isatty(STDERR_FILENO);
+  auto do_eval = [&]() {
+    double vl = evaluate();
+    if (std::isnan(vl)) return;
+    if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
+    log_ << "step=" << step_ << " val_loss=" << fmt("%.4f", vl) << "\n";
+    log_.flush();
+    write_metric(json({{"step", step_}, {"val_loss", vl}}).dump());
+  };
+  if (step_ == 0) do_eval();  // the starting point of the validation curve
+  while (step_ < o_.steps) {
+    auto t0 = clock::now();
+    double loss = step();
+    double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+    losses_.push_back(loss);
+    if (!std::isfinite(loss)) fail("step ", step_, ": loss is ", loss, " (diverged); try a lower --lr");
+    if (step_ % o_.log_every == 0 || step_ == o_.steps || step_ == 1) log_step(loss, ms);
+    else if (tty) {
+      std::fprintf(stderr, "\r  step %lld/%lld loss %.4f", static_cast<long long>(step_),
+                   static_cast<long long>(o_.steps), loss);
+      std::fflush(stderr);
+      progress_line_ = true;
+    }
+    if ((o_.eval_every > 0 && step_ % o_.eval_every == 0) || step_ == o_.steps) do_eval();
+    if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) ||
+        (step_ == o_.steps && o_.save_final_checkpoint)) {
+      std::string dir = save();
+      log_ << "checkpoint " << dir << "\n";
+      log_.flush();
+    }
+  }
+  if (progress_line_) std::fprintf(stderr, "\r\033[K");
+}
+
+}  // namespace lmf

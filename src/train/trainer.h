@@ -1,0 +1,90 @@
+// trainer.h: `lmforge train` as a library (the CLI parses flags into TrainOptions; tests drive the
+// Trainer directly).
+//
+// Set-up (constructor): resolve the config, plan the model's arenas, open and validate the data,
+// load a checkpoint when resuming, all before anything is written. Run: step() is one optimizer
+// step (grad_accum micro-batches, global-norm clipping, AdamW); it allocates nothing and prints
+// nothing. run() adds logging, evaluation and checkpoints at their intervals.
+#pragma once
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "core/arena.h"
+#include "data/loader.h"
+#include "model/gpt.h"
+
+namespace lmf {
+
+struct TrainOptions {
+  std::string config_path;          // --config (JSON); else --preset
+  std::string preset = "tiny";
+  std::vector<std::string> data;    // shard paths/patterns; empty = bundled corpus
+  std::vector<std::string> val_data;
+  int64_t batch_size = 16;
+  int64_t seq_len = 0;              // 0 = context_length
+  int64_t grad_accum = 1;
+  int64_t steps = 200;
+  float lr = 3e-3f;
+  float min_lr = -1.0f;             // < 0: lr / 10
+  int64_t warmup = 0;
+  float weight_decay = 0.1f;
+  float grad_clip = 1.0f;
+  float beta1 = 0.9f, beta2 = 0.95f, adam_eps = 1e-8f;
+  uint64_t seed = 1337;
+  int64_t log_every = 10;
+  int64_t eval_every = 0;           // 0 = only at the end
+  int64_t eval_batches = 10;
+  int64_t checkpoint_every = 0;     // 0 = only at the end
+  std::string out_dir = "out";
+  std::string resume;               // checkpoint dir or out-dir
+  bool save_final_checkpoint = true;
+  bool progress = true;             // progress line on stderr when it is a terminal
+
+  std::string to_json() const;
+};
+
+// Learning rate at 0-based step s (docs/MODEL.md: linear warmup, then cosine to min_lr).
+double lr_at_step(const TrainOptions& o, int64_t s);
+
+class Trainer {
+ public:
+  Trainer(const TrainOptions& opts, std::ostream& log);
+  ~Trainer();
+
+  // One optimizer step. Returns the mean training loss of its micro-batches.
+  double step();
+  // Mean validation loss over eval_batches fixed batches (NaN without validation data).
+  double evaluate();
+  // Steps until opts.steps with logging, evaluation and checkpoints.
+  void run();
+
+  int64_t step_count() const { return step_; }
+  Gpt& model() { return *model_; }
+  const std::vector<double>& losses() const { return losses_; }
+  double last_grad_norm() const;
+  std::string save();
+
+ private:
+  void log_step(double loss, double step_ms);
+  void write_metric(const std::string& json_line);
+
+  TrainOptions o_;
+  std::ostream& log_;
+  ModelConfig cfg_;
+  std::unique_ptr<Gpt> model_;
+  std::unique_ptr<DataLoader> train_, val_;
+  Arena batch_;  // tokens, targets (B, T) i32; grad norm (1) f32
+  Tensor tokens_, targets_, norm_, grads_flat_;
+  std::vector<int> decay_;  // per parameter: 1 = weight decay applies
+  int64_t step_ = 0;
+  std::vector<double> losses_;
+  std::ofstream metrics_;
+  double tokens_per_step_ = 0, flops_per_token_ = 0;
+  bool progress_line_ = false;
+};
+
+}  // namespace lmf
