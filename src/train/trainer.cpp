@@ -59,6 +59,19 @@ std::string TrainOptions::to_json() const {
   return j.dump();
 }
 
+void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step) {
+  Arena& p = model.params();
+  Arena& g = model.grads();
+  Arena& m = model.adam_m();
+  Arena& v = model.adam_v();
+  grad_global_norm(norm, g.flat_f32());
+  for (size_t i = 0; i < p.size(); ++i) {
+    const bool decay = p.spec(i).shape.size() == 2;  // embeddings and linear weights
+    adamw_update(p[i], m[i], v[i], g[i], norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
+                 decay ? o.weight_decay : 0.0f, step);
+  }
+}
+
 double lr_at_step(const TrainOptions& o, int64_t s) {
   const double lr = o.lr, min_lr = o.min_lr < 0 ? o.lr * 0.1 : o.min_lr;
   if (s < o.warmup) return lr * static_cast<double>(s + 1) / static_cast<double>(o.warmup);
@@ -103,8 +116,6 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
-  grads_flat_ = model_->grads().flat_f32();
-  for (size_t i = 0; i < model_->params().size(); ++i) decay_.push_back(model_->params().spec(i).shape.size() == 2);
 
   // --- data ------------------------------------------------------------------------------------
   if (o_.data.empty()) {
@@ -170,14 +181,7 @@ double Trainer::step() {
     loss += model_->forward_backward(tokens_, targets_, scale);
   }
   loss /= static_cast<double>(o_.grad_accum);
-  grad_global_norm(norm_, grads_flat_);
-  Arena& p = model_->params();
-  Arena& g = model_->grads();
-  Arena& m = model_->adam_m();
-  Arena& v = model_->adam_v();
-  for (size_t i = 0; i < p.size(); ++i)
-    adamw_update(p[i], m[i], v[i], g[i], norm_, o_.grad_clip, static_cast<float>(lr), o_.beta1, o_.beta2, o_.adam_eps,
-                 decay_[i] ? o_.weight_decay : 0.0f, step_ + 1);
+  optimizer_step(*model_, norm_, o_, lr, step_ + 1);
   step_++;
   return loss;
 }

@@ -47,6 +47,11 @@ struct TrainOptions {
   std::string to_json() const;
 };
 
+// Global-norm clipping + AdamW over every parameter of `model` (weight decay on 2-D parameters
+// only), as one optimizer step number `step` (1-based) at learning rate `lr`. `norm` is a (1) f32
+// buffer that receives the pre-clip gradient norm. Allocates nothing.
+void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step);
+
 // Learning rate at 0-based step s (docs/MODEL.md: linear warmup, then cosine to min_lr).
 double lr_at_step(const TrainOptions& o, int64_t s);
 
@@ -78,8 +83,7 @@ class Trainer {
   std::unique_ptr<Gpt> model_;
   std::unique_ptr<DataLoader> train_, val_;
   Arena batch_;  // tokens, targets (B, T) i32; grad norm (1) f32
-  Tensor tokens_, targets_, norm_, grads_flat_;
-  std::vector<int> decay_;  // per parameter: 1 = weight decay applies
+  Tensor tokens_, targets_, norm_;
   int64_t step_ = 0;
   std::vector<double> losses_;
   std::ofstream metrics_;

@@ -1,0 +1,60 @@
+#include "ops/blas.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+
+namespace lmf {
+
+namespace {
+
+// Set once at load time: OpenBLAS single-threaded (see blas.h).
+const int kBlasThreadsPinned = (openblas_set_num_threads(1), 1);
+
+// Below this many multiply-adds a GEMM runs on one thread.
+constexpr double kParallelMinFlops = 2.0e6;
+
+}  // namespace
+
+void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  (void)kBlasThreadsPinned;
+  if (M <= 0 || N <= 0) return;
+  const CBLAS_TRANSPOSE opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
+  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (nt <= 1 || static_cast<double>(M) * N * K < kParallelMinFlops) {
+    cblas_sgemm(CblasRowMajor, opa, opb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  if (M >= 16 * nt) {
+    // Row blocks of C: rows [r0, r1) of C need rows [r0, r1) of op(A).
+    const int64_t chunk = (M + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+      int64_t r0 = t * chunk, r1 = std::min(M, r0 + chunk);
+      if (r0 >= r1) continue;
+      const float* Ab = ta ? A + r0 : A + r0 * lda;
+      cblas_sgemm(CblasRowMajor, opa, opb, r1 - r0, N, K, alpha, Ab, lda, B, ldb, beta, C + r0 * ldc, ldc);
+    }
+  } else {
+    // Column blocks of C: columns [c0, c1) of C need columns [c0, c1) of op(B).
+    const int64_t chunk = (N + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+      int64_t c0 = t * chunk, c1 = std::min(N, c0 + chunk);
+      if (c0 >= c1) continue;
+      const float* Bb = tb ? B + c0 * ldb : B + c0;
+      cblas_sgemm(CblasRowMajor, opa, opb, M, c1 - c0, K, alpha, A, lda, Bb, ldb, beta, C + c0, ldc);
+    }
+  }
+}
+
+void blas_dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  (void)kBlasThreadsPinned;
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
+              B, ldb, beta, C, ldc);
+}
+
+}  // namespace lmf

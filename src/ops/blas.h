@@ -1,0 +1,22 @@
+// blas.h: the one place lmforge calls BLAS (CPU).
+//
+// OpenBLAS runs single-threaded: its threaded GEMM allocates a job table on every call (an
+// allocation inside the step) and its thread pool competes with OpenMP's. lmforge parallelises a
+// large GEMM itself by splitting C into row blocks (or column blocks when C has few rows) over
+// OpenMP threads, one single-threaded sgemm per block. Each element of C is still one sgemm dot
+// product over the full K in OpenBLAS's order, so results are deterministic. Inside an OpenMP
+// parallel region (e.g. attention's per-head loop) the call runs on the calling thread.
+#pragma once
+#include <cstdint>
+
+namespace lmf {
+
+// Row-major C (M, N) = alpha * op(A) op(B) + beta * C, with op(X) = X or X^T as cblas_sgemm.
+void blas_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// Row-major C (M, N) double precision (reference computations in tests/tools only).
+void blas_dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+                int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+}  // namespace lmf
