@@ -1,0 +1,179 @@
+// Bad input through the real binary: each case must give exactly one line on stderr that names
+// the thing and the problem, a non-zero exit, and leave every existing checkpoint file unchanged.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "data/shard.h"
+#include "support/test_util.h"
+#include "train/fsutil.h"
+#include "train/safetensors.h"
+
+namespace lmf {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int exit_code;
+  std::string out, err;
+};
+
+RunResult run_cli(const std::string& args, const std::string& dir) {
+  std::string out = dir + "/stdout.txt", err = dir + "/stderr.txt";
+  std::string cmd = std::string(test::lmforge_binary()) + " " + args + " >" + out + " 2>" + err;
+  int st = std::system(cmd.c_str());
+  RunResult r{WIFEXITED(st) ? WEXITSTATUS(st) : -1, read_file(out), read_file(err)};
+  fs::remove(out);
+  fs::remove(err);
+  return r;
+}
+
+// Every file under `dir` and its bytes.
+std::map<std::string, std::string> snapshot(const std::string& dir) {
+  std::map<std::string, std::string> m;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) m[e.path().string()] = read_file(e.path().string());
+  return m;
+}
+
+::testing::AssertionResult one_line_error(const RunResult& r, std::initializer_list<const char*> must_contain) {
+  if (r.exit_code == 0) return ::testing::AssertionFailure() << "exit code 0; stderr: " << r.err;
+  size_t lines = std::count(r.err.begin(), r.err.end(), '\n');
+  if (lines != 1 || r.err.back() != '\n')
+    return ::testing::AssertionFailure() << "expected exactly one stderr line, got " << lines << ": " << r.err;
+  for (const char* s : must_contain)
+    if (r.err.find(s) == std::string::npos)
+      return ::testing::AssertionFailure() << "stderr lacks '" << s << "': " << r.err;
+  return ::testing::AssertionSuccess() << r.err;
+}
+
+class BadInput : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = test::make_temp_dir("badinput");
+    // A real run with a checkpoint that every case must leave untouched.
+    RunResult r = run_cli("train --preset tiny -B 2 -T 16 --steps 2 --eval-batches 1 --out-dir " + dir_ + "/run", dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ckpt_ = dir_ + "/run/checkpoints/step_000002";
+    ASSERT_TRUE(fs::exists(ckpt_ + "/model.safetensors"));
+    before_ = snapshot(dir_ + "/run");
+  }
+  void TearDown() override {
+    EXPECT_EQ(snapshot(dir_ + "/run"), before_) << "an existing checkpoint or metrics file changed";
+    fs::remove_all(dir_);
+  }
+  // Copy of the checkpoint whose model.safetensors has `edit` applied to its tensor list.
+  std::string corrupt_checkpoint(const std::string& name,
+                                 const std::function<void(std::vector<std::pair<std::string, Tensor>>&)>& edit) {
+    std::string bad = dir_ + "/" + name;
+    fs::copy(ckpt_, bad, fs::copy_options::recursive);
+    SafetensorsFile f(bad + "/model.safetensors");
+    std::vector<std::pair<std::string, Tensor>> ts;
+    std::vector<std::vector<char>> keep;
+    for (const auto& e : f.entries()) {
+      keep.emplace_back(static_cast<const char*>(f.data(e)), static_cast<const char*>(f.data(e)) + (e.end - e.begin));
+      Tensor t;
+      t.data = keep.back().data();
+      t.dtype = DType::f32;
+      t.ndim = static_cast<int>(e.shape.size());
+      for (int i = 0; i < t.ndim; ++i) t.shape[i] = e.shape[i];
+      ts.emplace_back(e.name, t);
+    }
+    edit(ts);
+    write_file_atomic(bad + "/model.safetensors", safetensors_serialize(ts));
+    return bad;
+  }
+  std::string dir_, ckpt_;
+  std::map<std::string, std::string> before_;
+};
+
+TEST_F(BadInput, TruncatedShard) {
+  std::vector<uint16_t> toks(1000, 65);
+  write_shard(dir_ + "/trunc.bin", toks);
+  fs::resize_file(dir_ + "/trunc.bin", fs::file_size(dir_ + "/trunc.bin") - 7);
+  RunResult r = run_cli("train --data " + dir_ + "/trunc.bin --steps 1 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"trunc.bin", "truncated"}));
+}
+
+TEST_F(BadInput, WrongMagicShard) {
+  std::vector<uint16_t> toks(1000, 65);
+  write_shard(dir_ + "/magic.bin", toks);
+  std::fstream f(dir_ + "/magic.bin", std::ios::in | std::ios::out | std::ios::binary);
+  int32_t wrong = 12345;
+  f.write(reinterpret_cast<const char*>(&wrong), 4);
+  f.close();
+  RunResult r = run_cli("train --data " + dir_ + "/magic.bin --steps 1 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"magic.bin", "magic 12345"}));
+}
+
+TEST_F(BadInput, ShardWithTokenOutsideVocab) {
+  std::vector<uint16_t> toks(1000, 65);
+  toks[500] = 300;
+  write_shard(dir_ + "/vocab.bin", toks);
+  RunResult r = run_cli("train --data " + dir_ + "/vocab.bin --steps 1 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"vocab.bin", "token 300", "index 500"}));
+}
+
+TEST_F(BadInput, CheckpointMissingTensor) {
+  std::string bad = corrupt_checkpoint("missing", [](auto& ts) {
+    ts.erase(std::remove_if(ts.begin(), ts.end(), [](auto& p) { return p.first == "layers.1.attn.qkv.weight"; }),
+             ts.end());
+  });
+  auto bad_before = snapshot(bad);
+  RunResult r = run_cli("train --resume " + bad + " --steps 4 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"model.safetensors", "missing tensor 'layers.1.attn.qkv.weight'"}));
+  RunResult g = run_cli("generate --checkpoint " + bad + " -n 5", dir_);
+  EXPECT_TRUE(one_line_error(g, {"missing tensor 'layers.1.attn.qkv.weight'"}));
+  EXPECT_EQ(snapshot(bad), bad_before);
+}
+
+TEST_F(BadInput, CheckpointMisShapedTensor) {
+  std::string bad = corrupt_checkpoint("misshaped", [](auto& ts) {
+    for (auto& [name, t] : ts)
+      if (name == "layers.0.mlp.fc.weight") { t.shape[0] = t.shape[0] / 2; t.shape[1] = t.shape[1] * 2; }
+  });
+  RunResult r = run_cli("train --resume " + bad + " --steps 4 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"tensor 'layers.0.mlp.fc.weight' has shape (256, 256), expected (512, 128)"}));
+}
+
+TEST_F(BadInput, TruncatedCheckpointFile) {
+  std::string bad = dir_ + "/truncated_ckpt";
+  fs::copy(ckpt_, bad, fs::copy_options::recursive);
+  fs::resize_file(bad + "/model.safetensors", fs::file_size(bad + "/model.safetensors") - 100);
+  RunResult r = run_cli("train --resume " + bad + " --steps 4 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"model.safetensors", "outside"}));
+}
+
+TEST_F(BadInput, ConfigWhoseHeadsDoNotDivideDModel) {
+  std::ofstream(dir_ + "/bad.json") << R"({"vocab_size": 256, "d_model": 100, "n_head": 3, "n_layer": 1})";
+  RunResult r = run_cli("train --config " + dir_ + "/bad.json --steps 1 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"bad.json", "n_head=3 does not divide d_model=100"}));
+}
+
+TEST_F(BadInput, ConfigWithUnknownFieldAndInvalidJson) {
+  std::ofstream(dir_ + "/typo.json") << R"({"vocab_size": 256, "n_heads": 4})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/typo.json --out-dir " + dir_ + "/run", dir_),
+                             {"typo.json", "unknown field 'n_heads'"}));
+  std::ofstream(dir_ + "/broken.json") << R"({"vocab_size": 256,)";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/broken.json --out-dir " + dir_ + "/run", dir_),
+                             {"broken.json", "invalid JSON"}));
+}
+
+TEST_F(BadInput, UnknownFlagAndBadValues) {
+  RunResult r = run_cli("train --learning-rate 3 --out-dir " + dir_ + "/run", dir_);
+  EXPECT_TRUE(one_line_error(r, {"--learning-rate"}));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(one_line_error(run_cli("train --steps abc --out-dir " + dir_ + "/run", dir_), {"--steps"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --batch-size 0 --out-dir " + dir_ + "/run", dir_), {"--batch-size=0"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --seq-len 4096 --out-dir " + dir_ + "/run", dir_), {"--seq-len=4096"}));
+  EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/run --top-p 1.5", dir_), {"--top-p"}));
+  EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
+}
+
+}  // namespace
+}  // namespace lmf
