@@ -121,7 +121,8 @@ TEST_P(ModelVsTorch, TenStepAdamWTrajectory) {
   Tensor tnorm(&norm, DType::f32, {1}, "grad_norm");
   std::vector<int32_t> in, tg;
   for (int64_t s = 0; s < fx.steps; ++s) {
-    EXPECT_NEAR(lr_at_step(o, s), ref_lr[s], 1e-12) << "learning rate schedule at step " << s;
+    // options hold lr as float, the reference as double
+    EXPECT_NEAR(lr_at_step(o, s), ref_lr[s], 1e-6 * ref_lr[s]) << "learning rate schedule at step " << s;
     fx.batch(s, in, tg);
     model.zero_grad();
     double loss = model.forward_backward(test::tensor_of(in, {fx.B, fx.T}, "tokens"),
