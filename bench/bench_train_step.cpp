@@ -1,1 +1,61 @@
-int main() { return 0; }
+// bench_train_step: times lmforge's training step (forward + backward + clipping + AdamW) on random
+// tokens and prints one JSON line. bench/bench_cpu.py runs it next to the same step in PyTorch
+// and prints the ratio; this binary alone is not a comparison.
+#include <omp.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <vector>
+
+#include "core/rng.h"
+#include "model/gpt.h"
+#include "train/trainer.h"
+
+using namespace lmf;
+
+int main(int argc, char** argv) {
+  CLI::App app{"time lmforge's CPU training step"};
+  std::string preset = "tiny", config;
+  int64_t B = 8, T = 128, steps = 5, warmup = 2;
+  app.add_option("--preset", preset);
+  app.add_option("--config", config);
+  app.add_option("--batch-size", B);
+  app.add_option("--seq-len", T);
+  app.add_option("--steps", steps);
+  app.add_option("--warmup-steps", warmup);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
+    Gpt model(c, GptPlan{B, T, true, 0});
+    model.init_weights(1);
+    std::vector<int32_t> tok(B * T), tgt(B * T);
+    for (int64_t i = 0; i < B * T; ++i) {
+      tok[i] = static_cast<int32_t>(rng_u64(3, 1, i) % c.vocab_size);
+      tgt[i] = static_cast<int32_t>(rng_u64(3, 2, i) % c.vocab_size);
+    }
+    Tensor ttok(tok.data(), DType::i32, {B, T}, "tokens"), ttgt(tgt.data(), DType::i32, {B, T}, "targets");
+    float norm = 0;
+    Tensor tnorm(&norm, DType::f32, {1}, "grad_norm");
+    TrainOptions o;
+    std::vector<double> ms;
+    for (int64_t s = 0; s < warmup + steps; ++s) {
+      auto t0 = std::chrono::steady_clock::now();
+      model.zero_grad();
+      model.forward_backward(ttok, ttgt);
+      optimizer_step(model, tnorm, o, 1e-4, s + 1);
+      double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (s >= warmup) ms.push_back(dt);
+    }
+    std::sort(ms.begin(), ms.end());
+    double med = ms[ms.size() / 2];
+    std::printf("{\"impl\": \"lmforge\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d}\n", B * T / (med / 1e3),
+                med, omp_get_max_threads());
+  } catch (const std::exception& e) {
+    std::cerr << "lmforge_bench: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -5,13 +5,12 @@
 //   0.5 (1 + tanh(u)) = sigmoid(2u)        so gelu(x) = x * sigmoid(2u), u = k (x + 0.044715 x^3)
 //   silu(g) = g * sigmoid(g)
 // sigmoid(z) = 1 / (1 + e), e = exp(-z), with exp() a branch-free Cody-Waite + polynomial expf that
-// the compiler vectorises. Its argument is clamped to [-87, 88], so for |x| in the hundreds e is
-// finite (no inf/NaN) and sigmoid saturates to 1 or to ~1e-38. The derivative uses
-// sigmoid * (1 - sigmoid) = e * s^2, which has no cancellation.
+// the compiler vectorises. Its argument is clamped to [-87, 87], so for |x| in the hundreds e is
+// finite (no inf/NaN) and sigmoid saturates to 1 or to ~1e-38; NaN inputs still give NaN.
+// The derivative uses sigmoid * (1 - sigmoid) = e * s^2, which has no cancellation.
 // Elementwise: results do not depend on the thread count. Backward accumulates (+=) into dinp.
 #include "ops/activation.h"
 
-#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <initializer_list>
@@ -21,15 +20,18 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
 
-// exp(x) for float x, about 1 ulp on the clamped range [-87, 88] (Cephes expf coefficients).
-// Branch-free so loops calling it vectorise; 2^n is built from the exponent bits.
+// exp(x) for float x, about 1 ulp on [-87, 87]; |x| is clamped to 87 (exp(87) = 6e37, exp(-87) = 2e-38,
+// both normal floats). Cephes expf coefficients. Branch-free so that loops calling it vectorise.
 inline float exp_f32(float x) {
-  // Clamp to [-87, 88] with integer min on the bit pattern, not float compares: under the default
-  // -ftrapping-math GCC does not if-convert float compares, and the calling loop would not vectorise.
-  // As signed ints, floats > 0 order like their values (and sit above every negative float); as
-  // unsigned ints, floats < 0 order like their magnitudes (and sit above every positive float).
-  const int32_t b = std::min(std::bit_cast<int32_t>(x), std::bit_cast<int32_t>(88.0f));
-  x = std::bit_cast<float>(std::min(static_cast<uint32_t>(b), std::bit_cast<uint32_t>(-87.0f)));
+  // The clamp is integer arithmetic on the magnitude bits, with no compare or select: under the default
+  // -ftrapping-math GCC will not if-convert a float compare, and a select it turns into a branch gets
+  // jump-threaded (x == 87 folds the rest to a constant); either stops the calling loop vectorising.
+  // Non-negative floats order like their bit patterns as int32.
+  constexpr int32_t kMaxMag = std::bit_cast<int32_t>(87.0f);
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const int32_t d = static_cast<int32_t>(bits & 0x7fffffffu) - kMaxMag;          // no overflow
+  const int32_t mag = kMaxMag + (d & (d >> 31));                                  // min(|x|, 87) bits
+  x = std::bit_cast<float>(static_cast<uint32_t>(mag) | (bits & 0x80000000u));    // sign back
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (round to nearest even, exact for |v| < 2^22).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln2, ln2 split in two (Cody-Waite)
@@ -40,7 +42,7 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // n is in [-126, 127], so 2^n is a normal float.
+  // n is in [-126, 126], so 2^n is a normal float.
   const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return p * scale;
 }
