@@ -69,7 +69,7 @@ struct Tensor {
 
 // Throws unless t has exactly the given shape (and is defined).
 void check_shape(const Tensor& t, std::initializer_list<int64_t> shape, const char* op);
-// Throws unless t is defined, f32, on `device`, and has `numel` elements.
+// Throws unless t is defined and f32 (shape and device are checked separately).
 void check_f32(const Tensor& t, const char* op);
 void check_same_device(const char* op, std::initializer_list<const Tensor*> ts);
 
