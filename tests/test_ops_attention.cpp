@@ -2,6 +2,8 @@
 // (forward + probabilities), central finite differences of that reference (backward), an analytic
 // float64 backward for sizes too big for FD (T spanning several row blocks), extreme scores,
 // decode vs the last row of the forward, accumulation, determinism and shape errors.
+#include <omp.h>
+
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -96,8 +98,8 @@ std::vector<double> ref_backward(const std::vector<double>& qkv, const std::vect
         for (int64_t u = 0; u <= t; ++u) {
           const double ds = p[u] * (dp[u] - rowsum) * scale;
           for (int64_t i = 0; i < HS; ++i) {
-            dq[at(t, h * HS) + i] += ds * qkv[at(u, (d.NH + kvh) * HS) + i];   // dQ
-            dq[at(u, (d.NH + kvh) * HS) + i] += ds * qkv[at(t, h * HS) + i];   // dK
+            dq[at(t, h * HS) + i] += ds * qkv[at(u, (d.NH + kvh) * HS) + i];  // dQ
+            dq[at(u, (d.NH + kvh) * HS) + i] += ds * qkv[at(t, h * HS) + i];  // dK
           }
         }
       }
@@ -144,16 +146,15 @@ void run_backward(std::vector<float>& dqkv, std::vector<float>& dout, std::vecto
   std::vector<float> dprobs(d.B * d.NH * d.T * d.T, -3.0f);
   attention_backward(tensor_of(dqkv, {d.B, d.T, d.C3()}, "dqkv"), tensor_of(dprobs, {d.B, d.NH, d.T, d.T}, "dprobs"),
                      tensor_of(dout, {d.B, d.T, d.CO()}, "dout"), tensor_of(qkv, {d.B, d.T, d.C3()}, "qkv"),
-                     tensor_of(probs, {d.B, d.NH, d.T, d.T}, "probs"), static_cast<int>(d.NH),
-                     static_cast<int>(d.NKV));
+                     tensor_of(probs, {d.B, d.NH, d.T, d.T}, "probs"), static_cast<int>(d.NH), static_cast<int>(d.NKV));
 }
 
 // MHA, GQA (NH=4, NKV=2), MQA (NKV=1); T in {1, 7, 19}; HS over the awkward sizes; plus T = 300,
 // which spans three row blocks of the CPU kernel (128 + 128 + 44).
 const std::vector<Dims>& forward_cases() {
-  static const std::vector<Dims> c{
-      {2, 1, 4, 4, 7},   {2, 7, 4, 2, 7},  {1, 19, 4, 1, 7},  {2, 19, 4, 4, 19}, {1, 7, 4, 2, 111},
-      {1, 19, 2, 1, 1},  {3, 7, 1, 1, 19}, {2, 19, 4, 2, 111}, {1, 300, 4, 2, 7}, {1, 300, 2, 2, 19}};
+  static const std::vector<Dims> c{{2, 1, 4, 4, 7},   {2, 7, 4, 2, 7},   {1, 19, 4, 1, 7}, {2, 19, 4, 4, 19},
+                                   {1, 7, 4, 2, 111}, {1, 19, 2, 1, 1},  {3, 7, 1, 1, 19}, {2, 19, 4, 2, 111},
+                                   {1, 300, 4, 2, 7}, {1, 300, 2, 2, 19}};
   return c;
 }
 
@@ -175,8 +176,8 @@ TEST(OpsAttention, ForwardMatchesReference) {
 // compared on top of a nonzero prefill (backward accumulates).
 TEST(OpsAttention, BackwardMatchesFiniteDifferences) {
   // FD cost = 2 * numel(qkv) forward evaluations: keep numel(qkv) x forward flops modest.
-  const std::vector<Dims> cases{{2, 1, 4, 4, 7}, {2, 7, 4, 2, 7}, {1, 19, 4, 1, 7}, {1, 19, 2, 2, 19},
-                                {1, 7, 2, 1, 111}, {1, 19, 4, 2, 1}};
+  const std::vector<Dims> cases{{2, 1, 4, 4, 7},   {2, 7, 4, 2, 7},   {1, 19, 4, 1, 7},
+                                {1, 19, 2, 2, 19}, {1, 7, 2, 1, 111}, {1, 19, 4, 2, 1}};
   uint64_t seed = 100;
   for (const Dims& d : cases) {
     auto qkv = randn(d.B * d.T * d.C3(), seed++);
@@ -186,8 +187,8 @@ TEST(OpsAttention, BackwardMatchesFiniteDifferences) {
     std::vector<float> probs;
     run_forward(qkv, d, probs);
     run_backward(dqkv, r, qkv, probs, d);
-    auto fd = test::finite_diff([&](const std::vector<double>& x) { return dot(ref_forward(x, d), r); },
-                                to_double(qkv));
+    auto fd =
+        test::finite_diff([&](const std::vector<double>& x) { return dot(ref_forward(x, d), r); }, to_double(qkv));
     EXPECT_TRUE(all_close("dqkv " + d.str(), dqkv, plus(dqkv0, fd), kBwdAtol, kBwdRtol));
   }
 }
@@ -212,8 +213,8 @@ TEST(OpsAttention, BackwardLargeMatchesReference) {
   const Dims small{1, 7, 4, 2, 7};
   auto qkv = randn(small.T * small.C3(), 299);
   auto r = randn(small.T * small.CO(), 298);
-  auto fd = test::finite_diff([&](const std::vector<double>& x) { return dot(ref_forward(x, small), r); },
-                              to_double(qkv));
+  auto fd =
+      test::finite_diff([&](const std::vector<double>& x) { return dot(ref_forward(x, small), r); }, to_double(qkv));
   auto g = ref_backward(to_double(qkv), r, small);
   EXPECT_TRUE(all_close("analytic reference vs FD", test::to_float(g), fd, 1e-6, 1e-6));
 }
@@ -243,8 +244,8 @@ TEST(OpsAttention, ExtremeScoresStayFiniteAndAccurate) {
 
 // Decode of the last position against a KV cache equals the last row of the full forward.
 TEST(OpsAttention, DecodeMatchesLastRowOfForward) {
-  const std::vector<Dims> cases{{1, 1, 4, 4, 7}, {1, 7, 4, 2, 7}, {1, 19, 4, 1, 19}, {1, 19, 2, 2, 111},
-                                {1, 300, 4, 2, 7}};
+  const std::vector<Dims> cases{
+      {1, 1, 4, 4, 7}, {1, 7, 4, 2, 7}, {1, 19, 4, 1, 19}, {1, 19, 2, 2, 111}, {1, 300, 4, 2, 7}};
   uint64_t seed = 300;
   for (const Dims& d : cases) {
     auto qkv = randn(d.T * d.C3(), seed++);
@@ -288,20 +289,48 @@ TEST(OpsAttention, Deterministic) {
   EXPECT_TRUE(bitwise_equal(dqkv[0], dqkv[1]));
 }
 
+// Each head is computed by one thread with the same arithmetic: the thread count does not matter.
+TEST(OpsAttention, IndependentOfThreadCount) {
+  const Dims d{2, 150, 4, 2, 19};
+  auto qkv = randn(d.B * d.T * d.C3(), 410);
+  auto r = randn(d.B * d.T * d.CO(), 411);
+  std::vector<float> out[2], probs[2], dqkv[2];
+  const int saved = omp_get_max_threads();
+  for (int k = 0; k < 2; ++k) {
+    omp_set_num_threads(k == 0 ? 1 : 3);
+    out[k] = run_forward(qkv, d, probs[k]);
+    dqkv[k].assign(qkv.size(), 0.0f);
+    run_backward(dqkv[k], r, qkv, probs[k], d);
+  }
+  omp_set_num_threads(saved);
+  EXPECT_TRUE(bitwise_equal(out[0], out[1]));
+  EXPECT_TRUE(bitwise_equal(probs[0], probs[1]));
+  EXPECT_TRUE(bitwise_equal(dqkv[0], dqkv[1]));
+}
+
 TEST(OpsAttention, BadShapesNameTheTensor) {
   const Dims d{2, 7, 4, 2, 7};
   auto qkv = randn(d.B * d.T * d.C3(), 1);
   std::vector<float> out(d.B * d.T * d.CO()), probs(d.B * d.NH * d.T * d.T), bad(d.B * d.T * (d.CO() + 1));
   auto QKV = [&] { return tensor_of(qkv, {d.B, d.T, d.C3()}, "attn.qkv"); };
   auto PROBS = [&] { return tensor_of(probs, {d.B, d.NH, d.T, d.T}, "probs"); };
-  expect_error_naming([&] { attention_forward(tensor_of(bad, {d.B, d.T, d.CO() + 1}, "attn.out"), PROBS(), QKV(), 4, 2); },
-                      "attn.out");
+  expect_error_naming(
+      [&] {
+        attention_forward(tensor_of(bad, {d.B, d.T, d.CO() + 1}, "attn.out"), PROBS(), QKV(), 4, 2);
+      },
+      "attn.out");
   // NH=4, NKV=3: 3 does not divide 4.
   expect_error_naming(
-      [&] { attention_forward(tensor_of(out, {d.B, d.T, d.CO()}, "out"), PROBS(), QKV(), 4, 3); }, "n_kv_head=3");
+      [&] {
+        attention_forward(tensor_of(out, {d.B, d.T, d.CO()}, "out"), PROBS(), QKV(), 4, 3);
+      },
+      "n_kv_head=3");
   // C3 = 56 is not a multiple of NH + 2 NKV = 5.
-  expect_error_naming([&] { attention_forward(tensor_of(out, {d.B, d.T, d.CO()}, "out"), PROBS(), QKV(), 3, 1); },
-                      "attn.qkv");
+  expect_error_naming(
+      [&] {
+        attention_forward(tensor_of(out, {d.B, d.T, d.CO()}, "out"), PROBS(), QKV(), 3, 1);
+      },
+      "attn.qkv");
   expect_error_naming(
       [&] {
         attention_backward(QKV(), tensor_of(probs, {d.B, d.NH, d.T * d.T}, "attn.dprobs"),

@@ -168,8 +168,8 @@ TEST(OpsCrossEntropy, GradientsLargeMatchReference) {
   std::vector<double> rdx(dx.size(), 0.0), rdw(dw.size(), 0.0);
   ref_grads(to_double(in.x), to_double(in.w), in.tg, d, 0.5, rdx, rdw);
   // Logits ~ N(0, 111): |logit| up to ~40, fp32 error ~1e-5 absolute.
-  EXPECT_TRUE(all_close("losses " + d.str(), losses, ref_losses(to_double(in.x), to_double(in.w), in.tg, d), 1e-4,
-                        1e-5));
+  EXPECT_TRUE(
+      all_close("losses " + d.str(), losses, ref_losses(to_double(in.x), to_double(in.w), in.tg, d), 1e-4, 1e-5));
   EXPECT_TRUE(all_close("dx " + d.str(), dx, rdx, 1e-4, 1e-4));
   EXPECT_TRUE(all_close("dw " + d.str(), dw, rdw, 1e-4, 1e-4));
 }
@@ -249,8 +249,11 @@ TEST(OpsCrossEntropy, BadInputsNameTheTensor) {
   auto W = [&] { return tensor_of(in.w, {d.Vp, d.C}, "lm_head.weight"); };
   auto TG = [&] { return tensor_of(in.tg, {d.N}, "targets"); };
   // w with the wrong C.
-  expect_error_naming([&] { call(X(), tensor_of(in.w, {d.C, d.Vp}, "lm_head.weight"), TG(), Tensor(), Tensor(), d.V); },
-                      "lm_head.weight");
+  expect_error_naming(
+      [&] {
+        call(X(), tensor_of(in.w, {d.C, d.Vp}, "lm_head.weight"), TG(), Tensor(), Tensor(), d.V);
+      },
+      "lm_head.weight");
   // Target out of range: names the row and the value.
   in.tg[4] = static_cast<int32_t>(d.V);
   expect_error_naming([&] { call(X(), W(), TG(), Tensor(), Tensor(), d.V); }, "row 4 is 19");

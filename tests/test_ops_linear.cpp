@@ -75,8 +75,8 @@ TEST(OpsLinear, ForwardMatchesReferenceOnAwkwardSizes) {
           std::vector<float> out(N * OC, 123.0f);  // overwritten, not accumulated
           linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(inp, {N, IC}, "inp"),
                          tensor_of(w, {OC, IC}, "weight"), with_bias ? tensor_of(b, {OC}, "bias") : Tensor());
-          auto ref = ref_forward(to_double(inp), to_double(w), with_bias ? to_double(b) : std::vector<double>{}, N,
-                                 IC, OC);
+          auto ref =
+              ref_forward(to_double(inp), to_double(w), with_bias ? to_double(b) : std::vector<double>{}, N, IC, OC);
           EXPECT_TRUE(all_close("out " + dims(N, IC, OC, with_bias), out, ref, kFwdAtol, kFwdRtol));
         }
 }
@@ -85,8 +85,8 @@ TEST(OpsLinear, LeadingDimsFlatten) {
   const int64_t B = 3, T = 7, IC = 19, OC = 7;
   auto inp = randn(B * T * IC, 11), w = randn(OC * IC, 12), b = randn(OC, 13);
   std::vector<float> out(B * T * OC);
-  linear_forward(tensor_of(out, {B, T, OC}, "out"), tensor_of(inp, {B, T, IC}, "inp"),
-                 tensor_of(w, {OC, IC}, "weight"), tensor_of(b, {OC}, "bias"));
+  linear_forward(tensor_of(out, {B, T, OC}, "out"), tensor_of(inp, {B, T, IC}, "inp"), tensor_of(w, {OC, IC}, "weight"),
+                 tensor_of(b, {OC}, "bias"));
   EXPECT_TRUE(all_close("out (B, T, OC)", out, ref_forward(to_double(inp), to_double(w), to_double(b), B * T, IC, OC),
                         kFwdAtol, kFwdRtol));
 }
@@ -94,10 +94,12 @@ TEST(OpsLinear, LeadingDimsFlatten) {
 // loss = sum(out * r): dout = r; every gradient compared with central differences of the fp64
 // reference, on top of a nonzero prefill (backward accumulates).
 TEST(OpsLinear, BackwardMatchesFiniteDifferences) {
-  struct Case { int64_t N, IC, OC; };
+  struct Case {
+    int64_t N, IC, OC;
+  };
   // Every awkward size appears in every role; FD cost stays small (<= ~3k inputs x ~40k flops).
-  const std::vector<Case> cases{{1, 1, 1}, {7, 19, 1}, {19, 7, 7}, {1, 111, 7}, {7, 1, 19},
-                                {19, 19, 111}, {111, 7, 1}, {7, 111, 19}};
+  const std::vector<Case> cases{{1, 1, 1},  {7, 19, 1},    {19, 7, 7},  {1, 111, 7},
+                                {7, 1, 19}, {19, 19, 111}, {111, 7, 1}, {7, 111, 19}};
   uint64_t seed = 100;
   for (const Case& c : cases)
     for (bool with_bias : {false, true}) {
@@ -204,20 +206,29 @@ TEST(OpsLinear, Deterministic) {
 TEST(OpsLinear, BadShapesNameTheTensor) {
   const int64_t N = 7, IC = 19, OC = 7;
   auto inp = randn(N * IC, 1), w = randn(OC * IC, 2), b = randn(OC + 1, 3), out = randn(N * OC, 4);
-  auto wrong_inp = randn(N * (IC + 1), 5), out_bad = randn((N + 1) * OC, 8), dw = randn(OC * IC, 6), dw_bad = randn((OC + 1) * IC, 7);
+  auto wrong_inp = randn(N * (IC + 1), 5), out_bad = randn((N + 1) * OC, 8), dw = randn(OC * IC, 6),
+       dw_bad = randn((OC + 1) * IC, 7);
   auto W = [&] { return tensor_of(w, {OC, IC}, "fc.weight"); };
   expect_error_naming(
-      [&] { linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(inp, {N, IC}, "inp"), W(), tensor_of(b, {OC + 1}, "fc.bias")); },
+      [&] {
+        linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(inp, {N, IC}, "inp"), W(),
+                       tensor_of(b, {OC + 1}, "fc.bias"));
+      },
       "fc.bias");
   expect_error_naming(
-      [&] { linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(wrong_inp, {N, IC + 1}, "h"), W(), Tensor()); },
+      [&] {
+        linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(wrong_inp, {N, IC + 1}, "h"), W(), Tensor());
+      },
       "'h'");
   expect_error_naming(
-      [&] { linear_forward(tensor_of(out_bad, {N + 1, OC}, "y"), tensor_of(inp, {N, IC}, "inp"), W(), Tensor()); }, "'y'");
+      [&] {
+        linear_forward(tensor_of(out_bad, {N + 1, OC}, "y"), tensor_of(inp, {N, IC}, "inp"), W(), Tensor());
+      },
+      "'y'");
   expect_error_naming(
       [&] {
-        linear_backward(Tensor(), tensor_of(dw_bad, {OC + 1, IC}, "fc.dweight"), Tensor(), tensor_of(out, {N, OC}, "dout"),
-                        tensor_of(inp, {N, IC}, "inp"), W());
+        linear_backward(Tensor(), tensor_of(dw_bad, {OC + 1, IC}, "fc.dweight"), Tensor(),
+                        tensor_of(out, {N, OC}, "dout"), tensor_of(inp, {N, IC}, "inp"), W());
       },
       "fc.dweight");
   expect_error_naming(

@@ -109,7 +109,10 @@ struct RefAdamW {
 // Several steps; (max_norm, weight_decay) = clipping active + decay, clipping inactive (max_norm
 // above the norm) without decay, clipping off (max_norm = 0, norm tensor absent) + decay.
 TEST(OpsOptim, AdamWMatchesTorchFormula) {
-  struct Case { float max_norm, wd; bool pass_norm; };
+  struct Case {
+    float max_norm, wd;
+    bool pass_norm;
+  };
   const std::vector<Case> cases{{1.0f, 0.1f, true}, {1e6f, 0.0f, true}, {0.0f, 0.1f, false}, {0.0f, 0.1f, true}};
   // lr large against |param| ~ 0.1 so that the update itself is checked, not just the fp32 rounding
   // of param.
@@ -185,8 +188,9 @@ TEST(OpsOptim, BadShapesNameTheTensor) {
   std::vector<float> p(19), m(19), v(18), g(19), norm(2);
   expect_error_naming(
       [&] {
-        adamw_update(tensor_of(p, {19}, "fc.weight"), tensor_of(m, {19}, "fc.weight.m"), tensor_of(v, {18}, "fc.weight.v"),
-                     tensor_of(g, {19}, "grad"), Tensor(), 0.0f, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.0f, 1);
+        adamw_update(tensor_of(p, {19}, "fc.weight"), tensor_of(m, {19}, "fc.weight.m"),
+                     tensor_of(v, {18}, "fc.weight.v"), tensor_of(g, {19}, "grad"), Tensor(), 0.0f, 1e-3f, 0.9f, 0.95f,
+                     1e-8f, 0.0f, 1);
       },
       "fc.weight.v");
   std::vector<float> v19(19);

@@ -1,21 +1,26 @@
-// attention.cpp: CPU reference of causal multi-head / grouped-query attention, GEMMs through OpenBLAS.
+// attention.cpp: CPU reference of causal multi-head / grouped-query attention, GEMMs through
+// blas_sgemm (ops/blas.h).
 //
-// For each (b, h) in order, the Q, K, V heads are strided views into the qkv buffer (leading
-// dimension C3 = (NH + 2 NKV) HS, no copies) and the output head a strided view into out (leading
-// dimension NH HS). Rows are processed in blocks of kRowBlock queries; a block only touches key
+// One (b, h) head at a time per OpenMP thread: the Q, K, V heads are strided views into the qkv
+// buffer (leading dimension C3 = (NH + 2 NKV) HS, no copies) and the output head a strided view into
+// out (leading dimension NH HS); inside the parallel region every GEMM runs single-threaded on the
+// calling thread. Rows are processed in blocks of kRowBlock queries; a block only touches key
 // columns [0, end of block), so the GEMMs skip (most of) the masked upper triangle:
 //   S = scale Q K^T; P = softmax over s <= t (max-subtracted, sum in float), 0 for s > t; O = P V
 // Backward (accumulating, += into dqkv):
 //   dP = dO V^T; dV += P^T dO; dS = P * (dP - rowsum(dP * P)); dQ += scale dS K; dK += scale dS^T Q
-// With GQA several q heads add into the same dK/dV, always in increasing head order: deterministic
-// (OpenBLAS sgemm is deterministic for a fixed thread count; softmax rows are independent).
+// The backward parallelises over (b, kv head): the q heads of a group add into the same dK/dV on
+// one thread, in increasing head order. Each head's arithmetic is the same whatever the thread
+// count or batch size: deterministic and batch-invariant.
 #include "ops/attention.h"
 
-#include <cblas.h>
-
 #include <algorithm>
+#include <bit>
 #include <climits>
 #include <cmath>
+#include <cstdint>
+
+#include "ops/blas.h"
 
 namespace lmf {
 namespace {
@@ -25,54 +30,145 @@ constexpr const char* kOpBackward = "attention_backward";
 constexpr const char* kOpDecode = "attention_decode_forward";
 
 // Query rows per block. A fixed constant, so the order of every reduction depends only on T.
-constexpr int kRowBlock = 128;
+constexpr int64_t kRowBlock = 128;
 
 // Sizes of one attention call.
 struct AttnDims {
-  int B, T, NH, NKV, HS;
-  int C3() const { return (NH + 2 * NKV) * HS; }  // qkv row length
-  int CO() const { return NH * HS; }              // out row length
+  int64_t B, T, NH, NKV, HS;
+  int64_t C3() const { return (NH + 2 * NKV) * HS; }  // qkv row length
+  int64_t CO() const { return NH * HS; }              // out row length
 };
 
-// In place on p[0, t] (scores of query row t): p = softmax(p); then zeros in p[t+1, width).
-inline void softmax_causal_row(float* p, int t, int width) {
-  float mx = p[0];
-  for (int s = 1; s <= t; ++s) mx = std::max(mx, p[s]);
-  float sum = 0.0f;
-  for (int s = 0; s <= t; ++s) {
-    const float e = std::exp(p[s] - mx);
-    p[s] = e;
-    sum += e;
+// Fixed-order row reductions: kLanes interleaved partial results combined in lane order, then the
+// tail. Vectorisable without -ffast-math, and the order depends only on the row length.
+constexpr int64_t kLanes = 8;
+
+inline float row_max(const float* x, int64_t n) {  // n >= 1
+  float m[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) m[j] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  float r = m[0];
+  for (int64_t j = 1; j < kLanes; ++j) r = m[j] > r ? m[j] : r;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+// exp(x) for x <= 0 (max-subtracted softmax arguments; x > 0 is outside the contract), written
+// to vectorise: Cephes expf (range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial, 2^n
+// through the exponent bits), max error 1.4 ulp. Exactly 0 below -87.33 (where expf goes subnormal)
+// and for -inf; NaN stays NaN. Branch-free with integer selects only, so GCC vectorises it under
+// the default -ftrapping-math (a float select before the arithmetic stops it).
+inline float exp_nonpos(float x) {
+  constexpr uint32_t kSign = 0x80000000u, kInf = 0x7f800000u;
+  constexpr uint32_t kLimit = std::bit_cast<uint32_t>(87.33f);
+  const uint32_t mag = std::bit_cast<uint32_t>(x) & ~kSign;
+  const float xc = std::bit_cast<float>(kSign | std::min(mag, kLimit));  // max(x, -87.33)
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126
+  const uint32_t keep = mag > kLimit ? 0u : ~0u;       // 0 below -87.33, for -inf and NaN
+  const uint32_t nan = mag > kInf ? 0x7fc00000u : 0u;  // NaN in, NaN out
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(p * std::bit_cast<float>(scale & keep)) | nan);
+}
+
+inline float row_sum(const float* x, int64_t n) {
+  float s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += x[i + j];
+  float r = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) r += s[j];
+  for (; i < n; ++i) r += x[i];
+  return r;
+}
+
+inline float row_dot(const float* x, const float* y, int64_t n) {
+  float s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += x[i + j] * y[i + j];
+  float r = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) r += s[j];
+  for (; i < n; ++i) r += x[i] * y[i];
+  return r;
+}
+
+// In place on p[0, t] (scores of query row t): p = softmax(p) (max-subtracted, float sum); then
+// zeros in p[t+1, width).
+inline void softmax_causal_row(float* p, int64_t t, int64_t width) {
+  const int64_t n = t + 1;
+  const float mx = row_max(p, n);
+  for (int64_t s = 0; s < n; ++s) p[s] = exp_nonpos(p[s] - mx);
+  const float inv = 1.0f / row_sum(p, n);
+  for (int64_t s = 0; s < n; ++s) p[s] *= inv;
+  for (int64_t s = n; s < width; ++s) p[s] = 0.0f;
+}
+
+// One head. q, k, v: (T, HS) with leading dimension ldqkv; o: (T, HS) with leading dimension ldo;
+// p: (T, T) probabilities.
+void attention_head_forward(float* o, float* p, const float* q, const float* k, const float* v, int64_t T, int64_t HS,
+                            int64_t ldqkv, int64_t ldo, float scale) {
+  for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
+    const int64_t r1 = std::min(T, r0 + kRowBlock), rb = r1 - r0;
+    float* pb = p + r0 * T;  // rows [r0, r1), columns [0, r1), leading dimension T
+    // p[r0:r1, 0:r1] = scale q[r0:r1] k[0:r1]^T
+    blas_sgemm(false, true, rb, r1, HS, scale, q + r0 * ldqkv, ldqkv, k, ldqkv, 0.0f, pb, T);
+    for (int64_t t = r0; t < r1; ++t) softmax_causal_row(p + t * T, t, T);
+    // o[r0:r1] = p[r0:r1, 0:r1] v[0:r1]
+    blas_sgemm(false, false, rb, HS, r1, 1.0f, pb, T, v, ldqkv, 0.0f, o + r0 * ldo, ldo);
   }
-  const float inv = 1.0f / sum;
-  for (int s = 0; s <= t; ++s) p[s] *= inv;
-  for (int s = t + 1; s < width; ++s) p[s] = 0.0f;
+}
+
+// One q head, accumulating into dq, dk, dv (leading dimension ldqkv). dO: (T, HS), leading
+// dimension ldo; p: (T, T) from the forward; dp: (T, T) scratch.
+void attention_head_backward(float* dq, float* dk, float* dv, float* dp, const float* dO, const float* q,
+                             const float* k, const float* v, const float* p, int64_t T, int64_t HS, int64_t ldqkv,
+                             int64_t ldo, float scale) {
+  for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
+    const int64_t r1 = std::min(T, r0 + kRowBlock), rb = r1 - r0;
+    const float* pb = p + r0 * T;  // (rb, r1), leading dimension T
+    float* dpb = dp + r0 * T;      // (rb, r1), leading dimension T
+    const float* dOb = dO + r0 * ldo;
+    // dp[r0:r1, 0:r1] = dO[r0:r1] v[0:r1]^T
+    blas_sgemm(false, true, rb, r1, HS, 1.0f, dOb, ldo, v, ldqkv, 0.0f, dpb, T);
+    // dv[0:r1] += p[r0:r1, 0:r1]^T dO[r0:r1]
+    blas_sgemm(true, false, r1, HS, rb, 1.0f, pb, T, dOb, ldo, 1.0f, dv, ldqkv);
+    // ds = p * (dp - sum_s dp p), in place over dp; zero for t < s < r1
+    for (int64_t t = r0; t < r1; ++t) {
+      const float* pr = p + t * T;
+      float* dr = dp + t * T;
+      const float dot = row_dot(dr, pr, t + 1);
+      for (int64_t s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - dot);
+      for (int64_t s = t + 1; s < r1; ++s) dr[s] = 0.0f;
+    }
+    // dq[r0:r1] += scale ds[r0:r1, 0:r1] k[0:r1]
+    blas_sgemm(false, false, rb, HS, r1, scale, dpb, T, k, ldqkv, 1.0f, dq + r0 * ldqkv, ldqkv);
+    // dk[0:r1] += scale ds[r0:r1, 0:r1]^T q[r0:r1]
+    blas_sgemm(true, false, r1, HS, rb, scale, dpb, T, q + r0 * ldqkv, ldqkv, 1.0f, dk, ldqkv);
+  }
 }
 
 // out: (B, T, NH*HS); probs: (B, NH, T, T); qkv: (B, T, (NH + 2 NKV) * HS). All row-major.
 void attention_forward_cpu(float* out, float* probs, const float* qkv, AttnDims d) {
-  const int T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
+  const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  for (int b = 0; b < d.B; ++b) {
-    for (int h = 0; h < d.NH; ++h) {
-      const int kvh = h / group;
-      const float* q = qkv + static_cast<int64_t>(b) * T * C3 + h * HS;               // (T, HS), ld C3
-      const float* k = qkv + static_cast<int64_t>(b) * T * C3 + (d.NH + kvh) * HS;    // (T, HS), ld C3
-      const float* v = qkv + static_cast<int64_t>(b) * T * C3 + (d.NH + d.NKV + kvh) * HS;
-      float* o = out + static_cast<int64_t>(b) * T * CO + h * HS;                     // (T, HS), ld CO
-      float* p = probs + (static_cast<int64_t>(b) * d.NH + h) * T * T;                // (T, T)
-      for (int r0 = 0; r0 < T; r0 += kRowBlock) {
-        const int r1 = std::min(T, r0 + kRowBlock), rb = r1 - r0;
-        // p[r0:r1, 0:r1] = scale q[r0:r1] k[0:r1]^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, r1, HS, scale, q + static_cast<int64_t>(r0) * C3,
-                    C3, k, C3, 0.0f, p + static_cast<int64_t>(r0) * T, T);
-#pragma omp parallel for schedule(static) if (rb * r1 >= 4096)
-        for (int t = r0; t < r1; ++t) softmax_causal_row(p + static_cast<int64_t>(t) * T, t, T);
-        // o[r0:r1] = p[r0:r1, 0:r1] v[0:r1]
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, HS, r1, 1.0f, p + static_cast<int64_t>(r0) * T,
-                    T, v, C3, 0.0f, o + static_cast<int64_t>(r0) * CO, CO);
-      }
-    }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < d.B * d.NH; ++bh) {
+    const int64_t b = bh / d.NH, h = bh % d.NH, kvh = h / group;
+    const float* base = qkv + b * T * C3;
+    attention_head_forward(out + b * T * CO + h * HS, probs + bh * T * T, base + h * HS, base + (d.NH + kvh) * HS,
+                           base + (d.NH + d.NKV + kvh) * HS, T, HS, C3, CO, scale);
   }
 }
 
@@ -80,68 +176,39 @@ void attention_forward_cpu(float* out, float* probs, const float* qkv, AttnDims 
 // qkv: (B, T, C3); probs: (B, NH, T, T) from the forward.
 void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const float* qkv, const float* probs,
                             AttnDims d) {
-  const int T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
+  const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  for (int b = 0; b < d.B; ++b) {
-    for (int h = 0; h < d.NH; ++h) {
-      const int kvh = h / group;
-      const int64_t base = static_cast<int64_t>(b) * T * C3;
-      const float* q = qkv + base + h * HS;                      // (T, HS), ld C3
-      const float* k = qkv + base + (d.NH + kvh) * HS;
-      const float* v = qkv + base + (d.NH + d.NKV + kvh) * HS;
-      float* dq = dqkv + base + h * HS;
-      float* dk = dqkv + base + (d.NH + kvh) * HS;
-      float* dv = dqkv + base + (d.NH + d.NKV + kvh) * HS;
-      const float* dO = dout + static_cast<int64_t>(b) * T * CO + h * HS;            // (T, HS), ld CO
-      const float* p = probs + (static_cast<int64_t>(b) * d.NH + h) * T * T;         // (T, T)
-      float* dp = dprobs + (static_cast<int64_t>(b) * d.NH + h) * T * T;             // (T, T)
-      for (int r0 = 0; r0 < T; r0 += kRowBlock) {
-        const int r1 = std::min(T, r0 + kRowBlock), rb = r1 - r0;
-        const float* pb = p + static_cast<int64_t>(r0) * T;   // (rb, r1), ld T
-        float* dpb = dp + static_cast<int64_t>(r0) * T;       // (rb, r1), ld T
-        const float* dOb = dO + static_cast<int64_t>(r0) * CO;
-        // dp[r0:r1, 0:r1] = dO[r0:r1] v[0:r1]^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, r1, HS, 1.0f, dOb, CO, v, C3, 0.0f, dpb, T);
-        // dv[0:r1] += p[r0:r1, 0:r1]^T dO[r0:r1]
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, HS, rb, 1.0f, pb, T, dOb, CO, 1.0f, dv, C3);
-        // ds = p * (dp - sum_s dp p), in place over dp; zero for s > t
-#pragma omp parallel for schedule(static) if (rb * r1 >= 4096)
-        for (int t = r0; t < r1; ++t) {
-          const float* pr = p + static_cast<int64_t>(t) * T;
-          float* dr = dp + static_cast<int64_t>(t) * T;
-          float dot = 0.0f;
-          for (int s = 0; s <= t; ++s) dot += dr[s] * pr[s];
-          for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - dot);
-          for (int s = t + 1; s < r1; ++s) dr[s] = 0.0f;
-        }
-        // dq[r0:r1] += scale ds[r0:r1, 0:r1] k[0:r1]
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, HS, r1, scale, dpb, T, k, C3, 1.0f,
-                    dq + static_cast<int64_t>(r0) * C3, C3);
-        // dk[0:r1] += scale ds[r0:r1, 0:r1]^T q[r0:r1]
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, HS, rb, scale, dpb, T,
-                    q + static_cast<int64_t>(r0) * C3, C3, 1.0f, dk, C3);
-      }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bg = 0; bg < d.B * d.NKV; ++bg) {
+    const int64_t b = bg / d.NKV, kvh = bg % d.NKV;
+    const float* base = qkv + b * T * C3;
+    float* dbase = dqkv + b * T * C3;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const int64_t bh = b * d.NH + h;
+      attention_head_backward(dbase + h * HS, dbase + (d.NH + kvh) * HS, dbase + (d.NH + d.NKV + kvh) * HS,
+                              dprobs + bh * T * T, dout + b * T * CO + h * HS, base + h * HS, base + (d.NH + kvh) * HS,
+                              base + (d.NH + d.NKV + kvh) * HS, probs + bh * T * T, T, HS, C3, CO, scale);
     }
   }
 }
 
 // out: (NH*HS); scores: (NH, maxT) scratch; q: (NH*HS); k_cache, v_cache: (maxT, NKV*HS), rows
-// [0, n_ctx) used. Same arithmetic as one row of the forward: scale applied to the dot product,
-// max-subtracted softmax with a float sum, then the probability-weighted sum of V rows.
+// [0, n_ctx) used. The arithmetic of one forward row: scale applied to the GEMM's dot products,
+// max-subtracted softmax with a float sum, then the probability-weighted sum of V rows. The q heads
+// of a kv group (contiguous in q) go through one GEMM; groups run on OpenMP threads.
 void attention_decode_cpu(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
-                          int n_ctx, int maxT, int NH, int NKV, int HS) {
-  const int group = NH / NKV, ldkv = NKV * HS;
+                          int64_t n_ctx, int64_t maxT, int64_t NH, int64_t NKV, int64_t HS) {
+  const int64_t group = NH / NKV, ldkv = NKV * HS;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  for (int h = 0; h < NH; ++h) {
-    const int kvh = h / group;
-    float* sc = scores + static_cast<int64_t>(h) * maxT;
-    // sc[0:n_ctx] = scale k[0:n_ctx] q_h
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, n_ctx, HS, scale, k_cache + kvh * HS, ldkv, q + h * HS, 1, 0.0f, sc,
-                1);
-    softmax_causal_row(sc, n_ctx - 1, n_ctx);
-    // out_h = v[0:n_ctx]^T sc[0:n_ctx]
-    cblas_sgemv(CblasRowMajor, CblasTrans, n_ctx, HS, 1.0f, v_cache + kvh * HS, ldkv, sc, 1, 0.0f, out + h * HS,
-                1);
+#pragma omp parallel for schedule(static) if (NKV > 1 && n_ctx * NH * HS >= (1 << 15))
+  for (int64_t kvh = 0; kvh < NKV; ++kvh) {
+    const int64_t h0 = kvh * group;
+    float* sc = scores + h0 * maxT;  // (group, n_ctx), leading dimension maxT
+    // sc = scale q[h0:h0+group] k[0:n_ctx]^T
+    blas_sgemm(false, true, group, n_ctx, HS, scale, q + h0 * HS, HS, k_cache + kvh * HS, ldkv, 0.0f, sc, maxT);
+    for (int64_t g = 0; g < group; ++g) softmax_causal_row(sc + g * maxT, n_ctx - 1, n_ctx);
+    // out[h0:h0+group] = sc v[0:n_ctx]
+    blas_sgemm(false, false, group, HS, n_ctx, 1.0f, sc, maxT, v_cache + kvh * HS, ldkv, 0.0f, out + h0 * HS, HS);
   }
 }
 
@@ -170,15 +237,14 @@ void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_k
   check_shape(out, {B, T, n_head * HS}, kOpForward);
   check_shape(probs, {B, n_head, T, T}, kOpForward);
   if (B == 0 || T == 0) return;
-  const AttnDims d{static_cast<int>(B), static_cast<int>(T), n_head, n_kv_head, static_cast<int>(HS)};
+  const AttnDims d{B, T, n_head, n_kv_head, HS};
   if (qkv.device == Device::cpu)
     attention_forward_cpu(out.f32(), probs.f32(), qkv.f32(), d);
   else
     fail(kOpForward, ": CUDA backend not built");
 }
 
-void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head,
-                        int n_kv_head) {
+void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head, int n_kv_head) {
   check_f32(dqkv, kOpBackward);
   check_f32(dprobs, kOpBackward);
   check_f32(dout, kOpBackward);
@@ -192,7 +258,7 @@ void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Ten
   check_shape(dout, {B, T, n_head * HS}, kOpBackward);
   check_shape(probs, {B, n_head, T, T}, kOpBackward);
   if (B == 0 || T == 0) return;
-  const AttnDims d{static_cast<int>(B), static_cast<int>(T), n_head, n_kv_head, static_cast<int>(HS)};
+  const AttnDims d{B, T, n_head, n_kv_head, HS};
   if (qkv.device == Device::cpu)
     attention_backward_cpu(dqkv.f32(), dprobs.f32(), dout.f32(), qkv.f32(), probs.f32(), d);
   else
@@ -210,20 +276,20 @@ void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cach
   LMF_CHECK(n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, kOpDecode, ": n_head=", n_head,
             " must be a positive multiple of n_kv_head=", n_kv_head);
   LMF_CHECK(k_cache.ndim == 2 && k_cache.shape[1] >= n_kv_head && k_cache.shape[1] % n_kv_head == 0, kOpDecode,
-            ": k_cache '", k_cache.name, "' ", k_cache.shape_str(), " must be (maxT, NKV * HS) with n_kv_head=",
-            n_kv_head);
+            ": k_cache '", k_cache.name, "' ", k_cache.shape_str(),
+            " must be (maxT, NKV * HS) with n_kv_head=", n_kv_head);
   const int64_t maxT = k_cache.shape[0], HS = k_cache.shape[1] / n_kv_head;
   check_shape(v_cache, {maxT, n_kv_head * HS}, kOpDecode);
   check_shape(q, {n_head * HS}, kOpDecode);
   check_shape(out, {n_head * HS}, kOpDecode);
   check_shape(scores, {n_head, maxT}, kOpDecode);
-  LMF_CHECK(n_ctx >= 1 && n_ctx <= maxT, kOpDecode, ": n_ctx=", n_ctx, " must be in [1, maxT=", maxT,
-            "] of k_cache '", k_cache.name, "'");
+  LMF_CHECK(n_ctx >= 1 && n_ctx <= maxT, kOpDecode, ": n_ctx=", n_ctx, " must be in [1, maxT=", maxT, "] of k_cache '",
+            k_cache.name, "'");
   LMF_CHECK(maxT <= INT_MAX && k_cache.shape[1] <= INT_MAX, kOpDecode, ": k_cache '", k_cache.name, "' ",
             k_cache.shape_str(), " exceeds the BLAS int range");
   if (q.device == Device::cpu)
-    attention_decode_cpu(out.f32(), scores.f32(), q.f32(), k_cache.f32(), v_cache.f32(), static_cast<int>(n_ctx),
-                         static_cast<int>(maxT), n_head, n_kv_head, static_cast<int>(HS));
+    attention_decode_cpu(out.f32(), scores.f32(), q.f32(), k_cache.f32(), v_cache.f32(), n_ctx, maxT, n_head, n_kv_head,
+                         HS);
   else
     fail(kOpDecode, ": CUDA backend not built");
 }

@@ -1,15 +1,16 @@
-// linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through OpenBLAS.
+// linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through blas_sgemm
+// (ops/blas.h: single-threaded OpenBLAS calls split over OpenMP threads).
 //
 // Every GEMM reads the caller's row-major buffers in place (transposes and leading dimensions, no
 // copies). Backward accumulates (+=, sgemm beta = 1) into every gradient it is given.
-// Determinism: OpenBLAS sgemm is deterministic for a fixed thread count; the bias-gradient reduction
+// Determinism: the GEMMs are deterministic for a fixed thread count; the bias-gradient reduction
 // sums each column over rows in increasing row order, whatever the number of OpenMP threads.
 #include "ops/linear.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <climits>
+
+#include "ops/blas.h"
 
 namespace lmf {
 namespace {
@@ -21,12 +22,10 @@ constexpr const char* kOpBackward = "linear_backward";
 constexpr int64_t kBiasCols = 64;
 
 // out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or nullptr. All row-major.
-void linear_forward_cpu(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
-                        int64_t IC, int64_t OC) {
+void linear_forward_cpu(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
+                        int64_t OC) {
   // out = inp weight^T
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
-              static_cast<int>(IC), 1.0f, inp, static_cast<int>(IC), weight, static_cast<int>(IC), 0.0f, out,
-              static_cast<int>(OC));
+  blas_sgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC);
   if (!bias) return;
 #pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
   for (int64_t n = 0; n < N; ++n) {
@@ -39,13 +38,10 @@ void linear_forward_cpu(float* out, const float* inp, const float* weight, const
 // dout: (N, OC); inp: (N, IC); weight: (OC, IC). All accumulated.
 void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                          const float* weight, int64_t N, int64_t IC, int64_t OC) {
-  const int n = static_cast<int>(N), ic = static_cast<int>(IC), oc = static_cast<int>(OC);
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
-  if (dinp)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, ic, oc, 1.0f, dout, oc, weight, ic, 1.0f, dinp, ic);
+  if (dinp) blas_sgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
-  if (dweight)
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, oc, ic, n, 1.0f, dout, oc, inp, ic, 1.0f, dweight, ic);
+  if (dweight) blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
   // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
   if (dbias) {
     const int64_t n_blocks = (OC + kBiasCols - 1) / kBiasCols;
@@ -107,16 +103,15 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   LMF_CHECK(OC >= 1 && IC >= 1, kOpBackward, ": weight '", weight.name, "' has shape ", weight.shape_str());
   LMF_CHECK(inp.dim(-1) == IC, kOpBackward, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
             " of weight '", weight.name, "' ", weight.shape_str());
-  LMF_CHECK(dout.dim(-1) == OC, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(),
-            " last dim must be OC=", OC, " of weight '", weight.name, "' ", weight.shape_str());
+  LMF_CHECK(dout.dim(-1) == OC, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(), " last dim must be OC=", OC,
+            " of weight '", weight.name, "' ", weight.shape_str());
   const int64_t N = flat_rows(inp, IC);
   LMF_CHECK(flat_rows(dout, OC) == N, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(), " has ",
             flat_rows(dout, OC), " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
   if (dinp.defined()) {
     check_f32(dinp, kOpBackward);
     LMF_CHECK(dinp.dim(-1) == IC && flat_rows(dinp, IC) == N, kOpBackward, ": dinp '", dinp.name, "' ",
-              dinp.shape_str(), " must hold N=", N, " rows of IC=", IC, " like inp '", inp.name, "' ",
-              inp.shape_str());
+              dinp.shape_str(), " must hold N=", N, " rows of IC=", IC, " like inp '", inp.name, "' ", inp.shape_str());
   }
   if (dweight.defined()) {
     check_f32(dweight, kOpBackward);

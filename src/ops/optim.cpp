@@ -52,9 +52,9 @@ void grad_global_norm_cpu(float* norm, const float* grads, int64_t n) {
 }
 
 // param, m, v, grad: (n) flat; norm: (1) global gradient norm, or nullptr when clipping is off.
-void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n,
-                      float max_norm, float lr, float beta1, float beta2, float eps, float weight_decay,
-                      float bias_corr1, float bias_corr2) {
+void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n, float max_norm,
+                      float lr, float beta1, float beta2, float eps, float weight_decay, float bias_corr1,
+                      float bias_corr2) {
   const float clip = (norm && max_norm > 0.0f && norm[0] > max_norm) ? max_norm / norm[0] : 1.0f;
   const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
 #pragma omp parallel for simd schedule(static) if (n >= (1 << 15))
@@ -90,10 +90,10 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
   check_f32(grad, kOpAdamW);
   check_same_device(kOpAdamW, {&param, &m, &v, &grad, &norm});
   const int64_t n = param.numel();
-  LMF_CHECK(m.numel() == n, kOpAdamW, ": m '", m.name, "' ", m.shape_str(), " has ", m.numel(),
-            " elements but param '", param.name, "' ", param.shape_str(), " has ", n);
-  LMF_CHECK(v.numel() == n, kOpAdamW, ": v '", v.name, "' ", v.shape_str(), " has ", v.numel(),
-            " elements but param '", param.name, "' ", param.shape_str(), " has ", n);
+  LMF_CHECK(m.numel() == n, kOpAdamW, ": m '", m.name, "' ", m.shape_str(), " has ", m.numel(), " elements but param '",
+            param.name, "' ", param.shape_str(), " has ", n);
+  LMF_CHECK(v.numel() == n, kOpAdamW, ": v '", v.name, "' ", v.shape_str(), " has ", v.numel(), " elements but param '",
+            param.name, "' ", param.shape_str(), " has ", n);
   LMF_CHECK(grad.numel() == n, kOpAdamW, ": grad '", grad.name, "' ", grad.shape_str(), " has ", grad.numel(),
             " elements but param '", param.name, "' ", param.shape_str(), " has ", n);
   LMF_CHECK(step >= 1, kOpAdamW, ": step=", step, " for param '", param.name, "' must count from 1");
