@@ -84,7 +84,7 @@ TEST(OpsOptim, GradGlobalNormIndependentOfThreadCount) {
 }
 
 // float64 torch.optim.AdamW (single-tensor path), after clip_grad_norm_-style clipping with the
-// header's clip factor max_norm / norm:
+// header's clip factor min(1, max_norm / (norm + 1e-6)):
 //   param *= 1 - lr wd; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2
 //   param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 struct RefAdamW {
@@ -94,7 +94,7 @@ struct RefAdamW {
     double norm = 0;
     for (float g : grad) norm += static_cast<double>(g) * g;
     norm = std::sqrt(norm);
-    const double clip = (max_norm > 0 && norm > max_norm) ? max_norm / norm : 1.0;
+    const double clip = max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
     for (size_t i = 0; i < p.size(); ++i) {
       const double g = clip * grad[i];

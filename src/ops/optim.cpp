@@ -55,7 +55,8 @@ void grad_global_norm_cpu(float* norm, const float* grads, int64_t n) {
 void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n, float max_norm,
                       float lr, float beta1, float beta2, float eps, float weight_decay, float bias_corr1,
                       float bias_corr2) {
-  const float clip = (norm && max_norm > 0.0f && norm[0] > max_norm) ? max_norm / norm[0] : 1.0f;
+  // torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))
+  const float clip = (norm && max_norm > 0.0f) ? std::min(1.0f, max_norm / (norm[0] + 1e-6f)) : 1.0f;
   const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
 #pragma omp parallel for simd schedule(static) if (n >= (1 << 15))
   for (int64_t i = 0; i < n; ++i) {

@@ -9,7 +9,8 @@ namespace lmf {
 void grad_global_norm(Tensor norm, Tensor grads);
 
 // AdamW (Loshchilov & Hutter), decoupled weight decay, bias correction; `step` counts from 1.
-// The gradient is first multiplied by clip = (max_norm > 0 && norm > max_norm) ? max_norm / norm : 1
+// The gradient is first multiplied by clip = max_norm > 0 ? min(1, max_norm / (norm + 1e-6)) : 1
+// (torch.nn.utils.clip_grad_norm_'s factor)
 // where norm is the (1) tensor from grad_global_norm.
 //   g = clip * grad; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
 //   param -= lr * ( (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps) + weight_decay * param )
