@@ -83,22 +83,28 @@ int run_generate(const std::string& checkpoint, const std::string& prompt, int64
   load_checkpoint_weights(dir, model);
   Sampler sampler(so, cfg.vocab_size);
 
+  // Feed the prompt, then sample. When the KV cache is full, the last half of the text is fed
+  // again from position 0 (a sliding window), so any number of tokens can be generated.
   std::cout << prompt << std::flush;
+  std::vector<int32_t> history(ids.begin(), ids.end());
   const float* logits = nullptr;
   int64_t pos = 0;
-  for (uint16_t t : ids) logits = model.decode_step(t, pos++);
+  for (int32_t t : history) logits = model.decode_step(t, pos++);
   int64_t generated = 0;
-  for (; generated < max_new && pos < cfg.context_length; ++generated) {
+  for (; generated < max_new; ++generated) {
     int32_t next = sampler.sample(logits, static_cast<uint64_t>(generated));
-    std::string piece = next < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(next)) : std::string("?");
-    std::cout << piece << std::flush;
-    logits = model.decode_step(next, pos++);
+    std::cout << (next < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(next)) : std::string("?")) << std::flush;
+    history.push_back(next);
+    if (generated + 1 == max_new) break;
+    if (pos == cfg.context_length) {
+      pos = 0;
+      for (size_t i = history.size() - static_cast<size_t>(cfg.context_length / 2); i < history.size(); ++i)
+        logits = model.decode_step(history[i], pos++);
+    } else {
+      logits = model.decode_step(next, pos++);
+    }
   }
-  if (generated < max_new) {
-    int32_t next = sampler.sample(logits, static_cast<uint64_t>(generated));
-    std::cout << (next < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(next)) : std::string("?"));
-    ++generated;
-  }
+  if (max_new > 0) ++generated;
   std::cout << "\n" << std::flush;
   std::cerr << "[generated " << generated << " tokens from " << dir << "; context_length " << cfg.context_length << "]\n";
   return 0;
