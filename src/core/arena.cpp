@@ -1,5 +1,7 @@
 #include "core/arena.h"
 
+#include "core/device.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -21,8 +23,6 @@ int64_t TensorSpec::numel() const {
 
 Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device)
     : name_(std::move(arena_name)), specs_(std::move(specs)), device_(device) {
-  LMF_CHECK(device == Device::cpu, "arena '", name_, "': device ", device_name(device),
-            " is not available in this build");
   offsets_.reserve(specs_.size());
   size_t off = 0;
   for (const TensorSpec& s : specs_) {
@@ -35,19 +35,30 @@ Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device devic
   }
   bytes_ = align_up(off, kAlign);
   if (bytes_ == 0) return;
-  base_ = std::aligned_alloc(kAlign, bytes_);
-  if (!base_) fail("arena '", name_, "': cannot allocate ", bytes_, " bytes");
-  std::memset(base_, 0, bytes_);
+  if (device_ == Device::cuda) {
+    base_ = device_alloc(bytes_, "arena '" + name_ + "'");  // zero-filled
+  } else {
+    base_ = std::aligned_alloc(kAlign, bytes_);
+    if (!base_) fail("arena '", name_, "': cannot allocate ", bytes_, " bytes");
+    std::memset(base_, 0, bytes_);
+  }
   g_arena_allocs++;
 }
 
-Arena::~Arena() { std::free(base_); }
+namespace {
+void release(void* p, Device d) {
+  if (d == Device::cuda) device_free(p);
+  else std::free(p);
+}
+}  // namespace
+
+Arena::~Arena() { release(base_, device_); }
 
 Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
 
 Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
-    std::free(base_);
+    release(base_, device_);
     name_ = std::move(o.name_);
     specs_ = std::move(o.specs_);
     offsets_ = std::move(o.offsets_);
@@ -93,7 +104,9 @@ Tensor Arena::flat_f32() const {
 }
 
 void Arena::zero() {
-  if (base_) std::memset(base_, 0, bytes_);
+  if (!base_) return;
+  if (device_ == Device::cuda) device_memset0(base_, bytes_);
+  else std::memset(base_, 0, bytes_);
 }
 
 }  // namespace lmf

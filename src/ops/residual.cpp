@@ -4,6 +4,8 @@
 // Backward accumulates (+=) into da and db (src/ops/README.md); either may be absent.
 #include "ops/residual.h"
 
+#include "ops/dispatch.h"
+
 #include <initializer_list>
 
 namespace lmf {
@@ -41,7 +43,7 @@ void residual_forward(Tensor out, Tensor a, Tensor b) {
   check_same_shape(a, out, op);
   check_same_shape(b, out, op);
   if (out.device == Device::cpu) residual_forward_cpu(out.f32(), a.f32(), b.f32(), out.numel());
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::residual_forward(out.f32(), a.f32(), b.f32(), out.numel()));
 }
 
 void residual_backward(Tensor da, Tensor db, Tensor dout) {
@@ -57,7 +59,8 @@ void residual_backward(Tensor da, Tensor db, Tensor dout) {
     if (da.defined()) residual_accumulate_cpu(da.f32(), dout.f32(), dout.numel());
     if (db.defined()) residual_accumulate_cpu(db.f32(), dout.f32(), dout.numel());
   } else {
-    fail(op, ": CUDA backend not built");
+    if (da.defined()) LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(da.f32(), dout.f32(), dout.numel()));
+    if (db.defined()) LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(db.f32(), dout.f32(), dout.numel()));
   }
 }
 

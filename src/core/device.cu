@@ -1,0 +1,154 @@
+// device.cu: the CUDA implementation of device.h, plus the stream, cuBLASLt handle and workspace
+// every launcher shares.
+#include <atomic>
+#include <cstdio>
+
+#include "core/cuda_check.h"
+#include "core/cuda_launch.cuh"
+#include "core/device.h"
+
+namespace lmf {
+
+namespace detail {
+
+[[noreturn]] void cuda_call_failed(const char* stmt, cudaError_t err, const char* file, int line) {
+  int dev = -1;
+  cudaGetDevice(&dev);
+  const char* base = file;
+  for (const char* p = file; *p; ++p)
+    if (*p == '/') base = p + 1;
+  fail(base, ":", line, ": CUDA call `", stmt, "` failed on device ", dev, ": ", cudaGetErrorName(err), " (",
+       cudaGetErrorString(err), ")");
+}
+
+[[noreturn]] void cublas_call_failed(const char* stmt, cublasStatus_t st, const char* file, int line) {
+  int dev = -1;
+  cudaGetDevice(&dev);
+  const char* base = file;
+  for (const char* p = file; *p; ++p)
+    if (*p == '/') base = p + 1;
+  fail(base, ":", line, ": cuBLAS call `", stmt, "` failed on device ", dev, ": status ", static_cast<int>(st));
+}
+
+}  // namespace detail
+
+namespace {
+
+struct Context {
+  int device = -1;
+  DeviceLimits limits;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t blaslt = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+Context g_ctx;
+std::atomic<uint64_t> g_launches{0};
+
+Context& ctx() {
+  if (g_ctx.device < 0) cuda_set_device(0);
+  return g_ctx;
+}
+
+}  // namespace
+
+bool cuda_built() { return true; }
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+void cuda_set_device(int device) {
+  if (g_ctx.device == device) return;
+  const int n = cuda_device_count();
+  if (device < 0 || device >= n) fail("CUDA device ", device, " requested but ", n, " device(s) are available");
+  LMF_CUDA_CHECK(cudaSetDevice(device));
+  cudaDeviceProp p{};
+  LMF_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  DeviceLimits& l = g_ctx.limits;
+  l.device = device;
+  l.name = p.name;
+  l.max_threads_per_block = p.maxThreadsPerBlock;
+  l.max_block = {p.maxThreadsDim[0], p.maxThreadsDim[1], p.maxThreadsDim[2]};
+  l.max_grid = {p.maxGridSize[0], p.maxGridSize[1], p.maxGridSize[2]};
+  l.smem_per_block = p.sharedMemPerBlock;
+  l.smem_per_block_optin = p.sharedMemPerBlockOptin;
+  l.sm_count = p.multiProcessorCount;
+  LMF_CUDA_CHECK(cudaStreamCreateWithFlags(&g_ctx.stream, cudaStreamNonBlocking));
+  LMF_CUBLAS_CHECK(cublasLtCreate(&g_ctx.blaslt));
+  g_ctx.device = device;
+}
+
+const DeviceLimits& cuda_limits() { return ctx().limits; }
+
+void* device_alloc(size_t bytes, const std::string& what) {
+  ctx();
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    fail(what, ": cannot allocate ", bytes, " bytes on CUDA device ", g_ctx.device, " (", free_b, " of ", total_b,
+         " bytes free): ", cudaGetErrorString(e));
+  }
+  LMF_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  return p;
+}
+
+void device_free(void* p) {
+  if (p) cudaFree(p);
+}
+
+void device_memset0(void* p, size_t bytes) { LMF_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, ctx().stream)); }
+
+void copy_to_device(void* dst, const void* src, size_t bytes) {
+  LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx().stream));
+  LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
+}
+
+void copy_to_host(void* dst, const void* src, size_t bytes) {
+  LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx().stream));
+  LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
+}
+
+void device_synchronize() {
+  if (g_ctx.device >= 0) LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
+}
+
+uint64_t cuda_launch_count() { return g_launches.load(); }
+
+void cuda_reserve_workspace(size_t bytes) {
+  Context& c = ctx();
+  if (bytes <= c.workspace_bytes) return;
+  if (c.workspace) LMF_CUDA_CHECK(cudaFree(c.workspace));
+  c.workspace = device_alloc(bytes, "CUDA workspace");
+  c.workspace_bytes = bytes;
+}
+
+void* cuda_workspace(size_t bytes, const char* op) {
+  Context& c = ctx();
+  if (bytes > c.workspace_bytes)
+    fail(op, ": needs ", bytes, " bytes of CUDA workspace but only ", c.workspace_bytes,
+         " were reserved at set-up (cuda_reserve_workspace)");
+  return c.workspace;
+}
+
+namespace cuda {
+
+cudaStream_t stream() { return ctx().stream; }
+cublasLtHandle_t blaslt() { return ctx().blaslt; }
+void count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
+
+[[noreturn]] void launch_failed(const LaunchSpec& s, const std::string& problem) {
+  fail("CUDA launch failed: ", describe_launch(s, cuda_limits()), ": ", problem);
+}
+
+}  // namespace cuda
+
+}  // namespace lmf

@@ -1,0 +1,37 @@
+// device.h: the device runtime as the rest of the engine sees it (no CUDA types here, so plain C++
+// translation units can use it). Implemented by core/device.cu when lmforge is built with CUDA and
+// by core/device_none.cpp otherwise, where every call fails with "built without CUDA".
+//
+// Memory: arenas take device memory with device_alloc() once, at set-up. Streams: lmforge runs on
+// one stream per process, device_stream(); every launcher and copy uses it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/launch.h"
+
+namespace lmf {
+
+bool cuda_built();                  // compiled with the CUDA backend
+int cuda_device_count();            // 0 without a usable GPU (never throws)
+void cuda_set_device(int device);   // selects the device and creates the stream and handles
+const DeviceLimits& cuda_limits();  // of the current device
+
+void* device_alloc(size_t bytes, const std::string& what);  // cudaMalloc, zero-filled; throws naming `what`
+void device_free(void* p);
+void device_memset0(void* p, size_t bytes);                  // async on the stream
+void copy_to_device(void* dst, const void* src, size_t bytes);    // synchronous
+void copy_to_host(void* dst, const void* src, size_t bytes);      // synchronous
+void device_synchronize();                                        // waits for the stream
+
+// Launches made through lmf::cuda::launch() so far (for kernel-launches-per-step telemetry).
+uint64_t cuda_launch_count();
+
+// Scratch for launchers that need temporary device memory (e.g. partial sums of a deterministic
+// two-pass reduction). Reserved at set-up; asking for more than was reserved throws, it never
+// allocates inside a step.
+void cuda_reserve_workspace(size_t bytes);
+void* cuda_workspace(size_t bytes, const char* op);
+
+}  // namespace lmf

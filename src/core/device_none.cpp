@@ -1,0 +1,29 @@
+// device_none.cpp: the device runtime of a build without CUDA (see device.h).
+#ifndef LMF_WITH_CUDA
+#include "core/check.h"
+#include "core/device.h"
+
+namespace lmf {
+
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  fail(what, ": lmforge was built without the CUDA backend (no nvcc found at configure time)");
+}
+}  // namespace
+
+bool cuda_built() { return false; }
+int cuda_device_count() { return 0; }
+void cuda_set_device(int) { no_cuda("cuda_set_device"); }
+const DeviceLimits& cuda_limits() { no_cuda("cuda_limits"); }
+void* device_alloc(size_t, const std::string& what) { no_cuda(what.c_str()); }
+void device_free(void*) {}
+void device_memset0(void*, size_t) { no_cuda("device_memset0"); }
+void copy_to_device(void*, const void*, size_t) { no_cuda("copy_to_device"); }
+void copy_to_host(void*, const void*, size_t) { no_cuda("copy_to_host"); }
+void device_synchronize() {}
+uint64_t cuda_launch_count() { return 0; }
+void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
+void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
+
+}  // namespace lmf
+#endif
