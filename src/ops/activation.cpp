@@ -5,47 +5,25 @@
 //   0.5 (1 + tanh(u)) = sigmoid(2u)        so gelu(x) = x * sigmoid(2u), u = k (x + 0.044715 x^3)
 //   silu(g) = g * sigmoid(g)
 // sigmoid(z) = 1 / (1 + e), e = exp(-z), with exp() a branch-free Cody-Waite + polynomial expf that
-// the compiler vectorises. Its argument is clamped to [-87, 87], so for |x| in the hundreds e is
-// finite (no inf/NaN) and sigmoid saturates to 1 or to ~1e-38; NaN inputs still give NaN.
+// the compiler vectorises (exp_f32, ops/cpu_math.h). Its argument is clamped to [-87, 87], so for
+// |x| in the hundreds e is finite (no inf/NaN) and sigmoid saturates to 1 or to ~1e-38; NaN inputs
+// still give NaN.
 // The derivative uses sigmoid * (1 - sigmoid) = e * s^2, which has no cancellation.
 // Elementwise: results do not depend on the thread count. Backward accumulates (+=) into dinp.
 #include "ops/activation.h"
 
-#include <bit>
 #include <cstdint>
 #include <initializer_list>
+
+#include "ops/cpu_math.h"
 
 namespace lmf {
 namespace {
 
 constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
 
-// exp(x) for float x, about 1 ulp on [-87, 87]; |x| is clamped to 87 (exp(87) = 6e37, exp(-87) = 2e-38,
-// both normal floats). Cephes expf coefficients. Branch-free so that loops calling it vectorise.
-inline float exp_f32(float x) {
-  // The clamp is integer arithmetic on the magnitude bits, with no compare or select: under the default
-  // -ftrapping-math GCC will not if-convert a float compare, and a select it turns into a branch gets
-  // jump-threaded (x == 87 folds the rest to a constant); either stops the calling loop vectorising.
-  // Non-negative floats order like their bit patterns as int32.
-  constexpr int32_t kMaxMag = std::bit_cast<int32_t>(87.0f);
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const int32_t d = static_cast<int32_t>(bits & 0x7fffffffu) - kMaxMag;          // no overflow
-  const int32_t mag = kMaxMag + (d & (d >> 31));                                  // min(|x|, 87) bits
-  x = std::bit_cast<float>(static_cast<uint32_t>(mag) | (bits & 0x80000000u));    // sign back
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (round to nearest even, exact for |v| < 2^22).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln2, ln2 split in two (Cody-Waite)
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // n is in [-126, 126], so 2^n is a normal float.
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return p * scale;
-}
+// exp(x) for any float x, |x| clamped to 87: ops/cpu_math.h.
+using cpu_math::exp_f32;
 
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;

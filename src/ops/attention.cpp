@@ -15,12 +15,12 @@
 #include "ops/attention.h"
 
 #include <algorithm>
-#include <bit>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
 #include "ops/blas.h"
+#include "ops/cpu_math.h"
 
 namespace lmf {
 namespace {
@@ -39,70 +39,11 @@ struct AttnDims {
   int64_t CO() const { return NH * HS; }              // out row length
 };
 
-// Fixed-order row reductions: kLanes interleaved partial results combined in lane order, then the
-// tail. Vectorisable without -ffast-math, and the order depends only on the row length.
-constexpr int64_t kLanes = 8;
-
-inline float row_max(const float* x, int64_t n) {  // n >= 1
-  float m[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) m[j] = x[0];
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-  float r = m[0];
-  for (int64_t j = 1; j < kLanes; ++j) r = m[j] > r ? m[j] : r;
-  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
-  return r;
-}
-
-// exp(x) for x <= 0 (max-subtracted softmax arguments; x > 0 is outside the contract), written
-// to vectorise: Cephes expf (range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial, 2^n
-// through the exponent bits), max error 1.4 ulp. Exactly 0 below -87.33 (where expf goes subnormal)
-// and for -inf; NaN stays NaN. Branch-free with integer selects only, so GCC vectorises it under
-// the default -ftrapping-math (a float select before the arithmetic stops it).
-inline float exp_nonpos(float x) {
-  constexpr uint32_t kSign = 0x80000000u, kInf = 0x7f800000u;
-  constexpr uint32_t kLimit = std::bit_cast<uint32_t>(87.33f);
-  const uint32_t mag = std::bit_cast<uint32_t>(x) & ~kSign;
-  const float xc = std::bit_cast<float>(kSign | std::min(mag, kLimit));  // max(x, -87.33)
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126
-  const uint32_t keep = mag > kLimit ? 0u : ~0u;       // 0 below -87.33, for -inf and NaN
-  const uint32_t nan = mag > kInf ? 0x7fc00000u : 0u;  // NaN in, NaN out
-  return std::bit_cast<float>(std::bit_cast<uint32_t>(p * std::bit_cast<float>(scale & keep)) | nan);
-}
-
-inline float row_sum(const float* x, int64_t n) {
-  float s[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) s[j] += x[i + j];
-  float r = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) r += s[j];
-  for (; i < n; ++i) r += x[i];
-  return r;
-}
-
-inline float row_dot(const float* x, const float* y, int64_t n) {
-  float s[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) s[j] += x[i + j] * y[i + j];
-  float r = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) r += s[j];
-  for (; i < n; ++i) r += x[i] * y[i];
-  return r;
-}
+// Fixed-order row reductions and the x <= 0 exp: ops/cpu_math.h.
+using cpu_math::exp_nonpos;
+using cpu_math::row_dot;
+using cpu_math::row_max;
+using cpu_math::row_sum;
 
 // In place on p[0, t] (scores of query row t): p = softmax(p) (max-subtracted, float sum); then
 // zeros in p[t+1, width).
