@@ -117,3 +117,26 @@ void check_same_device(const char* op, std::initializer_list<const Tensor*> ts) 
 }
 
 }  // namespace lmf
+
+#include <cstring>
+
+#include "core/device.h"
+
+namespace lmf {
+
+void tensor_zero(const Tensor& t) {
+  if (t.device == Device::cpu) std::memset(t.data, 0, t.nbytes());
+  else device_memset0(t.data, t.nbytes());
+}
+
+void tensor_from_host(const Tensor& dst, const void* src) {
+  if (dst.device == Device::cpu) std::memcpy(dst.data, src, dst.nbytes());
+  else copy_to_device(dst.data, src, dst.nbytes());
+}
+
+void tensor_to_host(void* dst, const Tensor& src) {
+  if (src.device == Device::cpu) std::memcpy(dst, src.data, src.nbytes());
+  else copy_to_host(dst, src.data, src.nbytes());
+}
+
+}  // namespace lmf

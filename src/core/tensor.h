@@ -74,3 +74,12 @@ void check_f32(const Tensor& t, const char* op);
 void check_same_device(const char* op, std::initializer_list<const Tensor*> ts);
 
 }  // namespace lmf
+
+namespace lmf {
+
+// Device-independent helpers (memcpy/memset on the CPU, the stream's copies on the GPU).
+void tensor_zero(const Tensor& t);
+void tensor_from_host(const Tensor& dst, const void* src);  // copies dst.nbytes()
+void tensor_to_host(void* dst, const Tensor& src);          // copies src.nbytes(); waits for the GPU
+
+}  // namespace lmf

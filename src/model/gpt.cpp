@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/device.h"
 #include "core/rng.h"
 #include "ops/activation.h"
 #include "ops/attention.h"
@@ -101,12 +102,12 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
 
   // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
   auto pspecs = gpt_param_specs(cfg_);
-  params_ = Arena("params", pspecs);
+  params_ = Arena("params", pspecs, plan.device);
   p_ = gpt_bind(params_, cfg_);
   if (plan.training) {
-    grads_ = Arena("grads", pspecs);
-    m_ = Arena("adam_m", pspecs);
-    v_ = Arena("adam_v", pspecs);
+    grads_ = Arena("grads", pspecs, plan.device);
+    m_ = Arena("adam_m", pspecs, plan.device);
+    v_ = Arena("adam_v", pspecs, plan.device);
     g_ = gpt_bind(grads_, cfg_);
   }
 
@@ -134,7 +135,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   add(as, "lnf_mean", {N});
   add(as, "lnf_rstd", {N});
   add(as, "losses", {N});
-  acts_ = Arena("activations", as);
+  acts_ = Arena("activations", as, plan.device);
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
     auto a = [&](const char* n) { return acts_.get(layer_name(l, n)); };
@@ -160,12 +161,18 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(ws, "d_act", {B, T, F});
     add(ws, "d_probs", {B, NH, T, T});
   }
-  work_ = Arena("workspace", ws);
+  work_ = Arena("workspace", ws, plan.device);
   logits_scratch_ = work_.get("logits_scratch");
   if (cfg_.positions == PositionKind::rope) {
     rope_freqs_ = work_.get("rope_freqs");
-    rope_table_init(rope_freqs_, cfg_.rope_theta);
+    std::vector<float> table(static_cast<size_t>(rope_freqs_.numel()));
+    Tensor host = rope_freqs_;
+    host.data = table.data();
+    host.device = Device::cpu;
+    rope_table_init(host, cfg_.rope_theta);
+    tensor_from_host(rope_freqs_, table.data());
   }
+  losses_host_.resize(static_cast<size_t>(N));
   if (plan.training) {
     d_res_ = work_.get("d_res");
     d_ln_ = work_.get("d_ln");
@@ -178,6 +185,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
 
   // --- decode state (batch 1, KV cache) --------------------------------------------------------
   if (plan.decode_ctx > 0) {
+    if (plan.device != Device::cpu) fail("KV-cache decoding runs on the CPU in this version (device ", device_name(plan.device), ")");
     const int64_t S = plan.decode_ctx, KV = cfg_.n_kv_head * HS;
     if (S > cfg_.context_length) fail("decode context ", S, " exceeds context_length=", cfg_.context_length);
     std::vector<TensorSpec> ds;
@@ -220,10 +228,12 @@ size_t Gpt::arena_bytes() const {
 void Gpt::init_weights(uint64_t seed) {
   const double std_base = 0.02, std_proj = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
   const int64_t V = cfg_.vocab_size;
+  std::vector<float> host;
   for (size_t k = 0; k < params_.size(); ++k) {
     Tensor t = params_[k];
     const std::string& name = params_.spec(k).name;
-    float* w = t.f32();
+    host.assign(static_cast<size_t>(t.numel()), 0.0f);
+    float* w = host.data();
     const int64_t n = t.numel();
     auto ends_with = [&](const char* suf) {
       size_t L = std::strlen(suf);
@@ -239,6 +249,7 @@ void Gpt::init_weights(uint64_t seed) {
       if (name == "tok_emb.weight" || name == "lm_head.weight")  // padded vocab rows stay zero
         std::fill(w + V * cfg_.d_model, w + n, 0.0f);
     }
+    tensor_from_host(t, host.data());
   }
 }
 
@@ -278,10 +289,11 @@ void Gpt::forward_body(Tensor tokens) {
 }
 
 namespace {
-double mean_of(const Tensor& losses) {
-  const float* l = losses.f32();
-  double s = 0;  // fixed order
-  for (int64_t i = 0; i < losses.numel(); ++i) s += l[i];
+// Mean of the per-row losses in double, fixed order; `host` is planned staging of losses.numel().
+double mean_of(const Tensor& losses, std::vector<float>& host) {
+  tensor_to_host(host.data(), losses);
+  double s = 0;
+  for (int64_t i = 0; i < losses.numel(); ++i) s += host[static_cast<size_t>(i)];
   return s / static_cast<double>(losses.numel());
 }
 }  // namespace
@@ -292,7 +304,7 @@ double Gpt::forward_loss(Tensor tokens, Tensor targets) {
   forward_body(tokens);
   lm_head_cross_entropy(losses_, Tensor(), Tensor(), lnf_.view({N, cfg_.d_model}), p_.lm_head,
                         targets.view({N}), logits_scratch_, cfg_.vocab_size, 0.0f);
-  return mean_of(losses_);
+  return mean_of(losses_, losses_host_);
 }
 
 void Gpt::forward_logits(Tensor logits, Tensor tokens) {
@@ -310,13 +322,13 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
   forward_body(tokens);
 
   // LM head + cross-entropy: losses, d(lnf) and d(head weight) in one pass.
-  std::memset(d_ln_.data, 0, d_ln_.nbytes());
+  tensor_zero(d_ln_);
   const float grad_scale = loss_scale / static_cast<float>(N);
   lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), p_.lm_head, targets.view({N}),
                         logits_scratch_, cfg_.vocab_size, grad_scale);
 
   // d_res carries d(loss)/d(residual stream), walking back through the layers.
-  std::memset(d_res_.data, 0, d_res_.nbytes());
+  tensor_zero(d_res_);
   Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
   norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_);
 
@@ -327,27 +339,27 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
     Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
 
     // MLP block: res2 = res1 + act(fc(norm2(res1))) Wm^T + bm
-    std::memset(d_act_.data, 0, d_act_.nbytes());
+    tensor_zero(d_act_);
     linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w);
-    std::memset(d_fc_.data, 0, d_fc_.nbytes());
+    tensor_zero(d_fc_);
     if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
     else swiglu_backward(d_fc_, d_act_, a.fc);
-    std::memset(d_ln_.data, 0, d_ln_.nbytes());
+    tensor_zero(d_ln_);
     linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w);
     norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd);
 
     // Attention block: res1 = x_in + attn(rope(qkv(norm1(x_in)))) Wp^T + bp
-    std::memset(d_att_.data, 0, d_att_.nbytes());
+    tensor_zero(d_att_);
     linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, w.proj_w);
-    std::memset(d_qkv_.data, 0, d_qkv_.nbytes());
+    tensor_zero(d_qkv_);
     attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.probs, cfg_.n_head, cfg_.n_kv_head);
     if (cfg_.positions == PositionKind::rope) rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head);
-    std::memset(d_ln_.data, 0, d_ln_.nbytes());
+    tensor_zero(d_ln_);
     linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, w.qkv_w);
     norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd);
   }
   embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens);
-  return mean_of(losses_);
+  return mean_of(losses_, losses_host_);
 }
 
 const float* Gpt::decode_step(int32_t token, int64_t pos) {

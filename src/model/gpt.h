@@ -37,6 +37,7 @@ struct GptPlan {
   int64_t T = 1;           // sequence length (<= context_length)
   bool training = true;    // plan gradients and AdamW state
   int64_t decode_ctx = 0;  // > 0: also plan a batch-1 KV cache of this many positions for decode_step()
+  Device device = Device::cpu;  // where every arena lives
 };
 
 class Gpt {
@@ -46,10 +47,12 @@ class Gpt {
   const ModelConfig& config() const { return cfg_; }
   const GptPlan& plan() const { return plan_; }
 
-  // GPT-2 initialisation from the counter RNG (docs/MODEL.md).
+  // GPT-2 initialisation from the counter RNG (docs/MODEL.md); computed on the host, identical on
+  // every device.
   void init_weights(uint64_t seed);
 
-  // tokens, targets: (B, T) i32. Returns the mean loss over B*T.
+  // tokens, targets: (B, T) i32 on the model's device. Returns the mean loss over B*T (on a GPU this
+  // reads the per-row losses back: a host synchronisation).
   double forward_loss(Tensor tokens, Tensor targets);
   // Forward + backward; gradients accumulate (+=) scaled so that they are d(mean loss)/dparam * loss_scale.
   double forward_backward(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
@@ -57,7 +60,7 @@ class Gpt {
   void forward_logits(Tensor logits, Tensor tokens);
   void zero_grad() { grads_.zero(); }
 
-  // Generation with a KV cache (batch 1). Feeds `token` at position `pos` (0-based, < decode_ctx) and
+  // Generation with a KV cache (batch 1, CPU). Feeds `token` at position `pos` (0-based, < decode_ctx) and
   // returns the logits (V) of the next token. Positions must be fed in order 0, 1, 2, ...
   const float* decode_step(int32_t token, int64_t pos);
 
@@ -86,6 +89,7 @@ class Gpt {
   // workspace: activation gradients (reused by every layer) and scratch
   Tensor d_res_, d_ln_, d_qkv_, d_att_, d_fc_, d_act_, d_probs_, logits_scratch_, rope_freqs_, norm_dummy_;
   // decode state (batch 1)
+  std::vector<float> losses_host_;  // staging for reading losses back from a GPU (planned size)
   Tensor k_cache_, v_cache_, dx_, dln_, dqkv_, datt_, dtmp_, dfc_, dact_, dscores_, dlogits_, dmean_, drstd_, dtok_;
 };
 

@@ -108,7 +108,7 @@ void SafetensorsFile::read_into(const std::string& name, const Tensor& dst) cons
     fail(path_, ": tensor '", name, "' has dtype ", e->dtype, ", expected ", safetensors_dtype(dst.dtype));
   if (e->shape != want)
     fail(path_, ": tensor '", name, "' has shape ", shape_string(e->shape), ", expected ", shape_string(want));
-  std::memcpy(dst.data, data(*e), dst.nbytes());
+  tensor_from_host(dst, data(*e));
 }
 
 std::string safetensors_serialize(const std::vector<std::pair<std::string, Tensor>>& tensors,
@@ -127,8 +127,12 @@ std::string safetensors_serialize(const std::vector<std::pair<std::string, Tenso
   uint64_t n = header.size();
   std::memcpy(out.data(), &n, 8);
   out += header;
-  out.reserve(out.size() + off);
-  for (const auto& [name, t] : tensors) out.append(static_cast<const char*>(t.data), t.nbytes());
+  size_t pos = out.size();
+  out.resize(out.size() + off);
+  for (const auto& [name, t] : tensors) {  // works for host and device tensors
+    tensor_to_host(out.data() + pos, t);
+    pos += t.nbytes();
+  }
   return out;
 }
 

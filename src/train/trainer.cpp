@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/device.h"
 #include "data/corpus.h"
 #include "data/tokenizer.h"
 #include "ops/optim.h"
@@ -111,11 +112,26 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (T < 1 || T > cfg_.context_length)
     fail("--seq-len=", o_.seq_len, " must be in [1, context_length=", cfg_.context_length, "]");
 
+  // --- device ----------------------------------------------------------------------------------
+  if (o_.device == "auto") device_ = cuda_device_count() > 0 ? Device::cuda : Device::cpu;
+  else if (o_.device == "cpu") device_ = Device::cpu;
+  else if (o_.device == "cuda") {
+    if (!cuda_built()) fail("--device=cuda: lmforge was built without the CUDA backend");
+    if (cuda_device_count() == 0) fail("--device=cuda: no CUDA device is visible");
+    device_ = Device::cuda;
+  } else fail("--device=", o_.device, " must be cpu, cuda or auto");
+  if (device_ == Device::cuda) cuda_set_device(0);
+
   // --- plan ------------------------------------------------------------------------------------
-  model_ = std::make_unique<Gpt>(cfg_, GptPlan{o_.batch_size, T, true, 0});
+  GptPlan plan{o_.batch_size, T, true, 0, device_};
+  model_ = std::make_unique<Gpt>(cfg_, plan);
+  batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
+                                       {"targets", {o_.batch_size, T}, DType::i32}});
   batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
                            {"targets", {o_.batch_size, T}, DType::i32},
-                           {"grad_norm", {1}, DType::f32}});
+                           {"grad_norm", {1}, DType::f32}}, device_);
+  tokens_host_ = batch_host_.get("tokens");
+  targets_host_ = batch_host_.get("targets");
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
@@ -155,7 +171,10 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 
   const int64_t total = gpt_param_count(cfg_);
   log_ << "params total=" << human_count(total) << " (" << with_commas(static_cast<double>(total)) << ")\n";
-  log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
+  if (device_ == Device::cuda)
+    log_ << "device model=" << cuda_limits().name << " precision=fp32\n";
+  else
+    log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
   log_ << "model layers=" << cfg_.n_layer << " d_model=" << cfg_.d_model << " heads=" << cfg_.n_head << "/"
        << cfg_.n_kv_head << " vocab=" << cfg_.vocab_size << " (padded " << cfg_.padded_vocab() << ")"
        << " norm=" << (cfg_.norm == NormKind::layernorm ? "layernorm" : "rmsnorm")
@@ -172,7 +191,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 
 Trainer::~Trainer() = default;
 
-double Trainer::last_grad_norm() const { return norm_.f32()[0]; }
+double Trainer::last_grad_norm() const {
+  float n = 0;
+  tensor_to_host(&n, norm_);
+  return n;
+}
 
 double Trainer::step() {
   const double lr = lr_at_step(o_, step_);
@@ -180,8 +203,13 @@ double Trainer::step() {
   double loss = 0;
   const float scale = 1.0f / static_cast<float>(o_.grad_accum);
   for (int64_t micro = 0; micro < o_.grad_accum; ++micro) {
-    train_->next(tokens_.i32(), targets_.i32());
-    loss += model_->forward_backward(tokens_, targets_, scale);
+    train_->next(tokens_host_.i32(), targets_host_.i32());
+    if (device_ != Device::cpu) {
+      tensor_from_host(tokens_, tokens_host_.data);
+      tensor_from_host(targets_, targets_host_.data);
+    }
+    Tensor in = device_ == Device::cpu ? tokens_host_ : tokens_, tg = device_ == Device::cpu ? targets_host_ : targets_;
+    loss += model_->forward_backward(in, tg, scale);
   }
   loss /= static_cast<double>(o_.grad_accum);
   optimizer_step(*model_, norm_, o_, lr, step_ + 1);
@@ -194,8 +222,13 @@ double Trainer::evaluate() {
   val_->set_position(0);  // the same fixed batches every evaluation
   double sum = 0;
   for (int64_t i = 0; i < o_.eval_batches; ++i) {
-    val_->next(tokens_.i32(), targets_.i32());
-    sum += model_->forward_loss(tokens_, targets_);
+    val_->next(tokens_host_.i32(), targets_host_.i32());
+    if (device_ != Device::cpu) {
+      tensor_from_host(tokens_, tokens_host_.data);
+      tensor_from_host(targets_, targets_host_.data);
+    }
+    Tensor in = device_ == Device::cpu ? tokens_host_ : tokens_, tg = device_ == Device::cpu ? targets_host_ : targets_;
+    sum += model_->forward_loss(in, tg);
   }
   return sum / static_cast<double>(o_.eval_batches);
 }

@@ -43,6 +43,7 @@ struct TrainOptions {
   std::string resume;               // checkpoint dir or out-dir
   bool save_final_checkpoint = true;
   bool progress = true;             // progress line on stderr when it is a terminal
+  std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
 
   std::string to_json() const;
 };
@@ -82,8 +83,10 @@ class Trainer {
   ModelConfig cfg_;
   std::unique_ptr<Gpt> model_;
   std::unique_ptr<DataLoader> train_, val_;
-  Arena batch_;  // tokens, targets (B, T) i32; grad norm (1) f32
-  Tensor tokens_, targets_, norm_;
+  Device device_ = Device::cpu;
+  Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
+  Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
+  Tensor tokens_host_, targets_host_, tokens_, targets_, norm_;
   int64_t step_ = 0;
   std::vector<double> losses_;
   std::ofstream metrics_;
