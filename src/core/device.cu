@@ -44,6 +44,7 @@ struct Context {
 };
 Context g_ctx;
 std::atomic<uint64_t> g_launches{0};
+std::atomic<size_t> g_allocated{0}, g_peak{0};
 
 Context& ctx() {
   if (g_ctx.device < 0) cuda_set_device(0);
@@ -98,6 +99,10 @@ void* device_alloc(size_t bytes, const std::string& what) {
          " bytes free): ", cudaGetErrorString(e));
   }
   LMF_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  size_t now = g_allocated += bytes;
+  size_t peak = g_peak.load();
+  while (now > peak && !g_peak.compare_exchange_weak(peak, now)) {
+  }
   return p;
 }
 
@@ -122,6 +127,14 @@ void device_synchronize() {
 }
 
 uint64_t cuda_launch_count() { return g_launches.load(); }
+
+size_t cuda_memory_used_bytes() {
+  size_t free_b = 0, total_b = 0;
+  LMF_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return total_b - free_b;
+}
+
+size_t cuda_peak_allocated_bytes() { return g_peak.load(); }
 
 void cuda_reserve_workspace(size_t bytes) {
   Context& c = ctx();

@@ -25,6 +25,11 @@ void copy_to_device(void* dst, const void* src, size_t bytes);    // synchronous
 void copy_to_host(void* dst, const void* src, size_t bytes);      // synchronous
 void device_synchronize();                                        // waits for the stream
 
+// Bytes of device memory in use on the current device (cudaMemGetInfo: all processes) and the
+// peak this process has allocated through device_alloc().
+size_t cuda_memory_used_bytes();
+size_t cuda_peak_allocated_bytes();
+
 // Launches made through lmf::cuda::launch() so far (for kernel-launches-per-step telemetry).
 uint64_t cuda_launch_count();
 

@@ -22,6 +22,8 @@ void copy_to_device(void*, const void*, size_t) { no_cuda("copy_to_device"); }
 void copy_to_host(void*, const void*, size_t) { no_cuda("copy_to_host"); }
 void device_synchronize() {}
 uint64_t cuda_launch_count() { return 0; }
+size_t cuda_memory_used_bytes() { return 0; }
+size_t cuda_peak_allocated_bytes() { return 0; }
 void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
 void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
 
