@@ -1,5 +1,6 @@
 #include "model/gpt.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -10,7 +11,9 @@
 #include "ops/attention.h"
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
+#include "ops/gemm_cuda.h"
 #include "ops/linear.h"
+#include "ops/optim.h"
 #include "ops/norm.h"
 #include "ops/residual.h"
 #include "ops/rope.h"
@@ -173,6 +176,19 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     tensor_from_host(rope_freqs_, table.data());
   }
   losses_host_.resize(static_cast<size_t>(N));
+
+#ifdef LMF_WITH_CUDA
+  // The CUDA launchers' scratch (deterministic two-pass reductions, sorts, GEMM workspace), reserved
+  // once for the largest user: uses never overlap on the one stream.
+  if (plan.device == Device::cuda) {
+    size_t ws = kGemmWorkspaceBytes;
+    ws = std::max(ws, norm_backward_cuda_workspace(N, C));
+    ws = std::max(ws, embedding_backward_cuda_workspace(N, Vp));
+    ws = std::max(ws, linear_backward_cuda_workspace(N, std::max({QKV, FC, C})));
+    ws = std::max(ws, grad_global_norm_cuda_workspace(params_.flat_f32().numel()));
+    cuda_reserve_workspace(ws);
+  }
+#endif
   if (plan.training) {
     d_res_ = work_.get("d_res");
     d_ln_ = work_.get("d_ln");

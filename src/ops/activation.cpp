@@ -16,6 +16,7 @@
 #include <initializer_list>
 
 #include "ops/cpu_math.h"
+#include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
@@ -112,7 +113,7 @@ void gelu_forward(Tensor out, Tensor inp) {
   check_same_device(op, {&out, &inp});
   check_same_shape(inp, out, op);
   if (out.device == Device::cpu) gelu_forward_cpu(out.f32(), inp.f32(), out.numel());
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::gelu_forward(out.f32(), inp.f32(), out.numel()));
 }
 
 void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
@@ -122,7 +123,7 @@ void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
   check_same_shape(dinp, inp, op);
   check_same_shape(dout, inp, op);
   if (inp.device == Device::cpu) gelu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), inp.numel());
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::gelu_backward(dinp.f32(), dout.f32(), inp.f32(), inp.numel()));
 }
 
 void swiglu_forward(Tensor out, Tensor inp) {
@@ -132,7 +133,7 @@ void swiglu_forward(Tensor out, Tensor inp) {
   const int64_t F = check_swiglu_shapes(out, inp, op);
   const int64_t N = F > 0 ? out.numel() / F : 0;
   if (out.device == Device::cpu) swiglu_forward_cpu(out.f32(), inp.f32(), N, F);
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::swiglu_forward(out.f32(), inp.f32(), N, F));
 }
 
 void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp) {
@@ -143,7 +144,7 @@ void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp) {
   const int64_t F = check_swiglu_shapes(dout, inp, op);
   const int64_t N = F > 0 ? dout.numel() / F : 0;
   if (inp.device == Device::cpu) swiglu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), N, F);
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::swiglu_backward(dinp.f32(), dout.f32(), inp.f32(), N, F));
 }
 
 }  // namespace lmf

@@ -12,4 +12,13 @@ void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp +=
 void swiglu_forward(Tensor out, Tensor inp);
 void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp: (N, 2F) +=
 
+namespace cuda {  // launchers (activation.cu); called by the op entries after validation
+// out, inp, dinp, dout: (n) flat
+void gelu_forward(float* out, const float* inp, int64_t n);
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n);
+// inp, dinp: (N, 2F) rows [gate | up]; out, dout: (N, F)
+void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
+void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F);
+}  // namespace cuda
+
 }  // namespace lmf

@@ -21,6 +21,7 @@
 
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
+#include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
@@ -31,6 +32,9 @@ constexpr const char* kOpDecode = "attention_decode_forward";
 
 // Query rows per block. A fixed constant, so the order of every reduction depends only on T.
 constexpr int64_t kRowBlock = 128;
+
+// 1/sqrt(HS) in fp32, the one scale both backends use.
+inline float attention_scale(int64_t HS) { return 1.0f / std::sqrt(static_cast<float>(HS)); }
 
 // Sizes of one attention call.
 struct AttnDims {
@@ -103,7 +107,7 @@ void attention_head_backward(float* dq, float* dk, float* dv, float* dp, const f
 // out: (B, T, NH*HS); probs: (B, NH, T, T); qkv: (B, T, (NH + 2 NKV) * HS). All row-major.
 void attention_forward_cpu(float* out, float* probs, const float* qkv, AttnDims d) {
   const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float scale = attention_scale(HS);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bh = 0; bh < d.B * d.NH; ++bh) {
     const int64_t b = bh / d.NH, h = bh % d.NH, kvh = h / group;
@@ -118,7 +122,7 @@ void attention_forward_cpu(float* out, float* probs, const float* qkv, AttnDims 
 void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const float* qkv, const float* probs,
                             AttnDims d) {
   const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float scale = attention_scale(HS);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bg = 0; bg < d.B * d.NKV; ++bg) {
     const int64_t b = bg / d.NKV, kvh = bg % d.NKV;
@@ -140,7 +144,7 @@ void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const
 void attention_decode_cpu(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
                           int64_t n_ctx, int64_t maxT, int64_t NH, int64_t NKV, int64_t HS) {
   const int64_t group = NH / NKV, ldkv = NKV * HS;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float scale = attention_scale(HS);
 #pragma omp parallel for schedule(static) if (NKV > 1 && n_ctx * NH * HS >= (1 << 15))
   for (int64_t kvh = 0; kvh < NKV; ++kvh) {
     const int64_t h0 = kvh * group;
@@ -182,7 +186,8 @@ void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_k
   if (qkv.device == Device::cpu)
     attention_forward_cpu(out.f32(), probs.f32(), qkv.f32(), d);
   else
-    fail(kOpForward, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(kOpForward, cuda::attention_forward(out.f32(), probs.f32(), qkv.f32(), B, T, n_head, n_kv_head,
+                                                          HS, attention_scale(HS)));
 }
 
 void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head, int n_kv_head) {
@@ -203,7 +208,9 @@ void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Ten
   if (qkv.device == Device::cpu)
     attention_backward_cpu(dqkv.f32(), dprobs.f32(), dout.f32(), qkv.f32(), probs.f32(), d);
   else
-    fail(kOpBackward, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(kOpBackward, cuda::attention_backward(dqkv.f32(), dprobs.f32(), dout.f32(), qkv.f32(),
+                                                            probs.f32(), B, T, n_head, n_kv_head, HS,
+                                                            attention_scale(HS)));
 }
 
 void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_ctx,
@@ -228,11 +235,10 @@ void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cach
             k_cache.name, "'");
   LMF_CHECK(maxT <= INT_MAX && k_cache.shape[1] <= INT_MAX, kOpDecode, ": k_cache '", k_cache.name, "' ",
             k_cache.shape_str(), " exceeds the BLAS int range");
-  if (q.device == Device::cpu)
-    attention_decode_cpu(out.f32(), scores.f32(), q.f32(), k_cache.f32(), v_cache.f32(), n_ctx, maxT, n_head, n_kv_head,
-                         HS);
-  else
-    fail(kOpDecode, ": CUDA backend not built");
+  LMF_CHECK(q.device == Device::cpu, kOpDecode, ": runs on the CPU only (generation runs on the CPU), got ",
+            q.describe());
+  attention_decode_cpu(out.f32(), scores.f32(), q.f32(), k_cache.f32(), v_cache.f32(), n_ctx, maxT, n_head, n_kv_head,
+                       HS);
 }
 
 }  // namespace lmf

@@ -1,7 +1,8 @@
 // embedding.cpp: CPU reference of the token + learned position embedding (embedding.h).
 //
-// Every token id is checked to lie in [0, Vp) before any memory is touched; the error names the
-// (b, t) position and the value.
+// On the CPU every token id is checked to lie in [0, Vp) before any memory is touched; the error names
+// the (b, t) position and the value. On the GPU ids are not checked (no host sync inside a step): the
+// data loader validates them (embedding.h).
 // Backward accumulates (+=) into dwte and dwpe (src/ops/README.md) and is deterministic without
 // atomics: dwte runs over fixed blocks of columns, and within a block visits the rows n = b*T + t in
 // increasing order, so rows sharing a token are summed in increasing (b, t) order whatever the thread
@@ -10,6 +11,8 @@
 
 #include <algorithm>
 #include <initializer_list>
+
+#include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
@@ -98,7 +101,8 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
     embedding_forward_cpu(out.f32(), tokens.i32(), wte.f32(), wpe.defined() ? wpe.f32() : nullptr, B, T, C,
                           pos_offset);
   } else {
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::embedding_forward(out.f32(), tokens.i32(), wte.f32(),
+                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos_offset));
   }
 }
 
@@ -119,8 +123,17 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
     embedding_backward_wte_cpu(dwte.f32(), dout.f32(), tokens.i32(), B * T, C);
     if (dwpe.defined()) embedding_backward_wpe_cpu(dwpe.f32(), dout.f32(), B, T, C);
   } else {
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wte(dwte.f32(), dout.f32(), tokens.i32(), B * T, C, Vp));
+    if (dwpe.defined()) LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wpe(dwpe.f32(), dout.f32(), B, T, C));
   }
+}
+
+size_t embedding_backward_cuda_workspace(int64_t N, int64_t Vp) {
+#ifdef LMF_WITH_CUDA
+  return cuda::embedding_backward_workspace(N, Vp);
+#else
+  return 0;
+#endif
 }
 
 }  // namespace lmf

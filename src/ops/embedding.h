@@ -1,5 +1,12 @@
 // embedding.h: token embedding plus optional learned position embedding.
+//
+// Token ids: the CPU path checks every id against [0, Vp) and fails naming the (b, t) position. The
+// CUDA path does not (that would need a host sync inside the step): ids reaching the GPU were
+// validated by the data loader (DataLoader::finish_setup checks every shard token against
+// vocab_size), and an out-of-range id there is undefined behaviour (an out-of-bounds row).
 #pragma once
+#include <cstddef>
+
 #include "core/tensor.h"
 
 namespace lmf {
@@ -11,5 +18,20 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
 // dwte[tokens[b,t]] += dout[b,t]; dwpe[t] += sum_b dout[b,t]   (accumulates; dwpe may be absent)
 // Deterministic: rows are reduced in a fixed order (no float atomics).
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens);
+
+// Bytes of CUDA workspace (lmf::cuda_reserve_workspace) that embedding_backward needs on the GPU for
+// N = B*T tokens and a vocabulary of Vp rows; 0 in a build without CUDA. Reserve it at set-up.
+size_t embedding_backward_cuda_workspace(int64_t N, int64_t Vp);
+
+namespace cuda {  // launchers (embedding.cu); called by the op entries after validation
+// out: (B*T, C); tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr, rows from pos_offset
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
+                       int64_t C, int64_t pos_offset);
+size_t embedding_backward_workspace(int64_t N, int64_t Vp);
+// dwte: (Vp, C) +=; dout: (N, C); tokens: (N). Uses embedding_backward_workspace(N, Vp) bytes of workspace.
+void embedding_backward_wte(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp);
+// dwpe: (maxT, C) +=, rows [0, T); dout: (B, T, C)
+void embedding_backward_wpe(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C);
+}  // namespace cuda
 
 }  // namespace lmf

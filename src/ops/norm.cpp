@@ -16,6 +16,8 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "ops/dispatch.h"
+
 namespace lmf {
 namespace {
 
@@ -202,7 +204,8 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
     layernorm_forward_cpu(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(),
                           bias.defined() ? bias.f32() : nullptr, N, C, eps);
   else
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_forward(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(),
+                                                  bias.defined() ? bias.f32() : nullptr, N, C, eps));
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
@@ -225,7 +228,9 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
     norm_backward_params_cpu(dweight.f32(), dbias.defined() ? dbias.f32() : nullptr, dout.f32(), inp.f32(),
                              mean.f32(), rstd.f32(), N, C);
   } else {
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.f32(), dweight.f32(), dbias.defined() ? dbias.f32() : nullptr,
+                                                   dout.f32(), inp.f32(), weight.f32(), mean.f32(), rstd.f32(), N,
+                                                   C));
   }
 }
 
@@ -240,7 +245,7 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   check_shape(weight, {C}, op);
   LMF_CHECK(eps >= 0.0f, op, ": eps=", eps, " must be >= 0");
   if (inp.device == Device::cpu) rmsnorm_forward_cpu(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps);
-  else fail(op, ": CUDA backend not built");
+  else LMF_CUDA_DISPATCH(op, cuda::rmsnorm_forward(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps));
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
@@ -258,8 +263,17 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
     norm_backward_dinp_cpu(dinp.f32(), dout.f32(), inp.f32(), weight.f32(), nullptr, rstd.f32(), N, C);
     norm_backward_params_cpu(dweight.f32(), nullptr, dout.f32(), inp.f32(), nullptr, rstd.f32(), N, C);
   } else {
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.f32(), dweight.f32(), dout.f32(), inp.f32(), weight.f32(),
+                                                 rstd.f32(), N, C));
   }
+}
+
+size_t norm_backward_cuda_workspace(int64_t N, int64_t C) {
+#ifdef LMF_WITH_CUDA
+  return cuda::norm_backward_workspace(N, C);
+#else
+  return 0;
+#endif
 }
 
 }  // namespace lmf

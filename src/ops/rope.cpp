@@ -9,6 +9,8 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "ops/dispatch.h"
+
 namespace lmf {
 namespace {
 
@@ -73,8 +75,10 @@ void rope_table_init(Tensor freqs, float theta) {
   LMF_CHECK(freqs.ndim == 3 && freqs.dim(2) == 2 && freqs.dim(1) > 0, op, ": tensor '", freqs.name,
             "' has shape ", freqs.shape_str(), ", expected (maxT, HS/2, 2)");
   LMF_CHECK(theta > 0.0f && std::isfinite(theta), op, ": theta=", theta, " must be positive and finite");
-  if (freqs.device == Device::cpu) rope_table_init_cpu(freqs.f32(), freqs.dim(0), freqs.dim(1), theta);
-  else fail(op, ": CUDA backend not built");
+  // CPU only: the model builds the table on the host once and copies it to the device.
+  LMF_CHECK(freqs.device == Device::cpu, op, ": tensor '", freqs.name,
+            "' is on the GPU; the table is built on the CPU and copied (tensor_from_host)");
+  rope_table_init_cpu(freqs.f32(), freqs.dim(0), freqs.dim(1), theta);
 }
 
 void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
@@ -84,7 +88,8 @@ void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t p
     rope_rotate_cpu(qkv.f32(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2), n_head + n_kv_head, half,
                     pos_offset, 1.0f);
   else
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.f32(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2),
+                                            n_head + n_kv_head, half, pos_offset, 1.0f));
 }
 
 void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
@@ -94,7 +99,8 @@ void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t
     rope_rotate_cpu(dqkv.f32(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2), n_head + n_kv_head, half,
                     pos_offset, -1.0f);
   else
-    fail(op, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(dqkv.f32(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2),
+                                            n_head + n_kv_head, half, pos_offset, -1.0f));
 }
 
 }  // namespace lmf

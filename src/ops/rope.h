@@ -19,4 +19,11 @@ void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t p
 // Unlike other backward functions this one transforms in place rather than accumulating.
 void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset = 0);
 
+namespace cuda {  // launchers (rope.cu); called by the op entries after validation
+// qkv: (B*T, row) row-major, the first n_rot heads of size 2*half rotated in place; freqs: (maxT, half, 2);
+// row n has position pos_offset + n % T. sign = +1 (forward) or -1 (backward: the transpose).
+void rope_rotate(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
+                 int64_t pos_offset, float sign);
+}  // namespace cuda
+
 }  // namespace lmf

@@ -1,0 +1,116 @@
+// embedding.cu: CUDA launchers of the token + learned position embedding (embedding.h).
+//
+// Forward: element-wise over (N, C), out = wte[token] + wpe[pos] (the CPU's expression, so exact).
+// Backward, deterministic without float atomics:
+// - dwte: the (token, row) pairs are sorted by token with CUB's radix sort, which is stable, so the
+//   rows of each token come out in increasing n = b*T + t. Then one block per sorted index: the
+//   block at the first index of a token's run owns that token's dwte row and, column by column,
+//   adds the dout rows of the run in increasing n to the existing value (acc = dwte; acc += dout_n
+//   ...). That is exactly the CPU reference's sequence of fp32 adds, so dwte matches it bitwise;
+//   every other block exits. Rows of distinct tokens are disjoint: no two blocks write one element.
+//   Token ids are not range-checked here (see embedding.h): the data loader has validated them.
+// - dwpe: element-wise over (T, C), dwpe[t] += dout[0, t] + dout[1, t] + ... in b order (again the
+//   CPU's order: bitwise equal).
+// Workspace (lmf::cuda_workspace, size from embedding_backward_workspace): sorted keys, the row
+// indices 0..N-1, the sorted row indices, then CUB's temporary storage; each 256-byte aligned.
+#include <cub/device/device_radix_sort.cuh>
+
+#include <climits>
+#include <string>
+
+#include "ops/elementwise.cuh"
+#include "ops/embedding.h"
+
+namespace lmf::cuda {
+namespace {
+
+constexpr const char* kOpBackward = "embedding_backward";
+constexpr int64_t kWteBlock = 128;  // threads per token run, looping over the C columns
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Radix-sort bits for ids in [0, Vp): the smallest b >= 1 with 2^b >= Vp.
+int key_bits(int64_t Vp) {
+  int bits = 1;
+  while ((int64_t{1} << bits) < Vp) ++bits;
+  return bits;
+}
+
+// Byte offsets of the workspace pieces.
+struct SortLayout {
+  size_t keys_sorted, rows, rows_sorted, temp, temp_bytes, total;
+};
+
+SortLayout sort_layout(int64_t N, int64_t Vp) {
+  LMF_CHECK(N >= 0 && N <= INT_MAX, kOpBackward, ": N=", N, " tokens exceed the sort's int range");
+  LMF_CHECK(Vp >= 1 && Vp <= INT_MAX, kOpBackward, ": Vp=", Vp, " outside [1, INT_MAX]");
+  size_t temp_bytes = 0;
+  LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, static_cast<const int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr), static_cast<int>(N), 0, key_bits(Vp),
+                                                 stream()));
+  const size_t arr = align_up(static_cast<size_t>(N) * sizeof(int32_t));
+  return {0, arr, 2 * arr, 3 * arr, temp_bytes, 3 * arr + align_up(temp_bytes)};
+}
+
+// One block per sorted index i; only the first index of each token's run works.
+// dwte: (Vp, C) +=; dout: (N, C); keys: (N) sorted token ids; rows: (N) row n of each key, increasing
+// within a run.
+__global__ void embedding_wte_runs_kernel(float* dwte, const float* dout, const int32_t* keys, const int32_t* rows,
+                                          int64_t N, int64_t C) {
+  const int64_t i = blockIdx.x;
+  const int32_t tok = keys[i];
+  if (i > 0 && keys[i - 1] == tok) return;  // not the start of a run
+  float* dw = dwte + static_cast<int64_t>(tok) * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = dw[c];
+    for (int64_t j = i; j < N && keys[j] == tok; ++j) acc += dout[static_cast<int64_t>(rows[j]) * C + c];
+    dw[c] = acc;
+  }
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
+                       int64_t C, int64_t pos_offset) {
+  if (wpe) {
+    launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
+      const int64_t n = i / C, c = i - n * C;
+      out[i] = wte[static_cast<int64_t>(tokens[n]) * C + c] + wpe[(pos_offset + n % T) * C + c];
+    });
+  } else {
+    launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
+      const int64_t n = i / C, c = i - n * C;
+      out[i] = wte[static_cast<int64_t>(tokens[n]) * C + c];
+    });
+  }
+}
+
+size_t embedding_backward_workspace(int64_t N, int64_t Vp) { return N > 0 ? sort_layout(N, Vp).total : 0; }
+
+void embedding_backward_wte(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp) {
+  if (N == 0 || C == 0) return;
+  const SortLayout L = sort_layout(N, Vp);
+  char* ws = static_cast<char*>(cuda_workspace(L.total, kOpBackward));
+  int32_t* keys_sorted = reinterpret_cast<int32_t*>(ws + L.keys_sorted);
+  int32_t* rows = reinterpret_cast<int32_t*>(ws + L.rows);
+  int32_t* rows_sorted = reinterpret_cast<int32_t*>(ws + L.rows_sorted);
+  launch_elementwise(kOpBackward, N, [=] __device__(int64_t i) { rows[i] = static_cast<int32_t>(i); });
+  size_t temp_bytes = L.temp_bytes;
+  LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + L.temp, temp_bytes, tokens, keys_sorted, rows, rows_sorted,
+                                                 static_cast<int>(N), 0, key_bits(Vp), stream()));
+  const std::string shapes = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " Vp=" + std::to_string(Vp);
+  launch({kOpBackward, shapes, {N, 1, 1}, {kWteBlock, 1, 1}, 0}, embedding_wte_runs_kernel, dwte, dout,
+         static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
+}
+
+void embedding_backward_wpe(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C) {
+  launch_elementwise(kOpBackward, T * C, [=] __device__(int64_t i) {
+    float acc = dwpe[i];  // i = t * C + c
+    for (int64_t b = 0; b < B; ++b) acc += dout[b * T * C + i];
+    dwpe[i] = acc;
+  });
+}
+
+}  // namespace lmf::cuda
