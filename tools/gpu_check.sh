@@ -27,16 +27,19 @@ fi
 add "build" "ok ($(( $(date +%s) - t0 )) s)"
 
 if [ "$what" = all ] || [ "$what" = tests ]; then
+  : >"$OUT/tests.log"
   for t in build-gpu/tests/test_cuda_* build-gpu/tests/test_launch; do
+    [ -x "$t" ] && [ -f "$t" ] && [[ "$t" != *.cmake ]] || continue
     name=$(basename "$t")
-    "$t" --gtest_brief=1 >"$OUT/$name.log" 2>&1
+    "$t" >/tmp/lmf_test.log 2>&1
     rc=$?
-    passed=$(grep -oE '\[  PASSED  \] [0-9]+' "$OUT/$name.log" | grep -oE '[0-9]+$')
-    failed=$(grep -oE '[0-9]+ FAILED TEST' "$OUT/$name.log" | grep -oE '^[0-9]+')
-    skipped=$(grep -oE '\[  SKIPPED \] [0-9]+' "$OUT/$name.log" | grep -oE '[0-9]+$')
+    cat /tmp/lmf_test.log >>"$OUT/tests.log"
+    passed=$(grep -oE '\[  PASSED  \] [0-9]+' /tmp/lmf_test.log | grep -oE '[0-9]+$')
+    failed=$(grep -oE '[0-9]+ FAILED TEST' /tmp/lmf_test.log | grep -oE '^[0-9]+')
+    skipped=$(grep -oE '\[  SKIPPED \] [0-9]+' /tmp/lmf_test.log | grep -oE '[0-9]+$')
     add "$name" "rc=$rc passed=${passed:-0} failed=${failed:-0} skipped=${skipped:-0}"
-    if [ $rc -ne 0 ]; then grep -E "Failure|error|Error|FAILED|Expected|Which is|value|seed" "$OUT/$name.log" | head -30; fi
-    grep "measured" "$OUT/$name.log"
+    if [ $rc -ne 0 ]; then grep -E "Failure|error|Error|FAILED|Expected|Which is|value|seed" /tmp/lmf_test.log | head -30; fi
+    grep "measured" /tmp/lmf_test.log
   done
 fi
 

@@ -136,6 +136,30 @@ size_t cuda_memory_used_bytes() {
 
 size_t cuda_peak_allocated_bytes() { return g_peak.load(); }
 
+std::vector<void*> cuda_event_pool_create(size_t n) {
+  ctx();
+  std::vector<void*> ev(n);
+  for (auto& e : ev) {
+    cudaEvent_t x;
+    LMF_CUDA_CHECK(cudaEventCreate(&x));
+    e = x;
+  }
+  return ev;
+}
+
+void cuda_event_pool_destroy(std::vector<void*>& events) {
+  for (void* e : events) cudaEventDestroy(static_cast<cudaEvent_t>(e));
+  events.clear();
+}
+
+void cuda_event_record(void* e) { LMF_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e), ctx().stream)); }
+
+double cuda_event_elapsed_ms(void* a, void* b) {
+  float ms = 0;
+  LMF_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(a), static_cast<cudaEvent_t>(b)));
+  return ms;
+}
+
 void cuda_reserve_workspace(size_t bytes) {
   Context& c = ctx();
   if (bytes <= c.workspace_bytes) return;

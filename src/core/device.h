@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/launch.h"
 
@@ -32,6 +33,12 @@ size_t cuda_peak_allocated_bytes();
 
 // Launches made through lmf::cuda::launch() so far (for kernel-launches-per-step telemetry).
 uint64_t cuda_launch_count();
+
+// CUDA events for the profiler (opaque pointers, created once).
+std::vector<void*> cuda_event_pool_create(size_t n);
+void cuda_event_pool_destroy(std::vector<void*>& events);
+void cuda_event_record(void* event);                 // on lmforge's stream
+double cuda_event_elapsed_ms(void* start, void* end);
 
 // Scratch for launchers that need temporary device memory (e.g. partial sums of a deterministic
 // two-pass reduction). Reserved at set-up; asking for more than was reserved throws, it never

@@ -24,6 +24,10 @@ void device_synchronize() {}
 uint64_t cuda_launch_count() { return 0; }
 size_t cuda_memory_used_bytes() { return 0; }
 size_t cuda_peak_allocated_bytes() { return 0; }
+std::vector<void*> cuda_event_pool_create(size_t) { no_cuda("cuda_event_pool_create"); }
+void cuda_event_pool_destroy(std::vector<void*>&) {}
+void cuda_event_record(void*) { no_cuda("cuda_event_record"); }
+double cuda_event_elapsed_ms(void*, void*) { no_cuda("cuda_event_elapsed_ms"); }
 void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
 void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/device.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 #include "ops/activation.h"
 #include "ops/attention.h"
@@ -66,6 +67,12 @@ int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding) {
 double gpt_train_flops_per_token(const ModelConfig& c, int64_t T) {
   return 6.0 * static_cast<double>(gpt_param_count(c, false)) +
          12.0 * c.n_layer * static_cast<double>(c.d_model) * static_cast<double>(T);
+}
+
+template <class F>
+void Gpt::timed(const char* name, double flops, F&& f) {
+  ProfileScope scope(prof_, name, flops);
+  f();
 }
 
 GptTensors gpt_bind(const Arena& a, const ModelConfig& c) {
@@ -280,28 +287,34 @@ void Gpt::norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor i
 }
 
 void Gpt::forward_body(Tensor tokens) {
-  const int64_t B = plan_.B, T = plan_.T;
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
+  const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
+  const double lin_qkv = 2.0 * N * C * QKV, lin_proj = 2.0 * N * NH * HS * C, lin_fc = 2.0 * N * C * FC,
+               lin_mproj = 2.0 * N * F * C, attn = 4.0 * B * NH * T * T * HS / 2;  // causal half
   check_shape(tokens, {B, T}, "gpt forward");
-  embedding_forward(encoded_, tokens, p_.tok_emb, p_.pos_emb);
+  timed("embedding fwd", 0, [&] { embedding_forward(encoded_, tokens, p_.tok_emb, p_.pos_emb); });
   Tensor x = encoded_;
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const GptLayerTensors& w = p_.layers[l];
     LayerActs& a = la_[l];
-    norm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.norm1_w, w.norm1_b);
-    linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b);
-    if (cfg_.positions == PositionKind::rope) rope_forward(a.qkv, rope_freqs_, cfg_.n_head, cfg_.n_kv_head);
-    attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head);
-    linear_forward(a.res1, a.att, w.proj_w, w.proj_b);
-    residual_forward(a.res1, a.res1, x);
-    norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, w.norm2_w, w.norm2_b);
-    linear_forward(a.fc, a.ln2, w.fc_w, w.fc_b);
-    if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
-    else swiglu_forward(a.act, a.fc);
-    linear_forward(a.res2, a.act, w.mproj_w, w.mproj_b);
-    residual_forward(a.res2, a.res2, a.res1);
+    timed("norm fwd", 0, [&] { norm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.norm1_w, w.norm1_b); });
+    timed("linear qkv fwd", lin_qkv, [&] { linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b); });
+    if (cfg_.positions == PositionKind::rope)
+      timed("rope fwd", 0, [&] { rope_forward(a.qkv, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
+    timed("attention fwd", attn, [&] { attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head); });
+    timed("linear proj fwd", lin_proj, [&] { linear_forward(a.res1, a.att, w.proj_w, w.proj_b); });
+    timed("residual fwd", 0, [&] { residual_forward(a.res1, a.res1, x); });
+    timed("norm fwd", 0, [&] { norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, w.norm2_w, w.norm2_b); });
+    timed("linear fc fwd", lin_fc, [&] { linear_forward(a.fc, a.ln2, w.fc_w, w.fc_b); });
+    timed("activation fwd", 0, [&] {
+      if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+      else swiglu_forward(a.act, a.fc);
+    });
+    timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, w.mproj_w, w.mproj_b); });
+    timed("residual fwd", 0, [&] { residual_forward(a.res2, a.res2, a.res1); });
     x = a.res2;
   }
-  norm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p_.normf_w, p_.normf_b);
+  timed("norm fwd", 0, [&] { norm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p_.normf_w, p_.normf_b); });
 }
 
 namespace {
@@ -333,20 +346,25 @@ void Gpt::forward_logits(Tensor logits, Tensor tokens) {
 
 double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
   LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
-  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model;
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
+  const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
+  const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
+               lin_mproj = 4.0 * N * F * C, attn = 8.0 * B * NH * T * T * HS / 2;  // backward: 2x forward
   check_shape(targets, {B, T}, "gpt forward_backward (targets)");
   forward_body(tokens);
 
   // LM head + cross-entropy: losses, d(lnf) and d(head weight) in one pass.
   tensor_zero(d_ln_);
   const float grad_scale = loss_scale / static_cast<float>(N);
-  lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), p_.lm_head, targets.view({N}),
-                        logits_scratch_, cfg_.vocab_size, grad_scale);
+  timed("lm_head + cross-entropy fwd+bwd", 6.0 * N * C * cfg_.vocab_size, [&] {
+    lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), p_.lm_head, targets.view({N}),
+                          logits_scratch_, cfg_.vocab_size, grad_scale);
+  });
 
   // d_res carries d(loss)/d(residual stream), walking back through the layers.
   tensor_zero(d_res_);
   Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
-  norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_);
+  timed("norm bwd", 0, [&] { norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_); });
 
   for (int l = cfg_.n_layer - 1; l >= 0; --l) {
     const GptLayerTensors& w = p_.layers[l];
@@ -356,25 +374,30 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
 
     // MLP block: res2 = res1 + act(fc(norm2(res1))) Wm^T + bm
     tensor_zero(d_act_);
-    linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w);
+    timed("linear mproj bwd", lin_mproj, [&] { linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w); });
     tensor_zero(d_fc_);
-    if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
-    else swiglu_backward(d_fc_, d_act_, a.fc);
+    timed("activation bwd", 0, [&] {
+      if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
+      else swiglu_backward(d_fc_, d_act_, a.fc);
+    });
     tensor_zero(d_ln_);
-    linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w);
-    norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd);
+    timed("linear fc bwd", lin_fc, [&] { linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w); });
+    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
 
     // Attention block: res1 = x_in + attn(rope(qkv(norm1(x_in)))) Wp^T + bp
     tensor_zero(d_att_);
-    linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, w.proj_w);
+    timed("linear proj bwd", lin_proj, [&] { linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, w.proj_w); });
     tensor_zero(d_qkv_);
-    attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.probs, cfg_.n_head, cfg_.n_kv_head);
-    if (cfg_.positions == PositionKind::rope) rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head);
+    timed("attention bwd", attn, [&] {
+      attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.probs, cfg_.n_head, cfg_.n_kv_head);
+    });
+    if (cfg_.positions == PositionKind::rope)
+      timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
     tensor_zero(d_ln_);
-    linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, w.qkv_w);
-    norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd);
+    timed("linear qkv bwd", lin_qkv, [&] { linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, w.qkv_w); });
+    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
-  embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens);
+  timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
   return mean_of(losses_, losses_host_);
 }
 

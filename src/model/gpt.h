@@ -71,17 +71,22 @@ class Gpt {
   const GptTensors& p() const { return p_; }
   const GptTensors& g() const { return g_; }
   size_t arena_bytes() const;
+  // Attach an op profiler (nullptr detaches): every op call is timed as one named scope.
+  void set_profiler(class OpProfiler* p) { prof_ = p; }
 
  private:
   struct LayerActs {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, att, res1, ln2, ln2_mean, ln2_rstd, fc, act, res2;
   };
   void forward_body(Tensor tokens);  // embedding .. final norm into lnf_
+  template <class F>
+  void timed(const char* name, double flops, F&& f);
   void norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b);
   void norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd);
 
   ModelConfig cfg_;
   GptPlan plan_;
+  class OpProfiler* prof_ = nullptr;
   Arena params_, grads_, m_, v_, acts_, work_, decode_;
   GptTensors p_, g_;
   std::vector<LayerActs> la_;

@@ -19,6 +19,7 @@
 
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
+#include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
@@ -101,15 +102,22 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
   LMF_CHECK(N <= INT_MAX && C <= INT_MAX && Vp <= INT_MAX, kOp, ": sizes N=", N, " C=", C, " Vp=", Vp,
             " exceed the BLAS int range");
   if (N == 0) return;
-  if (x.device != Device::cpu) fail(kOp, ": CUDA backend not built");
+  float* dx_ptr = dx.defined() ? dx.f32() : nullptr;
+  float* dw_ptr = dw.defined() ? dw.f32() : nullptr;
   const int32_t* tg = targets.i32();
-  for (int64_t n = 0; n < N; ++n)
-    LMF_CHECK(tg[n] >= 0 && tg[n] < vocab_size, kOp, ": targets '", targets.name, "' row ", n, " is ", tg[n],
-              ", outside [0, vocab_size=", vocab_size, ")");
-  lm_head_cross_entropy_cpu(losses.f32(), dx.defined() ? dx.f32() : nullptr, dw.defined() ? dw.f32() : nullptr,
-                            x.f32(), w.f32(), tg, logits_scratch.f32(), static_cast<int>(N), static_cast<int>(C),
-                            static_cast<int>(vocab_size), static_cast<int>(Vp),
-                            static_cast<int>(std::min<int64_t>(R, N)), grad_scale);
+  if (x.device == Device::cpu) {
+    for (int64_t n = 0; n < N; ++n)
+      LMF_CHECK(tg[n] >= 0 && tg[n] < vocab_size, kOp, ": targets '", targets.name, "' row ", n, " is ", tg[n],
+                ", outside [0, vocab_size=", vocab_size, ")");
+    lm_head_cross_entropy_cpu(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg, logits_scratch.f32(),
+                              static_cast<int>(N), static_cast<int>(C), static_cast<int>(vocab_size),
+                              static_cast<int>(Vp), static_cast<int>(std::min<int64_t>(R, N)), grad_scale);
+  } else {
+    // Targets live on the GPU: the data loader validated them (reading them here would sync).
+    LMF_CUDA_DISPATCH(kOp, cuda::lm_head_cross_entropy(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg,
+                                                       logits_scratch.f32(), N, C, vocab_size, Vp,
+                                                       std::min<int64_t>(R, N), grad_scale));
+  }
 }
 
 }  // namespace lmf

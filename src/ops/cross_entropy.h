@@ -4,7 +4,12 @@
 // chunks of rows into `logits_scratch`, turned into per-row losses, and (when gradients are asked
 // for) into dlogits in place in the same buffer before the chunk's dx and dW GEMMs. No second
 // full-vocabulary buffer exists. Rows are processed in a fixed order: deterministic.
+// CPU: OpenBLAS GEMMs; CUDA: cuBLASLt GEMMs (ops/gemm_cuda.h) and one block per row for the softmax.
+// Targets are range-checked on the CPU path; on the GPU path the data loader validates them (no host
+// sync here), and an out-of-range target gives a NaN loss instead of an out-of-bounds read.
 #pragma once
+#include <cstdint>
+
 #include "core/tensor.h"
 
 namespace lmf {
@@ -15,5 +20,13 @@ namespace lmf {
 // dx: (N, C) and dw: (Vp, C), both accumulated (+=) with dloss_row = grad_scale, or both absent
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale);
+
+namespace cuda {  // launchers (cross_entropy.cu); called by the op entry after validation
+// losses: (N); dx: (N, C) and dw: (Vp, C), both or neither (nullptr); x: (N, C); w: (Vp, C);
+// targets: (N) in [0, V); logits: (R, Vp) scratch, R <= N rows per chunk.
+void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
+                           const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
+                           int64_t R, float grad_scale);
+}  // namespace cuda
 
 }  // namespace lmf

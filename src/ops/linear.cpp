@@ -11,6 +11,7 @@
 #include <climits>
 
 #include "ops/blas.h"
+#include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
@@ -63,6 +64,11 @@ int64_t flat_rows(const Tensor& t, int64_t cols) { return cols ? t.numel() / col
 
 }  // namespace
 
+size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
+  const int64_t chunks = (N + kLinearBiasRowChunk - 1) / kLinearBiasRowChunk;
+  return static_cast<size_t>(chunks * OC) * sizeof(float);
+}
+
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   check_f32(out, kOpForward);
   check_f32(inp, kOpForward);
@@ -86,10 +92,9 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   LMF_CHECK(N <= INT_MAX && IC <= INT_MAX && OC <= INT_MAX, kOpForward, ": sizes N=", N, " IC=", IC, " OC=", OC,
             " exceed the BLAS int range");
   if (N == 0) return;
-  if (out.device == Device::cpu)
-    linear_forward_cpu(out.f32(), inp.f32(), weight.f32(), bias.defined() ? bias.f32() : nullptr, N, IC, OC);
-  else
-    fail(kOpForward, ": CUDA backend not built");
+  const float* b = bias.defined() ? bias.f32() : nullptr;
+  if (out.device == Device::cpu) linear_forward_cpu(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC);
+  else LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC));
 }
 
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
@@ -128,7 +133,8 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   if (dout.device == Device::cpu)
     linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC);
   else
-    fail(kOpBackward, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
+                                                         weight.f32(), N, IC, OC));
 }
 
 }  // namespace lmf

@@ -12,13 +12,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "ops/dispatch.h"
+
 namespace lmf {
 namespace {
 
 constexpr const char* kOpNorm = "grad_global_norm";
 constexpr const char* kOpAdamW = "adamw_update";
 
-constexpr int64_t kNormBlock = 1 << 14;  // elements per block
 constexpr int kNormGroup = 64;           // blocks per parallel group (stack array of partial sums)
 constexpr int kNormLanes = 8;            // interleaved double accumulators in a block (vectorisable)
 
@@ -72,15 +73,17 @@ void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const
 
 }  // namespace
 
+size_t grad_global_norm_cuda_workspace(int64_t n) {
+  return static_cast<size_t>((n + kNormBlock - 1) / kNormBlock) * sizeof(double);
+}
+
 void grad_global_norm(Tensor norm, Tensor grads) {
   check_f32(norm, kOpNorm);
   check_f32(grads, kOpNorm);
   check_same_device(kOpNorm, {&norm, &grads});
   check_shape(norm, {1}, kOpNorm);
-  if (norm.device == Device::cpu)
-    grad_global_norm_cpu(norm.f32(), grads.f32(), grads.numel());
-  else
-    fail(kOpNorm, ": CUDA backend not built");
+  if (norm.device == Device::cpu) grad_global_norm_cpu(norm.f32(), grads.f32(), grads.numel());
+  else LMF_CUDA_DISPATCH(kOpNorm, cuda::grad_global_norm(norm.f32(), grads.f32(), grads.numel()));
 }
 
 void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, float max_norm, float lr, float beta1,
@@ -112,7 +115,8 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
     adamw_update_cpu(param.f32(), m.f32(), v.f32(), grad.f32(), norm_ptr, n, max_norm, lr, beta1, beta2, eps,
                      weight_decay, bc1, bc2);
   else
-    fail(kOpAdamW, ": CUDA backend not built");
+    LMF_CUDA_DISPATCH(kOpAdamW, cuda::adamw_update(param.f32(), m.f32(), v.f32(), grad.f32(), norm_ptr, n, max_norm, lr,
+                                                   beta1, beta2, eps, weight_decay, bc1, bc2));
 }
 
 }  // namespace lmf

@@ -1,0 +1,99 @@
+// cross_entropy.cu: CUDA launcher of the LM head fused with softmax cross-entropy (cross_entropy.h).
+//
+// The CPU reference's algorithm, chunk by chunk (R rows of logits_scratch at a time, in order):
+//   logits = x_chunk W[:V]^T                 (cuBLASLt, ld Vp; columns V..Vp-1 are never written)
+//   one block per row:  max (fixed-order tree), sum exp(l - max) accumulated in double (fixed-order
+//     tree), loss = max - l[target] + log(sum) in double; with gradients, the row is overwritten in
+//     place with grad_scale (softmax - onehot) (exp recomputed, the same value as in the sum)
+//   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (cuBLASLt, beta = 1)
+// Every reduction has a fixed order and every GEMM a cached algorithm: bitwise reproducible.
+// exp is CUDA's expf (<= 2 ulp; the CPU's exp_nonpos is <= 1.4 ulp), the sum in double as on the CPU.
+#include <cmath>
+
+#include "core/cuda_launch.cuh"
+#include "ops/cross_entropy.h"
+#include "ops/gemm_cuda.h"
+
+namespace lmf {
+namespace {
+
+constexpr int kRowThreads = 512;
+
+// losses: (rows) of this chunk; logits: (rows, Vp), the first V columns valid; targets: (rows).
+// One block per row. grad: overwrite logits[:, :V] with grad_scale (softmax - onehot).
+__global__ void ce_row_kernel(float* __restrict__ losses, float* __restrict__ logits,
+                              const int32_t* __restrict__ targets, int64_t V, int64_t Vp, float grad_scale,
+                              bool grad) {
+  __shared__ float s_max[kRowThreads];
+  __shared__ double s_sum[kRowThreads];
+  const int tid = threadIdx.x;
+  float* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
+  const int64_t tgt = targets[blockIdx.x];
+  const bool tgt_ok = tgt >= 0 && tgt < V;
+  // Read before any thread overwrites the row (the writes come after several __syncthreads).
+  const float l_tgt = tgt_ok ? l[tgt] : 0.0f;
+
+  // max: thread t over t, t + kRowThreads, ...; then a fixed tree. NaN is skipped (x > m is false).
+  float mx = -INFINITY;
+  for (int64_t j = tid; j < V; j += kRowThreads) mx = l[j] > mx ? l[j] : mx;
+  s_max[tid] = mx;
+  for (int stride = kRowThreads / 2; stride > 0; stride /= 2) {
+    __syncthreads();
+    if (tid < stride) s_max[tid] = s_max[tid + stride] > s_max[tid] ? s_max[tid + stride] : s_max[tid];
+  }
+  __syncthreads();
+  mx = s_max[0];
+
+  // sum of exp(l - max) in double, same partition and tree.
+  double sum = 0.0;
+  for (int64_t j = tid; j < V; j += kRowThreads) sum += static_cast<double>(expf(l[j] - mx));
+  s_sum[tid] = sum;
+  for (int stride = kRowThreads / 2; stride > 0; stride /= 2) {
+    __syncthreads();
+    if (tid < stride) s_sum[tid] += s_sum[tid + stride];
+  }
+  __syncthreads();
+  sum = s_sum[0];
+  if (tid == 0)
+    losses[blockIdx.x] = tgt_ok ? static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + log(sum))
+                                : __int_as_float(0x7fc00000);  // NaN: the loader let a bad target through
+  if (!grad) return;
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t j = tid; j < V; j += kRowThreads) {
+    const float p = expf(l[j] - mx) * inv;
+    l[j] = grad_scale * (j == tgt ? p - 1.0f : p);
+  }
+}
+
+std::string dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
+  return "N=" + std::to_string(N) + " C=" + std::to_string(C) + " V=" + std::to_string(V) +
+         " Vp=" + std::to_string(Vp) + " R=" + std::to_string(R);
+}
+
+}  // namespace
+
+namespace cuda {
+
+void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
+                           const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
+                           int64_t R, float grad_scale) {
+  const char* op = "lm_head_cross_entropy";
+  const bool grad = dx != nullptr;
+  const std::string shapes = dims(N, C, V, Vp, R);
+  for (int64_t n0 = 0; n0 < N; n0 += R) {
+    const int64_t rows = R < N - n0 ? R : N - n0;
+    const float* xc = x + n0 * C;  // (rows, C)
+    // logits[0:rows, 0:V] = xc W[:V]^T
+    gemm(op, false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+    launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_kernel, losses + n0, logits, targets + n0, V,
+           Vp, grad_scale, grad);
+    if (!grad) continue;
+    // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
+    gemm(op, false, false, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
+    // dW[:V] += dlogits^T (V, rows) xc (rows, C)
+    gemm(op, true, false, V, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+  }
+}
+
+}  // namespace cuda
+}  // namespace lmf

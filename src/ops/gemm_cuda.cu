@@ -1,0 +1,240 @@
+// gemm_cuda.cu: cuBLASLt GEMMs with cached, deterministic plans (gemm_cuda.h).
+//
+// Layout: cuBLASLt is column-major, lmforge row-major. A row-major (R, C) matrix with leading
+// dimension ld is the column-major (C, R) matrix with the same ld, so row-major C = op(A) op(B) is
+// computed as the column-major C^T (N, M) = op(B)^T op(A)^T: cuBLASLt's "A" operand is our B and its
+// "B" operand is our A, with the transposes carried over unchanged. The bias epilogue adds a vector
+// along the rows of cuBLASLt's D (length N), i.e. bias[j] on column j of every row of our C.
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "core/cuda_launch.cuh"
+#include "core/device.h"
+#include "ops/gemm_cuda.h"
+
+namespace lmf::cuda {
+namespace {
+
+// The numeric configuration of a GEMM. Only f32 exists today; bf16 operands (CUDA_R_16BF A/B with
+// f32 accumulation) or TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) become new values here, with their own
+// impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
+enum class GemmPrecision : uint8_t { f32 };
+
+struct GemmTypes {
+  cublasComputeType_t compute;
+  cudaDataType_t scale, a, b, c;
+  uint64_t impl_mask;  // CUBLASLT_MATMUL_PREF_IMPL_MASK: which numerical implementations may be chosen
+};
+
+GemmTypes gemm_types(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::f32:
+      // Plain fp32 FMA kernels only: no tensor-core op (TF32 would round the inputs to 10 bits).
+      return {.compute = CUBLAS_COMPUTE_32F,
+              .scale = CUDA_R_32F,
+              .a = CUDA_R_32F,
+              .b = CUDA_R_32F,
+              .c = CUDA_R_32F,
+              .impl_mask = ~static_cast<uint64_t>(CUBLASLT_NUMERICAL_IMPL_FLAGS_TENSOR_OP_MASK)};
+  }
+  fail("gemm: unsupported GemmPrecision ", static_cast<int>(p));
+}
+
+// Everything the heuristic's choice depends on.
+struct GemmKey {
+  int device = -1;
+  GemmPrecision prec = GemmPrecision::f32;
+  bool trans_a = false, trans_b = false, bias = false;
+  int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0;
+  uint32_t align_a = 0, align_b = 0, align_c = 0, align_bias = 0;  // bytes, powers of two <= 256
+  bool operator==(const GemmKey&) const = default;
+};
+
+// A cached plan: the descriptors (initialised in place, nothing allocated) and the chosen algorithm.
+// cuBLASLt's operands: lt_a is our B, lt_b is our A, lt_c is our C (also D).
+struct GemmPlan {
+  GemmKey key;
+  bool valid = false;
+  cublasLtMatmulDescOpaque_t desc;
+  cublasLtMatrixLayoutOpaque_t lt_a, lt_b, lt_c;
+  cublasLtMatmulAlgo_t algo;
+  size_t workspace = 0;
+};
+
+struct PlanCache {
+  std::mutex mu;
+  GemmPlan plans[kGemmPlanCapacity];
+  int next = 0;  // slot replaced when the table is full (round robin: the oldest plan)
+  uint64_t queries = 0;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache c;
+  return c;
+}
+
+// Largest power of two (<= 256) dividing the address; cuBLASLt assumes 256 unless told otherwise.
+uint32_t alignment_of(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t low = a & (~a + 1);
+  return (low == 0 || low > 256) ? 256u : static_cast<uint32_t>(low);
+}
+
+// The same for a leading dimension of ld floats (the offset between row starts).
+uint32_t alignment_of_bytes(int64_t ld) {
+  return alignment_of(reinterpret_cast<const void*>(static_cast<uintptr_t>(ld) * sizeof(float)));
+}
+
+std::string describe(const GemmKey& k, float alpha, float beta) {
+  std::ostringstream os;
+  os << "C(" << k.M << "x" << k.N << ") = " << alpha << " * " << (k.trans_a ? "A^T" : "A") << " "
+     << (k.trans_b ? "B^T" : "B") << " + " << beta << " * C" << (k.bias ? " + bias" : "") << " with M=" << k.M
+     << " N=" << k.N << " K=" << k.K << " lda=" << k.lda << " ldb=" << k.ldb << " ldc=" << k.ldc
+     << " align(A,B,C,bias)=(" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_bias << ") fp32";
+  return os.str();
+}
+
+template <class T>
+void set_desc(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const T& v) {
+  LMF_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d, attr, &v, sizeof(v)));
+}
+template <class T>
+void set_pref(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr, const T& v) {
+  LMF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(p, attr, &v, sizeof(v)));
+}
+
+// Fills p for key k: descriptors, then one heuristic query with split-K reductions forbidden.
+void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
+  const GemmTypes t = gemm_types(k.prec);
+  p.valid = false;
+  p.key = k;
+  cublasLtMatmulDesc_t desc = &p.desc;
+  LMF_CUBLAS_CHECK(cublasLtMatmulDescInit(desc, t.compute, t.scale));
+  set_desc(desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
+  set_desc(desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
+  set_desc(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, static_cast<int32_t>(CUBLASLT_POINTER_MODE_HOST));
+  if (k.bias) {
+    set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(CUBLASLT_EPILOGUE_BIAS));
+    set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(t.c));
+    // The heuristic reads the pointer's value (not the data) to learn its alignment.
+    set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  }
+  // Column-major views (see the file comment): our B as cuBLASLt's A, our A as its B, C^T as C/D.
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_a, t.b, u(k.trans_b ? k.K : k.N), u(k.trans_b ? k.N : k.K), k.ldb));
+  LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_b, t.a, u(k.trans_a ? k.M : k.K), u(k.trans_a ? k.K : k.M), k.lda));
+  LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_c, t.c, u(k.N), u(k.M), k.ldc));
+
+  cublasLtMatmulPreferenceOpaque_t pref_storage;
+  cublasLtMatmulPreference_t pref = &pref_storage;
+  LMF_CUBLAS_CHECK(cublasLtMatmulPreferenceInit(pref));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(kGemmWorkspaceBytes));
+  // No split-K: a split reduction is the one place a GEMM's summation order could vary.
+  set_pref(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_IMPL_MASK, t.impl_mask);
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b);  // cuBLASLt's A is our B
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a);
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c);
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c);
+
+  cublasLtMatmulHeuristicResult_t r;
+  std::memset(&r, 0, sizeof(r));
+  int found = 0;
+  ++plan_cache().queries;
+  LMF_CUBLAS_CHECK(
+      cublasLtMatmulAlgoGetHeuristic(blaslt(), desc, &p.lt_a, &p.lt_b, &p.lt_c, &p.lt_c, pref, 1, &r, &found));
+  LMF_CHECK(found >= 1 && r.state == CUBLAS_STATUS_SUCCESS, "cuBLASLt heuristic found no algorithm (returned ", found,
+            ", state ", static_cast<int>(r.state), ")");
+  LMF_CHECK(r.workspaceSize <= kGemmWorkspaceBytes, "cuBLASLt algorithm needs ", r.workspaceSize,
+            " bytes of workspace, more than kGemmWorkspaceBytes=", kGemmWorkspaceBytes);
+
+  // Belt and braces: the preference masks above must have been honoured.
+  uint32_t scheme = 0;
+  int32_t splitk = 1;
+  uint64_t impl = 0;
+  size_t written = 0;
+  LMF_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                                                        sizeof(scheme), &written));
+  LMF_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk,
+                                                        sizeof(splitk), &written));
+  LMF_CUBLAS_CHECK(cublasLtMatmulAlgoCapGetAttribute(&r.algo, CUBLASLT_ALGO_CAP_NUMERICAL_IMPL_FLAGS, &impl,
+                                                     sizeof(impl), &written));
+  LMF_CHECK(scheme == CUBLASLT_REDUCTION_SCHEME_NONE, "cuBLASLt chose reduction scheme ", scheme, " (split-K ", splitk,
+            ") although only NONE was allowed: results could be nondeterministic");
+  LMF_CHECK((impl & ~t.impl_mask) == 0, "cuBLASLt chose an algorithm with numerical implementation flags 0x", std::hex,
+            impl, " outside the allowed mask 0x", t.impl_mask, " (tensor cores would not be fp32)");
+  p.algo = r.algo;
+  p.workspace = r.workspaceSize;
+  p.valid = true;
+}
+
+// The cached plan for k, building it on the first call. Called with the cache locked.
+GemmPlan& find_plan(PlanCache& c, const GemmKey& k, const float* bias) {
+  for (GemmPlan& p : c.plans)
+    if (p.valid && p.key == k) return p;
+  for (GemmPlan& p : c.plans)
+    if (!p.valid) {
+      build_plan(p, k, bias);
+      return p;
+    }
+  GemmPlan& p = c.plans[c.next];
+  c.next = (c.next + 1) % kGemmPlanCapacity;
+  build_plan(p, k, bias);
+  return p;
+}
+
+void gemm_run(const char* op, const GemmKey& k, float alpha, const float* A, const float* B, float beta, float* C,
+              const float* bias) {
+  void* ws = cuda_workspace(kGemmWorkspaceBytes, op);
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  GemmPlan& p = find_plan(c, k, bias);
+  if (k.bias) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  LMF_CUBLAS_CHECK(cublasLtMatmul(blaslt(), &p.desc, &alpha, B, &p.lt_a, A, &p.lt_b, &beta, C, &p.lt_c, C, &p.lt_c,
+                                  &p.algo, ws, kGemmWorkspaceBytes, stream()));
+  count_launch();
+}
+
+}  // namespace
+
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
+  if (M == 0 || N == 0) return;
+  GemmKey k;
+  k.device = cuda_limits().device;
+  k.prec = GemmPrecision::f32;
+  k.trans_a = trans_a;
+  k.trans_b = trans_b;
+  k.bias = bias != nullptr;
+  k.M = M, k.N = N, k.K = K, k.lda = lda, k.ldb = ldb, k.ldc = ldc;
+  // Alignment of every row start: the pointer's and the leading dimension's (in bytes).
+  k.align_a = std::min(alignment_of(A), alignment_of_bytes(lda));
+  k.align_b = std::min(alignment_of(B), alignment_of_bytes(ldb));
+  k.align_c = std::min(alignment_of(C), alignment_of_bytes(ldc));
+  k.align_bias = bias ? alignment_of(bias) : 0;
+  // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
+  const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
+  const bool ok = M > 0 && N > 0 && K > 0 && M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda >= a_cols &&
+                  ldb >= b_cols && ldc >= N && A && B && C && k.align_a >= 4 && k.align_b >= 4 && k.align_c >= 4 &&
+                  (!bias || k.align_bias >= 4);
+  if (!ok)
+    fail(op, ": invalid GEMM ", describe(k, alpha, beta), " (need 1 <= M, N, K <= INT32_MAX, lda >= ", a_cols,
+         ", ldb >= ", b_cols, ", ldc >= N, non-null 4-byte-aligned pointers)");
+  try {
+    gemm_run(op, k, alpha, A, B, beta, C, bias);
+  } catch (const Error& e) {
+    fail(op, ": cuBLASLt GEMM ", describe(k, alpha, beta), " failed: ", e.what());
+  }
+}
+
+uint64_t gemm_plan_queries() {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.queries;
+}
+
+}  // namespace lmf::cuda

@@ -1,0 +1,54 @@
+// gemm_cuda.h: the one place lmforge calls cuBLASLt (the GPU twin of ops/blas.h).
+//
+// Same argument convention as lmf::blas_sgemm: row-major C (M, N) = alpha op(A) op(B) + beta C,
+// op(X) = X or X^T, leading dimensions in elements. Optionally + bias[j] on every row of C (the
+// cuBLASLt BIAS epilogue, fused into the GEMM kernel). C is updated in place (C and D are the same
+// matrix); with beta == 0 C is not read, so it may hold garbage (NaN) on entry.
+//
+// Numerics (DESIGN.md section 5):
+// - fp32 in, fp32 out, CUBLAS_COMPUTE_32F: a true fp32 FMA accumulation. No TF32, no bf16x9
+//   emulation: tensor-core implementations are excluded from the heuristic (and the chosen algorithm
+//   is checked), so results match the CPU within fp32 rounding. Lower precisions (bf16 operands,
+//   TF32) get their own GemmPrecision value in gemm_cuda.cu when mixed precision lands.
+// - Deterministic: split-K reductions are forbidden (reduction scheme NONE), and the algorithm for a
+//   signature is chosen once and reused, so the same call gives bitwise identical results every time.
+//   NOT batch-invariant: the heuristic may pick a different tile for a different M.
+//
+// Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
+// alignment of every operand's rows, bias or not) is chosen by cublasLtMatmulAlgoGetHeuristic on its
+// first call and cached, with its descriptors, in a fixed table of kGemmPlanCapacity entries. Only
+// that first call queries (host-side work inside cuBLASLt; lmforge allocates nothing for it). The
+// model's shapes are fixed at set-up, so after the first step (or a warm-up at set-up) every step
+// reuses cached plans: no query inside a captured or timed step. When the table is full the oldest
+// plan is replaced; the heuristic is a pure function of the signature, so a re-query picks the same
+// algorithm again.
+//
+// Workspace: every GEMM takes kGemmWorkspaceBytes of lmf::cuda_workspace() (reserve it at set-up with
+// cuda_reserve_workspace; a smaller reservation fails on the first GEMM, naming the op). The workspace
+// is shared with other launchers; everything runs on lmforge's one stream, so uses never overlap.
+//
+// Each GEMM counts as one launch in cuda_launch_count(). Errors name the caller's op, the transposes,
+// M, N, K, the leading dimensions and what cuBLASLt said.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace lmf {
+
+inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;  // 32 MiB
+inline constexpr int kGemmPlanCapacity = 256;
+
+namespace cuda {  // launchers (gemm_cuda.cu); A, B, C, bias are device pointers
+
+// Row-major C (M, N) = alpha op(A) op(B) + beta C [+ bias broadcast over the M rows]
+// op(A): (M, K), op(B): (K, N); A is (M, lda) or (K, lda) when trans_a, B is (K, ldb) or (N, ldb)
+// when trans_b; bias: (N) or nullptr. `op` names the calling op in errors ("linear_forward").
+// M or N == 0 is a no-op; K >= 1.
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);
+
+// Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
+uint64_t gemm_plan_queries();
+
+}  // namespace cuda
+}  // namespace lmf

@@ -1,0 +1,83 @@
+// linear.cu: CUDA launchers of y = x W^T + b (linear.h).
+//
+// Forward is one cuBLASLt GEMM with the bias fused as its epilogue; backward is two GEMMs with
+// beta = 1 (accumulate) and a two-pass column sum for dbias (linear.h): pass 1 sums fixed chunks of
+// kLinearBiasRowChunk rows per column into the workspace, pass 2 adds each column's chunk partials in
+// chunk order into dbias. Every sum has a fixed order, so results are bitwise reproducible; no atomics.
+#include "core/cuda_launch.cuh"
+#include "ops/gemm_cuda.h"
+#include "ops/linear.h"
+
+namespace lmf {
+namespace {
+
+constexpr int kBiasCols = 32;   // columns per pass-1 block: one warp reads 128 contiguous bytes of a row
+constexpr int kBiasLanes = 8;   // row lanes per pass-1 block: lane y sums rows y, y + 8, ... of its chunk
+constexpr int kFinishBlock = 256;
+static_assert(kLinearBiasRowChunk % kBiasLanes == 0);
+
+// partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); grid.x = chunks * col_groups,
+// block b handles column group b % col_groups of row chunk b / col_groups.
+__global__ void bias_partial_kernel(float* __restrict__ partial, const float* __restrict__ dout, int64_t N, int64_t OC,
+                                    int64_t col_groups) {
+  __shared__ float lane_sum[kBiasLanes][kBiasCols];
+  const int64_t group = blockIdx.x % col_groups, chunk = blockIdx.x / col_groups;
+  const int64_t c = group * kBiasCols + threadIdx.x;
+  const int64_t r0 = chunk * kLinearBiasRowChunk;
+  const int64_t r1 = r0 + kLinearBiasRowChunk < N ? r0 + kLinearBiasRowChunk : N;
+  float acc = 0.0f;
+  if (c < OC)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBiasLanes) acc += dout[r * OC + c];
+  lane_sum[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < OC) {
+    float s = lane_sum[0][threadIdx.x];
+    for (int l = 1; l < kBiasLanes; ++l) s += lane_sum[l][threadIdx.x];
+    partial[chunk * OC + c] = s;
+  }
+}
+
+// dbias: (OC) += sum over chunks (in order) of partial: (chunks, OC). One thread per column.
+__global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __restrict__ partial, int64_t chunks,
+                                   int64_t OC) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= OC) return;
+  float s = 0.0f;
+  for (int64_t k = 0; k < chunks; ++k) s += partial[k * OC + c];
+  dbias[c] += s;
+}
+
+std::string dims(int64_t N, int64_t IC, int64_t OC) {
+  return "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
+}
+
+}  // namespace
+
+namespace cuda {
+
+void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
+                    int64_t OC) {
+  // out (N, OC) = inp (N, IC) weight^T (IC, OC) + bias
+  gemm("linear_forward", false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC, bias);
+}
+
+void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t IC, int64_t OC) {
+  const char* op = "linear_backward";
+  if (dbias) {
+    const int64_t chunks = ceil_div(N, kLinearBiasRowChunk), col_groups = ceil_div(OC, kBiasCols);
+    auto* partial = static_cast<float*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op));
+    const std::string shapes = dims(N, IC, OC);
+    launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel, partial,
+           dout, N, OC, col_groups);
+    launch({op, shapes, {ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,
+           static_cast<const float*>(partial), chunks, OC);
+  }
+  // dinp (N, IC) += dout (N, OC) weight (OC, IC)
+  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
+  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+}
+
+}  // namespace cuda
+}  // namespace lmf

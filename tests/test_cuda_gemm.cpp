@@ -1,0 +1,180 @@
+// CUDA GEMM (cuBLASLt, ops/gemm_cuda.h) against blas_sgemm on the same inputs: every transpose pair
+// on awkward sizes, alpha/beta/bias variants, padded leading dimensions, 4-byte-aligned (not 16 or
+// 256) pointers, beta = 0 over a NaN-poisoned C, a long K; determinism, the plan cache, errors.
+//
+// Tolerance: |gpu - cpu| <= 32 u * scale per element, scale = |alpha| |A| |B| + |beta| |C| + |bias|
+// (support/scaled_compare.h): both are fp32 FMA sums of the same terms in different orders.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "ops/blas.h"
+#include "ops/gemm_cuda.h"
+#include "support/gpu_util.h"
+#include "support/scaled_compare.h"
+#include "support/test_util.h"
+
+namespace lmf {
+namespace {
+
+constexpr double kGemmTol = 32 * test::kRoundoff;  // 1.9e-6 of the scale
+
+// The launcher exists only in CUDA builds; elsewhere every test skips before reaching these.
+#ifdef LMF_WITH_CUDA
+void device_gemm(const char* op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                 const float* bias = nullptr) {
+  cuda::gemm(op, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+}
+uint64_t plan_queries() { return cuda::gemm_plan_queries(); }
+#else
+void device_gemm(const char*, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                 int64_t, float, float*, int64_t, const float* = nullptr) {
+  fail("built without the CUDA backend");
+}
+uint64_t plan_queries() { return 0; }
+#endif
+
+struct Case {
+  bool ta = false, tb = false;
+  int64_t M = 1, N = 1, K = 1;
+  float alpha = 1.0f, beta = 0.0f;
+  bool bias = false;
+  int64_t pad = 0;     // extra elements in every leading dimension
+  int64_t offset = 0;  // device pointers start this many floats into their buffers (1: only 4-byte aligned)
+  std::string str() const {
+    return std::string(ta ? "A^T" : "A") + (tb ? " B^T" : " B") + " M=" + std::to_string(M) +
+           " N=" + std::to_string(N) + " K=" + std::to_string(K) + " alpha=" + std::to_string(alpha) +
+           " beta=" + std::to_string(beta) + (bias ? " bias" : "") + " pad=" + std::to_string(pad) +
+           " offset=" + std::to_string(offset);
+  }
+};
+
+// A device copy of `host` starting `offset` floats into its buffer.
+struct OffsetBuffer {
+  test::DeviceBuffer buf;
+  int64_t offset;
+  OffsetBuffer(const std::vector<float>& host, int64_t off) : buf((host.size() + off) * sizeof(float)), offset(off) {
+    std::vector<float> h(off, 0.0f);
+    h.insert(h.end(), host.begin(), host.end());
+    buf.upload(h);
+  }
+  float* ptr() const { return static_cast<float*>(buf.data()) + offset; }
+  std::vector<float> download() const {
+    std::vector<float> h = buf.download<float>();
+    return {h.begin() + offset, h.end()};
+  }
+  void poison() { buf.poison(); }
+};
+
+struct Result {
+  std::vector<float> gpu, cpu, scale;  // (M, ldc) each
+};
+
+Result run_case(const Case& c, uint64_t seed) {
+  const int64_t a_rows = c.ta ? c.K : c.M, a_cols = c.ta ? c.M : c.K;
+  const int64_t b_rows = c.tb ? c.N : c.K, b_cols = c.tb ? c.K : c.N;
+  const int64_t lda = a_cols + c.pad, ldb = b_cols + c.pad, ldc = c.N + c.pad;
+  std::vector<float> A = test::randn(a_rows * lda, seed), B = test::randn(b_rows * ldb, seed + 1),
+                     C0 = test::randn(c.M * ldc, seed + 2), bias = test::randn(c.N, seed + 3);
+  Result r;
+  r.cpu = C0;
+  blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A.data(), lda, B.data(), ldb, c.beta, r.cpu.data(), ldc);
+  if (c.bias)
+    for (int64_t i = 0; i < c.M; ++i)
+      for (int64_t j = 0; j < c.N; ++j) r.cpu[i * ldc + j] += bias[j];
+  r.scale = test::gemm_error_scale(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A, lda, B, ldb, c.beta, C0, ldc,
+                                   c.bias ? bias : std::vector<float>{});
+  OffsetBuffer dA(A, c.offset), dB(B, c.offset), dC(C0, c.offset), dbias(bias, c.offset);
+  if (c.beta == 0.0f) dC.poison();  // beta = 0: C must not be read
+  device_gemm("test_gemm", c.ta, c.tb, c.M, c.N, c.K, c.alpha, dA.ptr(), lda, dB.ptr(), ldb, c.beta, dC.ptr(), ldc,
+             c.bias ? dbias.ptr() : nullptr);
+  r.gpu = dC.download();
+  // Padding columns of C are never written: still the poison (beta = 0) or the original values.
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t j = c.N; j < ldc; ++j) {
+      const float v = r.gpu[i * ldc + j];
+      EXPECT_TRUE(c.beta == 0.0f ? test::is_poison(v) : v == C0[i * ldc + j])
+          << c.str() << ": padding C[" << i << ", " << j << "] was written";
+    }
+  return r;
+}
+
+// The (M, N) part of an (M, ldc) matrix.
+std::vector<float> valid(const std::vector<float>& m, int64_t M, int64_t N, int64_t ldc) {
+  std::vector<float> r;
+  for (int64_t i = 0; i < M; ++i) r.insert(r.end(), m.begin() + i * ldc, m.begin() + i * ldc + N);
+  return r;
+}
+
+void check_case(const Case& c, uint64_t seed) {
+  const Result r = run_case(c, seed);
+  const int64_t ldc = c.N + c.pad;
+  EXPECT_TRUE(test::within_scale(c.str(), valid(r.gpu, c.M, c.N, ldc), valid(r.cpu, c.M, c.N, ldc),
+                                 valid(r.scale, c.M, c.N, ldc), kGemmTol))
+      << "seed=" << seed;
+}
+
+TEST(CudaGemm, AllTransposesOnAwkwardSizesMatchCpu) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const float betas[] = {0.0f, 1.0f, -0.5f};
+  int idx = 0;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (int64_t M : test::awkward_sizes())
+        for (int64_t N : test::awkward_sizes())
+          for (int64_t K : test::awkward_sizes()) {
+            Case c{ta, tb, M, N, K, idx % 4 == 1 ? 0.75f : 1.0f, betas[idx % 3], idx % 2 == 1, idx % 3 == 0 ? 3 : 0,
+                   idx % 5 == 0 ? 1 : 0};
+            check_case(c, seed + 4 * idx);
+            ++idx;
+          }
+}
+
+TEST(CudaGemm, LongKMatchesCpu) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  check_case({false, true, 256, 384, 4096, 1.0f, 0.0f, true, 0, 0}, seed);      // forward-like, bias
+  check_case({true, false, 384, 256, 4096, 1.0f, 1.0f, false, 0, 0}, seed + 4);  // weight-gradient-like
+  check_case({false, false, 333, 200, 3072, 1.0f, 1.0f, false, 5, 1}, seed + 8); // input-gradient-like
+}
+
+TEST(CudaGemm, DeterministicAndPlannedOnce) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const Case c{false, true, 517, 301, 1111, 1.0f, 1.0f, true, 0, 0};
+  const Result first = run_case(c, seed);
+  const uint64_t queries = plan_queries();
+  const Result second = run_case(c, seed);
+  EXPECT_EQ(plan_queries(), queries) << "the second call of the same signature queried the heuristic";
+  EXPECT_TRUE(test::bitwise_equal(c.str() + " run twice", first.gpu, second.gpu)) << "seed=" << seed;
+  // A new signature queries once.
+  run_case({false, true, 518, 301, 1111, 1.0f, 1.0f, true, 0, 0}, seed);
+  EXPECT_EQ(plan_queries(), queries + 1);
+}
+
+TEST(CudaGemm, InvalidArgumentsNameTheShapes) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  test::DeviceBuffer a(64 * 64 * 4), b(64 * 64 * 4), c(64 * 64 * 4);
+  auto* pa = static_cast<float*>(a.data());
+  auto* pb = static_cast<float*>(b.data());
+  auto* pc = static_cast<float*>(c.data());
+  try {
+    device_gemm("my_op", false, false, 7, 19, 11, 1.0f, pa, 10 /* < K = 11 */, pb, 19, 0.0f, pc, 19);
+    ADD_FAILURE() << "no exception for lda < K";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const char* needle : {"my_op", "M=7", "N=19", "K=11", "lda=10"})
+      EXPECT_NE(msg.find(needle), std::string::npos) << "message lacks '" << needle << "': " << msg;
+  }
+  EXPECT_THROW(device_gemm("my_op", false, false, 7, 19, 0, 1.0f, pa, 1, pb, 19, 0.0f, pc, 19), Error);  // K = 0
+}
+
+}  // namespace
+}  // namespace lmf
