@@ -11,11 +11,74 @@
 #include <vector>
 
 #include "core/device.h"
+#include "core/profiler.h"
+#include "ops/gemm_cuda.h"
 #include "core/rng.h"
 #include "model/gpt.h"
 #include "train/trainer.h"
 
 using namespace lmf;
+
+namespace {
+
+// Ceilings measured in this run: a large fp32 GEMM through the engine's own GEMM path and a large
+// device-to-device copy (bytes read + written), on the GPU; on the CPU only the op times are shown.
+struct Ceilings {
+  double gemm_tflops = 0, copy_gbps = 0;
+};
+
+Ceilings measure_ceilings(Device dev) {
+  Ceilings c;
+#ifdef LMF_WITH_CUDA
+  if (dev != Device::cuda) return c;
+  const int64_t n = 8192;
+  Arena a("ceilings", {{"A", {n, n}}, {"B", {n, n}}, {"C", {n, n}}, {"big", {int64_t{1} << 28}}, {"big2", {int64_t{1} << 28}}},
+          Device::cuda);
+  std::vector<void*> ev = cuda_event_pool_create(2);
+  std::vector<float> host(static_cast<size_t>(n * n));
+  for (size_t i = 0; i < host.size(); ++i) host[i] = rng_normal(7, 0, i);  // never time on zeros
+  tensor_from_host(a.get("A"), host.data());
+  tensor_from_host(a.get("B"), host.data());
+  auto time_ms = [&](auto&& f, int reps) {
+    f();
+    cuda_event_record(ev[0]);
+    for (int i = 0; i < reps; ++i) f();
+    cuda_event_record(ev[1]);
+    device_synchronize();
+    return cuda_event_elapsed_ms(ev[0], ev[1]) / reps;
+  };
+  double g = time_ms([&] {
+    cuda::gemm("ceiling", false, true, n, n, n, 1.0f, a.get("A").f32(), n, a.get("B").f32(), n, 0.0f, a.get("C").f32(), n);
+  }, 5);
+  c.gemm_tflops = 2.0 * n * n * n / (g / 1e3) / 1e12;
+  Tensor big = a.get("big"), big2 = a.get("big2");
+  double t = time_ms([&] { device_copy(big2.data, big.data, big.nbytes()); }, 10);
+  c.copy_gbps = 2.0 * big.nbytes() / (t / 1e3) / 1e9;
+  cuda_event_pool_destroy(ev);
+#endif
+  return c;
+}
+
+void print_profile(const OpProfiler& prof, int64_t steps, double step_ms, Device dev) {
+  Ceilings c = measure_ceilings(dev);
+  double total = 0;
+  for (const auto& r : prof.rows()) total += r.ms;
+  std::fprintf(stderr, "\nper-op time per step (%lld timed steps; step %.1f ms, ops sum %.1f ms)\n",
+               static_cast<long long>(steps), step_ms, total / steps);
+  if (c.gemm_tflops > 0)
+    std::fprintf(stderr, "ceilings measured now: fp32 GEMM %.1f TFLOP/s (cuBLASLt 8192^3), copy %.0f GB/s\n",
+                 c.gemm_tflops, c.copy_gbps);
+  std::fprintf(stderr, "%-34s %10s %7s %8s %10s\n", "op", "ms/step", "share", "calls", "TFLOP/s");
+  std::vector<OpProfiler::Row> rows = prof.rows();
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+  for (const auto& r : rows) {
+    double ms = r.ms / steps, tf = r.flops > 0 ? r.flops * r.calls / (r.ms / 1e3) / 1e12 : 0;
+    std::fprintf(stderr, "%-34s %10.2f %6.1f%% %8lld %10s\n", r.name.c_str(), ms, 100 * r.ms / total,
+                 static_cast<long long>(r.calls / steps), tf > 0 ? std::to_string(tf).substr(0, 6).c_str() : "-");
+  }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"time lmforge's CPU training step"};
@@ -29,6 +92,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup-steps", warmup);
   std::string device = "cpu";
   app.add_option("--device", device, "cpu or cuda");
+  bool profile = false;
+  app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
@@ -48,17 +113,25 @@ int main(int argc, char** argv) {
     tensor_from_host(ttgt, tgt.data());
     TrainOptions o;
     std::vector<double> ms;
+    OpProfiler prof(dev);
     for (int64_t s = 0; s < warmup + steps; ++s) {
+      if (profile && s >= warmup) model.set_profiler(&prof);
       auto t0 = std::chrono::steady_clock::now();
       model.zero_grad();
       model.forward_backward(ttok, ttgt);
-      optimizer_step(model, tnorm, o, 1e-4, s + 1);
+      {
+        ProfileScope scope(profile && s >= warmup ? &prof : nullptr, "grad norm + AdamW");
+        optimizer_step(model, tnorm, o, 1e-4, s + 1);
+      }
       device_synchronize();
+      if (profile && s >= warmup) prof.collect();
       double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (s >= warmup) ms.push_back(dt);
     }
-    std::sort(ms.begin(), ms.end());
-    double med = ms[ms.size() / 2];
+    std::vector<double> sorted = ms;
+    std::sort(sorted.begin(), sorted.end());
+    double med = sorted[sorted.size() / 2];
+    if (profile) print_profile(prof, steps, med, dev);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
     std::printf("{\"impl\": \"lmforge\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "

@@ -53,8 +53,8 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   B=${LMF_BENCH_B:-16}
   ./build-gpu/lmforge_bench --device cuda --preset gpt2-124m --batch-size "$B" --seq-len 1024 --steps 5 \
-    --warmup-steps 2 >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err"
-  cat "$OUT/bench_lmforge.err" | tail -3
+    --warmup-steps 2 --profile >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err"
+  cat "$OUT/bench_lmforge.err"
   for mode in eager-fp32 eager-bf16 compile-bf16; do
     python3 bench/torch_gpu_gpt2.py --mode $mode --batch-size "$B" --seq-len 1024 >"$OUT/bench_$mode.json" \
       2>"$OUT/bench_$mode.err" || tail -5 "$OUT/bench_$mode.err"

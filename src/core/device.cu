@@ -122,6 +122,10 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
 }
 
+void device_copy(void* dst, const void* src, size_t bytes) {
+  LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx().stream));
+}
+
 void device_synchronize() {
   if (g_ctx.device >= 0) LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
 }

@@ -24,7 +24,8 @@ void device_free(void* p);
 void device_memset0(void* p, size_t bytes);                  // async on the stream
 void copy_to_device(void* dst, const void* src, size_t bytes);    // synchronous
 void copy_to_host(void* dst, const void* src, size_t bytes);      // synchronous
-void device_synchronize();                                        // waits for the stream
+void device_synchronize();
+void device_copy(void* dst, const void* src, size_t bytes);       // device to device, async                                        // waits for the stream
 
 // Bytes of device memory in use on the current device (cudaMemGetInfo: all processes) and the
 // peak this process has allocated through device_alloc().

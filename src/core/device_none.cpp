@@ -21,6 +21,7 @@ void device_memset0(void*, size_t) { no_cuda("device_memset0"); }
 void copy_to_device(void*, const void*, size_t) { no_cuda("copy_to_device"); }
 void copy_to_host(void*, const void*, size_t) { no_cuda("copy_to_host"); }
 void device_synchronize() {}
+void device_copy(void*, const void*, size_t) { no_cuda("device_copy"); }
 uint64_t cuda_launch_count() { return 0; }
 size_t cuda_memory_used_bytes() { return 0; }
 size_t cuda_peak_allocated_bytes() { return 0; }

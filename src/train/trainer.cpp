@@ -76,6 +76,17 @@ void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, i
   }
 }
 
+double gpu_peak_tflops(const std::string& name) {
+  // Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets.
+  struct Entry { const char* match; double tflops; };
+  static const Entry table[] = {{"H200", 989.0}, {"H100 80GB HBM3", 989.0}, {"H100 SXM", 989.0},
+                                {"H100 NVL", 835.0}, {"H100 PCIe", 756.0}, {"H100", 756.0},
+                                {"A100", 312.0}, {"L40S", 362.0}, {"A10", 125.0}};
+  for (const Entry& e : table)
+    if (name.find(e.match) != std::string::npos) return e.tflops;
+  return 0;
+}
+
 double lr_at_step(const TrainOptions& o, int64_t s) {
   const double lr = o.lr, min_lr = o.min_lr < 0 ? o.lr * 0.1 : o.min_lr;
   if (s < o.warmup) return lr * static_cast<double>(s + 1) / static_cast<double>(o.warmup);
@@ -171,8 +182,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 
   const int64_t total = gpt_param_count(cfg_);
   log_ << "params total=" << human_count(total) << " (" << with_commas(static_cast<double>(total)) << ")\n";
-  if (device_ == Device::cuda)
-    log_ << "device model=" << cuda_limits().name << " precision=fp32\n";
+  if (device_ == Device::cuda) {
+    peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
+    log_ << "device model=" << cuda_limits().name << " precision=fp32 mfu_peak_tflops="
+         << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)")) << "\n";
+  }
   else
     log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
   log_ << "model layers=" << cfg_.n_layer << " d_model=" << cfg_.d_model << " heads=" << cfg_.n_head << "/"
@@ -250,10 +264,20 @@ void Trainer::log_step(double loss, double step_ms) {
   if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
   log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss) << " lr=" << fmt("%.2e", lr)
        << " toks/s=" << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
-       << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops) << "\n";
-  log_.flush();
+       << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops);
   json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},
             {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_}};
+  if (device_ == Device::cuda) {
+    const double peak_gb = cuda_peak_allocated_bytes() / 1e9;
+    if (peak_tflops_ > 0) {
+      log_ << " mfu=" << fmt("%.3f", tflops / peak_tflops_);
+      j["mfu"] = tflops / peak_tflops_;
+    }
+    log_ << " peak_vram_gb=" << fmt("%.2f", peak_gb);
+    j["peak_vram_gb"] = peak_gb;
+  }
+  log_ << "\n";
+  log_.flush();
   write_metric(j.dump());
 }
 

@@ -44,6 +44,7 @@ struct TrainOptions {
   bool save_final_checkpoint = true;
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
+  double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
 
   std::string to_json() const;
 };
@@ -52,6 +53,9 @@ struct TrainOptions {
 // only), as one optimizer step number `step` (1-based) at learning rate `lr`. `norm` is a (1) f32
 // buffer that receives the pre-clip gradient norm. Allocates nothing.
 void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step);
+
+// Dense bf16 peak TFLOP/s of a GPU by its name (0 when unknown).
+double gpu_peak_tflops(const std::string& device_name);
 
 // Learning rate at 0-based step s (docs/MODEL.md: linear warmup, then cosine to min_lr).
 double lr_at_step(const TrainOptions& o, int64_t s);
@@ -90,7 +94,7 @@ class Trainer {
   int64_t step_ = 0;
   std::vector<double> losses_;
   std::ofstream metrics_;
-  double tokens_per_step_ = 0, flops_per_token_ = 0;
+  double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
   bool progress_line_ = false;
 };
 
