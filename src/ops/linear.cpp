@@ -62,6 +62,28 @@ void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float*
 // Rows of a tensor whose last dimension is `cols` (leading dimensions flatten).
 int64_t flat_rows(const Tensor& t, int64_t cols) { return cols ? t.numel() / cols : 0; }
 
+// The shapes forward and backward share: weight (OC, IC), inp (.., IC) and y (.., OC) (out or
+// dout) with the same number of rows N; all f32. Returns {N, IC, OC}.
+struct LinearDims {
+  int64_t N, IC, OC;
+};
+LinearDims check_linear(const char* op, const Tensor& y, const Tensor& inp, const Tensor& weight) {
+  check_f32(y, op);
+  check_f32(inp, op);
+  check_f32(weight, op);
+  LMF_CHECK(weight.ndim == 2, op, ": weight '", weight.name, "' must be 2-D (OC, IC), got ", weight.shape_str());
+  const int64_t OC = weight.shape[0], IC = weight.shape[1];
+  LMF_CHECK(OC >= 1 && IC >= 1, op, ": weight '", weight.name, "' has shape ", weight.shape_str());
+  LMF_CHECK(inp.dim(-1) == IC, op, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
+            " of weight '", weight.name, "' ", weight.shape_str());
+  LMF_CHECK(y.dim(-1) == OC, op, ": '", y.name, "' ", y.shape_str(), " last dim must be OC=", OC, " of weight '",
+            weight.name, "' ", weight.shape_str());
+  const int64_t N = flat_rows(inp, IC);
+  LMF_CHECK(flat_rows(y, OC) == N, op, ": '", y.name, "' ", y.shape_str(), " has ", flat_rows(y, OC),
+            " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
+  return {N, IC, OC};
+}
+
 }  // namespace
 
 size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
@@ -70,21 +92,8 @@ size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
 }
 
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
-  check_f32(out, kOpForward);
-  check_f32(inp, kOpForward);
-  check_f32(weight, kOpForward);
   check_same_device(kOpForward, {&out, &inp, &weight, &bias});
-  LMF_CHECK(weight.ndim == 2, kOpForward, ": weight '", weight.name, "' must be 2-D (OC, IC), got ",
-            weight.shape_str());
-  const int64_t OC = weight.shape[0], IC = weight.shape[1];
-  LMF_CHECK(OC >= 1 && IC >= 1, kOpForward, ": weight '", weight.name, "' has shape ", weight.shape_str());
-  LMF_CHECK(inp.dim(-1) == IC, kOpForward, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
-            " of weight '", weight.name, "' ", weight.shape_str());
-  LMF_CHECK(out.dim(-1) == OC, kOpForward, ": out '", out.name, "' ", out.shape_str(), " last dim must be OC=", OC,
-            " of weight '", weight.name, "' ", weight.shape_str());
-  const int64_t N = flat_rows(inp, IC);
-  LMF_CHECK(flat_rows(out, OC) == N, kOpForward, ": out '", out.name, "' ", out.shape_str(), " has ",
-            flat_rows(out, OC), " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
+  const auto [N, IC, OC] = check_linear(kOpForward, out, inp, weight);
   if (bias.defined()) {
     check_f32(bias, kOpForward);
     check_shape(bias, {OC}, kOpForward);
@@ -98,21 +107,8 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
 }
 
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
-  check_f32(dout, kOpBackward);
-  check_f32(inp, kOpBackward);
-  check_f32(weight, kOpBackward);
   check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
-  LMF_CHECK(weight.ndim == 2, kOpBackward, ": weight '", weight.name, "' must be 2-D (OC, IC), got ",
-            weight.shape_str());
-  const int64_t OC = weight.shape[0], IC = weight.shape[1];
-  LMF_CHECK(OC >= 1 && IC >= 1, kOpBackward, ": weight '", weight.name, "' has shape ", weight.shape_str());
-  LMF_CHECK(inp.dim(-1) == IC, kOpBackward, ": inp '", inp.name, "' ", inp.shape_str(), " last dim must be IC=", IC,
-            " of weight '", weight.name, "' ", weight.shape_str());
-  LMF_CHECK(dout.dim(-1) == OC, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(), " last dim must be OC=", OC,
-            " of weight '", weight.name, "' ", weight.shape_str());
-  const int64_t N = flat_rows(inp, IC);
-  LMF_CHECK(flat_rows(dout, OC) == N, kOpBackward, ": dout '", dout.name, "' ", dout.shape_str(), " has ",
-            flat_rows(dout, OC), " rows but inp '", inp.name, "' ", inp.shape_str(), " has N=", N);
+  const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight);
   if (dinp.defined()) {
     check_f32(dinp, kOpBackward);
     LMF_CHECK(dinp.dim(-1) == IC && flat_rows(dinp, IC) == N, kOpBackward, ": dinp '", dinp.name, "' ",
