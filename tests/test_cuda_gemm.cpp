@@ -1,6 +1,7 @@
 // CUDA GEMM (cuBLASLt, ops/gemm_cuda.h) against blas_sgemm on the same inputs: every transpose pair
 // on awkward sizes, alpha/beta/bias variants, padded leading dimensions, 4-byte-aligned (not 16 or
-// 256) pointers, beta = 0 over a NaN-poisoned C, a long K; determinism, the plan cache, errors.
+// 256) pointers, beta = 0 over a NaN-poisoned C, a long K; the strided-batched form (odd and zero
+// strides, untouched gaps); determinism, the plan cache, errors.
 //
 // Tolerance: |gpu - cpu| <= 32 u * scale per element, scale = |alpha| |A| |B| + |beta| |C| + |bias|
 // (support/scaled_compare.h): both are fp32 FMA sums of the same terms in different orders.
@@ -27,10 +28,19 @@ void device_gemm(const char* op, bool ta, bool tb, int64_t M, int64_t N, int64_t
                  const float* bias = nullptr) {
   cuda::gemm(op, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
 }
+void device_gemm_batched(const char* op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                         const float* A, int64_t lda, int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta,
+                         float* C, int64_t ldc, int64_t sc, int64_t batch) {
+  cuda::gemm_strided_batched(op, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
 uint64_t plan_queries() { return cuda::gemm_plan_queries(); }
 #else
 void device_gemm(const char*, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
                  int64_t, float, float*, int64_t, const float* = nullptr) {
+  fail("built without the CUDA backend");
+}
+void device_gemm_batched(const char*, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t,
+                         const float*, int64_t, int64_t, float, float*, int64_t, int64_t, int64_t) {
   fail("built without the CUDA backend");
 }
 uint64_t plan_queries() { return 0; }
@@ -156,6 +166,95 @@ TEST(CudaGemm, DeterministicAndPlannedOnce) {
   // A new signature queries once.
   run_case({false, true, 518, 301, 1111, 1.0f, 1.0f, true, 0, 0}, seed);
   EXPECT_EQ(plan_queries(), queries + 1);
+}
+
+// Strided batch: `batch` problems at element offsets i * stride (odd strides: 4-byte-aligned
+// matrices; stride_a = 0: one A shared by all), each against blas_sgemm; the gap between the C_i is
+// never written; beta = 0 over poison; run twice bitwise equal.
+struct BatchedCase {
+  Case c;
+  int64_t batch, gap_a, gap_b, gap_c;  // stride = matrix extent + gap; gap_a < 0: stride_a = 0
+};
+
+void check_batched(const BatchedCase& bc, uint64_t seed) {
+  const Case& c = bc.c;
+  const int64_t a_rows = c.ta ? c.K : c.M, a_cols = c.ta ? c.M : c.K;
+  const int64_t b_rows = c.tb ? c.N : c.K, b_cols = c.tb ? c.K : c.N;
+  const int64_t lda = a_cols + c.pad, ldb = b_cols + c.pad, ldc = c.N + c.pad;
+  const int64_t sa = bc.gap_a < 0 ? 0 : a_rows * lda + bc.gap_a, sb = b_rows * ldb + bc.gap_b,
+                sc = c.M * ldc + bc.gap_c;
+  const int64_t na = sa * (bc.batch - 1) + a_rows * lda, nb = sb * (bc.batch - 1) + b_rows * ldb,
+                nc = sc * (bc.batch - 1) + c.M * ldc;
+  const std::vector<float> A = test::randn(na, seed), B = test::randn(nb, seed + 1), C0 = test::randn(nc, seed + 2);
+  OffsetBuffer dA(A, c.offset), dB(B, c.offset);
+  std::vector<float> first;
+  for (int run = 0; run < 2; ++run) {
+    OffsetBuffer C(C0, c.offset);
+    if (c.beta == 0.0f) C.poison();
+    device_gemm_batched("test_gemm_batched", c.ta, c.tb, c.M, c.N, c.K, c.alpha, dA.ptr(), lda, sa, dB.ptr(), ldb, sb,
+                        c.beta, C.ptr(), ldc, sc, bc.batch);
+    const std::vector<float> got = C.download();
+    const std::string what = c.str() + " batch=" + std::to_string(bc.batch) + " strides=(" + std::to_string(sa) +
+                             "," + std::to_string(sb) + "," + std::to_string(sc) + ")";
+    if (run == 1) {
+      EXPECT_TRUE(test::bitwise_equal(what + " run twice", first, got)) << "seed=" << seed;
+      break;
+    }
+    first = got;
+    for (int64_t i = 0; i < bc.batch; ++i) {
+      const std::vector<float> Ai(A.begin() + i * sa, A.begin() + i * sa + a_rows * lda),
+          Bi(B.begin() + i * sb, B.begin() + i * sb + b_rows * ldb),
+          Ci(C0.begin() + i * sc, C0.begin() + i * sc + c.M * ldc),
+          Gi(got.begin() + i * sc, got.begin() + i * sc + c.M * ldc);
+      std::vector<float> ref = Ci;
+      blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, Ai.data(), lda, Bi.data(), ldb, c.beta, ref.data(), ldc);
+      const auto scale = test::gemm_error_scale(c.ta, c.tb, c.M, c.N, c.K, c.alpha, Ai, lda, Bi, ldb, c.beta, Ci, ldc);
+      EXPECT_TRUE(test::within_scale(what + " matrix " + std::to_string(i), valid(Gi, c.M, c.N, ldc),
+                                     valid(ref, c.M, c.N, ldc), valid(scale, c.M, c.N, ldc), kGemmTol))
+          << "seed=" << seed;
+      // Padding columns and the gap after C_i: never written.
+      for (int64_t e = 0; e < (i + 1 < bc.batch ? sc : c.M * ldc); ++e) {
+        const bool inside = e < c.M * ldc && e % ldc < c.N;
+        if (inside) continue;
+        const float v = got[i * sc + e];
+        EXPECT_TRUE(c.beta == 0.0f ? test::is_poison(v) : v == C0[i * sc + e])
+            << what << ": C element " << i * sc + e << " outside matrix " << i << " was written";
+      }
+    }
+  }
+}
+
+TEST(CudaGemm, StridedBatchedMatchesCpu) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const BatchedCase cases[] = {
+      {{false, true, 19, 111, 7, 0.5f, 0.0f, false, 3, 1}, 3, 1, 5, 2},     // S = Q K^T like, odd everything
+      {{false, false, 111, 19, 111, 1.0f, 0.0f, false, 0, 0}, 4, 0, 0, 0},  // O = P V like, packed
+      {{true, false, 111, 7, 19, 1.0f, 1.0f, false, 1, 1}, 2, 3, 1, 7},     // dK += dS^T Q like, accumulate
+      {{false, false, 7, 19, 19, -0.5f, 1.0f, false, 0, 0}, 5, -1, 0, 1},   // shared A (stride 0)
+      {{false, true, 1, 1, 1, 1.0f, 0.0f, false, 0, 1}, 3, 0, 0, 0},        // 1x1x1
+      {{false, false, 64, 64, 256, 1.0f, 1.0f, false, 0, 0}, 1, 9, 9, 9},   // batch 1: plain gemm()
+  };
+  int idx = 0;
+  for (const BatchedCase& bc : cases) check_batched(bc, seed + 4 * idx++);
+}
+
+TEST(CudaGemm, StridedBatchedRejectsOverlappingOutputs) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  test::DeviceBuffer a(64 * 64 * 4), b(64 * 64 * 4), c(64 * 64 * 4);
+  auto* pa = static_cast<float*>(a.data());
+  auto* pb = static_cast<float*>(b.data());
+  auto* pc = static_cast<float*>(c.data());
+  try {  // C_i of 7 rows x ldc 19 overlap with stride_c = 100 < 6 * 19 + 19
+    device_gemm_batched("my_op", false, false, 7, 19, 11, 1.0f, pa, 11, 77, pb, 19, 209, 0.0f, pc, 19, 100, 2);
+    ADD_FAILURE() << "no exception for overlapping C";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const char* needle : {"my_op", "M=7", "batch=2", "stride_c"})
+      EXPECT_NE(msg.find(needle), std::string::npos) << "message lacks '" << needle << "': " << msg;
+  }
 }
 
 TEST(CudaGemm, InvalidArgumentsNameTheShapes) {

@@ -119,7 +119,8 @@ TEST(Determinism, ResumeFromStep5MatchesUninterruptedRun) {
   EXPECT_EQ(resumed.step_count(), 5);
   resumed.run();
   ASSERT_EQ(resumed.losses().size(), 5u);
-  std::vector<double> tail(full.losses().begin() + 5, full.losses().end());
+  const std::vector<double> full_losses = full.losses();
+  std::vector<double> tail(full_losses.begin() + 5, full_losses.end());
   EXPECT_TRUE(bitwise_equal(tail, resumed.losses())) << "steps 6-10 differ after resume";
   std::vector<float> pa = params_copy(full.model()), pb = params_copy(resumed.model());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), pa.size() * 4)) << "final weights differ after resume";

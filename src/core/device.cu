@@ -140,6 +140,41 @@ size_t cuda_memory_used_bytes() {
 
 size_t cuda_peak_allocated_bytes() { return g_peak.load(); }
 
+void* host_alloc_pinned(size_t bytes, const std::string& what) {
+  ctx();
+  void* p = nullptr;
+  cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 4);
+  if (e != cudaSuccess) fail(what, ": cannot allocate ", bytes, " bytes of pinned host memory: ", cudaGetErrorString(e));
+  return p;
+}
+
+void host_free_pinned(void* p) {
+  if (p) cudaFreeHost(p);
+}
+
+void copy_to_device_async(void* dst, const void* src, size_t bytes) {
+  LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx().stream));
+}
+
+void cuda_event_wait(void* e) { LMF_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(e))); }
+
+void cuda_capture_begin() { LMF_CUDA_CHECK(cudaStreamBeginCapture(ctx().stream, cudaStreamCaptureModeGlobal)); }
+
+void* cuda_capture_end() {
+  cudaGraph_t g = nullptr;
+  LMF_CUDA_CHECK(cudaStreamEndCapture(ctx().stream, &g));
+  cudaGraphExec_t exec = nullptr;
+  LMF_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  LMF_CUDA_CHECK(cudaGraphDestroy(g));
+  return exec;
+}
+
+void cuda_graph_replay(void* exec) { LMF_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), ctx().stream)); }
+
+void cuda_graph_destroy(void* exec) {
+  if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
+}
+
 std::vector<void*> cuda_event_pool_create(size_t n) {
   ctx();
   std::vector<void*> ev(n);

@@ -35,6 +35,19 @@ size_t cuda_peak_allocated_bytes();
 // Launches made through lmf::cuda::launch() so far (for kernel-launches-per-step telemetry).
 uint64_t cuda_launch_count();
 
+// Page-locked host memory (for asynchronous uploads) and stream-ordered copies.
+void* host_alloc_pinned(size_t bytes, const std::string& what);
+void host_free_pinned(void* p);
+void copy_to_device_async(void* dst, const void* src, size_t bytes);  // src must stay valid until done
+void cuda_event_wait(void* event);  // host waits for a recorded event (staging-buffer reuse only)
+
+// Whole-stream capture into a CUDA graph in cudaStreamCaptureModeGlobal: any allocation or host
+// synchronisation during the capture makes it fail. end returns an instantiated graph.
+void cuda_capture_begin();
+void* cuda_capture_end();
+void cuda_graph_replay(void* graph);
+void cuda_graph_destroy(void* graph);
+
 // CUDA events for the profiler (opaque pointers, created once).
 std::vector<void*> cuda_event_pool_create(size_t n);
 void cuda_event_pool_destroy(std::vector<void*>& events);

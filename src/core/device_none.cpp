@@ -25,6 +25,14 @@ void device_copy(void*, const void*, size_t) { no_cuda("device_copy"); }
 uint64_t cuda_launch_count() { return 0; }
 size_t cuda_memory_used_bytes() { return 0; }
 size_t cuda_peak_allocated_bytes() { return 0; }
+void* host_alloc_pinned(size_t, const std::string& what) { no_cuda(what.c_str()); }
+void host_free_pinned(void*) {}
+void copy_to_device_async(void*, const void*, size_t) { no_cuda("copy_to_device_async"); }
+void cuda_event_wait(void*) { no_cuda("cuda_event_wait"); }
+void cuda_capture_begin() { no_cuda("cuda_capture_begin"); }
+void* cuda_capture_end() { no_cuda("cuda_capture_end"); }
+void cuda_graph_replay(void*) { no_cuda("cuda_graph_replay"); }
+void cuda_graph_destroy(void*) {}
 std::vector<void*> cuda_event_pool_create(size_t) { no_cuda("cuda_event_pool_create"); }
 void cuda_event_pool_destroy(std::vector<void*>&) {}
 void cuda_event_record(void*) { no_cuda("cuda_event_record"); }

@@ -332,12 +332,16 @@ double mean_of(const Tensor& losses, std::vector<float>& host) {
 }  // namespace
 
 double Gpt::forward_loss(Tensor tokens, Tensor targets) {
+  forward_loss_device(tokens, targets);
+  return mean_of(losses_, losses_host_);
+}
+
+void Gpt::forward_loss_device(Tensor tokens, Tensor targets) {
   const int64_t N = plan_.B * plan_.T;
   check_shape(targets, {plan_.B, plan_.T}, "gpt forward (targets)");
   forward_body(tokens);
   lm_head_cross_entropy(losses_, Tensor(), Tensor(), lnf_.view({N, cfg_.d_model}), p_.lm_head,
                         targets.view({N}), logits_scratch_, cfg_.vocab_size, 0.0f);
-  return mean_of(losses_, losses_host_);
 }
 
 void Gpt::forward_logits(Tensor logits, Tensor tokens) {
@@ -349,6 +353,11 @@ void Gpt::forward_logits(Tensor logits, Tensor tokens) {
 }
 
 double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
+  forward_backward_device(tokens, targets, loss_scale);
+  return mean_of(losses_, losses_host_);
+}
+
+void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scale) {
   LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
   const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
   const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
@@ -402,7 +411,6 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
-  return mean_of(losses_, losses_host_);
 }
 
 const float* Gpt::decode_step(int32_t token, int64_t pos) {

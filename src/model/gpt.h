@@ -56,6 +56,11 @@ class Gpt {
   double forward_loss(Tensor tokens, Tensor targets);
   // Forward + backward; gradients accumulate (+=) scaled so that they are d(mean loss)/dparam * loss_scale.
   double forward_backward(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
+  // The same without reading anything back: per-row losses stay in row_losses() on the device. No
+  // host synchronisation and no allocation: this is what a training step (and a CUDA graph) runs.
+  void forward_backward_device(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
+  void forward_loss_device(Tensor tokens, Tensor targets);
+  Tensor row_losses() const { return losses_; }  // (B*T) f32 on the model's device
   // Logits (B, T, V) of the real vocabulary (for tests and tools; not on the training path).
   void forward_logits(Tensor logits, Tensor tokens);
   void zero_grad() { grads_.zero(); }

@@ -1,7 +1,7 @@
 // attention.h: causal multi-head attention with grouped-query attention (NKV divides NH;
 // q head h reads kv head h / (NH/NKV)). Scale 1/sqrt(HS). Both backends keep the softmax
-// probabilities (B, NH, T, T) for backward (the CUDA kernels in attention.cu are the straightforward
-// row/column design; a flash kernel that does not keep them may replace them).
+// probabilities (B, NH, T, T) for backward (both backends compute them with GEMMs per head and
+// row kernels; a flash kernel that does not keep them may replace them).
 #pragma once
 #include "core/tensor.h"
 

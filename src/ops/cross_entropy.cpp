@@ -120,4 +120,25 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
   }
 }
 
+void loss_mean(Tensor dst, Tensor losses, float scale, bool accumulate) {
+  const char* op = "loss_mean";
+  check_f32(dst, op);
+  check_f32(losses, op);
+  check_shape(dst, {1}, op);
+  LMF_CHECK(losses.ndim == 1 && losses.numel() >= 1, op, ": losses '", losses.name, "' must be 1-D and non-empty, got ",
+            losses.shape_str());
+  check_same_device(op, {&dst, &losses});
+  const int64_t n = losses.numel();
+  if (dst.device == Device::cpu) {
+    const float* l = losses.f32();
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += l[i];
+    float* d = dst.f32();
+    d[0] = static_cast<float>((accumulate ? static_cast<double>(d[0]) : 0.0) +
+                              static_cast<double>(scale) * (s / static_cast<double>(n)));
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::loss_mean(dst.f32(), losses.f32(), n, scale, accumulate));
+  }
+}
+
 }  // namespace lmf

@@ -12,6 +12,7 @@
 
 #include "core/cuda_launch.cuh"
 #include "ops/cross_entropy.h"
+#include "ops/block_reduce.cuh"
 #include "ops/gemm_cuda.h"
 
 namespace lmf {
@@ -70,9 +71,26 @@ std::string dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
          " Vp=" + std::to_string(Vp) + " R=" + std::to_string(R);
 }
 
+// One block: each thread sums its strided elements in double in index order, then the block sum
+// (fixed order, block_reduce.cuh). dst[0] = (accumulate ? dst[0] : 0) + scale * mean.
+__global__ void loss_mean_kernel(float* dst, const float* losses, int64_t n, float scale, bool accumulate) {
+  __shared__ double scratch[32];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += losses[i];
+  s = cuda::block_sum(s, scratch);
+  if (threadIdx.x == 0)
+    dst[0] = static_cast<float>((accumulate ? static_cast<double>(dst[0]) : 0.0) +
+                                static_cast<double>(scale) * (s / static_cast<double>(n)));
+}
+
 }  // namespace
 
 namespace cuda {
+
+void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool accumulate) {
+  launch({"loss_mean", "n=" + std::to_string(n), {1, 1, 1}, {1024, 1, 1}, 0}, loss_mean_kernel, dst, losses, n, scale,
+         accumulate);
+}
 
 void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
                            const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,

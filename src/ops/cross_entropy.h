@@ -21,7 +21,13 @@ namespace lmf {
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale);
 
+// dst: (1) f32 = (accumulate ? dst : 0) + scale * mean(losses), the mean summed in double in a fixed
+// order on the device that holds the tensors (no host read: the training step keeps its loss on
+// the GPU until a log interval). losses: (N) f32.
+void loss_mean(Tensor dst, Tensor losses, float scale, bool accumulate);
+
 namespace cuda {  // launchers (cross_entropy.cu); called by the op entry after validation
+void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool accumulate);
 // losses: (N); dx: (N, C) and dw: (Vp, C), both or neither (nullptr); x: (N, C); w: (Vp, C);
 // targets: (N) in [0, V); logits: (R, Vp) scratch, R <= N rows per chunk.
 void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,

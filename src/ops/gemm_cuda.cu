@@ -10,6 +10,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "core/cuda_check.h"
 #include "core/cuda_launch.cuh"
@@ -50,6 +51,7 @@ struct GemmKey {
   GemmPrecision prec = GemmPrecision::f32;
   bool trans_a = false, trans_b = false, bias = false;
   int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0;
+  int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;  // strides 0 when batch == 1
   uint32_t align_a = 0, align_b = 0, align_c = 0, align_bias = 0;  // bytes, powers of two <= 256
   bool operator==(const GemmKey&) const = default;
 };
@@ -94,13 +96,20 @@ std::string describe(const GemmKey& k, float alpha, float beta) {
   os << "C(" << k.M << "x" << k.N << ") = " << alpha << " * " << (k.trans_a ? "A^T" : "A") << " "
      << (k.trans_b ? "B^T" : "B") << " + " << beta << " * C" << (k.bias ? " + bias" : "") << " with M=" << k.M
      << " N=" << k.N << " K=" << k.K << " lda=" << k.lda << " ldb=" << k.ldb << " ldc=" << k.ldc
-     << " align(A,B,C,bias)=(" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_bias << ") fp32";
+     << " align(A,B,C,bias)=(" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_bias << ")";
+  if (k.batch != 1)
+    os << " batch=" << k.batch << " strides(A,B,C)=(" << k.stride_a << "," << k.stride_b << "," << k.stride_c << ")";
+  os << " fp32";
   return os.str();
 }
 
 template <class T>
 void set_desc(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const T& v) {
   LMF_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d, attr, &v, sizeof(v)));
+}
+template <class T>
+void set_layout(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr, const T& v) {
+  LMF_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, attr, &v, sizeof(v)));
 }
 template <class T>
 void set_pref(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr, const T& v) {
@@ -128,6 +137,15 @@ void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
   LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_a, t.b, u(k.trans_b ? k.K : k.N), u(k.trans_b ? k.N : k.K), k.ldb));
   LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_b, t.a, u(k.trans_a ? k.M : k.K), u(k.trans_a ? k.K : k.M), k.lda));
   LMF_CUBLAS_CHECK(cublasLtMatrixLayoutInit(&p.lt_c, t.c, u(k.N), u(k.M), k.ldc));
+  if (k.batch != 1) {  // strided batch: the same count on every operand, each with its own offset
+    const auto batch = static_cast<int32_t>(k.batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
+        {&p.lt_a, k.stride_b}, {&p.lt_b, k.stride_a}, {&p.lt_c, k.stride_c}};
+    for (const auto& [layout, stride] : layouts) {
+      set_layout(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, batch);
+      set_layout(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride);
+    }
+  }
 
   cublasLtMatmulPreferenceOpaque_t pref_storage;
   cublasLtMatmulPreference_t pref = &pref_storage;
@@ -199,10 +217,9 @@ void gemm_run(const char* op, const GemmKey& k, float alpha, const float* A, con
   count_launch();
 }
 
-}  // namespace
-
-void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
+void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+               int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b, float beta, float* C,
+               int64_t ldc, int64_t stride_c, int64_t batch, const float* bias) {
   if (M == 0 || N == 0) return;
   GemmKey k;
   k.device = cuda_limits().device;
@@ -211,10 +228,17 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
   k.trans_b = trans_b;
   k.bias = bias != nullptr;
   k.M = M, k.N = N, k.K = K, k.lda = lda, k.ldb = ldb, k.ldc = ldc;
-  // Alignment of every row start: the pointer's and the leading dimension's (in bytes).
-  k.align_a = std::min(alignment_of(A), alignment_of_bytes(lda));
-  k.align_b = std::min(alignment_of(B), alignment_of_bytes(ldb));
-  k.align_c = std::min(alignment_of(C), alignment_of_bytes(ldc));
+  // A single matrix has one plan whatever strides the caller passed.
+  const bool batched = batch != 1;
+  k.batch = batch;
+  k.stride_a = batched ? stride_a : 0;
+  k.stride_b = batched ? stride_b : 0;
+  k.stride_c = batched ? stride_c : 0;
+  // Alignment of every row start: the pointer's, the leading dimension's and, batched, the stride's
+  // (in bytes; a stride of 0 constrains nothing).
+  k.align_a = std::min({alignment_of(A), alignment_of_bytes(lda), alignment_of_bytes(k.stride_a)});
+  k.align_b = std::min({alignment_of(B), alignment_of_bytes(ldb), alignment_of_bytes(k.stride_b)});
+  k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc), alignment_of_bytes(k.stride_c)});
   k.align_bias = bias ? alignment_of(bias) : 0;
   // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
@@ -224,11 +248,32 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
   if (!ok)
     fail(op, ": invalid GEMM ", describe(k, alpha, beta), " (need 1 <= M, N, K <= INT32_MAX, lda >= ", a_cols,
          ", ldb >= ", b_cols, ", ldc >= N, non-null 4-byte-aligned pointers)");
+  // Batched: the C_i must not overlap (each is written by its own tiles); A_i, B_i may be shared.
+  const bool batch_ok = !batched || (batch >= 1 && batch <= INT32_MAX && stride_a >= 0 && stride_b >= 0 &&
+                                     stride_c >= (M - 1) * ldc + N);
+  if (!batch_ok)
+    fail(op, ": invalid batched GEMM ", describe(k, alpha, beta),
+         " (need 1 <= batch <= INT32_MAX, strides >= 0, stride_c >= (M - 1) ldc + N = ", (M - 1) * ldc + N, ")");
   try {
     gemm_run(op, k, alpha, A, B, beta, C, bias);
   } catch (const Error& e) {
     fail(op, ": cuBLASLt GEMM ", describe(k, alpha, beta), " failed: ", e.what());
   }
+}
+
+}  // namespace
+
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
+  gemm_impl(op, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bias);
+}
+
+void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
+                          float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch) {
+  if (batch == 0) return;
+  gemm_impl(op, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch,
+            nullptr);
 }
 
 uint64_t gemm_plan_queries() {

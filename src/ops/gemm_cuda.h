@@ -15,13 +15,13 @@
 //   NOT batch-invariant: the heuristic may pick a different tile for a different M.
 //
 // Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
-// alignment of every operand's rows, bias or not) is chosen by cublasLtMatmulAlgoGetHeuristic on its
-// first call and cached, with its descriptors, in a fixed table of kGemmPlanCapacity entries. Only
-// that first call queries (host-side work inside cuBLASLt; lmforge allocates nothing for it). The
-// model's shapes are fixed at set-up, so after the first step (or a warm-up at set-up) every step
-// reuses cached plans: no query inside a captured or timed step. When the table is full the oldest
-// plan is replaced; the heuristic is a pure function of the signature, so a re-query picks the same
-// algorithm again.
+// alignment of every operand's rows, bias or not, batch count and strides) is chosen by
+// cublasLtMatmulAlgoGetHeuristic on its first call and cached, with its descriptors, in a fixed
+// table of kGemmPlanCapacity entries. Only that first call queries (host-side work inside cuBLASLt;
+// lmforge allocates nothing for it). The model's shapes are fixed at set-up, so after the first step
+// (or a warm-up at set-up) every step reuses cached plans: no query inside a captured or timed step.
+// When the table is full the oldest plan is replaced; the heuristic is a pure function of the
+// signature, so a re-query picks the same algorithm again.
 //
 // Workspace: every GEMM takes kGemmWorkspaceBytes of lmf::cuda_workspace() (reserve it at set-up with
 // cuda_reserve_workspace; a smaller reservation fails on the first GEMM, naming the op). The workspace
@@ -46,6 +46,16 @@ namespace cuda {  // launchers (gemm_cuda.cu); A, B, C, bias are device pointers
 // M or N == 0 is a no-op; K >= 1.
 void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);
+
+// Strided-batched form: for i in [0, batch), C_i = alpha op(A_i) op(B_i) + beta C_i with
+// X_i = X + i * stride_x (elements). One cuBLASLt call (CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT /
+// STRIDED_BATCH_OFFSET); same numerics, determinism and plan cache as gemm() (the batch count and
+// strides are part of the plan's signature, and the strides' alignment joins each operand's). A and B
+// strides may be 0 (a shared operand); the C_i must not overlap: stride_c >= (M - 1) ldc + N when
+// batch > 1. batch == 1 is exactly gemm() (strides ignored); batch == 0 is a no-op.
+void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
+                          float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch);
 
 // Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
 uint64_t gemm_plan_queries();

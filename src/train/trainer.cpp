@@ -13,6 +13,7 @@
 #include "core/device.h"
 #include "data/corpus.h"
 #include "data/tokenizer.h"
+#include "ops/cross_entropy.h"
 #include "ops/optim.h"
 #include "train/checkpoint.h"
 
@@ -143,6 +144,14 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
                            {"grad_norm", {1}, DType::f32}}, device_);
   tokens_host_ = batch_host_.get("tokens");
   targets_host_ = batch_host_.get("targets");
+  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
+  step_losses_ = stats_.get("step_losses");
+  eval_loss_ = stats_.get("eval_loss");
+  if (device_ == Device::cuda) {
+    const size_t bytes = 2 * tokens_host_.nbytes();
+    for (void*& p : staging_) p = host_alloc_pinned(bytes, "batch staging");
+    staging_events_ = cuda_event_pool_create(2);
+  }
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
@@ -163,7 +172,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   // --- weights: checkpoint or fresh --------------------------------------------------------------
   if (!resume_dir.empty()) {
     TrainState st = load_checkpoint(resume_dir, *model_);
-    step_ = st.step;
+    step_ = first_step_ = st.step;
     train_->set_position(st.data_position);
     if (st.seed != o_.seed) fail("--seed=", o_.seed, " differs from the checkpoint's seed ", st.seed, " (", resume_dir, ")");
     if (step_ >= o_.steps) fail("--steps=", o_.steps, " but checkpoint ", resume_dir, " is already at step ", step_);
@@ -203,7 +212,13 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   log_.flush();
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (device_ == Device::cuda) {
+    device_synchronize();
+    for (void* p : staging_) host_free_pinned(p);
+    cuda_event_pool_destroy(staging_events_);
+  }
+}
 
 double Trainer::last_grad_norm() const {
   float n = 0;
@@ -211,40 +226,73 @@ double Trainer::last_grad_norm() const {
   return n;
 }
 
-double Trainer::step() {
-  const double lr = lr_at_step(o_, step_);
-  model_->zero_grad();
-  double loss = 0;
-  const float scale = 1.0f / static_cast<float>(o_.grad_accum);
-  for (int64_t micro = 0; micro < o_.grad_accum; ++micro) {
-    train_->next(tokens_host_.i32(), targets_host_.i32());
-    if (device_ != Device::cpu) {
-      tensor_from_host(tokens_, tokens_host_.data);
-      tensor_from_host(targets_, targets_host_.data);
-    }
-    Tensor in = device_ == Device::cpu ? tokens_host_ : tokens_, tg = device_ == Device::cpu ? targets_host_ : targets_;
-    loss += model_->forward_backward(in, tg, scale);
+void Trainer::stage_from(DataLoader& loader) {
+  if (device_ == Device::cpu) {
+    loader.next(tokens_host_.i32(), targets_host_.i32());
+    return;
   }
-  loss /= static_cast<double>(o_.grad_accum);
-  optimizer_step(*model_, norm_, o_, lr, step_ + 1);
+  const int j = staging_turn_;
+  staging_turn_ ^= 1;
+  if (staging_used_[j]) cuda_event_wait(staging_events_[j]);  // its last upload is long done
+  int32_t* buf = static_cast<int32_t*>(staging_[j]);
+  const int64_t n = tokens_host_.numel();
+  loader.next(buf, buf + n);
+  copy_to_device_async(tokens_.data, buf, tokens_.nbytes());
+  copy_to_device_async(targets_.data, buf + n, targets_.nbytes());
+  cuda_event_record(staging_events_[j]);
+  staging_used_[j] = true;
+}
+
+void Trainer::stage_batch() { stage_from(*train_); }
+
+void Trainer::compute_micro(int64_t micro) {
+  LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
+  if (micro == 0) model_->zero_grad();
+  const float scale = 1.0f / static_cast<float>(o_.grad_accum);
+  const bool cpu = device_ == Device::cpu;
+  model_->forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
+  loss_mean(step_losses_.rows(step_, step_ + 1), model_->row_losses(), scale, micro > 0);
+}
+
+void Trainer::finish_step() {
+  optimizer_step(*model_, norm_, o_, lr_at_step(o_, step_), step_ + 1);
   step_++;
-  return loss;
+}
+
+void Trainer::step() {
+  for (int64_t micro = 0; micro < o_.grad_accum; ++micro) {
+    stage_batch();
+    compute_micro(micro);
+  }
+  finish_step();
+}
+
+double Trainer::step_loss(int64_t s) const {
+  LMF_CHECK(s >= first_step_ && s < step_, "step ", s, " has not run in this trainer (ran ", first_step_, "..",
+            step_, ")");
+  float v = 0;
+  tensor_to_host(&v, step_losses_.rows(s, s + 1));
+  return v;
+}
+
+std::vector<double> Trainer::losses() const {
+  std::vector<float> v(static_cast<size_t>(step_ - first_step_));
+  if (!v.empty()) tensor_to_host(v.data(), step_losses_.rows(first_step_, step_));
+  return {v.begin(), v.end()};
 }
 
 double Trainer::evaluate() {
   if (!val_) return std::nan("");
   val_->set_position(0);  // the same fixed batches every evaluation
-  double sum = 0;
+  const bool cpu = device_ == Device::cpu;
   for (int64_t i = 0; i < o_.eval_batches; ++i) {
-    val_->next(tokens_host_.i32(), targets_host_.i32());
-    if (device_ != Device::cpu) {
-      tensor_from_host(tokens_, tokens_host_.data);
-      tensor_from_host(targets_, targets_host_.data);
-    }
-    Tensor in = device_ == Device::cpu ? tokens_host_ : tokens_, tg = device_ == Device::cpu ? targets_host_ : targets_;
-    sum += model_->forward_loss(in, tg);
+    stage_from(*val_);
+    model_->forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
+    loss_mean(eval_loss_, model_->row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
   }
-  return sum / static_cast<double>(o_.eval_batches);
+  float v = 0;
+  tensor_to_host(&v, eval_loss_);
+  return v;
 }
 
 std::string Trainer::save() {
@@ -293,25 +341,42 @@ void Trainer::run() {
     write_metric(json({{"step", step_}, {"val_loss", vl}}).dump());
   };
   if (step_ == 0) do_eval();  // the starting point of the validation curve
+  // Step time is measured over each log interval: reading the loss at the interval's end waits
+  // for the device, so the interval's wall time is the device time of its steps.
+  auto t_interval = clock::now();
+  int64_t steps_in_interval = 0;
   while (step_ < o_.steps) {
-    auto t0 = clock::now();
-    double loss = step();
-    double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
-    losses_.push_back(loss);
-    if (!std::isfinite(loss)) fail("step ", step_, ": loss is ", loss, " (diverged); try a lower --lr");
-    if (step_ % o_.log_every == 0 || step_ == o_.steps || step_ == 1) log_step(loss, ms);
-    else if (tty) {
-      std::fprintf(stderr, "\r  step %lld/%lld loss %.4f", static_cast<long long>(step_),
-                   static_cast<long long>(o_.steps), loss);
+    step();
+    steps_in_interval++;
+    if (step_ % o_.log_every == 0 || step_ == o_.steps || step_ == 1) {
+      const double loss = step_loss(step_ - 1);
+      const double ms =
+          std::chrono::duration<double, std::milli>(clock::now() - t_interval).count() / steps_in_interval;
+      if (!std::isfinite(loss)) fail("step ", step_, ": loss is ", loss, " (diverged); try a lower --lr");
+      log_step(loss, ms);
+      t_interval = clock::now();
+      steps_in_interval = 0;
+    } else if (tty) {
+      std::fprintf(stderr, "\r  step %lld/%lld", static_cast<long long>(step_), static_cast<long long>(o_.steps));
       std::fflush(stderr);
       progress_line_ = true;
     }
-    if ((o_.eval_every > 0 && step_ % o_.eval_every == 0) || step_ == o_.steps) do_eval();
+    bool paused = false;
+    if ((o_.eval_every > 0 && step_ % o_.eval_every == 0) || step_ == o_.steps) {
+      do_eval();
+      paused = true;
+    }
     if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) ||
         (step_ == o_.steps && o_.save_final_checkpoint)) {
       std::string dir = save();
       log_ << "checkpoint " << dir << "\n";
       log_.flush();
+      paused = true;
+    }
+    if (paused) {  // evaluation and checkpoints are not step time
+      device_synchronize();
+      t_interval = clock::now();
+      steps_in_interval = 0;
     }
   }
   if (progress_line_) std::fprintf(stderr, "\r\033[K");

@@ -65,8 +65,20 @@ class Trainer {
   Trainer(const TrainOptions& opts, std::ostream& log);
   ~Trainer();
 
-  // One optimizer step. Returns the mean training loss of its micro-batches.
-  double step();
+  // One optimizer step: per micro-batch stage_batch() then compute_micro(), then finish_step().
+  // On a GPU nothing in it waits for the device: the step's mean loss stays in a device buffer
+  // until someone reads it (step_loss(), at log intervals).
+  void step();
+  // Next training batch: loader -> pinned staging buffer -> device, asynchronously (a staging
+  // buffer is reused only after its previous upload has completed).
+  void stage_batch();
+  // Forward + backward of the staged batch, its mean loss into this step's slot. With
+  // finish_step() this is the device work of a step: no allocation, no host synchronisation.
+  void compute_micro(int64_t micro);
+  // Global-norm clipping + AdamW; advances the step counter.
+  void finish_step();
+  // Mean training loss of finished step `s` (0-based); reads from the device.
+  double step_loss(int64_t s) const;
   // Mean validation loss over eval_batches fixed batches (NaN without validation data).
   double evaluate();
   // Steps until opts.steps with logging, evaluation and checkpoints.
@@ -74,13 +86,15 @@ class Trainer {
 
   int64_t step_count() const { return step_; }
   Gpt& model() { return *model_; }
-  const std::vector<double>& losses() const { return losses_; }
+  // Losses of the steps this Trainer ran (read from the device).
+  std::vector<double> losses() const;
   double last_grad_norm() const;
   std::string save();
 
  private:
   void log_step(double loss, double step_ms);
   void write_metric(const std::string& json_line);
+  void stage_from(DataLoader& loader);
 
   TrainOptions o_;
   std::ostream& log_;
@@ -91,8 +105,13 @@ class Trainer {
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
   Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
   Tensor tokens_host_, targets_host_, tokens_, targets_, norm_;
-  int64_t step_ = 0;
-  std::vector<double> losses_;
+  Arena stats_;  // on the model's device: step_losses (steps), eval_loss (1)
+  Tensor step_losses_, eval_loss_;
+  void* staging_[2] = {nullptr, nullptr};  // pinned (GPU runs): tokens then targets, (2, B, T) i32
+  std::vector<void*> staging_events_;
+  bool staging_used_[2] = {false, false};
+  int staging_turn_ = 0;
+  int64_t step_ = 0, first_step_ = 0;
   std::ofstream metrics_;
   double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
   bool progress_line_ = false;
