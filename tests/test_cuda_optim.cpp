@@ -7,13 +7,21 @@
 // float formula on both sides, but the compilers contract different multiply-adds into FMAs: a few
 // roundings per element: m and v within 8 u of the magnitude of their two terms (m's may cancel),
 // param within 1e-6 + 4e-6 |param| (the update is lr ~ 1e-3 times an O(1) ratio).
+//
+// adamw_update_flat on the GPU: bitwise equal to adamw_update per tensor on the GPU (both kernels
+// run the same inlined per-element code, adamw_element in optim.cu, with the same clip and bias
+// corrections), and against the CPU flat update within the tolerances above (not bitwise: gcc and
+// nvcc contract different multiply-adds into FMAs). Padding between arena tensors stays exactly +0.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "core/arena.h"
 #include "ops/optim.h"
 #include "support/gpu_util.h"
 #include "support/scaled_compare.h"
@@ -138,6 +146,186 @@ TEST(CudaOptim, NormThenAdamWOnDeviceIsDeterministic) {
   adamw_update(tensor_of(p, {n}, "p"), tensor_of(m, {n}, "m"), tensor_of(v, {n}, "v"), tensor_of(gc, {n}, "g"),
                tensor_of(norm, {1}, "norm"), 1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
   EXPECT_TRUE(test::all_close("param vs cpu, seed=" + std::to_string(seed), out[0], test::to_double(p), 1e-6, 4e-6));
+}
+
+
+// --- adamw_update_flat ----------------------------------------------------------------------------
+
+// A GPT-like spec list (as in test_ops_optim.cpp): 2-D weights with 1-D gains/biases between them,
+// adjacent 2-D weights (merged ranges), a 3-D tensor, empty tensors; C odd leaves padding.
+std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
+  std::vector<TensorSpec> s{{"wte", {37, C}}, {"wpe", {11, C}}, {"empty2d", {0, C}}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string h = "h" + std::to_string(l) + ".";
+    s.push_back({h + "ln1.w", {C}});
+    s.push_back({h + "ln1.b", {C}});
+    s.push_back({h + "attn.w", {C, 3 * C}});
+    s.push_back({h + "attn.b", {3 * C}});
+    s.push_back({h + "proj.w", {C, C}});
+    s.push_back({h + "fc.w", {C, 4 * C}});
+    s.push_back({h + "empty1d", {0}});
+    s.push_back({h + "fc.b", {4 * C}});
+    s.push_back({h + "fc2.w", {4 * C, C}});
+  }
+  s.push_back({"cube", {2, 3, C}});
+  s.push_back({"lnf.w", {C}});
+  s.push_back({"scale", {1}});
+  s.push_back({"head.w", {C, 29}});
+  return s;
+}
+
+void fill_arena(const Arena& a, uint64_t seed, float scale) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    const Tensor t = a[i];
+    const std::vector<float> r = test::randn(static_cast<size_t>(t.numel()), seed + 1000003 * i, scale);
+    if (!r.empty()) std::memcpy(t.data, r.data(), r.size() * sizeof(float));
+  }
+}
+
+std::vector<float> values(const Arena& a) {  // the whole block, padding included, from either device
+  std::vector<float> h(a.bytes() / sizeof(float));
+  tensor_to_host(h.data(), a.flat_f32());
+  return h;
+}
+
+void upload(const Arena& dst, const Arena& host) { tensor_from_host(dst.flat_f32(), host.base()); }
+
+std::vector<bool> padding_mask(const Arena& a) {
+  std::vector<bool> pad(a.bytes() / sizeof(float), true);
+  for (size_t i = 0; i < a.size(); ++i)
+    for (int64_t k = 0; k < a.spec(i).numel(); ++k) pad[a.offset_elems(i) + static_cast<size_t>(k)] = false;
+  return pad;
+}
+
+::testing::AssertionResult padding_is_zero(const std::string& what, const std::vector<float>& a,
+                                           const std::vector<bool>& pad) {
+  const float zero = 0.0f;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (pad[i] && std::memcmp(&a[i], &zero, sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << what << ": padding element " << i << " is " << a[i] << ", not +0";
+  return ::testing::AssertionSuccess();
+}
+
+Tensor ranges_tensor(std::vector<int32_t>& r) {
+  return Tensor(r.data(), DType::i32, {static_cast<int64_t>(r.size() / 2), 2}, "decay_ranges");
+}
+
+// Arenas of several shapes: a few ranges, > 32 and > 256 ranges (each capacity of the kernel's
+// launch-argument table), and > 2 grid strides of elements (a thread crosses ranges between its
+// elements). Three steps each with clipping active / inactive / off.
+TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
+  LMF_REQUIRE_GPU();
+  const uint64_t seed = test::fresh_seed();
+  const float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  const AdamCase cases[] = {{0.5f, 0.1f, "clip active"}, {1e6f, 0.1f, "clip inactive"}, {0.0f, 0.05f, "clip off"}};
+  uint64_t s = seed;
+  for (const auto& [layers, C] : {std::pair<int, int64_t>{2, 13}, std::pair<int, int64_t>{40, 5},
+                                  std::pair<int, int64_t>{100, 3}, std::pair<int, int64_t>{2, 257}})
+    for (const AdamCase& ac : cases) {
+      const std::vector<TensorSpec> specs = model_like_specs(layers, C);
+      Arena p("p", specs), m("m", specs), v("v", specs), g("g", specs);
+      Arena dpa("dp_flat", specs, Device::cuda), dma("dm_flat", specs, Device::cuda),
+          dva("dv_flat", specs, Device::cuda), dpb("dp_tensor", specs, Device::cuda),
+          dmb("dm_tensor", specs, Device::cuda), dvb("dv_tensor", specs, Device::cuda), dg("dg", specs, Device::cuda);
+      DeviceBuffer dnorm(4);
+      std::vector<int32_t> r = adamw_decay_ranges(p);
+      const std::vector<bool> pad = padding_mask(p);
+      const int64_t n = p.flat_f32().numel();
+      const std::string what = std::string(ac.what) + " layers=" + std::to_string(layers) + " C=" +
+                               std::to_string(C) + " n=" + std::to_string(n) + " S=" + std::to_string(r.size() / 2) +
+                               " seed=" + std::to_string(seed);
+      fill_arena(p, s++, 1.0f);
+      for (int64_t step = 1; step <= 3; ++step) {
+        fill_arena(g, s++, 0.5f);
+        std::vector<float> norm(1);
+        grad_global_norm(tensor_of(norm, {1}, "norm"), g.flat_f32());
+        // Both GPU sides start from the CPU's state and norm value (see AdamWMatchesCpuOverSteps).
+        for (const Arena* d : {&dpa, &dpb}) upload(*d, p);
+        for (const Arena* d : {&dma, &dmb}) upload(*d, m);
+        for (const Arena* d : {&dva, &dvb}) upload(*d, v);
+        upload(dg, g);
+        dnorm.upload(norm);
+        const Tensor dn = dnorm.tensor(DType::f32, {1}, "norm");
+        // Error scales of m and v per element (0 on padding: there they must match exactly).
+        const float clip = ac.max_norm > 0.0f ? std::min(1.0f, ac.max_norm / (norm[0] + 1e-6f)) : 1.0f;
+        const std::vector<float> m0 = values(m), v0 = values(v), g0 = values(g);
+        std::vector<float> m_scale(n), v_scale(n);
+        for (int64_t i = 0; i < n; ++i) {
+          const float gc = clip * g0[i];
+          m_scale[i] = beta1 * std::fabs(m0[i]) + (1.0f - beta1) * std::fabs(gc);
+          v_scale[i] = beta2 * v0[i] + (1.0f - beta2) * gc * gc;
+        }
+        adamw_update_flat(p.flat_f32(), m.flat_f32(), v.flat_f32(), g.flat_f32(), ranges_tensor(r),
+                          tensor_of(norm, {1}, "norm"), ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step);
+        adamw_update_flat(dpa.flat_f32(), dma.flat_f32(), dva.flat_f32(), dg.flat_f32(), ranges_tensor(r), dn,
+                          ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step);
+        for (size_t i = 0; i < specs.size(); ++i)
+          adamw_update(dpb[i], dmb[i], dvb[i], dg[i], dn, ac.max_norm, lr, beta1, beta2, eps,
+                       specs[i].shape.size() == 2 ? ac.weight_decay : 0.0f, step);
+        const std::string at = what + " step " + std::to_string(step);
+        const std::vector<float> gp = values(dpa), gm = values(dma), gv = values(dva);
+        ASSERT_TRUE(test::bitwise_equal("param flat vs per tensor, " + at, gp, values(dpb)));
+        ASSERT_TRUE(test::bitwise_equal("m flat vs per tensor, " + at, gm, values(dmb)));
+        ASSERT_TRUE(test::bitwise_equal("v flat vs per tensor, " + at, gv, values(dvb)));
+        ASSERT_TRUE(padding_is_zero("param " + at, gp, pad));
+        ASSERT_TRUE(padding_is_zero("m " + at, gm, pad));
+        ASSERT_TRUE(padding_is_zero("v " + at, gv, pad));
+        ASSERT_TRUE(test::within_scale("m vs cpu, " + at, gm, values(m), m_scale, 8 * test::kRoundoff));
+        ASSERT_TRUE(test::within_scale("v vs cpu, " + at, gv, values(v), v_scale, 8 * test::kRoundoff));
+        ASSERT_TRUE(test::all_close("param vs cpu, " + at, gp, test::to_double(values(p)), 1e-6, 4e-6));
+      }
+    }
+}
+
+// The trainer's sequence on the device: the norm into a poisoned buffer, then the flat update reading
+// it; twice from the same state: bitwise equal runs, and bitwise equal to whole-array adamw_update
+// when the table is empty (no decay) or covers everything (decay everywhere, padding included).
+TEST(CudaOptim, AdamWFlatAfterDeviceNormIsDeterministic) {
+  LMF_REQUIRE_GPU();
+  const uint64_t seed = test::fresh_seed();
+  const std::vector<TensorSpec> specs = model_like_specs(3, 131);
+  Arena p("p", specs), m("m", specs), v("v", specs), g("g", specs);
+  fill_arena(p, seed, 1.0f);
+  fill_arena(m, seed + 1, 0.01f);
+  fill_arena(g, seed + 2, 0.5f);
+  for (size_t i = 0; i < v.size(); ++i) {
+    const std::vector<float> r = test::uniform(static_cast<size_t>(v[i].numel()), seed + 3 + i, 0.0f, 1e-3f);
+    if (!r.empty()) std::memcpy(v[i].data, r.data(), r.size() * sizeof(float));
+  }
+  const int64_t n = p.flat_f32().numel();
+  cuda_reserve_workspace(grad_global_norm_cuda_workspace(n));
+  std::vector<int32_t> tables[3] = {adamw_decay_ranges(p), {}, {0, static_cast<int32_t>(n)}};
+  const char* names[3] = {"2-D tensors", "empty table", "full table"};
+  Arena dp("dp", specs, Device::cuda), dm("dm", specs, Device::cuda), dv("dv", specs, Device::cuda),
+      dg("dg", specs, Device::cuda);
+  upload(dg, g);
+  DeviceBuffer dnorm(4);
+  for (int t = 0; t < 3; ++t) {
+    const std::string what = std::string(names[t]) + " seed=" + std::to_string(seed);
+    std::vector<float> out[3];
+    for (int run = 0; run < 3; ++run) {
+      upload(dp, p);
+      upload(dm, m);
+      upload(dv, v);
+      dnorm.poison();
+      grad_global_norm(dnorm.tensor(DType::f32, {1}, "norm"), dg.flat_f32());
+      const Tensor dn = dnorm.tensor(DType::f32, {1}, "norm");
+      if (run < 2)
+        adamw_update_flat(dp.flat_f32(), dm.flat_f32(), dv.flat_f32(), dg.flat_f32(), ranges_tensor(tables[t]), dn,
+                          1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+      else if (t > 0)  // whole-array reference for the empty and full tables
+        adamw_update(dp.flat_f32(), dm.flat_f32(), dv.flat_f32(), dg.flat_f32(), dn, 1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f,
+                     t == 2 ? 0.1f : 0.0f, 7);
+      else
+        for (size_t i = 0; i < specs.size(); ++i)
+          adamw_update(dp[i], dm[i], dv[i], dg[i], dn, 1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f,
+                       specs[i].shape.size() == 2 ? 0.1f : 0.0f, 7);
+      out[run] = values(dp);
+    }
+    EXPECT_TRUE(test::bitwise_equal("param, run twice, " + what, out[0], out[1]));
+    EXPECT_TRUE(test::bitwise_equal("param vs adamw_update, " + what, out[0], out[2]));
+    EXPECT_TRUE(padding_is_zero("param " + what, out[0], padding_mask(p)));
+  }
 }
 
 }  // namespace

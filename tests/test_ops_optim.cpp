@@ -1,14 +1,17 @@
 // test_ops_optim.cpp: grad_global_norm against a float64 reference (and thread-count independence),
 // adamw_update over several steps against a float64 reimplementation of torch.optim.AdamW with
-// clipping on/off and weight decay on/off, determinism and shape errors.
+// clipping on/off and weight decay on/off, determinism and shape errors; adamw_update_flat over real
+// arenas against adamw_update per tensor (bitwise), its decay table and its argument errors.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "core/arena.h"
 #include "ops/optim.h"
 #include "support/test_util.h"
 
@@ -208,6 +211,215 @@ TEST(OpsOptim, BadShapesNameTheTensor) {
       "step=0");
   expect_error_naming([&] { grad_global_norm(tensor_of(norm, {2}, "grad_norm"), tensor_of(g, {19}, "grads")); },
                       "grad_norm");
+}
+
+
+// --- adamw_update_flat ----------------------------------------------------------------------------
+
+// A GPT-like spec list: embeddings (2-D), per layer 1-D norm gains/biases between 2-D weights, some
+// 2-D weights next to each other (their ranges merge), a 3-D tensor (not decayed), empty tensors,
+// a scalar. C odd so that most tensors end off the 16-float alignment (padding between them).
+std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
+  std::vector<TensorSpec> s{{"wte", {37, C}}, {"wpe", {11, C}}, {"empty2d", {0, C}}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string h = "h" + std::to_string(l) + ".";
+    s.push_back({h + "ln1.w", {C}});
+    s.push_back({h + "ln1.b", {C}});
+    s.push_back({h + "attn.w", {C, 3 * C}});
+    s.push_back({h + "attn.b", {3 * C}});
+    s.push_back({h + "proj.w", {C, C}});
+    s.push_back({h + "fc.w", {C, 4 * C}});  // right after proj.w: one merged range
+    s.push_back({h + "empty1d", {0}});
+    s.push_back({h + "fc.b", {4 * C}});
+    s.push_back({h + "fc2.w", {4 * C, C}});
+  }
+  s.push_back({"cube", {2, 3, C}});
+  s.push_back({"lnf.w", {C}});
+  s.push_back({"scale", {1}});
+  s.push_back({"head.w", {C, 29}});  // last tensor 2-D: its range ends at the arena's last element
+  return s;
+}
+
+// Fills the real elements of every tensor (padding stays 0).
+void fill_arena(const Arena& a, uint64_t seed, float scale) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    const Tensor t = a[i];
+    const std::vector<float> r = randn(static_cast<size_t>(t.numel()), seed + 1000003 * i, scale);
+    if (!r.empty()) std::memcpy(t.data, r.data(), r.size() * sizeof(float));
+  }
+}
+
+std::vector<float> arena_values(const Arena& a) {
+  const Tensor f = a.flat_f32();
+  return std::vector<float>(f.f32(), f.f32() + f.numel());
+}
+
+// Which flat elements belong to no tensor (padding).
+std::vector<bool> padding_mask(const Arena& a) {
+  std::vector<bool> pad(static_cast<size_t>(a.flat_f32().numel()), true);
+  for (size_t i = 0; i < a.size(); ++i)
+    for (int64_t k = 0; k < a.spec(i).numel(); ++k) pad[a.offset_elems(i) + static_cast<size_t>(k)] = false;
+  return pad;
+}
+
+::testing::AssertionResult bitwise_same(const std::string& what, const std::vector<float>& a,
+                                        const std::vector<float>& b) {
+  if (a.size() != b.size())
+    return ::testing::AssertionFailure() << what << ": sizes " << a.size() << " vs " << b.size();
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << what << ": first bitwise difference at flat index " << i << " of "
+                                           << a.size() << ": " << a[i] << " vs " << b[i];
+  return ::testing::AssertionSuccess();
+}
+
+::testing::AssertionResult padding_is_zero(const std::string& what, const std::vector<float>& a,
+                                           const std::vector<bool>& pad) {
+  const float zero = 0.0f;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (pad[i] && std::memcmp(&a[i], &zero, sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << what << ": padding element " << i << " is " << a[i] << ", not +0";
+  return ::testing::AssertionSuccess();
+}
+
+Tensor ranges_tensor(std::vector<int32_t>& r, const char* name = "decay_ranges") {
+  return Tensor(r.data(), DType::i32, {static_cast<int64_t>(r.size() / 2), 2}, name);
+}
+
+TEST(OpsOptim, AdamWDecayRangesCoverExactlyThe2DTensors) {
+  Arena p("params", model_like_specs(3, 13));
+  std::vector<int32_t> r = adamw_decay_ranges(p);
+  ASSERT_EQ(r.size() % 2, 0u);
+  const int64_t n = p.flat_f32().numel();
+  auto decayed = [&](int64_t i) {
+    for (size_t k = 0; k < r.size(); k += 2)
+      if (r[k] <= i && i < r[k + 1]) return true;
+    return false;
+  };
+  for (size_t k = 0; k < r.size(); k += 2) {
+    EXPECT_LT(r[k], r[k + 1]) << "range " << k / 2;
+    EXPECT_LE(r[k + 1], n) << "range " << k / 2;
+    if (k) EXPECT_LE(r[k - 1], r[k]) << "range " << k / 2;
+  }
+  size_t n2d = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const TensorSpec& s = p.spec(i);
+    const bool want = s.shape.size() == 2;
+    n2d += want && s.numel() > 0;
+    for (int64_t e = 0; e < s.numel(); ++e)
+      ASSERT_EQ(decayed(static_cast<int64_t>(p.offset_elems(i)) + e), want) << s.name << " element " << e;
+  }
+  // wte+wpe, per layer attn.w, proj.w+fc.w, fc2.w (followed by the next layer's 1-D ln1.w), head.w.
+  EXPECT_EQ(r.size() / 2, 1 + 3 * 3 + 1u) << "2-D tensors: " << n2d;
+  // An arena without 2-D tensors: an empty table.
+  Arena b("biases", {{"a", {5}}, {"b", {2, 2, 2}}});
+  EXPECT_TRUE(adamw_decay_ranges(b).empty());
+  // Only f32 arenas have a flat view.
+  Arena q("mixed", {{"w", {4, 4}}, {"ids", {3}, DType::i32}});
+  expect_error_naming([&] { adamw_decay_ranges(q); }, "ids");
+}
+
+// The flat update over whole arenas equals adamw_update per tensor (decay on 2-D tensors only, as the
+// trainer does) bit for bit, over several steps with clipping active, inactive and off; padding stays
+// exactly +0 in param, m and v. Sizes: tiny tensors, and tensors above adamw_update's OpenMP threshold
+// (2^15 elements), so both paths also run multi-threaded with their own partitions.
+TEST(OpsOptim, AdamWFlatBitwiseEqualsPerTensor) {
+  struct Case {
+    float max_norm, wd;
+    const char* what;
+  };
+  const Case cases[] = {{0.5f, 0.1f, "clip active"}, {1e6f, 0.1f, "clip inactive"}, {0.0f, 0.05f, "clip off"}};
+  const float lr = 2e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+  uint64_t seed = 500;
+  for (const auto& [layers, C] : {std::pair<int, int64_t>{2, 13}, std::pair<int, int64_t>{1, 97}})
+    for (const Case& c : cases) {
+      const std::vector<TensorSpec> specs = model_like_specs(layers, C);
+      Arena p("params", specs), m("m", specs), v("v", specs), g("grads", specs);
+      Arena p2("params2", specs), m2("m2", specs), v2("v2", specs);
+      fill_arena(p, seed++, 0.1f);
+      std::memcpy(p2.base(), p.base(), p.bytes());
+      std::vector<int32_t> r = adamw_decay_ranges(p);
+      const std::vector<bool> pad = padding_mask(p);
+      ASSERT_GT(std::count(pad.begin(), pad.end(), true), 0) << "the arena should have padding";
+      for (int64_t t = 1; t <= 5; ++t) {
+        fill_arena(g, seed++, t % 2 ? 1.0f : 0.02f);
+        std::vector<float> norm(1);
+        grad_global_norm(tensor_of(norm, {1}, "norm"), g.flat_f32());
+        if (c.max_norm == 0.5f) ASSERT_GT(norm[0], 2 * c.max_norm) << "clipping should be active";
+        if (c.max_norm == 1e6f) ASSERT_LT(norm[0], c.max_norm) << "clipping should be inactive";
+        const Tensor nt = tensor_of(norm, {1}, "norm");
+        adamw_update_flat(p.flat_f32(), m.flat_f32(), v.flat_f32(), g.flat_f32(), ranges_tensor(r), nt, c.max_norm, lr,
+                          b1, b2, eps, c.wd, t);
+        for (size_t i = 0; i < p2.size(); ++i)
+          adamw_update(p2[i], m2[i], v2[i], g[i], nt, c.max_norm, lr, b1, b2, eps,
+                       p2.spec(i).shape.size() == 2 ? c.wd : 0.0f, t);
+        const std::string at = std::string(c.what) + " C=" + std::to_string(C) + " step " + std::to_string(t);
+        ASSERT_TRUE(bitwise_same("param " + at, arena_values(p), arena_values(p2)));
+        ASSERT_TRUE(bitwise_same("m " + at, arena_values(m), arena_values(m2)));
+        ASSERT_TRUE(bitwise_same("v " + at, arena_values(v), arena_values(v2)));
+        ASSERT_TRUE(padding_is_zero("param " + at, arena_values(p), pad));
+        ASSERT_TRUE(padding_is_zero("m " + at, arena_values(m), pad));
+        ASSERT_TRUE(padding_is_zero("v " + at, arena_values(v), pad));
+      }
+    }
+}
+
+// An empty table is adamw_update with no decay anywhere; a table covering everything is decay
+// everywhere (padding included: it is zero and stays zero). The decay really changes the result.
+TEST(OpsOptim, AdamWFlatEmptyAndFullTables) {
+  const std::vector<TensorSpec> specs = model_like_specs(1, 13);
+  std::vector<float> results[2];
+  for (int full = 0; full < 2; ++full) {
+    Arena p("params", specs), m("m", specs), v("v", specs), g("grads", specs);
+    Arena p2("params2", specs), m2("m2", specs), v2("v2", specs);
+    fill_arena(p, 1, 0.1f);
+    fill_arena(g, 2, 1.0f);
+    std::memcpy(p2.base(), p.base(), p.bytes());
+    const int64_t n = p.flat_f32().numel();
+    std::vector<int32_t> r;
+    if (full) r = {0, static_cast<int32_t>(n)};
+    std::vector<float> norm(1);
+    grad_global_norm(tensor_of(norm, {1}, "norm"), g.flat_f32());
+    adamw_update_flat(p.flat_f32(), m.flat_f32(), v.flat_f32(), g.flat_f32(), ranges_tensor(r),
+                      tensor_of(norm, {1}, "norm"), 1.0f, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2);
+    adamw_update(p2.flat_f32(), m2.flat_f32(), v2.flat_f32(), g.flat_f32(), tensor_of(norm, {1}, "norm"), 1.0f, 1e-2f,
+                 0.9f, 0.95f, 1e-8f, full ? 0.1f : 0.0f, 2);
+    EXPECT_TRUE(bitwise_same(full ? "full table" : "empty table", arena_values(p), arena_values(p2)));
+    EXPECT_TRUE(padding_is_zero(full ? "full table" : "empty table", arena_values(p), padding_mask(p)));
+    results[full] = arena_values(p);
+  }
+  EXPECT_NE(results[0], results[1]);
+}
+
+TEST(OpsOptim, AdamWFlatBadArgumentsNameTheTensor) {
+  const int64_t n = 64;
+  std::vector<float> p(n), m(n), v(n), g(n), m_short(n - 1), norm(1, 1.0f);
+  auto call = [&](Tensor ranges, Tensor mt, Tensor pt) {
+    adamw_update_flat(pt, mt, tensor_of(v, {n}, "flat.v"), tensor_of(g, {n}, "flat.g"), ranges,
+                      tensor_of(norm, {1}, "norm"), 1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1);
+  };
+  const Tensor pt = tensor_of(p, {n}, "flat.p"), mt = tensor_of(m, {n}, "flat.m");
+  std::vector<int32_t> ok{0, 16, 32, 64};
+  EXPECT_NO_THROW(call(ranges_tensor(ok), mt, pt));
+  expect_error_naming([&] { call(ranges_tensor(ok), tensor_of(m_short, {n - 1}, "flat.m"), pt); }, "flat.m");
+  expect_error_naming([&] { call(ranges_tensor(ok), mt, tensor_of(p, {8, 8}, "flat.p")); }, "1-D");
+  std::vector<int32_t> unsorted{32, 48, 0, 16};
+  expect_error_naming([&] { call(ranges_tensor(unsorted, "my_ranges"), mt, pt); }, "sorted");
+  std::vector<int32_t> overlap{0, 20, 16, 32};
+  expect_error_naming([&] { call(ranges_tensor(overlap, "my_ranges"), mt, pt); }, "my_ranges");
+  std::vector<int32_t> outside{0, 16, 60, 65};
+  expect_error_naming([&] { call(ranges_tensor(outside), mt, pt); }, "outside [0, 64)");
+  std::vector<int32_t> negative{-1, 4};
+  expect_error_naming([&] { call(ranges_tensor(negative), mt, pt); }, "range #0");
+  std::vector<int32_t> empty_range{0, 16, 20, 20};
+  expect_error_naming([&] { call(ranges_tensor(empty_range), mt, pt); }, "range #1");
+  std::vector<int32_t> three(6);
+  expect_error_naming([&] { call(Tensor(three.data(), DType::i32, {2, 3}, "my_ranges"), mt, pt); }, "(S, 2)");
+  std::vector<float> as_float{0, 16};
+  expect_error_naming([&] { call(tensor_of(as_float, {1, 2}, "my_ranges"), mt, pt); }, "expected i32");
+  expect_error_naming([&] { call(Tensor(), mt, pt); }, "absent");
+  std::vector<int32_t> too_many(2 * (kAdamWMaxDecayRanges + 1));
+  expect_error_naming([&] { call(ranges_tensor(too_many, "my_ranges"), mt, pt); }, "at most");
 }
 
 }  // namespace

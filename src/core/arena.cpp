@@ -84,6 +84,13 @@ Tensor Arena::operator[](size_t i) const {
   return t;
 }
 
+size_t Arena::offset_bytes(size_t i) const {
+  LMF_CHECK(i < specs_.size(), "arena '", name_, "' has ", specs_.size(), " tensors, asked for the offset of #", i);
+  return offsets_[i];
+}
+
+size_t Arena::offset_elems(size_t i) const { return offset_bytes(i) / dtype_size(specs_[i].dtype); }
+
 long Arena::find(const std::string& name) const {
   for (size_t i = 0; i < specs_.size(); ++i)
     if (specs_[i].name == name) return static_cast<long>(i);

@@ -39,6 +39,10 @@ class Arena {
   const TensorSpec& spec(size_t i) const { return specs_.at(i); }
   const std::vector<TensorSpec>& specs() const { return specs_; }
   Tensor operator[](size_t i) const;
+  // Where tensor i starts in the block: in bytes from base(), and in elements of its dtype (the
+  // index of its first element in flat_f32() for an all-f32 arena). Multiples of kAlign bytes.
+  size_t offset_bytes(size_t i) const;
+  size_t offset_elems(size_t i) const;
   Tensor get(const std::string& name) const;  // throws if absent
   // Index of `name`, or -1.
   long find(const std::string& name) const;

@@ -118,6 +118,9 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   params_ = Arena("params", pspecs, plan.device);
   p_ = gpt_bind(params_, cfg_);
   if (plan.training) {
+    decay_ranges_host_ = adamw_decay_ranges(params_);
+    decay_ranges_ = Tensor(decay_ranges_host_.data(), DType::i32,
+                           {static_cast<int64_t>(decay_ranges_host_.size() / 2), 2}, "decay_ranges");
     grads_ = Arena("grads", pspecs, plan.device);
     m_ = Arena("adam_m", pspecs, plan.device);
     v_ = Arena("adam_v", pspecs, plan.device);

@@ -43,6 +43,9 @@ struct GptPlan {
 class Gpt {
  public:
   Gpt(const ModelConfig& config, const GptPlan& plan);
+  // Tensors handed out point into this object's arenas and tables: it stays where it was built.
+  Gpt(const Gpt&) = delete;
+  Gpt& operator=(const Gpt&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
   const GptPlan& plan() const { return plan_; }
@@ -73,6 +76,9 @@ class Gpt {
   Arena& grads() { return grads_; }
   Arena& adam_m() { return m_; }
   Arena& adam_v() { return v_; }
+  // Weight-decay ranges of the parameter arena (2-D tensors), planned once for adamw_update_flat:
+  // (S, 2) i32 host tensor of [begin, end) element ranges.
+  Tensor decay_ranges() { return decay_ranges_; }
   const GptTensors& p() const { return p_; }
   const GptTensors& g() const { return g_; }
   size_t arena_bytes() const;
@@ -99,7 +105,9 @@ class Gpt {
   // workspace: activation gradients (reused by every layer) and scratch
   Tensor d_res_, d_ln_, d_qkv_, d_att_, d_fc_, d_act_, d_probs_, logits_scratch_, rope_freqs_, norm_dummy_;
   // decode state (batch 1)
-  std::vector<float> losses_host_;  // staging for reading losses back from a GPU (planned size)
+  std::vector<float> losses_host_;
+  std::vector<int32_t> decay_ranges_host_;
+  Tensor decay_ranges_;  // staging for reading losses back from a GPU (planned size)
   Tensor k_cache_, v_cache_, dx_, dln_, dqkv_, datt_, dtmp_, dfc_, dact_, dscores_, dlogits_, dmean_, drstd_, dtok_;
 };
 

@@ -7,11 +7,16 @@
 // adamw_update: the header's formula per element in float (what a GPU kernel does too); the bias
 // corrections are computed once on the host (in double, rounded to float), the clip factor is read
 // from the norm tensor by the kernel (no host sync on the GPU path).
+// adamw_update_flat: the flat array is cut at the range boundaries into decayed and undecayed
+// segments, and each segment goes through adamw_update's own loop with its decay, so every element
+// is computed by the same code as per tensor (bitwise equal).
 #include "ops/optim.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
+#include "core/arena.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
@@ -19,6 +24,7 @@ namespace {
 
 constexpr const char* kOpNorm = "grad_global_norm";
 constexpr const char* kOpAdamW = "adamw_update";
+constexpr const char* kOpAdamWFlat = "adamw_update_flat";
 
 constexpr int kNormGroup = 64;           // blocks per parallel group (stack array of partial sums)
 constexpr int kNormLanes = 8;            // interleaved double accumulators in a block (vectorisable)
@@ -71,6 +77,41 @@ void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const
   }
 }
 
+// Checks shared by adamw_update and adamw_update_flat (op = the entry's name); returns the bias
+// corrections 1 - beta1^step, 1 - beta2^step (computed in double, rounded to float) and the norm
+// pointer the kernels read (nullptr when clipping is off).
+struct AdamWPrep {
+  float bc1, bc2;
+  const float* norm;
+};
+
+AdamWPrep adamw_prepare(const char* op, const Tensor& param, const Tensor& m, const Tensor& v, const Tensor& grad,
+                        const Tensor& norm, float max_norm, float beta1, float beta2, int64_t step) {
+  check_f32(param, op);
+  check_f32(m, op);
+  check_f32(v, op);
+  check_f32(grad, op);
+  check_same_device(op, {&param, &m, &v, &grad, &norm});
+  const int64_t n = param.numel();
+  LMF_CHECK(m.numel() == n, op, ": m '", m.name, "' ", m.shape_str(), " has ", m.numel(), " elements but param '",
+            param.name, "' ", param.shape_str(), " has ", n);
+  LMF_CHECK(v.numel() == n, op, ": v '", v.name, "' ", v.shape_str(), " has ", v.numel(), " elements but param '",
+            param.name, "' ", param.shape_str(), " has ", n);
+  LMF_CHECK(grad.numel() == n, op, ": grad '", grad.name, "' ", grad.shape_str(), " has ", grad.numel(),
+            " elements but param '", param.name, "' ", param.shape_str(), " has ", n);
+  LMF_CHECK(step >= 1, op, ": step=", step, " for param '", param.name, "' must count from 1");
+  LMF_CHECK(beta1 >= 0.0f && beta1 < 1.0f && beta2 >= 0.0f && beta2 < 1.0f, op, ": beta1=", beta1,
+            " beta2=", beta2, " must be in [0, 1)");
+  // The norm is only read when clipping is on.
+  if (max_norm > 0.0f) {
+    check_f32(norm, op);
+    check_shape(norm, {1}, op);
+  }
+  const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
+  const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
+  return {bc1, bc2, max_norm > 0.0f ? norm.f32() : nullptr};
+}
+
 }  // namespace
 
 size_t grad_global_norm_cuda_workspace(int64_t n) {
@@ -88,35 +129,96 @@ void grad_global_norm(Tensor norm, Tensor grads) {
 
 void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, float max_norm, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int64_t step) {
-  check_f32(param, kOpAdamW);
-  check_f32(m, kOpAdamW);
-  check_f32(v, kOpAdamW);
-  check_f32(grad, kOpAdamW);
-  check_same_device(kOpAdamW, {&param, &m, &v, &grad, &norm});
+  const AdamWPrep a = adamw_prepare(kOpAdamW, param, m, v, grad, norm, max_norm, beta1, beta2, step);
   const int64_t n = param.numel();
-  LMF_CHECK(m.numel() == n, kOpAdamW, ": m '", m.name, "' ", m.shape_str(), " has ", m.numel(), " elements but param '",
-            param.name, "' ", param.shape_str(), " has ", n);
-  LMF_CHECK(v.numel() == n, kOpAdamW, ": v '", v.name, "' ", v.shape_str(), " has ", v.numel(), " elements but param '",
-            param.name, "' ", param.shape_str(), " has ", n);
-  LMF_CHECK(grad.numel() == n, kOpAdamW, ": grad '", grad.name, "' ", grad.shape_str(), " has ", grad.numel(),
-            " elements but param '", param.name, "' ", param.shape_str(), " has ", n);
-  LMF_CHECK(step >= 1, kOpAdamW, ": step=", step, " for param '", param.name, "' must count from 1");
-  LMF_CHECK(beta1 >= 0.0f && beta1 < 1.0f && beta2 >= 0.0f && beta2 < 1.0f, kOpAdamW, ": beta1=", beta1,
-            " beta2=", beta2, " must be in [0, 1)");
-  // The norm is only read when clipping is on.
-  if (max_norm > 0.0f) {
-    check_f32(norm, kOpAdamW);
-    check_shape(norm, {1}, kOpAdamW);
-  }
-  const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
-  const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
-  const float* norm_ptr = max_norm > 0.0f ? norm.f32() : nullptr;
   if (param.device == Device::cpu)
-    adamw_update_cpu(param.f32(), m.f32(), v.f32(), grad.f32(), norm_ptr, n, max_norm, lr, beta1, beta2, eps,
-                     weight_decay, bc1, bc2);
+    adamw_update_cpu(param.f32(), m.f32(), v.f32(), grad.f32(), a.norm, n, max_norm, lr, beta1, beta2, eps,
+                     weight_decay, a.bc1, a.bc2);
   else
-    LMF_CUDA_DISPATCH(kOpAdamW, cuda::adamw_update(param.f32(), m.f32(), v.f32(), grad.f32(), norm_ptr, n, max_norm, lr,
-                                                   beta1, beta2, eps, weight_decay, bc1, bc2));
+    LMF_CUDA_DISPATCH(kOpAdamW, cuda::adamw_update(param.f32(), m.f32(), v.f32(), grad.f32(), a.norm, n, max_norm, lr,
+                                                   beta1, beta2, eps, weight_decay, a.bc1, a.bc2));
+}
+
+void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor decay_ranges, Tensor norm, float max_norm,
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step) {
+  const char* op = kOpAdamWFlat;
+  const AdamWPrep a = adamw_prepare(op, param, m, v, grad, norm, max_norm, beta1, beta2, step);
+  const int64_t n = param.numel();
+  LMF_CHECK(param.ndim == 1, op, ": param '", param.name, "' has shape ", param.shape_str(),
+            ", expected a 1-D flat view (Arena::flat_f32())");
+  // The decay table: (S, 2) i32 on the host, sorted, non-overlapping, non-empty ranges inside [0, n).
+  const char* rn = decay_ranges.name;
+  // A (0, 2) table (no decay anywhere) may have no data (an empty std::vector's data() is null).
+  const bool empty_table = decay_ranges.ndim == 2 && decay_ranges.shape[0] == 0 && decay_ranges.shape[1] == 2;
+  LMF_CHECK(decay_ranges.defined() || empty_table, op, ": decay_ranges '", rn,
+            "' is absent (pass a (0, 2) table for no decay)");
+  LMF_CHECK(decay_ranges.dtype == DType::i32, op, ": decay_ranges '", rn, "' has dtype ",
+            dtype_name(decay_ranges.dtype), ", expected i32");
+  LMF_CHECK(decay_ranges.ndim == 2 && decay_ranges.shape[1] == 2, op, ": decay_ranges '", rn, "' has shape ",
+            decay_ranges.shape_str(), ", expected (S, 2) [begin, end) pairs");
+  LMF_CHECK(decay_ranges.device == Device::cpu, op, ": decay_ranges '", rn, "' is on ",
+            device_name(decay_ranges.device), " but must be a host (cpu) tensor: it is passed to the kernel by value");
+  const int64_t S = decay_ranges.shape[0];
+  LMF_CHECK(S <= kAdamWMaxDecayRanges, op, ": decay_ranges '", rn, "' has ", S, " ranges, at most ",
+            kAdamWMaxDecayRanges, " are supported");
+  const int32_t* r = decay_ranges.i32();
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t b = r[2 * k], e = r[2 * k + 1];
+    LMF_CHECK(0 <= b && b < e && e <= n, op, ": decay_ranges '", rn, "' range #", k, " [", b, ", ", e,
+              ") is empty or outside [0, ", n, ") of param '", param.name, "'");
+    LMF_CHECK(k == 0 || r[2 * k - 1] <= b, op, ": decay_ranges '", rn, "' range #", k, " [", b, ", ", e,
+              ") starts before range #", k - 1, " ends (", r[2 * k - 1], "): ranges must be sorted and disjoint");
+  }
+  if (param.device == Device::cpu) {
+    float *p = param.f32(), *pm = m.f32(), *pv = v.f32();
+    const float* g = grad.f32();
+    // Segment [b, e) with decay wd, through adamw_update's loop.
+    auto segment = [&](int64_t b, int64_t e, float wd) {
+      if (e > b)
+        adamw_update_cpu(p + b, pm + b, pv + b, g + b, a.norm, e - b, max_norm, lr, beta1, beta2, eps, wd, a.bc1,
+                         a.bc2);
+    };
+    int64_t pos = 0;
+    for (int64_t k = 0; k < S; ++k) {
+      segment(pos, r[2 * k], 0.0f);
+      segment(r[2 * k], r[2 * k + 1], weight_decay);
+      pos = r[2 * k + 1];
+    }
+    segment(pos, n, 0.0f);
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::adamw_update_flat(param.f32(), m.f32(), v.f32(), grad.f32(), a.norm, n, r, S, max_norm,
+                                                  lr, beta1, beta2, eps, weight_decay, a.bc1, a.bc2));
+  }
+}
+
+std::vector<int32_t> adamw_decay_ranges(const Arena& params) {
+  const Tensor flat = params.flat_f32();  // checks that every spec is f32
+  const int64_t n = flat.numel();
+  LMF_CHECK(n <= INT32_MAX, "adamw_decay_ranges: arena '", params.name(), "' has ", n,
+            " f32 elements, more than the i32 decay table can address (", INT32_MAX, ")");
+  std::vector<int32_t> r;
+  bool open = false;  // the last range may still grow: only decayed tensors and padding since its start
+  for (size_t i = 0; i < params.size(); ++i) {
+    const TensorSpec& s = params.spec(i);
+    if (s.numel() == 0) continue;  // no elements: neither extends nor breaks a range
+    const bool decay = s.shape.size() == 2;
+    if (!decay) {
+      open = false;
+      continue;
+    }
+    const auto b = static_cast<int32_t>(params.offset_elems(i));
+    const auto e = static_cast<int32_t>(params.offset_elems(i) + static_cast<size_t>(s.numel()));
+    if (open) {
+      r.back() = e;
+    } else {
+      r.push_back(b);
+      r.push_back(e);
+      open = true;
+    }
+  }
+  LMF_CHECK(static_cast<int64_t>(r.size() / 2) <= kAdamWMaxDecayRanges, "adamw_decay_ranges: arena '", params.name(),
+            "' needs ", r.size() / 2, " decay ranges, at most ", kAdamWMaxDecayRanges, " are supported");
+  return r;
 }
 
 }  // namespace lmf

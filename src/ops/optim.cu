@@ -9,7 +9,19 @@
 // The CPU reference sums each block in another fixed order, so the two agree to double rounding
 // (~1e-16 relative) before the final rounding to float: almost always bitwise, within 1 ulp always.
 // adamw_update: optim.h's formula per element in float, the clip factor from norm[0] on the device.
+// adamw_update_flat: the same per-element code (adamw_element, shared with adamw_update's kernel, so
+// the two agree bitwise) in one grid-stride launch over the flat arrays. The decay table travels in
+// the launch arguments (__grid_constant__, no copy to device memory, no host sync). Each thread
+// visits increasing indices, so it keeps a cursor: the first range whose end is past its index, with
+// that range's [begin, end) in registers; it is found by a binary search over the table ends at the
+// start and again whenever the index passes the cursor's end (a few times per thread; between those,
+// the decay test is one compare). Element i is decayed iff begin <= i.
+#include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
 
 #include "core/cuda_launch.cuh"
 #include "ops/elementwise.cuh"
@@ -56,6 +68,86 @@ __global__ void norm_finish_kernel(float* __restrict__ norm, const double* __res
   if (threadIdx.x == 0) norm[0] = static_cast<float>(sqrt(s[0]));
 }
 
+// torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)), as the CPU computes it.
+__device__ __forceinline__ float adamw_clip(const float* norm, float max_norm) {
+  float clip = 1.0f;
+  if (norm != nullptr && max_norm > 0.0f) {
+    const float c = max_norm / (norm[0] + 1e-6f);
+    clip = c < 1.0f ? c : 1.0f;
+  }
+  return clip;
+}
+
+// The scalars of one AdamW step (one_m_b1/2 = 1 - beta1/2 computed on the host).
+struct AdamWScalars {
+  float lr, beta1, beta2, one_m_b1, one_m_b2, eps, bias_corr1, bias_corr2;
+};
+
+// optim.h's update of element i; the only code both AdamW kernels use for it.
+__device__ __forceinline__ void adamw_element(float* __restrict__ param, float* __restrict__ m, float* __restrict__ v,
+                                              const float* __restrict__ grad, int64_t i, float clip,
+                                              const AdamWScalars& a, float weight_decay) {
+  const float g = clip * grad[i];
+  const float mi = a.beta1 * m[i] + a.one_m_b1 * g;
+  const float vi = a.beta2 * v[i] + a.one_m_b2 * (g * g);
+  m[i] = mi;
+  v[i] = vi;
+  const float m_hat = mi / a.bias_corr1, v_hat = vi / a.bias_corr2;
+  param[i] -= a.lr * (m_hat / (sqrtf(v_hat) + a.eps) + weight_decay * param[i]);
+}
+
+// The decay table as a launch argument: s (begin, end) pairs in r[0, 2 s). Capacity kCap ranges;
+// instantiated for a few capacities so that a short table is not a 16 KiB argument.
+template <int kCap>
+struct DecayTable {
+  int32_t r[2 * kCap];
+};
+constexpr int kDecayCaps[] = {32, 256, static_cast<int>(kAdamWMaxDecayRanges)};
+
+// First k in [lo, s) with end_k > i (s when none); ends are increasing (sorted, disjoint, non-empty).
+template <int kCap>
+__device__ __forceinline__ int first_range_ending_after(const DecayTable<kCap>& t, int lo, int s, int64_t i) {
+  int hi = s;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (t.r[2 * mid + 1] <= i) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+template <int kCap>
+__global__ void adamw_flat_kernel(float* __restrict__ param, float* __restrict__ m, float* __restrict__ v,
+                                  const float* __restrict__ grad, const float* __restrict__ norm, int64_t n,
+                                  const __grid_constant__ DecayTable<kCap> table, int s, float max_norm,
+                                  AdamWScalars a, float weight_decay) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float clip = adamw_clip(norm, max_norm);
+  constexpr int64_t kNone = INT64_MAX;  // past the last range: never decayed, never reached
+  int k = first_range_ending_after(table, 0, s, i);
+  int64_t begin = k < s ? table.r[2 * k] : kNone, end = k < s ? table.r[2 * k + 1] : kNone;
+  for (; i < n; i += stride) {
+    if (i >= end) {
+      k = first_range_ending_after(table, k + 1, s, i);
+      begin = k < s ? table.r[2 * k] : kNone;
+      end = k < s ? table.r[2 * k + 1] : kNone;
+    }
+    adamw_element(param, m, v, grad, i, clip, a, i >= begin ? weight_decay : 0.0f);
+  }
+}
+
+template <int kCap>
+void launch_adamw_flat(const LaunchSpec& spec, float* param, float* m, float* v, const float* grad, const float* norm,
+                       int64_t n, const int32_t* ranges, int s, float max_norm, const AdamWScalars& a,
+                       float weight_decay) {
+  DecayTable<kCap> table;
+  std::memset(&table, 0, sizeof(table));
+  if (s > 0) std::memcpy(table.r, ranges, static_cast<size_t>(s) * 2 * sizeof(int32_t));
+  cuda::launch(spec, adamw_flat_kernel<kCap>, param, m, v, grad, norm, n, table, s, max_norm, a, weight_decay);
+}
+
 }  // namespace
 
 namespace cuda {
@@ -75,22 +167,31 @@ void grad_global_norm(float* norm, const float* grads, int64_t n) {
 void adamw_update(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n, float max_norm,
                   float lr, float beta1, float beta2, float eps, float weight_decay, float bias_corr1,
                   float bias_corr2) {
-  const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
+  const AdamWScalars a{lr, beta1, beta2, 1.0f - beta1, 1.0f - beta2, eps, bias_corr1, bias_corr2};
   launch_elementwise("adamw_update", n, [=] __device__(int64_t i) {
-    // torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)), as the CPU computes it
-    float clip = 1.0f;
-    if (norm != nullptr && max_norm > 0.0f) {
-      const float c = max_norm / (norm[0] + 1e-6f);
-      clip = c < 1.0f ? c : 1.0f;
-    }
-    const float g = clip * grad[i];
-    const float mi = beta1 * m[i] + one_m_b1 * g;
-    const float vi = beta2 * v[i] + one_m_b2 * (g * g);
-    m[i] = mi;
-    v[i] = vi;
-    const float m_hat = mi / bias_corr1, v_hat = vi / bias_corr2;
-    param[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * param[i]);
+    adamw_element(param, m, v, grad, i, adamw_clip(norm, max_norm), a, weight_decay);
   });
+}
+
+void adamw_update_flat(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n,
+                       const int32_t* ranges, int64_t s, float max_norm, float lr, float beta1, float beta2, float eps,
+                       float weight_decay, float bias_corr1, float bias_corr2) {
+  const char* op = "adamw_update_flat";
+  LMF_CHECK(0 <= s && s <= kAdamWMaxDecayRanges, op, ": ", s, " decay ranges, at most ", kAdamWMaxDecayRanges);
+  if (n <= 0) return;
+  const AdamWScalars a{lr, beta1, beta2, 1.0f - beta1, 1.0f - beta2, eps, bias_corr1, bias_corr2};
+  // The grid of launch_elementwise: 256 threads, at most 16 blocks per SM, grid-stride beyond.
+  constexpr int64_t kBlock = 256;
+  const int64_t max_blocks = std::max<int64_t>(static_cast<int64_t>(cuda_limits().sm_count) * 16, 1);
+  const int64_t blocks = std::min(ceil_div(n, kBlock), max_blocks);
+  const LaunchSpec spec{op, "n=" + std::to_string(n) + " S=" + std::to_string(s), {blocks, 1, 1}, {kBlock, 1, 1}, 0};
+  const int si = static_cast<int>(s);
+  if (s <= kDecayCaps[0])
+    launch_adamw_flat<kDecayCaps[0]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay);
+  else if (s <= kDecayCaps[1])
+    launch_adamw_flat<kDecayCaps[1]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay);
+  else
+    launch_adamw_flat<kDecayCaps[2]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay);
 }
 
 }  // namespace cuda

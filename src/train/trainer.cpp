@@ -65,16 +65,13 @@ std::string TrainOptions::to_json() const {
 }
 
 void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step) {
-  Arena& p = model.params();
-  Arena& g = model.grads();
-  Arena& m = model.adam_m();
-  Arena& v = model.adam_v();
-  grad_global_norm(norm, g.flat_f32());
-  for (size_t i = 0; i < p.size(); ++i) {
-    const bool decay = p.spec(i).shape.size() == 2;  // embeddings and linear weights
-    adamw_update(p[i], m[i], v[i], g[i], norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
-                 decay ? o.weight_decay : 0.0f, step);
-  }
+  // Two launches for the norm, one for AdamW over the whole parameter arena (weight decay on the
+  // 2-D tensors' ranges): bitwise the same as per-tensor updates.
+  Tensor g = model.grads().flat_f32();
+  grad_global_norm(norm, g);
+  adamw_update_flat(model.params().flat_f32(), model.adam_m().flat_f32(), model.adam_v().flat_f32(), g,
+                    model.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
+                    o.weight_decay, step);
 }
 
 double gpu_peak_tflops(const std::string& name) {
