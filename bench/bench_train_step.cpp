@@ -92,6 +92,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup-steps", warmup);
   std::string device = "cpu";
   app.add_option("--device", device, "cpu or cuda");
+  std::string precision = "fp32";
+  app.add_option("--precision", precision, "fp32 or tf32 (GPU)");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   CLI11_PARSE(app, argc, argv);
@@ -99,7 +101,7 @@ int main(int argc, char** argv) {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
     const Device dev = device == "cuda" ? Device::cuda : Device::cpu;
     if (dev == Device::cuda) cuda_set_device(0);
-    Gpt model(c, GptPlan{B, T, true, 0, dev});
+    Gpt model(c, GptPlan{B, T, true, 0, dev, parse_precision(precision, "--precision")});
     model.init_weights(1);
     std::vector<int32_t> tok(B * T), tgt(B * T);
     for (int64_t i = 0; i < B * T; ++i) {
@@ -134,9 +136,9 @@ int main(int argc, char** argv) {
     if (profile) print_profile(prof, steps, med, dev);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
-    std::printf("{\"impl\": \"lmforge\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
+    std::printf("{\"impl\": \"lmforge-%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                device.c_str(), tok_s, med, omp_get_max_threads(), mfu, cuda_peak_allocated_bytes() / 1e9);
+                precision.c_str(), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, cuda_peak_allocated_bytes() / 1e9);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";
     return 1;

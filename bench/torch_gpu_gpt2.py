@@ -3,7 +3,7 @@
 
     python3 bench/torch_gpu_gpt2.py --mode compile-bf16 --batch-size 16 --seq-len 1024
 
-Modes: eager-fp32, eager-bf16 (autocast), compile-bf16 (torch.compile + autocast). The model uses
+Modes: eager-fp32, eager-tf32 (TF32 matmuls), eager-bf16 (autocast), compile-bf16 (torch.compile + autocast). The model uses
 flash SDPA (F.scaled_dot_product_attention, is_causal), a tied LM head, vocab 50304, fused AdamW.
 Prints ONE JSON line: {"impl": "pytorch-<mode>", "tok_s", "step_ms", "mfu", "peak_mem_gb"}.
 MFU uses 6N + 12 L d T FLOPs per token against 989 TFLOP/s (H100 SXM / H200 dense bf16).
@@ -59,7 +59,7 @@ class GPT(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="compile-bf16", choices=["eager-fp32", "eager-bf16", "compile-bf16"])
+    ap.add_argument("--mode", default="compile-bf16", choices=["eager-fp32", "eager-tf32", "eager-bf16", "compile-bf16"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
@@ -67,8 +67,9 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (as lmforge's fp32 path)
-    torch.backends.cudnn.allow_tf32 = False
+    tf32 = a.mode == "eager-tf32"  # fp32 means fp32 (as lmforge's fp32 path); tf32 as --precision tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     model = GPT(T=a.seq_len).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     n_flops_params = n_params - model.wpe.weight.numel()

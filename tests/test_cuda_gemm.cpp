@@ -7,6 +7,7 @@
 // (support/scaled_compare.h): both are fp32 FMA sums of the same terms in different orders.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -151,6 +152,45 @@ TEST(CudaGemm, LongKMatchesCpu) {
   check_case({false, true, 256, 384, 4096, 1.0f, 0.0f, true, 0, 0}, seed);      // forward-like, bias
   check_case({true, false, 384, 256, 4096, 1.0f, 1.0f, false, 0, 0}, seed + 4);  // weight-gradient-like
   check_case({false, false, 333, 200, 3072, 1.0f, 1.0f, false, 5, 1}, seed + 8); // input-gradient-like
+}
+
+// The GPT-2 124M weight-gradient shapes at B*T = 16384 (dW = dout^T inp, K = 16384), where the
+// heuristic may pick an out-of-place split-K: against the CPU, and bitwise equal over three runs.
+TEST(CudaGemm, TallKWeightGradientsMatchCpuAndAreDeterministic) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  for (const Case& c : {Case{true, false, 768, 768, 16384, 1.0f, 1.0f, false, 0, 0},
+                        Case{true, false, 3072, 768, 16384, 1.0f, 1.0f, false, 0, 0}}) {
+    check_case(c, seed);
+    const Result first = run_case(c, seed + 1);
+    for (int rep = 0; rep < 2; ++rep)
+      EXPECT_EQ(run_case(c, seed + 1).gpu, first.gpu) << c.str() << ": run " << rep + 2 << " differs bitwise";
+  }
+}
+
+// TF32 mode: inputs rounded to 10-bit mantissas, fp32 accumulation. ||gpu - cpu|| / ||cpu|| lands
+// near 2^-11 ~ 5e-4 for random data; bound 3e-3. Then back to fp32, which must again match exactly
+// the fp32 plan's result (modes have separate plans).
+TEST(CudaGemm, Tf32ModeIsWithinTf32RoundingAndSwitchesBack) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const Case c{false, true, 1024, 768, 3072, 1.0f, 0.0f, false, 0, 0};
+  const Result fp32 = run_case(c, seed);
+  cuda::set_gemm_math(cuda::GemmMath::tf32);
+  const Result tf32 = run_case(c, seed);
+  cuda::set_gemm_math(cuda::GemmMath::fp32);
+  double num = 0, den = 0;
+  for (size_t i = 0; i < tf32.cpu.size(); ++i) {
+    num += (tf32.gpu[i] - tf32.cpu[i]) * double(tf32.gpu[i] - tf32.cpu[i]);
+    den += double(tf32.cpu[i]) * tf32.cpu[i];
+  }
+  const double rel = std::sqrt(num / den);
+  EXPECT_LT(rel, 3e-3) << "seed=" << seed;
+  EXPECT_GT(rel, 1e-6) << "tf32 mode gave fp32-exact results: tensor cores were not used";
+  std::printf("[ measured ] tf32 GEMM 1024x768x3072: ||gpu - cpu|| / ||cpu|| = %.2e\n", rel);
+  EXPECT_EQ(run_case(c, seed).gpu, fp32.gpu) << "fp32 after tf32 differs from fp32 before";
 }
 
 TEST(CudaGemm, DeterministicAndPlannedOnce) {

@@ -65,6 +65,47 @@ TEST(CudaTraining, FiftyStepsFollowTheCpuLossCurve) {
   fs::remove_all(d);
 }
 
+// TF32 GEMMs (10-bit mantissa inputs, fp32 accumulation) against the fp32 CPU reference: step 1
+// within 2e-3 relative, every step of 50 within 3%, the mean of the last 10 within 2%.
+TEST(CudaTraining, Tf32FiftyStepsFollowTheCpuLossCurve) {
+  LMF_REQUIRE_GPU();
+  std::string d = test::make_temp_dir("gpu_tf32");
+  std::ostringstream log;
+  TrainOptions g = run_opts(d + "/gpu", "cuda", 50);
+  g.precision = "tf32";
+  Trainer cpu(run_opts(d + "/cpu", "cpu", 50), log), gpu(g, log);
+  cpu.run();
+  gpu.run();
+  const auto c = cpu.losses(), t = gpu.losses();
+  ASSERT_EQ(t.size(), 50u);
+  EXPECT_NEAR(t[0], c[0], 2e-3 * c[0]) << "step 1";
+  double worst = 0, tail_c = 0, tail_t = 0;
+  for (size_t i = 0; i < 50; ++i) {
+    worst = std::max(worst, std::fabs(t[i] - c[i]) / c[i]);
+    EXPECT_NEAR(t[i], c[i], 0.03 * c[i]) << "step " << i + 1;
+    if (i >= 40) { tail_c += c[i] / 10; tail_t += t[i] / 10; }
+  }
+  EXPECT_NEAR(tail_t, tail_c, 0.02 * tail_c);
+  std::printf("[ measured ] GPU tf32 vs CPU fp32, 50 steps: step-1 rel diff %.2e, worst %.2e, last-10 %.4f vs %.4f\n",
+              std::fabs(t[0] - c[0]) / c[0], worst, tail_t, tail_c);
+  // the GEMM mode is process-wide: later tests in this binary plan fp32 again
+  fs::remove_all(d);
+}
+
+TEST(CudaTraining, Tf32OnTheCpuIsAClearError) {
+  std::ostringstream log;
+  TrainOptions o = run_opts("/tmp/lmf_unused", "cpu", 5);
+  o.precision = "tf32";
+  EXPECT_THROW(Trainer(o, log), Error);
+  o.precision = "bf16";
+  try {
+    Trainer t(o, log);
+    FAIL() << "bf16 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not implemented"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CudaTraining, TwoRunsAreBitwiseIdentical) {
   LMF_REQUIRE_GPU();
   std::string d = test::make_temp_dir("gpu_det");

@@ -44,7 +44,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
 fi
 
 if [ "$what" = all ]; then
-  ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 200 --log-every 50 --eval-every 100 \
+  ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 200 --warmup 30 --log-every 50 --eval-every 100 \
     --out-dir "$OUT/train_gpu" >"$OUT/train_gpu.log" 2>&1
   add "train tiny on GPU (200 steps)" "rc=$? $(grep val_loss "$OUT/train_gpu.log" | tail -1)"
   tail -5 "$OUT/train_gpu.log"
@@ -53,9 +53,11 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   B=${LMF_BENCH_B:-16}
   ./build-gpu/lmforge_bench --device cuda --preset gpt2-124m --batch-size "$B" --seq-len 1024 --steps 5 \
-    --warmup-steps 2 --profile >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err"
-  cat "$OUT/bench_lmforge.err"
-  for mode in eager-fp32 eager-bf16 compile-bf16; do
+    --warmup-steps 2 >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err"
+  ./build-gpu/lmforge_bench --device cuda --precision tf32 --preset gpt2-124m --batch-size "$B" --seq-len 1024 \
+    --steps 5 --warmup-steps 2 --profile >"$OUT/bench_lmforge_tf32.json" 2>"$OUT/bench_lmforge_tf32.err"
+  cat "$OUT/bench_lmforge.err" "$OUT/bench_lmforge_tf32.err"
+  for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do
     python3 bench/torch_gpu_gpt2.py --mode $mode --batch-size "$B" --seq-len 1024 >"$OUT/bench_$mode.json" \
       2>"$OUT/bench_$mode.err" || tail -5 "$OUT/bench_$mode.err"
   done
@@ -63,14 +65,15 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 import json, os, sys
 out = sys.argv[1]
 rows = []
-for f in ["bench_lmforge.json", "bench_eager-fp32.json", "bench_eager-bf16.json", "bench_compile-bf16.json"]:
+for f in ["bench_lmforge.json", "bench_lmforge_tf32.json", "bench_eager-fp32.json", "bench_eager-tf32.json",
+          "bench_eager-bf16.json", "bench_compile-bf16.json"]:
     try:
         rows.append(json.loads(open(os.path.join(out, f)).read().strip().splitlines()[-1]))
     except Exception as e:
         rows.append({"impl": f, "error": str(e)})
 base = rows[0].get("tok_s")
 print("\nGPT-2 124M training step, B=%s T=1024 (lmforge fp32 vs PyTorch on the same GPU)" % os.environ.get("LMF_BENCH_B", "16"))
-print("%-22s %12s %10s %8s %10s %14s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "lmforge/this"))
+print("%-22s %12s %10s %8s %10s %14s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "lmforge-fp32/this"))
 for r in rows:
     if "error" in r:
         print("%-22s error: %s" % (r["impl"], r["error"])); continue

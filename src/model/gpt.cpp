@@ -78,6 +78,15 @@ void Gpt::timed(const char* name, double flops, F&& f) {
   f();
 }
 
+const char* precision_name(Precision p) { return p == Precision::tf32 ? "tf32" : "fp32"; }
+
+Precision parse_precision(const std::string& s, const char* flag) {
+  if (s == "fp32") return Precision::fp32;
+  if (s == "tf32") return Precision::tf32;
+  if (s == "bf16") fail(flag, "=bf16: bf16 mixed precision is not implemented yet (use fp32, or tf32 on a GPU)");
+  fail(flag, "=", s, " must be fp32 or tf32");
+}
+
 GptTensors gpt_bind(const Arena& a, const ModelConfig& c) {
   auto opt = [&](const std::string& name) { long i = a.find(name); return i < 0 ? Tensor() : a[static_cast<size_t>(i)]; };
   GptTensors t;
@@ -112,6 +121,9 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   if (B < 1) fail("batch size ", B, " must be >= 1");
   if (T < 1 || T > cfg_.context_length)
     fail("sequence length ", T, " must be in [1, context_length=", cfg_.context_length, "]");
+  if (plan.precision == Precision::tf32 && plan.device != Device::cuda)
+    fail("precision tf32 uses the GPU's tensor cores: it needs the CUDA device (this plan is on ",
+         device_name(plan.device), ")");
 
   // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
   auto pspecs = gpt_param_specs(cfg_);
@@ -201,6 +213,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     ws = std::max(ws, linear_backward_cuda_workspace(N, std::max({QKV, FC, C})));
     ws = std::max(ws, grad_global_norm_cuda_workspace(params_.flat_f32().numel()));
     cuda_reserve_workspace(ws);
+    cuda::set_gemm_math(plan.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
   }
 #endif
   if (plan.training) {

@@ -8,6 +8,7 @@
 // Gradient buffers accumulate across micro-batches; zero_grad() starts a new accumulation.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/arena.h"
@@ -32,12 +33,20 @@ struct GptTensors {
 };
 GptTensors gpt_bind(const Arena& arena, const ModelConfig& c);
 
+// Numeric mode of a run. fp32: everything fp32. tf32: as fp32, but GEMMs on the GPU's tensor cores
+// with TF32 inputs (fp32 accumulation). bf16 mixed precision is not implemented yet.
+enum class Precision { fp32, tf32 };
+const char* precision_name(Precision p);
+// "fp32" | "tf32"; anything else throws naming `flag` and the accepted values.
+Precision parse_precision(const std::string& s, const char* flag);
+
 struct GptPlan {
   int64_t B = 1;           // micro-batch size
   int64_t T = 1;           // sequence length (<= context_length)
   bool training = true;    // plan gradients and AdamW state
   int64_t decode_ctx = 0;  // > 0: also plan a batch-1 KV cache of this many positions for decode_step()
   Device device = Device::cpu;  // where every arena lives
+  Precision precision = Precision::fp32;  // tf32 needs device == cuda
 };
 
 class Gpt {

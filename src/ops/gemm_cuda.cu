@@ -20,10 +20,17 @@
 namespace lmf::cuda {
 namespace {
 
+// Reduction schemes a plan may use (see gemm_cuda.h, Numerics): none, or split-K reduced out of
+// place in a fixed order.
+constexpr uint32_t kAllowedReductionSchemes =
+    static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) | static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE);
+
 // The numeric configuration of a GEMM. Only f32 exists today; bf16 operands (CUDA_R_16BF A/B with
 // f32 accumulation) or TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) become new values here, with their own
 // impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
-enum class GemmPrecision : uint8_t { f32 };
+enum class GemmPrecision : uint8_t { f32, tf32 };
+
+GemmMath g_math = GemmMath::fp32;  // set_gemm_math(): the process-wide mode of the fp32 GEMMs
 
 struct GemmTypes {
   cublasComputeType_t compute;
@@ -41,6 +48,14 @@ GemmTypes gemm_types(GemmPrecision p) {
               .b = CUDA_R_32F,
               .c = CUDA_R_32F,
               .impl_mask = ~static_cast<uint64_t>(CUBLASLT_NUMERICAL_IMPL_FLAGS_TENSOR_OP_MASK)};
+    case GemmPrecision::tf32:
+      // fp32 storage and accumulation, inputs rounded to TF32 (10-bit mantissa) on the tensor cores.
+      return {.compute = CUBLAS_COMPUTE_32F_FAST_TF32,
+              .scale = CUDA_R_32F,
+              .a = CUDA_R_32F,
+              .b = CUDA_R_32F,
+              .c = CUDA_R_32F,
+              .impl_mask = ~uint64_t{0}};
   }
   fail("gemm: unsupported GemmPrecision ", static_cast<int>(p));
 }
@@ -151,8 +166,11 @@ void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
   cublasLtMatmulPreference_t pref = &pref_storage;
   LMF_CUBLAS_CHECK(cublasLtMatmulPreferenceInit(pref));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(kGemmWorkspaceBytes));
-  // No split-K: a split reduction is the one place a GEMM's summation order could vary.
-  set_pref(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE));
+  // Split-K only with an out-of-place reduction: the partial products go to the workspace and a
+  // separate kernel adds them in a fixed order, so the result is the same every run (in-place
+  // split-K, which accumulates into C, is excluded). Tall-K weight gradients (768x768, K=16384)
+  // need it to fill the GPU.
+  set_pref(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, kAllowedReductionSchemes);
   set_pref(pref, CUBLASLT_MATMUL_PREF_IMPL_MASK, t.impl_mask);
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b);  // cuBLASLt's A is our B
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a);
@@ -181,10 +199,10 @@ void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
                                                         sizeof(splitk), &written));
   LMF_CUBLAS_CHECK(cublasLtMatmulAlgoCapGetAttribute(&r.algo, CUBLASLT_ALGO_CAP_NUMERICAL_IMPL_FLAGS, &impl,
                                                      sizeof(impl), &written));
-  LMF_CHECK(scheme == CUBLASLT_REDUCTION_SCHEME_NONE, "cuBLASLt chose reduction scheme ", scheme, " (split-K ", splitk,
-            ") although only NONE was allowed: results could be nondeterministic");
+  LMF_CHECK((scheme & ~kAllowedReductionSchemes) == 0, "cuBLASLt chose reduction scheme ", scheme, " (split-K ",
+            splitk, ") outside the allowed out-of-place schemes: results could be nondeterministic");
   LMF_CHECK((impl & ~t.impl_mask) == 0, "cuBLASLt chose an algorithm with numerical implementation flags 0x", std::hex,
-            impl, " outside the allowed mask 0x", t.impl_mask, " (tensor cores would not be fp32)");
+            impl, " outside the allowed mask 0x", t.impl_mask, " (tensor cores in an fp32 GEMM)");
   p.algo = r.algo;
   p.workspace = r.workspaceSize;
   p.valid = true;
@@ -217,13 +235,20 @@ void gemm_run(const char* op, const GemmKey& k, float alpha, const float* A, con
   count_launch();
 }
 
+}  // namespace
+
+void set_gemm_math(GemmMath m) { g_math = m; }
+GemmMath gemm_math() { return g_math; }
+
+namespace {
+
 void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b, float beta, float* C,
                int64_t ldc, int64_t stride_c, int64_t batch, const float* bias) {
   if (M == 0 || N == 0) return;
   GemmKey k;
   k.device = cuda_limits().device;
-  k.prec = GemmPrecision::f32;
+  k.prec = g_math == GemmMath::tf32 ? GemmPrecision::tf32 : GemmPrecision::f32;
   k.trans_a = trans_a;
   k.trans_b = trans_b;
   k.bias = bias != nullptr;

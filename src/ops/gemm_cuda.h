@@ -10,9 +10,12 @@
 //   emulation: tensor-core implementations are excluded from the heuristic (and the chosen algorithm
 //   is checked), so results match the CPU within fp32 rounding. Lower precisions (bf16 operands,
 //   TF32) get their own GemmPrecision value in gemm_cuda.cu when mixed precision lands.
-// - Deterministic: split-K reductions are forbidden (reduction scheme NONE), and the algorithm for a
-//   signature is chosen once and reused, so the same call gives bitwise identical results every time.
-//   NOT batch-invariant: the heuristic may pick a different tile for a different M.
+// - Deterministic: split-K is allowed only with cuBLASLt's out-of-place reductions (partials in the
+//   workspace, added by a separate kernel in a fixed order; in-place split-K is excluded and the
+//   chosen scheme is checked), and the algorithm for a signature is chosen once and reused, so the
+//   same call gives bitwise identical results every time (the GPU tests run every GEMM shape twice).
+//   NOT batch-invariant: the heuristic may pick a different tile or split for a different M; the
+//   batch-invariant mode (later) will pin both.
 //
 // Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
 // alignment of every operand's rows, bias or not, batch count and strides) is chosen by
@@ -39,6 +42,14 @@ inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;  // 32 MiB
 inline constexpr int kGemmPlanCapacity = 256;
 
 namespace cuda {  // launchers (gemm_cuda.cu); A, B, C, bias are device pointers
+
+// How the fp32 GEMMs compute, process-wide (set once at set-up, before the first GEMM of a run):
+//   fp32: CUDA-core FMA, true fp32 (the default; matches the CPU within fp32 rounding)
+//   tf32: tensor cores with inputs rounded to TF32 (10-bit mantissa), fp32 accumulation and output
+// Plans are keyed by the mode, so switching never reuses the other mode's algorithm.
+enum class GemmMath : uint8_t { fp32, tf32 };
+void set_gemm_math(GemmMath m);
+GemmMath gemm_math();
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C [+ bias broadcast over the M rows]
 // op(A): (M, K), op(B): (K, N); A is (M, lda) or (K, lda) when trans_a, B is (K, ldb) or (N, ldb)

@@ -132,7 +132,10 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (device_ == Device::cuda) cuda_set_device(0);
 
   // --- plan ------------------------------------------------------------------------------------
-  GptPlan plan{o_.batch_size, T, true, 0, device_};
+  const Precision precision = parse_precision(o_.precision, "--precision");
+  if (precision == Precision::tf32 && device_ != Device::cuda)
+    fail("--precision=tf32 needs the GPU (--device cuda); the CPU computes in fp32");
+  GptPlan plan{o_.batch_size, T, true, 0, device_, precision};
   model_ = std::make_unique<Gpt>(cfg_, plan);
   batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
                                        {"targets", {o_.batch_size, T}, DType::i32}});
@@ -190,7 +193,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   log_ << "params total=" << human_count(total) << " (" << with_commas(static_cast<double>(total)) << ")\n";
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
-    log_ << "device model=" << cuda_limits().name << " precision=fp32 mfu_peak_tflops="
+    log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision) << " mfu_peak_tflops="
          << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)")) << "\n";
   }
   else
