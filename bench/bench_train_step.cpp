@@ -66,8 +66,8 @@ void print_profile(const OpProfiler& prof, int64_t steps, double step_ms, Device
   std::fprintf(stderr, "\nper-op time per step (%lld timed steps; step %.1f ms, ops sum %.1f ms)\n",
                static_cast<long long>(steps), step_ms, total / steps);
   if (c.gemm_tflops > 0)
-    std::fprintf(stderr, "ceilings measured now: fp32 GEMM %.1f TFLOP/s (cuBLASLt 8192^3), copy %.0f GB/s\n",
-                 c.gemm_tflops, c.copy_gbps);
+    std::fprintf(stderr, "ceilings measured now: %s GEMM %.1f TFLOP/s (cuBLASLt 8192^3), copy %.0f GB/s\n",
+                 cuda::gemm_math() == cuda::GemmMath::tf32 ? "tf32" : "fp32", c.gemm_tflops, c.copy_gbps);
   std::fprintf(stderr, "%-34s %10s %7s %8s %10s\n", "op", "ms/step", "share", "calls", "TFLOP/s");
   std::vector<OpProfiler::Row> rows = prof.rows();
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
