@@ -155,6 +155,15 @@ TEST_F(BadInput, ConfigWhoseHeadsDoNotDivideDModel) {
   EXPECT_TRUE(one_line_error(r, {"bad.json", "n_head=3 does not divide d_model=100"}));
 }
 
+TEST_F(BadInput, ConfigWithNonIntegerValues) {
+  std::ofstream(dir_ + "/frac.json") << R"({"vocab_size": 256, "n_layer": 1.9})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/frac.json --out-dir " + dir_ + "/run", dir_),
+                             {"frac.json", "field 'n_layer'", "1.9"}));
+  std::ofstream(dir_ + "/bool.json") << R"({"n_head": true})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/bool.json --out-dir " + dir_ + "/run", dir_),
+                             {"bool.json", "field 'n_head'"}));
+}
+
 TEST_F(BadInput, ConfigWithUnknownFieldAndInvalidJson) {
   std::ofstream(dir_ + "/typo.json") << R"({"vocab_size": 256, "n_heads": 4})";
   EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/typo.json --out-dir " + dir_ + "/run", dir_),
@@ -172,6 +181,9 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
   EXPECT_TRUE(one_line_error(run_cli("train --batch-size 0 --out-dir " + dir_ + "/run", dir_), {"--batch-size=0"}));
   EXPECT_TRUE(one_line_error(run_cli("train --seq-len 4096 --out-dir " + dir_ + "/run", dir_), {"--seq-len=4096"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/run --top-p 1.5", dir_), {"--top-p"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --grad-clip nan --out-dir " + dir_ + "/run", dir_), {"--grad-clip=nan"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --eval-batches 0 --out-dir " + dir_ + "/run", dir_), {"--eval-batches=0"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --precision bf16 --out-dir " + dir_ + "/run", dir_), {"--precision=bf16"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
 }
 

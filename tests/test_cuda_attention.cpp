@@ -1,7 +1,7 @@
 // test_cuda_attention.cpp: CUDA causal attention forward/backward (ops/attention.h) against the CPU
 // reference: T in {1, 7, 19, 111, 128, 1024}, MHA, GQA and MQA, head sizes below, at and above the
-// block size (1, 7, 19, 64, 128, 160), extreme scores (queries at +-300), a sequence long enough for
-// the backward kernels to opt into more than 48 KiB of shared memory; out/probs/dprobs poisoned,
+// block size (1, 7, 19, 64, 128, 160), extreme scores (queries at +-300), a long sequence
+// (T = 6144); out/probs/dprobs poisoned,
 // dqkv prefilled (accumulation), bitwise determinism; decode on the GPU is refused.
 #include <gtest/gtest.h>
 
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ops/attention.h"
+#include "ops/gemm_cuda.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
 
@@ -149,6 +150,7 @@ void check_case(const Dims& d, bool extreme = false) {
 
 TEST(CudaAttention, AwkwardSizesMatchCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   const Dims cases[] = {{2, 1, 4, 4, 7},  {2, 7, 4, 2, 7},   {3, 19, 3, 1, 19}, {2, 19, 4, 4, 1},
                         {1, 7, 2, 1, 111}, {2, 19, 4, 2, 160}, {1, 111, 2, 2, 19}, {2, 111, 6, 3, 64}};
   for (const Dims& d : cases) check_case(d);
@@ -156,24 +158,27 @@ TEST(CudaAttention, AwkwardSizesMatchCpu) {
 
 TEST(CudaAttention, RealisticSizesMatchCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   const Dims cases[] = {{2, 128, 4, 4, 64}, {1, 128, 8, 2, 128}, {1, 1024, 4, 4, 64}, {1, 1024, 8, 2, 64}};
   for (const Dims& d : cases) check_case(d);
 }
 
 TEST(CudaAttention, ExtremeScoresMatchCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   for (const Dims& d : {Dims{2, 19, 4, 2, 7}, Dims{1, 300, 2, 1, 19}}) check_case(d, true);
 }
 
-// 2 T + ... floats of shared memory per backward block exceed the default 48 KiB for T = 6144: the
-// launcher must opt in.
-TEST(CudaAttention, LongSequenceUsesOptInSharedMemory) {
+// A long sequence: many query/key blocks of the GEMM formulation, rows far wider than a block.
+TEST(CudaAttention, LongSequenceMatchesCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   check_case({1, 6144, 1, 1, 16});
 }
 
 TEST(CudaAttention, DecodeOnTheGpuIsAnError) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   const int64_t NH = 2, NKV = 1, HS = 4, maxT = 5;
   DeviceBuffer q(NH * HS * 4), out(NH * HS * 4), scores(NH * maxT * 4), k(maxT * NKV * HS * 4), v(maxT * NKV * HS * 4);
   EXPECT_THROW(attention_decode_forward(out.tensor(DType::f32, {NH * HS}, "out"),

@@ -210,5 +210,22 @@ TEST(CudaCrossEntropy, BadTargetGivesNaNLossOnly) {
   }
 }
 
+// loss_mean on the GPU against the CPU (both sum in double; the order differs: within 1e-6).
+TEST(CudaLossMean, MatchesCpuAndAccumulates) {
+  LMF_REQUIRE_GPU();
+  const uint64_t seed = test::fresh_seed();
+  for (int64_t n : {int64_t{1}, int64_t{19}, int64_t{16384}}) {
+    std::vector<float> l = test::randn(static_cast<size_t>(n), seed + n, 3.0f), cpu = {7.0f};
+    loss_mean(test::tensor_of(cpu, {1}, "dst"), test::tensor_of(l, {n}, "losses"), 0.5f, false);
+    loss_mean(test::tensor_of(cpu, {1}, "dst"), test::tensor_of(l, {n}, "losses"), 0.5f, true);
+    test::DeviceBuffer dl(l), dd(std::vector<float>{7.0f});
+    dd.poison();
+    loss_mean(dd.tensor(DType::f32, {1}, "dst"), dl.tensor(DType::f32, {n}, "losses"), 0.5f, false);
+    loss_mean(dd.tensor(DType::f32, {1}, "dst"), dl.tensor(DType::f32, {n}, "losses"), 0.5f, true);
+    const float gpu = dd.download<float>()[0];
+    EXPECT_NEAR(gpu, cpu[0], 1e-6 * std::max(1.0f, std::fabs(cpu[0]))) << "n=" << n << " seed=" << seed;
+  }
+}
+
 }  // namespace
 }  // namespace lmf

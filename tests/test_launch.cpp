@@ -1,9 +1,40 @@
 // Launch validation on the CPU with synthetic device limits: every launch is checked against
 // grid (x <= 2^31-1, y and z <= 65535), block and shared-memory limits before it is made, and the
 // error names the op, shapes, grid, block, smem and device.
+//
+// Building a LaunchSpec (shape_text) and validating a launch that fits allocate nothing: counted
+// here by wrapping the malloc family, as test_train does for a whole step.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
 #include "core/launch.h"
+
+// --- allocation counting: every malloc-family call (operator new included) while counting ----
+extern "C" void* __libc_malloc(size_t);
+extern "C" void* __libc_calloc(size_t, size_t);
+extern "C" void* __libc_realloc(void*, size_t);
+extern "C" void* __libc_memalign(size_t, size_t);
+static std::atomic<long> g_allocs{0};
+static std::atomic<bool> g_counting{false};
+static inline void count_alloc() {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
+}
+extern "C" void* malloc(size_t n) { count_alloc(); return __libc_malloc(n); }
+extern "C" void* calloc(size_t a, size_t b) { count_alloc(); return __libc_calloc(a, b); }
+extern "C" void* realloc(void* p, size_t n) { count_alloc(); return __libc_realloc(p, n); }
+extern "C" void* aligned_alloc(size_t a, size_t n) { count_alloc(); return __libc_memalign(a, n); }
+extern "C" int posix_memalign(void** p, size_t a, size_t n) {
+  count_alloc();
+  *p = __libc_memalign(a, n);
+  return *p ? 0 : ENOMEM;
+}
 
 namespace lmf {
 namespace {
@@ -46,6 +77,71 @@ TEST(LaunchValidation, DescriptionNamesEverything) {
   EXPECT_EQ(describe_launch(s, l),
             "op=embedding_forward shapes=(B=8 T=1024 C=768) grid=(8192,1,1) block=(256,1,1) smem=4096 device=3 "
             "(Synthetic H100)");
+}
+
+// shape_text gives the text the std::to_string / operator+ call sites it replaced gave.
+TEST(ShapeText, MatchesToString) {
+  const int64_t N = 8192, neg = -3, big = INT64_MIN;
+  const int i = 768;
+  const uint64_t u = UINT64_MAX;
+  const size_t z = 4096;
+  EXPECT_EQ(shape_text("N=", N, " C=", i).view(), "N=" + std::to_string(N) + " C=" + std::to_string(i));
+  EXPECT_EQ(shape_text("a=", neg, " b=", big, " u=", u, " z=", z).view(),
+            "a=" + std::to_string(neg) + " b=" + std::to_string(big) + " u=" + std::to_string(u) +
+                " z=" + std::to_string(z));
+  const std::string str = "S=";
+  const std::string_view sv = " T=";
+  const char* cs = " x=";
+  EXPECT_EQ(shape_text(str, 5, sv, 6, cs, 0.5, " ", 1e-8f, " ", 'c', " ", true).view(), "S=5 T=6 x=0.5 1e-08 c true");
+  EXPECT_EQ(std::string_view(shape_text("n=", 7).c_str()), "n=7");
+  EXPECT_EQ(shape_text().view(), "");
+  // a string literal converts (LaunchSpec{"op", "B=8 T=1024", ...})
+  const ShapeText lit = "B=8 T=1024";
+  EXPECT_EQ(lit.view(), "B=8 T=1024");
+  EXPECT_EQ(ShapeText().view(), "");
+}
+
+TEST(ShapeText, CutsLongTextSafely) {
+  const std::string long_text(300, 'x');
+  const ShapeText t = shape_text("N=", 1, " ", long_text, " C=", 2);
+  ASSERT_EQ(t.size, ShapeText::kCapacity - 1);
+  EXPECT_EQ(t.c_str()[t.size], '\0');
+  EXPECT_EQ(t.view(), "N=1 " + std::string(ShapeText::kCapacity - 1 - 4 - 3, 'x') + "...");
+  // exactly full: kept whole, no mark
+  const std::string fits(ShapeText::kCapacity - 1, 'y');
+  EXPECT_EQ(shape_text(fits).view(), fits);
+  EXPECT_EQ(ShapeText(long_text.c_str()).view(), std::string(ShapeText::kCapacity - 4, 'x') + "...");
+}
+
+TEST(ShapeText, BuildingAndValidatingALaunchAllocatesNothing) {
+  DeviceLimits l = h100_like();
+  const int64_t B = 8, T = 1024, NH = 12, NKV = 4, HS = 64;
+  long problems = 0;
+  g_allocs = 0;
+  g_counting = true;
+  for (int rep = 0; rep < 100; ++rep) {
+    const LaunchSpec s{"attention_forward", shape_text("B=", B, " T=", T + rep, " NH=", NH, " NKV=", NKV, " HS=", HS),
+                       {B * NH, 1, 1}, {256, 1, 1}, 0};
+    problems += static_cast<long>(launch_problem(l, s).size());
+    const LaunchSpec e{"adamw_update_flat", shape_text("n=", B * T * 768, " S=", 3), {1024, 1, 1}, {256, 1, 1}, 0};
+    problems += static_cast<long>(launch_problem(l, e).size());
+  }
+  g_counting = false;
+  EXPECT_EQ(problems, 0);
+  EXPECT_EQ(g_allocs.load(), 0) << "heap allocations while building and validating launches";
+  // the counter works: an allocation is seen
+  g_counting = true;
+  void* volatile p = std::malloc(16);
+  g_counting = false;
+  std::free(p);
+  EXPECT_EQ(g_allocs.load(), 1);
+  // and the failure message still names everything
+  const LaunchSpec s{"attention_forward", shape_text("B=", B, " T=", T, " NH=", NH, " NKV=", NKV, " HS=", HS),
+                     {1, 70000, 1}, {256, 1, 1}, 0};
+  EXPECT_EQ(launch_problem(l, s), "grid.y=70000 exceeds the device limit 65535");
+  EXPECT_EQ(describe_launch(s, l),
+            "op=attention_forward shapes=(B=8 T=1024 NH=12 NKV=4 HS=64) grid=(1,70000,1) block=(256,1,1) smem=0 "
+            "device=3 (Synthetic H100)");
 }
 
 }  // namespace

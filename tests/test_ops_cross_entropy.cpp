@@ -272,5 +272,22 @@ TEST(OpsCrossEntropy, BadInputsNameTheTensor) {
       "lm_head.dweight");
 }
 
+// loss_mean: dst = (accumulate ? dst : 0) + scale * mean(losses), the mean in double in index order.
+TEST(LossMean, MeanScaleAndAccumulate) {
+  for (int64_t n : test::awkward_sizes()) {
+    std::vector<float> l = randn(static_cast<size_t>(n), 900 + n, 3.0f);
+    double ref = 0;
+    for (float v : l) ref += v;
+    ref /= static_cast<double>(n);
+    std::vector<float> dst = {123.0f};
+    loss_mean(tensor_of(dst, {1}, "dst"), tensor_of(l, {n}, "losses"), 0.5f, false);
+    EXPECT_EQ(dst[0], static_cast<float>(0.5 * ref)) << "n=" << n;
+    loss_mean(tensor_of(dst, {1}, "dst"), tensor_of(l, {n}, "losses"), 0.25f, true);
+    EXPECT_EQ(dst[0], static_cast<float>(static_cast<double>(static_cast<float>(0.5 * ref)) + 0.25 * ref)) << "n=" << n;
+  }
+  std::vector<float> two(2), l(3);
+  EXPECT_THROW(loss_mean(tensor_of(two, {2}, "dst"), tensor_of(l, {3}, "losses"), 1.0f, false), Error);
+}
+
 }  // namespace
 }  // namespace lmf

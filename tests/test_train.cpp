@@ -9,12 +9,15 @@
 #include <filesystem>
 #include <malloc.h>
 #include <new>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/rng.h"
 #include "data/shard.h"
 #include "model/gpt.h"
 #include "support/test_util.h"
+#include "train/fsutil.h"
 #include "train/trainer.h"
 
 // --- allocation counting: every malloc-family call and operator new in this process ------------
@@ -67,6 +70,7 @@ TrainOptions small_run(const std::string& out_dir) {
   o.eval_batches = 2;
   o.out_dir = out_dir;
   o.progress = false;
+  o.device = "cpu";  // these are the CPU contracts, also on a machine with a GPU
   return o;
 }
 
@@ -124,6 +128,32 @@ TEST(Determinism, ResumeFromStep5MatchesUninterruptedRun) {
   EXPECT_TRUE(bitwise_equal(tail, resumed.losses())) << "steps 6-10 differ after resume";
   std::vector<float> pa = params_copy(full.model()), pb = params_copy(resumed.model());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), pa.size() * 4)) << "final weights differ after resume";
+  fs::remove_all(d);
+}
+
+// The CPU backend's bits do not depend on the number of threads: the same run with 1 and with 3
+// OpenMP threads logs identical losses and writes a byte-identical checkpoint.
+TEST(Determinism, ThreadCountDoesNotChangeTheBits) {
+  std::string d = test::make_temp_dir("threads");
+  auto run = [&](int threads) {
+    std::string out = d + "/t" + std::to_string(threads);
+    std::string cmd = "OMP_NUM_THREADS=" + std::to_string(threads) + " " + test::lmforge_binary() +
+                      " train --device cpu -B 4 -T 64 --steps 6 --log-every 1 --eval-batches 2 --out-dir " + out +
+                      " >/dev/null 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::vector<double> losses;
+    std::ifstream f(out + "/metrics.jsonl");
+    for (std::string line; std::getline(f, line);) {
+      auto j = nlohmann::json::parse(line);
+      losses.push_back(j.contains("loss") ? j["loss"].get<double>() : j["val_loss"].get<double>());
+    }
+    return std::make_pair(losses, read_file(out + "/checkpoints/step_000006/model.safetensors"));
+  };
+  auto [l1, w1] = run(1);
+  auto [l3, w3] = run(3);
+  ASSERT_EQ(l1.size(), 8u);  // 6 step lines + 2 validation lines
+  EXPECT_TRUE(bitwise_equal(l1, l3)) << "losses differ between 1 and 3 threads";
+  EXPECT_TRUE(w1 == w3) << "checkpoint bytes differ between 1 and 3 threads";
   fs::remove_all(d);
 }
 

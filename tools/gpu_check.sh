@@ -14,6 +14,7 @@ OUT=${OUT:-/tmp/lmf_gpu}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 summary=()
+failures=0
 add() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -38,6 +39,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     failed=$(grep -oE '[0-9]+ FAILED TEST' /tmp/lmf_test.log | grep -oE '^[0-9]+')
     skipped=$(grep -oE '\[  SKIPPED \] [0-9]+' /tmp/lmf_test.log | grep -oE '[0-9]+$')
     add "$name" "rc=$rc passed=${passed:-0} failed=${failed:-0} skipped=${skipped:-0}"
+    [ $rc -eq 0 ] || failures=$((failures + 1))
     if [ $rc -ne 0 ]; then grep -E "Failure|error|Error|FAILED|Expected|Which is|value|seed" /tmp/lmf_test.log | head -30; fi
     grep "measured" /tmp/lmf_test.log
   done
@@ -46,16 +48,19 @@ fi
 if [ "$what" = all ]; then
   ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 200 --warmup 30 --log-every 50 --eval-every 100 \
     --out-dir "$OUT/train_gpu" >"$OUT/train_gpu.log" 2>&1
-  add "train tiny on GPU (200 steps)" "rc=$? $(grep val_loss "$OUT/train_gpu.log" | tail -1)"
+  rc=$?
+  add "train tiny on GPU (200 steps)" "rc=$rc $(grep val_loss "$OUT/train_gpu.log" | tail -1)"
+  [ $rc -eq 0 ] || failures=$((failures + 1))
   tail -5 "$OUT/train_gpu.log"
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
   B=${LMF_BENCH_B:-16}
   ./build-gpu/lmforge_bench --device cuda --preset gpt2-124m --batch-size "$B" --seq-len 1024 --steps 5 \
-    --warmup-steps 2 >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err"
+    --warmup-steps 2 >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err" || failures=$((failures + 1))
   ./build-gpu/lmforge_bench --device cuda --precision tf32 --preset gpt2-124m --batch-size "$B" --seq-len 1024 \
-    --steps 5 --warmup-steps 2 --profile >"$OUT/bench_lmforge_tf32.json" 2>"$OUT/bench_lmforge_tf32.err"
+    --steps 5 --warmup-steps 2 --profile >"$OUT/bench_lmforge_tf32.json" 2>"$OUT/bench_lmforge_tf32.err" ||
+    failures=$((failures + 1))
   cat "$OUT/bench_lmforge.err" "$OUT/bench_lmforge_tf32.err"
   for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do
     python3 bench/torch_gpu_gpt2.py --mode $mode --batch-size "$B" --seq-len 1024 >"$OUT/bench_$mode.json" \
@@ -84,3 +89,5 @@ fi
 
 echo; echo "== summary =="
 printf '%s\n' "${summary[@]}"
+echo "failures: $failures"
+[ "$failures" -eq 0 ]

@@ -1,6 +1,7 @@
 // device.cu: the CUDA implementation of device.h, plus the stream, cuBLASLt handle and workspace
 // every launcher shares.
 #include <atomic>
+#include <unordered_map>
 #include <cstdio>
 
 #include "core/cuda_check.h"
@@ -45,6 +46,7 @@ struct Context {
 Context g_ctx;
 std::atomic<uint64_t> g_launches{0};
 std::atomic<size_t> g_allocated{0}, g_peak{0};
+std::unordered_map<void*, size_t> g_sizes;  // live device_alloc() blocks (set-up time only)
 
 Context& ctx() {
   if (g_ctx.device < 0) cuda_set_device(0);
@@ -98,7 +100,11 @@ void* device_alloc(size_t bytes, const std::string& what) {
     fail(what, ": cannot allocate ", bytes, " bytes on CUDA device ", g_ctx.device, " (", free_b, " of ", total_b,
          " bytes free): ", cudaGetErrorString(e));
   }
-  LMF_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  // Zero on lmforge's (non-blocking) stream and wait: a cudaMemset on the legacy stream would not
+  // be ordered before work on ours.
+  LMF_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_ctx.stream));
+  LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
+  g_sizes[p] = bytes;
   size_t now = g_allocated += bytes;
   size_t peak = g_peak.load();
   while (now > peak && !g_peak.compare_exchange_weak(peak, now)) {
@@ -107,7 +113,13 @@ void* device_alloc(size_t bytes, const std::string& what) {
 }
 
 void device_free(void* p) {
-  if (p) cudaFree(p);
+  if (!p) return;
+  cudaFree(p);
+  auto it = g_sizes.find(p);
+  if (it != g_sizes.end()) {
+    g_allocated -= it->second;
+    g_sizes.erase(it);
+  }
 }
 
 void device_memset0(void* p, size_t bytes) { LMF_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, ctx().stream)); }
@@ -202,7 +214,7 @@ double cuda_event_elapsed_ms(void* a, void* b) {
 void cuda_reserve_workspace(size_t bytes) {
   Context& c = ctx();
   if (bytes <= c.workspace_bytes) return;
-  if (c.workspace) LMF_CUDA_CHECK(cudaFree(c.workspace));
+  if (c.workspace) device_free(c.workspace);
   c.workspace = device_alloc(bytes, "CUDA workspace");
   c.workspace_bytes = bytes;
 }

@@ -1,6 +1,8 @@
 #include "model/config.h"
 
 #include <fstream>
+#include <limits>
+#include <type_traits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -30,13 +32,22 @@ void ModelConfig::validate(const std::string& where) const {
 
 namespace {
 
+// Strict types: an integer field takes only a JSON integer (no 1.9 -> 1, no true -> 1, no
+// out-of-range wrap), a float field any number, a bool field only true/false.
 template <class T>
 T get_field(const json& j, const char* key, const std::string& where) {
-  try {
-    return j.at(key).get<T>();
-  } catch (const json::exception&) {
-    fail(where, ": field '", key, "' has the wrong type (", j.at(key).dump(), ")");
-  }
+  const json& v = j.at(key);
+  bool ok;
+  if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean();
+  else if constexpr (std::is_integral_v<T>)
+    ok = v.is_number_integer() &&
+         (v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max())
+                                 : v.get<int64_t>() >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+                                       v.get<int64_t>() <= static_cast<int64_t>(std::numeric_limits<T>::max()));
+  else if constexpr (std::is_floating_point_v<T>) ok = v.is_number();
+  else ok = v.is_string();
+  if (!ok) fail(where, ": field '", key, "' has the wrong type or range (", v.dump(), ")");
+  return v.get<T>();
 }
 
 std::string get_enum(const json& j, const char* key, const std::string& where, std::initializer_list<const char*> ok) {
@@ -44,7 +55,10 @@ std::string get_enum(const json& j, const char* key, const std::string& where, s
   for (const char* o : ok)
     if (v == o) return v;
   std::string list;
-  for (const char* o : ok) list += (list.empty() ? "" : "|") + std::string(o);
+  for (const char* o : ok) {
+    if (!list.empty()) list += "|";
+    list += o;
+  }
   fail(where, ": field '", key, "' is '", v, "', expected ", list);
 }
 
@@ -141,7 +155,10 @@ ModelConfig config_preset(const std::string& name) {
     c.tied_embeddings = false; c.bias = false;
   } else {
     std::string list;
-    for (const auto& n : config_preset_names()) list += (list.empty() ? "" : ", ") + n;
+    for (const auto& n : config_preset_names()) {
+      if (!list.empty()) list += ", ";
+      list += n;
+    }
     fail("--preset: unknown preset '", name, "' (known: ", list, ")");
   }
   c.validate("preset " + name);

@@ -32,7 +32,7 @@
 // (block_reduce.cuh). The softmax recomputes expf(S - max) in its write pass instead of storing it
 // (same inputs, same bits).
 //
-// Determinism: every GEMM has a fixed plan without split-K (gemm_cuda.h), the calls run in a fixed
+// Determinism: every GEMM has a fixed plan (gemm_cuda.h: split-K only out of place), the calls run in a fixed
 // order on one stream and no kernel uses atomics. dK/dV of a kv head accumulate (beta = 1) over the
 // q heads of its group in increasing head order, one GEMM per head and key block; dQ is written once
 // per (head, query block). The reduction orders depend on (B, T, NH, NKV, HS) only through the
@@ -79,9 +79,8 @@ struct Dims {
   int64_t p_off(int64_t h) const { return h * T * T; }
 };
 
-std::string shapes_of(const Dims& d) {
-  return "B=" + std::to_string(d.B) + " T=" + std::to_string(d.T) + " NH=" + std::to_string(d.NH) +
-         " NKV=" + std::to_string(d.NKV) + " HS=" + std::to_string(d.HS);
+ShapeText shapes_of(const Dims& d) {
+  return shape_text("B=", d.B, " T=", d.T, " NH=", d.NH, " NKV=", d.NKV, " HS=", d.HS);
 }
 
 // Rows per block: T split into min(ceil(T / target), max_blocks) blocks, rounded up to a multiple of
@@ -134,7 +133,7 @@ __global__ void softmax_backward_rows_kernel(float* dprobs, const float* probs, 
   for (int64_t s = lane; s < end; s += 32) dp[s] = s <= t ? p[s] * (dp[s] - dot) : 0.0f;
 }
 
-LaunchSpec row_launch(const char* op, const std::string& shapes, int64_t rows) {
+LaunchSpec row_launch(const char* op, const ShapeText& shapes, int64_t rows) {
   return {op, shapes, {ceil_div(rows, kRowWarps), 1, 1}, {kRowThreads, 1, 1}, 0};
 }
 
@@ -146,7 +145,7 @@ void attention_forward(float* out, float* probs, const float* qkv, int64_t B, in
   const Dims d{B, T, NH, NKV, HS};
   const int64_t C3 = d.C3(), CO = d.CO(), sq = d.s_qkv(), so = d.s_out(), sp = d.s_probs();
   const int64_t Rs = block_rows(T, kScoreRows, kMaxScoreBlocks), Ro = block_rows(T, kOutRows, kMaxOutBlocks);
-  cuda_reserve_workspace(kGemmWorkspaceBytes);  // no-op when reserved at set-up
+  // GEMM workspace: reserved at set-up by the caller (the model; tests); the GEMMs fail clearly if not
   // S[r0:r1, 0:r1] = scale Q[r0:r1] K[0:r1]^T into probs
   for (int64_t h = 0; h < NH; ++h)
     for (int64_t r0 = 0; r0 < T; r0 += Rs) {
@@ -171,7 +170,7 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
   const Dims d{B, T, NH, NKV, HS};
   const int64_t C3 = d.C3(), CO = d.CO(), sq = d.s_qkv(), so = d.s_out(), sp = d.s_probs();
   const int64_t Rs = block_rows(T, kScoreRows, kMaxScoreBlocks), Ro = block_rows(T, kOutRows, kMaxOutBlocks);
-  cuda_reserve_workspace(kGemmWorkspaceBytes);  // no-op when reserved at set-up
+  // GEMM workspace: reserved at set-up by the caller (the model; tests); the GEMMs fail clearly if not
   // dP[r0:r1, 0:r1] = dO[r0:r1] V[0:r1]^T into dprobs
   for (int64_t h = 0; h < NH; ++h)
     for (int64_t r0 = 0; r0 < T; r0 += Rs) {

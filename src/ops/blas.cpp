@@ -12,8 +12,10 @@ namespace {
 // Set once at load time: OpenBLAS single-threaded (see blas.h).
 const int kBlasThreadsPinned = (openblas_set_num_threads(1), 1);
 
-// Below this many multiply-adds a GEMM runs on one thread.
+// Below this many multiply-adds a GEMM is one call.
 constexpr double kParallelMinFlops = 2.0e6;
+// Fixed block sizes of the parallel split (see blas_sgemm).
+constexpr int64_t kRowBlock = 128, kColBlock = 256;
 
 }  // namespace
 
@@ -23,27 +25,27 @@ void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
   if (M <= 0 || N <= 0) return;
   const CBLAS_TRANSPOSE opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
   const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (nt <= 1 || static_cast<double>(M) * N * K < kParallelMinFlops) {
+  // The blocks depend only on the shape, never on the thread count: OpenBLAS picks its kernels by
+  // the block's size, so the same blocks give the same bits on 1 thread or 64.
+  if (static_cast<double>(M) * N * K < kParallelMinFlops || (M < 2 * kRowBlock && N < 2 * kColBlock)) {
     cblas_sgemm(CblasRowMajor, opa, opb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  if (M >= 16 * nt) {
+  if (M >= 2 * kRowBlock) {
     // Row blocks of C: rows [r0, r1) of C need rows [r0, r1) of op(A).
-    const int64_t chunk = (M + nt - 1) / nt;
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; ++t) {
-      int64_t r0 = t * chunk, r1 = std::min(M, r0 + chunk);
-      if (r0 >= r1) continue;
+    const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
       const float* Ab = ta ? A + r0 : A + r0 * lda;
       cblas_sgemm(CblasRowMajor, opa, opb, r1 - r0, N, K, alpha, Ab, lda, B, ldb, beta, C + r0 * ldc, ldc);
     }
   } else {
     // Column blocks of C: columns [c0, c1) of C need columns [c0, c1) of op(B).
-    const int64_t chunk = (N + nt - 1) / nt;
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; ++t) {
-      int64_t c0 = t * chunk, c1 = std::min(N, c0 + chunk);
-      if (c0 >= c1) continue;
+    const int64_t blocks = (N + kColBlock - 1) / kColBlock;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t c0 = i * kColBlock, c1 = std::min(N, c0 + kColBlock);
       const float* Bb = tb ? B + c0 * ldb : B + c0;
       cblas_sgemm(CblasRowMajor, opa, opb, M, c1 - c0, K, alpha, A, lda, Bb, ldb, beta, C + c0, ldc);
     }

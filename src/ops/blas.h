@@ -3,8 +3,8 @@
 // OpenBLAS runs single-threaded: its threaded GEMM allocates a job table on every call (an
 // allocation inside the step) and its thread pool competes with OpenMP's. lmforge parallelises a
 // large GEMM itself by splitting C into row blocks (or column blocks when C has few rows) over
-// OpenMP threads, one single-threaded sgemm per block. Each element of C is still one sgemm dot
-// product over the full K in OpenBLAS's order, so results are deterministic. Inside an OpenMP
+// OpenMP threads, one single-threaded sgemm per block. The blocks are fixed sizes that depend only
+// on the shape, so results are bitwise the same for any number of threads. Inside an OpenMP
 // parallel region (e.g. attention's per-head loop) the call runs on the calling thread.
 #pragma once
 #include <cstdint>

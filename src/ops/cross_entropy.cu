@@ -66,9 +66,8 @@ __global__ void ce_row_kernel(float* __restrict__ losses, float* __restrict__ lo
   }
 }
 
-std::string dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
-  return "N=" + std::to_string(N) + " C=" + std::to_string(C) + " V=" + std::to_string(V) +
-         " Vp=" + std::to_string(Vp) + " R=" + std::to_string(R);
+ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
+  return shape_text("N=", N, " C=", C, " V=", V, " Vp=", Vp, " R=", R);
 }
 
 // One block: each thread sums its strided elements in double in index order, then the block sum
@@ -88,7 +87,7 @@ __global__ void loss_mean_kernel(float* dst, const float* losses, int64_t n, flo
 namespace cuda {
 
 void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool accumulate) {
-  launch({"loss_mean", "n=" + std::to_string(n), {1, 1, 1}, {1024, 1, 1}, 0}, loss_mean_kernel, dst, losses, n, scale,
+  launch({"loss_mean", shape_text("n=", n), {1, 1, 1}, {1024, 1, 1}, 0}, loss_mean_kernel, dst, losses, n, scale,
          accumulate);
 }
 
@@ -97,7 +96,7 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
                            int64_t R, float grad_scale) {
   const char* op = "lm_head_cross_entropy";
   const bool grad = dx != nullptr;
-  const std::string shapes = dims(N, C, V, Vp, R);
+  const ShapeText shapes = dims(N, C, V, Vp, R);
   for (int64_t n0 = 0; n0 < N; n0 += R) {
     const int64_t rows = R < N - n0 ? R : N - n0;
     const float* xc = x + n0 * C;  // (rows, C)

@@ -23,7 +23,7 @@ void launch_elementwise(const char* op, int64_t n, F f) {
   constexpr int64_t kBlock = 256;
   const int64_t max_blocks = static_cast<int64_t>(cuda_limits().sm_count) * 16;
   const int64_t blocks = std::min(ceil_div(n, kBlock), std::max<int64_t>(max_blocks, 1));
-  launch({op, "n=" + std::to_string(n), {blocks, 1, 1}, {kBlock, 1, 1}, 0}, elementwise_kernel<F>, n, f);
+  launch({op, shape_text("n=", n), {blocks, 1, 1}, {kBlock, 1, 1}, 0}, elementwise_kernel<F>, n, f);
 }
 
 }  // namespace lmf::cuda

@@ -100,7 +100,7 @@ void embedding_backward_wte(float* dwte, const float* dout, const int32_t* token
   size_t temp_bytes = L.temp_bytes;
   LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + L.temp, temp_bytes, tokens, keys_sorted, rows, rows_sorted,
                                                  static_cast<int>(N), 0, key_bits(Vp), stream()));
-  const std::string shapes = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " Vp=" + std::to_string(Vp);
+  const ShapeText shapes = shape_text("N=", N, " C=", C, " Vp=", Vp);
   launch({kOpBackward, shapes, {N, 1, 1}, {kWteBlock, 1, 1}, 0}, embedding_wte_runs_kernel, dwte, dout,
          static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
 }

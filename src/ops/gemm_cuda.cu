@@ -25,9 +25,9 @@ namespace {
 constexpr uint32_t kAllowedReductionSchemes =
     static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) | static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE);
 
-// The numeric configuration of a GEMM. Only f32 exists today; bf16 operands (CUDA_R_16BF A/B with
-// f32 accumulation) or TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) become new values here, with their own
-// impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
+// The numeric configuration of a GEMM: fp32 (CUDA cores) or tf32 (tensor cores, fp32 accumulation),
+// chosen by set_gemm_math(). bf16 operands (CUDA_R_16BF A/B with f32 accumulation) become a new
+// value here, with its own impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
 enum class GemmPrecision : uint8_t { f32, tf32 };
 
 GemmMath g_math = GemmMath::fp32;  // set_gemm_math(): the process-wide mode of the fp32 GEMMs
@@ -114,7 +114,7 @@ std::string describe(const GemmKey& k, float alpha, float beta) {
      << " align(A,B,C,bias)=(" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_bias << ")";
   if (k.batch != 1)
     os << " batch=" << k.batch << " strides(A,B,C)=(" << k.stride_a << "," << k.stride_b << "," << k.stride_c << ")";
-  os << " fp32";
+  os << (k.prec == GemmPrecision::tf32 ? " tf32" : " fp32");
   return os.str();
 }
 

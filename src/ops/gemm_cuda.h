@@ -6,10 +6,10 @@
 // matrix); with beta == 0 C is not read, so it may hold garbage (NaN) on entry.
 //
 // Numerics (DESIGN.md section 5):
-// - fp32 in, fp32 out, CUBLAS_COMPUTE_32F: a true fp32 FMA accumulation. No TF32, no bf16x9
-//   emulation: tensor-core implementations are excluded from the heuristic (and the chosen algorithm
-//   is checked), so results match the CPU within fp32 rounding. Lower precisions (bf16 operands,
-//   TF32) get their own GemmPrecision value in gemm_cuda.cu when mixed precision lands.
+// - fp32 in, fp32 out. GemmMath::fp32 (default): CUBLAS_COMPUTE_32F on CUDA cores only (tensor-core
+//   implementations are excluded and the chosen algorithm is checked), so results match the CPU
+//   within fp32 rounding. GemmMath::tf32 (set_gemm_math): CUBLAS_COMPUTE_32F_FAST_TF32, inputs
+//   rounded to TF32 on the tensor cores, fp32 accumulation. bf16 operands come with mixed precision.
 // - Deterministic: split-K is allowed only with cuBLASLt's out-of-place reductions (partials in the
 //   workspace, added by a separate kernel in a fixed order; in-place split-K is excluded and the
 //   chosen scheme is checked), and the algorithm for a signature is chosen once and reused, so the

@@ -47,9 +47,7 @@ __global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __res
   dbias[c] += s;
 }
 
-std::string dims(int64_t N, int64_t IC, int64_t OC) {
-  return "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
-}
+ShapeText dims(int64_t N, int64_t IC, int64_t OC) { return shape_text("N=", N, " IC=", IC, " OC=", OC); }
 
 }  // namespace
 
@@ -67,7 +65,7 @@ void linear_backward(float* dinp, float* dweight, float* dbias, const float* dou
   if (dbias) {
     const int64_t chunks = ceil_div(N, kLinearBiasRowChunk), col_groups = ceil_div(OC, kBiasCols);
     auto* partial = static_cast<float*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op));
-    const std::string shapes = dims(N, IC, OC);
+    const ShapeText shapes = dims(N, IC, OC);
     launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel, partial,
            dout, N, OC, col_groups);
     launch({op, shapes, {ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,

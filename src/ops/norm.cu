@@ -27,7 +27,7 @@ constexpr int64_t kRowsPerBlock = 4;  // warps (rows) per block in the row kerne
 constexpr int64_t kRowChunk = 64;     // rows per partial sum of dweight/dbias
 constexpr int64_t kColBlock = 128;    // columns (threads) per block of the partial-sum pass
 
-std::string shapes_of(int64_t N, int64_t C) { return "N=" + std::to_string(N) + " C=" + std::to_string(C); }
+ShapeText shapes_of(int64_t N, int64_t C) { return shape_text("N=", N, " C=", C); }
 
 int64_t row_chunks(int64_t N) { return ceil_div(N, kRowChunk); }
 
@@ -121,7 +121,7 @@ __global__ void norm_params_partial_kernel(double* part_w, double* part_b, const
 void norm_backward(const char* op, float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                    const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
   if (N == 0 || C == 0) return;
-  const std::string shapes = shapes_of(N, C);
+  const ShapeText shapes = shapes_of(N, C);
   launch({op, shapes, {ceil_div(N, kRowsPerBlock), 1, 1}, {kRowsPerBlock * 32, 1, 1}, 0}, norm_backward_dinp_kernel,
          dinp, dout, inp, weight, mean, rstd, N, C);
   const int64_t nchunks = row_chunks(N);

@@ -156,7 +156,7 @@ void grad_global_norm(float* norm, const float* grads, int64_t n) {
   const char* op = "grad_global_norm";
   const int64_t parts = ceil_div(n, kNormBlock);
   auto* partial = static_cast<double*>(cuda_workspace(grad_global_norm_cuda_workspace(n), op));
-  const std::string shapes = "n=" + std::to_string(n);
+  const ShapeText shapes = shape_text("n=", n);
   if (parts > 0)
     launch({op, shapes, {parts, 1, 1}, {kNormThreads, 1, 1}, 0}, norm_partial_kernel, partial, grads, n);
   // With n == 0 this writes sqrt(0) = 0, as the CPU does.
@@ -184,7 +184,7 @@ void adamw_update_flat(float* param, float* m, float* v, const float* grad, cons
   constexpr int64_t kBlock = 256;
   const int64_t max_blocks = std::max<int64_t>(static_cast<int64_t>(cuda_limits().sm_count) * 16, 1);
   const int64_t blocks = std::min(ceil_div(n, kBlock), max_blocks);
-  const LaunchSpec spec{op, "n=" + std::to_string(n) + " S=" + std::to_string(s), {blocks, 1, 1}, {kBlock, 1, 1}, 0};
+  const LaunchSpec spec{op, shape_text("n=", n, " S=", s), {blocks, 1, 1}, {kBlock, 1, 1}, 0};
   const int si = static_cast<int>(s);
   if (s <= kDecayCaps[0])
     launch_adamw_flat<kDecayCaps[0]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay);

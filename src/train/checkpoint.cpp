@@ -22,8 +22,9 @@ std::string step_dir_name(int64_t step) {
   return buf;
 }
 
-// Every tensor in `file` must be one of `arena`'s (with prefix) and vice versa; then copy.
-void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& prefix) {
+// Every tensor in `file` must be one of `arena`'s (with prefix) and vice versa, with the right
+// dtype and shape. Throws naming the first problem; reads nothing.
+void check_arena(const SafetensorsFile& file, const Arena& arena, const std::string& prefix) {
   std::set<std::string> expected;
   for (size_t i = 0; i < arena.size(); ++i) expected.insert(prefix + arena.spec(i).name);
   for (const auto& e : file.entries())
@@ -32,6 +33,11 @@ void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& pr
     std::string name = prefix + arena.spec(i).name;
     if (!file.find(name)) fail(file.path(), ": missing tensor '", name, "'");
   }
+  for (size_t i = 0; i < arena.size(); ++i) file.check_entry(prefix + arena.spec(i).name, arena[i]);
+}
+
+void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& prefix) {
+  check_arena(file, arena, prefix);
   for (size_t i = 0; i < arena.size(); ++i) file.read_into(prefix + arena.spec(i).name, arena[i]);
 }
 
@@ -116,8 +122,7 @@ TrainState load_checkpoint(const std::string& dir, Gpt& model) {
   } catch (const json::exception& e) {
     fail(sf.string(), ": invalid checkpoint state (", e.what(), ")");
   }
-  load_arena(mf, model.params(), "");
-  // optimizer file holds m.* and v.*: check both halves against the same specs
+  // optimizer file holds m.* and v.*: every one present with the parameter's shape, nothing else
   std::set<std::string> expected;
   for (size_t i = 0; i < model.adam_m().size(); ++i) {
     expected.insert("m." + model.adam_m().spec(i).name);
@@ -125,6 +130,13 @@ TrainState load_checkpoint(const std::string& dir, Gpt& model) {
   }
   for (const auto& e : opt.entries())
     if (!expected.count(e.name)) fail(opt.path(), ": unexpected tensor '", e.name, "'");
+  check_arena(mf, model.params(), "");
+  for (size_t i = 0; i < model.adam_m().size(); ++i) {
+    opt.check_entry("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
+    opt.check_entry("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  }
+  // Everything is valid: only now copy.
+  load_arena(mf, model.params(), "");
   for (size_t i = 0; i < model.adam_m().size(); ++i) {
     opt.read_into("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
     opt.read_into("v." + model.adam_v().spec(i).name, model.adam_v()[i]);

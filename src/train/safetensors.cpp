@@ -101,6 +101,11 @@ const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
 }
 
 void SafetensorsFile::read_into(const std::string& name, const Tensor& dst) const {
+  check_entry(name, dst);
+  tensor_from_host(dst, data(*find(name)));
+}
+
+void SafetensorsFile::check_entry(const std::string& name, const Tensor& dst) const {
   const SafetensorsEntry* e = find(name);
   if (!e) fail(path_, ": missing tensor '", name, "'");
   std::vector<int64_t> want(dst.shape.begin(), dst.shape.begin() + dst.ndim);
@@ -108,7 +113,6 @@ void SafetensorsFile::read_into(const std::string& name, const Tensor& dst) cons
     fail(path_, ": tensor '", name, "' has dtype ", e->dtype, ", expected ", safetensors_dtype(dst.dtype));
   if (e->shape != want)
     fail(path_, ": tensor '", name, "' has shape ", shape_string(e->shape), ", expected ", shape_string(want));
-  tensor_from_host(dst, data(*e));
 }
 
 std::string safetensors_serialize(const std::vector<std::pair<std::string, Tensor>>& tensors,

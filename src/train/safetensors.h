@@ -34,6 +34,8 @@ class SafetensorsFile {
   // Copies tensor `name` into `dst`, checking it exists with dst's dtype and shape (errors name
   // the file, the tensor, the expected and the found shape/dtype).
   void read_into(const std::string& name, const Tensor& dst) const;
+  // The checks of read_into() without copying.
+  void check_entry(const std::string& name, const Tensor& like) const;
 
  private:
   std::string path_;

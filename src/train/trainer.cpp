@@ -98,9 +98,17 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (o_.batch_size < 1) fail("--batch-size=", o_.batch_size, " must be >= 1");
   if (o_.grad_accum < 1) fail("--grad-accum=", o_.grad_accum, " must be >= 1");
   if (o_.steps < 1) fail("--steps=", o_.steps, " must be >= 1");
-  if (!(o_.lr > 0)) fail("--lr=", o_.lr, " must be > 0");
+  if (!(o_.lr > 0) || !std::isfinite(o_.lr)) fail("--lr=", o_.lr, " must be a finite number > 0");
+  if (o_.min_lr != -1.0f && !(o_.min_lr >= 0 && std::isfinite(o_.min_lr)))
+    fail("--min-lr=", o_.min_lr, " must be a finite number >= 0");
+  if (!(o_.weight_decay >= 0) || !std::isfinite(o_.weight_decay))
+    fail("--weight-decay=", o_.weight_decay, " must be a finite number >= 0");
+  if (o_.eval_batches < 1) fail("--eval-batches=", o_.eval_batches, " must be >= 1");
+  if (o_.mfu_peak_tflops < 0 || !std::isfinite(o_.mfu_peak_tflops))
+    fail("--mfu-peak-tflops=", o_.mfu_peak_tflops, " must be >= 0 (0 = from the device table)");
   if (o_.warmup < 0) fail("--warmup=", o_.warmup, " must be >= 0");
-  if (o_.grad_clip < 0) fail("--grad-clip=", o_.grad_clip, " must be >= 0 (0 = off)");
+  if (!(o_.grad_clip >= 0) || !std::isfinite(o_.grad_clip))
+    fail("--grad-clip=", o_.grad_clip, " must be a finite number >= 0 (0 = off)");
   if (o_.log_every < 1) fail("--log-every=", o_.log_every, " must be >= 1");
   if (o_.eval_every < 0) fail("--eval-every=", o_.eval_every, " must be >= 0");
   if (o_.checkpoint_every < 0) fail("--checkpoint-every=", o_.checkpoint_every, " must be >= 0");
@@ -213,11 +221,14 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 }
 
 Trainer::~Trainer() {
-  if (device_ == Device::cuda) {
-    device_synchronize();
-    for (void* p : staging_) host_free_pinned(p);
-    cuda_event_pool_destroy(staging_events_);
+  if (device_ != Device::cuda) return;
+  try {
+    device_synchronize();  // pinned staging may still be read by an upload
+  } catch (const Error&) {
+    // a sticky CUDA error is reported by whoever saw it first; a destructor must not throw
   }
+  for (void* p : staging_) host_free_pinned(p);
+  cuda_event_pool_destroy(staging_events_);
 }
 
 double Trainer::last_grad_norm() const {

@@ -29,7 +29,7 @@ struct TrainOptions {
   int64_t grad_accum = 1;
   int64_t steps = 200;
   float lr = 3e-3f;
-  float min_lr = -1.0f;             // < 0: lr / 10
+  float min_lr = -1.0f;             // -1: lr / 10
   int64_t warmup = 0;
   float weight_decay = 0.1f;
   float grad_clip = 1.0f;
@@ -67,8 +67,8 @@ class Trainer {
   ~Trainer();
 
   // One optimizer step: per micro-batch stage_batch() then compute_micro(), then finish_step().
-  // On a GPU nothing in it waits for the device: the step's mean loss stays in a device buffer
-  // until someone reads it (step_loss(), at log intervals).
+  // On a GPU the step's mean loss stays in a device buffer until someone reads it (step_loss(), at
+  // log intervals); the only host wait is stage_batch()'s, for an upload two batches old.
   void step();
   // Next training batch: loader -> pinned staging buffer -> device, asynchronously (a staging
   // buffer is reused only after its previous upload has completed).
