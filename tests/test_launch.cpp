@@ -16,25 +16,9 @@
 
 #include "core/launch.h"
 
-// --- allocation counting: every malloc-family call (operator new included) while counting ----
-extern "C" void* __libc_malloc(size_t);
-extern "C" void* __libc_calloc(size_t, size_t);
-extern "C" void* __libc_realloc(void*, size_t);
-extern "C" void* __libc_memalign(size_t, size_t);
-static std::atomic<long> g_allocs{0};
-static std::atomic<bool> g_counting{false};
-static inline void count_alloc() {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
-}
-extern "C" void* malloc(size_t n) { count_alloc(); return __libc_malloc(n); }
-extern "C" void* calloc(size_t a, size_t b) { count_alloc(); return __libc_calloc(a, b); }
-extern "C" void* realloc(void* p, size_t n) { count_alloc(); return __libc_realloc(p, n); }
-extern "C" void* aligned_alloc(size_t a, size_t n) { count_alloc(); return __libc_memalign(a, n); }
-extern "C" int posix_memalign(void** p, size_t a, size_t n) {
-  count_alloc();
-  *p = __libc_memalign(a, n);
-  return *p ? 0 : ENOMEM;
-}
+#include "support/alloc_counter.h"
+using lmf::test::g_allocs;
+using lmf::test::g_counting;
 
 namespace lmf {
 namespace {

@@ -20,38 +20,9 @@
 #include "train/fsutil.h"
 #include "train/trainer.h"
 
-// --- allocation counting: every malloc-family call and operator new in this process ------------
-// glibc's __libc_* entry points let the test binary wrap the allocator without a preload library.
-extern "C" void* __libc_malloc(size_t);
-extern "C" void* __libc_calloc(size_t, size_t);
-extern "C" void* __libc_realloc(void*, size_t);
-extern "C" void* __libc_memalign(size_t, size_t);
-static std::atomic<long> g_allocs{0};
-static std::atomic<bool> g_counting{false};
-#include <execinfo.h>
-#include <unistd.h>
-static inline void count_alloc() {
-  if (g_counting.load(std::memory_order_relaxed)) {
-    long n = g_allocs.fetch_add(1, std::memory_order_relaxed);
-    if (n < 3 && std::getenv("LMF_TRACE_ALLOCS")) {  // debugging aid: where did it come from
-      g_counting = false;
-      void* bt[16];
-      int k = backtrace(bt, 16);
-      backtrace_symbols_fd(bt, k, 2);
-      write(2, "----\n", 5);
-      g_counting = true;
-    }
-  }
-}
-extern "C" void* malloc(size_t n) { count_alloc(); return __libc_malloc(n); }
-extern "C" void* calloc(size_t a, size_t b) { count_alloc(); return __libc_calloc(a, b); }
-extern "C" void* realloc(void* p, size_t n) { count_alloc(); return __libc_realloc(p, n); }
-extern "C" void* aligned_alloc(size_t a, size_t n) { count_alloc(); return __libc_memalign(a, n); }
-extern "C" int posix_memalign(void** p, size_t a, size_t n) {
-  count_alloc();
-  *p = __libc_memalign(a, n);
-  return *p ? 0 : ENOMEM;
-}
+#include "support/alloc_counter.h"
+using lmf::test::g_allocs;
+using lmf::test::g_counting;
 
 namespace lmf {
 namespace {
