@@ -70,8 +70,20 @@ std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainS
   // new one is complete.
   fs::path old_dir = root / ("." + name + ".old");
   fs::remove_all(old_dir);
-  if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
-  fs::rename(tmp_dir, final_dir);
+  if (fs::exists(final_dir)) {
+    // Re-saving a step (a rerun): the old copy moves aside, the complete new one takes its name, and
+    // if that rename fails the old copy is put back, so `latest` never names a missing directory
+    // for longer than the two renames.
+    fs::rename(final_dir, old_dir);
+    try {
+      fs::rename(tmp_dir, final_dir);
+    } catch (...) {
+      fs::rename(old_dir, final_dir);  // put the previous checkpoint back
+      throw;
+    }
+  } else {
+    fs::rename(tmp_dir, final_dir);
+  }
   fsync_dir(root.string());
   write_file_atomic((root / "latest").string(), name + "\n");
   fs::remove_all(old_dir);

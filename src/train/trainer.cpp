@@ -155,11 +155,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
   step_losses_ = stats_.get("step_losses");
   eval_loss_ = stats_.get("eval_loss");
-  if (device_ == Device::cuda) {
-    const size_t bytes = 2 * tokens_host_.nbytes();
-    for (void*& p : staging_) p = host_alloc_pinned(bytes, "batch staging");
-    staging_events_ = cuda_event_pool_create(2);
-  }
+
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
@@ -190,6 +186,14 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 
   tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum);
   flops_per_token_ = gpt_train_flops_per_token(cfg_, T);
+
+  // Pinned staging for the GPU uploads, last among the set-up steps that can throw, so a failed
+  // set-up leaks nothing (the destructor does not run when the constructor throws).
+  if (device_ == Device::cuda) {
+    const size_t bytes = 2 * tokens_host_.nbytes();
+    for (void*& p : staging_) p = host_alloc_pinned(bytes, "batch staging");
+    staging_events_ = cuda_event_pool_create(2);
+  }
 
   // --- only now touch the output directory --------------------------------------------------
   fs::create_directories(o_.out_dir);
