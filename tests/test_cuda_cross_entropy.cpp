@@ -1,7 +1,8 @@
 // CUDA LM head + softmax cross-entropy against the CPU op on the same inputs: awkward sizes (padding
 // Vp > V and Vp == V; chunks R < N not dividing N, R == N, R > N), extreme logits, the GPT-2 shape
 // (V = 50257, Vp = 50304, C = 768, N = 2048, R = 768), accumulation into pre-filled dx/dw, padded
-// rows of dw and padded columns of the scratch never touched, forward-only, a bad target, determinism.
+// rows of dw unchanged, padded columns of the scratch holding a zero gradient (the GEMMs run over
+// Vp columns), rows of the scratch past N never touched, forward-only, a bad target, determinism.
 //
 // Tolerances come from the size of the terms (support/scaled_compare.h), u = 2^-24:
 // - a logit is an fp32 dot product of length C, off by at most ~32 u S_n between the two backends,
@@ -135,16 +136,20 @@ void check(const Dims& d, const Inputs& in, float grad_scale, uint64_t seed, boo
   EXPECT_TRUE(test::bitwise_equal("padded rows of dw " + what,
                                   std::vector<float>(g.dw.begin() + d.V * d.C, g.dw.end()),
                                   std::vector<float>(in.dw0.begin() + d.V * d.C, in.dw0.end())));
-  // Scratch: padded columns of every row, and rows past N, still hold the poison.
+  // Scratch: the GEMMs run over all Vp columns, so a processed row's padded columns hold the zero
+  // gradient written by the row kernel; rows past N (R > N) still hold the poison.
   const int64_t used_rows = std::min(d.R, d.N);
   bool scratch_ok = true;
   for (int64_t r = 0; r < d.R && scratch_ok; ++r)
-    for (int64_t j = r < used_rows ? d.V : 0; j < d.Vp; ++j)
-      if (!test::is_poison(g.scratch[r * d.Vp + j])) {
-        ADD_FAILURE() << what << ": scratch[" << r << ", " << j << "] was written";
+    for (int64_t j = r < used_rows ? d.V : 0; j < d.Vp; ++j) {
+      const float v = g.scratch[r * d.Vp + j];
+      if (r < used_rows ? v != 0.0f : !test::is_poison(v)) {
+        ADD_FAILURE() << what << ": scratch[" << r << ", " << j << "] = " << v
+                      << (r < used_rows ? " (expected the zero gradient of a padded column)" : " (was written)");
         scratch_ok = false;
         break;
       }
+    }
 
   // Forward only: the same losses, bitwise (same GEMM plan, same row kernel).
   const Out f = run_gpu(d, in, grad_scale, false);

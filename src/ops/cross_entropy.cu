@@ -21,7 +21,8 @@ namespace {
 constexpr int kRowThreads = 512;
 
 // losses: (rows) of this chunk; logits: (rows, Vp), the first V columns valid; targets: (rows).
-// One block per row. grad: overwrite logits[:, :V] with grad_scale (softmax - onehot).
+// One block per row. grad: overwrite logits[:, :V] with grad_scale (softmax - onehot) and
+// logits[:, V:Vp] with 0.
 __global__ void ce_row_kernel(float* __restrict__ losses, float* __restrict__ logits,
                               const int32_t* __restrict__ targets, int64_t V, int64_t Vp, float grad_scale,
                               bool grad) {
@@ -64,6 +65,7 @@ __global__ void ce_row_kernel(float* __restrict__ losses, float* __restrict__ lo
     const float p = expf(l[j] - mx) * inv;
     l[j] = grad_scale * (j == tgt ? p - 1.0f : p);
   }
+  for (int64_t j = V + tid; j < Vp; j += kRowThreads) l[j] = 0.0f;  // padded vocab: no gradient
 }
 
 ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
@@ -100,15 +102,19 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
   for (int64_t n0 = 0; n0 < N; n0 += R) {
     const int64_t rows = R < N - n0 ? R : N - n0;
     const float* xc = x + n0 * C;  // (rows, C)
-    // logits[0:rows, 0:V] = xc W[:V]^T
-    gemm(op, false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+    // The GEMMs run over all Vp (padded) columns: an odd V (50257) sends cuBLASLt's tensor-core
+    // kernels down slow paths (the tf32 head ran at 55 TFLOP/s), a multiple of 64 does not. The
+    // padded columns never enter the softmax, and their gradient is written as 0, so dx and dW get
+    // nothing from them (padded rows of W are zero in every lmforge model; any finite values work).
+    // logits[0:rows, 0:Vp] = xc W^T
+    gemm(op, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
     launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_kernel, losses + n0, logits, targets + n0, V,
            Vp, grad_scale, grad);
     if (!grad) continue;
-    // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
-    gemm(op, false, false, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
-    // dW[:V] += dlogits^T (V, rows) xc (rows, C)
-    gemm(op, true, false, V, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+    // dx[n0:n0+rows] += dlogits (rows, Vp) W (Vp, C)
+    gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
+    // dW += dlogits^T (Vp, rows) xc (rows, C)   (padded rows += 0)
+    gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
   }
 }
 
