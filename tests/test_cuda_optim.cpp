@@ -31,6 +31,7 @@ namespace lmf {
 namespace {
 
 using test::DeviceBuffer;
+using test::model_like_specs;
 using test::tensor_of;
 
 float cpu_norm(std::vector<float>& g) {
@@ -150,29 +151,6 @@ TEST(CudaOptim, NormThenAdamWOnDeviceIsDeterministic) {
 
 
 // --- adamw_update_flat ----------------------------------------------------------------------------
-
-// A GPT-like spec list (as in test_ops_optim.cpp): 2-D weights with 1-D gains/biases between them,
-// adjacent 2-D weights (merged ranges), a 3-D tensor, empty tensors; C odd leaves padding.
-std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
-  std::vector<TensorSpec> s{{"wte", {37, C}}, {"wpe", {11, C}}, {"empty2d", {0, C}}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string h = "h" + std::to_string(l) + ".";
-    s.push_back({h + "ln1.w", {C}});
-    s.push_back({h + "ln1.b", {C}});
-    s.push_back({h + "attn.w", {C, 3 * C}});
-    s.push_back({h + "attn.b", {3 * C}});
-    s.push_back({h + "proj.w", {C, C}});
-    s.push_back({h + "fc.w", {C, 4 * C}});
-    s.push_back({h + "empty1d", {0}});
-    s.push_back({h + "fc.b", {4 * C}});
-    s.push_back({h + "fc2.w", {4 * C, C}});
-  }
-  s.push_back({"cube", {2, 3, C}});
-  s.push_back({"lnf.w", {C}});
-  s.push_back({"scale", {1}});
-  s.push_back({"head.w", {C, 29}});
-  return s;
-}
 
 void fill_arena(const Arena& a, uint64_t seed, float scale) {
   for (size_t i = 0; i < a.size(); ++i) {

@@ -20,6 +20,7 @@ namespace {
 
 using test::all_close;
 using test::randn;
+using test::model_like_specs;
 using test::tensor_of;
 
 double ref_norm(const std::vector<float>& g) {
@@ -215,30 +216,6 @@ TEST(OpsOptim, BadShapesNameTheTensor) {
 
 
 // --- adamw_update_flat ----------------------------------------------------------------------------
-
-// A GPT-like spec list: embeddings (2-D), per layer 1-D norm gains/biases between 2-D weights, some
-// 2-D weights next to each other (their ranges merge), a 3-D tensor (not decayed), empty tensors,
-// a scalar. C odd so that most tensors end off the 16-float alignment (padding between them).
-std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
-  std::vector<TensorSpec> s{{"wte", {37, C}}, {"wpe", {11, C}}, {"empty2d", {0, C}}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string h = "h" + std::to_string(l) + ".";
-    s.push_back({h + "ln1.w", {C}});
-    s.push_back({h + "ln1.b", {C}});
-    s.push_back({h + "attn.w", {C, 3 * C}});
-    s.push_back({h + "attn.b", {3 * C}});
-    s.push_back({h + "proj.w", {C, C}});
-    s.push_back({h + "fc.w", {C, 4 * C}});  // right after proj.w: one merged range
-    s.push_back({h + "empty1d", {0}});
-    s.push_back({h + "fc.b", {4 * C}});
-    s.push_back({h + "fc2.w", {4 * C, C}});
-  }
-  s.push_back({"cube", {2, 3, C}});
-  s.push_back({"lnf.w", {C}});
-  s.push_back({"scale", {1}});
-  s.push_back({"head.w", {C, 29}});  // last tensor 2-D: its range ends at the arena's last element
-  return s;
-}
 
 // Fills the real elements of every tensor (padding stays 0).
 void fill_arena(const Arena& a, uint64_t seed, float scale) {

@@ -84,6 +84,27 @@ std::vector<double> finite_diff(const std::function<double(const std::vector<dou
   return g;
 }
 
+std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
+  std::vector<TensorSpec> s{{"wte", {37, C}}, {"wpe", {11, C}}, {"empty2d", {0, C}}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string h = "h" + std::to_string(l) + ".";
+    s.push_back({h + "ln1.w", {C}});
+    s.push_back({h + "ln1.b", {C}});
+    s.push_back({h + "attn.w", {C, 3 * C}});
+    s.push_back({h + "attn.b", {3 * C}});
+    s.push_back({h + "proj.w", {C, C}});
+    s.push_back({h + "fc.w", {C, 4 * C}});  // right after proj.w: one merged range
+    s.push_back({h + "empty1d", {0}});
+    s.push_back({h + "fc.b", {4 * C}});
+    s.push_back({h + "fc2.w", {4 * C, C}});
+  }
+  s.push_back({"cube", {2, 3, C}});
+  s.push_back({"lnf.w", {C}});
+  s.push_back({"scale", {1}});
+  s.push_back({"head.w", {C, 29}});  // last tensor 2-D: its range ends at the arena's last element
+  return s;
+}
+
 const char* lmforge_binary() { return LMF_BINARY; }
 std::string fixture_path(const std::string& name) { return std::string(LMF_TEST_FIXTURES) + "/" + name; }
 

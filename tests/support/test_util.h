@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/arena.h"
 #include "core/tensor.h"
 
 namespace lmf::test {
@@ -41,6 +42,11 @@ inline ::testing::AssertionResult all_close(const std::string& what, const std::
 // Central finite differences d f / d x_i, step h * max(1, |x_i|).
 std::vector<double> finite_diff(const std::function<double(const std::vector<double>&)>& f, std::vector<double> x,
                                 double h = 1e-6);
+
+// A GPT-like spec list: embeddings (2-D), per layer 1-D norm gains/biases between 2-D weights, some
+// 2-D weights next to each other (their ranges merge), a 3-D tensor (not decayed), empty tensors,
+// a scalar. C odd so that most tensors end off the 16-float alignment (padding between them).
+std::vector<TensorSpec> model_like_specs(int layers, int64_t C);
 
 // The awkward sizes every op is tested on.
 inline const std::vector<int64_t>& awkward_sizes() {
