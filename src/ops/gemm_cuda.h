@@ -36,6 +36,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/bf16.h"
+
 namespace lmf {
 
 inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;  // 32 MiB
@@ -68,6 +70,19 @@ void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M,
                           const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
                           float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch);
 
+// bf16 operands (mixed precision): A and B bf16, fp32 accumulation (CUBLAS_COMPUTE_32F), alpha/beta
+// fp32; C (also D) f32 or bf16, chosen by the overload. Same plan cache, determinism rules and
+// workspace as the fp32 gemm(); the GemmMath mode does not apply (bf16 always runs on tensor cores).
+// Epilogues (bf16 C only; `bias` is bf16 of length N, `aux` is (M, ldaux) bf16):
+//   none       C = alpha op(A) op(B) + beta C [+ bias]
+//   gelu_aux   aux = op(A) op(B) + bias (pre-activation, stored); C = gelu_tanh(aux); needs bias, beta == 0
+//   dgelu      C = (alpha op(A) op(B)) * gelu_tanh'(aux); aux as stored by gelu_aux; no bias, beta == 0
+enum class GemmEpilogue : uint8_t { none, gelu_aux, dgelu };
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+          int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+          int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc, const bf16* bias = nullptr,
+          GemmEpilogue epilogue = GemmEpilogue::none, bf16* aux = nullptr, int64_t ldaux = 0);
 // Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
 uint64_t gemm_plan_queries();
 

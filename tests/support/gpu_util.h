@@ -26,6 +26,14 @@ namespace lmf::test {
 // Tests print it in their failure messages.
 uint64_t fresh_seed();
 
+// bf16 helpers for the mixed-precision tests (docs/MIXED_PRECISION.md): inputs are rounded to bf16
+// once, the CPU fp32 reference runs on the rounded values, and the GPU result is compared with
+// rel_l2_error (||got - ref|| / ||ref||, in double) against a bound stated per op.
+std::vector<bf16> to_bf16(const std::vector<float>& v);      // round to nearest even
+std::vector<float> from_bf16(const std::vector<bf16>& v);    // exact
+std::vector<float> round_bf16(const std::vector<float>& v);  // from_bf16(to_bf16(v))
+double rel_l2_error(const std::vector<float>& got, const std::vector<float>& ref);
+
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
