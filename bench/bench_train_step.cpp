@@ -15,6 +15,7 @@
 #include "ops/gemm_cuda.h"
 #include "core/rng.h"
 #include "model/gpt.h"
+#include "ops/optim.h"
 #include "train/trainer.h"
 
 using namespace lmf;
@@ -27,7 +28,7 @@ struct Ceilings {
   double gemm_tflops = 0, copy_gbps = 0;
 };
 
-Ceilings measure_ceilings(Device dev) {
+Ceilings measure_ceilings(Device dev, Precision prec) {
   Ceilings c;
 #ifdef LMF_WITH_CUDA
   if (dev != Device::cuda) return c;
@@ -47,9 +48,21 @@ Ceilings measure_ceilings(Device dev) {
     device_synchronize();
     return cuda_event_elapsed_ms(ev[0], ev[1]) / reps;
   };
-  double g = time_ms([&] {
-    cuda::gemm("ceiling", false, true, n, n, n, 1.0f, a.get("A").f32(), n, a.get("B").f32(), n, 0.0f, a.get("C").f32(), n);
-  }, 5);
+  double g = 0;
+  if (prec == Precision::bf16) {  // bf16 operands and output, fp32 accumulation (the model's GEMMs)
+    Arena h("ceilings bf16", {{"A", {n, n}, DType::bf16}, {"B", {n, n}, DType::bf16}, {"C", {n, n}, DType::bf16}},
+            Device::cuda);
+    cast_to_bf16(h.get("A"), a.get("A"));
+    cast_to_bf16(h.get("B"), a.get("B"));
+    g = time_ms([&] {
+      cuda::gemm("ceiling", false, true, n, n, n, 1.0f, h.get("A").ptr<bf16>(), n, h.get("B").ptr<bf16>(), n, 0.0f,
+                 h.get("C").ptr<bf16>(), n);
+    }, 10);
+  } else {
+    g = time_ms([&] {
+      cuda::gemm("ceiling", false, true, n, n, n, 1.0f, a.get("A").f32(), n, a.get("B").f32(), n, 0.0f, a.get("C").f32(), n);
+    }, 5);
+  }
   c.gemm_tflops = 2.0 * n * n * n / (g / 1e3) / 1e12;
   Tensor big = a.get("big"), big2 = a.get("big2");
   double t = time_ms([&] { device_copy(big2.data, big.data, big.nbytes()); }, 10);
@@ -59,15 +72,15 @@ Ceilings measure_ceilings(Device dev) {
   return c;
 }
 
-void print_profile(const OpProfiler& prof, int64_t steps, double step_ms, Device dev) {
-  Ceilings c = measure_ceilings(dev);
+void print_profile(const OpProfiler& prof, int64_t steps, double step_ms, Device dev, Precision prec) {
+  Ceilings c = measure_ceilings(dev, prec);
   double total = 0;
   for (const auto& r : prof.rows()) total += r.ms;
   std::fprintf(stderr, "\nper-op time per step (%lld timed steps; step %.1f ms, ops sum %.1f ms)\n",
                static_cast<long long>(steps), step_ms, total / steps);
   if (c.gemm_tflops > 0)
     std::fprintf(stderr, "ceilings measured now: %s GEMM %.1f TFLOP/s (cuBLASLt 8192^3), copy %.0f GB/s\n",
-                 cuda::gemm_math() == cuda::GemmMath::tf32 ? "tf32" : "fp32", c.gemm_tflops, c.copy_gbps);
+                 precision_name(prec), c.gemm_tflops, c.copy_gbps);
   std::fprintf(stderr, "%-34s %10s %7s %8s %10s\n", "op", "ms/step", "share", "calls", "TFLOP/s");
   std::vector<OpProfiler::Row> rows = prof.rows();
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
@@ -93,7 +106,7 @@ int main(int argc, char** argv) {
   std::string device = "cpu";
   app.add_option("--device", device, "cpu or cuda");
   std::string precision = "fp32";
-  app.add_option("--precision", precision, "fp32 or tf32 (GPU)");
+  app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   CLI11_PARSE(app, argc, argv);
@@ -133,12 +146,12 @@ int main(int argc, char** argv) {
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
     double med = sorted[sorted.size() / 2];
-    if (profile) print_profile(prof, steps, med, dev);
+    if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
-    std::printf("{\"impl\": \"lmforge-%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
+    std::printf("{\"impl\": \"lmforge-%s-B%lld\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                precision.c_str(), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, cuda_peak_allocated_bytes() / 1e9);
+                precision.c_str(), static_cast<long long>(B), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, cuda_peak_allocated_bytes() / 1e9);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";
     return 1;

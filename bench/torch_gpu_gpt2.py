@@ -106,7 +106,7 @@ def main():
     ms = times[len(times) // 2]
     tok_s = a.batch_size * a.seq_len / (ms / 1e3)
     flops_tok = 6 * n_flops_params + 12 * 12 * 768 * a.seq_len
-    print(json.dumps({"impl": "pytorch-" + a.mode, "tok_s": round(tok_s, 1), "step_ms": round(ms, 2),
+    print(json.dumps({"impl": "pytorch-%s-B%d" % (a.mode, a.batch_size), "tok_s": round(tok_s, 1), "step_ms": round(ms, 2),
                       "mfu": round(tok_s * flops_tok / 989e12, 4),
                       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "torch": torch.__version__}))
 

@@ -9,9 +9,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <iostream>
+#include <tuple>
 #include <string>
 #include <vector>
 
+#include "ops/activation.h"
 #include "ops/gemm_cuda.h"
 #include "ops/linear.h"
 #include "support/gpu_util.h"
@@ -153,6 +156,145 @@ TEST(CudaLinear, DeviceMismatchIsAnError) {
   DeviceBuffer out(4 * 5 * 4);
   EXPECT_THROW(linear_forward(out.tensor(DType::f32, {4, 5}, "out"), tensor_of(inp, {4, 3}, "inp"),
                               tensor_of(w, {5, 3}, "weight"), Tensor()),
+               Error);
+}
+
+// ---- bf16 mixed precision (docs/MIXED_PRECISION.md) ---------------------------------------------
+// Inputs are rounded to bf16 once; the CPU fp32 op runs on the rounded values. The GPU accumulates in
+// fp32 too, so the differences are the bf16 rounding of bf16 outputs (at most 2^-9 relative per
+// element: rel_l2 <= ~2e-3, bound 4e-3) and, for f32 outputs (dweight, dbias), fp32 summation order
+// (bound 1e-5). Fused GELU: cuBLASLt's epilogue evaluates GELU (tanh form) in its own fp32 code, and
+// its output is rounded to bf16 (bound 8e-3); DGELU multiplies the fp32 product by gelu'(pre) before
+// rounding (bound 8e-3).
+constexpr double kBf16Out = 4e-3, kF32Out = 1e-5, kGeluOut = 8e-3;
+
+struct Bf16Case {
+  std::vector<float> inp, w, b, dout, dinp0, dw0, db0;  // bf16-rounded where the GPU reads bf16
+};
+
+Bf16Case bf16_case(int64_t N, int64_t IC, int64_t OC, uint64_t seed) {
+  return {test::round_bf16(test::randn(N * IC, seed)),      test::round_bf16(test::randn(OC * IC, seed + 1, 0.5f)),
+          test::round_bf16(test::randn(OC, seed + 2)),      test::round_bf16(test::randn(N * OC, seed + 3)),
+          test::round_bf16(test::randn(N * IC, seed + 4)),  test::randn(OC * IC, seed + 5),
+          test::randn(OC, seed + 6)};
+}
+
+void check_linear_bf16(int64_t N, int64_t IC, int64_t OC, bool bias, uint64_t seed) {
+  const std::string what = dims(N, IC, OC, bias) + " bf16 seed=" + std::to_string(seed);
+  reserve(N, OC);
+  const Bf16Case c = bf16_case(N, IC, OC, seed);
+  std::vector<float> out(N * OC), dinp = c.dinp0, dw = c.dw0, db = c.db0;
+  linear_forward(tensor_of(out, {N, OC}, "out"), tensor_of(const_cast<std::vector<float>&>(c.inp), {N, IC}, "inp"),
+                 tensor_of(const_cast<std::vector<float>&>(c.w), {OC, IC}, "weight"),
+                 bias ? tensor_of(const_cast<std::vector<float>&>(c.b), {OC}, "bias") : Tensor());
+  linear_backward(tensor_of(dinp, {N, IC}, "dinp"), tensor_of(dw, {OC, IC}, "dweight"),
+                  bias ? tensor_of(db, {OC}, "dbias") : Tensor(),
+                  tensor_of(const_cast<std::vector<float>&>(c.dout), {N, OC}, "dout"),
+                  tensor_of(const_cast<std::vector<float>&>(c.inp), {N, IC}, "inp"),
+                  tensor_of(const_cast<std::vector<float>&>(c.w), {OC, IC}, "weight"));
+  auto run = [&] {
+    DeviceBuffer d_inp(test::to_bf16(c.inp)), d_w(test::to_bf16(c.w)), d_b(test::to_bf16(c.b)),
+        d_dout(test::to_bf16(c.dout)), d_dinp(test::to_bf16(c.dinp0)), d_dw(c.dw0), d_db(c.db0), d_out(N * OC * 2);
+    d_out.poison();
+    const Tensor t_inp = d_inp.tensor(DType::bf16, {N, IC}, "inp"), t_w = d_w.tensor(DType::bf16, {OC, IC}, "weight");
+    linear_forward(d_out.tensor(DType::bf16, {N, OC}, "out"), t_inp, t_w,
+                   bias ? d_b.tensor(DType::bf16, {OC}, "bias") : Tensor());
+    linear_backward(d_dinp.tensor(DType::bf16, {N, IC}, "dinp"), d_dw.tensor(DType::f32, {OC, IC}, "dweight"),
+                    bias ? d_db.tensor(DType::f32, {OC}, "dbias") : Tensor(),
+                    d_dout.tensor(DType::bf16, {N, OC}, "dout"), t_inp, t_w);
+    return GpuOut{test::from_bf16(d_out.download<bf16>()), test::from_bf16(d_dinp.download<bf16>()),
+                  d_dw.download<float>(), d_db.download<float>()};
+  };
+  const GpuOut g = run(), g2 = run();
+  const double e_out = test::rel_l2_error(g.out, out), e_dinp = test::rel_l2_error(g.dinp, dinp),
+               e_dw = test::rel_l2_error(g.dw, dw), e_db = bias ? test::rel_l2_error(g.db, db) : 0.0;
+  std::cout << "measured linear bf16 " << what << ": out " << e_out << " dinp " << e_dinp << " dweight " << e_dw
+            << " dbias " << e_db << "\n";
+  EXPECT_LE(e_out, kBf16Out) << what;
+  EXPECT_LE(e_dinp, kBf16Out) << what;
+  EXPECT_LE(e_dw, kF32Out) << what;
+  EXPECT_LE(e_db, kF32Out) << what;
+  if (!bias) EXPECT_TRUE(test::bitwise_equal("dbias untouched " + what, g.db, c.db0));
+  EXPECT_TRUE(test::bitwise_equal("out run twice " + what, g.out, g2.out));
+  EXPECT_TRUE(test::bitwise_equal("dinp run twice " + what, g.dinp, g2.dinp));
+  EXPECT_TRUE(test::bitwise_equal("dweight run twice " + what, g.dw, g2.dw));
+  EXPECT_TRUE(test::bitwise_equal("dbias run twice " + what, g.db, g2.db));
+}
+
+TEST(CudaLinear, Bf16MatchesCpuOnRoundedInputs) {
+  LMF_REQUIRE_GPU();
+  uint64_t s = test::fresh_seed();
+  // bf16 rows must be 2-byte aligned only; odd sizes take cuBLASLt's unaligned paths.
+  for (auto [N, IC, OC] : {std::tuple<int64_t, int64_t, int64_t>{1, 8, 8}, {7, 19, 33}, {111, 64, 50},
+                           {333, 768, 2304}, {4096, 768, 3072}, {4096, 3072, 768}})
+    for (bool bias : {false, true}) check_linear_bf16(N, IC, OC, bias, s += 11);
+}
+
+// Fused GELU forward (GELU_AUX_BIAS) and the fused backward of the next layer (DGELU) against the CPU
+// composition linear -> gelu and linear_backward -> gelu_backward.
+TEST(CudaLinear, Bf16FusedGeluEpiloguesMatchCpu) {
+  LMF_REQUIRE_GPU();
+  for (auto [N, C, F] : {std::tuple<int64_t, int64_t, int64_t>{5, 16, 24}, {333, 64, 256}, {2048, 768, 3072}}) {
+    const uint64_t seed = test::fresh_seed();
+    const std::string what = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " F=" + std::to_string(F) +
+                             " seed=" + std::to_string(seed);
+    reserve(N, std::max(C, F));
+    // fc: (F, C) weight; mproj: (C, F) weight
+    std::vector<float> x = test::round_bf16(test::randn(N * C, seed)),
+                       wfc = test::round_bf16(test::randn(F * C, seed + 1, 0.2f)),
+                       bfc = test::round_bf16(test::randn(F, seed + 2)),
+                       wm = test::round_bf16(test::randn(C * F, seed + 3, 0.2f)),
+                       dy = test::round_bf16(test::randn(N * C, seed + 4)), dwm0 = test::randn(C * F, seed + 5),
+                       dbm0 = test::randn(C, seed + 6);
+    // CPU: pre = x Wfc^T + b; act = gelu(pre); d_act = dy Wm; d_pre = d_act * gelu'(pre); dWm += dy^T act
+    std::vector<float> pre(N * F), act(N * F), dact(N * F, 0.0f), dpre(N * F, 0.0f), dwm = dwm0, dbm = dbm0;
+    linear_forward(tensor_of(pre, {N, F}, "pre"), tensor_of(x, {N, C}, "x"), tensor_of(wfc, {F, C}, "wfc"),
+                   tensor_of(bfc, {F}, "bfc"));
+    gelu_forward(tensor_of(act, {N, F}, "act"), tensor_of(pre, {N, F}, "pre"));
+    // backward reads what the GPU stored: bf16 pre and act
+    std::vector<float> pre_r = test::round_bf16(pre), act_r = test::round_bf16(act);
+    linear_backward(tensor_of(dact, {N, F}, "dact"), tensor_of(dwm, {C, F}, "dwm"), tensor_of(dbm, {C}, "dbm"),
+                    tensor_of(dy, {N, C}, "dy"), tensor_of(act_r, {N, F}, "act"), tensor_of(wm, {C, F}, "wm"));
+    gelu_backward(tensor_of(dpre, {N, F}, "dpre"), tensor_of(dact, {N, F}, "dact"), tensor_of(pre_r, {N, F}, "pre"));
+
+    DeviceBuffer d_x(test::to_bf16(x)), d_wfc(test::to_bf16(wfc)), d_bfc(test::to_bf16(bfc)), d_wm(test::to_bf16(wm)),
+        d_dy(test::to_bf16(dy)), d_dwm(dwm0), d_dbm(dbm0), d_pre(N * F * 2), d_act(N * F * 2), d_dpre(N * F * 2);
+    for (DeviceBuffer* b : {&d_pre, &d_act, &d_dpre}) b->poison();
+    const Tensor t_pre = d_pre.tensor(DType::bf16, {N, F}, "pre"), t_act = d_act.tensor(DType::bf16, {N, F}, "act");
+    linear_gelu_forward(t_act, t_pre, d_x.tensor(DType::bf16, {N, C}, "x"), d_wfc.tensor(DType::bf16, {F, C}, "wfc"),
+                        d_bfc.tensor(DType::bf16, {F}, "bfc"));
+    const std::vector<float> g_pre = test::from_bf16(d_pre.download<bf16>()), g_act = test::from_bf16(d_act.download<bf16>());
+    // backward from the CPU's rounded activations, so that it is checked on its own
+    d_pre.upload(test::to_bf16(pre_r));
+    d_act.upload(test::to_bf16(act_r));
+    linear_backward_dgelu(d_dpre.tensor(DType::bf16, {N, F}, "dpre"), d_dwm.tensor(DType::f32, {C, F}, "dwm"),
+                          d_dbm.tensor(DType::f32, {C}, "dbm"), d_dy.tensor(DType::bf16, {N, C}, "dy"), t_act,
+                          d_wm.tensor(DType::bf16, {C, F}, "wm"), t_pre);
+    const double e_pre = test::rel_l2_error(g_pre, pre), e_act = test::rel_l2_error(g_act, act),
+                 e_dpre = test::rel_l2_error(test::from_bf16(d_dpre.download<bf16>()), dpre),
+                 e_dwm = test::rel_l2_error(d_dwm.download<float>(), dwm),
+                 e_dbm = test::rel_l2_error(d_dbm.download<float>(), dbm);
+    std::cout << "measured fused gelu bf16 " << what << ": pre " << e_pre << " act " << e_act << " dpre " << e_dpre
+              << " dW " << e_dwm << " db " << e_dbm << "\n";
+    EXPECT_LE(e_pre, kBf16Out) << what;
+    EXPECT_LE(e_act, kGeluOut) << what;
+    EXPECT_LE(e_dpre, kGeluOut) << what;
+    EXPECT_LE(e_dwm, kF32Out) << what;
+    EXPECT_LE(e_dbm, kF32Out) << what;
+  }
+}
+
+TEST(CudaLinear, Bf16OnTheCpuAndMixedDtypesAreErrors) {
+  LMF_REQUIRE_GPU();
+  std::vector<bf16> hb(4 * 3);
+  Tensor cpu_bf16(hb.data(), DType::bf16, {4, 3}, "inp");
+  DeviceBuffer out(4 * 5 * 2), w(5 * 3 * 2), wf(5 * 3 * 4);
+  EXPECT_THROW(linear_forward(out.tensor(DType::bf16, {4, 5}, "out"), cpu_bf16, w.tensor(DType::bf16, {5, 3}, "w"),
+                              Tensor()),
+               Error);
+  DeviceBuffer inp(4 * 3 * 2);
+  EXPECT_THROW(linear_forward(out.tensor(DType::bf16, {4, 5}, "out"), inp.tensor(DType::bf16, {4, 3}, "inp"),
+                              wf.tensor(DType::f32, {5, 3}, "w"), Tensor()),
                Error);
 }
 

@@ -1,10 +1,13 @@
 // test_cuda_norm.cpp: CUDA LayerNorm and RMSNorm forward/backward (ops/norm.h) against the CPU
 // reference: every pair of awkward sizes, a realistic size (N=4096, C=768, several dweight row
 // chunks), rows with a large offset, leading dims; outputs and statistics poisoned, gradients
-// prefilled (accumulation), bitwise determinism.
+// prefilled (accumulation), bitwise determinism. Then the fused residual + norm (f32 and bf16), and
+// bf16 rows (mixed precision) against the CPU fp32 op on the same bf16-rounded inputs.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -13,6 +16,7 @@
 
 #include "core/device.h"
 #include "ops/norm.h"
+#include "ops/residual.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
 
@@ -197,6 +201,297 @@ TEST(CudaNorm, LeadingDimsFlatten) {
                         kFwdAtol, kFwdRtol));
   EXPECT_TRUE(all_close("rmsnorm (B, T, C) rstd seed=" + std::to_string(seed), grstd.download<float>(),
                         to_double(rstd), kStatAtol, kStatRtol));
+}
+
+// ---- bf16 rows (docs/MIXED_PRECISION.md) --------------------------------------------------------
+// bf16 inp, out, dout, dinp; f32 weight, bias, mean, rstd, dweight, dbias. The reference is the CPU
+// fp32 op on the same bf16-rounded inputs (x, dout, the dinp prefill); errors are
+// rel_l2_error = ||gpu - ref|| / ||ref|| per tensor. u = 2^-8 is bf16's unit roundoff (8 significant
+// bits: one rounding is off by at most u relative per element, ~2^-9.2 rms over random values; the
+// contract's "2^-9" is that rms, not the bound).
+// - mean, rstd (f32): both sides sum the same (exact) inputs in double and round once to f32; only the
+//   summation order differs: <= 1 ulp, bound 1e-6.
+// - out, dinp (bf16): the GPU evaluates the CPU's fp32 expressions on the same inputs with mean/rstd
+//   within 1 ulp (dinp: row sums in double), so its fp32 values are within a few ulp (~1e-6
+//   relative) of the CPU's, and the stored bf16 adds one rounding. Against the fp32 reference:
+//   <= u + 2e-5 at any size (a hard bound). Against the reference rounded to bf16 the two agree
+//   except for rare one-ulp flips where the fp32 values straddle a rounding tie, so on tensors of
+//   >= 4096 elements (enough that a handful of flips cannot matter) the bound is u / 8. Measured on
+//   an H200: 0 (the rounded values agreed everywhere); against the fp32 reference out up to 3.7e-3
+//   (C = 1: a single rounding per row), dinp up to 2e-3.
+// - dweight, dbias (f32): sums over rows in double of the same products (xhat from the 1-ulp mean/
+//   rstd), added to the f32 prefill: ~1e-7, bound 1e-5. Measured: mean, rstd, dweight, dbias 0.
+constexpr double kU = 1.0 / 256;                  // 2^-8
+constexpr double kBf16Bound = kU + 2e-5;           // bf16 output vs the fp32 reference, any size
+constexpr double kBf16RoundedBound = kU / 8;       // vs the bf16-rounded reference, >= kMinRoundedCheck elements
+constexpr size_t kMinRoundedCheck = 4096;
+constexpr double kBf16StatBound = 1e-6, kBf16ParamBound = 1e-5;
+
+bool bitwise_equal(const std::vector<bf16>& a, const std::vector<bf16>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(bf16)) == 0;
+}
+
+// Worst errors over the cases of one test, printed at its end ("measured").
+struct Worst {
+  double v[9] = {};
+  void take(int i, double e) { v[i] = std::max(v[i], e); }
+};
+
+// Checks a bf16 result against the fp32 reference (both bounds above); returns the two errors.
+std::pair<double, double> check_bf16_output(const std::string& what, const std::vector<float>& got,
+                                            const std::vector<float>& ref) {
+  const double raw = test::rel_l2_error(got, ref), rounded = test::rel_l2_error(got, test::round_bf16(ref));
+  EXPECT_LE(raw, kBf16Bound) << what << " (vs fp32 reference)";
+  if (ref.size() >= kMinRoundedCheck) EXPECT_LE(rounded, kBf16RoundedBound) << what << " (vs bf16-rounded reference)";
+  return {raw, rounded};
+}
+
+// bf16 results of one forward + backward on the GPU (outputs and statistics poisoned first).
+struct Bf16Result {
+  std::vector<bf16> out, dinp;
+  std::vector<float> mean, rstd, dweight, dbias;
+};
+
+Bf16Result run_bf16(Kind k, int64_t N, int64_t C, const std::vector<float>& x, const std::vector<float>& w,
+                    const std::vector<float>& b, const std::vector<float>& dy, const std::vector<float>& dx0,
+                    const std::vector<float>& dw0, const std::vector<float>& db0) {
+  const bool ln = k != Kind::rmsnorm, bias = k == Kind::layernorm_bias;
+  const size_t nb = x.size() * sizeof(bf16), sb = static_cast<size_t>(N) * sizeof(float);
+  DeviceBuffer gx(test::to_bf16(x)), gw(w), gb(b), gdy(test::to_bf16(dy)), gout(nb), gmean(sb), grstd(sb),
+      gdx(test::to_bf16(dx0)), gdw(dw0), gdb(db0);
+  gout.poison();
+  gmean.poison();
+  grstd.poison();
+  const Tensor tx = gx.tensor(DType::bf16, {N, C}, "inp"), tw = gw.tensor(DType::f32, {C}, "weight"),
+               tout = gout.tensor(DType::bf16, {N, C}, "out"), trstd = grstd.tensor(DType::f32, {N}, "rstd"),
+               tmean = gmean.tensor(DType::f32, {N}, "mean"), tdx = gdx.tensor(DType::bf16, {N, C}, "dinp"),
+               tdy = gdy.tensor(DType::bf16, {N, C}, "dout"), tdw = gdw.tensor(DType::f32, {C}, "dweight");
+  if (ln) {
+    layernorm_forward(tout, tmean, trstd, tx, tw, bias ? gb.tensor(DType::f32, {C}, "bias") : Tensor(), kEps);
+    layernorm_backward(tdx, tdw, bias ? gdb.tensor(DType::f32, {C}, "dbias") : Tensor(), tdy, tx, tw, tmean, trstd);
+  } else {
+    rmsnorm_forward(tout, trstd, tx, tw, kEps);
+    rmsnorm_backward(tdx, tdw, tdy, tx, tw, trstd);
+  }
+  Bf16Result r;
+  r.out = gout.download<bf16>();
+  r.mean = ln ? gmean.download<float>() : std::vector<float>(static_cast<size_t>(N), 0.0f);
+  r.rstd = grstd.download<float>();
+  r.dinp = gdx.download<bf16>();
+  r.dweight = gdw.download<float>();
+  r.dbias = gdb.download<float>();
+  return r;
+}
+
+// Sizes of the bf16 tests: C = 1, 7 (scalar path), 768, 3072 + 8 (128-bit path); N = 1, 5, 333.
+const int64_t kBf16Cs[] = {1, 7, 768, 3080};
+const int64_t kBf16Ns[] = {1, 5, 333};
+
+TEST(CudaNorm, Bf16MatchesCpuOnRoundedInputs) {
+  LMF_REQUIRE_GPU();
+  Worst worst;  // out, out (rounded ref), dinp, dinp (rounded ref), mean, rstd, dweight, dbias
+  for (Kind k : {Kind::layernorm_bias, Kind::layernorm, Kind::rmsnorm})
+    for (int64_t N : kBf16Ns)
+      for (int64_t C : kBf16Cs) {
+        const uint64_t seed = test::fresh_seed();
+        const std::string what = std::string("bf16 ") + kind_name(k) + " N=" + std::to_string(N) +
+                                 " C=" + std::to_string(C) + " seed=" + std::to_string(seed);
+        const size_t n = static_cast<size_t>(N * C);
+        const auto x = test::round_bf16(randn(n, seed)), dy = test::round_bf16(randn(n, seed + 3)),
+                   dx0 = test::round_bf16(randn(n, seed + 4, 0.5f));
+        auto w = randn(static_cast<size_t>(C), seed + 1, 0.3f);
+        for (float& v : w) v += 1.0f;
+        const auto b = randn(static_cast<size_t>(C), seed + 2, 0.3f), dw0 = randn(w.size(), seed + 5, 0.5f),
+                   db0 = randn(w.size(), seed + 6, 0.5f);
+        cuda_reserve_workspace(norm_backward_cuda_workspace(N, C));
+        const Result cpu = run(k, false, N, C, x, w, b, dy, dx0, dw0, db0);
+        const Bf16Result gpu = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0);
+        const auto [e_out, e_out_r] = check_bf16_output("out " + what, test::from_bf16(gpu.out), cpu.out);
+        const auto [e_dx, e_dx_r] = check_bf16_output("dinp " + what, test::from_bf16(gpu.dinp), cpu.dinp);
+        const double e_mean = test::rel_l2_error(gpu.mean, cpu.mean), e_rstd = test::rel_l2_error(gpu.rstd, cpu.rstd),
+                     e_dw = test::rel_l2_error(gpu.dweight, cpu.dweight),
+                     e_db = test::rel_l2_error(gpu.dbias, cpu.dbias);
+        if (k != Kind::rmsnorm) EXPECT_LE(e_mean, kBf16StatBound) << "mean " << what;
+        EXPECT_LE(e_rstd, kBf16StatBound) << "rstd " << what;
+        EXPECT_LE(e_dw, kBf16ParamBound) << "dweight " << what;
+        EXPECT_LE(e_db, kBf16ParamBound) << "dbias " << what;  // without bias: the prefill, untouched
+        int i = 0;
+        for (double e : {e_out, e_out_r, e_dx, e_dx_r, e_mean, e_rstd, e_dw, e_db}) worst.take(i++, e);
+
+        const Bf16Result again = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0);
+        EXPECT_TRUE(bitwise_equal(again.out, gpu.out)) << "out not deterministic " << what;
+        EXPECT_TRUE(bitwise_equal(again.dinp, gpu.dinp)) << "dinp not deterministic " << what;
+        for (auto [a, g, name] : {std::tuple{&again.mean, &gpu.mean, "mean"}, std::tuple{&again.rstd, &gpu.rstd, "rstd"},
+                                  std::tuple{&again.dweight, &gpu.dweight, "dweight"},
+                                  std::tuple{&again.dbias, &gpu.dbias, "dbias"}})
+          EXPECT_TRUE(bitwise_equal(*a, *g)) << name << " not deterministic " << what;
+      }
+  std::printf("[ measured ] bf16 norms, worst rel_l2 over all cases: out %.3g (vs bf16-rounded ref %.3g; bounds %.3g, "
+              "%.3g), dinp %.3g (%.3g), mean %.3g, rstd %.3g (bound %.3g), dweight %.3g, dbias %.3g (bound %.3g)\n",
+              worst.v[0], worst.v[1], kBf16Bound, kBf16RoundedBound, worst.v[2], worst.v[3], worst.v[4], worst.v[5],
+              kBf16StatBound, worst.v[6], worst.v[7], kBf16ParamBound);
+}
+
+// ---- fused residual + norm ----------------------------------------------------------------------
+// residual_layernorm_forward / residual_rmsnorm_forward: res = a + b, out = norm(res).
+// - res: bf16(float(a) + float(b)) (one fp32 add, rounded once): bitwise equal to the host's.
+// - out, mean, rstd: the CPU norm of the rounded res (the values backward reads), bounds as above.
+// - The GPU fused kernel computes exactly what residual_forward + the norm compute on the GPU:
+//   bitwise equal to the unfused GPU path (f32 and bf16), and with res aliasing a.
+// - f32: against the CPU fused op with the f32 tolerances of the tests above.
+
+struct FusedResult {
+  std::vector<float> res, out, mean, rstd;  // bf16 tensors widened (exact)
+};
+
+// Runs the fused op (fused = true) or residual_forward + the norm on the GPU. alias: res is a's buffer.
+FusedResult run_fused_gpu(Kind k, DType dt, bool fused, bool alias, int64_t N, int64_t C, const std::vector<float>& a,
+                          const std::vector<float>& b, const std::vector<float>& w, const std::vector<float>& bias) {
+  const bool ln = k != Kind::rmsnorm;
+  const bool bf = dt == DType::bf16;
+  auto buffer = [&](const std::vector<float>& v) { return bf ? DeviceBuffer(test::to_bf16(v)) : DeviceBuffer(v); };
+  const size_t nb = a.size() * dtype_size(dt), sb = static_cast<size_t>(N) * sizeof(float);
+  DeviceBuffer ga = buffer(a), gb = buffer(b), gw(w), gbias(bias), gres(nb), gout(nb), gmean(sb), grstd(sb);
+  for (DeviceBuffer* g : {&gres, &gout, &gmean, &grstd}) g->poison();
+  const Tensor ta = ga.tensor(dt, {N, C}, "a"), tb = gb.tensor(dt, {N, C}, "b"),
+               tres = alias ? ga.tensor(dt, {N, C}, "res") : gres.tensor(dt, {N, C}, "res"),
+               tout = gout.tensor(dt, {N, C}, "out"), tmean = gmean.tensor(DType::f32, {N}, "mean"),
+               trstd = grstd.tensor(DType::f32, {N}, "rstd"), tw = gw.tensor(DType::f32, {C}, "weight");
+  const Tensor tbias = k == Kind::layernorm_bias ? gbias.tensor(DType::f32, {C}, "bias") : Tensor();
+  if (fused) {
+    if (ln) residual_layernorm_forward(tres, tout, tmean, trstd, ta, tb, tw, tbias, kEps);
+    else residual_rmsnorm_forward(tres, tout, trstd, ta, tb, tw, kEps);
+  } else {
+    residual_forward(tres, ta, tb);
+    if (ln) layernorm_forward(tout, tmean, trstd, tres, tw, tbias, kEps);
+    else rmsnorm_forward(tout, trstd, tres, tw, kEps);
+  }
+  const DeviceBuffer& res_buf = alias ? ga : gres;
+  FusedResult r;
+  r.res = bf ? test::from_bf16(res_buf.download<bf16>()) : res_buf.download<float>();
+  r.out = bf ? test::from_bf16(gout.download<bf16>()) : gout.download<float>();
+  r.mean = ln ? gmean.download<float>() : std::vector<float>(static_cast<size_t>(N), 0.0f);
+  r.rstd = grstd.download<float>();
+  return r;
+}
+
+// The CPU reference: norm(res) for the given res (f32), as the two unfused CPU ops.
+FusedResult cpu_norm_of(Kind k, int64_t N, int64_t C, std::vector<float> res, std::vector<float> w,
+                        std::vector<float> bias) {
+  FusedResult r;
+  r.out.resize(res.size());
+  r.mean.assign(static_cast<size_t>(N), 0.0f);
+  r.rstd.resize(static_cast<size_t>(N));
+  if (k != Kind::rmsnorm)
+    layernorm_forward(tensor_of(r.out, {N, C}, "out"), tensor_of(r.mean, {N}, "mean"), tensor_of(r.rstd, {N}, "rstd"),
+                      tensor_of(res, {N, C}, "res"), tensor_of(w, {C}, "weight"),
+                      k == Kind::layernorm_bias ? tensor_of(bias, {C}, "bias") : Tensor(), kEps);
+  else
+    rmsnorm_forward(tensor_of(r.out, {N, C}, "out"), tensor_of(r.rstd, {N}, "rstd"), tensor_of(res, {N, C}, "res"),
+                    tensor_of(w, {C}, "weight"), kEps);
+  r.res = std::move(res);
+  return r;
+}
+
+void expect_fused_bitwise(const FusedResult& a, const FusedResult& b, const std::string& what) {
+  EXPECT_TRUE(bitwise_equal(a.res, b.res)) << "res " << what;
+  EXPECT_TRUE(bitwise_equal(a.out, b.out)) << "out " << what;
+  EXPECT_TRUE(bitwise_equal(a.mean, b.mean)) << "mean " << what;
+  EXPECT_TRUE(bitwise_equal(a.rstd, b.rstd)) << "rstd " << what;
+}
+
+TEST(CudaNorm, FusedResidualNormBf16) {
+  LMF_REQUIRE_GPU();
+  Worst worst;  // out, out (rounded ref), mean, rstd
+  for (Kind k : {Kind::layernorm_bias, Kind::layernorm, Kind::rmsnorm})
+    for (int64_t N : kBf16Ns)
+      for (int64_t C : kBf16Cs) {
+        const uint64_t seed = test::fresh_seed();
+        const std::string what = std::string("bf16 fused ") + kind_name(k) + " N=" + std::to_string(N) +
+                                 " C=" + std::to_string(C) + " seed=" + std::to_string(seed);
+        const size_t n = static_cast<size_t>(N * C);
+        const auto a = test::round_bf16(randn(n, seed)), b = test::round_bf16(randn(n, seed + 1, 0.5f));
+        auto w = randn(static_cast<size_t>(C), seed + 2, 0.3f);
+        for (float& v : w) v += 1.0f;
+        const auto bias = randn(static_cast<size_t>(C), seed + 3, 0.3f);
+        // res = bf16(a + b) on the host; the reference normalises exactly those values
+        std::vector<float> sum(n);
+        for (size_t i = 0; i < n; ++i) sum[i] = a[i] + b[i];
+        const FusedResult ref = cpu_norm_of(k, N, C, test::round_bf16(sum), w, bias);
+        const FusedResult gpu = run_fused_gpu(k, DType::bf16, true, false, N, C, a, b, w, bias);
+        EXPECT_TRUE(bitwise_equal(gpu.res, ref.res)) << "res != bf16(a + b) " << what;
+        const auto [e_out, e_out_r] = check_bf16_output("out " + what, gpu.out, ref.out);
+        const double e_mean = test::rel_l2_error(gpu.mean, ref.mean), e_rstd = test::rel_l2_error(gpu.rstd, ref.rstd);
+        if (k != Kind::rmsnorm) EXPECT_LE(e_mean, kBf16StatBound) << "mean " << what;
+        EXPECT_LE(e_rstd, kBf16StatBound) << "rstd " << what;
+        int i = 0;
+        for (double e : {e_out, e_out_r, e_mean, e_rstd}) worst.take(i++, e);
+        expect_fused_bitwise(run_fused_gpu(k, DType::bf16, true, false, N, C, a, b, w, bias), gpu,
+                             "not deterministic " + what);
+        expect_fused_bitwise(run_fused_gpu(k, DType::bf16, false, false, N, C, a, b, w, bias), gpu,
+                             "fused != residual_forward + norm " + what);
+        expect_fused_bitwise(run_fused_gpu(k, DType::bf16, true, true, N, C, a, b, w, bias), gpu,
+                             "res aliasing a differs " + what);
+      }
+  std::printf("[ measured ] bf16 fused residual + norm, worst rel_l2: out %.3g (vs bf16-rounded ref %.3g; bounds "
+              "%.3g, %.3g), mean %.3g, rstd %.3g (bound %.3g); res bitwise bf16(a + b)\n",
+              worst.v[0], worst.v[1], kBf16Bound, kBf16RoundedBound, worst.v[2], worst.v[3], kBf16StatBound);
+}
+
+TEST(CudaNorm, FusedResidualNormF32) {
+  LMF_REQUIRE_GPU();
+  for (Kind k : {Kind::layernorm_bias, Kind::layernorm, Kind::rmsnorm})
+    for (int64_t N : kBf16Ns)
+      for (int64_t C : {int64_t{1}, int64_t{7}, int64_t{768}, int64_t{3080}, int64_t{13000}}) {  // 13000: 1 row/block
+        const uint64_t seed = test::fresh_seed();
+        const std::string what = std::string("f32 fused ") + kind_name(k) + " N=" + std::to_string(N) +
+                                 " C=" + std::to_string(C) + " seed=" + std::to_string(seed);
+        const size_t n = static_cast<size_t>(N * C);
+        auto a = randn(n, seed), b = randn(n, seed + 1, 0.5f), w = randn(static_cast<size_t>(C), seed + 2, 0.3f),
+             bias = randn(static_cast<size_t>(C), seed + 3, 0.3f);
+        for (float& v : w) v += 1.0f;
+        // CPU fused op (= residual_forward + norm, tests/test_ops_norm.cpp)
+        std::vector<float> res(n), out(n), mean(static_cast<size_t>(N), 0.0f), rstd(static_cast<size_t>(N));
+        if (k != Kind::rmsnorm)
+          residual_layernorm_forward(tensor_of(res, {N, C}, "res"), tensor_of(out, {N, C}, "out"),
+                                     tensor_of(mean, {N}, "mean"), tensor_of(rstd, {N}, "rstd"),
+                                     tensor_of(a, {N, C}, "a"), tensor_of(b, {N, C}, "b"), tensor_of(w, {C}, "w"),
+                                     k == Kind::layernorm_bias ? tensor_of(bias, {C}, "bias") : Tensor(), kEps);
+        else
+          residual_rmsnorm_forward(tensor_of(res, {N, C}, "res"), tensor_of(out, {N, C}, "out"),
+                                   tensor_of(rstd, {N}, "rstd"), tensor_of(a, {N, C}, "a"), tensor_of(b, {N, C}, "b"),
+                                   tensor_of(w, {C}, "w"), kEps);
+        const FusedResult gpu = run_fused_gpu(k, DType::f32, true, false, N, C, a, b, w, bias);
+        EXPECT_TRUE(bitwise_equal(gpu.res, res)) << "res " << what;  // one fp32 add
+        EXPECT_TRUE(all_close("out " + what, gpu.out, to_double(out), kFwdAtol, kFwdRtol));
+        if (k != Kind::rmsnorm) EXPECT_TRUE(all_close("mean " + what, gpu.mean, to_double(mean), kStatAtol, kStatRtol));
+        EXPECT_TRUE(all_close("rstd " + what, gpu.rstd, to_double(rstd), kStatAtol, kStatRtol));
+        expect_fused_bitwise(run_fused_gpu(k, DType::f32, false, false, N, C, a, b, w, bias), gpu,
+                             "fused != residual_forward + norm " + what);
+        expect_fused_bitwise(run_fused_gpu(k, DType::f32, true, true, N, C, a, b, w, bias), gpu,
+                             "res aliasing a differs " + what);
+      }
+}
+
+TEST(CudaNorm, Bf16DtypeMixesAreErrors) {
+  LMF_REQUIRE_GPU();
+  const int64_t N = 3, C = 8;
+  DeviceBuffer x(N * C * 4), out(N * C * 4), stat(N * 4), w(C * 4);
+  try {  // a bf16 weight: always f32 (the master)
+    rmsnorm_forward(out.tensor(DType::bf16, {N, C}, "out"), stat.tensor(DType::f32, {N}, "rstd"),
+                    x.tensor(DType::bf16, {N, C}, "inp"), w.tensor(DType::bf16, {C}, "rms.weight"), kEps);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'rms.weight'"), std::string::npos) << e.what();
+  }
+  try {  // bf16 inp with an f32 out
+    layernorm_forward(out.tensor(DType::f32, {N, C}, "ln.out"), stat.tensor(DType::f32, {N}, "mean"),
+                      stat.tensor(DType::f32, {N}, "rstd"), x.tensor(DType::bf16, {N, C}, "inp"),
+                      w.tensor(DType::f32, {C}, "w"), Tensor(), kEps);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'ln.out'"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -205,6 +206,9 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
       Arena dpa("dp_flat", specs, Device::cuda), dma("dm_flat", specs, Device::cuda),
           dva("dv_flat", specs, Device::cuda), dpb("dp_tensor", specs, Device::cuda),
           dmb("dm_tensor", specs, Device::cuda), dvb("dv_tensor", specs, Device::cuda), dg("dg", specs, Device::cuda);
+      std::vector<TensorSpec> bspecs = specs;  // the bf16 weight copy of mixed precision
+      for (TensorSpec& b : bspecs) b.dtype = DType::bf16;
+      Arena dcopy("dp_bf16", bspecs, Device::cuda);
       DeviceBuffer dnorm(4);
       std::vector<int32_t> r = adamw_decay_ranges(p);
       const std::vector<bool> pad = padding_mask(p);
@@ -236,7 +240,7 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
         adamw_update_flat(p.flat_f32(), m.flat_f32(), v.flat_f32(), g.flat_f32(), ranges_tensor(r),
                           tensor_of(norm, {1}, "norm"), ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step);
         adamw_update_flat(dpa.flat_f32(), dma.flat_f32(), dva.flat_f32(), dg.flat_f32(), ranges_tensor(r), dn,
-                          ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step);
+                          ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step, dcopy.flat(DType::bf16));
         for (size_t i = 0; i < specs.size(); ++i)
           adamw_update(dpb[i], dmb[i], dvb[i], dg[i], dn, ac.max_norm, lr, beta1, beta2, eps,
                        specs[i].shape.size() == 2 ? ac.weight_decay : 0.0f, step);
@@ -246,6 +250,13 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
         ASSERT_TRUE(test::bitwise_equal("m flat vs per tensor, " + at, gm, values(dmb)));
         ASSERT_TRUE(test::bitwise_equal("v flat vs per tensor, " + at, gv, values(dvb)));
         ASSERT_TRUE(padding_is_zero("param " + at, gp, pad));
+        {  // the bf16 copy written in the same launch is the rounded new param, bit for bit
+          Tensor fc = dcopy.flat(DType::bf16);
+          std::vector<bf16> copy(static_cast<size_t>(fc.numel()));
+          tensor_to_host(copy.data(), fc);
+          const std::vector<bf16> want = test::to_bf16(gp);
+          ASSERT_EQ(0, std::memcmp(copy.data(), want.data(), copy.size() * 2)) << "bf16 copy, " << at;
+        }
         ASSERT_TRUE(padding_is_zero("m " + at, gm, pad));
         ASSERT_TRUE(padding_is_zero("v " + at, gv, pad));
         ASSERT_TRUE(test::within_scale("m vs cpu, " + at, gm, values(m), m_scale, 8 * test::kRoundoff));
@@ -303,6 +314,25 @@ TEST(CudaOptim, AdamWFlatAfterDeviceNormIsDeterministic) {
     EXPECT_TRUE(test::bitwise_equal("param, run twice, " + what, out[0], out[1]));
     EXPECT_TRUE(test::bitwise_equal("param vs adamw_update, " + what, out[0], out[2]));
     EXPECT_TRUE(padding_is_zero("param " + what, out[0], padding_mask(p)));
+  }
+}
+
+TEST(CudaOptim, CastToBf16RoundsToNearestEven) {
+  LMF_REQUIRE_GPU();
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{1} << 20}) {
+    const uint64_t seed = test::fresh_seed();
+    std::vector<float> x = test::randn(static_cast<size_t>(n), seed, 3.0f);
+    if (n > 4) {  // ties and specials: exactly halfway between two bf16 values, NaN, inf
+      x[0] = 1.0f + 1.0f / 256;  // halfway: rounds to even (1.0)
+      x[1] = 1.0f + 3.0f / 256;  // halfway: rounds to even (1 + 4/256)
+      x[2] = std::numeric_limits<float>::infinity();
+      x[3] = -0.0f;
+    }
+    DeviceBuffer dx(x), dy(static_cast<size_t>(n) * 2);
+    dy.poison();
+    cast_to_bf16(dy.tensor(DType::bf16, {n}, "copy"), dx.tensor(DType::f32, {n}, "master"));
+    const std::vector<bf16> got = dy.download<bf16>(), want = test::to_bf16(x);
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * 2)) << "n=" << n << " seed=" << seed;
   }
 }
 

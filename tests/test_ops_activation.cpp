@@ -190,5 +190,30 @@ TEST(OpsActivation, RejectsBadShapesNamingTensor) {
                Error);
 }
 
+// bf16 runs on the GPU only (docs/MIXED_PRECISION.md): bf16 tensors on the CPU fail with one line
+// naming a tensor; a dtype mix fails naming the odd tensor.
+TEST(OpsActivation, Bf16OnTheCpuAndDtypeMixesAreErrors) {
+  std::vector<bf16> x(16), y(16), d(16);
+  std::vector<float> f(16);
+  const Tensor tx(x.data(), DType::bf16, {16}, "fc_pre"), ty(y.data(), DType::bf16, {16}, "fc_act"),
+      td(d.data(), DType::bf16, {16}, "d_fc");
+  auto expect_error = [](auto call, const char* text) {
+    try {
+      call();
+      ADD_FAILURE() << "no error, expected: " << text;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(text));
+    }
+  };
+  expect_error([&] { gelu_forward(ty, tx); }, "gelu_forward: bf16 tensors run on the GPU only ('fc_pre')");
+  expect_error([&] { gelu_backward(td, td, tx); }, "gelu_backward: bf16 tensors run on the GPU only");
+  expect_error([&] { swiglu_forward(Tensor(y.data(), DType::bf16, {2, 4}, "sw_out"), Tensor(x.data(), DType::bf16, {2, 8}, "sw_in")); },
+               "swiglu_forward: bf16 tensors run on the GPU only ('sw_in')");
+  expect_error([&] { swiglu_backward(Tensor(d.data(), DType::bf16, {2, 8}, "sw_din"), Tensor(y.data(), DType::bf16, {2, 4}, "sw_dout"),
+                                     Tensor(x.data(), DType::bf16, {2, 8}, "sw_in")); },
+               "swiglu_backward: bf16 tensors run on the GPU only");
+  expect_error([&] { gelu_forward(ty, tensor_of(f, {16}, "inp")); }, "'fc_act' has dtype bf16, expected f32");
+}
+
 }  // namespace
 }  // namespace lmf

@@ -272,6 +272,27 @@ TEST(OpsCrossEntropy, BadInputsNameTheTensor) {
       "lm_head.dweight");
 }
 
+// bf16 x / w / logits_scratch / dx run on the GPU only: on the CPU the op fails with one line naming
+// the tensor, before anything is written.
+TEST(OpsCrossEntropy, Bf16OnCpuIsAnErrorNamingTheTensor) {
+  const Dims d{7, 19, 19, 24, 3};
+  auto in = make_inputs(d, 600);
+  std::vector<bf16> x(d.N * d.C), w(d.Vp * d.C), scratch(d.R * d.Vp), dx(d.N * d.C);
+  std::vector<float> losses(d.N, -1.0f), dw(d.Vp * d.C, 0.0f);
+  try {
+    lm_head_cross_entropy(tensor_of(losses, {d.N}, "losses"), Tensor(dx.data(), DType::bf16, {d.N, d.C}, "dx"),
+                          tensor_of(dw, {d.Vp, d.C}, "dw"), Tensor(x.data(), DType::bf16, {d.N, d.C}, "h_final"),
+                          Tensor(w.data(), DType::bf16, {d.Vp, d.C}, "lm_head.weight_bf16"),
+                          tensor_of(in.tg, {d.N}, "targets"),
+                          Tensor(scratch.data(), DType::bf16, {d.R, d.Vp}, "logits_scratch"), d.V, 1.0f);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "lm_head_cross_entropy: bf16 tensors run on the GPU only ('h_final')");
+  }
+  for (float v : losses) EXPECT_EQ(v, -1.0f);
+  for (float v : dw) EXPECT_EQ(v, 0.0f);
+}
+
 // loss_mean: dst = (accumulate ? dst : 0) + scale * mean(losses), the mean in double in index order.
 TEST(LossMean, MeanScaleAndAccumulate) {
   for (int64_t n : test::awkward_sizes()) {

@@ -208,5 +208,29 @@ TEST(OpsEmbedding, RejectsBadShapesAndPositionsNamingTensor) {
                Error);
 }
 
+// bf16 out / dout run on the GPU only: on the CPU the op fails with one line naming the tensor.
+TEST(OpsEmbedding, Bf16OnCpuIsAnErrorNamingTheTensor) {
+  const int64_t B = 2, T = 5, C = 7, Vp = 11;
+  auto tokens = randint(B * T, 51, Vp);
+  auto wte = randn(Vp * C, 52);
+  std::vector<bf16> act(static_cast<size_t>(B * T * C));
+  std::vector<float> dwte(Vp * C);
+  try {
+    embedding_forward(Tensor(act.data(), DType::bf16, {B, T, C}, "emb_out"), tensor_of(tokens, {B, T}, "tokens"),
+                      tensor_of(wte, {Vp, C}, "wte"), Tensor());
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "embedding_forward: bf16 tensors run on the GPU only ('emb_out')");
+  }
+  try {
+    embedding_backward(tensor_of(dwte, {Vp, C}, "dwte"), Tensor(), Tensor(act.data(), DType::bf16, {B, T, C}, "demb"),
+                       tensor_of(tokens, {B, T}, "tokens"));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "embedding_backward: bf16 tensors run on the GPU only ('demb')");
+  }
+  for (float v : dwte) EXPECT_EQ(v, 0.0f);
+}
+
 }  // namespace
 }  // namespace lmf

@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
 #include "ops/norm.h"
+#include "ops/residual.h"
 #include "support/test_util.h"
 
 namespace lmf {
@@ -331,6 +333,57 @@ TEST(OpsNorm, BitwiseDeterministicAcrossCallsAndThreadCounts) {
   EXPECT_EQ(0, std::memcmp(a.data(), d.data(), a.size() * sizeof(float))) << "3 threads differ from default";
 }
 
+// --- fused residual + norm ----------------------------------------------------------------------
+
+bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// The CPU fused op is residual_forward followed by the norm: res, out, mean, rstd bitwise equal to
+// the two calls, for LayerNorm (with and without bias) and RMSNorm, on awkward sizes, with res a
+// separate buffer or aliasing a or b.
+TEST(OpsNorm, ResidualNormForwardEqualsResidualThenNormExactly) {
+  for (int64_t N : awkward_sizes())
+    for (int64_t C : {int64_t{1}, int64_t{7}, int64_t{111}, int64_t{768}})
+      for (int alias = 0; alias < 3; ++alias) {  // 0: res separate, 1: res = a, 2: res = b
+        const std::string what = case_name("alias=" + std::to_string(alias), N, C);
+        const size_t n = static_cast<size_t>(N * C);
+        const auto a0 = randn(n, 301), b0 = randn(n, 302, 0.5f), w = weights(C, 303);
+        const auto bias = randn(static_cast<size_t>(C), 304, 0.3f);
+        // unfused reference: residual_forward into a separate buffer, then the norm
+        auto ra = a0, rb = b0, wr = w, br = bias;
+        std::vector<float> res_ref(n), out_ref(n), mean_ref(static_cast<size_t>(N)), rstd_ref(static_cast<size_t>(N));
+        residual_forward(tensor_of(res_ref, {N, C}, "res"), tensor_of(ra, {N, C}, "a"), tensor_of(rb, {N, C}, "b"));
+        for (int kind = 0; kind < 3; ++kind) {  // 0: layernorm + bias, 1: layernorm, 2: rmsnorm
+          const std::string k = what + " kind=" + std::to_string(kind);
+          if (kind < 2)
+            layernorm_forward(tensor_of(out_ref, {N, C}, "out"), tensor_of(mean_ref, {N}, "mean"),
+                              tensor_of(rstd_ref, {N}, "rstd"), tensor_of(res_ref, {N, C}, "res"),
+                              tensor_of(wr, {C}, "w"), kind == 0 ? tensor_of(br, {C}, "bias") : Tensor(), kEps);
+          else
+            rmsnorm_forward(tensor_of(out_ref, {N, C}, "out"), tensor_of(rstd_ref, {N}, "rstd"),
+                            tensor_of(res_ref, {N, C}, "res"), tensor_of(wr, {C}, "w"), kEps);
+          auto a = a0, b = b0, ww = w, bb = bias;
+          std::vector<float> res_buf(n, -7.0f), out(n, -7.0f), mean(static_cast<size_t>(N), -7.0f),
+              rstd(static_cast<size_t>(N), -7.0f);
+          std::vector<float>& res = alias == 1 ? a : alias == 2 ? b : res_buf;
+          if (kind < 2)
+            residual_layernorm_forward(tensor_of(res, {N, C}, "res"), tensor_of(out, {N, C}, "out"),
+                                       tensor_of(mean, {N}, "mean"), tensor_of(rstd, {N}, "rstd"),
+                                       tensor_of(a, {N, C}, "a"), tensor_of(b, {N, C}, "b"), tensor_of(ww, {C}, "w"),
+                                       kind == 0 ? tensor_of(bb, {C}, "bias") : Tensor(), kEps);
+          else
+            residual_rmsnorm_forward(tensor_of(res, {N, C}, "res"), tensor_of(out, {N, C}, "out"),
+                                     tensor_of(rstd, {N}, "rstd"), tensor_of(a, {N, C}, "a"),
+                                     tensor_of(b, {N, C}, "b"), tensor_of(ww, {C}, "w"), kEps);
+          EXPECT_TRUE(bitwise_equal(res, res_ref)) << "res " << k;
+          EXPECT_TRUE(bitwise_equal(out, out_ref)) << "out " << k;
+          if (kind < 2) EXPECT_TRUE(bitwise_equal(mean, mean_ref)) << "mean " << k;
+          EXPECT_TRUE(bitwise_equal(rstd, rstd_ref)) << "rstd " << k;
+        }
+      }
+}
+
 // --- errors -------------------------------------------------------------------------------------
 
 TEST(OpsNorm, RejectsBadShapesNamingTensor) {
@@ -359,6 +412,65 @@ TEST(OpsNorm, RejectsBadShapesNamingTensor) {
                                 tensor_of(out, {N, C}, "dout"), tensor_of(x, {N, C}, "inp"), tensor_of(w_ok, {C}, "w"),
                                 tensor_of(rstd, {N}, "rstd")),
                Error);
+}
+
+// Calls f and expects an lmf::Error whose message contains every one of `parts`.
+template <class F>
+void expect_error(F f, std::initializer_list<const char*> parts, const std::string& what) {
+  try {
+    f();
+    ADD_FAILURE() << what << ": no error";
+  } catch (const Error& e) {
+    for (const char* p : parts) EXPECT_THAT(e.what(), ::testing::HasSubstr(p)) << what;
+  }
+}
+
+TEST(OpsNorm, ResidualNormRejectsBadShapesAndAliasing) {
+  const int64_t N = 5, C = 7;
+  std::vector<float> a(N * C), b(N * C), res(N * C), out(N * C), mean(N), rstd(N), w(C), b_short(N * C - 1);
+  const Tensor ta = tensor_of(a, {N, C}, "a"), tres = tensor_of(res, {N, C}, "res"),
+               tout = tensor_of(out, {N, C}, "out"), tmean = tensor_of(mean, {N}, "mean"),
+               trstd = tensor_of(rstd, {N}, "rstd"), tw = tensor_of(w, {C}, "w");
+  expect_error([&] { residual_rmsnorm_forward(tres, tout, trstd, ta, tensor_of(b_short, {N * C - 1}, "b_short"), tw,
+                                              kEps); },
+               {"residual_rmsnorm_forward", "'b_short'"}, "short b");
+  expect_error([&] { residual_layernorm_forward(tres, tres, tmean, trstd, ta, tensor_of(b, {N, C}, "b"), tw,
+                                                Tensor(), kEps); },
+               {"residual_layernorm_forward", "'res'", "aliases"}, "out aliases res");
+  expect_error([&] { residual_layernorm_forward(tres, tout, Tensor(), trstd, ta, tensor_of(b, {N, C}, "b"), tw,
+                                                Tensor(), kEps); },
+               {"residual_layernorm_forward", "absent"}, "mean absent");
+}
+
+// bf16 runs on the GPU only (docs/MIXED_PRECISION.md): a bf16 tensor on the CPU fails with one line
+// naming it; a dtype mix fails naming the odd tensor.
+TEST(OpsNorm, Bf16OnTheCpuAndDtypeMixesAreErrors) {
+  const int64_t N = 3, C = 8;
+  std::vector<bf16> xh(N * C), oh(N * C), dh(N * C), gh(N * C);
+  std::vector<float> x(N * C), out(N * C), mean(N), rstd(N), w(C), dw(C);
+  const Tensor bx(xh.data(), DType::bf16, {N, C}, "ln_inp"), bout(oh.data(), DType::bf16, {N, C}, "ln_out"),
+      bdinp(dh.data(), DType::bf16, {N, C}, "ln_dinp"), bdout(gh.data(), DType::bf16, {N, C}, "ln_dout");
+  const Tensor tmean = tensor_of(mean, {N}, "mean"), trstd = tensor_of(rstd, {N}, "rstd"), tw = tensor_of(w, {C}, "w"),
+               tdw = tensor_of(dw, {C}, "dw");
+  expect_error([&] { layernorm_forward(bout, tmean, trstd, bx, tw, Tensor(), kEps); },
+               {"layernorm_forward: bf16 tensors run on the GPU only ('ln_inp')"}, "layernorm_forward bf16 cpu");
+  expect_error([&] { rmsnorm_forward(bout, trstd, bx, tw, kEps); },
+               {"rmsnorm_forward: bf16 tensors run on the GPU only ('ln_inp')"}, "rmsnorm_forward bf16 cpu");
+  expect_error([&] { layernorm_backward(bdinp, tdw, Tensor(), bdout, bx, tw, tmean, trstd); },
+               {"layernorm_backward: bf16 tensors run on the GPU only ('ln_inp')"}, "layernorm_backward bf16 cpu");
+  expect_error([&] { rmsnorm_backward(bdinp, tdw, bdout, bx, tw, trstd); },
+               {"rmsnorm_backward: bf16 tensors run on the GPU only ('ln_inp')"}, "rmsnorm_backward bf16 cpu");
+  expect_error([&] { residual_layernorm_forward(bdinp, bout, tmean, trstd, bx, bdout, tw, Tensor(), kEps); },
+               {"residual_layernorm_forward: bf16 tensors run on the GPU only ('ln_inp')"}, "fused ln bf16 cpu");
+  expect_error([&] { residual_rmsnorm_forward(bdinp, bout, trstd, bx, bdout, tw, kEps); },
+               {"residual_rmsnorm_forward: bf16 tensors run on the GPU only ('ln_inp')"}, "fused rms bf16 cpu");
+  // mixes: f32 inp with a bf16 out; a bf16 weight (always f32)
+  expect_error([&] { layernorm_forward(bout, tmean, trstd, tensor_of(x, {N, C}, "inp"), tw, Tensor(), kEps); },
+               {"'ln_out'", "bf16", "expected f32"}, "f32 inp, bf16 out");
+  std::vector<bf16> wh(C);
+  expect_error([&] { rmsnorm_forward(tensor_of(out, {N, C}, "out"), trstd, tensor_of(x, {N, C}, "inp"),
+                                     Tensor(wh.data(), DType::bf16, {C}, "rms_w"), kEps); },
+               {"'rms_w'", "expected f32"}, "bf16 weight");
 }
 
 }  // namespace

@@ -123,5 +123,32 @@ TEST(OpsResidual, RejectsShapeMismatchNamingTensor) {
   }
 }
 
+// bf16 runs on the GPU only (docs/MIXED_PRECISION.md): bf16 tensors on the CPU fail with one line
+// naming a tensor; a dtype mix fails naming the odd tensor.
+TEST(OpsResidual, Bf16OnTheCpuAndDtypeMixesAreErrors) {
+  std::vector<bf16> a(8), b(8), out(8);
+  std::vector<float> f(8);
+  const Tensor ta(a.data(), DType::bf16, {8}, "res_a"), tb(b.data(), DType::bf16, {8}, "res_b"),
+      tout(out.data(), DType::bf16, {8}, "res_out");
+  try {
+    residual_forward(tout, ta, tb);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("residual_forward: bf16 tensors run on the GPU only ('res_out')"));
+  }
+  try {
+    residual_backward(ta, Tensor(), tb);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("residual_backward: bf16 tensors run on the GPU only ('res_b')"));
+  }
+  try {
+    residual_forward(tensor_of(f, {8}, "out"), ta, tensor_of(f, {8}, "b"));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("'res_a' has dtype bf16, expected f32"));
+  }
+}
+
 }  // namespace
 }  // namespace lmf

@@ -180,5 +180,31 @@ TEST(OpsRope, RejectsBadShapesAndPositionsNamingTensor) {
   EXPECT_THROW(rope_table_init(tensor_of(bad_table, {7, 4, 3}, "freqs"), 10000.0f), Error);
 }
 
+// bf16 runs on the GPU only (docs/MIXED_PRECISION.md): a bf16 qkv on the CPU fails with one line
+// naming it; the table must be f32.
+TEST(OpsRope, Bf16OnTheCpuIsAnError) {
+  const int64_t T = 2, half = 4, row = (2 + 2 * 1) * 2 * half;
+  std::vector<float> freqs(static_cast<size_t>(T * half * 2)), q(static_cast<size_t>(T * row));
+  std::vector<bf16> qb(static_cast<size_t>(T * row));
+  rope_table_init(tensor_of(freqs, {T, half, 2}, "freqs"), 10000.0f);
+  try {
+    rope_forward(Tensor(qb.data(), DType::bf16, {1, T, row}, "attn.qkv"), tensor_of(freqs, {T, half, 2}, "freqs"), 2, 1);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("rope_forward: bf16 tensors run on the GPU only ('attn.qkv')"));
+  }
+  try {
+    rope_backward(Tensor(qb.data(), DType::bf16, {1, T, row}, "attn.dqkv"), tensor_of(freqs, {T, half, 2}, "freqs"), 2,
+                  1);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("rope_backward: bf16 tensors run on the GPU only ('attn.dqkv')"));
+  }
+  std::vector<bf16> fb(freqs.size());
+  EXPECT_THROW(rope_forward(tensor_of(q, {1, T, row}, "qkv"), Tensor(fb.data(), DType::bf16, {T, half, 2}, "freqs_bf16"),
+                            2, 1),
+               Error);
+}
+
 }  // namespace
 }  // namespace lmf

@@ -55,35 +55,49 @@ if [ "$what" = all ]; then
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
+  # lmforge (bf16, tf32, fp32) and PyTorch (eager and torch.compile) on GPT-2 124M, T=1024, at
+  # B=16 and at a large batch (LMF_BENCH_BIG_B, default 64); --profile prints lmforge's per-op time.
+  bench_lmf() {  # precision B tag [extra flags]
+    ./build-gpu/lmforge_bench --device cuda --precision "$1" --preset gpt2-124m --batch-size "$2" --seq-len 1024 \
+      --steps 5 --warmup-steps 2 ${4:-} >"$OUT/bench_$3.json" 2>"$OUT/bench_$3.err" || { failures=$((failures + 1)); tail -3 "$OUT/bench_$3.err"; }
+  }
+  bench_torch() {  # mode B tag
+    python3 bench/torch_gpu_gpt2.py --mode "$1" --batch-size "$2" --seq-len 1024 >"$OUT/bench_$3.json" \
+      2>"$OUT/bench_$3.err" || tail -5 "$OUT/bench_$3.err"
+  }
   B=${LMF_BENCH_B:-16}
-  ./build-gpu/lmforge_bench --device cuda --preset gpt2-124m --batch-size "$B" --seq-len 1024 --steps 5 \
-    --warmup-steps 2 >"$OUT/bench_lmforge.json" 2>"$OUT/bench_lmforge.err" || failures=$((failures + 1))
-  ./build-gpu/lmforge_bench --device cuda --precision tf32 --preset gpt2-124m --batch-size "$B" --seq-len 1024 \
-    --steps 5 --warmup-steps 2 --profile >"$OUT/bench_lmforge_tf32.json" 2>"$OUT/bench_lmforge_tf32.err" ||
-    failures=$((failures + 1))
-  cat "$OUT/bench_lmforge.err" "$OUT/bench_lmforge_tf32.err"
-  for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do
-    python3 bench/torch_gpu_gpt2.py --mode $mode --batch-size "$B" --seq-len 1024 >"$OUT/bench_$mode.json" \
-      2>"$OUT/bench_$mode.err" || tail -5 "$OUT/bench_$mode.err"
-  done
-  python3 - "$OUT" <<'PY'
+  BIG=${LMF_BENCH_BIG_B:-64}
+  bench_lmf bf16 "$B" lmf_bf16 --profile
+  bench_lmf tf32 "$B" lmf_tf32
+  bench_lmf fp32 "$B" lmf_fp32
+  cat "$OUT/bench_lmf_bf16.err"
+  for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do bench_torch $mode "$B" "torch_$mode"; done
+  bench_lmf bf16 "$BIG" lmf_bf16_big
+  bench_torch compile-bf16 "$BIG" torch_compile-bf16_big
+  python3 - "$OUT" "$B" "$BIG" <<'PY'
 import json, os, sys
-out = sys.argv[1]
-rows = []
-for f in ["bench_lmforge.json", "bench_lmforge_tf32.json", "bench_eager-fp32.json", "bench_eager-tf32.json",
-          "bench_eager-bf16.json", "bench_compile-bf16.json"]:
+out, B, BIG = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(tag):
     try:
-        rows.append(json.loads(open(os.path.join(out, f)).read().strip().splitlines()[-1]))
+        return json.loads(open(os.path.join(out, "bench_%s.json" % tag)).read().strip().splitlines()[-1])
     except Exception as e:
-        rows.append({"impl": f, "error": str(e)})
-base = rows[0].get("tok_s")
-print("\nGPT-2 124M training step, B=%s T=1024 (lmforge fp32 vs PyTorch on the same GPU)" % os.environ.get("LMF_BENCH_B", "16"))
-print("%-22s %12s %10s %8s %10s %14s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "lmforge-fp32/this"))
-for r in rows:
-    if "error" in r:
-        print("%-22s error: %s" % (r["impl"], r["error"])); continue
-    ratio = base / r["tok_s"] if base else float("nan")
-    print("%-22s %12.0f %10.1f %8.3f %10.2f %14.2f" % (r["impl"], r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"], ratio))
+        return {"impl": tag, "error": str(e)}
+def table(title, tags, ref_tag):
+    rows = [load(t) for t in tags]
+    ref = load(ref_tag).get("tok_s")
+    print("\n" + title)
+    print("%-26s %12s %10s %8s %10s %18s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "this/%s" % ref_tag))
+    for r in rows:
+        if "error" in r:
+            print("%-26s error: %s" % (r["impl"], r["error"])); continue
+        ratio = r["tok_s"] / ref if ref else float("nan")
+        print("%-26s %12.0f %10.1f %8.3f %10.2f %18.2f" % (r["impl"], r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"], ratio))
+table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.compile bf16)" % B,
+      ["lmf_bf16", "lmf_tf32", "lmf_fp32", "torch_eager-fp32", "torch_eager-tf32", "torch_eager-bf16", "torch_compile-bf16"],
+      "torch_compile-bf16")
+bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
+if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))
+table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "torch_compile-bf16_big"], "torch_compile-bf16_big")
 PY
 fi
 

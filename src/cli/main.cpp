@@ -44,7 +44,8 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   c->add_option("--out-dir", o.out_dir, "metrics.jsonl and checkpoints go here")->capture_default_str();
   c->add_option("--resume", o.resume, "checkpoint directory or out-dir to continue from");
   c->add_option("--device", o.device, "cpu, cuda, or auto (cuda when a GPU is present)")->capture_default_str();
-  c->add_option("--precision", o.precision, "fp32, or tf32 (GPU: GEMMs on tensor cores, fp32 accumulation)")
+  c->add_option("--precision", o.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 (GPU: fp32 GEMMs on tensor cores) or bf16 (GPU: "
+                "mixed precision, fp32 master weights)")
       ->capture_default_str();
   c->add_option("--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
 }

@@ -103,11 +103,13 @@ Tensor Arena::get(const std::string& name) const {
   return (*this)[static_cast<size_t>(i)];
 }
 
-Tensor Arena::flat_f32() const {
+Tensor Arena::flat_f32() const { return flat(DType::f32); }
+
+Tensor Arena::flat(DType dt) const {
   for (const TensorSpec& s : specs_)
-    LMF_CHECK(s.dtype == DType::f32, "arena '", name_, "': flat_f32 needs all-f32 specs, '", s.name, "' is ",
-              dtype_name(s.dtype));
-  return Tensor(base_, DType::f32, {static_cast<int64_t>(bytes_ / 4)}, name_.c_str(), device_);
+    LMF_CHECK(s.dtype == dt, "arena '", name_, "': a flat ", dtype_name(dt), " view needs all-", dtype_name(dt),
+              " specs, '", s.name, "' is ", dtype_name(s.dtype));
+  return Tensor(base_, dt, {static_cast<int64_t>(bytes_ / dtype_size(dt))}, name_.c_str(), device_);
 }
 
 void Arena::zero() {

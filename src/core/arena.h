@@ -48,6 +48,8 @@ class Arena {
   long find(const std::string& name) const;
   // The whole block as a 1-D f32 tensor (only if every spec is f32).
   Tensor flat_f32() const;
+  // The whole block as a 1-D tensor of dtype dt (only if every spec has dtype dt).
+  Tensor flat(DType dt) const;
   size_t bytes() const { return bytes_; }
   void* base() const { return base_; }
   void zero();

@@ -105,6 +105,13 @@ void check_f32(const Tensor& t, const char* op) {
   if (t.dtype != DType::f32) fail(op, ": tensor '", t.name, "' has dtype ", dtype_name(t.dtype), ", expected f32");
 }
 
+void check_dtype(const Tensor& t, DType dt, const char* op) {
+  if (!t.defined()) fail(op, ": tensor '", t.name, "' is absent");
+  if (t.dtype != dt)
+    fail(op, ": tensor '", t.name, "' has dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
+  if (dt == DType::bf16 && t.device != Device::cuda) fail(op, ": bf16 tensors run on the GPU only ('", t.name, "')");
+}
+
 void check_same_device(const char* op, std::initializer_list<const Tensor*> ts) {
   const Tensor* first = nullptr;
   for (const Tensor* t : ts) {

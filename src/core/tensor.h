@@ -72,6 +72,9 @@ void check_shape(const Tensor& t, std::initializer_list<int64_t> shape, const ch
 // Throws unless t is defined and f32 (shape and device are checked separately).
 void check_f32(const Tensor& t, const char* op);
 void check_same_device(const char* op, std::initializer_list<const Tensor*> ts);
+// Throws unless t is defined and of dtype dt; a bf16 tensor must also be on the GPU (bf16 mixed
+// precision runs on the GPU only: "<op>: bf16 tensors run on the GPU only ('<name>')").
+void check_dtype(const Tensor& t, DType dt, const char* op);
 
 }  // namespace lmf
 

@@ -31,6 +31,8 @@ std::string layer_name(int i, const char* rest) { return "layers." + std::to_str
 // few thousand rows keep it near the GEMM ceiling (166-row chunks ran at 4 TFLOP/s on an H200).
 constexpr int64_t kLogitsScratchElemsCpu = int64_t{8} << 20;
 constexpr int64_t kLogitsScratchElemsGpu = int64_t{128} << 20;
+// bf16 plans: the logits chunk is bf16, 96M elements (192 MiB; 1,900 rows of GPT-2's padded vocabulary).
+constexpr int64_t kLogitsScratchElemsBf16 = int64_t{96} << 20;
 
 }  // namespace
 
@@ -78,13 +80,20 @@ void Gpt::timed(const char* name, double flops, F&& f) {
   f();
 }
 
-const char* precision_name(Precision p) { return p == Precision::tf32 ? "tf32" : "fp32"; }
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::fp32: return "fp32";
+    case Precision::tf32: return "tf32";
+    case Precision::bf16: return "bf16";
+  }
+  return "?";
+}
 
 Precision parse_precision(const std::string& s, const char* flag) {
   if (s == "fp32") return Precision::fp32;
   if (s == "tf32") return Precision::tf32;
-  if (s == "bf16") fail(flag, "=bf16: bf16 mixed precision is not implemented yet (use fp32, or tf32 on a GPU)");
-  fail(flag, "=", s, " must be fp32 or tf32");
+  if (s == "bf16") return Precision::bf16;
+  fail(flag, "=", s, " must be fp32, tf32 or bf16");
 }
 
 GptTensors gpt_bind(const Arena& a, const ModelConfig& c) {
@@ -121,14 +130,26 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   if (B < 1) fail("batch size ", B, " must be >= 1");
   if (T < 1 || T > cfg_.context_length)
     fail("sequence length ", T, " must be in [1, context_length=", cfg_.context_length, "]");
-  if (plan.precision == Precision::tf32 && plan.device != Device::cuda)
-    fail("precision tf32 uses the GPU's tensor cores: it needs the CUDA device (this plan is on ",
+  if (plan.precision != Precision::fp32 && plan.device != Device::cuda)
+    fail("precision ", precision_name(plan.precision), " uses the GPU's tensor cores: it needs the CUDA device (this plan is on ",
          device_name(plan.device), ")");
+  const bool mixed = plan.precision == Precision::bf16;
+  if (mixed && HS != 32 && HS != 64 && HS != 128)
+    fail("precision bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this model's "
+         "head size is d_model/n_head = ", HS);
+  if (mixed && plan.decode_ctx > 0) fail("precision bf16 is for training; KV-cache decoding runs in fp32 on the CPU");
+  const DType adt = mixed ? DType::bf16 : DType::f32;  // activations and their gradients
 
   // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
   auto pspecs = gpt_param_specs(cfg_);
   params_ = Arena("params", pspecs, plan.device);
   p_ = gpt_bind(params_, cfg_);
+  if (mixed) {
+    std::vector<TensorSpec> bspecs = pspecs;
+    for (TensorSpec& s : bspecs) s.dtype = DType::bf16;
+    params_bf16_ = Arena("params_bf16", bspecs, plan.device);
+    pb_ = gpt_bind(params_bf16_, cfg_);
+  }
   if (plan.training) {
     decay_ranges_host_ = adamw_decay_ranges(params_);
     decay_ranges_ = Tensor(decay_ranges_host_.data(), DType::i32,
@@ -143,23 +164,24 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   std::vector<TensorSpec> as;
   auto add = [&](std::vector<TensorSpec>& v, std::string name, std::vector<int64_t> shape,
                  DType dt = DType::f32) { v.push_back({std::move(name), std::move(shape), dt}); };
-  add(as, "encoded", {B, T, C});
+  add(as, "encoded", {B, T, C}, adt);
   for (int l = 0; l < cfg_.n_layer; ++l) {
-    add(as, layer_name(l, "ln1"), {B, T, C});
+    add(as, layer_name(l, "ln1"), {B, T, C}, adt);
     add(as, layer_name(l, "ln1_mean"), {N});
     add(as, layer_name(l, "ln1_rstd"), {N});
-    add(as, layer_name(l, "qkv"), {B, T, QKV});
-    add(as, layer_name(l, "probs"), {B, NH, T, T});
-    add(as, layer_name(l, "att"), {B, T, NH * HS});
-    add(as, layer_name(l, "res1"), {B, T, C});
-    add(as, layer_name(l, "ln2"), {B, T, C});
+    add(as, layer_name(l, "qkv"), {B, T, QKV}, adt);
+    if (mixed) add(as, layer_name(l, "lse"), {B, NH, T});  // flash attention keeps only the log-sum-exp
+    else add(as, layer_name(l, "probs"), {B, NH, T, T});
+    add(as, layer_name(l, "att"), {B, T, NH * HS}, adt);
+    add(as, layer_name(l, "res1"), {B, T, C}, adt);
+    add(as, layer_name(l, "ln2"), {B, T, C}, adt);
     add(as, layer_name(l, "ln2_mean"), {N});
     add(as, layer_name(l, "ln2_rstd"), {N});
-    add(as, layer_name(l, "fc"), {B, T, FC});
-    add(as, layer_name(l, "act"), {B, T, F});
-    add(as, layer_name(l, "res2"), {B, T, C});
+    add(as, layer_name(l, "fc"), {B, T, FC}, adt);
+    add(as, layer_name(l, "act"), {B, T, F}, adt);
+    add(as, layer_name(l, "res2"), {B, T, C}, adt);
   }
-  add(as, "lnf", {B, T, C});
+  add(as, "lnf", {B, T, C}, adt);
   add(as, "lnf_mean", {N});
   add(as, "lnf_rstd", {N});
   add(as, "losses", {N});
@@ -167,7 +189,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
     auto a = [&](const char* n) { return acts_.get(layer_name(l, n)); };
-    la_.push_back({a("ln1"), a("ln1_mean"), a("ln1_rstd"), a("qkv"), a("probs"), a("att"), a("res1"), a("ln2"),
+    la_.push_back({a("ln1"), a("ln1_mean"), a("ln1_rstd"), a("qkv"), a(mixed ? "lse" : "probs"), a("att"), a("res1"), a("ln2"),
                    a("ln2_mean"), a("ln2_rstd"), a("fc"), a("act"), a("res2")});
   }
   lnf_ = acts_.get("lnf");
@@ -176,19 +198,21 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   losses_ = acts_.get("losses");
 
   // --- workspace -------------------------------------------------------------------------------
-  const int64_t scratch_elems = plan.device == Device::cuda ? kLogitsScratchElemsGpu : kLogitsScratchElemsCpu;
+  const int64_t scratch_elems = mixed ? kLogitsScratchElemsBf16
+                                : plan.device == Device::cuda ? kLogitsScratchElemsGpu : kLogitsScratchElemsCpu;
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, scratch_elems / Vp));
   std::vector<TensorSpec> ws;
-  add(ws, "logits_scratch", {R, Vp});
+  add(ws, "logits_scratch", {R, Vp}, adt);
   if (cfg_.positions == PositionKind::rope) add(ws, "rope_freqs", {cfg_.context_length, HS / 2, 2});
   if (plan.training) {
-    add(ws, "d_res", {B, T, C});
-    add(ws, "d_ln", {B, T, C});
-    add(ws, "d_qkv", {B, T, QKV});
-    add(ws, "d_att", {B, T, NH * HS});
-    add(ws, "d_fc", {B, T, FC});
-    add(ws, "d_act", {B, T, F});
-    add(ws, "d_probs", {B, NH, T, T});
+    add(ws, "d_res", {B, T, C}, adt);
+    add(ws, "d_ln", {B, T, C}, adt);
+    add(ws, "d_qkv", {B, T, QKV}, adt);
+    add(ws, "d_att", {B, T, NH * HS}, adt);
+    add(ws, "d_fc", {B, T, FC}, adt);
+    add(ws, "d_act", {B, T, F}, adt);
+    if (mixed) add(ws, "d_probs", {B, NH, T});  // flash attention backward's delta = rowsum(dout * out)
+    else add(ws, "d_probs", {B, NH, T, T});
   }
   work_ = Arena("workspace", ws, plan.device);
   logits_scratch_ = work_.get("logits_scratch");
@@ -265,7 +289,12 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
 }
 
 size_t Gpt::arena_bytes() const {
-  return params_.bytes() + grads_.bytes() + m_.bytes() + v_.bytes() + acts_.bytes() + work_.bytes() + decode_.bytes();
+  return params_.bytes() + grads_.bytes() + m_.bytes() + v_.bytes() + acts_.bytes() + work_.bytes() + decode_.bytes() +
+         params_bf16_.bytes();
+}
+
+void Gpt::sync_weight_copy() {
+  if (bf16()) cast_to_bf16(params_bf16_.flat(DType::bf16), params_.flat_f32());
 }
 
 void Gpt::init_weights(uint64_t seed) {
@@ -294,6 +323,7 @@ void Gpt::init_weights(uint64_t seed) {
     }
     tensor_from_host(t, host.data());
   }
+  sync_weight_copy();
 }
 
 void Gpt::norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b) {
@@ -312,6 +342,10 @@ void Gpt::forward_body(Tensor tokens) {
   const double lin_qkv = 2.0 * N * C * QKV, lin_proj = 2.0 * N * NH * HS * C, lin_fc = 2.0 * N * C * FC,
                lin_mproj = 2.0 * N * F * C, attn = 4.0 * B * NH * T * T * HS / 2;  // causal half
   check_shape(tokens, {B, T}, "gpt forward");
+  if (bf16()) {
+    forward_body_bf16(tokens);
+    return;
+  }
   timed("embedding fwd", 0, [&] { embedding_forward(encoded_, tokens, p_.tok_emb, p_.pos_emb); });
   Tensor x = encoded_;
   for (int l = 0; l < cfg_.n_layer; ++l) {
@@ -356,13 +390,14 @@ void Gpt::forward_loss_device(Tensor tokens, Tensor targets) {
   const int64_t N = plan_.B * plan_.T;
   check_shape(targets, {plan_.B, plan_.T}, "gpt forward (targets)");
   forward_body(tokens);
-  lm_head_cross_entropy(losses_, Tensor(), Tensor(), lnf_.view({N, cfg_.d_model}), p_.lm_head,
+  lm_head_cross_entropy(losses_, Tensor(), Tensor(), lnf_.view({N, cfg_.d_model}), bf16() ? pb_.lm_head : p_.lm_head,
                         targets.view({N}), logits_scratch_, cfg_.vocab_size, 0.0f);
 }
 
 void Gpt::forward_logits(Tensor logits, Tensor tokens) {
   const int64_t N = plan_.B * plan_.T;
   check_shape(logits, {plan_.B, plan_.T, cfg_.vocab_size}, "gpt forward_logits");
+  if (bf16()) fail("gpt forward_logits: not available in a bf16 plan (use an fp32 plan for logits)");
   forward_body(tokens);
   linear_forward(logits.view({N, cfg_.vocab_size}), lnf_.view({N, cfg_.d_model}), p_.lm_head.rows(0, cfg_.vocab_size),
                  Tensor());
@@ -381,6 +416,16 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
                lin_mproj = 4.0 * N * F * C, attn = 8.0 * B * NH * T * T * HS / 2;  // backward: 2x forward
   check_shape(targets, {B, T}, "gpt forward_backward (targets)");
   forward_body(tokens);
+  if (bf16()) {
+    tensor_zero(d_ln_);
+    const float grad_scale = loss_scale / static_cast<float>(N);
+    timed("lm_head + cross-entropy fwd+bwd", 6.0 * N * C * cfg_.vocab_size, [&] {
+      lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), pb_.lm_head,
+                            targets.view({N}), logits_scratch_, cfg_.vocab_size, grad_scale);
+    });
+    backward_layers_bf16(tokens);
+    return;
+  }
 
   // LM head + cross-entropy: losses, d(lnf) and d(head weight) in one pass.
   tensor_zero(d_ln_);
@@ -424,6 +469,111 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
       timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
     tensor_zero(d_ln_);
     timed("linear qkv bwd", lin_qkv, [&] { linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, w.qkv_w); });
+    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
+  }
+  timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
+}
+
+// bf16 mixed precision (docs/MIXED_PRECISION.md): GEMMs read the bf16 weight copy pb_, norms and
+// embeddings the f32 masters p_. Residual adds are fused into the next norm: the output projection of
+// each block writes its result into the residual buffer, and residual_*norm_forward adds the block's
+// input and normalises in one pass. GELU is fused into the fc GEMM's epilogue when the layer has a
+// bias (GPT-2), its backward into the mproj dX GEMM's epilogue; attention is flash attention.
+void Gpt::forward_body_bf16(Tensor tokens) {
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
+  const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
+  const double lin_qkv = 2.0 * N * C * QKV, lin_proj = 2.0 * N * NH * HS * C, lin_fc = 2.0 * N * C * FC,
+               lin_mproj = 2.0 * N * F * C, attn = 4.0 * B * NH * T * T * HS / 2;
+  const bool layernorm = cfg_.norm == NormKind::layernorm;
+  const bool fused_gelu = cfg_.activation == ActivationKind::gelu && cfg_.bias;
+  // res = a + b, out = norm(res) with the weights w/b (f32 masters)
+  auto residual_norm = [&](Tensor res, Tensor out, Tensor mean, Tensor rstd, Tensor a, Tensor b, Tensor w, Tensor bias) {
+    timed("residual + norm fwd", 0, [&] {
+      if (layernorm) residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias, cfg_.norm_eps);
+      else residual_rmsnorm_forward(res, out, rstd, a, b, w, cfg_.norm_eps);
+    });
+  };
+  timed("embedding fwd", 0, [&] { embedding_forward(encoded_, tokens, p_.tok_emb, p_.pos_emb); });
+  if (cfg_.n_layer == 0) {
+    timed("norm fwd", 0, [&] { norm_forward(lnf_, lnf_mean_, lnf_rstd_, encoded_, p_.normf_w, p_.normf_b); });
+    return;
+  }
+  timed("norm fwd", 0, [&] {
+    norm_forward(la_[0].ln1, la_[0].ln1_mean, la_[0].ln1_rstd, encoded_, p_.layers[0].norm1_w, p_.layers[0].norm1_b);
+  });
+  Tensor x = encoded_;
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const GptLayerTensors& w = p_.layers[l];
+    const GptLayerTensors& wb = pb_.layers[l];
+    LayerActs& a = la_[l];
+    timed("linear qkv fwd", lin_qkv, [&] { linear_forward(a.qkv, a.ln1, wb.qkv_w, wb.qkv_b); });
+    if (cfg_.positions == PositionKind::rope)
+      timed("rope fwd", 0, [&] { rope_forward(a.qkv, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
+    timed("flash attention fwd", attn, [&] { flash_attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head); });
+    timed("linear proj fwd", lin_proj, [&] { linear_forward(a.res1, a.att, wb.proj_w, wb.proj_b); });
+    residual_norm(a.res1, a.ln2, a.ln2_mean, a.ln2_rstd, x, a.res1, w.norm2_w, w.norm2_b);
+    if (fused_gelu) {
+      timed("linear fc + gelu fwd", lin_fc, [&] { linear_gelu_forward(a.act, a.fc, a.ln2, wb.fc_w, wb.fc_b); });
+    } else {
+      timed("linear fc fwd", lin_fc, [&] { linear_forward(a.fc, a.ln2, wb.fc_w, wb.fc_b); });
+      timed("activation fwd", 0, [&] {
+        if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+        else swiglu_forward(a.act, a.fc);
+      });
+    }
+    timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, wb.mproj_w, wb.mproj_b); });
+    if (l + 1 < cfg_.n_layer) {
+      LayerActs& n = la_[l + 1];
+      residual_norm(a.res2, n.ln1, n.ln1_mean, n.ln1_rstd, a.res1, a.res2, p_.layers[l + 1].norm1_w,
+                    p_.layers[l + 1].norm1_b);
+    } else {
+      residual_norm(a.res2, lnf_, lnf_mean_, lnf_rstd_, a.res1, a.res2, p_.normf_w, p_.normf_b);
+    }
+    x = a.res2;
+  }
+}
+
+void Gpt::backward_layers_bf16(Tensor tokens) {
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
+  const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
+  const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
+               lin_mproj = 4.0 * N * F * C, attn = 8.0 * B * NH * T * T * HS / 2;
+  const bool fused_gelu = cfg_.activation == ActivationKind::gelu && cfg_.bias;
+  tensor_zero(d_res_);
+  Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
+  timed("norm bwd", 0, [&] { norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_); });
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+    const GptLayerTensors& w = p_.layers[l];
+    const GptLayerTensors& wb = pb_.layers[l];
+    const GptLayerTensors& gw = g_.layers[l];
+    LayerActs& a = la_[l];
+    Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
+    if (fused_gelu) {
+      timed("linear mproj + gelu bwd", lin_mproj, [&] {
+        linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc);
+      });
+    } else {
+      tensor_zero(d_act_);
+      timed("linear mproj bwd", lin_mproj, [&] { linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w); });
+      tensor_zero(d_fc_);
+      timed("activation bwd", 0, [&] {
+        if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
+        else swiglu_backward(d_fc_, d_act_, a.fc);
+      });
+    }
+    tensor_zero(d_ln_);
+    timed("linear fc bwd", lin_fc, [&] { linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w); });
+    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
+    tensor_zero(d_att_);
+    timed("linear proj bwd", lin_proj, [&] { linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w); });
+    tensor_zero(d_qkv_);
+    timed("flash attention bwd", attn, [&] {
+      flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head);
+    });
+    if (cfg_.positions == PositionKind::rope)
+      timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
+    tensor_zero(d_ln_);
+    timed("linear qkv bwd", lin_qkv, [&] { linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w); });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });

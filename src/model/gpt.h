@@ -34,10 +34,12 @@ struct GptTensors {
 GptTensors gpt_bind(const Arena& arena, const ModelConfig& c);
 
 // Numeric mode of a run. fp32: everything fp32. tf32: as fp32, but GEMMs on the GPU's tensor cores
-// with TF32 inputs (fp32 accumulation). bf16 mixed precision is not implemented yet.
-enum class Precision { fp32, tf32 };
+// with TF32 inputs (fp32 accumulation). bf16: mixed precision on the GPU (docs/MIXED_PRECISION.md):
+// fp32 master weights, gradients and AdamW state; a bf16 weight copy for the GEMMs; bf16 activations;
+// fp32 accumulation everywhere; flash attention.
+enum class Precision { fp32, tf32, bf16 };
 const char* precision_name(Precision p);
-// "fp32" | "tf32"; anything else throws naming `flag` and the accepted values.
+// "fp32" | "tf32" | "bf16"; anything else throws naming `flag` and the accepted values.
 Precision parse_precision(const std::string& s, const char* flag);
 
 struct GptPlan {
@@ -46,7 +48,7 @@ struct GptPlan {
   bool training = true;    // plan gradients and AdamW state
   int64_t decode_ctx = 0;  // > 0: also plan a batch-1 KV cache of this many positions for decode_step()
   Device device = Device::cpu;  // where every arena lives
-  Precision precision = Precision::fp32;  // tf32 needs device == cuda
+  Precision precision = Precision::fp32;  // tf32 and bf16 need device == cuda
 };
 
 class Gpt {
@@ -73,8 +75,14 @@ class Gpt {
   void forward_backward_device(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
   void forward_loss_device(Tensor tokens, Tensor targets);
   Tensor row_losses() const { return losses_; }  // (B*T) f32 on the model's device
-  // Logits (B, T, V) of the real vocabulary (for tests and tools; not on the training path).
+  // Logits (B, T, V) of the real vocabulary (for tests and tools; not on the training path; fp32 and
+  // tf32 plans).
   void forward_logits(Tensor logits, Tensor tokens);
+  // bf16 plans: rewrite the bf16 weight copy from the f32 masters (after init_weights, which calls it,
+  // and after loading a checkpoint into params()). No-op for other precisions.
+  void sync_weight_copy();
+  // The bf16 weight copy (bf16 plans; empty arena otherwise).
+  Arena& params_bf16() { return params_bf16_; }
   void zero_grad() { grads_.zero(); }
 
   // Generation with a KV cache (batch 1, CPU). Feeds `token` at position `pos` (0-based, < decode_ctx) and
@@ -96,9 +104,13 @@ class Gpt {
 
  private:
   struct LayerActs {
+    // probs: (B, NH, T, T) attention probabilities (fp32/tf32), or the flash log-sum-exp (B, NH, T) (bf16)
     Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, att, res1, ln2, ln2_mean, ln2_rstd, fc, act, res2;
   };
+  bool bf16() const { return plan_.precision == Precision::bf16; }
   void forward_body(Tensor tokens);  // embedding .. final norm into lnf_
+  void forward_body_bf16(Tensor tokens);
+  void backward_layers_bf16(Tensor tokens);
   template <class F>
   void timed(const char* name, double flops, F&& f);
   void norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b);
@@ -107,8 +119,8 @@ class Gpt {
   ModelConfig cfg_;
   GptPlan plan_;
   class OpProfiler* prof_ = nullptr;
-  Arena params_, grads_, m_, v_, acts_, work_, decode_;
-  GptTensors p_, g_;
+  Arena params_, grads_, m_, v_, acts_, work_, decode_, params_bf16_;
+  GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
   std::vector<LayerActs> la_;
   Tensor encoded_, lnf_, lnf_mean_, lnf_rstd_, losses_;
   // workspace: activation gradients (reused by every layer) and scratch

@@ -10,6 +10,7 @@
 // still give NaN.
 // The derivative uses sigmoid * (1 - sigmoid) = e * s^2, which has no cancellation.
 // Elementwise: results do not depend on the thread count. Backward accumulates (+=) into dinp.
+// bf16 tensors (mixed precision) run on the GPU only; the CPU stays the fp32 reference.
 #include "ops/activation.h"
 
 #include <cstdint>
@@ -105,45 +106,59 @@ int64_t check_swiglu_shapes(const Tensor& out, const Tensor& inp, const char* op
   return out.dim(-1);
 }
 
+// The dtype of an op's activations, from its lead tensor: bf16 or else f32 (check_dtype then
+// rejects anything else, and a bf16 tensor on the CPU, naming the tensor).
+DType act_dtype(const Tensor& t) { return t.defined() && t.dtype == DType::bf16 ? DType::bf16 : DType::f32; }
+
 }  // namespace
 
 void gelu_forward(Tensor out, Tensor inp) {
   const char* op = "gelu_forward";
-  for (const Tensor* t : {&out, &inp}) check_f32(*t, op);
+  const DType dt = act_dtype(inp);
+  for (const Tensor* t : {&inp, &out}) check_dtype(*t, dt, op);
   check_same_device(op, {&out, &inp});
   check_same_shape(inp, out, op);
-  if (out.device == Device::cpu) gelu_forward_cpu(out.f32(), inp.f32(), out.numel());
+  if (dt == DType::bf16) LMF_CUDA_DISPATCH(op, cuda::gelu_forward(out.ptr<bf16>(), inp.ptr<bf16>(), out.numel()));
+  else if (out.device == Device::cpu) gelu_forward_cpu(out.f32(), inp.f32(), out.numel());
   else LMF_CUDA_DISPATCH(op, cuda::gelu_forward(out.f32(), inp.f32(), out.numel()));
 }
 
 void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
   const char* op = "gelu_backward";
-  for (const Tensor* t : {&dinp, &dout, &inp}) check_f32(*t, op);
+  const DType dt = act_dtype(inp);
+  for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
   check_same_device(op, {&dinp, &dout, &inp});
   check_same_shape(dinp, inp, op);
   check_same_shape(dout, inp, op);
-  if (inp.device == Device::cpu) gelu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), inp.numel());
+  if (dt == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::gelu_backward(dinp.ptr<bf16>(), dout.ptr<bf16>(), inp.ptr<bf16>(), inp.numel()));
+  else if (inp.device == Device::cpu) gelu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), inp.numel());
   else LMF_CUDA_DISPATCH(op, cuda::gelu_backward(dinp.f32(), dout.f32(), inp.f32(), inp.numel()));
 }
 
 void swiglu_forward(Tensor out, Tensor inp) {
   const char* op = "swiglu_forward";
-  for (const Tensor* t : {&out, &inp}) check_f32(*t, op);
+  const DType dt = act_dtype(inp);
+  for (const Tensor* t : {&inp, &out}) check_dtype(*t, dt, op);
   check_same_device(op, {&out, &inp});
   const int64_t F = check_swiglu_shapes(out, inp, op);
   const int64_t N = F > 0 ? out.numel() / F : 0;
-  if (out.device == Device::cpu) swiglu_forward_cpu(out.f32(), inp.f32(), N, F);
+  if (dt == DType::bf16) LMF_CUDA_DISPATCH(op, cuda::swiglu_forward(out.ptr<bf16>(), inp.ptr<bf16>(), N, F));
+  else if (out.device == Device::cpu) swiglu_forward_cpu(out.f32(), inp.f32(), N, F);
   else LMF_CUDA_DISPATCH(op, cuda::swiglu_forward(out.f32(), inp.f32(), N, F));
 }
 
 void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp) {
   const char* op = "swiglu_backward";
-  for (const Tensor* t : {&dinp, &dout, &inp}) check_f32(*t, op);
+  const DType dt = act_dtype(inp);
+  for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
   check_same_device(op, {&dinp, &dout, &inp});
   check_same_shape(dinp, inp, op);
   const int64_t F = check_swiglu_shapes(dout, inp, op);
   const int64_t N = F > 0 ? dout.numel() / F : 0;
-  if (inp.device == Device::cpu) swiglu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), N, F);
+  if (dt == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::swiglu_backward(dinp.ptr<bf16>(), dout.ptr<bf16>(), inp.ptr<bf16>(), N, F));
+  else if (inp.device == Device::cpu) swiglu_backward_cpu(dinp.f32(), dout.f32(), inp.f32(), N, F);
   else LMF_CUDA_DISPATCH(op, cuda::swiglu_backward(dinp.f32(), dout.f32(), inp.f32(), N, F));
 }
 

@@ -1,4 +1,5 @@
-// activation.h: GELU (tanh approximation, as GPT-2) and SwiGLU.
+// activation.h: GELU (tanh approximation, as GPT-2) and SwiGLU. f32 on the CPU and the GPU; bf16
+// (all tensors, mixed precision: fp32 math, results rounded once) on the GPU only.
 #pragma once
 #include "core/tensor.h"
 
@@ -15,10 +16,14 @@ void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp: (N, 2F) +=
 namespace cuda {  // launchers (activation.cu); called by the op entries after validation
 // out, inp, dinp, dout: (n) flat
 void gelu_forward(float* out, const float* inp, int64_t n);
+void gelu_forward(bf16* out, const bf16* inp, int64_t n);
 void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n);
+void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t n);
 // inp, dinp: (N, 2F) rows [gate | up]; out, dout: (N, F)
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
+void swiglu_forward(bf16* out, const bf16* inp, int64_t N, int64_t F);
 void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F);
+void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int64_t F);
 }  // namespace cuda
 
 }  // namespace lmf

@@ -12,6 +12,10 @@
 // The backward parallelises over (b, kv head): the q heads of a group add into the same dK/dV on
 // one thread, in increasing head order. Each head's arithmetic is the same whatever the thread
 // count or batch size: deterministic and batch-invariant.
+//
+// flash_attention_forward/backward (bf16, GPU only: flash_attention.cu) have no CPU path; their entries
+// here only validate and dispatch (a bf16 tensor on the CPU fails in check_dtype). Tests compare them
+// with attention_forward/backward above on the same bf16-rounded inputs.
 #include "ops/attention.h"
 
 #include <algorithm>
@@ -29,6 +33,8 @@ namespace {
 constexpr const char* kOpForward = "attention_forward";
 constexpr const char* kOpBackward = "attention_backward";
 constexpr const char* kOpDecode = "attention_decode_forward";
+constexpr const char* kOpFlashForward = "flash_attention_forward";
+constexpr const char* kOpFlashBackward = "flash_attention_backward";
 
 // Query rows per block. A fixed constant, so the order of every reduction depends only on T.
 constexpr int64_t kRowBlock = 128;
@@ -170,6 +176,19 @@ int64_t head_size(const char* op, const Tensor& qkv, int n_head, int n_kv_head) 
   return C3 / heads;
 }
 
+// The flash kernels' head sizes (template instances in flash_attention.cu).
+void check_flash_head_size(const char* op, int64_t HS) {
+  LMF_CHECK(HS == 32 || HS == 64 || HS == 128, op, ": head size HS=", HS,
+            " is not supported by the flash attention kernels (32, 64 or 128)");
+}
+
+// cp.async and the 16-byte stores of the flash kernels need 16-byte aligned bf16 tensors (arena
+// tensors are 256-byte aligned).
+void check_aligned16(const char* op, const Tensor& t) {
+  LMF_CHECK(reinterpret_cast<uintptr_t>(t.data) % 16 == 0, op, ": tensor '", t.name,
+            "' must be 16-byte aligned for the flash attention kernels");
+}
+
 }  // namespace
 
 void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_kv_head) {
@@ -211,6 +230,46 @@ void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Ten
     LMF_CUDA_DISPATCH(kOpBackward, cuda::attention_backward(dqkv.f32(), dprobs.f32(), dout.f32(), qkv.f32(),
                                                             probs.f32(), B, T, n_head, n_kv_head, HS,
                                                             attention_scale(HS)));
+}
+
+// bf16 (GPU only, check_dtype): out, qkv; f32: lse.
+void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head) {
+  check_dtype(out, DType::bf16, kOpFlashForward);
+  check_dtype(qkv, DType::bf16, kOpFlashForward);
+  check_dtype(lse, DType::f32, kOpFlashForward);
+  check_same_device(kOpFlashForward, {&out, &lse, &qkv});
+  const int64_t HS = head_size(kOpFlashForward, qkv, n_head, n_kv_head);
+  check_flash_head_size(kOpFlashForward, HS);
+  const int64_t B = qkv.shape[0], T = qkv.shape[1];
+  check_shape(out, {B, T, n_head * HS}, kOpFlashForward);
+  check_shape(lse, {B, n_head, T}, kOpFlashForward);
+  for (const Tensor* t : {&out, &qkv}) check_aligned16(kOpFlashForward, *t);
+  if (B == 0 || T == 0) return;
+  LMF_CUDA_DISPATCH(kOpFlashForward, cuda::flash_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(), B, T,
+                                                                   n_head, n_kv_head, HS, attention_scale(HS)));
+}
+
+// bf16 (GPU only, check_dtype): dqkv, dout, qkv, out; f32: delta, lse.
+void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head,
+                              int n_kv_head) {
+  for (const Tensor* t : {&dqkv, &dout, &qkv, &out}) check_dtype(*t, DType::bf16, kOpFlashBackward);
+  check_dtype(delta, DType::f32, kOpFlashBackward);
+  check_dtype(lse, DType::f32, kOpFlashBackward);
+  check_same_device(kOpFlashBackward, {&dqkv, &delta, &dout, &qkv, &out, &lse});
+  const int64_t HS = head_size(kOpFlashBackward, qkv, n_head, n_kv_head);
+  check_flash_head_size(kOpFlashBackward, HS);
+  const int64_t B = qkv.shape[0], T = qkv.shape[1];
+  check_shape(dqkv, {B, T, qkv.shape[2]}, kOpFlashBackward);
+  check_shape(delta, {B, n_head, T}, kOpFlashBackward);
+  check_shape(dout, {B, T, n_head * HS}, kOpFlashBackward);
+  check_shape(out, {B, T, n_head * HS}, kOpFlashBackward);
+  check_shape(lse, {B, n_head, T}, kOpFlashBackward);
+  for (const Tensor* t : {&dqkv, &dout, &qkv, &out}) check_aligned16(kOpFlashBackward, *t);
+  if (B == 0 || T == 0) return;
+  LMF_CUDA_DISPATCH(kOpFlashBackward,
+                    cuda::flash_attention_backward(dqkv.ptr<bf16>(), delta.f32(), dout.ptr<bf16>(), qkv.ptr<bf16>(),
+                                                   out.ptr<bf16>(), lse.f32(), B, T, n_head, n_kv_head, HS,
+                                                   attention_scale(HS)));
 }
 
 void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_ctx,

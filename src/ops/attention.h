@@ -31,4 +31,25 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
                         int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
 }  // namespace cuda
 
+// Fused causal flash attention in bf16 (docs/MIXED_PRECISION.md; GPU only, sm_90a; flash_attention.cu):
+// no (T, T) probabilities in memory, the backward recomputes them from lse. Same qkv layout, GQA rule
+// and scale as above; HS must be 32, 64 or 128; any T >= 1. Deterministic (no atomics).
+// qkv: (B, T, (NH + 2*NKV) * HS) bf16; out: (B, T, NH * HS) bf16;
+// lse: (B, NH, T) f32, lse[b,h,t] = ln sum_{s<=t} exp(scale q_t . k_s) (natural log)
+void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head);
+
+// dqkv (B, T, (NH + 2*NKV) * HS) bf16 += gradient w.r.t. qkv (each element: fp32 add, one rounding);
+// delta: (B, NH, T) f32 scratch, overwritten with rowsum(dout * out); dout, out: (B, T, NH * HS) bf16;
+// qkv, lse as from flash_attention_forward.
+void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head,
+                              int n_kv_head);
+
+namespace cuda {  // launchers (flash_attention.cu); shapes as the op entries above, scale = 1/sqrt(HS)
+void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                             int64_t HS, float scale);
+void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
+                              const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
+                              float scale);
+}  // namespace cuda
+
 }  // namespace lmf

@@ -10,6 +10,8 @@
 //   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (sgemm, beta = 1)
 // Padded rows of dW are never written (they receive zero gradient). Rows of a chunk are
 // independent (OpenMP over rows); the chunk order is fixed, so results are deterministic.
+// bf16 x / w / logits_scratch / dx (mixed precision) run on the GPU only: the CPU stays the fp32
+// reference (docs/MIXED_PRECISION.md), and a bf16 tensor here fails naming it.
 #include "ops/cross_entropy.h"
 
 #include <algorithm>
@@ -70,10 +72,14 @@ void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float*
 
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale) {
+  // x picks the path: f32 everywhere, or bf16 x, w, logits_scratch, dx with f32 losses, dw (GPU only;
+  // check_dtype fails for a bf16 tensor on the CPU).
+  const bool bf = x.defined() && x.dtype == DType::bf16;
+  const DType act = bf ? DType::bf16 : DType::f32;
   check_f32(losses, kOp);
-  check_f32(x, kOp);
-  check_f32(w, kOp);
-  check_f32(logits_scratch, kOp);
+  check_dtype(x, act, kOp);
+  check_dtype(w, act, kOp);
+  check_dtype(logits_scratch, act, kOp);
   LMF_CHECK(targets.defined() && targets.dtype == DType::i32, kOp, ": targets '", targets.name, "' must be i32, got ",
             targets.defined() ? dtype_name(targets.dtype) : "<absent>");
   LMF_CHECK(dx.defined() == dw.defined(), kOp, ": dx '", dx.name, "' and dw '", dw.name,
@@ -94,7 +100,7 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
             ")");
   const int64_t R = logits_scratch.shape[0];
   if (dx.defined()) {
-    check_f32(dx, kOp);
+    check_dtype(dx, act, kOp);
     check_f32(dw, kOp);
     check_shape(dx, {N, C}, kOp);
     check_shape(dw, {Vp, C}, kOp);
@@ -102,9 +108,16 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
   LMF_CHECK(N <= INT_MAX && C <= INT_MAX && Vp <= INT_MAX, kOp, ": sizes N=", N, " C=", C, " Vp=", Vp,
             " exceed the BLAS int range");
   if (N == 0) return;
-  float* dx_ptr = dx.defined() ? dx.f32() : nullptr;
   float* dw_ptr = dw.defined() ? dw.f32() : nullptr;
   const int32_t* tg = targets.i32();
+  if (bf) {
+    // Targets live on the GPU: the data loader validated them (reading them here would sync).
+    LMF_CUDA_DISPATCH(kOp, cuda::lm_head_cross_entropy(losses.f32(), dx.defined() ? dx.ptr<bf16>() : nullptr, dw_ptr,
+                                                       x.ptr<bf16>(), w.ptr<bf16>(), tg, logits_scratch.ptr<bf16>(),
+                                                       N, C, vocab_size, Vp, std::min<int64_t>(R, N), grad_scale));
+    return;
+  }
+  float* dx_ptr = dx.defined() ? dx.f32() : nullptr;
   if (x.device == Device::cpu) {
     for (int64_t n = 0; n < N; ++n)
       LMF_CHECK(tg[n] >= 0 && tg[n] < vocab_size, kOp, ": targets '", targets.name, "' row ", n, " is ", tg[n],

@@ -8,12 +8,21 @@
 //   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (cuBLASLt, beta = 1)
 // Every reduction has a fixed order and every GEMM a cached algorithm: bitwise reproducible.
 // exp is CUDA's expf (<= 2 ulp; the CPU's exp_nonpos is <= 1.4 ulp), the sum in double as on the CPU.
+//
+// bf16 (mixed precision, docs/MIXED_PRECISION.md): the same chunks and GEMM shapes with bf16 x, W
+// (the bf16 weight copy) and logits (cuda::gemm's bf16 overloads, fp32 accumulation). The row kernel
+// widens the bf16 logits, computes max, sum of exp and the loss in fp32 (block_reduce.cuh's
+// fixed-order reductions) and, with gradients, overwrites each logit in place with
+// bf16(grad_scale (softmax - onehot)): every element is read and then written by the same thread, and
+// the target logit, which all threads read, is read before the first barrier. dx += dlogits W is a
+// bf16-C GEMM (beta 1: dx is read, accumulated in fp32, rounded once), dW += dlogits^T x an fp32-C one.
 #include <cmath>
 
 #include "core/cuda_launch.cuh"
 #include "ops/cross_entropy.h"
 #include "ops/block_reduce.cuh"
 #include "ops/gemm_cuda.h"
+#include "ops/packed.cuh"
 
 namespace lmf {
 namespace {
@@ -68,6 +77,38 @@ __global__ void ce_row_kernel(float* __restrict__ losses, float* __restrict__ lo
   for (int64_t j = V + tid; j < Vp; j += kRowThreads) l[j] = 0.0f;  // padded vocab: no gradient
 }
 
+// The bf16 twin of ce_row_kernel (fp32 math; the reductions from block_reduce.cuh). losses: (rows)
+// f32; logits: (rows, Vp) bf16, the first V columns valid; targets: (rows). One block per row. grad:
+// logits[:, :V] = bf16(grad_scale (softmax - onehot)) in place, logits[:, V:Vp] = 0.
+__global__ void ce_row_bf16_kernel(float* __restrict__ losses, __nv_bfloat16* __restrict__ logits,
+                                   const int32_t* __restrict__ targets, int64_t V, int64_t Vp, float grad_scale,
+                                   bool grad) {
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x;
+  __nv_bfloat16* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
+  const int64_t tgt = targets[blockIdx.x];
+  const bool tgt_ok = tgt >= 0 && tgt < V;
+  // Read before any thread overwrites the row (the writes come after the barriers of block_max/sum).
+  const float l_tgt = tgt_ok ? cuda::to_f32(l[tgt]) : 0.0f;
+
+  // Thread t reduces t, t + kRowThreads, ... in order, then the fixed butterfly of the block.
+  float mx = -INFINITY;
+  for (int64_t j = tid; j < V; j += kRowThreads) mx = fmaxf(mx, cuda::to_f32(l[j]));
+  mx = cuda::block_max(mx, scratch);
+  float sum = 0.0f;
+  for (int64_t j = tid; j < V; j += kRowThreads) sum += expf(cuda::to_f32(l[j]) - mx);
+  sum = cuda::block_sum(sum, scratch);
+  if (tid == 0)
+    losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
+  if (!grad) return;
+  const float inv = 1.0f / sum;
+  for (int64_t j = tid; j < V; j += kRowThreads) {
+    const float p = expf(cuda::to_f32(l[j]) - mx) * inv;
+    l[j] = cuda::from_f32<__nv_bfloat16>(grad_scale * (j == tgt ? p - 1.0f : p));
+  }
+  for (int64_t j = V + tid; j < Vp; j += kRowThreads) l[j] = __nv_bfloat16(0.0f);  // padded vocab: no gradient
+}
+
 ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
   return shape_text("N=", N, " C=", C, " V=", V, " Vp=", Vp, " R=", R);
 }
@@ -114,6 +155,29 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
     // dx[n0:n0+rows] += dlogits (rows, Vp) W (Vp, C)
     gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
     // dW += dlogits^T (Vp, rows) xc (rows, C)   (padded rows += 0)
+    gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+  }
+}
+
+void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
+                           const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
+                           int64_t R, float grad_scale) {
+  const char* op = "lm_head_cross_entropy";
+  const bool grad = dx != nullptr;
+  const ShapeText shapes = dims(N, C, V, Vp, R);
+  __nv_bfloat16* logits_k = as_nv(logits);
+  for (int64_t n0 = 0; n0 < N; n0 += R) {
+    const int64_t rows = R < N - n0 ? R : N - n0;
+    const bf16* xc = x + n0 * C;  // (rows, C)
+    // Over all Vp (padded) columns, as the f32 path (see there).
+    // logits[0:rows, 0:Vp] = bf16(xc W^T)
+    gemm(op, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+    launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_bf16_kernel, losses + n0, logits_k,
+           targets + n0, V, Vp, grad_scale, grad);
+    if (!grad) continue;
+    // dx[n0:n0+rows] = bf16(dx + dlogits (rows, Vp) W (Vp, C))
+    gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
+    // dW += dlogits^T (Vp, rows) xc (rows, C), fp32 C   (padded rows += 0)
     gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
   }
 }

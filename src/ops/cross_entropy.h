@@ -7,6 +7,12 @@
 // CPU: OpenBLAS GEMMs; CUDA: cuBLASLt GEMMs (ops/gemm_cuda.h) and one block per row for the softmax.
 // Targets are range-checked on the CPU path; on the GPU path the data loader validates them (no host
 // sync here), and an out-of-range target gives a NaN loss instead of an out-of-bounds read.
+//
+// Mixed precision (docs/MIXED_PRECISION.md), GPU only: x, w (the bf16 weight copy), logits_scratch
+// and dx are bf16; losses and dw stay f32. The logits chunk is a bf16 GEMM output (as PyTorch
+// autocast's linear); max, sum of exp and the loss are computed in fp32 from it, dlogits are written
+// back as bf16 in place; dx += dlogits W is a bf16 GEMM with bf16 C, dw += dlogits^T x one with
+// fp32 C. A bf16 tensor on the CPU is an error.
 #pragma once
 #include <cstdint>
 
@@ -18,6 +24,7 @@ namespace lmf {
 // x: (N, C); w: (Vp, C) (tied token embedding or separate head); targets: (N) i32 in [0, V)
 // logits_scratch: (R, Vp) with R >= 1 rows; N is processed R rows at a time
 // dx: (N, C) and dw: (Vp, C), both accumulated (+=) with dloss_row = grad_scale, or both absent
+// dtypes: all f32, or (GPU) x, w, logits_scratch, dx bf16 with losses, dw f32
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale);
 
@@ -32,6 +39,10 @@ void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool acc
 // targets: (N) in [0, V); logits: (R, Vp) scratch, R <= N rows per chunk.
 void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
                            const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
+                           int64_t R, float grad_scale);
+// bf16 activations, same shapes: losses and dw f32; dx, x, w, logits bf16.
+void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
+                           const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
                            int64_t R, float grad_scale);
 }  // namespace cuda
 

@@ -7,6 +7,8 @@
 // atomics: dwte runs over fixed blocks of columns, and within a block visits the rows n = b*T + t in
 // increasing order, so rows sharing a token are summed in increasing (b, t) order whatever the thread
 // count; dwpe runs over positions t (independent rows), summing b = 0..B-1 in order.
+// bf16 `out` / `dout` (mixed precision) run on the GPU only: the CPU stays the fp32 reference
+// (docs/MIXED_PRECISION.md), and a bf16 tensor here fails naming it.
 #include "ops/embedding.h"
 
 #include <algorithm>
@@ -72,6 +74,9 @@ void check_tokens(const int32_t* tokens, int64_t B, int64_t T, int64_t Vp, const
            "), outside the vocabulary [0, Vp=", Vp, ")");
 }
 
+// The activation tensor (out, dout) picks the path: bf16 (GPU only) or else f32.
+DType activation_dtype(const Tensor& t) { return t.defined() && t.dtype == DType::bf16 ? DType::bf16 : DType::f32; }
+
 // Tokens (B, T) i32.
 void check_token_tensor(const Tensor& tokens, const char* op) {
   if (!tokens.defined()) fail(op, ": tensor '", tokens.name, "' is absent");
@@ -84,7 +89,10 @@ void check_token_tensor(const Tensor& tokens, const char* op) {
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset) {
   const char* op = "embedding_forward";
   check_token_tensor(tokens, op);
-  for (const Tensor* t : {&out, &wte}) check_f32(*t, op);
+  // bf16 out (GPU only; check_dtype fails for one on the CPU): wte, wpe stay f32 (masters).
+  const bool bf = activation_dtype(out) == DType::bf16;
+  check_dtype(out, bf ? DType::bf16 : DType::f32, op);
+  check_f32(wte, op);
   if (wpe.defined()) check_f32(wpe, op);
   check_same_device(op, {&out, &tokens, &wte, &wpe});
   LMF_CHECK(wte.ndim == 2, op, ": tensor '", wte.name, "' has shape ", wte.shape_str(), ", expected (Vp, C)");
@@ -100,6 +108,9 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
     check_tokens(tokens.i32(), B, T, Vp, op, tokens.name);
     embedding_forward_cpu(out.f32(), tokens.i32(), wte.f32(), wpe.defined() ? wpe.f32() : nullptr, B, T, C,
                           pos_offset);
+  } else if (bf) {
+    LMF_CUDA_DISPATCH(op, cuda::embedding_forward(out.ptr<bf16>(), tokens.i32(), wte.f32(),
+                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos_offset));
   } else {
     LMF_CUDA_DISPATCH(op, cuda::embedding_forward(out.f32(), tokens.i32(), wte.f32(),
                                                   wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos_offset));
@@ -109,7 +120,10 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
   const char* op = "embedding_backward";
   check_token_tensor(tokens, op);
-  for (const Tensor* t : {&dwte, &dout}) check_f32(*t, op);
+  // bf16 dout (GPU only; check_dtype fails for one on the CPU): dwte, dwpe stay f32.
+  const bool bf = activation_dtype(dout) == DType::bf16;
+  check_dtype(dout, bf ? DType::bf16 : DType::f32, op);
+  check_f32(dwte, op);
   if (dwpe.defined()) check_f32(dwpe, op);
   check_same_device(op, {&dwte, &dwpe, &dout, &tokens});
   LMF_CHECK(dwte.ndim == 2, op, ": tensor '", dwte.name, "' has shape ", dwte.shape_str(), ", expected (Vp, C)");
@@ -122,6 +136,9 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
     check_tokens(tokens.i32(), B, T, Vp, op, tokens.name);
     embedding_backward_wte_cpu(dwte.f32(), dout.f32(), tokens.i32(), B * T, C);
     if (dwpe.defined()) embedding_backward_wpe_cpu(dwpe.f32(), dout.f32(), B, T, C);
+  } else if (bf) {
+    LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wte(dwte.f32(), dout.ptr<bf16>(), tokens.i32(), B * T, C, Vp));
+    if (dwpe.defined()) LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wpe(dwpe.f32(), dout.ptr<bf16>(), B, T, C));
   } else {
     LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wte(dwte.f32(), dout.f32(), tokens.i32(), B * T, C, Vp));
     if (dwpe.defined()) LMF_CUDA_DISPATCH(op, cuda::embedding_backward_wpe(dwpe.f32(), dout.f32(), B, T, C));

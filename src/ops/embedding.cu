@@ -13,6 +13,11 @@
 //   CPU's order: bitwise equal).
 // Workspace (lmf::cuda_workspace, size from embedding_backward_workspace): sorted keys, the row
 // indices 0..N-1, the sorted row indices, then CUB's temporary storage; each 256-byte aligned.
+// bf16 activations (docs/MIXED_PRECISION.md): the kernels are templates on the storage type of
+// out/dout (float or __nv_bfloat16); wte, wpe, dwte, dwpe are always fp32. The forward computes the
+// fp32 sum and rounds it once (round to nearest even, as lmf::bf16); the backward widens dout
+// exactly, so both backward passes equal the f32 path run on the widened dout, bitwise
+// (to_f32 / from_f32 from ops/packed.cuh).
 #include <cub/device/device_radix_sort.cuh>
 
 #include <climits>
@@ -20,6 +25,7 @@
 
 #include "ops/elementwise.cuh"
 #include "ops/embedding.h"
+#include "ops/packed.cuh"
 
 namespace lmf::cuda {
 namespace {
@@ -55,9 +61,10 @@ SortLayout sort_layout(int64_t N, int64_t Vp) {
 }
 
 // One block per sorted index i; only the first index of each token's run works.
-// dwte: (Vp, C) +=; dout: (N, C); keys: (N) sorted token ids; rows: (N) row n of each key, increasing
-// within a run.
-__global__ void embedding_wte_runs_kernel(float* dwte, const float* dout, const int32_t* keys, const int32_t* rows,
+// dwte: (Vp, C) +=; dout: (N, C) float or __nv_bfloat16; keys: (N) sorted token ids; rows: (N) row n
+// of each key, increasing within a run.
+template <class Act>
+__global__ void embedding_wte_runs_kernel(float* dwte, const Act* dout, const int32_t* keys, const int32_t* rows,
                                           int64_t N, int64_t C) {
   const int64_t i = blockIdx.x;
   const int32_t tok = keys[i];
@@ -65,31 +72,31 @@ __global__ void embedding_wte_runs_kernel(float* dwte, const float* dout, const 
   float* dw = dwte + static_cast<int64_t>(tok) * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     float acc = dw[c];
-    for (int64_t j = i; j < N && keys[j] == tok; ++j) acc += dout[static_cast<int64_t>(rows[j]) * C + c];
+    for (int64_t j = i; j < N && keys[j] == tok; ++j) acc += to_f32(dout[static_cast<int64_t>(rows[j]) * C + c]);
     dw[c] = acc;
   }
 }
 
-}  // namespace
-
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t pos_offset) {
+// out: (B*T, C) float or __nv_bfloat16 = wte[token] + wpe[pos], summed in fp32, stored once.
+template <class Act>
+void forward_impl(Act* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
+                  int64_t C, int64_t pos_offset) {
   if (wpe) {
     launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
       const int64_t n = i / C, c = i - n * C;
-      out[i] = wte[static_cast<int64_t>(tokens[n]) * C + c] + wpe[(pos_offset + n % T) * C + c];
+      out[i] = from_f32<Act>(wte[static_cast<int64_t>(tokens[n]) * C + c] + wpe[(pos_offset + n % T) * C + c]);
     });
   } else {
     launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
       const int64_t n = i / C, c = i - n * C;
-      out[i] = wte[static_cast<int64_t>(tokens[n]) * C + c];
+      out[i] = from_f32<Act>(wte[static_cast<int64_t>(tokens[n]) * C + c]);
     });
   }
 }
 
-size_t embedding_backward_workspace(int64_t N, int64_t Vp) { return N > 0 ? sort_layout(N, Vp).total : 0; }
-
-void embedding_backward_wte(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp) {
+// dwte: (Vp, C) +=; dout: (N, C) float or __nv_bfloat16; tokens: (N).
+template <class Act>
+void backward_wte_impl(float* dwte, const Act* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp) {
   if (N == 0 || C == 0) return;
   const SortLayout L = sort_layout(N, Vp);
   char* ws = static_cast<char*>(cuda_workspace(L.total, kOpBackward));
@@ -101,16 +108,48 @@ void embedding_backward_wte(float* dwte, const float* dout, const int32_t* token
   LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + L.temp, temp_bytes, tokens, keys_sorted, rows, rows_sorted,
                                                  static_cast<int>(N), 0, key_bits(Vp), stream()));
   const ShapeText shapes = shape_text("N=", N, " C=", C, " Vp=", Vp);
-  launch({kOpBackward, shapes, {N, 1, 1}, {kWteBlock, 1, 1}, 0}, embedding_wte_runs_kernel, dwte, dout,
+  launch({kOpBackward, shapes, {N, 1, 1}, {kWteBlock, 1, 1}, 0}, embedding_wte_runs_kernel<Act>, dwte, dout,
          static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
 }
 
-void embedding_backward_wpe(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C) {
+// dwpe: (maxT, C) +=, rows [0, T); dout: (B, T, C) float or __nv_bfloat16.
+template <class Act>
+void backward_wpe_impl(float* dwpe, const Act* dout, int64_t B, int64_t T, int64_t C) {
   launch_elementwise(kOpBackward, T * C, [=] __device__(int64_t i) {
     float acc = dwpe[i];  // i = t * C + c
-    for (int64_t b = 0; b < B; ++b) acc += dout[b * T * C + i];
+    for (int64_t b = 0; b < B; ++b) acc += to_f32(dout[b * T * C + i]);
     dwpe[i] = acc;
   });
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
+                       int64_t C, int64_t pos_offset) {
+  forward_impl(out, tokens, wte, wpe, B, T, C, pos_offset);
+}
+
+void embedding_forward(bf16* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
+                       int64_t C, int64_t pos_offset) {
+  forward_impl(as_nv(out), tokens, wte, wpe, B, T, C, pos_offset);
+}
+
+size_t embedding_backward_workspace(int64_t N, int64_t Vp) { return N > 0 ? sort_layout(N, Vp).total : 0; }
+
+void embedding_backward_wte(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp) {
+  backward_wte_impl(dwte, dout, tokens, N, C, Vp);
+}
+
+void embedding_backward_wte(float* dwte, const bf16* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp) {
+  backward_wte_impl(dwte, as_nv(dout), tokens, N, C, Vp);
+}
+
+void embedding_backward_wpe(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C) {
+  backward_wpe_impl(dwpe, dout, B, T, C);
+}
+
+void embedding_backward_wpe(float* dwpe, const bf16* dout, int64_t B, int64_t T, int64_t C) {
+  backward_wpe_impl(dwpe, as_nv(dout), B, T, C);
 }
 
 }  // namespace lmf::cuda

@@ -28,7 +28,8 @@ constexpr uint32_t kAllowedReductionSchemes =
 // The numeric configuration of a GEMM: fp32 (CUDA cores) or tf32 (tensor cores, fp32 accumulation),
 // chosen by set_gemm_math(). bf16 operands (CUDA_R_16BF A/B with f32 accumulation) become a new
 // value here, with its own impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
-enum class GemmPrecision : uint8_t { f32, tf32 };
+// bf16_c32 / bf16_c16: bf16 A and B, fp32 accumulation, C f32 or bf16 (mixed precision).
+enum class GemmPrecision : uint8_t { f32, tf32, bf16_c32, bf16_c16 };
 
 GemmMath g_math = GemmMath::fp32;  // set_gemm_math(): the process-wide mode of the fp32 GEMMs
 
@@ -56,6 +57,15 @@ GemmTypes gemm_types(GemmPrecision p) {
               .b = CUDA_R_32F,
               .c = CUDA_R_32F,
               .impl_mask = ~uint64_t{0}};
+    case GemmPrecision::bf16_c32:
+    case GemmPrecision::bf16_c16:
+      // bf16 operands on the tensor cores, fp32 accumulation (CUBLAS_COMPUTE_32F) and fp32 scalars.
+      return {.compute = CUBLAS_COMPUTE_32F,
+              .scale = CUDA_R_32F,
+              .a = CUDA_R_16BF,
+              .b = CUDA_R_16BF,
+              .c = p == GemmPrecision::bf16_c32 ? CUDA_R_32F : CUDA_R_16BF,
+              .impl_mask = ~uint64_t{0}};
   }
   fail("gemm: unsupported GemmPrecision ", static_cast<int>(p));
 }
@@ -65,9 +75,10 @@ struct GemmKey {
   int device = -1;
   GemmPrecision prec = GemmPrecision::f32;
   bool trans_a = false, trans_b = false, bias = false;
-  int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0;
+  GemmEpilogue epilogue = GemmEpilogue::none;
+  int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0, ldaux = 0;
   int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;  // strides 0 when batch == 1
-  uint32_t align_a = 0, align_b = 0, align_c = 0, align_bias = 0;  // bytes, powers of two <= 256
+  uint32_t align_a = 0, align_b = 0, align_c = 0, align_bias = 0, align_aux = 0;  // bytes, powers of two <= 256
   bool operator==(const GemmKey&) const = default;
 };
 
@@ -101,9 +112,23 @@ uint32_t alignment_of(const void* p) {
   return (low == 0 || low > 256) ? 256u : static_cast<uint32_t>(low);
 }
 
-// The same for a leading dimension of ld floats (the offset between row starts).
-uint32_t alignment_of_bytes(int64_t ld) {
-  return alignment_of(reinterpret_cast<const void*>(static_cast<uintptr_t>(ld) * sizeof(float)));
+// The same for a leading dimension of ld elements of `elem` bytes (the offset between row starts).
+uint32_t alignment_of_bytes(int64_t ld, size_t elem = sizeof(float)) {
+  return alignment_of(reinterpret_cast<const void*>(static_cast<uintptr_t>(ld) * elem));
+}
+
+bool is_bf16(GemmPrecision p) { return p == GemmPrecision::bf16_c32 || p == GemmPrecision::bf16_c16; }
+size_t ab_size(GemmPrecision p) { return is_bf16(p) ? 2 : 4; }
+size_t c_size(GemmPrecision p) { return p == GemmPrecision::bf16_c16 ? 2 : 4; }
+
+const char* precision_text(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::f32: return "fp32";
+    case GemmPrecision::tf32: return "tf32";
+    case GemmPrecision::bf16_c32: return "bf16 A/B, f32 C";
+    case GemmPrecision::bf16_c16: return "bf16 A/B/C";
+  }
+  return "?";
 }
 
 std::string describe(const GemmKey& k, float alpha, float beta) {
@@ -114,7 +139,9 @@ std::string describe(const GemmKey& k, float alpha, float beta) {
      << " align(A,B,C,bias)=(" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_bias << ")";
   if (k.batch != 1)
     os << " batch=" << k.batch << " strides(A,B,C)=(" << k.stride_a << "," << k.stride_b << "," << k.stride_c << ")";
-  os << (k.prec == GemmPrecision::tf32 ? " tf32" : " fp32");
+  if (k.epilogue == GemmEpilogue::gelu_aux) os << " epilogue=gelu_aux ldaux=" << k.ldaux;
+  if (k.epilogue == GemmEpilogue::dgelu) os << " epilogue=dgelu ldaux=" << k.ldaux;
+  os << " " << precision_text(k.prec);
   return os.str();
 }
 
@@ -132,7 +159,7 @@ void set_pref(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t
 }
 
 // Fills p for key k: descriptors, then one heuristic query with split-K reductions forbidden.
-void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
+void build_plan(GemmPlan& p, const GemmKey& k, const void* bias, const void* aux) {
   const GemmTypes t = gemm_types(k.prec);
   p.valid = false;
   p.key = k;
@@ -141,11 +168,19 @@ void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
   set_desc(desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
   set_desc(desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
   set_desc(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, static_cast<int32_t>(CUBLASLT_POINTER_MODE_HOST));
+  cublasLtEpilogue_t epi = k.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  if (k.epilogue == GemmEpilogue::gelu_aux) epi = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+  if (k.epilogue == GemmEpilogue::dgelu) epi = CUBLASLT_EPILOGUE_DGELU;
+  if (epi != CUBLASLT_EPILOGUE_DEFAULT) set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(epi));
   if (k.bias) {
-    set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(CUBLASLT_EPILOGUE_BIAS));
     set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(t.c));
     // The heuristic reads the pointer's value (not the data) to learn its alignment.
     set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  }
+  if (k.epilogue != GemmEpilogue::none) {  // aux: the pre-activation, laid out like C (bf16)
+    set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
+    set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<int64_t>(k.ldaux));
+    set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, static_cast<int32_t>(CUDA_R_16BF));
   }
   // Column-major views (see the file comment): our B as cuBLASLt's A, our A as its B, C^T as C/D.
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
@@ -209,27 +244,28 @@ void build_plan(GemmPlan& p, const GemmKey& k, const float* bias) {
 }
 
 // The cached plan for k, building it on the first call. Called with the cache locked.
-GemmPlan& find_plan(PlanCache& c, const GemmKey& k, const float* bias) {
+GemmPlan& find_plan(PlanCache& c, const GemmKey& k, const void* bias, const void* aux) {
   for (GemmPlan& p : c.plans)
     if (p.valid && p.key == k) return p;
   for (GemmPlan& p : c.plans)
     if (!p.valid) {
-      build_plan(p, k, bias);
+      build_plan(p, k, bias, aux);
       return p;
     }
   GemmPlan& p = c.plans[c.next];
   c.next = (c.next + 1) % kGemmPlanCapacity;
-  build_plan(p, k, bias);
+  build_plan(p, k, bias, aux);
   return p;
 }
 
-void gemm_run(const char* op, const GemmKey& k, float alpha, const float* A, const float* B, float beta, float* C,
-              const float* bias) {
+void gemm_run(const char* op, const GemmKey& k, float alpha, const void* A, const void* B, float beta, void* C,
+              const void* bias, const void* aux) {
   void* ws = cuda_workspace(kGemmWorkspaceBytes, op);
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  GemmPlan& p = find_plan(c, k, bias);
+  GemmPlan& p = find_plan(c, k, bias, aux);
   if (k.bias) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  if (k.epilogue != GemmEpilogue::none) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
   LMF_CUBLAS_CHECK(cublasLtMatmul(blaslt(), &p.desc, &alpha, B, &p.lt_a, A, &p.lt_b, &beta, C, &p.lt_c, C, &p.lt_c,
                                   &p.algo, ws, kGemmWorkspaceBytes, stream()));
   count_launch();
@@ -242,13 +278,24 @@ GemmMath gemm_math() { return g_math; }
 
 namespace {
 
-void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-               int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b, float beta, float* C,
-               int64_t ldc, int64_t stride_c, int64_t batch, const float* bias) {
+GemmPrecision fp_precision() { return g_math == GemmMath::tf32 ? GemmPrecision::tf32 : GemmPrecision::f32; }
+
+struct GemmExtra {  // the mixed-precision additions to a call
+  GemmEpilogue epilogue = GemmEpilogue::none;
+  const void* aux = nullptr;
+  int64_t ldaux = 0;
+};
+
+void gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+               float alpha, const void* A, int64_t lda, int64_t stride_a, const void* B, int64_t ldb, int64_t stride_b,
+               float beta, void* C, int64_t ldc, int64_t stride_c, int64_t batch, const void* bias,
+               const GemmExtra& ex = {}) {
   if (M == 0 || N == 0) return;
   GemmKey k;
   k.device = cuda_limits().device;
-  k.prec = g_math == GemmMath::tf32 ? GemmPrecision::tf32 : GemmPrecision::f32;
+  k.prec = prec;
+  k.epilogue = ex.epilogue;
+  k.ldaux = ex.epilogue == GemmEpilogue::none ? 0 : ex.ldaux;
   k.trans_a = trans_a;
   k.trans_b = trans_b;
   k.bias = bias != nullptr;
@@ -261,18 +308,30 @@ void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N,
   k.stride_c = batched ? stride_c : 0;
   // Alignment of every row start: the pointer's, the leading dimension's and, batched, the stride's
   // (in bytes; a stride of 0 constrains nothing).
-  k.align_a = std::min({alignment_of(A), alignment_of_bytes(lda), alignment_of_bytes(k.stride_a)});
-  k.align_b = std::min({alignment_of(B), alignment_of_bytes(ldb), alignment_of_bytes(k.stride_b)});
-  k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc), alignment_of_bytes(k.stride_c)});
+  const size_t ea = ab_size(prec), ec = c_size(prec);
+  k.align_a = std::min({alignment_of(A), alignment_of_bytes(lda, ea), alignment_of_bytes(k.stride_a, ea)});
+  k.align_b = std::min({alignment_of(B), alignment_of_bytes(ldb, ea), alignment_of_bytes(k.stride_b, ea)});
+  k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc, ec), alignment_of_bytes(k.stride_c, ec)});
   k.align_bias = bias ? alignment_of(bias) : 0;
+  k.align_aux = k.epilogue == GemmEpilogue::none ? 0 : std::min(alignment_of(ex.aux), alignment_of_bytes(k.ldaux, 2));
   // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
+  const uint32_t min_ab = static_cast<uint32_t>(ea), min_c = static_cast<uint32_t>(ec);
   const bool ok = M > 0 && N > 0 && K > 0 && M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda >= a_cols &&
-                  ldb >= b_cols && ldc >= N && A && B && C && k.align_a >= 4 && k.align_b >= 4 && k.align_c >= 4 &&
-                  (!bias || k.align_bias >= 4);
+                  ldb >= b_cols && ldc >= N && A && B && C && k.align_a >= min_ab && k.align_b >= min_ab &&
+                  k.align_c >= min_c && (!bias || k.align_bias >= min_c);
   if (!ok)
     fail(op, ": invalid GEMM ", describe(k, alpha, beta), " (need 1 <= M, N, K <= INT32_MAX, lda >= ", a_cols,
-         ", ldb >= ", b_cols, ", ldc >= N, non-null 4-byte-aligned pointers)");
+         ", ldb >= ", b_cols, ", ldc >= N, non-null pointers aligned to their element size)");
+  if (k.epilogue != GemmEpilogue::none) {
+    // cuBLASLt's GELU epilogues: bf16 D and aux, aux rows (cuBLASLt's columns) a multiple of 8 elements.
+    const bool eok = prec == GemmPrecision::bf16_c16 && batch == 1 && ex.aux && k.ldaux >= N && k.ldaux % 8 == 0 &&
+                     beta == 0.0f && (k.epilogue == GemmEpilogue::gelu_aux) == (bias != nullptr);
+    if (!eok)
+      fail(op, ": invalid GEMM epilogue ", describe(k, alpha, beta),
+           " (gelu_aux needs a bias, dgelu none; both need bf16 C, beta 0, no batch, aux with ldaux >= N and a "
+           "multiple of 8)");
+  }
   // Batched: the C_i must not overlap (each is written by its own tiles); A_i, B_i may be shared.
   const bool batch_ok = !batched || (batch >= 1 && batch <= INT32_MAX && stride_a >= 0 && stride_b >= 0 &&
                                      stride_c >= (M - 1) * ldc + N);
@@ -280,7 +339,7 @@ void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N,
     fail(op, ": invalid batched GEMM ", describe(k, alpha, beta),
          " (need 1 <= batch <= INT32_MAX, strides >= 0, stride_c >= (M - 1) ldc + N = ", (M - 1) * ldc + N, ")");
   try {
-    gemm_run(op, k, alpha, A, B, beta, C, bias);
+    gemm_run(op, k, alpha, A, B, beta, C, bias, ex.aux);
   } catch (const Error& e) {
     fail(op, ": cuBLASLt GEMM ", describe(k, alpha, beta), " failed: ", e.what());
   }
@@ -290,15 +349,28 @@ void gemm_impl(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N,
 
 void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
-  gemm_impl(op, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bias);
+  gemm_impl(op, fp_precision(), trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bias);
+}
+
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+          int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm_impl(op, GemmPrecision::bf16_c32, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1,
+            nullptr);
+}
+
+void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+          int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc, const bf16* bias,
+          GemmEpilogue epilogue, bf16* aux, int64_t ldaux) {
+  gemm_impl(op, GemmPrecision::bf16_c16, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1,
+            bias, GemmExtra{epilogue, aux, ldaux});
 }
 
 void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                           const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
                           float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch) {
   if (batch == 0) return;
-  gemm_impl(op, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch,
-            nullptr);
+  gemm_impl(op, fp_precision(), trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+            stride_c, batch, nullptr);
 }
 
 uint64_t gemm_plan_queries() {

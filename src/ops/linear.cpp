@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "ops/activation.h"
 #include "ops/blas.h"
 #include "ops/dispatch.h"
 
@@ -67,10 +68,11 @@ int64_t flat_rows(const Tensor& t, int64_t cols) { return cols ? t.numel() / col
 struct LinearDims {
   int64_t N, IC, OC;
 };
-LinearDims check_linear(const char* op, const Tensor& y, const Tensor& inp, const Tensor& weight) {
-  check_f32(y, op);
-  check_f32(inp, op);
-  check_f32(weight, op);
+// dt: f32, or bf16 (GPU only) for mixed precision.
+LinearDims check_linear(const char* op, const Tensor& y, const Tensor& inp, const Tensor& weight, DType dt) {
+  check_dtype(y, dt, op);
+  check_dtype(inp, dt, op);
+  check_dtype(weight, dt, op);
   LMF_CHECK(weight.ndim == 2, op, ": weight '", weight.name, "' must be 2-D (OC, IC), got ", weight.shape_str());
   const int64_t OC = weight.shape[0], IC = weight.shape[1];
   LMF_CHECK(OC >= 1 && IC >= 1, op, ": weight '", weight.name, "' has shape ", weight.shape_str());
@@ -93,14 +95,20 @@ size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
 
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   check_same_device(kOpForward, {&out, &inp, &weight, &bias});
-  const auto [N, IC, OC] = check_linear(kOpForward, out, inp, weight);
+  const DType dt = out.dtype == DType::bf16 ? DType::bf16 : DType::f32;
+  const auto [N, IC, OC] = check_linear(kOpForward, out, inp, weight, dt);
   if (bias.defined()) {
-    check_f32(bias, kOpForward);
+    check_dtype(bias, dt, kOpForward);
     check_shape(bias, {OC}, kOpForward);
   }
   LMF_CHECK(N <= INT_MAX && IC <= INT_MAX && OC <= INT_MAX, kOpForward, ": sizes N=", N, " IC=", IC, " OC=", OC,
             " exceed the BLAS int range");
   if (N == 0) return;
+  if (dt == DType::bf16) {
+    const bf16* b = bias.defined() ? bias.ptr<bf16>() : nullptr;
+    LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.ptr<bf16>(), inp.ptr<bf16>(), weight.ptr<bf16>(), b, N, IC, OC));
+    return;
+  }
   const float* b = bias.defined() ? bias.f32() : nullptr;
   if (out.device == Device::cpu) linear_forward_cpu(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC);
   else LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC));
@@ -108,9 +116,10 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
 
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
   check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
-  const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight);
+  const DType dt = dout.dtype == DType::bf16 ? DType::bf16 : DType::f32;
+  const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight, dt);
   if (dinp.defined()) {
-    check_f32(dinp, kOpBackward);
+    check_dtype(dinp, dt, kOpBackward);
     LMF_CHECK(dinp.dim(-1) == IC && flat_rows(dinp, IC) == N, kOpBackward, ": dinp '", dinp.name, "' ",
               dinp.shape_str(), " must hold N=", N, " rows of IC=", IC, " like inp '", inp.name, "' ", inp.shape_str());
   }
@@ -126,11 +135,62 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
             " exceed the BLAS int range");
   if (N == 0) return;
   auto opt = [](const Tensor& t) { return t.defined() ? t.f32() : nullptr; };
+  if (dt == DType::bf16) {
+    bf16* di = dinp.defined() ? dinp.ptr<bf16>() : nullptr;
+    LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(di, opt(dweight), opt(dbias), dout.ptr<bf16>(),
+                                                         inp.ptr<bf16>(), weight.ptr<bf16>(), N, IC, OC));
+    return;
+  }
   if (dout.device == Device::cpu)
     linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC);
   else
     LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
                                                          weight.f32(), N, IC, OC));
+}
+
+void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tensor bias) {
+  const char* op = "linear_gelu_forward";
+  check_same_device(op, {&act, &pre, &inp, &weight, &bias});
+  const DType dt = act.dtype == DType::bf16 ? DType::bf16 : DType::f32;
+  const auto [N, IC, OC] = check_linear(op, act, inp, weight, dt);
+  check_dtype(pre, dt, op);
+  LMF_CHECK(pre.numel() == act.numel() && pre.dim(-1) == OC, op, ": pre '", pre.name, "' ", pre.shape_str(),
+            " must have the shape of act '", act.name, "' ", act.shape_str());
+  LMF_CHECK(bias.defined(), op, ": needs a bias (the GELU_AUX_BIAS epilogue)");
+  check_dtype(bias, dt, op);
+  check_shape(bias, {OC}, op);
+  if (N == 0) return;
+  if (dt == DType::f32) {  // the reference composition, on either device
+    linear_forward(pre, inp, weight, bias);
+    gelu_forward(act, pre);
+    return;
+  }
+  LMF_CUDA_DISPATCH(op, cuda::linear_gelu_forward(act.ptr<bf16>(), pre.ptr<bf16>(), inp.ptr<bf16>(),
+                                                  weight.ptr<bf16>(), bias.ptr<bf16>(), N, IC, OC));
+}
+
+void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
+                           Tensor pre) {
+  const char* op = "linear_backward_dgelu";
+  check_same_device(op, {&dpre, &dweight, &dbias, &dout, &inp, &weight, &pre});
+  const auto [N, IC, OC] = check_linear(op, dout, inp, weight, DType::bf16);
+  check_dtype(dpre, DType::bf16, op);
+  check_dtype(pre, DType::bf16, op);
+  for (const Tensor* t : {&dpre, &pre})
+    LMF_CHECK(t->numel() == inp.numel() && t->dim(-1) == IC, op, ": '", t->name, "' ", t->shape_str(),
+              " must have the shape of inp '", inp.name, "' ", inp.shape_str());
+  if (dweight.defined()) {
+    check_f32(dweight, op);
+    check_shape(dweight, {OC, IC}, op);
+  }
+  if (dbias.defined()) {
+    check_f32(dbias, op);
+    check_shape(dbias, {OC}, op);
+  }
+  if (N == 0) return;
+  auto opt = [](const Tensor& t) { return t.defined() ? t.f32() : nullptr; };
+  LMF_CUDA_DISPATCH(op, cuda::linear_backward_dgelu(dpre.ptr<bf16>(), opt(dweight), opt(dbias), dout.ptr<bf16>(),
+                                                    inp.ptr<bf16>(), weight.ptr<bf16>(), pre.ptr<bf16>(), N, IC, OC));
 }
 
 }  // namespace lmf

@@ -4,6 +4,8 @@
 // beta = 1 (accumulate) and a two-pass column sum for dbias (linear.h): pass 1 sums fixed chunks of
 // kLinearBiasRowChunk rows per column into the workspace, pass 2 adds each column's chunk partials in
 // chunk order into dbias. Every sum has a fixed order, so results are bitwise reproducible; no atomics.
+#include <cuda_bf16.h>
+
 #include "core/cuda_launch.cuh"
 #include "ops/gemm_cuda.h"
 #include "ops/linear.h"
@@ -18,7 +20,8 @@ static_assert(kLinearBiasRowChunk % kBiasLanes == 0);
 
 // partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); grid.x = chunks * col_groups,
 // block b handles column group b % col_groups of row chunk b / col_groups.
-__global__ void bias_partial_kernel(float* __restrict__ partial, const float* __restrict__ dout, int64_t N, int64_t OC,
+template <class T>
+__global__ void bias_partial_kernel(float* __restrict__ partial, const T* __restrict__ dout, int64_t N, int64_t OC,
                                     int64_t col_groups) {
   __shared__ float lane_sum[kBiasLanes][kBiasCols];
   const int64_t group = blockIdx.x % col_groups, chunk = blockIdx.x / col_groups;
@@ -27,7 +30,7 @@ __global__ void bias_partial_kernel(float* __restrict__ partial, const float* __
   const int64_t r1 = r0 + kLinearBiasRowChunk < N ? r0 + kLinearBiasRowChunk : N;
   float acc = 0.0f;
   if (c < OC)
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBiasLanes) acc += dout[r * OC + c];
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBiasLanes) acc += static_cast<float>(dout[r * OC + c]);
   lane_sum[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && c < OC) {
@@ -49,6 +52,20 @@ __global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __res
 
 ShapeText dims(int64_t N, int64_t IC, int64_t OC) { return shape_text("N=", N, " IC=", IC, " OC=", OC); }
 
+// dbias (OC) += column sums of dout (N, OC), two passes in a fixed order (file comment).
+template <class T>
+void bias_grad(const char* op, float* dbias, const T* dout, int64_t N, int64_t IC, int64_t OC) {
+  const int64_t chunks = cuda::ceil_div(N, kLinearBiasRowChunk), col_groups = cuda::ceil_div(OC, kBiasCols);
+  auto* partial = static_cast<float*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op));
+  const ShapeText shapes = dims(N, IC, OC);
+  cuda::launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel<T>, partial,
+         dout, N, OC, col_groups);
+  cuda::launch({op, shapes, {cuda::ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,
+         static_cast<const float*>(partial), chunks, OC);
+}
+
+const __nv_bfloat16* dev(const bf16* p) { return reinterpret_cast<const __nv_bfloat16*>(p); }
+
 }  // namespace
 
 namespace cuda {
@@ -62,18 +79,40 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t IC, int64_t OC) {
   const char* op = "linear_backward";
-  if (dbias) {
-    const int64_t chunks = ceil_div(N, kLinearBiasRowChunk), col_groups = ceil_div(OC, kBiasCols);
-    auto* partial = static_cast<float*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op));
-    const ShapeText shapes = dims(N, IC, OC);
-    launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel, partial,
-           dout, N, OC, col_groups);
-    launch({op, shapes, {ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,
-           static_cast<const float*>(partial), chunks, OC);
-  }
+  if (dbias) bias_grad(op, dbias, dout, N, IC, OC);
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
   if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
+  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+}
+
+void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N, int64_t IC,
+                    int64_t OC) {
+  gemm("linear_forward", false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC, bias);
+}
+
+void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
+                         int64_t IC, int64_t OC) {
+  // pre = inp weight^T + bias (the aux output), act = gelu(pre): one GEMM with the GELU_AUX_BIAS epilogue
+  gemm("linear_gelu_forward", false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, act, OC, bias,
+       GemmEpilogue::gelu_aux, pre, OC);
+}
+
+void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
+                     int64_t N, int64_t IC, int64_t OC) {
+  const char* op = "linear_backward";
+  if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
+  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+}
+
+void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
+                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC) {
+  const char* op = "linear_backward_dgelu";
+  if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
+  // dpre (N, IC) = (dout (N, OC) weight (OC, IC)) * gelu'(pre): the DGELU epilogue (overwrites)
+  gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC, nullptr, GemmEpilogue::dgelu,
+       const_cast<bf16*>(pre), IC);
   if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
 

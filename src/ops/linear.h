@@ -23,6 +23,20 @@ inline constexpr int64_t kLinearBiasRowChunk = 256;
 // times, so reserve the larger of the two.
 size_t linear_backward_cuda_workspace(int64_t N, int64_t OC);
 
+// bf16 mixed precision (docs/MIXED_PRECISION.md), GPU only: linear_forward with out, inp, weight and
+// bias all bf16; linear_backward with bf16 dinp (+=), dout, inp, weight and f32 dweight, dbias (+=).
+//
+// Fused GELU (GPT-2's MLP), cuBLASLt epilogues:
+// pre = inp W^T + b; act = gelu_tanh(pre). f32: linear_forward then gelu_forward (CPU and GPU);
+// bf16 (GPU): one GEMM with the GELU_AUX_BIAS epilogue. Needs a bias.
+void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tensor bias);
+// The backward of the layer after a GELU, fused with the GELU's backward: dpre = (dout W) * gelu'(pre)
+// (OVERWRITTEN, not accumulated: cuBLASLt's DGELU epilogue cannot accumulate), dweight += dout^T inp,
+// dbias += sum_n dout (dbias may be absent). inp is gelu(pre). bf16 on the GPU only (DGELU epilogue);
+// the fp32 path runs linear_backward and gelu_backward.
+void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
+                           Tensor pre);
+
 namespace cuda {  // launchers (linear.cu); called by the op entries after validation
 // out: (N, OC) = inp (N, IC) weight (OC, IC)^T + bias (OC) (bias may be nullptr)
 void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
@@ -31,6 +45,15 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
 // Any of dinp/dweight/dbias may be nullptr.
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t IC, int64_t OC);
+void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N, int64_t IC,
+                    int64_t OC);
+void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
+                         int64_t IC, int64_t OC);
+void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
+                     int64_t N, int64_t IC, int64_t OC);
+// dpre (N, IC) = (dout weight) * gelu'(pre), overwritten; pre: (N, IC) as stored by linear_gelu_forward
+void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
+                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC);
 }  // namespace cuda
 
 }  // namespace lmf

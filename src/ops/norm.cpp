@@ -10,6 +10,10 @@
 // run over fixed blocks of columns, each column summed over rows 0..N-1 in order (in double):
 // bitwise identical for any thread count, no atomics.
 // Backward accumulates (+=) into dinp, dweight and dbias (src/ops/README.md); dbias may be absent.
+// The fused residual_*norm_forward is, on the CPU, residual_forward followed by the norm of the
+// stored res (bitwise the same as calling the two ops).
+// bf16 rows (mixed precision) run on the GPU only; the CPU stays the fp32 reference, and a bf16
+// tensor here fails naming it (check_dtype).
 #include "ops/norm.h"
 
 #include <algorithm>
@@ -17,6 +21,7 @@
 #include <initializer_list>
 
 #include "ops/dispatch.h"
+#include "ops/residual.h"
 
 namespace lmf {
 namespace {
@@ -178,6 +183,18 @@ void check_stat(const Tensor& t, int64_t N, const char* op) {
             " elements (one per row)");
 }
 
+// The dtype of the rows (out, inp, dinp, dout, res, a, b), from the lead tensor: bf16 or else f32.
+// check_dtype then rejects anything else, a mix, and a bf16 tensor on the CPU, naming the tensor.
+DType row_dtype(const Tensor& t) { return t.defined() && t.dtype == DType::bf16 ? DType::bf16 : DType::f32; }
+
+// Throws unless t has exactly the shape of ref.
+void check_same_shape(const Tensor& t, const Tensor& ref, const char* op) {
+  bool ok = t.ndim == ref.ndim;
+  for (int i = 0; ok && i < t.ndim; ++i) ok = t.shape[i] == ref.shape[i];
+  LMF_CHECK(ok, op, ": tensor '", t.name, "' has shape ", t.shape_str(), ", expected ", ref.shape_str(),
+            " (the shape of '", ref.name, "')");
+}
+
 // C and N of inp (leading dims flatten).
 void rows_of(const Tensor& inp, const char* op, int64_t* N, int64_t* C) {
   *C = inp.dim(-1);
@@ -185,11 +202,39 @@ void rows_of(const Tensor& inp, const char* op, int64_t* N, int64_t* C) {
   *N = inp.numel() / *C;
 }
 
+// Validates the fused residual + norm operands and returns their dtype, N and C. centre: LayerNorm
+// (mean required); else RMSNorm (mean and bias absent). res, b: the exact shape of a; out: (..., C)
+// with N rows; out must not alias res (res is kept for backward).
+DType check_residual_norm(const char* op, bool centre, const Tensor& res, const Tensor& out, const Tensor& mean,
+                          const Tensor& rstd, const Tensor& a, const Tensor& b, const Tensor& weight,
+                          const Tensor& bias, float eps, int64_t* N, int64_t* C) {
+  const DType dt = row_dtype(a);
+  for (const Tensor* t : {&a, &b, &res, &out}) check_dtype(*t, dt, op);
+  for (const Tensor* t : {&rstd, &weight}) check_f32(*t, op);
+  if (centre) check_f32(mean, op);
+  if (bias.defined()) check_f32(bias, op);
+  check_same_device(op, {&res, &out, &mean, &rstd, &a, &b, &weight, &bias});
+  rows_of(a, op, N, C);
+  check_same_shape(b, a, op);
+  check_same_shape(res, a, op);
+  check_rows(out, *N, *C, op);
+  LMF_CHECK(out.data != res.data, op, ": tensor '", out.name, "' aliases '", res.name,
+            "' (res is an output kept for backward)");
+  if (centre) check_stat(mean, *N, op);
+  check_stat(rstd, *N, op);
+  check_shape(weight, {*C}, op);
+  if (bias.defined()) check_shape(bias, {*C}, op);
+  LMF_CHECK(eps >= 0.0f, op, ": eps=", eps, " must be >= 0");
+  return dt;
+}
+
 }  // namespace
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
   const char* op = "layernorm_forward";
-  for (const Tensor* t : {&out, &mean, &rstd, &inp, &weight}) check_f32(*t, op);
+  const DType dt = row_dtype(inp);
+  for (const Tensor* t : {&inp, &out}) check_dtype(*t, dt, op);
+  for (const Tensor* t : {&mean, &rstd, &weight}) check_f32(*t, op);
   if (bias.defined()) check_f32(bias, op);
   check_same_device(op, {&out, &mean, &rstd, &inp, &weight, &bias});
   int64_t N, C;
@@ -200,18 +245,23 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
   check_shape(weight, {C}, op);
   if (bias.defined()) check_shape(bias, {C}, op);
   LMF_CHECK(eps >= 0.0f, op, ": eps=", eps, " must be >= 0");
-  if (inp.device == Device::cpu)
-    layernorm_forward_cpu(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(),
-                          bias.defined() ? bias.f32() : nullptr, N, C, eps);
+  const float* bias_p = bias.defined() ? bias.f32() : nullptr;
+  if (dt == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_forward(out.ptr<bf16>(), mean.f32(), rstd.f32(), inp.ptr<bf16>(),
+                                                  weight.f32(), bias_p, N, C, eps));
+  else if (inp.device == Device::cpu)
+    layernorm_forward_cpu(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(), bias_p, N, C, eps);
   else
-    LMF_CUDA_DISPATCH(op, cuda::layernorm_forward(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(),
-                                                  bias.defined() ? bias.f32() : nullptr, N, C, eps));
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_forward(out.f32(), mean.f32(), rstd.f32(), inp.f32(), weight.f32(), bias_p,
+                                                  N, C, eps));
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
                         Tensor mean, Tensor rstd) {
   const char* op = "layernorm_backward";
-  for (const Tensor* t : {&dinp, &dweight, &dout, &inp, &weight, &mean, &rstd}) check_f32(*t, op);
+  const DType dt = row_dtype(inp);
+  for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
+  for (const Tensor* t : {&dweight, &weight, &mean, &rstd}) check_f32(*t, op);
   if (dbias.defined()) check_f32(dbias, op);
   check_same_device(op, {&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd});
   int64_t N, C;
@@ -223,20 +273,24 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   check_shape(weight, {C}, op);
   check_shape(dweight, {C}, op);
   if (dbias.defined()) check_shape(dbias, {C}, op);
-  if (inp.device == Device::cpu) {
+  float* dbias_p = dbias.defined() ? dbias.f32() : nullptr;
+  if (dt == DType::bf16) {
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.ptr<bf16>(), dweight.f32(), dbias_p, dout.ptr<bf16>(),
+                                                   inp.ptr<bf16>(), weight.f32(), mean.f32(), rstd.f32(), N, C));
+  } else if (inp.device == Device::cpu) {
     norm_backward_dinp_cpu(dinp.f32(), dout.f32(), inp.f32(), weight.f32(), mean.f32(), rstd.f32(), N, C);
-    norm_backward_params_cpu(dweight.f32(), dbias.defined() ? dbias.f32() : nullptr, dout.f32(), inp.f32(),
-                             mean.f32(), rstd.f32(), N, C);
+    norm_backward_params_cpu(dweight.f32(), dbias_p, dout.f32(), inp.f32(), mean.f32(), rstd.f32(), N, C);
   } else {
-    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.f32(), dweight.f32(), dbias.defined() ? dbias.f32() : nullptr,
-                                                   dout.f32(), inp.f32(), weight.f32(), mean.f32(), rstd.f32(), N,
-                                                   C));
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.f32(), dweight.f32(), dbias_p, dout.f32(), inp.f32(),
+                                                   weight.f32(), mean.f32(), rstd.f32(), N, C));
   }
 }
 
 void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
   const char* op = "rmsnorm_forward";
-  for (const Tensor* t : {&out, &rstd, &inp, &weight}) check_f32(*t, op);
+  const DType dt = row_dtype(inp);
+  for (const Tensor* t : {&inp, &out}) check_dtype(*t, dt, op);
+  for (const Tensor* t : {&rstd, &weight}) check_f32(*t, op);
   check_same_device(op, {&out, &rstd, &inp, &weight});
   int64_t N, C;
   rows_of(inp, op, &N, &C);
@@ -244,13 +298,17 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   check_stat(rstd, N, op);
   check_shape(weight, {C}, op);
   LMF_CHECK(eps >= 0.0f, op, ": eps=", eps, " must be >= 0");
-  if (inp.device == Device::cpu) rmsnorm_forward_cpu(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps);
+  if (dt == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_forward(out.ptr<bf16>(), rstd.f32(), inp.ptr<bf16>(), weight.f32(), N, C, eps));
+  else if (inp.device == Device::cpu) rmsnorm_forward_cpu(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps);
   else LMF_CUDA_DISPATCH(op, cuda::rmsnorm_forward(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps));
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
   const char* op = "rmsnorm_backward";
-  for (const Tensor* t : {&dinp, &dweight, &dout, &inp, &weight, &rstd}) check_f32(*t, op);
+  const DType dt = row_dtype(inp);
+  for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
+  for (const Tensor* t : {&dweight, &weight, &rstd}) check_f32(*t, op);
   check_same_device(op, {&dinp, &dweight, &dout, &inp, &weight, &rstd});
   int64_t N, C;
   rows_of(inp, op, &N, &C);
@@ -259,12 +317,50 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   check_stat(rstd, N, op);
   check_shape(weight, {C}, op);
   check_shape(dweight, {C}, op);
-  if (inp.device == Device::cpu) {
+  if (dt == DType::bf16) {
+    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.ptr<bf16>(), dweight.f32(), dout.ptr<bf16>(), inp.ptr<bf16>(),
+                                                 weight.f32(), rstd.f32(), N, C));
+  } else if (inp.device == Device::cpu) {
     norm_backward_dinp_cpu(dinp.f32(), dout.f32(), inp.f32(), weight.f32(), nullptr, rstd.f32(), N, C);
     norm_backward_params_cpu(dweight.f32(), nullptr, dout.f32(), inp.f32(), nullptr, rstd.f32(), N, C);
   } else {
     LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.f32(), dweight.f32(), dout.f32(), inp.f32(), weight.f32(),
                                                  rstd.f32(), N, C));
+  }
+}
+
+void residual_layernorm_forward(Tensor res, Tensor out, Tensor mean, Tensor rstd, Tensor a, Tensor b, Tensor weight,
+                                Tensor bias, float eps) {
+  const char* op = "residual_layernorm_forward";
+  int64_t N, C;
+  const DType dt = check_residual_norm(op, true, res, out, mean, rstd, a, b, weight, bias, eps, &N, &C);
+  const float* bias_p = bias.defined() ? bias.f32() : nullptr;
+  if (dt == DType::bf16) {
+    LMF_CUDA_DISPATCH(op, cuda::residual_layernorm_forward(res.ptr<bf16>(), out.ptr<bf16>(), mean.f32(), rstd.f32(),
+                                                           a.ptr<bf16>(), b.ptr<bf16>(), weight.f32(), bias_p, N, C,
+                                                           eps));
+  } else if (a.device == Device::cpu) {
+    residual_forward(res, a, b);
+    layernorm_forward_cpu(out.f32(), mean.f32(), rstd.f32(), res.f32(), weight.f32(), bias_p, N, C, eps);
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::residual_layernorm_forward(res.f32(), out.f32(), mean.f32(), rstd.f32(), a.f32(),
+                                                           b.f32(), weight.f32(), bias_p, N, C, eps));
+  }
+}
+
+void residual_rmsnorm_forward(Tensor res, Tensor out, Tensor rstd, Tensor a, Tensor b, Tensor weight, float eps) {
+  const char* op = "residual_rmsnorm_forward";
+  int64_t N, C;
+  const DType dt = check_residual_norm(op, false, res, out, Tensor(), rstd, a, b, weight, Tensor(), eps, &N, &C);
+  if (dt == DType::bf16) {
+    LMF_CUDA_DISPATCH(op, cuda::residual_rmsnorm_forward(res.ptr<bf16>(), out.ptr<bf16>(), rstd.f32(), a.ptr<bf16>(),
+                                                         b.ptr<bf16>(), weight.f32(), N, C, eps));
+  } else if (a.device == Device::cpu) {
+    residual_forward(res, a, b);
+    rmsnorm_forward_cpu(out.f32(), rstd.f32(), res.f32(), weight.f32(), N, C, eps);
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::residual_rmsnorm_forward(res.f32(), out.f32(), rstd.f32(), a.f32(), b.f32(),
+                                                         weight.f32(), N, C, eps));
   }
 }
 

@@ -140,7 +140,8 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
 }
 
 void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor decay_ranges, Tensor norm, float max_norm,
-                       float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step) {
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                       Tensor param_bf16) {
   const char* op = kOpAdamWFlat;
   const AdamWPrep a = adamw_prepare(op, param, m, v, grad, norm, max_norm, beta1, beta2, step);
   const int64_t n = param.numel();
@@ -169,6 +170,11 @@ void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor dec
     LMF_CHECK(k == 0 || r[2 * k - 1] <= b, op, ": decay_ranges '", rn, "' range #", k, " [", b, ", ", e,
               ") starts before range #", k - 1, " ends (", r[2 * k - 1], "): ranges must be sorted and disjoint");
   }
+  if (param_bf16.defined()) {
+    check_dtype(param_bf16, DType::bf16, op);
+    LMF_CHECK(param_bf16.numel() == n && param.device == Device::cuda, op, ": param_bf16 '", param_bf16.name, "' ",
+              param_bf16.shape_str(), " must have the ", n, " elements of param '", param.name, "', on the GPU");
+  }
   if (param.device == Device::cpu) {
     float *p = param.f32(), *pm = m.f32(), *pv = v.f32();
     const float* g = grad.f32();
@@ -187,7 +193,8 @@ void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor dec
     segment(pos, n, 0.0f);
   } else {
     LMF_CUDA_DISPATCH(op, cuda::adamw_update_flat(param.f32(), m.f32(), v.f32(), grad.f32(), a.norm, n, r, S, max_norm,
-                                                  lr, beta1, beta2, eps, weight_decay, a.bc1, a.bc2));
+                                                  lr, beta1, beta2, eps, weight_decay, a.bc1, a.bc2,
+                                                  param_bf16.defined() ? param_bf16.ptr<bf16>() : nullptr));
   }
 }
 
@@ -219,6 +226,16 @@ std::vector<int32_t> adamw_decay_ranges(const Arena& params) {
   LMF_CHECK(static_cast<int64_t>(r.size() / 2) <= kAdamWMaxDecayRanges, "adamw_decay_ranges: arena '", params.name(),
             "' needs ", r.size() / 2, " decay ranges, at most ", kAdamWMaxDecayRanges, " are supported");
   return r;
+}
+
+void cast_to_bf16(Tensor dst, Tensor src) {
+  const char* op = "cast_to_bf16";
+  check_dtype(dst, DType::bf16, op);
+  check_f32(src, op);
+  check_same_device(op, {&dst, &src});
+  LMF_CHECK(dst.numel() == src.numel(), op, ": '", dst.name, "' ", dst.shape_str(), " and '", src.name, "' ",
+            src.shape_str(), " differ in size");
+  LMF_CUDA_DISPATCH(op, cuda::cast_to_bf16(dst.ptr<bf16>(), src.f32(), src.numel()));
 }
 
 }  // namespace lmf

@@ -51,8 +51,15 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
 //   std::vector<int32_t> r = adamw_decay_ranges(params);            // once, at set-up
 //   Tensor ranges(r.data(), DType::i32, {static_cast<int64_t>(r.size() / 2), 2}, "decay_ranges");
 //   adamw_update_flat(params.flat_f32(), m.flat_f32(), v.flat_f32(), grads.flat_f32(), ranges, norm, ...);
+// param_bf16 (optional, GPU only): a bf16 copy of param (same numel), written with the rounded new
+// value of every element in the same launch (mixed precision: the weights the GEMMs read).
 void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor decay_ranges, Tensor norm, float max_norm,
-                       float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step);
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                       Tensor param_bf16 = Tensor());
+
+// dst (bf16, GPU) = src (f32, same numel) rounded to nearest even: the bf16 weight copy after init or
+// a checkpoint load.
+void cast_to_bf16(Tensor dst, Tensor src);
 
 // Most ranges adamw_update_flat accepts (the CUDA launch argument holds at most this many).
 inline constexpr int64_t kAdamWMaxDecayRanges = 2048;
@@ -78,7 +85,8 @@ void adamw_update(float* param, float* m, float* v, const float* grad, const flo
 // into the launch arguments.
 void adamw_update_flat(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n,
                        const int32_t* ranges, int64_t s, float max_norm, float lr, float beta1, float beta2, float eps,
-                       float weight_decay, float bias_corr1, float bias_corr2);
+                       float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16 = nullptr);
+void cast_to_bf16(bf16* dst, const float* src, int64_t n);
 }  // namespace cuda
 
 }  // namespace lmf

@@ -2,6 +2,7 @@
 //
 // Elementwise, so every element is independent: results do not depend on the thread count.
 // Backward accumulates (+=) into da and db (src/ops/README.md); either may be absent.
+// bf16 tensors (mixed precision) run on the GPU only; the CPU stays the fp32 reference.
 #include "ops/residual.h"
 
 #include "ops/dispatch.h"
@@ -34,33 +35,41 @@ void check_same_shape(const Tensor& t, const Tensor& ref, const char* op) {
             " (the shape of '", ref.name, "')");
 }
 
+// The dtype of an op's activations, from its lead tensor: bf16 or else f32 (check_dtype then
+// rejects anything else, and a bf16 tensor on the CPU, naming the tensor).
+DType act_dtype(const Tensor& t) { return t.defined() && t.dtype == DType::bf16 ? DType::bf16 : DType::f32; }
+
 }  // namespace
 
 void residual_forward(Tensor out, Tensor a, Tensor b) {
   const char* op = "residual_forward";
-  for (const Tensor* t : {&out, &a, &b}) check_f32(*t, op);
+  const DType dt = act_dtype(out);
+  for (const Tensor* t : {&out, &a, &b}) check_dtype(*t, dt, op);
   check_same_device(op, {&out, &a, &b});
   check_same_shape(a, out, op);
   check_same_shape(b, out, op);
-  if (out.device == Device::cpu) residual_forward_cpu(out.f32(), a.f32(), b.f32(), out.numel());
+  if (dt == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::residual_forward(out.ptr<bf16>(), a.ptr<bf16>(), b.ptr<bf16>(), out.numel()));
+  else if (out.device == Device::cpu) residual_forward_cpu(out.f32(), a.f32(), b.f32(), out.numel());
   else LMF_CUDA_DISPATCH(op, cuda::residual_forward(out.f32(), a.f32(), b.f32(), out.numel()));
 }
 
 void residual_backward(Tensor da, Tensor db, Tensor dout) {
   const char* op = "residual_backward";
-  check_f32(dout, op);
+  const DType dt = act_dtype(dout);
+  check_dtype(dout, dt, op);
   for (const Tensor* t : {&da, &db}) {
     if (!t->defined()) continue;
-    check_f32(*t, op);
+    check_dtype(*t, dt, op);
     check_same_shape(*t, dout, op);
   }
   check_same_device(op, {&da, &db, &dout});
-  if (dout.device == Device::cpu) {
-    if (da.defined()) residual_accumulate_cpu(da.f32(), dout.f32(), dout.numel());
-    if (db.defined()) residual_accumulate_cpu(db.f32(), dout.f32(), dout.numel());
-  } else {
-    if (da.defined()) LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(da.f32(), dout.f32(), dout.numel()));
-    if (db.defined()) LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(db.f32(), dout.f32(), dout.numel()));
+  for (const Tensor* t : {&da, &db}) {
+    if (!t->defined()) continue;
+    if (dt == DType::bf16)
+      LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(t->ptr<bf16>(), dout.ptr<bf16>(), dout.numel()));
+    else if (dout.device == Device::cpu) residual_accumulate_cpu(t->f32(), dout.f32(), dout.numel());
+    else LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(t->f32(), dout.f32(), dout.numel()));
   }
 }
 

@@ -1,17 +1,21 @@
-// residual.h: residual add.
+// residual.h: residual add. f32 on the CPU and the GPU; bf16 (all tensors, mixed precision) on the
+// GPU only (docs/MIXED_PRECISION.md).
 #pragma once
 #include "core/tensor.h"
 
 namespace lmf {
 
-// out = a + b (same shapes; out may alias a or b)
+// out = a + b (same shapes and dtype; out may alias a or b). bf16: fp32 add, rounded once.
 void residual_forward(Tensor out, Tensor a, Tensor b);
-// da += dout; db += dout (either may be absent)
+// da += dout; db += dout (either may be absent; all of one dtype)
 void residual_backward(Tensor da, Tensor db, Tensor dout);
 
 namespace cuda {  // launchers (residual.cu); called by the op entries after validation
+// out, a, b, dx, dout: (n) flat
 void residual_forward(float* out, const float* a, const float* b, int64_t n);
+void residual_forward(bf16* out, const bf16* a, const bf16* b, int64_t n);
 void residual_accumulate(float* dx, const float* dout, int64_t n);
+void residual_accumulate(bf16* dx, const bf16* dout, int64_t n);
 }  // namespace cuda
 
 }  // namespace lmf

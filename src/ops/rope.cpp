@@ -4,6 +4,7 @@
 // same angles. Forward rotates the q and k heads of each qkv row in place by +angle; backward applies
 // the transpose (rotation by -angle) to the q and k gradients in place (it does not accumulate);
 // v and dv are untouched. Rows are independent, so results do not depend on the thread count.
+// bf16 qkv/dqkv (mixed precision) run on the GPU only; the CPU stays the fp32 reference.
 #include "ops/rope.h"
 
 #include <cmath>
@@ -49,10 +50,12 @@ void rope_rotate_cpu(float* qkv, const float* freqs, int64_t B, int64_t T, int64
   }
 }
 
-// Validates qkv/freqs/heads/positions; returns (rows are B*T) half = HS/2.
+// Validates qkv/freqs/heads/positions; returns (rows are B*T) half = HS/2. qkv f32, or bf16 on the
+// GPU (check_dtype names a bf16 qkv on the CPU); freqs f32.
 int64_t check_rope(const Tensor& qkv, const Tensor& freqs, int n_head, int n_kv_head, int64_t pos_offset,
                    const char* op) {
-  for (const Tensor* t : {&qkv, &freqs}) check_f32(*t, op);
+  check_dtype(qkv, qkv.defined() && qkv.dtype == DType::bf16 ? DType::bf16 : DType::f32, op);
+  check_f32(freqs, op);
   check_same_device(op, {&qkv, &freqs});
   LMF_CHECK(freqs.ndim == 3 && freqs.dim(2) == 2 && freqs.dim(1) > 0, op, ": tensor '", freqs.name,
             "' has shape ", freqs.shape_str(), ", expected (maxT, HS/2, 2)");
@@ -84,7 +87,10 @@ void rope_table_init(Tensor freqs, float theta) {
 void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
   const char* op = "rope_forward";
   const int64_t half = check_rope(qkv, freqs, n_head, n_kv_head, pos_offset, op);
-  if (qkv.device == Device::cpu)
+  if (qkv.dtype == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.ptr<bf16>(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2),
+                                            n_head + n_kv_head, half, pos_offset, 1.0f));
+  else if (qkv.device == Device::cpu)
     rope_rotate_cpu(qkv.f32(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2), n_head + n_kv_head, half,
                     pos_offset, 1.0f);
   else
@@ -95,7 +101,10 @@ void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t p
 void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
   const char* op = "rope_backward";
   const int64_t half = check_rope(dqkv, freqs, n_head, n_kv_head, pos_offset, op);
-  if (dqkv.device == Device::cpu)
+  if (dqkv.dtype == DType::bf16)
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(dqkv.ptr<bf16>(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2),
+                                            n_head + n_kv_head, half, pos_offset, -1.0f));
+  else if (dqkv.device == Device::cpu)
     rope_rotate_cpu(dqkv.f32(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2), n_head + n_kv_head, half,
                     pos_offset, -1.0f);
   else

@@ -3,6 +3,7 @@
 //   x'[i]        = x[i] * cos(p*f_i) - x[i+HS/2] * sin(p*f_i)
 //   x'[i+HS/2]   = x[i+HS/2] * cos(p*f_i) + x[i] * sin(p*f_i),      f_i = theta^(-2i/HS)
 // applied in place to the q and k heads of a fused qkv buffer; v is untouched.
+// qkv/dqkv f32 on the CPU and the GPU, or bf16 (mixed precision) on the GPU only; the table is f32.
 #pragma once
 #include "core/tensor.h"
 
@@ -23,6 +24,9 @@ namespace cuda {  // launchers (rope.cu); called by the op entries after validat
 // qkv: (B*T, row) row-major, the first n_rot heads of size 2*half rotated in place; freqs: (maxT, half, 2);
 // row n has position pos_offset + n % T. sign = +1 (forward) or -1 (backward: the transpose).
 void rope_rotate(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
+                 int64_t pos_offset, float sign);
+// bf16 qkv: fp32 math, each rotated value rounded once.
+void rope_rotate(bf16* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
                  int64_t pos_offset, float sign);
 }  // namespace cuda
 

@@ -153,6 +153,7 @@ TrainState load_checkpoint(const std::string& dir, Gpt& model) {
     opt.read_into("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
     opt.read_into("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
   }
+  model.sync_weight_copy();  // bf16 plans: the GEMMs' weight copy follows the loaded masters
   return st;
 }
 

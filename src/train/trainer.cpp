@@ -69,9 +69,11 @@ void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, i
   // 2-D tensors' ranges): bitwise the same as per-tensor updates.
   Tensor g = model.grads().flat_f32();
   grad_global_norm(norm, g);
+  // bf16 plans: the same launch refreshes the bf16 weight copy the GEMMs read.
+  Tensor copy = model.plan().precision == Precision::bf16 ? model.params_bf16().flat(DType::bf16) : Tensor();
   adamw_update_flat(model.params().flat_f32(), model.adam_m().flat_f32(), model.adam_v().flat_f32(), g,
                     model.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
-                    o.weight_decay, step);
+                    o.weight_decay, step, copy);
 }
 
 double gpu_peak_tflops(const std::string& name) {
@@ -140,9 +142,10 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (device_ == Device::cuda) cuda_set_device(0);
 
   // --- plan ------------------------------------------------------------------------------------
-  const Precision precision = parse_precision(o_.precision, "--precision");
-  if (precision == Precision::tf32 && device_ != Device::cuda)
-    fail("--precision=tf32 needs the GPU (--device cuda); the CPU computes in fp32");
+  const Precision precision = o_.precision == "auto" ? (device_ == Device::cuda ? Precision::bf16 : Precision::fp32)
+                                                     : parse_precision(o_.precision, "--precision");
+  if (precision != Precision::fp32 && device_ != Device::cuda)
+    fail("--precision=", precision_name(precision), " needs the GPU (--device cuda); the CPU computes in fp32");
   GptPlan plan{o_.batch_size, T, true, 0, device_, precision};
   model_ = std::make_unique<Gpt>(cfg_, plan);
   batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},

@@ -44,7 +44,7 @@ struct TrainOptions {
   bool save_final_checkpoint = true;
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
-  std::string precision = "fp32";   // fp32 | tf32 (GPU)
+  std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
 
   std::string to_json() const;

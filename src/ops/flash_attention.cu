@@ -1,0 +1,817 @@
+// flash_attention.cu: fused causal flash attention (MHA/GQA) in bf16 for sm_90a, forward and
+// backward (attention.h, docs/MIXED_PRECISION.md). FlashAttention-2 structure on warp-level tensor
+// cores (mma.sync m16n8k16 bf16 -> fp32, operands from shared memory through ldmatrix); fp32
+// accumulation and softmax; no (T, T) matrix ever reaches memory.
+//
+// Math (per batch b, q head h, kv head g = h / (NH / NKV); scale = 1/sqrt(HS); causal: s <= t):
+//   S = scale Q K^T;  lse[t] = ln sum_{s<=t} exp(S[t,s]);  P = exp(S - lse);  O = P V
+//   delta[t] = sum_d dO[t,d] O[t,d]            (O the stored bf16 output)
+//   dP = dO V^T;  dS = P (dP - delta);  dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K
+// The softmax runs in the log2 domain: s2 = S log2(e), exp2 (ex2.approx), lse stored as natural log.
+//
+// Layout: qkv, dqkv (B, T, C3), C3 = (NH + 2 NKV) HS, row t = [q heads | k heads | v heads], so head
+// h's Q rows start at qkv + b T C3 + h HS with row stride C3, K at + (NH + g) HS, V at + (NH + NKV + g) HS;
+// out, dout (B, T, NH HS) (head h at + h HS, row stride NH HS); lse, delta (B, NH, T) f32.
+//
+// Kernels (all launches through core/cuda_launch.cuh's checked launch()):
+//   1. flash_fwd_kernel<HS>: one CTA per (b h, query tile of 128 rows), 8 warps, warp w owns query
+//      rows [16 w, 16 w + 16) of the tile. Key/value tiles of 64 rows stream through shared memory
+//      (cp.async, double-buffered) from key tile 0 up to the diagonal; online softmax per row (running
+//      max m and sum l in fp32); O accumulates in registers; P goes from the S accumulator straight
+//      into the A operand of P V (the C and A fragment layouts coincide, see below). Writes out (bf16,
+//      O / l) and lse. Query tiles are scheduled heaviest (last) first.
+//   2. flash_delta_kernel: delta = rowsum(dO * O), HS / 8 threads per (b, t, h) row.
+//   3. flash_bwd_dkdv_kernel<HS>: one CTA per (b g, key tile of 64 keys), 4 warps, warp w owns keys
+//      [16 w, 16 w + 16). Loops, in a fixed order, over the q heads of the kv group (increasing) and,
+//      for each, over the query tiles (64 rows; 32 at HS 128, for registers) from the key tile's
+//      diagonal to T (Q, dO, lse, delta double-buffered), recomputing S^T = K Q^T and
+//      P^T = exp(S^T - lse) in registers; dV and dK accumulate in registers (fp32) and are added into
+//      dqkv once at the end. Key tile 0 (the most query tiles) is scheduled first.
+//   4. flash_bwd_dq_kernel<HS>: one CTA per (b h, query tile of 64 rows), 4 warps, warp w owns query
+//      rows [16 w, 16 w + 16). Loops over the key tiles (64 keys, double-buffered) up to the diagonal,
+//      recomputing P and dP; dQ accumulates in registers and is added into dqkv once at the end.
+// Dynamic shared memory per CTA (HS 32 / 64 / 128): forward 30 / 54 / 102 KiB; dK/dV 31 / 55 / 68.5
+// KiB; dQ 30 / 54 / 102 KiB. Registers (ptxas, nvcc 13.0, no spills): forward 105 / 128 / 190
+// (2 CTAs per SM at HS <= 64 by __launch_bounds__), dK/dV 140 / 237 / 255, dQ 128 / 168 / 242.
+// Measured on an H200 at B=16, NH=12, T=1024, HS=64: forward 0.134 ms (~190 TFLOP/s on the causal
+// half), backward 0.45 ms (~140 TFLOP/s counted as 2.5x the forward's FLOPs).
+// Determinism: no atomics; every sum has a fixed order that depends only on (T, HS, NH / NKV) (not on
+// B, the grid or scheduling): the kernels are deterministic and batch-invariant. dqkv accumulates
+// (+=): each element is read, the fp32 gradient added, the sum rounded once (round to nearest even);
+// each element of dqkv is owned by exactly one CTA (kernel 3: the K and V columns, kernel 4: the Q
+// columns).
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA, "Matrix
+// fragments for mma.m16n8k16"), lane = 4 gid + tig (gid = lane / 4 in [0, 8), tig = lane % 4):
+//   A (16 x 16, row-major), 4 x b32 registers of 2 bf16 (lower column in the low half):
+//     a0: (row gid,     cols 2 tig, 2 tig + 1)     a1: (row gid + 8, cols 2 tig, 2 tig + 1)
+//     a2: (row gid,     cols 2 tig + 8, + 9)       a3: (row gid + 8, cols 2 tig + 8, + 9)
+//   B (16 x 8, k x n), 2 x b32:  b0: (k rows 2 tig, 2 tig + 1, col gid)   b1: (k rows 2 tig + 8, + 9, col gid)
+//   C/D (16 x 8, f32), 4 floats: c0, c1: (row gid, cols 2 tig, 2 tig + 1); c2, c3: (row gid + 8, same cols)
+// So the C fragments of two adjacent 8-column tiles n = 2j, 2j + 1 of a 16-row strip, packed to bf16
+// pairs (c0 c1), (c2 c3), are exactly the A fragment (a0, a1) = tile 2j, (a2, a3) = tile 2j + 1 of
+// the 16-column slice j: P (and dS) never leave registers.
+// A thread's accumulator element acc[nt][e] of a 16-row strip is at row gid + 8 (e / 2), column
+// 8 nt + 2 tig + (e % 2).
+//
+// ldmatrix.x4 (m8n8, b16) loads four 8 x 8 matrices; lanes 8 i .. 8 i + 7 give the row addresses of
+// matrix i (16 contiguous bytes each); register i of lane l receives matrix i's row l / 4, elements
+// 2 (l % 4), + 1 (with .trans: column l / 4, rows 2 (l % 4), + 1). Three uses (smem tiles row-major,
+// row stride kLd elements):
+//   load_a:      A fragment of a 16 x 16 block at (m0, k0) of a row-major (m, k) tile;
+//                lane l points at row m0 + l % 16, column k0 + 8 (l / 16).
+//   load_b_nk:   B fragments (b0, b1) of two 8-column n-tiles n0, n0 + 8 for the k-slice [k0, k0 + 16)
+//                from a tile stored with rows = n (K for S = Q K^T); lane l points at row
+//                n0 + 8 (l / 16) + l % 8, column k0 + 8 ((l / 8) % 2).
+//   load_b_kn:   the same B fragments from a tile stored with rows = k (V for O = P V), through .trans;
+//                lane l points at row k0 + 8 ((l / 8) % 2) + l % 8, column n0 + 8 (l / 16).
+// Shared-memory rows are padded by 8 bf16 (16 bytes): a row is HS + 8 elements, so the 8 rows an
+// ldmatrix phase reads (and the 16-byte cp.async writes of a row) fall in 8 distinct bank groups.
+//
+// Masking and tails: tiles are loaded with cp.async zero-fill beyond T (rows of zeros, finite scores).
+// The forward starts at key tile 0, where every query row has its key 0 unmasked, so the running max
+// is finite from the first tile on (no exp of inf - inf). Masked probabilities are set by selection,
+// never by multiplication. Rows and keys >= T are computed on zeros and never stored.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "core/check.h"
+#include "core/cuda_launch.cuh"
+#include "ops/attention.h"
+
+namespace lmf::cuda {
+namespace {
+
+using nv_bf16 = __nv_bfloat16;
+static_assert(sizeof(nv_bf16) == sizeof(lmf::bf16), "lmf::bf16 must be bit-compatible with __nv_bfloat16");
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kPad = 8;  // bf16 elements of padding per shared-memory row (16 bytes)
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; valid == false writes 16 zero bytes (src-size 0, src not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+// 4-byte copy; valid == false writes zeros.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const nv_bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const nv_bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// d += A B for one 16 x 8 x 16 block (layouts in the header comment).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> packed bf16 pair, round to nearest even; lo in the low half (the lower column).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16) | __bfloat16_as_ushort(v.x);
+}
+__device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
+// ---------------------------------------------------------------------------------------------
+// Fragment loads from a row-major shared tile with row stride kLd (elements); see the header.
+// ---------------------------------------------------------------------------------------------
+
+template <int kLd>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const nv_bf16* tile, int m0, int k0, int lane) {
+  ldmatrix_x4(a, tile + (m0 + (lane & 15)) * kLd + k0 + ((lane >> 4) << 3));
+}
+// b[0], b[1]: (b0, b1) of n-tile n0; b[2], b[3]: of n-tile n0 + 8. Tile rows are n.
+template <int kLd>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const nv_bf16* tile, int n0, int k0, int lane) {
+  ldmatrix_x4(b, tile + (n0 + ((lane >> 4) << 3) + (lane & 7)) * kLd + k0 + (((lane >> 3) & 1) << 3));
+}
+// Same fragments from a tile whose rows are k.
+template <int kLd>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const nv_bf16* tile, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, tile + (k0 + (((lane >> 3) & 1) << 3) + (lane & 7)) * kLd + n0 + ((lane >> 4) << 3));
+}
+
+// acc (16 x N strip) = A (16 x 16 kK slices, from shared rows m0..m0+15 of tile_a) times B^T where B is
+// stored with rows = n (N rows of tile_b, columns = k). kK: the contraction length.
+template <int kLd, int kK, int kN>
+__device__ __forceinline__ void mma_strip_abt(float (&acc)[kN / 8][4], const nv_bf16* tile_a, int m0,
+                                              const nv_bf16* tile_b, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    load_a<kLd>(a, tile_a, m0, ks * 16, lane);
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk<kLd>(b, tile_b, np * 16, ks * 16, lane);
+      mma_bf16(acc[2 * np], a, b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x N strip) += X (16 x kK, in registers as C fragments x[kK / 8][4], rounded to bf16) times
+// B, B stored with rows = k (kK rows of tile_b, columns = n).
+template <int kLd, int kK, int kN>
+__device__ __forceinline__ void mma_strip_regs_b(float (&acc)[kN / 8][4], const float (&x)[kK / 8][4],
+                                                 const nv_bf16* tile_b, int lane) {
+  uint32_t a[kK / 16][4];  // A fragments of the kK / 16 column slices of x (header comment)
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    a[kk][0] = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
+    a[kk][1] = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
+    a[kk][2] = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[kk][3] = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  }
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      load_b_kn<kLd>(b, tile_b, kk * 16, np * 16, lane);
+      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile movement
+// ---------------------------------------------------------------------------------------------
+
+// Rows [0, R) x columns [0, HS) of a bf16 tile at g (row stride ld elements) into shared s (row
+// stride HS + kPad), asynchronously; rows >= valid_rows are zero-filled (g itself must be a valid
+// address: callers pass a tile's first row, which is < T). Called by all kThreads threads.
+template <int R, int HS, int kThreads>
+__device__ __forceinline__ void load_tile_async(nv_bf16* s, const nv_bf16* g, int64_t ld, int valid_rows) {
+  constexpr int kChunksPerRow = HS / 8, kChunks = R * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile chunks must divide among the threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool ok = r < valid_rows;
+    cp_async_16(s + r * (HS + kPad) + col, ok ? g + r * ld + col : g, ok);
+  }
+}
+
+// A warp's 16 x HS accumulator strip (C fragments) to global bf16 rows [0, rows) at g (row stride ld),
+// row gid scaled by mul_lo and row gid + 8 by mul_hi. kAccumulate: g += result (old bf16 widened,
+// fp32 add, one rounding); else g = result. Staged through the warp-private shared buffer `stage`
+// (16 x (HS + 4) floats, 16-byte aligned) so that global accesses are 16 bytes per lane, coalesced.
+template <int HS, bool kAccumulate>
+__device__ __forceinline__ void warp_store_strip(nv_bf16* g, int64_t ld, int rows, const float (&acc)[HS / 8][4],
+                                                 float mul_lo, float mul_hi, float* stage, int lane) {
+  constexpr int kLdS = HS + 4;  // floats; the 4-float pad spreads rows over the banks
+  const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < HS / 8; ++nt) {
+    *reinterpret_cast<float2*>(stage + gid * kLdS + nt * 8 + 2 * tig) =
+        make_float2(acc[nt][0] * mul_lo, acc[nt][1] * mul_lo);
+    *reinterpret_cast<float2*>(stage + (gid + 8) * kLdS + nt * 8 + 2 * tig) =
+        make_float2(acc[nt][2] * mul_hi, acc[nt][3] * mul_hi);
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = HS / 8;  // 8 bf16 = 16 bytes per chunk
+  static_assert((16 * kChunksPerRow) % 32 == 0, "whole passes of the warp");
+#pragma unroll
+  for (int it = 0; it < 16 * kChunksPerRow / 32; ++it) {
+    const int c = lane + 32 * it;
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    if (r < rows) {
+      const float4 x0 = *reinterpret_cast<const float4*>(stage + r * kLdS + col);
+      const float4 x1 = *reinterpret_cast<const float4*>(stage + r * kLdS + col + 4);
+      float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      uint4* dst = reinterpret_cast<uint4*>(g + r * ld + col);
+      if constexpr (kAccumulate) {
+        const uint4 old = *dst;
+        const uint32_t w[4] = {old.x, old.y, old.z, old.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          v[2 * i] += bf16_lo(w[i]);
+          v[2 * i + 1] += bf16_hi(w[i]);
+        }
+      }
+      *dst = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+    }
+  }
+  __syncwarp();
+}
+
+// Sizes of one attention call as the kernels see them (all element offsets fit int64).
+struct FlashDims {
+  int T, NH, NKV;
+  __device__ __forceinline__ int group() const { return NH / NKV; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <int HS>
+struct FwdCfg {
+  static constexpr int kBr = 128, kBc = 64, kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kLd = HS + kPad;
+  static constexpr int kQElems = kBr * kLd, kKVElems = kBc * kLd;
+  // sQ, then K stage 0, K stage 1, V stage 0, V stage 1.
+  static constexpr size_t kTileBytes = static_cast<size_t>(kQElems + 4 * kKVElems) * sizeof(nv_bf16);
+  static constexpr size_t kStageBytes = static_cast<size_t>(kWarps) * 16 * (HS + 4) * sizeof(float);
+  static constexpr size_t kSmem = kTileBytes > kStageBytes ? kTileBytes : kStageBytes;
+  static_assert(kBr == 16 * kWarps, "one 16-row strip per warp");
+};
+
+// grid (B NH, ceil(T / kBr)); block kThreads; dynamic smem FwdCfg::kSmem.
+// out: (B, T, NH HS) bf16; lse: (B, NH, T); qkv: (B, T, C3). scale_log2 = scale log2(e).
+template <int HS>
+__global__ void __launch_bounds__(FwdCfg<HS>::kThreads, HS <= 64 ? 2 : 1)
+    flash_fwd_kernel(nv_bf16* __restrict__ out, float* __restrict__ lse, const nv_bf16* __restrict__ qkv,
+                     FlashDims d, float scale_log2) {
+  using C = FwdCfg<HS>;
+  constexpr int kLd = C::kLd, kBr = C::kBr, kBc = C::kBc;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);
+  nv_bf16* sK = sQ + C::kQElems;      // stage s at sK + s kKVElems
+  nv_bf16* sV = sK + 2 * C::kKVElems;  // stage s at sV + s kKVElems
+
+  const int T = d.T, NH = d.NH, NKV = d.NKV;
+  const int qt = static_cast<int>(gridDim.y - 1 - blockIdx.y);  // heaviest (last) query tile first
+  const int bh = static_cast<int>(blockIdx.x), b = bh / NH, h = bh % NH, g = h / d.group();
+  const int q0 = qt * kBr;
+  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
+  const nv_bf16* qbase = qkv + static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * HS;
+  const nv_bf16* kbase = qkv + static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(NH + g) * HS;
+  const nv_bf16* vbase = kbase + static_cast<int64_t>(NKV) * HS;
+  const int q_end = min(T, q0 + kBr);          // query rows [q0, q_end) are real
+  const int n_kt = (q_end + kBc - 1) / kBc;    // key tiles [0, n_kt): keys [0, q_end) and zeros past T
+
+  load_tile_async<kBr, HS, C::kThreads>(sQ, qbase + static_cast<int64_t>(q0) * C3, C3, q_end - q0);
+  load_tile_async<kBc, HS, C::kThreads>(sK, kbase, C3, min(T, kBc));
+  load_tile_async<kBc, HS, C::kThreads>(sV, vbase, C3, min(T, kBc));
+  cp_async_commit();
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int strip0 = q0 + 16 * warp;                  // first query row of this warp
+  const int row_lo = strip0 + gid, row_hi = row_lo + 8;  // this thread's two rows
+
+  float o[HS / 8][4];
+#pragma unroll
+  for (int i = 0; i < HS / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running max of s2 (quad-uniform)
+  float l_lo = 0.0f, l_hi = 0.0f;            // running sums of exp2(s2 - m), this thread's columns only
+
+  for (int j = 0; j < n_kt; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < n_kt) {  // prefetch tile j + 1 into the other stage (freed by the barrier ending j - 1)
+      const int k1 = (j + 1) * kBc;
+      load_tile_async<kBc, HS, C::kThreads>(sK + (stage ^ 1) * C::kKVElems, kbase + static_cast<int64_t>(k1) * C3,
+                                            C3, T - k1);
+      load_tile_async<kBc, HS, C::kThreads>(sV + (stage ^ 1) * C::kKVElems, vbase + static_cast<int64_t>(k1) * C3,
+                                            C3, T - k1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int k0 = j * kBc;
+    if (k0 <= strip0 + 15) {  // else every key of the tile is above this warp's rows: nothing to add
+      const nv_bf16* tK = sK + stage * C::kKVElems;
+      const nv_bf16* tV = sV + stage * C::kKVElems;
+      float s[kBc / 8][4];
+#pragma unroll
+      for (int i = 0; i < kBc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+      // S = Q K^T (16 x kBc).
+      mma_strip_abt<kLd, HS, kBc>(s, sQ, 16 * warp, tK, lane);
+      // s2 = S scale log2(e); keys above a row's diagonal (and so keys >= T for real rows) -> -inf.
+      const bool diag = k0 + kBc - 1 > strip0;
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = s[nt][e] * scale_log2;
+          if (diag) {
+            const int key = k0 + nt * 8 + 2 * tig + (e & 1), row = e < 2 ? row_lo : row_hi;
+            if (key > row) v = -INFINITY;
+          }
+          s[nt][e] = v;
+        }
+        mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+      }
+      // Row max over the quad (the 4 lanes holding a row), then the online-softmax update. m_new is
+      // finite: tile 0 (always processed first) has key 0 <= row unmasked for every row.
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+      const float alpha_lo = exp2f(m_lo - mn_lo), alpha_hi = exp2f(m_hi - mn_hi);  // 0 on the first tile
+      m_lo = mn_lo;
+      m_hi = mn_hi;
+      float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kBc / 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mn_lo);
+        s[nt][1] = exp2f(s[nt][1] - mn_lo);
+        s[nt][2] = exp2f(s[nt][2] - mn_hi);
+        s[nt][3] = exp2f(s[nt][3] - mn_hi);
+        sum_lo += s[nt][0] + s[nt][1];
+        sum_hi += s[nt][2] + s[nt][3];
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int i = 0; i < HS / 8; ++i) {
+        o[i][0] *= alpha_lo;
+        o[i][1] *= alpha_lo;
+        o[i][2] *= alpha_hi;
+        o[i][3] *= alpha_hi;
+      }
+      // O += P V (P rounded to bf16 as the A operand; the sums l above use the fp32 values).
+      mma_strip_regs_b<kLd, kBc, HS>(o, s, tV, lane);
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  // Full row sums over the quad (xor butterfly: the same bits in all 4 lanes).
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (tig == 0) {
+    float* lrow = lse + static_cast<int64_t>(bh) * T;
+    if (row_lo < T) lrow[row_lo] = (m_lo + log2f(l_lo)) * kLn2;
+    if (row_hi < T) lrow[row_hi] = (m_hi + log2f(l_hi)) * kLn2;
+  }
+  // The tiles are dead (the loop ended with a barrier and no copy is in flight): reuse the shared
+  // memory as the warps' output staging buffers.
+  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
+  nv_bf16* orow = out + (static_cast<int64_t>(b) * T + strip0) * CO + static_cast<int64_t>(h) * HS;
+  warp_store_strip<HS, false>(orow, CO, min(16, T - strip0), o, 1.0f / l_lo, 1.0f / l_hi, stage, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel 1: delta[b, h, t] = sum_d dout[b, t, h, d] out[b, t, h, d] (fp32)
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kDeltaThreads = 256;
+
+// rows = B T NH, row r = (b T + t) NH + h holds HS contiguous elements at r HS. One thread per 8
+// consecutive elements (16-byte loads); the kLanes = HS / 8 threads of a row are aligned lanes of one
+// warp. Each thread sums its 8 products in order, then the row's lanes combine by the fixed xor
+// butterfly (offsets kLanes / 2, ..., 1): the order depends only on HS.
+template <int HS>
+__global__ void __launch_bounds__(kDeltaThreads)
+    flash_delta_kernel(float* __restrict__ delta, const nv_bf16* __restrict__ dout, const nv_bf16* __restrict__ out,
+                       int64_t rows, int T, int NH) {
+  constexpr int kLanes = HS / 8;
+  static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "a row's lanes within one warp");
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDeltaThreads + threadIdx.x;
+  const int64_t r = idx / kLanes;
+  const int c = static_cast<int>(idx % kLanes);
+  float acc = 0.0f;
+  if (r < rows) {  // no early return: every lane takes part in the shuffles below
+    const uint4 a = *reinterpret_cast<const uint4*>(dout + r * HS + c * 8);
+    const uint4 y = *reinterpret_cast<const uint4*>(out + r * HS + c * 8);
+    const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wy[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      acc += bf16_lo(wa[i]) * bf16_lo(wy[i]);
+      acc += bf16_hi(wa[i]) * bf16_hi(wy[i]);
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (r < rows && c == 0) {
+    const int64_t bt = r / NH, h = r % NH, b = bt / T, t = bt % T;
+    delta[(b * NH + h) * T + t] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, shared tiling of kernels 2 and 3
+// ---------------------------------------------------------------------------------------------
+
+template <int HS>
+struct BwdCfg {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int kBk = 16 * kWarps;         // keys per dK/dV CTA (a 16-key strip per warp); dQ's key tile
+  static constexpr int kBq = HS <= 64 ? 64 : 32;  // dK/dV's query tile (32 at HS 128: registers)
+  static constexpr int kBqDq = 16 * kWarps;       // queries per dQ CTA (a 16-query strip per warp)
+  static constexpr int kLd = HS + kPad;
+  static constexpr int kKTile = kBk * kLd, kQTile = kBq * kLd, kQTileDq = kBqDq * kLd;  // elements
+  // dK/dV kernel: K, V, then Q and dO for two stages, then lse and delta for two stages.
+  static constexpr size_t kDkdvTiles =
+      static_cast<size_t>(2 * kKTile + 4 * kQTile) * sizeof(nv_bf16) + 2 * 2 * kBq * sizeof(float);
+  // dQ kernel: Q, dO, then K and V for two stages.
+  static constexpr size_t kDqTiles = static_cast<size_t>(2 * kQTileDq + 4 * kKTile) * sizeof(nv_bf16);
+  static constexpr size_t kStageBytes = static_cast<size_t>(kWarps) * 16 * (HS + 4) * sizeof(float);
+  static constexpr size_t kSmemDkdv = kDkdvTiles > kStageBytes ? kDkdvTiles : kStageBytes;
+  static constexpr size_t kSmemDq = kDqTiles > kStageBytes ? kDqTiles : kStageBytes;
+  static_assert(kBk % kBq == 0, "a key tile starts on a query tile boundary");
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel 2: dK, dV
+// ---------------------------------------------------------------------------------------------
+
+// grid (B NKV, ceil(T / kBk)); block kThreads; dynamic smem BwdCfg::kSmemDkdv.
+// Key tile kt = blockIdx.y (tile 0, which sees every query tile, first). For each q head of the group
+// (increasing) and each query tile from the diagonal to the end (increasing), with the warp's 16 keys
+// as rows:  S^T = K Q^T; P^T = exp2(S^T log2(e) scale - lse log2(e)) (0 where query < key or query >= T);
+// dV += P^T dO; dP^T = V dO^T; dS^T = P^T (dP^T - delta); dK += dS^T Q. Then dqkv[K] += scale dK,
+// dqkv[V] += dV.
+template <int HS>
+__global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
+    flash_bwd_dkdv_kernel(nv_bf16* __restrict__ dqkv, const nv_bf16* __restrict__ qkv,
+                          const nv_bf16* __restrict__ dout, const float* __restrict__ lse,
+                          const float* __restrict__ delta, FlashDims d, float scale, float scale_log2) {
+  using C = BwdCfg<HS>;
+  constexpr int kLd = C::kLd, kBq = C::kBq, kBk = C::kBk, kThreads = C::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv_bf16* sK = reinterpret_cast<nv_bf16*>(smem_raw);
+  nv_bf16* sV = sK + C::kKTile;
+  nv_bf16* sQ = sV + C::kKTile;        // stage s at sQ + s kQTile
+  nv_bf16* sdO = sQ + 2 * C::kQTile;   // stage s at sdO + s kQTile
+  float* sL = reinterpret_cast<float*>(sdO + 2 * C::kQTile);  // [2][kBq] lse
+  float* sD = sL + 2 * kBq;                                       // [2][kBq] delta
+
+  const int T = d.T, NH = d.NH, NKV = d.NKV, group = d.group();
+  const int bg = static_cast<int>(blockIdx.x), b = bg / NKV, g = bg % NKV;
+  const int k0 = static_cast<int>(blockIdx.y) * kBk;
+  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
+  const nv_bf16* qkv_b = qkv + static_cast<int64_t>(b) * T * C3;
+  const nv_bf16* dout_b = dout + static_cast<int64_t>(b) * T * CO;
+  const int64_t k_col = static_cast<int64_t>(NH + g) * HS, v_col = k_col + static_cast<int64_t>(NKV) * HS;
+
+  const int qt0 = k0 / kBq;                  // first query tile with a query >= k0
+  const int n_qt = (T + kBq - 1) / kBq - qt0;  // query tiles per head
+  const int n_iter = group * n_qt;
+
+  // Iteration i: q head h = g group + i / n_qt, query tile qt0 + i % n_qt, into stage st.
+  auto issue = [&](int i, int st) {
+    const int h = g * group + i / n_qt, q0 = (qt0 + i % n_qt) * kBq;
+    load_tile_async<kBq, HS, kThreads>(sQ + st * C::kQTile, qkv_b + static_cast<int64_t>(q0) * C3 + h * HS, C3,
+                                       T - q0);
+    load_tile_async<kBq, HS, kThreads>(sdO + st * C::kQTile, dout_b + static_cast<int64_t>(q0) * CO + h * HS,
+                                       CO, T - q0);
+    const int tid = static_cast<int>(threadIdx.x);
+    const int64_t row0 = (static_cast<int64_t>(b) * NH + h) * T + q0;
+    if (tid < kBq) {  // zeros past T
+      const bool ok = q0 + tid < T;
+      cp_async_4(sL + st * kBq + tid, lse + row0 + (ok ? tid : 0), ok);
+      cp_async_4(sD + st * kBq + tid, delta + row0 + (ok ? tid : 0), ok);
+    }
+  };
+  static_assert(kThreads >= kBq, "a query's lse and delta are copied by one thread");
+
+  load_tile_async<kBk, HS, kThreads>(sK, qkv_b + static_cast<int64_t>(k0) * C3 + k_col, C3, T - k0);
+  load_tile_async<kBk, HS, kThreads>(sV, qkv_b + static_cast<int64_t>(k0) * C3 + v_col, C3, T - k0);
+  issue(0, 0);
+  cp_async_commit();
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int strip0 = k0 + 16 * warp;                     // first key of this warp
+  const int key_lo = strip0 + gid, key_hi = key_lo + 8;  // this thread's two keys (rows of S^T)
+
+  float dk[HS / 8][4], dv[HS / 8][4];
+#pragma unroll
+  for (int i = 0; i < HS / 8; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
+  }
+
+  for (int i = 0; i < n_iter; ++i) {
+    const int st = i & 1;
+    if (i + 1 < n_iter) {
+      issue(i + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int q0 = (qt0 + i % n_qt) * kBq;
+    const nv_bf16* tQ = sQ + st * C::kQTile;
+    const nv_bf16* tdO = sdO + st * C::kQTile;
+    const float* tL = sL + st * kBq;
+    const float* tD = sD + st * kBq;
+    if (strip0 <= q0 + kBq - 1) {  // else every query of the tile is before this warp's keys
+      // S^T = K Q^T (16 keys x kBq queries).
+      float s[kBq / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBq>(s, sK, 16 * warp, tQ, lane);
+      // P^T; mask where query < key (causal) or query >= T.
+      const bool mask = q0 < strip0 + 15 || q0 + kBq > T;
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = n * 8 + 2 * tig + (e & 1);  // query column within the tile
+          float p = exp2f(s[n][e] * scale_log2 - tL[qc] * kLog2e);
+          if (mask) {
+            const int q = q0 + qc, key = e < 2 ? key_lo : key_hi;
+            if (q < key || q >= T) p = 0.0f;
+          }
+          s[n][e] = p;
+        }
+      }
+      // dV += P^T dO (dO stored with rows = queries = k).
+      mma_strip_regs_b<kLd, kBq, HS>(dv, s, tdO, lane);
+      // dP^T = V dO^T (16 keys x kBq queries).
+      float dp[kBq / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBq>(dp, sV, 16 * warp, tdO, lane);
+      // dS^T = P^T (dP^T - delta[query]), in place of dP^T.
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - tD[n * 8 + 2 * tig + (e & 1)]);
+      }
+      // dK += dS^T Q (Q stored with rows = queries = k).
+      mma_strip_regs_b<kLd, kBq, HS>(dk, dp, tQ, lane);
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  // The tiles are dead: the shared memory becomes the warps' staging buffers.
+  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
+  const int rows = min(16, T - strip0);
+  nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + strip0) * C3;
+  warp_store_strip<HS, true>(drow + v_col, C3, rows, dv, 1.0f, 1.0f, stage, lane);
+  warp_store_strip<HS, true>(drow + k_col, C3, rows, dk, scale, scale, stage, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel 3: dQ
+// ---------------------------------------------------------------------------------------------
+
+// grid (B NH, ceil(T / kBqDq)); block kThreads; dynamic smem BwdCfg::kSmemDq.
+// Query tile = last first (the heaviest). For each key tile from 0 to the diagonal, with the warp's
+// 16 queries as rows: S = Q K^T; P = exp2(S log2(e) scale - lse log2(e)) (0 where key > query);
+// dP = dO V^T; dS = P (dP - delta); dQ += dS K. Then dqkv[Q] += scale dQ.
+template <int HS>
+__global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
+    flash_bwd_dq_kernel(nv_bf16* __restrict__ dqkv, const nv_bf16* __restrict__ qkv, const nv_bf16* __restrict__ dout,
+                        const float* __restrict__ lse, const float* __restrict__ delta, FlashDims d, float scale,
+                        float scale_log2) {
+  using C = BwdCfg<HS>;
+  constexpr int kLd = C::kLd, kBq = C::kBqDq, kBk = C::kBk, kThreads = C::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);
+  nv_bf16* sdO = sQ + C::kQTileDq;
+  nv_bf16* sK = sdO + C::kQTileDq;  // stage s at sK + s kKTile
+  nv_bf16* sV = sK + 2 * C::kKTile;  // stage s at sV + s kKTile
+
+  const int T = d.T, NH = d.NH, NKV = d.NKV;
+  const int qt = static_cast<int>(gridDim.y - 1 - blockIdx.y);  // heaviest (last) query tile first
+  const int bh = static_cast<int>(blockIdx.x), b = bh / NH, h = bh % NH, g = h / d.group();
+  const int q0 = qt * kBq;
+  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
+  const nv_bf16* qkv_b = qkv + static_cast<int64_t>(b) * T * C3;
+  const nv_bf16* kbase = qkv_b + static_cast<int64_t>(NH + g) * HS;
+  const nv_bf16* vbase = kbase + static_cast<int64_t>(NKV) * HS;
+  const int q_end = min(T, q0 + kBq);
+  const int n_kt = (q_end + kBk - 1) / kBk;  // key tiles [0, n_kt)
+
+  load_tile_async<kBq, HS, kThreads>(sQ, qkv_b + static_cast<int64_t>(q0) * C3 + h * HS, C3, q_end - q0);
+  load_tile_async<kBq, HS, kThreads>(
+      sdO, dout + (static_cast<int64_t>(b) * T + q0) * CO + static_cast<int64_t>(h) * HS, CO, q_end - q0);
+  load_tile_async<kBk, HS, kThreads>(sK, kbase, C3, min(T, kBk));
+  load_tile_async<kBk, HS, kThreads>(sV, vbase, C3, min(T, kBk));
+  cp_async_commit();
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int strip0 = q0 + 16 * warp;
+  const int row_lo = strip0 + gid, row_hi = row_lo + 8;
+  const int64_t lrow = static_cast<int64_t>(bh) * T;
+  const float l2_lo = row_lo < T ? lse[lrow + row_lo] * kLog2e : 0.0f;
+  const float l2_hi = row_hi < T ? lse[lrow + row_hi] * kLog2e : 0.0f;
+  const float dl_lo = row_lo < T ? delta[lrow + row_lo] : 0.0f;
+  const float dl_hi = row_hi < T ? delta[lrow + row_hi] : 0.0f;
+
+  float dq[HS / 8][4];
+#pragma unroll
+  for (int i = 0; i < HS / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+
+  for (int j = 0; j < n_kt; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_kt) {
+      const int k1 = (j + 1) * kBk;
+      load_tile_async<kBk, HS, kThreads>(sK + (st ^ 1) * C::kKTile, kbase + static_cast<int64_t>(k1) * C3, C3,
+                                         T - k1);
+      load_tile_async<kBk, HS, kThreads>(sV + (st ^ 1) * C::kKTile, vbase + static_cast<int64_t>(k1) * C3, C3,
+                                         T - k1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int k0 = j * kBk;
+    if (k0 <= strip0 + 15) {
+      const nv_bf16* tK = sK + st * C::kKTile;
+      const nv_bf16* tV = sV + st * C::kKTile;
+      // S = Q K^T (16 queries x kBk keys).
+      float s[kBk / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBk>(s, sQ, 16 * warp, tK, lane);
+      // P; mask where key > query (which covers keys >= T for the real rows).
+      const bool diag = k0 + kBk - 1 > strip0;
+#pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2f(s[n][e] * scale_log2 - (e < 2 ? l2_lo : l2_hi));
+          if (diag) {
+            const int key = k0 + n * 8 + 2 * tig + (e & 1), row = e < 2 ? row_lo : row_hi;
+            if (key > row) p = 0.0f;
+          }
+          s[n][e] = p;
+        }
+      }
+      // dP = dO V^T (16 queries x kBk keys).
+      float dp[kBk / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBk>(dp, sdO, 16 * warp, tV, lane);
+      // dS = P (dP - delta[row]), in place of dP.
+#pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        dp[n][0] = s[n][0] * (dp[n][0] - dl_lo);
+        dp[n][1] = s[n][1] * (dp[n][1] - dl_lo);
+        dp[n][2] = s[n][2] * (dp[n][2] - dl_hi);
+        dp[n][3] = s[n][3] * (dp[n][3] - dl_hi);
+      }
+      // dQ += dS K (K stored with rows = keys = k).
+      mma_strip_regs_b<kLd, kBk, HS>(dq, dp, tK, lane);
+    }
+    __syncthreads();
+  }
+
+  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
+  nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + strip0) * C3 + static_cast<int64_t>(h) * HS;
+  warp_store_strip<HS, true>(drow, C3, min(16, T - strip0), dq, scale, scale, stage, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+ShapeText shapes_of(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+  return shape_text("B=", B, " T=", T, " NH=", NH, " NKV=", NKV, " HS=", HS);
+}
+
+// The limits the kernels' int arithmetic and grids rely on (the op entry checks them with names).
+void check_dims(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+  LMF_CHECK(B >= 1 && T >= 1 && NH >= 1 && NKV >= 1 && NH % NKV == 0, op, ": bad sizes B=", B, " T=", T, " NH=", NH,
+            " NKV=", NKV);
+  LMF_CHECK(T <= INT_MAX / 2 && (NH + 2 * NKV) * HS <= INT_MAX && B * NH <= INT_MAX, op, ": sizes B=", B, " T=", T,
+            " NH=", NH, " NKV=", NKV, " HS=", HS, " exceed the kernels' int range");
+}
+
+[[noreturn]] void unsupported_head_size(const char* op, int64_t HS) {
+  fail(op, ": head size HS=", HS, " is not supported by the flash attention kernels (32, 64 or 128)");
+}
+
+template <int HS>
+void forward_hs(nv_bf16* out, float* lse, const nv_bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                float scale) {
+  using C = FwdCfg<HS>;
+  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
+  launch({"flash_attention_forward", shapes_of(B, T, NH, NKV, HS), {B * NH, ceil_div(T, C::kBr), 1},
+          {C::kThreads, 1, 1}, C::kSmem},
+         flash_fwd_kernel<HS>, out, lse, qkv, d, scale * kLog2e);
+}
+
+template <int HS>
+void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16* qkv, const nv_bf16* out,
+                 const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, float scale) {
+  using C = BwdCfg<HS>;
+  const char* op = "flash_attention_backward";
+  const ShapeText shapes = shapes_of(B, T, NH, NKV, HS);
+  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
+  const int64_t rows = B * T * NH;
+  launch({op, shapes, {ceil_div(rows * (HS / 8), kDeltaThreads), 1, 1}, {kDeltaThreads, 1, 1}, 0}, flash_delta_kernel<HS>,
+         delta, dout, out, rows, static_cast<int>(T), static_cast<int>(NH));
+  launch({op, shapes, {B * NKV, ceil_div(T, C::kBk), 1}, {C::kThreads, 1, 1}, C::kSmemDkdv}, flash_bwd_dkdv_kernel<HS>,
+         dqkv, qkv, dout, static_cast<const float*>(lse), static_cast<const float*>(delta), d, scale,
+         scale * kLog2e);
+  launch({op, shapes, {B * NH, ceil_div(T, C::kBqDq), 1}, {C::kThreads, 1, 1}, C::kSmemDq}, flash_bwd_dq_kernel<HS>,
+         dqkv, qkv, dout, lse, static_cast<const float*>(delta), d, scale, scale * kLog2e);
+}
+
+nv_bf16* as_nv(lmf::bf16* p) { return reinterpret_cast<nv_bf16*>(p); }
+const nv_bf16* as_nv(const lmf::bf16* p) { return reinterpret_cast<const nv_bf16*>(p); }
+
+}  // namespace
+
+void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                             int64_t HS, float scale) {
+  const char* op = "flash_attention_forward";
+  check_dims(op, B, T, NH, NKV, HS);
+  switch (HS) {
+    case 32: return forward_hs<32>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
+    case 64: return forward_hs<64>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
+    case 128: return forward_hs<128>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
+    default: unsupported_head_size(op, HS);
+  }
+}
+
+void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
+                              const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
+                              float scale) {
+  const char* op = "flash_attention_backward";
+  check_dims(op, B, T, NH, NKV, HS);
+  switch (HS) {
+    case 32:
+      return backward_hs<32>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+    case 64:
+      return backward_hs<64>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+    case 128:
+      return backward_hs<128>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+    default: unsupported_head_size(op, HS);
+  }
+}
+
+}  // namespace lmf::cuda
