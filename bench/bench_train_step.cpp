@@ -146,12 +146,13 @@ int main(int argc, char** argv) {
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
     double med = sorted[sorted.size() / 2];
+    const double peak_gb = cuda_peak_allocated_bytes() / 1e9;  // before the ceilings' buffers
     if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
     std::printf("{\"impl\": \"lmforge-%s-B%lld\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                precision.c_str(), static_cast<long long>(B), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, cuda_peak_allocated_bytes() / 1e9);
+                precision.c_str(), static_cast<long long>(B), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, peak_gb);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";
     return 1;

@@ -206,13 +206,12 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
       Arena dpa("dp_flat", specs, Device::cuda), dma("dm_flat", specs, Device::cuda),
           dva("dv_flat", specs, Device::cuda), dpb("dp_tensor", specs, Device::cuda),
           dmb("dm_tensor", specs, Device::cuda), dvb("dv_tensor", specs, Device::cuda), dg("dg", specs, Device::cuda);
-      std::vector<TensorSpec> bspecs = specs;  // the bf16 weight copy of mixed precision
-      for (TensorSpec& b : bspecs) b.dtype = DType::bf16;
-      Arena dcopy("dp_bf16", bspecs, Device::cuda);
       DeviceBuffer dnorm(4);
       std::vector<int32_t> r = adamw_decay_ranges(p);
       const std::vector<bool> pad = padding_mask(p);
       const int64_t n = p.flat_f32().numel();
+      DeviceBuffer dcopy(static_cast<size_t>(n) * 2);  // the flat bf16 weight copy of mixed precision
+      const Tensor copy_t = dcopy.tensor(DType::bf16, {n}, "params_bf16");
       const std::string what = std::string(ac.what) + " layers=" + std::to_string(layers) + " C=" +
                                std::to_string(C) + " n=" + std::to_string(n) + " S=" + std::to_string(r.size() / 2) +
                                " seed=" + std::to_string(seed);
@@ -240,7 +239,7 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
         adamw_update_flat(p.flat_f32(), m.flat_f32(), v.flat_f32(), g.flat_f32(), ranges_tensor(r),
                           tensor_of(norm, {1}, "norm"), ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step);
         adamw_update_flat(dpa.flat_f32(), dma.flat_f32(), dva.flat_f32(), dg.flat_f32(), ranges_tensor(r), dn,
-                          ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step, dcopy.flat(DType::bf16));
+                          ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step, copy_t);
         for (size_t i = 0; i < specs.size(); ++i)
           adamw_update(dpb[i], dmb[i], dvb[i], dg[i], dn, ac.max_norm, lr, beta1, beta2, eps,
                        specs[i].shape.size() == 2 ? ac.weight_decay : 0.0f, step);
@@ -251,10 +250,7 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
         ASSERT_TRUE(test::bitwise_equal("v flat vs per tensor, " + at, gv, values(dvb)));
         ASSERT_TRUE(padding_is_zero("param " + at, gp, pad));
         {  // the bf16 copy written in the same launch is the rounded new param, bit for bit
-          Tensor fc = dcopy.flat(DType::bf16);
-          std::vector<bf16> copy(static_cast<size_t>(fc.numel()));
-          tensor_to_host(copy.data(), fc);
-          const std::vector<bf16> want = test::to_bf16(gp);
+          const std::vector<bf16> copy = dcopy.download<bf16>(), want = test::to_bf16(gp);
           ASSERT_EQ(0, std::memcmp(copy.data(), want.data(), copy.size() * 2)) << "bf16 copy, " << at;
         }
         ASSERT_TRUE(padding_is_zero("m " + at, gm, pad));

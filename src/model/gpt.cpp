@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 
 #include "core/device.h"
@@ -97,26 +98,35 @@ Precision parse_precision(const std::string& s, const char* flag) {
 }
 
 GptTensors gpt_bind(const Arena& a, const ModelConfig& c) {
-  auto opt = [&](const std::string& name) { long i = a.find(name); return i < 0 ? Tensor() : a[static_cast<size_t>(i)]; };
+  return gpt_bind([&](const std::string& name) { long i = a.find(name); return i < 0 ? Tensor() : a[static_cast<size_t>(i)]; },
+                  c);
+}
+
+GptTensors gpt_bind(const std::function<Tensor(const std::string&)>& opt, const ModelConfig& c) {
+  auto get = [&](const std::string& name) {
+    Tensor t = opt(name);
+    LMF_CHECK(t.defined(), "model parameters: no tensor '", name, "'");
+    return t;
+  };
   GptTensors t;
-  t.tok_emb = a.get("tok_emb.weight");
+  t.tok_emb = get("tok_emb.weight");
   t.pos_emb = opt("pos_emb.weight");
-  t.normf_w = a.get("norm_f.weight");
+  t.normf_w = get("norm_f.weight");
   t.normf_b = opt("norm_f.bias");
-  t.lm_head = c.tied_embeddings ? t.tok_emb : a.get("lm_head.weight");
+  t.lm_head = c.tied_embeddings ? t.tok_emb : get("lm_head.weight");
   for (int i = 0; i < c.n_layer; ++i) {
     GptLayerTensors l;
-    l.norm1_w = a.get(layer_name(i, "norm1.weight"));
+    l.norm1_w = get(layer_name(i, "norm1.weight"));
     l.norm1_b = opt(layer_name(i, "norm1.bias"));
-    l.qkv_w = a.get(layer_name(i, "attn.qkv.weight"));
+    l.qkv_w = get(layer_name(i, "attn.qkv.weight"));
     l.qkv_b = opt(layer_name(i, "attn.qkv.bias"));
-    l.proj_w = a.get(layer_name(i, "attn.proj.weight"));
+    l.proj_w = get(layer_name(i, "attn.proj.weight"));
     l.proj_b = opt(layer_name(i, "attn.proj.bias"));
-    l.norm2_w = a.get(layer_name(i, "norm2.weight"));
+    l.norm2_w = get(layer_name(i, "norm2.weight"));
     l.norm2_b = opt(layer_name(i, "norm2.bias"));
-    l.fc_w = a.get(layer_name(i, "mlp.fc.weight"));
+    l.fc_w = get(layer_name(i, "mlp.fc.weight"));
     l.fc_b = opt(layer_name(i, "mlp.fc.bias"));
-    l.mproj_w = a.get(layer_name(i, "mlp.proj.weight"));
+    l.mproj_w = get(layer_name(i, "mlp.proj.weight"));
     l.mproj_b = opt(layer_name(i, "mlp.proj.bias"));
     t.layers.push_back(l);
   }
@@ -145,10 +155,26 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   params_ = Arena("params", pspecs, plan.device);
   p_ = gpt_bind(params_, cfg_);
   if (mixed) {
-    std::vector<TensorSpec> bspecs = pspecs;
-    for (TensorSpec& s : bspecs) s.dtype = DType::bf16;
-    params_bf16_ = Arena("params_bf16", bspecs, plan.device);
-    pb_ = gpt_bind(params_bf16_, cfg_);
+    // One flat bf16 block with the f32 arena's element offsets, so that element i of the flat f32
+    // view and element i of the flat bf16 view are the same weight: the fused AdamW launch and the
+    // cast write the copy by flat index. (A bf16 arena of its own would pad each tensor to a
+    // different number of elements.)
+    const int64_t n = params_.flat_f32().numel();
+    params_bf16_ = Arena("params_bf16", {{"flat", {n}, DType::bf16}}, plan.device);
+    auto* base = static_cast<lmf::bf16*>(params_bf16_.base());
+    bf16_views_.reserve(params_.size());
+    for (size_t k = 0; k < params_.size(); ++k) {
+      Tensor t = params_[k];
+      t.data = base + params_.offset_elems(k);
+      t.dtype = DType::bf16;
+      bf16_views_.push_back(t);
+    }
+    pb_ = gpt_bind(
+        [&](const std::string& name) {
+          const long i = params_.find(name);
+          return i < 0 ? Tensor() : bf16_views_[static_cast<size_t>(i)];
+        },
+        cfg_);
   }
   if (plan.training) {
     decay_ranges_host_ = adamw_decay_ranges(params_);

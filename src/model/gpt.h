@@ -8,6 +8,7 @@
 // Gradient buffers accumulate across micro-batches; zero_grad() starts a new accumulation.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,8 @@ struct GptTensors {
   std::vector<GptLayerTensors> layers;
 };
 GptTensors gpt_bind(const Arena& arena, const ModelConfig& c);
+// The same over any lookup: `find(name)` returns the tensor, or an absent Tensor.
+GptTensors gpt_bind(const std::function<Tensor(const std::string&)>& find, const ModelConfig& c);
 
 // Numeric mode of a run. fp32: everything fp32. tf32: as fp32, but GEMMs on the GPU's tensor cores
 // with TF32 inputs (fp32 accumulation). bf16: mixed precision on the GPU (docs/MIXED_PRECISION.md):
@@ -81,7 +84,8 @@ class Gpt {
   // bf16 plans: rewrite the bf16 weight copy from the f32 masters (after init_weights, which calls it,
   // and after loading a checkpoint into params()). No-op for other precisions.
   void sync_weight_copy();
-  // The bf16 weight copy (bf16 plans; empty arena otherwise).
+  // The bf16 weight copy (bf16 plans; empty arena otherwise): one flat bf16 block whose element i is
+  // element i of params().flat_f32().
   Arena& params_bf16() { return params_bf16_; }
   void zero_grad() { grads_.zero(); }
 
@@ -121,6 +125,7 @@ class Gpt {
   class OpProfiler* prof_ = nullptr;
   Arena params_, grads_, m_, v_, acts_, work_, decode_, params_bf16_;
   GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
+  std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets
   std::vector<LayerActs> la_;
   Tensor encoded_, lnf_, lnf_mean_, lnf_rstd_, losses_;
   // workspace: activation gradients (reused by every layer) and scratch
