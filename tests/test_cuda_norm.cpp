@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -176,6 +177,7 @@ TEST(CudaNorm, RealisticSizesMatchCpu) {
   for (Kind k : {Kind::layernorm_bias, Kind::layernorm, Kind::rmsnorm}) {
     check_case(k, 4096, 768);
     check_case(k, 1000, 4096);  // N not a multiple of the row chunk, wide rows
+    check_case(k, 5000, 1000);  // fused backward: 3 rows per warp, a partial last block, partial lane packs
   }
 }
 
@@ -283,8 +285,9 @@ Bf16Result run_bf16(Kind k, int64_t N, int64_t C, const std::vector<float>& x, c
   return r;
 }
 
-// Sizes of the bf16 tests: C = 1, 7 (scalar path), 768, 3072 + 8 (128-bit path); N = 1, 5, 333.
-const int64_t kBf16Cs[] = {1, 7, 768, 3080};
+// Sizes of the bf16 tests: C = 1, 7 (scalar path), 768, 1000 (128-bit path, rows in registers; 1000: the
+// widest such rows, a partial last pack), 3072 + 8 (128-bit path, wide rows); N = 1, 5, 333.
+const int64_t kBf16Cs[] = {1, 7, 768, 1000, 3080};
 const int64_t kBf16Ns[] = {1, 5, 333};
 
 TEST(CudaNorm, Bf16MatchesCpuOnRoundedInputs) {
@@ -471,6 +474,66 @@ TEST(CudaNorm, FusedResidualNormF32) {
         expect_fused_bitwise(run_fused_gpu(k, DType::f32, true, true, N, C, a, b, w, bias), gpu,
                              "res aliasing a differs " + what);
       }
+}
+
+// Time per call at the GPT-2 124M training shape (N = B T = 16384, C = 768), printed only, in f32 and
+// bf16 rows: layernorm forward, fused residual + layernorm forward, layernorm backward (with dbias),
+// rmsnorm backward. The outputs must at least be finite. Memory moved per call (bf16): forward 2, fused
+// forward 4, backward 4 (dout, inp, dinp read and written) times N C elements.
+TEST(CudaNorm, Gpt2Throughput) {
+  LMF_REQUIRE_GPU();
+  const int64_t N = 16384, C = 768;
+  const uint64_t seed = test::fresh_seed();
+  const size_t n = static_cast<size_t>(N * C);
+  auto w = randn(static_cast<size_t>(C), seed + 1, 0.3f);
+  for (float& v : w) v += 1.0f;
+  const auto bias = randn(static_cast<size_t>(C), seed + 2, 0.3f);
+  cuda_reserve_workspace(norm_backward_cuda_workspace(N, C));
+  for (DType dt : {DType::bf16, DType::f32}) {
+    const bool bf = dt == DType::bf16;
+    auto buffer = [&](const std::vector<float>& v) { return bf ? DeviceBuffer(test::to_bf16(v)) : DeviceBuffer(v); };
+    DeviceBuffer ga = buffer(randn(n, seed)), gb = buffer(randn(n, seed + 3, 0.5f)), gdy = buffer(randn(n, seed + 4)),
+                 gdx = buffer(std::vector<float>(n, 0.0f)), gres(n * dtype_size(dt)), gout(n * dtype_size(dt)),
+                 gmean(static_cast<size_t>(N) * 4), grstd(static_cast<size_t>(N) * 4), gw(w), gbias(bias),
+                 gdw(std::vector<float>(static_cast<size_t>(C), 0.0f)),
+                 gdb(std::vector<float>(static_cast<size_t>(C), 0.0f));
+    const Tensor ta = ga.tensor(dt, {N, C}, "a"), tb = gb.tensor(dt, {N, C}, "b"), tres = gres.tensor(dt, {N, C}, "res"),
+                 tout = gout.tensor(dt, {N, C}, "out"), tdy = gdy.tensor(dt, {N, C}, "dout"),
+                 tdx = gdx.tensor(dt, {N, C}, "dinp"), tmean = gmean.tensor(DType::f32, {N}, "mean"),
+                 trstd = grstd.tensor(DType::f32, {N}, "rstd"), tw = gw.tensor(DType::f32, {C}, "weight"),
+                 tbias = gbias.tensor(DType::f32, {C}, "bias"), tdw = gdw.tensor(DType::f32, {C}, "dweight"),
+                 tdb = gdb.tensor(DType::f32, {C}, "dbias");
+    // res is written by the first op; the others read it
+    const std::pair<const char*, std::function<void()>> ops[] = {
+        {"residual_layernorm_forward",
+         [&] { residual_layernorm_forward(tres, tout, tmean, trstd, ta, tb, tw, tbias, kEps); }},
+        {"layernorm_forward", [&] { layernorm_forward(tout, tmean, trstd, tres, tw, tbias, kEps); }},
+        {"layernorm_backward", [&] { layernorm_backward(tdx, tdw, tdb, tdy, tres, tw, tmean, trstd); }},
+        {"rmsnorm_backward", [&] { rmsnorm_backward(tdx, tdw, tdy, tres, tw, trstd); }},
+    };
+    std::vector<void*> ev = cuda_event_pool_create(2);
+    constexpr int kWarm = 3, kIters = 25;
+    for (const auto& [name, op] : ops) {
+      for (int i = 0; i < kWarm; ++i) op();
+      cuda_event_record(ev[0]);
+      for (int i = 0; i < kIters; ++i) op();
+      cuda_event_record(ev[1]);
+      device_synchronize();
+      const double us = 1e3 * cuda_event_elapsed_ms(ev[0], ev[1]) / kIters;
+      std::printf("[ measured ] %s %s N=%lld C=%lld: %.1f us per call\n", bf ? "bf16" : "f32", name,
+                  static_cast<long long>(N), static_cast<long long>(C), us);
+    }
+    cuda_event_pool_destroy(ev);
+    auto widened = [&](const DeviceBuffer& g) { return bf ? test::from_bf16(g.download<bf16>()) : g.download<float>(); };
+    for (const DeviceBuffer* g : {&gout, &gdx}) {
+      const std::vector<float> v = widened(*g);
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); }));
+    }
+    for (const DeviceBuffer* g : {&gdw, &gdb}) {
+      const std::vector<float> v = g->download<float>();
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); }));
+    }
+  }
 }
 
 TEST(CudaNorm, Bf16DtypeMixesAreErrors) {

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <numeric>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -113,13 +114,26 @@ TEST(CudaTraining, Tf32AndBf16OnTheCpuAreClearErrors) {
 }
 
 // bf16 mixed precision against the fp32 CPU reference. Every GEMM operand and activation is rounded
-// to bf16 (8-bit mantissa, 2^-9 relative), so the curves differ from step 1 by ~1e-3 and drift further
-// than tf32's. Bounds: step 1 within 1%, every step of 50 within 8%, the mean of the last 10 within 3%.
+// to bf16 (8-bit significand), so the curves differ from step 1 (~1e-4) and then drift as training
+// amplifies the differences. The small-batch, high-lr setting of the fp32 test (B=8, T=64, lr 3e-3)
+// is chaotic there: its first H200 run matched to 1e-4 up to step 10 and then wandered by up to
+// 19.5% (last-10 mean 2.83 vs 2.68) although every gradient agrees with the CPU within 1e-2 (the
+// gradient test below); a 300-step run at B=16 T=128 ended at val_loss 2.1404 vs 2.1350 (fp32). So
+// this test uses B=16, T=128, lr 1e-3 with 10 warm-up steps. Bounds: step 1 within 1e-3, every step
+// within 3%, the last-10 mean within 1%.
 TEST(CudaTraining, Bf16FiftyStepsFollowTheCpuLossCurve) {
   LMF_REQUIRE_GPU();
   std::string d = test::make_temp_dir("gpu_bf16");
   std::ostringstream log;
-  Trainer cpu(run_opts(d + "/cpu", "cpu", 50), log), gpu(run_opts(d + "/gpu", "cuda", 50, "bf16"), log);
+  auto opts = [&](const char* dev, const char* prec) {
+    TrainOptions o = run_opts(d + "/" + dev, dev, 50, prec);
+    o.batch_size = 16;
+    o.seq_len = 128;
+    o.lr = 1e-3f;
+    o.warmup = 10;
+    return o;
+  };
+  Trainer cpu(opts("cpu", "fp32"), log), gpu(opts("cuda", "bf16"), log);
   cpu.run();
   gpu.run();
   const auto c = cpu.losses(), t = gpu.losses();
@@ -132,9 +146,9 @@ TEST(CudaTraining, Bf16FiftyStepsFollowTheCpuLossCurve) {
   std::printf("[ measured ] GPU bf16 vs CPU fp32, 50 steps: step-1 rel diff %.2e, worst %.2e, last-10 %.4f vs %.4f\n",
               std::fabs(t[0] - c[0]) / c[0], worst, tail_t, tail_c);
   for (size_t i : {0, 1, 2, 4, 9, 19, 29, 39, 49}) std::printf("  step %zu: bf16 %.4f fp32 %.4f\n", i + 1, t[i], c[i]);
-  EXPECT_NEAR(t[0], c[0], 1e-2 * c[0]) << "step 1";
-  for (size_t i = 0; i < 50; ++i) EXPECT_NEAR(t[i], c[i], 0.08 * c[i]) << "step " << i + 1;
-  EXPECT_NEAR(tail_t, tail_c, 0.03 * tail_c);
+  EXPECT_NEAR(t[0], c[0], 1e-3 * c[0]) << "step 1";
+  for (size_t i = 0; i < 50; ++i) EXPECT_NEAR(t[i], c[i], 0.03 * c[i]) << "step " << i + 1;
+  EXPECT_NEAR(tail_t, tail_c, 0.01 * tail_c);
   fs::remove_all(d);
 }
 
@@ -196,6 +210,18 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
       tensor_to_host(hg.data(), tg);
       const double e = test::rel_l2_error(hg, hc);
       const std::string& name = cpu.grads().spec(k).name;
+      if (name.find("qkv.weight") != std::string::npos) {  // q, k and v rows separately
+        const int64_t C = c.d_model, HS = c.head_size(), rq = c.n_head * HS, rk = c.n_kv_head * HS;
+        const int64_t bounds[4] = {0, rq * C, (rq + rk) * C, (rq + 2 * rk) * C};
+        for (int part = 0; part < 3; ++part) {
+          std::vector<float> pg(hg.begin() + bounds[part], hg.begin() + bounds[part + 1]),
+              pc(hc.begin() + bounds[part], hc.begin() + bounds[part + 1]);
+          const double ep = test::rel_l2_error(pg, pc);
+          std::printf("  %s %s part %c: rel_l2 %.2e (|g| %.3e)\n", preset, name.c_str(), "qkv"[part], ep,
+                      std::sqrt(std::inner_product(pc.begin(), pc.end(), pc.begin(), 0.0)));
+          EXPECT_LE(ep, 5e-2) << preset << " grad of " << name << " part " << "qkv"[part];
+        }
+      }
       EXPECT_LE(e, 5e-2) << preset << " grad of " << name;
       if (e > worst) { worst = e; worst_name = name; }
     }

@@ -2,6 +2,7 @@
 // reference (forward), central finite differences of that reference (backward), plus accumulation,
 // absent outputs, determinism and shape errors.
 #include <cstring>
+#include <limits>
 #include <functional>
 #include <string>
 #include <vector>
@@ -237,6 +238,22 @@ TEST(OpsLinear, BadShapesNameTheTensor) {
                         tensor_of(out, {N, OC}, "dout"), tensor_of(inp, {N, IC}, "inp"), W());
       },
       "'dh'");
+}
+
+// Overwrite mode: dinp = dout W without reading dinp (NaN there must not matter), bitwise what
+// Accumulate gives from zero; dweight/dbias still accumulate.
+TEST(OpsLinear, OverwriteModeIgnoresOldDinp) {
+  const int64_t N = 19, IC = 7, OC = 11;
+  std::vector<float> inp = test::randn(N * IC, 1), w = test::randn(OC * IC, 2), dout = test::randn(N * OC, 3);
+  std::vector<float> d_acc(N * IC, 0.0f), d_over(N * IC, std::numeric_limits<float>::quiet_NaN()), dw_a(OC * IC, 1.0f), dw_o(OC * IC, 1.0f);
+  linear_backward(test::tensor_of(d_acc, {N, IC}, "dinp"), test::tensor_of(dw_a, {OC, IC}, "dw"), Tensor(),
+                  test::tensor_of(dout, {N, OC}, "dout"), test::tensor_of(inp, {N, IC}, "inp"),
+                  test::tensor_of(w, {OC, IC}, "w"));
+  linear_backward(test::tensor_of(d_over, {N, IC}, "dinp"), test::tensor_of(dw_o, {OC, IC}, "dw"), Tensor(),
+                  test::tensor_of(dout, {N, OC}, "dout"), test::tensor_of(inp, {N, IC}, "inp"),
+                  test::tensor_of(w, {OC, IC}, "w"), GradMode::Overwrite);
+  EXPECT_EQ(0, std::memcmp(d_acc.data(), d_over.data(), d_acc.size() * 4));
+  EXPECT_EQ(0, std::memcmp(dw_a.data(), dw_o.data(), dw_a.size() * 4));
 }
 
 }  // namespace

@@ -32,8 +32,9 @@ std::string layer_name(int i, const char* rest) { return "layers." + std::to_str
 // few thousand rows keep it near the GEMM ceiling (166-row chunks ran at 4 TFLOP/s on an H200).
 constexpr int64_t kLogitsScratchElemsCpu = int64_t{8} << 20;
 constexpr int64_t kLogitsScratchElemsGpu = int64_t{128} << 20;
-// bf16 plans: the logits chunk is bf16, 96M elements (192 MiB; 1,900 rows of GPT-2's padded vocabulary).
-constexpr int64_t kLogitsScratchElemsBf16 = int64_t{96} << 20;
+// bf16 plans: the logits chunk is bf16, at most 128M elements (256 MiB; 2,668 rows of GPT-2's padded
+// vocabulary), and the rows are split into equal chunks (16384 rows: 7 chunks of 2,341).
+constexpr int64_t kLogitsScratchElemsBf16 = int64_t{128} << 20;
 
 }  // namespace
 
@@ -226,7 +227,11 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   // --- workspace -------------------------------------------------------------------------------
   const int64_t scratch_elems = mixed ? kLogitsScratchElemsBf16
                                 : plan.device == Device::cuda ? kLogitsScratchElemsGpu : kLogitsScratchElemsCpu;
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, scratch_elems / Vp));
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, scratch_elems / Vp));
+  if (mixed) {  // equal chunks: no short last chunk running the LM-head GEMMs at low occupancy
+    const int64_t chunks = (N + R - 1) / R;
+    R = (N + chunks - 1) / chunks;
+  }
   std::vector<TensorSpec> ws;
   add(ws, "logits_scratch", {R, Vp}, adt);
   if (cfg_.positions == PositionKind::rope) add(ws, "rope_freqs", {cfg_.context_length, HS / 2, 2});
@@ -579,27 +584,31 @@ void Gpt::backward_layers_bf16(Tensor tokens) {
         linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc);
       });
     } else {
-      tensor_zero(d_act_);
-      timed("linear mproj bwd", lin_mproj, [&] { linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w); });
+      timed("linear mproj bwd", lin_mproj, [&] {
+        linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, GradMode::Overwrite);
+      });
       tensor_zero(d_fc_);
       timed("activation bwd", 0, [&] {
         if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
         else swiglu_backward(d_fc_, d_act_, a.fc);
       });
     }
-    tensor_zero(d_ln_);
-    timed("linear fc bwd", lin_fc, [&] { linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w); });
+    timed("linear fc bwd", lin_fc, [&] {
+      linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
+    });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
-    tensor_zero(d_att_);
-    timed("linear proj bwd", lin_proj, [&] { linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w); });
+    timed("linear proj bwd", lin_proj, [&] {
+      linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite);
+    });
     tensor_zero(d_qkv_);
     timed("flash attention bwd", attn, [&] {
       flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head);
     });
     if (cfg_.positions == PositionKind::rope)
       timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
-    tensor_zero(d_ln_);
-    timed("linear qkv bwd", lin_qkv, [&] { linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w); });
+    timed("linear qkv bwd", lin_qkv, [&] {
+      linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite);
+    });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });

@@ -17,6 +17,7 @@
 // the target logit, which all threads read, is read before the first barrier. dx += dlogits W is a
 // bf16-C GEMM (beta 1: dx is read, accumulated in fp32, rounded once), dW += dlogits^T x an fp32-C one.
 #include <cmath>
+#include <cstring>
 
 #include "core/cuda_launch.cuh"
 #include "ops/cross_entropy.h"
@@ -109,6 +110,71 @@ __global__ void ce_row_bf16_kernel(float* __restrict__ losses, __nv_bfloat16* __
   for (int64_t j = V + tid; j < Vp; j += kRowThreads) l[j] = __nv_bfloat16(0.0f);  // padded vocab: no gradient
 }
 
+// ce_row_bf16_kernel with the row held in registers: read once, written once (the three passes of
+// the kernel above read it three times). Thread t holds the 8-element vectors t, t + kRegThreads, ...
+// (kVecs of them, raw bf16); needs Vp % 8 == 0 (16-byte rows) and Vp <= 8 kVecs kRegThreads.
+// Same math and fixed-order reductions (each thread's partial in vector order, then the block's
+// butterfly), so bitwise reproducible.
+constexpr int kRegThreads = 1024;
+
+template <int kVecs>
+__global__ void __launch_bounds__(kRegThreads) ce_row_bf16_reg_kernel(float* __restrict__ losses,
+                                                                     __nv_bfloat16* __restrict__ logits,
+                                                                     const int32_t* __restrict__ targets, int64_t V,
+                                                                     int64_t Vp, float grad_scale, bool grad) {
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x;
+  __nv_bfloat16* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
+  const int64_t tgt = targets[blockIdx.x];
+  const bool tgt_ok = tgt >= 0 && tgt < V;
+  const float l_tgt = tgt_ok ? cuda::to_f32(l[tgt]) : 0.0f;
+  const int64_t nvec = Vp / 8;
+  uint4 raw[kVecs];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int64_t v = tid + static_cast<int64_t>(k) * kRegThreads;
+    raw[k] = v < nvec ? reinterpret_cast<const uint4*>(l)[v] : make_uint4(0, 0, 0, 0);
+  }
+  auto value = [&](int k, int e) {  // element e of vector k, widened
+    __nv_bfloat16 h[8];
+    memcpy(h, &raw[k], 16);
+    return __bfloat162float(h[e]);
+  };
+  float mx = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if ((tid + static_cast<int64_t>(k) * kRegThreads) * 8 + e < V) mx = fmaxf(mx, value(k, e));
+  mx = cuda::block_max(mx, scratch);
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if ((tid + static_cast<int64_t>(k) * kRegThreads) * 8 + e < V) sum += expf(value(k, e) - mx);
+  sum = cuda::block_sum(sum, scratch);
+  if (tid == 0)
+    losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
+  if (!grad) return;
+  const float inv = 1.0f / sum;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int64_t v = tid + static_cast<int64_t>(k) * kRegThreads;
+    if (v >= nvec) continue;
+    __nv_bfloat16 out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t j = v * 8 + e;
+      const float p = j < V ? expf(value(k, e) - mx) * inv : 0.0f;
+      out[e] = j < V ? cuda::from_f32<__nv_bfloat16>(grad_scale * (j == tgt ? p - 1.0f : p)) : __nv_bfloat16(0.0f);
+    }
+    uint4 u;
+    memcpy(&u, out, 16);
+    reinterpret_cast<uint4*>(l)[v] = u;
+  }
+}
+
 ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
   return shape_text("N=", N, " C=", C, " V=", V, " Vp=", Vp, " R=", R);
 }
@@ -172,8 +238,16 @@ void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, co
     // Over all Vp (padded) columns, as the f32 path (see there).
     // logits[0:rows, 0:Vp] = bf16(xc W^T)
     gemm(op, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
-    launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_bf16_kernel, losses + n0, logits_k,
-           targets + n0, V, Vp, grad_scale, grad);
+    // The register-resident row kernel when the row fits (16-byte rows of at most 8 * 8 * 1024 = 64K).
+    const LaunchSpec row_spec{op, shapes, {rows, 1, 1}, {kRegThreads, 1, 1}, 0};
+    const bool vec_ok = Vp % 8 == 0 && aligned16(logits_k);
+    if (vec_ok && Vp <= 8 * 4 * kRegThreads)
+      launch(row_spec, ce_row_bf16_reg_kernel<4>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
+    else if (vec_ok && Vp <= 8 * 8 * kRegThreads)
+      launch(row_spec, ce_row_bf16_reg_kernel<8>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
+    else
+      launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_bf16_kernel, losses + n0, logits_k,
+             targets + n0, V, Vp, grad_scale, grad);
     if (!grad) continue;
     // dx[n0:n0+rows] = bf16(dx + dlogits (rows, Vp) W (Vp, C))
     gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);

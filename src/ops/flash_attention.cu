@@ -164,48 +164,88 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const nv_bf16* tile,
   ldmatrix_x4_trans(b, tile + (k0 + (((lane >> 3) & 1) << 3) + (lane & 7)) * kLd + n0 + ((lane >> 4) << 3));
 }
 
-// acc (16 x N strip) = A (16 x 16 kK slices, from shared rows m0..m0+15 of tile_a) times B^T where B is
-// stored with rows = n (N rows of tile_b, columns = k). kK: the contraction length.
-template <int kLd, int kK, int kN>
-__device__ __forceinline__ void mma_strip_abt(float (&acc)[kN / 8][4], const nv_bf16* tile_a, int m0,
-                                              const nv_bf16* tile_b, int lane) {
+// acc[m] (kM strips of 16 rows: rows m0 + 16 m .. + 15 of tile_a) = A B^T, A the (rows x kK) slice of
+// tile_a, B stored with rows = n (kN rows of tile_b, columns = k). kK: the contraction length. Each B
+// fragment loaded through ldmatrix feeds 2 kM mma (the reason for kM > 1: fewer shared-memory reads
+// per mma, the backward's limit).
+template <int kLd, int kK, int kN, int kM>
+__device__ __forceinline__ void mma_abt(float (&acc)[kM][kN / 8][4], const nv_bf16* tile_a, int m0,
+                                        const nv_bf16* tile_b, int lane) {
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t a[4];
-    load_a<kLd>(a, tile_a, m0, ks * 16, lane);
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) load_a<kLd>(a[m], tile_a, m0 + 16 * m, ks * 16, lane);
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t b[4];
       load_b_nk<kLd>(b, tile_b, np * 16, ks * 16, lane);
-      mma_bf16(acc[2 * np], a, b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma_bf16(acc[m][2 * np], a[m], b[0], b[1]);
+        mma_bf16(acc[m][2 * np + 1], a[m], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc (16 x N strip) += X (16 x kK, in registers as C fragments x[kK / 8][4], rounded to bf16) times
-// B, B stored with rows = k (kK rows of tile_b, columns = n).
-template <int kLd, int kK, int kN>
-__device__ __forceinline__ void mma_strip_regs_b(float (&acc)[kN / 8][4], const float (&x)[kK / 8][4],
-                                                 const nv_bf16* tile_b, int lane) {
-  uint32_t a[kK / 16][4];  // A fragments of the kK / 16 column slices of x (header comment)
+// A fragments (header comment) of X[m] (16 x kK, C fragments), rounded to bf16: a[m][kk] is the
+// 16-column slice kk; element (m, n, e) of x is the (e & 1 ? high : low) half of a[m][n / 2][2 (n % 2) + e / 2].
+template <int kM, int kK>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[kM][kK / 16][4], const float (&x)[kM][kK / 8][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    a[kk][0] = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
-    a[kk][1] = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
-    a[kk][2] = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-    a[kk][3] = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int kk = 0; kk < kK / 16; ++kk) {
+      a[m][kk][0] = pack_bf16(x[m][2 * kk][0], x[m][2 * kk][1]);
+      a[m][kk][1] = pack_bf16(x[m][2 * kk][2], x[m][2 * kk][3]);
+      a[m][kk][2] = pack_bf16(x[m][2 * kk + 1][0], x[m][2 * kk + 1][1]);
+      a[m][kk][3] = pack_bf16(x[m][2 * kk + 1][2], x[m][2 * kk + 1][3]);
+    }
   }
+}
+
+// acc[m] (kM strips of 16 x N) += A[m] (16 x kK, packed A fragments) times B, B stored with rows = k
+// (kK rows of tile_b, columns = n).
+template <int kLd, int kK, int kN, int kM>
+__device__ __forceinline__ void mma_packed_b(float (&acc)[kM][kN / 8][4], const uint32_t (&a)[kM][kK / 16][4],
+                                             const nv_bf16* tile_b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t b[4];
       load_b_kn<kLd>(b, tile_b, kk * 16, np * 16, lane);
-      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma_bf16(acc[m][2 * np], a[m][kk], b[0], b[1]);
+        mma_bf16(acc[m][2 * np + 1], a[m][kk], b[2], b[3]);
+      }
     }
   }
+}
+
+// acc[m] (kM strips of 16 x N) += X[m] (16 x kK, in registers as C fragments, rounded to bf16) times
+// B, B stored with rows = k (kK rows of tile_b, columns = n).
+template <int kLd, int kK, int kN, int kM>
+__device__ __forceinline__ void mma_regs_b(float (&acc)[kM][kN / 8][4], const float (&x)[kM][kK / 8][4],
+                                           const nv_bf16* tile_b, int lane) {
+  uint32_t a[kM][kK / 16][4];
+  pack_a<kM, kK>(a, x);
+  mma_packed_b<kLd, kK, kN, kM>(acc, a, tile_b, lane);
+}
+
+// One-strip forms (the forward): a 16 x N accumulator is the kM = 1 case.
+template <int kLd, int kK, int kN>
+__device__ __forceinline__ void mma_strip_abt(float (&acc)[kN / 8][4], const nv_bf16* tile_a, int m0,
+                                              const nv_bf16* tile_b, int lane) {
+  mma_abt<kLd, kK, kN, 1>(reinterpret_cast<float(&)[1][kN / 8][4]>(acc), tile_a, m0, tile_b, lane);
+}
+template <int kLd, int kK, int kN>
+__device__ __forceinline__ void mma_strip_regs_b(float (&acc)[kN / 8][4], const float (&x)[kK / 8][4],
+                                                 const nv_bf16* tile_b, int lane) {
+  mma_regs_b<kLd, kK, kN, 1>(reinterpret_cast<float(&)[1][kN / 8][4]>(acc),
+                             reinterpret_cast<const float(&)[1][kK / 8][4]>(x), tile_b, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,65 +466,214 @@ __global__ void __launch_bounds__(FwdCfg<HS>::kThreads, HS <= 64 ? 2 : 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, kernel 1: delta[b, h, t] = sum_d dout[b, t, h, d] out[b, t, h, d] (fp32)
-// ---------------------------------------------------------------------------------------------
-
-constexpr int kDeltaThreads = 256;
-
-// rows = B T NH, row r = (b T + t) NH + h holds HS contiguous elements at r HS. One thread per 8
-// consecutive elements (16-byte loads); the kLanes = HS / 8 threads of a row are aligned lanes of one
-// warp. Each thread sums its 8 products in order, then the row's lanes combine by the fixed xor
-// butterfly (offsets kLanes / 2, ..., 1): the order depends only on HS.
-template <int HS>
-__global__ void __launch_bounds__(kDeltaThreads)
-    flash_delta_kernel(float* __restrict__ delta, const nv_bf16* __restrict__ dout, const nv_bf16* __restrict__ out,
-                       int64_t rows, int T, int NH) {
-  constexpr int kLanes = HS / 8;
-  static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "a row's lanes within one warp");
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDeltaThreads + threadIdx.x;
-  const int64_t r = idx / kLanes;
-  const int c = static_cast<int>(idx % kLanes);
-  float acc = 0.0f;
-  if (r < rows) {  // no early return: every lane takes part in the shuffles below
-    const uint4 a = *reinterpret_cast<const uint4*>(dout + r * HS + c * 8);
-    const uint4 y = *reinterpret_cast<const uint4*>(out + r * HS + c * 8);
-    const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wy[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      acc += bf16_lo(wa[i]) * bf16_lo(wy[i]);
-      acc += bf16_hi(wa[i]) * bf16_hi(wy[i]);
-    }
-  }
-#pragma unroll
-  for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (r < rows && c == 0) {
-    const int64_t bt = r / NH, h = r % NH, b = bt / T, t = bt % T;
-    delta[(b * NH + h) * T + t] = acc;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Backward, shared tiling of kernels 2 and 3
 // ---------------------------------------------------------------------------------------------
 
+#ifndef LMF_FA_KM_KV
+#define LMF_FA_KM_KV 2
+#endif
+#ifndef LMF_FA_BQ_KV
+#define LMF_FA_BQ_KV 32
+#endif
+#ifndef LMF_FA_KM_Q
+#define LMF_FA_KM_Q 2
+#endif
+#ifndef LMF_FA_BK_Q
+#define LMF_FA_BK_Q 32
+#endif
+#ifndef LMF_FA_PBF16
+#define LMF_FA_PBF16 0
+#endif
 template <int HS>
 struct BwdCfg {
   static constexpr int kWarps = 4, kThreads = 32 * kWarps;
-  static constexpr int kBk = 16 * kWarps;         // keys per dK/dV CTA (a 16-key strip per warp); dQ's key tile
-  static constexpr int kBq = HS <= 64 ? 64 : 32;  // dK/dV's query tile (32 at HS 128: registers)
-  static constexpr int kBqDq = 16 * kWarps;       // queries per dQ CTA (a 16-query strip per warp)
+  // 16-row strips per warp: two where the fp32 accumulators fit the registers (each B fragment read
+  // from shared memory then feeds 4 mma instead of 2), one at HS 128.
+  static constexpr int kM = HS == 64 ? LMF_FA_KM_KV : HS < 64 ? 2 : 1;   // dK/dV
+  static constexpr int kMq = HS == 64 ? LMF_FA_KM_Q : HS < 64 ? 2 : 1;   // dQ
+  static constexpr int kRows = 16 * kM;            // keys per dK/dV warp
+  static constexpr int kRowsQ = 16 * kMq;          // queries per dQ warp
+  static constexpr int kBk = kRows * kWarps;       // keys per dK/dV CTA
+  static constexpr int kBq = HS == 64 ? LMF_FA_BQ_KV : 32;                   // dK/dV's query tile
+  static constexpr int kBqDq = kRowsQ * kWarps;     // queries per dQ CTA
+  static constexpr int kBkDq = HS == 64 ? LMF_FA_BK_Q : 64;  // dQ's key tile
   static constexpr int kLd = HS + kPad;
-  static constexpr int kKTile = kBk * kLd, kQTile = kBq * kLd, kQTileDq = kBqDq * kLd;  // elements
+  static constexpr int kKTile = kBk * kLd, kQTile = kBq * kLd;          // dK/dV tiles (elements)
+  static constexpr int kQTileDq = kBqDq * kLd, kKTileDq = kBkDq * kLd;  // dQ tiles (elements)
   // dK/dV kernel: K, V, then Q and dO for two stages, then lse and delta for two stages.
   static constexpr size_t kDkdvTiles =
       static_cast<size_t>(2 * kKTile + 4 * kQTile) * sizeof(nv_bf16) + 2 * 2 * kBq * sizeof(float);
-  // dQ kernel: Q, dO, then K and V for two stages.
-  static constexpr size_t kDqTiles = static_cast<size_t>(2 * kQTileDq + 4 * kKTile) * sizeof(nv_bf16);
+  // dQ kernel: Q, dO, then K and V for two stages, then delta of the query tile.
+  static constexpr size_t kDqTiles =
+      static_cast<size_t>(2 * kQTileDq + 4 * kKTileDq) * sizeof(nv_bf16) + kBqDq * sizeof(float);
   static constexpr size_t kStageBytes = static_cast<size_t>(kWarps) * 16 * (HS + 4) * sizeof(float);
   static constexpr size_t kSmemDkdv = kDkdvTiles > kStageBytes ? kDkdvTiles : kStageBytes;
   static constexpr size_t kSmemDq = kDqTiles > kStageBytes ? kDqTiles : kStageBytes;
   static_assert(kBk % kBq == 0, "a key tile starts on a query tile boundary");
+  static_assert(kThreads >= kBq, "a query's lse and delta are copied by one thread");
 };
+
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel 1: dQ and delta
+// ---------------------------------------------------------------------------------------------
+
+// grid (B NH, ceil(T / kBqDq)); block kThreads; dynamic smem BwdCfg::kSmemDq.
+// Query tile = last first (the heaviest). First delta[t] = sum_d dO[t, d] O[t, d] for the tile's rows
+// (each of the HS / 8 lanes of a row sums its 8 products in order, then the fixed xor butterfly;
+// written to `delta` for kernel 2). Then for each key tile from 0 to the diagonal, with the warp's
+// kRows queries as rows: S = Q K^T; P = exp2(S log2(e) scale - lse log2(e)) (0 where key > query);
+// dP = dO V^T; dS = P (dP - delta); dQ += dS K. Then dqkv[Q] += scale dQ.
+template <int HS>
+__global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
+    flash_bwd_dq_kernel(nv_bf16* __restrict__ dqkv, float* __restrict__ delta, const nv_bf16* __restrict__ qkv,
+                        const nv_bf16* __restrict__ dout, const nv_bf16* __restrict__ out,
+                        const float* __restrict__ lse, FlashDims d, float scale, float scale_log2) {
+  using C = BwdCfg<HS>;
+  constexpr int kLd = C::kLd, kBq = C::kBqDq, kBk = C::kBkDq, kThreads = C::kThreads, kM = C::kMq, kRows = C::kRowsQ;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);
+  nv_bf16* sdO = sQ + C::kQTileDq;
+  nv_bf16* sK = sdO + C::kQTileDq;     // stage s at sK + s kKTileDq
+  nv_bf16* sV = sK + 2 * C::kKTileDq;  // stage s at sV + s kKTileDq
+  float* sDl = reinterpret_cast<float*>(sV + 2 * C::kKTileDq);  // [kBq] delta
+
+  const int T = d.T, NH = d.NH, NKV = d.NKV;
+  const int qt = static_cast<int>(gridDim.y - 1 - blockIdx.y);  // heaviest (last) query tile first
+  const int bh = static_cast<int>(blockIdx.x), b = bh / NH, h = bh % NH, g = h / d.group();
+  const int q0 = qt * kBq;
+  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
+  const nv_bf16* qkv_b = qkv + static_cast<int64_t>(b) * T * C3;
+  const nv_bf16* kbase = qkv_b + static_cast<int64_t>(NH + g) * HS;
+  const nv_bf16* vbase = kbase + static_cast<int64_t>(NKV) * HS;
+  const int64_t orow0 = (static_cast<int64_t>(b) * T + q0) * CO + static_cast<int64_t>(h) * HS;
+  const int q_end = min(T, q0 + kBq);
+  const int n_kt = (q_end + kBk - 1) / kBk;  // key tiles [0, n_kt)
+
+  load_tile_async<kBq, HS, kThreads>(sQ, qkv_b + static_cast<int64_t>(q0) * C3 + h * HS, C3, q_end - q0);
+  load_tile_async<kBq, HS, kThreads>(sdO, dout + orow0, CO, q_end - q0);
+  load_tile_async<kBk, HS, kThreads>(sK, kbase, C3, min(T, kBk));
+  load_tile_async<kBk, HS, kThreads>(sV, vbase, C3, min(T, kBk));
+  cp_async_commit();
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t lrow = static_cast<int64_t>(bh) * T;
+  {  // delta of the tile's rows (0 past T), while the tiles load; dO read from global as well (L2)
+    constexpr int kLanes = HS / 8, kChunks = kBq * kLanes;
+    static_assert(kLanes <= 32 && (kLanes & (kLanes - 1)) == 0 && kChunks % kThreads == 0, "row lanes in a warp");
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int c = tid + i * kThreads, r = c / kLanes, col = (c % kLanes) * 8;
+      float acc = 0.0f;
+      if (q0 + r < T) {
+        const uint4 a = *reinterpret_cast<const uint4*>(dout + orow0 + r * CO + col);
+        const uint4 y = *reinterpret_cast<const uint4*>(out + orow0 + r * CO + col);
+        const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wy[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          acc += bf16_lo(wa[k]) * bf16_lo(wy[k]);
+          acc += bf16_hi(wa[k]) * bf16_hi(wy[k]);
+        }
+      }
+#pragma unroll
+      for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (col == 0) {
+        sDl[r] = acc;
+        if (q0 + r < T) delta[lrow + q0 + r] = acc;
+      }
+    }
+  }
+  __syncthreads();
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int strip0 = q0 + kRows * warp;  // first query row of this warp
+  float l2[kM][2], dl[kM][2];            // lse log2(e) and delta of rows strip0 + 16 m + gid (+ 8)
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = strip0 + 16 * m + gid + 8 * hi;
+      l2[m][hi] = row < T ? lse[lrow + row] * kLog2e : 0.0f;
+      dl[m][hi] = sDl[row - q0];
+    }
+  }
+
+  float dq[kM][HS / 8][4];
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int i = 0; i < HS / 8; ++i) dq[m][i][0] = dq[m][i][1] = dq[m][i][2] = dq[m][i][3] = 0.0f;
+
+  for (int j = 0; j < n_kt; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_kt) {
+      const int k1 = (j + 1) * kBk;
+      load_tile_async<kBk, HS, kThreads>(sK + (st ^ 1) * C::kKTileDq, kbase + static_cast<int64_t>(k1) * C3, C3,
+                                         T - k1);
+      load_tile_async<kBk, HS, kThreads>(sV + (st ^ 1) * C::kKTileDq, vbase + static_cast<int64_t>(k1) * C3, C3,
+                                         T - k1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int k0 = j * kBk;
+    if (k0 <= strip0 + kRows - 1) {  // else every key of the tile is above this warp's rows
+      const nv_bf16* tK = sK + st * C::kKTileDq;
+      const nv_bf16* tV = sV + st * C::kKTileDq;
+      // S = Q K^T (kRows queries x kBk keys).
+      float s[kM][kBk / 8][4];
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kBk / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
+      mma_abt<kLd, HS, kBk, kM>(s, sQ, kRows * warp, tK, lane);
+      // P; mask where key > query (which covers keys >= T for the real rows).
+      const bool diag = k0 + kBk - 1 > strip0;
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+#pragma unroll
+        for (int n = 0; n < kBk / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float p = exp2f(s[m][n][e] * scale_log2 - l2[m][e >> 1]);
+            if (diag) {
+              const int key = k0 + n * 8 + 2 * tig + (e & 1), row = strip0 + 16 * m + gid + 8 * (e >> 1);
+              if (key > row) p = 0.0f;
+            }
+            s[m][n][e] = p;
+          }
+        }
+      }
+      // dP = dO V^T (kRows queries x kBk keys).
+      float dp[kM][kBk / 8][4];
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kBk / 8; ++n) dp[m][n][0] = dp[m][n][1] = dp[m][n][2] = dp[m][n][3] = 0.0f;
+      mma_abt<kLd, HS, kBk, kM>(dp, sdO, kRows * warp, tV, lane);
+      // dS = P (dP - delta[row]), in place of dP.
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kBk / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[m][n][e] = s[m][n][e] * (dp[m][n][e] - dl[m][e >> 1]);
+      // dQ += dS K (K stored with rows = keys = k).
+      mma_regs_b<kLd, kBk, HS, kM>(dq, dp, tK, lane);
+    }
+    __syncthreads();
+  }
+
+  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    const int row0 = strip0 + 16 * m;
+    nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + row0) * C3 + static_cast<int64_t>(h) * HS;
+    warp_store_strip<HS, true>(drow, C3, min(16, T - row0), dq[m], scale, scale, stage, lane);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Backward, kernel 2: dK, dV
@@ -492,17 +681,17 @@ struct BwdCfg {
 
 // grid (B NKV, ceil(T / kBk)); block kThreads; dynamic smem BwdCfg::kSmemDkdv.
 // Key tile kt = blockIdx.y (tile 0, which sees every query tile, first). For each q head of the group
-// (increasing) and each query tile from the diagonal to the end (increasing), with the warp's 16 keys
-// as rows:  S^T = K Q^T; P^T = exp2(S^T log2(e) scale - lse log2(e)) (0 where query < key or query >= T);
-// dV += P^T dO; dP^T = V dO^T; dS^T = P^T (dP^T - delta); dK += dS^T Q. Then dqkv[K] += scale dK,
-// dqkv[V] += dV.
+// (increasing) and each query tile from the diagonal to the end (increasing), with the warp's kRows
+// keys as rows:  S^T = K Q^T; P^T = exp2(S^T log2(e) scale - lse log2(e)) (0 where query < key or
+// query >= T); dV += P^T dO; dP^T = V dO^T; dS^T = P^T (dP^T - delta); dK += dS^T Q. Then
+// dqkv[K] += scale dK, dqkv[V] += dV.
 template <int HS>
 __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
     flash_bwd_dkdv_kernel(nv_bf16* __restrict__ dqkv, const nv_bf16* __restrict__ qkv,
                           const nv_bf16* __restrict__ dout, const float* __restrict__ lse,
                           const float* __restrict__ delta, FlashDims d, float scale, float scale_log2) {
   using C = BwdCfg<HS>;
-  constexpr int kLd = C::kLd, kBq = C::kBq, kBk = C::kBk, kThreads = C::kThreads;
+  constexpr int kLd = C::kLd, kBq = C::kBq, kBk = C::kBk, kThreads = C::kThreads, kM = C::kM, kRows = C::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   nv_bf16* sK = reinterpret_cast<nv_bf16*>(smem_raw);
   nv_bf16* sV = sK + C::kKTile;
@@ -519,7 +708,7 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
   const nv_bf16* dout_b = dout + static_cast<int64_t>(b) * T * CO;
   const int64_t k_col = static_cast<int64_t>(NH + g) * HS, v_col = k_col + static_cast<int64_t>(NKV) * HS;
 
-  const int qt0 = k0 / kBq;                  // first query tile with a query >= k0
+  const int qt0 = k0 / kBq;                    // first query tile with a query >= k0
   const int n_qt = (T + kBq - 1) / kBq - qt0;  // query tiles per head
   const int n_iter = group * n_qt;
 
@@ -538,7 +727,6 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
       cp_async_4(sD + st * kBq + tid, delta + row0 + (ok ? tid : 0), ok);
     }
   };
-  static_assert(kThreads >= kBq, "a query's lse and delta are copied by one thread");
 
   load_tile_async<kBk, HS, kThreads>(sK, qkv_b + static_cast<int64_t>(k0) * C3 + k_col, C3, T - k0);
   load_tile_async<kBk, HS, kThreads>(sV, qkv_b + static_cast<int64_t>(k0) * C3 + v_col, C3, T - k0);
@@ -547,15 +735,16 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int gid = lane >> 2, tig = lane & 3;
-  const int strip0 = k0 + 16 * warp;                     // first key of this warp
-  const int key_lo = strip0 + gid, key_hi = key_lo + 8;  // this thread's two keys (rows of S^T)
+  const int strip0 = k0 + kRows * warp;  // first key of this warp
 
-  float dk[HS / 8][4], dv[HS / 8][4];
+  float dk[kM][HS / 8][4], dv[kM][HS / 8][4];
 #pragma unroll
-  for (int i = 0; i < HS / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
-  }
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int i = 0; i < HS / 8; ++i) {
+      dk[m][i][0] = dk[m][i][1] = dk[m][i][2] = dk[m][i][3] = 0.0f;
+      dv[m][i][0] = dv[m][i][1] = dv[m][i][2] = dv[m][i][3] = 0.0f;
+    }
 
   for (int i = 0; i < n_iter; ++i) {
     const int st = i & 1;
@@ -573,165 +762,80 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
     const float* tL = sL + st * kBq;
     const float* tD = sD + st * kBq;
     if (strip0 <= q0 + kBq - 1) {  // else every query of the tile is before this warp's keys
-      // S^T = K Q^T (16 keys x kBq queries).
-      float s[kBq / 8][4];
+      // S^T = K Q^T (kRows keys x kBq queries).
+      float s[kM][kBq / 8][4];
 #pragma unroll
-      for (int n = 0; n < kBq / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      mma_strip_abt<kLd, HS, kBq>(s, sK, 16 * warp, tQ, lane);
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kBq / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
+      mma_abt<kLd, HS, kBq, kM>(s, sK, kRows * warp, tQ, lane);
       // P^T; mask where query < key (causal) or query >= T.
-      const bool mask = q0 < strip0 + 15 || q0 + kBq > T;
+      const bool mask = q0 < strip0 + kRows - 1 || q0 + kBq > T;
 #pragma unroll
       for (int n = 0; n < kBq / 8; ++n) {
+        const float2 l = *reinterpret_cast<const float2*>(tL + n * 8 + 2 * tig);  // this thread's 2 queries
+        const float l2[2] = {l.x * kLog2e, l.y * kLog2e};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qc = n * 8 + 2 * tig + (e & 1);  // query column within the tile
-          float p = exp2f(s[n][e] * scale_log2 - tL[qc] * kLog2e);
-          if (mask) {
-            const int q = q0 + qc, key = e < 2 ? key_lo : key_hi;
-            if (q < key || q >= T) p = 0.0f;
+        for (int m = 0; m < kM; ++m) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float p = exp2f(s[m][n][e] * scale_log2 - l2[e & 1]);
+            if (mask) {
+              const int q = q0 + n * 8 + 2 * tig + (e & 1), key = strip0 + 16 * m + gid + 8 * (e >> 1);
+              if (q < key || q >= T) p = 0.0f;
+            }
+            s[m][n][e] = p;
           }
-          s[n][e] = p;
         }
       }
       // dV += P^T dO (dO stored with rows = queries = k).
-      mma_strip_regs_b<kLd, kBq, HS>(dv, s, tdO, lane);
-      // dP^T = V dO^T (16 keys x kBq queries).
-      float dp[kBq / 8][4];
+#if LMF_FA_PBF16
+      uint32_t pa[kM][kBq / 16][4];
+      pack_a<kM, kBq>(pa, s);
+      mma_packed_b<kLd, kBq, HS, kM>(dv, pa, tdO, lane);
+#else
+      mma_regs_b<kLd, kBq, HS, kM>(dv, s, tdO, lane);
+#endif
+      // dP^T = V dO^T (kRows keys x kBq queries).
+      float dp[kM][kBq / 8][4];
 #pragma unroll
-      for (int n = 0; n < kBq / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-      mma_strip_abt<kLd, HS, kBq>(dp, sV, 16 * warp, tdO, lane);
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kBq / 8; ++n) dp[m][n][0] = dp[m][n][1] = dp[m][n][2] = dp[m][n][3] = 0.0f;
+      mma_abt<kLd, HS, kBq, kM>(dp, sV, kRows * warp, tdO, lane);
       // dS^T = P^T (dP^T - delta[query]), in place of dP^T.
 #pragma unroll
       for (int n = 0; n < kBq / 8; ++n) {
+        const float2 dl = *reinterpret_cast<const float2*>(tD + n * 8 + 2 * tig);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - tD[n * 8 + 2 * tig + (e & 1)]);
+        for (int m = 0; m < kM; ++m) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+#if LMF_FA_PBF16
+            const uint32_t w = pa[m][n >> 1][2 * (n & 1) + (e >> 1)];
+            const float p = (e & 1) ? bf16_hi(w) : bf16_lo(w);
+#else
+            const float p = s[m][n][e];
+#endif
+            dp[m][n][e] = p * (dp[m][n][e] - ((e & 1) ? dl.y : dl.x));
+          }
+        }
       }
       // dK += dS^T Q (Q stored with rows = queries = k).
-      mma_strip_regs_b<kLd, kBq, HS>(dk, dp, tQ, lane);
+      mma_regs_b<kLd, kBq, HS, kM>(dk, dp, tQ, lane);
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
-  // The tiles are dead: the shared memory becomes the warps' staging buffers.
+  // The tiles are dead: the shared memory becomes the warps' staging buffers (one 16-row strip at a time).
   float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
-  const int rows = min(16, T - strip0);
-  nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + strip0) * C3;
-  warp_store_strip<HS, true>(drow + v_col, C3, rows, dv, 1.0f, 1.0f, stage, lane);
-  warp_store_strip<HS, true>(drow + k_col, C3, rows, dk, scale, scale, stage, lane);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward, kernel 3: dQ
-// ---------------------------------------------------------------------------------------------
-
-// grid (B NH, ceil(T / kBqDq)); block kThreads; dynamic smem BwdCfg::kSmemDq.
-// Query tile = last first (the heaviest). For each key tile from 0 to the diagonal, with the warp's
-// 16 queries as rows: S = Q K^T; P = exp2(S log2(e) scale - lse log2(e)) (0 where key > query);
-// dP = dO V^T; dS = P (dP - delta); dQ += dS K. Then dqkv[Q] += scale dQ.
-template <int HS>
-__global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
-    flash_bwd_dq_kernel(nv_bf16* __restrict__ dqkv, const nv_bf16* __restrict__ qkv, const nv_bf16* __restrict__ dout,
-                        const float* __restrict__ lse, const float* __restrict__ delta, FlashDims d, float scale,
-                        float scale_log2) {
-  using C = BwdCfg<HS>;
-  constexpr int kLd = C::kLd, kBq = C::kBqDq, kBk = C::kBk, kThreads = C::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);
-  nv_bf16* sdO = sQ + C::kQTileDq;
-  nv_bf16* sK = sdO + C::kQTileDq;  // stage s at sK + s kKTile
-  nv_bf16* sV = sK + 2 * C::kKTile;  // stage s at sV + s kKTile
-
-  const int T = d.T, NH = d.NH, NKV = d.NKV;
-  const int qt = static_cast<int>(gridDim.y - 1 - blockIdx.y);  // heaviest (last) query tile first
-  const int bh = static_cast<int>(blockIdx.x), b = bh / NH, h = bh % NH, g = h / d.group();
-  const int q0 = qt * kBq;
-  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
-  const nv_bf16* qkv_b = qkv + static_cast<int64_t>(b) * T * C3;
-  const nv_bf16* kbase = qkv_b + static_cast<int64_t>(NH + g) * HS;
-  const nv_bf16* vbase = kbase + static_cast<int64_t>(NKV) * HS;
-  const int q_end = min(T, q0 + kBq);
-  const int n_kt = (q_end + kBk - 1) / kBk;  // key tiles [0, n_kt)
-
-  load_tile_async<kBq, HS, kThreads>(sQ, qkv_b + static_cast<int64_t>(q0) * C3 + h * HS, C3, q_end - q0);
-  load_tile_async<kBq, HS, kThreads>(
-      sdO, dout + (static_cast<int64_t>(b) * T + q0) * CO + static_cast<int64_t>(h) * HS, CO, q_end - q0);
-  load_tile_async<kBk, HS, kThreads>(sK, kbase, C3, min(T, kBk));
-  load_tile_async<kBk, HS, kThreads>(sV, vbase, C3, min(T, kBk));
-  cp_async_commit();
-
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int strip0 = q0 + 16 * warp;
-  const int row_lo = strip0 + gid, row_hi = row_lo + 8;
-  const int64_t lrow = static_cast<int64_t>(bh) * T;
-  const float l2_lo = row_lo < T ? lse[lrow + row_lo] * kLog2e : 0.0f;
-  const float l2_hi = row_hi < T ? lse[lrow + row_hi] * kLog2e : 0.0f;
-  const float dl_lo = row_lo < T ? delta[lrow + row_lo] : 0.0f;
-  const float dl_hi = row_hi < T ? delta[lrow + row_hi] : 0.0f;
-
-  float dq[HS / 8][4];
 #pragma unroll
-  for (int i = 0; i < HS / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-
-  for (int j = 0; j < n_kt; ++j) {
-    const int st = j & 1;
-    if (j + 1 < n_kt) {
-      const int k1 = (j + 1) * kBk;
-      load_tile_async<kBk, HS, kThreads>(sK + (st ^ 1) * C::kKTile, kbase + static_cast<int64_t>(k1) * C3, C3,
-                                         T - k1);
-      load_tile_async<kBk, HS, kThreads>(sV + (st ^ 1) * C::kKTile, vbase + static_cast<int64_t>(k1) * C3, C3,
-                                         T - k1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const int k0 = j * kBk;
-    if (k0 <= strip0 + 15) {
-      const nv_bf16* tK = sK + st * C::kKTile;
-      const nv_bf16* tV = sV + st * C::kKTile;
-      // S = Q K^T (16 queries x kBk keys).
-      float s[kBk / 8][4];
-#pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      mma_strip_abt<kLd, HS, kBk>(s, sQ, 16 * warp, tK, lane);
-      // P; mask where key > query (which covers keys >= T for the real rows).
-      const bool diag = k0 + kBk - 1 > strip0;
-#pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = exp2f(s[n][e] * scale_log2 - (e < 2 ? l2_lo : l2_hi));
-          if (diag) {
-            const int key = k0 + n * 8 + 2 * tig + (e & 1), row = e < 2 ? row_lo : row_hi;
-            if (key > row) p = 0.0f;
-          }
-          s[n][e] = p;
-        }
-      }
-      // dP = dO V^T (16 queries x kBk keys).
-      float dp[kBk / 8][4];
-#pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-      mma_strip_abt<kLd, HS, kBk>(dp, sdO, 16 * warp, tV, lane);
-      // dS = P (dP - delta[row]), in place of dP.
-#pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) {
-        dp[n][0] = s[n][0] * (dp[n][0] - dl_lo);
-        dp[n][1] = s[n][1] * (dp[n][1] - dl_lo);
-        dp[n][2] = s[n][2] * (dp[n][2] - dl_hi);
-        dp[n][3] = s[n][3] * (dp[n][3] - dl_hi);
-      }
-      // dQ += dS K (K stored with rows = keys = k).
-      mma_strip_regs_b<kLd, kBk, HS>(dq, dp, tK, lane);
-    }
-    __syncthreads();
+  for (int m = 0; m < kM; ++m) {
+    const int row0 = strip0 + 16 * m, rows = min(16, T - row0);
+    nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + row0) * C3;
+    warp_store_strip<HS, true>(drow + v_col, C3, rows, dv[m], 1.0f, 1.0f, stage, lane);
+    warp_store_strip<HS, true>(drow + k_col, C3, rows, dk[m], scale, scale, stage, lane);
   }
-
-  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
-  nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + strip0) * C3 + static_cast<int64_t>(h) * HS;
-  warp_store_strip<HS, true>(drow, C3, min(16, T - strip0), dq, scale, scale, stage, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -771,14 +875,12 @@ void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16
   const char* op = "flash_attention_backward";
   const ShapeText shapes = shapes_of(B, T, NH, NKV, HS);
   const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
-  const int64_t rows = B * T * NH;
-  launch({op, shapes, {ceil_div(rows * (HS / 8), kDeltaThreads), 1, 1}, {kDeltaThreads, 1, 1}, 0}, flash_delta_kernel<HS>,
-         delta, dout, out, rows, static_cast<int>(T), static_cast<int>(NH));
+  // dQ first: it also writes delta, which the dK/dV kernel reads.
+  launch({op, shapes, {B * NH, ceil_div(T, C::kBqDq), 1}, {C::kThreads, 1, 1}, C::kSmemDq}, flash_bwd_dq_kernel<HS>,
+         dqkv, delta, qkv, dout, out, lse, d, scale, scale * kLog2e);
   launch({op, shapes, {B * NKV, ceil_div(T, C::kBk), 1}, {C::kThreads, 1, 1}, C::kSmemDkdv}, flash_bwd_dkdv_kernel<HS>,
          dqkv, qkv, dout, static_cast<const float*>(lse), static_cast<const float*>(delta), d, scale,
          scale * kLog2e);
-  launch({op, shapes, {B * NH, ceil_div(T, C::kBqDq), 1}, {C::kThreads, 1, 1}, C::kSmemDq}, flash_bwd_dq_kernel<HS>,
-         dqkv, qkv, dout, lse, static_cast<const float*>(delta), d, scale, scale * kLog2e);
 }
 
 nv_bf16* as_nv(lmf::bf16* p) { return reinterpret_cast<nv_bf16*>(p); }

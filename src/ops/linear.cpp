@@ -39,9 +39,9 @@ void linear_forward_cpu(float* out, const float* inp, const float* weight, const
 // dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
 // dout: (N, OC); inp: (N, IC); weight: (OC, IC). All accumulated.
 void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                         const float* weight, int64_t N, int64_t IC, int64_t OC) {
+                         const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
-  if (dinp) blas_sgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  if (dinp) blas_sgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
   if (dweight) blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
   // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
@@ -114,7 +114,8 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   else LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC));
 }
 
-void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
+void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
+                     GradMode dinp_mode) {
   check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
   const DType dt = dout.dtype == DType::bf16 ? DType::bf16 : DType::f32;
   const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight, dt);
@@ -135,17 +136,18 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
             " exceed the BLAS int range");
   if (N == 0) return;
   auto opt = [](const Tensor& t) { return t.defined() ? t.f32() : nullptr; };
+  const bool acc = dinp_mode == GradMode::Accumulate;
   if (dt == DType::bf16) {
     bf16* di = dinp.defined() ? dinp.ptr<bf16>() : nullptr;
     LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(di, opt(dweight), opt(dbias), dout.ptr<bf16>(),
-                                                         inp.ptr<bf16>(), weight.ptr<bf16>(), N, IC, OC));
+                                                         inp.ptr<bf16>(), weight.ptr<bf16>(), N, IC, OC, acc));
     return;
   }
   if (dout.device == Device::cpu)
-    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC);
+    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc);
   else
     LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
-                                                         weight.f32(), N, IC, OC));
+                                                         weight.f32(), N, IC, OC, acc));
 }
 
 void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tensor bias) {

@@ -77,11 +77,11 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
 }
 
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t IC, int64_t OC) {
+                     const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
   const char* op = "linear_backward";
   if (dbias) bias_grad(op, dbias, dout, N, IC, OC);
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
-  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
   if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
@@ -99,10 +99,10 @@ void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weig
 }
 
 void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     int64_t N, int64_t IC, int64_t OC) {
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
   const char* op = "linear_backward";
   if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
-  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
 

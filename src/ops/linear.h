@@ -12,7 +12,12 @@ namespace lmf {
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
 
 // dinp += dout W; dweight += dout^T inp; dbias += sum_n dout. Any of dinp/dweight/dbias may be absent.
-void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight);
+// dinp_mode: Accumulate (+=, the rule of every backward op) or Overwrite (dinp = dout W, its old
+// contents never read: saves the caller's zero fill and the GEMM's read of dinp). Both give the same
+// values when dinp starts at zero.
+enum class GradMode { Accumulate, Overwrite };
+void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
+                     GradMode dinp_mode = GradMode::Accumulate);
 
 // The CUDA bias gradient sums dout in fixed chunks of kLinearBiasRowChunk rows (pass 1, one partial
 // sum per chunk and column, in the CUDA workspace), then adds each column's partials in chunk order
@@ -44,13 +49,13 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
 // dinp (N, IC) += dout weight; dweight (OC, IC) += dout^T inp; dbias (OC) += column sums of dout (N, OC).
 // Any of dinp/dweight/dbias may be nullptr.
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t IC, int64_t OC);
+                     const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp = true);
 void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N, int64_t IC,
                     int64_t OC);
 void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
                          int64_t IC, int64_t OC);
 void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     int64_t N, int64_t IC, int64_t OC);
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp = true);
 // dpre (N, IC) = (dout weight) * gelu'(pre), overwritten; pre: (N, IC) as stored by linear_gelu_forward
 void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
                            const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC);

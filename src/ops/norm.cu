@@ -14,25 +14,34 @@
 // As on the CPU (norm.cpp): LayerNorm is two-pass (mean, then mean squared deviation), mean/rstd are
 // stored as f32 and the outputs and gradients use those stored values, with the CPU's fp32
 // expressions.
+// Rows in registers: when a lane owns at most kMaxLaneCols columns (C <= 1024), the row kernels keep
+// the lane's packs in registers (NP packs, a compile-time count from with_lane_packs), issue every
+// load of the row before its first use and read each input once; same lane columns and operation
+// order and expressions as the looping kernels. Wider rows use the looping kernels.
 // Fused residual + norm: one pass over a and b; each lane stores res = T(a + b) and keeps the rounded
-// values of its own columns in shared memory (rows per block chosen so a block stays within 48 KiB),
-// then computes exactly what the unfused norm computes from the stored res: the fused output
-// equals residual_forward followed by the norm, bitwise, for the same W.
-// dweight/dbias (sums over rows), deterministic without atomics, in two passes:
-//   1. block (row chunk k, column block): each thread owns one column and sums rows
-//      [k kRowChunk, (k+1) kRowChunk) in increasing order, in double, into partial[k][c];
-//   2. one thread per column sums partial[0..nchunks) in increasing k, in double, and adds the
-//      rounded result to dweight/dbias.
-//   The chunking is a fixed constant, so the order depends only on N, never on the grid scheduling.
-//   Partials live in lmf::cuda_workspace (norm_backward_workspace(N, C) bytes).
+// values of its own columns (in registers, or for wide rows in shared memory, rows per block chosen so
+// a block stays within 48 KiB), then computes exactly what the unfused norm computes from the stored
+// res: the fused output equals residual_forward followed by the norm, bitwise, for the same W.
+// Backward, rows in registers (the common case): one fused kernel computes dinp and the dweight/dbias
+// partials, then a small kernel sums the partials; deterministic without atomics:
+//   1. a fixed partition of the rows that depends on N only: rpw = ceil(N / kBwdTargetWarps) rows per
+//      warp, kBwdWarps warps per block; warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
+//      increasing order and accumulates dout * xhat (fp32 fma) and dout per lane column in fp32
+//      registers; the block adds its warps' sums in warp order in shared memory and writes one
+//      partial row per block, part[k][0 / 1][c] (f32);
+//   2. norm_params_sum_kernel: for each column, 16 threads sum every 16th partial in double, then the
+//      16 sums are added in order and the rounded result added to dweight/dbias.
+// Wide rows (C > 1024): the dinp row kernel, then per-chunk partials in double (each thread one
+//   column, rows [k kRowChunk, (k+1) kRowChunk) in order) and the same fixed-order sum (pass 2).
+// Both partial layouts live in lmf::cuda_workspace (norm_backward_workspace(N, C) bytes, the larger).
 // Backward accumulates (+=) into dinp, dweight and dbias (a bf16 dinp: widened, the fp32 gradient
 // added, the sum rounded once).
 #include <algorithm>
 #include <string>
 #include <type_traits>
 
+#include "core/cuda_launch.cuh"
 #include "ops/block_reduce.cuh"
-#include "ops/elementwise.cuh"
 #include "ops/norm.h"
 #include "ops/packed.cuh"
 
@@ -43,10 +52,35 @@ constexpr int64_t kRowsPerBlock = 4;  // warps (rows) per block in the row kerne
 constexpr int64_t kRowChunk = 64;     // rows per partial sum of dweight/dbias
 constexpr int64_t kColBlock = 128;    // columns (threads) per block of the partial-sum pass
 constexpr size_t kFusedSmem = 48 * 1024;  // shared-memory budget of a fused block (no opt-in needed)
+constexpr int kMaxLaneCols = 32;          // register-resident rows: at most this many columns per lane
+constexpr int kBwdWarps = 8;              // warps (row streams) per block of the fused backward
+constexpr int64_t kBwdTargetWarps = 2048; // row streams of the fused backward: rows per warp = ceil(N / this)
+constexpr int kSumRows = 16;              // threads per column in the final partial sum (blockDim.y)
 
 ShapeText shapes_of(int64_t N, int64_t C) { return shape_text("N=", N, " C=", C); }
 
 int64_t row_chunks(int64_t N) { return ceil_div(N, kRowChunk); }
+
+// Fused backward partition, a function of N only: warp w of block k owns rows
+// [(k kBwdWarps + w) rpw, ... + rpw) with rpw = bwd_rows_per_warp(N).
+int64_t bwd_rows_per_warp(int64_t N) { return ceil_div(N, kBwdTargetWarps); }
+int64_t bwd_blocks(int64_t N) { return ceil_div(N, kBwdWarps * bwd_rows_per_warp(N)); }
+
+// Register-resident rows: calls f(std::integral_constant<int, NP>{}) with NP packs of W columns per lane
+// (lane l owns packs l W + j 32 W, j < NP, the columns of the looping kernels in the same order) and
+// returns true, or returns false when a row has more than 32 kMaxLaneCols columns. The columns per
+// lane are rounded up to a multiple of 8 (W divides 8): four instantiations per (T, W).
+template <int W, class F>
+bool with_lane_packs(int64_t C, F&& f) {
+  static_assert(8 % W == 0, "W must divide 8");
+  switch (ceil_div(ceil_div(C, 32), 8) * 8) {
+    case 8: f(std::integral_constant<int, 8 / W>{}); return true;
+    case 16: f(std::integral_constant<int, 16 / W>{}); return true;
+    case 24: f(std::integral_constant<int, 24 / W>{}); return true;
+    case kMaxLaneCols: f(std::integral_constant<int, kMaxLaneCols / W>{}); return true;
+    default: return false;
+  }
+}
 
 // Columns per lane access for rows of T: see the header comment.
 template <class T, class... P>
@@ -152,6 +186,92 @@ __global__ void norm_forward_kernel(NormForwardArgs<T> p) {
   }
 }
 
+// The row kernel above with the row held in registers (NP packs of W columns per lane, C <= 32 *
+// kMaxLaneCols): every load is issued before the first use and each input is read once. Same lane
+// columns, same operation order: bitwise the same results as norm_forward_kernel<T, W, ...>.
+template <class T, int W, int NP, bool kCentre, bool kResidual>
+__global__ void norm_forward_reg_kernel(NormForwardArgs<T> p) {
+  const int64_t rows = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = blockIdx.x * rows + warp;
+  if (n >= p.N) return;
+  const int64_t C = p.C, row0 = n * C;
+  auto col = [&](int j) { return lane * W + static_cast<int64_t>(j) * 32 * W; };
+  float v[NP][W];
+  T xa[NP][W], xb[NP][W];
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    if (col(j) < C) {
+      load_raw<W>(xa[j], p.inp + row0 + col(j));
+      if constexpr (kResidual) load_raw<W>(xb[j], p.b + row0 + col(j));
+    }
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    if (col(j) < C) {
+      if constexpr (kResidual) {
+        T r[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          r[k] = from_f32<T>(to_f32(xa[j][k]) + to_f32(xb[j][k]));
+          v[j][k] = to_f32(r[k]);
+        }
+        store_raw<W>(p.res + row0 + col(j), r);
+      } else {
+#pragma unroll
+        for (int k = 0; k < W; ++k) v[j][k] = to_f32(xa[j][k]);
+      }
+    }
+  double m = 0.0;
+  if constexpr (kCentre) {
+    double s = 0.0;
+#pragma unroll
+    for (int j = 0; j < NP; ++j)
+      if (col(j) < C) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) s += static_cast<double>(v[j][k]);
+      }
+    m = warp_sum(s) / static_cast<double>(C);
+  }
+  double ss = 0.0;
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    if (col(j) < C) {
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const double d = static_cast<double>(v[j][k]) - m;
+        ss += d * d;
+      }
+    }
+  const double var = warp_sum(ss) / static_cast<double>(C);
+  const float mf = static_cast<float>(m);
+  const float rf = static_cast<float>(1.0 / sqrt(var + static_cast<double>(p.eps)));
+  if (lane == 0) {
+    if constexpr (kCentre) p.mean[n] = mf;
+    p.rstd[n] = rf;
+  }
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    if (col(j) < C) {
+      const int64_t i = col(j);
+      float w[W], y[W];
+      load_f32<W>(w, p.weight + i);
+      if constexpr (kCentre) {
+        if (p.bias) {
+          float bb[W];
+          load_f32<W>(bb, p.bias + i);
+#pragma unroll
+          for (int k = 0; k < W; ++k) y[k] = (v[j][k] - mf) * rf * w[k] + bb[k];
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) y[k] = (v[j][k] - mf) * rf * w[k];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < W; ++k) y[k] = v[j][k] * rf * w[k];
+      }
+      store_f32<W>(p.out + row0 + i, y);
+    }
+}
+
 // dinp += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = weight * dout.
 // mean == nullptr: RMSNorm (no centring, no mean(dnorm) term).
 template <class T, int W>
@@ -216,6 +336,128 @@ __global__ void norm_params_partial_kernel(double* part_w, double* part_b, const
   if (part_b) part_b[k * C + c] = db;
 }
 
+// Fused backward for register-resident rows (NP packs of W columns per lane, as above): dinp as
+// norm_backward_dinp_kernel (same lane columns and order: the same dinp), and the dweight/dbias
+// partial sums of the block's rows. Warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
+// increasing order and accumulates dout * xhat and dout per lane column in fp32 registers; the
+// block then adds its warps' sums into shared memory in warp order (one barrier per warp) and
+// writes part[k][0][c] (dweight) and part[k][1][c] (dbias; only when kBias). The order depends on N
+// only. part: (gridDim.x, 2, C) f32.
+template <class T, int W, int NP, bool kBias>
+__global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
+    norm_backward_reg_kernel(T* dinp, float* part, const T* dout, const T* inp, const float* weight,
+                             const float* mean, const float* rstd, int64_t N, int64_t C, int64_t rpw) {
+  extern __shared__ float block_sum_smem[];  // (2, C): the block's dweight, dbias partials
+  const int warp = threadIdx.x / 32;
+  const int64_t lane = threadIdx.x % 32;
+  auto col = [&](int j) { return lane * W + static_cast<int64_t>(j) * 32 * W; };
+  float dw[NP][W] = {}, db[NP][W] = {};
+  const int64_t n0 = (blockIdx.x * static_cast<int64_t>(kBwdWarps) + warp) * rpw, n1 = min(N, n0 + rpw);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row0 = n * C;
+    T x[NP][W], dy[NP][W], dx[NP][W];
+#pragma unroll
+    for (int j = 0; j < NP; ++j)
+      if (col(j) < C) {  // all loads in flight before the first use
+        load_raw<W>(x[j], inp + row0 + col(j));
+        load_raw<W>(dy[j], dout + row0 + col(j));
+        load_raw<W>(dx[j], dinp + row0 + col(j));
+      }
+    const float m = mean ? mean[n] : 0.0f;
+    const float r = rstd[n];
+    double sa = 0.0, sb = 0.0;
+#pragma unroll
+    for (int j = 0; j < NP; ++j)
+      if (col(j) < C) {
+        float w[W];
+        load_f32<W>(w, weight + col(j));
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const float dnorm = w[k] * to_f32(dy[j][k]);
+          const float xhat = (to_f32(x[j][k]) - m) * r;
+          sa += static_cast<double>(dnorm);
+          sb += static_cast<double>(dnorm) * static_cast<double>(xhat);
+        }
+      }
+    sa = warp_sum(sa);
+    sb = warp_sum(sb);
+    const float a = mean ? static_cast<float>(sa / static_cast<double>(C)) : 0.0f;
+    const float b = static_cast<float>(sb / static_cast<double>(C));
+#pragma unroll
+    for (int j = 0; j < NP; ++j)
+      if (col(j) < C) {
+        float w[W], d[W];
+        load_f32<W>(w, weight + col(j));
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const float g = to_f32(dy[j][k]);
+          const float xhat = (to_f32(x[j][k]) - m) * r;
+          d[k] = to_f32(dx[j][k]);
+          d[k] += r * (w[k] * g - a - xhat * b);
+          dw[j][k] = fmaf(g, xhat, dw[j][k]);
+          if constexpr (kBias) db[j][k] += g;
+        }
+        store_f32<W>(dinp + row0 + col(j), d);
+      }
+  }
+  // block partial: warps add in order 0, 1, ... (warp 0 stores)
+  float* sw = block_sum_smem;
+  float* sbias = block_sum_smem + C;
+  for (int k = 0; k < kBwdWarps; ++k) {
+    if (warp == k) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j)
+        if (col(j) < C) {
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            const int64_t c = col(j) + e;
+            sw[c] = k == 0 ? dw[j][e] : sw[c] + dw[j][e];
+            if constexpr (kBias) sbias[c] = k == 0 ? db[j][e] : sbias[c] + db[j][e];
+          }
+        }
+    }
+    __syncthreads();
+  }
+  float* out = part + blockIdx.x * 2 * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    out[c] = sw[c];
+    if constexpr (kBias) out[C + c] = sbias[c];
+  }
+}
+
+// Pass 2 of dweight/dbias: dst[c] += sum_k part[k * stride + c], k < nparts, in a fixed order:
+// thread (x, y) of a (32, kSumRows) block sums k = y, y + kSumRows, ... in double, then row y = 0
+// adds the kSumRows sums in increasing y. blockIdx.y selects (dweight, part_w) or (dbias, part_b).
+template <class P>
+__global__ void norm_params_sum_kernel(float* dweight, float* dbias, const P* part_w, const P* part_b,
+                                       int64_t nparts, int64_t stride, int64_t C) {
+  __shared__ double sums[kSumRows][33];
+  const int64_t c = blockIdx.x * 32 + threadIdx.x;
+  float* dst = blockIdx.y == 0 ? dweight : dbias;
+  const P* src = blockIdx.y == 0 ? part_w : part_b;
+  double s = 0.0;
+  if (c < C) {
+    constexpr int kBatch = 8;  // loads in flight; the additions keep their order
+    int64_t k = threadIdx.y;
+    for (; k + (kBatch - 1) * kSumRows < nparts; k += kBatch * kSumRows) {
+      P v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) v[j] = src[(k + j * kSumRows) * stride + c];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) s += static_cast<double>(v[j]);
+    }
+    for (; k < nparts; k += kSumRows) s += static_cast<double>(src[k * stride + c]);
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    double t = 0.0;
+#pragma unroll
+    for (int y = 0; y < kSumRows; ++y) t += sums[y][threadIdx.x];
+    dst[c] += static_cast<float>(t);
+  }
+}
+
 template <class T, bool kCentre, bool kResidual>
 void forward_impl(const char* op, const NormForwardArgs<T>& p) {
   if (p.N == 0) return;
@@ -229,10 +471,21 @@ void forward_impl(const char* op, const NormForwardArgs<T>& p) {
     rows = std::clamp<int64_t>(static_cast<int64_t>(kFusedSmem / row_bytes), 1, kRowsPerBlock);
     smem = static_cast<size_t>(rows) * row_bytes;
   }
+  // Rows of up to 32 kMaxLaneCols columns stay in registers (no shared-memory cache).
+  const LaunchSpec reg_spec{op, shapes_of(p.N, p.C), {ceil_div(p.N, kRowsPerBlock), 1, 1}, {kRowsPerBlock * 32, 1, 1}, 0};
+  auto launch_reg = [&]<int Wc>(std::integral_constant<int, Wc>) {
+    return with_lane_packs<Wc>(p.C, [&]<int NP>(std::integral_constant<int, NP>) {
+      launch(reg_spec, norm_forward_reg_kernel<T, Wc, NP, kCentre, kResidual>, p);
+    });
+  };
   const LaunchSpec spec{op, shapes_of(p.N, p.C), {ceil_div(p.N, rows), 1, 1}, {rows * 32, 1, 1}, smem};
   if constexpr (!std::is_same_v<T, float>) {
-    if (W == kPack<T>) return launch(spec, norm_forward_kernel<T, kPack<T>, kCentre, kResidual>, p);
+    if (W == kPack<T>) {
+      if (launch_reg(std::integral_constant<int, kPack<T>>{})) return;
+      return launch(spec, norm_forward_kernel<T, kPack<T>, kCentre, kResidual>, p);
+    }
   }
+  if (launch_reg(std::integral_constant<int, 1>{})) return;
   launch(spec, norm_forward_kernel<T, 1, kCentre, kResidual>, p);
 }
 
@@ -241,8 +494,31 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
                    const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
   if (N == 0 || C == 0) return;
   const ShapeText shapes = shapes_of(N, C);
-  const LaunchSpec row_spec{op, shapes, {ceil_div(N, kRowsPerBlock), 1, 1}, {kRowsPerBlock * 32, 1, 1}, 0};
   const int W = row_pack<T>(C, dinp, dout, inp, weight);
+  // Rows that fit in registers: one fused pass (dinp and the per-block dweight/dbias partials), then
+  // the fixed-order sum over the blocks.
+  auto launch_fused = [&]<int Wc>(std::integral_constant<int, Wc>) {
+    return with_lane_packs<Wc>(C, [&]<int NP>(std::integral_constant<int, NP>) {
+      const int64_t nblocks = bwd_blocks(N);
+      float* part = static_cast<float*>(cuda_workspace(norm_backward_workspace(N, C), op));
+      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, 2 * C * sizeof(float)};
+      if (dbias) {
+        launch(spec, norm_backward_reg_kernel<T, Wc, NP, true>, dinp, part, dout, inp, weight, mean, rstd, N, C,
+               bwd_rows_per_warp(N));
+      } else {
+        launch(spec, norm_backward_reg_kernel<T, Wc, NP, false>, dinp, part, dout, inp, weight, mean, rstd, N, C,
+               bwd_rows_per_warp(N));
+      }
+      launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<float>,
+             dweight, dbias, static_cast<const float*>(part), static_cast<const float*>(part + C), nblocks, 2 * C, C);
+    });
+  };
+  if constexpr (!std::is_same_v<T, float>) {
+    if (W == kPack<T> && launch_fused(std::integral_constant<int, kPack<T>>{})) return;
+  }
+  if (W == 1 && launch_fused(std::integral_constant<int, 1>{})) return;
+  // Wide rows: the row kernel for dinp, then per-chunk partials and their fixed-order sum.
+  const LaunchSpec row_spec{op, shapes, {ceil_div(N, kRowsPerBlock), 1, 1}, {kRowsPerBlock * 32, 1, 1}, 0};
   if (W > 1) {
     if constexpr (!std::is_same_v<T, float>)
       launch(row_spec, norm_backward_dinp_kernel<T, kPack<T>>, dinp, dout, inp, weight, mean, rstd, N, C);
@@ -254,33 +530,8 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
   double* part_b = dbias ? part_w + nchunks * C : nullptr;
   launch({op, shapes, {nchunks, ceil_div(C, kColBlock), 1}, {kColBlock, 1, 1}, 0}, norm_params_partial_kernel<T>,
          part_w, part_b, dout, inp, mean, rstd, N, C);
-  // Pass 2: fixed-order sum over the chunks (k = 0, 1, ...), one thread per column. Only C threads
-  // run, so the loads are batched kBatch at a time to overlap their latency; the additions keep
-  // their order (bitwise the same as the plain loop).
-  launch_elementwise(op, C, [=] __device__(int64_t c) {
-    constexpr int64_t kBatch = 16;
-    double w = 0.0, b = 0.0;
-    int64_t k = 0;
-    for (; k + kBatch <= nchunks; k += kBatch) {
-      double vw[kBatch], vb[kBatch];
-#pragma unroll
-      for (int64_t j = 0; j < kBatch; ++j) {
-        vw[j] = part_w[(k + j) * C + c];
-        vb[j] = part_b ? part_b[(k + j) * C + c] : 0.0;
-      }
-#pragma unroll
-      for (int64_t j = 0; j < kBatch; ++j) {
-        w += vw[j];
-        b += vb[j];
-      }
-    }
-    for (; k < nchunks; ++k) {
-      w += part_w[k * C + c];
-      if (part_b) b += part_b[k * C + c];
-    }
-    dweight[c] += static_cast<float>(w);
-    if (part_b) dbias[c] += static_cast<float>(b);
-  });
+  launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<double>,
+         dweight, dbias, static_cast<const double*>(part_w), static_cast<const double*>(part_b), nchunks, C, C);
 }
 
 template <class T>
@@ -312,7 +563,9 @@ void residual_rmsnorm_forward_impl(T* res, T* out, float* rstd, const T* a, cons
 }  // namespace
 
 size_t norm_backward_workspace(int64_t N, int64_t C) {
-  return static_cast<size_t>(2 * row_chunks(N) * C) * sizeof(double);  // part_w and part_b
+  // the larger of the fused path's (blocks, 2, C) f32 and the wide-row path's (2, chunks, C) f64 partials
+  return std::max(static_cast<size_t>(2 * bwd_blocks(N) * C) * sizeof(float),
+                  static_cast<size_t>(2 * row_chunks(N) * C) * sizeof(double));
 }
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
