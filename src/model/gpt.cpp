@@ -241,7 +241,8 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(ws, "d_qkv", {B, T, QKV}, adt);
     add(ws, "d_att", {B, T, NH * HS}, adt);
     add(ws, "d_fc", {B, T, FC}, adt);
-    add(ws, "d_act", {B, T, F}, adt);
+    // bf16 GPT-2-style MLPs fuse GELU's backward into the GEMM epilogue: no separate d(act) buffer
+    if (!(mixed && cfg_.activation == ActivationKind::gelu && cfg_.bias)) add(ws, "d_act", {B, T, F}, adt);
     if (mixed) add(ws, "d_probs", {B, NH, T});  // flash attention backward's delta = rowsum(dout * out)
     else add(ws, "d_probs", {B, NH, T, T});
   }
@@ -277,7 +278,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     d_qkv_ = work_.get("d_qkv");
     d_att_ = work_.get("d_att");
     d_fc_ = work_.get("d_fc");
-    d_act_ = work_.get("d_act");
+    if (work_.find("d_act") >= 0) d_act_ = work_.get("d_act");
     d_probs_ = work_.get("d_probs");
   }
 

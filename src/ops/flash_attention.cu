@@ -20,25 +20,27 @@
 //      max m and sum l in fp32); O accumulates in registers; P goes from the S accumulator straight
 //      into the A operand of P V (the C and A fragment layouts coincide, see below). Writes out (bf16,
 //      O / l) and lse. Query tiles are scheduled heaviest (last) first.
-//   2. flash_delta_kernel: delta = rowsum(dO * O), HS / 8 threads per (b, t, h) row.
-//   3. flash_bwd_dkdv_kernel<HS>: one CTA per (b g, key tile of 64 keys), 4 warps, warp w owns keys
-//      [16 w, 16 w + 16). Loops, in a fixed order, over the q heads of the kv group (increasing) and,
-//      for each, over the query tiles (64 rows; 32 at HS 128, for registers) from the key tile's
-//      diagonal to T (Q, dO, lse, delta double-buffered), recomputing S^T = K Q^T and
-//      P^T = exp(S^T - lse) in registers; dV and dK accumulate in registers (fp32) and are added into
-//      dqkv once at the end. Key tile 0 (the most query tiles) is scheduled first.
-//   4. flash_bwd_dq_kernel<HS>: one CTA per (b h, query tile of 64 rows), 4 warps, warp w owns query
-//      rows [16 w, 16 w + 16). Loops over the key tiles (64 keys, double-buffered) up to the diagonal,
-//      recomputing P and dP; dQ accumulates in registers and is added into dqkv once at the end.
-// Dynamic shared memory per CTA (HS 32 / 64 / 128): forward 30 / 54 / 102 KiB; dK/dV 31 / 55 / 68.5
-// KiB; dQ 30 / 54 / 102 KiB. Registers (ptxas, nvcc 13.0, no spills): forward 105 / 128 / 190
-// (2 CTAs per SM at HS <= 64 by __launch_bounds__), dK/dV 140 / 237 / 255, dQ 128 / 168 / 242.
-// Measured on an H200 at B=16, NH=12, T=1024, HS=64: forward 0.134 ms (~190 TFLOP/s on the causal
-// half), backward 0.45 ms (~140 TFLOP/s counted as 2.5x the forward's FLOPs).
+//   2. flash_bwd_dq_kernel<HS> (launched first): one CTA per (b h, query tile of kBqDq = 64 rows; 128
+//      at HS 32), 4 warps, warp w owns 16 (HS 32: 32) query rows. First delta[t] = sum_d dO[t,d] O[t,d]
+//      for the tile's rows (written to `delta` for kernel 3). Then loops over the key tiles (32 keys at
+//      HS 64, else 64; double-buffered) up to the diagonal, recomputing P and dP; dQ accumulates in
+//      registers and is added into dqkv once at the end.
+//   3. flash_bwd_dkdv_kernel<HS>: one CTA per (b g, key tile of kBk = 64 keys; 128 at HS 32), 4 warps,
+//      warp w owns 16 (HS 32: 32) keys. Loops, in a fixed order, over the q heads of the kv group
+//      (increasing) and, for each, over the query tiles (32 rows) from the key tile's diagonal to T
+//      (Q, dO, lse, delta double-buffered), recomputing S^T = K Q^T and P^T = exp(S^T - lse) in
+//      registers; dV and dK accumulate in registers (fp32) and are added into dqkv once at the end.
+//      Key tile 0 (the most query tiles) is scheduled first.
+// Registers (ptxas, nvcc 13.0) at HS 32 / 64 / 128: forward 105 / 128 / 190 (2 CTAs per SM at HS <= 64
+// by __launch_bounds__); dQ 241 / 128 / 240; dK/dV 201 / 168 / 255 (8 bytes spilled at HS 128).
+// Measured on an H200 at B=16, NH=12, T=1024, HS=64 (ncu per kernel): forward 139 us (events: 0.134
+// ms, ~190 TFLOP/s on the causal half); backward 0.443 ms by events (~146 TFLOP/s counted as 2.5x the
+// forward's FLOPs): dQ + delta 187 us, dK/dV 267 us (before this tiling: delta 15 + dQ 173 + dK/dV
+// 276 us, 0.455 ms; tile shapes tried without gain: BwdCfg's comment).
 // Determinism: no atomics; every sum has a fixed order that depends only on (T, HS, NH / NKV) (not on
 // B, the grid or scheduling): the kernels are deterministic and batch-invariant. dqkv accumulates
 // (+=): each element is read, the fp32 gradient added, the sum rounded once (round to nearest even);
-// each element of dqkv is owned by exactly one CTA (kernel 3: the K and V columns, kernel 4: the Q
+// each element of dqkv is owned by exactly one CTA (kernel 2: the Q columns, kernel 3: the K and V
 // columns).
 //
 // Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA, "Matrix
@@ -469,34 +471,21 @@ __global__ void __launch_bounds__(FwdCfg<HS>::kThreads, HS <= 64 ? 2 : 1)
 // Backward, shared tiling of kernels 2 and 3
 // ---------------------------------------------------------------------------------------------
 
-#ifndef LMF_FA_KM_KV
-#define LMF_FA_KM_KV 2
-#endif
-#ifndef LMF_FA_BQ_KV
-#define LMF_FA_BQ_KV 32
-#endif
-#ifndef LMF_FA_KM_Q
-#define LMF_FA_KM_Q 2
-#endif
-#ifndef LMF_FA_BK_Q
-#define LMF_FA_BK_Q 32
-#endif
-#ifndef LMF_FA_PBF16
-#define LMF_FA_PBF16 0
-#endif
 template <int HS>
 struct BwdCfg {
   static constexpr int kWarps = 4, kThreads = 32 * kWarps;
-  // 16-row strips per warp: two where the fp32 accumulators fit the registers (each B fragment read
-  // from shared memory then feeds 4 mma instead of 2), one at HS 128.
-  static constexpr int kM = HS == 64 ? LMF_FA_KM_KV : HS < 64 ? 2 : 1;   // dK/dV
-  static constexpr int kMq = HS == 64 ? LMF_FA_KM_Q : HS < 64 ? 2 : 1;   // dQ
-  static constexpr int kRows = 16 * kM;            // keys per dK/dV warp
-  static constexpr int kRowsQ = 16 * kMq;          // queries per dQ warp
-  static constexpr int kBk = kRows * kWarps;       // keys per dK/dV CTA
-  static constexpr int kBq = HS == 64 ? LMF_FA_BQ_KV : 32;                   // dK/dV's query tile
+  // 16-row strips per warp (kM dK/dV, kMq dQ). Two strips let each B fragment read from shared memory
+  // feed 4 mma instead of 2, but at HS 64 that did not pay (H200, B=16 NH=12 T=1024: dK/dV 276 us with
+  // 2 strips x 32 queries (spills at 255 registers) vs 267 us with 1 x 32; dQ with delta 187 us either
+  // way at 1 x 32 keys, 200 us at 2 x 32): the kernels are not bound by shared-memory reads. Two at
+  // HS 32 (registers to spare), one elsewhere.
+  static constexpr int kM = HS < 64 ? 2 : 1, kMq = kM;
+  static constexpr int kRows = 16 * kM;             // keys per dK/dV warp
+  static constexpr int kRowsQ = 16 * kMq;           // queries per dQ warp
+  static constexpr int kBk = kRows * kWarps;        // keys per dK/dV CTA
+  static constexpr int kBq = 32;                    // dK/dV's query tile
   static constexpr int kBqDq = kRowsQ * kWarps;     // queries per dQ CTA
-  static constexpr int kBkDq = HS == 64 ? LMF_FA_BK_Q : 64;  // dQ's key tile
+  static constexpr int kBkDq = HS == 64 ? 32 : 64;  // dQ's key tile (32 at HS 64: 128 registers, 4 CTAs/SM)
   static constexpr int kLd = HS + kPad;
   static constexpr int kKTile = kBk * kLd, kQTile = kBq * kLd;          // dK/dV tiles (elements)
   static constexpr int kQTileDq = kBqDq * kLd, kKTileDq = kBkDq * kLd;  // dQ tiles (elements)
@@ -789,13 +778,7 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
         }
       }
       // dV += P^T dO (dO stored with rows = queries = k).
-#if LMF_FA_PBF16
-      uint32_t pa[kM][kBq / 16][4];
-      pack_a<kM, kBq>(pa, s);
-      mma_packed_b<kLd, kBq, HS, kM>(dv, pa, tdO, lane);
-#else
       mma_regs_b<kLd, kBq, HS, kM>(dv, s, tdO, lane);
-#endif
       // dP^T = V dO^T (kRows keys x kBq queries).
       float dp[kM][kBq / 8][4];
 #pragma unroll
@@ -810,15 +793,7 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
 #pragma unroll
         for (int m = 0; m < kM; ++m) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-#if LMF_FA_PBF16
-            const uint32_t w = pa[m][n >> 1][2 * (n & 1) + (e >> 1)];
-            const float p = (e & 1) ? bf16_hi(w) : bf16_lo(w);
-#else
-            const float p = s[m][n][e];
-#endif
-            dp[m][n][e] = p * (dp[m][n][e] - ((e & 1) ? dl.y : dl.x));
-          }
+          for (int e = 0; e < 4; ++e) dp[m][n][e] = s[m][n][e] * (dp[m][n][e] - ((e & 1) ? dl.y : dl.x));
         }
       }
       // dK += dS^T Q (Q stored with rows = queries = k).

@@ -26,9 +26,10 @@
 // partials, then a small kernel sums the partials; deterministic without atomics:
 //   1. a fixed partition of the rows that depends on N only: rpw = ceil(N / kBwdTargetWarps) rows per
 //      warp, kBwdWarps warps per block; warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
-//      increasing order and accumulates dout * xhat (fp32 fma) and dout per lane column in fp32
-//      registers; the block adds its warps' sums in warp order in shared memory and writes one
-//      partial row per block, part[k][0 / 1][c] (f32);
+//      increasing order and accumulates dout * xhat and dout per lane column in registers (fp32 for
+//      bf16 rows; double for f32 rows, whose CPU tolerance is ~1 ulp of the sum); the block adds its
+//      warps' sums in warp order in shared memory and writes one partial row per block,
+//      part[k][0 / 1][c];
 //   2. norm_params_sum_kernel: for each column, 16 threads sum every 16th partial in double, then the
 //      16 sums are added in order and the rounded result added to dweight/dbias.
 // Wide rows (C > 1024): the dinp row kernel, then per-chunk partials in double (each thread one
@@ -339,26 +340,33 @@ __global__ void norm_params_partial_kernel(double* part_w, double* part_b, const
 // Fused backward for register-resident rows (NP packs of W columns per lane, as above): dinp as
 // norm_backward_dinp_kernel (same lane columns and order: the same dinp), and the dweight/dbias
 // partial sums of the block's rows. Warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
-// increasing order and accumulates dout * xhat and dout per lane column in fp32 registers; the
-// block then adds its warps' sums into shared memory in warp order (one barrier per warp) and
+// increasing order and accumulates dout * xhat and dout per lane column in registers of type Acc
+// (bwd_acc_t: fp32 for bf16 rows, double for f32 rows, whose CPU tolerance is ~1 ulp of the sum);
+// the block then adds its warps' sums into shared memory in warp order (one barrier per warp) and
 // writes part[k][0][c] (dweight) and part[k][1][c] (dbias; only when kBias). The order depends on N
-// only. part: (gridDim.x, 2, C) f32.
+// only. part: (gridDim.x, 2, C) Acc.
+template <class T>
+using bwd_acc_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
+
 template <class T, int W, int NP, bool kBias>
 __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
-    norm_backward_reg_kernel(T* dinp, float* part, const T* dout, const T* inp, const float* weight,
+    norm_backward_reg_kernel(T* dinp, bwd_acc_t<T>* part, const T* dout, const T* inp, const float* weight,
                              const float* mean, const float* rstd, int64_t N, int64_t C, int64_t rpw) {
-  extern __shared__ float block_sum_smem[];  // (2, C): the block's dweight, dbias partials
+  using Acc = bwd_acc_t<T>;
+  extern __shared__ __align__(16) unsigned char bwd_smem[];  // (2, C) Acc: the block's dweight, dbias partials
   const int warp = threadIdx.x / 32;
   const int64_t lane = threadIdx.x % 32;
   auto col = [&](int j) { return lane * W + static_cast<int64_t>(j) * 32 * W; };
-  float dw[NP][W] = {}, db[NP][W] = {};
+  Acc dw[NP][W] = {}, db[NP][W] = {};
   const int64_t n0 = (blockIdx.x * static_cast<int64_t>(kBwdWarps) + warp) * rpw, n1 = min(N, n0 + rpw);
+  // (Issuing the next row's loads before computing this one measured slower: at the 128-register cap
+  // of 2 blocks per SM it spills.)
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row0 = n * C;
     T x[NP][W], dy[NP][W], dx[NP][W];
 #pragma unroll
     for (int j = 0; j < NP; ++j)
-      if (col(j) < C) {  // all loads in flight before the first use
+      if (col(j) < C) {  // all loads of the row in flight before the first use
         load_raw<W>(x[j], inp + row0 + col(j));
         load_raw<W>(dy[j], dout + row0 + col(j));
         load_raw<W>(dx[j], dinp + row0 + col(j));
@@ -394,15 +402,16 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
           const float xhat = (to_f32(x[j][k]) - m) * r;
           d[k] = to_f32(dx[j][k]);
           d[k] += r * (w[k] * g - a - xhat * b);
-          dw[j][k] = fmaf(g, xhat, dw[j][k]);
-          if constexpr (kBias) db[j][k] += g;
+          if constexpr (std::is_same_v<Acc, double>) dw[j][k] += static_cast<double>(g) * static_cast<double>(xhat);
+          else dw[j][k] = fmaf(g, xhat, dw[j][k]);
+          if constexpr (kBias) db[j][k] += static_cast<Acc>(g);
         }
         store_f32<W>(dinp + row0 + col(j), d);
       }
   }
   // block partial: warps add in order 0, 1, ... (warp 0 stores)
-  float* sw = block_sum_smem;
-  float* sbias = block_sum_smem + C;
+  Acc* sw = reinterpret_cast<Acc*>(bwd_smem);
+  Acc* sbias = sw + C;
   for (int k = 0; k < kBwdWarps; ++k) {
     if (warp == k) {
 #pragma unroll
@@ -418,7 +427,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
     }
     __syncthreads();
   }
-  float* out = part + blockIdx.x * 2 * C;
+  Acc* out = part + blockIdx.x * 2 * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     out[c] = sw[c];
     if constexpr (kBias) out[C + c] = sbias[c];
@@ -499,9 +508,10 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
   // the fixed-order sum over the blocks.
   auto launch_fused = [&]<int Wc>(std::integral_constant<int, Wc>) {
     return with_lane_packs<Wc>(C, [&]<int NP>(std::integral_constant<int, NP>) {
+      using Acc = bwd_acc_t<T>;
       const int64_t nblocks = bwd_blocks(N);
-      float* part = static_cast<float*>(cuda_workspace(norm_backward_workspace(N, C), op));
-      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, 2 * C * sizeof(float)};
+      Acc* part = static_cast<Acc*>(cuda_workspace(norm_backward_workspace(N, C), op));
+      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, 2 * C * sizeof(Acc)};
       if (dbias) {
         launch(spec, norm_backward_reg_kernel<T, Wc, NP, true>, dinp, part, dout, inp, weight, mean, rstd, N, C,
                bwd_rows_per_warp(N));
@@ -509,8 +519,8 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
         launch(spec, norm_backward_reg_kernel<T, Wc, NP, false>, dinp, part, dout, inp, weight, mean, rstd, N, C,
                bwd_rows_per_warp(N));
       }
-      launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<float>,
-             dweight, dbias, static_cast<const float*>(part), static_cast<const float*>(part + C), nblocks, 2 * C, C);
+      launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<Acc>,
+             dweight, dbias, static_cast<const Acc*>(part), static_cast<const Acc*>(part + C), nblocks, 2 * C, C);
     });
   };
   if constexpr (!std::is_same_v<T, float>) {
@@ -564,7 +574,7 @@ void residual_rmsnorm_forward_impl(T* res, T* out, float* rstd, const T* a, cons
 
 size_t norm_backward_workspace(int64_t N, int64_t C) {
   // the larger of the fused path's (blocks, 2, C) f32 and the wide-row path's (2, chunks, C) f64 partials
-  return std::max(static_cast<size_t>(2 * bwd_blocks(N) * C) * sizeof(float),
+  return std::max(static_cast<size_t>(2 * bwd_blocks(N) * C) * sizeof(double),
                   static_cast<size_t>(2 * row_chunks(N) * C) * sizeof(double));
 }
 
