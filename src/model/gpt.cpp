@@ -32,9 +32,11 @@ std::string layer_name(int i, const char* rest) { return "layers." + std::to_str
 // few thousand rows keep it near the GEMM ceiling (166-row chunks ran at 4 TFLOP/s on an H200).
 constexpr int64_t kLogitsScratchElemsCpu = int64_t{8} << 20;
 constexpr int64_t kLogitsScratchElemsGpu = int64_t{128} << 20;
-// bf16 plans: the logits chunk is bf16, at most 128M elements (256 MiB; 2,668 rows of GPT-2's padded
-// vocabulary), and the rows are split into equal chunks (16384 rows: 7 chunks of 2,341).
-constexpr int64_t kLogitsScratchElemsBf16 = int64_t{128} << 20;
+// bf16 plans: the logits chunk is bf16, at most 416M elements (832 MiB; 8,671 rows of GPT-2's padded
+// vocabulary), and the rows are split into equal chunks (16384 rows: 2 chunks of 8,192). Large
+// chunks keep the dx GEMM (rows x C outputs, K = Vp) several waves deep and read-modify-write the
+// fp32 dW (Vp x C) fewer times.
+constexpr int64_t kLogitsScratchElemsBf16 = int64_t{416} << 20;
 
 }  // namespace
 
