@@ -56,7 +56,8 @@ fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
   # lmforge (bf16, tf32, fp32) and PyTorch (eager and torch.compile) on GPT-2 124M, T=1024, at
-  # B=16 and at a large batch (LMF_BENCH_BIG_B, default 64); --profile prints lmforge's per-op time.
+  # B=16 and at a large batch (LMF_BENCH_BIG_B, default 256: the largest power of two at which
+  # torch.compile fits on an H200, 116.6 GB); --profile prints lmforge's per-op time.
   bench_lmf() {  # precision B tag [extra flags]
     ./build-gpu/lmforge_bench --device cuda --precision "$1" --preset gpt2-124m --batch-size "$2" --seq-len 1024 \
       --steps 5 --warmup-steps 2 ${4:-} >"$OUT/bench_$3.json" 2>"$OUT/bench_$3.err" || { failures=$((failures + 1)); tail -3 "$OUT/bench_$3.err"; }
@@ -66,7 +67,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
       2>"$OUT/bench_$3.err" || tail -5 "$OUT/bench_$3.err"
   }
   B=${LMF_BENCH_B:-16}
-  BIG=${LMF_BENCH_BIG_B:-64}
+  BIG=${LMF_BENCH_BIG_B:-256}
   bench_lmf bf16 "$B" lmf_bf16 --profile
   bench_lmf tf32 "$B" lmf_tf32
   bench_lmf fp32 "$B" lmf_fp32
