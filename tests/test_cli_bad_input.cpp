@@ -188,6 +188,7 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
                              {"--precision=bf16", "needs the GPU"}));
   EXPECT_TRUE(one_line_error(run_cli("train --precision fp16 --out-dir " + dir_ + "/run", dir_), {"--precision=fp16"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
+  EXPECT_TRUE(one_line_error(run_cli("plot --metrics " + dir_ + "/nowhere", dir_), {"--metrics", "nowhere", "not found"}));
 }
 
 }  // namespace

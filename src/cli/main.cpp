@@ -13,6 +13,7 @@
 #include "model/sampler.h"
 #include "train/checkpoint.h"
 #include "train/fsutil.h"
+#include "train/plot.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -147,6 +148,12 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", so.seed, "sampling seed")->capture_default_str();
   gen->add_option("--tokenizer", g_tok, "tokenizer: byte")->capture_default_str();
 
+  PlotOptions plot_o;
+  CLI::App* plot = app.add_subcommand("plot", "loss and tokens/s curves of a run (metrics.jsonl) as SVG or PNG (gnuplot)");
+  plot->add_option("--metrics", plot_o.metrics, "metrics.jsonl or a training out-dir")->required();
+  plot->add_option("--out", plot_o.out, "image path, .svg or .png (default: curves.svg beside metrics.jsonl)");
+  plot->add_option("--title", plot_o.title, "plot title (default: the metrics path)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -169,6 +176,10 @@ int main(int argc, char** argv) {
     }
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok);
     if (*gen) return run_generate(g_ckpt, g_prompt, g_max, so, g_tok);
+    if (*plot) {
+      std::cout << "wrote " << plot_metrics(plot_o) << "\n";
+      return 0;
+    }
   } catch (const lmf::Error& e) {
     std::cerr << "lmforge: error: " << e.what() << "\n";
     return 1;

@@ -1,0 +1,121 @@
+#include "train/plot.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+#include "core/check.h"
+
+namespace lmf {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+struct Series {
+  std::vector<double> train_step, train_loss, tok_step, toks, val_step, val_loss;
+};
+
+Series read_metrics(const fs::path& file) {
+  std::ifstream in(file);
+  if (!in) fail(file.string(), ": cannot open the metrics file");
+  Series s;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    json j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) fail(file.string(), ":", n, ": not a JSON object");
+    if (!j.contains("step") || !j["step"].is_number()) continue;  // e.g. the run's header record
+    const double step = j["step"].get<double>();
+    if (j.contains("loss") && j["loss"].is_number()) {
+      s.train_step.push_back(step);
+      s.train_loss.push_back(j["loss"].get<double>());
+      if (j.contains("toks_per_s") && j["toks_per_s"].is_number()) {
+        s.tok_step.push_back(step);
+        s.toks.push_back(j["toks_per_s"].get<double>());
+      }
+    }
+    if (j.contains("val_loss") && j["val_loss"].is_number()) {
+      s.val_step.push_back(step);
+      s.val_loss.push_back(j["val_loss"].get<double>());
+    }
+  }
+  if (s.train_step.empty()) fail(file.string(), ": no training records (step, loss) to plot");
+  return s;
+}
+
+void write_block(std::ofstream& f, const std::vector<double>& x, const std::vector<double>& y) {
+  for (size_t i = 0; i < x.size(); ++i) f << x[i] << " " << y[i] << "\n";
+  if (x.empty()) f << "NaN NaN\n";  // gnuplot needs a point per block; NaN is skipped
+  f << "\n\n";
+}
+
+// Single-quoted gnuplot string.
+std::string quoted(const std::string& s) {
+  std::string r = "'";
+  for (char c : s) r += c == '\'' ? std::string("''") : std::string(1, c);
+  return r + "'";
+}
+
+}  // namespace
+
+std::string plot_metrics(const PlotOptions& o) {
+  fs::path metrics = o.metrics;
+  if (fs::is_directory(metrics)) metrics /= "metrics.jsonl";
+  if (!fs::exists(metrics)) fail("--metrics: ", metrics.string(), " not found");
+  fs::path out = o.out.empty() ? metrics.parent_path() / "curves.svg" : fs::path(o.out);
+  const std::string ext = out.extension().string();
+  std::string terminal;
+  if (ext == ".svg") terminal = "svg size 900,700 dynamic noenhanced background rgb 'white'";
+  else if (ext == ".png") terminal = "png size 900,700 noenhanced";
+  else fail("--out: ", out.string(), " must end in .svg or .png");
+  const Series s = read_metrics(metrics);
+
+  fs::path data = out;
+  data.replace_extension(".dat");
+  {
+    std::ofstream f(data);
+    if (!f) fail(data.string(), ": cannot write the plot data");
+    write_block(f, s.train_step, s.train_loss);  // index 0
+    write_block(f, s.val_step, s.val_loss);      // index 1
+    write_block(f, s.tok_step, s.toks);          // index 2
+  }
+  fs::path script = out;
+  script.replace_extension(".gp");
+  {
+    std::ofstream g(script);
+    if (!g) fail(script.string(), ": cannot write the gnuplot script");
+    g << "set terminal " << terminal << "\n"
+      << "set output " << quoted(out.string()) << "\n"
+      << "set multiplot layout 2,1 title " << quoted(o.title.empty() ? metrics.string() : o.title) << "\n"
+      << "set grid\nset xlabel 'step'\nset ylabel 'loss'\nset key top right\n"
+      << "plot " << quoted(data.string()) << " index 0 with lines lw 2 title 'train loss', "
+      << quoted(data.string()) << " index 1 with linespoints lw 2 pt 7 title 'val loss'\n"
+      << "set ylabel 'tokens/s'\nunset key\n"
+      << "plot " << quoted(data.string()) << " index 2 with lines lw 2 title 'tokens/s'\n"
+      << "unset multiplot\n";
+  }
+  const std::string cmd = "gnuplot " + quoted(script.string()) + " 2>&1";
+  std::FILE* p = popen(cmd.c_str(), "r");
+  if (!p) fail("plot: cannot start gnuplot");
+  std::string said;
+  char buf[256];
+  while (std::fgets(buf, sizeof buf, p)) said += buf;
+  const int rc = pclose(p);
+  if (rc != 0) {
+    if (said.find("not found") != std::string::npos || WEXITSTATUS(rc) == 127)
+      fail("plot: gnuplot is not installed (Debian: apt-get install gnuplot-nox)");
+    for (char& c : said) if (c == '\n') c = ' ';
+    fail("plot: gnuplot failed on ", script.string(), ": ", said);
+  }
+  if (!fs::exists(out) || fs::file_size(out) == 0) fail("plot: gnuplot wrote no image to ", out.string());
+  return out.string();
+}
+
+}  // namespace lmf
