@@ -187,6 +187,10 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
   EXPECT_TRUE(one_line_error(run_cli("train --device cpu --precision bf16 --out-dir " + dir_ + "/run", dir_),
                              {"--precision=bf16", "needs the GPU"}));
   EXPECT_TRUE(one_line_error(run_cli("train --precision fp16 --out-dir " + dir_ + "/run", dir_), {"--precision=fp16"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --device cpu --cuda-graph on --out-dir " + dir_ + "/run", dir_),
+                             {"--cuda-graph=on", "needs the GPU"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --cuda-graph maybe --out-dir " + dir_ + "/run", dir_),
+                             {"--cuda-graph=maybe", "auto, on or off"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
   EXPECT_TRUE(one_line_error(run_cli("plot --metrics " + dir_ + "/nowhere", dir_), {"--metrics", "nowhere", "not found"}));
 }

@@ -269,8 +269,11 @@ TEST_P(CudaTrainingPrecision, StepCapturesInGlobalModeAndReplaysBitwise) {
   // fails the capture. Replaying it must give the eager step's loss and weights bit for bit.
   std::string d = test::make_temp_dir("gpu_capture");
   std::ostringstream log;
-  Trainer eager(run_opts(d + "/eager", "cuda", 3, GetParam()), log),
-      graphed(run_opts(d + "/graph", "cuda", 3, GetParam()), log);
+  TrainOptions o = run_opts(d + "/eager", "cuda", 3, GetParam());
+  o.cuda_graph = "off";  // this test captures the step's device work itself
+  TrainOptions og = o;
+  og.out_dir = d + "/graph";
+  Trainer eager(o, log), graphed(og, log);
   eager.step();
   eager.step();
   graphed.step();  // warm-up: GEMM plans and CUB sizes are settled outside the capture
@@ -293,6 +296,36 @@ TEST_P(CudaTrainingPrecision, StepCapturesInGlobalModeAndReplaysBitwise) {
   EXPECT_EQ(0, std::memcmp(ha.data(), hb.data(), ha.size() * 4)) << "weights after the replayed step differ";
   std::printf("[ measured ] one %s training step captured: %llu kernel launches replayed as 1 graph launch\n",
               GetParam(), static_cast<unsigned long long>(kernels_in_step));
+  fs::remove_all(d);
+}
+
+// The trainer's own graph mode (--cuda-graph): step 1 eager, step 2 captured, then one graph launch
+// per step; every loss and the final weights bitwise equal to the eager trainer's.
+TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) {
+  LMF_REQUIRE_GPU();
+  std::string d = test::make_temp_dir("gpu_graph_mode");
+  std::ostringstream log;
+  TrainOptions oe = run_opts(d + "/eager", "cuda", 12, GetParam()), og = run_opts(d + "/graph", "cuda", 12, GetParam());
+  oe.cuda_graph = "off";
+  og.cuda_graph = "on";
+  Trainer eager(oe, log), graphed(og, log);
+  EXPECT_FALSE(eager.uses_cuda_graph());
+  EXPECT_TRUE(graphed.uses_cuda_graph());
+  for (int s = 0; s < 12; ++s) eager.step();
+  graphed.step();
+  graphed.step();  // warm-up and capture
+  const uint64_t before = cuda_launch_count();
+  for (int s = 2; s < 12; ++s) graphed.step();
+  const uint64_t launches = cuda_launch_count() - before;
+  EXPECT_TRUE(bitwise_equal(eager.losses(), graphed.losses()));
+  Tensor a = eager.model().params().flat_f32(), b = graphed.model().params().flat_f32();
+  std::vector<float> ha(a.numel()), hb(b.numel());
+  tensor_to_host(ha.data(), a);
+  tensor_to_host(hb.data(), b);
+  EXPECT_EQ(0, std::memcmp(ha.data(), hb.data(), ha.size() * 4)) << "weights after 12 graph steps differ";
+  EXPECT_EQ(launches, 10u) << "kernel launches over 10 graph-mode steps";
+  std::printf("[ measured ] %s graph mode: 10 steps, %llu launches, losses and weights bitwise equal to eager\n",
+              GetParam(), static_cast<unsigned long long>(launches));
   fs::remove_all(d);
 }
 

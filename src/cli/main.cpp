@@ -49,6 +49,9 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
                 "mixed precision, fp32 master weights)")
       ->capture_default_str();
   c->add_option("--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
+  c->add_option("--cuda-graph", o.cuda_graph,
+                 "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")
+      ->capture_default_str();
 }
 
 int run_prepare(const std::string& input, const std::string& out_dir, std::string name, double val_fraction,

@@ -181,7 +181,10 @@ void* cuda_capture_end() {
   return exec;
 }
 
-void cuda_graph_replay(void* exec) { LMF_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), ctx().stream)); }
+void cuda_graph_replay(void* exec) {
+  LMF_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), ctx().stream));
+  cuda::count_launch();  // one launch, whatever the graph holds
+}
 
 void cuda_graph_destroy(void* exec) {
   if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));

@@ -45,7 +45,7 @@ void cuda_event_wait(void* event);  // host waits for a recorded event (staging-
 // synchronisation during the capture makes it fail. end returns an instantiated graph.
 void cuda_capture_begin();
 void* cuda_capture_end();
-void cuda_graph_replay(void* graph);
+void cuda_graph_replay(void* graph);  // counts as one launch in cuda_launch_count()
 void cuda_graph_destroy(void* graph);
 
 // CUDA events for the profiler (opaque pointers, created once).

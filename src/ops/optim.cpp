@@ -107,12 +107,18 @@ AdamWPrep adamw_prepare(const char* op, const Tensor& param, const Tensor& m, co
     check_f32(norm, op);
     check_shape(norm, {1}, op);
   }
-  const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
-  const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
-  return {bc1, bc2, max_norm > 0.0f ? norm.f32() : nullptr};
+  float sched[3];
+  adamw_schedule(sched, 0.0f, beta1, beta2, step);
+  return {sched[1], sched[2], max_norm > 0.0f ? norm.f32() : nullptr};
 }
 
 }  // namespace
+
+void adamw_schedule(float out[3], float lr, float beta1, float beta2, int64_t step) {
+  out[0] = lr;
+  out[1] = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
+  out[2] = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
+}
 
 size_t grad_global_norm_cuda_workspace(int64_t n) {
   return static_cast<size_t>((n + kNormBlock - 1) / kNormBlock) * sizeof(double);
@@ -141,7 +147,7 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
 
 void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor decay_ranges, Tensor norm, float max_norm,
                        float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
-                       Tensor param_bf16) {
+                       Tensor param_bf16, Tensor schedule) {
   const char* op = kOpAdamWFlat;
   const AdamWPrep a = adamw_prepare(op, param, m, v, grad, norm, max_norm, beta1, beta2, step);
   const int64_t n = param.numel();
@@ -170,6 +176,12 @@ void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor dec
     LMF_CHECK(k == 0 || r[2 * k - 1] <= b, op, ": decay_ranges '", rn, "' range #", k, " [", b, ", ", e,
               ") starts before range #", k - 1, " ends (", r[2 * k - 1], "): ranges must be sorted and disjoint");
   }
+  if (schedule.defined()) {
+    check_f32(schedule, op);
+    check_shape(schedule, {3}, op);
+    LMF_CHECK(schedule.device == Device::cuda && param.device == Device::cuda, op, ": schedule '", schedule.name,
+              "' is for GPU runs (graph replays); on the CPU pass lr and step");
+  }
   if (param_bf16.defined()) {
     check_dtype(param_bf16, DType::bf16, op);
     LMF_CHECK(param_bf16.numel() == n && param.device == Device::cuda, op, ": param_bf16 '", param_bf16.name, "' ",
@@ -194,7 +206,8 @@ void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor dec
   } else {
     LMF_CUDA_DISPATCH(op, cuda::adamw_update_flat(param.f32(), m.f32(), v.f32(), grad.f32(), a.norm, n, r, S, max_norm,
                                                   lr, beta1, beta2, eps, weight_decay, a.bc1, a.bc2,
-                                                  param_bf16.defined() ? param_bf16.ptr<bf16>() : nullptr));
+                                                  param_bf16.defined() ? param_bf16.ptr<bf16>() : nullptr,
+                                                  schedule.defined() ? schedule.f32() : nullptr));
   }
 }
 

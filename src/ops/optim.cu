@@ -122,7 +122,13 @@ template <int kCap>
 __global__ void adamw_flat_kernel(float* __restrict__ param, float* __restrict__ m, float* __restrict__ v,
                                   const float* __restrict__ grad, const float* __restrict__ norm, int64_t n,
                                   const __grid_constant__ DecayTable<kCap> table, int s, float max_norm,
-                                  AdamWScalars a, float weight_decay, __nv_bfloat16* __restrict__ param_bf16) {
+                                  AdamWScalars a, float weight_decay, __nv_bfloat16* __restrict__ param_bf16,
+                                  const float* __restrict__ schedule) {
+  if (schedule) {  // {lr, bias_corr1, bias_corr2} from device memory (graph replays)
+    a.lr = schedule[0];
+    a.bias_corr1 = schedule[1];
+    a.bias_corr2 = schedule[2];
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
@@ -144,12 +150,12 @@ __global__ void adamw_flat_kernel(float* __restrict__ param, float* __restrict__
 template <int kCap>
 void launch_adamw_flat(const LaunchSpec& spec, float* param, float* m, float* v, const float* grad, const float* norm,
                        int64_t n, const int32_t* ranges, int s, float max_norm, const AdamWScalars& a,
-                       float weight_decay, bf16* param_bf16) {
+                       float weight_decay, bf16* param_bf16, const float* schedule) {
   DecayTable<kCap> table;
   std::memset(&table, 0, sizeof(table));
   if (s > 0) std::memcpy(table.r, ranges, static_cast<size_t>(s) * 2 * sizeof(int32_t));
   cuda::launch(spec, adamw_flat_kernel<kCap>, param, m, v, grad, norm, n, table, s, max_norm, a, weight_decay,
-               reinterpret_cast<__nv_bfloat16*>(param_bf16));
+               reinterpret_cast<__nv_bfloat16*>(param_bf16), schedule);
 }
 
 }  // namespace
@@ -179,7 +185,8 @@ void adamw_update(float* param, float* m, float* v, const float* grad, const flo
 
 void adamw_update_flat(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n,
                        const int32_t* ranges, int64_t s, float max_norm, float lr, float beta1, float beta2, float eps,
-                       float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16) {
+                       float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16,
+                       const float* schedule) {
   const char* op = "adamw_update_flat";
   LMF_CHECK(0 <= s && s <= kAdamWMaxDecayRanges, op, ": ", s, " decay ranges, at most ", kAdamWMaxDecayRanges);
   if (n <= 0) return;
@@ -191,11 +198,11 @@ void adamw_update_flat(float* param, float* m, float* v, const float* grad, cons
   const LaunchSpec spec{op, shape_text("n=", n, " S=", s), {blocks, 1, 1}, {kBlock, 1, 1}, 0};
   const int si = static_cast<int>(s);
   if (s <= kDecayCaps[0])
-    launch_adamw_flat<kDecayCaps[0]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16);
+    launch_adamw_flat<kDecayCaps[0]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16, schedule);
   else if (s <= kDecayCaps[1])
-    launch_adamw_flat<kDecayCaps[1]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16);
+    launch_adamw_flat<kDecayCaps[1]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16, schedule);
   else
-    launch_adamw_flat<kDecayCaps[2]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16);
+    launch_adamw_flat<kDecayCaps[2]>(spec, param, m, v, grad, norm, n, ranges, si, max_norm, a, weight_decay, param_bf16, schedule);
 }
 
 void cast_to_bf16(bf16* dst, const float* src, int64_t n) {

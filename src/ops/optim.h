@@ -53,9 +53,15 @@ void adamw_update(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor norm, fl
 //   adamw_update_flat(params.flat_f32(), m.flat_f32(), v.flat_f32(), grads.flat_f32(), ranges, norm, ...);
 // param_bf16 (optional, GPU only): a bf16 copy of param (same numel), written with the rounded new
 // value of every element in the same launch (mixed precision: the weights the GEMMs read).
+// schedule (optional, GPU only): a device f32 (3) tensor {lr, 1 - beta1^step, 1 - beta2^step} read
+// by the kernel instead of the lr and step arguments, so that a CUDA graph captured once serves every
+// step (the host refreshes it with an asynchronous copy before each replay). adamw_schedule() gives
+// the values the arguments would have produced, so both forms are bitwise identical.
 void adamw_update_flat(Tensor param, Tensor m, Tensor v, Tensor grad, Tensor decay_ranges, Tensor norm, float max_norm,
                        float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
-                       Tensor param_bf16 = Tensor());
+                       Tensor param_bf16 = Tensor(), Tensor schedule = Tensor());
+// {lr, 1 - beta1^step, 1 - beta2^step} as adamw_update_flat computes them from its arguments.
+void adamw_schedule(float out[3], float lr, float beta1, float beta2, int64_t step);
 
 // dst (bf16, GPU) = src (f32, same numel) rounded to nearest even: the bf16 weight copy after init or
 // a checkpoint load.
@@ -85,7 +91,8 @@ void adamw_update(float* param, float* m, float* v, const float* grad, const flo
 // into the launch arguments.
 void adamw_update_flat(float* param, float* m, float* v, const float* grad, const float* norm, int64_t n,
                        const int32_t* ranges, int64_t s, float max_norm, float lr, float beta1, float beta2, float eps,
-                       float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16 = nullptr);
+                       float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16 = nullptr,
+                       const float* schedule = nullptr);
 void cast_to_bf16(bf16* dst, const float* src, int64_t n);
 }  // namespace cuda
 

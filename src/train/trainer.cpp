@@ -64,7 +64,7 @@ std::string TrainOptions::to_json() const {
   return j.dump();
 }
 
-void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step) {
+void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step, Tensor schedule) {
   // Two launches for the norm, one for AdamW over the whole parameter arena (weight decay on the
   // 2-D tensors' ranges): bitwise the same as per-tensor updates.
   Tensor g = model.grads().flat_f32();
@@ -73,7 +73,7 @@ void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, i
   Tensor copy = model.plan().precision == Precision::bf16 ? model.params_bf16().flat(DType::bf16) : Tensor();
   adamw_update_flat(model.params().flat_f32(), model.adam_m().flat_f32(), model.adam_v().flat_f32(), g,
                     model.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
-                    o.weight_decay, step, copy);
+                    o.weight_decay, step, copy, schedule);
 }
 
 double gpu_peak_tflops(const std::string& name) {
@@ -152,7 +152,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
                                        {"targets", {o_.batch_size, T}, DType::i32}});
   batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
                            {"targets", {o_.batch_size, T}, DType::i32},
-                           {"grad_norm", {1}, DType::f32}}, device_);
+                           {"grad_norm", {1}, DType::f32},
+                           {"schedule", {3}, DType::f32},
+                           {"cur_loss", {1}, DType::f32}}, device_);
   tokens_host_ = batch_host_.get("tokens");
   targets_host_ = batch_host_.get("targets");
   stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
@@ -162,6 +164,16 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
+  schedule_ = batch_.get("schedule");
+  cur_loss_ = batch_.get("cur_loss");
+  if (o_.cuda_graph == "on" || o_.cuda_graph == "auto") {
+    use_graph_ = device_ == Device::cuda && o_.grad_accum == 1;
+    if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
+    if (o_.cuda_graph == "on" && o_.grad_accum != 1)
+      fail("--cuda-graph=on captures one micro-batch per step: it needs --grad-accum 1 (got ", o_.grad_accum, ")");
+  } else if (o_.cuda_graph != "off") {
+    fail("--cuda-graph=", o_.cuda_graph, " must be auto, on or off");
+  }
 
   // --- data ------------------------------------------------------------------------------------
   if (o_.data.empty()) {
@@ -193,7 +205,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   // Pinned staging for the GPU uploads, last among the set-up steps that can throw, so a failed
   // set-up leaks nothing (the destructor does not run when the constructor throws).
   if (device_ == Device::cuda) {
-    const size_t bytes = 2 * tokens_host_.nbytes();
+    const size_t bytes = 2 * tokens_host_.nbytes() + 4 * sizeof(float);  // tokens, targets, schedule
     for (void*& p : staging_) p = host_alloc_pinned(bytes, "batch staging");
     staging_events_ = cuda_event_pool_create(2);
   }
@@ -234,6 +246,7 @@ Trainer::~Trainer() {
   } catch (const Error&) {
     // a sticky CUDA error is reported by whoever saw it first; a destructor must not throw
   }
+  cuda_graph_destroy(graph_);
   for (void* p : staging_) host_free_pinned(p);
   cuda_event_pool_destroy(staging_events_);
 }
@@ -244,7 +257,7 @@ double Trainer::last_grad_norm() const {
   return n;
 }
 
-void Trainer::stage_from(DataLoader& loader) {
+void Trainer::stage_from(DataLoader& loader, bool with_schedule) {
   if (device_ == Device::cpu) {
     loader.next(tokens_host_.i32(), targets_host_.i32());
     return;
@@ -257,6 +270,11 @@ void Trainer::stage_from(DataLoader& loader) {
   loader.next(buf, buf + n);
   copy_to_device_async(tokens_.data, buf, tokens_.nbytes());
   copy_to_device_async(targets_.data, buf + n, targets_.nbytes());
+  if (with_schedule) {  // graph mode: this step's lr and bias corrections, behind the batch
+    float* sched = reinterpret_cast<float*>(buf + 2 * n);
+    adamw_schedule(sched, static_cast<float>(lr_at_step(o_, step_)), o_.beta1, o_.beta2, step_ + 1);
+    copy_to_device_async(schedule_.data, sched, schedule_.nbytes());
+  }
   cuda_event_record(staging_events_[j]);
   staging_used_[j] = true;
 }
@@ -277,7 +295,32 @@ void Trainer::finish_step() {
   step_++;
 }
 
+void Trainer::graph_body() {
+  model_->zero_grad();
+  model_->forward_backward_device(tokens_, targets_, 1.0f);
+  loss_mean(cur_loss_, model_->row_losses(), 1.0f, false);
+  optimizer_step(*model_, norm_, o_, 0.0, 1, schedule_);  // lr and step come from schedule_
+}
+
 void Trainer::step() {
+  if (use_graph_) {
+    LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
+    stage_from(*train_, true);
+    if (!graph_ && eager_graph_steps_ == 0) {
+      graph_body();  // warm-up, eagerly: GEMM plans and every launch's attributes settle outside the capture
+      ++eager_graph_steps_;
+    } else {
+      if (!graph_) {
+        cuda_capture_begin();
+        graph_body();
+        graph_ = cuda_capture_end();
+      }
+      cuda_graph_replay(graph_);
+    }
+    device_copy(step_losses_.rows(step_, step_ + 1).data, cur_loss_.data, sizeof(float));
+    step_++;
+    return;
+  }
   for (int64_t micro = 0; micro < o_.grad_accum; ++micro) {
     stage_batch();
     compute_micro(micro);

@@ -46,6 +46,7 @@ struct TrainOptions {
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
+  std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
 
   std::string to_json() const;
 };
@@ -53,7 +54,10 @@ struct TrainOptions {
 // Global-norm clipping + AdamW over every parameter of `model` (weight decay on 2-D parameters
 // only), as one optimizer step number `step` (1-based) at learning rate `lr`. `norm` is a (1) f32
 // buffer that receives the pre-clip gradient norm. Allocates nothing.
-void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step);
+// schedule: optional device (3) f32 {lr, bias corrections} read by the AdamW kernel instead of lr and
+// step (graph replays; see adamw_update_flat).
+void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step,
+                    Tensor schedule = Tensor());
 
 // Dense bf16 peak TFLOP/s of a GPU by its name (0 when unknown).
 double gpu_peak_tflops(const std::string& device_name);
@@ -69,7 +73,11 @@ class Trainer {
   // One optimizer step: per micro-batch stage_batch() then compute_micro(), then finish_step().
   // On a GPU the step's mean loss stays in a device buffer until someone reads it (step_loss(), at
   // log intervals); the only host wait is stage_batch()'s, for an upload two batches old.
+  // With CUDA graphs (--cuda-graph), the first step runs eagerly, the second is captured as one
+  // graph, and every step from then on is one graph launch: what changes per step (the batch, the
+  // learning rate and AdamW's bias corrections) is uploaded into fixed device buffers before it.
   void step();
+  bool uses_cuda_graph() const { return use_graph_; }
   // Next training batch: loader -> pinned staging buffer -> device, asynchronously (a staging
   // buffer is reused only after its previous upload has completed).
   void stage_batch();
@@ -95,7 +103,8 @@ class Trainer {
  private:
   void log_step(double loss, double step_ms);
   void write_metric(const std::string& json_line);
-  void stage_from(DataLoader& loader);
+  void stage_from(DataLoader& loader, bool with_schedule = false);
+  void graph_body();  // the device work of a step in graph mode (eager or captured)
 
   TrainOptions o_;
   std::ostream& log_;
@@ -112,6 +121,10 @@ class Trainer {
   std::vector<void*> staging_events_;
   bool staging_used_[2] = {false, false};
   int staging_turn_ = 0;
+  bool use_graph_ = false;
+  void* graph_ = nullptr;      // the captured step (graph mode)
+  int64_t eager_graph_steps_ = 0;
+  Tensor schedule_, cur_loss_;  // graph mode: {lr, bc1, bc2} and the step's loss, fixed device slots
   int64_t step_ = 0, first_step_ = 0;
   std::ofstream metrics_;
   double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
