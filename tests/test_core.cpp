@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "core/arena.h"
+#include "core/gpu_monitor.h"
 #include "core/bf16.h"
 #include "core/check.h"
 #include "core/rng.h"
@@ -144,6 +145,24 @@ TEST(Safetensors, RoundTripAndValidation) {
   write_file_atomic(d + "/y.safetensors", broken);
   EXPECT_THROW(SafetensorsFile(d + "/y.safetensors"), Error);
   std::filesystem::remove_all(d);
+}
+
+// Without the NVIDIA driver (CI, CPU machines) the monitor reports itself unavailable and every
+// reading is n/a; it never throws. On a GPU machine the GPU tests print its readings.
+TEST(GpuMonitor, MissingNvmlReadsAsNotAvailable) {
+  GpuMonitor m(0);
+  const GpuMonitor::Sample s = m.read();
+  if (!m.available()) {
+    EXPECT_EQ(s.sm_util, -1);
+    EXPECT_EQ(s.hbm_util, -1);
+    EXPECT_EQ(s.mem_ctrl_util, -1);
+    EXPECT_EQ(m.status().rfind("n/a", 0), 0u) << m.status();
+  } else {
+    EXPECT_GE(s.sm_util, 0);
+    EXPECT_LE(s.sm_util, 100);
+  }
+  EXPECT_EQ(format_util(-1), "n/a");
+  EXPECT_EQ(format_util(87.54), "87.5%");
 }
 
 }  // namespace
