@@ -145,6 +145,37 @@ TEST(Training, ValidationLossFallsOnTheBundledCorpus) {
   fs::remove_all(d);
 }
 
+// The metrics line and metrics.jsonl of a CPU run carry every field of the list (issue 5); the GPU-only
+// ones are n/a in the line and null in the JSON.
+TEST(Training, MetricsLineHasEveryFieldWithGpuOnesNotAvailableOnTheCpu) {
+  std::string d = test::make_temp_dir("metrics");
+  std::ostringstream log;
+  TrainOptions o = small_run(d);
+  o.log_every = 5;
+  o.save_final_checkpoint = false;
+  Trainer t(o, log);
+  t.run();
+  const std::string text = log.str();
+  for (const char* field : {"step=", "loss=", "lr=", "toks/s=", "tflops=", "step_ms=", "data_ms=", "sm_util=n/a",
+                            "hbm_util=n/a", "mem_ctrl_util=n/a", "kernel_launches_per_step=n/a"})
+    EXPECT_NE(text.find(field), std::string::npos) << field << " missing from:\n" << text;
+  std::ifstream f(d + "/metrics.jsonl");
+  std::string line;
+  int train_records = 0;
+  while (std::getline(f, line)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    ++train_records;
+    for (const char* key : {"step", "loss", "lr", "toks_per_s", "tflops", "step_ms", "data_ms"})
+      EXPECT_TRUE(j[key].is_number()) << key << " in " << line;
+    EXPECT_GE(j["data_ms"].get<double>(), 0.0);
+    for (const char* key : {"sm_util", "hbm_util", "mem_ctrl_util", "kernel_launches_per_step"})
+      EXPECT_TRUE(j.contains(key) && j[key].is_null()) << key << " in " << line;
+  }
+  EXPECT_EQ(train_records, 3);  // steps 1, 5, 10
+  fs::remove_all(d);
+}
+
 TEST(Training, NoAllocationInsideAStepAfterSetUp) {
   std::string d = test::make_temp_dir("alloc");
   std::ostringstream log;

@@ -52,6 +52,12 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   c->add_option("--cuda-graph", o.cuda_graph,
                  "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")
       ->capture_default_str();
+  c->add_flag("--profile", o.profile,
+              "time every op of a few steps after warm-up (eagerly): Chrome trace JSON + per-op summary");
+  c->add_option("--profile-steps", o.profile_steps, "steps to profile (with --profile)")->capture_default_str();
+  c->add_option("--profile-warmup", o.profile_warmup, "steps before the profiled ones (with --profile)")
+      ->capture_default_str();
+  c->add_option("--profile-out", o.profile_out, "trace file (default: <out-dir>/trace.json)");
 }
 
 int run_prepare(const std::string& input, const std::string& out_dir, std::string name, double val_fraction,

@@ -11,6 +11,9 @@
 
 #include "core/check.h"
 #include "core/device.h"
+#include "core/gpu_monitor.h"
+#include "core/profiler.h"
+#include "core/trace.h"
 #include "data/corpus.h"
 #include "data/tokenizer.h"
 #include "ops/cross_entropy.h"
@@ -114,6 +117,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (o_.log_every < 1) fail("--log-every=", o_.log_every, " must be >= 1");
   if (o_.eval_every < 0) fail("--eval-every=", o_.eval_every, " must be >= 0");
   if (o_.checkpoint_every < 0) fail("--checkpoint-every=", o_.checkpoint_every, " must be >= 0");
+  if (o_.profile_steps < 1) fail("--profile-steps=", o_.profile_steps, " must be >= 1");
+  if (o_.profile_warmup < 0) fail("--profile-warmup=", o_.profile_warmup, " must be >= 0");
+  if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
 
   // --- config: from the checkpoint when resuming, else --config or --preset --------------------
   std::string resume_dir;
@@ -140,6 +146,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     device_ = Device::cuda;
   } else fail("--device=", o_.device, " must be cpu, cuda or auto");
   if (device_ == Device::cuda) cuda_set_device(0);
+  if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
 
   // --- plan ------------------------------------------------------------------------------------
   const Precision precision = o_.precision == "auto" ? (device_ == Device::cuda ? Precision::bf16 : Precision::fp32)
@@ -199,6 +206,10 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     model_->init_weights(o_.seed);
   }
 
+  if (o_.profile && first_step_ + o_.profile_warmup >= o_.steps)
+    fail("--profile: --steps=", o_.steps, " leaves no step after the ", o_.profile_warmup, " warm-up steps from step ",
+         first_step_);
+
   tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum);
   flops_per_token_ = gpt_train_flops_per_token(cfg_, T);
 
@@ -221,7 +232,8 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
     log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision) << " mfu_peak_tflops="
-         << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)")) << "\n";
+         << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)"))
+         << " utilization=" << monitor_->status() << " cuda_graph=" << (use_graph_ ? "on" : "off") << "\n";
   }
   else
     log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
@@ -258,6 +270,15 @@ double Trainer::last_grad_norm() const {
 }
 
 void Trainer::stage_from(DataLoader& loader, bool with_schedule) {
+  const auto t0 = std::chrono::steady_clock::now();
+  struct DataTime {  // adds this call's host time to data_ms (training batches only)
+    Trainer* t;
+    bool on;
+    std::chrono::steady_clock::time_point t0;
+    ~DataTime() {
+      if (on) t->data_ms_acc_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } timer{this, &loader == train_.get(), t0};
   if (device_ == Device::cpu) {
     loader.next(tokens_host_.i32(), targets_host_.i32());
     return;
@@ -283,15 +304,22 @@ void Trainer::stage_batch() { stage_from(*train_); }
 
 void Trainer::compute_micro(int64_t micro) {
   LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
-  if (micro == 0) model_->zero_grad();
+  if (micro == 0) {
+    ProfileScope scope(prof_, "zero grad");
+    model_->zero_grad();
+  }
   const float scale = 1.0f / static_cast<float>(o_.grad_accum);
   const bool cpu = device_ == Device::cpu;
   model_->forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
+  ProfileScope scope(prof_, "loss mean");
   loss_mean(step_losses_.rows(step_, step_ + 1), model_->row_losses(), scale, micro > 0);
 }
 
 void Trainer::finish_step() {
-  optimizer_step(*model_, norm_, o_, lr_at_step(o_, step_), step_ + 1);
+  {
+    ProfileScope scope(prof_, "grad norm + AdamW");
+    optimizer_step(*model_, norm_, o_, lr_at_step(o_, step_), step_ + 1);
+  }
   step_++;
 }
 
@@ -303,7 +331,7 @@ void Trainer::graph_body() {
 }
 
 void Trainer::step() {
-  if (use_graph_) {
+  if (use_graph_ && !force_eager_) {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
     if (!graph_ && eager_graph_steps_ == 0) {
@@ -366,7 +394,7 @@ void Trainer::write_metric(const std::string& line) {
   metrics_.flush();
 }
 
-void Trainer::log_step(double loss, double step_ms) {
+void Trainer::log_step(double loss, double step_ms, int64_t steps) {
   const double lr = lr_at_step(o_, step_ - 1);
   const double tok_s = tokens_per_step_ / (step_ms / 1000.0);
   const double tflops = tok_s * flops_per_token_ / 1e12;
@@ -376,6 +404,27 @@ void Trainer::log_step(double loss, double step_ms) {
        << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops);
   json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},
             {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_}};
+  // Where the time goes: host data time, device utilisation (NVML; n/a on the CPU or without the
+  // driver) and kernel launches per step (lmforge's launcher count; a graph replay counts as one).
+  const double data_ms = data_ms_acc_ / static_cast<double>(std::max<int64_t>(steps, 1));
+  const GpuMonitor::Sample u = monitor_ ? monitor_->read() : GpuMonitor::Sample{};
+  log_ << " data_ms=" << fmt("%.3f", data_ms) << " sm_util=" << format_util(u.sm_util)
+       << " hbm_util=" << format_util(u.hbm_util) << " mem_ctrl_util=" << format_util(u.mem_ctrl_util);
+  j["data_ms"] = data_ms;
+  auto util = [](double v) { return v < 0 ? json(nullptr) : json(v); };
+  j["sm_util"] = util(u.sm_util);
+  j["hbm_util"] = util(u.hbm_util);
+  j["mem_ctrl_util"] = util(u.mem_ctrl_util);
+  if (device_ == Device::cuda) {
+    const double launches = static_cast<double>(cuda_launch_count() - launches_mark_) /
+                            static_cast<double>(std::max<int64_t>(steps, 1));
+    log_ << " kernel_launches_per_step=" << fmt("%.0f", launches);
+    j["kernel_launches_per_step"] = launches;
+  } else {
+    log_ << " kernel_launches_per_step=n/a";
+    j["kernel_launches_per_step"] = nullptr;
+  }
+  data_ms_acc_ = 0;
   if (device_ == Device::cuda) {
     const double peak_gb = cuda_peak_allocated_bytes() / 1e9;
     if (peak_tflops_ > 0) {
@@ -388,6 +437,25 @@ void Trainer::log_step(double loss, double step_ms) {
   log_ << "\n";
   log_.flush();
   write_metric(j.dump());
+}
+
+void Trainer::write_profile(const OpProfiler& prof, double step_ms) {
+  TraceInfo info;
+  info.device = device_ == Device::cuda ? cuda_limits().name : std::string("cpu");
+  info.precision = precision_name(model_->plan().precision);
+  info.first_step = prof.records().empty() ? 0 : step_ - prof.steps_collected() + 1;  // 1-based, as in the log
+  info.allocated_gb = (device_ == Device::cuda ? static_cast<double>(cuda_peak_allocated_bytes())
+                                               : static_cast<double>(model_->arena_bytes())) / 1e9;
+  info.step_ms = step_ms;
+  // The only ceiling known here is the datasheet's dense bf16 peak (bf16 runs on the GPU);
+  // bench/bench_train_step --profile measures both ceilings.
+  if (device_ == Device::cuda && model_->plan().precision == Precision::bf16) info.ceilings.gemm_tflops = peak_tflops_;
+  write_chrome_trace(o_.profile_out, prof.records(), info);
+  if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
+  log_ << profile_summary(prof.records(), prof.steps_collected(), step_ms, info.ceilings);
+  log_ << "trace " << o_.profile_out << " (steps " << info.first_step << ".." << step_
+       << "; open in ui.perfetto.dev or chrome://tracing)\n";
+  log_.flush();
 }
 
 void Trainer::run() {
@@ -406,17 +474,51 @@ void Trainer::run() {
   // for the device, so the interval's wall time is the device time of its steps.
   auto t_interval = clock::now();
   int64_t steps_in_interval = 0;
+  if (device_ == Device::cuda) launches_mark_ = cuda_launch_count();
+  // --profile: steps [prof_begin, prof_end) run eagerly with a profiler attached; each is timed
+  // from an idle device to its collect() (which waits for the device).
+  const int64_t prof_begin = first_step_ + o_.profile_warmup;
+  const int64_t prof_end = std::min(o_.steps, prof_begin + o_.profile_steps);
+  std::unique_ptr<OpProfiler> prof;
+  if (o_.profile && prof_begin < prof_end)
+    prof = std::make_unique<OpProfiler>(device_, 4096, static_cast<size_t>(prof_end - prof_begin));
+  struct Detach {  // never leave the model or step() pointing at the profiler, even on a throw
+    Trainer* t;
+    ~Detach() {
+      t->model_->set_profiler(nullptr);
+      t->prof_ = nullptr;
+      t->force_eager_ = false;
+    }
+  } detach{this};
+  double prof_ms = 0;
   while (step_ < o_.steps) {
+    const bool profiled = prof && step_ >= prof_begin && step_ < prof_end;
+    auto t_prof = clock::now();
+    if (profiled) {
+      device_synchronize();  // an idle stream, so the profiler's device anchor is exact
+      prof_ = prof.get();
+      model_->set_profiler(prof_);
+      force_eager_ = true;  // never capture or replay a graph with profiler events
+      t_prof = clock::now();
+    }
     step();
+    if (profiled) {
+      prof->collect();
+      prof_ms += std::chrono::duration<double, std::milli>(clock::now() - t_prof).count();
+      model_->set_profiler(nullptr);
+      prof_ = nullptr;
+      force_eager_ = false;
+    }
     steps_in_interval++;
     if (step_ % o_.log_every == 0 || step_ == o_.steps || step_ == 1) {
       const double loss = step_loss(step_ - 1);
       const double ms =
           std::chrono::duration<double, std::milli>(clock::now() - t_interval).count() / steps_in_interval;
       if (!std::isfinite(loss)) fail("step ", step_, ": loss is ", loss, " (diverged); try a lower --lr");
-      log_step(loss, ms);
+      log_step(loss, ms, steps_in_interval);
       t_interval = clock::now();
       steps_in_interval = 0;
+      if (device_ == Device::cuda) launches_mark_ = cuda_launch_count();
     } else if (tty) {
       std::fprintf(stderr, "\r  step %lld/%lld", static_cast<long long>(step_), static_cast<long long>(o_.steps));
       std::fflush(stderr);
@@ -434,10 +536,17 @@ void Trainer::run() {
       log_.flush();
       paused = true;
     }
-    if (paused) {  // evaluation and checkpoints are not step time
+    if (prof && step_ == prof_end) {
+      write_profile(*prof, prof_ms / static_cast<double>(prof_end - prof_begin));
+      prof.reset();
+      paused = true;
+    }
+    if (paused) {  // evaluation, checkpoints and the profile's output are not step time
       device_synchronize();
       t_interval = clock::now();
       steps_in_interval = 0;
+      data_ms_acc_ = 0;
+      if (device_ == Device::cuda) launches_mark_ = cuda_launch_count();
     }
   }
   if (progress_line_) std::fprintf(stderr, "\r\033[K");

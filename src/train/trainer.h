@@ -47,6 +47,13 @@ struct TrainOptions {
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
   std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
+  // --profile: steps [first + profile_warmup, + profile_steps) run eagerly (never as a CUDA graph)
+  // with an OpProfiler attached; then a Chrome trace goes to profile_out (default
+  // <out_dir>/trace.json) and a per-op summary to the log.
+  bool profile = false;
+  int64_t profile_steps = 3;
+  int64_t profile_warmup = 2;
+  std::string profile_out;
 
   std::string to_json() const;
 };
@@ -76,6 +83,8 @@ class Trainer {
   // With CUDA graphs (--cuda-graph), the first step runs eagerly, the second is captured as one
   // graph, and every step from then on is one graph launch: what changes per step (the batch, the
   // learning rate and AdamW's bias corrections) is uploaded into fixed device buffers before it.
+  // Profiled steps (run() with --profile) take the eager path; capture happens on the first graph
+  // step after them, with no profiler attached.
   void step();
   bool uses_cuda_graph() const { return use_graph_; }
   // Next training batch: loader -> pinned staging buffer -> device, asynchronously (a staging
@@ -101,10 +110,12 @@ class Trainer {
   std::string save();
 
  private:
-  void log_step(double loss, double step_ms);
+  void log_step(double loss, double step_ms, int64_t steps);
   void write_metric(const std::string& json_line);
   void stage_from(DataLoader& loader, bool with_schedule = false);
   void graph_body();  // the device work of a step in graph mode (eager or captured)
+  void write_profile(const class OpProfiler& prof, double step_ms);
+
 
   TrainOptions o_;
   std::ostream& log_;
@@ -121,6 +132,9 @@ class Trainer {
   std::vector<void*> staging_events_;
   bool staging_used_[2] = {false, false};
   int staging_turn_ = 0;
+  double data_ms_acc_ = 0;          // host time in the train loader and staging since the last log
+  uint64_t launches_mark_ = 0;       // cuda_launch_count() at the start of the log interval
+  std::unique_ptr<class GpuMonitor> monitor_;  // NVML readings (GPU runs)
   bool use_graph_ = false;
   void* graph_ = nullptr;      // the captured step (graph mode)
   int64_t eager_graph_steps_ = 0;
@@ -129,6 +143,8 @@ class Trainer {
   std::ofstream metrics_;
   double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
   bool progress_line_ = false;
+  class OpProfiler* prof_ = nullptr;  // attached during profiled steps (run() with --profile)
+  bool force_eager_ = false;          // profiled steps: the eager path even in graph mode
 };
 
 }  // namespace lmf
