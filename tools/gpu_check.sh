@@ -52,6 +52,15 @@ if [ "$what" = all ]; then
   add "train tiny on GPU (200 steps)" "rc=$rc $(grep val_loss "$OUT/train_gpu.log" | tail -1)"
   [ $rc -eq 0 ] || failures=$((failures + 1))
   tail -5 "$OUT/train_gpu.log"
+  # --profile on GPT-2 124M: the Chrome trace parses and its per-op device time adds up to the step
+  ./build-gpu/lmforge train --device cuda --preset gpt2-124m -B 16 -T 1024 --steps 8 --log-every 4 --eval-batches 1 \
+    --profile --profile-steps 3 --out-dir "$OUT/profile_gpt2" >"$OUT/profile_gpt2.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] && python3 tools/check_trace.py "$OUT/profile_gpt2/trace.json" | tee "$OUT/check_trace.log"
+  rc=$((rc + ${PIPESTATUS[0]}))
+  add "GPT-2 --profile trace (device ops vs step)" "rc=$rc $(tail -1 "$OUT/check_trace.log" 2>/dev/null)"
+  [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/profile_gpt2.log"; }
+  grep -E "^step=4 |utilization=" "$OUT/profile_gpt2.log"
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
