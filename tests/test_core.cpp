@@ -162,6 +162,7 @@ TEST(GpuMonitor, MissingNvmlReadsAsNotAvailable) {
     EXPECT_LE(s.sm_util, 100);
   }
   EXPECT_EQ(format_util(-1), "n/a");
+  EXPECT_EQ(format_util(std::nan("")), "n/a");
   EXPECT_EQ(format_util(87.54), "87.5%");
 }
 

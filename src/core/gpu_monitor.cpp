@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -117,7 +118,9 @@ GpuMonitor::Sample GpuMonitor::read() {
         g.sample1 = samples_[turn_ ^ 1];
         g.sample2 = now;
         g.metrics[0].metricId = kGpmMetricDramBwUtil;
-        if (api_->gpm_metrics(&g) == 0 && g.metrics[0].nvmlReturn_ == 0) r.hbm_util = g.metrics[0].value;
+        // a too-short interval can read as NaN: that is "not available", not a value
+        if (api_->gpm_metrics(&g) == 0 && g.metrics[0].nvmlReturn_ == 0 && std::isfinite(g.metrics[0].value))
+          r.hbm_util = g.metrics[0].value;
       }
       gpm_primed_ = true;
       turn_ ^= 1;
@@ -127,7 +130,7 @@ GpuMonitor::Sample GpuMonitor::read() {
 }
 
 std::string format_util(double v) {
-  if (v < 0) return "n/a";
+  if (!(v >= 0)) return "n/a";  // negative or NaN
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f%%", v);
   return buf;

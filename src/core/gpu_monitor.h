@@ -40,7 +40,7 @@ class GpuMonitor {
   std::string status_ = "n/a";
 };
 
-// "n/a" for a negative value, else the value with one decimal and a percent sign ("87.5%").
+// "n/a" for a negative or NaN value, else the value with one decimal and a percent sign ("87.5%").
 std::string format_util(double v);
 
 }  // namespace lmf
