@@ -18,6 +18,7 @@
 // fp32 sum and rounds it once (round to nearest even, as lmf::bf16); the backward widens dout
 // exactly, so both backward passes equal the f32 path run on the widened dout, bitwise
 // (to_f32 / from_f32 from ops/packed.cuh).
+#include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
 
 #include <climits>
@@ -31,7 +32,9 @@ namespace lmf::cuda {
 namespace {
 
 constexpr const char* kOpBackward = "embedding_backward";
-constexpr int64_t kWteBlock = 128;  // threads per token run, looping over the C columns
+// Threads per token run: one per column up to 1024 (then looping over the columns), so that a long
+// run's dependent adds run in C parallel chains, each with kUnroll loads in flight.
+constexpr int64_t kWteMaxBlock = 1024;
 constexpr size_t kAlign = 256;
 
 size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -62,7 +65,7 @@ SortLayout sort_layout(int64_t N, int64_t Vp) {
 
 // One block per sorted index i; only the first index of each token's run works. The run's end is
 // found by binary search over the sorted keys; then each thread adds its columns' dout rows in run
-// order, loading kUnroll rows ahead of the adds: the same sequence of fp32 adds as the CPU (bitwise),
+// order, loading kUnroll rows ahead of the adds (one thread per column): the same sequence of fp32 adds as the CPU (bitwise),
 // but with the loads of a long run (a frequent token: thousands of rows in natural text) in flight
 // together instead of one dependent load per row.
 // dwte: (Vp, C) +=; dout: (N, C) float or __nv_bfloat16; keys: (N) sorted token ids; rows: (N) row n
@@ -70,7 +73,7 @@ SortLayout sort_layout(int64_t N, int64_t Vp) {
 template <class Act>
 __global__ void embedding_wte_runs_kernel(float* dwte, const Act* dout, const int32_t* keys, const int32_t* rows,
                                           int64_t N, int64_t C) {
-  constexpr int kUnroll = 8;
+  constexpr int kUnroll = 16;
   const int64_t i = blockIdx.x;
   const int32_t tok = keys[i];
   if (i > 0 && keys[i - 1] == tok) return;  // not the start of a run
@@ -128,7 +131,8 @@ void backward_wte_impl(float* dwte, const Act* dout, const int32_t* tokens, int6
   LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + L.temp, temp_bytes, tokens, keys_sorted, rows, rows_sorted,
                                                  static_cast<int>(N), 0, key_bits(Vp), stream()));
   const ShapeText shapes = shape_text("N=", N, " C=", C, " Vp=", Vp);
-  launch({kOpBackward, shapes, {N, 1, 1}, {kWteBlock, 1, 1}, 0}, embedding_wte_runs_kernel<Act>, dwte, dout,
+  const int64_t block = std::min<int64_t>(kWteMaxBlock, ceil_div(C, 32) * 32);
+  launch({kOpBackward, shapes, {N, 1, 1}, {block, 1, 1}, 0}, embedding_wte_runs_kernel<Act>, dwte, dout,
          static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
 }
 

@@ -270,17 +270,16 @@ double Trainer::last_grad_norm() const {
 }
 
 void Trainer::stage_from(DataLoader& loader, bool with_schedule) {
-  const auto t0 = std::chrono::steady_clock::now();
-  struct DataTime {  // adds this call's host time to data_ms (training batches only)
-    Trainer* t;
-    bool on;
-    std::chrono::steady_clock::time_point t0;
-    ~DataTime() {
-      if (on) t->data_ms_acc_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    }
-  } timer{this, &loader == train_.get(), t0};
+  // data_ms: the host time the training loader takes to produce a batch (not the wait for a free
+  // staging buffer below, which is the GPU running ahead).
+  auto next = [&](int32_t* tok, int32_t* tgt) {
+    const auto t0 = std::chrono::steady_clock::now();
+    loader.next(tok, tgt);
+    if (&loader == train_.get())
+      data_ms_acc_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
   if (device_ == Device::cpu) {
-    loader.next(tokens_host_.i32(), targets_host_.i32());
+    next(tokens_host_.i32(), targets_host_.i32());
     return;
   }
   const int j = staging_turn_;
@@ -288,7 +287,7 @@ void Trainer::stage_from(DataLoader& loader, bool with_schedule) {
   if (staging_used_[j]) cuda_event_wait(staging_events_[j]);  // its last upload is long done
   int32_t* buf = static_cast<int32_t*>(staging_[j]);
   const int64_t n = tokens_host_.numel();
-  loader.next(buf, buf + n);
+  next(buf, buf + n);
   copy_to_device_async(tokens_.data, buf, tokens_.nbytes());
   copy_to_device_async(targets_.data, buf + n, targets_.nbytes());
   if (with_schedule) {  // graph mode: this step's lr and bias corrections, behind the batch
