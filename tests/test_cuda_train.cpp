@@ -324,6 +324,11 @@ TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) 
   tensor_to_host(hb.data(), b);
   EXPECT_EQ(0, std::memcmp(ha.data(), hb.data(), ha.size() * 4)) << "weights after 12 graph steps differ";
   EXPECT_EQ(launches, 10u) << "kernel launches over 10 graph-mode steps";
+  // evaluation: eager the first time, its own graphs from the second; bitwise equal to eager
+  const double ve = eager.evaluate(), vg1 = graphed.evaluate(), vg2 = graphed.evaluate(), vg3 = graphed.evaluate();
+  EXPECT_EQ(ve, vg1);
+  EXPECT_EQ(ve, vg2);
+  EXPECT_EQ(ve, vg3);
   std::printf("[ measured ] %s graph mode: 10 steps, %llu launches, losses and weights bitwise equal to eager\n",
               GetParam(), static_cast<unsigned long long>(launches));
   fs::remove_all(d);

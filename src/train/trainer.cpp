@@ -259,6 +259,7 @@ Trainer::~Trainer() {
     // a sticky CUDA error is reported by whoever saw it first; a destructor must not throw
   }
   cuda_graph_destroy(graph_);
+  for (void* g : eval_graphs_) cuda_graph_destroy(g);
   for (void* p : staging_) host_free_pinned(p);
   cuda_event_pool_destroy(staging_events_);
 }
@@ -373,11 +374,28 @@ double Trainer::evaluate() {
   if (!val_) return std::nan("");
   val_->set_position(0);  // the same fixed batches every evaluation
   const bool cpu = device_ == Device::cpu;
+  // Graph mode: evaluation has its own two graphs (the first batch sets the mean, the others add to
+  // it), captured at the second evaluation; the first runs eagerly and settles every plan.
+  const bool graphs = use_graph_ && !force_eager_ && evals_ > 0;
   for (int64_t i = 0; i < o_.eval_batches; ++i) {
     stage_from(*val_);
-    model_->forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
-    loss_mean(eval_loss_, model_->row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
+    auto body = [&] {
+      model_->forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
+      loss_mean(eval_loss_, model_->row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
+    };
+    if (!graphs) {
+      body();
+      continue;
+    }
+    void*& g = eval_graphs_[i > 0 ? 1 : 0];
+    if (!g) {
+      cuda_capture_begin();
+      body();
+      g = cuda_capture_end();
+    }
+    cuda_graph_replay(g);
   }
+  ++evals_;
   float v = 0;
   tensor_to_host(&v, eval_loss_);
   return v;

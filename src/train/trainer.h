@@ -137,6 +137,8 @@ class Trainer {
   std::unique_ptr<class GpuMonitor> monitor_;  // NVML readings (GPU runs)
   bool use_graph_ = false;
   void* graph_ = nullptr;      // the captured step (graph mode)
+  void* eval_graphs_[2] = {nullptr, nullptr};  // evaluation: first batch, later batches
+  int64_t evals_ = 0;
   int64_t eager_graph_steps_ = 0;
   Tensor schedule_, cur_loss_;  // graph mode: {lr, bc1, bc2} and the step's loss, fixed device slots
   int64_t step_ = 0, first_step_ = 0;
