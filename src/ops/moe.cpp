@@ -1,0 +1,359 @@
+// moe.cpp: CPU reference of the Mixture-of-Experts FFN layer (moe.h): a plain loop over experts.
+//
+// Every loop runs single-threaded in a fixed order (tokens, then slots, then experts), and each
+// expert's GEMMs run on its gathered rows through blas_sgemm (deterministic for a fixed shape), so
+// results are bitwise reproducible. Router math (softmax, logsumexp, aux/z terms) is done in double
+// and rounded once. Backward accumulates (+=) into every gradient.
+#include "ops/moe.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <vector>
+
+#include "ops/activation.h"
+#include "ops/blas.h"
+#include "ops/dispatch.h"
+
+namespace lmf {
+namespace {
+
+constexpr const char* kOpForward = "moe_forward";
+constexpr const char* kOpBackward = "moe_backward";
+
+// logsumexp of row (E) in double
+double row_logsumexp(const float* row, int64_t E) {
+  double m = row[0];
+  for (int64_t e = 1; e < E; ++e) m = std::max(m, static_cast<double>(row[e]));
+  double s = 0;
+  for (int64_t e = 0; e < E; ++e) s += std::exp(row[e] - m);
+  return m + std::log(s);
+}
+
+// logits, scores: (N, E)
+void router_scores(float* scores, const float* logits, int64_t N, int64_t E, MoeScore score) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* l = logits + n * E;
+    float* s = scores + n * E;
+    if (score == MoeScore::softmax) {
+      const double lse = row_logsumexp(l, E);
+      for (int64_t e = 0; e < E; ++e) s[e] = static_cast<float>(std::exp(l[e] - lse));
+    } else {
+      for (int64_t e = 0; e < E; ++e) s[e] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(l[e]))));
+    }
+  }
+}
+
+// scores: (N, E); topk_idx, topk_w: (N, K). Selection by repeated argmax: strict > over increasing
+// expert index keeps the lower index on a tie.
+void router_topk(int32_t* topk_idx, float* topk_w, const float* scores, int64_t N, int64_t E, int64_t K,
+                 bool renormalize) {
+  std::vector<char> taken(static_cast<size_t>(E));
+  for (int64_t n = 0; n < N; ++n) {
+    const float* s = scores + n * E;
+    std::fill(taken.begin(), taken.end(), 0);
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || s[e] > s[best])) best = e;
+      taken[best] = 1;
+      topk_idx[n * K + k] = static_cast<int32_t>(best);
+      topk_w[n * K + k] = s[best];
+      sum += s[best];
+    }
+    if (renormalize)
+      for (int64_t k = 0; k < K; ++k) topk_w[n * K + k] = static_cast<float>(topk_w[n * K + k] / sum);
+  }
+}
+
+// Stable counting sort of the N K assignments by expert, then the capacity cut.
+// topk_idx, slot_row: (N, K); counts: (E); offsets: (E + 1); perm: (R). Returns the dropped count.
+int64_t dispatch(int32_t* slot_row, int32_t* counts, int32_t* offsets, int32_t* perm, const int32_t* topk_idx,
+                 int64_t N, int64_t E, int64_t K, int64_t cap) {
+  std::fill(counts, counts + E, 0);
+  for (int64_t a = 0; a < N * K; ++a) ++counts[topk_idx[a]];
+  offsets[0] = 0;
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + static_cast<int32_t>(std::min<int64_t>(counts[e], cap));
+  std::vector<int64_t> seen(static_cast<size_t>(E), 0);  // assignments of expert e met so far
+  int64_t dropped = 0;
+  for (int64_t a = 0; a < N * K; ++a) {  // a = n K + k: increasing (token, slot) order
+    const int64_t e = topk_idx[a];
+    const int64_t pos = seen[e]++;
+    if (pos < cap) {
+      slot_row[a] = static_cast<int32_t>(offsets[e] + pos);
+      perm[offsets[e] + pos] = static_cast<int32_t>(a);
+    } else {
+      slot_row[a] = -1;
+      ++dropped;
+    }
+  }
+  return dropped;
+}
+
+struct Dims {
+  int64_t N, E, K, C, F, F_in, R, cap;
+};
+
+void check_i32(const Tensor& t, const char* op) { check_dtype(t, DType::i32, op); }
+
+// Shapes and dtypes shared by forward and backward.
+Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const Tensor& x, const Tensor& router_w,
+               const Tensor& w_in, const Tensor& w_out) {
+  LMF_CHECK(cfg.E >= 1 && cfg.K >= 1 && cfg.K <= cfg.E && cfg.C >= 1 && cfg.F >= 1, op, ": bad MoeConfig E=", cfg.E,
+            " K=", cfg.K, " C=", cfg.C, " F=", cfg.F, " (need E >= 1, 1 <= K <= E, C >= 1, F >= 1)");
+  LMF_CHECK(cfg.capacity_factor >= 0 && std::isfinite(cfg.capacity_factor), op,
+            ": capacity_factor must be >= 0 (0 = dropless), got ", cfg.capacity_factor);
+  check_f32(x, op);
+  LMF_CHECK(x.ndim == 2 && x.shape[1] == cfg.C, op, ": x '", x.name, "' ", x.shape_str(), " must be (N, C=", cfg.C,
+            ")");
+  Dims d{x.shape[0], cfg.E, cfg.K, cfg.C, cfg.F, moe_f_in(cfg), moe_rows(cfg, x.shape[0]),
+         moe_capacity(cfg, x.shape[0])};
+  LMF_CHECK(d.N * d.K <= INT_MAX && d.F_in * d.C <= INT_MAX, op, ": sizes N=", d.N, " K=", d.K,
+            " exceed the int32 index range");
+  for (const Tensor* t : {&router_w, &w_in, &w_out, &st.logits, &st.scores, &st.topk_w, &st.pre, &st.act, &st.y})
+    check_f32(*t, op);
+  for (const Tensor* t : {&st.topk_idx, &st.slot_row, &st.counts, &st.offsets, &st.perm}) check_i32(*t, op);
+  check_shape(router_w, {d.E, d.C}, op);
+  check_shape(w_in, {d.E, d.F_in, d.C}, op);
+  check_shape(w_out, {d.E, d.C, d.F}, op);
+  check_shape(st.logits, {d.N, d.E}, op);
+  check_shape(st.scores, {d.N, d.E}, op);
+  check_shape(st.topk_idx, {d.N, d.K}, op);
+  check_shape(st.topk_w, {d.N, d.K}, op);
+  check_shape(st.slot_row, {d.N, d.K}, op);
+  check_shape(st.counts, {d.E}, op);
+  check_shape(st.offsets, {d.E + 1}, op);
+  check_shape(st.perm, {d.R}, op);
+  check_shape(st.pre, {d.R, d.F_in}, op);
+  check_shape(st.act, {d.R, d.F}, op);
+  check_shape(st.y, {d.R, d.C}, op);
+  check_same_device(op, {&x, &router_w, &w_in, &w_out, &st.logits, &st.scores, &st.topk_idx, &st.topk_w,
+                         &st.slot_row, &st.counts, &st.offsets, &st.perm, &st.pre, &st.act, &st.y});
+  LMF_CHECK(x.device == Device::cpu, op, ": the MoE layer has a CPU reference only for now (x '", x.name,
+            "' is on the GPU)");
+  return d;
+}
+
+// Rows of x (C wide) gathered in perm order: xg (rows, C) = x[perm[r] / K]
+void gather_rows(float* xg, const float* x, const int32_t* perm, int64_t rows, int64_t K, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(x + (perm[r] / K) * C, C, xg + r * C);
+}
+
+void act_forward(float* act, float* pre, int64_t rows, const Dims& d, MoeActivation a) {
+  if (rows == 0) return;
+  if (a == MoeActivation::swiglu)
+    swiglu_forward(Tensor(act, DType::f32, {rows, d.F}, "moe_act"), Tensor(pre, DType::f32, {rows, d.F_in}, "moe_pre"));
+  else
+    gelu_forward(Tensor(act, DType::f32, {rows, d.F}, "moe_act"), Tensor(pre, DType::f32, {rows, d.F_in}, "moe_pre"));
+}
+
+void act_backward(float* dpre, float* dact, float* pre, int64_t rows, const Dims& d, MoeActivation a) {
+  if (rows == 0) return;
+  const Tensor tdpre(dpre, DType::f32, {rows, d.F_in}, "moe_dpre"), tdact(dact, DType::f32, {rows, d.F}, "moe_dact"),
+      tpre(pre, DType::f32, {rows, d.F_in}, "moe_pre");
+  if (a == MoeActivation::swiglu) swiglu_backward(tdpre, tdact, tpre);
+  else gelu_backward(tdpre, tdact, tpre);
+}
+
+}  // namespace
+
+int64_t moe_f_in(const MoeConfig& cfg) { return cfg.activation == MoeActivation::swiglu ? 2 * cfg.F : cfg.F; }
+
+int64_t moe_capacity(const MoeConfig& cfg, int64_t N) {
+  const int64_t NK = N * cfg.K;
+  if (cfg.capacity_factor <= 0 || cfg.E <= 0) return NK;
+  const double c = std::ceil(static_cast<double>(cfg.capacity_factor) * static_cast<double>(NK) /
+                             static_cast<double>(cfg.E));
+  return std::min<int64_t>(NK, static_cast<int64_t>(c));
+}
+
+int64_t moe_rows(const MoeConfig& cfg, int64_t N) {
+  const int64_t NK = N * cfg.K;
+  if (cfg.capacity_factor <= 0) return NK;
+  return std::min<int64_t>(NK, cfg.E * moe_capacity(cfg, N));
+}
+
+MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                      const MoeConfig& cfg) {
+  const Dims d = check_moe(kOpForward, cfg, st, x, router_w, w_in, w_out);
+  check_f32(out, kOpForward);
+  check_shape(out, {d.N, d.C}, kOpForward);
+  check_same_device(kOpForward, {&out, &x});
+  MoeLosses losses;
+  if (d.N == 0) return losses;
+  const float* xp = x.f32();
+  float* logits = st.logits.f32();  // (N, E)
+  float* scores = st.scores.f32();  // (N, E)
+  int32_t* topk_idx = st.topk_idx.i32();
+  float* topk_w = st.topk_w.f32();
+  int32_t* slot_row = st.slot_row.i32();
+  int32_t* counts = st.counts.i32();
+  int32_t* offsets = st.offsets.i32();
+  int32_t* perm = st.perm.i32();
+
+  // router
+  blas_sgemm(false, true, d.N, d.E, d.C, 1.0f, xp, d.C, router_w.f32(), d.C, 0.0f, logits, d.E);
+  router_scores(scores, logits, d.N, d.E, cfg.score);
+  router_topk(topk_idx, topk_w, scores, d.N, d.E, d.K, cfg.renormalize);
+  losses.dropped = dispatch(slot_row, counts, offsets, perm, topk_idx, d.N, d.E, d.K, d.cap);
+
+  // experts
+  std::vector<float> xg(static_cast<size_t>(d.R * d.C));  // (R, C) gathered rows of x
+  gather_rows(xg.data(), xp, perm, offsets[d.E], d.K, d.C);
+  for (int64_t e = 0; e < d.E; ++e) {
+    const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+    if (rows == 0) continue;
+    float* pre = st.pre.f32() + r0 * d.F_in;
+    float* act = st.act.f32() + r0 * d.F;
+    // pre (rows, F_in) = xg (rows, C) w_in[e]^T; y (rows, C) = act (rows, F) w_out[e]^T
+    blas_sgemm(false, true, rows, d.F_in, d.C, 1.0f, xg.data() + r0 * d.C, d.C, w_in.f32() + e * d.F_in * d.C, d.C,
+               0.0f, pre, d.F_in);
+    act_forward(act, pre, rows, d, cfg.activation);
+    blas_sgemm(false, true, rows, d.C, d.F, 1.0f, act, d.F, w_out.f32() + e * d.C * d.F, d.F, 0.0f,
+               st.y.f32() + r0 * d.C, d.C);
+  }
+
+  // combine, in (token, slot) order
+  float* o = out.f32();
+  std::fill(o, o + d.N * d.C, 0.0f);
+  for (int64_t n = 0; n < d.N; ++n)
+    for (int64_t k = 0; k < d.K; ++k) {
+      const int64_t r = slot_row[n * d.K + k];
+      if (r < 0) continue;
+      const float w = topk_w[n * d.K + k];
+      const float* yr = st.y.f32() + r * d.C;
+      for (int64_t c = 0; c < d.C; ++c) o[n * d.C + c] += w * yr[c];
+    }
+
+  // aux terms
+  if (cfg.aux_coef != 0) {
+    double acc = 0;
+    for (int64_t e = 0; e < d.E; ++e) {
+      double P = 0;
+      for (int64_t n = 0; n < d.N; ++n) P += scores[n * d.E + e];
+      acc += static_cast<double>(counts[e]) / static_cast<double>(d.N * d.K) * (P / static_cast<double>(d.N));
+    }
+    losses.aux = static_cast<float>(cfg.aux_coef * static_cast<double>(d.E) * acc);
+  }
+  if (cfg.z_coef != 0) {
+    double acc = 0;
+    for (int64_t n = 0; n < d.N; ++n) {
+      const double lse = row_logsumexp(logits + n * d.E, d.E);
+      acc += lse * lse;
+    }
+    losses.z = static_cast<float>(cfg.z_coef * acc / static_cast<double>(d.N));
+  }
+  return losses;
+}
+
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tensor dout, const MoeState& st,
+                  Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeConfig& cfg, float d_aux) {
+  const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
+  for (const Tensor* t : {&dx, &dout}) {
+    check_f32(*t, kOpBackward);
+    check_shape(*t, {d.N, d.C}, kOpBackward);
+  }
+  check_f32(drouter_w, kOpBackward);
+  check_shape(drouter_w, {d.E, d.C}, kOpBackward);
+  check_f32(dw_in, kOpBackward);
+  check_shape(dw_in, {d.E, d.F_in, d.C}, kOpBackward);
+  check_f32(dw_out, kOpBackward);
+  check_shape(dw_out, {d.E, d.C, d.F}, kOpBackward);
+  check_same_device(kOpBackward, {&dx, &drouter_w, &dw_in, &dw_out, &dout, &x});
+  if (d.N == 0) return;
+  const float* xp = x.f32();
+  const float* go = dout.f32();  // (N, C)
+  const float* logits = st.logits.f32();
+  const float* scores = st.scores.f32();
+  const int32_t* topk_idx = st.topk_idx.i32();
+  const float* topk_w = st.topk_w.f32();
+  const int32_t* slot_row = st.slot_row.i32();
+  const int32_t* counts = st.counts.i32();
+  const int32_t* offsets = st.offsets.i32();
+  const int32_t* perm = st.perm.i32();
+  const int64_t rows_all = offsets[d.E];
+
+  // combine: dy[r] = w dout[n]; dw[n, k] = dout[n] . y[r]  (0 for a dropped slot)
+  std::vector<float> dy(static_cast<size_t>(d.R * d.C));  // (R, C)
+  std::vector<double> dtopk_w(static_cast<size_t>(d.N * d.K), 0.0);  // (N, K)
+  for (int64_t a = 0; a < d.N * d.K; ++a) {
+    const int64_t r = slot_row[a];
+    if (r < 0) continue;
+    const float* g = go + (a / d.K) * d.C;
+    const float* yr = st.y.f32() + r * d.C;
+    double s = 0;
+    for (int64_t c = 0; c < d.C; ++c) {
+      dy[r * d.C + c] = topk_w[a] * g[c];
+      s += static_cast<double>(g[c]) * yr[c];
+    }
+    dtopk_w[a] = s;
+  }
+
+  // experts, in expert order: dw_out[e] += dy^T act; dact = dy w_out[e]; dpre = act'(dact);
+  // dw_in[e] += dpre^T xg; dxg = dpre w_in[e]
+  std::vector<float> xg(static_cast<size_t>(d.R * d.C)), dxg(static_cast<size_t>(d.R * d.C));
+  std::vector<float> dact(static_cast<size_t>(d.R * d.F)), dpre(static_cast<size_t>(d.R * d.F_in), 0.0f);
+  gather_rows(xg.data(), xp, perm, rows_all, d.K, d.C);
+  for (int64_t e = 0; e < d.E; ++e) {
+    const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+    if (rows == 0) continue;
+    const float* we_in = w_in.f32() + e * d.F_in * d.C;    // (F_in, C)
+    const float* we_out = w_out.f32() + e * d.C * d.F;     // (C, F)
+    const float* act = st.act.f32() + r0 * d.F;            // (rows, F)
+    const float* dye = dy.data() + r0 * d.C;               // (rows, C)
+    float* dacte = dact.data() + r0 * d.F;                 // (rows, F)
+    float* dpree = dpre.data() + r0 * d.F_in;              // (rows, F_in), zero
+    blas_sgemm(true, false, d.C, d.F, rows, 1.0f, dye, d.C, act, d.F, 1.0f, dw_out.f32() + e * d.C * d.F, d.F);
+    blas_sgemm(false, false, rows, d.F, d.C, 1.0f, dye, d.C, we_out, d.F, 0.0f, dacte, d.F);
+    act_backward(dpree, dacte, st.pre.f32() + r0 * d.F_in, rows, d, cfg.activation);
+    blas_sgemm(true, false, d.F_in, d.C, rows, 1.0f, dpree, d.F_in, xg.data() + r0 * d.C, d.C, 1.0f,
+               dw_in.f32() + e * d.F_in * d.C, d.C);
+    blas_sgemm(false, false, rows, d.C, d.F_in, 1.0f, dpree, d.F_in, we_in, d.C, 0.0f, dxg.data() + r0 * d.C, d.C);
+  }
+  float* dxp = dx.f32();
+  for (int64_t r = 0; r < rows_all; ++r) {  // scatter-add in row order
+    float* dst = dxp + (perm[r] / d.K) * d.C;
+    for (int64_t c = 0; c < d.C; ++c) dst[c] += dxg[r * d.C + c];
+  }
+
+  // router: dscores (N, E) from the combine weights and the aux term, then dlogits (N, E)
+  std::vector<float> dlogits(static_cast<size_t>(d.N * d.E));
+  std::vector<double> dscore(static_cast<size_t>(d.E));
+  const double aux_scale = static_cast<double>(d_aux) * cfg.aux_coef * static_cast<double>(d.E) /
+                           (static_cast<double>(d.N) * static_cast<double>(d.N * d.K));  // times counts[e]
+  const double z_scale = static_cast<double>(d_aux) * cfg.z_coef * 2.0 / static_cast<double>(d.N);
+  for (int64_t n = 0; n < d.N; ++n) {
+    const float* s = scores + n * d.E;
+    const double* gw = dtopk_w.data() + n * d.K;
+    std::fill(dscore.begin(), dscore.end(), 0.0);
+    if (cfg.renormalize) {
+      // w_k = s_k / S, S = sum_j s_j over the top K: ds_k = (gw_k - sum_j gw_j w_j) / S
+      double S = 0, gww = 0;
+      for (int64_t k = 0; k < d.K; ++k) S += s[topk_idx[n * d.K + k]];
+      for (int64_t k = 0; k < d.K; ++k) gww += gw[k] * (s[topk_idx[n * d.K + k]] / S);
+      for (int64_t k = 0; k < d.K; ++k) dscore[topk_idx[n * d.K + k]] += (gw[k] - gww) / S;
+    } else {
+      for (int64_t k = 0; k < d.K; ++k) dscore[topk_idx[n * d.K + k]] += gw[k];
+    }
+    for (int64_t e = 0; e < d.E; ++e) dscore[e] += aux_scale * counts[e];
+    float* dl = dlogits.data() + n * d.E;
+    if (cfg.score == MoeScore::softmax) {
+      double sd = 0;
+      for (int64_t e = 0; e < d.E; ++e) sd += s[e] * dscore[e];
+      for (int64_t e = 0; e < d.E; ++e) dl[e] = static_cast<float>(s[e] * (dscore[e] - sd));
+    } else {
+      for (int64_t e = 0; e < d.E; ++e) dl[e] = static_cast<float>(dscore[e] * s[e] * (1.0 - s[e]));
+    }
+    if (z_scale != 0) {
+      const float* l = logits + n * d.E;
+      const double lse = row_logsumexp(l, d.E);
+      for (int64_t e = 0; e < d.E; ++e) dl[e] += static_cast<float>(z_scale * lse * std::exp(l[e] - lse));
+    }
+  }
+  // drouter_w (E, C) += dlogits^T x; dx (N, C) += dlogits router_w
+  blas_sgemm(true, false, d.E, d.C, d.N, 1.0f, dlogits.data(), d.E, xp, d.C, 1.0f, drouter_w.f32(), d.C);
+  blas_sgemm(false, false, d.N, d.C, d.E, 1.0f, dlogits.data(), d.E, router_w.f32(), d.C, 1.0f, dxp, d.C);
+}
+
+}  // namespace lmf

@@ -1,0 +1,87 @@
+// moe.h: Mixture-of-Experts FFN layer (top-K router, E experts, optional capacity), fp32 CPU reference.
+//
+// Forward, for x: (N, C):
+//   logits = x router_w^T                                  (N, E)
+//   scores = softmax(logits) or sigmoid(logits)            (N, E), per MoeConfig::score
+//   topk_idx[n] = the K experts of largest score, ties broken by the lower expert index
+//   topk_w[n, k] = scores[n, topk_idx[n, k]], divided by their sum over k when renormalize
+//   dispatch: the N*K (token, slot) assignments grouped by expert in increasing expert index and,
+//     within an expert, in increasing (token, slot) order (a stable counting sort). With a capacity
+//     (capacity_factor > 0) expert e keeps its first Ce = ceil(capacity_factor N K / E) assignments in
+//     that order and drops the rest; a dropped assignment contributes 0 to out (dropless when 0).
+//   expert e on its kept rows:  pre = x_rows w_in[e]^T (rows, F_in); act = swiglu(pre) or gelu(pre)
+//     (rows, F); y = act w_out[e]^T (rows, C)
+//   out[n] = sum over the kept slots k of n, in k order, of topk_w[n, k] y[row(n, k)]
+//   aux loss (Switch) = aux_coef E sum_i f_i P_i, f_i = counts[i] / (N K) (routed assignments, before
+//     the capacity; no gradient through f), P_i = mean_n scores[n, i]
+//   z loss = z_coef mean_n logsumexp(logits[n])^2
+// Weights: w_in: (E, F_in, C) with F_in = 2F for SwiGLU (rows [gate; up], as swiglu_forward) or F for
+// GELU; w_out: (E, C, F) (nn.Linear layout per expert, as linear.h).
+// Backward accumulates (+=) into dx, drouter_w, dw_in, dw_out, including the gradient through the
+// combine weights into the scores and logits and, scaled by d_aux, the aux (through P only) and z terms.
+// Deterministic: single-threaded fixed-order loops and fixed-shape GEMMs (ops/blas.h). The CPU
+// reference allocates small scratch buffers (gathered rows, row gradients) per call.
+// Dimension names: N rows (B*T), C d_model, E experts, K top-k, F d_expert, R saved expert rows.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace lmf {
+
+enum class MoeActivation { swiglu, gelu };
+enum class MoeScore { softmax, sigmoid };
+
+struct MoeConfig {
+  int64_t E = 0;  // experts
+  int64_t K = 0;  // experts per token, 1 <= K <= E
+  int64_t C = 0;  // d_model
+  int64_t F = 0;  // d_expert (hidden width after the activation)
+  MoeActivation activation = MoeActivation::swiglu;
+  MoeScore score = MoeScore::softmax;
+  bool renormalize = true;     // combine weights = top-K scores / their sum
+  float capacity_factor = 0;   // 0: dropless; else Ce = ceil(capacity_factor N K / E) per expert
+  float aux_coef = 0;          // Switch load-balancing loss coefficient
+  float z_coef = 0;            // router z-loss coefficient
+};
+
+// Width of an expert's first projection: 2F (SwiGLU) or F (GELU).
+int64_t moe_f_in(const MoeConfig& cfg);
+// Per-expert capacity Ce for N tokens (N K when dropless; never more than N K).
+int64_t moe_capacity(const MoeConfig& cfg, int64_t N);
+// Rows R of the saved per-row buffers: N K when dropless, else min(N K, E Ce).
+int64_t moe_rows(const MoeConfig& cfg, int64_t N);
+
+// What forward saves for backward (all on the CPU, written by moe_forward).
+struct MoeState {
+  Tensor logits;    // (N, E) f32: router logits
+  Tensor scores;    // (N, E) f32: softmax or sigmoid of logits
+  Tensor topk_idx;  // (N, K) i32: chosen experts, by decreasing score
+  Tensor topk_w;    // (N, K) f32: combine weights
+  Tensor slot_row;  // (N, K) i32: row of assignment (n, k) in perm, or -1 when dropped
+  Tensor counts;    // (E) i32: assignments routed to each expert, before the capacity
+  Tensor offsets;   // (E + 1) i32: expert e's kept rows are perm rows [offsets[e], offsets[e + 1])
+  Tensor perm;      // (R) i32: n K + k of each kept row, grouped by expert; rows >= offsets[E] unused
+  Tensor pre;       // (R, F_in) f32: x_rows w_in[e]^T
+  Tensor act;       // (R, F) f32: activation of pre
+  Tensor y;         // (R, C) f32: act w_out[e]^T, before the combine weight
+};
+
+struct MoeLosses {
+  float aux = 0;        // aux_coef E sum_i f_i P_i (0 when aux_coef is 0)
+  float z = 0;          // z_coef mean_n logsumexp(logits[n])^2 (0 when z_coef is 0)
+  int64_t dropped = 0;  // assignments dropped by the capacity
+};
+
+// out: (N, C); x: (N, C); router_w: (E, C); w_in: (E, F_in, C); w_out: (E, C, F); state as above.
+// out is overwritten. Returns the aux terms (the caller adds them to the loss) and the drop count.
+MoeLosses moe_forward(Tensor out, const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                      const MoeConfig& cfg);
+
+// dx (N, C), drouter_w (E, C), dw_in (E, F_in, C), dw_out (E, C, F): += ; dout: (N, C); the other
+// tensors as passed to (and saved by) moe_forward. d_aux scales the aux and z gradients (1 when
+// aux + z are added to the loss as returned).
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tensor dout, const MoeState& state,
+                  Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeConfig& cfg, float d_aux = 1.0f);
+
+}  // namespace lmf
