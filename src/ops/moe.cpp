@@ -44,19 +44,26 @@ void router_scores(float* scores, const float* logits, int64_t N, int64_t E, Moe
   }
 }
 
-// scores: (N, E); topk_idx, topk_w: (N, K). Selection by repeated argmax: strict > over increasing
-// expert index keeps the lower index on a tie.
-void router_topk(int32_t* topk_idx, float* topk_w, const float* scores, int64_t N, int64_t E, int64_t K,
-                 bool renormalize) {
+// scores: (N, E); topk_idx, topk_w: (N, K); bias: (E) or null. Selection by repeated argmax of
+// scores + bias (fp32): strict > over increasing expert index keeps the lower index on a tie. The
+// weights use the unbiased scores.
+void router_topk(int32_t* topk_idx, float* topk_w, const float* scores, const float* bias, int64_t N, int64_t E,
+                 int64_t K, bool renormalize) {
   std::vector<char> taken(static_cast<size_t>(E));
+  std::vector<float> key(static_cast<size_t>(E));
   for (int64_t n = 0; n < N; ++n) {
     const float* s = scores + n * E;
+    const float* ks = s;
+    if (bias) {
+      for (int64_t e = 0; e < E; ++e) key[e] = s[e] + bias[e];
+      ks = key.data();
+    }
     std::fill(taken.begin(), taken.end(), 0);
     double sum = 0;
     for (int64_t k = 0; k < K; ++k) {
       int64_t best = -1;
       for (int64_t e = 0; e < E; ++e)
-        if (!taken[e] && (best < 0 || s[e] > s[best])) best = e;
+        if (!taken[e] && (best < 0 || ks[e] > ks[best])) best = e;
       taken[best] = 1;
       topk_idx[n * K + k] = static_cast<int32_t>(best);
       topk_w[n * K + k] = s[best];
@@ -92,7 +99,7 @@ int64_t dispatch(int32_t* slot_row, int32_t* counts, int32_t* offsets, int32_t* 
 }
 
 struct Dims {
-  int64_t N, E, K, C, F, F_in, R, cap;
+  int64_t N, E, K, C, F, F_in, R, cap, S;
 };
 
 void check_i32(const Tensor& t, const char* op) { check_dtype(t, DType::i32, op); }
@@ -102,13 +109,14 @@ Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const T
                const Tensor& w_in, const Tensor& w_out) {
   LMF_CHECK(cfg.E >= 1 && cfg.K >= 1 && cfg.K <= cfg.E && cfg.C >= 1 && cfg.F >= 1, op, ": bad MoeConfig E=", cfg.E,
             " K=", cfg.K, " C=", cfg.C, " F=", cfg.F, " (need E >= 1, 1 <= K <= E, C >= 1, F >= 1)");
+  LMF_CHECK(cfg.n_shared >= 0, op, ": bad MoeConfig n_shared=", cfg.n_shared, " (need >= 0)");
   LMF_CHECK(cfg.capacity_factor >= 0 && std::isfinite(cfg.capacity_factor), op,
             ": capacity_factor must be >= 0 (0 = dropless), got ", cfg.capacity_factor);
   check_f32(x, op);
   LMF_CHECK(x.ndim == 2 && x.shape[1] == cfg.C, op, ": x '", x.name, "' ", x.shape_str(), " must be (N, C=", cfg.C,
             ")");
   Dims d{x.shape[0], cfg.E, cfg.K, cfg.C, cfg.F, moe_f_in(cfg), moe_rows(cfg, x.shape[0]),
-         moe_capacity(cfg, x.shape[0])};
+         moe_capacity(cfg, x.shape[0]), cfg.n_shared};
   LMF_CHECK(d.N * d.K <= INT_MAX && d.F_in * d.C <= INT_MAX, op, ": sizes N=", d.N, " K=", d.K,
             " exceed the int32 index range");
   for (const Tensor* t : {&router_w, &w_in, &w_out, &st.logits, &st.scores, &st.topk_w, &st.pre, &st.act, &st.y})
@@ -133,6 +141,45 @@ Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const T
   LMF_CHECK(x.device == Device::cpu, op, ": the MoE layer has a CPU reference only for now (x '", x.name,
             "' is on the GPU)");
   return d;
+}
+
+bool has_gate(const MoeConfig& cfg) { return cfg.n_shared > 0 && cfg.shared_gate; }
+
+void require(const Tensor& t, const char* op, const char* field, const MoeConfig& cfg) {
+  LMF_CHECK(t.defined(), op, ": ", field, " is absent but the config has n_shared=", cfg.n_shared,
+            " shared_gate=", cfg.shared_gate);
+}
+
+// Shapes of the shared-expert weights, the selection bias and the shared-expert state.
+void check_extra(const char* op, const Dims& d, const MoeConfig& cfg, const MoeState& st, const MoeExtra& ex,
+                 const Tensor& x) {
+  if (ex.bias.defined()) {
+    check_f32(ex.bias, op);
+    check_shape(ex.bias, {d.E}, op);
+    check_same_device(op, {&ex.bias, &x});
+  }
+  if (d.S == 0) return;
+  require(ex.ws_in, op, "ws_in", cfg);
+  require(ex.ws_out, op, "ws_out", cfg);
+  require(st.shared_pre, op, "MoeState::shared_pre", cfg);
+  require(st.shared_act, op, "MoeState::shared_act", cfg);
+  require(st.shared_y, op, "MoeState::shared_y", cfg);
+  for (const Tensor* t : {&ex.ws_in, &ex.ws_out, &st.shared_pre, &st.shared_act, &st.shared_y}) check_f32(*t, op);
+  check_shape(ex.ws_in, {d.S, d.F_in, d.C}, op);
+  check_shape(ex.ws_out, {d.S, d.C, d.F}, op);
+  check_shape(st.shared_pre, {d.S, d.N, d.F_in}, op);
+  check_shape(st.shared_act, {d.S, d.N, d.F}, op);
+  check_shape(st.shared_y, {d.S, d.N, d.C}, op);
+  check_same_device(op, {&x, &ex.ws_in, &ex.ws_out, &st.shared_pre, &st.shared_act, &st.shared_y});
+  if (has_gate(cfg)) {
+    require(ex.ws_gate, op, "ws_gate", cfg);
+    require(st.shared_g, op, "MoeState::shared_g", cfg);
+    check_f32(ex.ws_gate, op);
+    check_f32(st.shared_g, op);
+    check_shape(ex.ws_gate, {d.S, d.C}, op);
+    check_shape(st.shared_g, {d.S, d.N}, op);
+    check_same_device(op, {&x, &ex.ws_gate, &st.shared_g});
+  }
 }
 
 // Rows of x (C wide) gathered in perm order: xg (rows, C) = x[perm[r] / K]
@@ -176,7 +223,13 @@ int64_t moe_rows(const MoeConfig& cfg, int64_t N) {
 
 MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
                       const MoeConfig& cfg) {
+  return moe_forward(out, st, x, router_w, w_in, w_out, MoeExtra{}, cfg);
+}
+
+MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                      const MoeExtra& ex, const MoeConfig& cfg) {
   const Dims d = check_moe(kOpForward, cfg, st, x, router_w, w_in, w_out);
+  check_extra(kOpForward, d, cfg, st, ex, x);
   check_f32(out, kOpForward);
   check_shape(out, {d.N, d.C}, kOpForward);
   check_same_device(kOpForward, {&out, &x});
@@ -195,7 +248,8 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
   // router
   blas_sgemm(false, true, d.N, d.E, d.C, 1.0f, xp, d.C, router_w.f32(), d.C, 0.0f, logits, d.E);
   router_scores(scores, logits, d.N, d.E, cfg.score);
-  router_topk(topk_idx, topk_w, scores, d.N, d.E, d.K, cfg.renormalize);
+  router_topk(topk_idx, topk_w, scores, ex.bias.defined() ? ex.bias.f32() : nullptr, d.N, d.E, d.K,
+              cfg.renormalize);
   losses.dropped = dispatch(slot_row, counts, offsets, perm, topk_idx, d.N, d.E, d.K, d.cap);
 
   // experts
@@ -226,6 +280,29 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
       for (int64_t c = 0; c < d.C; ++c) o[n * d.C + c] += w * yr[c];
     }
 
+  // shared experts, in order: out += g_s y_s
+  for (int64_t s = 0; s < d.S; ++s) {
+    float* pre = st.shared_pre.f32() + s * d.N * d.F_in;
+    float* act = st.shared_act.f32() + s * d.N * d.F;
+    float* ys = st.shared_y.f32() + s * d.N * d.C;
+    blas_sgemm(false, true, d.N, d.F_in, d.C, 1.0f, xp, d.C, ex.ws_in.f32() + s * d.F_in * d.C, d.C, 0.0f, pre,
+               d.F_in);
+    act_forward(act, pre, d.N, d, cfg.activation);
+    blas_sgemm(false, true, d.N, d.C, d.F, 1.0f, act, d.F, ex.ws_out.f32() + s * d.C * d.F, d.F, 0.0f, ys, d.C);
+    if (has_gate(cfg)) {
+      const float* gw = ex.ws_gate.f32() + s * d.C;
+      float* g = st.shared_g.f32() + s * d.N;
+      for (int64_t n = 0; n < d.N; ++n) {
+        double z = 0;
+        for (int64_t c = 0; c < d.C; ++c) z += static_cast<double>(xp[n * d.C + c]) * gw[c];
+        g[n] = static_cast<float>(1.0 / (1.0 + std::exp(-z)));
+        for (int64_t c = 0; c < d.C; ++c) o[n * d.C + c] += g[n] * ys[n * d.C + c];
+      }
+    } else {
+      for (int64_t i = 0; i < d.N * d.C; ++i) o[i] += ys[i];
+    }
+  }
+
   // aux terms
   if (cfg.aux_coef != 0) {
     double acc = 0;
@@ -249,7 +326,30 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
 
 void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tensor dout, const MoeState& st,
                   Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeConfig& cfg, float d_aux) {
+  moe_backward(dx, drouter_w, dw_in, dw_out, MoeExtraGrads{}, dout, st, x, router_w, w_in, w_out, MoeExtra{}, cfg,
+               d_aux);
+}
+
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dex, Tensor dout,
+                  const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeExtra& ex,
+                  const MoeConfig& cfg, float d_aux) {
   const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
+  check_extra(kOpBackward, d, cfg, st, ex, x);
+  if (d.S > 0) {
+    require(dex.dws_in, kOpBackward, "dws_in", cfg);
+    require(dex.dws_out, kOpBackward, "dws_out", cfg);
+    check_f32(dex.dws_in, kOpBackward);
+    check_f32(dex.dws_out, kOpBackward);
+    check_shape(dex.dws_in, {d.S, d.F_in, d.C}, kOpBackward);
+    check_shape(dex.dws_out, {d.S, d.C, d.F}, kOpBackward);
+    check_same_device(kOpBackward, {&x, &dex.dws_in, &dex.dws_out});
+    if (has_gate(cfg)) {
+      require(dex.dws_gate, kOpBackward, "dws_gate", cfg);
+      check_f32(dex.dws_gate, kOpBackward);
+      check_shape(dex.dws_gate, {d.S, d.C}, kOpBackward);
+      check_same_device(kOpBackward, {&x, &dex.dws_gate});
+    }
+  }
   for (const Tensor* t : {&dx, &dout}) {
     check_f32(*t, kOpBackward);
     check_shape(*t, {d.N, d.C}, kOpBackward);
@@ -354,6 +454,65 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tens
   // drouter_w (E, C) += dlogits^T x; dx (N, C) += dlogits router_w
   blas_sgemm(true, false, d.E, d.C, d.N, 1.0f, dlogits.data(), d.E, xp, d.C, 1.0f, drouter_w.f32(), d.C);
   blas_sgemm(false, false, d.N, d.C, d.E, 1.0f, dlogits.data(), d.E, router_w.f32(), d.C, 1.0f, dxp, d.C);
+
+  // shared experts, in order: dy_s = g_s dout; dgate_logit[n] = (dout[n] . y_s[n]) g (1 - g);
+  // dws_gate[s] += dgl^T x; dx += dgl ws_gate[s]; then the dense FFN as for a routed expert on all N rows
+  if (d.S > 0) {
+    std::vector<float> dys(static_cast<size_t>(d.N * d.C)), dacts(static_cast<size_t>(d.N * d.F)),
+        dpres(static_cast<size_t>(d.N * d.F_in)), dgl(static_cast<size_t>(d.N));
+    for (int64_t s = 0; s < d.S; ++s) {
+      const float* pre = st.shared_pre.f32() + s * d.N * d.F_in;
+      const float* act = st.shared_act.f32() + s * d.N * d.F;
+      const float* ys = st.shared_y.f32() + s * d.N * d.C;
+      const float* ws_in = ex.ws_in.f32() + s * d.F_in * d.C;
+      const float* ws_out = ex.ws_out.f32() + s * d.C * d.F;
+      if (has_gate(cfg)) {
+        const float* g = st.shared_g.f32() + s * d.N;
+        for (int64_t n = 0; n < d.N; ++n) {
+          double dot = 0;
+          for (int64_t c = 0; c < d.C; ++c) {
+            dys[n * d.C + c] = g[n] * go[n * d.C + c];
+            dot += static_cast<double>(go[n * d.C + c]) * ys[n * d.C + c];
+          }
+          dgl[n] = static_cast<float>(dot * g[n] * (1.0 - g[n]));
+        }
+        // dws_gate[s] (1, C) += dgl^T (1, N) x (N, C); dx (N, C) += dgl (N, 1) ws_gate[s] (1, C)
+        blas_sgemm(true, false, 1, d.C, d.N, 1.0f, dgl.data(), 1, xp, d.C, 1.0f, dex.dws_gate.f32() + s * d.C, d.C);
+        blas_sgemm(false, false, d.N, d.C, 1, 1.0f, dgl.data(), 1, ex.ws_gate.f32() + s * d.C, d.C, 1.0f, dxp, d.C);
+      } else {
+        std::copy_n(go, d.N * d.C, dys.data());
+      }
+      std::fill(dpres.begin(), dpres.end(), 0.0f);
+      blas_sgemm(true, false, d.C, d.F, d.N, 1.0f, dys.data(), d.C, act, d.F, 1.0f, dex.dws_out.f32() + s * d.C * d.F,
+                 d.F);
+      blas_sgemm(false, false, d.N, d.F, d.C, 1.0f, dys.data(), d.C, ws_out, d.F, 0.0f, dacts.data(), d.F);
+      act_backward(dpres.data(), dacts.data(), const_cast<float*>(pre), d.N, d, cfg.activation);
+      blas_sgemm(true, false, d.F_in, d.C, d.N, 1.0f, dpres.data(), d.F_in, xp, d.C, 1.0f,
+                 dex.dws_in.f32() + s * d.F_in * d.C, d.C);
+      blas_sgemm(false, false, d.N, d.C, d.F_in, 1.0f, dpres.data(), d.F_in, ws_in, d.C, 1.0f, dxp, d.C);
+    }
+  }
+}
+
+void moe_update_bias(Tensor bias, Tensor counts, float rate) {
+  constexpr const char* op = "moe_update_bias";
+  check_f32(bias, op);
+  check_dtype(counts, DType::i32, op);
+  LMF_CHECK(bias.ndim == 1, op, ": bias '", bias.name, "' ", bias.shape_str(), " must be (E)");
+  check_shape(counts, {bias.shape[0]}, op);
+  check_same_device(op, {&bias, &counts});
+  LMF_CHECK(bias.device == Device::cpu, op, ": CPU only for now (bias '", bias.name, "' is on the GPU)");
+  const int64_t E = bias.shape[0];
+  const int32_t* c = counts.i32();
+  float* b = bias.f32();
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) total += c[e];
+  // counts[e] < total / E  <=>  counts[e] E < total (exact in integers)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t load = static_cast<int64_t>(c[e]) * E;
+    if (load < total) b[e] += rate;
+    else if (load > total) b[e] -= rate;
+  }
 }
 
 }  // namespace lmf

@@ -17,8 +17,18 @@
 //   z loss = z_coef mean_n logsumexp(logits[n])^2
 // Weights: w_in: (E, F_in, C) with F_in = 2F for SwiGLU (rows [gate; up], as swiglu_forward) or F for
 // GELU; w_out: (E, C, F) (nn.Linear layout per expert, as linear.h).
-// Backward accumulates (+=) into dx, drouter_w, dw_in, dw_out, including the gradient through the
-// combine weights into the scores and logits and, scaled by d_aux, the aux (through P only) and z terms.
+// Shared experts (cfg.n_shared > 0): n_shared dense FFNs of the same activation and width, applied to
+//   every token and added to the routed output after the combine, in shared-expert order:
+//   pre_s = x ws_in[s]^T (N, F_in); act_s = act(pre_s); y_s = act_s ws_out[s]^T (N, C);
+//   out[n] += g_s[n] y_s[n], with g_s[n] = sigmoid(x[n] . ws_gate[s]) when cfg.shared_gate (Time-MoE),
+//   else 1. ws_in: (n_shared, F_in, C); ws_out: (n_shared, C, F); ws_gate: (n_shared, C).
+// Selection bias (aux-loss-free balancing, DeepSeek-V3): when MoeExtra::bias (E) is given, the top-K
+//   choice ranks scores[n, e] + bias[e] (fp32 sum; ties still to the lower index) while topk_w keeps
+//   the unbiased scores; the bias gets no gradient. moe_update_bias moves it between steps.
+// With n_shared == 0 and no bias, results are bitwise those of the plain routed layer.
+// Backward accumulates (+=) into dx, drouter_w, dw_in, dw_out (and dws_in, dws_out, dws_gate), including
+// the gradient through the combine weights into the scores and logits and, scaled by d_aux, the aux
+// (through P only) and z terms.
 // Deterministic: single-threaded fixed-order loops and fixed-shape GEMMs (ops/blas.h). The CPU
 // reference allocates small scratch buffers (gathered rows, row gradients) per call.
 // Dimension names: N rows (B*T), C d_model, E experts, K top-k, F d_expert, R saved expert rows.
@@ -43,6 +53,23 @@ struct MoeConfig {
   float capacity_factor = 0;   // 0: dropless; else Ce = ceil(capacity_factor N K / E) per expert
   float aux_coef = 0;          // Switch load-balancing loss coefficient
   float z_coef = 0;            // router z-loss coefficient
+  int64_t n_shared = 0;        // shared (always-on) experts, >= 0
+  bool shared_gate = false;    // scale each shared expert's output by sigmoid(x . ws_gate[s])
+};
+
+// Optional inputs beyond the routed experts (undefined Tensor = absent).
+struct MoeExtra {
+  Tensor ws_in;    // (n_shared, F_in, C) f32; required when n_shared > 0
+  Tensor ws_out;   // (n_shared, C, F) f32; required when n_shared > 0
+  Tensor ws_gate;  // (n_shared, C) f32; required when n_shared > 0 and shared_gate
+  Tensor bias;     // (E) f32 selection-only bias; absent: none
+};
+
+// Gradients of MoeExtra's shared-expert weights (+=), defined exactly when the weight is required.
+struct MoeExtraGrads {
+  Tensor dws_in;    // (n_shared, F_in, C)
+  Tensor dws_out;   // (n_shared, C, F)
+  Tensor dws_gate;  // (n_shared, C)
 };
 
 // Width of an expert's first projection: 2F (SwiGLU) or F (GELU).
@@ -65,6 +92,11 @@ struct MoeState {
   Tensor pre;       // (R, F_in) f32: x_rows w_in[e]^T
   Tensor act;       // (R, F) f32: activation of pre
   Tensor y;         // (R, C) f32: act w_out[e]^T, before the combine weight
+  // shared experts (required when n_shared > 0; shared_g only with shared_gate)
+  Tensor shared_pre;  // (n_shared, N, F_in) f32: x ws_in[s]^T
+  Tensor shared_act;  // (n_shared, N, F) f32: activation of shared_pre
+  Tensor shared_y;    // (n_shared, N, C) f32: shared_act ws_out[s]^T, before the gate
+  Tensor shared_g;    // (n_shared, N) f32: sigmoid(x . ws_gate[s])
 };
 
 struct MoeLosses {
@@ -77,11 +109,23 @@ struct MoeLosses {
 // out is overwritten. Returns the aux terms (the caller adds them to the loss) and the drop count.
 MoeLosses moe_forward(Tensor out, const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
                       const MoeConfig& cfg);
+// The same with shared experts and/or a selection bias (extra as above).
+MoeLosses moe_forward(Tensor out, const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                      const MoeExtra& extra, const MoeConfig& cfg);
 
 // dx (N, C), drouter_w (E, C), dw_in (E, F_in, C), dw_out (E, C, F): += ; dout: (N, C); the other
 // tensors as passed to (and saved by) moe_forward. d_aux scales the aux and z gradients (1 when
 // aux + z are added to the loss as returned).
 void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tensor dout, const MoeState& state,
                   Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeConfig& cfg, float d_aux = 1.0f);
+// The same with shared experts: dextra's gradients += as well (the bias has no gradient).
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dextra, Tensor dout,
+                  const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeExtra& extra,
+                  const MoeConfig& cfg, float d_aux = 1.0f);
+
+// Aux-loss-free balancing step: bias (E) f32 +=, counts (E) i32 (MoeState::counts of the last step):
+// bias[i] += rate when counts[i] is below the mean load sum(counts) / E, -= rate when above, unchanged
+// when equal (the sign of the load error). CPU only.
+void moe_update_bias(Tensor bias, Tensor counts, float rate);
 
 }  // namespace lmf
