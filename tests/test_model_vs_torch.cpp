@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/gpt.h"
+#include "support/fixture_tensor.h"
 #include "support/test_util.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"
@@ -34,18 +35,9 @@ struct Fixture {
     T = train.at("T");
     steps = train.at("steps");
   }
-  std::vector<double> f64(const std::string& name) const {
-    const SafetensorsEntry* e = file.find(name);
-    LMF_CHECK(e && e->dtype == "F64", "fixture tensor ", name);
-    std::vector<double> v((e->end - e->begin) / 8);
-    std::memcpy(v.data(), file.data(*e), e->end - e->begin);
-    return v;
-  }
+  std::vector<double> f64(const std::string& name) const { return test::fixture_tensor<double>(file, name, "F64"); }
   std::vector<double> f32_as_f64(const std::string& name) const {
-    const SafetensorsEntry* e = file.find(name);
-    LMF_CHECK(e && e->dtype == "F32", "fixture tensor ", name);
-    std::vector<float> v((e->end - e->begin) / 4);
-    std::memcpy(v.data(), file.data(*e), e->end - e->begin);
+    const std::vector<float> v = test::fixture_tensor<float>(file, name, "F32");
     return {v.begin(), v.end()};
   }
   // inputs/targets of trajectory batch k: (B, T) each

@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "ops/moe.h"
+#include "support/fixture_tensor.h"
+#include "support/moe_state.h"
 #include "support/test_util.h"
 #include "train/safetensors.h"
 
@@ -28,6 +30,7 @@ namespace lmf {
 namespace {
 
 using nlohmann::json;
+using test::StateBuf;
 using test::tensor_of;
 
 constexpr double kRel = 1e-5;  // of each tensor's max |ref|
@@ -39,52 +42,8 @@ struct Fixture {
   explicit Fixture(const std::string& name) : file(test::fixture_path(name + ".safetensors")) {
     cfg = json::parse(file.metadata().at("config"));
   }
-  std::vector<double> f64(const std::string& name) const {
-    const SafetensorsEntry* e = file.find(name);
-    LMF_CHECK(e && e->dtype == "F64", "fixture tensor ", name);
-    std::vector<double> v((e->end - e->begin) / 8);
-    std::memcpy(v.data(), file.data(*e), e->end - e->begin);
-    return v;
-  }
-  std::vector<int32_t> i32(const std::string& name) const {
-    const SafetensorsEntry* e = file.find(name);
-    LMF_CHECK(e && e->dtype == "I32", "fixture tensor ", name);
-    std::vector<int32_t> v((e->end - e->begin) / 4);
-    std::memcpy(v.data(), file.data(*e), e->end - e->begin);
-    return v;
-  }
-};
-
-// Saved-state buffers for N tokens, and the MoeState over them.
-struct StateBuf {
-  std::vector<float> logits, scores, topk_w, pre, act, y;
-  std::vector<int32_t> topk_idx, slot_row, counts, offsets, perm;
-  MoeState st;
-  StateBuf(const MoeConfig& cfg, int64_t N) {
-    const int64_t E = cfg.E, K = cfg.K, R = moe_rows(cfg, N), Fi = moe_f_in(cfg);
-    logits.resize(N * E);
-    scores.resize(N * E);
-    topk_w.resize(N * K);
-    topk_idx.resize(N * K);
-    slot_row.resize(N * K);
-    counts.resize(E);
-    offsets.resize(E + 1);
-    perm.resize(R);
-    pre.resize(R * Fi);
-    act.resize(R * cfg.F);
-    y.resize(R * cfg.C);
-    st.logits = tensor_of(logits, {N, E}, "moe_logits");
-    st.scores = tensor_of(scores, {N, E}, "moe_scores");
-    st.topk_idx = tensor_of(topk_idx, {N, K}, "moe_topk_idx");
-    st.topk_w = tensor_of(topk_w, {N, K}, "moe_topk_w");
-    st.slot_row = tensor_of(slot_row, {N, K}, "moe_slot_row");
-    st.counts = tensor_of(counts, {E}, "moe_counts");
-    st.offsets = tensor_of(offsets, {E + 1}, "moe_offsets");
-    st.perm = tensor_of(perm, {R}, "moe_perm");
-    st.pre = tensor_of(pre, {R, Fi}, "moe_pre");
-    st.act = tensor_of(act, {R, cfg.F}, "moe_act");
-    st.y = tensor_of(y, {R, cfg.C}, "moe_y");
-  }
+  std::vector<double> f64(const std::string& name) const { return test::fixture_tensor<double>(file, name, "F64"); }
+  std::vector<int32_t> i32(const std::string& name) const { return test::fixture_tensor<int32_t>(file, name, "I32"); }
 };
 
 // Compares a to r within kRel * max|r| + kAbs; records the worst |a - r| / max|r| in *worst.
