@@ -145,6 +145,53 @@ TEST(Training, ValidationLossFallsOnTheBundledCorpus) {
   fs::remove_all(d);
 }
 
+// A tiny MoE model (4 experts, top-2, every layer) trains on the bundled corpus, and its log has the MoE
+// terms: params total/active, loss = pred + aux, per-expert load and drops (issue 4).
+TEST(Training, TinyMoeLossFallsAndTheLogHasTheMoeTerms) {
+  std::string d = test::make_temp_dir("moe_falls");
+  std::ostringstream log;
+  TrainOptions o = small_run(d);
+  o.preset = "tiny-moe";
+  o.batch_size = 8;
+  o.seq_len = 64;
+  o.steps = 60;
+  o.log_every = 20;
+  o.save_final_checkpoint = false;
+  Trainer t(o, log);
+  double before = t.evaluate();
+  t.run();
+  double after = t.evaluate();
+  EXPECT_NEAR(before, std::log(256.0), 0.1) << "initial loss should be ~ln(vocab)";
+  EXPECT_LT(after, before - 2.0) << "val loss " << before << " -> " << after;
+  const std::string text = log.str();
+  const ModelConfig c = config_preset("tiny-moe");
+  EXPECT_LT(gpt_active_param_count(c), gpt_param_count(c));
+  for (const char* field : {"params total=", " active=", "moe layers=4/4 experts=4 top_k=2", " pred=", " aux=",
+                            "expert_load_min=", "expert_load_max=", "dropped=0 "})
+    EXPECT_NE(text.find(field), std::string::npos) << field << " missing from:\n" << text;
+  std::ifstream f(d + "/metrics.jsonl");
+  std::string line;
+  int records = 0;
+  while (std::getline(f, line)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    ++records;
+    const double loss = j["loss"].get<double>(), pred = j["pred"].get<double>(), aux = j["aux"].get<double>();
+    EXPECT_NEAR(loss, pred + aux, 1e-9 * std::abs(loss)) << line;
+    // 4 layers of aux_coef 0.01 E sum f P, which is ~1 when balanced
+    EXPECT_GT(aux, 0.03) << line;
+    EXPECT_LT(aux, 0.1) << line;
+    const double lo = j["expert_load_min"].get<double>(), hi = j["expert_load_max"].get<double>();
+    EXPECT_GE(lo, 0.0);
+    EXPECT_LE(lo, 0.25);
+    EXPECT_GE(hi, 0.25);
+    EXPECT_LE(hi, 1.0);
+    EXPECT_EQ(j["dropped"].get<int64_t>(), 0);
+  }
+  EXPECT_EQ(records, 4);  // steps 1, 20, 40, 60
+  fs::remove_all(d);
+}
+
 // The metrics line and metrics.jsonl of a CPU run carry every field of the list (issue 5); the GPU-only
 // ones are n/a in the line and null in the JSON.
 TEST(Training, MetricsLineHasEveryFieldWithGpuOnesNotAvailableOnTheCpu) {
@@ -179,12 +226,21 @@ TEST(Training, MetricsLineHasEveryFieldWithGpuOnesNotAvailableOnTheCpu) {
 TEST(Training, NoAllocationInsideAStepAfterSetUp) {
   std::string d = test::make_temp_dir("alloc");
   std::ostringstream log;
-  for (const char* preset : {"tiny", "test-llama"}) {
+  // every MoE option on: shared gated experts, sigmoid scores, capacity drops, z loss, selection bias
+  write_file_atomic(d + "/moe_all.json", R"({"vocab_size": 61, "pad_vocab_multiple": 16, "context_length": 16, "n_layer": 3,
+    "n_head": 4, "d_model": 32, "d_ff": 64, "activation": "swiglu", "moe": {"experts": 4, "top_k": 2, "d_expert": 24,
+    "first_dense": 1, "shared": 1, "shared_gate": true, "score": "sigmoid", "capacity_factor": 1.0, "z_coef": 0.001,
+    "bias_rate": 0.001}})");
+  for (const char* preset : {"tiny", "test-llama", "test-moe", "moe_all"}) {
     TrainOptions o = small_run(d);
     o.preset = preset;
     o.seq_len = 16;
     o.grad_accum = 2;
-    if (std::string(preset) == "test-llama") {
+    if (std::string(preset) == "moe_all") {
+      o.preset = "";
+      o.config_path = d + "/moe_all.json";
+    }
+    if (std::string(preset) != "tiny") {
       // vocab 61 < 256: feed it a shard of small tokens
       std::vector<uint16_t> toks(4096);
       for (size_t i = 0; i < toks.size(); ++i) toks[i] = static_cast<uint16_t>(rng_u64(1, 2, i) % 61);
@@ -229,8 +285,10 @@ TEST_P(Decode, KvCacheLogitsMatchFullForward) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, Decode, ::testing::Values("test-gpt2", "test-llama"),
-                         [](const auto& info) { return std::string(info.param) == "test-gpt2" ? "Gpt2" : "Llama"; });
+INSTANTIATE_TEST_SUITE_P(Presets, Decode, ::testing::Values("test-gpt2", "test-llama", "test-moe"), [](const auto& info) {
+  const std::string p = info.param;
+  return p == "test-gpt2" ? "Gpt2" : p == "test-llama" ? "Llama" : "Moe";
+});
 
 }  // namespace
 }  // namespace lmf

@@ -23,7 +23,9 @@ namespace {
 
 void add_train_flags(CLI::App* c, TrainOptions& o) {
   auto* cfg = c->add_option("--config", o.config_path, "model config JSON (docs/MODEL.md)");
-  c->add_option("--preset", o.preset, "model preset: tiny, test-gpt2, test-llama, gpt2-124m, llama-style")
+  c->add_option("--preset", o.preset,
+                "model preset: tiny, tiny-moe, test-gpt2, test-llama, test-moe, gpt2-124m, llama-style, moe-bench, "
+                "moe-bench-dense")
       ->capture_default_str()->excludes(cfg);
   c->add_option("--data", o.data, "training shards (llm.c .bin; wildcards ok); default: the bundled corpus");
   c->add_option("--val-data", o.val_data, "validation shards");

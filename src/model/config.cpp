@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <type_traits>
@@ -28,6 +30,21 @@ void ModelConfig::validate(const std::string& where) const {
     bad("positions=rope needs an even head size, d_model/n_head=", head_size());
   if (!(norm_eps > 0)) bad("norm_eps=", norm_eps, " must be > 0");
   if (!(rope_theta > 0)) bad("rope_theta=", rope_theta, " must be > 0");
+  if (moe.experts < 0 || moe.experts > 256) bad("moe.experts=", moe.experts, " must be in [0, 256] (0 = dense)");
+  if (moe.experts > 0) {
+    if (moe.top_k < 1 || moe.top_k > std::min<int64_t>(moe.experts, 16))
+      bad("moe.top_k=", moe.top_k, " must be in [1, min(experts=", moe.experts, ", 16)]");
+    if (moe.d_expert < 0) bad("moe.d_expert=", moe.d_expert, " must be >= 1 (0 = d_ff)");
+    if (moe.every < 1) bad("moe.every=", moe.every, " must be >= 1");
+    if (moe.first_dense < 0 || moe.first_dense >= n_layer)
+      bad("moe.first_dense=", moe.first_dense, " must be in [0, n_layer=", n_layer, ") (at least one MoE layer)");
+    if (moe.shared < 0) bad("moe.shared=", moe.shared, " must be >= 0");
+    if (!(moe.capacity_factor >= 0) || !std::isfinite(moe.capacity_factor))
+      bad("moe.capacity_factor=", moe.capacity_factor, " must be >= 0 (0 = dropless)");
+    if (!(moe.aux_coef >= 0)) bad("moe.aux_coef=", moe.aux_coef, " must be >= 0");
+    if (!(moe.z_coef >= 0)) bad("moe.z_coef=", moe.z_coef, " must be >= 0");
+    if (!(moe.bias_rate >= 0)) bad("moe.bias_rate=", moe.bias_rate, " must be >= 0");
+  }
 }
 
 namespace {
@@ -62,6 +79,33 @@ std::string get_enum(const json& j, const char* key, const std::string& where, s
   fail(where, ": field '", key, "' is '", v, "', expected ", list);
 }
 
+MoeModelConfig moe_from_json(const json& m, const std::string& where) {
+  const std::string w = where + ": moe";
+  if (!m.is_object()) fail(w, ": expected a JSON object");
+  static const char* known[] = {"experts", "top_k", "d_expert", "every", "first_dense", "shared", "shared_gate",
+                                "score", "renormalize", "capacity_factor", "aux_coef", "z_coef", "bias_rate"};
+  for (auto it = m.begin(); it != m.end(); ++it) {
+    bool found = false;
+    for (const char* k : known) found = found || it.key() == k;
+    if (!found) fail(w, ": unknown field '", it.key(), "'");
+  }
+  MoeModelConfig c;
+  if (m.contains("experts")) c.experts = get_field<int64_t>(m, "experts", w);
+  if (m.contains("top_k")) c.top_k = get_field<int64_t>(m, "top_k", w);
+  if (m.contains("d_expert")) c.d_expert = get_field<int64_t>(m, "d_expert", w);
+  if (m.contains("every")) c.every = get_field<int>(m, "every", w);
+  if (m.contains("first_dense")) c.first_dense = get_field<int>(m, "first_dense", w);
+  if (m.contains("shared")) c.shared = get_field<int64_t>(m, "shared", w);
+  if (m.contains("shared_gate")) c.shared_gate = get_field<bool>(m, "shared_gate", w);
+  if (m.contains("score")) c.sigmoid = get_enum(m, "score", w, {"softmax", "sigmoid"}) == "sigmoid";
+  if (m.contains("renormalize")) c.renormalize = get_field<bool>(m, "renormalize", w);
+  if (m.contains("capacity_factor")) c.capacity_factor = get_field<float>(m, "capacity_factor", w);
+  if (m.contains("aux_coef")) c.aux_coef = get_field<float>(m, "aux_coef", w);
+  if (m.contains("z_coef")) c.z_coef = get_field<float>(m, "z_coef", w);
+  if (m.contains("bias_rate")) c.bias_rate = get_field<float>(m, "bias_rate", w);
+  return c;
+}
+
 }  // namespace
 
 ModelConfig config_from_json(const std::string& text, const std::string& where) {
@@ -74,7 +118,7 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   if (!j.is_object()) fail(where, ": expected a JSON object");
   static const char* known[] = {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head",
                                 "n_kv_head", "d_model", "d_ff", "norm", "norm_eps", "activation", "positions",
-                                "rope_theta", "tied_embeddings", "bias"};
+                                "rope_theta", "tied_embeddings", "bias", "moe"};
   for (auto it = j.begin(); it != j.end(); ++it) {
     bool found = false;
     for (const char* k : known) found = found || it.key() == k;
@@ -101,6 +145,7 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   if (j.contains("rope_theta")) c.rope_theta = get_field<float>(j, "rope_theta", where);
   if (j.contains("tied_embeddings")) c.tied_embeddings = get_field<bool>(j, "tied_embeddings", where);
   if (j.contains("bias")) c.bias = get_field<bool>(j, "bias", where);
+  if (j.contains("moe")) c.moe = moe_from_json(j.at("moe"), where);
   c.validate(where);
   return c;
 }
@@ -121,6 +166,16 @@ std::string config_to_json(const ModelConfig& c) {
             {"rope_theta", c.rope_theta},
             {"tied_embeddings", c.tied_embeddings},
             {"bias", c.bias}};
+  if (c.moe.experts > 0) {
+    const MoeModelConfig& m = c.moe;
+    j["moe"] = {{"experts", m.experts},         {"top_k", m.top_k},
+                {"d_expert", m.d_expert},       {"every", m.every},
+                {"first_dense", m.first_dense}, {"shared", m.shared},
+                {"shared_gate", m.shared_gate}, {"score", m.sigmoid ? "sigmoid" : "softmax"},
+                {"renormalize", m.renormalize}, {"capacity_factor", m.capacity_factor},
+                {"aux_coef", m.aux_coef},       {"z_coef", m.z_coef},
+                {"bias_rate", m.bias_rate}};
+  }
   return j.dump(2);
 }
 
@@ -145,6 +200,18 @@ ModelConfig config_preset(const std::string& name) {
     c.n_layer = 2; c.n_head = 4; c.n_kv_head = 2; c.d_model = 32; c.d_ff = 48;
     c.norm = NormKind::rmsnorm; c.activation = ActivationKind::swiglu; c.positions = PositionKind::rope;
     c.tied_embeddings = false; c.bias = false;
+  } else if (name == "tiny-moe") {  // the demo model with 4 experts, top-2, in every layer
+    c.vocab_size = 256; c.pad_vocab_multiple = 64; c.context_length = 128;
+    c.n_layer = 4; c.n_head = 4; c.n_kv_head = 4; c.d_model = 128; c.d_ff = 512;
+    c.moe.experts = 4; c.moe.top_k = 2; c.moe.d_expert = 256;
+  } else if (name == "test-moe") {
+    c.vocab_size = 61; c.pad_vocab_multiple = 16; c.context_length = 16;
+    c.n_layer = 2; c.n_head = 4; c.n_kv_head = 4; c.d_model = 32; c.d_ff = 128;
+    c.moe.experts = 4; c.moe.top_k = 2; c.moe.d_expert = 48;
+  } else if (name == "moe-bench" || name == "moe-bench-dense") {  // issue 4's benchmark and its dense twin
+    c.vocab_size = 32768; c.pad_vocab_multiple = 128; c.context_length = 2048;
+    c.n_layer = 12; c.n_head = 12; c.n_kv_head = 12; c.d_model = 768; c.d_ff = 6144;
+    if (name == "moe-bench") { c.moe.experts = 8; c.moe.top_k = 2; c.moe.d_expert = 3072; }
   } else if (name == "gpt2-124m") {
     c.vocab_size = 50257; c.pad_vocab_multiple = 128; c.context_length = 1024;
     c.n_layer = 12; c.n_head = 12; c.n_kv_head = 12; c.d_model = 768; c.d_ff = 3072;
@@ -165,6 +232,9 @@ ModelConfig config_preset(const std::string& name) {
   return c;
 }
 
-std::vector<std::string> config_preset_names() { return {"tiny", "test-gpt2", "test-llama", "gpt2-124m", "llama-style"}; }
+std::vector<std::string> config_preset_names() {
+  return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "llama-style", "moe-bench",
+          "moe-bench-dense"};
+}
 
 }  // namespace lmf

@@ -10,6 +10,23 @@ enum class NormKind { layernorm, rmsnorm };
 enum class ActivationKind { gelu, swiglu };
 enum class PositionKind { learned, rope };
 
+// Mixture-of-Experts FFNs (docs/MODEL.md "MoE"): experts == 0 means a dense model.
+struct MoeModelConfig {
+  int64_t experts = 0;         // E routed experts per MoE layer (0: no MoE)
+  int64_t top_k = 2;           // K experts per token
+  int64_t d_expert = 0;        // hidden width of each expert (0: d_ff)
+  int every = 1;               // layer l is MoE when l >= first_dense and (l - first_dense) % every == 0
+  int first_dense = 0;         // the first layers stay dense
+  int64_t shared = 0;          // shared (always-on) experts per MoE layer
+  bool shared_gate = false;    // sigmoid(Linear(d, 1)) gate on each shared expert (Time-MoE)
+  bool sigmoid = false;        // router scores: softmax (false) or sigmoid (true)
+  bool renormalize = true;     // divide the top-K weights by their sum
+  float capacity_factor = 0;   // 0: dropless; else per-expert capacity ceil(cf N K / E)
+  float aux_coef = 0.01f;      // Switch load-balancing loss
+  float z_coef = 0;            // router z-loss
+  float bias_rate = 0;         // aux-loss-free balancing (DeepSeek-V3): selection-bias step size, 0 = off
+};
+
 struct ModelConfig {
   int64_t vocab_size = 256;
   int64_t pad_vocab_multiple = 64;
@@ -26,11 +43,16 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   bool tied_embeddings = true;
   bool bias = true;
+  MoeModelConfig moe;
 
   int64_t padded_vocab() const { return (vocab_size + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
   int64_t head_size() const { return d_model / n_head; }
   int64_t qkv_dim() const { return (n_head + 2 * n_kv_head) * head_size(); }
   int64_t fc_dim() const { return activation == ActivationKind::swiglu ? 2 * d_ff : d_ff; }
+  bool is_moe_layer(int l) const {
+    return moe.experts > 0 && l >= moe.first_dense && (l - moe.first_dense) % moe.every == 0;
+  }
+  int64_t d_expert() const { return moe.d_expert > 0 ? moe.d_expert : d_ff; }
 
   // Throws lmf::Error naming the field and the problem (`where` names the file or preset).
   void validate(const std::string& where) const;
@@ -41,7 +63,9 @@ ModelConfig config_from_json(const std::string& json_text, const std::string& wh
 std::string config_to_json(const ModelConfig& c);
 ModelConfig config_from_file(const std::string& path);
 
-// Presets: "tiny" (the demo), "test-gpt2" and "test-llama" (unit tests), "gpt2-124m", "llama-style".
+// Presets: "tiny" (the demo), "tiny-moe", "test-gpt2", "test-llama" and "test-moe" (unit tests),
+// "gpt2-124m", "llama-style", "moe-bench" (issue 4's benchmark MoE) and "moe-bench-dense" (its dense
+// twin of the same active size).
 ModelConfig config_preset(const std::string& name);
 std::vector<std::string> config_preset_names();
 

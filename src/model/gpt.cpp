@@ -55,6 +55,20 @@ std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) {
     if (c.bias) s.push_back({layer_name(i, "attn.proj.bias"), {C}});
     s.push_back({layer_name(i, "norm2.weight"), {C}});
     if (ln_bias) s.push_back({layer_name(i, "norm2.bias"), {C}});
+    if (c.is_moe_layer(i)) {
+      const MoeConfig m = gpt_moe_config(c);
+      const int64_t E = m.E, S = m.n_shared, Fi = moe_f_in(m), Fe = m.F;
+      s.push_back({layer_name(i, "moe.router.weight"), {E, C}});
+      if (c.moe.bias_rate > 0) s.push_back({layer_name(i, "moe.router.selection_bias"), {E}});
+      s.push_back({layer_name(i, "moe.experts.w_in"), {E, Fi, C}});
+      s.push_back({layer_name(i, "moe.experts.w_out"), {E, C, Fe}});
+      if (S > 0) {
+        s.push_back({layer_name(i, "moe.shared.w_in"), {S, Fi, C}});
+        s.push_back({layer_name(i, "moe.shared.w_out"), {S, C, Fe}});
+        if (m.shared_gate) s.push_back({layer_name(i, "moe.shared.gate"), {S, C}});
+      }
+      continue;
+    }
     s.push_back({layer_name(i, "mlp.fc.weight"), {c.fc_dim(), C}});
     if (c.bias) s.push_back({layer_name(i, "mlp.fc.bias"), {c.fc_dim()}});
     s.push_back({layer_name(i, "mlp.proj.weight"), {C, c.d_ff}});
@@ -73,8 +87,36 @@ int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding) {
   return n;
 }
 
+int64_t gpt_active_param_count(const ModelConfig& c, bool include_position_embedding) {
+  int64_t n = 0;
+  for (const TensorSpec& s : gpt_param_specs(c)) {
+    if (!include_position_embedding && s.name == "pos_emb.weight") continue;
+    const bool routed = s.name.find(".moe.experts.") != std::string::npos;
+    n += routed ? s.numel() / c.moe.experts * c.moe.top_k : s.numel();
+  }
+  return n;
+}
+
+MoeConfig gpt_moe_config(const ModelConfig& c) {
+  MoeConfig m;
+  if (c.moe.experts == 0) return m;
+  m.E = c.moe.experts;
+  m.K = c.moe.top_k;
+  m.C = c.d_model;
+  m.F = c.d_expert();
+  m.activation = c.activation == ActivationKind::swiglu ? MoeActivation::swiglu : MoeActivation::gelu;
+  m.score = c.moe.sigmoid ? MoeScore::sigmoid : MoeScore::softmax;
+  m.renormalize = c.moe.renormalize;
+  m.capacity_factor = c.moe.capacity_factor;
+  m.aux_coef = c.moe.aux_coef;
+  m.z_coef = c.moe.z_coef;
+  m.n_shared = c.moe.shared;
+  m.shared_gate = c.moe.shared_gate;
+  return m;
+}
+
 double gpt_train_flops_per_token(const ModelConfig& c, int64_t T) {
-  return 6.0 * static_cast<double>(gpt_param_count(c, false)) +
+  return 6.0 * static_cast<double>(gpt_active_param_count(c, false)) +
          12.0 * c.n_layer * static_cast<double>(c.d_model) * static_cast<double>(T);
 }
 
@@ -127,6 +169,17 @@ GptTensors gpt_bind(const std::function<Tensor(const std::string&)>& opt, const 
     l.proj_b = opt(layer_name(i, "attn.proj.bias"));
     l.norm2_w = get(layer_name(i, "norm2.weight"));
     l.norm2_b = opt(layer_name(i, "norm2.bias"));
+    if (c.is_moe_layer(i)) {
+      l.router_w = get(layer_name(i, "moe.router.weight"));
+      l.sel_bias = opt(layer_name(i, "moe.router.selection_bias"));
+      l.w_in = get(layer_name(i, "moe.experts.w_in"));
+      l.w_out = get(layer_name(i, "moe.experts.w_out"));
+      l.ws_in = opt(layer_name(i, "moe.shared.w_in"));
+      l.ws_out = opt(layer_name(i, "moe.shared.w_out"));
+      l.ws_gate = opt(layer_name(i, "moe.shared.gate"));
+      t.layers.push_back(l);
+      continue;
+    }
     l.fc_w = get(layer_name(i, "mlp.fc.weight"));
     l.fc_b = opt(layer_name(i, "mlp.fc.bias"));
     l.mproj_w = get(layer_name(i, "mlp.proj.weight"));
@@ -152,6 +205,9 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
          "head size is d_model/n_head = ", HS);
   if (mixed && plan.decode_ctx > 0) fail("precision bf16 is for training; KV-cache decoding runs in fp32 on the CPU");
   const DType adt = mixed ? DType::bf16 : DType::f32;  // activations and their gradients
+  moe_cfg_ = gpt_moe_config(cfg_);
+  bool any_dense = false, any_moe = false;
+  for (int l = 0; l < cfg_.n_layer; ++l) (cfg_.is_moe_layer(l) ? any_moe : any_dense) = true;
 
   // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
   auto pspecs = gpt_param_specs(cfg_);
@@ -206,8 +262,12 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(as, layer_name(l, "ln2"), {B, T, C}, adt);
     add(as, layer_name(l, "ln2_mean"), {N});
     add(as, layer_name(l, "ln2_rstd"), {N});
-    add(as, layer_name(l, "fc"), {B, T, FC}, adt);
-    add(as, layer_name(l, "act"), {B, T, F}, adt);
+    if (cfg_.is_moe_layer(l)) {
+      for (TensorSpec& sp : moe_state_specs(moe_cfg_, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
+    } else {
+      add(as, layer_name(l, "fc"), {B, T, FC}, adt);
+      add(as, layer_name(l, "act"), {B, T, F}, adt);
+    }
     add(as, layer_name(l, "res2"), {B, T, C}, adt);
   }
   add(as, "lnf", {B, T, C}, adt);
@@ -218,8 +278,13 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
     auto a = [&](const char* n) { return acts_.get(layer_name(l, n)); };
+    const bool moe = cfg_.is_moe_layer(l);
     la_.push_back({a("ln1"), a("ln1_mean"), a("ln1_rstd"), a("qkv"), a(mixed ? "lse" : "probs"), a("att"), a("res1"), a("ln2"),
-                   a("ln2_mean"), a("ln2_rstd"), a("fc"), a("act"), a("res2")});
+                   a("ln2_mean"), a("ln2_rstd"), moe ? Tensor() : a("fc"), moe ? Tensor() : a("act"), a("res2"), MoeState{}});
+    if (moe) {
+      la_.back().moe = moe_state_bind(acts_, moe_cfg_, layer_name(l, "moe."));
+      moe_states_.push_back(la_.back().moe);
+    }
   }
   lnf_ = acts_.get("lnf");
   lnf_mean_ = acts_.get("lnf_mean");
@@ -242,13 +307,18 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(ws, "d_ln", {B, T, C}, adt);
     add(ws, "d_qkv", {B, T, QKV}, adt);
     add(ws, "d_att", {B, T, NH * HS}, adt);
-    add(ws, "d_fc", {B, T, FC}, adt);
+    if (any_dense) add(ws, "d_fc", {B, T, FC}, adt);
     // bf16 GPT-2-style MLPs fuse GELU's backward into the GEMM epilogue: no separate d(act) buffer
-    if (!(mixed && cfg_.activation == ActivationKind::gelu && cfg_.bias)) add(ws, "d_act", {B, T, F}, adt);
+    if (any_dense && !(mixed && cfg_.activation == ActivationKind::gelu && cfg_.bias)) add(ws, "d_act", {B, T, F}, adt);
     if (mixed) add(ws, "d_probs", {B, NH, T});  // flash attention backward's delta = rowsum(dout * out)
     else add(ws, "d_probs", {B, NH, T, T});
   }
+  if (any_moe)
+    for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan.training, "moe.")) ws.push_back(std::move(sp));
   work_ = Arena("workspace", ws, plan.device);
+  if (any_moe) moe_scratch_ = moe_scratch_bind(work_, moe_cfg_, plan.training, "moe.");
+  moe_counts_host_.resize(static_cast<size_t>(moe_cfg_.E));
+  moe_stats_host_.resize(3);
   logits_scratch_ = work_.get("logits_scratch");
   if (cfg_.positions == PositionKind::rope) {
     rope_freqs_ = work_.get("rope_freqs");
@@ -279,7 +349,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     d_ln_ = work_.get("d_ln");
     d_qkv_ = work_.get("d_qkv");
     d_att_ = work_.get("d_att");
-    d_fc_ = work_.get("d_fc");
+    if (work_.find("d_fc") >= 0) d_fc_ = work_.get("d_fc");
     if (work_.find("d_act") >= 0) d_act_ = work_.get("d_act");
     d_probs_ = work_.get("d_probs");
   }
@@ -304,6 +374,10 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(ds, "scores", {NH, S});
     add(ds, "logits", {1, cfg_.vocab_size});
     add(ds, "token", {1, 1}, DType::i32);
+    if (any_moe) {
+      for (TensorSpec& sp : moe_state_specs(moe_cfg_, 1, DType::f32, "moe.")) ds.push_back(std::move(sp));
+      for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, 1, DType::f32, false, "moe_scratch.")) ds.push_back(std::move(sp));
+    }
     decode_ = Arena("decode", ds);
     k_cache_ = decode_.get("k_cache");
     v_cache_ = decode_.get("v_cache");
@@ -319,6 +393,10 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     dscores_ = decode_.get("scores");
     dlogits_ = decode_.get("logits");
     dtok_ = decode_.get("token");
+    if (any_moe) {
+      decode_moe_ = moe_state_bind(decode_, moe_cfg_, "moe.");
+      decode_moe_scratch_ = moe_scratch_bind(decode_, moe_cfg_, false, "moe_scratch.");
+    }
   }
 }
 
@@ -345,12 +423,13 @@ void Gpt::init_weights(uint64_t seed) {
       size_t L = std::strlen(suf);
       return name.size() >= L && name.compare(name.size() - L, L, suf) == 0;
     };
-    if (ends_with(".bias")) {
+    if (ends_with(".bias") || ends_with(".selection_bias")) {
       std::fill(w, w + n, 0.0f);
     } else if (name.find("norm") != std::string::npos) {
       std::fill(w, w + n, 1.0f);
     } else {
-      const double sd = (ends_with("attn.proj.weight") || ends_with("mlp.proj.weight")) ? std_proj : std_base;
+      const double sd =
+          (ends_with("attn.proj.weight") || ends_with("mlp.proj.weight") || ends_with(".w_out")) ? std_proj : std_base;
       for (int64_t j = 0; j < n; ++j) w[j] = static_cast<float>(sd * rng_normal(seed, k + 1, static_cast<uint64_t>(j)));
       if (name == "tok_emb.weight" || name == "lm_head.weight")  // padded vocab rows stay zero
         std::fill(w + V * cfg_.d_model, w + n, 0.0f);
@@ -393,12 +472,16 @@ void Gpt::forward_body(Tensor tokens) {
     timed("linear proj fwd", lin_proj, [&] { linear_forward(a.res1, a.att, w.proj_w, w.proj_b); });
     timed("residual fwd", 0, [&] { residual_forward(a.res1, a.res1, x); });
     timed("norm fwd", 0, [&] { norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, w.norm2_w, w.norm2_b); });
-    timed("linear fc fwd", lin_fc, [&] { linear_forward(a.fc, a.ln2, w.fc_w, w.fc_b); });
-    timed("activation fwd", 0, [&] {
-      if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
-      else swiglu_forward(a.act, a.fc);
-    });
-    timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, w.mproj_w, w.mproj_b); });
+    if (w.moe()) {
+      moe_layer_forward(l, a.res2);
+    } else {
+      timed("linear fc fwd", lin_fc, [&] { linear_forward(a.fc, a.ln2, w.fc_w, w.fc_b); });
+      timed("activation fwd", 0, [&] {
+        if (cfg_.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+        else swiglu_forward(a.act, a.fc);
+      });
+      timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, w.mproj_w, w.mproj_b); });
+    }
     timed("residual fwd", 0, [&] { residual_forward(a.res2, a.res2, a.res1); });
     x = a.res2;
   }
@@ -457,7 +540,8 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
       lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), pb_.lm_head,
                             targets.view({N}), logits_scratch_, cfg_.vocab_size, grad_scale);
     });
-    backward_layers_bf16(tokens);
+    backward_layers_bf16(tokens, loss_scale);
+    if (cfg_.moe.bias_rate > 0) moe_update_selection_bias();
     return;
   }
 
@@ -480,16 +564,21 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
     LayerActs& a = la_[l];
     Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
 
-    // MLP block: res2 = res1 + act(fc(norm2(res1))) Wm^T + bm
-    tensor_zero(d_act_);
-    timed("linear mproj bwd", lin_mproj, [&] { linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w); });
-    tensor_zero(d_fc_);
-    timed("activation bwd", 0, [&] {
-      if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
-      else swiglu_backward(d_fc_, d_act_, a.fc);
-    });
-    tensor_zero(d_ln_);
-    timed("linear fc bwd", lin_fc, [&] { linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w); });
+    // MLP block: res2 = res1 + act(fc(norm2(res1))) Wm^T + bm  (or res1 + moe(norm2(res1)))
+    if (w.moe()) {
+      tensor_zero(d_ln_);
+      moe_layer_backward(l, loss_scale);
+    } else {
+      tensor_zero(d_act_);
+      timed("linear mproj bwd", lin_mproj, [&] { linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, w.mproj_w); });
+      tensor_zero(d_fc_);
+      timed("activation bwd", 0, [&] {
+        if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
+        else swiglu_backward(d_fc_, d_act_, a.fc);
+      });
+      tensor_zero(d_ln_);
+      timed("linear fc bwd", lin_fc, [&] { linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, w.fc_w); });
+    }
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
 
     // Attention block: res1 = x_in + attn(rope(qkv(norm1(x_in)))) Wp^T + bp
@@ -506,6 +595,7 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
+  if (cfg_.moe.bias_rate > 0) moe_update_selection_bias();
 }
 
 // bf16 mixed precision (docs/MIXED_PRECISION.md): GEMMs read the bf16 weight copy pb_, norms and
@@ -546,7 +636,9 @@ void Gpt::forward_body_bf16(Tensor tokens) {
     timed("flash attention fwd", attn, [&] { flash_attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head); });
     timed("linear proj fwd", lin_proj, [&] { linear_forward(a.res1, a.att, wb.proj_w, wb.proj_b); });
     residual_norm(a.res1, a.ln2, a.ln2_mean, a.ln2_rstd, x, a.res1, w.norm2_w, w.norm2_b);
-    if (fused_gelu) {
+    if (w.moe()) {
+      moe_layer_forward(l, a.res2);
+    } else if (fused_gelu) {
       timed("linear fc + gelu fwd", lin_fc, [&] { linear_gelu_forward(a.act, a.fc, a.ln2, wb.fc_w, wb.fc_b); });
     } else {
       timed("linear fc fwd", lin_fc, [&] { linear_forward(a.fc, a.ln2, wb.fc_w, wb.fc_b); });
@@ -555,7 +647,7 @@ void Gpt::forward_body_bf16(Tensor tokens) {
         else swiglu_forward(a.act, a.fc);
       });
     }
-    timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, wb.mproj_w, wb.mproj_b); });
+    if (!w.moe()) timed("linear mproj fwd", lin_mproj, [&] { linear_forward(a.res2, a.act, wb.mproj_w, wb.mproj_b); });
     if (l + 1 < cfg_.n_layer) {
       LayerActs& n = la_[l + 1];
       residual_norm(a.res2, n.ln1, n.ln1_mean, n.ln1_rstd, a.res1, a.res2, p_.layers[l + 1].norm1_w,
@@ -567,7 +659,7 @@ void Gpt::forward_body_bf16(Tensor tokens) {
   }
 }
 
-void Gpt::backward_layers_bf16(Tensor tokens) {
+void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
   const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
   const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
@@ -582,7 +674,10 @@ void Gpt::backward_layers_bf16(Tensor tokens) {
     const GptLayerTensors& gw = g_.layers[l];
     LayerActs& a = la_[l];
     Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
-    if (fused_gelu) {
+    if (w.moe()) {
+      tensor_zero(d_ln_);
+      moe_layer_backward(l, loss_scale);
+    } else if (fused_gelu) {
       timed("linear mproj + gelu bwd", lin_mproj, [&] {
         linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc);
       });
@@ -596,9 +691,10 @@ void Gpt::backward_layers_bf16(Tensor tokens) {
         else swiglu_backward(d_fc_, d_act_, a.fc);
       });
     }
-    timed("linear fc bwd", lin_fc, [&] {
-      linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
-    });
+    if (!w.moe())
+      timed("linear fc bwd", lin_fc, [&] {
+        linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
+      });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
     timed("linear proj bwd", lin_proj, [&] {
       linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite);
@@ -615,6 +711,62 @@ void Gpt::backward_layers_bf16(Tensor tokens) {
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
+}
+
+// MoE layers: the router and the routed experts read the f32 router weight (fp32 logits) and, in bf16
+// plans, the bf16 copies of the expert weights; the shared gate and the selection bias are f32.
+void Gpt::moe_layer_forward(int l, Tensor out) {
+  const int64_t N = plan_.B * plan_.T, C = cfg_.d_model;
+  const GptLayerTensors& w = p_.layers[l];
+  const GptLayerTensors& wb = bf16() ? pb_.layers[l] : p_.layers[l];
+  const MoeConfig& m = moe_cfg_;
+  const double flops = 2.0 * N * (m.E * C + (m.K + m.n_shared) * (moe_f_in(m) + m.F) * C);
+  timed("moe fwd", flops, [&] {
+    moe_forward(out.view({N, C}), la_[l].moe, moe_scratch_, la_[l].ln2.view({N, C}), w.router_w, wb.w_in, wb.w_out,
+                MoeExtra{wb.ws_in, wb.ws_out, w.ws_gate, w.sel_bias}, m);
+  });
+}
+
+void Gpt::moe_layer_backward(int l, float d_aux) {
+  const int64_t N = plan_.B * plan_.T, C = cfg_.d_model;
+  const GptLayerTensors& w = p_.layers[l];
+  const GptLayerTensors& wb = bf16() ? pb_.layers[l] : p_.layers[l];
+  const GptLayerTensors& gw = g_.layers[l];
+  const MoeConfig& m = moe_cfg_;
+  const double flops = 4.0 * N * (m.E * C + (m.K + m.n_shared) * (moe_f_in(m) + m.F) * C);
+  timed("moe bwd", flops, [&] {
+    moe_backward(d_ln_.view({N, C}), gw.router_w, gw.w_in, gw.w_out, MoeExtraGrads{gw.ws_in, gw.ws_out, gw.ws_gate},
+                 d_res_.view({N, C}), la_[l].moe, moe_scratch_, la_[l].ln2.view({N, C}), w.router_w, wb.w_in,
+                 wb.w_out, MoeExtra{wb.ws_in, wb.ws_out, w.ws_gate, w.sel_bias}, m, d_aux);
+  });
+}
+
+void Gpt::moe_update_selection_bias() {
+  timed("moe selection bias", 0, [&] {
+    for (int l = 0; l < cfg_.n_layer; ++l)
+      if (p_.layers[l].sel_bias.defined()) moe_update_bias(p_.layers[l].sel_bias, la_[l].moe.counts, cfg_.moe.bias_rate);
+  });
+}
+
+Gpt::MoeSummary Gpt::moe_summary() const {
+  MoeSummary s;
+  if (moe_states_.empty()) return s;
+  const int64_t NK = plan_.B * plan_.T * moe_cfg_.K;
+  s.load_min = 1e300;
+  s.load_max = 0;
+  for (const MoeState& st : moe_states_) {
+    tensor_to_host(moe_counts_host_.data(), st.counts);
+    tensor_to_host(moe_stats_host_.data(), st.stats);
+    s.aux += static_cast<double>(moe_stats_host_[0]) + moe_stats_host_[1];
+    s.dropped += static_cast<int64_t>(moe_stats_host_[2]);
+    s.assignments += NK;
+    for (int32_t c : moe_counts_host_) {
+      const double f = static_cast<double>(c) / static_cast<double>(NK);
+      s.load_min = std::min(s.load_min, f);
+      s.load_max = std::max(s.load_max, f);
+    }
+  }
+  return s;
 }
 
 const float* Gpt::decode_step(int32_t token, int64_t pos) {
@@ -642,10 +794,15 @@ const float* Gpt::decode_step(int32_t token, int64_t pos) {
     linear_forward(dtmp_, datt_, w.proj_w, w.proj_b);
     residual_forward(x, x, dtmp_);
     norm_forward(dln_, dmean_, drstd_, dx_, w.norm2_w, w.norm2_b);
-    linear_forward(dfc_, dln_.view({1, C}), w.fc_w, w.fc_b);
-    if (cfg_.activation == ActivationKind::gelu) gelu_forward(dact_, dfc_);
-    else swiglu_forward(dact_, dfc_);
-    linear_forward(dtmp_, dact_, w.mproj_w, w.mproj_b);
+    if (w.moe()) {
+      moe_forward(dtmp_, decode_moe_, decode_moe_scratch_, dln_.view({1, C}), w.router_w, w.w_in, w.w_out,
+                  w.moe_extra(), moe_cfg_);
+    } else {
+      linear_forward(dfc_, dln_.view({1, C}), w.fc_w, w.fc_b);
+      if (cfg_.activation == ActivationKind::gelu) gelu_forward(dact_, dfc_);
+      else swiglu_forward(dact_, dfc_);
+      linear_forward(dtmp_, dact_, w.mproj_w, w.mproj_b);
+    }
     residual_forward(x, x, dtmp_);
   }
   norm_forward(dln_, dmean_, drstd_, dx_, p_.normf_w, p_.normf_b);

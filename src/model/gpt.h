@@ -14,6 +14,7 @@
 
 #include "core/arena.h"
 #include "model/config.h"
+#include "ops/moe.h"
 
 namespace lmf {
 
@@ -21,12 +22,20 @@ namespace lmf {
 std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c);
 // Parameters counted for FLOPs (everything but pos_emb) and in total.
 int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding = true);
-// 6 N + 12 L C T FLOPs per token for a training step (docs/MODEL.md).
+// Parameters one token uses: routed experts count top_k / experts of their total (MoE models).
+int64_t gpt_active_param_count(const ModelConfig& c, bool include_position_embedding = true);
+// The MoE layer's op configuration (ops/moe.h) for this model (C = d_model, F = d_expert).
+MoeConfig gpt_moe_config(const ModelConfig& c);
+// 6 N + 12 L C T FLOPs per token for a training step, N the active parameters (docs/MODEL.md).
 double gpt_train_flops_per_token(const ModelConfig& c, int64_t T);
 
 // Views of one arena laid out by gpt_param_specs (parameters or their gradients).
 struct GptLayerTensors {
   Tensor norm1_w, norm1_b, qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc_w, fc_b, mproj_w, mproj_b;
+  // MoE layers (instead of fc/mproj): router, routed experts, shared experts, selection bias
+  Tensor router_w, w_in, w_out, ws_in, ws_out, ws_gate, sel_bias;
+  bool moe() const { return router_w.defined(); }
+  MoeExtra moe_extra() const { return {ws_in, ws_out, ws_gate, sel_bias}; }
 };
 struct GptTensors {
   Tensor tok_emb, pos_emb, normf_w, normf_b, lm_head;  // lm_head aliases tok_emb when tied
@@ -78,6 +87,17 @@ class Gpt {
   void forward_backward_device(Tensor tokens, Tensor targets, float loss_scale = 1.0f);
   void forward_loss_device(Tensor tokens, Tensor targets);
   Tensor row_losses() const { return losses_; }  // (B*T) f32 on the model's device
+  // MoE models: per MoE layer (in layer order) the state of the last forward, on the model's device
+  // (counts: assignments per expert before the capacity; stats: aux loss, z loss, dropped).
+  const std::vector<MoeState>& moe_states() const { return moe_states_; }
+  // Sum over MoE layers of the last forward's aux + z losses, and the drop count (reads the device).
+  struct MoeSummary {
+    double aux = 0;            // aux + z terms added to the training loss
+    int64_t dropped = 0;       // assignments dropped by the capacity, all layers
+    int64_t assignments = 0;   // routed assignments, all layers (N K per layer)
+    double load_min = 0, load_max = 0;  // min / max over layers and experts of count / (N K)
+  };
+  MoeSummary moe_summary() const;
   // Logits (B, T, V) of the real vocabulary (for tests and tools; not on the training path; fp32 and
   // tf32 plans).
   void forward_logits(Tensor logits, Tensor tokens);
@@ -97,7 +117,7 @@ class Gpt {
   Arena& grads() { return grads_; }
   Arena& adam_m() { return m_; }
   Arena& adam_v() { return v_; }
-  // Weight-decay ranges of the parameter arena (2-D tensors), planned once for adamw_update_flat:
+  // Weight-decay ranges of the parameter arena (2-D and stacked 3-D expert tensors), planned once for adamw_update_flat:
   // (S, 2) i32 host tensor of [begin, end) element ranges.
   Tensor decay_ranges() { return decay_ranges_; }
   const GptTensors& p() const { return p_; }
@@ -110,15 +130,20 @@ class Gpt {
   struct LayerActs {
     // probs: (B, NH, T, T) attention probabilities (fp32/tf32), or the flash log-sum-exp (B, NH, T) (bf16)
     Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, att, res1, ln2, ln2_mean, ln2_rstd, fc, act, res2;
+    MoeState moe;  // MoE layers: what the MoE forward saves (fc and act absent)
   };
   bool bf16() const { return plan_.precision == Precision::bf16; }
   void forward_body(Tensor tokens);  // embedding .. final norm into lnf_
   void forward_body_bf16(Tensor tokens);
-  void backward_layers_bf16(Tensor tokens);
+  void backward_layers_bf16(Tensor tokens, float loss_scale);
   template <class F>
   void timed(const char* name, double flops, F&& f);
   void norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b);
   void norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd);
+  // MoE layer l: out (N, C) = moe(ln2) (forward); d_ln_ += d(ln2) from dout = d_res_ (backward)
+  void moe_layer_forward(int l, Tensor out);
+  void moe_layer_backward(int l, float d_aux);
+  void moe_update_selection_bias();
 
   ModelConfig cfg_;
   GptPlan plan_;
@@ -127,6 +152,13 @@ class Gpt {
   GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
   std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets
   std::vector<LayerActs> la_;
+  MoeConfig moe_cfg_;
+  MoeScratch moe_scratch_;
+  std::vector<MoeState> moe_states_;
+  MoeState decode_moe_;        // decode_step's MoE state (batch 1)
+  MoeScratch decode_moe_scratch_;
+  mutable std::vector<int32_t> moe_counts_host_;  // planned staging for moe_summary()
+  mutable std::vector<float> moe_stats_host_;
   Tensor encoded_, lnf_, lnf_mean_, lnf_rstd_, losses_;
   // workspace: activation gradients (reused by every layer) and scratch
   Tensor d_res_, d_ln_, d_qkv_, d_att_, d_fc_, d_act_, d_probs_, logits_scratch_, rope_freqs_, norm_dummy_;

@@ -17,6 +17,23 @@ constexpr double kParallelMinFlops = 2.0e6;
 // Fixed block sizes of the parallel split (see blas_sgemm).
 constexpr int64_t kRowBlock = 128, kColBlock = 256;
 
+// OpenBLAS's small-matrix kernels (chosen for narrow C, N <= 32, up to ~1e6 multiply-adds on
+// Skylake-X) allocate on some calls, and a planned training step must not allocate: those shapes
+// run this plain loop instead (fixed k order, fp32 accumulation; deterministic).
+constexpr double kSmallMaxMacs = 1.0e6;
+constexpr int64_t kSmallMaxN = 32;
+
+void small_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += (ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
+      float& c = C[i * ldc + j];
+      c = beta == 0.0f ? alpha * acc : alpha * acc + beta * c;
+    }
+}
+
 }  // namespace
 
 void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -24,6 +41,10 @@ void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
   (void)kBlasThreadsPinned;
   if (M <= 0 || N <= 0) return;
   const CBLAS_TRANSPOSE opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
+  if (N <= kSmallMaxN && static_cast<double>(M) * N * K <= kSmallMaxMacs) {
+    small_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
   const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
   // The blocks depend only on the shape, never on the thread count: OpenBLAS picks its kernels by
   // the block's size, so the same blocks give the same bits on 1 thread or 64.

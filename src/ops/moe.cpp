@@ -49,16 +49,16 @@ void router_scores(float* scores, const float* logits, int64_t N, int64_t E, Moe
 // weights use the unbiased scores.
 void router_topk(int32_t* topk_idx, float* topk_w, const float* scores, const float* bias, int64_t N, int64_t E,
                  int64_t K, bool renormalize) {
-  std::vector<char> taken(static_cast<size_t>(E));
-  std::vector<float> key(static_cast<size_t>(E));
+  char taken[kMoeMaxExperts];
+  float key[kMoeMaxExperts];
   for (int64_t n = 0; n < N; ++n) {
     const float* s = scores + n * E;
     const float* ks = s;
     if (bias) {
       for (int64_t e = 0; e < E; ++e) key[e] = s[e] + bias[e];
-      ks = key.data();
+      ks = key;
     }
-    std::fill(taken.begin(), taken.end(), 0);
+    std::fill(taken, taken + E, 0);
     double sum = 0;
     for (int64_t k = 0; k < K; ++k) {
       int64_t best = -1;
@@ -82,7 +82,7 @@ int64_t dispatch(int32_t* slot_row, int32_t* counts, int32_t* offsets, int32_t* 
   for (int64_t a = 0; a < N * K; ++a) ++counts[topk_idx[a]];
   offsets[0] = 0;
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + static_cast<int32_t>(std::min<int64_t>(counts[e], cap));
-  std::vector<int64_t> seen(static_cast<size_t>(E), 0);  // assignments of expert e met so far
+  int64_t seen[kMoeMaxExperts] = {};  // assignments of expert e met so far
   int64_t dropped = 0;
   for (int64_t a = 0; a < N * K; ++a) {  // a = n K + k: increasing (token, slot) order
     const int64_t e = topk_idx[a];
@@ -109,6 +109,8 @@ Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const T
                const Tensor& w_in, const Tensor& w_out) {
   LMF_CHECK(cfg.E >= 1 && cfg.K >= 1 && cfg.K <= cfg.E && cfg.C >= 1 && cfg.F >= 1, op, ": bad MoeConfig E=", cfg.E,
             " K=", cfg.K, " C=", cfg.C, " F=", cfg.F, " (need E >= 1, 1 <= K <= E, C >= 1, F >= 1)");
+  LMF_CHECK(cfg.E <= kMoeMaxExperts && cfg.K <= kMoeMaxTopK, op, ": MoeConfig E=", cfg.E, " K=", cfg.K,
+            " exceeds the supported E <= ", kMoeMaxExperts, ", K <= ", kMoeMaxTopK);
   LMF_CHECK(cfg.n_shared >= 0, op, ": bad MoeConfig n_shared=", cfg.n_shared, " (need >= 0)");
   LMF_CHECK(cfg.capacity_factor >= 0 && std::isfinite(cfg.capacity_factor), op,
             ": capacity_factor must be >= 0 (0 = dropless), got ", cfg.capacity_factor);
@@ -203,7 +205,105 @@ void act_backward(float* dpre, float* dact, float* pre, int64_t rows, const Dims
   else gelu_backward(tdpre, tdact, tpre);
 }
 
+// The scratch's shapes (f32 on the CPU); backward also needs its gradient buffers.
+void check_scratch(const char* op, const Dims& d, const MoeScratch& sc, const Tensor& x, bool backward) {
+  auto one = [&](const Tensor& t, const char* field, std::initializer_list<int64_t> shape) {
+    LMF_CHECK(t.defined(), op, ": MoeScratch::", field, " is absent");
+    check_shape(t, shape, op);
+    check_same_device(op, {&t, &x});
+    if (x.device == Device::cpu) check_f32(t, op);
+  };
+  one(sc.xg, "xg", {d.R, d.C});
+  if (!backward) return;
+  one(sc.dy, "dy", {d.R, d.C});
+  one(sc.dact, "dact", {d.R, d.F});
+  one(sc.dpre, "dpre", {d.R, d.F_in});
+  one(sc.dxg, "dxg", {d.R, d.C});
+  one(sc.dlogits, "dlogits", {d.N, d.E});
+  check_f32(sc.dlogits, op);
+  if (d.S == 0) return;
+  one(sc.dys, "dys", {d.N, d.C});
+  one(sc.dacts, "dacts", {d.N, d.F});
+  one(sc.dpres, "dpres", {d.N, d.F_in});
+  one(sc.dgl, "dgl", {d.N});
+  check_f32(sc.dgl, op);
+}
+
 }  // namespace
+
+std::vector<TensorSpec> moe_state_specs(const MoeConfig& cfg, int64_t N, DType adt, const std::string& p) {
+  const int64_t E = cfg.E, K = cfg.K, R = moe_rows(cfg, N), Fi = moe_f_in(cfg), S = cfg.n_shared;
+  std::vector<TensorSpec> v = {{p + "logits", {N, E}},          {p + "scores", {N, E}},
+                               {p + "topk_idx", {N, K}, DType::i32}, {p + "topk_w", {N, K}},
+                               {p + "slot_row", {N, K}, DType::i32}, {p + "counts", {E}, DType::i32},
+                               {p + "offsets", {E + 1}, DType::i32}, {p + "perm", {R}, DType::i32},
+                               {p + "pre", {R, Fi}, adt},        {p + "act", {R, cfg.F}, adt},
+                               {p + "y", {R, cfg.C}, adt},       {p + "stats", {3}}};
+  if (S > 0) {
+    v.push_back({p + "shared_pre", {S, N, Fi}, adt});
+    v.push_back({p + "shared_act", {S, N, cfg.F}, adt});
+    v.push_back({p + "shared_y", {S, N, cfg.C}, adt});
+    if (cfg.shared_gate) v.push_back({p + "shared_g", {S, N}});
+  }
+  return v;
+}
+
+MoeState moe_state_bind(const Arena& a, const MoeConfig& cfg, const std::string& p) {
+  MoeState st;
+  st.logits = a.get(p + "logits");
+  st.scores = a.get(p + "scores");
+  st.topk_idx = a.get(p + "topk_idx");
+  st.topk_w = a.get(p + "topk_w");
+  st.slot_row = a.get(p + "slot_row");
+  st.counts = a.get(p + "counts");
+  st.offsets = a.get(p + "offsets");
+  st.perm = a.get(p + "perm");
+  st.pre = a.get(p + "pre");
+  st.act = a.get(p + "act");
+  st.y = a.get(p + "y");
+  st.stats = a.get(p + "stats");
+  if (cfg.n_shared > 0) {
+    st.shared_pre = a.get(p + "shared_pre");
+    st.shared_act = a.get(p + "shared_act");
+    st.shared_y = a.get(p + "shared_y");
+    if (cfg.shared_gate) st.shared_g = a.get(p + "shared_g");
+  }
+  return st;
+}
+
+std::vector<TensorSpec> moe_scratch_specs(const MoeConfig& cfg, int64_t N, DType adt, bool training,
+                                          const std::string& p) {
+  const int64_t R = moe_rows(cfg, N), Fi = moe_f_in(cfg), C = cfg.C, F = cfg.F;
+  std::vector<TensorSpec> v = {{p + "xg", {R, C}, adt}};
+  if (!training) return v;
+  v.insert(v.end(), {{p + "dy", {R, C}, adt},
+                     {p + "dact", {R, F}, adt},
+                     {p + "dpre", {R, Fi}, adt},
+                     {p + "dxg", {R, C}, adt},
+                     {p + "dlogits", {N, cfg.E}}});
+  if (cfg.n_shared > 0)
+    v.insert(v.end(), {{p + "dys", {N, C}, adt}, {p + "dacts", {N, F}, adt}, {p + "dpres", {N, Fi}, adt},
+                       {p + "dgl", {N}}});
+  return v;
+}
+
+MoeScratch moe_scratch_bind(const Arena& a, const MoeConfig& cfg, bool training, const std::string& p) {
+  MoeScratch sc;
+  sc.xg = a.get(p + "xg");
+  if (!training) return sc;
+  sc.dy = a.get(p + "dy");
+  sc.dact = a.get(p + "dact");
+  sc.dpre = a.get(p + "dpre");
+  sc.dxg = a.get(p + "dxg");
+  sc.dlogits = a.get(p + "dlogits");
+  if (cfg.n_shared > 0) {
+    sc.dys = a.get(p + "dys");
+    sc.dacts = a.get(p + "dacts");
+    sc.dpres = a.get(p + "dpres");
+    sc.dgl = a.get(p + "dgl");
+  }
+  return sc;
+}
 
 int64_t moe_f_in(const MoeConfig& cfg) { return cfg.activation == MoeActivation::swiglu ? 2 * cfg.F : cfg.F; }
 
@@ -229,7 +329,15 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
 MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
                       const MoeExtra& ex, const MoeConfig& cfg) {
   const Dims d = check_moe(kOpForward, cfg, st, x, router_w, w_in, w_out);
+  const Arena scratch("moe scratch", moe_scratch_specs(cfg, d.N, DType::f32, false, ""), x.device);
+  return moe_forward(out, st, moe_scratch_bind(scratch, cfg, false, ""), x, router_w, w_in, w_out, ex, cfg);
+}
+
+MoeLosses moe_forward(Tensor out, const MoeState& st, const MoeScratch& sc, Tensor x, Tensor router_w, Tensor w_in,
+                      Tensor w_out, const MoeExtra& ex, const MoeConfig& cfg) {
+  const Dims d = check_moe(kOpForward, cfg, st, x, router_w, w_in, w_out);
   check_extra(kOpForward, d, cfg, st, ex, x);
+  check_scratch(kOpForward, d, sc, x, false);
   check_f32(out, kOpForward);
   check_shape(out, {d.N, d.C}, kOpForward);
   check_same_device(kOpForward, {&out, &x});
@@ -253,15 +361,15 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
   losses.dropped = dispatch(slot_row, counts, offsets, perm, topk_idx, d.N, d.E, d.K, d.cap);
 
   // experts
-  std::vector<float> xg(static_cast<size_t>(d.R * d.C));  // (R, C) gathered rows of x
-  gather_rows(xg.data(), xp, perm, offsets[d.E], d.K, d.C);
+  float* xg = sc.xg.f32();  // (R, C) gathered rows of x
+  gather_rows(xg, xp, perm, offsets[d.E], d.K, d.C);
   for (int64_t e = 0; e < d.E; ++e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
     if (rows == 0) continue;
     float* pre = st.pre.f32() + r0 * d.F_in;
     float* act = st.act.f32() + r0 * d.F;
     // pre (rows, F_in) = xg (rows, C) w_in[e]^T; y (rows, C) = act (rows, F) w_out[e]^T
-    blas_sgemm(false, true, rows, d.F_in, d.C, 1.0f, xg.data() + r0 * d.C, d.C, w_in.f32() + e * d.F_in * d.C, d.C,
+    blas_sgemm(false, true, rows, d.F_in, d.C, 1.0f, xg + r0 * d.C, d.C, w_in.f32() + e * d.F_in * d.C, d.C,
                0.0f, pre, d.F_in);
     act_forward(act, pre, rows, d, cfg.activation);
     blas_sgemm(false, true, rows, d.C, d.F, 1.0f, act, d.F, w_out.f32() + e * d.C * d.F, d.F, 0.0f,
@@ -321,6 +429,12 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, Tensor x, Tensor router_w,
     }
     losses.z = static_cast<float>(cfg.z_coef * acc / static_cast<double>(d.N));
   }
+  if (st.stats.defined()) {
+    float* o3 = st.stats.f32();
+    o3[0] = losses.aux;
+    o3[1] = losses.z;
+    o3[2] = static_cast<float>(losses.dropped);
+  }
   return losses;
 }
 
@@ -334,7 +448,17 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
                   const MoeState& st, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeExtra& ex,
                   const MoeConfig& cfg, float d_aux) {
   const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
+  const Arena scratch("moe scratch", moe_scratch_specs(cfg, d.N, DType::f32, true, ""), x.device);
+  moe_backward(dx, drouter_w, dw_in, dw_out, dex, dout, st, moe_scratch_bind(scratch, cfg, true, ""), x, router_w,
+               w_in, w_out, ex, cfg, d_aux);
+}
+
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dex, Tensor dout,
+                  const MoeState& st, const MoeScratch& sc, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                  const MoeExtra& ex, const MoeConfig& cfg, float d_aux) {
+  const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
   check_extra(kOpBackward, d, cfg, st, ex, x);
+  check_scratch(kOpBackward, d, sc, x, true);
   if (d.S > 0) {
     require(dex.dws_in, kOpBackward, "dws_in", cfg);
     require(dex.dws_out, kOpBackward, "dws_out", cfg);
@@ -374,42 +498,38 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   const int32_t* perm = st.perm.i32();
   const int64_t rows_all = offsets[d.E];
 
-  // combine: dy[r] = w dout[n]; dw[n, k] = dout[n] . y[r]  (0 for a dropped slot)
-  std::vector<float> dy(static_cast<size_t>(d.R * d.C));  // (R, C)
-  std::vector<double> dtopk_w(static_cast<size_t>(d.N * d.K), 0.0);  // (N, K)
+  // combine: dy[r] = w dout[n] (the gradient of the combine weights comes with the router below)
+  float* dy = sc.dy.f32();  // (R, C)
   for (int64_t a = 0; a < d.N * d.K; ++a) {
     const int64_t r = slot_row[a];
     if (r < 0) continue;
     const float* g = go + (a / d.K) * d.C;
-    const float* yr = st.y.f32() + r * d.C;
-    double s = 0;
-    for (int64_t c = 0; c < d.C; ++c) {
-      dy[r * d.C + c] = topk_w[a] * g[c];
-      s += static_cast<double>(g[c]) * yr[c];
-    }
-    dtopk_w[a] = s;
+    for (int64_t c = 0; c < d.C; ++c) dy[r * d.C + c] = topk_w[a] * g[c];
   }
 
   // experts, in expert order: dw_out[e] += dy^T act; dact = dy w_out[e]; dpre = act'(dact);
   // dw_in[e] += dpre^T xg; dxg = dpre w_in[e]
-  std::vector<float> xg(static_cast<size_t>(d.R * d.C)), dxg(static_cast<size_t>(d.R * d.C));
-  std::vector<float> dact(static_cast<size_t>(d.R * d.F)), dpre(static_cast<size_t>(d.R * d.F_in), 0.0f);
-  gather_rows(xg.data(), xp, perm, rows_all, d.K, d.C);
+  float* xg = sc.xg.f32();
+  float* dxg = sc.dxg.f32();
+  float* dact = sc.dact.f32();
+  float* dpre = sc.dpre.f32();
+  std::fill(dpre, dpre + rows_all * d.F_in, 0.0f);
+  gather_rows(xg, xp, perm, rows_all, d.K, d.C);
   for (int64_t e = 0; e < d.E; ++e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
     if (rows == 0) continue;
     const float* we_in = w_in.f32() + e * d.F_in * d.C;    // (F_in, C)
     const float* we_out = w_out.f32() + e * d.C * d.F;     // (C, F)
     const float* act = st.act.f32() + r0 * d.F;            // (rows, F)
-    const float* dye = dy.data() + r0 * d.C;               // (rows, C)
-    float* dacte = dact.data() + r0 * d.F;                 // (rows, F)
-    float* dpree = dpre.data() + r0 * d.F_in;              // (rows, F_in), zero
+    const float* dye = dy + r0 * d.C;                      // (rows, C)
+    float* dacte = dact + r0 * d.F;                        // (rows, F)
+    float* dpree = dpre + r0 * d.F_in;                     // (rows, F_in), zero
     blas_sgemm(true, false, d.C, d.F, rows, 1.0f, dye, d.C, act, d.F, 1.0f, dw_out.f32() + e * d.C * d.F, d.F);
     blas_sgemm(false, false, rows, d.F, d.C, 1.0f, dye, d.C, we_out, d.F, 0.0f, dacte, d.F);
     act_backward(dpree, dacte, st.pre.f32() + r0 * d.F_in, rows, d, cfg.activation);
-    blas_sgemm(true, false, d.F_in, d.C, rows, 1.0f, dpree, d.F_in, xg.data() + r0 * d.C, d.C, 1.0f,
+    blas_sgemm(true, false, d.F_in, d.C, rows, 1.0f, dpree, d.F_in, xg + r0 * d.C, d.C, 1.0f,
                dw_in.f32() + e * d.F_in * d.C, d.C);
-    blas_sgemm(false, false, rows, d.C, d.F_in, 1.0f, dpree, d.F_in, we_in, d.C, 0.0f, dxg.data() + r0 * d.C, d.C);
+    blas_sgemm(false, false, rows, d.C, d.F_in, 1.0f, dpree, d.F_in, we_in, d.C, 0.0f, dxg + r0 * d.C, d.C);
   }
   float* dxp = dx.f32();
   for (int64_t r = 0; r < rows_all; ++r) {  // scatter-add in row order
@@ -418,15 +538,25 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   }
 
   // router: dscores (N, E) from the combine weights and the aux term, then dlogits (N, E)
-  std::vector<float> dlogits(static_cast<size_t>(d.N * d.E));
-  std::vector<double> dscore(static_cast<size_t>(d.E));
+  float* dlogits = sc.dlogits.f32();
+  double dscore[kMoeMaxExperts];
+  double gw[kMoeMaxTopK];  // d loss / d topk_w[n, k] = dout[n] . y[row(n, k)]  (0 for a dropped slot)
   const double aux_scale = static_cast<double>(d_aux) * cfg.aux_coef * static_cast<double>(d.E) /
                            (static_cast<double>(d.N) * static_cast<double>(d.N * d.K));  // times counts[e]
   const double z_scale = static_cast<double>(d_aux) * cfg.z_coef * 2.0 / static_cast<double>(d.N);
   for (int64_t n = 0; n < d.N; ++n) {
     const float* s = scores + n * d.E;
-    const double* gw = dtopk_w.data() + n * d.K;
-    std::fill(dscore.begin(), dscore.end(), 0.0);
+    for (int64_t k = 0; k < d.K; ++k) {
+      const int64_t r = slot_row[n * d.K + k];
+      double s = 0;
+      if (r >= 0) {
+        const float* g = go + n * d.C;
+        const float* yr = st.y.f32() + r * d.C;
+        for (int64_t c = 0; c < d.C; ++c) s += static_cast<double>(g[c]) * yr[c];
+      }
+      gw[k] = s;
+    }
+    std::fill(dscore, dscore + d.E, 0.0);
     if (cfg.renormalize) {
       // w_k = s_k / S, S = sum_j s_j over the top K: ds_k = (gw_k - sum_j gw_j w_j) / S
       double S = 0, gww = 0;
@@ -437,7 +567,7 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
       for (int64_t k = 0; k < d.K; ++k) dscore[topk_idx[n * d.K + k]] += gw[k];
     }
     for (int64_t e = 0; e < d.E; ++e) dscore[e] += aux_scale * counts[e];
-    float* dl = dlogits.data() + n * d.E;
+    float* dl = dlogits + n * d.E;
     if (cfg.score == MoeScore::softmax) {
       double sd = 0;
       for (int64_t e = 0; e < d.E; ++e) sd += s[e] * dscore[e];
@@ -452,14 +582,16 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
     }
   }
   // drouter_w (E, C) += dlogits^T x; dx (N, C) += dlogits router_w
-  blas_sgemm(true, false, d.E, d.C, d.N, 1.0f, dlogits.data(), d.E, xp, d.C, 1.0f, drouter_w.f32(), d.C);
-  blas_sgemm(false, false, d.N, d.C, d.E, 1.0f, dlogits.data(), d.E, router_w.f32(), d.C, 1.0f, dxp, d.C);
+  blas_sgemm(true, false, d.E, d.C, d.N, 1.0f, dlogits, d.E, xp, d.C, 1.0f, drouter_w.f32(), d.C);
+  blas_sgemm(false, false, d.N, d.C, d.E, 1.0f, dlogits, d.E, router_w.f32(), d.C, 1.0f, dxp, d.C);
 
   // shared experts, in order: dy_s = g_s dout; dgate_logit[n] = (dout[n] . y_s[n]) g (1 - g);
   // dws_gate[s] += dgl^T x; dx += dgl ws_gate[s]; then the dense FFN as for a routed expert on all N rows
   if (d.S > 0) {
-    std::vector<float> dys(static_cast<size_t>(d.N * d.C)), dacts(static_cast<size_t>(d.N * d.F)),
-        dpres(static_cast<size_t>(d.N * d.F_in)), dgl(static_cast<size_t>(d.N));
+    float* dys = sc.dys.f32();
+    float* dacts = sc.dacts.f32();
+    float* dpres = sc.dpres.f32();
+    float* dgl = sc.dgl.f32();
     for (int64_t s = 0; s < d.S; ++s) {
       const float* pre = st.shared_pre.f32() + s * d.N * d.F_in;
       const float* act = st.shared_act.f32() + s * d.N * d.F;
@@ -477,19 +609,19 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
           dgl[n] = static_cast<float>(dot * g[n] * (1.0 - g[n]));
         }
         // dws_gate[s] (1, C) += dgl^T (1, N) x (N, C); dx (N, C) += dgl (N, 1) ws_gate[s] (1, C)
-        blas_sgemm(true, false, 1, d.C, d.N, 1.0f, dgl.data(), 1, xp, d.C, 1.0f, dex.dws_gate.f32() + s * d.C, d.C);
-        blas_sgemm(false, false, d.N, d.C, 1, 1.0f, dgl.data(), 1, ex.ws_gate.f32() + s * d.C, d.C, 1.0f, dxp, d.C);
+        blas_sgemm(true, false, 1, d.C, d.N, 1.0f, dgl, 1, xp, d.C, 1.0f, dex.dws_gate.f32() + s * d.C, d.C);
+        blas_sgemm(false, false, d.N, d.C, 1, 1.0f, dgl, 1, ex.ws_gate.f32() + s * d.C, d.C, 1.0f, dxp, d.C);
       } else {
-        std::copy_n(go, d.N * d.C, dys.data());
+        std::copy_n(go, d.N * d.C, dys);
       }
-      std::fill(dpres.begin(), dpres.end(), 0.0f);
-      blas_sgemm(true, false, d.C, d.F, d.N, 1.0f, dys.data(), d.C, act, d.F, 1.0f, dex.dws_out.f32() + s * d.C * d.F,
+      std::fill(dpres, dpres + d.N * d.F_in, 0.0f);
+      blas_sgemm(true, false, d.C, d.F, d.N, 1.0f, dys, d.C, act, d.F, 1.0f, dex.dws_out.f32() + s * d.C * d.F,
                  d.F);
-      blas_sgemm(false, false, d.N, d.F, d.C, 1.0f, dys.data(), d.C, ws_out, d.F, 0.0f, dacts.data(), d.F);
-      act_backward(dpres.data(), dacts.data(), const_cast<float*>(pre), d.N, d, cfg.activation);
-      blas_sgemm(true, false, d.F_in, d.C, d.N, 1.0f, dpres.data(), d.F_in, xp, d.C, 1.0f,
+      blas_sgemm(false, false, d.N, d.F, d.C, 1.0f, dys, d.C, ws_out, d.F, 0.0f, dacts, d.F);
+      act_backward(dpres, dacts, const_cast<float*>(pre), d.N, d, cfg.activation);
+      blas_sgemm(true, false, d.F_in, d.C, d.N, 1.0f, dpres, d.F_in, xp, d.C, 1.0f,
                  dex.dws_in.f32() + s * d.F_in * d.C, d.C);
-      blas_sgemm(false, false, d.N, d.C, d.F_in, 1.0f, dpres.data(), d.F_in, ws_in, d.C, 1.0f, dxp, d.C);
+      blas_sgemm(false, false, d.N, d.C, d.F_in, 1.0f, dpres, d.F_in, ws_in, d.C, 1.0f, dxp, d.C);
     }
   }
 }

@@ -29,15 +29,23 @@
 // Backward accumulates (+=) into dx, drouter_w, dw_in, dw_out (and dws_in, dws_out, dws_gate), including
 // the gradient through the combine weights into the scores and logits and, scaled by d_aux, the aux
 // (through P only) and z terms.
-// Deterministic: single-threaded fixed-order loops and fixed-shape GEMMs (ops/blas.h). The CPU
-// reference allocates small scratch buffers (gathered rows, row gradients) per call.
+// Deterministic: single-threaded fixed-order loops and fixed-shape GEMMs (ops/blas.h).
+// Plan, then run: the overloads taking a MoeScratch use only the planned buffers (the model's path:
+// no allocation inside a step); the overloads without one allocate the scratch per call (tests).
+// Limits: E <= kMoeMaxExperts, K <= kMoeMaxTopK.
 // Dimension names: N rows (B*T), C d_model, E experts, K top-k, F d_expert, R saved expert rows.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
+#include "core/arena.h"
 #include "core/tensor.h"
 
 namespace lmf {
+
+inline constexpr int64_t kMoeMaxExperts = 256;
+inline constexpr int64_t kMoeMaxTopK = 16;
 
 enum class MoeActivation { swiglu, gelu };
 enum class MoeScore { softmax, sigmoid };
@@ -97,7 +105,34 @@ struct MoeState {
   Tensor shared_act;  // (n_shared, N, F) f32: activation of shared_pre
   Tensor shared_y;    // (n_shared, N, C) f32: shared_act ws_out[s]^T, before the gate
   Tensor shared_g;    // (n_shared, N) f32: sigmoid(x . ws_gate[s])
+  // optional: written by forward when present (on the layer's device, so a GPU step needs no sync)
+  Tensor stats;       // (3) f32: aux loss, z loss, dropped assignments
 };
+
+// Scratch of one call (reusable by every MoE layer of a model; nothing in it survives the call).
+// Row buffers have the activation dtype (f32 on the CPU); dlogits is f32.
+struct MoeScratch {
+  Tensor xg;       // (R, C): x gathered in perm order
+  Tensor dy;       // (R, C)
+  Tensor dact;     // (R, F)
+  Tensor dpre;     // (R, F_in)
+  Tensor dxg;      // (R, C)
+  Tensor dlogits;  // (N, E) f32
+  // shared experts (n_shared > 0)
+  Tensor dys;      // (N, C)
+  Tensor dacts;    // (N, F)
+  Tensor dpres;    // (N, F_in)
+  Tensor dgl;      // (N) f32: gradient of the shared gate's logit
+};
+
+// Named specs of one layer's saved state (prefix + field name; row buffers in dtype adt, the router
+// tensors f32/i32) and of the scratch (training only needs the backward buffers), and views of them in
+// an arena built from those specs.
+std::vector<TensorSpec> moe_state_specs(const MoeConfig& cfg, int64_t N, DType adt, const std::string& prefix);
+MoeState moe_state_bind(const Arena& arena, const MoeConfig& cfg, const std::string& prefix);
+std::vector<TensorSpec> moe_scratch_specs(const MoeConfig& cfg, int64_t N, DType adt, bool training,
+                                          const std::string& prefix);
+MoeScratch moe_scratch_bind(const Arena& arena, const MoeConfig& cfg, bool training, const std::string& prefix);
 
 struct MoeLosses {
   float aux = 0;        // aux_coef E sum_i f_i P_i (0 when aux_coef is 0)
@@ -113,6 +148,10 @@ MoeLosses moe_forward(Tensor out, const MoeState& state, Tensor x, Tensor router
 MoeLosses moe_forward(Tensor out, const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
                       const MoeExtra& extra, const MoeConfig& cfg);
 
+// The same on planned scratch (no allocation).
+MoeLosses moe_forward(Tensor out, const MoeState& state, const MoeScratch& scratch, Tensor x, Tensor router_w,
+                      Tensor w_in, Tensor w_out, const MoeExtra& extra, const MoeConfig& cfg);
+
 // dx (N, C), drouter_w (E, C), dw_in (E, F_in, C), dw_out (E, C, F): += ; dout: (N, C); the other
 // tensors as passed to (and saved by) moe_forward. d_aux scales the aux and z gradients (1 when
 // aux + z are added to the loss as returned).
@@ -122,6 +161,11 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, Tens
 void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dextra, Tensor dout,
                   const MoeState& state, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out, const MoeExtra& extra,
                   const MoeConfig& cfg, float d_aux = 1.0f);
+
+// The same on planned scratch (no allocation).
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dextra, Tensor dout,
+                  const MoeState& state, const MoeScratch& scratch, Tensor x, Tensor router_w, Tensor w_in,
+                  Tensor w_out, const MoeExtra& extra, const MoeConfig& cfg, float d_aux);
 
 // Aux-loss-free balancing step: bias (E) f32 +=, counts (E) i32 (MoeState::counts of the last step):
 // bias[i] += rate when counts[i] is below the mean load sum(counts) / E, -= rate when above, unchanged

@@ -221,7 +221,7 @@ std::vector<int32_t> adamw_decay_ranges(const Arena& params) {
   for (size_t i = 0; i < params.size(); ++i) {
     const TensorSpec& s = params.spec(i);
     if (s.numel() == 0) continue;  // no elements: neither extends nor breaks a range
-    const bool decay = s.shape.size() == 2;
+    const bool decay = s.shape.size() >= 2;  // matrices, and stacks of them (MoE experts)
     if (!decay) {
       open = false;
       continue;

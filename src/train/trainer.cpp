@@ -227,8 +227,18 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   metrics_.open(mpath, resume_dir.empty() ? std::ios::trunc : std::ios::app);
   if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
 
-  const int64_t total = gpt_param_count(cfg_);
-  log_ << "params total=" << human_count(total) << " (" << with_commas(static_cast<double>(total)) << ")\n";
+  const int64_t total = gpt_param_count(cfg_), active = gpt_active_param_count(cfg_);
+  log_ << "params total=" << human_count(total) << " active=" << human_count(active) << " ("
+       << with_commas(static_cast<double>(total)) << " / " << with_commas(static_cast<double>(active)) << ")\n";
+  if (cfg_.moe.experts > 0) {
+    int moe_layers = 0;
+    for (int l = 0; l < cfg_.n_layer; ++l) moe_layers += cfg_.is_moe_layer(l) ? 1 : 0;
+    const MoeModelConfig& m = cfg_.moe;
+    log_ << "moe layers=" << moe_layers << "/" << cfg_.n_layer << " experts=" << m.experts << " top_k=" << m.top_k
+         << " d_expert=" << cfg_.d_expert() << " shared=" << m.shared << " score=" << (m.sigmoid ? "sigmoid" : "softmax")
+         << " capacity_factor=" << fmt("%g", m.capacity_factor) << " aux_coef=" << fmt("%g", m.aux_coef)
+         << " z_coef=" << fmt("%g", m.z_coef) << " bias_rate=" << fmt("%g", m.bias_rate) << "\n";
+  }
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
     log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision) << " mfu_peak_tflops="
@@ -416,11 +426,30 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
   const double tok_s = tokens_per_step_ / (step_ms / 1000.0);
   const double tflops = tok_s * flops_per_token_ / 1e12;
   if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
-  log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss) << " lr=" << fmt("%.2e", lr)
+  // MoE: loss = pred (cross-entropy) + aux (balance and z terms of the last step, all MoE layers)
+  Gpt::MoeSummary moe;
+  if (cfg_.moe.experts > 0) moe = model_->moe_summary();
+  const double pred = loss;
+  loss = pred + moe.aux;
+  log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss);
+  if (cfg_.moe.experts > 0) log_ << " pred=" << fmt("%.4f", pred) << " aux=" << fmt("%.4f", moe.aux);
+  log_ << " lr=" << fmt("%.2e", lr)
        << " toks/s=" << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
        << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops);
   json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},
             {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_}};
+  if (cfg_.moe.experts > 0) {
+    // per-expert load: the least and most loaded expert's share of the routed assignments (ideal 1/E)
+    const double drop_frac = moe.assignments > 0 ? static_cast<double>(moe.dropped) / moe.assignments : 0.0;
+    log_ << " expert_load_min=" << fmt("%.3f", moe.load_min) << " expert_load_max=" << fmt("%.3f", moe.load_max)
+         << " dropped=" << moe.dropped << " (" << fmt("%.2f", 100.0 * drop_frac) << "%)";
+    j["pred"] = pred;
+    j["aux"] = moe.aux;
+    j["expert_load_min"] = moe.load_min;
+    j["expert_load_max"] = moe.load_max;
+    j["dropped"] = moe.dropped;
+    j["dropped_frac"] = drop_frac;
+  }
   // Where the time goes: host data time, device utilisation (NVML; n/a on the CPU or without the
   // driver) and kernel launches per step (lmforge's launcher count; a graph replay counts as one).
   const double data_ms = data_ms_acc_ / static_cast<double>(std::max<int64_t>(steps, 1));
