@@ -25,10 +25,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// precision "bf16-moe": bf16 on the tiny MoE preset (4 experts, top-2, every layer)
 TrainOptions run_opts(const std::string& dir, const char* device, int64_t steps, const char* precision = "fp32") {
   TrainOptions o;
-  o.precision = precision;
-  o.preset = "tiny";
+  const bool moe = std::string(precision) == "bf16-moe";
+  o.precision = moe ? "bf16" : precision;
+  o.preset = moe ? "tiny-moe" : "tiny";
   o.batch_size = 8;
   o.seq_len = 64;
   o.steps = steps;
@@ -171,9 +173,20 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     tensor_to_host(trained.data(), f);
     fs::remove_all(d);
   }
-  for (const char* preset : {"tiny", "test-llama-hs32", "tiny-trained"}) {
+  for (const char* preset : {"tiny", "test-llama-hs32", "tiny-trained", "tiny-moe", "moe-shared-sigmoid-capacity"}) {
     const bool llama = std::string(preset) == "test-llama-hs32";
-    ModelConfig c = llama ? config_preset("test-llama") : config_preset("tiny");
+    const bool moe = std::string(preset).find("moe") != std::string::npos;
+    ModelConfig c = llama ? config_preset("test-llama") : config_preset(moe ? "tiny-moe" : "tiny");
+    if (std::string(preset) == "moe-shared-sigmoid-capacity") {  // every MoE option, SwiGLU experts
+      c.activation = ActivationKind::swiglu;
+      c.moe.first_dense = 1;
+      c.moe.shared = 1;
+      c.moe.shared_gate = true;
+      c.moe.sigmoid = true;
+      c.moe.renormalize = false;
+      c.moe.capacity_factor = 1.25f;
+      c.moe.z_coef = 0.001f;
+    }
     if (llama) {  // Llama-style (RMSNorm, SwiGLU, RoPE, GQA) at head size 32
       c.d_model = 128;
       c.n_head = 4;
@@ -334,8 +347,10 @@ TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) 
   fs::remove_all(d);
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, CudaTrainingPrecision, ::testing::Values("fp32", "bf16"),
-                         [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
+INSTANTIATE_TEST_SUITE_P(Precisions, CudaTrainingPrecision, ::testing::Values("fp32", "bf16", "bf16-moe"),
+                         [](const ::testing::TestParamInfo<const char*>& i) {
+                           return std::string(i.param) == "bf16-moe" ? std::string("bf16_moe") : std::string(i.param);
+                         });
 
 }  // namespace
 }  // namespace lmf

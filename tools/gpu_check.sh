@@ -27,9 +27,11 @@ if ! ninja -C build-gpu >"$OUT/build.log" 2>&1; then
 fi
 add "build" "ok ($(( $(date +%s) - t0 )) s)"
 
-if [ "$what" = all ] || [ "$what" = tests ]; then
+if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ]; then
   : >"$OUT/tests.log"
-  for t in build-gpu/tests/test_cuda_* build-gpu/tests/test_launch; do
+  tests=(build-gpu/tests/test_cuda_* build-gpu/tests/test_launch)
+  [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
+  for t in "${tests[@]}"; do
     [ -x "$t" ] && [ -f "$t" ] && [[ "$t" != *.cmake ]] || continue
     name=$(basename "$t")
     "$t" >/tmp/lmf_test.log 2>&1
@@ -108,6 +110,75 @@ table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.com
 bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
 if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))
 table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "torch_compile-bf16_big"], "torch_compile-bf16_big")
+PY
+fi
+
+# MoE (issue 4) and whole-step CUDA graphs (issue 5): the MoE benchmark config against a PyTorch MoE LM
+# (sort + per-expert loop) in eager and torch.compile, lmforge's dense model of the same active size,
+# and tok/s of the training loop with --cuda-graph on and off (GPT-2 124M and the MoE config).
+if [ "$what" = all ] || [ "$what" = moe ]; then
+  bench_lmf_moe() {  # preset tag [extra flags]
+    ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$1" --batch-size 8 --seq-len 2048 \
+      --steps 5 --warmup-steps 2 ${3:-} >"$OUT/bench_$2.json" 2>"$OUT/bench_$2.err" || { failures=$((failures + 1)); tail -3 "$OUT/bench_$2.err"; }
+  }
+  bench_torch_moe() {  # mode tag timeout [extra flags]
+    timeout "$3" python3 bench/torch_gpu_moe.py --mode "$1" --batch-size 8 --seq-len 2048 ${4:-} >"$OUT/bench_$2.json" \
+      2>"$OUT/bench_$2.err" || { echo "$2: rc=$? (timeout $3 s?)"; tail -3 "$OUT/bench_$2.err"; }
+  }
+  bench_lmf_moe moe-bench lmf_moe --profile
+  bench_lmf_moe moe-bench-dense lmf_moe_dense
+  grep -A14 "per-op time" "$OUT/bench_lmf_moe.err"
+  bench_torch_moe eager-bf16 torch_moe_eager-bf16 300
+  bench_torch_moe compile-bf16 torch_moe_compile-bf16-loopeager "${LMF_MOE_COMPILE_TIMEOUT:-240}" --compile-loop-eager
+  bench_torch_moe eager-bf16 torch_dense6144_eager-bf16 300 "--dense-ff 6144"
+  graph_run() {  # preset B T graph tag
+    ./build-gpu/lmforge train --device cuda --preset "$1" -B "$2" -T "$3" --steps 12 --warmup 2 --log-every 6 \
+      --eval-batches 1 --eval-every 0 --cuda-graph "$4" --out-dir "$OUT/graph_$5" >"$OUT/graph_$5.log" 2>&1 ||
+      { failures=$((failures + 1)); tail -3 "$OUT/graph_$5.log"; }
+  }
+  graph_run gpt2-124m 16 1024 on gpt2_on
+  graph_run gpt2-124m 16 1024 off gpt2_off
+  graph_run moe-bench 8 2048 on moe_on
+  graph_run moe-bench 8 2048 off moe_off
+  grep -hE "^params|^moe layers|^step=12 " "$OUT/graph_moe_on.log"
+  python3 - "$OUT" <<'PY'
+import json, os, re, sys
+out = sys.argv[1]
+def load(tag):
+    try:
+        return json.loads(open(os.path.join(out, "bench_%s.json" % tag)).read().strip().splitlines()[-1])
+    except Exception as e:
+        return {"impl": tag, "error": str(e)}
+print("\nMoE LM (12L d768 12H, 8 experts top-2, d_expert 3072, vocab 32768), B=8 T=2048, same GPU")
+print("%-34s %12s %10s %8s %10s %14s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "this/eager"))
+ref = load("torch_moe_eager-bf16").get("tok_s")
+for tag in ["lmf_moe", "torch_moe_eager-bf16", "torch_moe_compile-bf16-loopeager", "lmf_moe_dense",
+            "torch_dense6144_eager-bf16"]:
+    r = load(tag)
+    if "error" in r:
+        print("%-34s error: %s" % (tag, r["error"])); continue
+    print("%-34s %12.0f %10.1f %8.3f %10.2f %14.2f" % (tag, r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"],
+                                                       r["tok_s"] / ref if ref else float("nan")))
+m, dn = load("lmf_moe").get("mfu"), load("lmf_moe_dense").get("mfu")
+if m and dn: print("lmforge MoE MFU / lmforge dense (same active size) MFU: %.2f (target >= 0.75)" % (m / dn))
+def last_step(tag):
+    try:
+        lines = [l for l in open(os.path.join(out, "graph_%s.log" % tag)) if l.startswith("step=") and "toks/s=" in l]
+        l = lines[-1]
+        tok = float(re.search(r"toks/s=([0-9,]+)", l).group(1).replace(",", ""))
+        la = re.search(r"kernel_launches_per_step=(\S+)", l).group(1)
+        return tok, la, re.search(r" loss=(\S+)", l).group(1)
+    except Exception as e:
+        return None, str(e), None
+print("\nWhole-step CUDA graph: training loop tok/s (steps 7-12), --cuda-graph on vs off")
+print("%-12s %12s %12s %8s %16s %16s %s" % ("model", "graph on", "graph off", "ratio", "launches on/off", "", "loss at step 12 on / off"))
+for name in ["gpt2", "moe"]:
+    on, lon, loss_on = last_step(name + "_on")
+    off, loff, loss_off = last_step(name + "_off")
+    if on and off:
+        print("%-12s %12.0f %12.0f %8.2f %16s %16s %s / %s" % (name, on, off, on / off, lon + "/" + loff, "", loss_on, loss_off))
+    else:
+        print("%-12s error: %s %s" % (name, lon, loff))
 PY
 fi
 

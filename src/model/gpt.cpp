@@ -208,6 +208,11 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   moe_cfg_ = gpt_moe_config(cfg_);
   bool any_dense = false, any_moe = false;
   for (int l = 0; l < cfg_.n_layer; ++l) (cfg_.is_moe_layer(l) ? any_moe : any_dense) = true;
+  if (any_moe && plan.device == Device::cuda && !mixed)
+    fail("MoE layers on the GPU run in bf16 mixed precision: use --precision bf16 (this plan is ",
+         precision_name(plan.precision), ")");
+  if (any_moe && plan.device == Device::cuda && (C % 8 != 0 || cfg_.d_expert() % 8 != 0))
+    fail("MoE layers on the GPU need d_model and d_expert multiples of 8 (d_model=", C, " d_expert=", cfg_.d_expert(), ")");
 
   // --- parameters, gradients, optimizer state: one arena each, same layout -------------------
   auto pspecs = gpt_param_specs(cfg_);
@@ -340,6 +345,7 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     ws = std::max(ws, embedding_backward_cuda_workspace(N, Vp));
     ws = std::max(ws, linear_backward_cuda_workspace(N, std::max({QKV, FC, C})));
     ws = std::max(ws, grad_global_norm_cuda_workspace(params_.flat_f32().numel()));
+    if (any_moe) ws = std::max(ws, moe_cuda_workspace(moe_cfg_, N));
     cuda_reserve_workspace(ws);
     cuda::set_gemm_math(plan.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
   }

@@ -102,6 +102,55 @@ struct Dims {
   int64_t N, E, K, C, F, F_in, R, cap, S;
 };
 
+DType row_dtype(const Tensor& x) { return x.device == Device::cpu ? DType::f32 : DType::bf16; }
+
+template <class T>
+T* opt_ptr(const Tensor& t) { return t.defined() ? static_cast<T*>(t.data) : nullptr; }
+
+// The device pointers of one call (cuda::MoePtrs); absent tensors are null.
+cuda::MoePtrs device_ptrs(const MoeState& st, const MoeScratch& sc, const Tensor& x, const Tensor& router_w,
+                          const Tensor& w_in, const Tensor& w_out, const MoeExtra& ex) {
+  cuda::MoePtrs p{};
+  p.x = opt_ptr<const bf16>(x);
+  p.router_w = opt_ptr<const float>(router_w);
+  p.w_in = opt_ptr<const bf16>(w_in);
+  p.w_out = opt_ptr<const bf16>(w_out);
+  p.ws_in = opt_ptr<const bf16>(ex.ws_in);
+  p.ws_out = opt_ptr<const bf16>(ex.ws_out);
+  p.ws_gate = opt_ptr<const float>(ex.ws_gate);
+  p.bias = opt_ptr<const float>(ex.bias);
+  p.logits = opt_ptr<float>(st.logits);
+  p.scores = opt_ptr<float>(st.scores);
+  p.topk_idx = opt_ptr<int32_t>(st.topk_idx);
+  p.topk_w = opt_ptr<float>(st.topk_w);
+  p.slot_row = opt_ptr<int32_t>(st.slot_row);
+  p.counts = opt_ptr<int32_t>(st.counts);
+  p.offsets = opt_ptr<int32_t>(st.offsets);
+  p.perm = opt_ptr<int32_t>(st.perm);
+  p.pre = opt_ptr<bf16>(st.pre);
+  p.act = opt_ptr<bf16>(st.act);
+  p.y = opt_ptr<bf16>(st.y);
+  p.stats = opt_ptr<float>(st.stats);
+  p.shared_pre = opt_ptr<bf16>(st.shared_pre);
+  p.shared_act = opt_ptr<bf16>(st.shared_act);
+  p.shared_y = opt_ptr<bf16>(st.shared_y);
+  p.shared_g = opt_ptr<float>(st.shared_g);
+  p.xg = opt_ptr<bf16>(sc.xg);
+  p.dy = opt_ptr<bf16>(sc.dy);
+  p.dact = opt_ptr<bf16>(sc.dact);
+  p.dpre = opt_ptr<bf16>(sc.dpre);
+  p.dxg = opt_ptr<bf16>(sc.dxg);
+  p.dlogits = opt_ptr<float>(sc.dlogits);
+  p.dlogits_bf16 = opt_ptr<bf16>(sc.dlogits_bf16);
+  p.dys = opt_ptr<bf16>(sc.dys);
+  p.dacts = opt_ptr<bf16>(sc.dacts);
+  p.dpres = opt_ptr<bf16>(sc.dpres);
+  p.dgl = opt_ptr<float>(sc.dgl);
+  p.dgl_bf16 = opt_ptr<bf16>(sc.dgl_bf16);
+  p.dsx = opt_ptr<float>(sc.dsx);
+  return p;
+}
+
 void check_i32(const Tensor& t, const char* op) { check_dtype(t, DType::i32, op); }
 
 // Shapes and dtypes shared by forward and backward.
@@ -114,15 +163,17 @@ Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const T
   LMF_CHECK(cfg.n_shared >= 0, op, ": bad MoeConfig n_shared=", cfg.n_shared, " (need >= 0)");
   LMF_CHECK(cfg.capacity_factor >= 0 && std::isfinite(cfg.capacity_factor), op,
             ": capacity_factor must be >= 0 (0 = dropless), got ", cfg.capacity_factor);
-  check_f32(x, op);
+  // CPU: everything f32. GPU (bf16 mixed precision): the rows and expert weights bf16, router f32.
+  const DType rdt = row_dtype(x);
+  check_dtype(x, rdt, op);
   LMF_CHECK(x.ndim == 2 && x.shape[1] == cfg.C, op, ": x '", x.name, "' ", x.shape_str(), " must be (N, C=", cfg.C,
             ")");
   Dims d{x.shape[0], cfg.E, cfg.K, cfg.C, cfg.F, moe_f_in(cfg), moe_rows(cfg, x.shape[0]),
          moe_capacity(cfg, x.shape[0]), cfg.n_shared};
   LMF_CHECK(d.N * d.K <= INT_MAX && d.F_in * d.C <= INT_MAX, op, ": sizes N=", d.N, " K=", d.K,
             " exceed the int32 index range");
-  for (const Tensor* t : {&router_w, &w_in, &w_out, &st.logits, &st.scores, &st.topk_w, &st.pre, &st.act, &st.y})
-    check_f32(*t, op);
+  for (const Tensor* t : {&router_w, &st.logits, &st.scores, &st.topk_w}) check_f32(*t, op);
+  for (const Tensor* t : {&w_in, &w_out, &st.pre, &st.act, &st.y}) check_dtype(*t, rdt, op);
   for (const Tensor* t : {&st.topk_idx, &st.slot_row, &st.counts, &st.offsets, &st.perm}) check_i32(*t, op);
   check_shape(router_w, {d.E, d.C}, op);
   check_shape(w_in, {d.E, d.F_in, d.C}, op);
@@ -140,8 +191,17 @@ Dims check_moe(const char* op, const MoeConfig& cfg, const MoeState& st, const T
   check_shape(st.y, {d.R, d.C}, op);
   check_same_device(op, {&x, &router_w, &w_in, &w_out, &st.logits, &st.scores, &st.topk_idx, &st.topk_w,
                          &st.slot_row, &st.counts, &st.offsets, &st.perm, &st.pre, &st.act, &st.y});
-  LMF_CHECK(x.device == Device::cpu, op, ": the MoE layer has a CPU reference only for now (x '", x.name,
-            "' is on the GPU)");
+  if (x.device == Device::cuda) {
+    LMF_CHECK(st.stats.defined(), op, ": MoeState::stats is required on the GPU (the aux terms stay on the device)");
+    LMF_CHECK(d.C % 8 == 0 && d.F % 8 == 0, op, ": the GPU layer needs C and F multiples of 8, got C=", d.C,
+              " F=", d.F);
+    LMF_CHECK(d.N * d.K <= INT_MAX / 2, op, ": N K = ", d.N * d.K, " too large");
+  }
+  if (st.stats.defined()) {
+    check_f32(st.stats, op);
+    check_shape(st.stats, {3}, op);
+    check_same_device(op, {&x, &st.stats});
+  }
   return d;
 }
 
@@ -166,7 +226,8 @@ void check_extra(const char* op, const Dims& d, const MoeConfig& cfg, const MoeS
   require(st.shared_pre, op, "MoeState::shared_pre", cfg);
   require(st.shared_act, op, "MoeState::shared_act", cfg);
   require(st.shared_y, op, "MoeState::shared_y", cfg);
-  for (const Tensor* t : {&ex.ws_in, &ex.ws_out, &st.shared_pre, &st.shared_act, &st.shared_y}) check_f32(*t, op);
+  for (const Tensor* t : {&ex.ws_in, &ex.ws_out, &st.shared_pre, &st.shared_act, &st.shared_y})
+    check_dtype(*t, row_dtype(x), op);
   check_shape(ex.ws_in, {d.S, d.F_in, d.C}, op);
   check_shape(ex.ws_out, {d.S, d.C, d.F}, op);
   check_shape(st.shared_pre, {d.S, d.N, d.F_in}, op);
@@ -211,7 +272,7 @@ void check_scratch(const char* op, const Dims& d, const MoeScratch& sc, const Te
     LMF_CHECK(t.defined(), op, ": MoeScratch::", field, " is absent");
     check_shape(t, shape, op);
     check_same_device(op, {&t, &x});
-    if (x.device == Device::cpu) check_f32(t, op);
+    check_dtype(t, row_dtype(x), op);
   };
   one(sc.xg, "xg", {d.R, d.C});
   if (!backward) return;
@@ -219,14 +280,24 @@ void check_scratch(const char* op, const Dims& d, const MoeScratch& sc, const Te
   one(sc.dact, "dact", {d.R, d.F});
   one(sc.dpre, "dpre", {d.R, d.F_in});
   one(sc.dxg, "dxg", {d.R, d.C});
-  one(sc.dlogits, "dlogits", {d.N, d.E});
-  check_f32(sc.dlogits, op);
+  auto f32 = [&](const Tensor& t, const char* field, std::initializer_list<int64_t> shape) {
+    LMF_CHECK(t.defined(), op, ": MoeScratch::", field, " is absent");
+    check_shape(t, shape, op);
+    check_same_device(op, {&t, &x});
+    check_f32(t, op);
+  };
+  f32(sc.dlogits, "dlogits", {d.N, d.E});
+  const bool gpu = x.device == Device::cuda;
+  if (gpu) one(sc.dlogits_bf16, "dlogits_bf16", {d.N, d.E});
   if (d.S == 0) return;
   one(sc.dys, "dys", {d.N, d.C});
   one(sc.dacts, "dacts", {d.N, d.F});
   one(sc.dpres, "dpres", {d.N, d.F_in});
-  one(sc.dgl, "dgl", {d.N});
-  check_f32(sc.dgl, op);
+  f32(sc.dgl, "dgl", {d.N});
+  if (gpu) {
+    one(sc.dgl_bf16, "dgl_bf16", {d.N});
+    f32(sc.dsx, "dsx", {d.N, d.C});
+  }
 }
 
 }  // namespace
@@ -284,6 +355,13 @@ std::vector<TensorSpec> moe_scratch_specs(const MoeConfig& cfg, int64_t N, DType
   if (cfg.n_shared > 0)
     v.insert(v.end(), {{p + "dys", {N, C}, adt}, {p + "dacts", {N, F}, adt}, {p + "dpres", {N, Fi}, adt},
                        {p + "dgl", {N}}});
+  if (adt == DType::bf16) {
+    v.push_back({p + "dlogits_bf16", {N, cfg.E}, DType::bf16});
+    if (cfg.n_shared > 0) {
+      v.push_back({p + "dgl_bf16", {N}, DType::bf16});
+      v.push_back({p + "dsx", {N, C}});
+    }
+  }
   return v;
 }
 
@@ -302,6 +380,9 @@ MoeScratch moe_scratch_bind(const Arena& a, const MoeConfig& cfg, bool training,
     sc.dpres = a.get(p + "dpres");
     sc.dgl = a.get(p + "dgl");
   }
+  if (a.find(p + "dlogits_bf16") >= 0) sc.dlogits_bf16 = a.get(p + "dlogits_bf16");
+  if (a.find(p + "dgl_bf16") >= 0) sc.dgl_bf16 = a.get(p + "dgl_bf16");
+  if (a.find(p + "dsx") >= 0) sc.dsx = a.get(p + "dsx");
   return sc;
 }
 
@@ -338,11 +419,17 @@ MoeLosses moe_forward(Tensor out, const MoeState& st, const MoeScratch& sc, Tens
   const Dims d = check_moe(kOpForward, cfg, st, x, router_w, w_in, w_out);
   check_extra(kOpForward, d, cfg, st, ex, x);
   check_scratch(kOpForward, d, sc, x, false);
-  check_f32(out, kOpForward);
+  check_dtype(out, row_dtype(x), kOpForward);
   check_shape(out, {d.N, d.C}, kOpForward);
   check_same_device(kOpForward, {&out, &x});
   MoeLosses losses;
   if (d.N == 0) return losses;
+  if (x.device == Device::cuda) {  // the aux terms and the drop count stay on the device, in state.stats
+    cuda::MoePtrs p = device_ptrs(st, sc, x, router_w, w_in, w_out, ex);
+    p.out = static_cast<bf16*>(out.data);
+    LMF_CUDA_DISPATCH(kOpForward, cuda::moe_forward(p, cuda::MoeDims{d.N, d.E, d.K, d.C, d.F, d.F_in, d.R, d.cap, d.S}, cfg));
+    return losses;
+  }
   const float* xp = x.f32();
   float* logits = st.logits.f32();  // (N, E)
   float* scores = st.scores.f32();  // (N, E)
@@ -475,7 +562,7 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
     }
   }
   for (const Tensor* t : {&dx, &dout}) {
-    check_f32(*t, kOpBackward);
+    check_dtype(*t, row_dtype(x), kOpBackward);
     check_shape(*t, {d.N, d.C}, kOpBackward);
   }
   check_f32(drouter_w, kOpBackward);
@@ -486,6 +573,20 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   check_shape(dw_out, {d.E, d.C, d.F}, kOpBackward);
   check_same_device(kOpBackward, {&dx, &drouter_w, &dw_in, &dw_out, &dout, &x});
   if (d.N == 0) return;
+  if (x.device == Device::cuda) {
+    cuda::MoePtrs p = device_ptrs(st, sc, x, router_w, w_in, w_out, ex);
+    p.dx = static_cast<bf16*>(dx.data);
+    p.dout = static_cast<const bf16*>(dout.data);
+    p.drouter_w = drouter_w.f32();
+    p.dw_in = dw_in.f32();
+    p.dw_out = dw_out.f32();
+    p.dws_in = opt_ptr<float>(dex.dws_in);
+    p.dws_out = opt_ptr<float>(dex.dws_out);
+    p.dws_gate = opt_ptr<float>(dex.dws_gate);
+    LMF_CUDA_DISPATCH(kOpBackward,
+                      cuda::moe_backward(p, cuda::MoeDims{d.N, d.E, d.K, d.C, d.F, d.F_in, d.R, d.cap, d.S}, cfg, d_aux));
+    return;
+  }
   const float* xp = x.f32();
   const float* go = dout.f32();  // (N, C)
   const float* logits = st.logits.f32();
@@ -633,8 +734,11 @@ void moe_update_bias(Tensor bias, Tensor counts, float rate) {
   LMF_CHECK(bias.ndim == 1, op, ": bias '", bias.name, "' ", bias.shape_str(), " must be (E)");
   check_shape(counts, {bias.shape[0]}, op);
   check_same_device(op, {&bias, &counts});
-  LMF_CHECK(bias.device == Device::cpu, op, ": CPU only for now (bias '", bias.name, "' is on the GPU)");
   const int64_t E = bias.shape[0];
+  if (bias.device == Device::cuda) {
+    LMF_CUDA_DISPATCH(op, cuda::moe_update_bias(bias.f32(), counts.i32(), E, rate));
+    return;
+  }
   const int32_t* c = counts.i32();
   float* b = bias.f32();
   int64_t total = 0;

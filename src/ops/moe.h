@@ -123,6 +123,11 @@ struct MoeScratch {
   Tensor dacts;    // (N, F)
   Tensor dpres;    // (N, F_in)
   Tensor dgl;      // (N) f32: gradient of the shared gate's logit
+  // bf16 (GPU) plans only: bf16 copies that feed the weight-gradient GEMMs, and the shared experts'
+  // f32 contribution to dx
+  Tensor dlogits_bf16;  // (N, E) bf16
+  Tensor dgl_bf16;      // (N) bf16 (n_shared > 0)
+  Tensor dsx;           // (N, C) f32 (n_shared > 0)
 };
 
 // Named specs of one layer's saved state (prefix + field name; row buffers in dtype adt, the router
@@ -171,5 +176,35 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
 // bias[i] += rate when counts[i] is below the mean load sum(counts) / E, -= rate when above, unchanged
 // when equal (the sign of the load error). CPU only.
 void moe_update_bias(Tensor bias, Tensor counts, float rate);
+
+// CUDA workspace (lmf::cuda_workspace) the GPU MoE layer needs for N tokens, besides the GEMMs'.
+size_t moe_cuda_workspace(const MoeConfig& cfg, int64_t N);
+
+namespace cuda {  // launchers (moe.cu), called by the op entries after validation; raw device pointers
+// The GPU layer runs in bf16 mixed precision: x, out, dx, dout, the expert weights (w_in, w_out, ws_in,
+// ws_out), the saved rows (pre, act, y, shared_*) and the row scratch are bf16; the router weight, the
+// shared gate, the selection bias, logits, scores, combine weights, stats and every weight gradient f32.
+struct MoeDims {
+  int64_t N, E, K, C, F, F_in, R, cap, S;
+};
+struct MoePtrs {
+  // inputs / weights
+  const bf16* x; const float* router_w; const bf16* w_in; const bf16* w_out;
+  const bf16* ws_in; const bf16* ws_out; const float* ws_gate; const float* bias;
+  // state
+  float* logits; float* scores; int32_t* topk_idx; float* topk_w; int32_t* slot_row; int32_t* counts;
+  int32_t* offsets; int32_t* perm; bf16* pre; bf16* act; bf16* y; float* stats;
+  bf16* shared_pre; bf16* shared_act; bf16* shared_y; float* shared_g;
+  // scratch
+  bf16* xg; bf16* dy; bf16* dact; bf16* dpre; bf16* dxg; float* dlogits; bf16* dlogits_bf16;
+  bf16* dys; bf16* dacts; bf16* dpres; float* dgl; bf16* dgl_bf16; float* dsx;
+  // forward output / backward tensors
+  bf16* out; bf16* dx; const bf16* dout;
+  float* drouter_w; float* dw_in; float* dw_out; float* dws_in; float* dws_out; float* dws_gate;
+};
+void moe_forward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg);
+void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, float d_aux);
+void moe_update_bias(float* bias, const int32_t* counts, int64_t E, float rate);
+}  // namespace cuda
 
 }  // namespace lmf
