@@ -53,14 +53,14 @@ void gelu_forward_packs(T* out, const T* inp, int64_t n) {
   });
 }
 
-// dinp, dout, inp: (n) flat; dinp += dout * gelu'(inp)
+// dinp, dout, inp: (n) flat; dinp += dout * gelu'(inp) (dinp = ... when !acc: not read)
 template <int W, class T>
-void gelu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t n) {
+void gelu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t n, bool acc) {
   launch_elementwise("gelu_backward", n / W, [=] __device__(int64_t p) {
-    float x[W], dy[W], dx[W];
+    float x[W], dy[W], dx[W] = {};
     load_f32<W>(x, inp + p * W);
     load_f32<W>(dy, dout + p * W);
-    load_f32<W>(dx, dinp + p * W);
+    if (acc) load_f32<W>(dx, dinp + p * W);
 #pragma unroll
     for (int k = 0; k < W; ++k) dx[k] += dy[k] * gelu_grad(x[k]);
     store_f32<W>(dinp + p * W, dx);
@@ -81,18 +81,20 @@ void swiglu_forward_packs(T* out, const T* inp, int64_t N, int64_t F) {
   });
 }
 
-// dinp: (N, 2F) +=; dout: (N, F); inp: (N, 2F); F % W == 0
+// dinp: (N, 2F) += (= when !acc: not read); dout: (N, F); inp: (N, 2F); F % W == 0
 template <int W, class T>
-void swiglu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t N, int64_t F) {
+void swiglu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t N, int64_t F, bool acc) {
   launch_elementwise("swiglu_backward", N * F / W, [=] __device__(int64_t p) {
     const int64_t i = p * W, r = i / F, j = i - r * F;
     const int64_t ig = r * 2 * F + j, iu = ig + F;
-    float g[W], up[W], dy[W], dg[W], du[W];
+    float g[W], up[W], dy[W], dg[W] = {}, du[W] = {};
     load_f32<W>(g, inp + ig);
     load_f32<W>(up, inp + iu);
     load_f32<W>(dy, dout + i);
-    load_f32<W>(dg, dinp + ig);
-    load_f32<W>(du, dinp + iu);
+    if (acc) {
+      load_f32<W>(dg, dinp + ig);
+      load_f32<W>(du, dinp + iu);
+    }
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float e = exp_clamped(-g[k]);
@@ -113,9 +115,9 @@ void gelu_forward_impl(T* out, const T* inp, int64_t n) {
 }
 
 template <class T>
-void gelu_backward_impl(T* dinp, const T* dout, const T* inp, int64_t n) {
-  if (n % kPack<T> == 0 && aligned16(dinp, dout, inp)) gelu_backward_packs<kPack<T>>(dinp, dout, inp, n);
-  else gelu_backward_packs<1>(dinp, dout, inp, n);
+void gelu_backward_impl(T* dinp, const T* dout, const T* inp, int64_t n, bool acc) {
+  if (n % kPack<T> == 0 && aligned16(dinp, dout, inp)) gelu_backward_packs<kPack<T>>(dinp, dout, inp, n, acc);
+  else gelu_backward_packs<1>(dinp, dout, inp, n, acc);
 }
 
 template <class T>
@@ -125,9 +127,9 @@ void swiglu_forward_impl(T* out, const T* inp, int64_t N, int64_t F) {
 }
 
 template <class T>
-void swiglu_backward_impl(T* dinp, const T* dout, const T* inp, int64_t N, int64_t F) {
-  if (F % kPack<T> == 0 && aligned16(dinp, dout, inp)) swiglu_backward_packs<kPack<T>>(dinp, dout, inp, N, F);
-  else swiglu_backward_packs<1>(dinp, dout, inp, N, F);
+void swiglu_backward_impl(T* dinp, const T* dout, const T* inp, int64_t N, int64_t F, bool acc) {
+  if (F % kPack<T> == 0 && aligned16(dinp, dout, inp)) swiglu_backward_packs<kPack<T>>(dinp, dout, inp, N, F, acc);
+  else swiglu_backward_packs<1>(dinp, dout, inp, N, F, acc);
 }
 
 }  // namespace
@@ -135,11 +137,11 @@ void swiglu_backward_impl(T* dinp, const T* dout, const T* inp, int64_t N, int64
 void gelu_forward(float* out, const float* inp, int64_t n) { gelu_forward_impl(out, inp, n); }
 void gelu_forward(bf16* out, const bf16* inp, int64_t n) { gelu_forward_impl(as_nv(out), as_nv(inp), n); }
 
-void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
-  gelu_backward_impl(dinp, dout, inp, n);
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n, bool accumulate) {
+  gelu_backward_impl(dinp, dout, inp, n, accumulate);
 }
-void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t n) {
-  gelu_backward_impl(as_nv(dinp), as_nv(dout), as_nv(inp), n);
+void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t n, bool accumulate) {
+  gelu_backward_impl(as_nv(dinp), as_nv(dout), as_nv(inp), n, accumulate);
 }
 
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F) { swiglu_forward_impl(out, inp, N, F); }
@@ -147,11 +149,11 @@ void swiglu_forward(bf16* out, const bf16* inp, int64_t N, int64_t F) {
   swiglu_forward_impl(as_nv(out), as_nv(inp), N, F);
 }
 
-void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F) {
-  swiglu_backward_impl(dinp, dout, inp, N, F);
+void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F, bool accumulate) {
+  swiglu_backward_impl(dinp, dout, inp, N, F, accumulate);
 }
-void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int64_t F) {
-  swiglu_backward_impl(as_nv(dinp), as_nv(dout), as_nv(inp), N, F);
+void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int64_t F, bool accumulate) {
+  swiglu_backward_impl(as_nv(dinp), as_nv(dout), as_nv(inp), N, F, accumulate);
 }
 
 }  // namespace lmf::cuda

@@ -14,16 +14,17 @@ void swiglu_forward(Tensor out, Tensor inp);
 void swiglu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp: (N, 2F) +=
 
 namespace cuda {  // launchers (activation.cu); called by the op entries after validation
-// out, inp, dinp, dout: (n) flat
+// out, inp, dinp, dout: (n) flat. Backward: dinp += (accumulate, the op contract) or dinp = (not read;
+// for callers whose buffer holds nothing to keep, e.g. the MoE layer's scratch).
 void gelu_forward(float* out, const float* inp, int64_t n);
 void gelu_forward(bf16* out, const bf16* inp, int64_t n);
-void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n);
-void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t n);
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n, bool accumulate = true);
+void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t n, bool accumulate = true);
 // inp, dinp: (N, 2F) rows [gate | up]; out, dout: (N, F)
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
 void swiglu_forward(bf16* out, const bf16* inp, int64_t N, int64_t F);
-void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F);
-void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int64_t F);
+void swiglu_backward(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F, bool accumulate = true);
+void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int64_t F, bool accumulate = true);
 }  // namespace cuda
 
 }  // namespace lmf

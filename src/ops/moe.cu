@@ -252,16 +252,15 @@ void activation_forward(nv* act, const nv* pre, int64_t rows, int64_t F, MoeActi
   else gelu_forward(reinterpret_cast<bf16*>(act), reinterpret_cast<const bf16*>(pre), rows * F);
 }
 
-void activation_backward(nv* dpre, const nv* dact, const nv* pre, int64_t rows, int64_t F, int64_t F_in,
-                         MoeActivation a) {
+void activation_backward(nv* dpre, const nv* dact, const nv* pre, int64_t rows, int64_t F, MoeActivation a) {
   if (rows == 0) return;
-  device_memset0(dpre, static_cast<size_t>(rows * F_in) * sizeof(nv));  // the launchers accumulate
+  // dpre = act'(pre) dact, overwritten (scratch: nothing to accumulate into)
   if (a == MoeActivation::swiglu)
     swiglu_backward(reinterpret_cast<bf16*>(dpre), reinterpret_cast<const bf16*>(dact),
-                    reinterpret_cast<const bf16*>(pre), rows, F);
+                    reinterpret_cast<const bf16*>(pre), rows, F, false);
   else
     gelu_backward(reinterpret_cast<bf16*>(dpre), reinterpret_cast<const bf16*>(dact),
-                  reinterpret_cast<const bf16*>(pre), rows * F);
+                  reinterpret_cast<const bf16*>(pre), rows * F, false);
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -458,7 +457,7 @@ void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, floa
   // dxg = dpre w_in[e]
   gather_rows(mnv(p.xg), cnv(p.x), p.perm, p.offsets, d.R, d.K, d.C, d.E);
   grouped_gemm_nn(p.dact, p.dy, p.w_out, p.offsets, E, d.R, d.F, d.C);
-  activation_backward(mnv(p.dpre), cnv(p.dact), cnv(p.pre), d.R, d.F, d.F_in, cfg.activation);
+  activation_backward(mnv(p.dpre), cnv(p.dact), cnv(p.pre), d.R, d.F, cfg.activation);
   grouped_gemm_tn(p.dw_out, p.dy, p.act, p.offsets, E, d.R, d.C, d.F, 1.0f);
   grouped_gemm_tn(p.dw_in, p.dpre, p.xg, p.offsets, E, d.R, d.F_in, d.C, 1.0f);
   grouped_gemm_nn(p.dxg, p.dpre, p.w_in, p.offsets, E, d.R, d.C, d.F_in);
@@ -480,8 +479,7 @@ void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, floa
          d.F);
     gemm("moe_shared_out_dx", false, false, d.N, d.F, d.C, 1.0f, p.dys, d.C, p.ws_out + s * d.C * d.F, d.F, 0.0f,
          p.dacts, d.F);
-    activation_backward(mnv(p.dpres), cnv(p.dacts), cnv(p.shared_pre + s * d.N * d.F_in), d.N, d.F, d.F_in,
-                        cfg.activation);
+    activation_backward(mnv(p.dpres), cnv(p.dacts), cnv(p.shared_pre + s * d.N * d.F_in), d.N, d.F, cfg.activation);
     gemm("moe_shared_in_dw", true, false, d.F_in, d.C, d.N, 1.0f, p.dpres, d.F_in, p.x, d.C, 1.0f,
          p.dws_in + s * d.F_in * d.C, d.C);
     gemm("moe_shared_in_dx", false, false, d.N, d.C, d.F_in, 1.0f, p.dpres, d.F_in, p.ws_in + s * d.F_in * d.C, d.C,
