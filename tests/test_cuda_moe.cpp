@@ -104,6 +104,7 @@ Case make_case(int which) {
   if (which == 0) {
     c.activation = MoeActivation::gelu;
     c.z_coef = 0.001f;
+    c.aux_coef = 0.5f;  // large: the aux term's gradient is a visible part of drouter_w
     return {"softmax_renorm_gelu_dropless", c, false};
   }
   c.activation = MoeActivation::swiglu;

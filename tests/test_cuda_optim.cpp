@@ -242,7 +242,7 @@ TEST(CudaOptim, AdamWFlatMatchesPerTensorBitwiseAndCpu) {
                           ac.max_norm, lr, beta1, beta2, eps, ac.weight_decay, step, copy_t);
         for (size_t i = 0; i < specs.size(); ++i)
           adamw_update(dpb[i], dmb[i], dvb[i], dg[i], dn, ac.max_norm, lr, beta1, beta2, eps,
-                       specs[i].shape.size() == 2 ? ac.weight_decay : 0.0f, step);
+                       specs[i].shape.size() >= 2 ? ac.weight_decay : 0.0f, step);
         const std::string at = what + " step " + std::to_string(step);
         const std::vector<float> gp = values(dpa), gm = values(dma), gv = values(dva);
         ASSERT_TRUE(test::bitwise_equal("param flat vs per tensor, " + at, gp, values(dpb)));
@@ -280,7 +280,7 @@ TEST(CudaOptim, AdamWFlatAfterDeviceNormIsDeterministic) {
   const int64_t n = p.flat_f32().numel();
   cuda_reserve_workspace(grad_global_norm_cuda_workspace(n));
   std::vector<int32_t> tables[3] = {adamw_decay_ranges(p), {}, {0, static_cast<int32_t>(n)}};
-  const char* names[3] = {"2-D tensors", "empty table", "full table"};
+  const char* names[3] = {"matrices", "empty table", "full table"};
   Arena dp("dp", specs, Device::cuda), dm("dm", specs, Device::cuda), dv("dv", specs, Device::cuda),
       dg("dg", specs, Device::cuda);
   upload(dg, g);
@@ -304,7 +304,7 @@ TEST(CudaOptim, AdamWFlatAfterDeviceNormIsDeterministic) {
       else
         for (size_t i = 0; i < specs.size(); ++i)
           adamw_update(dp[i], dm[i], dv[i], dg[i], dn, 1.0f, 1e-3f, 0.9f, 0.95f, 1e-8f,
-                       specs[i].shape.size() == 2 ? 0.1f : 0.0f, 7);
+                       specs[i].shape.size() >= 2 ? 0.1f : 0.0f, 7);
       out[run] = values(dp);
     }
     EXPECT_TRUE(test::bitwise_equal("param, run twice, " + what, out[0], out[1]));

@@ -177,7 +177,15 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     const bool llama = std::string(preset) == "test-llama-hs32";
     const bool moe = std::string(preset).find("moe") != std::string::npos;
     ModelConfig c = llama ? config_preset("test-llama") : config_preset(moe ? "tiny-moe" : "tiny");
+    // MoE models route every token to every expert here (top_k = experts): the GPU router sees the
+    // bf16 norm output and the CPU the f32 one, so a top-K choice near a tie could flip between them
+    // and change the function (a flipped token moved the router gradient by 2e-1 in a 4-of-2 model).
+    // With all experts chosen only their order can differ, which the combine does not see. The
+    // top-K selection itself is tested on identical inputs in test_cuda_moe.
+    if (moe) c.moe.top_k = c.moe.experts;
     if (std::string(preset) == "moe-shared-sigmoid-capacity") {  // every MoE option, SwiGLU experts
+      c.moe.experts = 3;
+      c.moe.top_k = 3;
       c.activation = ActivationKind::swiglu;
       c.moe.first_dense = 1;
       c.moe.shared = 1;
@@ -204,11 +212,7 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
       tensor_from_host(gpu.params().flat_f32(), trained.data());
       gpu.sync_weight_copy();
     }
-    if (moe) {
-      // The GPU router sees the bf16 norm output, the CPU the f32 one: at the init's near-uniform
-      // router (std 0.02) many top-K choices are near-ties and flip, which changes the function.
-      // A router of std 0.3 separates the scores (logit std ~3.4), so flips become rare; they are
-      // counted below.
+    if (moe) {  // a router far from uniform, so the combine weights and their gradients matter
       for (size_t k = 0; k < cpu.params().size(); ++k) {
         if (cpu.params().spec(k).name.find("moe.router.weight") == std::string::npos) continue;
         std::vector<float> r = test::randn(static_cast<size_t>(cpu.params()[k].numel()), 40 + k, 0.3f);
@@ -227,19 +231,6 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     const double lc = cpu.forward_backward(test::tensor_of(tok, {B, T}, "tok"), test::tensor_of(tgt, {B, T}, "tgt"));
     const double lg = gpu.forward_backward(batch.get("tok"), batch.get("tgt"));
     EXPECT_NEAR(lg, lc, 1e-2 * lc) << preset;
-    if (moe) {  // top-K choices that differ between the bf16 GPU and the fp32 CPU router
-      int64_t flips = 0, total = 0;
-      for (size_t l = 0; l < cpu.moe_states().size(); ++l) {
-        std::vector<int32_t> ic(static_cast<size_t>(cpu.moe_states()[l].topk_idx.numel())), ig(ic.size());
-        tensor_to_host(ic.data(), cpu.moe_states()[l].topk_idx);
-        tensor_to_host(ig.data(), gpu.moe_states()[l].topk_idx);
-        for (size_t i = 0; i < ic.size(); ++i) flips += ic[i] != ig[i];
-        total += static_cast<int64_t>(ic.size());
-      }
-      std::printf("[ measured ] %s: %lld of %lld top-K choices differ between GPU and CPU routers\n", preset,
-                  static_cast<long long>(flips), static_cast<long long>(total));
-      EXPECT_LE(flips, total / 200) << preset << ": more than 0.5% of the routing differs";
-    }
     double worst = 0;
     std::string worst_name;
     for (size_t k = 0; k < cpu.grads().size(); ++k) {

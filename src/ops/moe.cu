@@ -57,18 +57,24 @@ __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, f
   if (n >= N) return;
   const nv* xr = x + static_cast<int64_t>(n) * C;
   float* lg = logits + static_cast<int64_t>(n) * E;
-  for (int e = 0; e < E; ++e) {
-    const float* w = rw + static_cast<int64_t>(e) * C;
+  // x . w over C in packs of 8 channels (C % 8 == 0), lane-strided, then a fixed-order warp sum
+  auto dot = [&](const float* w) {
     float acc = 0;
-    for (int c = lane; c < C; c += 32) acc += bf(xr[c]) * w[c];
-    acc = warp_sum(acc);
+    for (int c = lane * 8; c < C; c += 256) {
+      float xv[8], wv[8];
+      load_f32<8>(xv, xr + c);
+      load_f32<8>(wv, w + c);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc += xv[j] * wv[j];
+    }
+    return warp_sum(acc);
+  };
+  for (int e = 0; e < E; ++e) {
+    const float acc = dot(rw + static_cast<int64_t>(e) * C);
     if (lane == 0) lg[e] = acc;
   }
   for (int s = 0; gate_w && s < S; ++s) {
-    const float* w = gate_w + static_cast<int64_t>(s) * C;
-    float acc = 0;
-    for (int c = lane; c < C; c += 32) acc += bf(xr[c]) * w[c];
-    acc = warp_sum(acc);
+    const float acc = dot(gate_w + static_cast<int64_t>(s) * C);
     if (lane == 0) shared_g[static_cast<int64_t>(s) * N + n] = 1.0f / (1.0f + expf(-acc));
   }
   if (lane != 0) return;
@@ -283,10 +289,16 @@ __global__ void router_backward_kernel(nv* dy, float* dlogits, nv* dlogits_bf16,
       const nv* yr = y + static_cast<int64_t>(r) * C;
       nv* dyr = dy + static_cast<int64_t>(r) * C;
       float part = 0;
-      for (int c = lane; c < C; c += 32) {
-        const float gc = bf(g[c]);
-        part += gc * bf(yr[c]);
-        dyr[c] = __float2bfloat16_rn(w * gc);
+      for (int c = lane * 8; c < C; c += 256) {  // packs of 8 channels (C % 8 == 0)
+        float gv[8], yv[8];
+        load_f32<8>(gv, g + c);
+        load_f32<8>(yv, yr + c);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          part += gv[j] * yv[j];
+          gv[j] *= w;
+        }
+        store_f32<8>(dyr + c, gv);
       }
       dot = warp_sum(part);
     }
