@@ -6,6 +6,9 @@
 #   tools/gpu_check.sh            # build + tests + train + bench
 #   tools/gpu_check.sh tests      # build + tests only
 #   tools/gpu_check.sh bench      # build + bench only
+#   tools/gpu_check.sh moe        # build + MoE tests + MoE benchmark + --cuda-graph on/off (GPT-2, MoE)
+# LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
+# (240 s) bounds the torch.compile MoE run.
 # Logs go to $OUT (the device tool's output folder) or /tmp/lmf_gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,8 +87,10 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   bench_lmf fp32 "$B" lmf_fp32
   cat "$OUT/bench_lmf_bf16.err"
   for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do bench_torch $mode "$B" "torch_$mode"; done
-  bench_lmf bf16 "$BIG" lmf_bf16_big
-  bench_torch compile-bf16 "$BIG" torch_compile-bf16_big
+  if [ "$BIG" != 0 ]; then  # LMF_BENCH_BIG_B=0 skips the largest-batch rows
+    bench_lmf bf16 "$BIG" lmf_bf16_big
+    bench_torch compile-bf16 "$BIG" torch_compile-bf16_big
+  fi
   python3 - "$OUT" "$B" "$BIG" <<'PY'
 import json, os, sys
 out, B, BIG = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -109,7 +114,8 @@ table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.com
       "torch_compile-bf16")
 bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
 if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))
-table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "torch_compile-bf16_big"], "torch_compile-bf16_big")
+if BIG != "0":
+    table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "torch_compile-bf16_big"], "torch_compile-bf16_big")
 PY
 fi
 
