@@ -79,16 +79,20 @@ std::string get_enum(const json& j, const char* key, const std::string& where, s
   fail(where, ": field '", key, "' is '", v, "', expected ", list);
 }
 
-MoeModelConfig moe_from_json(const json& m, const std::string& where) {
-  const std::string w = where + ": moe";
-  if (!m.is_object()) fail(w, ": expected a JSON object");
-  static const char* known[] = {"experts", "top_k", "d_expert", "every", "first_dense", "shared", "shared_gate",
-                                "score", "renormalize", "capacity_factor", "aux_coef", "z_coef", "bias_rate"};
-  for (auto it = m.begin(); it != m.end(); ++it) {
+// j must be an object whose keys are all in `known`.
+void check_object(const json& j, const std::string& where, std::initializer_list<const char*> known) {
+  if (!j.is_object()) fail(where, ": expected a JSON object");
+  for (auto it = j.begin(); it != j.end(); ++it) {
     bool found = false;
     for (const char* k : known) found = found || it.key() == k;
-    if (!found) fail(w, ": unknown field '", it.key(), "'");
+    if (!found) fail(where, ": unknown field '", it.key(), "'");
   }
+}
+
+MoeModelConfig moe_from_json(const json& m, const std::string& where) {
+  const std::string w = where + ": moe";
+  check_object(m, w, {"experts", "top_k", "d_expert", "every", "first_dense", "shared", "shared_gate", "score",
+                      "renormalize", "capacity_factor", "aux_coef", "z_coef", "bias_rate"});
   MoeModelConfig c;
   if (m.contains("experts")) c.experts = get_field<int64_t>(m, "experts", w);
   if (m.contains("top_k")) c.top_k = get_field<int64_t>(m, "top_k", w);
@@ -115,15 +119,9 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   } catch (const json::parse_error& e) {
     fail(where, ": invalid JSON (", e.what(), ")");
   }
-  if (!j.is_object()) fail(where, ": expected a JSON object");
-  static const char* known[] = {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head",
-                                "n_kv_head", "d_model", "d_ff", "norm", "norm_eps", "activation", "positions",
-                                "rope_theta", "tied_embeddings", "bias", "moe"};
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    bool found = false;
-    for (const char* k : known) found = found || it.key() == k;
-    if (!found) fail(where, ": unknown field '", it.key(), "'");
-  }
+  check_object(j, where, {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head", "n_kv_head",
+                          "d_model", "d_ff", "norm", "norm_eps", "activation", "positions", "rope_theta",
+                          "tied_embeddings", "bias", "moe"});
   ModelConfig c;
   if (j.contains("vocab_size")) c.vocab_size = get_field<int64_t>(j, "vocab_size", where);
   if (j.contains("pad_vocab_multiple")) c.pad_vocab_multiple = get_field<int64_t>(j, "pad_vocab_multiple", where);
