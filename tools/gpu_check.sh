@@ -6,7 +6,9 @@
 #   tools/gpu_check.sh            # build + tests + train + bench
 #   tools/gpu_check.sh tests      # build + tests only
 #   tools/gpu_check.sh bench      # build + bench only
+#   tools/gpu_check.sh train      # build + the GPU training runs (tiny, tiny-moe, GPT-2 --profile trace check)
 #   tools/gpu_check.sh moe        # build + MoE tests + MoE benchmark + --cuda-graph on/off (GPT-2, MoE)
+#   tools/gpu_check.sh moebench   # build + MoE benchmark + --cuda-graph on/off
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
 # Logs go to $OUT (the device tool's output folder) or /tmp/lmf_gpu.
@@ -50,13 +52,19 @@ if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ]; then
   done
 fi
 
-if [ "$what" = all ]; then
+if [ "$what" = all ] || [ "$what" = train ]; then
   ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 200 --warmup 30 --log-every 50 --eval-every 100 \
     --out-dir "$OUT/train_gpu" >"$OUT/train_gpu.log" 2>&1
   rc=$?
   add "train tiny on GPU (200 steps)" "rc=$rc $(grep val_loss "$OUT/train_gpu.log" | tail -1)"
   [ $rc -eq 0 ] || failures=$((failures + 1))
   tail -5 "$OUT/train_gpu.log"
+  ./build-gpu/lmforge train --device cuda --preset tiny-moe -B 16 -T 128 --steps 200 --warmup 30 --log-every 50 \
+    --eval-every 100 --out-dir "$OUT/train_gpu_moe" >"$OUT/train_gpu_moe.log" 2>&1
+  rc=$?
+  add "train tiny-moe on GPU (200 steps)" "rc=$rc $(grep val_loss "$OUT/train_gpu_moe.log" | tail -1)"
+  [ $rc -eq 0 ] || failures=$((failures + 1))
+  grep -E "^params|^moe|^step=200 " "$OUT/train_gpu_moe.log"
   # --profile on GPT-2 124M: the Chrome trace parses and its per-op device time adds up to the step
   ./build-gpu/lmforge train --device cuda --preset gpt2-124m -B 16 -T 1024 --steps 8 --log-every 4 --eval-batches 1 \
     --profile --profile-steps 3 --out-dir "$OUT/profile_gpt2" >"$OUT/profile_gpt2.log" 2>&1
@@ -122,7 +130,7 @@ fi
 # MoE (issue 4) and whole-step CUDA graphs (issue 5): the MoE benchmark config against a PyTorch MoE LM
 # (sort + per-expert loop) in eager and torch.compile, lmforge's dense model of the same active size,
 # and tok/s of the training loop with --cuda-graph on and off (GPT-2 124M and the MoE config).
-if [ "$what" = all ] || [ "$what" = moe ]; then
+if [ "$what" = all ] || [ "$what" = moe ] || [ "$what" = moebench ]; then
   bench_lmf_moe() {  # preset tag [extra flags]
     ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$1" --batch-size 8 --seq-len 2048 \
       --steps 5 --warmup-steps 2 ${3:-} >"$OUT/bench_$2.json" 2>"$OUT/bench_$2.err" || { failures=$((failures + 1)); tail -3 "$OUT/bench_$2.err"; }
