@@ -185,12 +185,20 @@ def last_step(tag):
     except Exception as e:
         return None, str(e), None
 print("\nWhole-step CUDA graph: training loop tok/s (steps 7-12), --cuda-graph on vs off")
-print("%-12s %12s %12s %8s %16s %16s %s" % ("model", "graph on", "graph off", "ratio", "launches on/off", "", "loss at step 12 on / off"))
+def losses(tag):  # every logged train and validation loss, as stored (exact doubles)
+    try:
+        recs = [json.loads(l) for l in open(os.path.join(out, "graph_%s" % tag, "metrics.jsonl"))]
+        return [(r["step"], r.get("loss", r.get("val_loss"))) for r in recs if "loss" in r or "val_loss" in r]
+    except Exception as e:
+        return str(e)
+print("%-12s %12s %12s %8s %16s  %s" % ("model", "graph on", "graph off", "ratio", "launches on/off", "logged losses on vs off"))
 for name in ["gpt2", "moe"]:
     on, lon, loss_on = last_step(name + "_on")
     off, loff, loss_off = last_step(name + "_off")
+    lo, lf = losses(name + "_on"), losses(name + "_off")
+    same = "bitwise equal (%d values)" % len(lo) if lo == lf and isinstance(lo, list) and lo else "DIFFER: %s vs %s" % (lo, lf)
     if on and off:
-        print("%-12s %12.0f %12.0f %8.2f %16s %16s %s / %s" % (name, on, off, on / off, lon + "/" + loff, "", loss_on, loss_off))
+        print("%-12s %12.0f %12.0f %8.2f %16s  %s" % (name, on, off, on / off, lon + "/" + loff, same))
     else:
         print("%-12s error: %s %s" % (name, lon, loff))
 PY
