@@ -1,9 +1,13 @@
 // grouped_gemm.cu: bf16 grouped GEMMs for Mixture-of-Experts (ops/grouped_gemm.h), sm_90a.
 //
-// Two kernel templates, each over the three layouts; a thread block computes one BM x BN = 128 x 256
+// Three kernel templates, each over the three layouts; a thread block computes one BM x BN = 128 x 256
 // output tile (tn on mma.sync: 128 x 128), looping over the reduction in BK = 64 slices through a
-// kStages = 4 deep cp.async pipeline in dynamic shared memory (192 KiB: one block per SM).
-//   grouped_gemm_wgmma_kernel (default): 2 warpgroups, each 64 rows x 256 columns with
+// kStages = 4 deep pipeline in dynamic shared memory (one block per SM).
+//   the TMA kernel (default; its own comment block below): a persistent grid, one loader warpgroup
+//     issuing cp.async.bulk.tensor into the same swizzled 4-stage ring with full/empty mbarriers, two
+//     compute warpgroups on wgmma.m64n256k16, bf16 outputs staged through shared memory for 16-byte
+//     stores. LMF_GROUPED_GEMM_NO_TMA=1 (read once) selects the cp.async kernel below instead.
+//   grouped_gemm_wgmma_kernel (cp.async loads by all threads): 2 warpgroups, each 64 rows x 256 columns with
 //     wgmma.m64n256k16 reading both operands from shared memory (K-major or M/N-major through the
 //     descriptor's transpose bits); 128 f32 accumulators per thread.
 //   grouped_gemm_kernel (fallback, GroupedGemmKernel::mma_sync): 8 warps (2 along M x 4 along N) on
@@ -24,9 +28,12 @@
 // memory), walks the groups to find its group and row tile, and exits when it has none. tn launches
 // (n_tiles, m_tiles, G) blocks; each reduces its tile over all the rows of its group in order.
 // Out-of-range rows and columns are zero-filled on load (cp.async src-size 0) and never stored.
+#include <cuda.h>
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/check.h"
 #include "core/cuda_launch.cuh"
@@ -487,12 +494,352 @@ ShapeText shapes_of(Layout L, const GemmArgs& a) {
                          : shape_text("G=", a.G, " max_rows=", a.max_rows, " N=", a.N, " K=", a.K);
 }
 
+// ---------------------------------------------------------------------------------------------
+// TMA + warp-specialized persistent wgmma kernel (the default for GroupedGemmKernel::wgmma).
+// 384 threads: warpgroup 0 is the producer (one thread issues cp.async.bulk.tensor loads into a
+// kStages deep ring of 128x64 A / 256x64 B slices, completing on "full" mbarriers), warpgroups 1
+// and 2 consume (wgmma.m64n256k16 on 64 rows each) and release slices on "empty" mbarriers. The grid
+// is persistent (one block per SM); every block walks the same static tile order, so producer and
+// consumers agree on the stage/phase sequence and loads of the next tile overlap the epilogue.
+// Group boundaries (known only on the device): nt/nn rows of A past the group's end are loaded (a
+// neighbouring group's rows, or zeros past max_rows) but only feed output rows that are not stored;
+// B is a 3-D tensor map (.., .., G) so N/K tails are zero-filled per group. tn reduces over rows:
+// in a group's last, partial slice the consumers zero the rows past the group's end in both tiles
+// before the wgmma reads them.
+// ---------------------------------------------------------------------------------------------
+constexpr int kTmaThreads = 384;
+constexpr int kStageBytes = (kWgBM + kWgBN) * kBK * 2;  // 48 KiB
+constexpr size_t kTmaSmem = static_cast<size_t>(kStages) * kStageBytes + 1024;
+constexpr int kEpiStride = 36;  // words per staged epilogue row (32 + 4 padding)
+
+struct TmaMaps {
+  CUtensorMap a;
+  CUtensorMap b;
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void named_barrier_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+struct TileInfo {
+  int g;            // group; -1: no work (nt/nn: past the last group's rows)
+  int64_t m0, n0;   // first row (nt/nn) / first M column (tn), first N column
+  int64_t red0, red_end;  // reduction range: [0, K) or the group's rows
+  int64_t row_end;  // nt/nn: end of the group's rows
+};
+
+template <Layout L>
+__device__ __forceinline__ TileInfo tile_info(const GemmArgs& p, const int64_t* s_off, int64_t t, int m_tiles) {
+  TileInfo ti;
+  ti.n0 = static_cast<int64_t>(t % p.n_tiles) * kWgBN;
+  int64_t rt = t / p.n_tiles;
+  if constexpr (L == Layout::tn) {
+    ti.m0 = static_cast<int64_t>(rt % m_tiles) * kWgBM;
+    ti.g = static_cast<int>(rt / m_tiles);
+    group_bounds(p, s_off, ti.g, ti.red0, ti.red_end);
+    ti.row_end = 0;
+  } else {
+    ti.g = -1;
+    ti.m0 = 0;
+    ti.row_end = 0;
+    ti.red0 = 0;
+    ti.red_end = p.K;
+    for (int g = 0; g < p.G; ++g) {
+      int64_t b, e;
+      group_bounds(p, s_off, g, b, e);
+      const int64_t tiles = (e - b + kWgBM - 1) / kWgBM;
+      if (rt < tiles) {
+        ti.g = g;
+        ti.m0 = b + rt * kWgBM;
+        ti.row_end = e;
+        break;
+      }
+      rt -= tiles;
+    }
+  }
+  return ti;
+}
+
+template <Layout L>
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    grouped_gemm_tma_kernel(GemmArgs p, const __grid_constant__ TmaMaps maps, int64_t total_tiles, int m_tiles) {
+  constexpr int BM = kWgBM, BN = kWgBN;
+  constexpr bool kAKMajor = L != Layout::tn;
+  constexpr bool kBKMajor = L == Layout::nt;
+  extern __shared__ __align__(1024) unsigned char smem_tma[];
+  unsigned char* base = smem_tma + ((1024 - (smem_u32(smem_tma) & 1023)) & 1023);
+  nv_bf16* sA = reinterpret_cast<nv_bf16*>(base);  // kStages x BM*kBK
+  nv_bf16* sB = sA + kStages * BM * kBK;           // kStages x BN*kBK
+  __shared__ int64_t s_off[kMaxGroups + 1];
+  __shared__ __align__(8) uint64_t full_bar[kStages];
+  __shared__ __align__(8) uint64_t empty_bar[kStages];
+  // Epilogue staging (nt/nn), per consumer warp: 16 rows x 64 bf16, rows padded to 36 words (no
+  // bank conflicts on the 4-byte writes; 16-byte aligned rows for the reads).
+  __shared__ __align__(16) uint32_t s_epi[8][16 * kEpiStride];
+
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i <= p.G; i += kTmaThreads) s_off[i] = p.offsets[i];
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full_bar[s], 1);
+      mbar_init(&empty_bar[s], 256);  // every consumer thread arrives
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // Producer.
+    if (tid != 0) return;
+    int stage = 0;
+    uint32_t phase = 1;  // the empty barriers' "previous phase" counts as complete
+    for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+      const TileInfo ti = tile_info<L>(p, s_off, t, m_tiles);
+      if (ti.g < 0) break;  // nt/nn: tiles are in row order, so every later tile is empty too
+      const int k_tiles = static_cast<int>((ti.red_end - ti.red0 + kBK - 1) / kBK);
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(&empty_bar[stage], phase);
+        uint64_t* fb = &full_bar[stage];
+        mbar_expect_tx(fb, kStageBytes);
+        nv_bf16* a = sA + stage * BM * kBK;
+        nv_bf16* b = sB + stage * BN * kBK;
+        const int k0 = static_cast<int>(ti.red0 + static_cast<int64_t>(kt) * kBK);
+        if constexpr (L == Layout::tn) {
+          // A: (rows, M) -> [64 rows][128 m] as two 64x64 blocks; B: [64 rows][256 n] as four.
+#pragma unroll
+          for (int j = 0; j < BM / 64; ++j) tma_load_2d(a + j * 64 * kBK, &maps.a, fb, static_cast<int>(ti.m0) + j * 64, k0);
+#pragma unroll
+          for (int j = 0; j < BN / 64; ++j) tma_load_2d(b + j * 64 * kBK, &maps.b, fb, static_cast<int>(ti.n0) + j * 64, k0);
+        } else {
+          tma_load_2d(a, &maps.a, fb, k0, static_cast<int>(ti.m0));
+          if constexpr (L == Layout::nt) {
+            tma_load_3d(b, &maps.b, fb, k0, static_cast<int>(ti.n0), ti.g);
+          } else {
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j)
+              tma_load_3d(b + j * 64 * kBK, &maps.b, fb, static_cast<int>(ti.n0) + j * 64, k0, ti.g);
+          }
+        }
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw (0 or 1) owns rows [cw * 64, +64) of the tile.
+  const int cw = (warp >> 2) - 1;
+  const int ctid = tid - 128;  // 0..255 over both consumer warpgroups
+  int stage = 0;
+  uint32_t phase = 0;
+  float d[128];
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    const TileInfo ti = tile_info<L>(p, s_off, t, m_tiles);
+    if (ti.g < 0) break;
+    const int k_tiles = static_cast<int>((ti.red_end - ti.red0 + kBK - 1) / kBK);
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    int prev_stage = -1;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      mbar_wait(&full_bar[stage], phase);
+      if constexpr (L == Layout::tn) {
+        const int64_t valid = ti.red_end - (ti.red0 + static_cast<int64_t>(kt) * kBK);  // rows of the group
+        if (valid < kBK) {  // uniform over the consumers: zero rows [valid, 64) of every 64x64 block
+          const int v = static_cast<int>(valid);
+          const int rows = kBK - v;
+          const int blocks = (BM + BN) / 64;  // A's blocks then B's, contiguous only per operand
+          for (int i = ctid; i < blocks * rows * 8; i += 256) {
+            const int blk = i / (rows * 8), rem = i % (rows * 8);
+            const int r = v + rem / 8, c = rem % 8;
+            nv_bf16* tile = blk < BM / 64 ? sA + stage * BM * kBK + blk * 64 * kBK
+                                          : sB + stage * BN * kBK + (blk - BM / 64) * 64 * kBK;
+            *reinterpret_cast<uint4*>(tile + r * 64 + c * 8) = make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async();
+          named_barrier_sync(1, 256);
+        }
+      }
+      const uint64_t da = wgmma_desc_sw128<!kAKMajor>(sA + stage * BM * kBK + cw * 64 * kBK);
+      const uint64_t db = wgmma_desc_sw128<!kBKMajor>(sB + stage * BN * kBK);
+      constexpr uint64_t kStepA = kAKMajor ? 2 : 128, kStepB = kBKMajor ? 2 : 128;
+      fence_acc(d);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk)
+        wgmma_m64n256k16<kAKMajor ? 0 : 1, kBKMajor ? 0 : 1>(d, da + kStepA * kk, db + kStepB * kk);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_acc(d);
+      // The previous slice's wgmma group has completed: hand its stage back to the producer.
+      if (prev_stage >= 0) mbar_arrive(&empty_bar[prev_stage]);
+      prev_stage = stage;
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    wgmma_wait<0>();
+    fence_acc(d);
+    if (prev_stage >= 0) mbar_arrive(&empty_bar[prev_stage]);
+    if constexpr (L == Layout::tn) {
+      store_wgmma_tile<L>(p, d, ti.g, ti.m0 + cw * 64 + (warp & 3) * 16 + (lane >> 2), ti.n0 + (lane & 3) * 2,
+                          ti.row_end);
+    } else {
+      // bf16 rows through this warp's staging buffer, 64 columns at a time: 16-byte stores, each
+      // warp store covering 4 rows x 128 contiguous bytes (the fragment layout gives 4-byte pieces).
+      uint32_t* buf = s_epi[warp - 4];
+      const int64_t wrow0 = ti.m0 + cw * 64 + (warp & 3) * 16;
+      nv_bf16* C = static_cast<nv_bf16*>(p.C);
+#pragma unroll
+      for (int cb = 0; cb < BN / 64; ++cb) {
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = cb * 8 + jj;
+            const __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+            buf[((lane >> 2) + 8 * h) * kEpiStride + jj * 4 + (lane & 3)] = *reinterpret_cast<const uint32_t*>(&v);
+          }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = i * 4 + (lane >> 3), c = lane & 7;
+          const uint4 v = *reinterpret_cast<const uint4*>(buf + r * kEpiStride + c * 4);
+          const int64_t row = wrow0 + r, col = ti.n0 + cb * 64 + c * 8;
+          if (row < ti.row_end && col < p.N) *reinterpret_cast<uint4*>(C + row * p.N + col) = v;
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// Host: tensor maps (bf16, SWIZZLE_128B, zero fill out of bounds) through the driver entry point.
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn(const char* op) {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  if (fn == nullptr) fail(op, ": cuTensorMapEncodeTiled is not available");
+  return fn;
+}
+// dims/strides innermost first; strides in bytes for dims 1.. (rank - 1 entries).
+CUtensorMap make_map(const char* op, const void* ptr, int rank, const uint64_t* dims, const uint64_t* strides,
+                     const uint32_t* box) {
+  CUtensorMap m;
+  cuuint64_t gd[3], gs[2];
+  cuuint32_t bx[3], es[3] = {1, 1, 1};
+  for (int i = 0; i < rank; ++i) {
+    gd[i] = dims[i];
+    bx[i] = box[i];
+  }
+  for (int i = 0; i + 1 < rank; ++i) gs[i] = strides[i];
+  const CUresult r = encode_fn(op)(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank),
+                                   const_cast<void*>(ptr), gd, gs, bx, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) fail(op, ": cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return m;
+}
+
+template <Layout L>
+void launch_tma(const char* op, GemmArgs a) {
+  a.n_tiles = static_cast<int>(ceil_div(a.N, kWgBN));
+  TmaMaps maps;
+  const uint64_t rows = static_cast<uint64_t>(a.max_rows > 0 ? a.max_rows : 1);
+  const uint64_t G = static_cast<uint64_t>(a.G);
+  int m_tiles = 0;
+  int64_t total;
+  if constexpr (L == Layout::tn) {
+    m_tiles = static_cast<int>(ceil_div(a.M, kWgBM));
+    const uint64_t da[2] = {static_cast<uint64_t>(a.M), rows}, sa[1] = {static_cast<uint64_t>(a.M) * 2};
+    const uint64_t db[2] = {static_cast<uint64_t>(a.N), rows}, sb[1] = {static_cast<uint64_t>(a.N) * 2};
+    const uint32_t box[2] = {64, 64};
+    maps.a = make_map(op, a.A, 2, da, sa, box);
+    maps.b = make_map(op, a.B, 2, db, sb, box);
+    total = static_cast<int64_t>(a.n_tiles) * m_tiles * a.G;
+  } else {
+    const uint64_t K = static_cast<uint64_t>(a.K), N = static_cast<uint64_t>(a.N);
+    const uint64_t da[2] = {K, rows}, sa[1] = {K * 2};
+    const uint32_t boxa[2] = {64, static_cast<uint32_t>(kWgBM)};
+    maps.a = make_map(op, a.A, 2, da, sa, boxa);
+    if constexpr (L == Layout::nt) {
+      const uint64_t db[3] = {K, N, G}, sb[2] = {K * 2, N * K * 2};
+      const uint32_t boxb[3] = {64, static_cast<uint32_t>(kWgBN), 1};
+      maps.b = make_map(op, a.B, 3, db, sb, boxb);
+    } else {
+      const uint64_t db[3] = {N, K, G}, sb[2] = {N * 2, K * N * 2};
+      const uint32_t boxb[3] = {64, 64, 1};
+      maps.b = make_map(op, a.B, 3, db, sb, boxb);
+    }
+    total = (ceil_div(a.max_rows, kWgBM) + a.G) * a.n_tiles;
+  }
+  const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
+  const int64_t blocks = total < sms ? total : sms;
+  if (blocks <= 0) return;
+  launch({op, shapes_of(L, a), {blocks, 1, 1}, {kTmaThreads, 1, 1}, kTmaSmem}, grouped_gemm_tma_kernel<L>, a, maps,
+         total, m_tiles);
+}
+
 GroupedGemmKernel g_kernel = GroupedGemmKernel::wgmma;  // grouped_gemm_set_kernel
+
+// Per layout (nt, nn, tn): the TMA warp-specialized kernel, or the cp.async one.
+constexpr bool kUseTma[3] = {true, true, true};
+// LMF_GROUPED_GEMM_NO_TMA=1 (read once) selects the cp.async wgmma kernel instead: for comparisons.
+bool tma_disabled() {
+  static const bool off = [] {
+    const char* e = std::getenv("LMF_GROUPED_GEMM_NO_TMA");
+    return e != nullptr && e[0] == '1';
+  }();
+  return off;
+}
 
 template <Layout L>
 void launch_grouped(const char* op, GemmArgs a) {
   switch (g_kernel) {
     case GroupedGemmKernel::wgmma: {
+      if (kUseTma[static_cast<int>(L)] && !tma_disabled()) {
+        launch_tma<L>(op, a);
+        return;
+      }
       const Dim3 grid = grid_of<L, kWgBM, kWgBN>(a);
       launch({op, shapes_of(L, a), grid, {kThreads, 1, 1}, kWgSmem}, grouped_gemm_wgmma_kernel<L>, a);
       return;

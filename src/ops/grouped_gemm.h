@@ -38,7 +38,9 @@ void grouped_gemm_tn(float* C, const bf16* A, const bf16* B, const int32_t* offs
                      int64_t M, int64_t N, float beta);
 
 // Which kernels the three run (both compute the same function; each is bitwise repeatable):
-//   wgmma     wgmma.m64n256k16 from shared memory, cp.async pipeline (the default, the fast one)
+//   wgmma     wgmma.m64n256k16 from shared memory (the default, the fast one): a persistent,
+//             warp-specialized kernel fed by TMA (cp.async.bulk.tensor + mbarriers); the environment
+//             variable LMF_GROUPED_GEMM_NO_TMA=1 (read once) selects the older cp.async pipeline
 //   mma_sync  mma.sync m16n8k16 with ldmatrix (the fallback; about 0.6x the speed of wgmma)
 // Process-wide, set before use; for tests and benchmarks.
 enum class GroupedGemmKernel : uint8_t { wgmma, mma_sync };
