@@ -416,8 +416,6 @@ ShapeText dims_text(const MoeDims& d) {
   return shape_text("N=", d.N, " E=", d.E, " K=", d.K, " C=", d.C, " F=", d.F, " R=", d.R, " S=", d.S);
 }
 
-dim3 per_token_grid(int64_t N) { return dim3(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock))); }
-
 }  // namespace
 
 void moe_forward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg) {
