@@ -108,6 +108,11 @@ int main() {
       char name[64];
       std::snprintf(name, sizeof name, "TN%s M=%lld N=%lld", tag, (long long)M, (long long)N);
       row(name, flops, g, c);
+      // beta = 1 (the training step's weight-gradient accumulation: C read and written once more)
+      g = time_ms([&] { cuda::grouped_gemm_tn(Cf, A, B, O, G, R, M, N, 1.0f); }, ev);
+      c = time_ms([&] { cuda::gemm("bench", true, false, M, N, R, 1.0f, A, M, B, N, 1.0f, Cf, N); }, ev);
+      std::snprintf(name, sizeof name, "TN%s M=%lld N=%lld beta=1", tag, (long long)M, (long long)N);
+      row(name, flops, g, c);
     }
   }
   cuda::grouped_gemm_set_kernel(K::wgmma);

@@ -9,6 +9,9 @@
 #   tools/gpu_check.sh train      # build + the GPU training runs (tiny, tiny-moe, GPT-2 --profile trace check)
 #   tools/gpu_check.sh moe        # build + MoE tests + MoE benchmark + --cuda-graph on/off (GPT-2, MoE)
 #   tools/gpu_check.sh moebench   # build + MoE benchmark + --cuda-graph on/off
+#   tools/gpu_check.sh ncu        # build + per-kernel device time of one step (Nsight Compute), MoE and GPT-2,
+#                                 # and the grouped GEMMs' hardware counters (ncugg: only those)
+#   tools/gpu_check.sh quick      # build + the tests in LMF_TESTS (default all GPU tests) + lmforge's benchmarks
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
 # Logs go to $OUT (the device tool's output folder) or /tmp/lmf_gpu.
@@ -202,6 +205,56 @@ for name in ["gpt2", "moe"]:
     else:
         print("%-12s error: %s %s" % (name, lon, loff))
 PY
+fi
+
+# Per-kernel time of one eager training step under Nsight Compute (Firecracker machines read the
+# counters; --clock-control none leaves the clocks as found). tools/ncu_step.py cuts one step out of
+# the window of launches, from one AdamW launch to the next.
+if [ "$what" = ncu ]; then
+  ncu_step() {  # tag skip count preset B T
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --launch-skip "$2" --launch-count "$3" \
+      --log-file "$OUT/ncu_$1.csv" ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$4" \
+      --batch-size "$5" --seq-len "$6" --steps 2 --warmup-steps 2 >"$OUT/ncu_$1.log" 2>&1
+    local rc=$?
+    add "ncu $1" "rc=$rc"
+    [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/ncu_$1.log"; }
+    python3 tools/ncu_step.py "$OUT/ncu_$1.csv" --top "${LMF_NCU_TOP:-45}" | tee "$OUT/ncu_$1.txt"
+  }
+  ncu_step moe "${LMF_NCU_SKIP_MOE:-1100}" 1000 moe-bench 8 2048
+  ncu_step gpt2 "${LMF_NCU_SKIP_GPT2:-900}" 800 gpt2-124m 16 1024
+fi
+# Hardware counters of the grouped GEMM kernels (bench_grouped_gemm's first NT launch and first TN
+# launch, after 4 x 103 NT/NN launches): throughput against the ceilings, memory, warp stalls.
+if [ "$what" = ncu ] || [ "$what" = ncugg ]; then
+  for pick in "nt 0" "tn ${LMF_NCU_TN_SKIP:-412}"; do
+    set -- $pick
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section SchedulerStats --section Occupancy -k regex:grouped_gemm_tma --launch-skip "$2" --launch-count 1 \
+      ./build-gpu/bench_grouped_gemm >"$OUT/ncu_gg_$1.txt" 2>&1
+    add "ncu grouped gemm $1" "rc=$?"
+    grep -E "grouped_gemm_tma|Duration|Throughput|Busy|Hit Rate|Bandwidth|Stall|Issued|Eligible|No Eligible|Warp Cycles" \
+      "$OUT/ncu_gg_$1.txt" | head -40
+  done
+fi
+# Quick loop: build, the tests named in LMF_TESTS (default: all GPU tests), lmforge's MoE and GPT-2
+# benchmarks with --profile (no PyTorch runs).
+if [ "$what" = quick ]; then
+  for t in ${LMF_TESTS:-build-gpu/tests/test_cuda_*}; do
+    [ -x "$t" ] && [ -f "$t" ] || continue
+    "$t" >/tmp/lmf_test.log 2>&1
+    rc=$?
+    cat /tmp/lmf_test.log >>"$OUT/tests.log"
+    add "$(basename "$t")" "rc=$rc $(grep -oE '\[  PASSED  \] [0-9]+' /tmp/lmf_test.log)"
+    [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "Failure|Expected|Which is|value|seed" /tmp/lmf_test.log | head -20; }
+  done
+  ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset moe-bench --batch-size 8 --seq-len 2048 --steps 5 \
+    --warmup-steps 2 --profile >"$OUT/quick_moe.json" 2>"$OUT/quick_moe.err" || failures=$((failures + 1))
+  grep -A16 "per-op time" "$OUT/quick_moe.err"
+  add "lmforge MoE bench" "$(tail -1 "$OUT/quick_moe.json")"
+  ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset gpt2-124m --batch-size 16 --seq-len 1024 --steps 5 \
+    --warmup-steps 2 >"$OUT/quick_gpt2.json" 2>"$OUT/quick_gpt2.err" || failures=$((failures + 1))
+  add "lmforge GPT-2 bench" "$(tail -1 "$OUT/quick_gpt2.json")"
+  ./build-gpu/bench_grouped_gemm | tee "$OUT/bench_grouped_gemm.txt" | head -12
 fi
 
 echo; echo "== summary =="

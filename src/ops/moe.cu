@@ -50,13 +50,51 @@ constexpr int kWarpsPerBlock = 8;
 __device__ __forceinline__ float bf(const nv v) { return __bfloat162float(v); }
 
 // ---- forward ---------------------------------------------------------------------------------
+// Router kernels: one warp per token; lane l owns experts l, l + 32, ... (slot j: expert 32 j + l), so
+// the per-expert math runs lane-parallel in registers. Sums over experts keep moe.cpp's order (e
+// increasing, double): every lane adds the E values, fetched by shuffles, in that order, so all lanes
+// hold the same bits; selections are warp argmaxes with ties to the lowest expert (the CPU's strict >).
+constexpr int kSlots = kMoeMaxExperts / 32;
+
+// Sequential sum over e in [0, E) of v(slot, lane) (double), the same bits in every lane.
+template <class F>
+__device__ __forceinline__ double expert_sum(int E, F&& v) {
+  double acc = 0;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    if (32 * j >= E) break;
+    const double x = v(j);
+    for (int l = 0; l < 32 && 32 * j + l < E; ++l) acc += __shfl_sync(0xffffffffu, x, l);
+  }
+  return acc;
+}
+
+// Value of slot j of lane e % 32 for a run-time expert e (every lane gets it).
+__device__ __forceinline__ float expert_value(const float (&v)[kSlots], int e) {
+  float x = 0;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j)
+    if (j == (e >> 5)) x = v[j];
+  return __shfl_sync(0xffffffffu, x, e & 31);
+}
+
+// logsumexp over the E logits (max, then the ordered sum of exp(l - max)), in double
+__device__ __forceinline__ double logits_lse(const double (&l)[kSlots], int E, int lane) {
+  double m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j)
+    if (32 * j + lane < E) m = fmax(m, l[j]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  return m + log(expert_sum(E, [&](int j) { return 32 * j + lane < E ? exp(l[j] - m) : 0.0; }));
+}
+
 __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, float* topk_w, float* shared_g,
                               const nv* x, const float* rw, const float* bias, const float* gate_w, int N, int E,
                               int K, int C, int S, bool sigmoid, bool renormalize) {
   const int n = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (n >= N) return;
   const nv* xr = x + static_cast<int64_t>(n) * C;
-  float* lg = logits + static_cast<int64_t>(n) * E;
   // x . w over C in packs of 8 channels (C % 8 == 0), lane-strided, then a fixed-order warp sum
   auto dot = [&](const float* w) {
     float acc = 0;
@@ -69,46 +107,74 @@ __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, f
     }
     return warp_sum(acc);
   };
-  for (int e = 0; e < E; ++e) {
-    const float acc = dot(rw + static_cast<int64_t>(e) * C);
-    if (lane == 0) lg[e] = acc;
+  double lg[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    lg[j] = 0;
+    if (32 * j >= E) continue;
+    for (int l = 0; l < 32 && 32 * j + l < E; ++l) {
+      const float acc = dot(rw + static_cast<int64_t>(32 * j + l) * C);
+      if (lane == l) lg[j] = acc;
+    }
   }
   for (int s = 0; gate_w && s < S; ++s) {
     const float acc = dot(gate_w + static_cast<int64_t>(s) * C);
     if (lane == 0) shared_g[static_cast<int64_t>(s) * N + n] = 1.0f / (1.0f + expf(-acc));
   }
-  if (lane != 0) return;
-  float* sc = scores + static_cast<int64_t>(n) * E;
-  if (!sigmoid) {
-    double m = lg[0];
-    for (int e = 1; e < E; ++e) m = fmax(m, static_cast<double>(lg[e]));
-    double z = 0;
-    for (int e = 0; e < E; ++e) z += exp(static_cast<double>(lg[e]) - m);
-    const double lse = m + log(z);
-    for (int e = 0; e < E; ++e) sc[e] = static_cast<float>(exp(static_cast<double>(lg[e]) - lse));
-  } else {
-    for (int e = 0; e < E; ++e) sc[e] = static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(lg[e]))));
+  float sc[kSlots];
+  const double lse = sigmoid ? 0.0 : logits_lse(lg, E, lane);
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int e = 32 * j + lane;
+    sc[j] = 0;
+    if (e >= E) continue;
+    sc[j] = sigmoid ? static_cast<float>(1.0 / (1.0 + exp(-lg[j]))) : static_cast<float>(exp(lg[j] - lse));
+    logits[static_cast<int64_t>(n) * E + e] = static_cast<float>(lg[j]);
+    scores[static_cast<int64_t>(n) * E + e] = sc[j];
   }
-  uint32_t taken[kMoeMaxExperts / 32] = {};
+  // top-K by repeated argmax of sc + bias over the experts not yet taken
+  float key[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int e = 32 * j + lane;
+    key[j] = e < E ? (bias ? sc[j] + bias[e] : sc[j]) : 0.0f;
+  }
+  uint32_t taken = 0;  // bit j: this lane's slot j
   double sum = 0;
+  int my_idx = 0;
+  float my_w = 0;
   for (int k = 0; k < K; ++k) {
     int best = -1;
     float best_key = 0;
-    for (int e = 0; e < E; ++e) {
-      if (taken[e >> 5] & (1u << (e & 31))) continue;
-      const float key = bias ? sc[e] + bias[e] : sc[e];
-      if (best < 0 || key > best_key) { best = e; best_key = key; }
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int e = 32 * j + lane;
+      if (e < E && !(taken & (1u << j)) && (best < 0 || key[j] > best_key)) {
+        best = e;
+        best_key = key[j];
+      }
     }
-    taken[best >> 5] |= 1u << (best & 31);
-    topk_idx[static_cast<int64_t>(n) * K + k] = best;
-    topk_w[static_cast<int64_t>(n) * K + k] = sc[best];
-    sum += sc[best];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const int ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const float ok = __shfl_xor_sync(0xffffffffu, best_key, off);
+      if (ob >= 0 && (best < 0 || ok > best_key || (ok == best_key && ob < best))) {
+        best = ob;
+        best_key = ok;
+      }
+    }
+    if ((best & 31) == lane) taken |= 1u << (best >> 5);
+    const float w = expert_value(sc, best);
+    if (lane == k) {  // lane k keeps slot k
+      my_idx = best;
+      my_w = w;
+    }
+    sum += w;
   }
-  if (renormalize)
-    for (int k = 0; k < K; ++k) {
-      float& w = topk_w[static_cast<int64_t>(n) * K + k];
-      w = static_cast<float>(w / sum);
-    }
+  if (lane < K) {
+    topk_idx[static_cast<int64_t>(n) * K + lane] = my_idx;
+    topk_w[static_cast<int64_t>(n) * K + lane] = renormalize ? static_cast<float>(my_w / sum) : my_w;
+  }
 }
 
 // chunk_counts (chunks, E): assignments of each chunk per expert
@@ -199,11 +265,20 @@ __global__ void aux_kernel(float* stats, const float* logits, const float* score
   __shared__ double scratch[32];
   double acc = 0;  // thread 0's
   if (aux_coef != 0) {
-    for (int e = 0; e < E; ++e) {
-      double P = 0;
-      for (int n = threadIdx.x; n < N; n += blockDim.x) P += scores[static_cast<int64_t>(n) * E + e];
-      P = block_sum(P, scratch);
-      acc += static_cast<double>(counts[e]) / (static_cast<double>(N) * K) * (P / N);
+    // P_e = sum_n scores[n, e]: each thread adds its tokens n = tid, tid + blockDim.x, ... in order, 8
+    // experts at a time (8 independent chains), then a fixed-order block sum per expert
+    for (int e0 = 0; e0 < E; e0 += 8) {
+      double P[8] = {};
+      for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        const float* row = scores + static_cast<int64_t>(n) * E + e0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (e0 + j < E) P[j] += row[j];
+      }
+      for (int j = 0; j < 8 && e0 + j < E; ++j) {
+        const double Pe = block_sum(P[j], scratch);
+        acc += static_cast<double>(counts[e0 + j]) / (static_cast<double>(N) * K) * (Pe / N);
+      }
     }
   }
   double z = 0;
@@ -270,8 +345,9 @@ void activation_backward(nv* dpre, const nv* dact, const nv* pre, int64_t rows, 
 }
 
 // ---- backward --------------------------------------------------------------------------------
-// One warp per token: dy rows of its kept slots, d topk_w (warp dots), then (lane 0) dscores from the
-// combine weights and the aux term, dlogits through softmax/sigmoid plus the z term; f32 and bf16 copies.
+// One warp per token: dy rows of its kept slots, d topk_w (warp dots, in every lane), then, lane-parallel
+// over the experts, dscores from the combine weights and the aux term, dlogits through softmax/sigmoid
+// plus the z term; f32 and bf16 copies.
 __global__ void router_backward_kernel(nv* dy, float* dlogits, nv* dlogits_bf16, const nv* dout, const nv* y,
                                        const int32_t* slot_row, const float* topk_w, const int32_t* topk_idx,
                                        const float* scores, const float* logits, const int32_t* counts, int N, int E,
@@ -304,38 +380,36 @@ __global__ void router_backward_kernel(nv* dy, float* dlogits, nv* dlogits_bf16,
     }
     gw[k] = dot;
   }
-  if (lane != 0) return;
+  // d scores (lane-owned experts), then d logits through softmax / sigmoid plus the z term
   const float* s = scores + static_cast<int64_t>(n) * E;
   const int32_t* idx = topk_idx + static_cast<int64_t>(n) * K;
-  double dscore[kMoeMaxExperts];
-  for (int e = 0; e < E; ++e) dscore[e] = aux_scale * counts[e];
+  double S = 0, gww = 0;  // renormalisation: the selected scores' sum, sum of gw w
   if (renormalize) {
-    double S = 0, gww = 0;
     for (int k = 0; k < K; ++k) S += s[idx[k]];
     for (int k = 0; k < K; ++k) gww += gw[k] * (s[idx[k]] / S);
-    for (int k = 0; k < K; ++k) dscore[idx[k]] += (gw[k] - gww) / S;
-  } else {
-    for (int k = 0; k < K; ++k) dscore[idx[k]] += gw[k];
   }
-  float* dl = dlogits + static_cast<int64_t>(n) * E;
-  nv* dlb = dlogits_bf16 + static_cast<int64_t>(n) * E;
-  double sd = 0;
-  if (!sigmoid)
-    for (int e = 0; e < E; ++e) sd += s[e] * dscore[e];
-  double lse = 0;
-  const float* l = logits + static_cast<int64_t>(n) * E;
-  if (z_scale != 0) {
-    double m = l[0];
-    for (int e = 1; e < E; ++e) m = fmax(m, static_cast<double>(l[e]));
-    double z = 0;
-    for (int e = 0; e < E; ++e) z += exp(static_cast<double>(l[e]) - m);
-    lse = m + log(z);
+  double ds[kSlots], sv[kSlots], lv[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int e = 32 * j + lane;
+    ds[j] = sv[j] = lv[j] = 0;
+    if (e >= E) continue;
+    sv[j] = s[e];
+    lv[j] = logits[static_cast<int64_t>(n) * E + e];
+    ds[j] = aux_scale * counts[e];
+    for (int k = 0; k < K; ++k)  // the top-k experts are distinct: at most one term per expert
+      if (idx[k] == e) ds[j] += renormalize ? (gw[k] - gww) / S : gw[k];
   }
-  for (int e = 0; e < E; ++e) {
-    double v = sigmoid ? dscore[e] * s[e] * (1.0 - s[e]) : s[e] * (dscore[e] - sd);
-    if (z_scale != 0) v += z_scale * lse * exp(static_cast<double>(l[e]) - lse);
-    dl[e] = static_cast<float>(v);
-    dlb[e] = __float2bfloat16_rn(static_cast<float>(v));
+  const double sd = sigmoid ? 0.0 : expert_sum(E, [&](int j) { return sv[j] * ds[j]; });
+  const double lse = z_scale != 0 ? logits_lse(lv, E, lane) : 0.0;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int e = 32 * j + lane;
+    if (e >= E) continue;
+    double v = sigmoid ? ds[j] * sv[j] * (1.0 - sv[j]) : sv[j] * (ds[j] - sd);
+    if (z_scale != 0) v += z_scale * lse * exp(lv[j] - lse);
+    dlogits[static_cast<int64_t>(n) * E + e] = static_cast<float>(v);
+    dlogits_bf16[static_cast<int64_t>(n) * E + e] = __float2bfloat16_rn(static_cast<float>(v));
   }
 }
 
@@ -386,7 +460,8 @@ void dx_gather(nv* dx, const nv* dxg, const int32_t* slot_row, const float* dlog
     }
     for (int64_t e = 0; e < E; ++e) {
       const float g = dlogits[n * E + e];
-      const float* w = rw + e * C + c;
+      float w[8];
+      load_f32<8>(w, rw + e * C + c);  // two 16-byte loads (scalar ones made this kernel L1-bound)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] += g * w[j];
     }

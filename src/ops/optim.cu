@@ -9,10 +9,11 @@
 // The CPU reference sums each block in another fixed order, so the two agree to double rounding
 // (~1e-16 relative) before the final rounding to float: almost always bitwise, within 1 ulp always.
 // adamw_update: optim.h's formula per element in float, the clip factor from norm[0] on the device.
-// adamw_update_flat: the same per-element code (adamw_element, shared with adamw_update's kernel, so
-// the two agree bitwise) in one grid-stride launch over the flat arrays. The decay table travels in
-// the launch arguments (__grid_constant__, no copy to device memory, no host sync). Each thread
-// visits increasing indices, so it keeps a cursor: the first range whose end is past its index, with
+// adamw_update_flat: the same per-element code (adamw_math, shared with adamw_update's kernel, so
+// the two agree bitwise) in one grid-stride launch over the flat arrays, four elements per 16-byte
+// access (the n % 4 tail one element per thread). The decay table travels in the launch arguments
+// (__grid_constant__, no copy to device memory, no host sync). Each thread visits increasing
+// indices, so it keeps a cursor (DecayCursor): the first range whose end is past its index, with
 // that range's [begin, end) in registers; it is found by a binary search over the table ends at the
 // start and again whenever the index passes the cursor's end (a few times per thread; between those,
 // the decay test is one compare). Element i is decayed iff begin <= i.
@@ -85,17 +86,23 @@ struct AdamWScalars {
   float lr, beta1, beta2, one_m_b1, one_m_b2, eps, bias_corr1, bias_corr2;
 };
 
-// optim.h's update of element i; the only code both AdamW kernels use for it.
+// optim.h's update of one element held in registers; the only code both AdamW kernels use for it.
+__device__ __forceinline__ void adamw_math(float& p, float& mi, float& vi, float grad, float clip, const AdamWScalars& a,
+                                           float weight_decay) {
+  const float g = clip * grad;
+  mi = a.beta1 * mi + a.one_m_b1 * g;
+  vi = a.beta2 * vi + a.one_m_b2 * (g * g);
+  const float m_hat = mi / a.bias_corr1, v_hat = vi / a.bias_corr2;
+  p -= a.lr * (m_hat / (sqrtf(v_hat) + a.eps) + weight_decay * p);
+}
 __device__ __forceinline__ void adamw_element(float* __restrict__ param, float* __restrict__ m, float* __restrict__ v,
                                               const float* __restrict__ grad, int64_t i, float clip,
                                               const AdamWScalars& a, float weight_decay) {
-  const float g = clip * grad[i];
-  const float mi = a.beta1 * m[i] + a.one_m_b1 * g;
-  const float vi = a.beta2 * v[i] + a.one_m_b2 * (g * g);
+  float p = param[i], mi = m[i], vi = v[i];
+  adamw_math(p, mi, vi, grad[i], clip, a, weight_decay);
   m[i] = mi;
   v[i] = vi;
-  const float m_hat = mi / a.bias_corr1, v_hat = vi / a.bias_corr2;
-  param[i] -= a.lr * (m_hat / (sqrtf(v_hat) + a.eps) + weight_decay * param[i]);
+  param[i] = p;
 }
 
 // The decay table as a launch argument: s (begin, end) pairs in r[0, 2 s). Capacity kCap ranges;
@@ -118,6 +125,27 @@ __device__ __forceinline__ int first_range_ending_after(const DecayTable<kCap>& 
   return lo;
 }
 
+// Decay cursor of one thread over increasing indices: the first range whose end is past the index.
+template <int kCap>
+struct DecayCursor {
+  static constexpr int64_t kNone = INT64_MAX;  // past the last range: never decayed, never reached
+  const DecayTable<kCap>& t;
+  int s, k = 0;
+  int64_t begin = kNone, end = -1;  // end = -1: nothing looked up yet
+  __device__ __forceinline__ DecayCursor(const DecayTable<kCap>& table, int n_ranges) : t(table), s(n_ranges) {}
+  // weight_decay if index i (never smaller than the previous call's) is decayed, else 0.
+  __device__ __forceinline__ float decay(int64_t i, float weight_decay) {
+    if (i >= end) {
+      k = first_range_ending_after(t, end < 0 ? 0 : k + 1, s, i);
+      begin = k < s ? t.r[2 * k] : kNone;
+      end = k < s ? t.r[2 * k + 1] : kNone;
+    }
+    return i >= begin ? weight_decay : 0.0f;
+  }
+};
+
+// Elements in quads: thread j updates quads j, j + stride, ... (16-byte loads and stores of param, m,
+// v and grad; 8 bytes of bf16 copy), then the n % 4 tail elements one each. Arrays 16-byte aligned.
 template <int kCap>
 __global__ void adamw_flat_kernel(float* __restrict__ param, float* __restrict__ m, float* __restrict__ v,
                                   const float* __restrict__ grad, const float* __restrict__ norm, int64_t n,
@@ -130,19 +158,35 @@ __global__ void adamw_flat_kernel(float* __restrict__ param, float* __restrict__
     a.bias_corr2 = schedule[2];
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float clip = adamw_clip(norm, max_norm);
-  constexpr int64_t kNone = INT64_MAX;  // past the last range: never decayed, never reached
-  int k = first_range_ending_after(table, 0, s, i);
-  int64_t begin = k < s ? table.r[2 * k] : kNone, end = k < s ? table.r[2 * k + 1] : kNone;
-  for (; i < n; i += stride) {
-    if (i >= end) {
-      k = first_range_ending_after(table, k + 1, s, i);
-      begin = k < s ? table.r[2 * k] : kNone;
-      end = k < s ? table.r[2 * k + 1] : kNone;
+  const int64_t quads = n / 4;
+  DecayCursor<kCap> cur(table, s);
+  for (int64_t q = first; q < quads; q += stride) {
+    const int64_t i0 = 4 * q;
+    float4 p4 = *reinterpret_cast<const float4*>(param + i0);
+    float4 m4 = *reinterpret_cast<const float4*>(m + i0);
+    float4 v4 = *reinterpret_cast<const float4*>(v + i0);
+    const float4 g4 = *reinterpret_cast<const float4*>(grad + i0);
+    adamw_math(p4.x, m4.x, v4.x, g4.x, clip, a, cur.decay(i0, weight_decay));
+    adamw_math(p4.y, m4.y, v4.y, g4.y, clip, a, cur.decay(i0 + 1, weight_decay));
+    adamw_math(p4.z, m4.z, v4.z, g4.z, clip, a, cur.decay(i0 + 2, weight_decay));
+    adamw_math(p4.w, m4.w, v4.w, g4.w, clip, a, cur.decay(i0 + 3, weight_decay));
+    *reinterpret_cast<float4*>(param + i0) = p4;
+    *reinterpret_cast<float4*>(m + i0) = m4;
+    *reinterpret_cast<float4*>(v + i0) = v4;
+    if (param_bf16) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(p4.x, p4.y), hi = __floats2bfloat162_rn(p4.z, p4.w);
+      uint2 packed;
+      packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+      packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+      *reinterpret_cast<uint2*>(param_bf16 + i0) = packed;
     }
-    adamw_element(param, m, v, grad, i, clip, a, i >= begin ? weight_decay : 0.0f);
+  }
+  const int64_t i = 4 * quads + first;  // the tail: fewer than 4 elements, one thread each
+  if (i < n) {
+    DecayCursor<kCap> tail(table, s);
+    adamw_element(param, m, v, grad, i, clip, a, tail.decay(i, weight_decay));
     if (param_bf16) param_bf16[i] = __float2bfloat16_rn(param[i]);
   }
 }
@@ -194,7 +238,10 @@ void adamw_update_flat(float* param, float* m, float* v, const float* grad, cons
   // The grid of launch_elementwise: 256 threads, at most 16 blocks per SM, grid-stride beyond.
   constexpr int64_t kBlock = 256;
   const int64_t max_blocks = std::max<int64_t>(static_cast<int64_t>(cuda_limits().sm_count) * 16, 1);
-  const int64_t blocks = std::min(ceil_div(n, kBlock), max_blocks);
+  const int64_t blocks = std::min(ceil_div(std::max<int64_t>(n / 4, n % 4), kBlock), max_blocks);
+  const auto aligned = [](const void* p, uintptr_t b) { return reinterpret_cast<uintptr_t>(p) % b == 0; };
+  LMF_CHECK(aligned(param, 16) && aligned(m, 16) && aligned(v, 16) && aligned(grad, 16) && aligned(param_bf16, 8), op,
+            ": param, m, v and grad must be 16-byte aligned and param_bf16 8-byte aligned");
   const LaunchSpec spec{op, shape_text("n=", n, " S=", s), {blocks, 1, 1}, {kBlock, 1, 1}, 0};
   const int si = static_cast<int>(s);
   if (s <= kDecayCaps[0])
