@@ -354,8 +354,27 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(GemmArgs p) {
 // (warp%4)*16 + lane/4 + 8h, columns j*8 + (lane%4)*2 + {0,1}); row0/col0: this thread's first
 // row and column. nt/nn: bf16 rows < row_end; tn: f32 C[g] rows < M with beta.
 template <Layout L>
-__device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, const float (&d)[128], int g, int64_t row0,
+__device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, float (&d)[128], int g, int64_t row0,
                                                  int64_t col0, int64_t row_end) {
+  if constexpr (L == Layout::tn) {
+    // beta == 1: d += C first, in a loop of loads only, so that the loads are all in flight together
+    // (interleaved with the stores below, each load waited for the previous store: C might alias).
+    if (p.beta != 0.0f) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int64_t col = col0 + j * 8;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = row0 + h * 8;
+          if (col >= p.N || row >= p.M) continue;
+          const float2 old = *reinterpret_cast<const float2*>(static_cast<const float*>(p.C) +
+                                                              (static_cast<int64_t>(g) * p.M + row) * p.N + col);
+          d[j * 4 + h * 2] = p.beta * old.x + d[j * 4 + h * 2];
+          d[j * 4 + h * 2 + 1] = p.beta * old.y + d[j * 4 + h * 2 + 1];
+        }
+      }
+    }
+  }
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
     const int64_t col = col0 + j * 8;
@@ -368,13 +387,7 @@ __device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, const float 
         if (row >= p.M) continue;
         float2* dst =
             reinterpret_cast<float2*>(static_cast<float*>(p.C) + (static_cast<int64_t>(g) * p.M + row) * p.N + col);
-        float2 out = make_float2(v0, v1);
-        if (p.beta != 0.0f) {  // beta == 0: C is not read (may hold NaN)
-          const float2 old = *dst;
-          out.x = p.beta * old.x + v0;
-          out.y = p.beta * old.y + v1;
-        }
-        *dst = out;
+        *dst = make_float2(v0, v1);  // beta C already added above (beta == 0: C is not read, may hold NaN)
       } else {
         if (row >= row_end) continue;
         *reinterpret_cast<__nv_bfloat162*>(static_cast<nv_bf16*>(p.C) + row * p.N + col) =
