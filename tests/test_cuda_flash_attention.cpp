@@ -68,6 +68,7 @@ GpuResult run_gpu(const Dims& d, const std::vector<bf16>& qkv, const std::vector
   const int64_t B = d.B, T = d.T, NH = d.NH;
   const int nh = static_cast<int>(d.NH), nkv = static_cast<int>(d.NKV);
   const size_t rows_f32 = static_cast<size_t>(B * NH * T) * sizeof(float);
+  cuda_reserve_workspace(flash_attention_backward_cuda_workspace(B, T, NH, d.HS));  // as the model does at set-up
   DeviceBuffer gqkv(qkv), gdout(dout), gdqkv(dqkv0), gout(static_cast<size_t>(B * T * d.CO()) * sizeof(bf16)),
       glse(rows_f32), gdelta(rows_f32);
   gout.poison();
@@ -198,6 +199,42 @@ TEST(CudaFlashAttention, Gpt2ShapeMatchesCpu) {
   check_case({1, 1024, 12, 12, 64});
 }
 
+// HS 64 runs the fused backward by default (dQ added over key tiles in a fixed order through the
+// workspace counters); the two-pass kernels remain selectable. Both against the CPU, bitwise repeat,
+// at tails of the 64-row tile (1, 63, 65, 130), several key tiles per query tile, GQA and B > 1.
+TEST(CudaFlashAttention, Hs64BackwardBothKernelsMatchCpu) {
+  LMF_REQUIRE_GPU();
+  const Dims cases[] = {{1, 63, 2, 2, 64}, {2, 130, 4, 2, 64}, {3, 65, 3, 1, 64}, {2, 320, 4, 4, 64}};
+  for (const cuda::FlashBackward k : {cuda::FlashBackward::fused, cuda::FlashBackward::two_pass}) {
+    cuda::flash_attention_set_backward(k);
+    for (const Dims& d : cases) check_case(d);
+  }
+  cuda::flash_attention_set_backward(cuda::FlashBackward::fused);
+}
+
+// The fused backward's dQ order depends only on T and the tiling: a sequence's gradient is bitwise the
+// same alone (B = 1) and inside a batch of 3.
+TEST(CudaFlashAttention, FusedBackwardIsBatchInvariant) {
+  LMF_REQUIRE_GPU();
+  const Dims one{1, 200, 4, 2, 64}, three{3, 200, 4, 2, 64};
+  const uint64_t seed = test::fresh_seed();
+  const std::vector<bf16> qkv3 = to_bf16(randn(static_cast<size_t>(three.B * three.T * three.C3()), seed));
+  const std::vector<bf16> dout3 = to_bf16(randn(static_cast<size_t>(three.B * three.T * three.CO()), seed + 1));
+  const std::vector<bf16> dqkv3 = to_bf16(randn(qkv3.size(), seed + 2, 0.01f));
+  const size_t n1 = static_cast<size_t>(one.T * one.C3()), o1 = static_cast<size_t>(one.T * one.CO());
+  const GpuResult all = run_gpu(three, qkv3, dout3, dqkv3);
+  for (int64_t b = 0; b < three.B; ++b) {
+    const auto slice = [&](const std::vector<bf16>& v, size_t n) {
+      return std::vector<bf16>(v.begin() + static_cast<int64_t>(n) * b, v.begin() + static_cast<int64_t>(n) * (b + 1));
+    };
+    const GpuResult alone = run_gpu(one, slice(qkv3, n1), slice(dout3, o1), slice(dqkv3, n1));
+    EXPECT_TRUE(same_bits(alone.dqkv.data(), all.dqkv.data() + n1 * static_cast<size_t>(b), n1 * sizeof(bf16)))
+        << "dqkv of sequence " << b << " seed=" << seed;
+    EXPECT_TRUE(same_bits(alone.out.data(), all.out.data() + o1 * static_cast<size_t>(b), o1 * sizeof(bf16)))
+        << "out of sequence " << b << " seed=" << seed;
+  }
+}
+
 // Throughput at the GPT-2 124M training shape (B=16, NH=12, T=1024, HS=64), printed only (FLOPs of
 // the causal half: forward 4 B NH HS T(T+1)/2, backward counted as 2.5x the forward, as FlashAttention
 // reports). The outputs must at least be finite.
@@ -217,6 +254,7 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   const Tensor tdqkv = gdqkv.tensor(DType::bf16, {B, T, d.C3()}, "dqkv");
   const Tensor tdelta = gdelta.tensor(DType::f32, {B, NH, T}, "delta");
   const Tensor tdout = gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout");
+  cuda_reserve_workspace(flash_attention_backward_cuda_workspace(B, T, NH, d.HS));
   auto fwd = [&] { flash_attention_forward(tout, tlse, tqkv, nh, nkv); };
   auto bwd = [&] { flash_attention_backward(tdqkv, tdelta, tdout, tqkv, tout, tlse, nh, nkv); };
   std::vector<void*> ev = cuda_event_pool_create(3);
@@ -232,10 +270,20 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   cuda_event_record(ev[2]);
   device_synchronize();
   const double ms_fwd = cuda_event_elapsed_ms(ev[0], ev[1]) / kIters, ms_bwd = cuda_event_elapsed_ms(ev[1], ev[2]) / kIters;
-  cuda_event_pool_destroy(ev);
   const double flop_fwd = 4.0 * static_cast<double>(B * NH * d.HS) * static_cast<double>(T * (T + 1) / 2);
-  std::cout << "measured flash fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9) << " TFLOP/s, bwd " << ms_bwd
-            << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str() << ")\n";
+  std::cout << "measured flash fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9) << " TFLOP/s, bwd (fused) "
+            << ms_bwd << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str() << ")\n";
+  cuda::flash_attention_set_backward(cuda::FlashBackward::two_pass);
+  for (int i = 0; i < kWarm; ++i) bwd();
+  cuda_event_record(ev[0]);
+  for (int i = 0; i < kIters; ++i) bwd();
+  cuda_event_record(ev[1]);
+  device_synchronize();
+  cuda::flash_attention_set_backward(cuda::FlashBackward::fused);
+  const double ms_two = cuda_event_elapsed_ms(ev[0], ev[1]) / kIters;
+  std::cout << "measured flash bwd (two-pass) " << ms_two << " ms " << 2.5 * flop_fwd / (ms_two * 1e9)
+            << " TFLOP/s (" << d.str() << ")\n";
+  cuda_event_pool_destroy(ev);
   for (float v : from_bf16(gout.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
   for (float v : from_bf16(gdqkv.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
 }

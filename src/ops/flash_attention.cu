@@ -814,6 +814,297 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backward, fused (the default at HS 64): dK, dV and dQ in one pass
+// ---------------------------------------------------------------------------------------------
+// Kernel 2 and 3 above recompute S and dP twice (7 matrix products per tile pair instead of 5). The
+// fused kernel is kernel 3's loop with 64-query tiles plus, per tile, dQ_partial = scale dS K over
+// the CTA's 64 keys (dS^T goes through shared memory, read back transposed by ldmatrix.trans). The
+// partials of a query tile come from several CTAs (key tiles 0..qt); they are added in a FIXED order,
+// key tile qt (the diagonal) first, then qt - 1, ..., 0, into an fp32 accumulator in the workspace:
+// a per-(b, h, query tile) counter says how many partials are in; the CTA of key tile j waits until it
+// reads qt - j, adds (or, the diagonal, stores), and publishes qt - j + 1 (threadfence, barrier,
+// st.release). Key tile 0, the last in the order, adds its partial to the accumulator in registers and
+// writes dqkv[Q] += scale * total (one rounding). That order is the order in which the CTAs reach the
+// tile anyway (CTA j reaches query tile qt at its step qt - j), so the waits are short; CTAs are
+// launched key tile n - 1 first (blockIdx.x = n - 1 - j), so a CTA only ever waits on one launched
+// before it: no deadlock whatever the residency. Deterministic and batch-invariant: every sum's order
+// depends only on T and the tiling.
+// Workspace (flash_attention_backward_cuda_workspace): dq_acc (B NH, n_qt 64, HS) f32, then the
+// counters (B NH, n_qt) int32, zeroed by the prep kernel, which also writes delta.
+
+constexpr int kFusedTile = 64;  // queries per query tile = keys per key tile
+
+template <int HS>
+struct FusedCfg {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps, kBk = kFusedTile, kBq = kFusedTile;
+  static constexpr int kLd = HS + kPad;
+  static constexpr int kTile = kFusedTile * kLd;  // elements
+  // K, V, dS^T, then Q and dO for two stages, then lse and delta for two stages.
+  static constexpr size_t kTiles = static_cast<size_t>(7 * kTile) * sizeof(nv_bf16) + 2 * 2 * kBq * sizeof(float);
+  static constexpr size_t kStageBytes = static_cast<size_t>(kWarps) * 16 * (HS + 4) * sizeof(float);
+  static constexpr size_t kSmem = kTiles > kStageBytes ? kTiles : kStageBytes;
+  static_assert(kBk == 16 * kWarps, "one 16-key strip per warp");
+};
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// A fragment of the 16 x 16 block at (m0, k0) of X, read from a tile that stores X^T (rows = k,
+// columns = m) through ldmatrix.trans: lane l points at row k0 + 8 (l / 16) + l % 8, column
+// m0 + 8 ((l / 8) % 2) (matrix i = l / 8 is the (m 8 (i % 2), k 8 (i / 2)) block of the fragment).
+template <int kLd>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const nv_bf16* tile, int m0, int k0, int lane) {
+  ldmatrix_x4_trans(a, tile + (k0 + ((lane >> 4) << 3) + (lane & 7)) * kLd + m0 + (((lane >> 3) & 1) << 3));
+}
+
+// grid (B NH, ceil(T / 64)); block 128. delta[t] = sum_d dO[t,d] O[t,d] (the dQ kernel's arithmetic:
+// each of the HS / 8 lanes of a row sums its 8 products in order, then the fixed xor butterfly);
+// counters[b h, qt] = 0.
+template <int HS>
+__global__ void __launch_bounds__(128)
+    flash_bwd_prep_kernel(float* __restrict__ delta, int* __restrict__ counters, const nv_bf16* __restrict__ dout,
+                          const nv_bf16* __restrict__ out, FlashDims d) {
+  const int T = d.T, NH = d.NH;
+  const int bh = static_cast<int>(blockIdx.x), b = bh / NH, h = bh % NH;
+  const int q0 = static_cast<int>(blockIdx.y) * kFusedTile;
+  const int64_t CO = static_cast<int64_t>(NH) * HS;
+  const int64_t orow0 = (static_cast<int64_t>(b) * T + q0) * CO + static_cast<int64_t>(h) * HS;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) counters[static_cast<int64_t>(bh) * gridDim.y + blockIdx.y] = 0;
+  constexpr int kLanes = HS / 8, kChunks = kFusedTile * kLanes;
+  static_assert(kLanes <= 32 && (kLanes & (kLanes - 1)) == 0 && kChunks % 128 == 0, "row lanes in a warp");
+#pragma unroll
+  for (int i = 0; i < kChunks / 128; ++i) {
+    const int c = tid + i * 128, r = c / kLanes, col = (c % kLanes) * 8;
+    float acc = 0.0f;
+    if (q0 + r < T) {
+      const uint4 a = *reinterpret_cast<const uint4*>(dout + orow0 + r * CO + col);
+      const uint4 y = *reinterpret_cast<const uint4*>(out + orow0 + r * CO + col);
+      const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wy[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        acc += bf16_lo(wa[k]) * bf16_lo(wy[k]);
+        acc += bf16_hi(wa[k]) * bf16_hi(wy[k]);
+      }
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (col == 0 && q0 + r < T) delta[static_cast<int64_t>(bh) * T + q0 + r] = acc;
+  }
+}
+
+// grid (ceil(T / 64), B NKV); block 128; dynamic smem FusedCfg::kSmem. Key tile j = gridDim.x - 1 -
+// blockIdx.x, warp w owns keys j 64 + 16 w .. + 15. For each q head of the group (increasing) and each
+// query tile qt from j to the end: S^T = K Q^T; P^T (0 where query < key or query >= T); dV += P^T dO;
+// dP^T = V dO^T; dS^T = P^T (dP^T - delta); dK += dS^T Q; dS^T -> shared; dQ_partial = dS K (warp w:
+// queries qt 64 + 16 w .. + 15); the ordered accumulation above. Then dqkv[K] += scale dK, dqkv[V] += dV.
+template <int HS>
+__global__ void __launch_bounds__(FusedCfg<HS>::kThreads, 2)
+    flash_bwd_fused_kernel(nv_bf16* __restrict__ dqkv, float* __restrict__ dq_acc, int* __restrict__ counters,
+                           const nv_bf16* __restrict__ qkv, const nv_bf16* __restrict__ dout,
+                           const float* __restrict__ lse, const float* __restrict__ delta, FlashDims d, float scale,
+                           float scale_log2) {
+  using C = FusedCfg<HS>;
+  constexpr int kLd = C::kLd, kBq = C::kBq, kBk = C::kBk, kThreads = C::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv_bf16* sK = reinterpret_cast<nv_bf16*>(smem_raw);
+  nv_bf16* sV = sK + C::kTile;
+  nv_bf16* sS = sV + C::kTile;       // dS^T: [key][query]
+  nv_bf16* sQ = sS + C::kTile;       // stage s at sQ + s kTile
+  nv_bf16* sdO = sQ + 2 * C::kTile;  // stage s at sdO + s kTile
+  float* sL = reinterpret_cast<float*>(sdO + 2 * C::kTile);  // [2][kBq] lse
+  float* sD = sL + 2 * kBq;                                      // [2][kBq] delta
+
+  const int T = d.T, NH = d.NH, NKV = d.NKV, group = d.group();
+  const int n_t = static_cast<int>(gridDim.x);  // key tiles = query tiles
+  const int j = n_t - 1 - static_cast<int>(blockIdx.x);
+  const int bg = static_cast<int>(blockIdx.y), b = bg / NKV, g = bg % NKV;
+  const int k0 = j * kBk;
+  const int64_t C3 = static_cast<int64_t>(NH + 2 * NKV) * HS, CO = static_cast<int64_t>(NH) * HS;
+  const nv_bf16* qkv_b = qkv + static_cast<int64_t>(b) * T * C3;
+  const nv_bf16* dout_b = dout + static_cast<int64_t>(b) * T * CO;
+  const int64_t k_col = static_cast<int64_t>(NH + g) * HS, v_col = k_col + static_cast<int64_t>(NKV) * HS;
+  const int n_q = n_t - j;  // query tiles per head: j .. n_t - 1
+  const int n_iter = group * n_q;
+
+  auto issue = [&](int i, int st) {
+    const int h = g * group + i / n_q, q0 = (j + i % n_q) * kBq;
+    load_tile_async<kBq, HS, kThreads>(sQ + st * C::kTile, qkv_b + static_cast<int64_t>(q0) * C3 + h * HS, C3,
+                                       T - q0);
+    load_tile_async<kBq, HS, kThreads>(sdO + st * C::kTile, dout_b + static_cast<int64_t>(q0) * CO + h * HS, CO,
+                                       T - q0);
+    const int tid = static_cast<int>(threadIdx.x);
+    const int64_t row0 = (static_cast<int64_t>(b) * NH + h) * T + q0;
+    if (tid < kBq) {  // zeros past T
+      const bool ok = q0 + tid < T;
+      cp_async_4(sL + st * kBq + tid, lse + row0 + (ok ? tid : 0), ok);
+      cp_async_4(sD + st * kBq + tid, delta + row0 + (ok ? tid : 0), ok);
+    }
+  };
+
+  load_tile_async<kBk, HS, kThreads>(sK, qkv_b + static_cast<int64_t>(k0) * C3 + k_col, C3, T - k0);
+  load_tile_async<kBk, HS, kThreads>(sV, qkv_b + static_cast<int64_t>(k0) * C3 + v_col, C3, T - k0);
+  issue(0, 0);
+  cp_async_commit();
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int strip0 = k0 + 16 * warp;  // first key of this warp
+
+  float dk[HS / 8][4], dv[HS / 8][4];
+#pragma unroll
+  for (int i = 0; i < HS / 8; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
+  }
+
+  for (int i = 0; i < n_iter; ++i) {
+    const int st = i & 1;
+    if (i + 1 < n_iter) {
+      issue(i + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int h = g * group + i / n_q, qt = j + i % n_q, q0 = qt * kBq;
+    const nv_bf16* tQ = sQ + st * C::kTile;
+    const nv_bf16* tdO = sdO + st * C::kTile;
+    const float* tL = sL + st * kBq;
+    const float* tD = sD + st * kBq;
+    {
+      // S^T = K Q^T (16 keys x kBq queries).
+      float s[kBq / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBq>(s, sK, 16 * warp, tQ, lane);
+      // P^T; mask where query < key (causal) or query >= T.
+      const bool mask = q0 < strip0 + 15 || q0 + kBq > T;
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) {
+        const float2 l = *reinterpret_cast<const float2*>(tL + n * 8 + 2 * tig);  // this thread's 2 queries
+        const float l2[2] = {l.x * kLog2e, l.y * kLog2e};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2f(s[n][e] * scale_log2 - l2[e & 1]);
+          if (mask) {
+            const int q = q0 + n * 8 + 2 * tig + (e & 1), key = strip0 + gid + 8 * (e >> 1);
+            if (q < key || q >= T) p = 0.0f;
+          }
+          s[n][e] = p;
+        }
+      }
+      // dV += P^T dO (dO stored with rows = queries = k).
+      mma_strip_regs_b<kLd, kBq, HS>(dv, s, tdO, lane);
+      // dP^T = V dO^T (16 keys x kBq queries).
+      float dp[kBq / 8][4];
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+      mma_strip_abt<kLd, HS, kBq>(dp, sV, 16 * warp, tdO, lane);
+      // dS^T = P^T (dP^T - delta[query]), in place of dP^T.
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) {
+        const float2 dl = *reinterpret_cast<const float2*>(tD + n * 8 + 2 * tig);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - ((e & 1) ? dl.y : dl.x));
+      }
+      // dK += dS^T Q (Q stored with rows = queries = k).
+      mma_strip_regs_b<kLd, kBq, HS>(dk, dp, tQ, lane);
+      // dS^T (bf16, as the dK product used it) into shared memory: rows = the warp's keys.
+#pragma unroll
+      for (int n = 0; n < kBq / 8; ++n) {
+        nv_bf16* r0 = sS + (16 * warp + gid) * kLd + n * 8 + 2 * tig;
+        *reinterpret_cast<uint32_t*>(r0) = pack_bf16(dp[n][0], dp[n][1]);
+        *reinterpret_cast<uint32_t*>(r0 + 8 * kLd) = pack_bf16(dp[n][2], dp[n][3]);
+      }
+    }
+    __syncthreads();  // dS^T complete
+    // dQ_partial (warp: queries q0 + 16 warp .. + 15, all HS columns) = dS K over the CTA's kBk keys.
+    float dq[HS / 8][4];
+#pragma unroll
+    for (int n = 0; n < HS / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kBk / 16; ++ks) {
+      uint32_t a[4];
+      load_a_trans<kLd>(a, sS, 16 * warp, ks * 16, lane);
+#pragma unroll
+      for (int np = 0; np < HS / 16; ++np) {
+        uint32_t bb[4];
+        load_b_kn<kLd>(bb, sK, ks * 16, np * 16, lane);
+        mma_bf16(dq[2 * np], a, bb[0], bb[1]);
+        mma_bf16(dq[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    // The ordered accumulation of query tile qt: this CTA is contribution number qt - j.
+    const int bh = b * NH + h;
+    int* counter = counters + static_cast<int64_t>(bh) * n_t + qt;
+    float* acc = dq_acc + (static_cast<int64_t>(bh) * n_t * kBq + q0 + 16 * warp + gid) * HS + 2 * tig;
+    if (qt > j)
+      while (ld_acquire(counter) < qt - j) {
+      }
+    // (the accumulator is read with ld.global.cg: from L2, never a stale L1 line)
+    if (j > 0) {
+#pragma unroll
+      for (int n = 0; n < HS / 8; ++n) {
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          float2* p = reinterpret_cast<float2*>(acc + 8 * hi * HS + n * 8);
+          float2 v = make_float2(dq[n][2 * hi], dq[n][2 * hi + 1]);
+          if (qt > j) {
+            const float2 o = __ldcg(p);
+            v.x += o.x;
+            v.y += o.y;
+          }
+          *p = v;
+        }
+      }
+      __threadfence();
+      __syncthreads();  // every warp's part is in (and done reading sS)
+      if (tid == 0) st_release(counter, qt - j + 1);
+    } else {
+      // Key tile 0, the last contribution: total = accumulator + this partial; dqkv[Q] += scale total.
+#pragma unroll
+      for (int n = 0; n < HS / 8; ++n) {
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          float2 v = make_float2(dq[n][2 * hi], dq[n][2 * hi + 1]);
+          if (qt > 0) {
+            const float2 o = __ldcg(reinterpret_cast<const float2*>(acc + 8 * hi * HS + n * 8));
+            v.x = o.x + v.x;
+            v.y = o.y + v.y;
+          }
+          const int row = q0 + 16 * warp + gid + 8 * hi;
+          if (row < T) {
+            uint32_t* dst = reinterpret_cast<uint32_t*>(dqkv + (static_cast<int64_t>(b) * T + row) * C3 +
+                                                        static_cast<int64_t>(h) * HS + n * 8 + 2 * tig);
+            const uint32_t old = *dst;
+            *dst = pack_bf16(bf16_lo(old) + scale * v.x, bf16_hi(old) + scale * v.y);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done reading sS and this stage
+    }
+  }
+
+  // The tiles are dead: the shared memory becomes the warps' staging buffers.
+  float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
+  const int rows = min(16, T - strip0);
+  nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + strip0) * C3;
+  if (rows > 0) {
+    warp_store_strip<HS, true>(drow + v_col, C3, rows, dv, 1.0f, 1.0f, stage, lane);
+    warp_store_strip<HS, true>(drow + k_col, C3, rows, dk, scale, scale, stage, lane);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
@@ -843,6 +1134,10 @@ void forward_hs(nv_bf16* out, float* lse, const nv_bf16* qkv, int64_t B, int64_t
          flash_fwd_kernel<HS>, out, lse, qkv, d, scale * kLog2e);
 }
 
+FlashBackward g_backward = FlashBackward::fused;  // flash_attention_set_backward
+
+bool fused_backward(int64_t HS) { return HS == 64 && g_backward == FlashBackward::fused; }
+
 template <int HS>
 void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16* qkv, const nv_bf16* out,
                  const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, float scale) {
@@ -850,6 +1145,16 @@ void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16
   const char* op = "flash_attention_backward";
   const ShapeText shapes = shapes_of(B, T, NH, NKV, HS);
   const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
+  if constexpr (HS == 64) if (fused_backward(HS)) {
+    const int64_t n_t = ceil_div(T, kFusedTile);
+    auto* dq_acc = static_cast<float*>(cuda_workspace(flash_attention_backward_cuda_workspace(B, T, NH, HS), op));
+    int* counters = reinterpret_cast<int*>(dq_acc + B * NH * n_t * kFusedTile * HS);
+    launch({op, shapes, {B * NH, n_t, 1}, {128, 1, 1}, 0}, flash_bwd_prep_kernel<HS>, delta, counters, dout, out, d);
+    launch({op, shapes, {n_t, B * NKV, 1}, {FusedCfg<HS>::kThreads, 1, 1}, FusedCfg<HS>::kSmem},
+           flash_bwd_fused_kernel<HS>, dqkv, dq_acc, counters, qkv, dout, lse, static_cast<const float*>(delta), d,
+           scale, scale * kLog2e);
+    return;
+  }
   // dQ first: it also writes delta, which the dK/dV kernel reads.
   launch({op, shapes, {B * NH, ceil_div(T, C::kBqDq), 1}, {C::kThreads, 1, 1}, C::kSmemDq}, flash_bwd_dq_kernel<HS>,
          dqkv, delta, qkv, dout, out, lse, d, scale, scale * kLog2e);
@@ -875,6 +1180,8 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, 
   }
 }
 
+void flash_attention_set_backward(FlashBackward k) { g_backward = k; }
+
 void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
                               const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                               float scale) {
@@ -892,3 +1199,11 @@ void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const 
 }
 
 }  // namespace lmf::cuda
+
+namespace lmf {
+size_t flash_attention_backward_cuda_workspace(int64_t B, int64_t T, int64_t NH, int64_t HS) {
+  if (HS != 64 || B <= 0 || T <= 0 || NH <= 0) return 0;  // only the fused HS 64 backward uses it
+  const int64_t n_t = (T + cuda::kFusedTile - 1) / cuda::kFusedTile;
+  return static_cast<size_t>(B * NH * n_t) * (cuda::kFusedTile * HS * sizeof(float) + sizeof(int));
+}
+}  // namespace lmf
