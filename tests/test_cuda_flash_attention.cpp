@@ -68,7 +68,6 @@ GpuResult run_gpu(const Dims& d, const std::vector<bf16>& qkv, const std::vector
   const int64_t B = d.B, T = d.T, NH = d.NH;
   const int nh = static_cast<int>(d.NH), nkv = static_cast<int>(d.NKV);
   const size_t rows_f32 = static_cast<size_t>(B * NH * T) * sizeof(float);
-  cuda_reserve_workspace(flash_attention_backward_cuda_workspace(B, T, NH, d.HS));  // as the model does at set-up
   DeviceBuffer gqkv(qkv), gdout(dout), gdqkv(dqkv0), gout(static_cast<size_t>(B * T * d.CO()) * sizeof(bf16)),
       glse(rows_f32), gdelta(rows_f32);
   gout.poison();
@@ -199,22 +198,16 @@ TEST(CudaFlashAttention, Gpt2ShapeMatchesCpu) {
   check_case({1, 1024, 12, 12, 64});
 }
 
-// HS 64 runs the fused backward by default (dQ added over key tiles in a fixed order through the
-// workspace counters); the two-pass kernels remain selectable. Both against the CPU, bitwise repeat,
-// at tails of the 64-row tile (1, 63, 65, 130), several key tiles per query tile, GQA and B > 1.
-TEST(CudaFlashAttention, Hs64BackwardBothKernelsMatchCpu) {
+// HS 64 (the GPT-2 head size) at tails of the 64-row tiles, several key tiles per query tile, GQA, B > 1.
+TEST(CudaFlashAttention, Hs64TailsMatchCpu) {
   LMF_REQUIRE_GPU();
   const Dims cases[] = {{1, 63, 2, 2, 64}, {2, 130, 4, 2, 64}, {3, 65, 3, 1, 64}, {2, 320, 4, 4, 64}};
-  for (const cuda::FlashBackward k : {cuda::FlashBackward::fused, cuda::FlashBackward::two_pass}) {
-    cuda::flash_attention_set_backward(k);
-    for (const Dims& d : cases) check_case(d);
-  }
-  cuda::flash_attention_set_backward(cuda::FlashBackward::fused);
+  for (const Dims& d : cases) check_case(d);
 }
 
-// The fused backward's dQ order depends only on T and the tiling: a sequence's gradient is bitwise the
-// same alone (B = 1) and inside a batch of 3.
-TEST(CudaFlashAttention, FusedBackwardIsBatchInvariant) {
+// Every sum's order depends only on T, HS and the group size: a sequence's outputs and gradient are
+// bitwise the same alone (B = 1) and inside a batch of 3.
+TEST(CudaFlashAttention, BatchInvariant) {
   LMF_REQUIRE_GPU();
   const Dims one{1, 200, 4, 2, 64}, three{3, 200, 4, 2, 64};
   const uint64_t seed = test::fresh_seed();
@@ -254,7 +247,6 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   const Tensor tdqkv = gdqkv.tensor(DType::bf16, {B, T, d.C3()}, "dqkv");
   const Tensor tdelta = gdelta.tensor(DType::f32, {B, NH, T}, "delta");
   const Tensor tdout = gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout");
-  cuda_reserve_workspace(flash_attention_backward_cuda_workspace(B, T, NH, d.HS));
   auto fwd = [&] { flash_attention_forward(tout, tlse, tqkv, nh, nkv); };
   auto bwd = [&] { flash_attention_backward(tdqkv, tdelta, tdout, tqkv, tout, tlse, nh, nkv); };
   std::vector<void*> ev = cuda_event_pool_create(3);
@@ -270,20 +262,10 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   cuda_event_record(ev[2]);
   device_synchronize();
   const double ms_fwd = cuda_event_elapsed_ms(ev[0], ev[1]) / kIters, ms_bwd = cuda_event_elapsed_ms(ev[1], ev[2]) / kIters;
-  const double flop_fwd = 4.0 * static_cast<double>(B * NH * d.HS) * static_cast<double>(T * (T + 1) / 2);
-  std::cout << "measured flash fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9) << " TFLOP/s, bwd (fused) "
-            << ms_bwd << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str() << ")\n";
-  cuda::flash_attention_set_backward(cuda::FlashBackward::two_pass);
-  for (int i = 0; i < kWarm; ++i) bwd();
-  cuda_event_record(ev[0]);
-  for (int i = 0; i < kIters; ++i) bwd();
-  cuda_event_record(ev[1]);
-  device_synchronize();
-  cuda::flash_attention_set_backward(cuda::FlashBackward::fused);
-  const double ms_two = cuda_event_elapsed_ms(ev[0], ev[1]) / kIters;
-  std::cout << "measured flash bwd (two-pass) " << ms_two << " ms " << 2.5 * flop_fwd / (ms_two * 1e9)
-            << " TFLOP/s (" << d.str() << ")\n";
   cuda_event_pool_destroy(ev);
+  const double flop_fwd = 4.0 * static_cast<double>(B * NH * d.HS) * static_cast<double>(T * (T + 1) / 2);
+  std::cout << "measured flash fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9) << " TFLOP/s, bwd " << ms_bwd
+            << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str() << ")\n";
   for (float v : from_bf16(gout.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
   for (float v : from_bf16(gdqkv.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
 }

@@ -44,17 +44,7 @@ void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int
 void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head,
                               int n_kv_head);
 
-// Device scratch of flash_attention_backward (cuda_workspace; the model reserves it at set-up): the
-// fused HS 64 backward's fp32 dQ accumulator and its per-query-tile counters; 0 when none is used.
-size_t flash_attention_backward_cuda_workspace(int64_t B, int64_t T, int64_t NH, int64_t HS);
-
 namespace cuda {  // launchers (flash_attention.cu); shapes as the op entries above, scale = 1/sqrt(HS)
-// Which backward kernels run at HS 64 (both compute the same function, deterministically):
-//   fused     one pass for dK, dV and dQ, dQ added over key tiles in a fixed order (the default)
-//   two_pass  a dQ kernel and a dK/dV kernel, each recomputing P (the only choice at HS 32 and 128)
-// Process-wide, set before use; for tests and benchmarks.
-enum class FlashBackward : uint8_t { fused, two_pass };
-void flash_attention_set_backward(FlashBackward k);
 void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                              int64_t HS, float scale);
 void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
