@@ -533,6 +533,10 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
 
 void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scale) {
   LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
+  struct Accumulated {  // after this call the gradients hold a backward's sums (also on a throw)
+    bool& zero;
+    ~Accumulated() { zero = false; }
+  } accumulated{grads_zero_};
   const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
   const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
@@ -741,7 +745,8 @@ void Gpt::moe_layer_backward(int l, float d_aux) {
   const MoeConfig& m = moe_cfg_;
   const double flops = 4.0 * N * (m.E * C + (m.K + m.n_shared) * (moe_f_in(m) + m.F) * C);
   timed("moe bwd", flops, [&] {
-    moe_backward(d_ln_.view({N, C}), gw.router_w, gw.w_in, gw.w_out, MoeExtraGrads{gw.ws_in, gw.ws_out, gw.ws_gate},
+    moe_backward(d_ln_.view({N, C}), gw.router_w, gw.w_in, gw.w_out,
+                 MoeExtraGrads{gw.ws_in, gw.ws_out, gw.ws_gate, grads_zero_},
                  d_res_.view({N, C}), la_[l].moe, moe_scratch_, la_[l].ln2.view({N, C}), w.router_w, wb.w_in,
                  wb.w_out, MoeExtra{wb.ws_in, wb.ws_out, w.ws_gate, w.sel_bias}, m, d_aux);
   });

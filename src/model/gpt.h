@@ -107,14 +107,20 @@ class Gpt {
   // The bf16 weight copy (bf16 plans; empty arena otherwise): one flat bf16 block whose element i is
   // element i of params().flat_f32().
   Arena& params_bf16() { return params_bf16_; }
-  void zero_grad() { grads_.zero(); }
+  void zero_grad() {
+    grads_.zero();
+    grads_zero_ = true;
+  }
 
   // Generation with a KV cache (batch 1, CPU). Feeds `token` at position `pos` (0-based, < decode_ctx) and
   // returns the logits (V) of the next token. Positions must be fed in order 0, 1, 2, ...
   const float* decode_step(int32_t token, int64_t pos);
 
   Arena& params() { return params_; }
-  Arena& grads() { return grads_; }
+  Arena& grads() {
+    grads_zero_ = false;  // the caller may write them
+    return grads_;
+  }
   Arena& adam_m() { return m_; }
   Arena& adam_v() { return v_; }
   // Weight-decay ranges of the parameter arena (2-D and stacked 3-D expert tensors), planned once for adamw_update_flat:
@@ -149,6 +155,7 @@ class Gpt {
   GptPlan plan_;
   class OpProfiler* prof_ = nullptr;
   Arena params_, grads_, m_, v_, acts_, work_, decode_, params_bf16_;
+  bool grads_zero_ = false;  // grads_ hold zeros (zero_grad, no backward since): the first backward may write them
   GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
   std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets
   std::vector<LayerActs> la_;

@@ -5,14 +5,17 @@
 // (activation.cpp), written through the logistic sigmoid:
 //   gelu(x) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3);   silu(g) = g * sigmoid(g)
 //   sigmoid(z) = 1 / (1 + e), e = exp(-z), derivative e * s^2 (no cancellation)
-// exp is the precise expf (the build does not use --use_fast_math; <= 2 ulp), its argument clamped
-// to [-87, 87] like the CPU's exp_f32, so |x| in the hundreds gives finite e and a saturated sigmoid
-// instead of inf * 0 = NaN in the derivative. NaN inputs still give NaN (through x or g itself).
-// The only difference from the CPU is the exp's last-ulp rounding (CPU: Cephes polynomial).
+// f32: exp is the precise expf (the build does not use --use_fast_math; <= 2 ulp); bf16: __expf and
+// __fdividef (kFast below). The exp argument is clamped to [-87, 87] like the CPU's exp_f32, so |x| in
+// the hundreds gives finite e and a saturated sigmoid instead of inf * 0 = NaN in the derivative. NaN
+// inputs still give NaN (through x or g itself). The f32 path differs from the CPU only by exp's
+// last-ulp rounding (CPU: Cephes polynomial).
 // Each thread takes a pack of W elements (packed.cuh): 128-bit accesses when the sizes and pointers
 // allow (arena tensors: always, for n or F a multiple of 8), else W = 1. The per-element expressions
 // do not depend on W. Each element is independent: deterministic for any launch shape. Backward
 // accumulates (+=): bf16 dinp is widened, the fp32 gradient added, and the sum rounded once.
+#include <type_traits>
+
 #include "ops/activation.h"
 #include "ops/elementwise.cuh"
 #include "ops/packed.cuh"
@@ -23,20 +26,37 @@ namespace {
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 
-// exp(x) with x clamped to [-87, 87] (finite, positive, normal).
-__device__ __forceinline__ float exp_clamped(float x) { return expf(fminf(fmaxf(x, -87.0f), 87.0f)); }
+// Math of the f32 path (precise) and of the bf16 path (kFast: the hardware approximations __expf and
+// __fdividef, a few instructions instead of ~20 each: the precise versions made the bf16 passes
+// issue-bound, ~0.75 of the copy ceiling on an H200. __expf's error is 2 + 1.16 |x| ulp, under 1e-5
+// relative for |x| <= 87, and __fdividef's 2 ulp: both far under bf16's 2^-9 storage rounding.)
+template <class T>
+constexpr bool kFast = !std::is_same_v<T, float>;
 
+// exp(x) with x clamped to [-87, 87] (finite, positive, normal).
+template <bool kF>
+__device__ __forceinline__ float exp_clamped(float x) {
+  x = fminf(fmaxf(x, -87.0f), 87.0f);
+  return kF ? __expf(x) : expf(x);
+}
+template <bool kF>
+__device__ __forceinline__ float divide(float a, float b) {  // b in [1, 1 + e^87]: __fdividef's range
+  return kF ? __fdividef(a, b) : a / b;
+}
+
+template <bool kF>
 __device__ __forceinline__ float gelu(float x) {
   const float u = kGeluK * (x + kGeluA * x * x * x);
-  return x / (1.0f + exp_clamped(-2.0f * u));
+  return divide<kF>(x, 1.0f + exp_clamped<kF>(-2.0f * u));
 }
 
 // d gelu / dx
+template <bool kF>
 __device__ __forceinline__ float gelu_grad(float x) {
   const float u = kGeluK * (x + kGeluA * x * x * x);
   const float du = kGeluK * (1.0f + 3.0f * kGeluA * x * x);
-  const float e = exp_clamped(-2.0f * u);
-  const float s = 1.0f / (1.0f + e);
+  const float e = exp_clamped<kF>(-2.0f * u);
+  const float s = divide<kF>(1.0f, 1.0f + e);
   // d/dx [x s(2u)] = s + x * 2 u' * s (1 - s), and s (1 - s) = e s^2
   return s + 2.0f * x * du * (e * s * s);
 }
@@ -48,7 +68,7 @@ void gelu_forward_packs(T* out, const T* inp, int64_t n) {
     float x[W];
     load_f32<W>(x, inp + p * W);
 #pragma unroll
-    for (int k = 0; k < W; ++k) x[k] = gelu(x[k]);
+    for (int k = 0; k < W; ++k) x[k] = gelu<kFast<T>>(x[k]);
     store_f32<W>(out + p * W, x);
   });
 }
@@ -62,7 +82,7 @@ void gelu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t n, bool a
     load_f32<W>(dy, dout + p * W);
     if (acc) load_f32<W>(dx, dinp + p * W);
 #pragma unroll
-    for (int k = 0; k < W; ++k) dx[k] += dy[k] * gelu_grad(x[k]);
+    for (int k = 0; k < W; ++k) dx[k] += dy[k] * gelu_grad<kFast<T>>(x[k]);
     store_f32<W>(dinp + p * W, dx);
   });
 }
@@ -76,7 +96,7 @@ void swiglu_forward_packs(T* out, const T* inp, int64_t N, int64_t F) {
     load_f32<W>(g, inp + r * 2 * F + j);
     load_f32<W>(up, inp + r * 2 * F + F + j);
 #pragma unroll
-    for (int k = 0; k < W; ++k) g[k] = g[k] / (1.0f + exp_clamped(-g[k])) * up[k];
+    for (int k = 0; k < W; ++k) g[k] = divide<kFast<T>>(g[k], 1.0f + exp_clamped<kFast<T>>(-g[k])) * up[k];
     store_f32<W>(out + i, g);
   });
 }
@@ -97,8 +117,8 @@ void swiglu_backward_packs(T* dinp, const T* dout, const T* inp, int64_t N, int6
     }
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      const float e = exp_clamped(-g[k]);
-      const float s = 1.0f / (1.0f + e);
+      const float e = exp_clamped<kFast<T>>(-g[k]);
+      const float s = divide<kFast<T>>(1.0f, 1.0f + e);
       // silu'(g) = s + g s (1 - s) = s + g e s^2
       dg[k] += dy[k] * up[k] * (s + g[k] * (e * s * s));
       du[k] += dy[k] * (g[k] * s);

@@ -583,6 +583,7 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
     p.dws_in = opt_ptr<float>(dex.dws_in);
     p.dws_out = opt_ptr<float>(dex.dws_out);
     p.dws_gate = opt_ptr<float>(dex.dws_gate);
+    p.expert_grads_zero = dex.expert_grads_zero;
     LMF_CUDA_DISPATCH(kOpBackward,
                       cuda::moe_backward(p, cuda::MoeDims{d.N, d.E, d.K, d.C, d.F, d.F_in, d.R, d.cap, d.S}, cfg, d_aux));
     return;

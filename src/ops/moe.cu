@@ -543,8 +543,9 @@ void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, floa
   gather_rows(mnv(p.xg), cnv(p.x), p.perm, p.offsets, d.R, d.K, d.C, d.E);
   grouped_gemm_nn(p.dact, p.dy, p.w_out, p.offsets, E, d.R, d.F, d.C);
   activation_backward(mnv(p.dpre), cnv(p.dact), cnv(p.pre), d.R, d.F, cfg.activation);
-  grouped_gemm_tn(p.dw_out, p.dy, p.act, p.offsets, E, d.R, d.C, d.F, 1.0f);
-  grouped_gemm_tn(p.dw_in, p.dpre, p.xg, p.offsets, E, d.R, d.F_in, d.C, 1.0f);
+  const float beta = p.expert_grads_zero ? 0.0f : 1.0f;  // 0: the gradients hold zeros, write them
+  grouped_gemm_tn(p.dw_out, p.dy, p.act, p.offsets, E, d.R, d.C, d.F, beta);
+  grouped_gemm_tn(p.dw_in, p.dpre, p.xg, p.offsets, E, d.R, d.F_in, d.C, beta);
   grouped_gemm_nn(p.dxg, p.dpre, p.w_in, p.offsets, E, d.R, d.C, d.F_in);
   // router weight: drouter_w (E, C) += dlogits^T x
   gemm("moe_router_dw", true, false, d.E, d.C, d.N, 1.0f, p.dlogits_bf16, d.E, p.x, d.C, 1.0f, p.drouter_w, d.C);

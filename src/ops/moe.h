@@ -78,6 +78,10 @@ struct MoeExtraGrads {
   Tensor dws_in;    // (n_shared, F_in, C)
   Tensor dws_out;   // (n_shared, C, F)
   Tensor dws_gate;  // (n_shared, C)
+  // The caller's promise that dw_in and dw_out hold zeros (the first backward after zero_grad): the
+  // GPU then writes the expert weight gradients instead of reading and adding (same values; the
+  // grouped TN GEMMs skip a read of C). The CPU adds either way.
+  bool expert_grads_zero = false;
 };
 
 // Width of an expert's first projection: 2F (SwiGLU) or F (GELU).
@@ -201,6 +205,7 @@ struct MoePtrs {
   // forward output / backward tensors
   bf16* out; bf16* dx; const bf16* dout;
   float* drouter_w; float* dw_in; float* dw_out; float* dws_in; float* dws_out; float* dws_gate;
+  bool expert_grads_zero;  // MoeExtraGrads::expert_grads_zero
 };
 void moe_forward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg);
 void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, float d_aux);
