@@ -12,7 +12,9 @@
 // bf16 (mixed precision, docs/MIXED_PRECISION.md): the same chunks and GEMM shapes with bf16 x, W
 // (the bf16 weight copy) and logits (cuda::gemm's bf16 overloads, fp32 accumulation). The row kernel
 // widens the bf16 logits, computes max, sum of exp and the loss in fp32 (block_reduce.cuh's
-// fixed-order reductions) and, with gradients, overwrites each logit in place with
+// fixed-order reductions; exp is __expf, ex2.approx: 2 + 1.16 |x| ulp, far under the bf16 logits'
+// rounding, and a third of expf's instructions, which made the row kernel issue-bound) and, with
+// gradients, overwrites each logit in place with
 // bf16(grad_scale (softmax - onehot)): every element is read and then written by the same thread, and
 // the target logit, which all threads read, is read before the first barrier. dx += dlogits W is a
 // bf16-C GEMM (beta 1: dx is read, accumulated in fp32, rounded once), dW += dlogits^T x an fp32-C one.
@@ -97,14 +99,14 @@ __global__ void ce_row_bf16_kernel(float* __restrict__ losses, __nv_bfloat16* __
   for (int64_t j = tid; j < V; j += kRowThreads) mx = fmaxf(mx, cuda::to_f32(l[j]));
   mx = cuda::block_max(mx, scratch);
   float sum = 0.0f;
-  for (int64_t j = tid; j < V; j += kRowThreads) sum += expf(cuda::to_f32(l[j]) - mx);
+  for (int64_t j = tid; j < V; j += kRowThreads) sum += __expf(cuda::to_f32(l[j]) - mx);
   sum = cuda::block_sum(sum, scratch);
   if (tid == 0)
     losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
   if (!grad) return;
   const float inv = 1.0f / sum;
   for (int64_t j = tid; j < V; j += kRowThreads) {
-    const float p = expf(cuda::to_f32(l[j]) - mx) * inv;
+    const float p = __expf(cuda::to_f32(l[j]) - mx) * inv;
     l[j] = cuda::from_f32<__nv_bfloat16>(grad_scale * (j == tgt ? p - 1.0f : p));
   }
   for (int64_t j = V + tid; j < Vp; j += kRowThreads) l[j] = __nv_bfloat16(0.0f);  // padded vocab: no gradient
@@ -140,19 +142,26 @@ __global__ void __launch_bounds__(kRegThreads) ce_row_bf16_reg_kernel(float* __r
     memcpy(h, &raw[k], 16);
     return __bfloat162float(h[e]);
   };
+  // n_valid(k): elements of vector k below V (8 for every vector but the tail's)
+  const int Vi = static_cast<int>(V);
+  auto n_valid = [&](int k) { return min(8, max(0, Vi - (tid + k * kRegThreads) * 8)); };
   float mx = -INFINITY;
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k)
+  for (int k = 0; k < kVecs; ++k) {
+    const int nv = n_valid(k);
 #pragma unroll
     for (int e = 0; e < 8; ++e)
-      if ((tid + static_cast<int64_t>(k) * kRegThreads) * 8 + e < V) mx = fmaxf(mx, value(k, e));
+      if (e < nv) mx = fmaxf(mx, value(k, e));
+  }
   mx = cuda::block_max(mx, scratch);
   float sum = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k)
+  for (int k = 0; k < kVecs; ++k) {
+    const int nv = n_valid(k);
 #pragma unroll
     for (int e = 0; e < 8; ++e)
-      if ((tid + static_cast<int64_t>(k) * kRegThreads) * 8 + e < V) sum += expf(value(k, e) - mx);
+      if (e < nv) sum += __expf(value(k, e) - mx);
+  }
   sum = cuda::block_sum(sum, scratch);
   if (tid == 0)
     losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
@@ -163,11 +172,11 @@ __global__ void __launch_bounds__(kRegThreads) ce_row_bf16_reg_kernel(float* __r
     const int64_t v = tid + static_cast<int64_t>(k) * kRegThreads;
     if (v >= nvec) continue;
     __nv_bfloat16 out[8];
+    const int nv = n_valid(k), t_e = static_cast<int>(tgt - v * 8);  // the target's element, if in [0, 8)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int64_t j = v * 8 + e;
-      const float p = j < V ? expf(value(k, e) - mx) * inv : 0.0f;
-      out[e] = j < V ? cuda::from_f32<__nv_bfloat16>(grad_scale * (j == tgt ? p - 1.0f : p)) : __nv_bfloat16(0.0f);
+      const float p = e < nv ? __expf(value(k, e) - mx) * inv : 0.0f;
+      out[e] = e < nv ? cuda::from_f32<__nv_bfloat16>(grad_scale * (e == t_e ? p - 1.0f : p)) : __nv_bfloat16(0.0f);
     }
     uint4 u;
     memcpy(&u, out, 16);

@@ -5,8 +5,8 @@
 // kStages = 4 deep pipeline in dynamic shared memory (one block per SM).
 //   the TMA kernel (default; its own comment block below): a persistent grid, one loader warpgroup
 //     issuing cp.async.bulk.tensor into the same swizzled 4-stage ring with full/empty mbarriers, two
-//     compute warpgroups on wgmma.m64n256k16, bf16 outputs staged through shared memory for 16-byte
-//     stores. LMF_GROUPED_GEMM_NO_TMA=1 (read once) selects the cp.async kernel below instead.
+//     compute warpgroups on wgmma.m64n256k16 (tn: 128 x 192 tiles on m64n192k16), bf16 outputs staged
+//     through shared memory for 16-byte stores. LMF_GROUPED_GEMM_NO_TMA=1 (read once) selects the cp.async kernel below instead.
 //   grouped_gemm_wgmma_kernel (cp.async loads by all threads): 2 warpgroups, each 64 rows x 256 columns with
 //     wgmma.m64n256k16 reading both operands from shared memory (K-major or M/N-major through the
 //     descriptor's transpose bits); 128 f32 accumulators per thread.
@@ -140,6 +140,33 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+}
+
+// The same with N = 192 (96 f32 accumulators per thread): the TN kernel's tile (fuller waves).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n192k16(float (&d)[96], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, %96, %97, p, 1, 1, %99, %100;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+}
+// d += A B for a 64 x BN tile (BN 256 or 192).
+template <int BN, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64nBNk16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (BN == 256) wgmma_m64n256k16<kTransA, kTransB>(d, desc_a, desc_b);
+  else wgmma_m64n192k16<kTransA, kTransB>(d, desc_a, desc_b);
 }
 
 // Element offset of (row r, column c) in a swizzled kRows x kCols tile. Every tile has 64-element
@@ -353,15 +380,15 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(GemmArgs p) {
 // Stores one warpgroup's m64n256 accumulators (wgmma layout: d[j*4 + h*2 + {0,1}] is row
 // (warp%4)*16 + lane/4 + 8h, columns j*8 + (lane%4)*2 + {0,1}); row0/col0: this thread's first
 // row and column. nt/nn: bf16 rows < row_end; tn: f32 C[g] rows < M with beta.
-template <Layout L>
-__device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, float (&d)[128], int g, int64_t row0,
+template <Layout L, int kAcc>
+__device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, float (&d)[kAcc], int g, int64_t row0,
                                                  int64_t col0, int64_t row_end) {
   if constexpr (L == Layout::tn) {
     // beta == 1: d += C first, in a loop of loads only, so that the loads are all in flight together
     // (interleaved with the stores below, each load waited for the previous store: C might alias).
     if (p.beta != 0.0f) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
+      for (int j = 0; j < kAcc / 4; ++j) {
         const int64_t col = col0 + j * 8;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -376,7 +403,7 @@ __device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, float (&d)[1
     }
   }
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < kAcc / 4; ++j) {
     const int64_t col = col0 + j * 8;
     if (col >= p.N) continue;
 #pragma unroll
@@ -521,8 +548,15 @@ ShapeText shapes_of(Layout L, const GemmArgs& a) {
 // before the wgmma reads them.
 // ---------------------------------------------------------------------------------------------
 constexpr int kTmaThreads = 384;
-constexpr int kStageBytes = (kWgBM + kWgBN) * kBK * 2;  // 48 KiB
-constexpr size_t kTmaSmem = static_cast<size_t>(kStages) * kStageBytes + 1024;
+// Tile width: 256 for nt/nn; 192 for tn, whose tiles reduce over a whole group's rows: at the MoE
+// layer's shapes (M x N = 3072 x 768 or 768 x 3072, 8 groups) that is 768 tiles, 5.8 waves of 132 SMs,
+// instead of 576, 4.4 waves (the last wave a third full).
+template <Layout L>
+constexpr int kTmaBN = L == Layout::tn ? 192 : kWgBN;
+template <int BN>
+constexpr int kStageBytes = (kWgBM + BN) * kBK * 2;  // 48 KiB at BN 256
+template <int BN>
+constexpr size_t kTmaSmem = static_cast<size_t>(kStages) * kStageBytes<BN> + 1024;
 constexpr int kEpiStride = 36;  // words per staged epilogue row (32 + 4 padding)
 
 struct TmaMaps {
@@ -576,7 +610,7 @@ struct TileInfo {
 template <Layout L>
 __device__ __forceinline__ TileInfo tile_info(const GemmArgs& p, const int64_t* s_off, int64_t t, int m_tiles) {
   TileInfo ti;
-  ti.n0 = static_cast<int64_t>(t % p.n_tiles) * kWgBN;
+  ti.n0 = static_cast<int64_t>(t % p.n_tiles) * kTmaBN<L>;
   int64_t rt = t / p.n_tiles;
   if constexpr (L == Layout::tn) {
     ti.m0 = static_cast<int64_t>(rt % m_tiles) * kWgBM;
@@ -608,7 +642,7 @@ __device__ __forceinline__ TileInfo tile_info(const GemmArgs& p, const int64_t* 
 template <Layout L>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     grouped_gemm_tma_kernel(GemmArgs p, const __grid_constant__ TmaMaps maps, int64_t total_tiles, int m_tiles) {
-  constexpr int BM = kWgBM, BN = kWgBN;
+  constexpr int BM = kWgBM, BN = kTmaBN<L>;
   constexpr bool kAKMajor = L != Layout::tn;
   constexpr bool kBKMajor = L == Layout::nt;
   extern __shared__ __align__(1024) unsigned char smem_tma[];
@@ -645,7 +679,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       for (int kt = 0; kt < k_tiles; ++kt) {
         mbar_wait(&empty_bar[stage], phase);
         uint64_t* fb = &full_bar[stage];
-        mbar_expect_tx(fb, kStageBytes);
+        mbar_expect_tx(fb, kStageBytes<BN>);
         nv_bf16* a = sA + stage * BM * kBK;
         nv_bf16* b = sB + stage * BN * kBK;
         const int k0 = static_cast<int>(ti.red0 + static_cast<int64_t>(kt) * kBK);
@@ -679,13 +713,13 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   const int ctid = tid - 128;  // 0..255 over both consumer warpgroups
   int stage = 0;
   uint32_t phase = 0;
-  float d[128];
+  float d[BN / 2];
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     const TileInfo ti = tile_info<L>(p, s_off, t, m_tiles);
     if (ti.g < 0) break;
     const int k_tiles = static_cast<int>((ti.red_end - ti.red0 + kBK - 1) / kBK);
 #pragma unroll
-    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
     int prev_stage = -1;
     for (int kt = 0; kt < k_tiles; ++kt) {
       mbar_wait(&full_bar[stage], phase);
@@ -713,7 +747,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk)
-        wgmma_m64n256k16<kAKMajor ? 0 : 1, kBKMajor ? 0 : 1>(d, da + kStepA * kk, db + kStepB * kk);
+        wgmma_m64nBNk16<BN, kAKMajor ? 0 : 1, kBKMajor ? 0 : 1>(d, da + kStepA * kk, db + kStepB * kk);
       wgmma_commit();
       wgmma_wait<1>();
       fence_acc(d);
@@ -795,7 +829,8 @@ CUtensorMap make_map(const char* op, const void* ptr, int rank, const uint64_t* 
 
 template <Layout L>
 void launch_tma(const char* op, GemmArgs a) {
-  a.n_tiles = static_cast<int>(ceil_div(a.N, kWgBN));
+  constexpr int BN = kTmaBN<L>;
+  a.n_tiles = static_cast<int>(ceil_div(a.N, BN));
   TmaMaps maps;
   const uint64_t rows = static_cast<uint64_t>(a.max_rows > 0 ? a.max_rows : 1);
   const uint64_t G = static_cast<uint64_t>(a.G);
@@ -816,7 +851,7 @@ void launch_tma(const char* op, GemmArgs a) {
     maps.a = make_map(op, a.A, 2, da, sa, boxa);
     if constexpr (L == Layout::nt) {
       const uint64_t db[3] = {K, N, G}, sb[2] = {K * 2, N * K * 2};
-      const uint32_t boxb[3] = {64, static_cast<uint32_t>(kWgBN), 1};
+      const uint32_t boxb[3] = {64, static_cast<uint32_t>(BN), 1};
       maps.b = make_map(op, a.B, 3, db, sb, boxb);
     } else {
       const uint64_t db[3] = {N, K, G}, sb[2] = {N * 2, K * N * 2};
@@ -828,7 +863,7 @@ void launch_tma(const char* op, GemmArgs a) {
   const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
   const int64_t blocks = total < sms ? total : sms;
   if (blocks <= 0) return;
-  launch({op, shapes_of(L, a), {blocks, 1, 1}, {kTmaThreads, 1, 1}, kTmaSmem}, grouped_gemm_tma_kernel<L>, a, maps,
+  launch({op, shapes_of(L, a), {blocks, 1, 1}, {kTmaThreads, 1, 1}, kTmaSmem<BN>}, grouped_gemm_tma_kernel<L>, a, maps,
          total, m_tiles);
 }
 
