@@ -109,10 +109,14 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
+  bool graph = false;
+  app.add_flag("--cuda-graph", graph,
+               "time the step as one CUDA graph replay, as lmforge train runs it on a GPU (not with --profile)");
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
     const Device dev = device == "cuda" ? Device::cuda : Device::cpu;
+    if (graph && (dev != Device::cuda || profile)) fail("--cuda-graph needs --device cuda and no --profile");
     if (dev == Device::cuda) cuda_set_device(0);
     Gpt model(c, GptPlan{B, T, true, 0, dev, parse_precision(precision, "--precision")});
     model.init_weights(1);
@@ -121,20 +125,43 @@ int main(int argc, char** argv) {
       tok[i] = static_cast<int32_t>(rng_u64(3, 1, i) % c.vocab_size);
       tgt[i] = static_cast<int32_t>(rng_u64(3, 2, i) % c.vocab_size);
     }
-    Arena batch("batch", {{"tokens", {B, T}, DType::i32}, {"targets", {B, T}, DType::i32}, {"norm", {1}, DType::f32}},
+    Arena batch("batch",
+                {{"tokens", {B, T}, DType::i32}, {"targets", {B, T}, DType::i32}, {"norm", {1}, DType::f32},
+                 {"schedule", {3}, DType::f32}},
                 dev);
     Tensor ttok = batch.get("tokens"), ttgt = batch.get("targets"), tnorm = batch.get("norm");
+    Tensor tsched = batch.get("schedule");
     tensor_from_host(ttok, tok.data());
     tensor_from_host(ttgt, tgt.data());
     TrainOptions o;
     std::vector<double> ms;
     OpProfiler prof(dev);
+    void* step_graph = nullptr;  // --cuda-graph: the trainer's graph body (lr and step from `schedule`)
+    auto graph_body = [&] {
+      model.zero_grad();
+      model.forward_backward_device(ttok, ttgt, 1.0f);
+      optimizer_step(model, tnorm, o, 0.0, 1, tsched);
+    };
     for (int64_t s = 0; s < warmup + steps; ++s) {
       if (profile && s >= warmup) model.set_profiler(&prof);
+      if (graph) {
+        float sched[3];
+        adamw_schedule(sched, 1e-4f, o.beta1, o.beta2, s + 1);
+        tensor_from_host(tsched, sched);
+        if (s >= 1 && step_graph == nullptr) {  // step 0 runs eagerly: plans and attributes settle first
+          cuda_capture_begin();
+          graph_body();
+          step_graph = cuda_capture_end();
+        }
+      }
       auto t0 = std::chrono::steady_clock::now();
-      model.zero_grad();
-      model.forward_backward(ttok, ttgt);
-      {
+      if (graph && step_graph) {
+        cuda_graph_replay(step_graph);
+      } else if (graph) {
+        graph_body();
+      } else {
+        model.zero_grad();
+        model.forward_backward(ttok, ttgt);
         ProfileScope scope(profile && s >= warmup ? &prof : nullptr, "grad norm + AdamW");
         optimizer_step(model, tnorm, o, 1e-4, s + 1);
       }
@@ -143,6 +170,7 @@ int main(int argc, char** argv) {
       double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (s >= warmup) ms.push_back(dt);
     }
+    if (step_graph) cuda_graph_destroy(step_graph);
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
     double med = sorted[sorted.size() / 2];
@@ -150,9 +178,9 @@ int main(int argc, char** argv) {
     if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
-    std::printf("{\"impl\": \"lmforge-%s-B%lld\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
+    std::printf("{\"impl\": \"lmforge-%s-B%lld%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                precision.c_str(), static_cast<long long>(B), device.c_str(), tok_s, med, omp_get_max_threads(), mfu, peak_gb);
+                precision.c_str(), static_cast<long long>(B), graph ? "-graph" : "", device.c_str(), tok_s, med, omp_get_max_threads(), mfu, peak_gb);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";
     return 1;

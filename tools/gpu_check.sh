@@ -94,6 +94,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   B=${LMF_BENCH_B:-16}
   BIG=${LMF_BENCH_BIG_B:-256}
   bench_lmf bf16 "$B" lmf_bf16 --profile
+  bench_lmf bf16 "$B" lmf_bf16_graph --cuda-graph
   bench_lmf tf32 "$B" lmf_tf32
   bench_lmf fp32 "$B" lmf_fp32
   cat "$OUT/bench_lmf_bf16.err"
@@ -121,7 +122,7 @@ def table(title, tags, ref_tag):
         ratio = r["tok_s"] / ref if ref else float("nan")
         print("%-26s %12.0f %10.1f %8.3f %10.2f %18.2f" % (r["impl"], r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"], ratio))
 table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.compile bf16)" % B,
-      ["lmf_bf16", "lmf_tf32", "lmf_fp32", "torch_eager-fp32", "torch_eager-tf32", "torch_eager-bf16", "torch_compile-bf16"],
+      ["lmf_bf16", "lmf_bf16_graph", "lmf_tf32", "lmf_fp32", "torch_eager-fp32", "torch_eager-tf32", "torch_eager-bf16", "torch_compile-bf16"],
       "torch_compile-bf16")
 bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
 if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))
@@ -143,7 +144,9 @@ if [ "$what" = all ] || [ "$what" = moe ] || [ "$what" = moebench ]; then
       2>"$OUT/bench_$2.err" || { echo "$2: rc=$? (timeout $3 s?)"; tail -3 "$OUT/bench_$2.err"; }
   }
   bench_lmf_moe moe-bench lmf_moe --profile
+  bench_lmf_moe moe-bench lmf_moe_graph --cuda-graph
   bench_lmf_moe moe-bench-dense lmf_moe_dense
+  bench_lmf_moe moe-bench-dense lmf_moe_dense_graph --cuda-graph
   grep -A14 "per-op time" "$OUT/bench_lmf_moe.err"
   bench_torch_moe eager-bf16 torch_moe_eager-bf16 300
   bench_torch_moe compile-bf16 torch_moe_compile-bf16-loopeager "${LMF_MOE_COMPILE_TIMEOUT:-240}" --compile-loop-eager
@@ -169,15 +172,16 @@ def load(tag):
 print("\nMoE LM (12L d768 12H, 8 experts top-2, d_expert 3072, vocab 32768), B=8 T=2048, same GPU")
 print("%-34s %12s %10s %8s %10s %14s" % ("impl", "tok/s", "step_ms", "mfu", "peak_GB", "this/eager"))
 ref = load("torch_moe_eager-bf16").get("tok_s")
-for tag in ["lmf_moe", "torch_moe_eager-bf16", "torch_moe_compile-bf16-loopeager", "lmf_moe_dense",
-            "torch_dense6144_eager-bf16"]:
+for tag in ["lmf_moe", "lmf_moe_graph", "torch_moe_eager-bf16", "torch_moe_compile-bf16-loopeager", "lmf_moe_dense",
+            "lmf_moe_dense_graph", "torch_dense6144_eager-bf16"]:
     r = load(tag)
     if "error" in r:
         print("%-34s error: %s" % (tag, r["error"])); continue
     print("%-34s %12.0f %10.1f %8.3f %10.2f %14.2f" % (tag, r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"],
                                                        r["tok_s"] / ref if ref else float("nan")))
-m, dn = load("lmf_moe").get("mfu"), load("lmf_moe_dense").get("mfu")
-if m and dn: print("lmforge MoE MFU / lmforge dense (same active size) MFU: %.2f (target >= 0.75)" % (m / dn))
+for sfx, what in (("", "eager launches"), ("_graph", "one CUDA graph per step")):
+    m, dn = load("lmf_moe" + sfx).get("mfu"), load("lmf_moe_dense" + sfx).get("mfu")
+    if m and dn: print("lmforge MoE MFU / lmforge dense (same active size) MFU, %s: %.2f (target >= 0.75)" % (what, m / dn))
 def last_step(tag):
     try:
         lines = [l for l in open(os.path.join(out, "graph_%s.log" % tag)) if l.startswith("step=") and "toks/s=" in l]
@@ -251,6 +255,9 @@ if [ "$what" = quick ]; then
     --warmup-steps 2 --profile >"$OUT/quick_moe.json" 2>"$OUT/quick_moe.err" || failures=$((failures + 1))
   grep -A16 "per-op time" "$OUT/quick_moe.err"
   add "lmforge MoE bench" "$(tail -1 "$OUT/quick_moe.json")"
+  ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset moe-bench --batch-size 8 --seq-len 2048 --steps 5 \
+    --warmup-steps 2 --cuda-graph >"$OUT/quick_moe_graph.json" 2>"$OUT/quick_moe_graph.err" || failures=$((failures + 1))
+  add "lmforge MoE bench, CUDA graph" "$(tail -1 "$OUT/quick_moe_graph.json")"
   ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset gpt2-124m --batch-size 16 --seq-len 1024 --steps 5 \
     --warmup-steps 2 >"$OUT/quick_gpt2.json" 2>"$OUT/quick_gpt2.err" || failures=$((failures + 1))
   add "lmforge GPT-2 bench" "$(tail -1 "$OUT/quick_gpt2.json")"
