@@ -269,6 +269,8 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     add(as, layer_name(l, "ln2_rstd"), {N});
     if (cfg_.is_moe_layer(l)) {
       for (TensorSpec& sp : moe_state_specs(moe_cfg_, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
+      // training: this layer's gathered input, kept for the backward (no second gather)
+      if (plan.training) add(as, layer_name(l, "moe.xg"), {moe_rows(moe_cfg_, N), C}, adt);
     } else {
       add(as, layer_name(l, "fc"), {B, T, FC}, adt);
       add(as, layer_name(l, "act"), {B, T, F}, adt);
@@ -322,6 +324,12 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan.training, "moe.")) ws.push_back(std::move(sp));
   work_ = Arena("workspace", ws, plan.device);
   if (any_moe) moe_scratch_ = moe_scratch_bind(work_, moe_cfg_, plan.training, "moe.");
+  moe_layer_scratch_.assign(static_cast<size_t>(cfg_.n_layer), moe_scratch_);
+  for (int l = 0; l < cfg_.n_layer && plan.training; ++l)
+    if (cfg_.is_moe_layer(l)) {
+      moe_layer_scratch_[static_cast<size_t>(l)].xg = acts_.get(layer_name(l, "moe.xg"));
+      moe_layer_scratch_[static_cast<size_t>(l)].xg_saved = true;
+    }
   moe_counts_host_.resize(static_cast<size_t>(moe_cfg_.E));
   moe_stats_host_.resize(3);
   logits_scratch_ = work_.get("logits_scratch");
@@ -732,7 +740,8 @@ void Gpt::moe_layer_forward(int l, Tensor out) {
   const MoeConfig& m = moe_cfg_;
   const double flops = 2.0 * N * (m.E * C + (m.K + m.n_shared) * (moe_f_in(m) + m.F) * C);
   timed("moe fwd", flops, [&] {
-    moe_forward(out.view({N, C}), la_[l].moe, moe_scratch_, la_[l].ln2.view({N, C}), w.router_w, wb.w_in, wb.w_out,
+    moe_forward(out.view({N, C}), la_[l].moe, moe_layer_scratch_[static_cast<size_t>(l)], la_[l].ln2.view({N, C}),
+                w.router_w, wb.w_in, wb.w_out,
                 MoeExtra{wb.ws_in, wb.ws_out, w.ws_gate, w.sel_bias}, m);
   });
 }
@@ -747,7 +756,8 @@ void Gpt::moe_layer_backward(int l, float d_aux) {
   timed("moe bwd", flops, [&] {
     moe_backward(d_ln_.view({N, C}), gw.router_w, gw.w_in, gw.w_out,
                  MoeExtraGrads{gw.ws_in, gw.ws_out, gw.ws_gate, grads_zero_},
-                 d_res_.view({N, C}), la_[l].moe, moe_scratch_, la_[l].ln2.view({N, C}), w.router_w, wb.w_in,
+                 d_res_.view({N, C}), la_[l].moe, moe_layer_scratch_[static_cast<size_t>(l)], la_[l].ln2.view({N, C}),
+                 w.router_w, wb.w_in,
                  wb.w_out, MoeExtra{wb.ws_in, wb.ws_out, w.ws_gate, w.sel_bias}, m, d_aux);
   });
 }

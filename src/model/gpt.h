@@ -161,6 +161,7 @@ class Gpt {
   std::vector<LayerActs> la_;
   MoeConfig moe_cfg_;
   MoeScratch moe_scratch_;
+  std::vector<MoeScratch> moe_layer_scratch_;  // per layer: moe_scratch_ with the layer's own xg (training)
   std::vector<MoeState> moe_states_;
   MoeState decode_moe_;        // decode_step's MoE state (batch 1)
   MoeScratch decode_moe_scratch_;

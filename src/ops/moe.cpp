@@ -136,6 +136,7 @@ cuda::MoePtrs device_ptrs(const MoeState& st, const MoeScratch& sc, const Tensor
   p.shared_y = opt_ptr<bf16>(st.shared_y);
   p.shared_g = opt_ptr<float>(st.shared_g);
   p.xg = opt_ptr<bf16>(sc.xg);
+  p.xg_saved = sc.xg_saved;
   p.dy = opt_ptr<bf16>(sc.dy);
   p.dact = opt_ptr<bf16>(sc.dact);
   p.dpre = opt_ptr<bf16>(sc.dpre);
@@ -616,7 +617,7 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   float* dact = sc.dact.f32();
   float* dpre = sc.dpre.f32();
   std::fill(dpre, dpre + rows_all * d.F_in, 0.0f);
-  gather_rows(xg, xp, perm, rows_all, d.K, d.C);
+  if (!sc.xg_saved) gather_rows(xg, xp, perm, rows_all, d.K, d.C);
   for (int64_t e = 0; e < d.E; ++e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
     if (rows == 0) continue;

@@ -540,7 +540,7 @@ void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, floa
          cfg.renormalize, aux_scale, z_scale);
   // routed experts: dact = dy w_out[e]; dpre = act'(dact); dw_out[e] += dy^T act; dw_in[e] += dpre^T xg;
   // dxg = dpre w_in[e]
-  gather_rows(mnv(p.xg), cnv(p.x), p.perm, p.offsets, d.R, d.K, d.C, d.E);
+  if (!p.xg_saved) gather_rows(mnv(p.xg), cnv(p.x), p.perm, p.offsets, d.R, d.K, d.C, d.E);
   grouped_gemm_nn(p.dact, p.dy, p.w_out, p.offsets, E, d.R, d.F, d.C);
   activation_backward(mnv(p.dpre), cnv(p.dact), cnv(p.pre), d.R, d.F, cfg.activation);
   const float beta = p.expert_grads_zero ? 0.0f : 1.0f;  // 0: the gradients hold zeros, write them

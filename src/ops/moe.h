@@ -117,6 +117,9 @@ struct MoeState {
 // Row buffers have the activation dtype (f32 on the CPU); dlogits is f32.
 struct MoeScratch {
   Tensor xg;       // (R, C): x gathered in perm order
+  // xg belongs to this layer (a training plan keeps one per layer): the backward finds the forward's
+  // gather still there and does not gather again. False: xg is shared scratch, regathered.
+  bool xg_saved = false;
   Tensor dy;       // (R, C)
   Tensor dact;     // (R, F)
   Tensor dpre;     // (R, F_in)
@@ -206,6 +209,7 @@ struct MoePtrs {
   bf16* out; bf16* dx; const bf16* dout;
   float* drouter_w; float* dw_in; float* dw_out; float* dws_in; float* dws_out; float* dws_gate;
   bool expert_grads_zero;  // MoeExtraGrads::expert_grads_zero
+  bool xg_saved;           // MoeScratch::xg_saved
 };
 void moe_forward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg);
 void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, float d_aux);
