@@ -257,6 +257,32 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     }
     std::printf("[ measured ] bf16 GPU vs fp32 CPU gradients (%s): loss %.6f vs %.6f, worst tensor rel_l2 %.2e (%s)\n",
                 preset, lg, lc, worst, worst_name.c_str());
+    if (!moe) continue;
+    // The routed experts' weight gradients are zeroed lazily on the GPU (the first backward writes
+    // them): a second backward without zero_grad adds the same values (exactly twice the first), and
+    // zero_grad followed by a read of the gradients (no backward) gives zeros.
+    std::vector<std::vector<float>> first;
+    std::vector<size_t> experts;
+    for (size_t k = 0; k < gpu.grads().size(); ++k)
+      if (gpu.grads().spec(k).name.find(".moe.experts.") != std::string::npos) {
+        experts.push_back(k);
+        first.emplace_back(static_cast<size_t>(gpu.grads()[k].numel()));
+        tensor_to_host(first.back().data(), gpu.grads()[k]);
+      }
+    ASSERT_FALSE(experts.empty()) << preset;
+    gpu.forward_backward(batch.get("tok"), batch.get("tgt"));
+    for (size_t i = 0; i < experts.size(); ++i) {
+      std::vector<float> h(first[i].size());
+      tensor_to_host(h.data(), gpu.grads()[experts[i]]);
+      for (size_t j = 0; j < h.size(); ++j)
+        ASSERT_EQ(h[j], 2.0f * first[i][j]) << preset << " accumulated " << gpu.grads().spec(experts[i]).name << "[" << j << "]";
+    }
+    gpu.zero_grad();
+    for (size_t k : experts) {
+      std::vector<float> h(static_cast<size_t>(gpu.grads()[k].numel()));
+      tensor_to_host(h.data(), gpu.grads()[k]);
+      for (size_t j = 0; j < h.size(); ++j) ASSERT_EQ(h[j], 0.0f) << preset << " after zero_grad " << k << "[" << j << "]";
+    }
   }
 }
 

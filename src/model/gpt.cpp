@@ -248,6 +248,17 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     m_ = Arena("adam_m", pspecs, plan.device);
     v_ = Arena("adam_v", pspecs, plan.device);
     g_ = gpt_bind(grads_, cfg_);
+    if (plan.device == Device::cuda) {  // the lazy ranges: the tensors' own bytes (padding stays eager)
+      size_t at = 0;
+      for (size_t i = 0; i < grads_.size(); ++i) {
+        if (grads_.spec(i).name.find(".moe.experts.") == std::string::npos) continue;
+        const size_t b = grads_.offset_bytes(i), e = b + grads_.spec(i).nbytes();
+        if (b > at) eager_grad_ranges_.push_back({at, b - at});
+        lazy_grad_ranges_.push_back({b, e - b});
+        at = e;
+      }
+      if (!lazy_grad_ranges_.empty() && at < grads_.bytes()) eager_grad_ranges_.push_back({at, grads_.bytes() - at});
+    }
   }
 
   // --- activations (everything backward reads) ----------------------------------------------
@@ -539,12 +550,34 @@ double Gpt::forward_backward(Tensor tokens, Tensor targets, float loss_scale) {
   return mean_of(losses_, losses_host_);
 }
 
+void Gpt::zero_grad() {
+  grads_zero_ = true;
+  if (lazy_grad_ranges_.empty()) {
+    grads_.zero();
+    return;
+  }
+  auto* base = static_cast<unsigned char*>(grads_.base());
+  for (const auto& [at, n] : eager_grad_ranges_) device_memset0(base + at, n);
+  expert_grads_stale_ = true;
+}
+
+void Gpt::settle_grads() const {
+  if (!expert_grads_stale_) return;
+  auto* base = static_cast<unsigned char*>(grads_.base());
+  for (const auto& [at, n] : lazy_grad_ranges_) device_memset0(base + at, n);
+  expert_grads_stale_ = false;
+}
+
 void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scale) {
   LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
+  // Stale expert gradients are written whole by this backward only when the gradients hold zeros
+  // otherwise (expert_grads_zero); any other state was settled by grads() already.
+  if (!grads_zero_) settle_grads();
   struct Accumulated {  // after this call the gradients hold a backward's sums (also on a throw)
     bool& zero;
-    ~Accumulated() { zero = false; }
-  } accumulated{grads_zero_};
+    bool& stale;
+    ~Accumulated() { zero = stale = false; }
+  } accumulated{grads_zero_, expert_grads_stale_};
   const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
   const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,

@@ -107,10 +107,9 @@ class Gpt {
   // The bf16 weight copy (bf16 plans; empty arena otherwise): one flat bf16 block whose element i is
   // element i of params().flat_f32().
   Arena& params_bf16() { return params_bf16_; }
-  void zero_grad() {
-    grads_.zero();
-    grads_zero_ = true;
-  }
+  // GPU MoE plans zero the routed experts' weight gradients lazily: the next backward writes them
+  // whole (MoeExtraGrads::expert_grads_zero), and grads() / g() zero them first if it has not run.
+  void zero_grad();
 
   // Generation with a KV cache (batch 1, CPU). Feeds `token` at position `pos` (0-based, < decode_ctx) and
   // returns the logits (V) of the next token. Positions must be fed in order 0, 1, 2, ...
@@ -118,6 +117,7 @@ class Gpt {
 
   Arena& params() { return params_; }
   Arena& grads() {
+    settle_grads();
     grads_zero_ = false;  // the caller may write them
     return grads_;
   }
@@ -127,7 +127,10 @@ class Gpt {
   // (S, 2) i32 host tensor of [begin, end) element ranges.
   Tensor decay_ranges() { return decay_ranges_; }
   const GptTensors& p() const { return p_; }
-  const GptTensors& g() const { return g_; }
+  const GptTensors& g() const {
+    settle_grads();
+    return g_;
+  }
   size_t arena_bytes() const;
   // Attach an op profiler (nullptr detaches): every op call is timed as one named scope.
   void set_profiler(class OpProfiler* p) { prof_ = p; }
@@ -156,6 +159,11 @@ class Gpt {
   class OpProfiler* prof_ = nullptr;
   Arena params_, grads_, m_, v_, acts_, work_, decode_, params_bf16_;
   bool grads_zero_ = false;  // grads_ hold zeros (zero_grad, no backward since): the first backward may write them
+  // zero_grad's lazily zeroed byte ranges of grads_ (the routed experts' weight gradients; GPU MoE
+  // training plans) and the rest; expert_grads_stale_: the lazy ranges hold old values.
+  std::vector<std::pair<size_t, size_t>> lazy_grad_ranges_, eager_grad_ranges_;
+  mutable bool expert_grads_stale_ = false;
+  void settle_grads() const;
   GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
   std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets
   std::vector<LayerActs> la_;
