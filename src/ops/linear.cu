@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kBiasCols = 32;   // columns per pass-1 block: one warp reads 128 contiguous bytes of a row
 constexpr int kBiasLanes = 8;   // row lanes per pass-1 block: lane y sums rows y, y + 8, ... of its chunk
-constexpr int kFinishBlock = 256;
+constexpr int kFinishBlock = 32;  // one warp per block: OC = 768 is 24 blocks (24 SMs), not 3
 static_assert(kLinearBiasRowChunk % kBiasLanes == 0);
 
 // partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); grid.x = chunks * col_groups,
@@ -45,8 +45,17 @@ __global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __res
                                    int64_t OC) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= OC) return;
+  // In chunk order; the loads of 16 chunks are issued before their adds (latency, not bandwidth, bound)
   float s = 0.0f;
-  for (int64_t k = 0; k < chunks; ++k) s += partial[k * OC + c];
+  int64_t k = 0;
+  for (; k + 16 <= chunks; k += 16) {
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = partial[(k + i) * OC + c];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s += v[i];
+  }
+  for (; k < chunks; ++k) s += partial[k * OC + c];
   dbias[c] += s;
 }
 
