@@ -9,6 +9,7 @@
 #include "core/cuda_launch.cuh"
 #include "ops/gemm_cuda.h"
 #include "ops/linear.h"
+#include "ops/packed.cuh"
 
 namespace lmf {
 namespace {
@@ -18,25 +19,35 @@ constexpr int kBiasLanes = 8;   // row lanes per pass-1 block: lane y sums rows 
 constexpr int kFinishBlock = 32;  // one warp per block: OC = 768 is 24 blocks (24 SMs), not 3
 static_assert(kLinearBiasRowChunk % kBiasLanes == 0);
 
-// partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); grid.x = chunks * col_groups,
-// block b handles column group b % col_groups of row chunk b / col_groups.
-template <class T>
+// partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); thread x owns W consecutive
+// columns (W = 1, or a 16-byte pack when OC and dout allow: the same per-column sums, 16-byte loads);
+// grid.x = chunks * col_groups, block b handles column group b % col_groups of row chunk b / col_groups.
+template <int W, class T>
 __global__ void bias_partial_kernel(float* __restrict__ partial, const T* __restrict__ dout, int64_t N, int64_t OC,
                                     int64_t col_groups) {
-  __shared__ float lane_sum[kBiasLanes][kBiasCols];
+  __shared__ float lane_sum[kBiasLanes][kBiasCols * W];
   const int64_t group = blockIdx.x % col_groups, chunk = blockIdx.x / col_groups;
-  const int64_t c = group * kBiasCols + threadIdx.x;
+  const int64_t c = (group * kBiasCols + threadIdx.x) * W;
   const int64_t r0 = chunk * kLinearBiasRowChunk;
   const int64_t r1 = r0 + kLinearBiasRowChunk < N ? r0 + kLinearBiasRowChunk : N;
-  float acc = 0.0f;
+  float acc[W] = {};
   if (c < OC)
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBiasLanes) acc += static_cast<float>(dout[r * OC + c]);
-  lane_sum[threadIdx.y][threadIdx.x] = acc;
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBiasLanes) {
+      float v[W];
+      cuda::load_f32<W>(v, dout + r * OC + c);
+#pragma unroll
+      for (int w = 0; w < W; ++w) acc[w] += v[w];
+    }
+#pragma unroll
+  for (int w = 0; w < W; ++w) lane_sum[threadIdx.y][threadIdx.x * W + w] = acc[w];
   __syncthreads();
   if (threadIdx.y == 0 && c < OC) {
-    float s = lane_sum[0][threadIdx.x];
-    for (int l = 1; l < kBiasLanes; ++l) s += lane_sum[l][threadIdx.x];
-    partial[chunk * OC + c] = s;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      float s = lane_sum[0][threadIdx.x * W + w];
+      for (int l = 1; l < kBiasLanes; ++l) s += lane_sum[l][threadIdx.x * W + w];
+      partial[chunk * OC + c + w] = s;
+    }
   }
 }
 
@@ -64,11 +75,19 @@ ShapeText dims(int64_t N, int64_t IC, int64_t OC) { return shape_text("N=", N, "
 // dbias (OC) += column sums of dout (N, OC), two passes in a fixed order (file comment).
 template <class T>
 void bias_grad(const char* op, float* dbias, const T* dout, int64_t N, int64_t IC, int64_t OC) {
-  const int64_t chunks = cuda::ceil_div(N, kLinearBiasRowChunk), col_groups = cuda::ceil_div(OC, kBiasCols);
+  constexpr int kW = cuda::kPack<T>;  // columns per thread in 16 bytes
+  const int64_t chunks = cuda::ceil_div(N, kLinearBiasRowChunk);
   auto* partial = static_cast<float*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op));
   const ShapeText shapes = dims(N, IC, OC);
-  cuda::launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel<T>, partial,
-         dout, N, OC, col_groups);
+  if (OC % kW == 0 && cuda::aligned16(dout)) {
+    const int64_t col_groups = cuda::ceil_div(OC, kBiasCols * kW);
+    cuda::launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel<kW, T>,
+                 partial, dout, N, OC, col_groups);
+  } else {
+    const int64_t col_groups = cuda::ceil_div(OC, kBiasCols);
+    cuda::launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel<1, T>,
+                 partial, dout, N, OC, col_groups);
+  }
   cuda::launch({op, shapes, {cuda::ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,
          static_cast<const float*>(partial), chunks, OC);
 }
