@@ -54,10 +54,13 @@ __device__ __forceinline__ float bf(const nv v) { return __bfloat162float(v); }
 // the per-expert math runs lane-parallel in registers. Sums over experts keep moe.cpp's order (e
 // increasing, double): every lane adds the E values, fetched by shuffles, in that order, so all lanes
 // hold the same bits; selections are warp argmaxes with ties to the lowest expert (the CPU's strict >).
-constexpr int kSlots = kMoeMaxExperts / 32;
+// Slots per lane: a template parameter (1 for E <= 32, 2 for <= 64, kMoeMaxExperts / 32 beyond), so
+// that the usual small E keeps its per-expert arrays in a few registers.
+constexpr int kMaxSlots = kMoeMaxExperts / 32;
+int slots_for(int64_t E) { return E <= 32 ? 1 : E <= 64 ? 2 : kMaxSlots; }
 
 // Sequential sum over e in [0, E) of v(slot, lane) (double), the same bits in every lane.
-template <class F>
+template <int kSlots, class F>
 __device__ __forceinline__ double expert_sum(int E, F&& v) {
   double acc = 0;
 #pragma unroll
@@ -70,6 +73,7 @@ __device__ __forceinline__ double expert_sum(int E, F&& v) {
 }
 
 // Value of slot j of lane e % 32 for a run-time expert e (every lane gets it).
+template <int kSlots>
 __device__ __forceinline__ float expert_value(const float (&v)[kSlots], int e) {
   float x = 0;
 #pragma unroll
@@ -79,6 +83,7 @@ __device__ __forceinline__ float expert_value(const float (&v)[kSlots], int e) {
 }
 
 // logsumexp over the E logits (max, then the ordered sum of exp(l - max)), in double
+template <int kSlots>
 __device__ __forceinline__ double logits_lse(const double (&l)[kSlots], int E, int lane) {
   double m = -INFINITY;
 #pragma unroll
@@ -86,9 +91,10 @@ __device__ __forceinline__ double logits_lse(const double (&l)[kSlots], int E, i
     if (32 * j + lane < E) m = fmax(m, l[j]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
-  return m + log(expert_sum(E, [&](int j) { return 32 * j + lane < E ? exp(l[j] - m) : 0.0; }));
+  return m + log(expert_sum<kSlots>(E, [&](int j) { return 32 * j + lane < E ? exp(l[j] - m) : 0.0; }));
 }
 
+template <int kSlots>
 __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, float* topk_w, float* shared_g,
                               const nv* x, const float* rw, const float* bias, const float* gate_w, int N, int E,
                               int K, int C, int S, bool sigmoid, bool renormalize) {
@@ -122,7 +128,7 @@ __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, f
     if (lane == 0) shared_g[static_cast<int64_t>(s) * N + n] = 1.0f / (1.0f + expf(-acc));
   }
   float sc[kSlots];
-  const double lse = sigmoid ? 0.0 : logits_lse(lg, E, lane);
+  const double lse = sigmoid ? 0.0 : logits_lse<kSlots>(lg, E, lane);
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
     const int e = 32 * j + lane;
@@ -164,7 +170,7 @@ __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, f
       }
     }
     if ((best & 31) == lane) taken |= 1u << (best >> 5);
-    const float w = expert_value(sc, best);
+    const float w = expert_value<kSlots>(sc, best);
     if (lane == k) {  // lane k keeps slot k
       my_idx = best;
       my_w = w;
@@ -348,6 +354,7 @@ void activation_backward(nv* dpre, const nv* dact, const nv* pre, int64_t rows, 
 // One warp per token: dy rows of its kept slots, d topk_w (warp dots, in every lane), then, lane-parallel
 // over the experts, dscores from the combine weights and the aux term, dlogits through softmax/sigmoid
 // plus the z term; f32 and bf16 copies.
+template <int kSlots>
 __global__ void router_backward_kernel(nv* dy, float* dlogits, nv* dlogits_bf16, const nv* dout, const nv* y,
                                        const int32_t* slot_row, const float* topk_w, const int32_t* topk_idx,
                                        const float* scores, const float* logits, const int32_t* counts, int N, int E,
@@ -400,8 +407,8 @@ __global__ void router_backward_kernel(nv* dy, float* dlogits, nv* dlogits_bf16,
     for (int k = 0; k < K; ++k)  // the top-k experts are distinct: at most one term per expert
       if (idx[k] == e) ds[j] += renormalize ? (gw[k] - gww) / S : gw[k];
   }
-  const double sd = sigmoid ? 0.0 : expert_sum(E, [&](int j) { return sv[j] * ds[j]; });
-  const double lse = z_scale != 0 ? logits_lse(lv, E, lane) : 0.0;
+  const double sd = sigmoid ? 0.0 : expert_sum<kSlots>(E, [&](int j) { return sv[j] * ds[j]; });
+  const double lse = z_scale != 0 ? logits_lse<kSlots>(lv, E, lane) : 0.0;
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
     const int e = 32 * j + lane;
@@ -498,9 +505,16 @@ void moe_forward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg) {
   const int N = static_cast<int>(d.N), E = static_cast<int>(d.E), K = static_cast<int>(d.K), C = static_cast<int>(d.C);
   const int NK = N * K;
   const int64_t chunks = dispatch_chunks(NK);
-  launch({"moe_router", shapes, {ceil_div(d.N, kWarpsPerBlock), 1, 1}, {32 * kWarpsPerBlock, 1, 1}, 0}, router_kernel,
-         p.logits, p.scores, p.topk_idx, p.topk_w, p.shared_g, cnv(p.x), p.router_w, p.bias, p.ws_gate, N, E, K, C,
-         static_cast<int>(d.S), cfg.score == MoeScore::sigmoid, cfg.renormalize);
+  const LaunchSpec router_spec{"moe_router", shapes, {ceil_div(d.N, kWarpsPerBlock), 1, 1}, {32 * kWarpsPerBlock, 1, 1}, 0};
+  auto router = [&](auto kernel) {
+    launch(router_spec, kernel, p.logits, p.scores, p.topk_idx, p.topk_w, p.shared_g, cnv(p.x), p.router_w, p.bias,
+           p.ws_gate, N, E, K, C, static_cast<int>(d.S), cfg.score == MoeScore::sigmoid, cfg.renormalize);
+  };
+  switch (slots_for(d.E)) {
+    case 1: router(router_kernel<1>); break;
+    case 2: router(router_kernel<2>); break;
+    default: router(router_kernel<kMaxSlots>); break;
+  }
   auto* chunk = static_cast<int32_t*>(cuda_workspace(moe_cuda_workspace(cfg, d.N), "moe_forward"));
   const int cap = static_cast<int>(d.cap);
   launch({"moe_count", shapes, {chunks, 1, 1}, {kChunk, 1, 1}, static_cast<size_t>(E) * sizeof(int32_t)},
@@ -534,10 +548,18 @@ void moe_backward(const MoePtrs& p, const MoeDims& d, const MoeConfig& cfg, floa
   const double aux_scale = static_cast<double>(d_aux) * cfg.aux_coef * static_cast<double>(d.E) /
                            (static_cast<double>(d.N) * static_cast<double>(d.N * d.K));
   const double z_scale = static_cast<double>(d_aux) * cfg.z_coef * 2.0 / static_cast<double>(d.N);
-  launch({"moe_router_backward", shapes, {ceil_div(d.N, kWarpsPerBlock), 1, 1}, {32 * kWarpsPerBlock, 1, 1}, 0},
-         router_backward_kernel, mnv(p.dy), p.dlogits, mnv(p.dlogits_bf16), cnv(p.dout), cnv(p.y), p.slot_row,
-         p.topk_w, p.topk_idx, p.scores, p.logits, p.counts, N, E, K, C, cfg.score == MoeScore::sigmoid,
-         cfg.renormalize, aux_scale, z_scale);
+  const LaunchSpec rb_spec{"moe_router_backward", shapes, {ceil_div(d.N, kWarpsPerBlock), 1, 1},
+                           {32 * kWarpsPerBlock, 1, 1}, 0};
+  auto router_backward = [&](auto kernel) {
+    launch(rb_spec, kernel, mnv(p.dy), p.dlogits, mnv(p.dlogits_bf16), cnv(p.dout), cnv(p.y), p.slot_row, p.topk_w,
+           p.topk_idx, p.scores, p.logits, p.counts, N, E, K, C, cfg.score == MoeScore::sigmoid, cfg.renormalize,
+           aux_scale, z_scale);
+  };
+  switch (slots_for(d.E)) {
+    case 1: router_backward(router_backward_kernel<1>); break;
+    case 2: router_backward(router_backward_kernel<2>); break;
+    default: router_backward(router_backward_kernel<kMaxSlots>); break;
+  }
   // routed experts: dact = dy w_out[e]; dpre = act'(dact); dw_out[e] += dy^T act; dw_in[e] += dpre^T xg;
   // dxg = dpre w_in[e]
   if (!p.xg_saved) gather_rows(mnv(p.xg), cnv(p.x), p.perm, p.offsets, d.R, d.K, d.C, d.E);
