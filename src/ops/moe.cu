@@ -114,13 +114,40 @@ __global__ void router_kernel(float* logits, float* scores, int32_t* topk_idx, f
     return warp_sum(acc);
   };
   double lg[kSlots];
+  if constexpr (kSlots == 1) {
+    // E <= 32: the x row is read once, every expert's partial dot accumulates in its own register (each
+    // in dot()'s order), then E independent warp sums: the same bits as dot(), far shorter chains
+    float acc[32];
 #pragma unroll
-  for (int j = 0; j < kSlots; ++j) {
-    lg[j] = 0;
-    if (32 * j >= E) continue;
-    for (int l = 0; l < 32 && 32 * j + l < E; ++l) {
-      const float acc = dot(rw + static_cast<int64_t>(32 * j + l) * C);
-      if (lane == l) lg[j] = acc;
+    for (int e = 0; e < 32; ++e) acc[e] = 0;
+    for (int c = lane * 8; c < C; c += 256) {
+      float xv[8];
+      load_f32<8>(xv, xr + c);
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        if (e >= E) break;
+        float wv[8];
+        load_f32<8>(wv, rw + static_cast<int64_t>(e) * C + c);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[e] += xv[j] * wv[j];
+      }
+    }
+    lg[0] = 0;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      if (e >= E) break;
+      const float t = warp_sum(acc[e]);
+      if (lane == e) lg[0] = t;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      lg[j] = 0;
+      if (32 * j >= E) continue;
+      for (int l = 0; l < 32 && 32 * j + l < E; ++l) {
+        const float acc = dot(rw + static_cast<int64_t>(32 * j + l) * C);
+        if (lane == l) lg[j] = acc;
+      }
     }
   }
   for (int s = 0; gate_w && s < S; ++s) {
@@ -269,6 +296,7 @@ void gather_rows(nv* xg, const nv* x, const int32_t* perm, const int32_t* offset
 __global__ void aux_kernel(float* stats, const float* logits, const float* scores, const int32_t* counts, int N, int E,
                            int K, float aux_coef, float z_coef) {
   __shared__ double scratch[32];
+  __shared__ double scratch8[8][32];
   double acc = 0;  // thread 0's
   if (aux_coef != 0) {
     // P_e = sum_n scores[n, e]: each thread adds its tokens n = tid, tid + blockDim.x, ... in order, 8
@@ -281,10 +309,19 @@ __global__ void aux_kernel(float* stats, const float* logits, const float* score
         for (int j = 0; j < 8; ++j)
           if (e0 + j < E) P[j] += row[j];
       }
-      for (int j = 0; j < 8 && e0 + j < E; ++j) {
-        const double Pe = block_sum(P[j], scratch);
-        acc += static_cast<double>(counts[e0 + j]) / (static_cast<double>(N) * K) * (Pe / N);
+      // the 8 block sums together (block_sum's arithmetic, one barrier pair instead of eight)
+      const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        P[j] = warp_sum(P[j]);
+        if (lane == 0) scratch8[j][warp] = P[j];
       }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) P[j] = warp_sum(lane < nwarps ? scratch8[j][lane] : 0.0);
+      __syncthreads();
+      for (int j = 0; j < 8 && e0 + j < E; ++j)
+        acc += static_cast<double>(counts[e0 + j]) / (static_cast<double>(N) * K) * (P[j] / N);
     }
   }
   double z = 0;
