@@ -318,6 +318,35 @@ TEST(OpsMoe, ForwardMatchesPerTokenLoop) {
 // Setting d_aux = 0 (dropping the aux/z gradients) fails this test by ~0.1.
 constexpr double kBwdAtol = 2e-5, kBwdRtol = 1e-4;
 
+// The FD objective: L(q) = aux + z + sum(out * G) of the reference at parameters q.
+double ref_loss(const std::vector<double>& q, const MoeConfig& cfg, int64_t N, const std::vector<double>& Gd,
+                const std::vector<float>& bias = {}) {
+  const Ref rq = moe_ref(q, cfg, N, bias);
+  double L = rq.aux + rq.z;
+  for (size_t i = 0; i < Gd.size(); ++i) L += rq.out[i] * Gd[i];
+  return L;
+}
+
+// One gradient the backward added into a prefilled buffer.
+struct PrefilledGrad {
+  const char* name;
+  const std::vector<float>& got;
+  const std::vector<float>& prefill;
+};
+// Each gradient must equal its prefill plus its slice of the FD gradient `fd` (slices in the order
+// given, which is Inputs::params()'s order); returns the number of values checked.
+size_t expect_prefilled_grads(const std::string& what, const std::vector<double>& fd,
+                              std::initializer_list<PrefilledGrad> grads) {
+  size_t off = 0;
+  for (const PrefilledGrad& g : grads) {
+    std::vector<double> want(g.got.size());
+    for (size_t i = 0; i < want.size(); ++i) want[i] = g.prefill[i] + fd[off + i];
+    off += want.size();
+    EXPECT_TRUE(all_close(std::string(g.name) + " " + what, g.got, want, kBwdAtol, kBwdRtol));
+  }
+  return off;
+}
+
 TEST(OpsMoe, BackwardFiniteDifferencesAccumulates) {
   const int64_t N = 7;
   for (const MoeConfig& cfg : all_cfgs()) {
@@ -333,14 +362,7 @@ TEST(OpsMoe, BackwardFiniteDifferencesAccumulates) {
     if (cfg.capacity_factor == 0.75f) ASSERT_GT(l.dropped, 0) << what;
     auto G = randn(N * C, 301);
     const auto Gd = to_double(G);
-    const auto grad = test::finite_diff(
-        [&](const std::vector<double>& q) {
-          const Ref rq = moe_ref(q, cfg, N);
-          double L = rq.aux + rq.z;
-          for (size_t i = 0; i < Gd.size(); ++i) L += rq.out[i] * Gd[i];
-          return L;
-        },
-        p);
+    const auto grad = test::finite_diff([&](const std::vector<double>& q) { return ref_loss(q, cfg, N, Gd); }, p);
     // prefilled gradients: backward must add
     auto dx = randn(N * C, 302, 0.5f), drw = randn(E * C, 303, 0.5f), dwin = randn(E * Fi * C, 304, 0.5f),
          dwout = randn(E * C * F, 305, 0.5f);
@@ -349,17 +371,8 @@ TEST(OpsMoe, BackwardFiniteDifferencesAccumulates) {
                  tensor_of(dwout, {E, C, F}, "dw_out"), tensor_of(G, {N, C}, "dout"), sb.st,
                  tensor_of(in.x, {N, C}, "x"), tensor_of(in.rw, {E, C}, "router_w"),
                  tensor_of(in.win, {E, Fi, C}, "w_in"), tensor_of(in.wout, {E, C, F}, "w_out"), cfg, 1.0f);
-    size_t off = 0;
-    auto expect_grad = [&](const char* name, const std::vector<float>& got, const std::vector<float>& prefill) {
-      std::vector<double> want(got.size());
-      for (size_t i = 0; i < got.size(); ++i) want[i] = prefill[i] + grad[off + i];
-      off += got.size();
-      EXPECT_TRUE(all_close(std::string(name) + " " + what, got, want, kBwdAtol, kBwdRtol));
-    };
-    expect_grad("dx", dx, dx0);
-    expect_grad("drouter_w", drw, drw0);
-    expect_grad("dw_in", dwin, dwin0);
-    expect_grad("dw_out", dwout, dwout0);
+    expect_prefilled_grads(what, grad,
+                           {{"dx", dx, dx0}, {"drouter_w", drw, drw0}, {"dw_in", dwin, dwin0}, {"dw_out", dwout, dwout0}});
   }
 }
 
@@ -433,12 +446,7 @@ void check_grads_ex(const MoeConfig& cfg, uint64_t seed, std::vector<float>* bia
   EXPECT_TRUE(all_close("out " + what, out, r.out, kFwdAtol, kFwdRtol));
   auto G = randn(N * C, seed + 11);
   const auto Gd = to_double(G);
-  auto loss = [&](const std::vector<double>& q, const std::vector<float>& b) {
-    const Ref rq = moe_ref(q, cfg, N, b);
-    double L = rq.aux + rq.z;
-    for (size_t i = 0; i < Gd.size(); ++i) L += rq.out[i] * Gd[i];
-    return L;
-  };
+  auto loss = [&](const std::vector<double>& q, const std::vector<float>& b) { return ref_loss(q, cfg, N, Gd, b); };
   const auto grad = test::finite_diff([&](const std::vector<double>& q) { return loss(q, bv); }, p);
   auto dx = randn(N * C, seed + 12, 0.5f), drw = randn(E * C, seed + 13, 0.5f),
        dwin = randn(E * Fi * C, seed + 14, 0.5f), dwout = randn(E * C * F, seed + 15, 0.5f),
@@ -458,21 +466,15 @@ void check_grads_ex(const MoeConfig& cfg, uint64_t seed, std::vector<float>* bia
                tensor_of(dwout, {E, C, F}, "dw_out"), dex, tensor_of(G, {N, C}, "dout"), sb.st,
                tensor_of(in.x, {N, C}, "x"), tensor_of(in.rw, {E, C}, "router_w"),
                tensor_of(in.win, {E, Fi, C}, "w_in"), tensor_of(in.wout, {E, C, F}, "w_out"), ex, cfg, 1.0f);
-  size_t off = 0;
-  auto expect_grad = [&](const char* name, const std::vector<float>& got, const std::vector<float>& prefill) {
-    std::vector<double> want(got.size());
-    for (size_t i = 0; i < got.size(); ++i) want[i] = prefill[i] + grad[off + i];
-    off += got.size();
-    EXPECT_TRUE(all_close(std::string(name) + " " + what, got, want, kBwdAtol, kBwdRtol));
-  };
-  expect_grad("dx", dx, dx0);
-  expect_grad("drouter_w", drw, drw0);
-  expect_grad("dw_in", dwin, dwin0);
-  expect_grad("dw_out", dwout, dwout0);
-  expect_grad("dws_in", dwsin, dwsin0);
-  expect_grad("dws_out", dwsout, dwsout0);
-  expect_grad("dws_gate", dwsgate, dwsgate0);
-  EXPECT_EQ(off, p.size()) << what;
+  const size_t checked = expect_prefilled_grads(what, grad,
+                                                {{"dx", dx, dx0},
+                                                 {"drouter_w", drw, drw0},
+                                                 {"dw_in", dwin, dwin0},
+                                                 {"dw_out", dwout, dwout0},
+                                                 {"dws_in", dwsin, dwsin0},
+                                                 {"dws_out", dwsout, dwsout0},
+                                                 {"dws_gate", dwsgate, dwsgate0}});
+  EXPECT_EQ(checked, p.size()) << what;
   if (bias) {  // the loss is piecewise constant in the bias: zero gradient away from a tie
     std::vector<double> b0(bv.begin(), bv.end());
     const auto gb = test::finite_diff(
