@@ -334,8 +334,9 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   if (any_moe)
     for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan.training, "moe.")) ws.push_back(std::move(sp));
   work_ = Arena("workspace", ws, plan.device);
-  if (any_moe) moe_scratch_ = moe_scratch_bind(work_, moe_cfg_, plan.training, "moe.");
-  moe_layer_scratch_.assign(static_cast<size_t>(cfg_.n_layer), moe_scratch_);
+  // MoE scratch, shared by the layers (the workspace), each training layer with its own saved xg
+  const MoeScratch shared_scratch = any_moe ? moe_scratch_bind(work_, moe_cfg_, plan.training, "moe.") : MoeScratch{};
+  moe_layer_scratch_.assign(static_cast<size_t>(cfg_.n_layer), shared_scratch);
   for (int l = 0; l < cfg_.n_layer && plan.training; ++l)
     if (cfg_.is_moe_layer(l)) {
       moe_layer_scratch_[static_cast<size_t>(l)].xg = acts_.get(layer_name(l, "moe.xg"));

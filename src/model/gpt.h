@@ -168,8 +168,7 @@ class Gpt {
   std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets
   std::vector<LayerActs> la_;
   MoeConfig moe_cfg_;
-  MoeScratch moe_scratch_;
-  std::vector<MoeScratch> moe_layer_scratch_;  // per layer: moe_scratch_ with the layer's own xg (training)
+  std::vector<MoeScratch> moe_layer_scratch_;  // per layer: the shared MoE scratch, xg the layer's own (training)
   std::vector<MoeState> moe_states_;
   MoeState decode_moe_;        // decode_step's MoE state (batch 1)
   MoeScratch decode_moe_scratch_;
