@@ -107,6 +107,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda");
   std::string precision = "fp32";
   app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
+  std::string attention = "auto";
+  app.add_option("--attention", attention, "bf16 flash attention kernels: auto, lmforge or cudnn");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   bool graph = false;
@@ -118,7 +120,11 @@ int main(int argc, char** argv) {
     const Device dev = device == "cuda" ? Device::cuda : Device::cpu;
     if (graph && (dev != Device::cuda || profile)) fail("--cuda-graph needs --device cuda and no --profile");
     if (dev == Device::cuda) cuda_set_device(0);
-    Gpt model(c, GptPlan{B, T, true, 0, dev, parse_precision(precision, "--precision")});
+    const Precision prec = parse_precision(precision, "--precision");
+    const FlashKernels attn =
+        flash_kernels_from_flag(attention, prec == Precision::bf16 && dev == Device::cuda,
+                                {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
+    Gpt model(c, GptPlan{B, T, true, 0, dev, prec, attn});
     model.init_weights(1);
     std::vector<int32_t> tok(B * T), tgt(B * T);
     for (int64_t i = 0; i < B * T; ++i) {
@@ -178,9 +184,11 @@ int main(int argc, char** argv) {
     if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
-    std::printf("{\"impl\": \"lmforge-%s-B%lld%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
+    const std::string attn_tag = prec == Precision::bf16 ? std::string("-") + flash_kernels_name(attn) : std::string();
+    std::printf("{\"impl\": \"lmforge-%s%s-B%lld%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                precision.c_str(), static_cast<long long>(B), graph ? "-graph" : "", device.c_str(), tok_s, med, omp_get_max_threads(), mfu, peak_gb);
+                precision.c_str(), attn_tag.c_str(), static_cast<long long>(B), graph ? "-graph" : "", device.c_str(), tok_s, med,
+                omp_get_max_threads(), mfu, peak_gb);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";
     return 1;

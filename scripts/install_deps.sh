@@ -10,3 +10,31 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   echo "installed: ${missing[*]}"
 fi
+
+# cuDNN frontend (header-only C++ API of cuDNN's graph interface; the fused attention kernels of
+# src/ops/flash_attention_cudnn.cpp). Only where the CUDA toolkit is: the headers come from the PyPI
+# wheel nvidia-cudnn-frontend (its include/ folder), unpacked into third_party/ (git-ignored). Without
+# them the CUDA build still works, with lmforge's own attention kernels only.
+CUDNN_FE_VERSION=1.32.0
+fe_dir="$(cd "$(dirname "$0")/.." && pwd)/third_party/cudnn_frontend"
+if { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; } &&
+   [ "$(cat "$fe_dir/VERSION" 2>/dev/null)" != "$CUDNN_FE_VERSION" ]; then
+  tmp="$(mktemp -d)"
+  if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+       --platform manylinux_2_28_x86_64 -d "$tmp" "nvidia-cudnn-frontend==$CUDNN_FE_VERSION" >/dev/null 2>&1; then
+    rm -rf "$fe_dir" && mkdir -p "$fe_dir"
+    python3 - "$tmp" "$fe_dir" <<'PY'
+import glob, sys, zipfile
+tmp, dst = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(glob.glob(tmp + "/*.whl")[0]) as z:
+    for n in z.namelist():
+        if n.startswith("include/"):
+            z.extract(n, dst)
+PY
+    echo "$CUDNN_FE_VERSION" > "$fe_dir/VERSION"
+    echo "installed: cudnn-frontend $CUDNN_FE_VERSION headers (third_party/cudnn_frontend)"
+  else
+    echo "warning: could not download nvidia-cudnn-frontend $CUDNN_FE_VERSION; building without the cuDNN attention path" >&2
+  fi
+  rm -rf "$tmp"
+fi

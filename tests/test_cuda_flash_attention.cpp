@@ -1,19 +1,26 @@
-// test_cuda_flash_attention.cpp: the bf16 flash attention kernels (ops/attention.h,
-// flash_attention_forward/backward, flash_attention.cu) against the CPU fp32 reference
-// (attention_forward/backward) run on the same bf16-rounded inputs, docs/MIXED_PRECISION.md.
+// test_cuda_flash_attention.cpp: the bf16 flash attention op (ops/attention.h,
+// flash_attention_forward/backward) with both kernel sets, lmforge's own (flash_attention.cu) and
+// cuDNN's (flash_attention_cudnn.cpp), against the CPU fp32 reference (attention_forward/backward) run
+// on the same bf16-rounded inputs, docs/MIXED_PRECISION.md.
 //
-// Checked per shape: out, lse (reference in double on the host), and the increments of dqkv split
-// into its q, k and v columns (dqkv starts at a nonzero bf16 baseline: the op must add, +=); outputs
-// out, lse and the delta scratch are poisoned (NaN) first; forward + backward run twice and must give
-// identical bits. Shapes: T = 1, tails of every tile size (7, 65, 100, 200, 257), MHA and GQA,
-// HS 32/64/128, the GPT-2 shape at B = 1. A graph-captured run matches a direct one bitwise. Bad input:
-// unsupported head size, bf16 tensors on the CPU, wrong dtypes. Throughput at the GPT-2 training shape
-// is printed (not checked).
+// Checked per shape and per run (forward kernels, backward kernels, GradMode): out, lse (reference in
+// double on the host), and the gradient in dqkv split into its q, k and v columns. Accumulate runs
+// start dqkv at a nonzero bf16 baseline (the op must add, +=); Overwrite runs start it poisoned (NaN:
+// every element must be written). out, lse and the delta scratch are poisoned first; each run is
+// repeated and must give identical bits. Runs: lmforge (Accumulate and Overwrite), cudnn, and cuDNN's
+// backward after lmforge's forward (the lse contract is shared). Shapes: T = 1, tails of every tile
+// size (7, 65, 100, 200, 257), MHA and GQA, HS 32/64/128, the GPT-2 shape at B = 1. Both kernel sets:
+// batch invariance, a graph-captured run matching a direct one bitwise. Bad input: unsupported head
+// size, bf16 tensors on the CPU, wrong dtypes, cudnn with Accumulate. Throughput at the GPT-2 training
+// shape is printed (not checked).
+// cuDNN runs need cudnn_attention_available(); without it they report SKIPPED, and with
+// LMF_REQUIRE_CUDNN=1 in the environment (tools/gpu_check.sh sets it) they fail instead.
 // The measured errors are printed on "measured" lines (the device script greps them).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -62,9 +69,55 @@ struct GpuResult {
 
 bool same_bits(const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
 
-// Forward then backward on the GPU; out, lse and delta poisoned first; dqkv starts at dqkv0.
+// Which kernels run the forward and the backward, and how the backward writes dqkv.
+struct FlashRun {
+  FlashKernels fwd, bwd;
+  GradMode mode;
+  std::string str() const {
+    return std::string("fwd=") + flash_kernels_name(fwd) + " bwd=" + flash_kernels_name(bwd) +
+           (mode == GradMode::Accumulate ? " accumulate" : " overwrite");
+  }
+};
+constexpr FlashRun kLmforge{FlashKernels::lmforge, FlashKernels::lmforge, GradMode::Accumulate};
+constexpr FlashRun kCudnn{FlashKernels::cudnn, FlashKernels::cudnn, GradMode::Overwrite};
+
+// cuDNN runs happen when cuDNN is available; else they are skipped, or fail under LMF_REQUIRE_CUDNN=1.
+bool cudnn_required() {
+  const char* v = std::getenv("LMF_REQUIRE_CUDNN");
+  return v != nullptr && std::string(v) == "1";
+}
+#define LMF_REQUIRE_CUDNN()                                                                           \
+  do {                                                                                                \
+    if (!cudnn_attention_available()) {                                                               \
+      if (cudnn_required()) FAIL() << "LMF_REQUIRE_CUDNN=1 but cudnn_attention_available() is false"; \
+      GTEST_SKIP() << "cuDNN attention not available in this build / on this machine";               \
+    }                                                                                                 \
+  } while (0)
+
+// The runs to check at a shape: lmforge's kernels in both modes, and with cuDNN available and running
+// the shape, its kernels and its backward after lmforge's forward (with LMF_REQUIRE_CUDNN=1 a missing
+// cuDNN is a failure; a shape cuDNN refuses is printed, and is a failure where cudnn_must_run).
+std::vector<FlashRun> runs_to_check(const Dims& d, bool cudnn_must_run) {
+  std::vector<FlashRun> r = {kLmforge, {FlashKernels::lmforge, FlashKernels::lmforge, GradMode::Overwrite}};
+  if (!cudnn_attention_available()) {
+    EXPECT_FALSE(cudnn_required()) << "LMF_REQUIRE_CUDNN=1 but cudnn_attention_available() is false";
+    return r;
+  }
+  const std::string why = cudnn_attention_problem(d.B, d.T, static_cast<int>(d.NH), static_cast<int>(d.NKV), d.HS);
+  if (!why.empty()) {
+    std::cout << "measured cudnn refuses " << d.str() << ": " << why << "\n";
+    EXPECT_FALSE(cudnn_must_run) << why;
+    return r;
+  }
+  r.push_back(kCudnn);
+  r.push_back({FlashKernels::lmforge, FlashKernels::cudnn, GradMode::Overwrite});
+  return r;
+}
+
+// Forward then backward on the GPU; out, lse and delta poisoned first; dqkv starts at dqkv0 (Accumulate)
+// or poisoned (Overwrite).
 GpuResult run_gpu(const Dims& d, const std::vector<bf16>& qkv, const std::vector<bf16>& dout,
-                  const std::vector<bf16>& dqkv0) {
+                  const std::vector<bf16>& dqkv0, const FlashRun& run = kLmforge) {
   const int64_t B = d.B, T = d.T, NH = d.NH;
   const int nh = static_cast<int>(d.NH), nkv = static_cast<int>(d.NKV);
   const size_t rows_f32 = static_cast<size_t>(B * NH * T) * sizeof(float);
@@ -73,13 +126,15 @@ GpuResult run_gpu(const Dims& d, const std::vector<bf16>& qkv, const std::vector
   gout.poison();
   glse.poison();
   gdelta.poison();
+  if (run.mode == GradMode::Overwrite) gdqkv.poison();
   const Tensor tqkv = gqkv.tensor(DType::bf16, {B, T, d.C3()}, "qkv");
   const Tensor tout = gout.tensor(DType::bf16, {B, T, d.CO()}, "out");
   const Tensor tlse = glse.tensor(DType::f32, {B, NH, T}, "lse");
-  flash_attention_forward(tout, tlse, tqkv, nh, nkv);
+  flash_attention_forward(tout, tlse, tqkv, nh, nkv, run.fwd);
   flash_attention_backward(gdqkv.tensor(DType::bf16, {B, T, d.C3()}, "dqkv"),
                            gdelta.tensor(DType::f32, {B, NH, T}, "delta"),
-                           gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout"), tqkv, tout, tlse, nh, nkv);
+                           gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout"), tqkv, tout, tlse, nh, nkv, run.mode,
+                           run.bwd);
   return {gout.download<bf16>(), gdqkv.download<bf16>(), glse.download<float>(), gdelta.download<float>()};
 }
 
@@ -120,7 +175,7 @@ std::vector<float> extract_part(const Dims& d, const std::vector<float>& m, int 
   return r;
 }
 
-void check_case(const Dims& d) {
+void check_case(const Dims& d, bool cudnn_must_run = true) {
   const uint64_t seed = test::fresh_seed();
   const std::string what = d.str() + " seed=" + std::to_string(seed);
   const int64_t B = d.B, T = d.T, NH = d.NH;
@@ -153,44 +208,51 @@ void check_case(const Dims& d) {
     dqkv0[i] *= static_cast<float>(0.5 * rms[part_of(d, static_cast<int64_t>(i % static_cast<size_t>(d.C3())))]);
   dqkv0 = round_bf16(dqkv0);
 
-  const GpuResult gpu = run_gpu(d, to_bf16(qkv), to_bf16(dout), to_bf16(dqkv0));
+  for (const FlashRun& run : runs_to_check(d, cudnn_must_run)) {
+    const std::string what_run = what + " " + run.str();
+    const bool acc = run.mode == GradMode::Accumulate;
+    const GpuResult gpu = run_gpu(d, to_bf16(qkv), to_bf16(dout), to_bf16(dqkv0), run);
 
-  const double e_out = rel_l2_error(from_bf16(gpu.out), out_ref);
-  double e_lse = 0;
-  for (size_t i = 0; i < lse_ref.size(); ++i) {
-    const double e = std::fabs(static_cast<double>(gpu.lse[i]) - lse_ref[i]);
-    e_lse = std::isfinite(e) ? std::max(e_lse, e) : INFINITY;
+    const double e_out = rel_l2_error(from_bf16(gpu.out), out_ref);
+    double e_lse = 0;
+    for (size_t i = 0; i < lse_ref.size(); ++i) {
+      const double e = std::fabs(static_cast<double>(gpu.lse[i]) - lse_ref[i]);
+      e_lse = std::isfinite(e) ? std::max(e_lse, e) : INFINITY;
+    }
+    const std::vector<float> got = from_bf16(gpu.dqkv);
+    std::vector<float> inc(got.size());
+    for (size_t i = 0; i < got.size(); ++i) inc[i] = acc ? got[i] - dqkv0[i] : got[i];
+    double e_grad[3];
+    for (int p = 0; p < 3; ++p) e_grad[p] = rel_l2_error(extract_part(d, inc, p), extract_part(d, grad, p));
+
+    std::cout << "measured flash rel err " << d.str() << " " << run.str() << ": out " << e_out << " dq " << e_grad[0]
+              << " dk " << e_grad[1] << " dv " << e_grad[2] << " (bound " << kOutBound << "), lse max abs " << e_lse
+              << " (bound " << kLseAbsBound << ")\n";
+    EXPECT_LE(e_out, kOutBound) << "out " << what_run;
+    EXPECT_LE(e_lse, kLseAbsBound) << "lse " << what_run;
+    EXPECT_LE(e_grad[0], kGradBound) << "dq " << what_run;
+    EXPECT_LE(e_grad[1], kGradBound) << "dk " << what_run;
+    EXPECT_LE(e_grad[2], kGradBound) << "dv " << what_run;
+    if (run.bwd == FlashKernels::lmforge)  // the cuDNN backward keeps its own row sums
+      for (size_t i = 0; i < gpu.delta.size(); ++i)
+        ASSERT_TRUE(std::isfinite(gpu.delta[i])) << "delta[" << i << "] not written " << what_run;
+
+    // Bitwise repeat: forward + backward again from the same inputs.
+    const GpuResult again = run_gpu(d, to_bf16(qkv), to_bf16(dout), to_bf16(dqkv0), run);
+    EXPECT_TRUE(same_bits(again.out.data(), gpu.out.data(), gpu.out.size() * sizeof(bf16))) << "out " << what_run;
+    EXPECT_TRUE(same_bits(again.lse.data(), gpu.lse.data(), gpu.lse.size() * sizeof(float))) << "lse " << what_run;
+    EXPECT_TRUE(same_bits(again.dqkv.data(), gpu.dqkv.data(), gpu.dqkv.size() * sizeof(bf16))) << "dqkv " << what_run;
+    if (run.bwd == FlashKernels::lmforge)
+      EXPECT_TRUE(same_bits(again.delta.data(), gpu.delta.data(), gpu.delta.size() * sizeof(float)))
+          << "delta " << what_run;
   }
-  const std::vector<float> got = from_bf16(gpu.dqkv);
-  std::vector<float> inc(got.size());
-  for (size_t i = 0; i < got.size(); ++i) inc[i] = got[i] - dqkv0[i];
-  double e_grad[3];
-  for (int p = 0; p < 3; ++p) e_grad[p] = rel_l2_error(extract_part(d, inc, p), extract_part(d, grad, p));
-
-  std::cout << "measured flash rel err " << d.str() << ": out " << e_out << " dq " << e_grad[0] << " dk "
-            << e_grad[1] << " dv " << e_grad[2] << " (bound " << kOutBound << "), lse max abs " << e_lse
-            << " (bound " << kLseAbsBound << ")\n";
-  EXPECT_LE(e_out, kOutBound) << "out " << what;
-  EXPECT_LE(e_lse, kLseAbsBound) << "lse " << what;
-  EXPECT_LE(e_grad[0], kGradBound) << "dq " << what;
-  EXPECT_LE(e_grad[1], kGradBound) << "dk " << what;
-  EXPECT_LE(e_grad[2], kGradBound) << "dv " << what;
-  for (size_t i = 0; i < gpu.delta.size(); ++i)
-    ASSERT_TRUE(std::isfinite(gpu.delta[i])) << "delta[" << i << "] not written " << what;
-
-  // Bitwise repeat: forward + backward again from the same inputs.
-  const GpuResult again = run_gpu(d, to_bf16(qkv), to_bf16(dout), to_bf16(dqkv0));
-  EXPECT_TRUE(same_bits(again.out.data(), gpu.out.data(), gpu.out.size() * sizeof(bf16))) << "out " << what;
-  EXPECT_TRUE(same_bits(again.lse.data(), gpu.lse.data(), gpu.lse.size() * sizeof(float))) << "lse " << what;
-  EXPECT_TRUE(same_bits(again.dqkv.data(), gpu.dqkv.data(), gpu.dqkv.size() * sizeof(bf16))) << "dqkv " << what;
-  EXPECT_TRUE(same_bits(again.delta.data(), gpu.delta.data(), gpu.delta.size() * sizeof(float))) << "delta " << what;
 }
 
 TEST(CudaFlashAttention, AwkwardSizesMatchCpu) {
   LMF_REQUIRE_GPU();
   const Dims cases[] = {{1, 1, 1, 1, 64}, {2, 7, 4, 2, 32}, {1, 100, 4, 1, 64}, {2, 257, 2, 2, 128},
                         {1, 200, 4, 2, 128}, {3, 65, 3, 3, 32}};
-  for (const Dims& d : cases) check_case(d);
+  for (const Dims& d : cases) check_case(d, d.T > 1);  // cuDNN 9 refuses T = 1
 }
 
 TEST(CudaFlashAttention, Gpt2ShapeMatchesCpu) {
@@ -205,27 +267,38 @@ TEST(CudaFlashAttention, Hs64TailsMatchCpu) {
   for (const Dims& d : cases) check_case(d);
 }
 
-// Every sum's order depends only on T, HS and the group size: a sequence's outputs and gradient are
-// bitwise the same alone (B = 1) and inside a batch of 3.
-TEST(CudaFlashAttention, BatchInvariant) {
-  LMF_REQUIRE_GPU();
+// A sequence's outputs and gradient are bitwise the same alone (B = 1) and inside a batch of 3.
+void check_batch_invariant(const FlashRun& run) {
   const Dims one{1, 200, 4, 2, 64}, three{3, 200, 4, 2, 64};
   const uint64_t seed = test::fresh_seed();
   const std::vector<bf16> qkv3 = to_bf16(randn(static_cast<size_t>(three.B * three.T * three.C3()), seed));
   const std::vector<bf16> dout3 = to_bf16(randn(static_cast<size_t>(three.B * three.T * three.CO()), seed + 1));
   const std::vector<bf16> dqkv3 = to_bf16(randn(qkv3.size(), seed + 2, 0.01f));
   const size_t n1 = static_cast<size_t>(one.T * one.C3()), o1 = static_cast<size_t>(one.T * one.CO());
-  const GpuResult all = run_gpu(three, qkv3, dout3, dqkv3);
+  const GpuResult all = run_gpu(three, qkv3, dout3, dqkv3, run);
   for (int64_t b = 0; b < three.B; ++b) {
     const auto slice = [&](const std::vector<bf16>& v, size_t n) {
       return std::vector<bf16>(v.begin() + static_cast<int64_t>(n) * b, v.begin() + static_cast<int64_t>(n) * (b + 1));
     };
-    const GpuResult alone = run_gpu(one, slice(qkv3, n1), slice(dout3, o1), slice(dqkv3, n1));
+    const GpuResult alone = run_gpu(one, slice(qkv3, n1), slice(dout3, o1), slice(dqkv3, n1), run);
     EXPECT_TRUE(same_bits(alone.dqkv.data(), all.dqkv.data() + n1 * static_cast<size_t>(b), n1 * sizeof(bf16)))
-        << "dqkv of sequence " << b << " seed=" << seed;
+        << "dqkv of sequence " << b << " " << run.str() << " seed=" << seed;
     EXPECT_TRUE(same_bits(alone.out.data(), all.out.data() + o1 * static_cast<size_t>(b), o1 * sizeof(bf16)))
-        << "out of sequence " << b << " seed=" << seed;
+        << "out of sequence " << b << " " << run.str() << " seed=" << seed;
   }
+}
+
+// lmforge's kernels: every sum's order depends only on T, HS and the group size.
+TEST(CudaFlashAttention, BatchInvariant) {
+  LMF_REQUIRE_GPU();
+  check_batch_invariant(kLmforge);
+}
+
+// cuDNN's kernels (its plan may depend on B: measured here, not assumed).
+TEST(CudaFlashAttention, CudnnBatchInvariant) {
+  LMF_REQUIRE_GPU();
+  LMF_REQUIRE_CUDNN();
+  check_batch_invariant(kCudnn);
 }
 
 // Throughput at the GPT-2 124M training shape (B=16, NH=12, T=1024, HS=64), printed only (FLOPs of
@@ -233,6 +306,10 @@ TEST(CudaFlashAttention, BatchInvariant) {
 // reports). The outputs must at least be finite.
 TEST(CudaFlashAttention, Gpt2Throughput) {
   LMF_REQUIRE_GPU();
+  std::vector<FlashKernels> sets = {FlashKernels::lmforge};
+  if (cudnn_attention_available()) sets.push_back(FlashKernels::cudnn);
+  for (const FlashKernels k : sets) {
+  const GradMode mode = k == FlashKernels::cudnn ? GradMode::Overwrite : GradMode::Accumulate;
   const Dims d{16, 1024, 12, 12, 64};
   const int64_t B = d.B, T = d.T, NH = d.NH;
   const int nh = static_cast<int>(d.NH), nkv = static_cast<int>(d.NKV);
@@ -247,8 +324,8 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   const Tensor tdqkv = gdqkv.tensor(DType::bf16, {B, T, d.C3()}, "dqkv");
   const Tensor tdelta = gdelta.tensor(DType::f32, {B, NH, T}, "delta");
   const Tensor tdout = gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout");
-  auto fwd = [&] { flash_attention_forward(tout, tlse, tqkv, nh, nkv); };
-  auto bwd = [&] { flash_attention_backward(tdqkv, tdelta, tdout, tqkv, tout, tlse, nh, nkv); };
+  auto fwd = [&] { flash_attention_forward(tout, tlse, tqkv, nh, nkv, k); };
+  auto bwd = [&] { flash_attention_backward(tdqkv, tdelta, tdout, tqkv, tout, tlse, nh, nkv, mode, k); };
   std::vector<void*> ev = cuda_event_pool_create(3);
   constexpr int kWarm = 3, kIters = 20;
   for (int i = 0; i < kWarm; ++i) {
@@ -264,10 +341,12 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
   const double ms_fwd = cuda_event_elapsed_ms(ev[0], ev[1]) / kIters, ms_bwd = cuda_event_elapsed_ms(ev[1], ev[2]) / kIters;
   cuda_event_pool_destroy(ev);
   const double flop_fwd = 4.0 * static_cast<double>(B * NH * d.HS) * static_cast<double>(T * (T + 1) / 2);
-  std::cout << "measured flash fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9) << " TFLOP/s, bwd " << ms_bwd
-            << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str() << ")\n";
+  std::cout << "measured flash " << flash_kernels_name(k) << " fwd " << ms_fwd << " ms " << flop_fwd / (ms_fwd * 1e9)
+            << " TFLOP/s, bwd " << ms_bwd << " ms " << 2.5 * flop_fwd / (ms_bwd * 1e9) << " TFLOP/s (" << d.str()
+            << ")\n";
   for (float v : from_bf16(gout.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
   for (float v : from_bf16(gdqkv.download<bf16>())) ASSERT_TRUE(std::isfinite(v));
+  }
 }
 
 // The training step runs inside a CUDA graph capture (cudaStreamCaptureModeGlobal: no allocation, no
@@ -275,6 +354,9 @@ TEST(CudaFlashAttention, Gpt2Throughput) {
 // (HS 64 and 128 launch with more than 48 KiB of dynamic shared memory).
 TEST(CudaFlashAttention, GraphCaptureMatchesDirectRun) {
   LMF_REQUIRE_GPU();
+  std::vector<FlashRun> sets = {kLmforge};
+  if (cudnn_attention_available()) sets.push_back(kCudnn);
+  for (const FlashRun& run : sets)
   for (const int64_t HS : {32, 64, 128}) {
     const Dims d{2, 150, 4, 2, HS};
     const int64_t B = d.B, T = d.T, NH = d.NH;
@@ -283,7 +365,7 @@ TEST(CudaFlashAttention, GraphCaptureMatchesDirectRun) {
     const std::vector<bf16> qkv = to_bf16(randn(static_cast<size_t>(B * T * d.C3()), seed));
     const std::vector<bf16> dout = to_bf16(randn(static_cast<size_t>(B * T * d.CO()), seed + 1));
     const std::vector<bf16> dqkv0 = to_bf16(randn(qkv.size(), seed + 2, 0.01f));
-    const GpuResult direct = run_gpu(d, qkv, dout, dqkv0);
+    const GpuResult direct = run_gpu(d, qkv, dout, dqkv0, run);  // also builds cuDNN's plans (not in a capture)
 
     const size_t rows_f32 = static_cast<size_t>(B * NH * T) * sizeof(float);
     DeviceBuffer gqkv(qkv), gdout(dout), gdqkv(dqkv0), gout(static_cast<size_t>(B * T * d.CO()) * sizeof(bf16)),
@@ -292,19 +374,21 @@ TEST(CudaFlashAttention, GraphCaptureMatchesDirectRun) {
     const Tensor tout = gout.tensor(DType::bf16, {B, T, d.CO()}, "out");
     const Tensor tlse = glse.tensor(DType::f32, {B, NH, T}, "lse");
     cuda_capture_begin();
-    flash_attention_forward(tout, tlse, tqkv, nh, nkv);
+    flash_attention_forward(tout, tlse, tqkv, nh, nkv, run.fwd);
     flash_attention_backward(gdqkv.tensor(DType::bf16, {B, T, d.C3()}, "dqkv"),
                              gdelta.tensor(DType::f32, {B, NH, T}, "delta"),
-                             gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout"), tqkv, tout, tlse, nh, nkv);
+                             gdout.tensor(DType::bf16, {B, T, d.CO()}, "dout"), tqkv, tout, tlse, nh, nkv, run.mode,
+                             run.bwd);
     void* graph = cuda_capture_end();
     gout.poison();
     glse.poison();
     gdelta.poison();
     gdqkv.upload(dqkv0);
+    if (run.mode == GradMode::Overwrite) gdqkv.poison();
     cuda_graph_replay(graph);
     device_synchronize();
     cuda_graph_destroy(graph);
-    const std::string what = d.str() + " seed=" + std::to_string(seed);
+    const std::string what = d.str() + " " + run.str() + " seed=" + std::to_string(seed);
     const std::vector<bf16> out = gout.download<bf16>(), dqkv = gdqkv.download<bf16>();
     const std::vector<float> lse = glse.download<float>();
     EXPECT_TRUE(same_bits(out.data(), direct.out.data(), out.size() * sizeof(bf16))) << "out " << what;
@@ -338,6 +422,47 @@ TEST(CudaFlashAttention, UnsupportedHeadSizeIsAnError) {
                                        lse.tensor(DType::bf16, {B, NH, T}, "lse"),
                                        qkv.tensor(DType::bf16, {B, T, (NH + 2 * NKV) * 32}, "qkv"), int(NH), int(NKV)),
                Error);
+}
+
+// cuDNN's backward writes dqkv: asking it to add is an error naming the tensor, before any work.
+TEST(CudaFlashAttention, CudnnAccumulateIsAnError) {
+  LMF_REQUIRE_GPU();
+  LMF_REQUIRE_CUDNN();
+  const int64_t B = 1, T = 5, NH = 2, NKV = 1, HS = 64, C3 = (NH + 2 * NKV) * HS;
+  DeviceBuffer qkv(static_cast<size_t>(B * T * C3) * 2), dqkv(static_cast<size_t>(B * T * C3) * 2),
+      out(static_cast<size_t>(B * T * NH * HS) * 2), dout(static_cast<size_t>(B * T * NH * HS) * 2),
+      lse(static_cast<size_t>(B * NH * T) * 4), delta(static_cast<size_t>(B * NH * T) * 4);
+  try {
+    flash_attention_backward(dqkv.tensor(DType::bf16, {B, T, C3}, "dqkv"), delta.tensor(DType::f32, {B, NH, T}, "delta"),
+                             dout.tensor(DType::bf16, {B, T, NH * HS}, "dout"), qkv.tensor(DType::bf16, {B, T, C3}, "qkv"),
+                             out.tensor(DType::bf16, {B, T, NH * HS}, "out"), lse.tensor(DType::f32, {B, NH, T}, "lse"),
+                             int(NH), int(NKV), GradMode::Accumulate, FlashKernels::cudnn);
+    ADD_FAILURE() << "cudnn backward with GradMode::Accumulate did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot add to it"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'dqkv'"), std::string::npos) << e.what();
+  }
+}
+
+// The --attention flag: auto, lmforge, cudnn; anything else names the flag. No GPU needed.
+TEST(CudaFlashAttention, KernelsFlag) {
+  const FlashShape gpt2{16, 1024, 12, 12, 64}, one_token{1, 1, 1, 1, 64};
+  EXPECT_EQ(flash_kernels_from_flag("lmforge", true, gpt2, "--attention"), FlashKernels::lmforge);
+  EXPECT_EQ(flash_kernels_from_flag("cudnn", false, gpt2, "--attention"), FlashKernels::cudnn);
+  EXPECT_EQ(flash_kernels_from_flag("auto", false, gpt2, "--attention"), FlashKernels::lmforge);
+  EXPECT_EQ(flash_kernels_from_flag("auto", true, gpt2, "--attention"),
+            cudnn_attention_available() ? FlashKernels::cudnn : FlashKernels::lmforge);
+  // auto consults the shape (cuDNN 9 refuses T = 1)
+  const bool cudnn_one = cudnn_attention_available() && cudnn_attention_problem(1, 1, 1, 1, 64).empty();
+  EXPECT_EQ(flash_kernels_from_flag("auto", true, one_token, "--attention"),
+            cudnn_one ? FlashKernels::cudnn : FlashKernels::lmforge);
+  try {
+    flash_kernels_from_flag("flash3", true, gpt2, "--attention");
+    ADD_FAILURE() << "--attention=flash3 did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--attention: unknown attention kernels 'flash3'"), std::string::npos)
+        << e.what();
+  }
 }
 
 // No GPU needed: the op entries refuse bf16 tensors on the CPU (the CPU stays the fp32 reference)

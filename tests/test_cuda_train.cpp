@@ -26,10 +26,13 @@ namespace {
 namespace fs = std::filesystem;
 
 // precision "bf16-moe": bf16 on the tiny MoE preset (4 experts, top-2, every layer)
+// precision "bf16-lmforge": bf16 with lmforge's own attention kernels (plain bf16 takes --attention auto:
+// cuDNN's where available)
 TrainOptions run_opts(const std::string& dir, const char* device, int64_t steps, const char* precision = "fp32") {
   TrainOptions o;
-  const bool moe = std::string(precision) == "bf16-moe";
-  o.precision = moe ? "bf16" : precision;
+  const bool moe = std::string(precision) == "bf16-moe", own = std::string(precision) == "bf16-lmforge";
+  o.precision = moe || own ? "bf16" : precision;
+  if (own) o.attention = "lmforge";
   o.preset = moe ? "tiny-moe" : "tiny";
   o.batch_size = 8;
   o.seq_len = 64;
@@ -173,7 +176,13 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     tensor_to_host(trained.data(), f);
     fs::remove_all(d);
   }
-  for (const char* preset : {"tiny", "test-llama-hs32", "tiny-trained", "tiny-moe", "moe-shared-sigmoid-capacity"}) {
+  // Both flash attention kernel sets (cuDNN's where available; lmforge's always): the dense presets.
+  std::vector<std::pair<const char*, FlashKernels>> cases;
+  for (const char* preset : {"tiny", "test-llama-hs32", "tiny-trained", "tiny-moe", "moe-shared-sigmoid-capacity"})
+    cases.push_back({preset, cudnn_attention_available() ? FlashKernels::cudnn : FlashKernels::lmforge});
+  if (cudnn_attention_available())
+    for (const char* preset : {"tiny", "test-llama-hs32", "tiny-trained"}) cases.push_back({preset, FlashKernels::lmforge});
+  for (const auto& [preset, attention] : cases) {
     const bool llama = std::string(preset) == "test-llama-hs32";
     const bool moe = std::string(preset).find("moe") != std::string::npos;
     ModelConfig c = llama ? config_preset("test-llama") : config_preset(moe ? "tiny-moe" : "tiny");
@@ -204,7 +213,7 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     }
     const int64_t B = 4, T = 64;
     Gpt cpu(c, GptPlan{B, T, true, 0, Device::cpu, Precision::fp32});
-    Gpt gpu(c, GptPlan{B, T, true, 0, Device::cuda, Precision::bf16});
+    Gpt gpu(c, GptPlan{B, T, true, 0, Device::cuda, Precision::bf16, attention});
     cpu.init_weights(5);
     gpu.init_weights(5);
     if (std::string(preset) == "tiny-trained") {
@@ -255,8 +264,9 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
       EXPECT_LE(e, 5e-2) << preset << " grad of " << name;
       if (e > worst) { worst = e; worst_name = name; }
     }
-    std::printf("[ measured ] bf16 GPU vs fp32 CPU gradients (%s): loss %.6f vs %.6f, worst tensor rel_l2 %.2e (%s)\n",
-                preset, lg, lc, worst, worst_name.c_str());
+    std::printf("[ measured ] bf16 GPU vs fp32 CPU gradients (%s, attention %s): loss %.6f vs %.6f, worst tensor "
+                "rel_l2 %.2e (%s)\n",
+                preset, flash_kernels_name(attention), lg, lc, worst, worst_name.c_str());
     if (!moe) continue;
     // The routed experts' weight gradients are zeroed lazily on the GPU (the first backward writes
     // them): a second backward without zero_grad adds the same values (exactly twice the first), and
@@ -390,9 +400,11 @@ TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) 
   fs::remove_all(d);
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, CudaTrainingPrecision, ::testing::Values("fp32", "bf16", "bf16-moe"),
+INSTANTIATE_TEST_SUITE_P(Precisions, CudaTrainingPrecision, ::testing::Values("fp32", "bf16", "bf16-lmforge", "bf16-moe"),
                          [](const ::testing::TestParamInfo<const char*>& i) {
-                           return std::string(i.param) == "bf16-moe" ? std::string("bf16_moe") : std::string(i.param);
+                           std::string n = i.param;
+                           for (char& ch : n) ch = ch == '-' ? '_' : ch;
+                           return n;
                          });
 
 }  // namespace

@@ -11,7 +11,8 @@
 #   tools/gpu_check.sh moebench   # build + MoE benchmark + --cuda-graph on/off
 #   tools/gpu_check.sh ncu        # build + per-kernel device time of one step (Nsight Compute), MoE and GPT-2,
 #                                 # and the grouped GEMMs' hardware counters (ncugg: only those)
-#   tools/gpu_check.sh quick      # build + the tests in LMF_TESTS (default all GPU tests) + lmforge's benchmarks
+#   tools/gpu_check.sh quick      # build + the GPU tests + lmforge's benchmarks (no PyTorch)
+# LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
 # Logs go to $OUT (the device tool's output folder) or /tmp/lmf_gpu.
@@ -21,6 +22,9 @@ what=${1:-all}
 OUT=${OUT:-/tmp/lmf_gpu}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# The GPU machine has cuDNN: its attention tests must run, not skip (carry third_party/ from
+# scripts/install_deps.sh; the build reports "cuDNN attention ON/OFF").
+export LMF_REQUIRE_CUDNN=${LMF_REQUIRE_CUDNN:-1}
 summary=()
 failures=0
 add() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
@@ -33,13 +37,13 @@ fi
 if ! ninja -C build-gpu >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
 fi
-add "build" "ok ($(( $(date +%s) - t0 )) s)"
+add "build" "ok ($(( $(date +%s) - t0 )) s), $(grep -o 'cuDNN attention [A-Z]*' "$OUT/cmake.log")"
 
 if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ]; then
   : >"$OUT/tests.log"
   tests=(build-gpu/tests/test_cuda_* build-gpu/tests/test_launch)
   [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
-  [ "$what" = quick ] && [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
+  [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
   for t in "${tests[@]}"; do
     [ -x "$t" ] && [ -f "$t" ] && [[ "$t" != *.cmake ]] || continue
     name=$(basename "$t")
@@ -96,6 +100,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   BIG=${LMF_BENCH_BIG_B:-256}
   bench_lmf bf16 "$B" lmf_bf16 --profile
   bench_lmf bf16 "$B" lmf_bf16_graph --cuda-graph
+  bench_lmf bf16 "$B" lmf_bf16_own "--attention lmforge"
   bench_lmf tf32 "$B" lmf_tf32
   bench_lmf fp32 "$B" lmf_fp32
   cat "$OUT/bench_lmf_bf16.err"
@@ -123,7 +128,7 @@ def table(title, tags, ref_tag):
         ratio = r["tok_s"] / ref if ref else float("nan")
         print("%-26s %12.0f %10.1f %8.3f %10.2f %18.2f" % (r["impl"], r["tok_s"], r["step_ms"], r["mfu"], r["peak_mem_gb"], ratio))
 table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.compile bf16)" % B,
-      ["lmf_bf16", "lmf_bf16_graph", "lmf_tf32", "lmf_fp32", "torch_eager-fp32", "torch_eager-tf32", "torch_eager-bf16", "torch_compile-bf16"],
+      ["lmf_bf16", "lmf_bf16_graph", "lmf_bf16_own", "lmf_tf32", "lmf_fp32", "torch_eager-fp32", "torch_eager-tf32", "torch_eager-bf16", "torch_compile-bf16"],
       "torch_compile-bf16")
 bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
 if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))

@@ -50,6 +50,10 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   c->add_option("--precision", o.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 (GPU: fp32 GEMMs on tensor cores) or bf16 (GPU: "
                 "mixed precision, fp32 master weights)")
       ->capture_default_str();
+  c->add_option("--attention", o.attention,
+                 "bf16 flash attention kernels: auto (cuDNN's fused attention when available, else lmforge's), "
+                 "lmforge or cudnn")
+      ->capture_default_str();
   c->add_option("--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   c->add_option("--cuda-graph", o.cuda_graph,
                  "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")

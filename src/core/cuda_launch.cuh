@@ -11,14 +11,11 @@
 #include <utility>
 
 #include "core/cuda_check.h"
+#include "core/cuda_context.h"
 #include "core/device.h"
 #include "core/launch.h"
 
 namespace lmf::cuda {
-
-cudaStream_t stream();
-cublasLtHandle_t blaslt();
-void count_launch();
 
 // Throws lmf::Error describing the launch and the problem.
 [[noreturn]] void launch_failed(const LaunchSpec& s, const std::string& problem);

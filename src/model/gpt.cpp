@@ -203,6 +203,11 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
   if (mixed && HS != 32 && HS != 64 && HS != 128)
     fail("precision bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this model's "
          "head size is d_model/n_head = ", HS);
+  if (plan.attention == FlashKernels::cudnn && !(mixed && plan.device == Device::cuda))
+    fail("attention kernels cudnn are bf16 flash attention on the GPU: use --precision bf16 on --device cuda");
+  if (plan.attention == FlashKernels::cudnn && !cudnn_attention_available())
+    fail("attention kernels cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run "
+         "time); use --attention lmforge");
   if (mixed && plan.decode_ctx > 0) fail("precision bf16 is for training; KV-cache decoding runs in fp32 on the CPU");
   const DType adt = mixed ? DType::bf16 : DType::f32;  // activations and their gradients
   moe_cfg_ = gpt_moe_config(cfg_);
@@ -366,6 +371,9 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     ws = std::max(ws, linear_backward_cuda_workspace(N, std::max({QKV, FC, C})));
     ws = std::max(ws, grad_global_norm_cuda_workspace(params_.flat_f32().numel()));
     if (any_moe) ws = std::max(ws, moe_cuda_workspace(moe_cfg_, N));
+    // cuDNN attention: builds its forward and backward plans here (set-up), never inside a step
+    if (mixed && cfg_.n_layer > 0)
+      ws = std::max(ws, flash_attention_cuda_workspace(plan.attention, B, T, cfg_.n_head, cfg_.n_kv_head, HS));
     cuda_reserve_workspace(ws);
     cuda::set_gemm_math(plan.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
   }
@@ -685,7 +693,8 @@ void Gpt::forward_body_bf16(Tensor tokens) {
     timed("linear qkv fwd", lin_qkv, [&] { linear_forward(a.qkv, a.ln1, wb.qkv_w, wb.qkv_b); });
     if (cfg_.positions == PositionKind::rope)
       timed("rope fwd", 0, [&] { rope_forward(a.qkv, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
-    timed("flash attention fwd", attn, [&] { flash_attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head); });
+    timed("flash attention fwd", attn, [&] { flash_attention_forward(a.att, a.probs, a.qkv, cfg_.n_head, cfg_.n_kv_head, plan_.attention);
+    });
     timed("linear proj fwd", lin_proj, [&] { linear_forward(a.res1, a.att, wb.proj_w, wb.proj_b); });
     residual_norm(a.res1, a.ln2, a.ln2_mean, a.ln2_rstd, x, a.res1, w.norm2_w, w.norm2_b);
     if (w.moe()) {
@@ -751,9 +760,9 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
     timed("linear proj bwd", lin_proj, [&] {
       linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite);
     });
-    tensor_zero(d_qkv_);
     timed("flash attention bwd", attn, [&] {
-      flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head);
+      flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head,
+                               GradMode::Overwrite, plan_.attention);
     });
     if (cfg_.positions == PositionKind::rope)
       timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });

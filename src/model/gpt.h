@@ -14,6 +14,7 @@
 
 #include "core/arena.h"
 #include "model/config.h"
+#include "ops/attention.h"
 #include "ops/moe.h"
 
 namespace lmf {
@@ -61,6 +62,7 @@ struct GptPlan {
   int64_t decode_ctx = 0;  // > 0: also plan a batch-1 KV cache of this many positions for decode_step()
   Device device = Device::cpu;  // where every arena lives
   Precision precision = Precision::fp32;  // tf32 and bf16 need device == cuda
+  FlashKernels attention = FlashKernels::lmforge;  // bf16 plans: the flash attention kernels (attention.h)
 };
 
 class Gpt {

@@ -232,8 +232,49 @@ void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Ten
                                                             attention_scale(HS)));
 }
 
+namespace {
+void check_kernels_available(FlashKernels k, const char* op) {
+  LMF_CHECK(k != FlashKernels::cudnn || cudnn_attention_available(), op,
+            ": the cuDNN attention kernels are not available (lmforge built without cuDNN, no GPU, or cuDNN < 9 "
+            "loaded); use the lmforge kernels");
+}
+}  // namespace
+
+const char* flash_kernels_name(FlashKernels k) { return k == FlashKernels::cudnn ? "cudnn" : "lmforge"; }
+
+FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, const FlashShape& shape,
+                                     const char* what) {
+  if (flag == "lmforge") return FlashKernels::lmforge;
+  if (flag == "cudnn") return FlashKernels::cudnn;
+  if (flag != "auto") fail(what, ": unknown attention kernels '", flag, "' (expected auto, lmforge or cudnn)");
+  const bool cudnn = bf16_on_gpu && cudnn_attention_available() &&
+                     cudnn_attention_problem(shape.B, shape.T, shape.n_head, shape.n_kv_head, shape.HS).empty();
+  return cudnn ? FlashKernels::cudnn : FlashKernels::lmforge;
+}
+
+std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS) {
+  const char* op = "cudnn_attention_problem";
+  check_kernels_available(FlashKernels::cudnn, op);
+  check_flash_head_size(op, HS);
+  std::string why;
+  LMF_CUDA_DISPATCH(op, why = cuda::cudnn_flash_attention_problem(B, T, n_head, n_kv_head, HS, attention_scale(HS)));
+  return why;
+}
+
+size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS) {
+  const char* op = "flash_attention_cuda_workspace";
+  if (k == FlashKernels::lmforge) return 0;
+  check_kernels_available(k, op);
+  check_flash_head_size(op, HS);
+  LMF_CHECK(B >= 1 && T >= 1 && n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, op, ": bad sizes B=", B,
+            " T=", T, " n_head=", n_head, " n_kv_head=", n_kv_head);
+  size_t bytes = 0;
+  LMF_CUDA_DISPATCH(op, bytes = cuda::cudnn_flash_attention_workspace(B, T, n_head, n_kv_head, HS, attention_scale(HS)));
+  return bytes;
+}
+
 // bf16 (GPU only, check_dtype): out, qkv; f32: lse.
-void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head) {
+void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head, FlashKernels kernels) {
   check_dtype(out, DType::bf16, kOpFlashForward);
   check_dtype(qkv, DType::bf16, kOpFlashForward);
   check_dtype(lse, DType::f32, kOpFlashForward);
@@ -244,14 +285,20 @@ void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int
   check_shape(out, {B, T, n_head * HS}, kOpFlashForward);
   check_shape(lse, {B, n_head, T}, kOpFlashForward);
   for (const Tensor* t : {&out, &qkv}) check_aligned16(kOpFlashForward, *t);
+  check_kernels_available(kernels, kOpFlashForward);
   if (B == 0 || T == 0) return;
-  LMF_CUDA_DISPATCH(kOpFlashForward, cuda::flash_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(), B, T,
-                                                                   n_head, n_kv_head, HS, attention_scale(HS)));
+  if (kernels == FlashKernels::cudnn)
+    LMF_CUDA_DISPATCH(kOpFlashForward, cuda::cudnn_flash_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(),
+                                                                           B, T, n_head, n_kv_head, HS,
+                                                                           attention_scale(HS)));
+  else
+    LMF_CUDA_DISPATCH(kOpFlashForward, cuda::flash_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(), B,
+                                                                     T, n_head, n_kv_head, HS, attention_scale(HS)));
 }
 
 // bf16 (GPU only, check_dtype): dqkv, dout, qkv, out; f32: delta, lse.
 void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head,
-                              int n_kv_head) {
+                              int n_kv_head, GradMode mode, FlashKernels kernels) {
   for (const Tensor* t : {&dqkv, &dout, &qkv, &out}) check_dtype(*t, DType::bf16, kOpFlashBackward);
   check_dtype(delta, DType::f32, kOpFlashBackward);
   check_dtype(lse, DType::f32, kOpFlashBackward);
@@ -265,11 +312,20 @@ void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv
   check_shape(out, {B, T, n_head * HS}, kOpFlashBackward);
   check_shape(lse, {B, n_head, T}, kOpFlashBackward);
   for (const Tensor* t : {&dqkv, &dout, &qkv, &out}) check_aligned16(kOpFlashBackward, *t);
+  check_kernels_available(kernels, kOpFlashBackward);
+  LMF_CHECK(kernels != FlashKernels::cudnn || mode == GradMode::Overwrite, kOpFlashBackward,
+            ": the cuDNN kernels write dqkv '", dqkv.name, "' (GradMode::Overwrite); they cannot add to it");
   if (B == 0 || T == 0) return;
-  LMF_CUDA_DISPATCH(kOpFlashBackward,
-                    cuda::flash_attention_backward(dqkv.ptr<bf16>(), delta.f32(), dout.ptr<bf16>(), qkv.ptr<bf16>(),
-                                                   out.ptr<bf16>(), lse.f32(), B, T, n_head, n_kv_head, HS,
-                                                   attention_scale(HS)));
+  if (kernels == FlashKernels::cudnn)
+    LMF_CUDA_DISPATCH(kOpFlashBackward,
+                      cuda::cudnn_flash_attention_backward(dqkv.ptr<bf16>(), dout.ptr<bf16>(), qkv.ptr<bf16>(),
+                                                           out.ptr<bf16>(), lse.f32(), B, T, n_head, n_kv_head, HS,
+                                                           attention_scale(HS)));
+  else
+    LMF_CUDA_DISPATCH(kOpFlashBackward,
+                      cuda::flash_attention_backward(dqkv.ptr<bf16>(), delta.f32(), dout.ptr<bf16>(), qkv.ptr<bf16>(),
+                                                     out.ptr<bf16>(), lse.f32(), B, T, n_head, n_kv_head, HS,
+                                                     attention_scale(HS), mode == GradMode::Accumulate));
 }
 
 void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_ctx,

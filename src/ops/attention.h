@@ -3,7 +3,10 @@
 // probabilities (B, NH, T, T) for backward (both backends compute them with GEMMs per head and
 // row kernels; a flash kernel that does not keep them may replace them).
 #pragma once
+#include <string>
+
 #include "core/tensor.h"
+#include "ops/grad_mode.h"
 
 namespace lmf {
 
@@ -31,25 +34,62 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
                         int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
 }  // namespace cuda
 
-// Fused causal flash attention in bf16 (docs/MIXED_PRECISION.md; GPU only, sm_90a; flash_attention.cu):
-// no (T, T) probabilities in memory, the backward recomputes them from lse. Same qkv layout, GQA rule
-// and scale as above; HS must be 32, 64 or 128; any T >= 1. Deterministic (no atomics).
+// Fused causal flash attention in bf16 (docs/MIXED_PRECISION.md; GPU only): no (T, T) probabilities in
+// memory, the backward recomputes them from lse. Same qkv layout, GQA rule and scale as above; HS must
+// be 32, 64 or 128; any T >= 1. Deterministic (no atomics). Two kernel sets behind one contract:
+//   FlashKernels::lmforge  lmforge's own kernels (flash_attention.cu, sm_90a): batch-invariant by
+//                          construction (every sum's order depends only on T, HS and NH / NKV);
+//   FlashKernels::cudnn    cuDNN's fused SDPA through the cuDNN frontend graph API
+//                          (flash_attention_cudnn.cpp), backward in cuDNN's deterministic mode; needs
+//                          a build with cuDNN and the library at run time (cudnn_attention_available()).
+// Both store lse as the natural log, so either set can run the backward of the other's forward.
+enum class FlashKernels { lmforge, cudnn };
+const char* flash_kernels_name(FlashKernels k);
+bool cudnn_attention_available();  // built with cuDNN, a GPU present, cuDNN >= 9 loaded
+// "" when cuDNN runs this shape (its plans build; e.g. cuDNN 9 refuses T = 1), else cuDNN's reason.
+// Builds the plans (set-up time). Needs cudnn_attention_available().
+std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);
+
+// The --attention flag: "lmforge", "cudnn", or "auto" (cudnn for bf16 plans on the GPU when cuDNN is
+// available and runs the plan's shape, else lmforge). Anything else: an error naming `what`.
+struct FlashShape {
+  int64_t B, T;
+  int n_head, n_kv_head;
+  int64_t HS;
+};
+FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, const FlashShape& shape,
+                                     const char* what);
+
+// Bytes of lmf::cuda_workspace the kernels need at this shape (0 for lmforge's); for cudnn this builds
+// the forward and backward plans of the shape (set-up time: never inside a CUDA-graph capture).
+size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);
+
 // qkv: (B, T, (NH + 2*NKV) * HS) bf16; out: (B, T, NH * HS) bf16;
 // lse: (B, NH, T) f32, lse[b,h,t] = ln sum_{s<=t} exp(scale q_t . k_s) (natural log)
-void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head);
+void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head,
+                             FlashKernels kernels = FlashKernels::lmforge);
 
-// dqkv (B, T, (NH + 2*NKV) * HS) bf16 += gradient w.r.t. qkv (each element: fp32 add, one rounding);
-// delta: (B, NH, T) f32 scratch, overwritten with rowsum(dout * out); dout, out: (B, T, NH * HS) bf16;
-// qkv, lse as from flash_attention_forward.
+// dqkv (B, T, (NH + 2*NKV) * HS) bf16 gets the gradient w.r.t. qkv: mode Accumulate adds it (each
+// element: fp32 add, one rounding), Overwrite writes it (every element; the cudnn kernels support only
+// Overwrite). delta: (B, NH, T) f32 scratch (the lmforge kernels write rowsum(dout * out) into it);
+// dout, out: (B, T, NH * HS) bf16; qkv, lse as from flash_attention_forward.
 void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head,
-                              int n_kv_head);
+                              int n_kv_head, GradMode mode = GradMode::Accumulate,
+                              FlashKernels kernels = FlashKernels::lmforge);
 
 namespace cuda {  // launchers (flash_attention.cu); shapes as the op entries above, scale = 1/sqrt(HS)
 void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                              int64_t HS, float scale);
 void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
                               const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                              float scale);
+                              float scale, bool accumulate);
+// cuDNN (flash_attention_cudnn.cpp): the backward overwrites dqkv; delta is not used.
+size_t cudnn_flash_attention_workspace(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
+std::string cudnn_flash_attention_problem(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
+void cudnn_flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH,
+                                   int64_t NKV, int64_t HS, float scale);
+void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
+                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
 }  // namespace cuda
 
 }  // namespace lmf

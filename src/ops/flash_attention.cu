@@ -39,7 +39,8 @@
 // 276 us, 0.455 ms; tile shapes tried without gain: BwdCfg's comment).
 // Determinism: no atomics; every sum has a fixed order that depends only on (T, HS, NH / NKV) (not on
 // B, the grid or scheduling): the kernels are deterministic and batch-invariant. dqkv accumulates
-// (+=): each element is read, the fp32 gradient added, the sum rounded once (round to nearest even);
+// (+=, GradMode::Accumulate: each element is read, the fp32 gradient added, the sum rounded once, round
+// to nearest even) or is written (GradMode::Overwrite: the fp32 gradient rounded once);
 // each element of dqkv is owned by exactly one CTA (kernel 2: the Q columns, kernel 3: the K and V
 // columns).
 //
@@ -271,12 +272,12 @@ __device__ __forceinline__ void load_tile_async(nv_bf16* s, const nv_bf16* g, in
 }
 
 // A warp's 16 x HS accumulator strip (C fragments) to global bf16 rows [0, rows) at g (row stride ld),
-// row gid scaled by mul_lo and row gid + 8 by mul_hi. kAccumulate: g += result (old bf16 widened,
-// fp32 add, one rounding); else g = result. Staged through the warp-private shared buffer `stage`
+// row gid scaled by mul_lo and row gid + 8 by mul_hi. accumulate: g += result (old bf16 widened,
+// fp32 add, one rounding); else g = result (g not read). Staged through the warp-private shared buffer `stage`
 // (16 x (HS + 4) floats, 16-byte aligned) so that global accesses are 16 bytes per lane, coalesced.
-template <int HS, bool kAccumulate>
+template <int HS>
 __device__ __forceinline__ void warp_store_strip(nv_bf16* g, int64_t ld, int rows, const float (&acc)[HS / 8][4],
-                                                 float mul_lo, float mul_hi, float* stage, int lane) {
+                                                 float mul_lo, float mul_hi, float* stage, int lane, bool accumulate) {
   constexpr int kLdS = HS + 4;  // floats; the 4-float pad spreads rows over the banks
   const int gid = lane >> 2, tig = lane & 3;
 #pragma unroll
@@ -298,7 +299,7 @@ __device__ __forceinline__ void warp_store_strip(nv_bf16* g, int64_t ld, int row
       const float4 x1 = *reinterpret_cast<const float4*>(stage + r * kLdS + col + 4);
       float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
       uint4* dst = reinterpret_cast<uint4*>(g + r * ld + col);
-      if constexpr (kAccumulate) {
+      if (accumulate) {
         const uint4 old = *dst;
         const uint32_t w[4] = {old.x, old.y, old.z, old.w};
 #pragma unroll
@@ -313,9 +314,11 @@ __device__ __forceinline__ void warp_store_strip(nv_bf16* g, int64_t ld, int row
   __syncwarp();
 }
 
-// Sizes of one attention call as the kernels see them (all element offsets fit int64).
+// Sizes of one attention call as the kernels see them (all element offsets fit int64); accumulate:
+// the backward adds into dqkv (else writes it).
 struct FlashDims {
   int T, NH, NKV;
+  bool accumulate;
   __device__ __forceinline__ int group() const { return NH / NKV; }
 };
 
@@ -464,7 +467,7 @@ __global__ void __launch_bounds__(FwdCfg<HS>::kThreads, HS <= 64 ? 2 : 1)
   // memory as the warps' output staging buffers.
   float* stage = reinterpret_cast<float*>(smem_raw) + warp * 16 * (HS + 4);
   nv_bf16* orow = out + (static_cast<int64_t>(b) * T + strip0) * CO + static_cast<int64_t>(h) * HS;
-  warp_store_strip<HS, false>(orow, CO, min(16, T - strip0), o, 1.0f / l_lo, 1.0f / l_hi, stage, lane);
+  warp_store_strip<HS>(orow, CO, min(16, T - strip0), o, 1.0f / l_lo, 1.0f / l_hi, stage, lane, false);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,7 +663,7 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
   for (int m = 0; m < kM; ++m) {
     const int row0 = strip0 + 16 * m;
     nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + row0) * C3 + static_cast<int64_t>(h) * HS;
-    warp_store_strip<HS, true>(drow, C3, min(16, T - row0), dq[m], scale, scale, stage, lane);
+    warp_store_strip<HS>(drow, C3, min(16, T - row0), dq[m], scale, scale, stage, lane, d.accumulate);
   }
 }
 
@@ -808,8 +811,8 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
   for (int m = 0; m < kM; ++m) {
     const int row0 = strip0 + 16 * m, rows = min(16, T - row0);
     nv_bf16* drow = dqkv + (static_cast<int64_t>(b) * T + row0) * C3;
-    warp_store_strip<HS, true>(drow + v_col, C3, rows, dv[m], 1.0f, 1.0f, stage, lane);
-    warp_store_strip<HS, true>(drow + k_col, C3, rows, dk[m], scale, scale, stage, lane);
+    warp_store_strip<HS>(drow + v_col, C3, rows, dv[m], 1.0f, 1.0f, stage, lane, d.accumulate);
+    warp_store_strip<HS>(drow + k_col, C3, rows, dk[m], scale, scale, stage, lane, d.accumulate);
   }
 }
 
@@ -837,7 +840,7 @@ template <int HS>
 void forward_hs(nv_bf16* out, float* lse, const nv_bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                 float scale) {
   using C = FwdCfg<HS>;
-  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
+  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV), false};
   launch({"flash_attention_forward", shapes_of(B, T, NH, NKV, HS), {B * NH, ceil_div(T, C::kBr), 1},
           {C::kThreads, 1, 1}, C::kSmem},
          flash_fwd_kernel<HS>, out, lse, qkv, d, scale * kLog2e);
@@ -845,11 +848,11 @@ void forward_hs(nv_bf16* out, float* lse, const nv_bf16* qkv, int64_t B, int64_t
 
 template <int HS>
 void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16* qkv, const nv_bf16* out,
-                 const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, float scale) {
+                 const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, float scale, bool accumulate) {
   using C = BwdCfg<HS>;
   const char* op = "flash_attention_backward";
   const ShapeText shapes = shapes_of(B, T, NH, NKV, HS);
-  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV)};
+  const FlashDims d{static_cast<int>(T), static_cast<int>(NH), static_cast<int>(NKV), accumulate};
   // dQ first: it also writes delta, which the dK/dV kernel reads.
   launch({op, shapes, {B * NH, ceil_div(T, C::kBqDq), 1}, {C::kThreads, 1, 1}, C::kSmemDq}, flash_bwd_dq_kernel<HS>,
          dqkv, delta, qkv, dout, out, lse, d, scale, scale * kLog2e);
@@ -877,16 +880,19 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, 
 
 void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
                               const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                              float scale) {
+                              float scale, bool accumulate) {
   const char* op = "flash_attention_backward";
   check_dims(op, B, T, NH, NKV, HS);
   switch (HS) {
     case 32:
-      return backward_hs<32>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+      return backward_hs<32>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
+                              accumulate);
     case 64:
-      return backward_hs<64>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+      return backward_hs<64>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
+                              accumulate);
     case 128:
-      return backward_hs<128>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale);
+      return backward_hs<128>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
+                              accumulate);
     default: unsupported_head_size(op, HS);
   }
 }

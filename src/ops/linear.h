@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "core/tensor.h"
+#include "ops/grad_mode.h"
 
 namespace lmf {
 
@@ -12,10 +13,7 @@ namespace lmf {
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
 
 // dinp += dout W; dweight += dout^T inp; dbias += sum_n dout. Any of dinp/dweight/dbias may be absent.
-// dinp_mode: Accumulate (+=, the rule of every backward op) or Overwrite (dinp = dout W, its old
-// contents never read: saves the caller's zero fill and the GEMM's read of dinp). Both give the same
-// values when dinp starts at zero.
-enum class GradMode { Accumulate, Overwrite };
+// dinp_mode (grad_mode.h): Accumulate (+=) or Overwrite (dinp = dout W, the GEMM does not read dinp).
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
                      GradMode dinp_mode = GradMode::Accumulate);
 

@@ -153,7 +153,12 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
                                                      : parse_precision(o_.precision, "--precision");
   if (precision != Precision::fp32 && device_ != Device::cuda)
     fail("--precision=", precision_name(precision), " needs the GPU (--device cuda); the CPU computes in fp32");
-  GptPlan plan{o_.batch_size, T, true, 0, device_, precision};
+  const bool bf16_on_gpu = precision == Precision::bf16 && device_ == Device::cuda;
+  const FlashKernels attention = flash_kernels_from_flag(
+      o_.attention, bf16_on_gpu, {o_.batch_size, T, cfg_.n_head, cfg_.n_kv_head, cfg_.head_size()}, "--attention");
+  if (attention == FlashKernels::cudnn && !bf16_on_gpu)
+    fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
+  GptPlan plan{o_.batch_size, T, true, 0, device_, precision, attention};
   model_ = std::make_unique<Gpt>(cfg_, plan);
   batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
                                        {"targets", {o_.batch_size, T}, DType::i32}});
@@ -241,7 +246,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   }
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
-    log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision) << " mfu_peak_tflops="
+    log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision)
+         << (precision == Precision::bf16 ? std::string(" attention=") + flash_kernels_name(attention) : std::string())
+         << " mfu_peak_tflops="
          << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)"))
          << " utilization=" << monitor_->status() << " cuda_graph=" << (use_graph_ ? "on" : "off") << "\n";
   }

@@ -45,6 +45,7 @@ struct TrainOptions {
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
+  std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
   std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
   // --profile: steps [first + profile_warmup, + profile_steps) run eagerly (never as a CUDA graph)
