@@ -439,7 +439,9 @@ TEST(CudaCrossEntropy, Bf16AwkwardSizesMatchCpu) {
   // R < N not dividing N (several chunks); odd C (rows of x and w not 16-byte aligned); V = 1.
   const std::vector<Dims> cases{{1, 19, 111, 128, 4},      {7, 111, 1111, 1152, 3}, {7, 64, 19, 19, 7},
                                 {333, 64, 1111, 1152, 100}, {333, 7, 2003, 2048, 128}, {19, 19, 1, 8, 5},
-                                {333, 128, 997, 1024, 333}};
+                                {333, 128, 997, 1024, 333},
+                                // the shared-memory row kernel (32K < Vp <= 55K): V not a multiple of 8, Vp == V
+                                {5, 24, 40001, 40008, 3},  {3, 16, 36000, 36000, 2}};
   Bf16Worst worst;
   uint64_t s = seed;
   for (const Dims& d : cases) {

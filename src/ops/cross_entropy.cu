@@ -16,8 +16,12 @@
 // rounding, and a third of expf's instructions, which made the row kernel issue-bound) and, with
 // gradients, overwrites each logit in place with
 // bf16(grad_scale (softmax - onehot)): every element is read and then written by the same thread, and
-// the target logit, which all threads read, is read before the first barrier. dx += dlogits W is a
+// the target logit, which all threads read, is read before the first barrier. Row kernels by Vp: up to
+// 32K columns the row lives in registers (ce_row_bf16_reg_kernel<4>), up to 55K (GPT-2's 50,304) in
+// shared memory with two rows per SM (ce_row_bf16_smem_kernel), up to 64K in registers again, beyond
+// that three passes over global memory. dx += dlogits W is a
 // bf16-C GEMM (beta 1: dx is read, accumulated in fp32, rounded once), dW += dlogits^T x an fp32-C one.
+#include <climits>
 #include <cmath>
 #include <cstring>
 
@@ -184,6 +188,99 @@ __global__ void __launch_bounds__(kRegThreads) ce_row_bf16_reg_kernel(float* __r
   }
 }
 
+// ce_row_bf16_kernel with the row staged in shared memory (Vp * 2 bytes, dynamic): read from global
+// memory once, written once, and small enough (<= kSmemRowMaxBytes) that two rows fit on an SM, so one
+// block loads its row while the other reduces or writes (the register-resident kernel above holds a
+// 50K-column row in 1,024 threads at 62 registers: one block per SM, its phases never overlap).
+// Thread t owns the 16-byte vectors t, t + kSmemThreads, ...; max and sum in fp32 over its vectors in
+// order, then the block's fixed butterfly: bitwise reproducible. Needs Vp % 8 == 0, 16-byte rows.
+constexpr int kSmemThreads = 512;
+constexpr int64_t kSmemRowMaxBytes = 110 * 1024;
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2 ulp, as __expf
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float* __restrict__ losses,
+                                                                          __nv_bfloat16* __restrict__ logits,
+                                                                          const int32_t* __restrict__ targets, int V,
+                                                                          int Vp, float grad_scale, bool grad) {
+  extern __shared__ uint4 srow[];  // the row, Vp / 8 vectors
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x;
+  __nv_bfloat16* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
+  uint4* g = reinterpret_cast<uint4*>(l);
+  const int tgt = targets[blockIdx.x];
+  const bool tgt_ok = tgt >= 0 && tgt < V;
+  const float l_tgt = tgt_ok ? cuda::to_f32(l[tgt]) : 0.0f;  // read before any thread writes the row
+  const int nvec = Vp / 8, nfull = V / 8;  // vectors [0, nfull) hold 8 valid logits; later ones fewer or none
+  float mx = -INFINITY;
+  for (int v = tid; v < nvec; v += kSmemThreads) {
+    const uint4 r = g[v];
+    srow[v] = r;
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    if (v < nfull) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(bf16_lo(w[i]), bf16_hi(w[i])));
+    } else {
+      const int nv = V - 8 * v;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (2 * i < nv) mx = fmaxf(mx, bf16_lo(w[i]));
+        if (2 * i + 1 < nv) mx = fmaxf(mx, bf16_hi(w[i]));
+      }
+    }
+  }
+  mx = cuda::block_max(mx, scratch);  // its barriers also publish srow
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float mx2 = mx * kLog2e;  // exp(x - mx) = exp2(x log2e - mx log2e), one FFMA + ex2
+  float sum = 0.0f;
+  for (int v = tid; v < nvec; v += kSmemThreads) {
+    const uint4 r = srow[v];
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    if (v < nfull) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
+        sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
+      }
+    } else {
+      const int nv = V - 8 * v;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (2 * i < nv) sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
+        if (2 * i + 1 < nv) sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
+      }
+    }
+  }
+  sum = cuda::block_sum(sum, scratch);
+  if (tid == 0)
+    losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
+  if (!grad) return;
+  const float scale = grad_scale / sum;  // grad = grad_scale p - grad_scale [target]
+  for (int v = tid; v < nvec; v += kSmemThreads) {
+    const uint4 r = srow[v];
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    const int nv = V - 8 * v;  // >= 8 for full vectors
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = 8 * v + 2 * i;
+      float a = 2 * i < nv ? fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2)) * scale : 0.0f;
+      float b = 2 * i + 1 < nv ? fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2)) * scale : 0.0f;
+      if (e == tgt) a -= grad_scale;
+      if (e + 1 == tgt) b -= grad_scale;
+      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+      o[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    g[v] = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+}
+
 ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
   return shape_text("N=", N, " C=", C, " V=", V, " Vp=", Vp, " R=", R);
 }
@@ -250,7 +347,10 @@ void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, co
     // The register-resident row kernel when the row fits (16-byte rows of at most 8 * 8 * 1024 = 64K).
     const LaunchSpec row_spec{op, shapes, {rows, 1, 1}, {kRegThreads, 1, 1}, 0};
     const bool vec_ok = Vp % 8 == 0 && aligned16(logits_k);
-    if (vec_ok && Vp <= 8 * 4 * kRegThreads)
+    if (vec_ok && Vp > 8 * 4 * kRegThreads && Vp * 2 <= kSmemRowMaxBytes && Vp <= INT_MAX)
+      launch({op, shapes, {rows, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(Vp * 2)}, ce_row_bf16_smem_kernel,
+             losses + n0, logits_k, targets + n0, static_cast<int>(V), static_cast<int>(Vp), grad_scale, grad);
+    else if (vec_ok && Vp <= 8 * 4 * kRegThreads)
       launch(row_spec, ce_row_bf16_reg_kernel<4>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
     else if (vec_ok && Vp <= 8 * 8 * kRegThreads)
       launch(row_spec, ce_row_bf16_reg_kernel<8>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
