@@ -42,13 +42,6 @@ struct Context {
   cublasLtHandle_t blaslt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
-  // the side stream (device.h): its workspace, fork event, marks; use_side routes launches to it
-  cudaStream_t side = nullptr;
-  void* side_workspace = nullptr;
-  size_t side_workspace_bytes = 0;
-  cudaEvent_t fork = nullptr, join = nullptr;
-  cudaEvent_t marks[8] = {};
-  bool use_side = false;
 };
 Context g_ctx;
 std::atomic<uint64_t> g_launches{0};
@@ -90,10 +83,6 @@ void cuda_set_device(int device) {
   l.smem_per_block_optin = p.sharedMemPerBlockOptin;
   l.sm_count = p.multiProcessorCount;
   LMF_CUDA_CHECK(cudaStreamCreateWithFlags(&g_ctx.stream, cudaStreamNonBlocking));
-  LMF_CUDA_CHECK(cudaStreamCreateWithFlags(&g_ctx.side, cudaStreamNonBlocking));
-  LMF_CUDA_CHECK(cudaEventCreateWithFlags(&g_ctx.fork, cudaEventDisableTiming));
-  LMF_CUDA_CHECK(cudaEventCreateWithFlags(&g_ctx.join, cudaEventDisableTiming));
-  for (cudaEvent_t& e : g_ctx.marks) LMF_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   LMF_CUBLAS_CHECK(cublasLtCreate(&g_ctx.blaslt));
   g_ctx.device = device;
 }
@@ -150,9 +139,7 @@ void device_copy(void* dst, const void* src, size_t bytes) {
 }
 
 void device_synchronize() {
-  if (g_ctx.device < 0) return;
-  LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
-  LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.side));
+  if (g_ctx.device >= 0) LMF_CUDA_CHECK(cudaStreamSynchronize(g_ctx.stream));
 }
 
 uint64_t cuda_launch_count() { return g_launches.load(); }
@@ -237,58 +224,15 @@ void cuda_reserve_workspace(size_t bytes) {
 
 void* cuda_workspace(size_t bytes, const char* op) {
   Context& c = ctx();
-  if (c.use_side) {
-    if (bytes > c.side_workspace_bytes)
-      fail(op, ": needs ", bytes, " bytes of CUDA workspace on the side stream but only ", c.side_workspace_bytes,
-           " were reserved at set-up (cuda_reserve_side_workspace)");
-    return c.side_workspace;
-  }
   if (bytes > c.workspace_bytes)
     fail(op, ": needs ", bytes, " bytes of CUDA workspace but only ", c.workspace_bytes,
          " were reserved at set-up (cuda_reserve_workspace)");
   return c.workspace;
 }
 
-void cuda_reserve_side_workspace(size_t bytes) {
-  Context& c = ctx();
-  if (bytes <= c.side_workspace_bytes) return;
-  if (c.side_workspace) device_free(c.side_workspace);
-  c.side_workspace = device_alloc(bytes, "CUDA side-stream workspace");
-  c.side_workspace_bytes = bytes;
-}
-
-void cuda_use_side(bool side) { ctx().use_side = side; }
-
-void cuda_side_fork() {
-  Context& c = ctx();
-  LMF_CUDA_CHECK(cudaEventRecord(c.fork, c.stream));
-  LMF_CUDA_CHECK(cudaStreamWaitEvent(c.side, c.fork, 0));
-}
-
-void cuda_side_mark(int k) {
-  LMF_CHECK(k >= 0 && k < 8, "cuda_side_mark: mark ", k, " out of [0, 8)");
-  Context& c = ctx();
-  LMF_CUDA_CHECK(cudaEventRecord(c.marks[k], c.side));
-}
-
-void cuda_main_wait(int k) {
-  LMF_CHECK(k >= 0 && k < 8, "cuda_main_wait: mark ", k, " out of [0, 8)");
-  Context& c = ctx();
-  LMF_CUDA_CHECK(cudaStreamWaitEvent(c.stream, c.marks[k], 0));
-}
-
-void cuda_side_join() {
-  Context& c = ctx();
-  LMF_CUDA_CHECK(cudaEventRecord(c.join, c.side));
-  LMF_CUDA_CHECK(cudaStreamWaitEvent(c.stream, c.join, 0));
-}
-
 namespace cuda {
 
-cudaStream_t stream() {
-  const Context& c = ctx();
-  return c.use_side ? c.side : c.stream;
-}
+cudaStream_t stream() { return ctx().stream; }
 cublasLtHandle_t blaslt() { return ctx().blaslt; }
 void count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
 

@@ -58,23 +58,6 @@ double cuda_event_elapsed_ms(void* start, void* end);
 // two-pass reduction). Reserved at set-up; asking for more than was reserved throws, it never
 // allocates inside a step.
 void cuda_reserve_workspace(size_t bytes);
-void* cuda_workspace(size_t bytes, const char* op);  // the current stream's (main or side) workspace
-
-// A second stream, the side stream, for work that may overlap the main stream (the model's weight
-// gradients beside the backward chain). While cuda_use_side(true), every launch, GEMM, cuDNN call and
-// cuda_workspace() goes to the side stream (with its own workspace, cuda_reserve_side_workspace);
-// memsets and copies stay on the main stream. Ordering is explicit: cuda_side_fork() makes the side
-// stream wait for the main stream's work so far; cuda_side_mark(k) records mark k (0..7) at the side
-// stream's current end and cuda_main_wait(k) makes the main stream wait for it; cuda_side_join() makes
-// the main stream wait for all side work. Marks and forks are CUDA events, so the pattern captures
-// into a CUDA graph (every side branch must be joined before the capture ends). Results do not
-// depend on the overlap: each kernel is deterministic on its own and the two streams never write the
-// same memory between a fork and the wait that orders them (the caller's contract).
-void cuda_reserve_side_workspace(size_t bytes);
-void cuda_use_side(bool side);
-void cuda_side_fork();
-void cuda_side_mark(int k);
-void cuda_main_wait(int k);
-void cuda_side_join();
+void* cuda_workspace(size_t bytes, const char* op);
 
 }  // namespace lmf

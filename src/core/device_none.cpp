@@ -39,12 +39,6 @@ void cuda_event_record(void*) { no_cuda("cuda_event_record"); }
 double cuda_event_elapsed_ms(void*, void*) { no_cuda("cuda_event_elapsed_ms"); }
 void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
 void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
-void cuda_reserve_side_workspace(size_t) { no_cuda("cuda_reserve_side_workspace"); }
-void cuda_use_side(bool) { no_cuda("cuda_use_side"); }
-void cuda_side_fork() { no_cuda("cuda_side_fork"); }
-void cuda_side_mark(int) { no_cuda("cuda_side_mark"); }
-void cuda_main_wait(int) { no_cuda("cuda_main_wait"); }
-void cuda_side_join() { no_cuda("cuda_side_join"); }
 
 }  // namespace lmf
 #endif

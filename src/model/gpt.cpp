@@ -375,9 +375,6 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     if (mixed && cfg_.n_layer > 0)
       ws = std::max(ws, flash_attention_cuda_workspace(plan.attention, B, T, cfg_.n_head, cfg_.n_kv_head, HS));
     cuda_reserve_workspace(ws);
-    // the weight gradients of bf16 plans run on the side stream (backward_layers_bf16)
-    if (mixed)
-      cuda_reserve_side_workspace(std::max(kGemmWorkspaceBytes, linear_backward_cuda_workspace(N, std::max({QKV, FC, C}))));
     cuda::set_gemm_math(plan.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
   }
 #endif
@@ -729,32 +726,6 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
                lin_mproj = 4.0 * N * F * C, attn = 8.0 * B * NH * T * T * HS / 2;
   const bool fused_gelu = cfg_.activation == ActivationKind::gelu && cfg_.bias;
-  // Weight and bias gradients run on the side stream (core/device.h), beside the chain of input
-  // gradients, unless a profiler is attached (its per-op times are of one stream). Each side branch
-  // reads a gradient buffer the main stream reuses, so the main stream waits for the branch's mark
-  // before it next writes that buffer: mark 0 (mproj: d_res_) before norm2's backward, mark 1 (fc:
-  // d_fc_) before the next layer's MLP backward, mark 2 (proj: d_res_) before norm1's backward, mark 3
-  // (qkv: d_qkv_) before the next layer's attention backward. Everything is joined at the end.
-  const bool overlap = prof_ == nullptr;
-  bool pending[4] = {false, false, false, false};
-  auto wgrad = [&](int mark, const char* name, double flops, auto&& f) {
-    if (!overlap) return timed(name, flops, f);
-    struct MainAgain {
-      ~MainAgain() { cuda_use_side(false); }
-    };
-    cuda_side_fork();
-    {
-      MainAgain guard;
-      cuda_use_side(true);
-      f();
-    }
-    cuda_side_mark(mark);
-    pending[mark] = true;
-  };
-  auto wait_for = [&](int mark) {
-    if (pending[mark]) cuda_main_wait(mark);
-    pending[mark] = false;
-  };
   tensor_zero(d_res_);
   Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
   timed("norm bwd", 0, [&] { norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_); });
@@ -764,56 +735,43 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
     const GptLayerTensors& gw = g_.layers[l];
     LayerActs& a = la_[l];
     Tensor x_in = l == 0 ? encoded_ : la_[l - 1].res2;
-    wait_for(1);  // the previous layer's fc weight gradient has read d_fc_
     if (w.moe()) {
-      wait_for(0);
       tensor_zero(d_ln_);
       moe_layer_backward(l, loss_scale);
-    } else {
-      wgrad(0, "linear mproj bwd dW", lin_mproj / 2, [&] {
-        linear_backward(Tensor(), gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w);
+    } else if (fused_gelu) {
+      timed("linear mproj + gelu bwd", lin_mproj, [&] {
+        linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc);
       });
-      if (fused_gelu) {
-        timed("linear mproj + gelu bwd dX", lin_mproj / 2, [&] {
-          linear_backward_dgelu(d_fc_, Tensor(), Tensor(), d_res_, a.act, wb.mproj_w, a.fc);
-        });
-      } else {
-        timed("linear mproj bwd dX", lin_mproj / 2, [&] {
-          linear_backward(d_act_, Tensor(), Tensor(), d_res_, a.act, wb.mproj_w, GradMode::Overwrite);
-        });
-        tensor_zero(d_fc_);
-        timed("activation bwd", 0, [&] {
-          if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
-          else swiglu_backward(d_fc_, d_act_, a.fc);
-        });
-      }
-      wgrad(1, "linear fc bwd dW", lin_fc / 2, [&] { linear_backward(Tensor(), gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w); });
-      timed("linear fc bwd dX", lin_fc / 2, [&] {
-        linear_backward(d_ln_, Tensor(), Tensor(), d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
+    } else {
+      timed("linear mproj bwd", lin_mproj, [&] {
+        linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, GradMode::Overwrite);
+      });
+      tensor_zero(d_fc_);
+      timed("activation bwd", 0, [&] {
+        if (cfg_.activation == ActivationKind::gelu) gelu_backward(d_fc_, d_act_, a.fc);
+        else swiglu_backward(d_fc_, d_act_, a.fc);
       });
     }
-    wait_for(0);  // mproj's weight gradient has read d_res_
+    if (!w.moe())
+      timed("linear fc bwd", lin_fc, [&] {
+        linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
+      });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
-    wgrad(2, "linear proj bwd dW", lin_proj / 2, [&] { linear_backward(Tensor(), gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w); });
-    timed("linear proj bwd dX", lin_proj / 2, [&] {
-      linear_backward(d_att_, Tensor(), Tensor(), d_res_, a.att, wb.proj_w, GradMode::Overwrite);
+    timed("linear proj bwd", lin_proj, [&] {
+      linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite);
     });
-    wait_for(3);  // the previous layer's qkv weight gradient has read d_qkv_
     timed("flash attention bwd", attn, [&] {
       flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head,
                                GradMode::Overwrite, plan_.attention);
     });
     if (cfg_.positions == PositionKind::rope)
       timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
-    wgrad(3, "linear qkv bwd dW", lin_qkv / 2, [&] { linear_backward(Tensor(), gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w); });
-    timed("linear qkv bwd dX", lin_qkv / 2, [&] {
-      linear_backward(d_ln_, Tensor(), Tensor(), d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite);
+    timed("linear qkv bwd", lin_qkv, [&] {
+      linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite);
     });
-    wait_for(2);  // proj's weight gradient has read d_res_
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
-  if (overlap) cuda_side_join();  // every weight gradient is in place before the optimizer reads it
 }
 
 // MoE layers: the router and the routed experts read the f32 router weight (fp32 logits) and, in bf16
