@@ -32,7 +32,7 @@ namespace lmf::cuda {
 namespace {
 
 constexpr const char* kOpBackward = "embedding_backward";
-// Threads per token run: one per column up to 1024 (then looping over the columns), so that a long
+// Threads per token run: one per W-column pack up to 1024 (then looping over the columns), so that a long
 // run's dependent adds run in C parallel chains, each with kUnroll loads in flight.
 constexpr int64_t kWteMaxBlock = 1024;
 constexpr size_t kAlign = 256;
@@ -64,20 +64,31 @@ SortLayout sort_layout(int64_t N, int64_t Vp) {
 }
 
 // One block per sorted index i; only the first index of each token's run works. The run's end is
-// found by binary search over the sorted keys; then each thread adds its columns' dout rows in run
-// order, loading kUnroll rows ahead of the adds (one thread per column): the same sequence of fp32 adds as the CPU (bitwise),
-// but with the loads of a long run (a frequent token: thousands of rows in natural text) in flight
-// together instead of one dependent load per row.
+// found by a galloping search from i over the sorted keys (one load for a run of one, ~2 log2 L for
+// a run of L); then each thread adds its W columns' dout rows in run order, loading kUnroll rows ahead
+// of the adds: the same sequence of fp32 adds per column as the CPU (bitwise), with the loads of a long
+// run (a frequent token: thousands of rows in natural text) in flight together instead of one
+// dependent load per row. W = 16 bytes of Act per thread (8 bf16 or 4 f32 columns) when C allows it,
+// else 1: small blocks, so that the many blocks of short runs (and the blocks that exit) pass quickly.
 // dwte: (Vp, C) +=; dout: (N, C) float or __nv_bfloat16; keys: (N) sorted token ids; rows: (N) row n
 // of each key, increasing within a run.
-template <class Act>
+template <class Act, int W>
 __global__ void embedding_wte_runs_kernel(float* dwte, const Act* dout, const int32_t* keys, const int32_t* rows,
                                           int64_t N, int64_t C) {
   constexpr int kUnroll = 16;
   const int64_t i = blockIdx.x;
   const int32_t tok = keys[i];
   if (i > 0 && keys[i - 1] == tok) return;  // not the start of a run
-  int64_t lo = i + 1, hi = N;               // first index in (i, N) whose key differs (keys ascend)
+  int64_t lo = i + 1, hi = N;  // keys[lo - 1] == tok; the end is the first index in [lo, hi] whose key differs
+  for (int64_t span = 1;; span *= 2) {
+    const int64_t p = i + span;
+    if (p >= N) break;
+    if (keys[p] != tok) {
+      hi = p;
+      break;
+    }
+    lo = p + 1;
+  }
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (keys[mid] == tok) lo = mid + 1;
@@ -85,18 +96,26 @@ __global__ void embedding_wte_runs_kernel(float* dwte, const Act* dout, const in
   }
   const int64_t end = lo;
   float* dw = dwte + static_cast<int64_t>(tok) * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float acc = dw[c];
+  for (int64_t c = threadIdx.x * static_cast<int64_t>(W); c < C; c += static_cast<int64_t>(blockDim.x) * W) {
+    float acc[W];
+    load_f32<W>(acc, dw + c);
     int64_t j = i;
     for (; j + kUnroll <= end; j += kUnroll) {
-      float v[kUnroll];
+      float v[kUnroll][W];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) v[k] = to_f32(dout[static_cast<int64_t>(rows[j + k]) * C + c]);
+      for (int k = 0; k < kUnroll; ++k) load_f32<W>(v[k], dout + static_cast<int64_t>(rows[j + k]) * C + c);
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) acc += v[k];
+      for (int k = 0; k < kUnroll; ++k)
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] += v[k][e];
     }
-    for (; j < end; ++j) acc += to_f32(dout[static_cast<int64_t>(rows[j]) * C + c]);
-    dw[c] = acc;
+    for (; j < end; ++j) {
+      float v[W];
+      load_f32<W>(v, dout + static_cast<int64_t>(rows[j]) * C + c);
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] += v[e];
+    }
+    store_f32<W>(dw + c, acc);
   }
 }
 
@@ -131,9 +150,16 @@ void backward_wte_impl(float* dwte, const Act* dout, const int32_t* tokens, int6
   LMF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + L.temp, temp_bytes, tokens, keys_sorted, rows, rows_sorted,
                                                  static_cast<int>(N), 0, key_bits(Vp), stream()));
   const ShapeText shapes = shape_text("N=", N, " C=", C, " Vp=", Vp);
-  const int64_t block = std::min<int64_t>(kWteMaxBlock, ceil_div(C, 32) * 32);
-  launch({kOpBackward, shapes, {N, 1, 1}, {block, 1, 1}, 0}, embedding_wte_runs_kernel<Act>, dwte, dout,
-         static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
+  constexpr int W = kPack<Act>;  // 16 bytes of dout per load
+  if (C % W == 0 && aligned16(dwte, dout)) {
+    const int64_t block = std::min<int64_t>(kWteMaxBlock, ceil_div(C / W, 32) * 32);
+    launch({kOpBackward, shapes, {N, 1, 1}, {block, 1, 1}, 0}, embedding_wte_runs_kernel<Act, W>, dwte, dout,
+           static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
+  } else {
+    const int64_t block = std::min<int64_t>(kWteMaxBlock, ceil_div(C, 32) * 32);
+    launch({kOpBackward, shapes, {N, 1, 1}, {block, 1, 1}, 0}, embedding_wte_runs_kernel<Act, 1>, dwte, dout,
+           static_cast<const int32_t*>(keys_sorted), static_cast<const int32_t*>(rows_sorted), N, C);
+  }
 }
 
 // dwpe: (maxT, C) +=, rows [0, T); dout: (B, T, C) float or __nv_bfloat16.
