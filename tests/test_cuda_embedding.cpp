@@ -121,6 +121,9 @@ TEST(CudaEmbedding, SkewedTokensMatchCpu) {
     check_case({4, 1024, 768, 50304, true, 0, k});
   }
   check_case({19, 111, 111, 3, false, 0, Tokens::uniform});  // a vocabulary of 3: long runs of each
+  // 16-byte column packs (C % 4 == 0): a few packs per row, and more packs than threads (C / 4 > 1024)
+  check_case({3, 17, 24, 7, false, 0, Tokens::uniform});
+  check_case({2, 33, 4100, 5, true, 0, Tokens::uniform});
 }
 
 TEST(CudaEmbedding, RealisticSizeMatchesCpu) {
@@ -225,6 +228,9 @@ TEST(CudaEmbedding, Bf16MatchesCpuOnRoundedInputs) {
   }
   check_case_bf16({4, 1024, 768, 50304, true, 0, Tokens::uniform}, worst);
   check_case_bf16({4, 1024, 768, 50304, false, 0, Tokens::two}, worst);
+  // 16-byte column packs (C % 8 == 0): a few packs per row, and more packs than threads (C / 8 > 1024)
+  check_case_bf16({3, 17, 24, 7, false, 0, Tokens::uniform}, worst);
+  check_case_bf16({2, 33, 8200, 5, true, 0, Tokens::uniform}, worst);
   std::printf("embedding bf16 measured worst rel_l2: out %.3g (bound %.3g), dwte %.3g (bound 0), dwpe %.3g (bound 0)\n",
               worst.out, kBf16OutBound, worst.dwte, worst.dwpe);
 }
