@@ -397,12 +397,22 @@ TEST(CudaFlashAttention, GraphCaptureMatchesDirectRun) {
   }
 }
 
+// Device buffers of one small call (B = 1, T = 5, NH = 2, NKV = 1) at head size HS, for the error tests.
+struct SmallCall {
+  static constexpr int64_t B = 1, T = 5, NH = 2, NKV = 1;
+  int64_t HS, C3;
+  DeviceBuffer qkv, dqkv, out, dout, lse, delta;
+  explicit SmallCall(int64_t hs)
+      : HS(hs), C3((NH + 2 * NKV) * hs), qkv(static_cast<size_t>(B * T * C3) * 2), dqkv(static_cast<size_t>(B * T * C3) * 2),
+        out(static_cast<size_t>(B * T * NH * HS) * 2), dout(static_cast<size_t>(B * T * NH * HS) * 2),
+        lse(static_cast<size_t>(B * NH * T) * 4), delta(static_cast<size_t>(B * NH * T) * 4) {}
+};
+
 TEST(CudaFlashAttention, UnsupportedHeadSizeIsAnError) {
   LMF_REQUIRE_GPU();
-  const int64_t B = 1, T = 5, NH = 2, NKV = 1, HS = 48, C3 = (NH + 2 * NKV) * HS;
-  DeviceBuffer qkv(static_cast<size_t>(B * T * C3) * 2), dqkv(static_cast<size_t>(B * T * C3) * 2),
-      out(static_cast<size_t>(B * T * NH * HS) * 2), dout(static_cast<size_t>(B * T * NH * HS) * 2),
-      lse(static_cast<size_t>(B * NH * T) * 4), delta(static_cast<size_t>(B * NH * T) * 4);
+  SmallCall c(48);
+  const int64_t B = c.B, T = c.T, NH = c.NH, NKV = c.NKV, HS = c.HS, C3 = c.C3;
+  DeviceBuffer &qkv = c.qkv, &dqkv = c.dqkv, &out = c.out, &dout = c.dout, &lse = c.lse, &delta = c.delta;
   try {
     flash_attention_forward(out.tensor(DType::bf16, {B, T, NH * HS}, "out"), lse.tensor(DType::f32, {B, NH, T}, "lse"),
                             qkv.tensor(DType::bf16, {B, T, C3}, "qkv"), int(NH), int(NKV));
@@ -428,10 +438,9 @@ TEST(CudaFlashAttention, UnsupportedHeadSizeIsAnError) {
 TEST(CudaFlashAttention, CudnnAccumulateIsAnError) {
   LMF_REQUIRE_GPU();
   LMF_REQUIRE_CUDNN();
-  const int64_t B = 1, T = 5, NH = 2, NKV = 1, HS = 64, C3 = (NH + 2 * NKV) * HS;
-  DeviceBuffer qkv(static_cast<size_t>(B * T * C3) * 2), dqkv(static_cast<size_t>(B * T * C3) * 2),
-      out(static_cast<size_t>(B * T * NH * HS) * 2), dout(static_cast<size_t>(B * T * NH * HS) * 2),
-      lse(static_cast<size_t>(B * NH * T) * 4), delta(static_cast<size_t>(B * NH * T) * 4);
+  SmallCall c(64);
+  const int64_t B = c.B, T = c.T, NH = c.NH, NKV = c.NKV, HS = c.HS, C3 = c.C3;
+  DeviceBuffer &qkv = c.qkv, &dqkv = c.dqkv, &out = c.out, &dout = c.dout, &lse = c.lse, &delta = c.delta;
   try {
     flash_attention_backward(dqkv.tensor(DType::bf16, {B, T, C3}, "dqkv"), delta.tensor(DType::f32, {B, NH, T}, "delta"),
                              dout.tensor(DType::bf16, {B, T, NH * HS}, "dout"), qkv.tensor(DType::bf16, {B, T, C3}, "qkv"),

@@ -43,6 +43,7 @@
 #include "core/cuda_check.h"
 #include "core/cuda_context.h"
 #include "core/device.h"
+#include "core/launch.h"
 
 namespace lmf {
 namespace {
@@ -56,10 +57,7 @@ struct Shape {
   int64_t B, T, NH, NKV, HS;
   int64_t C3() const { return (NH + 2 * NKV) * HS; }
   int64_t CO() const { return NH * HS; }
-  std::string str() const {
-    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " NH=" + std::to_string(NH) +
-           " NKV=" + std::to_string(NKV) + " HS=" + std::to_string(HS);
-  }
+  ShapeText text() const { return shape_text("B=", B, " T=", T, " NH=", NH, " NKV=", NKV, " HS=", HS); }
 };
 
 struct Plan {
@@ -79,7 +77,7 @@ Cache& cache() {
 }
 
 [[noreturn]] void cudnn_failed(const char* op, const Shape& s, const std::string& step, const std::string& why) {
-  fail(op, " (cuDNN ", cudnnGetVersion(), "): ", step, " failed for ", s.str(), ": ", why);
+  fail(op, " (cuDNN ", cudnnGetVersion(), "): ", step, " failed for ", s.text().c_str(), ": ", why);
 }
 
 void check_fe(fe::error_t e, const char* op, const Shape& s, const char* step) {
@@ -186,7 +184,7 @@ std::pair<const Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, fl
   auto it = c.plans.find(key);
   if (it != c.plans.end()) return {&it->second, h};
   if (capturing())
-    fail(op, ": no cuDNN plan for ", s.str(), " while the stream is being captured into a CUDA graph; build it at "
+    fail(op, ": no cuDNN plan for ", s.text().c_str(), " while the stream is being captured into a CUDA graph; build it at "
          "set-up with flash_attention_cuda_workspace()");
   Plan p;
   p.graph = backward ? backward_graph(s, scale) : forward_graph(s, scale);
