@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
-#include <vector>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -97,7 +96,6 @@ struct GemmPlan {
 struct PlanCache {
   std::mutex mu;
   GemmPlan plans[kGemmPlanCapacity];
-  std::vector<GemmKey> unsupported;  // bgrad_a signatures cuBLASLt has no algorithm for
   int next = 0;  // slot replaced when the table is full (round robin: the oldest plan)
   uint64_t queries = 0;
 };
@@ -143,7 +141,6 @@ std::string describe(const GemmKey& k, float alpha, float beta) {
     os << " batch=" << k.batch << " strides(A,B,C)=(" << k.stride_a << "," << k.stride_b << "," << k.stride_c << ")";
   if (k.epilogue == GemmEpilogue::gelu_aux) os << " epilogue=gelu_aux ldaux=" << k.ldaux;
   if (k.epilogue == GemmEpilogue::dgelu) os << " epilogue=dgelu ldaux=" << k.ldaux;
-  if (k.epilogue == GemmEpilogue::bgrad_a) os << " epilogue=bgrad_a";
   os << " " << precision_text(k.prec);
   return os.str();
 }
@@ -174,19 +171,13 @@ void build_plan(GemmPlan& p, const GemmKey& k, const void* bias, const void* aux
   cublasLtEpilogue_t epi = k.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   if (k.epilogue == GemmEpilogue::gelu_aux) epi = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
   if (k.epilogue == GemmEpilogue::dgelu) epi = CUBLASLT_EPILOGUE_DGELU;
-  // our op(A) is cuBLASLt's B: its bias gradient, one value per column of cuBLASLt's D (our rows)
-  if (k.epilogue == GemmEpilogue::bgrad_a) epi = CUBLASLT_EPILOGUE_BGRADB;
   if (epi != CUBLASLT_EPILOGUE_DEFAULT) set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(epi));
-  if (k.epilogue == GemmEpilogue::bgrad_a) {  // bgrad travels in the aux slot of the call
-    set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(CUDA_R_32F));
-    set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, aux);
-  }
   if (k.bias) {
     set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(t.c));
     // The heuristic reads the pointer's value (not the data) to learn its alignment.
     set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
   }
-  if (k.epilogue == GemmEpilogue::gelu_aux || k.epilogue == GemmEpilogue::dgelu) {  // aux: the pre-activation (bf16)
+  if (k.epilogue != GemmEpilogue::none) {  // aux: the pre-activation, laid out like C (bf16)
     set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
     set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<int64_t>(k.ldaux));
     set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, static_cast<int32_t>(CUDA_R_16BF));
@@ -274,8 +265,7 @@ void gemm_run(const char* op, const GemmKey& k, float alpha, const void* A, cons
   std::lock_guard<std::mutex> lock(c.mu);
   GemmPlan& p = find_plan(c, k, bias, aux);
   if (k.bias) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-  if (k.epilogue == GemmEpilogue::bgrad_a) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, aux);
-  else if (k.epilogue != GemmEpilogue::none) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
+  if (k.epilogue != GemmEpilogue::none) set_desc(&p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
   LMF_CUBLAS_CHECK(cublasLtMatmul(blaslt(), &p.desc, &alpha, B, &p.lt_a, A, &p.lt_b, &beta, C, &p.lt_c, C, &p.lt_c,
                                   &p.algo, ws, kGemmWorkspaceBytes, stream()));
   count_launch();
@@ -296,29 +286,11 @@ struct GemmExtra {  // the mixed-precision additions to a call
   int64_t ldaux = 0;
 };
 
-// Whether cuBLASLt has an algorithm for the signature of a bgrad_a call (queried once, then cached:
-// supported signatures keep their plan in the table, unsupported ones are listed).
-bool bgrad_supported(const GemmKey& k, const void* aux) {
-  PlanCache& c = plan_cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  for (const GemmKey& u : c.unsupported)
-    if (u == k) return false;
-  try {
-    find_plan(c, k, nullptr, aux);
-  } catch (const Error&) {  // no algorithm within the masks (the slot stays invalid)
-    c.unsupported.push_back(k);
-    return false;
-  }
-  return true;
-}
-
-// Validates and runs one GEMM. With only_if_supported (bgrad_a calls), a signature cuBLASLt has no
-// algorithm for returns false without running.
-bool gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+void gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                float alpha, const void* A, int64_t lda, int64_t stride_a, const void* B, int64_t ldb, int64_t stride_b,
                float beta, void* C, int64_t ldc, int64_t stride_c, int64_t batch, const void* bias,
-               const GemmExtra& ex = {}, bool only_if_supported = false) {
-  if (M == 0 || N == 0) return true;
+               const GemmExtra& ex = {}) {
+  if (M == 0 || N == 0) return;
   GemmKey k;
   k.device = cuda_limits().device;
   k.prec = prec;
@@ -341,9 +313,7 @@ bool gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
   k.align_b = std::min({alignment_of(B), alignment_of_bytes(ldb, ea), alignment_of_bytes(k.stride_b, ea)});
   k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc, ec), alignment_of_bytes(k.stride_c, ec)});
   k.align_bias = bias ? alignment_of(bias) : 0;
-  k.align_aux = k.epilogue == GemmEpilogue::none      ? 0
-                : k.epilogue == GemmEpilogue::bgrad_a ? alignment_of(ex.aux)
-                                                       : std::min(alignment_of(ex.aux), alignment_of_bytes(k.ldaux, 2));
+  k.align_aux = k.epilogue == GemmEpilogue::none ? 0 : std::min(alignment_of(ex.aux), alignment_of_bytes(k.ldaux, 2));
   // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
   const uint32_t min_ab = static_cast<uint32_t>(ea), min_c = static_cast<uint32_t>(ec);
@@ -353,10 +323,7 @@ bool gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
   if (!ok)
     fail(op, ": invalid GEMM ", describe(k, alpha, beta), " (need 1 <= M, N, K <= INT32_MAX, lda >= ", a_cols,
          ", ldb >= ", b_cols, ", ldc >= N, non-null pointers aligned to their element size)");
-  if (k.epilogue == GemmEpilogue::bgrad_a) {
-    if (prec != GemmPrecision::bf16_c32 || batch != 1 || !ex.aux || bias)
-      fail(op, ": invalid GEMM epilogue ", describe(k, alpha, beta), " (bgrad_a needs bf16 A/B, f32 C, no batch, no bias)");
-  } else if (k.epilogue != GemmEpilogue::none) {
+  if (k.epilogue != GemmEpilogue::none) {
     // cuBLASLt's GELU epilogues: bf16 D and aux, aux rows (cuBLASLt's columns) a multiple of 8 elements.
     const bool eok = prec == GemmPrecision::bf16_c16 && batch == 1 && ex.aux && k.ldaux >= N && k.ldaux % 8 == 0 &&
                      beta == 0.0f && (k.epilogue == GemmEpilogue::gelu_aux) == (bias != nullptr);
@@ -371,15 +338,12 @@ bool gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
   if (!batch_ok)
     fail(op, ": invalid batched GEMM ", describe(k, alpha, beta),
          " (need 1 <= batch <= INT32_MAX, strides >= 0, stride_c >= (M - 1) ldc + N = ", (M - 1) * ldc + N, ")");
-  if (only_if_supported && !bgrad_supported(k, ex.aux)) return false;
   try {
     gemm_run(op, k, alpha, A, B, beta, C, bias, ex.aux);
   } catch (const Error& e) {
     fail(op, ": cuBLASLt GEMM ", describe(k, alpha, beta), " failed: ", e.what());
   }
-  return true;
 }
-
 
 }  // namespace
 
@@ -407,13 +371,6 @@ void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M,
   if (batch == 0) return;
   gemm_impl(op, fp_precision(), trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
             stride_c, batch, nullptr);
-}
-
-bool gemm_bgrad(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                float* bgrad) {
-  return gemm_impl(op, GemmPrecision::bf16_c32, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc,
-                   0, 1, nullptr, GemmExtra{GemmEpilogue::bgrad_a, bgrad, 0}, true);
 }
 
 uint64_t gemm_plan_queries() {

@@ -77,21 +77,12 @@ void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M,
 //   none       C = alpha op(A) op(B) + beta C [+ bias]
 //   gelu_aux   aux = op(A) op(B) + bias (pre-activation, stored); C = gelu_tanh(aux); needs bias, beta == 0
 //   dgelu      C = (alpha op(A) op(B)) * gelu_tanh'(aux); aux as stored by gelu_aux; no bias, beta == 0
-//   bgrad_a    (gemm_bgrad only) C = alpha op(A) op(B) + beta C and bgrad[i] = sum_k op(A)[i][k]
-enum class GemmEpilogue : uint8_t { none, gelu_aux, dgelu, bgrad_a };
+enum class GemmEpilogue : uint8_t { none, gelu_aux, dgelu };
 void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
           int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
           int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc, const bf16* bias = nullptr,
           GemmEpilogue epilogue = GemmEpilogue::none, bf16* aux = nullptr, int64_t ldaux = 0);
-// A weight-gradient GEMM with the bias gradient fused (cuBLASLt's BGRADB epilogue in its column-major
-// view): bf16 A and B, f32 C = alpha op(A) op(B) + beta C, and bgrad (M, f32) written with the sums of
-// op(A)'s rows over K. Returns false, having done nothing, when cuBLASLt has no algorithm for it within
-// the determinism rules above (the answer is cached per signature); the caller then computes the bias
-// gradient itself.
-bool gemm_bgrad(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                float* bgrad);
 // Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
 uint64_t gemm_plan_queries();
 

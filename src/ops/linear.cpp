@@ -12,7 +12,6 @@
 
 #include "ops/activation.h"
 #include "ops/blas.h"
-#include "ops/gemm_cuda.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
@@ -91,9 +90,7 @@ LinearDims check_linear(const char* op, const Tensor& y, const Tensor& inp, cons
 
 size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
   const int64_t chunks = (N + kLinearBiasRowChunk - 1) / kLinearBiasRowChunk;
-  const size_t partials = static_cast<size_t>(chunks * OC) * sizeof(float);
-  const size_t fused = kGemmWorkspaceBytes + static_cast<size_t>(OC) * sizeof(float);  // the GEMM's, then bgrad
-  return std::max(partials, fused);
+  return static_cast<size_t>(chunks * OC) * sizeof(float);
 }
 
 void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {

@@ -4,10 +4,6 @@
 // beta = 1 (accumulate) and a two-pass column sum for dbias (linear.h): pass 1 sums fixed chunks of
 // kLinearBiasRowChunk rows per column into the workspace, pass 2 adds each column's chunk partials in
 // chunk order into dbias. Every sum has a fixed order, so results are bitwise reproducible; no atomics.
-// bf16 weight gradients of at least kFusedBgradMinElems elements take the bias gradient from the dW
-// GEMM's epilogue instead (cuBLASLt's BGRADB: the GEMM already reads dout; its fixed algorithm gives
-// the same sums every run), written to the workspace and added to dbias by one small kernel; where
-// cuBLASLt has no algorithm for that epilogue, the two-pass sum runs.
 #include <cuda_bf16.h>
 
 #include "core/cuda_launch.cuh"
@@ -76,31 +72,6 @@ __global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __res
 
 ShapeText dims(int64_t N, int64_t IC, int64_t OC) { return shape_text("N=", N, " IC=", IC, " OC=", OC); }
 
-// dbias (OC) += bgrad (OC): the bias gradient the dW GEMM wrote (its epilogue) added once.
-__global__ void bias_add_kernel(float* __restrict__ dbias, const float* __restrict__ bgrad, int64_t OC) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c < OC) dbias[c] += bgrad[c];
-}
-
-// Weight gradients of at least this many elements fuse the bias gradient into their GEMM (cuBLASLt's
-// bias-gradient epilogue); smaller ones (e.g. 768 x 768 over K = 16,384) need split-K to fill the GPU,
-// which the epilogue may not allow, and keep the two-pass column sum.
-constexpr int64_t kFusedBgradMinElems = int64_t{1} << 21;
-
-// dweight (OC, IC) += dout^T inp and, when fused, dbias += column sums of dout. Returns false when the
-// bias gradient is left to the caller (not fused here, or cuBLASLt has no algorithm for it).
-bool weight_grad_fused_bias(const char* op, float* dweight, float* dbias, const bf16* dout, const bf16* inp, int64_t N,
-                            int64_t IC, int64_t OC) {
-  if (!dbias || OC * IC < kFusedBgradMinElems) return false;
-  // bgrad lives past the GEMM's workspace (linear_backward_cuda_workspace reserves it)
-  auto* bgrad = reinterpret_cast<float*>(static_cast<char*>(cuda_workspace(linear_backward_cuda_workspace(N, OC), op)) +
-                                         kGemmWorkspaceBytes);
-  if (!cuda::gemm_bgrad(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC, bgrad)) return false;
-  cuda::launch({op, dims(N, IC, OC), {cuda::ceil_div(OC, 256), 1, 1}, {256, 1, 1}, 0}, bias_add_kernel, dbias,
-               static_cast<const float*>(bgrad), OC);
-  return true;
-}
-
 // dbias (OC) += column sums of dout (N, OC), two passes in a fixed order (file comment).
 template <class T>
 void bias_grad(const char* op, float* dbias, const T* dout, int64_t N, int64_t IC, int64_t OC) {
@@ -158,20 +129,18 @@ void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weig
 void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
                      int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
   const char* op = "linear_backward";
-  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
-  if (dweight && weight_grad_fused_bias(op, dweight, dbias, dout, inp, N, IC, OC)) return;
   if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
+  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
 
 void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
                            const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC) {
   const char* op = "linear_backward_dgelu";
+  if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
   // dpre (N, IC) = (dout (N, OC) weight (OC, IC)) * gelu'(pre): the DGELU epilogue (overwrites)
   gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC, nullptr, GemmEpilogue::dgelu,
        const_cast<bf16*>(pre), IC);
-  if (dweight && weight_grad_fused_bias(op, dweight, dbias, dout, inp, N, IC, OC)) return;
-  if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
   if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
 

@@ -22,8 +22,8 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
 // (pass 2): deterministic, independent of the GPU, no atomics.
 inline constexpr int64_t kLinearBiasRowChunk = 256;
 // CUDA workspace bytes (cuda_reserve_workspace) linear_backward needs with a bias gradient for N rows
-// of OC columns: the partial sums, or (bf16 weight gradients with the bias gradient fused into their
-// GEMM, linear.cu) the GEMM's kGemmWorkspaceBytes followed by OC floats; the larger of the two.
+// of OC columns. Its GEMMs need kGemmWorkspaceBytes (ops/gemm_cuda.h) of the same workspace at other
+// times, so reserve the larger of the two.
 size_t linear_backward_cuda_workspace(int64_t N, int64_t OC);
 
 // bf16 mixed precision (docs/MIXED_PRECISION.md), GPU only: linear_forward with out, inp, weight and
