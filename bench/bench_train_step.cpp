@@ -114,11 +114,20 @@ int main(int argc, char** argv) {
   bool graph = false;
   app.add_flag("--cuda-graph", graph,
                "time the step as one CUDA graph replay, as lmforge train runs it on a GPU (not with --profile)");
+  std::string gemm_tune = "on";
+  app.add_option("--gemm-tune", gemm_tune,
+                 "on: after the first step, take the fastest of cuBLASLt's candidates that give the same bits "
+                 "(bf16 GEMMs on the GPU), as lmforge train does; off: the heuristic's choice")
+      ->check(CLI::IsMember({"on", "off"}));
+  bool gemm_report = false;
+  app.add_flag("--gemm-report", gemm_report,
+               "after the timed steps, time cuBLASLt's candidate algorithms for every bf16 GEMM of the step (stderr)");
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
     const Device dev = device == "cuda" ? Device::cuda : Device::cpu;
     if (graph && (dev != Device::cuda || profile)) fail("--cuda-graph needs --device cuda and no --profile");
+    if (gemm_report && (dev != Device::cuda || graph)) fail("--gemm-report needs --device cuda and no --cuda-graph");
     if (dev == Device::cuda) cuda_set_device(0);
     const Precision prec = parse_precision(precision, "--precision");
     const FlashKernels attn =
@@ -148,8 +157,19 @@ int main(int argc, char** argv) {
       model.forward_backward_device(ttok, ttgt, 1.0f);
       optimizer_step(model, tnorm, o, 0.0, 1, tsched);
     };
+    const bool tune = gemm_tune == "on" && dev == Device::cuda && prec == Precision::bf16;
     for (int64_t s = 0; s < warmup + steps; ++s) {
       if (profile && s >= warmup) model.set_profiler(&prof);
+#ifdef LMF_WITH_CUDA
+      if (tune && s == 0) cuda::gemm_tune_begin();
+      if (tune && s == 1) {  // between steps: every GEMM output of step 0 is dead
+        const auto t0 = std::chrono::steady_clock::now();
+        const cuda::GemmTuneResult r = cuda::gemm_autotune();
+        std::fprintf(stderr, "gemm tuning: %d plans (%d kept: data), %d candidates, %d same bits, %d changed, "
+                     "%.3f ms/step saved, %.2f s\n", r.plans, r.skipped, r.candidates, r.equal, r.changed, r.saved_ms,
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+#endif
       if (graph) {
         float sched[3];
         adamw_schedule(sched, 1e-4f, o.beta1, o.beta2, s + 1);
@@ -182,6 +202,9 @@ int main(int argc, char** argv) {
     double med = sorted[sorted.size() / 2];
     const double peak_gb = cuda_peak_allocated_bytes() / 1e9;  // before the ceilings' buffers
     if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
+#ifdef LMF_WITH_CUDA
+    if (gemm_report) cuda::gemm_tune_report(stderr, static_cast<double>(warmup + steps));
+#endif
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
     const std::string attn_tag = prec == Precision::bf16 ? std::string("-") + flash_kernels_name(attn) : std::string();

@@ -315,5 +315,65 @@ TEST(CudaGemm, InvalidArgumentsNameTheShapes) {
   EXPECT_THROW(device_gemm("my_op", false, false, 7, 19, 0, 1.0f, pa, 1, pb, 19, 0.0f, pc, 19), Error);  // K = 0
 }
 
+// gemm_autotune: a bf16 GEMM of each kind the models run (bias forward, gelu_aux forward, dgelu
+// backward, the f32 weight gradient with beta 1, and a tall-K one where split-K candidates exist) gives
+// the same bits before and after tuning, the window covers only the calls made in it, and a second
+// gemm_autotune without a new window tunes nothing.
+#ifdef LMF_WITH_CUDA
+TEST(CudaGemm, AutotuneKeepsEveryBit) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const int64_t M = 2048, C = 768, H = 3072, Kt = 8192;
+  // weights scaled as a trained model's (pre-activations ~ N(0, 1)): GELU and its gradient not mostly zero
+  auto bf = [&](size_t n, uint64_t s, float scale = 1.0f) {
+    return test::DeviceBuffer(test::to_bf16(test::randn(n, seed + s, scale)));
+  };
+  test::DeviceBuffer x = bf(M * C, 1), w1 = bf(H * C, 2, 0.036f), b1 = bf(H, 3), w2 = bf(C * H, 4, 0.018f),
+                     dy = bf(M * C, 5);
+  test::DeviceBuffer xt = bf(Kt * C, 6), dyt = bf(Kt * C, 7);
+  test::DeviceBuffer h(M * H * 2), g(M * H * 2), dh(M * H * 2), y(M * C * 2);
+  const std::vector<float> gw0 = test::randn(C * H, seed + 8, 0.1f), gt0 = test::randn(C * C, seed + 9, 0.1f);
+  test::DeviceBuffer gw(gw0), gt(gt0);
+  auto B16 = [](const test::DeviceBuffer& d) { return static_cast<bf16*>(d.data()); };
+  auto F32 = [](const test::DeviceBuffer& d) { return static_cast<float*>(d.data()); };
+  // The step: fc + GELU forward (gelu_aux), its projection with a bias, the dgelu backward, the fc
+  // weight gradient (f32, beta 1) and a tall-K weight gradient (K = 8192).
+  auto run_all = [&] {
+    gw.upload(gw0);
+    gt.upload(gt0);
+    cuda::gemm("t_fc", false, true, M, H, C, 1.0f, B16(x), C, B16(w1), C, 0.0f, B16(g), H, B16(b1),
+               cuda::GemmEpilogue::gelu_aux, B16(h), H);
+    cuda::gemm("t_proj", false, true, M, C, H, 1.0f, B16(g), H, B16(w2), H, 0.0f, B16(y), C, B16(b1));
+    cuda::gemm("t_dgelu", false, false, M, H, C, 1.0f, B16(dy), C, B16(w2), H, 0.0f, B16(dh), H, nullptr,
+               cuda::GemmEpilogue::dgelu, B16(h), H);
+    cuda::gemm("t_dw", true, false, C, H, M, 1.0f, B16(dy), C, B16(g), H, 1.0f, F32(gw), H);
+    cuda::gemm("t_dw_tall", true, false, C, C, Kt, 1.0f, B16(dyt), C, B16(xt), C, 1.0f, F32(gt), C);
+    std::vector<std::vector<float>> out;
+    for (const test::DeviceBuffer* d : {&h, &g, &y, &dh}) out.push_back(test::from_bf16(d->download<bf16>()));
+    out.push_back(gw.download<float>());
+    out.push_back(gt.download<float>());
+    return out;
+  };
+  const auto before = run_all();
+  EXPECT_EQ(cuda::gemm_autotune().plans, 0) << "no window was open";
+  cuda::gemm_tune_begin();
+  run_all();
+  const cuda::GemmTuneResult r = cuda::gemm_autotune();
+  std::printf("measured: gemm_autotune on 5 plans: %d tuned, %d kept for their data, %d candidates, %d same bits, "
+              "%d changed\n", r.plans, r.skipped, r.candidates, r.equal, r.changed);
+  EXPECT_EQ(r.plans, 5);
+  EXPECT_EQ(r.skipped, 0);
+  EXPECT_GT(r.candidates, 0);
+  const auto after = run_all();
+  const char* names[] = {"gelu_aux pre-activation", "gelu_aux output", "bias forward", "dgelu", "f32 dW beta 1",
+                         "tall-K f32 dW beta 1"};
+  for (size_t i = 0; i < before.size(); ++i)
+    EXPECT_TRUE(test::bitwise_equal(std::string(names[i]) + " before/after tuning", before[i], after[i]))
+        << "seed=" << seed;
+  EXPECT_EQ(cuda::gemm_autotune().plans, 0) << "the window closes after tuning";
+}
+#endif
+
 }  // namespace
 }  // namespace lmf

@@ -12,6 +12,7 @@
 #   tools/gpu_check.sh ncu        # build + per-kernel device time of one step (Nsight Compute), MoE and GPT-2,
 #                                 # and the grouped GEMMs' hardware counters (ncugg: only those)
 #   tools/gpu_check.sh quick      # build + the GPU tests + lmforge's benchmarks (no PyTorch)
+#   tools/gpu_check.sh gemms      # build + every bf16 GEMM of the GPT-2 step against cuBLASLt's other candidates
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
@@ -82,6 +83,15 @@ if [ "$what" = all ] || [ "$what" = train ]; then
   add "GPT-2 --profile trace (device ops vs step)" "rc=$rc $(tail -1 "$OUT/check_trace.log" 2>/dev/null)"
   [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/profile_gpt2.log"; }
   grep -E "^step=4 |utilization=" "$OUT/profile_gpt2.log"
+fi
+
+if [ "$what" = gemms ]; then
+  ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset gpt2-124m --batch-size "${LMF_BENCH_B:-16}" \
+    --seq-len 1024 --steps 3 --warmup-steps 1 --gemm-report >"$OUT/gemms.json" 2>"$OUT/gemms.log"
+  rc=$?
+  cat "$OUT/gemms.log"
+  add "GEMM candidates report" "rc=$rc $(tail -1 "$OUT/gemms.log")"
+  [ $rc -eq 0 ] || failures=$((failures + 1))
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then

@@ -35,6 +35,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 
 #include "core/bf16.h"
 
@@ -85,6 +86,39 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
           GemmEpilogue epilogue = GemmEpilogue::none, bf16* aux = nullptr, int64_t ldaux = 0);
 // Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
 uint64_t gemm_plan_queries();
+
+// Tuning. cuBLASLt's heuristic picks one algorithm per signature; another of its candidates is often a
+// few percent faster on the same shape (`lmforge_bench --gemm-report` lists them). gemm_tune_begin()
+// opens a window; gemm_autotune(), after a full training step, tunes every bf16 plan called in the
+// window and closes it. For each plan it runs the heuristic's algorithm and each candidate on the
+// latest call's own buffers and keeps a candidate only if its result has the same bits (a digest of C,
+// and of aux for gelu_aux, at beta 0 and at the call's beta, from C filled with a fixed pattern); of
+// those it takes the fastest if it gains >= 2%. Candidates with another summation order (another
+// split-K, say) differ in bits and are never taken, so tuning never changes a result: runs stay
+// bitwise reproducible whatever the timing picks. Plans whose data is not finite or mostly zero keep
+// the heuristic's choice.
+// Contract: call gemm_autotune() between steps, when the outputs (C, gelu_aux's aux) of the plans called
+// in the window are dead (after the optimizer step, before the next forward); it synchronises,
+// allocates 24 bytes and times up to `candidates` algorithms per plan (~1 s for GPT-2 124M). Never
+// inside a CUDA-graph capture (an error).
+struct GemmTuneResult {
+  int plans = 0;       // plans tuned (called in the window, bf16, not batched)
+  int skipped = 0;     // of which kept their choice because the data could not tell results apart
+  int candidates = 0;  // other deterministic candidates tried
+  int equal = 0;       // of which gave the same bits
+  int changed = 0;     // plans that took a faster candidate
+  double saved_ms = 0;  // sum over changed plans of (calls in the window) x (time saved per call)
+};
+void gemm_tune_begin();
+GemmTuneResult gemm_autotune(int candidates = 16);
+
+// Diagnostic (lmforge_bench --gemm-report): for every cached bf16 plan that has been called, times the
+// plan's algorithm and up to `candidates` of cuBLASLt's heuristic candidates (deterministic ones only)
+// on scratch buffers of the plan's shapes, and prints a line per plan: calls per step (calls so far /
+// `steps`), the chosen and the fastest time, and the f32-C plans' time at beta 0. Allocates and
+// synchronises: call it between steps, never inside one.
+inline constexpr int kGemmTuneCandidatesMax = 32;
+void gemm_tune_report(std::FILE* out, double steps, int candidates = 16);
 
 }  // namespace cuda
 }  // namespace lmf

@@ -17,6 +17,7 @@
 #include "data/corpus.h"
 #include "data/tokenizer.h"
 #include "ops/cross_entropy.h"
+#include "ops/gemm_cuda.h"
 #include "ops/optim.h"
 #include "train/checkpoint.h"
 
@@ -186,6 +187,8 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   } else if (o_.cuda_graph != "off") {
     fail("--cuda-graph=", o_.cuda_graph, " must be auto, on or off");
   }
+  if (o_.gemm_tune != "on" && o_.gemm_tune != "off") fail("--gemm-tune=", o_.gemm_tune, " must be on or off");
+  tune_gemms_ = o_.gemm_tune == "on" && device_ == Device::cuda && precision == Precision::bf16;
 
   // --- data ------------------------------------------------------------------------------------
   if (o_.data.empty()) {
@@ -348,6 +351,24 @@ void Trainer::graph_body() {
 }
 
 void Trainer::step() {
+  const bool tune = tune_gemms_ && step_ == first_step_;
+#ifdef LMF_WITH_CUDA
+  if (tune) cuda::gemm_tune_begin();
+#endif
+  step_once();
+#ifdef LMF_WITH_CUDA
+  if (tune) {  // between steps: the first step's GEMM outputs are dead
+    const auto t0 = std::chrono::steady_clock::now();
+    const cuda::GemmTuneResult r = cuda::gemm_autotune();
+    log_ << "gemm_tune plans=" << r.plans << " kept_for_data=" << r.skipped << " candidates=" << r.candidates
+         << " same_bits=" << r.equal << " changed=" << r.changed << " saved_ms_per_step=" << fmt("%.3f", r.saved_ms)
+         << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count())
+         << "\n";
+  }
+#endif
+}
+
+void Trainer::step_once() {
   if (use_graph_ && !force_eager_) {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
