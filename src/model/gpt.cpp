@@ -254,9 +254,20 @@ Gpt::Gpt(const ModelConfig& config, const GptPlan& plan) : cfg_(config), plan_(p
     v_ = Arena("adam_v", pspecs, plan.device);
     g_ = gpt_bind(grads_, cfg_);
     if (plan.device == Device::cuda) {  // the lazy ranges: the tensors' own bytes (padding stays eager)
+      // The routed experts' weights (MoE plans), and with bf16 the dense weight matrices and the LM
+      // head's: the first backward after zero_grad writes each of them whole (a weight-gradient GEMM
+      // with beta 0; the LM head's first chunk), so zero_grad does not clear their 440 MB for GPT-2.
+      const std::string head = cfg_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight";
+      auto lazy = [&](const std::string& name) {
+        if (name.find(".moe.experts.") != std::string::npos) return true;
+        if (plan.precision != Precision::bf16) return false;
+        for (const char* suffix : {".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc.weight", ".mlp.proj.weight"})
+          if (name.ends_with(suffix)) return true;
+        return name == head;
+      };
       size_t at = 0;
       for (size_t i = 0; i < grads_.size(); ++i) {
-        if (grads_.spec(i).name.find(".moe.experts.") == std::string::npos) continue;
+        if (!lazy(grads_.spec(i).name)) continue;
         const size_t b = grads_.offset_bytes(i), e = b + grads_.spec(i).nbytes();
         if (b > at) eager_grad_ranges_.push_back({at, b - at});
         lazy_grad_ranges_.push_back({b, e - b});
@@ -567,14 +578,14 @@ void Gpt::zero_grad() {
   }
   auto* base = static_cast<unsigned char*>(grads_.base());
   for (const auto& [at, n] : eager_grad_ranges_) device_memset0(base + at, n);
-  expert_grads_stale_ = true;
+  lazy_grads_stale_ = true;
 }
 
 void Gpt::settle_grads() const {
-  if (!expert_grads_stale_) return;
+  if (!lazy_grads_stale_) return;
   auto* base = static_cast<unsigned char*>(grads_.base());
   for (const auto& [at, n] : lazy_grad_ranges_) device_memset0(base + at, n);
-  expert_grads_stale_ = false;
+  lazy_grads_stale_ = false;
 }
 
 void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scale) {
@@ -586,7 +597,7 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
     bool& zero;
     bool& stale;
     ~Accumulated() { zero = stale = false; }
-  } accumulated{grads_zero_, expert_grads_stale_};
+  } accumulated{grads_zero_, lazy_grads_stale_};
   const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
   const int64_t QKV = cfg_.qkv_dim(), FC = cfg_.fc_dim(), F = cfg_.d_ff, NH = cfg_.n_head;
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
@@ -598,7 +609,8 @@ void Gpt::forward_backward_device(Tensor tokens, Tensor targets, float loss_scal
     const float grad_scale = loss_scale / static_cast<float>(N);
     timed("lm_head + cross-entropy fwd+bwd", 6.0 * N * C * cfg_.vocab_size, [&] {
       lm_head_cross_entropy(losses_, d_ln_.view({N, C}), g_.lm_head, lnf_.view({N, C}), pb_.lm_head,
-                            targets.view({N}), logits_scratch_, cfg_.vocab_size, grad_scale);
+                            targets.view({N}), logits_scratch_, cfg_.vocab_size, grad_scale,
+                            grads_zero_ ? GradMode::Overwrite : GradMode::Accumulate);
     });
     backward_layers_bf16(tokens, loss_scale);
     if (cfg_.moe.bias_rate > 0) moe_update_selection_bias();
@@ -726,6 +738,8 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
   const double lin_qkv = 4.0 * N * C * QKV, lin_proj = 4.0 * N * NH * HS * C, lin_fc = 4.0 * N * C * FC,
                lin_mproj = 4.0 * N * F * C, attn = 8.0 * B * NH * T * T * HS / 2;
   const bool fused_gelu = cfg_.activation == ActivationKind::gelu && cfg_.bias;
+  // The dense weight gradients are lazy (zero_grad left them): this backward writes them
+  const GradMode wmode = grads_zero_ ? GradMode::Overwrite : GradMode::Accumulate;
   tensor_zero(d_res_);
   Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
   timed("norm bwd", 0, [&] { norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_); });
@@ -740,11 +754,11 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
       moe_layer_backward(l, loss_scale);
     } else if (fused_gelu) {
       timed("linear mproj + gelu bwd", lin_mproj, [&] {
-        linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc);
+        linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc, wmode);
       });
     } else {
       timed("linear mproj bwd", lin_mproj, [&] {
-        linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, GradMode::Overwrite);
+        linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, GradMode::Overwrite, wmode);
       });
       tensor_zero(d_fc_);
       timed("activation bwd", 0, [&] {
@@ -754,11 +768,11 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
     }
     if (!w.moe())
       timed("linear fc bwd", lin_fc, [&] {
-        linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite);
+        linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite, wmode);
       });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
     timed("linear proj bwd", lin_proj, [&] {
-      linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite);
+      linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite, wmode);
     });
     timed("flash attention bwd", attn, [&] {
       flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head,
@@ -767,7 +781,7 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
     if (cfg_.positions == PositionKind::rope)
       timed("rope bwd", 0, [&] { rope_backward(d_qkv_, rope_freqs_, cfg_.n_head, cfg_.n_kv_head); });
     timed("linear qkv bwd", lin_qkv, [&] {
-      linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite);
+      linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite, wmode);
     });
     timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
   }

@@ -109,8 +109,9 @@ class Gpt {
   // The bf16 weight copy (bf16 plans; empty arena otherwise): one flat bf16 block whose element i is
   // element i of params().flat_f32().
   Arena& params_bf16() { return params_bf16_; }
-  // GPU MoE plans zero the routed experts' weight gradients lazily: the next backward writes them
-  // whole (MoeExtraGrads::expert_grads_zero), and grads() / g() zero them first if it has not run.
+  // GPU plans zero some weight gradients lazily (the routed experts' in MoE plans; with bf16 also the
+  // dense weight matrices and the LM head's): the next backward writes them whole (beta-0 GEMMs,
+  // MoeExtraGrads::expert_grads_zero), and grads() / g() zero them first if it has not run.
   void zero_grad();
 
   // Generation with a KV cache (batch 1, CPU). Feeds `token` at position `pos` (0-based, < decode_ctx) and
@@ -161,10 +162,10 @@ class Gpt {
   class OpProfiler* prof_ = nullptr;
   Arena params_, grads_, m_, v_, acts_, work_, decode_, params_bf16_;
   bool grads_zero_ = false;  // grads_ hold zeros (zero_grad, no backward since): the first backward may write them
-  // zero_grad's lazily zeroed byte ranges of grads_ (the routed experts' weight gradients; GPU MoE
-  // training plans) and the rest; expert_grads_stale_: the lazy ranges hold old values.
+  // zero_grad's lazily zeroed byte ranges of grads_ (see zero_grad; GPU training plans) and the
+  // rest; lazy_grads_stale_: the lazy ranges hold old values.
   std::vector<std::pair<size_t, size_t>> lazy_grad_ranges_, eager_grad_ranges_;
-  mutable bool expert_grads_stale_ = false;
+  mutable bool lazy_grads_stale_ = false;
   void settle_grads() const;
   GptTensors p_, g_, pb_;  // pb_: views of params_bf16_ (bf16 plans)
   std::vector<Tensor> bf16_views_;  // params_bf16_ per parameter, at params_'s element offsets

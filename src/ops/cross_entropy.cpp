@@ -71,7 +71,7 @@ void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float*
 }  // namespace
 
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
-                           Tensor logits_scratch, int64_t vocab_size, float grad_scale) {
+                           Tensor logits_scratch, int64_t vocab_size, float grad_scale, GradMode dw_mode) {
   // x picks the path: f32 everywhere, or bf16 x, w, logits_scratch, dx with f32 losses, dw (GPU only;
   // check_dtype fails for a bf16 tensor on the CPU).
   const bool bf = x.defined() && x.dtype == DType::bf16;
@@ -114,9 +114,11 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
     // Targets live on the GPU: the data loader validated them (reading them here would sync).
     LMF_CUDA_DISPATCH(kOp, cuda::lm_head_cross_entropy(losses.f32(), dx.defined() ? dx.ptr<bf16>() : nullptr, dw_ptr,
                                                        x.ptr<bf16>(), w.ptr<bf16>(), tg, logits_scratch.ptr<bf16>(),
-                                                       N, C, vocab_size, Vp, std::min<int64_t>(R, N), grad_scale));
+                                                       N, C, vocab_size, Vp, std::min<int64_t>(R, N), grad_scale,
+                                                       dw_mode == GradMode::Accumulate));
     return;
   }
+  if (dw.defined() && dw_mode == GradMode::Overwrite) tensor_zero(dw);  // then accumulated
   float* dx_ptr = dx.defined() ? dx.f32() : nullptr;
   if (x.device == Device::cpu) {
     for (int64_t n = 0; n < N; ++n)

@@ -333,7 +333,7 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
 
 void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
                            const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
-                           int64_t R, float grad_scale) {
+                           int64_t R, float grad_scale, bool accumulate_dw) {
   const char* op = "lm_head_cross_entropy";
   const bool grad = dx != nullptr;
   const ShapeText shapes = dims(N, C, V, Vp, R);
@@ -360,8 +360,9 @@ void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, co
     if (!grad) continue;
     // dx[n0:n0+rows] = bf16(dx + dlogits (rows, Vp) W (Vp, C))
     gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
-    // dW += dlogits^T (Vp, rows) xc (rows, C), fp32 C   (padded rows += 0)
-    gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+    // dW += dlogits^T (Vp, rows) xc (rows, C), fp32 C   (padded rows += 0); the first chunk writes dW
+    // instead when it is not accumulated
+    gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, accumulate_dw || n0 > 0 ? 1.0f : 0.0f, dw, C);
   }
 }
 

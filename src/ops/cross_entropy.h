@@ -17,16 +17,20 @@
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "ops/grad_mode.h"
 
 namespace lmf {
 
 // losses: (N) per-row -log softmax(logits)[target]
 // x: (N, C); w: (Vp, C) (tied token embedding or separate head); targets: (N) i32 in [0, V)
 // logits_scratch: (R, Vp) with R >= 1 rows; N is processed R rows at a time
-// dx: (N, C) and dw: (Vp, C), both accumulated (+=) with dloss_row = grad_scale, or both absent
+// dx: (N, C) and dw: (Vp, C), both accumulated (+=) with dloss_row = grad_scale, or both absent;
+// dw_mode Overwrite: dw = this call's gradient (its old values are not read; the bf16 path's first
+// weight-gradient GEMM runs with beta 0, the others zero dw first)
 // dtypes: all f32, or (GPU) x, w, logits_scratch, dx bf16 with losses, dw f32
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
-                           Tensor logits_scratch, int64_t vocab_size, float grad_scale);
+                           Tensor logits_scratch, int64_t vocab_size, float grad_scale,
+                           GradMode dw_mode = GradMode::Accumulate);
 
 // dst: (1) f32 = (accumulate ? dst : 0) + scale * mean(losses), the mean summed in double in a fixed
 // order on the device that holds the tensors (no host read: the training step keeps its loss on
@@ -43,7 +47,7 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
 // bf16 activations, same shapes: losses and dw f32; dx, x, w, logits bf16.
 void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
                            const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
-                           int64_t R, float grad_scale);
+                           int64_t R, float grad_scale, bool accumulate_dw = true);
 }  // namespace cuda
 
 }  // namespace lmf

@@ -605,10 +605,13 @@ GemmTuneResult gemm_autotune(int candidates) {
     p.tuned = true;
     ++res.plans;
     PlanTuner t(p, counters, ws);
-    // The reference: the heuristic's algorithm, at beta 0 and at the call's beta. Data with values that
-    // are not finite or mostly zero could hide a different summation, so such a plan keeps its choice.
+    // The reference: the heuristic's algorithm at beta 0 and, without an epilogue (which needs beta 0),
+    // at beta 1: a plan runs at both (a weight gradient's first backward writes, later ones add).
+    // Data with values that are not finite or mostly zero could hide a different summation, so such a
+    // plan keeps its choice.
+    const bool both = p.key.epilogue == GemmEpilogue::none;
     const Digest ref0 = t.check(p.algo, 0.0f);
-    const Digest ref1 = p.beta != 0.0f ? t.check(p.algo, p.beta) : ref0;
+    const Digest ref1 = both ? t.check(p.algo, 1.0f) : ref0;
     const unsigned long long elems = static_cast<unsigned long long>(p.key.M * p.key.N);
     if (ref0.nonfinite != 0 || ref1.nonfinite != 0 || ref0.zeros > elems / 8) {
       ++res.skipped;
@@ -628,7 +631,7 @@ GemmTuneResult gemm_autotune(int candidates) {
       }
       ++res.candidates;
       if (!(t.check(r[i].algo, 0.0f) == ref0)) continue;
-      if (p.beta != 0.0f && !(t.check(r[i].algo, p.beta) == ref1)) continue;
+      if (both && !(t.check(r[i].algo, 1.0f) == ref1)) continue;
       ++res.equal;
       const double us = t.time_us(r[i].algo, e0, e1);
       if (us < best) best = us, best_i = i;

@@ -92,8 +92,8 @@ uint64_t gemm_plan_queries();
 // opens a window; gemm_autotune(), after a full training step, tunes every bf16 plan called in the
 // window and closes it. For each plan it runs the heuristic's algorithm and each candidate on the
 // latest call's own buffers and keeps a candidate only if its result has the same bits (a digest of C,
-// and of aux for gelu_aux, at beta 0 and at the call's beta, from C filled with a fixed pattern); of
-// those it takes the fastest if it gains >= 2%. Candidates with another summation order (another
+// and of aux for gelu_aux, at beta 0 and, without an epilogue, at beta 1, from C filled with a fixed
+// pattern); of those it takes the fastest if it gains >= 2%. Candidates with another summation order (another
 // split-K, say) differ in bits and are never taken, so tuning never changes a result: runs stay
 // bitwise reproducible whatever the timing picks. Plans whose data is not finite or mostly zero keep
 // the heuristic's choice.

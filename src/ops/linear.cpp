@@ -115,7 +115,7 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
 }
 
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                     GradMode dinp_mode) {
+                     GradMode dinp_mode, GradMode dweight_mode) {
   check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
   const DType dt = dout.dtype == DType::bf16 ? DType::bf16 : DType::f32;
   const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight, dt);
@@ -140,9 +140,11 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   if (dt == DType::bf16) {
     bf16* di = dinp.defined() ? dinp.ptr<bf16>() : nullptr;
     LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(di, opt(dweight), opt(dbias), dout.ptr<bf16>(),
-                                                         inp.ptr<bf16>(), weight.ptr<bf16>(), N, IC, OC, acc));
+                                                         inp.ptr<bf16>(), weight.ptr<bf16>(), N, IC, OC, acc,
+                                                         dweight_mode == GradMode::Accumulate));
     return;
   }
+  if (dweight.defined() && dweight_mode == GradMode::Overwrite) tensor_zero(dweight);  // then accumulated
   if (dout.device == Device::cpu)
     linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc);
   else
@@ -172,7 +174,7 @@ void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tens
 }
 
 void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                           Tensor pre) {
+                           Tensor pre, GradMode dweight_mode) {
   const char* op = "linear_backward_dgelu";
   check_same_device(op, {&dpre, &dweight, &dbias, &dout, &inp, &weight, &pre});
   const auto [N, IC, OC] = check_linear(op, dout, inp, weight, DType::bf16);
@@ -192,7 +194,8 @@ void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dou
   if (N == 0) return;
   auto opt = [](const Tensor& t) { return t.defined() ? t.f32() : nullptr; };
   LMF_CUDA_DISPATCH(op, cuda::linear_backward_dgelu(dpre.ptr<bf16>(), opt(dweight), opt(dbias), dout.ptr<bf16>(),
-                                                    inp.ptr<bf16>(), weight.ptr<bf16>(), pre.ptr<bf16>(), N, IC, OC));
+                                                    inp.ptr<bf16>(), weight.ptr<bf16>(), pre.ptr<bf16>(), N, IC, OC,
+                                                    dweight_mode == GradMode::Accumulate));
 }
 
 }  // namespace lmf

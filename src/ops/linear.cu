@@ -127,21 +127,24 @@ void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weig
 }
 
 void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp, bool accumulate_dweight) {
   const char* op = "linear_backward";
   if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
   if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
-  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dweight)
+    gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, accumulate_dweight ? 1.0f : 0.0f, dweight, IC);
 }
 
 void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
-                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC) {
+                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC,
+                           bool accumulate_dweight) {
   const char* op = "linear_backward_dgelu";
   if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
   // dpre (N, IC) = (dout (N, OC) weight (OC, IC)) * gelu'(pre): the DGELU epilogue (overwrites)
   gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC, nullptr, GemmEpilogue::dgelu,
        const_cast<bf16*>(pre), IC);
-  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dweight)
+    gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, accumulate_dweight ? 1.0f : 0.0f, dweight, IC);
 }
 
 }  // namespace cuda

@@ -14,8 +14,9 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
 
 // dinp += dout W; dweight += dout^T inp; dbias += sum_n dout. Any of dinp/dweight/dbias may be absent.
 // dinp_mode (grad_mode.h): Accumulate (+=) or Overwrite (dinp = dout W, the GEMM does not read dinp).
+// dweight_mode: the same for dweight (bf16: the GEMM runs with beta 0; f32: dweight is zeroed first).
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                     GradMode dinp_mode = GradMode::Accumulate);
+                     GradMode dinp_mode = GradMode::Accumulate, GradMode dweight_mode = GradMode::Accumulate);
 
 // The CUDA bias gradient sums dout in fixed chunks of kLinearBiasRowChunk rows (pass 1, one partial
 // sum per chunk and column, in the CUDA workspace), then adds each column's partials in chunk order
@@ -37,8 +38,9 @@ void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tens
 // (OVERWRITTEN, not accumulated: cuBLASLt's DGELU epilogue cannot accumulate), dweight += dout^T inp,
 // dbias += sum_n dout (dbias may be absent). inp is gelu(pre). bf16 on the GPU only (DGELU epilogue);
 // the fp32 path runs linear_backward and gelu_backward.
+// dweight_mode as linear_backward's.
 void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                           Tensor pre);
+                           Tensor pre, GradMode dweight_mode = GradMode::Accumulate);
 
 namespace cuda {  // launchers (linear.cu); called by the op entries after validation
 // out: (N, OC) = inp (N, IC) weight (OC, IC)^T + bias (OC) (bias may be nullptr)
@@ -53,10 +55,11 @@ void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* 
 void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
                          int64_t IC, int64_t OC);
 void linear_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp = true);
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp = true, bool accumulate_dweight = true);
 // dpre (N, IC) = (dout weight) * gelu'(pre), overwritten; pre: (N, IC) as stored by linear_gelu_forward
 void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
-                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC);
+                           const bf16* weight, const bf16* pre, int64_t N, int64_t IC, int64_t OC,
+                           bool accumulate_dweight = true);
 }  // namespace cuda
 
 }  // namespace lmf
