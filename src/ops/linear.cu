@@ -3,7 +3,7 @@
 // Forward is one cuBLASLt GEMM with the bias fused as its epilogue; backward is two GEMMs with
 // beta = 1 (accumulate) and a two-pass column sum for dbias (linear.h): pass 1 sums fixed chunks of
 // kLinearBiasRowChunk rows per column into the workspace, pass 2 adds each column's chunk partials in
-// chunk order into dbias. Every sum has a fixed order, so results are bitwise reproducible; no atomics.
+// a fixed order (kFinishLanes interleaved lanes, then the lanes in order) into dbias. Every sum has a fixed order, so results are bitwise reproducible; no atomics.
 #include <cuda_bf16.h>
 
 #include "core/cuda_launch.cuh"
@@ -16,7 +16,8 @@ namespace {
 
 constexpr int kBiasCols = 32;   // columns per pass-1 block: one warp reads 128 contiguous bytes of a row
 constexpr int kBiasLanes = 8;   // row lanes per pass-1 block: lane y sums rows y, y + 8, ... of its chunk
-constexpr int kFinishBlock = 32;  // one warp per block: OC = 768 is 24 blocks (24 SMs), not 3
+constexpr int kFinishBlock = 32;  // columns per pass-2 block: OC = 768 is 24 blocks (24 SMs), not 3
+constexpr int kFinishLanes = 8;   // chunk lanes per pass-2 block (GPT-2, N = 16,384: 64 chunks, 8 per lane)
 static_assert(kLinearBiasRowChunk % kBiasLanes == 0);
 
 // partial: (chunks, OC); dout: (N, OC). Block (kBiasCols, kBiasLanes); thread x owns W consecutive
@@ -51,23 +52,33 @@ __global__ void bias_partial_kernel(float* __restrict__ partial, const T* __rest
   }
 }
 
-// dbias: (OC) += sum over chunks (in order) of partial: (chunks, OC). One thread per column.
+// dbias: (OC) += sum over chunks of partial: (chunks, OC), in a fixed order. Block (kFinishBlock
+// columns, kFinishLanes lanes): lane y sums chunks y, y + kFinishLanes, ... (their loads issued before
+// the adds: latency, not bandwidth, bounds this pass), then lane 0 adds the lanes' sums in lane order.
 __global__ void bias_finish_kernel(float* __restrict__ dbias, const float* __restrict__ partial, int64_t chunks,
                                    int64_t OC) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= OC) return;
-  // In chunk order; the loads of 16 chunks are issued before their adds (latency, not bandwidth, bound)
+  __shared__ float lane_sum[kFinishLanes][kFinishBlock];
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kFinishBlock) + threadIdx.x;
   float s = 0.0f;
-  int64_t k = 0;
-  for (; k + 16 <= chunks; k += 16) {
-    float v[16];
+  if (c < OC) {
+    int64_t k = threadIdx.y;
+    constexpr int kBatch = 8;
+    for (; k + (kBatch - 1) * kFinishLanes < chunks; k += kBatch * kFinishLanes) {
+      float v[kBatch];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) v[i] = partial[(k + i) * OC + c];
+      for (int i = 0; i < kBatch; ++i) v[i] = partial[(k + i * kFinishLanes) * OC + c];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s += v[i];
+      for (int i = 0; i < kBatch; ++i) s += v[i];
+    }
+    for (; k < chunks; k += kFinishLanes) s += partial[k * OC + c];
   }
-  for (; k < chunks; ++k) s += partial[k * OC + c];
-  dbias[c] += s;
+  lane_sum[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < OC) {
+    float t = lane_sum[0][threadIdx.x];
+    for (int l = 1; l < kFinishLanes; ++l) t += lane_sum[l][threadIdx.x];
+    dbias[c] += t;
+  }
 }
 
 ShapeText dims(int64_t N, int64_t IC, int64_t OC) { return shape_text("N=", N, " IC=", IC, " OC=", OC); }
@@ -88,8 +99,8 @@ void bias_grad(const char* op, float* dbias, const T* dout, int64_t N, int64_t I
     cuda::launch({op, shapes, {chunks * col_groups, 1, 1}, {kBiasCols, kBiasLanes, 1}, 0}, bias_partial_kernel<1, T>,
                  partial, dout, N, OC, col_groups);
   }
-  cuda::launch({op, shapes, {cuda::ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, 1, 1}, 0}, bias_finish_kernel, dbias,
-         static_cast<const float*>(partial), chunks, OC);
+  cuda::launch({op, shapes, {cuda::ceil_div(OC, kFinishBlock), 1, 1}, {kFinishBlock, kFinishLanes, 1}, 0},
+               bias_finish_kernel, dbias, static_cast<const float*>(partial), chunks, OC);
 }
 
 const __nv_bfloat16* dev(const bf16* p) { return reinterpret_cast<const __nv_bfloat16*>(p); }

@@ -19,7 +19,7 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
                      GradMode dinp_mode = GradMode::Accumulate, GradMode dweight_mode = GradMode::Accumulate);
 
 // The CUDA bias gradient sums dout in fixed chunks of kLinearBiasRowChunk rows (pass 1, one partial
-// sum per chunk and column, in the CUDA workspace), then adds each column's partials in chunk order
+// sum per chunk and column, in the CUDA workspace), then adds each column's partials in a fixed order
 // (pass 2): deterministic, independent of the GPU, no atomics.
 inline constexpr int64_t kLinearBiasRowChunk = 256;
 // CUDA workspace bytes (cuda_reserve_workspace) linear_backward needs with a bias gradient for N rows
