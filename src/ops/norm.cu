@@ -340,39 +340,55 @@ __global__ void norm_params_partial_kernel(double* part_w, double* part_b, const
 // Fused backward for register-resident rows (NP packs of W columns per lane, as above): dinp as
 // norm_backward_dinp_kernel (same lane columns and order: the same dinp), and the dweight/dbias
 // partial sums of the block's rows. Warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
-// increasing order and accumulates dout * xhat and dout per lane column in registers of type Acc
-// (bwd_acc_t: fp32 for bf16 rows, double for f32 rows, whose CPU tolerance is ~1 ulp of the sum);
-// the block then adds its warps' sums into shared memory in warp order (one barrier per warp) and
-// writes part[k][0][c] (dweight) and part[k][1][c] (dbias; only when kBias). The order depends on N
-// only. part: (gridDim.x, 2, C) Acc.
+// increasing order and accumulates dout * xhat and dout per lane column, in type Acc (bwd_acc_t: fp32
+// for bf16 rows, double for f32 rows, whose CPU tolerance is ~1 ulp of the sum), in its own slice of
+// shared memory (laid out [2][NP W][32 lanes]: each lane's columns at a stride of 32, so the warp's
+// accesses hit 32 banks); the block then adds its warps' sums in warp order and writes
+// part[k][0][c] (dweight) and part[k][1][c] (dbias; only when kBias). The order depends on N only.
+// Keeping the sums out of registers leaves room for the next row's loads, issued before the current
+// row is computed (two rows in flight per warp). part: (gridDim.x, 2, C) Acc.
 template <class T>
 using bwd_acc_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
+
+template <class T, int NP, int W>
+size_t bwd_smem_bytes() {
+  return static_cast<size_t>(kBwdWarps) * 2 * NP * W * 32 * sizeof(bwd_acc_t<T>);
+}
 
 template <class T, int W, int NP, bool kBias>
 __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
     norm_backward_reg_kernel(T* dinp, bwd_acc_t<T>* part, const T* dout, const T* inp, const float* weight,
                              const float* mean, const float* rstd, int64_t N, int64_t C, int64_t rpw) {
   using Acc = bwd_acc_t<T>;
-  extern __shared__ __align__(16) unsigned char bwd_smem[];  // (2, C) Acc: the block's dweight, dbias partials
+  constexpr int kSlots = NP * W;  // columns per lane
+  extern __shared__ __align__(16) unsigned char bwd_smem[];  // (kBwdWarps, 2, kSlots, 32) Acc
   const int warp = threadIdx.x / 32;
-  const int64_t lane = threadIdx.x % 32;
-  auto col = [&](int j) { return lane * W + static_cast<int64_t>(j) * 32 * W; };
-  Acc dw[NP][W] = {}, db[NP][W] = {};
+  const int lane = threadIdx.x % 32;
+  auto col = [&](int j) { return static_cast<int64_t>(lane) * W + static_cast<int64_t>(j) * 32 * W; };
+  Acc* sums = reinterpret_cast<Acc*>(bwd_smem);
+  Acc* my = sums + warp * 2 * kSlots * 32 + lane;  // my[(a kSlots + slot) 32]: a = 0 dweight, 1 dbias
+#pragma unroll
+  for (int q = 0; q < 2 * kSlots; ++q) my[q * 32] = Acc(0);
   const int64_t n0 = (blockIdx.x * static_cast<int64_t>(kBwdWarps) + warp) * rpw, n1 = min(N, n0 + rpw);
-  // (Issuing the next row's loads before computing this one measured slower: at the 128-register cap
-  // of 2 blocks per SM it spills.)
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row0 = n * C;
+  struct Row {
     T x[NP][W], dy[NP][W], dx[NP][W];
+    float m, r;
+  };
+  auto load_row = [&](Row& R, int64_t n) {
+    const int64_t row0 = n * C;
 #pragma unroll
     for (int j = 0; j < NP; ++j)
-      if (col(j) < C) {  // all loads of the row in flight before the first use
-        load_raw<W>(x[j], inp + row0 + col(j));
-        load_raw<W>(dy[j], dout + row0 + col(j));
-        load_raw<W>(dx[j], dinp + row0 + col(j));
+      if (col(j) < C) {
+        load_raw<W>(R.x[j], inp + row0 + col(j));
+        load_raw<W>(R.dy[j], dout + row0 + col(j));
+        load_raw<W>(R.dx[j], dinp + row0 + col(j));
       }
-    const float m = mean ? mean[n] : 0.0f;
-    const float r = rstd[n];
+    R.m = mean ? mean[n] : 0.0f;
+    R.r = rstd[n];
+  };
+  auto compute_row = [&](const Row& R, int64_t n) {
+    const int64_t row0 = n * C;
+    const float m = R.m, r = R.r;
     double sa = 0.0, sb = 0.0;
 #pragma unroll
     for (int j = 0; j < NP; ++j)
@@ -381,8 +397,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
         load_f32<W>(w, weight + col(j));
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-          const float dnorm = w[k] * to_f32(dy[j][k]);
-          const float xhat = (to_f32(x[j][k]) - m) * r;
+          const float dnorm = w[k] * to_f32(R.dy[j][k]);
+          const float xhat = (to_f32(R.x[j][k]) - m) * r;
           sa += static_cast<double>(dnorm);
           sb += static_cast<double>(dnorm) * static_cast<double>(xhat);
         }
@@ -398,39 +414,38 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
         load_f32<W>(w, weight + col(j));
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-          const float g = to_f32(dy[j][k]);
-          const float xhat = (to_f32(x[j][k]) - m) * r;
-          d[k] = to_f32(dx[j][k]);
+          const float g = to_f32(R.dy[j][k]);
+          const float xhat = (to_f32(R.x[j][k]) - m) * r;
+          d[k] = to_f32(R.dx[j][k]);
           d[k] += r * (w[k] * g - a - xhat * b);
-          if constexpr (std::is_same_v<Acc, double>) dw[j][k] += static_cast<double>(g) * static_cast<double>(xhat);
-          else dw[j][k] = fmaf(g, xhat, dw[j][k]);
-          if constexpr (kBias) db[j][k] += static_cast<Acc>(g);
+          Acc& dw = my[(j * W + k) * 32];
+          if constexpr (std::is_same_v<Acc, double>) dw += static_cast<double>(g) * static_cast<double>(xhat);
+          else dw = fmaf(g, xhat, dw);
+          if constexpr (kBias) my[(kSlots + j * W + k) * 32] += static_cast<Acc>(g);
         }
         store_f32<W>(dinp + row0 + col(j), d);
       }
+  };
+  Row ra, rb;
+  if (n0 < n1) load_row(ra, n0);
+  for (int64_t n = n0; n < n1; n += 2) {  // two rows in flight: the next one loads while this one computes
+    if (n + 1 < n1) load_row(rb, n + 1);
+    compute_row(ra, n);
+    if (n + 1 >= n1) break;
+    if (n + 2 < n1) load_row(ra, n + 2);
+    compute_row(rb, n + 1);
   }
-  // block partial: warps add in order 0, 1, ... (warp 0 stores)
-  Acc* sw = reinterpret_cast<Acc*>(bwd_smem);
-  Acc* sbias = sw + C;
-  for (int k = 0; k < kBwdWarps; ++k) {
-    if (warp == k) {
-#pragma unroll
-      for (int j = 0; j < NP; ++j)
-        if (col(j) < C) {
-#pragma unroll
-          for (int e = 0; e < W; ++e) {
-            const int64_t c = col(j) + e;
-            sw[c] = k == 0 ? dw[j][e] : sw[c] + dw[j][e];
-            if constexpr (kBias) sbias[c] = k == 0 ? db[j][e] : sbias[c] + db[j][e];
-          }
-        }
-    }
-    __syncthreads();
-  }
+  __syncthreads();
+  // block partial: for each (a, slot, lane), the warps' sums added in order 0, 1, ...
   Acc* out = part + blockIdx.x * 2 * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    out[c] = sw[c];
-    if constexpr (kBias) out[C + c] = sbias[c];
+  for (int q = threadIdx.x; q < 2 * kSlots * 32; q += blockDim.x) {
+    const int a = q / (kSlots * 32), slot = (q / 32) % kSlots, l = q % 32;
+    if (a == 1 && !kBias) continue;
+    const int64_t c = static_cast<int64_t>(l) * W + static_cast<int64_t>(slot / W) * 32 * W + slot % W;
+    if (c >= C) continue;
+    Acc t = sums[q];
+    for (int k = 1; k < kBwdWarps; ++k) t += sums[k * 2 * kSlots * 32 + q];
+    out[a * C + c] = t;
   }
 }
 
@@ -511,7 +526,7 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
       using Acc = bwd_acc_t<T>;
       const int64_t nblocks = bwd_blocks(N);
       Acc* part = static_cast<Acc*>(cuda_workspace(norm_backward_workspace(N, C), op));
-      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, 2 * C * sizeof(Acc)};
+      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, bwd_smem_bytes<T, NP, Wc>()};
       if (dbias) {
         launch(spec, norm_backward_reg_kernel<T, Wc, NP, true>, dinp, part, dout, inp, weight, mean, rstd, N, C,
                bwd_rows_per_warp(N));
