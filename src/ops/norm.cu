@@ -26,10 +26,10 @@
 // partials, then a small kernel sums the partials; deterministic without atomics:
 //   1. a fixed partition of the rows that depends on N only: rpw = ceil(N / kBwdTargetWarps) rows per
 //      warp, kBwdWarps warps per block; warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
-//      increasing order and accumulates dout * xhat and dout per lane column in registers (fp32 for
-//      bf16 rows; double for f32 rows, whose CPU tolerance is ~1 ulp of the sum); the block adds its
-//      warps' sums in warp order in shared memory and writes one partial row per block,
-//      part[k][0 / 1][c];
+//      increasing order (the next row's loads in flight while one is computed) and accumulates
+//      dout * xhat and dout per lane column in the warp's slice of shared memory (fp32 for bf16 rows;
+//      double for f32 rows, whose CPU tolerance is ~1 ulp of the sum); the block adds its warps' sums
+//      in warp order and writes one partial row per block, part[k][0 / 1][c];
 //   2. norm_params_sum_kernel: for each column, 16 threads sum every 16th partial in double, then the
 //      16 sums are added in order and the rounded result added to dweight/dbias.
 // Wide rows (C > 1024): the dinp row kernel, then per-chunk partials in double (each thread one
