@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(kRegThreads) ce_row_bf16_reg_kernel(float* __r
 constexpr int kSmemThreads = 512;
 constexpr int64_t kSmemRowMaxBytes = 110 * 1024;
 
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+using cuda::bf16_hi;
+using cuda::bf16_lo;
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2 ulp, as __expf
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -83,6 +83,7 @@
 
 #include "core/check.h"
 #include "core/cuda_launch.cuh"
+#include "ops/packed.cuh"
 #include "ops/ptx.cuh"
 #include "ops/attention.h"
 
@@ -100,15 +101,8 @@ constexpr int kPad = 8;  // bf16 elements of padding per shared-memory row (16 b
 // PTX wrappers
 // ---------------------------------------------------------------------------------------------
 
-// (ops/ptx.cuh: smem_u32, cp_async_*, ldmatrix_x4[_trans], mma_bf16)
-
-// Two floats -> packed bf16 pair, round to nearest even; lo in the low half (the lower column).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16) | __bfloat16_as_ushort(v.x);
-}
-__device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+// (ops/ptx.cuh: smem_u32, cp_async_*, ldmatrix_x4[_trans], mma_bf16; ops/packed.cuh: pack_bf16,
+// bf16_lo, bf16_hi)
 
 // ---------------------------------------------------------------------------------------------
 // Fragment loads from a row-major shared tile with row stride kLd (elements); see the header.
@@ -822,9 +816,6 @@ void backward_hs(nv_bf16* dqkv, float* delta, const nv_bf16* dout, const nv_bf16
          dqkv, qkv, dout, static_cast<const float*>(lse), static_cast<const float*>(delta), d, scale,
          scale * kLog2e);
 }
-
-nv_bf16* as_nv(lmf::bf16* p) { return reinterpret_cast<nv_bf16*>(p); }
-const nv_bf16* as_nv(const lmf::bf16* p) { return reinterpret_cast<const nv_bf16*>(p); }
 
 }  // namespace
 

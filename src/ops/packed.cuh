@@ -34,6 +34,15 @@ __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// A packed pair of bf16 in a 32-bit word (the lower column in the low half): exact widening of either
+// half, and two floats rounded to nearest even into one word.
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16) | __bfloat16_as_ushort(v.x);
+}
+
 // Elements of T in one 128-bit access: 4 for float, 8 for bf16.
 template <class T>
 inline constexpr int kPack = 16 / static_cast<int>(sizeof(T));
