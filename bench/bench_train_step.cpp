@@ -133,6 +133,7 @@ int main(int argc, char** argv) {
     const FlashKernels attn =
         flash_kernels_from_flag(attention, prec == Precision::bf16 && dev == Device::cuda,
                                 {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
+    if (attn == FlashKernels::cudnn) std::fprintf(stderr, "attention: cuDNN %s\n", cudnn_version_text().c_str());
     Gpt model(c, GptPlan{B, T, true, 0, dev, prec, attn});
     model.init_weights(1);
     std::vector<int32_t> tok(B * T), tgt(B * T);

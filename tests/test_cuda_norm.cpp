@@ -66,13 +66,14 @@ const char* kind_name(Kind k) {
 
 // Results of one forward + backward.
 struct Result {
-  std::vector<float> out, mean, rstd, dinp, dweight, dbias;
+  std::vector<float> out, mean, rstd, dinp, dweight, dbias, dsum;
 };
 
 // Forward and backward of kind k on the CPU, or on the GPU (outputs poisoned first).
 Result run(Kind k, bool gpu, int64_t N, int64_t C, const std::vector<float>& x, const std::vector<float>& w,
            const std::vector<float>& b, const std::vector<float>& dy, const std::vector<float>& dx0,
-           const std::vector<float>& dw0, const std::vector<float>& db0) {
+           const std::vector<float>& dw0, const std::vector<float>& db0, const std::vector<float>& ds0,
+           bool with_sum = true) {
   const bool ln = k != Kind::rmsnorm, bias = k == Kind::layernorm_bias;
   Result r;
   if (!gpu) {
@@ -83,6 +84,8 @@ Result run(Kind k, bool gpu, int64_t N, int64_t C, const std::vector<float>& x, 
     r.dinp = dx0;
     r.dweight = dw0;
     r.dbias = db0;
+    r.dsum = ds0;
+    const Tensor tds = with_sum ? tensor_of(r.dsum, {C}, "dinp_sum") : Tensor();
     if (ln) {
       layernorm_forward(tensor_of(r.out, {N, C}, "out"), tensor_of(r.mean, {N}, "mean"), tensor_of(r.rstd, {N}, "rstd"),
                         tensor_of(xs, {N, C}, "inp"), tensor_of(ws, {C}, "weight"),
@@ -90,18 +93,19 @@ Result run(Kind k, bool gpu, int64_t N, int64_t C, const std::vector<float>& x, 
       layernorm_backward(tensor_of(r.dinp, {N, C}, "dinp"), tensor_of(r.dweight, {C}, "dweight"),
                          bias ? tensor_of(r.dbias, {C}, "dbias") : Tensor(), tensor_of(dys, {N, C}, "dout"),
                          tensor_of(xs, {N, C}, "inp"), tensor_of(ws, {C}, "weight"), tensor_of(r.mean, {N}, "mean"),
-                         tensor_of(r.rstd, {N}, "rstd"));
+                         tensor_of(r.rstd, {N}, "rstd"), tds);
     } else {
       rmsnorm_forward(tensor_of(r.out, {N, C}, "out"), tensor_of(r.rstd, {N}, "rstd"), tensor_of(xs, {N, C}, "inp"),
                       tensor_of(ws, {C}, "weight"), kEps);
       rmsnorm_backward(tensor_of(r.dinp, {N, C}, "dinp"), tensor_of(r.dweight, {C}, "dweight"),
                        tensor_of(dys, {N, C}, "dout"), tensor_of(xs, {N, C}, "inp"), tensor_of(ws, {C}, "weight"),
-                       tensor_of(r.rstd, {N}, "rstd"));
+                       tensor_of(r.rstd, {N}, "rstd"), tds);
     }
     return r;
   }
   const size_t nb = x.size() * sizeof(float), sb = static_cast<size_t>(N) * sizeof(float);
-  DeviceBuffer gx(x), gw(w), gb(b), gdy(dy), gout(nb), gmean(sb), grstd(sb), gdx(dx0), gdw(dw0), gdb(db0);
+  DeviceBuffer gx(x), gw(w), gb(b), gdy(dy), gout(nb), gmean(sb), grstd(sb), gdx(dx0), gdw(dw0), gdb(db0), gds(ds0);
+  const Tensor tds = with_sum ? gds.tensor(DType::f32, {C}, "dinp_sum") : Tensor();
   gout.poison();
   gmean.poison();
   grstd.poison();
@@ -112,13 +116,13 @@ Result run(Kind k, bool gpu, int64_t N, int64_t C, const std::vector<float>& x, 
     layernorm_backward(gdx.tensor(DType::f32, {N, C}, "dinp"), gdw.tensor(DType::f32, {C}, "dweight"),
                        bias ? gdb.tensor(DType::f32, {C}, "dbias") : Tensor(), gdy.tensor(DType::f32, {N, C}, "dout"),
                        gx.tensor(DType::f32, {N, C}, "inp"), gw.tensor(DType::f32, {C}, "weight"),
-                       gmean.tensor(DType::f32, {N}, "mean"), grstd.tensor(DType::f32, {N}, "rstd"));
+                       gmean.tensor(DType::f32, {N}, "mean"), grstd.tensor(DType::f32, {N}, "rstd"), tds);
   } else {
     rmsnorm_forward(gout.tensor(DType::f32, {N, C}, "out"), grstd.tensor(DType::f32, {N}, "rstd"),
                     gx.tensor(DType::f32, {N, C}, "inp"), gw.tensor(DType::f32, {C}, "weight"), kEps);
     rmsnorm_backward(gdx.tensor(DType::f32, {N, C}, "dinp"), gdw.tensor(DType::f32, {C}, "dweight"),
                      gdy.tensor(DType::f32, {N, C}, "dout"), gx.tensor(DType::f32, {N, C}, "inp"),
-                     gw.tensor(DType::f32, {C}, "weight"), grstd.tensor(DType::f32, {N}, "rstd"));
+                     gw.tensor(DType::f32, {C}, "weight"), grstd.tensor(DType::f32, {N}, "rstd"), tds);
   }
   r.out = gout.download<float>();
   r.mean = ln ? gmean.download<float>() : std::vector<float>(static_cast<size_t>(N), 0.0f);
@@ -126,6 +130,7 @@ Result run(Kind k, bool gpu, int64_t N, int64_t C, const std::vector<float>& x, 
   r.dinp = gdx.download<float>();
   r.dweight = gdw.download<float>();
   r.dbias = gdb.download<float>();
+  r.dsum = gds.download<float>();
   return r;
 }
 
@@ -140,10 +145,10 @@ void check_case(Kind k, int64_t N, int64_t C, float offset = 0.0f) {
   for (float& v : w) v += 1.0f;
   const auto b = randn(static_cast<size_t>(C), seed + 2, 0.3f), dy = randn(x.size(), seed + 3);
   const auto dx0 = randn(x.size(), seed + 4, 0.5f), dw0 = randn(w.size(), seed + 5, 0.5f),
-             db0 = randn(w.size(), seed + 6, 0.5f);
+             db0 = randn(w.size(), seed + 6, 0.5f), ds0 = randn(w.size(), seed + 7, 0.5f);
   cuda_reserve_workspace(norm_backward_cuda_workspace(N, C));
-  const Result cpu = run(k, false, N, C, x, w, b, dy, dx0, dw0, db0);
-  const Result gpu = run(k, true, N, C, x, w, b, dy, dx0, dw0, db0);
+  const Result cpu = run(k, false, N, C, x, w, b, dy, dx0, dw0, db0, ds0);
+  const Result gpu = run(k, true, N, C, x, w, b, dy, dx0, dw0, db0, ds0);
   const double fwd_atol = offset != 0.0f ? kOffsetFwdAtol : kFwdAtol;
   const double param_atol = offset != 0.0f ? kOffsetParamAtol : kParamAtol;
   EXPECT_TRUE(all_close("out " + what, gpu.out, to_double(cpu.out), fwd_atol, kFwdRtol));
@@ -156,13 +161,20 @@ void check_case(Kind k, int64_t N, int64_t C, float offset = 0.0f) {
   EXPECT_TRUE(all_close("dweight " + what, gpu.dweight, to_double(cpu.dweight), param_atol, kParamRtol));
   // without bias the prefilled dbias must come back untouched
   EXPECT_TRUE(all_close("dbias " + what, gpu.dbias, to_double(cpu.dbias), param_atol, kParamRtol));
+  // dinp_sum: column sums of dinp (values of order sqrt(N)), so the dinp tolerance scaled by N
+  EXPECT_TRUE(all_close("dinp_sum " + what, gpu.dsum, to_double(cpu.dsum),
+                        static_cast<double>(N) * (offset != 0.0f ? kOffsetFwdAtol : kDinpAtol) * max_rstd(cpu.rstd),
+                        kDinpRtol));
 
-  const Result again = run(k, true, N, C, x, w, b, dy, dx0, dw0, db0);
+  // again, without dinp_sum: the same bits everywhere else (the kernels without the sum), the prefill kept
+  const Result again = run(k, true, N, C, x, w, b, dy, dx0, dw0, db0, ds0, false);
   for (auto [a, g, name] : {std::tuple{&again.out, &gpu.out, "out"}, std::tuple{&again.mean, &gpu.mean, "mean"},
                             std::tuple{&again.rstd, &gpu.rstd, "rstd"}, std::tuple{&again.dinp, &gpu.dinp, "dinp"},
                             std::tuple{&again.dweight, &gpu.dweight, "dweight"},
-                            std::tuple{&again.dbias, &gpu.dbias, "dbias"}})
+                            std::tuple{&again.dbias, &gpu.dbias, "dbias"}, std::tuple{&again.dsum, &ds0, "dinp_sum prefill"}})
     EXPECT_TRUE(bitwise_equal(*a, *g)) << name << " not deterministic " << what;
+  const Result twice = run(k, true, N, C, x, w, b, dy, dx0, dw0, db0, ds0);
+  EXPECT_TRUE(bitwise_equal(twice.dsum, gpu.dsum)) << "dinp_sum not deterministic " << what;
 }
 
 TEST(CudaNorm, AwkwardSizesMatchCpu) {
@@ -251,16 +263,18 @@ std::pair<double, double> check_bf16_output(const std::string& what, const std::
 // bf16 results of one forward + backward on the GPU (outputs and statistics poisoned first).
 struct Bf16Result {
   std::vector<bf16> out, dinp;
-  std::vector<float> mean, rstd, dweight, dbias;
+  std::vector<float> mean, rstd, dweight, dbias, dsum;
 };
 
 Bf16Result run_bf16(Kind k, int64_t N, int64_t C, const std::vector<float>& x, const std::vector<float>& w,
                     const std::vector<float>& b, const std::vector<float>& dy, const std::vector<float>& dx0,
-                    const std::vector<float>& dw0, const std::vector<float>& db0) {
+                    const std::vector<float>& dw0, const std::vector<float>& db0, const std::vector<float>& ds0,
+                    bool with_sum = true) {
   const bool ln = k != Kind::rmsnorm, bias = k == Kind::layernorm_bias;
   const size_t nb = x.size() * sizeof(bf16), sb = static_cast<size_t>(N) * sizeof(float);
   DeviceBuffer gx(test::to_bf16(x)), gw(w), gb(b), gdy(test::to_bf16(dy)), gout(nb), gmean(sb), grstd(sb),
-      gdx(test::to_bf16(dx0)), gdw(dw0), gdb(db0);
+      gdx(test::to_bf16(dx0)), gdw(dw0), gdb(db0), gds(ds0);
+  const Tensor tds = with_sum ? gds.tensor(DType::f32, {C}, "dinp_sum") : Tensor();
   gout.poison();
   gmean.poison();
   grstd.poison();
@@ -270,10 +284,11 @@ Bf16Result run_bf16(Kind k, int64_t N, int64_t C, const std::vector<float>& x, c
                tdy = gdy.tensor(DType::bf16, {N, C}, "dout"), tdw = gdw.tensor(DType::f32, {C}, "dweight");
   if (ln) {
     layernorm_forward(tout, tmean, trstd, tx, tw, bias ? gb.tensor(DType::f32, {C}, "bias") : Tensor(), kEps);
-    layernorm_backward(tdx, tdw, bias ? gdb.tensor(DType::f32, {C}, "dbias") : Tensor(), tdy, tx, tw, tmean, trstd);
+    layernorm_backward(tdx, tdw, bias ? gdb.tensor(DType::f32, {C}, "dbias") : Tensor(), tdy, tx, tw, tmean, trstd,
+                       tds);
   } else {
     rmsnorm_forward(tout, trstd, tx, tw, kEps);
-    rmsnorm_backward(tdx, tdw, tdy, tx, tw, trstd);
+    rmsnorm_backward(tdx, tdw, tdy, tx, tw, trstd, tds);
   }
   Bf16Result r;
   r.out = gout.download<bf16>();
@@ -282,7 +297,17 @@ Bf16Result run_bf16(Kind k, int64_t N, int64_t C, const std::vector<float>& x, c
   r.dinp = gdx.download<bf16>();
   r.dweight = gdw.download<float>();
   r.dbias = gdb.download<float>();
+  r.dsum = gds.download<float>();
   return r;
+}
+
+// prefill + column sums of the stored bf16 dinp, in double: what dinp_sum must hold
+std::vector<float> column_sums(const std::vector<float>& prefill, const std::vector<bf16>& dinp, int64_t N, int64_t C) {
+  std::vector<double> s(prefill.begin(), prefill.end());
+  const std::vector<float> d = test::from_bf16(dinp);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) s[static_cast<size_t>(c)] += static_cast<double>(d[static_cast<size_t>(n * C + c)]);
+  return std::vector<float>(s.begin(), s.end());
 }
 
 // Sizes of the bf16 tests: C = 1, 7 (scalar path), 768, 1000 (128-bit path, rows in registers; 1000: the
@@ -305,10 +330,10 @@ TEST(CudaNorm, Bf16MatchesCpuOnRoundedInputs) {
         auto w = randn(static_cast<size_t>(C), seed + 1, 0.3f);
         for (float& v : w) v += 1.0f;
         const auto b = randn(static_cast<size_t>(C), seed + 2, 0.3f), dw0 = randn(w.size(), seed + 5, 0.5f),
-                   db0 = randn(w.size(), seed + 6, 0.5f);
+                   db0 = randn(w.size(), seed + 6, 0.5f), ds0 = randn(w.size(), seed + 7, 0.5f);
         cuda_reserve_workspace(norm_backward_cuda_workspace(N, C));
-        const Result cpu = run(k, false, N, C, x, w, b, dy, dx0, dw0, db0);
-        const Bf16Result gpu = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0);
+        const Result cpu = run(k, false, N, C, x, w, b, dy, dx0, dw0, db0, ds0);
+        const Bf16Result gpu = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0, ds0);
         const auto [e_out, e_out_r] = check_bf16_output("out " + what, test::from_bf16(gpu.out), cpu.out);
         const auto [e_dx, e_dx_r] = check_bf16_output("dinp " + what, test::from_bf16(gpu.dinp), cpu.dinp);
         const double e_mean = test::rel_l2_error(gpu.mean, cpu.mean), e_rstd = test::rel_l2_error(gpu.rstd, cpu.rstd),
@@ -318,10 +343,16 @@ TEST(CudaNorm, Bf16MatchesCpuOnRoundedInputs) {
         EXPECT_LE(e_rstd, kBf16StatBound) << "rstd " << what;
         EXPECT_LE(e_dw, kBf16ParamBound) << "dweight " << what;
         EXPECT_LE(e_db, kBf16ParamBound) << "dbias " << what;  // without bias: the prefill, untouched
+        // dinp_sum sums the stored (rounded) dinp: against those values summed in double
+        const double e_ds = test::rel_l2_error(gpu.dsum, column_sums(ds0, gpu.dinp, N, C));
+        EXPECT_LE(e_ds, kBf16ParamBound) << "dinp_sum " << what;
         int i = 0;
-        for (double e : {e_out, e_out_r, e_dx, e_dx_r, e_mean, e_rstd, e_dw, e_db}) worst.take(i++, e);
+        for (double e : {e_out, e_out_r, e_dx, e_dx_r, e_mean, e_rstd, e_dw, e_db, e_ds}) worst.take(i++, e);
 
-        const Bf16Result again = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0);
+        // run again, in half the cases without dinp_sum: the other outputs keep their bits either way
+        const bool sum_again = (N + C) % 2 == 0;
+        const Bf16Result again = run_bf16(k, N, C, x, w, b, dy, dx0, dw0, db0, ds0, sum_again);
+        EXPECT_TRUE(bitwise_equal(again.dsum, sum_again ? gpu.dsum : ds0)) << "dinp_sum " << what;
         EXPECT_TRUE(bitwise_equal(again.out, gpu.out)) << "out not deterministic " << what;
         EXPECT_TRUE(bitwise_equal(again.dinp, gpu.dinp)) << "dinp not deterministic " << what;
         for (auto [a, g, name] : {std::tuple{&again.mean, &gpu.mean, "mean"}, std::tuple{&again.rstd, &gpu.rstd, "rstd"},
@@ -330,9 +361,10 @@ TEST(CudaNorm, Bf16MatchesCpuOnRoundedInputs) {
           EXPECT_TRUE(bitwise_equal(*a, *g)) << name << " not deterministic " << what;
       }
   std::printf("[ measured ] bf16 norms, worst rel_l2 over all cases: out %.3g (vs bf16-rounded ref %.3g; bounds %.3g, "
-              "%.3g), dinp %.3g (%.3g), mean %.3g, rstd %.3g (bound %.3g), dweight %.3g, dbias %.3g (bound %.3g)\n",
+              "%.3g), dinp %.3g (%.3g), mean %.3g, rstd %.3g (bound %.3g), dweight %.3g, dbias %.3g, dinp_sum %.3g "
+              "(bound %.3g)\n",
               worst.v[0], worst.v[1], kBf16Bound, kBf16RoundedBound, worst.v[2], worst.v[3], worst.v[4], worst.v[5],
-              kBf16StatBound, worst.v[6], worst.v[7], kBf16ParamBound);
+              kBf16StatBound, worst.v[6], worst.v[7], worst.v[8], kBf16ParamBound);
 }
 
 // ---- fused residual + norm ----------------------------------------------------------------------

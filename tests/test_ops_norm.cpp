@@ -120,6 +120,15 @@ void check_layernorm_forward(LayerNormCase c, const std::string& what, double at
   EXPECT_TRUE(all_close("layernorm rstd " + what, rstd, rref, kStatAtol, kStatRtol));
 }
 
+// prefill[c] + sum_n d[n, c]: the expected dinp_sum of a backward whose final dinp is d (N, C)
+std::vector<double> prefill_plus_column_sums(const std::vector<float>& prefill, const std::vector<double>& d, int64_t N,
+                                             int64_t C) {
+  std::vector<double> s = to_double(prefill);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < C; ++c) s[static_cast<size_t>(c)] += d[static_cast<size_t>(i * C + c)];
+  return s;
+}
+
 // Runs layernorm_forward + layernorm_backward (gradients prefilled) and compares the gradients with
 // prefill + FD of loss = sum(layernorm(x, w, b) * r) over the packed parameters [x | w | b].
 void check_layernorm_backward(LayerNormCase c, const std::string& what, double atol, double rtol,
@@ -151,11 +160,15 @@ void check_layernorm_backward(LayerNormCase c, const std::string& what, double a
   for (size_t i = 0; i < n; ++i) want_dx[i] = dx[i] + g[i];
   for (int64_t i = 0; i < C; ++i) want_dw[i] = dw[i] + g[n + i];
   for (int64_t i = 0; i < C; ++i) want_db[i] = db[i] + (has_bias ? g[n + C + i] : 0.0);
+  auto ds = randn(static_cast<size_t>(C), 105, 0.5f);  // dinp_sum: prefill + column sums of the final dinp
+  const std::vector<double> want_ds = prefill_plus_column_sums(ds, want_dx, N, C);
   layernorm_backward(tensor_of(dx, {N, C}, "dinp"), tensor_of(dw, {C}, "dweight"),
                      has_bias ? tensor_of(db, {C}, "dbias") : Tensor(), tensor_of(r, {N, C}, "dout"),
                      tensor_of(c.x, {N, C}, "inp"), tensor_of(c.w, {C}, "ln.weight"), tensor_of(mean, {N}, "mean"),
-                     tensor_of(rstd, {N}, "rstd"));
+                     tensor_of(rstd, {N}, "rstd"), tensor_of(ds, {C}, "dinp_sum"));
   EXPECT_TRUE(all_close("layernorm dinp " + what, dx, want_dx, atol * dinp_atol_scale(rstd), rtol));
+  EXPECT_TRUE(all_close("layernorm dinp_sum " + what, ds, want_ds, static_cast<double>(N) * atol * dinp_atol_scale(rstd),
+                        rtol));
   EXPECT_TRUE(all_close("layernorm dweight " + what, dw, want_dw, atol, rtol));
   // absent dbias: the prefill must be untouched
   EXPECT_TRUE(all_close("layernorm dbias " + what, db, want_db, atol, rtol));
@@ -255,9 +268,14 @@ void check_rmsnorm_backward(std::vector<float> x, std::vector<float> w, int64_t 
   std::vector<double> want_dx(n), want_dw(static_cast<size_t>(C));
   for (size_t i = 0; i < n; ++i) want_dx[i] = dx[i] + g[i];
   for (int64_t i = 0; i < C; ++i) want_dw[i] = dw[i] + g[n + i];
+  auto ds = randn(static_cast<size_t>(C), 204, 0.5f);
+  const std::vector<double> want_ds = prefill_plus_column_sums(ds, want_dx, N, C);
   rmsnorm_backward(tensor_of(dx, {N, C}, "dinp"), tensor_of(dw, {C}, "dweight"), tensor_of(r, {N, C}, "dout"),
-                   tensor_of(x, {N, C}, "inp"), tensor_of(w, {C}, "rms.weight"), tensor_of(rstd, {N}, "rstd"));
+                   tensor_of(x, {N, C}, "inp"), tensor_of(w, {C}, "rms.weight"), tensor_of(rstd, {N}, "rstd"),
+                   tensor_of(ds, {C}, "dinp_sum"));
   EXPECT_TRUE(all_close("rmsnorm dinp " + what, dx, want_dx, atol * dinp_atol_scale(rstd), rtol));
+  EXPECT_TRUE(all_close("rmsnorm dinp_sum " + what, ds, want_ds, static_cast<double>(N) * atol * dinp_atol_scale(rstd),
+                        rtol));
   EXPECT_TRUE(all_close("rmsnorm dweight " + what, dw, want_dw, atol, rtol));
 }
 

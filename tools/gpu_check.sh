@@ -14,6 +14,7 @@
 #   tools/gpu_check.sh quick      # build + the GPU tests + lmforge's benchmarks (no PyTorch)
 #   tools/gpu_check.sh gemms      # build + every bf16 GEMM of the GPT-2 step against cuBLASLt's other candidates
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
+# LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
 # Logs go to $OUT (the device tool's output folder) or /tmp/lmf_gpu.
@@ -31,8 +32,25 @@ failures=0
 add() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# cuDNN: the newer of the system's and the one PyTorch loads (its pip wheel), unless LMF_CUDNN_ROOT is
+# set (empty: the system's). The benchmark's PyTorch runs use that same library.
+if [ -z "${LMF_CUDNN_ROOT+set}" ]; then
+  sys_header=$(find /usr/include /usr/local/include /usr/local/cuda/include -name 'cudnn_version*.h' 2>/dev/null | head -1)
+  sys_cudnn=$([ -n "$sys_header" ] && sed -n 's/^#define CUDNN_\(MAJOR\|MINOR\|PATCHLEVEL\) \([0-9]*\).*/\2/p' \
+    "$sys_header" | head -3 | paste -sd' ' | awk '{print $1 * 10000 + $2 * 100 + $3}')
+  read -r torch_cudnn torch_cudnn_dir < <(python3 -c "import torch, nvidia.cudnn as c; \
+print(torch.backends.cudnn.version(), c.__path__[0])" 2>/dev/null)
+  LMF_CUDNN_ROOT=""
+  if [ -n "${torch_cudnn:-}" ] && [ -d "${torch_cudnn_dir:-}/lib" ] && [ "$torch_cudnn" -gt "${sys_cudnn:-0}" ]; then
+    LMF_CUDNN_ROOT=$torch_cudnn_dir
+  fi
+  chosen=${LMF_CUDNN_ROOT:-system}
+  echo "cuDNN: system ${sys_cudnn:-none}, PyTorch ${torch_cudnn:-none}; using $chosen"
+fi
+[ -n "$LMF_CUDNN_ROOT" ] && export LD_LIBRARY_PATH="$LMF_CUDNN_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 t0=$(date +%s)
-if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON >"$OUT/cmake.log" 2>&1; then
+if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -DLMF_CUDNN_ROOT="$LMF_CUDNN_ROOT" \
+    >"$OUT/cmake.log" 2>&1; then
   tail -30 "$OUT/cmake.log"; echo "CONFIGURE FAILED"; exit 1
 fi
 if ! ninja -C build-gpu >"$OUT/build.log" 2>&1; then

@@ -489,9 +489,10 @@ void Gpt::norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
   else rmsnorm_forward(out, rstd, inp, w, cfg_.norm_eps);
 }
 
-void Gpt::norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd) {
-  if (cfg_.norm == NormKind::layernorm) layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd);
-  else rmsnorm_backward(dinp, dw, dout, inp, w, rstd);
+void Gpt::norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd,
+                        Tensor dinp_sum) {
+  if (cfg_.norm == NormKind::layernorm) layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, dinp_sum);
+  else rmsnorm_backward(dinp, dw, dout, inp, w, rstd, dinp_sum);
 }
 
 void Gpt::forward_body(Tensor tokens) {
@@ -740,9 +741,16 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
   const bool fused_gelu = cfg_.activation == ActivationKind::gelu && cfg_.bias;
   // The dense weight gradients are lazy (zero_grad left them): this backward writes them
   const GradMode wmode = grads_zero_ ? GradMode::Overwrite : GradMode::Accumulate;
+  // Each norm backward leaves d(residual stream) in d_res_, the output gradient of the projection that
+  // wrote into the stream before it (MLP output before a block's norm1 and the final norm, attention
+  // output before norm2); it also sums its columns: that projection's bias gradient, in the same pass.
+  auto mproj_bias_grad = [&](int l) { return l >= 0 && !p_.layers[l].moe() ? g_.layers[l].mproj_b : Tensor(); };
   tensor_zero(d_res_);
   Tensor x_last = cfg_.n_layer > 0 ? la_.back().res2 : encoded_;
-  timed("norm bwd", 0, [&] { norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_); });
+  timed("norm bwd", 0, [&] {
+    norm_backward(d_res_, g_.normf_w, g_.normf_b, d_ln_, x_last, p_.normf_w, lnf_mean_, lnf_rstd_,
+                  mproj_bias_grad(cfg_.n_layer - 1));
+  });
   for (int l = cfg_.n_layer - 1; l >= 0; --l) {
     const GptLayerTensors& w = p_.layers[l];
     const GptLayerTensors& wb = pb_.layers[l];
@@ -754,11 +762,11 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
       moe_layer_backward(l, loss_scale);
     } else if (fused_gelu) {
       timed("linear mproj + gelu bwd", lin_mproj, [&] {
-        linear_backward_dgelu(d_fc_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, a.fc, wmode);
+        linear_backward_dgelu(d_fc_, gw.mproj_w, Tensor(), d_res_, a.act, wb.mproj_w, a.fc, wmode);
       });
     } else {
       timed("linear mproj bwd", lin_mproj, [&] {
-        linear_backward(d_act_, gw.mproj_w, gw.mproj_b, d_res_, a.act, wb.mproj_w, GradMode::Overwrite, wmode);
+        linear_backward(d_act_, gw.mproj_w, Tensor(), d_res_, a.act, wb.mproj_w, GradMode::Overwrite, wmode);
       });
       tensor_zero(d_fc_);
       timed("activation bwd", 0, [&] {
@@ -770,9 +778,11 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
       timed("linear fc bwd", lin_fc, [&] {
         linear_backward(d_ln_, gw.fc_w, gw.fc_b, d_fc_, a.ln2, wb.fc_w, GradMode::Overwrite, wmode);
       });
-    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd); });
+    timed("norm bwd", 0, [&] {
+      norm_backward(d_res_, gw.norm2_w, gw.norm2_b, d_ln_, a.res1, w.norm2_w, a.ln2_mean, a.ln2_rstd, gw.proj_b);
+    });
     timed("linear proj bwd", lin_proj, [&] {
-      linear_backward(d_att_, gw.proj_w, gw.proj_b, d_res_, a.att, wb.proj_w, GradMode::Overwrite, wmode);
+      linear_backward(d_att_, gw.proj_w, Tensor(), d_res_, a.att, wb.proj_w, GradMode::Overwrite, wmode);
     });
     timed("flash attention bwd", attn, [&] {
       flash_attention_backward(d_qkv_, d_probs_, d_att_, a.qkv, a.att, a.probs, cfg_.n_head, cfg_.n_kv_head,
@@ -783,7 +793,10 @@ void Gpt::backward_layers_bf16(Tensor tokens, float loss_scale) {
     timed("linear qkv bwd", lin_qkv, [&] {
       linear_backward(d_ln_, gw.qkv_w, gw.qkv_b, d_qkv_, a.ln1, wb.qkv_w, GradMode::Overwrite, wmode);
     });
-    timed("norm bwd", 0, [&] { norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd); });
+    timed("norm bwd", 0, [&] {
+      norm_backward(d_res_, gw.norm1_w, gw.norm1_b, d_ln_, x_in, w.norm1_w, a.ln1_mean, a.ln1_rstd,
+                    mproj_bias_grad(l - 1));
+    });
   }
   timed("embedding bwd", 0, [&] { embedding_backward(g_.tok_emb, g_.pos_emb, d_res_, tokens); });
 }

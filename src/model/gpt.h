@@ -151,7 +151,8 @@ class Gpt {
   template <class F>
   void timed(const char* name, double flops, F&& f);
   void norm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b);
-  void norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd);
+  void norm_backward(Tensor dinp, Tensor dw, Tensor db, Tensor dout, Tensor inp, Tensor w, Tensor mean, Tensor rstd,
+                     Tensor dinp_sum = Tensor());
   // MoE layer l: out (N, C) = moe(ln2) (forward); d_ln_ += d(ln2) from dout = d_res_ (backward)
   void moe_layer_forward(int l, Tensor out);
   void moe_layer_backward(int l, float d_aux);

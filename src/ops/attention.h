@@ -46,6 +46,9 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
 enum class FlashKernels { lmforge, cudnn };
 const char* flash_kernels_name(FlashKernels k);
 bool cudnn_attention_available();  // built with cuDNN, a GPU present, cuDNN >= 9 loaded
+// The loaded cuDNN library's version, e.g. "9.19.0" (the one that runs, which may differ from the
+// headers lmforge was built with), or "none" in a build without cuDNN.
+std::string cudnn_version_text();
 // "" when cuDNN runs this shape (its plans build; e.g. cuDNN 9 refuses T = 1), else cuDNN's reason.
 // Builds the plans (set-up time). Needs cudnn_attention_available().
 std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);

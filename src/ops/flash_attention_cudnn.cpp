@@ -38,7 +38,6 @@
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 
 #include "core/cuda_check.h"
 #include "core/cuda_context.h"
@@ -197,20 +196,27 @@ std::pair<const Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, fl
   return {&c.plans.emplace(key, std::move(p)).first->second, h};
 }
 
-void execute(const Plan& p, cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack, const Shape& s,
-             const char* op) {
+// ptrs: the variant pack's device pointers in increasing uid order (the frontend's sorted-pointer
+// execute: no map built per call; the frontend checks the count against the graph's).
+template <size_t N>
+void execute(const Plan& p, cudnnHandle_t h, void* (&ptrs)[N], const Shape& s, const char* op) {
   void* ws = nullptr;
   if (p.workspace > 0) {
     cuda_reserve_workspace(static_cast<size_t>(p.workspace));  // a no-op once reserved (set-up)
     ws = cuda_workspace(static_cast<size_t>(p.workspace), op);
   }
-  check_fe(p.graph->execute(h, pack, ws), op, s, "execute");
+  check_fe(p.graph->execute(h, ptrs, static_cast<int>(N), ws), op, s, "execute");
   cuda::count_launch();
 }
 
 void* mut(const void* p) { return const_cast<void*>(p); }
 
 }  // namespace
+
+std::string cudnn_version_text() {
+  const size_t v = cudnnGetVersion();  // cuDNN 9: major * 10000 + minor * 100 + patch
+  return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
+}
 
 bool cudnn_attention_available() {
   static const bool ok = [] {
@@ -243,12 +249,9 @@ void cudnn_flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64
   const char* op = "flash_attention_forward";
   const Shape s{B, T, NH, NKV, HS};
   auto [plan, h] = plan_for(false, s, scale, op);
-  std::unordered_map<int64_t, void*> pack = {{kQ, mut(qkv)},
-                                             {kK, mut(qkv + NH * HS)},
-                                             {kV, mut(qkv + (NH + NKV) * HS)},
-                                             {kO, out},
-                                             {kStats, lse}};
-  execute(*plan, h, pack, s, op);
+  static_assert(kQ == 1 && kK == 2 && kV == 3 && kO == 4 && kStats == 5, "pointers in uid order");
+  void* ptrs[] = {mut(qkv), mut(qkv + NH * HS), mut(qkv + (NH + NKV) * HS), out, lse};
+  execute(*plan, h, ptrs, s, op);
 }
 
 void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
@@ -256,16 +259,10 @@ void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qk
   const char* op = "flash_attention_backward";
   const Shape s{B, T, NH, NKV, HS};
   auto [plan, h] = plan_for(true, s, scale, op);
-  std::unordered_map<int64_t, void*> pack = {{kQ, mut(qkv)},
-                                             {kK, mut(qkv + NH * HS)},
-                                             {kV, mut(qkv + (NH + NKV) * HS)},
-                                             {kO, mut(out)},
-                                             {kDO, mut(dout)},
-                                             {kStats, mut(lse)},
-                                             {kDQ, dqkv},
-                                             {kDK, dqkv + NH * HS},
-                                             {kDV, dqkv + (NH + NKV) * HS}};
-  execute(*plan, h, pack, s, op);
+  static_assert(kStats == 5 && kDO == 6 && kDQ == 7 && kDK == 8 && kDV == 9, "pointers in uid order");
+  void* ptrs[] = {mut(qkv), mut(qkv + NH * HS), mut(qkv + (NH + NKV) * HS), mut(out), mut(lse), mut(dout),
+                  dqkv,     dqkv + NH * HS,     dqkv + (NH + NKV) * HS};
+  execute(*plan, h, ptrs, s, op);
 }
 
 }  // namespace cuda
@@ -277,6 +274,7 @@ void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qk
 namespace lmf {
 
 bool cudnn_attention_available() { return false; }
+std::string cudnn_version_text() { return "none"; }
 
 #ifdef LMF_WITH_CUDA
 namespace cuda {

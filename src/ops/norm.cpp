@@ -155,6 +155,20 @@ void norm_backward_params_cpu(float* dweight, float* dbias, const float* dout, c
   }
 }
 
+// dsum[c] += sum_n dinp[n, c], rows in increasing order, in double. dinp: (N, C) row-major; dsum: (C)
+void column_sums_cpu(float* dsum, const float* dinp, int64_t N, int64_t C) {
+  const int64_t nblocks = (C + kColBlock - 1) / kColBlock;
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t c0 = blk * kColBlock;
+    const int64_t nc = std::min(kColBlock, C - c0);
+    double s[kColBlock] = {};
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < nc; ++j) s[j] += static_cast<double>(dinp[n * C + c0 + j]);
+    for (int64_t j = 0; j < nc; ++j) dsum[c0 + j] += static_cast<float>(s[j]);
+  }
+}
+
 // out, inp: (N, C) row-major; rstd: (N); weight: (C)
 void rmsnorm_forward_cpu(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int64_t C,
                          float eps) {
@@ -257,13 +271,14 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                        Tensor mean, Tensor rstd) {
+                        Tensor mean, Tensor rstd, Tensor dinp_sum) {
   const char* op = "layernorm_backward";
   const DType dt = row_dtype(inp);
   for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
   for (const Tensor* t : {&dweight, &weight, &mean, &rstd}) check_f32(*t, op);
-  if (dbias.defined()) check_f32(dbias, op);
-  check_same_device(op, {&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd});
+  for (const Tensor* t : {&dbias, &dinp_sum})
+    if (t->defined()) check_f32(*t, op);
+  check_same_device(op, {&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd, &dinp_sum});
   int64_t N, C;
   rows_of(inp, op, &N, &C);
   check_rows(dinp, N, C, op);
@@ -272,16 +287,19 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   check_stat(rstd, N, op);
   check_shape(weight, {C}, op);
   check_shape(dweight, {C}, op);
-  if (dbias.defined()) check_shape(dbias, {C}, op);
+  for (const Tensor* t : {&dbias, &dinp_sum})
+    if (t->defined()) check_shape(*t, {C}, op);
   float* dbias_p = dbias.defined() ? dbias.f32() : nullptr;
+  float* dsum_p = dinp_sum.defined() ? dinp_sum.f32() : nullptr;
   if (dt == DType::bf16) {
-    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.ptr<bf16>(), dweight.f32(), dbias_p, dout.ptr<bf16>(),
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.ptr<bf16>(), dweight.f32(), dbias_p, dsum_p, dout.ptr<bf16>(),
                                                    inp.ptr<bf16>(), weight.f32(), mean.f32(), rstd.f32(), N, C));
   } else if (inp.device == Device::cpu) {
     norm_backward_dinp_cpu(dinp.f32(), dout.f32(), inp.f32(), weight.f32(), mean.f32(), rstd.f32(), N, C);
     norm_backward_params_cpu(dweight.f32(), dbias_p, dout.f32(), inp.f32(), mean.f32(), rstd.f32(), N, C);
+    if (dsum_p) column_sums_cpu(dsum_p, dinp.f32(), N, C);
   } else {
-    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.f32(), dweight.f32(), dbias_p, dout.f32(), inp.f32(),
+    LMF_CUDA_DISPATCH(op, cuda::layernorm_backward(dinp.f32(), dweight.f32(), dbias_p, dsum_p, dout.f32(), inp.f32(),
                                                    weight.f32(), mean.f32(), rstd.f32(), N, C));
   }
 }
@@ -304,12 +322,14 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   else LMF_CUDA_DISPATCH(op, cuda::rmsnorm_forward(out.f32(), rstd.f32(), inp.f32(), weight.f32(), N, C, eps));
 }
 
-void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
+void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd,
+                      Tensor dinp_sum) {
   const char* op = "rmsnorm_backward";
   const DType dt = row_dtype(inp);
   for (const Tensor* t : {&inp, &dinp, &dout}) check_dtype(*t, dt, op);
   for (const Tensor* t : {&dweight, &weight, &rstd}) check_f32(*t, op);
-  check_same_device(op, {&dinp, &dweight, &dout, &inp, &weight, &rstd});
+  if (dinp_sum.defined()) check_f32(dinp_sum, op);
+  check_same_device(op, {&dinp, &dweight, &dout, &inp, &weight, &rstd, &dinp_sum});
   int64_t N, C;
   rows_of(inp, op, &N, &C);
   check_rows(dinp, N, C, op);
@@ -317,15 +337,18 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   check_stat(rstd, N, op);
   check_shape(weight, {C}, op);
   check_shape(dweight, {C}, op);
+  if (dinp_sum.defined()) check_shape(dinp_sum, {C}, op);
+  float* dsum_p = dinp_sum.defined() ? dinp_sum.f32() : nullptr;
   if (dt == DType::bf16) {
-    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.ptr<bf16>(), dweight.f32(), dout.ptr<bf16>(), inp.ptr<bf16>(),
-                                                 weight.f32(), rstd.f32(), N, C));
+    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.ptr<bf16>(), dweight.f32(), dsum_p, dout.ptr<bf16>(),
+                                                 inp.ptr<bf16>(), weight.f32(), rstd.f32(), N, C));
   } else if (inp.device == Device::cpu) {
     norm_backward_dinp_cpu(dinp.f32(), dout.f32(), inp.f32(), weight.f32(), nullptr, rstd.f32(), N, C);
     norm_backward_params_cpu(dweight.f32(), nullptr, dout.f32(), inp.f32(), nullptr, rstd.f32(), N, C);
+    if (dsum_p) column_sums_cpu(dsum_p, dinp.f32(), N, C);
   } else {
-    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.f32(), dweight.f32(), dout.f32(), inp.f32(), weight.f32(),
-                                                 rstd.f32(), N, C));
+    LMF_CUDA_DISPATCH(op, cuda::rmsnorm_backward(dinp.f32(), dweight.f32(), dsum_p, dout.f32(), inp.f32(),
+                                                 weight.f32(), rstd.f32(), N, C));
   }
 }
 

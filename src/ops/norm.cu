@@ -22,18 +22,21 @@
 // values of its own columns (in registers, or for wide rows in shared memory, rows per block chosen so
 // a block stays within 48 KiB), then computes exactly what the unfused norm computes from the stored
 // res: the fused output equals residual_forward followed by the norm, bitwise, for the same W.
-// Backward, rows in registers (the common case): one fused kernel computes dinp and the dweight/dbias
-// partials, then a small kernel sums the partials; deterministic without atomics:
+// Backward, rows in registers (the common case): one fused kernel computes dinp and the partials of
+// dweight, dbias and (when asked) the column sums of the updated dinp, which are the bias gradient of
+// the linear layer whose output fed inp through the residual stream; then a small kernel sums the
+// partials; deterministic without atomics:
 //   1. a fixed partition of the rows that depends on N only: rpw = ceil(N / kBwdTargetWarps) rows per
 //      warp, kBwdWarps warps per block; warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
 //      increasing order (the next row's loads in flight while one is computed) and accumulates
-//      dout * xhat and dout per lane column in the warp's slice of shared memory (fp32 for bf16 rows;
-//      double for f32 rows, whose CPU tolerance is ~1 ulp of the sum); the block adds its warps' sums
-//      in warp order and writes one partial row per block, part[k][0 / 1][c];
+//      dout * xhat, dout and the stored dinp per lane column in the warp's slice of shared memory (fp32
+//      for bf16 rows; double for f32 rows, whose CPU tolerance is ~1 ulp of the sum); the block adds
+//      its warps' sums in warp order and writes one partial row per block and sum, part[k][0 / 1 / 2][c];
 //   2. norm_params_sum_kernel: for each column, 16 threads sum every 16th partial in double, then the
-//      16 sums are added in order and the rounded result added to dweight/dbias.
+//      16 sums are added in order and the rounded result added to dweight / dbias / dinp_sum.
 // Wide rows (C > 1024): the dinp row kernel, then per-chunk partials in double (each thread one
-//   column, rows [k kRowChunk, (k+1) kRowChunk) in order) and the same fixed-order sum (pass 2).
+//   column, rows [k kRowChunk, (k+1) kRowChunk) in order, the stored dinp read back) and the same
+//   fixed-order sum (pass 2).
 // Both partial layouts live in lmf::cuda_workspace (norm_backward_workspace(N, C) bytes, the larger).
 // Backward accumulates (+=) into dinp, dweight and dbias (a bf16 dinp: widened, the fp32 gradient
 // added, the sum rounded once).
@@ -316,59 +319,66 @@ __global__ void norm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, 
   }
 }
 
-// Pass 1. Block (k = blockIdx.x, column block blockIdx.y): part_w[k][c] = sum_n dout * xhat and
-// part_b[k][c] = sum_n dout (part_b may be nullptr) over rows n of chunk k, in increasing n.
-// part_w, part_b: (nchunks, C) double.
+// Pass 1. Block (k = blockIdx.x, column block blockIdx.y): part_w[k][c] = sum_n dout * xhat,
+// part_b[k][c] = sum_n dout and part_s[k][c] = sum_n dinp (the updated dinp, as stored) over rows n
+// of chunk k, in increasing n (part_b and part_s may be nullptr). part_*: (nchunks, C) double.
 template <class T>
-__global__ void norm_params_partial_kernel(double* part_w, double* part_b, const T* dout, const T* inp,
-                                           const float* mean, const float* rstd, int64_t N, int64_t C) {
+__global__ void norm_params_partial_kernel(double* part_w, double* part_b, double* part_s, const T* dinp,
+                                           const T* dout, const T* inp, const float* mean, const float* rstd,
+                                           int64_t N, int64_t C) {
   const int64_t c = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   const int64_t k = blockIdx.x, n0 = k * kRowChunk, n1 = min(N, n0 + kRowChunk);
-  double dw = 0.0, db = 0.0;
+  double dw = 0.0, db = 0.0, ds = 0.0;
   for (int64_t n = n0; n < n1; ++n) {
     const float m = mean ? mean[n] : 0.0f;
     const float xhat = (to_f32(inp[n * C + c]) - m) * rstd[n];
     const float dy = to_f32(dout[n * C + c]);
     dw += static_cast<double>(dy) * static_cast<double>(xhat);
     db += static_cast<double>(dy);
+    if (part_s) ds += static_cast<double>(to_f32(dinp[n * C + c]));
   }
   part_w[k * C + c] = dw;
   if (part_b) part_b[k * C + c] = db;
+  if (part_s) part_s[k * C + c] = ds;
 }
 
 // Fused backward for register-resident rows (NP packs of W columns per lane, as above): dinp as
-// norm_backward_dinp_kernel (same lane columns and order: the same dinp), and the dweight/dbias
-// partial sums of the block's rows. Warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
-// increasing order and accumulates dout * xhat and dout per lane column, in type Acc (bwd_acc_t: fp32
-// for bf16 rows, double for f32 rows, whose CPU tolerance is ~1 ulp of the sum), in its own slice of
-// shared memory (laid out [2][NP W][32 lanes]: each lane's columns at a stride of 32, so the warp's
-// accesses hit 32 banks); the block then adds its warps' sums in warp order and writes
-// part[k][0][c] (dweight) and part[k][1][c] (dbias; only when kBias). The order depends on N only.
-// Keeping the sums out of registers leaves room for the next row's loads, issued before the current
-// row is computed (two rows in flight per warp). part: (gridDim.x, 2, C) Acc.
+// norm_backward_dinp_kernel (same lane columns and order: the same dinp), and the partial sums over
+// the block's rows of dout * xhat (dweight), of dout (dbias, when kBias) and of the updated dinp as
+// stored (its column sums, when kSum). Warp w of block k takes rows [(k kBwdWarps + w) rpw, + rpw) in
+// increasing order and accumulates per lane column, in type Acc (bwd_acc_t: fp32 for bf16 rows, double
+// for f32 rows, whose CPU tolerance is ~1 ulp of the sum), in its own slice of shared memory (laid out
+// [kSums][NP W][32 lanes]: each lane's columns at a stride of 32, so the warp's accesses hit 32 banks);
+// the block then adds its warps' sums in warp order and writes part[k][s][c], s = 0 dweight, 1 dbias,
+// 2 dinp column sums. The order depends on N only. Keeping the sums out of registers leaves room for
+// the next row's loads, issued before the current row is computed (two rows in flight per warp).
+// part: (gridDim.x, kPartRows, C) Acc.
 template <class T>
 using bwd_acc_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
+constexpr int kPartRows = 3;  // dweight, dbias, dinp column sums
 
 template <class T, int NP, int W>
-size_t bwd_smem_bytes() {
-  return static_cast<size_t>(kBwdWarps) * 2 * NP * W * 32 * sizeof(bwd_acc_t<T>);
+size_t bwd_smem_bytes(int sums) {
+  return static_cast<size_t>(kBwdWarps) * sums * NP * W * 32 * sizeof(bwd_acc_t<T>);
 }
 
-template <class T, int W, int NP, bool kBias>
+template <class T, int W, int NP, bool kBias, bool kSum>
 __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
     norm_backward_reg_kernel(T* dinp, bwd_acc_t<T>* part, const T* dout, const T* inp, const float* weight,
                              const float* mean, const float* rstd, int64_t N, int64_t C, int64_t rpw) {
   using Acc = bwd_acc_t<T>;
   constexpr int kSlots = NP * W;  // columns per lane
-  extern __shared__ __align__(16) unsigned char bwd_smem[];  // (kBwdWarps, 2, kSlots, 32) Acc
+  constexpr int kSums = 1 + kBias + kSum;
+  constexpr int kSumAt = kBias ? 2 : 1;                      // slice of the dinp column sums
+  extern __shared__ __align__(16) unsigned char bwd_smem[];  // (kBwdWarps, kSums, kSlots, 32) Acc
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   auto col = [&](int j) { return static_cast<int64_t>(lane) * W + static_cast<int64_t>(j) * 32 * W; };
   Acc* sums = reinterpret_cast<Acc*>(bwd_smem);
-  Acc* my = sums + warp * 2 * kSlots * 32 + lane;  // my[(a kSlots + slot) 32]: a = 0 dweight, 1 dbias
+  Acc* my = sums + warp * kSums * kSlots * 32 + lane;  // my[(s kSlots + slot) 32]
 #pragma unroll
-  for (int q = 0; q < 2 * kSlots; ++q) my[q * 32] = Acc(0);
+  for (int q = 0; q < kSums * kSlots; ++q) my[q * 32] = Acc(0);
   const int64_t n0 = (blockIdx.x * static_cast<int64_t>(kBwdWarps) + warp) * rpw, n1 = min(N, n0 + rpw);
   struct Row {
     T x[NP][W], dy[NP][W], dx[NP][W];
@@ -422,6 +432,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
           if constexpr (std::is_same_v<Acc, double>) dw += static_cast<double>(g) * static_cast<double>(xhat);
           else dw = fmaf(g, xhat, dw);
           if constexpr (kBias) my[(kSlots + j * W + k) * 32] += static_cast<Acc>(g);
+          if constexpr (kSum) my[(kSumAt * kSlots + j * W + k) * 32] += static_cast<Acc>(to_f32(from_f32<T>(d[k])));
         }
         store_f32<W>(dinp + row0 + col(j), d);
       }
@@ -436,29 +447,37 @@ __global__ void __launch_bounds__(kBwdWarps * 32, W * NP <= 24 && W > 1 ? 2 : 1)
     compute_row(rb, n + 1);
   }
   __syncthreads();
-  // block partial: for each (a, slot, lane), the warps' sums added in order 0, 1, ...
-  Acc* out = part + blockIdx.x * 2 * C;
-  for (int q = threadIdx.x; q < 2 * kSlots * 32; q += blockDim.x) {
-    const int a = q / (kSlots * 32), slot = (q / 32) % kSlots, l = q % 32;
-    if (a == 1 && !kBias) continue;
+  // block partial: for each (sum, slot, lane), the warps' sums added in order 0, 1, ...
+  Acc* out = part + blockIdx.x * kPartRows * C;
+  for (int q = threadIdx.x; q < kSums * kSlots * 32; q += blockDim.x) {
+    const int s = q / (kSlots * 32), slot = (q / 32) % kSlots, l = q % 32;
     const int64_t c = static_cast<int64_t>(l) * W + static_cast<int64_t>(slot / W) * 32 * W + slot % W;
     if (c >= C) continue;
     Acc t = sums[q];
-    for (int k = 1; k < kBwdWarps; ++k) t += sums[k * 2 * kSlots * 32 + q];
-    out[a * C + c] = t;
+    for (int k = 1; k < kBwdWarps; ++k) t += sums[k * kSums * kSlots * 32 + q];
+    out[(s == kSumAt && kSum ? 2 : s) * C + c] = t;
   }
 }
 
-// Pass 2 of dweight/dbias: dst[c] += sum_k part[k * stride + c], k < nparts, in a fixed order:
-// thread (x, y) of a (32, kSumRows) block sums k = y, y + kSumRows, ... in double, then row y = 0
-// adds the kSumRows sums in increasing y. blockIdx.y selects (dweight, part_w) or (dbias, part_b).
+// Pass 2 of dweight/dbias/dinp column sums: dst[i][c] += sum_k src[i][k * stride + c], k < nparts, in a
+// fixed order: thread (x, y) of a (32, kSumRows) block sums k = y, y + kSumRows, ... in double, then
+// row y = 0 adds the kSumRows sums in increasing y. blockIdx.y = i selects the pair.
 template <class P>
-__global__ void norm_params_sum_kernel(float* dweight, float* dbias, const P* part_w, const P* part_b,
-                                       int64_t nparts, int64_t stride, int64_t C) {
+struct ParamSums {
+  float* dst[kPartRows];
+  const P* src[kPartRows];
+  int count = 0;
+  void add(float* d, const P* s) {
+    if (d) dst[count] = d, src[count++] = s;
+  }
+};
+
+template <class P>
+__global__ void norm_params_sum_kernel(ParamSums<P> sums_of, int64_t nparts, int64_t stride, int64_t C) {
   __shared__ double sums[kSumRows][33];
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
-  float* dst = blockIdx.y == 0 ? dweight : dbias;
-  const P* src = blockIdx.y == 0 ? part_w : part_b;
+  float* dst = sums_of.dst[blockIdx.y];
+  const P* src = sums_of.src[blockIdx.y];
   double s = 0.0;
   if (c < C) {
     constexpr int kBatch = 8;  // loads in flight; the additions keep their order
@@ -514,28 +533,34 @@ void forward_impl(const char* op, const NormForwardArgs<T>& p) {
 }
 
 template <class T>
-void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const T* dout, const T* inp,
-                   const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
+void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, float* dinp_sum, const T* dout,
+                   const T* inp, const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
   if (N == 0 || C == 0) return;
   const ShapeText shapes = shapes_of(N, C);
   const int W = row_pack<T>(C, dinp, dout, inp, weight);
-  // Rows that fit in registers: one fused pass (dinp and the per-block dweight/dbias partials), then
-  // the fixed-order sum over the blocks.
+  // Rows that fit in registers: one fused pass (dinp and the per-block partials), then the fixed-order
+  // sum over the blocks.
   auto launch_fused = [&]<int Wc>(std::integral_constant<int, Wc>) {
     return with_lane_packs<Wc>(C, [&]<int NP>(std::integral_constant<int, NP>) {
       using Acc = bwd_acc_t<T>;
       const int64_t nblocks = bwd_blocks(N);
       Acc* part = static_cast<Acc*>(cuda_workspace(norm_backward_workspace(N, C), op));
-      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, bwd_smem_bytes<T, NP, Wc>()};
-      if (dbias) {
-        launch(spec, norm_backward_reg_kernel<T, Wc, NP, true>, dinp, part, dout, inp, weight, mean, rstd, N, C,
+      const int nsums = 1 + (dbias != nullptr) + (dinp_sum != nullptr);
+      const LaunchSpec spec{op, shapes, {nblocks, 1, 1}, {kBwdWarps * 32, 1, 1}, bwd_smem_bytes<T, NP, Wc>(nsums)};
+      auto go = [&]<bool kB, bool kS>(std::bool_constant<kB>, std::bool_constant<kS>) {
+        launch(spec, norm_backward_reg_kernel<T, Wc, NP, kB, kS>, dinp, part, dout, inp, weight, mean, rstd, N, C,
                bwd_rows_per_warp(N));
-      } else {
-        launch(spec, norm_backward_reg_kernel<T, Wc, NP, false>, dinp, part, dout, inp, weight, mean, rstd, N, C,
-               bwd_rows_per_warp(N));
-      }
-      launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<Acc>,
-             dweight, dbias, static_cast<const Acc*>(part), static_cast<const Acc*>(part + C), nblocks, 2 * C, C);
+      };
+      if (dbias && dinp_sum) go(std::true_type{}, std::true_type{});
+      else if (dbias) go(std::true_type{}, std::false_type{});
+      else if (dinp_sum) go(std::false_type{}, std::true_type{});
+      else go(std::false_type{}, std::false_type{});
+      ParamSums<Acc> targets;
+      targets.add(dweight, part);
+      targets.add(dbias, part + C);
+      targets.add(dinp_sum, part + 2 * C);
+      launch({op, shapes, {ceil_div(C, 32), targets.count, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<Acc>,
+             targets, nblocks, kPartRows * C, C);
     });
   };
   if constexpr (!std::is_same_v<T, float>) {
@@ -553,10 +578,15 @@ void backward_impl(const char* op, T* dinp, float* dweight, float* dbias, const 
   const int64_t nchunks = row_chunks(N);
   double* part_w = static_cast<double*>(cuda_workspace(norm_backward_workspace(N, C), op));
   double* part_b = dbias ? part_w + nchunks * C : nullptr;
+  double* part_s = dinp_sum ? part_w + 2 * nchunks * C : nullptr;
   launch({op, shapes, {nchunks, ceil_div(C, kColBlock), 1}, {kColBlock, 1, 1}, 0}, norm_params_partial_kernel<T>,
-         part_w, part_b, dout, inp, mean, rstd, N, C);
-  launch({op, shapes, {ceil_div(C, 32), dbias ? 2 : 1, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<double>,
-         dweight, dbias, static_cast<const double*>(part_w), static_cast<const double*>(part_b), nchunks, C, C);
+         part_w, part_b, part_s, static_cast<const T*>(dinp), dout, inp, mean, rstd, N, C);
+  ParamSums<double> targets;
+  targets.add(dweight, part_w);
+  targets.add(dbias, part_b);
+  targets.add(dinp_sum, part_s);
+  launch({op, shapes, {ceil_div(C, 32), targets.count, 1}, {32, kSumRows, 1}, 0}, norm_params_sum_kernel<double>,
+         targets, nchunks, C, C);
 }
 
 template <class T>
@@ -588,9 +618,9 @@ void residual_rmsnorm_forward_impl(T* res, T* out, float* rstd, const T* a, cons
 }  // namespace
 
 size_t norm_backward_workspace(int64_t N, int64_t C) {
-  // the larger of the fused path's (blocks, 2, C) f32 and the wide-row path's (2, chunks, C) f64 partials
-  return std::max(static_cast<size_t>(2 * bwd_blocks(N) * C) * sizeof(double),
-                  static_cast<size_t>(2 * row_chunks(N) * C) * sizeof(double));
+  // the larger of the fused path's (blocks, 3, C) and the wide-row path's (3, chunks, C) f64 partials
+  return std::max(static_cast<size_t>(kPartRows * bwd_blocks(N) * C) * sizeof(double),
+                  static_cast<size_t>(kPartRows * row_chunks(N) * C) * sizeof(double));
 }
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
@@ -609,24 +639,26 @@ void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const float* weigh
   rmsnorm_forward_impl(as_nv(out), rstd, as_nv(inp), weight, N, C, eps);
 }
 
-void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                        const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
-  backward_impl("layernorm_backward", dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C);
+void layernorm_backward(float* dinp, float* dweight, float* dbias, float* dinp_sum, const float* dout,
+                        const float* inp, const float* weight, const float* mean, const float* rstd, int64_t N,
+                        int64_t C) {
+  backward_impl("layernorm_backward", dinp, dweight, dbias, dinp_sum, dout, inp, weight, mean, rstd, N, C);
 }
-void layernorm_backward(bf16* dinp, float* dweight, float* dbias, const bf16* dout, const bf16* inp,
+void layernorm_backward(bf16* dinp, float* dweight, float* dbias, float* dinp_sum, const bf16* dout, const bf16* inp,
                         const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
-  backward_impl("layernorm_backward", as_nv(dinp), dweight, dbias, as_nv(dout), as_nv(inp), weight, mean, rstd, N, C);
+  backward_impl("layernorm_backward", as_nv(dinp), dweight, dbias, dinp_sum, as_nv(dout), as_nv(inp), weight, mean,
+                rstd, N, C);
 }
 
-void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
-                      const float* rstd, int64_t N, int64_t C) {
-  backward_impl("rmsnorm_backward", dinp, dweight, static_cast<float*>(nullptr), dout, inp, weight,
+void rmsnorm_backward(float* dinp, float* dweight, float* dinp_sum, const float* dout, const float* inp,
+                      const float* weight, const float* rstd, int64_t N, int64_t C) {
+  backward_impl("rmsnorm_backward", dinp, dweight, static_cast<float*>(nullptr), dinp_sum, dout, inp, weight,
                 static_cast<const float*>(nullptr), rstd, N, C);
 }
-void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const float* weight,
-                      const float* rstd, int64_t N, int64_t C) {
-  backward_impl("rmsnorm_backward", as_nv(dinp), dweight, static_cast<float*>(nullptr), as_nv(dout), as_nv(inp),
-                weight, static_cast<const float*>(nullptr), rstd, N, C);
+void rmsnorm_backward(bf16* dinp, float* dweight, float* dinp_sum, const bf16* dout, const bf16* inp,
+                      const float* weight, const float* rstd, int64_t N, int64_t C) {
+  backward_impl("rmsnorm_backward", as_nv(dinp), dweight, static_cast<float*>(nullptr), dinp_sum, as_nv(dout),
+                as_nv(inp), weight, static_cast<const float*>(nullptr), rstd, N, C);
 }
 
 void residual_layernorm_forward(float* res, float* out, float* mean, float* rstd, const float* a, const float* b,

@@ -251,6 +251,8 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
     log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision)
          << (precision == Precision::bf16 ? std::string(" attention=") + flash_kernels_name(attention) : std::string())
+         << (precision == Precision::bf16 && attention == FlashKernels::cudnn ? " cudnn=" + cudnn_version_text()
+                                                                               : std::string())
          << " mfu_peak_tflops="
          << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)"))
          << " utilization=" << monitor_->status() << " cuda_graph=" << (use_graph_ ? "on" : "off") << "\n";
