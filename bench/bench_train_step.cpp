@@ -115,9 +115,9 @@ int main(int argc, char** argv) {
   app.add_flag("--cuda-graph", graph,
                "time the step as one CUDA graph replay, as lmforge train runs it on a GPU (not with --profile)");
   std::string gemm_tune = "on";
-  app.add_option("--gemm-tune", gemm_tune,
-                 "on: after the first step, take the fastest of cuBLASLt's candidates that give the same bits "
-                 "(bf16 GEMMs on the GPU), as lmforge train does; off: the heuristic's choice")
+  app.add_option("--tune,--gemm-tune", gemm_tune,
+                 "on: after the first step, each bf16 GEMM and cuDNN attention plan takes the fastest of its "
+                 "library's candidates that give the same bits, as lmforge train does; off: the heuristics' choices")
       ->check(CLI::IsMember({"on", "off"}));
   bool gemm_report = false;
   app.add_flag("--gemm-report", gemm_report,
@@ -162,13 +162,21 @@ int main(int argc, char** argv) {
     for (int64_t s = 0; s < warmup + steps; ++s) {
       if (profile && s >= warmup) model.set_profiler(&prof);
 #ifdef LMF_WITH_CUDA
-      if (tune && s == 0) cuda::gemm_tune_begin();
+      if (tune && s == 0) {
+        cuda::gemm_tune_begin();
+        cudnn_attention_tune_begin();
+      }
       if (tune && s == 1) {  // between steps: every GEMM output of step 0 is dead
         const auto t0 = std::chrono::steady_clock::now();
         const cuda::GemmTuneResult r = cuda::gemm_autotune();
         std::fprintf(stderr, "gemm tuning: %d plans (%d kept: data), %d candidates, %d same bits, %d changed, "
                      "%.3f ms/step saved, %.2f s\n", r.plans, r.skipped, r.candidates, r.equal, r.changed, r.saved_ms,
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        const auto t1 = std::chrono::steady_clock::now();
+        const AttentionTuneResult a = cudnn_attention_autotune();
+        std::fprintf(stderr, "attention tuning: %d plans, %d engine configs (%d over the workspace), %d same bits, "
+                     "%d changed, %.3f ms/step saved, %.2f s\n", a.plans, a.candidates, a.too_big, a.equal, a.changed,
+                     a.saved_ms, std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
       }
 #endif
       if (graph) {

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -299,6 +300,49 @@ TEST(CudaFlashAttention, CudnnBatchInvariant) {
   LMF_REQUIRE_GPU();
   LMF_REQUIRE_CUDNN();
   check_batch_invariant(kCudnn);
+}
+
+// cudnn_attention_autotune keeps every bit: outputs of the same buffers before and after tuning (the
+// tuner runs the engine configs on the buffers of each plan's latest call, so they stay alive here).
+TEST(CudaFlashAttention, CudnnTuneKeepsEveryBit) {
+  LMF_REQUIRE_GPU();
+  LMF_REQUIRE_CUDNN();
+  const Dims d{2, 384, 4, 2, 64};
+  const int nh = static_cast<int>(d.NH), nkv = static_cast<int>(d.NKV);
+  const uint64_t seed = test::fresh_seed();
+  const std::vector<bf16> qkv = to_bf16(randn(static_cast<size_t>(d.B * d.T * d.C3()), seed));
+  const std::vector<bf16> dout = to_bf16(randn(static_cast<size_t>(d.B * d.T * d.CO()), seed + 1));
+  const size_t rows_f32 = static_cast<size_t>(d.B * d.NH * d.T) * sizeof(float);
+  DeviceBuffer gqkv(qkv), gdout(dout), gdqkv(qkv.size() * sizeof(bf16)),
+      gout(static_cast<size_t>(d.B * d.T * d.CO()) * sizeof(bf16)), glse(rows_f32), gdelta(rows_f32);
+  const Tensor tqkv = gqkv.tensor(DType::bf16, {d.B, d.T, d.C3()}, "qkv");
+  const Tensor tout = gout.tensor(DType::bf16, {d.B, d.T, d.CO()}, "out");
+  const Tensor tlse = glse.tensor(DType::f32, {d.B, d.NH, d.T}, "lse");
+  auto run = [&] {
+    gout.poison();
+    glse.poison();
+    gdqkv.poison();
+    flash_attention_forward(tout, tlse, tqkv, nh, nkv, FlashKernels::cudnn);
+    flash_attention_backward(gdqkv.tensor(DType::bf16, {d.B, d.T, d.C3()}, "dqkv"),
+                             gdelta.tensor(DType::f32, {d.B, d.NH, d.T}, "delta"),
+                             gdout.tensor(DType::bf16, {d.B, d.T, d.CO()}, "dout"), tqkv, tout, tlse, nh, nkv,
+                             GradMode::Overwrite, FlashKernels::cudnn);
+    return GpuResult{gout.download<bf16>(), gdqkv.download<bf16>(), glse.download<float>(), {}};
+  };
+  const GpuResult before = run();
+  cudnn_attention_tune_begin();
+  run();
+  const AttentionTuneResult r = cudnn_attention_autotune();
+  const GpuResult after = run();
+  EXPECT_EQ(r.plans, 2) << "the forward and backward plans of " << d.str();
+  EXPECT_GE(r.equal, r.plans) << "each plan's own engine config, run again, gives the same bits";
+  EXPECT_TRUE(same_bits(before.out.data(), after.out.data(), before.out.size() * sizeof(bf16))) << "out " << d.str();
+  EXPECT_TRUE(same_bits(before.lse.data(), after.lse.data(), before.lse.size() * sizeof(float))) << "lse " << d.str();
+  EXPECT_TRUE(same_bits(before.dqkv.data(), after.dqkv.data(), before.dqkv.size() * sizeof(bf16)))
+      << "dqkv " << d.str();
+  EXPECT_EQ(cudnn_attention_autotune().plans, 0) << "the window closes";
+  std::printf("[ measured ] cuDNN attention tuning, %s: %d plans, %d engine configs, %d same bits, %d changed\n",
+              d.str().c_str(), r.plans, r.candidates, r.equal, r.changed);
 }
 
 // Throughput at the GPT-2 124M training shape (B=16, NH=12, T=1024, HS=64), printed only (FLOPs of

@@ -115,7 +115,9 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   # lmforge (bf16, tf32, fp32) and PyTorch (eager and torch.compile) on GPT-2 124M, T=1024, at
   # B=16 and at a large batch (LMF_BENCH_BIG_B, default 256: the largest power of two at which
-  # torch.compile fits on an H200, 116.6 GB); --profile prints lmforge's per-op time.
+  # torch.compile fits on an H200, 116.6 GB). The throughput rows run without --profile: the per-op
+  # timing records events around every op, which costs time; a separate --profile run prints the
+  # per-op table (at the large batch too with LMF_BENCH_BIG_PROFILE=1).
   bench_lmf() {  # precision B tag [extra flags]
     ./build-gpu/lmforge_bench --device cuda --precision "$1" --preset gpt2-124m --batch-size "$2" --seq-len 1024 \
       --steps 5 --warmup-steps 2 ${4:-} >"$OUT/bench_$3.json" 2>"$OUT/bench_$3.err" || { failures=$((failures + 1)); tail -3 "$OUT/bench_$3.err"; }
@@ -126,15 +128,21 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   }
   B=${LMF_BENCH_B:-16}
   BIG=${LMF_BENCH_BIG_B:-256}
-  bench_lmf bf16 "$B" lmf_bf16 --profile
+  bench_lmf bf16 "$B" lmf_bf16
+  bench_lmf bf16 "$B" lmf_bf16_profile --profile
   bench_lmf bf16 "$B" lmf_bf16_graph --cuda-graph
   bench_lmf bf16 "$B" lmf_bf16_own "--attention lmforge"
   bench_lmf tf32 "$B" lmf_tf32
   bench_lmf fp32 "$B" lmf_fp32
-  cat "$OUT/bench_lmf_bf16.err"
+  cat "$OUT/bench_lmf_bf16_profile.err"
   for mode in eager-fp32 eager-tf32 eager-bf16 compile-bf16; do bench_torch $mode "$B" "torch_$mode"; done
   if [ "$BIG" != 0 ]; then  # LMF_BENCH_BIG_B=0 skips the largest-batch rows
     bench_lmf bf16 "$BIG" lmf_bf16_big
+    bench_lmf bf16 "$BIG" lmf_bf16_big_graph --cuda-graph
+    if [ "${LMF_BENCH_BIG_PROFILE:-0}" = 1 ]; then
+      bench_lmf bf16 "$BIG" lmf_bf16_big_profile --profile
+      grep -A24 "per-op time" "$OUT/bench_lmf_bf16_big_profile.err"
+    fi
     bench_torch compile-bf16 "$BIG" torch_compile-bf16_big
   fi
   python3 - "$OUT" "$B" "$BIG" <<'PY'
@@ -161,7 +169,8 @@ table("GPT-2 124M training step, B=%s T=1024, same GPU (ratios against torch.com
 bf, fp = load("lmf_bf16").get("tok_s"), load("lmf_fp32").get("tok_s")
 if bf and fp: print("lmforge bf16 / lmforge fp32: %.2f" % (bf / fp))
 if BIG != "0":
-    table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "torch_compile-bf16_big"], "torch_compile-bf16_big")
+    table("GPT-2 124M training step, B=%s T=1024" % BIG, ["lmf_bf16_big", "lmf_bf16_big_graph", "torch_compile-bf16_big"],
+          "torch_compile-bf16_big")
 PY
 fi
 

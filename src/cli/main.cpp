@@ -58,9 +58,9 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   c->add_option("--cuda-graph", o.cuda_graph,
                  "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")
       ->capture_default_str();
-  c->add_option("--gemm-tune", o.gemm_tune,
-                 "on: after the first step, each bf16 GEMM takes the fastest of cuBLASLt's candidate algorithms "
-                 "that give the same bits as its heuristic's choice; off: the heuristic's choice")
+  c->add_option("--tune,--gemm-tune", o.gemm_tune,
+                 "on: after the first step, each bf16 GEMM and cuDNN attention plan takes the fastest of its "
+                 "library's candidates that give the same bits as the current choice; off: the heuristics' choices")
       ->capture_default_str();
   c->add_flag("--profile", o.profile,
               "time every op of a few steps after warm-up (eagerly): Chrome trace JSON + per-op summary");

@@ -222,6 +222,8 @@ void cuda_reserve_workspace(size_t bytes) {
   c.workspace_bytes = bytes;
 }
 
+size_t cuda_workspace_reserved() { return ctx().workspace_bytes; }
+
 void* cuda_workspace(size_t bytes, const char* op) {
   Context& c = ctx();
   if (bytes > c.workspace_bytes)

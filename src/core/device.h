@@ -59,5 +59,6 @@ double cuda_event_elapsed_ms(void* start, void* end);
 // allocates inside a step.
 void cuda_reserve_workspace(size_t bytes);
 void* cuda_workspace(size_t bytes, const char* op);
+size_t cuda_workspace_reserved();  // bytes reserved so far
 
 }  // namespace lmf

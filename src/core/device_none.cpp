@@ -39,6 +39,7 @@ void cuda_event_record(void*) { no_cuda("cuda_event_record"); }
 double cuda_event_elapsed_ms(void*, void*) { no_cuda("cuda_event_elapsed_ms"); }
 void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
 void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
+size_t cuda_workspace_reserved() { return 0; }
 
 }  // namespace lmf
 #endif

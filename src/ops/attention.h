@@ -67,6 +67,23 @@ FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, 
 // the forward and backward plans of the shape (set-up time: never inside a CUDA-graph capture).
 size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);
 
+// Tuning of cuDNN's attention plans (the twin of cuda::gemm_autotune for the GEMMs): after
+// cudnn_attention_tune_begin(), each cuDNN plan remembers its latest call; cudnn_attention_autotune()
+// (between steps, never inside a capture: it builds plans and synchronises) runs every engine config
+// that cuDNN's heuristics list for each called plan on that call's buffers, and keeps the fastest that is
+// >= 2% faster and whose outputs have the same bits as the current choice's: tuning never changes a
+// result. Engine configs needing more workspace than was reserved are skipped. No-ops without cuDNN.
+struct AttentionTuneResult {
+  int plans = 0;          // plans tuned (called in the window)
+  int candidates = 0;     // engine configs tried (the current one included)
+  int equal = 0;          // of which gave the same bits
+  int too_big = 0;        // engine configs skipped for their workspace
+  int changed = 0;        // plans that took a faster engine config
+  double saved_ms = 0;    // sum over changed plans of (calls in the window) x (time saved per call)
+};
+void cudnn_attention_tune_begin();
+AttentionTuneResult cudnn_attention_autotune();
+
 // qkv: (B, T, (NH + 2*NKV) * HS) bf16; out: (B, T, NH * HS) bf16;
 // lse: (B, NH, T) f32, lse[b,h,t] = ln sum_{s<=t} exp(scale q_t . k_s) (natural log)
 void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int n_kv_head,

@@ -34,6 +34,8 @@
 #include <cudnn_frontend.h>
 
 #include <map>
+#include <utility>
+#include <vector>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -62,10 +64,16 @@ struct Shape {
 struct Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   int64_t workspace = 0;
+  Shape shape{};
+  bool backward = false;
+  int64_t index = -1;       // the engine config executed: -1 the heuristic's choice, else a tuned one
+  std::vector<void*> last;  // the latest call's pointers while the tuning window is open
+  int64_t calls = 0;        // calls while the window is open
 };
 
 struct Cache {
   std::mutex mu;
+  bool tune_open = false;  // cudnn_attention_tune_begin() .. cudnn_attention_autotune()
   cudnnHandle_t handle = nullptr;
   int device = -1;
   std::map<std::tuple<int, bool, int64_t, int64_t, int64_t, int64_t, int64_t>, Plan> plans;  // (device, bwd, shape)
@@ -175,7 +183,7 @@ bool capturing() {
 }
 
 // The plan of (backward, shape), built on first use; returns it with the handle (bound to the stream).
-std::pair<const Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, float scale, const char* op) {
+std::pair<Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, float scale, const char* op) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   cudnnHandle_t h = handle_locked(c);
@@ -186,6 +194,8 @@ std::pair<const Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, fl
     fail(op, ": no cuDNN plan for ", s.text().c_str(), " while the stream is being captured into a CUDA graph; build it at "
          "set-up with flash_attention_cuda_workspace()");
   Plan p;
+  p.shape = s;
+  p.backward = backward;
   p.graph = backward ? backward_graph(s, scale) : forward_graph(s, scale);
   check_fe(p.graph->validate(), op, s, "graph validation");
   check_fe(p.graph->build_operation_graph(h), op, s, "operation graph");
@@ -198,20 +208,132 @@ std::pair<const Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, fl
 
 // ptrs: the variant pack's device pointers in increasing uid order (the frontend's sorted-pointer
 // execute: no map built per call; the frontend checks the count against the graph's).
-template <size_t N>
-void execute(const Plan& p, cudnnHandle_t h, void* (&ptrs)[N], const Shape& s, const char* op) {
+// Runs engine config `index` (-1: the heuristic's choice) of the plan.
+void run_plan(const Plan& p, cudnnHandle_t h, void** ptrs, int n, int64_t index, int64_t workspace, const char* op) {
   void* ws = nullptr;
-  if (p.workspace > 0) {
-    cuda_reserve_workspace(static_cast<size_t>(p.workspace));  // a no-op once reserved (set-up)
-    ws = cuda_workspace(static_cast<size_t>(p.workspace), op);
+  if (workspace > 0) {
+    cuda_reserve_workspace(static_cast<size_t>(workspace));  // a no-op once reserved (set-up)
+    ws = cuda_workspace(static_cast<size_t>(workspace), op);
   }
-  check_fe(p.graph->execute(h, ptrs, static_cast<int>(N), ws), op, s, "execute");
+  check_fe(index < 0 ? p.graph->execute(h, ptrs, n, ws) : p.graph->execute_plan_at_index(h, ptrs, n, ws, index), op,
+           p.shape, "execute");
   cuda::count_launch();
+}
+
+template <size_t N>
+void execute(Plan& p, cudnnHandle_t h, void* (&ptrs)[N], const char* op) {
+  if (cache().tune_open) {  // the caller holds no lock: one stream, one thread
+    p.last.assign(ptrs, ptrs + N);
+    ++p.calls;
+  }
+  run_plan(p, h, ptrs, static_cast<int>(N), p.index, p.workspace, op);
 }
 
 void* mut(const void* p) { return const_cast<void*>(p); }
 
+// What a plan writes, as (index in its pointer list, bytes): the forward O and Stats, the backward the
+// dqkv buffer (dQ, dK and dV interleaved in it, from dQ's pointer).
+std::vector<std::pair<size_t, size_t>> outputs_of(const Plan& p) {
+  const Shape& s = p.shape;
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  if (!p.backward) return {{3, n(s.B * s.T * s.CO()) * sizeof(bf16)}, {4, n(s.B * s.NH * s.T) * sizeof(float)}};
+  return {{6, n(s.B * s.T * s.C3()) * sizeof(bf16)}};
+}
+
+// Times engine config `index` on the plan's latest call: mean ms over `reps` runs; its outputs copied
+// to `out` first (one run). false if the config does not run.
+bool try_config(Plan& p, cudnnHandle_t h, int64_t index, int64_t workspace, std::vector<std::vector<char>>& out,
+                double* ms) {
+  const char* op = "cudnn_attention_autotune";
+  void* ws = workspace > 0 ? cuda_workspace(static_cast<size_t>(workspace), op) : nullptr;
+  auto run = [&] {
+    return (index < 0 ? p.graph->execute(h, p.last.data(), static_cast<int>(p.last.size()), ws)
+                      : p.graph->execute_plan_at_index(h, p.last.data(), static_cast<int>(p.last.size()), ws, index))
+        .is_good();
+  };
+  if (!run()) return false;
+  const auto outs = outputs_of(p);
+  out.resize(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    out[i].resize(outs[i].second);
+    LMF_CUDA_CHECK(cudaMemcpyAsync(out[i].data(), p.last[outs[i].first], outs[i].second, cudaMemcpyDeviceToHost,
+                                   cuda::stream()));
+  }
+  constexpr int kReps = 5;
+  cudaEvent_t e0, e1;
+  LMF_CUDA_CHECK(cudaEventCreate(&e0));
+  LMF_CUDA_CHECK(cudaEventCreate(&e1));
+  LMF_CUDA_CHECK(cudaEventRecord(e0, cuda::stream()));
+  bool ok = true;
+  for (int r = 0; r < kReps && ok; ++r) ok = run();
+  LMF_CUDA_CHECK(cudaEventRecord(e1, cuda::stream()));
+  LMF_CUDA_CHECK(cudaEventSynchronize(e1));
+  float t = 0;
+  LMF_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+  LMF_CUDA_CHECK(cudaEventDestroy(e0));
+  LMF_CUDA_CHECK(cudaEventDestroy(e1));
+  *ms = t / kReps;
+  return ok;
+}
+
 }  // namespace
+
+void cudnn_attention_tune_begin() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.tune_open = true;
+  for (auto& entry : c.plans) {
+    entry.second.last.clear();
+    entry.second.calls = 0;
+  }
+}
+
+AttentionTuneResult cudnn_attention_autotune() {
+  const char* op = "cudnn_attention_autotune";
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const bool was_open = c.tune_open;
+  c.tune_open = false;
+  AttentionTuneResult r;
+  if (!was_open) return r;
+  if (capturing()) fail(op, ": called while the stream is being captured into a CUDA graph; call it between steps");
+  cudnnHandle_t h = handle_locked(c);
+  const int64_t reserved = static_cast<int64_t>(cuda_workspace_reserved());
+  for (auto& entry : c.plans) {
+    Plan& p = entry.second;
+    if (p.last.empty()) continue;
+    ++r.plans;
+    // the reference: the current choice's outputs and time
+    std::vector<std::vector<char>> ref, got;
+    double ref_ms = 0;
+    if (!try_config(p, h, p.index, p.workspace, ref, &ref_ms)) cudnn_failed(op, p.shape, "execute", "reference run");
+    check_fe(p.graph->build_plans(h, fe::BuildPlanPolicy_t::ALL), op, p.shape, "plan build (all engine configs)");
+    int64_t best = p.index, best_ws = p.workspace;
+    double best_ms = ref_ms;
+    for (int64_t i = 0; i < p.graph->get_execution_plan_count(); ++i) {
+      int64_t ws = 0;
+      if (!p.graph->get_workspace_size_plan_at_index(i, ws).is_good()) continue;
+      ++r.candidates;
+      if (ws > reserved) {
+        ++r.too_big;
+        continue;
+      }
+      double ms = 0;
+      if (!try_config(p, h, i, ws, got, &ms) || got != ref) continue;
+      ++r.equal;
+      if (ms < best_ms) best = i, best_ws = ws, best_ms = ms;
+    }
+    if (best != p.index && best_ms <= 0.98 * ref_ms) {
+      r.saved_ms += static_cast<double>(p.calls) * (ref_ms - best_ms);
+      ++r.changed;
+      p.index = best;
+      p.workspace = best_ws;
+    }
+    // leave the outputs as the chosen config writes them (the same bits as the reference's)
+    if (!try_config(p, h, p.index, p.workspace, got, &best_ms)) cudnn_failed(op, p.shape, "execute", "final run");
+  }
+  return r;
+}
 
 std::string cudnn_version_text() {
   const size_t v = cudnnGetVersion();  // cuDNN 9: major * 10000 + minor * 100 + patch
@@ -251,7 +373,7 @@ void cudnn_flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64
   auto [plan, h] = plan_for(false, s, scale, op);
   static_assert(kQ == 1 && kK == 2 && kV == 3 && kO == 4 && kStats == 5, "pointers in uid order");
   void* ptrs[] = {mut(qkv), mut(qkv + NH * HS), mut(qkv + (NH + NKV) * HS), out, lse};
-  execute(*plan, h, ptrs, s, op);
+  execute(*plan, h, ptrs, op);
 }
 
 void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
@@ -262,7 +384,7 @@ void cudnn_flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* qk
   static_assert(kStats == 5 && kDO == 6 && kDQ == 7 && kDK == 8 && kDV == 9, "pointers in uid order");
   void* ptrs[] = {mut(qkv), mut(qkv + NH * HS), mut(qkv + (NH + NKV) * HS), mut(out), mut(lse), mut(dout),
                   dqkv,     dqkv + NH * HS,     dqkv + (NH + NKV) * HS};
-  execute(*plan, h, ptrs, s, op);
+  execute(*plan, h, ptrs, op);
 }
 
 }  // namespace cuda
@@ -275,6 +397,8 @@ namespace lmf {
 
 bool cudnn_attention_available() { return false; }
 std::string cudnn_version_text() { return "none"; }
+void cudnn_attention_tune_begin() {}
+AttentionTuneResult cudnn_attention_autotune() { return {}; }
 
 #ifdef LMF_WITH_CUDA
 namespace cuda {

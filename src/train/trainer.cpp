@@ -187,7 +187,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   } else if (o_.cuda_graph != "off") {
     fail("--cuda-graph=", o_.cuda_graph, " must be auto, on or off");
   }
-  if (o_.gemm_tune != "on" && o_.gemm_tune != "off") fail("--gemm-tune=", o_.gemm_tune, " must be on or off");
+  if (o_.gemm_tune != "on" && o_.gemm_tune != "off") fail("--tune=", o_.gemm_tune, " must be on or off");
   tune_gemms_ = o_.gemm_tune == "on" && device_ == Device::cuda && precision == Precision::bf16;
 
   // --- data ------------------------------------------------------------------------------------
@@ -355,7 +355,10 @@ void Trainer::graph_body() {
 void Trainer::step() {
   const bool tune = tune_gemms_ && step_ == first_step_;
 #ifdef LMF_WITH_CUDA
-  if (tune) cuda::gemm_tune_begin();
+  if (tune) {
+    cuda::gemm_tune_begin();
+    cudnn_attention_tune_begin();
+  }
 #endif
   step_once();
 #ifdef LMF_WITH_CUDA
@@ -366,6 +369,13 @@ void Trainer::step() {
          << " same_bits=" << r.equal << " changed=" << r.changed << " saved_ms_per_step=" << fmt("%.3f", r.saved_ms)
          << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count())
          << "\n";
+    const auto t1 = std::chrono::steady_clock::now();
+    const AttentionTuneResult a = cudnn_attention_autotune();
+    if (a.plans > 0)
+      log_ << "attention_tune plans=" << a.plans << " engine_configs=" << a.candidates << " over_workspace=" << a.too_big
+           << " same_bits=" << a.equal << " changed=" << a.changed << " saved_ms_per_step=" << fmt("%.3f", a.saved_ms)
+           << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count())
+           << "\n";
   }
 #endif
 }

@@ -48,8 +48,9 @@ struct TrainOptions {
   std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
   std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
-  // on: after the first step, each bf16 GEMM takes the fastest of cuBLASLt's candidates that give the
-  // same bits as the heuristic's choice (ops/gemm_cuda.h, gemm_autotune); off: the heuristic's choice
+  // --tune (alias --gemm-tune) on: after the first step, each bf16 GEMM and cuDNN attention plan takes the
+  // fastest of its library's candidates that give the same bits as the current choice (ops/gemm_cuda.h
+  // gemm_autotune, ops/attention.h cudnn_attention_autotune); off: the heuristics' choices
   std::string gemm_tune = "on";
   // --profile: steps [first + profile_warmup, + profile_steps) run eagerly (never as a CUDA graph)
   // with an OpProfiler attached; then a Chrome trace goes to profile_out (default
@@ -151,7 +152,7 @@ class Trainer {
   double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
   bool progress_line_ = false;
   class OpProfiler* prof_ = nullptr;  // attached during profiled steps (run() with --profile)
-  bool tune_gemms_ = false;           // --gemm-tune on, bf16 on the GPU: tune after the first step
+  bool tune_gemms_ = false;           // --tune on, bf16 on the GPU: tune after the first step
   bool force_eager_ = false;          // profiled steps: the eager path even in graph mode
 };
 
