@@ -191,10 +191,10 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
                              {"--cuda-graph=on", "needs the GPU"}));
   EXPECT_TRUE(one_line_error(run_cli("train --cuda-graph maybe --out-dir " + dir_ + "/run", dir_),
                              {"--cuda-graph=maybe", "auto, on or off"}));
-  EXPECT_TRUE(one_line_error(run_cli("train --tune maybe --out-dir " + dir_ + "/run", dir_),
-                             {"--tune=maybe", "must be on or off"}));
-  EXPECT_TRUE(one_line_error(run_cli("train --gemm-tune maybe --out-dir " + dir_ + "/run", dir_),
-                             {"--tune=maybe", "must be on or off"}));
+  for (const char* flag : {"--tune", "--gemm-tune"})  // the flag and its alias
+    EXPECT_TRUE(one_line_error(run_cli(std::string("train ") + flag + " maybe --out-dir " + dir_ + "/run", dir_),
+                               {"--tune=maybe", "must be on or off"}))
+        << flag;
   EXPECT_TRUE(one_line_error(run_cli("train --device cpu --attention cudnn --out-dir " + dir_ + "/run", dir_),
                              {"--attention=cudnn", "--precision bf16 on --device cuda"}));
   EXPECT_TRUE(one_line_error(run_cli("train --attention flash3 --out-dir " + dir_ + "/run", dir_),

@@ -33,13 +33,15 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
+#include <algorithm>
+#include <array>
 #include <map>
-#include <utility>
-#include <vector>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "core/cuda_check.h"
 #include "core/cuda_context.h"
@@ -67,8 +69,9 @@ struct Plan {
   Shape shape{};
   bool backward = false;
   int64_t index = -1;       // the engine config executed: -1 the heuristic's choice, else a tuned one
-  std::vector<void*> last;  // the latest call's pointers while the tuning window is open
-  int64_t calls = 0;        // calls while the window is open
+  std::array<void*, 9> last{};  // the latest call's pointers while the tuning window is open (no allocation)
+  int nlast = 0;                // how many of them: 0 when not called in the window
+  int64_t calls = 0;            // calls while the window is open
 };
 
 struct Cache {
@@ -206,27 +209,28 @@ std::pair<Plan*, cudnnHandle_t> plan_for(bool backward, const Shape& s, float sc
   return {&c.plans.emplace(key, std::move(p)).first->second, h};
 }
 
-// ptrs: the variant pack's device pointers in increasing uid order (the frontend's sorted-pointer
-// execute: no map built per call; the frontend checks the count against the graph's).
-// Runs engine config `index` (-1: the heuristic's choice) of the plan.
-void run_plan(const Plan& p, cudnnHandle_t h, void** ptrs, int n, int64_t index, int64_t workspace, const char* op) {
-  void* ws = nullptr;
-  if (workspace > 0) {
-    cuda_reserve_workspace(static_cast<size_t>(workspace));  // a no-op once reserved (set-up)
-    ws = cuda_workspace(static_cast<size_t>(workspace), op);
-  }
-  check_fe(index < 0 ? p.graph->execute(h, ptrs, n, ws) : p.graph->execute_plan_at_index(h, ptrs, n, ws, index), op,
-           p.shape, "execute");
-  cuda::count_launch();
+// Runs engine config `index` (-1: the heuristic's choice) of the plan on ptrs, the variant pack's
+// device pointers in increasing uid order (the frontend's sorted-pointer execute: no map built per
+// call; the frontend checks the count against the graph's).
+fe::error_t run_config(const Plan& p, cudnnHandle_t h, void** ptrs, int n, int64_t index, void* ws) {
+  return index < 0 ? p.graph->execute(h, ptrs, n, ws) : p.graph->execute_plan_at_index(h, ptrs, n, ws, index);
 }
 
 template <size_t N>
 void execute(Plan& p, cudnnHandle_t h, void* (&ptrs)[N], const char* op) {
+  static_assert(N <= std::tuple_size_v<decltype(Plan::last)>);
   if (cache().tune_open) {  // the caller holds no lock: one stream, one thread
-    p.last.assign(ptrs, ptrs + N);
+    std::copy(ptrs, ptrs + N, p.last.begin());
+    p.nlast = static_cast<int>(N);
     ++p.calls;
   }
-  run_plan(p, h, ptrs, static_cast<int>(N), p.index, p.workspace, op);
+  void* ws = nullptr;
+  if (p.workspace > 0) {
+    cuda_reserve_workspace(static_cast<size_t>(p.workspace));  // a no-op once reserved (set-up)
+    ws = cuda_workspace(static_cast<size_t>(p.workspace), op);
+  }
+  check_fe(run_config(p, h, ptrs, static_cast<int>(N), p.index, ws), op, p.shape, "execute");
+  cuda::count_launch();
 }
 
 void* mut(const void* p) { return const_cast<void*>(p); }
@@ -246,11 +250,7 @@ bool try_config(Plan& p, cudnnHandle_t h, int64_t index, int64_t workspace, std:
                 double* ms) {
   const char* op = "cudnn_attention_autotune";
   void* ws = workspace > 0 ? cuda_workspace(static_cast<size_t>(workspace), op) : nullptr;
-  auto run = [&] {
-    return (index < 0 ? p.graph->execute(h, p.last.data(), static_cast<int>(p.last.size()), ws)
-                      : p.graph->execute_plan_at_index(h, p.last.data(), static_cast<int>(p.last.size()), ws, index))
-        .is_good();
-  };
+  auto run = [&] { return run_config(p, h, p.last.data(), p.nlast, index, ws).is_good(); };
   if (!run()) return false;
   const auto outs = outputs_of(p);
   out.resize(outs.size());
@@ -283,7 +283,7 @@ void cudnn_attention_tune_begin() {
   std::lock_guard<std::mutex> lock(c.mu);
   c.tune_open = true;
   for (auto& entry : c.plans) {
-    entry.second.last.clear();
+    entry.second.nlast = 0;
     entry.second.calls = 0;
   }
 }
@@ -301,7 +301,7 @@ AttentionTuneResult cudnn_attention_autotune() {
   const int64_t reserved = static_cast<int64_t>(cuda_workspace_reserved());
   for (auto& entry : c.plans) {
     Plan& p = entry.second;
-    if (p.last.empty()) continue;
+    if (p.nlast == 0) continue;
     ++r.plans;
     // the reference: the current choice's outputs and time
     std::vector<std::vector<char>> ref, got;
