@@ -116,6 +116,41 @@ int main() {
     }
   }
   cuda::grouped_gemm_set_kernel(K::wgmma);
+  // Dense GPT-2 MLP shapes (one group): what the GELU epilogues cost cuBLASLt, and the TMA kernel
+  // on the same shape without them.
+  {
+    const int64_t M = R * 2, N = F, Kd = D;  // 65536 rows: GPT-2's fc at B=64
+    auto* Ad = static_cast<bf16*>(upload_random_bf16(M * Kd, 3, "A dense"));
+    auto* Cd = static_cast<bf16*>(device_alloc(M * N * sizeof(bf16), "C dense"));
+    auto* Xd = static_cast<bf16*>(device_alloc(M * N * sizeof(bf16), "aux dense"));
+    auto* bias = static_cast<bf16*>(upload_random_bf16(N, 4, "bias"));
+    std::vector<int32_t> o1 = {0, static_cast<int32_t>(M)};
+    void* d1 = device_alloc(2 * sizeof(int32_t), "offsets 1");
+    copy_to_device(d1, o1.data(), 2 * sizeof(int32_t));
+    const double flops = 2.0 * M * N * Kd;
+    double c0 = time_ms([&] { cuda::gemm("bench", false, true, M, N, Kd, 1.0f, Ad, Kd, B, Kd, 0.0f, Cd, N); }, ev);
+    double c1 = time_ms([&] {
+      cuda::gemm("bench", false, true, M, N, Kd, 1.0f, Ad, Kd, B, Kd, 0.0f, Cd, N, bias, cuda::GemmEpilogue::gelu_aux,
+                 Xd, N);
+    }, ev);
+    double g0 = time_ms([&] { cuda::grouped_gemm_nt(Cd, Ad, B, static_cast<const int32_t*>(d1), 1, M, N, Kd); }, ev);
+    row("dense NT M=65536 N=3072 K=768 (gelu_aux vs plain cuBLASLt)", flops, c1, c0);
+    row("dense NT (TMA kernel vs plain cuBLASLt)", flops, g0, c0);
+    double f1 = time_ms([&] { cuda::dense_gemm_nt_bias_gelu(Cd, Xd, Ad, B, bias, M, N, Kd); }, ev);
+    row("dense NT gelu_aux (lmforge vs cuBLASLt)", flops, f1, c1);
+    double n0 = time_ms([&] { cuda::gemm("bench", false, false, M, N, Kd, 1.0f, Ad, Kd, B, N, 0.0f, Cd, N); }, ev);
+    double n1 = time_ms([&] {
+      cuda::gemm("bench", false, false, M, N, Kd, 1.0f, Ad, Kd, B, N, 0.0f, Cd, N, nullptr, cuda::GemmEpilogue::dgelu,
+                 Xd, N);
+    }, ev);
+    double gn = time_ms([&] { cuda::grouped_gemm_nn(Cd, Ad, B, static_cast<const int32_t*>(d1), 1, M, N, Kd); }, ev);
+    row("dense NN (dgelu vs plain cuBLASLt)", flops, n1, n0);
+    row("dense NN (TMA kernel vs plain cuBLASLt)", flops, gn, n0);
+    double f2 = time_ms([&] { cuda::dense_gemm_nn_dgelu(Cd, Ad, B, Xd, M, N, Kd); }, ev);
+    row("dense NN dgelu (lmforge vs cuBLASLt)", flops, f2, n1);
+    for (void* p : {static_cast<void*>(Ad), static_cast<void*>(Cd), static_cast<void*>(Xd), static_cast<void*>(bias), d1})
+      device_free(p);
+  }
   device_synchronize();
   cuda_event_pool_destroy(ev);
   for (void* p : {static_cast<void*>(A), static_cast<void*>(B), static_cast<void*>(C), static_cast<void*>(Cf), doff})
