@@ -16,7 +16,6 @@
 
 #include "ops/activation.h"
 #include "ops/gemm_cuda.h"
-#include "ops/grouped_gemm.h"
 #include "ops/linear.h"
 #include "support/gpu_util.h"
 #include "support/scaled_compare.h"
@@ -231,19 +230,15 @@ TEST(CudaLinear, Bf16MatchesCpuOnRoundedInputs) {
     for (bool bias : {false, true}) check_linear_bf16(N, IC, OC, bias, s += 11);
 }
 
-// Fused GELU forward and the fused backward of the next layer (dgelu) against the CPU composition
-// linear -> gelu and linear_backward -> gelu_backward, with each implementation of the fused GEMMs:
-// lmforge's (grouped_gemm.h, the default) and cuBLASLt's GELU_AUX_BIAS / DGELU epilogues. Sizes: odd
-// and tail tiles (M not a multiple of 128, F not of 256, C not of 64), and GPT-2's.
+// Fused GELU forward (GELU_AUX_BIAS) and the fused backward of the next layer (DGELU) against the CPU
+// composition linear -> gelu and linear_backward -> gelu_backward, and bitwise repeatable (outputs
+// poisoned before the second run). Sizes: odd and tail tiles (rows, F and C off the tile grid), GPT-2's.
 TEST(CudaLinear, Bf16FusedGeluEpiloguesMatchCpu) {
   LMF_REQUIRE_GPU();
-  for (cuda::FusedGemm kernel : {cuda::FusedGemm::lmforge, cuda::FusedGemm::cublaslt})
   for (auto [N, C, F] : {std::tuple<int64_t, int64_t, int64_t>{5, 16, 24}, {333, 64, 256}, {1000, 200, 328},
                          {2048, 768, 3072}}) {
-    cuda::fused_gemm_set(kernel);
     const uint64_t seed = test::fresh_seed();
-    const std::string what = std::string(kernel == cuda::FusedGemm::lmforge ? "lmforge" : "cublaslt") +
-                             " N=" + std::to_string(N) + " C=" + std::to_string(C) + " F=" + std::to_string(F) +
+    const std::string what = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " F=" + std::to_string(F) +
                              " seed=" + std::to_string(seed);
     reserve(N, std::max(C, F));
     // fc: (F, C) weight; mproj: (C, F) weight
@@ -271,7 +266,6 @@ TEST(CudaLinear, Bf16FusedGeluEpiloguesMatchCpu) {
     linear_gelu_forward(t_act, t_pre, d_x.tensor(DType::bf16, {N, C}, "x"), d_wfc.tensor(DType::bf16, {F, C}, "wfc"),
                         d_bfc.tensor(DType::bf16, {F}, "bfc"));
     const std::vector<float> g_pre = test::from_bf16(d_pre.download<bf16>()), g_act = test::from_bf16(d_act.download<bf16>());
-    // bitwise repeatable: the forward again into poisoned outputs
     for (DeviceBuffer* b : {&d_pre, &d_act}) b->poison();
     linear_gelu_forward(t_act, t_pre, d_x.tensor(DType::bf16, {N, C}, "x"), d_wfc.tensor(DType::bf16, {F, C}, "wfc"),
                         d_bfc.tensor(DType::bf16, {F}, "bfc"));
@@ -294,14 +288,12 @@ TEST(CudaLinear, Bf16FusedGeluEpiloguesMatchCpu) {
     EXPECT_LE(e_dpre, kGeluOut) << what;
     EXPECT_LE(e_dwm, kF32Out) << what;
     EXPECT_LE(e_dbm, kF32Out) << what;
-    // dpre bitwise repeatable
     const std::vector<float> g_dpre = test::from_bf16(d_dpre.download<bf16>());
     d_dpre.poison();
     linear_backward_dgelu(d_dpre.tensor(DType::bf16, {N, F}, "dpre"), Tensor(), Tensor(),
                           d_dy.tensor(DType::bf16, {N, C}, "dy"), t_act, d_wm.tensor(DType::bf16, {C, F}, "wm"), t_pre);
     EXPECT_TRUE(test::bitwise_equal("dpre run twice " + what, test::from_bf16(d_dpre.download<bf16>()), g_dpre));
   }
-  cuda::fused_gemm_set(cuda::FusedGemm::lmforge);
 }
 
 TEST(CudaLinear, Bf16OnTheCpuAndMixedDtypesAreErrors) {

@@ -18,13 +18,48 @@
 
 #include "ops/activation.h"
 #include "ops/elementwise.cuh"
-#include "ops/gelu.cuh"
 #include "ops/packed.cuh"
 
 namespace lmf::cuda {
 namespace {
 
-// kFast, exp_clamped, divide, gelu and gelu_grad: ops/gelu.cuh (shared with the GEMM epilogues).
+constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+
+// Math of the f32 path (precise) and of the bf16 path (kFast: the hardware approximations __expf and
+// __fdividef, a few instructions instead of ~20 each: the precise versions made the bf16 passes
+// issue-bound, ~0.75 of the copy ceiling on an H200. __expf's error is 2 + 1.16 |x| ulp, under 1e-5
+// relative for |x| <= 87, and __fdividef's 2 ulp: both far under bf16's 2^-9 storage rounding.)
+template <class T>
+constexpr bool kFast = !std::is_same_v<T, float>;
+
+// exp(x) with x clamped to [-87, 87] (finite, positive, normal).
+template <bool kF>
+__device__ __forceinline__ float exp_clamped(float x) {
+  x = fminf(fmaxf(x, -87.0f), 87.0f);
+  return kF ? __expf(x) : expf(x);
+}
+template <bool kF>
+__device__ __forceinline__ float divide(float a, float b) {  // b in [1, 1 + e^87]: __fdividef's range
+  return kF ? __fdividef(a, b) : a / b;
+}
+
+template <bool kF>
+__device__ __forceinline__ float gelu(float x) {
+  const float u = kGeluK * (x + kGeluA * x * x * x);
+  return divide<kF>(x, 1.0f + exp_clamped<kF>(-2.0f * u));
+}
+
+// d gelu / dx
+template <bool kF>
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float u = kGeluK * (x + kGeluA * x * x * x);
+  const float du = kGeluK * (1.0f + 3.0f * kGeluA * x * x);
+  const float e = exp_clamped<kF>(-2.0f * u);
+  const float s = divide<kF>(1.0f, 1.0f + e);
+  // d/dx [x s(2u)] = s + x * 2 u' * s (1 - s), and s (1 - s) = e s^2
+  return s + 2.0f * x * du * (e * s * s);
+}
 
 // out, inp: (n) flat; n % W == 0
 template <int W, class T>

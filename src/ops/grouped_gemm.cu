@@ -34,11 +34,9 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <string_view>
 
 #include "core/check.h"
 #include "core/cuda_launch.cuh"
-#include "ops/gelu.cuh"
 #include "ops/ptx.cuh"
 #include "ops/grouped_gemm.h"
 #include "ops/packed.cuh"
@@ -178,14 +176,7 @@ struct GemmArgs {
   int64_t M, N, K;  // nt/nn: M unused (rows come from offsets); tn: K unused (reduction over rows)
   float beta;       // tn only
   int n_tiles;      // ceil(N / BN)
-  nv_bf16* aux = nullptr;          // fused epilogues: the pre-activation (gelu_aux writes it, dgelu reads it)
-  const nv_bf16* bias = nullptr;   // gelu_aux: (N)
 };
-
-// Epilogues of the TMA kernel. store: C = bf16(acc) (the grouped GEMMs). The fused ones (dense, nt/nn):
-//   gelu_aux  aux = bf16(acc + bias); C = bf16(gelu(aux))          (an MLP's first linear layer)
-//   dgelu     C = bf16(acc * bf16(gelu'(aux)))                      (its input gradient)
-enum class Epi { store, gelu_aux, dgelu };
 
 // Clamped bounds of group g: a corrupt offsets array cannot make a block read or write out of range.
 __device__ __forceinline__ void group_bounds(const GemmArgs& p, const int64_t* off, int g, int64_t& b, int64_t& e) {
@@ -534,23 +525,9 @@ template <Layout L>
 constexpr int kTmaBN = L == Layout::tn ? 192 : kWgBN;
 template <int BN>
 constexpr int kStageBytes = (kWgBM + BN) * kBK * 2;  // 48 KiB at BN 256
+template <int BN>
+constexpr size_t kTmaSmem = static_cast<size_t>(kStages) * kStageBytes<BN> + 1024;
 constexpr int kEpiStride = 36;  // words per staged epilogue row (32 + 4 padding)
-constexpr size_t kEpiBytes = 8 * 16 * kEpiStride * 4;  // store: 8 consumer warps x 16 rows x 64 bf16
-// Fused epilogues: the whole 128 x 256 tile staged as bf16 rows of kFuseStride words (8 rows of a warp's
-// 4-byte fragment writes land in distinct banks: 132 = 4 mod 32), stored by the producer warpgroup's
-// three spare warps while the consumers run the next tile's main loop. 3 stages leave room for it.
-constexpr int kFuseStride = kWgBN / 2 + 4;
-// (512 threads with 7 storer warps does not compile: __launch_bounds__(512) caps a thread at 128
-// registers, and the consumers' m64n256 accumulators need ~154.)
-constexpr int kStorerThreads = 96;
-template <Epi E>
-constexpr int kTmaThreadsOf = kTmaThreads;
-constexpr size_t kFuseBytes = static_cast<size_t>(kWgBM) * kFuseStride * 4;
-template <Epi E>
-constexpr int kTmaStages = E == Epi::store ? kStages : 3;
-template <int BN, Epi E>
-constexpr size_t kTmaSmem =
-    static_cast<size_t>(kTmaStages<E>) * kStageBytes<BN> + (E == Epi::store ? kEpiBytes : kFuseBytes) + 1024;
 
 struct TmaMaps {
   CUtensorMap a;
@@ -632,141 +609,35 @@ __device__ __forceinline__ TileInfo tile_info(const GemmArgs& p, const int64_t* 
   return ti;
 }
 
-// Bulk (non-tensor) copies between global and shared memory, 16-byte aligned, sizes multiples of 16.
-__device__ __forceinline__ void bulk_load(void* dst_smem, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_u32(dst_smem)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-}
-// The storers of the fused epilogues (warps 1-3, kStorerThreads threads), over the block's tiles in
-// the consumers' order. The element-wise work runs on 16-byte chunks of the staged tile (thread s:
-// chunks s, s + 96, ..., 4 in flight), each written to global memory as one 16-byte store (a warp
-// covers 512 contiguous bytes of a row).
-//   gelu_aux: wait until the consumers staged bf16(acc + bias); store it to aux and gelu(it) to C;
-//     release the staging buffer (epi_empty).
-//   dgelu: while the consumers run the tile's main loop, bulk-load its aux rows (thread s: rows s
-//     and s + 96) and replace them by g = bf16(gelu'(aux)) (epi_empty: g is ready); the consumers multiply
-//     their accumulators by it in place (epi_full); store the product to C.
-template <Layout L, Epi E>
-__device__ __forceinline__ void fused_store(const GemmArgs& p, const int64_t* s_off, uint32_t* s_stage,
-                                            uint64_t* full, uint64_t* empty, uint64_t* aux_bar, int64_t total_tiles,
-                                            int m_tiles, int st) {
-  constexpr int kChunks = kWgBN / 8, kTotal = kWgBM * kChunks, kU = 4;
-  nv_bf16* C = static_cast<nv_bf16*>(p.C);
-  // f(u, staging word, global element offset, in range) for this thread's chunks of one round
-  auto round = [&](const TileInfo& ti, int i0, auto&& f) {
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int i = i0 + u * kStorerThreads;
-      const int r = i / kChunks, c = i % kChunks;
-      const int64_t row = ti.m0 + r, col = ti.n0 + c * 8;
-      if (i < kTotal) f(u, r * kFuseStride + c * 4, row * p.N + col, row < ti.row_end && col < p.N);
-    }
-  };
-  uint32_t it = 0;
-  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x, ++it) {
-    const TileInfo ti = tile_info<L>(p, s_off, t, m_tiles);
-    if (ti.g < 0) break;
-    if constexpr (E == Epi::dgelu) {
-      const uint32_t row_bytes = static_cast<uint32_t>(min(static_cast<int64_t>(kWgBN), p.N - ti.n0) * 2);
-      uint32_t bytes = 0;
-      for (int r = st; r < kWgBM; r += kStorerThreads)
-        if (ti.m0 + r < ti.row_end) bytes += row_bytes;
-      mbar_expect_tx(aux_bar, bytes);  // every storer arrives once, with the bytes of its rows
-      for (int r = st; r < kWgBM; r += kStorerThreads)
-        if (ti.m0 + r < ti.row_end)
-          bulk_load(s_stage + r * kFuseStride, p.aux + (ti.m0 + r) * p.N + ti.n0, row_bytes, aux_bar);
-      mbar_wait(aux_bar, it & 1);
-      for (int i0 = st; i0 < kTotal; i0 += kU * kStorerThreads) {
-        uint4 v[kU];
-        round(ti, i0, [&](int u, int w, int64_t, bool) { v[u] = *reinterpret_cast<const uint4*>(s_stage + w); });
-        round(ti, i0, [&](int u, int w, int64_t, bool) {
-          const uint32_t a[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-          uint32_t o[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            o[k] = pack_bf16(gelu_grad_tanh_approx(bf16_lo(a[k])), gelu_grad_tanh_approx(bf16_hi(a[k])));
-          *reinterpret_cast<uint4*>(s_stage + w) = make_uint4(o[0], o[1], o[2], o[3]);
-        });
-      }
-      mbar_arrive(empty);
-      mbar_wait(full, it & 1);
-      for (int i0 = st; i0 < kTotal; i0 += kU * kStorerThreads) {
-        uint4 v[kU];
-        round(ti, i0, [&](int u, int w, int64_t, bool) { v[u] = *reinterpret_cast<const uint4*>(s_stage + w); });
-        round(ti, i0, [&](int u, int, int64_t off, bool ok) {
-          if (ok) *reinterpret_cast<uint4*>(C + off) = v[u];
-        });
-      }
-      // every storer's reads of the tile precede the next tile's bulk loads (async proxy) into it
-      fence_proxy_async();
-      named_barrier_sync(3, kStorerThreads);
-    } else {
-      mbar_wait(full, it & 1);
-      for (int i0 = st; i0 < kTotal; i0 += kU * kStorerThreads) {
-        uint4 v[kU];
-        round(ti, i0, [&](int u, int w, int64_t, bool) { v[u] = *reinterpret_cast<const uint4*>(s_stage + w); });
-        round(ti, i0, [&](int u, int, int64_t off, bool ok) {
-          if (!ok) return;
-          *reinterpret_cast<uint4*>(p.aux + off) = v[u];
-          const uint32_t a[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-          uint32_t o[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) o[k] = pack_bf16(gelu_tanh_approx(bf16_lo(a[k])), gelu_tanh_approx(bf16_hi(a[k])));
-          *reinterpret_cast<uint4*>(C + off) = make_uint4(o[0], o[1], o[2], o[3]);
-        });
-      }
-      mbar_arrive(empty);
-    }
-  }
-}
-
-template <Layout L, Epi E>
-__global__ void __launch_bounds__(kTmaThreadsOf<E>, 1)
+template <Layout L>
+__global__ void __launch_bounds__(kTmaThreads, 1)
     grouped_gemm_tma_kernel(GemmArgs p, const __grid_constant__ TmaMaps maps, int64_t total_tiles, int m_tiles) {
-  constexpr int BM = kWgBM, BN = kTmaBN<L>, kS = kTmaStages<E>;
+  constexpr int BM = kWgBM, BN = kTmaBN<L>;
   constexpr bool kAKMajor = L != Layout::tn;
   constexpr bool kBKMajor = L == Layout::nt;
-  constexpr bool kFused = E != Epi::store;
-  constexpr int kNT = kTmaThreadsOf<E>, kCW0 = kNT / 32 - 8;  // threads; the first consumer warp
-  static_assert(!kFused || (L != Layout::tn && BN == kWgBN), "fused epilogues are for nt/nn tiles");
   extern __shared__ __align__(1024) unsigned char smem_tma[];
   unsigned char* base = smem_tma + ((1024 - (smem_u32(smem_tma) & 1023)) & 1023);
-  nv_bf16* sA = reinterpret_cast<nv_bf16*>(base);  // kS x BM*kBK
-  nv_bf16* sB = sA + kS * BM * kBK;                // kS x BN*kBK
-  // store: per consumer warp 16 rows x 64 bf16, rows padded to 36 words (no bank conflicts on the
-  // 4-byte writes; 16-byte aligned rows for the reads). Fused: the tile, BM rows of kFuseStride words.
-  uint32_t* s_stage = reinterpret_cast<uint32_t*>(sB + kS * BN * kBK);
+  nv_bf16* sA = reinterpret_cast<nv_bf16*>(base);  // kStages x BM*kBK
+  nv_bf16* sB = sA + kStages * BM * kBK;           // kStages x BN*kBK
   __shared__ int64_t s_off[kMaxGroups + 1];
-  __shared__ __align__(8) uint64_t full_bar[kS];
-  __shared__ __align__(8) uint64_t empty_bar[kS];
-  __shared__ __align__(8) uint64_t epi_full, epi_empty;  // fused: the staged tile is ready / consumed
-  __shared__ __align__(8) uint64_t aux_bar;              // dgelu: the tile's aux rows have landed
-  __shared__ uint32_t s_bias[2][BN / 2];                  // gelu_aux: the tile's bias pairs, double-buffered
+  __shared__ __align__(8) uint64_t full_bar[kStages];
+  __shared__ __align__(8) uint64_t empty_bar[kStages];
+  // Epilogue staging (nt/nn), per consumer warp: 16 rows x 64 bf16, rows padded to 36 words (no
+  // bank conflicts on the 4-byte writes; 16-byte aligned rows for the reads).
+  __shared__ __align__(16) uint32_t s_epi[8][16 * kEpiStride];
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  // offsets == nullptr: one group of all max_rows rows (the dense GEMMs)
-  for (int i = tid; i <= p.G; i += kNT) s_off[i] = p.offsets ? p.offsets[i] : (i == 0 ? 0 : p.max_rows);
+  for (int i = tid; i <= p.G; i += kTmaThreads) s_off[i] = p.offsets[i];
   if (tid == 0) {
-    for (int s = 0; s < kS; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       mbar_init(&full_bar[s], 1);
       mbar_init(&empty_bar[s], 256);  // every consumer thread arrives
     }
-    mbar_init(&epi_full, 256);
-    mbar_init(&epi_empty, kStorerThreads);
-    mbar_init(&aux_bar, kStorerThreads);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (warp < kCW0) {
-    if constexpr (kFused) {
-      if (warp > 0) {  // the storers: warps 1-3
-        fused_store<L, E>(p, s_off, s_stage, &epi_full, &epi_empty, &aux_bar, total_tiles, m_tiles, tid - 32);
-        return;
-      }
-    }
+  if (warp < 4) {
     // Producer.
     if (tid != 0) return;
     int stage = 0;
@@ -798,7 +669,7 @@ __global__ void __launch_bounds__(kTmaThreadsOf<E>, 1)
               tma_load_3d(b + j * 64 * kBK, &maps.b, fb, static_cast<int>(ti.n0) + j * 64, k0, ti.g);
           }
         }
-        if (++stage == kS) {
+        if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
@@ -808,21 +679,15 @@ __global__ void __launch_bounds__(kTmaThreadsOf<E>, 1)
   }
 
   // Consumers: warpgroup cw (0 or 1) owns rows [cw * 64, +64) of the tile.
-  const int cw = (warp - kCW0) >> 2;
-  const int ctid = tid - kCW0 * 32;  // 0..255 over both consumer warpgroups
+  const int cw = (warp >> 2) - 1;
+  const int ctid = tid - 128;  // 0..255 over both consumer warpgroups
   int stage = 0;
   uint32_t phase = 0;
   float d[BN / 2];
-  uint32_t it = 0;  // this block's tile count (fused: the staging buffer's phase)
-  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x, ++it) {
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     const TileInfo ti = tile_info<L>(p, s_off, t, m_tiles);
     if (ti.g < 0) break;
     const int k_tiles = static_cast<int>((ti.red_end - ti.red0 + kBK - 1) / kBK);
-    uint32_t bias_pair = 0;  // gelu_aux: loaded before the main loop, its latency hidden there
-    if constexpr (E == Epi::gelu_aux) {
-      const int64_t col = ti.n0 + 2 * ctid;
-      if (ctid < BN / 2 && col < p.N) bias_pair = *reinterpret_cast<const uint32_t*>(p.bias + col);
-    }
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
     int prev_stage = -1;
@@ -859,7 +724,7 @@ __global__ void __launch_bounds__(kTmaThreadsOf<E>, 1)
       // The previous slice's wgmma group has completed: hand its stage back to the producer.
       if (prev_stage >= 0) mbar_arrive(&empty_bar[prev_stage]);
       prev_stage = stage;
-      if (++stage == kS) {
+      if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
@@ -867,45 +732,13 @@ __global__ void __launch_bounds__(kTmaThreadsOf<E>, 1)
     wgmma_wait<0>();
     fence_acc(d);
     if (prev_stage >= 0) mbar_arrive(&empty_bar[prev_stage]);
-    if constexpr (kFused) {
-      // Stage the tile as bf16 (gelu_aux: + bias first) for the storers, once they are done with the
-      // previous one, and go on to the next tile.
-      uint32_t* sb = s_bias[it & 1];
-      if constexpr (E == Epi::gelu_aux) {
-        if (ctid < BN / 2) sb[ctid] = bias_pair;
-        named_barrier_sync(2, 256);
-      }
-      // gelu_aux: the staging buffer is free once the storers are done with the previous tile (the
-      // first wait passes: the barrier's previous phase counts as complete); dgelu: it holds this
-      // tile's gelu'(aux) once the storers have staged it.
-      mbar_wait(&epi_empty, E == Epi::dgelu ? (it & 1) : (it & 1) ^ 1);
-      const int r0 = cw * 64 + (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float b0 = 0.0f, b1 = 0.0f;
-        if constexpr (E == Epi::gelu_aux) {
-          const uint32_t b = sb[j * 4 + (lane & 3)];
-          b0 = bf16_lo(b);
-          b1 = bf16_hi(b);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint32_t& w = s_stage[(r0 + 8 * h) * kFuseStride + j * 4 + (lane & 3)];
-          if constexpr (E == Epi::dgelu)
-            w = pack_bf16(d[j * 4 + h * 2] * bf16_lo(w), d[j * 4 + h * 2 + 1] * bf16_hi(w));
-          else
-            w = pack_bf16(d[j * 4 + h * 2] + b0, d[j * 4 + h * 2 + 1] + b1);
-        }
-      }
-      fence_proxy_async();  // the storers' bulk stores (async proxy) read these writes
-      mbar_arrive(&epi_full);
-    } else if constexpr (L == Layout::tn) {
+    if constexpr (L == Layout::tn) {
       store_wgmma_tile<L>(p, d, ti.g, ti.m0 + cw * 64 + (warp & 3) * 16 + (lane >> 2), ti.n0 + (lane & 3) * 2,
                           ti.row_end);
     } else {
       // bf16 rows through this warp's staging buffer, 64 columns at a time: 16-byte stores, each
       // warp store covering 4 rows x 128 contiguous bytes (the fragment layout gives 4-byte pieces).
-      uint32_t* buf = s_stage + (warp - kCW0) * 16 * kEpiStride;
+      uint32_t* buf = s_epi[warp - 4];
       const int64_t wrow0 = ti.m0 + cw * 64 + (warp & 3) * 16;
       nv_bf16* C = static_cast<nv_bf16*>(p.C);
 #pragma unroll
@@ -964,7 +797,7 @@ CUtensorMap make_map(const char* op, const void* ptr, int rank, const uint64_t* 
   return m;
 }
 
-template <Layout L, Epi E = Epi::store>
+template <Layout L>
 void launch_tma(const char* op, GemmArgs a) {
   constexpr int BN = kTmaBN<L>;
   a.n_tiles = static_cast<int>(ceil_div(a.N, BN));
@@ -1000,8 +833,8 @@ void launch_tma(const char* op, GemmArgs a) {
   const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
   const int64_t blocks = total < sms ? total : sms;
   if (blocks <= 0) return;
-  launch({op, shapes_of(L, a), {blocks, 1, 1}, {kTmaThreadsOf<E>, 1, 1}, kTmaSmem<BN, E>}, grouped_gemm_tma_kernel<L, E>, a,
-         maps, total, m_tiles);
+  launch({op, shapes_of(L, a), {blocks, 1, 1}, {kTmaThreads, 1, 1}, kTmaSmem<BN>}, grouped_gemm_tma_kernel<L>, a, maps,
+         total, m_tiles);
 }
 
 GroupedGemmKernel g_kernel = GroupedGemmKernel::wgmma;  // grouped_gemm_set_kernel
@@ -1065,51 +898,6 @@ void grouped_rows(const char* op, bf16* C, const bf16* A, const bf16* B, const i
 }  // namespace
 
 void grouped_gemm_set_kernel(GroupedGemmKernel k) { g_kernel = k; }
-
-namespace {
-FusedGemm g_fused = [] {
-  const char* e = std::getenv("LMF_FUSED_GEMM");
-  return e != nullptr && std::string_view(e) == "cublaslt" ? FusedGemm::cublaslt : FusedGemm::lmforge;
-}();
-
-void check_dense(const char* op, const void* C, const void* aux, const void* A, const void* B, const void* bias,
-                 int64_t M, int64_t N, int64_t K) {
-  if (M < 0) fail(op, ": M=", M, " must be >= 0");
-  check_dim(op, "N", N);
-  check_dim(op, "K", K);
-  if (!aligned16(C, aux, A, B) || (bias != nullptr && !aligned16(bias)))
-    fail(op, ": C, aux, A, B and bias must be 16-byte aligned (C=", C, " aux=", aux, " A=", A, " B=", B,
-         " bias=", bias, ")");
-}
-}  // namespace
-
-void fused_gemm_set(FusedGemm k) { g_fused = k; }
-FusedGemm fused_gemm() { return g_fused; }
-
-bool dense_gemm_fits(int64_t N, int64_t K, const void* C, const void* aux, const void* A, const void* B) {
-  return N > 0 && K > 0 && N % 8 == 0 && K % 8 == 0 && aligned16(C, aux, A, B);
-}
-
-void dense_gemm_nt_bias_gelu(bf16* act, bf16* aux, const bf16* A, const bf16* B, const bf16* bias, int64_t M,
-                             int64_t N, int64_t K) {
-  const char* op = "dense_gemm_nt_bias_gelu";
-  if (bias == nullptr) fail(op, ": bias is null");
-  check_dense(op, act, aux, A, B, bias, M, N, K);
-  if (M == 0) return;
-  GemmArgs a{act, as_nv(A), as_nv(B), nullptr, 1, M, 0, N, K, 0.0f, 0};
-  a.aux = as_nv(aux);
-  a.bias = as_nv(bias);
-  launch_tma<Layout::nt, Epi::gelu_aux>(op, a);
-}
-
-void dense_gemm_nn_dgelu(bf16* C, const bf16* A, const bf16* B, const bf16* aux, int64_t M, int64_t N, int64_t K) {
-  const char* op = "dense_gemm_nn_dgelu";
-  check_dense(op, C, aux, A, B, nullptr, M, N, K);
-  if (M == 0) return;
-  GemmArgs a{C, as_nv(A), as_nv(B), nullptr, 1, M, 0, N, K, 0.0f, 0};
-  a.aux = const_cast<nv_bf16*>(as_nv(aux));
-  launch_tma<Layout::nn, Epi::dgelu>(op, a);
-}
 
 void grouped_gemm_nt(bf16* C, const bf16* A, const bf16* B, const int32_t* offsets, int G, int64_t max_rows,
                      int64_t N, int64_t K) {

@@ -46,29 +46,4 @@ void grouped_gemm_tn(float* C, const bf16* A, const bf16* B, const int32_t* offs
 enum class GroupedGemmKernel : uint8_t { wgmma, mma_sync };
 void grouped_gemm_set_kernel(GroupedGemmKernel k);
 
-// Dense GEMMs with fused epilogues, on the same TMA + wgmma kernel (one group of M rows), for an MLP's
-// GELU: cuBLASLt's GELU_AUX_BIAS and DGELU epilogues run after each tile's main loop with the tensor
-// cores idle (at GPT-2's MLP shapes they cost 0.2 ms of a 0.42 ms GEMM). Here the consumers only stage
-// the tile in shared memory and go on to the next one; the producer warpgroup's three spare warps
-// evaluate the epilogue and store it, overlapping the next main loop.
-//   dense_gemm_nt_bias_gelu  aux (M, N) = bf16(A (M, K) B (N, K)^T + bias (N)); act = bf16(gelu(aux))
-//   dense_gemm_nn_dgelu      C (M, N) = bf16(A (M, K) B (K, N) * bf16(gelu'(aux (M, N))))
-// GELU is the tanh form of activation.cu evaluated through tanh.approx (ops/gelu.cuh: relative error
-// ~2^-11, under bf16's rounding) on the stored bf16 pre-activation, so the backward differentiates the
-// function the forward applied; dgelu rounds gelu' to bf16 before the product (cuBLASLt's DGELU
-// multiplies in fp32): one more rounding, within bf16's 2^-9.
-// Deterministic (each element is one thread block's fixed-order sum). Preconditions as above (N, K
-// multiples of 8, 16-byte aligned pointers; M >= 0).
-void dense_gemm_nt_bias_gelu(bf16* act, bf16* aux, const bf16* A, const bf16* B, const bf16* bias, int64_t M,
-                             int64_t N, int64_t K);
-void dense_gemm_nn_dgelu(bf16* C, const bf16* A, const bf16* B, const bf16* aux, int64_t M, int64_t N, int64_t K);
-// Whether the shapes and pointers meet those preconditions (the callers fall back to cuBLASLt).
-bool dense_gemm_fits(int64_t N, int64_t K, const void* C, const void* aux, const void* A, const void* B);
-// Which implementation ops/linear.cu uses for its fused GELU GEMMs: lmforge (the two above; the
-// default) or cublaslt (its GELU_AUX_BIAS / DGELU epilogues). Process-wide; the environment variable
-// LMF_FUSED_GEMM=cublaslt (read at start-up) picks cuBLASLt; for tests and benchmarks.
-enum class FusedGemm : uint8_t { lmforge, cublaslt };
-void fused_gemm_set(FusedGemm k);
-FusedGemm fused_gemm();
-
 }  // namespace lmf::cuda

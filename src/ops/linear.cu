@@ -8,7 +8,6 @@
 
 #include "core/cuda_launch.cuh"
 #include "ops/gemm_cuda.h"
-#include "ops/grouped_gemm.h"
 #include "ops/linear.h"
 #include "ops/packed.cuh"
 
@@ -133,12 +132,7 @@ void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* 
 
 void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
                          int64_t IC, int64_t OC) {
-  // pre = inp weight^T + bias (the aux output), act = gelu(pre): one GEMM with the epilogue fused,
-  // lmforge's (grouped_gemm.h: overlapped with the next tile) or cuBLASLt's GELU_AUX_BIAS
-  if (fused_gemm() == FusedGemm::lmforge && dense_gemm_fits(OC, IC, act, pre, inp, weight) && aligned16(bias)) {
-    dense_gemm_nt_bias_gelu(act, pre, inp, weight, bias, N, OC, IC);
-    return;
-  }
+  // pre = inp weight^T + bias (the aux output), act = gelu(pre): one GEMM with the GELU_AUX_BIAS epilogue
   gemm("linear_gelu_forward", false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, act, OC, bias,
        GemmEpilogue::gelu_aux, pre, OC);
 }
@@ -157,13 +151,9 @@ void linear_backward_dgelu(bf16* dpre, float* dweight, float* dbias, const bf16*
                            bool accumulate_dweight) {
   const char* op = "linear_backward_dgelu";
   if (dbias) bias_grad(op, dbias, dev(dout), N, IC, OC);
-  // dpre (N, IC) = (dout (N, OC) weight (OC, IC)) * gelu'(pre) (overwrites): the epilogue fused,
-  // lmforge's or cuBLASLt's DGELU (as in linear_gelu_forward)
-  if (fused_gemm() == FusedGemm::lmforge && dense_gemm_fits(IC, OC, dpre, pre, dout, weight))
-    dense_gemm_nn_dgelu(dpre, dout, weight, pre, N, IC, OC);
-  else
-    gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC, nullptr, GemmEpilogue::dgelu,
-         const_cast<bf16*>(pre), IC);
+  // dpre (N, IC) = (dout (N, OC) weight (OC, IC)) * gelu'(pre): the DGELU epilogue (overwrites)
+  gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC, nullptr, GemmEpilogue::dgelu,
+       const_cast<bf16*>(pre), IC);
   if (dweight)
     gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, accumulate_dweight ? 1.0f : 0.0f, dweight, IC);
 }
