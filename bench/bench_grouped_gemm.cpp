@@ -131,22 +131,24 @@ int main() {
     void* d1 = device_alloc(2 * sizeof(int32_t), "offsets 1");
     copy_to_device(d1, o1.data(), 2 * sizeof(int32_t));
     const double flops = 2.0 * M * N * Kd;
-    double c0 = time_ms([&] { cuda::gemm("bench", false, true, M, N, Kd, 1.0f, Ad, Kd, B, Kd, 0.0f, Cd, N); }, ev);
-    double c1 = time_ms([&] {
-      cuda::gemm("bench", false, true, M, N, Kd, 1.0f, Ad, Kd, B, Kd, 0.0f, Cd, N, bias, cuda::GemmEpilogue::gelu_aux,
-                 Xd, N);
-    }, ev);
-    double g0 = time_ms([&] { cuda::grouped_gemm_nt(Cd, Ad, B, static_cast<const int32_t*>(d1), 1, M, N, Kd); }, ev);
-    row("dense NT M=65536 N=3072 K=768 (gelu_aux vs plain cuBLASLt)", flops, c1, c0);
-    row("dense NT (TMA kernel vs plain cuBLASLt)", flops, g0, c0);
-    double n0 = time_ms([&] { cuda::gemm("bench", false, false, M, N, Kd, 1.0f, Ad, Kd, B, N, 0.0f, Cd, N); }, ev);
-    double n1 = time_ms([&] {
-      cuda::gemm("bench", false, false, M, N, Kd, 1.0f, Ad, Kd, B, N, 0.0f, Cd, N, nullptr, cuda::GemmEpilogue::dgelu,
-                 Xd, N);
-    }, ev);
-    double gn = time_ms([&] { cuda::grouped_gemm_nn(Cd, Ad, B, static_cast<const int32_t*>(d1), 1, M, N, Kd); }, ev);
-    row("dense NN (dgelu vs plain cuBLASLt)", flops, n1, n0);
-    row("dense NN (TMA kernel vs plain cuBLASLt)", flops, gn, n0);
+    const auto* O1 = static_cast<const int32_t*>(d1);
+    // NT (fc forward, + bias and GELU_AUX_BIAS) and NN (mproj input gradient, DGELU): B is (N, K) / (K, N)
+    for (bool nt : {true, false}) {
+      const int64_t ldb = nt ? Kd : N;
+      const auto epi = nt ? cuda::GemmEpilogue::gelu_aux : cuda::GemmEpilogue::dgelu;
+      const double plain = time_ms([&] {
+        cuda::gemm("bench", false, nt, M, N, Kd, 1.0f, Ad, Kd, B, ldb, 0.0f, Cd, N);
+      }, ev);
+      const double fused = time_ms([&] {
+        cuda::gemm("bench", false, nt, M, N, Kd, 1.0f, Ad, Kd, B, ldb, 0.0f, Cd, N, nt ? bias : nullptr, epi, Xd, N);
+      }, ev);
+      const double tma = time_ms([&] {
+        if (nt) cuda::grouped_gemm_nt(Cd, Ad, B, O1, 1, M, N, Kd);
+        else cuda::grouped_gemm_nn(Cd, Ad, B, O1, 1, M, N, Kd);
+      }, ev);
+      row(nt ? "dense NT 65536x3072x768 gelu_aux / plain" : "dense NN 65536x3072x768 dgelu / plain", flops, fused, plain);
+      row(nt ? "dense NT TMA kernel / cuBLASLt plain" : "dense NN TMA kernel / cuBLASLt plain", flops, tma, plain);
+    }
     for (void* p : {static_cast<void*>(Ad), static_cast<void*>(Cd), static_cast<void*>(Xd), static_cast<void*>(bias), d1})
       device_free(p);
   }
