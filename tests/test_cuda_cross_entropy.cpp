@@ -441,7 +441,9 @@ TEST(CudaCrossEntropy, Bf16AwkwardSizesMatchCpu) {
                                 {333, 64, 1111, 1152, 100}, {333, 7, 2003, 2048, 128}, {19, 19, 1, 8, 5},
                                 {333, 128, 997, 1024, 333},
                                 // the shared-memory row kernel (32K < Vp <= 55K): V not a multiple of 8, Vp == V
-                                {5, 24, 40001, 40008, 3},  {3, 16, 36000, 36000, 2}};
+                                {5, 24, 40001, 40008, 3},  {3, 16, 36000, 36000, 2},
+                                // the pipelined row kernel (chunks of more rows than SMs; 2 row buffers)
+                                {300, 16, 36000, 36000, 300}, {200, 24, 40001, 40008, 199}};
   Bf16Worst worst;
   uint64_t s = seed;
   for (const Dims& d : cases) {
@@ -462,6 +464,23 @@ TEST(CudaCrossEntropy, Bf16Gpt2ShapeMatchesCpu) {
   // w ~ N(0, 0.02^2) at C = 768: logits ~N(0, 0.55^2), as at GPT-2 initialisation.
   check_bf16(d, make_bf16_inputs(d, seed, 0.02f * std::sqrt(768.0f), grad_scale), grad_scale, seed, worst);
   print_bf16_worst("lm_head_cross_entropy bf16 GPT-2 shape", worst);
+}
+
+// The pipelined row kernel (one block per SM, chunks of more rows than SMs) and the two-blocks-per-SM
+// kernel (chunks of at most an SM count of rows) compute each row in the same order: the same bits.
+TEST(CudaCrossEntropy, Bf16RowKernelsAgreeBitwise) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  const int64_t N = 300;
+  const Dims one{N, 64, 50257, 50304, N}, chunked{N, 64, 50257, 50304, 100};  // 1 chunk of 300; 3 of 100
+  const Bf16Inputs in = make_bf16_inputs(one, seed, 3.0f, 0.5f);
+  const Bf16Out a = run_gpu_bf16(one, in, 0.5f, true), b = run_gpu_bf16(chunked, in, 0.5f, true);
+  EXPECT_EQ(std::memcmp(a.losses.data(), b.losses.data(), N * sizeof(float)), 0) << "losses, seed=" << seed;
+  // the last chunk's dlogits: rows 200..299, at scratch rows 200.. of one and 0.. of chunked
+  const std::vector<bf16> last_a(a.scratch.begin() + 200 * one.Vp, a.scratch.begin() + N * one.Vp),
+      last_b(b.scratch.begin(), b.scratch.begin() + 100 * one.Vp);
+  EXPECT_TRUE(bitwise_equal_bf16(last_a, last_b)) << "dlogits, seed=" << seed;
 }
 
 // A bf16 x with f32 partners (or the reverse) fails naming the tensor.

@@ -18,8 +18,10 @@
 // bf16(grad_scale (softmax - onehot)): every element is read and then written by the same thread, and
 // the target logit, which all threads read, is read before the first barrier. Row kernels by Vp: up to
 // 32K columns the row lives in registers (ce_row_bf16_reg_kernel<4>), up to 55K (GPT-2's 50,304) in
-// shared memory with two rows per SM (ce_row_bf16_smem_kernel), up to 64K in registers again, beyond
-// that three passes over global memory. dx += dlogits W is a
+// shared memory: for a chunk of more rows than SMs, one block per SM walking its rows through two row
+// buffers filled by bulk copies (ce_row_bf16_pipe_kernel), else two blocks per SM
+// (ce_row_bf16_smem_kernel; both give the same bits); up to 64K in registers again, beyond that three
+// passes over global memory. dx += dlogits W is a
 // bf16-C GEMM (beta 1: dx is read, accumulated in fp32, rounded once), dW += dlogits^T x an fp32-C one.
 #include <climits>
 #include <cmath>
@@ -28,6 +30,7 @@
 #include "core/cuda_launch.cuh"
 #include "ops/cross_entropy.h"
 #include "ops/block_reduce.cuh"
+#include "ops/ptx.cuh"
 #include "ops/gemm_cuda.h"
 #include "ops/packed.cuh"
 
@@ -281,6 +284,114 @@ __global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float
   }
 }
 
+// ce_row_bf16_smem_kernel's math with one block per SM walking its rows (blockIdx.x, + gridDim.x, ...)
+// through two row buffers: the next row's bulk copy (cp.async.bulk, completing on an mbarrier) lands
+// while this one is reduced and written, so the reads stream without pause (two blocks per SM of the
+// kernel above read only while one of them is in its load phase: 3.0 TB/s at GPT-2's rows). Max, sum
+// and gradients in the same per-thread order with the same block reductions: the same bits. Needs
+// 2 Vp * 2 bytes of shared memory, Vp % 8 == 0, 16-byte aligned rows.
+constexpr int64_t kPipeSmemMaxBytes = 220 * 1024;
+
+__global__ void __launch_bounds__(kSmemThreads, 1) ce_row_bf16_pipe_kernel(float* __restrict__ losses,
+                                                                          __nv_bfloat16* __restrict__ logits,
+                                                                          const int32_t* __restrict__ targets,
+                                                                          int rows, int V, int Vp, float grad_scale,
+                                                                          bool grad) {
+  extern __shared__ __align__(16) uint4 srows[];  // 2 x Vp / 8 vectors
+  __shared__ float scratch[32];
+  __shared__ __align__(8) uint64_t bar[2];
+  const int tid = threadIdx.x;
+  const int nvec = Vp / 8, nfull = V / 8;  // vectors [0, nfull) hold 8 valid logits; later ones fewer or none
+  const uint32_t row_bytes = static_cast<uint32_t>(Vp) * 2;
+  if (tid == 0) {
+    cuda::mbar_init(&bar[0], 1);
+    cuda::mbar_init(&bar[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  int64_t row = blockIdx.x;
+  if (tid == 0 && row < rows) {
+    cuda::mbar_expect_tx(&bar[0], row_bytes);
+    cuda::bulk_load(srows, logits + row * Vp, row_bytes, &bar[0]);
+  }
+  constexpr float kLog2e = 1.4426950408889634f;
+  for (uint32_t k = 0; row < rows; ++k, row += gridDim.x) {
+    const int b = static_cast<int>(k & 1);
+    const uint4* srow = srows + b * nvec;
+    const int64_t next = row + gridDim.x;
+    if (tid == 0 && next < rows) {  // the other buffer: every thread finished with it (barrier below)
+      cuda::fence_proxy_async();
+      cuda::mbar_expect_tx(&bar[b ^ 1], row_bytes);
+      cuda::bulk_load(srows + (b ^ 1) * nvec, logits + next * Vp, row_bytes, &bar[b ^ 1]);
+    }
+    cuda::mbar_wait(&bar[b], (k >> 1) & 1);
+    uint4* g = reinterpret_cast<uint4*>(logits + row * Vp);
+    const int tgt = targets[row];
+    const bool tgt_ok = tgt >= 0 && tgt < V;
+    const float l_tgt = tgt_ok ? cuda::to_f32(reinterpret_cast<const __nv_bfloat16*>(srow)[tgt]) : 0.0f;
+    float mx = -INFINITY;
+    for (int v = tid; v < nvec; v += kSmemThreads) {
+      const uint4 r = srow[v];
+      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+      if (v < nfull) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(bf16_lo(w[i]), bf16_hi(w[i])));
+      } else {
+        const int nv = V - 8 * v;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (2 * i < nv) mx = fmaxf(mx, bf16_lo(w[i]));
+          if (2 * i + 1 < nv) mx = fmaxf(mx, bf16_hi(w[i]));
+        }
+      }
+    }
+    mx = cuda::block_max(mx, scratch);
+    const float mx2 = mx * kLog2e;
+    float sum = 0.0f;
+    for (int v = tid; v < nvec; v += kSmemThreads) {
+      const uint4 r = srow[v];
+      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+      if (v < nfull) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
+          sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
+        }
+      } else {
+        const int nv = V - 8 * v;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (2 * i < nv) sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
+          if (2 * i + 1 < nv) sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
+        }
+      }
+    }
+    sum = cuda::block_sum(sum, scratch);
+    if (tid == 0) losses[row] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
+    if (grad) {
+      const float scale = grad_scale / sum;
+      for (int v = tid; v < nvec; v += kSmemThreads) {
+        const uint4 r = srow[v];
+        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+        const int nv = V - 8 * v;
+        uint32_t o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int e = 8 * v + 2 * i;
+          float a = 2 * i < nv ? fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2)) * scale : 0.0f;
+          float c = 2 * i + 1 < nv ? fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2)) * scale : 0.0f;
+          if (e == tgt) a -= grad_scale;
+          if (e + 1 == tgt) c -= grad_scale;
+          const __nv_bfloat162 h = __floats2bfloat162_rn(a, c);
+          o[i] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        g[v] = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+    __syncthreads();  // srow is refilled by the next-but-one row's copy, issued next iteration
+  }
+}
+
 ShapeText dims(int64_t N, int64_t C, int64_t V, int64_t Vp, int64_t R) {
   return shape_text("N=", N, " C=", C, " V=", V, " Vp=", Vp, " R=", R);
 }
@@ -347,7 +458,12 @@ void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, co
     // The register-resident row kernel when the row fits (16-byte rows of at most 8 * 8 * 1024 = 64K).
     const LaunchSpec row_spec{op, shapes, {rows, 1, 1}, {kRegThreads, 1, 1}, 0};
     const bool vec_ok = Vp % 8 == 0 && aligned16(logits_k);
-    if (vec_ok && Vp > 8 * 4 * kRegThreads && Vp * 2 <= kSmemRowMaxBytes && Vp <= INT_MAX)
+    const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
+    if (vec_ok && Vp > 8 * 4 * kRegThreads && 4 * Vp <= kPipeSmemMaxBytes && rows > sms)
+      launch({op, shapes, {sms, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(4 * Vp)}, ce_row_bf16_pipe_kernel,
+             losses + n0, logits_k, targets + n0, static_cast<int>(rows), static_cast<int>(V), static_cast<int>(Vp),
+             grad_scale, grad);
+    else if (vec_ok && Vp > 8 * 4 * kRegThreads && Vp * 2 <= kSmemRowMaxBytes && Vp <= INT_MAX)
       launch({op, shapes, {rows, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(Vp * 2)}, ce_row_bf16_smem_kernel,
              losses + n0, logits_k, targets + n0, static_cast<int>(V), static_cast<int>(Vp), grad_scale, grad);
     else if (vec_ok && Vp <= 8 * 4 * kRegThreads)

@@ -1,6 +1,7 @@
-// ptx.cuh: the PTX wrappers lmforge's tensor-core kernels share (flash_attention.cu, grouped_gemm.cu):
-// cp.async copies into shared memory, ldmatrix, and the warp-level bf16 mma.sync. Header-only,
-// device code, sm_80 and later (the kernels build for sm_90a).
+// ptx.cuh: the PTX wrappers lmforge's kernels share (flash_attention.cu, grouped_gemm.cu,
+// cross_entropy.cu): cp.async copies into shared memory, ldmatrix, the warp-level bf16 mma.sync, and
+// (sm_90) mbarriers with bulk asynchronous copies. Header-only, device code (the kernels build for
+// sm_90a).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -51,6 +52,35 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- sm_90: mbarriers and bulk asynchronous copies (the async proxy) ----
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// One bulk copy of `bytes` (a multiple of 16; 16-byte aligned addresses) from global to shared
+// memory, completing on `bar` (whose expected transaction count the caller has raised by `bytes`).
+__device__ __forceinline__ void bulk_load(void* dst_smem, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst_smem)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
 }
 
 }  // namespace lmf::cuda
