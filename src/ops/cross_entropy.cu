@@ -208,37 +208,30 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2 ulp, as 
   return y;
 }
 
-__global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float* __restrict__ losses,
-                                                                          __nv_bfloat16* __restrict__ logits,
-                                                                          const int32_t* __restrict__ targets, int V,
-                                                                          int Vp, float grad_scale, bool grad) {
-  extern __shared__ uint4 srow[];  // the row, Vp / 8 vectors
-  __shared__ float scratch[32];
-  const int tid = threadIdx.x;
-  __nv_bfloat16* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
-  uint4* g = reinterpret_cast<uint4*>(l);
-  const int tgt = targets[blockIdx.x];
-  const bool tgt_ok = tgt >= 0 && tgt < V;
-  const float l_tgt = tgt_ok ? cuda::to_f32(l[tgt]) : 0.0f;  // read before any thread writes the row
-  const int nvec = Vp / 8, nfull = V / 8;  // vectors [0, nfull) hold 8 valid logits; later ones fewer or none
-  float mx = -INFINITY;
-  for (int v = tid; v < nvec; v += kSmemThreads) {
-    const uint4 r = g[v];
-    srow[v] = r;
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-    if (v < nfull) {
+// The staged-row kernels' shared steps. max over vector v's valid logits (vectors [0, nfull) hold 8).
+__device__ __forceinline__ float vec_max(float mx, const uint4& r, int v, int nfull, int V) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+  if (v < nfull) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(bf16_lo(w[i]), bf16_hi(w[i])));
-    } else {
-      const int nv = V - 8 * v;
+    for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(bf16_lo(w[i]), bf16_hi(w[i])));
+  } else {
+    const int nv = V - 8 * v;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (2 * i < nv) mx = fmaxf(mx, bf16_lo(w[i]));
-        if (2 * i + 1 < nv) mx = fmaxf(mx, bf16_hi(w[i]));
-      }
+    for (int i = 0; i < 4; ++i) {
+      if (2 * i < nv) mx = fmaxf(mx, bf16_lo(w[i]));
+      if (2 * i + 1 < nv) mx = fmaxf(mx, bf16_hi(w[i]));
     }
   }
-  mx = cuda::block_max(mx, scratch);  // its barriers also publish srow
+  return mx;
+}
+
+// Given the row's block max mx (every thread), from the staged row srow: the sum of exp (thread t over
+// vectors t, t + kSmemThreads, ..., then the block sum), the loss (thread 0), and with grad the row's
+// gradients written to g (global), bf16(grad_scale (softmax - onehot)).
+__device__ __forceinline__ void ce_staged_row_finish(float* loss, uint4* g, const uint4* srow, float mx, float l_tgt,
+                                                     bool tgt_ok, int tgt, int nvec, int nfull, int V,
+                                                     float grad_scale, bool grad, float* scratch) {
+  const int tid = threadIdx.x;
   constexpr float kLog2e = 1.4426950408889634f;
   const float mx2 = mx * kLog2e;  // exp(x - mx) = exp2(x log2e - mx log2e), one FFMA + ex2
   float sum = 0.0f;
@@ -261,8 +254,7 @@ __global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float
     }
   }
   sum = cuda::block_sum(sum, scratch);
-  if (tid == 0)
-    losses[blockIdx.x] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
+  if (tid == 0) *loss = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
   if (!grad) return;
   const float scale = grad_scale / sum;  // grad = grad_scale p - grad_scale [target]
   for (int v = tid; v < nvec; v += kSmemThreads) {
@@ -282,6 +274,29 @@ __global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float
     }
     g[v] = make_uint4(o[0], o[1], o[2], o[3]);
   }
+}
+
+__global__ void __launch_bounds__(kSmemThreads, 2) ce_row_bf16_smem_kernel(float* __restrict__ losses,
+                                                                          __nv_bfloat16* __restrict__ logits,
+                                                                          const int32_t* __restrict__ targets, int V,
+                                                                          int Vp, float grad_scale, bool grad) {
+  extern __shared__ uint4 srow[];  // the row, Vp / 8 vectors
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x;
+  __nv_bfloat16* l = logits + static_cast<int64_t>(blockIdx.x) * Vp;
+  uint4* g = reinterpret_cast<uint4*>(l);
+  const int tgt = targets[blockIdx.x];
+  const bool tgt_ok = tgt >= 0 && tgt < V;
+  const float l_tgt = tgt_ok ? cuda::to_f32(l[tgt]) : 0.0f;  // read before any thread writes the row
+  const int nvec = Vp / 8, nfull = V / 8;
+  float mx = -INFINITY;
+  for (int v = tid; v < nvec; v += kSmemThreads) {
+    const uint4 r = g[v];
+    srow[v] = r;
+    mx = vec_max(mx, r, v, nfull, V);
+  }
+  mx = cuda::block_max(mx, scratch);  // its barriers also publish srow
+  ce_staged_row_finish(losses + blockIdx.x, g, srow, mx, l_tgt, tgt_ok, tgt, nvec, nfull, V, grad_scale, grad, scratch);
 }
 
 // ce_row_bf16_smem_kernel's math with one block per SM walking its rows (blockIdx.x, + gridDim.x, ...)
@@ -314,7 +329,6 @@ __global__ void __launch_bounds__(kSmemThreads, 1) ce_row_bf16_pipe_kernel(float
     cuda::mbar_expect_tx(&bar[0], row_bytes);
     cuda::bulk_load(srows, logits + row * Vp, row_bytes, &bar[0]);
   }
-  constexpr float kLog2e = 1.4426950408889634f;
   for (uint32_t k = 0; row < rows; ++k, row += gridDim.x) {
     const int b = static_cast<int>(k & 1);
     const uint4* srow = srows + b * nvec;
@@ -330,64 +344,9 @@ __global__ void __launch_bounds__(kSmemThreads, 1) ce_row_bf16_pipe_kernel(float
     const bool tgt_ok = tgt >= 0 && tgt < V;
     const float l_tgt = tgt_ok ? cuda::to_f32(reinterpret_cast<const __nv_bfloat16*>(srow)[tgt]) : 0.0f;
     float mx = -INFINITY;
-    for (int v = tid; v < nvec; v += kSmemThreads) {
-      const uint4 r = srow[v];
-      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-      if (v < nfull) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(bf16_lo(w[i]), bf16_hi(w[i])));
-      } else {
-        const int nv = V - 8 * v;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (2 * i < nv) mx = fmaxf(mx, bf16_lo(w[i]));
-          if (2 * i + 1 < nv) mx = fmaxf(mx, bf16_hi(w[i]));
-        }
-      }
-    }
+    for (int v = tid; v < nvec; v += kSmemThreads) mx = vec_max(mx, srow[v], v, nfull, V);
     mx = cuda::block_max(mx, scratch);
-    const float mx2 = mx * kLog2e;
-    float sum = 0.0f;
-    for (int v = tid; v < nvec; v += kSmemThreads) {
-      const uint4 r = srow[v];
-      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-      if (v < nfull) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
-          sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
-        }
-      } else {
-        const int nv = V - 8 * v;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (2 * i < nv) sum += fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2));
-          if (2 * i + 1 < nv) sum += fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2));
-        }
-      }
-    }
-    sum = cuda::block_sum(sum, scratch);
-    if (tid == 0) losses[row] = tgt_ok ? (mx - l_tgt) + logf(sum) : __int_as_float(0x7fc00000);  // NaN: bad target
-    if (grad) {
-      const float scale = grad_scale / sum;
-      for (int v = tid; v < nvec; v += kSmemThreads) {
-        const uint4 r = srow[v];
-        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-        const int nv = V - 8 * v;
-        uint32_t o[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int e = 8 * v + 2 * i;
-          float a = 2 * i < nv ? fast_exp2(fmaf(bf16_lo(w[i]), kLog2e, -mx2)) * scale : 0.0f;
-          float c = 2 * i + 1 < nv ? fast_exp2(fmaf(bf16_hi(w[i]), kLog2e, -mx2)) * scale : 0.0f;
-          if (e == tgt) a -= grad_scale;
-          if (e + 1 == tgt) c -= grad_scale;
-          const __nv_bfloat162 h = __floats2bfloat162_rn(a, c);
-          o[i] = *reinterpret_cast<const uint32_t*>(&h);
-        }
-        g[v] = make_uint4(o[0], o[1], o[2], o[3]);
-      }
-    }
+    ce_staged_row_finish(losses + row, g, srow, mx, l_tgt, tgt_ok, tgt, nvec, nfull, V, grad_scale, grad, scratch);
     __syncthreads();  // srow is refilled by the next-but-one row's copy, issued next iteration
   }
 }
