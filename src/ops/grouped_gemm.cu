@@ -208,6 +208,52 @@ __device__ __forceinline__ int find_row_tile(const GemmArgs& p, int64_t* s_off, 
   return -1;
 }
 
+// The cp.async kernels' tile (grid as grid_of): its group, first row / column, reduction range, and
+// the copy of reduction slice kt into a stage's A and B buffers (zero-filled outside the operands).
+template <Layout L, int BM, int BN>
+struct CpAsyncTile {
+  int64_t m0 = 0, n0 = 0, row_end = 0;  // nt/nn: first row of the tile, end of its group's rows
+  int64_t red0 = 0, red_end = 0;        // reduction range: [0, K) or the group's rows
+  const nv_bf16* Bg = nullptr;          // the group's B
+  int g = -1;
+
+  // Reads the offsets (a barrier); false when the block has no tile (nt/nn: past the last group's rows).
+  __device__ __forceinline__ bool init(const GemmArgs& p, int64_t* s_off, int tid) {
+    Bg = p.B;
+    if constexpr (L == Layout::tn) {
+      g = static_cast<int>(blockIdx.z);
+      m0 = static_cast<int64_t>(blockIdx.y) * BM;
+      n0 = static_cast<int64_t>(blockIdx.x) * BN;
+      if (tid < 2) s_off[tid] = p.offsets[g + tid];
+      __syncthreads();
+      group_bounds(p, s_off, 0, red0, red_end);
+      return true;
+    } else {
+      n0 = static_cast<int64_t>(blockIdx.x % p.n_tiles) * BN;
+      g = find_row_tile<BM>(p, s_off, m0, row_end);
+      if (g < 0) return false;
+      Bg = p.B + static_cast<int64_t>(g) * p.N * p.K;
+      red0 = 0;
+      red_end = p.K;
+      return true;
+    }
+  }
+  __device__ __forceinline__ int k_tiles() const { return static_cast<int>((red_end - red0 + kBK - 1) / kBK); }
+  __device__ __forceinline__ void load(const GemmArgs& p, nv_bf16* a, nv_bf16* b, int kt, int tid) const {
+    const int64_t k0 = red0 + static_cast<int64_t>(kt) * kBK;
+    if constexpr (L == Layout::tn) {
+      load_tile<kBK, BM>(a, p.A, p.M, k0, red_end, m0, p.M, tid);
+      load_tile<kBK, BN>(b, p.B, p.N, k0, red_end, n0, p.N, tid);
+    } else {
+      load_tile<BM, kBK>(a, p.A, p.K, m0, row_end, k0, p.K, tid);
+      if constexpr (L == Layout::nt)
+        load_tile<BN, kBK>(b, Bg, p.K, n0, p.N, k0, p.K, tid);
+      else
+        load_tile<kBK, BN>(b, Bg, p.N, k0, p.K, n0, p.N, tid);
+    }
+  }
+};
+
 template <Layout L, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(GemmArgs p) {
   constexpr bool kAKMajor = L != Layout::tn;
@@ -224,42 +270,11 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(GemmArgs p) {
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int wm0 = (warp >> 2) * WM, wn0 = (warp & 3) * WN;
 
-  int64_t m0, n0, row_end = 0;  // nt/nn: first row of the tile, end of its group's rows
-  int64_t red0, red_end;         // reduction range: [0, K) or the group's rows
-  const nv_bf16* Bg = p.B;
-  int g;
-  if constexpr (L == Layout::tn) {
-    g = static_cast<int>(blockIdx.z);
-    m0 = static_cast<int64_t>(blockIdx.y) * BM;
-    n0 = static_cast<int64_t>(blockIdx.x) * BN;
-    if (tid < 2) s_off[tid] = p.offsets[g + tid];
-    __syncthreads();
-    group_bounds(p, s_off, 0, red0, red_end);
-  } else {
-    n0 = static_cast<int64_t>(blockIdx.x % p.n_tiles) * BN;
-    g = find_row_tile<BM>(p, s_off, m0, row_end);
-    if (g < 0) return;  // uniform over the block: no work for this tile
-    Bg = p.B + static_cast<int64_t>(g) * p.N * p.K;
-    red0 = 0;
-    red_end = p.K;
-  }
-  const int k_tiles = static_cast<int>((red_end - red0 + kBK - 1) / kBK);
-
-  auto load_stage = [&](int stage, int kt) {
-    nv_bf16* a = sA + stage * BM * kBK;
-    nv_bf16* b = sB + stage * BN * kBK;
-    const int64_t k0 = red0 + static_cast<int64_t>(kt) * kBK;
-    if constexpr (L == Layout::tn) {
-      load_tile<kBK, BM>(a, p.A, p.M, k0, red_end, m0, p.M, tid);
-      load_tile<kBK, BN>(b, p.B, p.N, k0, red_end, n0, p.N, tid);
-    } else {
-      load_tile<BM, kBK>(a, p.A, p.K, m0, row_end, k0, p.K, tid);
-      if constexpr (L == Layout::nt)
-        load_tile<BN, kBK>(b, Bg, p.K, n0, p.N, k0, p.K, tid);
-      else
-        load_tile<kBK, BN>(b, Bg, p.N, k0, p.K, n0, p.N, tid);
-    }
-  };
+  CpAsyncTile<L, BM, BN> tile;
+  if (!tile.init(p, s_off, tid)) return;  // uniform over the block: no work for this tile
+  const int64_t m0 = tile.m0, n0 = tile.n0, row_end = tile.row_end;
+  const int g = tile.g, k_tiles = tile.k_tiles();
+  auto load_stage = [&](int stage, int kt) { tile.load(p, sA + stage * BM * kBK, sB + stage * BN * kBK, kt, tid); };
 
   float acc[MI][2 * NJ][4];
 #pragma unroll
@@ -417,41 +432,11 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgmma_kernel(GemmArg
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2;  // warpgroup: rows [wg * 64, +64) of the tile
-  int64_t m0, n0, row_end = 0, red0, red_end;
-  const nv_bf16* Bg = p.B;
-  int g;
-  if constexpr (L == Layout::tn) {
-    g = static_cast<int>(blockIdx.z);
-    m0 = static_cast<int64_t>(blockIdx.y) * BM;
-    n0 = static_cast<int64_t>(blockIdx.x) * BN;
-    if (tid < 2) s_off[tid] = p.offsets[g + tid];
-    __syncthreads();
-    group_bounds(p, s_off, 0, red0, red_end);
-  } else {
-    n0 = static_cast<int64_t>(blockIdx.x % p.n_tiles) * BN;
-    g = find_row_tile<BM>(p, s_off, m0, row_end);
-    if (g < 0) return;  // uniform over the block: no work for this tile
-    Bg = p.B + static_cast<int64_t>(g) * p.N * p.K;
-    red0 = 0;
-    red_end = p.K;
-  }
-  const int k_tiles = static_cast<int>((red_end - red0 + kBK - 1) / kBK);
-
-  auto load_stage = [&](int stage, int kt) {
-    nv_bf16* a = sA + stage * BM * kBK;
-    nv_bf16* b = sB + stage * BN * kBK;
-    const int64_t k0 = red0 + static_cast<int64_t>(kt) * kBK;
-    if constexpr (L == Layout::tn) {
-      load_tile<kBK, BM>(a, p.A, p.M, k0, red_end, m0, p.M, tid);
-      load_tile<kBK, BN>(b, p.B, p.N, k0, red_end, n0, p.N, tid);
-    } else {
-      load_tile<BM, kBK>(a, p.A, p.K, m0, row_end, k0, p.K, tid);
-      if constexpr (L == Layout::nt)
-        load_tile<BN, kBK>(b, Bg, p.K, n0, p.N, k0, p.K, tid);
-      else
-        load_tile<kBK, BN>(b, Bg, p.N, k0, p.K, n0, p.N, tid);
-    }
-  };
+  CpAsyncTile<L, BM, BN> tile;
+  if (!tile.init(p, s_off, tid)) return;  // uniform over the block: no work for this tile
+  const int64_t m0 = tile.m0, n0 = tile.n0, row_end = tile.row_end;
+  const int g = tile.g, k_tiles = tile.k_tiles();
+  auto load_stage = [&](int stage, int kt) { tile.load(p, sA + stage * BM * kBK, sB + stage * BN * kBK, kt, tid); };
 
   float d[128];
 #pragma unroll
