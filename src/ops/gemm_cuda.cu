@@ -652,10 +652,6 @@ GemmTuneResult gemm_autotune(int candidates) {
   return res;
 }
 
-namespace {
-
-}  // namespace
-
 void gemm_tune_report(std::FILE* out, double steps, int candidates) {
   // Static storage: a copy of the table (nvcc rejects std::vector of the opaque cuBLASLt structs here).
   static GemmPlan plans[kGemmPlanCapacity];
