@@ -12,9 +12,9 @@
 
 #include "core/device.h"
 #include "core/profiler.h"
-#include "ops/gemm_cuda.h"
 #include "core/rng.h"
 #include "model/gpt.h"
+#include "ops/gemm_cuda.h"
 #include "ops/optim.h"
 #include "train/trainer.h"
 
@@ -125,17 +125,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
-    const Device dev = device == "cuda" ? Device::cuda : Device::cpu;
-    if (graph && (dev != Device::cuda || profile)) fail("--cuda-graph needs --device cuda and no --profile");
-    if (gemm_report && (dev != Device::cuda || graph)) fail("--gemm-report needs --device cuda and no --cuda-graph");
-    if (dev == Device::cuda) cuda_set_device(0);
-    const Precision prec = parse_precision(precision, "--precision");
-    const FlashKernels attn =
-        flash_kernels_from_flag(attention, prec == Precision::bf16 && dev == Device::cuda,
-                                {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
-    if (attn == FlashKernels::cudnn) std::fprintf(stderr, "attention: cuDNN %s\n", cudnn_version_text().c_str());
-    Gpt model(c, GptPlan{B, T, true, 0, dev, prec, attn});
-    model.init_weights(1);
+    if (device != "cpu" && device != "cuda") fail("--device=", device, " must be cpu or cuda");
+    const bool gpu = device == "cuda";
+    if (graph && (!gpu || profile)) fail("--cuda-graph needs --device cuda and no --profile");
+    if (gemm_report && (!gpu || graph)) fail("--gemm-report needs --device cuda and no --cuda-graph");
+    const ModelPlan plan = plan_from_flags(c, {device, precision, attention}, B, T, true);
+    const Device dev = plan.device;
+    if (plan.bf16() && plan.attention == FlashKernels::cudnn)
+      std::fprintf(stderr, "attention: cuDNN %s\n", cudnn_version_text().c_str());
+    Gpt gpt(c, plan);
+    gpt.params.init_gpt2(1, c.n_layer, c.vocab_size);
     std::vector<int32_t> tok(B * T), tgt(B * T);
     for (int64_t i = 0; i < B * T; ++i) {
       tok[i] = static_cast<int32_t>(rng_u64(3, 1, i) % c.vocab_size);
@@ -152,33 +151,13 @@ int main(int argc, char** argv) {
     TrainOptions o;
     std::vector<double> ms;
     OpProfiler prof(dev);
-    void* step_graph = nullptr;  // --cuda-graph: the trainer's graph body (lr and step from `schedule`)
-    auto graph_body = [&] {
-      model.zero_grad();
-      model.forward_backward_device(ttok, ttgt, 1.0f);
-      optimizer_step(model, tnorm, o, 0.0, 1, tsched);
-    };
-    const bool tune = gemm_tune == "on" && dev == Device::cuda && prec == Precision::bf16;
+    void* step_graph = nullptr;  // --cuda-graph: the trainer's step (lr and step from `schedule`)
+    auto graph_body = [&] { train_step_device(gpt, ttok, ttgt, tnorm, Tensor(), tsched, o); };
+    const bool tune = gemm_tune == "on" && gpu && plan.bf16();
     for (int64_t s = 0; s < warmup + steps; ++s) {
-      if (profile && s >= warmup) model.set_profiler(&prof);
-#ifdef LMF_WITH_CUDA
-      if (tune && s == 0) {
-        cuda::gemm_tune_begin();
-        cudnn_attention_tune_begin();
-      }
-      if (tune && s == 1) {  // between steps: every GEMM output of step 0 is dead
-        const auto t0 = std::chrono::steady_clock::now();
-        const cuda::GemmTuneResult r = cuda::gemm_autotune();
-        std::fprintf(stderr, "gemm tuning: %d plans (%d kept: data), %d candidates, %d same bits, %d changed, "
-                     "%.3f ms/step saved, %.2f s\n", r.plans, r.skipped, r.candidates, r.equal, r.changed, r.saved_ms,
-                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        const auto t1 = std::chrono::steady_clock::now();
-        const AttentionTuneResult a = cudnn_attention_autotune();
-        std::fprintf(stderr, "attention tuning: %d plans, %d engine configs (%d over the workspace), %d same bits, "
-                     "%d changed, %.3f ms/step saved, %.2f s\n", a.plans, a.candidates, a.too_big, a.equal, a.changed,
-                     a.saved_ms, std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
-      }
-#endif
+      if (profile && s >= warmup) gpt.model.set_profiler(&prof);
+      if (tune && s == 0) tune_begin();
+      if (tune && s == 1) tune_finish(std::cerr);  // between steps, as lmforge train tunes
       if (graph) {
         float sched[3];
         adamw_schedule(sched, 1e-4f, o.beta1, o.beta2, s + 1);
@@ -195,28 +174,27 @@ int main(int argc, char** argv) {
       } else if (graph) {
         graph_body();
       } else {
-        model.zero_grad();
-        model.forward_backward(ttok, ttgt);
+        gpt.state->zero_grad();
+        gpt.model.forward_backward(ttok, ttgt);
         ProfileScope scope(profile && s >= warmup ? &prof : nullptr, "grad norm + AdamW");
-        optimizer_step(model, tnorm, o, 1e-4, s + 1);
+        optimizer_step(gpt.params, *gpt.state, tnorm, o, 1e-4, s + 1);
       }
       device_synchronize();
       if (profile && s >= warmup) prof.collect();
       double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (s >= warmup) ms.push_back(dt);
     }
-    if (step_graph) cuda_graph_destroy(step_graph);
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
     double med = sorted[sorted.size() / 2];
     const double peak_gb = cuda_peak_allocated_bytes() / 1e9;  // before the ceilings' buffers
-    if (profile) print_profile(prof, steps, med, dev, model.plan().precision);
+    if (profile) print_profile(prof, steps, med, dev, plan.precision);
 #ifdef LMF_WITH_CUDA
     if (gemm_report) cuda::gemm_tune_report(stderr, static_cast<double>(warmup + steps));
 #endif
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;
-    const std::string attn_tag = prec == Precision::bf16 ? std::string("-") + flash_kernels_name(attn) : std::string();
+    const std::string attn_tag = plan.bf16() ? std::string("-") + flash_kernels_name(plan.attention) : std::string();
     std::printf("{\"impl\": \"lmforge-%s%s-B%lld%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
                 precision.c_str(), attn_tag.c_str(), static_cast<long long>(B), graph ? "-graph" : "", device.c_str(), tok_s, med,

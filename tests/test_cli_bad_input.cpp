@@ -10,7 +10,7 @@
 
 #include "data/shard.h"
 #include "support/test_util.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/safetensors.h"
 
 namespace lmf {

@@ -13,7 +13,7 @@
 #include "model/config.h"
 #include "model/gpt.h"
 #include "support/test_util.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/safetensors.h"
 
 namespace lmf {

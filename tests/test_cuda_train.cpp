@@ -171,7 +171,7 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     std::ostringstream log;
     Trainer t(run_opts(d, "cpu", 30), log);
     t.run();
-    Tensor f = t.model().params().flat_f32();
+    Tensor f = t.params().master().flat_f32();
     trained.resize(static_cast<size_t>(f.numel()));
     tensor_to_host(trained.data(), f);
     fs::remove_all(d);
@@ -212,43 +212,43 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
       c.context_length = 64;
     }
     const int64_t B = 4, T = 64;
-    Gpt cpu(c, GptPlan{B, T, true, 0, Device::cpu, Precision::fp32});
-    Gpt gpu(c, GptPlan{B, T, true, 0, Device::cuda, Precision::bf16, attention});
-    cpu.init_weights(5);
-    gpu.init_weights(5);
+    Gpt cpu(c, ModelPlan{B, T, true, Device::cpu, Precision::fp32});
+    Gpt gpu(c, ModelPlan{B, T, true, Device::cuda, Precision::bf16, attention});
+    cpu.params.init_gpt2(5, c.n_layer, c.vocab_size);
+    gpu.params.init_gpt2(5, c.n_layer, c.vocab_size);
     if (std::string(preset) == "tiny-trained") {
-      tensor_from_host(cpu.params().flat_f32(), trained.data());
-      tensor_from_host(gpu.params().flat_f32(), trained.data());
-      gpu.sync_weight_copy();
+      tensor_from_host(cpu.params.master().flat_f32(), trained.data());
+      tensor_from_host(gpu.params.master().flat_f32(), trained.data());
+      gpu.params.sync_copy();
     }
     if (moe) {  // a router far from uniform, so the combine weights and their gradients matter
-      for (size_t k = 0; k < cpu.params().size(); ++k) {
-        if (cpu.params().spec(k).name.find("moe.router.weight") == std::string::npos) continue;
-        std::vector<float> r = test::randn(static_cast<size_t>(cpu.params()[k].numel()), 40 + k, 0.3f);
-        tensor_from_host(cpu.params()[k], r.data());
-        tensor_from_host(gpu.params()[k], r.data());
+      for (size_t k = 0; k < cpu.params.master().size(); ++k) {
+        if (cpu.params.master().spec(k).name.find("moe.router.weight") == std::string::npos) continue;
+        std::vector<float> r = test::randn(static_cast<size_t>(cpu.params.master()[k].numel()), 40 + k, 0.3f);
+        tensor_from_host(cpu.params.master()[k], r.data());
+        tensor_from_host(gpu.params.master()[k], r.data());
       }
-      gpu.sync_weight_copy();
+      gpu.params.sync_copy();
     }
     std::vector<int32_t> tok = test::randint(B * T, 11, static_cast<int32_t>(c.vocab_size)),
                          tgt = test::randint(B * T, 12, static_cast<int32_t>(c.vocab_size));
     Arena batch("batch", {{"tok", {B, T}, DType::i32}, {"tgt", {B, T}, DType::i32}}, Device::cuda);
     tensor_from_host(batch.get("tok"), tok.data());
     tensor_from_host(batch.get("tgt"), tgt.data());
-    cpu.zero_grad();
-    gpu.zero_grad();
-    const double lc = cpu.forward_backward(test::tensor_of(tok, {B, T}, "tok"), test::tensor_of(tgt, {B, T}, "tgt"));
-    const double lg = gpu.forward_backward(batch.get("tok"), batch.get("tgt"));
+    cpu.state->zero_grad();
+    gpu.state->zero_grad();
+    const double lc = cpu.model.forward_backward(test::tensor_of(tok, {B, T}, "tok"), test::tensor_of(tgt, {B, T}, "tgt"));
+    const double lg = gpu.model.forward_backward(batch.get("tok"), batch.get("tgt"));
     EXPECT_NEAR(lg, lc, 1e-2 * lc) << preset;
     double worst = 0;
     std::string worst_name;
-    for (size_t k = 0; k < cpu.grads().size(); ++k) {
-      Tensor tc = cpu.grads()[k], tg = gpu.grads()[k];
+    for (size_t k = 0; k < cpu.state->grads().size(); ++k) {
+      Tensor tc = cpu.state->grads()[k], tg = gpu.state->grads()[k];
       std::vector<float> hc(static_cast<size_t>(tc.numel())), hg(hc.size());
       tensor_to_host(hc.data(), tc);
       tensor_to_host(hg.data(), tg);
       const double e = test::rel_l2_error(hg, hc);
-      const std::string& name = cpu.grads().spec(k).name;
+      const std::string& name = cpu.state->grads().spec(k).name;
       if (name.find("qkv.weight") != std::string::npos) {  // q, k and v rows separately
         const int64_t C = c.d_model, HS = c.head_size(), rq = c.n_head * HS, rk = c.n_kv_head * HS;
         const int64_t bounds[4] = {0, rq * C, (rq + rk) * C, (rq + 2 * rk) * C};
@@ -280,27 +280,27 @@ TEST(CudaTraining, Bf16GradientsMatchTheCpuPerTensor) {
     };
     std::vector<std::vector<float>> first;
     std::vector<size_t> experts, lazy;
-    for (size_t k = 0; k < gpu.grads().size(); ++k) {
-      const std::string& name = gpu.grads().spec(k).name;
+    for (size_t k = 0; k < gpu.state->grads().size(); ++k) {
+      const std::string& name = gpu.state->grads().spec(k).name;
       if (!is_lazy(name)) continue;
       lazy.push_back(k);
       if (name.find("_emb.") != std::string::npos || name.find("lm_head") != std::string::npos) continue;
       experts.push_back(k);
-      first.emplace_back(static_cast<size_t>(gpu.grads()[k].numel()));
-      tensor_to_host(first.back().data(), gpu.grads()[k]);
+      first.emplace_back(static_cast<size_t>(gpu.state->grads()[k].numel()));
+      tensor_to_host(first.back().data(), gpu.state->grads()[k]);
     }
     ASSERT_GE(experts.size(), 4u * static_cast<size_t>(c.n_layer) / 2) << preset;
-    gpu.forward_backward(batch.get("tok"), batch.get("tgt"));
+    gpu.model.forward_backward(batch.get("tok"), batch.get("tgt"));
     for (size_t i = 0; i < experts.size(); ++i) {
       std::vector<float> h(first[i].size());
-      tensor_to_host(h.data(), gpu.grads()[experts[i]]);
+      tensor_to_host(h.data(), gpu.state->grads()[experts[i]]);
       for (size_t j = 0; j < h.size(); ++j)
-        ASSERT_EQ(h[j], 2.0f * first[i][j]) << preset << " accumulated " << gpu.grads().spec(experts[i]).name << "[" << j << "]";
+        ASSERT_EQ(h[j], 2.0f * first[i][j]) << preset << " accumulated " << gpu.state->grads().spec(experts[i]).name << "[" << j << "]";
     }
-    gpu.zero_grad();
+    gpu.state->zero_grad();
     for (size_t k : lazy) {
-      std::vector<float> h(static_cast<size_t>(gpu.grads()[k].numel()));
-      tensor_to_host(h.data(), gpu.grads()[k]);
+      std::vector<float> h(static_cast<size_t>(gpu.state->grads()[k].numel()));
+      tensor_to_host(h.data(), gpu.state->grads()[k]);
       for (size_t j = 0; j < h.size(); ++j) ASSERT_EQ(h[j], 0.0f) << preset << " after zero_grad " << k << "[" << j << "]";
     }
   }
@@ -365,7 +365,7 @@ TEST_P(CudaTrainingPrecision, StepCapturesInGlobalModeAndReplaysBitwise) {
   device_synchronize();
   cuda_graph_destroy(graph);
   EXPECT_EQ(eager.step_loss(1), graphed.step_loss(1));
-  Tensor a = eager.model().params().flat_f32(), b = graphed.model().params().flat_f32();
+  Tensor a = eager.params().master().flat_f32(), b = graphed.params().master().flat_f32();
   std::vector<float> ha(a.numel()), hb(b.numel());
   tensor_to_host(ha.data(), a);
   tensor_to_host(hb.data(), b);
@@ -394,7 +394,7 @@ TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) 
   for (int s = 2; s < 12; ++s) graphed.step();
   const uint64_t launches = cuda_launch_count() - before;
   EXPECT_TRUE(bitwise_equal(eager.losses(), graphed.losses()));
-  Tensor a = eager.model().params().flat_f32(), b = graphed.model().params().flat_f32();
+  Tensor a = eager.params().master().flat_f32(), b = graphed.params().master().flat_f32();
   std::vector<float> ha(a.numel()), hb(b.numel());
   tensor_to_host(ha.data(), a);
   tensor_to_host(hb.data(), b);

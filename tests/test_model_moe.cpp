@@ -39,8 +39,8 @@ ModelConfig moe_config(const std::string& variant) {
 
 // loss + aux of one forward, in double
 double total_loss(Gpt& m, Tensor tokens, Tensor targets) {
-  const double pred = m.forward_loss(tokens, targets);
-  return pred + m.moe_summary().aux;
+  const double pred = m.model.forward_loss(tokens, targets);
+  return pred + m.model.moe_summary().aux;
 }
 
 class MoeModelGrad : public ::testing::TestWithParam<const char*> {};
@@ -51,19 +51,19 @@ class MoeModelGrad : public ::testing::TestWithParam<const char*> {};
 TEST_P(MoeModelGrad, WholeModelGradientMatchesCentralDifferences) {
   const ModelConfig c = moe_config(GetParam());
   const int64_t B = 2, T = 8;
-  Gpt m(c, GptPlan{B, T, true, 0});
-  m.init_weights(11);
+  Gpt m(c, ModelPlan{B, T, true});
+  m.params.init_gpt2(11, c.n_layer, c.vocab_size);
   std::vector<int32_t> toks = test::randint(B * T, 3, static_cast<int32_t>(c.vocab_size));
   std::vector<int32_t> tgts = test::randint(B * T, 4, static_cast<int32_t>(c.vocab_size));
   Tensor tokens = test::tensor_of(toks, {B, T}, "tokens"), targets = test::tensor_of(tgts, {B, T}, "targets");
-  m.zero_grad();
-  m.forward_backward(tokens, targets);
-  const Tensor p = m.params().flat_f32(), g = m.grads().flat_f32();
+  m.state->zero_grad();
+  m.model.forward_backward(tokens, targets);
+  const Tensor p = m.params.master().flat_f32(), g = m.state->grads().flat_f32();
   const std::vector<float> p0(p.f32(), p.f32() + p.numel());
   auto routing = [&] {
     std::vector<int32_t> r;
-    for (const MoeState& st : m.moe_states()) r.insert(r.end(), st.topk_idx.i32(), st.topk_idx.i32() + st.topk_idx.numel());
-    for (const MoeState& st : m.moe_states()) r.insert(r.end(), st.slot_row.i32(), st.slot_row.i32() + st.slot_row.numel());
+    for (const MoeState& st : m.model.moe_states()) r.insert(r.end(), st.topk_idx.i32(), st.topk_idx.i32() + st.topk_idx.numel());
+    for (const MoeState& st : m.model.moe_states()) r.insert(r.end(), st.slot_row.i32(), st.slot_row.i32() + st.slot_row.numel());
     return r;
   };
   const std::vector<int32_t> route0 = routing();

@@ -53,7 +53,8 @@ struct Fixture {
       }
   }
   void load_params(Gpt& m) const {
-    for (size_t i = 0; i < m.params().size(); ++i) file.read_into("param." + m.params().spec(i).name, m.params()[i]);
+    Arena& p = m.params.master();
+    for (size_t i = 0; i < p.size(); ++i) file.read_into("param." + p.spec(i).name, p[i]);
   }
 };
 
@@ -75,29 +76,29 @@ class ModelVsTorch : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ModelVsTorch, LogitsLossAndEveryGradient) {
   Fixture fx(GetParam());
-  Gpt model(fx.cfg, GptPlan{fx.B, fx.T, true, 0});
+  Gpt model(fx.cfg, ModelPlan{fx.B, fx.T, true});
   fx.load_params(model);
   std::vector<int32_t> in, tg;
   fx.batch(0, in, tg);
   Tensor tin = test::tensor_of(in, {fx.B, fx.T}, "tokens"), ttg = test::tensor_of(tg, {fx.B, fx.T}, "targets");
 
   std::vector<float> logits(fx.B * fx.T * fx.cfg.vocab_size);
-  model.forward_logits(test::tensor_of(logits, {fx.B, fx.T, fx.cfg.vocab_size}, "logits"), tin);
+  model.model.forward_values(test::tensor_of(logits, {fx.B, fx.T, fx.cfg.vocab_size}, "logits"), tin);
   EXPECT_TRUE(close_to_scale("logits", logits.data(), fx.f32_as_f64("ref.logits"), 1e-5));
 
-  model.zero_grad();
-  double loss = model.forward_backward(tin, ttg);
+  model.state->zero_grad();
+  double loss = model.model.forward_backward(tin, ttg);
   double ref_loss = fx.f64("ref.loss")[0];
   EXPECT_NEAR(loss, ref_loss, 1e-6 * std::fabs(ref_loss)) << "loss";
-  EXPECT_NEAR(model.forward_loss(tin, ttg), ref_loss, 1e-6 * std::fabs(ref_loss)) << "forward_loss";
+  EXPECT_NEAR(model.model.forward_loss(tin, ttg), ref_loss, 1e-6 * std::fabs(ref_loss)) << "forward_loss";
 
   size_t checked = 0;
-  for (size_t i = 0; i < model.grads().size(); ++i) {
-    const std::string& name = model.grads().spec(i).name;
-    EXPECT_TRUE(close_to_scale("grad " + name, model.grads()[i].f32(), fx.f32_as_f64("grad." + name), 1e-5));
+  for (size_t i = 0; i < model.state->grads().size(); ++i) {
+    const std::string& name = model.state->grads().spec(i).name;
+    EXPECT_TRUE(close_to_scale("grad " + name, model.state->grads()[i].f32(), fx.f32_as_f64("grad." + name), 1e-5));
     checked++;
   }
-  EXPECT_EQ(checked, model.params().size());
+  EXPECT_EQ(checked, model.params.master().size());
   std::printf("[ measured ] %s: loss rel err %.2e, worst logits/grad err %.2e of tensor scale (%zu grads)\n",
               GetParam(), std::fabs(loss - ref_loss) / ref_loss, g_worst_scaled_err, checked);
   g_worst_scaled_err = 0;
@@ -105,7 +106,7 @@ TEST_P(ModelVsTorch, LogitsLossAndEveryGradient) {
 
 TEST_P(ModelVsTorch, TenStepAdamWTrajectory) {
   Fixture fx(GetParam());
-  Gpt model(fx.cfg, GptPlan{fx.B, fx.T, true, 0});
+  Gpt model(fx.cfg, ModelPlan{fx.B, fx.T, true});
   fx.load_params(model);
   TrainOptions o;
   o.steps = fx.steps;
@@ -127,12 +128,12 @@ TEST_P(ModelVsTorch, TenStepAdamWTrajectory) {
     // options hold lr as float, the reference as double
     EXPECT_NEAR(lr_at_step(o, s), ref_lr[s], 1e-6 * ref_lr[s]) << "learning rate schedule at step " << s;
     fx.batch(s, in, tg);
-    model.zero_grad();
-    double loss = model.forward_backward(test::tensor_of(in, {fx.B, fx.T}, "tokens"),
+    model.state->zero_grad();
+    double loss = model.model.forward_backward(test::tensor_of(in, {fx.B, fx.T}, "tokens"),
                                          test::tensor_of(tg, {fx.B, fx.T}, "targets"));
     EXPECT_NEAR(loss, ref_loss[s], 2e-5 * std::fabs(ref_loss[s])) << "loss at step " << s;
     worst = std::max(worst, std::fabs(loss - ref_loss[s]) / ref_loss[s]);
-    optimizer_step(model, tnorm, o, ref_lr[s], s + 1);
+    optimizer_step(model.params, *model.state, tnorm, o, ref_lr[s], s + 1);
   }
   std::printf("[ measured ] %s: 10-step loss trajectory, worst rel err %.2e\n", GetParam(), worst);
 }

@@ -14,7 +14,7 @@
 #include "core/profiler.h"
 #include "core/trace.h"
 #include "support/test_util.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/trainer.h"
 
 namespace lmf {

@@ -15,9 +15,10 @@
 
 #include "core/rng.h"
 #include "data/shard.h"
+#include "model/decoder.h"
 #include "model/gpt.h"
 #include "support/test_util.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/trainer.h"
 
 #include "support/alloc_counter.h"
@@ -45,8 +46,8 @@ TrainOptions small_run(const std::string& out_dir) {
   return o;
 }
 
-std::vector<float> params_copy(Gpt& m) {
-  Tensor f = m.params().flat_f32();
+std::vector<float> params_copy(Parameters& p) {
+  Tensor f = p.master().flat_f32();
   return std::vector<float>(f.f32(), f.f32() + f.numel());
 }
 
@@ -66,7 +67,7 @@ TEST(Determinism, TwoRunsWithOneSeedAreBitwiseIdentical) {
   b.run();
   ASSERT_EQ(a.losses().size(), 10u);
   EXPECT_TRUE(bitwise_equal(a.losses(), b.losses()));
-  std::vector<float> pa = params_copy(a.model()), pb = params_copy(b.model());
+  std::vector<float> pa = params_copy(a.params()), pb = params_copy(b.params());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), pa.size() * 4)) << "final weights differ";
   // a different seed must give a different run (the test can fail)
   o.seed = 7;
@@ -97,7 +98,7 @@ TEST(Determinism, ResumeFromStep5MatchesUninterruptedRun) {
   const std::vector<double> full_losses = full.losses();
   std::vector<double> tail(full_losses.begin() + 5, full_losses.end());
   EXPECT_TRUE(bitwise_equal(tail, resumed.losses())) << "steps 6-10 differ after resume";
-  std::vector<float> pa = params_copy(full.model()), pb = params_copy(resumed.model());
+  std::vector<float> pa = params_copy(full.params()), pb = params_copy(resumed.params());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), pa.size() * 4)) << "final weights differ after resume";
   fs::remove_all(d);
 }
@@ -266,15 +267,16 @@ class Decode : public ::testing::TestWithParam<const char*> {};
 TEST_P(Decode, KvCacheLogitsMatchFullForward) {
   ModelConfig c = config_preset(GetParam());
   const int64_t T = 12;
-  Gpt full(c, GptPlan{1, T, false, 0});
-  full.init_weights(5);
-  Gpt dec(c, GptPlan{1, 1, false, T});
-  std::memcpy(dec.params().base(), full.params().base(), full.params().bytes());
+  Gpt full(c, ModelPlan{1, T, false});
+  full.params.init_gpt2(5, c.n_layer, c.vocab_size);
+  Parameters weights(gpt_param_specs(c), Device::cpu, false);
+  std::memcpy(weights.master().base(), full.params.master().base(), full.params.master().bytes());
+  Decoder dec(c, weights, T);
   std::vector<int32_t> toks = test::randint(T, 9, static_cast<int32_t>(c.vocab_size));
   std::vector<float> logits(T * c.vocab_size);
-  full.forward_logits(test::tensor_of(logits, {1, T, c.vocab_size}, "logits"), test::tensor_of(toks, {1, T}, "tokens"));
+  full.model.forward_values(test::tensor_of(logits, {1, T, c.vocab_size}, "logits"), test::tensor_of(toks, {1, T}, "tokens"));
   for (int64_t t = 0; t < T; ++t) {
-    const float* l = dec.decode_step(toks[t], t);
+    const float* l = dec.step(toks[t], t);
     std::vector<double> ref(logits.begin() + t * c.vocab_size, logits.begin() + (t + 1) * c.vocab_size);
     ASSERT_TRUE(test::all_close("decode logits at position " + std::to_string(t), l, ref.data(), ref.size(), 1e-5, 1e-4));
   }

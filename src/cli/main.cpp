@@ -9,10 +9,11 @@
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "model/decoder.h"
 #include "model/gpt.h"
 #include "model/sampler.h"
 #include "train/checkpoint.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/plot.h"
 #include "train/trainer.h"
 
@@ -104,8 +105,9 @@ int run_generate(const std::string& checkpoint, const std::string& prompt, int64
   if (ids.empty()) fail("--prompt is empty");
   if (static_cast<int64_t>(ids.size()) >= cfg.context_length)
     fail("--prompt has ", ids.size(), " tokens; context_length is ", cfg.context_length);
-  Gpt model(cfg, GptPlan{1, 1, false, cfg.context_length});
-  load_checkpoint_weights(dir, model);
+  Parameters params(gpt_param_specs(cfg), Device::cpu, false);
+  load_checkpoint_weights(dir, params);
+  Decoder decoder(cfg, params, cfg.context_length);
   Sampler sampler(so, cfg.vocab_size);
 
   // Feed the prompt, then sample. When the KV cache is full, the last half of the text is fed
@@ -114,7 +116,7 @@ int run_generate(const std::string& checkpoint, const std::string& prompt, int64
   std::vector<int32_t> history(ids.begin(), ids.end());
   const float* logits = nullptr;
   int64_t pos = 0;
-  for (int32_t t : history) logits = model.decode_step(t, pos++);
+  for (int32_t t : history) logits = decoder.step(t, pos++);
   int64_t generated = 0;
   for (; generated < max_new; ++generated) {
     int32_t next = sampler.sample(logits, static_cast<uint64_t>(generated));
@@ -124,9 +126,9 @@ int run_generate(const std::string& checkpoint, const std::string& prompt, int64
     if (pos == cfg.context_length) {
       pos = 0;
       for (size_t i = history.size() - static_cast<size_t>(cfg.context_length / 2); i < history.size(); ++i)
-        logits = model.decode_step(history[i], pos++);
+        logits = decoder.step(history[i], pos++);
     } else {
-      logits = model.decode_step(next, pos++);
+      logits = decoder.step(next, pos++);
     }
   }
   if (max_new > 0) ++generated;

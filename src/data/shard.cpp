@@ -9,7 +9,7 @@
 #include <cstring>
 
 #include "core/check.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 
 namespace lmf {
 

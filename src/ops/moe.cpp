@@ -753,4 +753,9 @@ void moe_update_bias(Tensor bias, Tensor counts, float rate) {
   }
 }
 
+#ifndef LMF_WITH_CUDA
+// Builds without the CUDA backend (moe.cu defines it otherwise): no CUDA workspace.
+size_t moe_cuda_workspace(const MoeConfig&, int64_t) { return 0; }
+#endif
+
 }  // namespace lmf

@@ -6,7 +6,7 @@
 #include <set>
 
 #include "core/check.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 #include "train/safetensors.h"
 
 namespace lmf {
@@ -43,7 +43,8 @@ void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& pr
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainState& state) {
+std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
+                            TrainingState& train, const CheckpointState& state) {
   fs::path root = fs::path(out_dir) / "checkpoints";
   fs::create_directories(root);
   const std::string name = step_dir_name(state.step);
@@ -52,14 +53,15 @@ std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainS
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
 
-  std::vector<std::pair<std::string, Tensor>> params, opt;
-  for (size_t i = 0; i < model.params().size(); ++i) params.emplace_back(model.params().spec(i).name, model.params()[i]);
-  for (size_t i = 0; i < model.adam_m().size(); ++i) opt.emplace_back("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
-  for (size_t i = 0; i < model.adam_v().size(); ++i) opt.emplace_back("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  const Arena &p = params.master(), &m = train.adam_m(), &v = train.adam_v();
+  std::vector<std::pair<std::string, Tensor>> weights, opt;
+  for (size_t i = 0; i < p.size(); ++i) weights.emplace_back(p.spec(i).name, p[i]);
+  for (size_t i = 0; i < m.size(); ++i) opt.emplace_back("m." + m.spec(i).name, m[i]);
+  for (size_t i = 0; i < v.size(); ++i) opt.emplace_back("v." + v.spec(i).name, v[i]);
   write_file_atomic((tmp_dir / "model.safetensors").string(),
-                    safetensors_serialize(params, {{"format", "pt"}, {"lmforge_config", config_to_json(model.config())}}));
+                    safetensors_serialize(weights, {{"format", "pt"}, {"lmforge_config", config_to_json(config)}}));
   write_file_atomic((tmp_dir / "optimizer.safetensors").string(), safetensors_serialize(opt));
-  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(model.config()) + "\n");
+  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(config) + "\n");
   json st = {{"step", state.step},
              {"seed", state.seed},
              {"data_position", state.data_position},
@@ -111,12 +113,14 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
   return config_from_file(f.string());
 }
 
-void load_checkpoint_weights(const std::string& dir, Gpt& model) {
+void load_checkpoint_weights(const std::string& dir, Parameters& params) {
   SafetensorsFile f((fs::path(dir) / "model.safetensors").string());
-  load_arena(f, model.params(), "");
+  load_arena(f, params.master(), "");
+  params.sync_copy();
 }
 
-TrainState load_checkpoint(const std::string& dir, Gpt& model) {
+CheckpointState load_checkpoint(const std::string& dir, Parameters& params, TrainingState& train) {
+  Arena &m = train.adam_m(), &v = train.adam_v();
   // Validate everything before touching the model.
   SafetensorsFile mf((fs::path(dir) / "model.safetensors").string());
   fs::path of = fs::path(dir) / "optimizer.safetensors";
@@ -124,7 +128,7 @@ TrainState load_checkpoint(const std::string& dir, Gpt& model) {
   SafetensorsFile opt(of.string());
   fs::path sf = fs::path(dir) / "state.json";
   std::string text = read_file(sf.string(), "checkpoint state");
-  TrainState st;
+  CheckpointState st;
   try {
     json j = json::parse(text);
     st.step = j.at("step").get<int64_t>();
@@ -136,24 +140,24 @@ TrainState load_checkpoint(const std::string& dir, Gpt& model) {
   }
   // optimizer file holds m.* and v.*: every one present with the parameter's shape, nothing else
   std::set<std::string> expected;
-  for (size_t i = 0; i < model.adam_m().size(); ++i) {
-    expected.insert("m." + model.adam_m().spec(i).name);
-    expected.insert("v." + model.adam_v().spec(i).name);
+  for (size_t i = 0; i < m.size(); ++i) {
+    expected.insert("m." + m.spec(i).name);
+    expected.insert("v." + v.spec(i).name);
   }
   for (const auto& e : opt.entries())
     if (!expected.count(e.name)) fail(opt.path(), ": unexpected tensor '", e.name, "'");
-  check_arena(mf, model.params(), "");
-  for (size_t i = 0; i < model.adam_m().size(); ++i) {
-    opt.check_entry("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
-    opt.check_entry("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  check_arena(mf, params.master(), "");
+  for (size_t i = 0; i < m.size(); ++i) {
+    opt.check_entry("m." + m.spec(i).name, m[i]);
+    opt.check_entry("v." + v.spec(i).name, v[i]);
   }
   // Everything is valid: only now copy.
-  load_arena(mf, model.params(), "");
-  for (size_t i = 0; i < model.adam_m().size(); ++i) {
-    opt.read_into("m." + model.adam_m().spec(i).name, model.adam_m()[i]);
-    opt.read_into("v." + model.adam_v().spec(i).name, model.adam_v()[i]);
+  load_arena(mf, params.master(), "");
+  for (size_t i = 0; i < m.size(); ++i) {
+    opt.read_into("m." + m.spec(i).name, m[i]);
+    opt.read_into("v." + v.spec(i).name, v[i]);
   }
-  model.sync_weight_copy();  // bf16 plans: the GEMMs' weight copy follows the loaded masters
+  params.sync_copy();  // bf16 plans: the GEMMs' weight copy follows the loaded masters
   return st;
 }
 

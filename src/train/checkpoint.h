@@ -14,11 +14,12 @@
 #include <string>
 
 #include "model/config.h"
-#include "model/gpt.h"
+#include "model/params.h"
+#include "model/train_state.h"
 
 namespace lmf {
 
-struct TrainState {
+struct CheckpointState {
   int64_t step = 0;             // optimizer steps completed
   uint64_t seed = 0;
   uint64_t data_position = 0;   // DataLoader::position()
@@ -26,14 +27,15 @@ struct TrainState {
 };
 
 // Saves into <out_dir>/checkpoints/step_NNNNNN and points `latest` at it; returns the directory.
-std::string save_checkpoint(const std::string& out_dir, Gpt& model, const TrainState& state);
+std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
+                            TrainingState& train, const CheckpointState& state);
 
 // `path` is a checkpoint directory or an out-dir with checkpoints/latest. Returns the directory.
 std::string resolve_checkpoint(const std::string& path);
 ModelConfig load_checkpoint_config(const std::string& ckpt_dir);
-// Parameters only (generation). Model must be planned with the checkpoint's config.
-void load_checkpoint_weights(const std::string& ckpt_dir, Gpt& model);
-// Parameters, optimizer state and training state (resume).
-TrainState load_checkpoint(const std::string& ckpt_dir, Gpt& model);
+// Parameters only (generation), laid out for the checkpoint's config; then their bf16 copy follows.
+void load_checkpoint_weights(const std::string& ckpt_dir, Parameters& params);
+// Parameters, AdamW state and the run's state (resume). Everything is validated before anything is read.
+CheckpointState load_checkpoint(const std::string& ckpt_dir, Parameters& params, TrainingState& train);
 
 }  // namespace lmf

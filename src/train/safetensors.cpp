@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 
 namespace lmf {
 

@@ -68,16 +68,51 @@ std::string TrainOptions::to_json() const {
   return j.dump();
 }
 
-void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step, Tensor schedule) {
+void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const TrainOptions& o, double lr,
+                    int64_t step, Tensor schedule) {
   // Two launches for the norm, one for AdamW over the whole parameter arena (weight decay on the
   // 2-D tensors' ranges): bitwise the same as per-tensor updates.
-  Tensor g = model.grads().flat_f32();
+  Tensor g = state.grads().flat_f32();
   grad_global_norm(norm, g);
-  // bf16 plans: the same launch refreshes the bf16 weight copy the GEMMs read.
-  Tensor copy = model.plan().precision == Precision::bf16 ? model.params_bf16().flat(DType::bf16) : Tensor();
-  adamw_update_flat(model.params().flat_f32(), model.adam_m().flat_f32(), model.adam_v().flat_f32(), g,
-                    model.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
-                    o.weight_decay, step, copy, schedule);
+  adamw_update_flat(params.master().flat_f32(), state.adam_m().flat_f32(), state.adam_v().flat_f32(), g,
+                    state.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
+                    o.weight_decay, step, params.flat_copy(), schedule);
+}
+
+void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
+                       const TrainOptions& o) {
+  gpt.state->zero_grad();
+  gpt.model.forward_backward_device(tokens, targets, 1.0f);
+  if (loss.defined()) loss_mean(loss, gpt.model.row_losses(), 1.0f, false);
+  optimizer_step(gpt.params, *gpt.state, norm, o, 0.0, 1, schedule);  // lr and step come from schedule
+}
+
+void tune_begin() {
+#ifdef LMF_WITH_CUDA
+  cuda::gemm_tune_begin();
+  cudnn_attention_tune_begin();
+#endif
+}
+
+void tune_finish(std::ostream& log) {
+#ifdef LMF_WITH_CUDA
+  // between steps: the first step's GEMM outputs are dead
+  const auto t0 = std::chrono::steady_clock::now();
+  const cuda::GemmTuneResult r = cuda::gemm_autotune();
+  log << "gemm_tune plans=" << r.plans << " kept_for_data=" << r.skipped << " candidates=" << r.candidates
+      << " same_bits=" << r.equal << " changed=" << r.changed << " saved_ms_per_step=" << fmt("%.3f", r.saved_ms)
+      << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count())
+      << "\n";
+  const auto t1 = std::chrono::steady_clock::now();
+  const AttentionTuneResult a = cudnn_attention_autotune();
+  if (a.plans > 0)
+    log << "attention_tune plans=" << a.plans << " engine_configs=" << a.candidates << " over_workspace=" << a.too_big
+        << " same_bits=" << a.equal << " changed=" << a.changed << " saved_ms_per_step=" << fmt("%.3f", a.saved_ms)
+        << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count())
+        << "\n";
+#else
+  (void)log;
+#endif
 }
 
 double gpu_peak_tflops(const std::string& name) {
@@ -99,125 +134,79 @@ double lr_at_step(const TrainOptions& o, int64_t s) {
   return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * p));
 }
 
+namespace {
+
+// The options the trainer itself uses (the plan's flags are checked by plan_from_flags).
+void validate_options(const TrainOptions& o) {
+  if (o.grad_accum < 1) fail("--grad-accum=", o.grad_accum, " must be >= 1");
+  if (o.steps < 1) fail("--steps=", o.steps, " must be >= 1");
+  if (!(o.lr > 0) || !std::isfinite(o.lr)) fail("--lr=", o.lr, " must be a finite number > 0");
+  if (o.min_lr != -1.0f && !(o.min_lr >= 0 && std::isfinite(o.min_lr)))
+    fail("--min-lr=", o.min_lr, " must be a finite number >= 0");
+  if (!(o.weight_decay >= 0) || !std::isfinite(o.weight_decay))
+    fail("--weight-decay=", o.weight_decay, " must be a finite number >= 0");
+  if (o.eval_batches < 1) fail("--eval-batches=", o.eval_batches, " must be >= 1");
+  if (o.mfu_peak_tflops < 0 || !std::isfinite(o.mfu_peak_tflops))
+    fail("--mfu-peak-tflops=", o.mfu_peak_tflops, " must be >= 0 (0 = from the device table)");
+  if (o.warmup < 0) fail("--warmup=", o.warmup, " must be >= 0");
+  if (!(o.grad_clip >= 0) || !std::isfinite(o.grad_clip))
+    fail("--grad-clip=", o.grad_clip, " must be a finite number >= 0 (0 = off)");
+  if (o.log_every < 1) fail("--log-every=", o.log_every, " must be >= 1");
+  if (o.eval_every < 0) fail("--eval-every=", o.eval_every, " must be >= 0");
+  if (o.checkpoint_every < 0) fail("--checkpoint-every=", o.checkpoint_every, " must be >= 0");
+  if (o.profile_steps < 1) fail("--profile-steps=", o.profile_steps, " must be >= 1");
+  if (o.profile_warmup < 0) fail("--profile-warmup=", o.profile_warmup, " must be >= 0");
+  if (o.cuda_graph != "auto" && o.cuda_graph != "on" && o.cuda_graph != "off")
+    fail("--cuda-graph=", o.cuda_graph, " must be auto, on or off");
+  if (o.gemm_tune != "on" && o.gemm_tune != "off") fail("--tune=", o.gemm_tune, " must be on or off");
+}
+
+// From the checkpoint when resuming (--config must then agree), else --config or --preset.
+ModelConfig resolve_config(const TrainOptions& o, const std::string& resume_dir) {
+  if (!resume_dir.empty()) {
+    ModelConfig c = load_checkpoint_config(resume_dir);
+    if (!o.config_path.empty() && config_to_json(config_from_file(o.config_path)) != config_to_json(c))
+      fail("--config ", o.config_path, " differs from the config of checkpoint ", resume_dir);
+    return c;
+  }
+  return o.config_path.empty() ? config_preset(o.preset) : config_from_file(o.config_path);
+}
+
+}  // namespace
+
 Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(log) {
-  // --- validate options (one-line errors naming the flag) -------------------------------------
-  if (o_.batch_size < 1) fail("--batch-size=", o_.batch_size, " must be >= 1");
-  if (o_.grad_accum < 1) fail("--grad-accum=", o_.grad_accum, " must be >= 1");
-  if (o_.steps < 1) fail("--steps=", o_.steps, " must be >= 1");
-  if (!(o_.lr > 0) || !std::isfinite(o_.lr)) fail("--lr=", o_.lr, " must be a finite number > 0");
-  if (o_.min_lr != -1.0f && !(o_.min_lr >= 0 && std::isfinite(o_.min_lr)))
-    fail("--min-lr=", o_.min_lr, " must be a finite number >= 0");
-  if (!(o_.weight_decay >= 0) || !std::isfinite(o_.weight_decay))
-    fail("--weight-decay=", o_.weight_decay, " must be a finite number >= 0");
-  if (o_.eval_batches < 1) fail("--eval-batches=", o_.eval_batches, " must be >= 1");
-  if (o_.mfu_peak_tflops < 0 || !std::isfinite(o_.mfu_peak_tflops))
-    fail("--mfu-peak-tflops=", o_.mfu_peak_tflops, " must be >= 0 (0 = from the device table)");
-  if (o_.warmup < 0) fail("--warmup=", o_.warmup, " must be >= 0");
-  if (!(o_.grad_clip >= 0) || !std::isfinite(o_.grad_clip))
-    fail("--grad-clip=", o_.grad_clip, " must be a finite number >= 0 (0 = off)");
-  if (o_.log_every < 1) fail("--log-every=", o_.log_every, " must be >= 1");
-  if (o_.eval_every < 0) fail("--eval-every=", o_.eval_every, " must be >= 0");
-  if (o_.checkpoint_every < 0) fail("--checkpoint-every=", o_.checkpoint_every, " must be >= 0");
-  if (o_.profile_steps < 1) fail("--profile-steps=", o_.profile_steps, " must be >= 1");
-  if (o_.profile_warmup < 0) fail("--profile-warmup=", o_.profile_warmup, " must be >= 0");
+  validate_options(o_);
   if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
+  const std::string resume_dir = o_.resume.empty() ? std::string() : resolve_checkpoint(o_.resume);
+  cfg_ = resolve_config(o_, resume_dir);
 
-  // --- config: from the checkpoint when resuming, else --config or --preset --------------------
-  std::string resume_dir;
-  if (!o_.resume.empty()) {
-    resume_dir = resolve_checkpoint(o_.resume);
-    cfg_ = load_checkpoint_config(resume_dir);
-    if (!o_.config_path.empty() && config_to_json(config_from_file(o_.config_path)) != config_to_json(cfg_))
-      fail("--config ", o_.config_path, " differs from the config of checkpoint ", resume_dir);
-  } else if (!o_.config_path.empty()) {
-    cfg_ = config_from_file(o_.config_path);
-  } else {
-    cfg_ = config_preset(o_.preset);
-  }
+  // --- plan and model: every flag of the plan is parsed and checked by plan_from_flags ----------
   const int64_t T = o_.seq_len == 0 ? cfg_.context_length : o_.seq_len;
-  if (T < 1 || T > cfg_.context_length)
-    fail("--seq-len=", o_.seq_len, " must be in [1, context_length=", cfg_.context_length, "]");
-
-  // --- device ----------------------------------------------------------------------------------
-  if (o_.device == "auto") device_ = cuda_device_count() > 0 ? Device::cuda : Device::cpu;
-  else if (o_.device == "cpu") device_ = Device::cpu;
-  else if (o_.device == "cuda") {
-    if (!cuda_built()) fail("--device=cuda: lmforge was built without the CUDA backend");
-    if (cuda_device_count() == 0) fail("--device=cuda: no CUDA device is visible");
-    device_ = Device::cuda;
-  } else fail("--device=", o_.device, " must be cpu, cuda or auto");
-  if (device_ == Device::cuda) cuda_set_device(0);
+  const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
+  device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
-
-  // --- plan ------------------------------------------------------------------------------------
-  const Precision precision = o_.precision == "auto" ? (device_ == Device::cuda ? Precision::bf16 : Precision::fp32)
-                                                     : parse_precision(o_.precision, "--precision");
-  if (precision != Precision::fp32 && device_ != Device::cuda)
-    fail("--precision=", precision_name(precision), " needs the GPU (--device cuda); the CPU computes in fp32");
-  const bool bf16_on_gpu = precision == Precision::bf16 && device_ == Device::cuda;
-  const FlashKernels attention = flash_kernels_from_flag(
-      o_.attention, bf16_on_gpu, {o_.batch_size, T, cfg_.n_head, cfg_.n_kv_head, cfg_.head_size()}, "--attention");
-  if (attention == FlashKernels::cudnn && !bf16_on_gpu)
-    fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
-  GptPlan plan{o_.batch_size, T, true, 0, device_, precision, attention};
-  model_ = std::make_unique<Gpt>(cfg_, plan);
-  batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
-                                       {"targets", {o_.batch_size, T}, DType::i32}});
-  batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
-                           {"targets", {o_.batch_size, T}, DType::i32},
-                           {"grad_norm", {1}, DType::f32},
-                           {"schedule", {3}, DType::f32},
-                           {"cur_loss", {1}, DType::f32}}, device_);
-  tokens_host_ = batch_host_.get("tokens");
-  targets_host_ = batch_host_.get("targets");
-  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
-  step_losses_ = stats_.get("step_losses");
-  eval_loss_ = stats_.get("eval_loss");
-
-  tokens_ = batch_.get("tokens");
-  targets_ = batch_.get("targets");
-  norm_ = batch_.get("grad_norm");
-  schedule_ = batch_.get("schedule");
-  cur_loss_ = batch_.get("cur_loss");
-  if (o_.cuda_graph == "on" || o_.cuda_graph == "auto") {
-    use_graph_ = device_ == Device::cuda && o_.grad_accum == 1;
-    if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
-    if (o_.cuda_graph == "on" && o_.grad_accum != 1)
-      fail("--cuda-graph=on captures one micro-batch per step: it needs --grad-accum 1 (got ", o_.grad_accum, ")");
-  } else if (o_.cuda_graph != "off") {
-    fail("--cuda-graph=", o_.cuda_graph, " must be auto, on or off");
-  }
-  if (o_.gemm_tune != "on" && o_.gemm_tune != "off") fail("--tune=", o_.gemm_tune, " must be on or off");
-  tune_gemms_ = o_.gemm_tune == "on" && device_ == Device::cuda && precision == Precision::bf16;
-
-  // --- data ------------------------------------------------------------------------------------
-  if (o_.data.empty()) {
-    train_ = std::make_unique<DataLoader>(bundled_tokens(false), "bundled corpus (train)", o_.batch_size, T, o_.seed,
-                                          cfg_.vocab_size);
-    if (o_.val_data.empty())
-      val_ = std::make_unique<DataLoader>(bundled_tokens(true), "bundled corpus (val)", o_.batch_size, T,
-                                          o_.seed + 1, cfg_.vocab_size);
-  } else {
-    train_ = std::make_unique<DataLoader>(o_.data, o_.batch_size, T, o_.seed, cfg_.vocab_size);
-  }
-  if (!o_.val_data.empty())
-    val_ = std::make_unique<DataLoader>(o_.val_data, o_.batch_size, T, o_.seed + 1, cfg_.vocab_size);
+  gpt_ = std::make_unique<Gpt>(cfg_, plan);
+  plan_buffers(T);
+  if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
+  if (o_.cuda_graph == "on" && o_.grad_accum != 1)
+    fail("--cuda-graph=on captures one micro-batch per step: it needs --grad-accum 1 (got ", o_.grad_accum, ")");
+  use_graph_ = o_.cuda_graph != "off" && device_ == Device::cuda && o_.grad_accum == 1;
+  tune_gemms_ = o_.gemm_tune == "on" && device_ == Device::cuda && plan.bf16();
+  open_data(T);
 
   // --- weights: checkpoint or fresh --------------------------------------------------------------
   if (!resume_dir.empty()) {
-    TrainState st = load_checkpoint(resume_dir, *model_);
+    CheckpointState st = load_checkpoint(resume_dir, gpt_->params, *gpt_->state);
     step_ = first_step_ = st.step;
     train_->set_position(st.data_position);
     if (st.seed != o_.seed) fail("--seed=", o_.seed, " differs from the checkpoint's seed ", st.seed, " (", resume_dir, ")");
     if (step_ >= o_.steps) fail("--steps=", o_.steps, " but checkpoint ", resume_dir, " is already at step ", step_);
   } else {
-    model_->init_weights(o_.seed);
+    gpt_->params.init_gpt2(o_.seed, cfg_.n_layer, cfg_.vocab_size);
   }
-
   if (o_.profile && first_step_ + o_.profile_warmup >= o_.steps)
     fail("--profile: --steps=", o_.steps, " leaves no step after the ", o_.profile_warmup, " warm-up steps from step ",
          first_step_);
-
   tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum);
   flops_per_token_ = gpt_train_flops_per_token(cfg_, T);
 
@@ -234,7 +223,50 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   fs::path mpath = fs::path(o_.out_dir) / "metrics.jsonl";
   metrics_.open(mpath, resume_dir.empty() ? std::ios::trunc : std::ios::app);
   if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
+  log_setup(T, resume_dir);
+}
 
+// The batch on the host and on the model's device, the grad norm, the graph mode's slots, the losses.
+void Trainer::plan_buffers(int64_t T) {
+  batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
+                                       {"targets", {o_.batch_size, T}, DType::i32}});
+  batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
+                           {"targets", {o_.batch_size, T}, DType::i32},
+                           {"grad_norm", {1}, DType::f32},
+                           {"schedule", {3}, DType::f32},
+                           {"cur_loss", {1}, DType::f32}}, device_);
+  tokens_host_ = batch_host_.get("tokens");
+  targets_host_ = batch_host_.get("targets");
+  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
+  step_losses_ = stats_.get("step_losses");
+  eval_loss_ = stats_.get("eval_loss");
+  tokens_ = batch_.get("tokens");
+  targets_ = batch_.get("targets");
+  norm_ = batch_.get("grad_norm");
+  schedule_ = batch_.get("schedule");
+  cur_loss_ = batch_.get("cur_loss");
+}
+
+void Trainer::open_data(int64_t T) {
+  if (o_.data.empty()) {
+    train_ = std::make_unique<DataLoader>(bundled_tokens(false), "bundled corpus (train)", o_.batch_size, T, o_.seed,
+                                          cfg_.vocab_size);
+    if (o_.val_data.empty())
+      val_ = std::make_unique<DataLoader>(bundled_tokens(true), "bundled corpus (val)", o_.batch_size, T,
+                                          o_.seed + 1, cfg_.vocab_size);
+  } else {
+    train_ = std::make_unique<DataLoader>(o_.data, o_.batch_size, T, o_.seed, cfg_.vocab_size);
+  }
+  if (!o_.val_data.empty())
+    val_ = std::make_unique<DataLoader>(o_.val_data, o_.batch_size, T, o_.seed + 1, cfg_.vocab_size);
+}
+
+size_t Trainer::arena_bytes() const {
+  return gpt_->params.bytes() + gpt_->state->bytes() + gpt_->model.arena_bytes();
+}
+
+void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
+  const ModelPlan& plan = gpt_->model.plan();
   const int64_t total = gpt_param_count(cfg_), active = gpt_active_param_count(cfg_);
   log_ << "params total=" << human_count(total) << " active=" << human_count(active) << " ("
        << with_commas(static_cast<double>(total)) << " / " << with_commas(static_cast<double>(active)) << ")\n";
@@ -249,16 +281,15 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   }
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
-    log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(precision)
-         << (precision == Precision::bf16 ? std::string(" attention=") + flash_kernels_name(attention) : std::string())
-         << (precision == Precision::bf16 && attention == FlashKernels::cudnn ? " cudnn=" + cudnn_version_text()
-                                                                               : std::string())
-         << " mfu_peak_tflops="
+    const bool cudnn = plan.bf16() && plan.attention == FlashKernels::cudnn;
+    log_ << "device model=" << cuda_limits().name << " precision=" << precision_name(plan.precision)
+         << (plan.bf16() ? std::string(" attention=") + flash_kernels_name(plan.attention) : std::string())
+         << (cudnn ? " cudnn=" + cudnn_version_text() : std::string()) << " mfu_peak_tflops="
          << (peak_tflops_ > 0 ? fmt("%.0f", peak_tflops_) : std::string("unknown (set --mfu-peak-tflops)"))
          << " utilization=" << monitor_->status() << " cuda_graph=" << (use_graph_ ? "on" : "off") << "\n";
-  }
-  else
+  } else {
     log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
+  }
   log_ << "model layers=" << cfg_.n_layer << " d_model=" << cfg_.d_model << " heads=" << cfg_.n_head << "/"
        << cfg_.n_kv_head << " vocab=" << cfg_.vocab_size << " (padded " << cfg_.padded_vocab() << ")"
        << " norm=" << (cfg_.norm == NormKind::layernorm ? "layernorm" : "rmsnorm")
@@ -267,7 +298,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_tokens()))
        << " tokens) val=" << (val_ ? val_->description() : std::string("none")) << "\n";
   log_ << "batch B=" << o_.batch_size << " T=" << T << " grad_accum=" << o_.grad_accum
-       << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", model_->arena_bytes() / 1048576.0)
+       << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
        << " MiB\n";
   if (!resume_dir.empty()) log_ << "resumed from " << resume_dir << " at step " << step_ << "\n";
   log_.flush();
@@ -328,56 +359,28 @@ void Trainer::compute_micro(int64_t micro) {
   LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
   if (micro == 0) {
     ProfileScope scope(prof_, "zero grad");
-    model_->zero_grad();
+    gpt_->state->zero_grad();
   }
   const float scale = 1.0f / static_cast<float>(o_.grad_accum);
   const bool cpu = device_ == Device::cpu;
-  model_->forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
+  gpt_->model.forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
   ProfileScope scope(prof_, "loss mean");
-  loss_mean(step_losses_.rows(step_, step_ + 1), model_->row_losses(), scale, micro > 0);
+  loss_mean(step_losses_.rows(step_, step_ + 1), gpt_->model.row_losses(), scale, micro > 0);
 }
 
 void Trainer::finish_step() {
   {
     ProfileScope scope(prof_, "grad norm + AdamW");
-    optimizer_step(*model_, norm_, o_, lr_at_step(o_, step_), step_ + 1);
+    optimizer_step(gpt_->params, *gpt_->state, norm_, o_, lr_at_step(o_, step_), step_ + 1);
   }
   step_++;
 }
 
-void Trainer::graph_body() {
-  model_->zero_grad();
-  model_->forward_backward_device(tokens_, targets_, 1.0f);
-  loss_mean(cur_loss_, model_->row_losses(), 1.0f, false);
-  optimizer_step(*model_, norm_, o_, 0.0, 1, schedule_);  // lr and step come from schedule_
-}
-
 void Trainer::step() {
   const bool tune = tune_gemms_ && step_ == first_step_;
-#ifdef LMF_WITH_CUDA
-  if (tune) {
-    cuda::gemm_tune_begin();
-    cudnn_attention_tune_begin();
-  }
-#endif
+  if (tune) tune_begin();
   step_once();
-#ifdef LMF_WITH_CUDA
-  if (tune) {  // between steps: the first step's GEMM outputs are dead
-    const auto t0 = std::chrono::steady_clock::now();
-    const cuda::GemmTuneResult r = cuda::gemm_autotune();
-    log_ << "gemm_tune plans=" << r.plans << " kept_for_data=" << r.skipped << " candidates=" << r.candidates
-         << " same_bits=" << r.equal << " changed=" << r.changed << " saved_ms_per_step=" << fmt("%.3f", r.saved_ms)
-         << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count())
-         << "\n";
-    const auto t1 = std::chrono::steady_clock::now();
-    const AttentionTuneResult a = cudnn_attention_autotune();
-    if (a.plans > 0)
-      log_ << "attention_tune plans=" << a.plans << " engine_configs=" << a.candidates << " over_workspace=" << a.too_big
-           << " same_bits=" << a.equal << " changed=" << a.changed << " saved_ms_per_step=" << fmt("%.3f", a.saved_ms)
-           << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count())
-           << "\n";
-  }
-#endif
+  if (tune) tune_finish(log_);
 }
 
 void Trainer::step_once() {
@@ -385,12 +388,13 @@ void Trainer::step_once() {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
     if (!graph_ && eager_graph_steps_ == 0) {
-      graph_body();  // warm-up, eagerly: GEMM plans and every launch's attributes settle outside the capture
+      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);  // warm-up, eagerly: GEMM
+      // plans and every launch's attributes settle outside the capture
       ++eager_graph_steps_;
     } else {
       if (!graph_) {
         cuda_capture_begin();
-        graph_body();
+        train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);
         graph_ = cuda_capture_end();
       }
       cuda_graph_replay(graph_);
@@ -430,8 +434,8 @@ double Trainer::evaluate() {
   for (int64_t i = 0; i < o_.eval_batches; ++i) {
     stage_from(*val_);
     auto body = [&] {
-      model_->forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
-      loss_mean(eval_loss_, model_->row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
+      gpt_->model.forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
+      loss_mean(eval_loss_, gpt_->model.row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
     };
     if (!graphs) {
       body();
@@ -452,8 +456,8 @@ double Trainer::evaluate() {
 }
 
 std::string Trainer::save() {
-  TrainState st{step_, o_.seed, train_->position(), o_.to_json()};
-  return save_checkpoint(o_.out_dir, *model_, st);
+  CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
+  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st);
 }
 
 void Trainer::write_metric(const std::string& line) {
@@ -467,8 +471,8 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
   const double tflops = tok_s * flops_per_token_ / 1e12;
   if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
   // MoE: loss = pred (cross-entropy) + aux (balance and z terms of the last step, all MoE layers)
-  Gpt::MoeSummary moe;
-  if (cfg_.moe.experts > 0) moe = model_->moe_summary();
+  Model::MoeSummary moe;
+  if (cfg_.moe.experts > 0) moe = gpt_->model.moe_summary();
   const double pred = loss;
   loss = pred + moe.aux;
   log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss);
@@ -528,14 +532,14 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
 void Trainer::write_profile(const OpProfiler& prof, double step_ms) {
   TraceInfo info;
   info.device = device_ == Device::cuda ? cuda_limits().name : std::string("cpu");
-  info.precision = precision_name(model_->plan().precision);
+  info.precision = precision_name(gpt_->model.plan().precision);
   info.first_step = prof.records().empty() ? 0 : step_ - prof.steps_collected() + 1;  // 1-based, as in the log
   info.allocated_gb = (device_ == Device::cuda ? static_cast<double>(cuda_peak_allocated_bytes())
-                                               : static_cast<double>(model_->arena_bytes())) / 1e9;
+                                               : static_cast<double>(arena_bytes())) / 1e9;
   info.step_ms = step_ms;
   // The only ceiling known here is the datasheet's dense bf16 peak (bf16 runs on the GPU);
   // bench/bench_train_step --profile measures both ceilings.
-  if (device_ == Device::cuda && model_->plan().precision == Precision::bf16) info.ceilings.gemm_tflops = peak_tflops_;
+  if (device_ == Device::cuda && gpt_->model.plan().bf16()) info.ceilings.gemm_tflops = peak_tflops_;
   write_chrome_trace(o_.profile_out, prof.records(), info);
   if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
   log_ << profile_summary(prof.records(), prof.steps_collected(), step_ms, info.ceilings);
@@ -571,7 +575,7 @@ void Trainer::run() {
   struct Detach {  // never leave the model or step() pointing at the profiler, even on a throw
     Trainer* t;
     ~Detach() {
-      t->model_->set_profiler(nullptr);
+      t->gpt_->model.set_profiler(nullptr);
       t->prof_ = nullptr;
       t->force_eager_ = false;
     }
@@ -583,7 +587,7 @@ void Trainer::run() {
     if (profiled) {
       device_synchronize();  // an idle stream, so the profiler's device anchor is exact
       prof_ = prof.get();
-      model_->set_profiler(prof_);
+      gpt_->model.set_profiler(prof_);
       force_eager_ = true;  // never capture or replay a graph with profiler events
       t_prof = clock::now();
     }
@@ -591,7 +595,7 @@ void Trainer::run() {
     if (profiled) {
       prof->collect();
       prof_ms += std::chrono::duration<double, std::milli>(clock::now() - t_prof).count();
-      model_->set_profiler(nullptr);
+      gpt_->model.set_profiler(nullptr);
       prof_ = nullptr;
       force_eager_ = false;
     }

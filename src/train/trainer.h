@@ -63,13 +63,25 @@ struct TrainOptions {
   std::string to_json() const;
 };
 
-// Global-norm clipping + AdamW over every parameter of `model` (weight decay on 2-D parameters
-// only), as one optimizer step number `step` (1-based) at learning rate `lr`. `norm` is a (1) f32
-// buffer that receives the pre-clip gradient norm. Allocates nothing.
-// schedule: optional device (3) f32 {lr, bias corrections} read by the AdamW kernel instead of lr and
-// step (graph replays; see adamw_update_flat).
-void optimizer_step(Gpt& model, Tensor norm, const TrainOptions& o, double lr, int64_t step,
-                    Tensor schedule = Tensor());
+// Global-norm clipping + AdamW over every parameter (weight decay on 2-D parameters only), as one
+// optimizer step number `step` (1-based) at learning rate `lr`; bf16 plans' weight copy is rewritten
+// in the same launch. `norm` is a (1) f32 buffer that receives the pre-clip gradient norm. Allocates
+// nothing. schedule: optional device (3) f32 {lr, bias corrections} read by the AdamW kernel instead
+// of lr and step (graph replays; see adamw_update_flat).
+void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const TrainOptions& o, double lr,
+                    int64_t step, Tensor schedule = Tensor());
+
+// The device work of one training step of one micro-batch, as `lmforge train` runs it (and captures it
+// as one CUDA graph): zero_grad, forward + backward, the mean loss into loss (when defined), clipping
+// and AdamW with lr and bias corrections from `schedule`. No allocation, no host synchronisation.
+void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
+                       const TrainOptions& o);
+
+// --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows;
+// tune_finish() after it (between steps) tunes every plan called in them and logs one line per tuner.
+// No-ops in builds without CUDA.
+void tune_begin();
+void tune_finish(std::ostream& log);
 
 // Dense bf16 peak TFLOP/s of a GPU by its name (0 when unknown).
 double gpu_peak_tflops(const std::string& device_name);
@@ -108,7 +120,8 @@ class Trainer {
   void run();
 
   int64_t step_count() const { return step_; }
-  Gpt& model() { return *model_; }
+  Model& model() { return gpt_->model; }
+  Parameters& params() { return gpt_->params; }
   // Losses of the steps this Trainer ran (read from the device).
   std::vector<double> losses() const;
   double last_grad_norm() const;
@@ -116,17 +129,20 @@ class Trainer {
 
  private:
   void step_once();  // step() without the tuning around the first one
+  void plan_buffers(int64_t T);
+  void open_data(int64_t T);
+  void log_setup(int64_t T, const std::string& resume_dir);
+  size_t arena_bytes() const;  // the model's arenas: weights, training state, activations and workspace
   void log_step(double loss, double step_ms, int64_t steps);
   void write_metric(const std::string& json_line);
   void stage_from(DataLoader& loader, bool with_schedule = false);
-  void graph_body();  // the device work of a step in graph mode (eager or captured)
   void write_profile(const class OpProfiler& prof, double step_ms);
 
 
   TrainOptions o_;
   std::ostream& log_;
   ModelConfig cfg_;
-  std::unique_ptr<Gpt> model_;
+  std::unique_ptr<Gpt> gpt_;  // the weights, the training state and the model over them
   std::unique_ptr<DataLoader> train_, val_;
   Device device_ = Device::cpu;
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader

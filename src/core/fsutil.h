@@ -9,6 +9,5 @@ namespace lmf {
 void write_file_atomic(const std::string& path, const std::string& data);
 std::string read_file(const std::string& path, const char* what = "file");
 void fsync_dir(const std::string& dir);
-void fsync_file(const std::string& path);
 
 }  // namespace lmf

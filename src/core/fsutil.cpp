@@ -1,4 +1,4 @@
-#include "train/fsutil.h"
+#include "core/fsutil.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -19,17 +19,6 @@ void fsync_dir(const std::string& dir) {
   int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (fd < 0) fail(dir, ": cannot open directory to sync (", std::strerror(errno), ")");
   ::fsync(fd);
-  ::close(fd);
-}
-
-void fsync_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, ": cannot open to sync (", std::strerror(errno), ")");
-  if (::fsync(fd) != 0) {
-    int e = errno;
-    ::close(fd);
-    fail(path, ": fsync failed (", std::strerror(e), ")");
-  }
   ::close(fd);
 }
 

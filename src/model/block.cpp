@@ -1,0 +1,256 @@
+#include "model/block.h"
+
+#include "core/profiler.h"
+#include "model/kv_cache.h"
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/linear.h"
+#include "ops/norm.h"
+#include "ops/residual.h"
+#include "ops/rope.h"
+
+namespace lmf {
+
+BlockKernels block_kernels(const ModelConfig& c, const ModelPlan& p) {
+  BlockKernels k;
+  const bool fused = p.bf16();
+  k.attention = p.decode ? AttentionImpl::kv_cache : fused ? AttentionImpl::flash : AttentionImpl::reference;
+  k.flash = p.attention;
+  k.fused_residual_norm = fused;
+  k.fused_bias_gelu = fused && c.activation == ActivationKind::gelu && c.bias;  // the epilogue needs a bias
+  k.bias_grad_from_norm = fused;
+  k.gemm_reads_copy = fused;
+  k.overwrite_act_grads = fused;
+  k.lazy_weight_grads = fused && p.device == Device::cuda;
+  k.comm = &single_rank();
+  return k;
+}
+
+BlockFlops block_flops(const ModelConfig& c, const MoeConfig& m, int64_t B, int64_t T) {
+  const double N = static_cast<double>(B * T), C = static_cast<double>(c.d_model);
+  const double HS = static_cast<double>(c.head_size()), NH = c.n_head;
+  BlockFlops f;
+  f.qkv = 2.0 * N * C * static_cast<double>(c.qkv_dim());
+  f.proj = 2.0 * N * NH * HS * C;
+  f.fc = 2.0 * N * C * static_cast<double>(c.fc_dim());
+  f.mproj = 2.0 * N * static_cast<double>(c.d_ff) * C;
+  f.attn = 4.0 * static_cast<double>(B) * NH * static_cast<double>(T) * static_cast<double>(T) * HS / 2;  // causal half
+  if (m.E > 0)
+    f.moe = 2.0 * N * (static_cast<double>(m.E) * C + static_cast<double>(m.K + m.n_shared) *
+                                                           static_cast<double>(moe_f_in(m) + m.F) * C);
+  return f;
+}
+
+void norm_forward(const ModelConfig& c, const NormOut& out, Tensor inp, const NormWeights& w) {
+  if (c.norm == NormKind::layernorm) layernorm_forward(out.out, out.mean, out.rstd, inp, w.w, w.b, c.norm_eps);
+  else rmsnorm_forward(out.out, out.rstd, inp, w.w, c.norm_eps);
+}
+
+void norm_backward(const ModelConfig& c, Tensor dinp, const NormWeights& dw, Tensor dout, Tensor inp,
+                   const NormWeights& w, const NormOut& saved, Tensor dinp_sum) {
+  if (c.norm == NormKind::layernorm)
+    layernorm_backward(dinp, dw.w, dw.b, dout, inp, w.w, saved.mean, saved.rstd, dinp_sum);
+  else rmsnorm_backward(dinp, dw.w, dout, inp, w.w, saved.rstd, dinp_sum);
+}
+
+namespace {
+
+template <class F>
+void timed(const BlockStep& s, const char* name, double flops, F&& f) {
+  ProfileScope scope(s.prof, name, flops);
+  f();
+}
+
+// Where a tensor-parallel run sums partial results over its ranks.
+void reduce(const BlockStep& s, Tensor t) {
+  if (s.k->comm) s.k->comm->all_reduce_sum(t);
+}
+
+// res = a + b, out = norm(res): one fused kernel, or the residual add then the norm.
+void residual_norm(const BlockStep& s, Tensor res, Tensor a, Tensor b, const NormOut& out, const NormWeights& w) {
+  const ModelConfig& c = *s.cfg;
+  if (s.k->fused_residual_norm) {
+    timed(s, "residual + norm fwd", 0, [&] {
+      if (c.norm == NormKind::layernorm) residual_layernorm_forward(res, out.out, out.mean, out.rstd, a, b, w.w, w.b, c.norm_eps);
+      else residual_rmsnorm_forward(res, out.out, out.rstd, a, b, w.w, c.norm_eps);
+    });
+    return;
+  }
+  timed(s, "residual fwd", 0, [&] { residual_forward(res, b, a); });
+  timed(s, "norm fwd", 0, [&] { norm_forward(c, out, res, w); });
+}
+
+void attention_step_forward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  BlockActs& a = *s.a;
+  switch (s.k->attention) {
+    case AttentionImpl::reference:
+      timed(s, "attention fwd", s.flops->attn, [&] { attention_forward(a.att, a.probs, a.qkv, c.n_head, c.n_kv_head); });
+      return;
+    case AttentionImpl::flash:
+      timed(s, "flash attention fwd", s.flops->attn, [&] {
+        flash_attention_forward(a.att, a.probs, a.qkv, c.n_head, c.n_kv_head, s.k->flash);
+      });
+      return;
+    case AttentionImpl::kv_cache: {
+      LMF_CHECK(s.cache != nullptr && s.B == 1 && s.T == 1, "kv-cache attention: one row per step and a cache (B=",
+                s.B, " T=", s.T, ")");
+      s.cache->append(s.layer, s.pos, a.qkv);
+      const int64_t D = c.n_head * c.head_size();
+      Tensor q(a.qkv.f32(), DType::f32, {D}, "q");
+      attention_decode_forward(a.att.view({D}), s.cache->scores(), q, s.cache->k(s.layer), s.cache->v(s.layer),
+                               s.pos + 1, c.n_head, c.n_kv_head);
+      return;
+    }
+  }
+}
+
+// MoE layers: the router reads the f32 router weight (fp32 logits), the experts the GEMM copies; the
+// shared gate and the selection bias are f32.
+MoeExtra moe_extra(const BlockStep& s) {
+  return MoeExtra{s.wg->ws_in, s.wg->ws_out, s.w->ws_gate, s.w->sel_bias};
+}
+
+// ln2 -> res2 (before the residual add)
+void ffn_forward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  const BlockWeights &w = *s.w, &wg = *s.wg;
+  BlockActs& a = *s.a;
+  const int64_t N = s.B * s.T, C = c.d_model;
+  if (w.moe()) {
+    timed(s, "moe fwd", s.flops->moe, [&] {
+      moe_forward(a.res2.view({N, C}), a.moe, a.moe_scratch, a.ln2.out.view({N, C}), w.router_w, wg.w_in, wg.w_out,
+                  moe_extra(s), *s.moe);
+    });
+    return;
+  }
+  if (s.k->fused_bias_gelu) {
+    timed(s, "linear fc + gelu fwd", s.flops->fc, [&] { linear_gelu_forward(a.act, a.fc, a.ln2.out, wg.fc_w, wg.fc_b); });
+  } else {
+    timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, a.ln2.out, wg.fc_w, wg.fc_b); });
+    timed(s, "activation fwd", 0, [&] {
+      if (c.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+      else swiglu_forward(a.act, a.fc);
+    });
+  }
+  timed(s, "linear mproj fwd", s.flops->mproj, [&] { linear_forward(a.res2, a.act, wg.mproj_w, wg.mproj_b); });
+}
+
+// The mode of a backward op's activation-gradient output: overwritten, or zeroed here and accumulated.
+GradMode act_grad(const BlockStep& s, Tensor t) {
+  if (s.k->overwrite_act_grads) return GradMode::Overwrite;
+  tensor_zero(t);
+  return GradMode::Accumulate;
+}
+
+// d(res2) in d_res -> d(ln2) in d_ln, the FFN's weight gradients
+void ffn_backward(const BlockStep& s, GradMode wmode) {
+  const ModelConfig& c = *s.cfg;
+  const BlockWeights &w = *s.w, &wg = *s.wg, &g = *s.g;
+  const BlockGrads& d = *s.d;
+  BlockActs& a = *s.a;
+  const int64_t N = s.B * s.T, C = c.d_model;
+  const BlockFlops& f = *s.flops;
+  if (w.moe()) {
+    tensor_zero(d.d_ln);
+    timed(s, "moe bwd", 2 * f.moe, [&] {
+      moe_backward(d.d_ln.view({N, C}), g.router_w, g.w_in, g.w_out,
+                   MoeExtraGrads{g.ws_in, g.ws_out, g.ws_gate, s.grads_zero}, d.d_res.view({N, C}), a.moe,
+                   a.moe_scratch, a.ln2.out.view({N, C}), w.router_w, wg.w_in, wg.w_out, moe_extra(s), *s.moe,
+                   s.d_aux);
+    });
+    return;
+  }
+  // with bias_grad_from_norm the mproj bias gradient came from the tail norm's backward
+  const Tensor mproj_db = s.k->bias_grad_from_norm ? Tensor() : g.mproj_b;
+  if (s.k->fused_bias_gelu) {
+    timed(s, "linear mproj + gelu bwd", 2 * f.mproj, [&] {
+      linear_backward_dgelu(d.d_fc, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, a.fc, wmode);
+    });
+  } else {
+    timed(s, "linear mproj bwd", 2 * f.mproj, [&] {
+      linear_backward(d.d_act, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode);
+    });
+    tensor_zero(d.d_fc);
+    timed(s, "activation bwd", 0, [&] {
+      if (c.activation == ActivationKind::gelu) gelu_backward(d.d_fc, d.d_act, a.fc);
+      else swiglu_backward(d.d_fc, d.d_act, a.fc);
+    });
+  }
+  timed(s, "linear fc bwd", 2 * f.fc, [&] {
+    linear_backward(d.d_ln, g.fc_w, g.fc_b, d.d_fc, a.ln2.out, wg.fc_w, act_grad(s, d.d_ln), wmode);
+  });
+}
+
+void attention_step_backward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  const BlockGrads& d = *s.d;
+  BlockActs& a = *s.a;
+  switch (s.k->attention) {
+    case AttentionImpl::reference:
+      tensor_zero(d.d_qkv);
+      timed(s, "attention bwd", 2 * s.flops->attn, [&] {
+        attention_backward(d.d_qkv, d.d_probs, d.d_att, a.qkv, a.probs, c.n_head, c.n_kv_head);
+      });
+      return;
+    case AttentionImpl::flash:
+      timed(s, "flash attention bwd", 2 * s.flops->attn, [&] {
+        flash_attention_backward(d.d_qkv, d.d_probs, d.d_att, a.qkv, a.att, a.probs, c.n_head, c.n_kv_head,
+                                 GradMode::Overwrite, s.k->flash);
+      });
+      return;
+    case AttentionImpl::kv_cache: fail("block_backward: KV-cache attention is forward only (decoding)");
+  }
+}
+
+}  // namespace
+
+void block_forward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  const BlockWeights &w = *s.w, &wg = *s.wg;
+  BlockActs& a = *s.a;
+  timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, a.ln1.out, wg.qkv_w, wg.qkv_b); });
+  if (c.positions == PositionKind::rope)
+    timed(s, "rope fwd", 0, [&] { rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.pos); });
+  attention_step_forward(s);
+  timed(s, "linear proj fwd", s.flops->proj, [&] { linear_forward(a.res1, a.att, wg.proj_w, wg.proj_b); });
+  reduce(s, a.res1);
+  residual_norm(s, a.res1, s.x, a.res1, a.ln2, w.norm2);
+  ffn_forward(s);
+  reduce(s, a.res2);
+  residual_norm(s, a.res2, a.res1, a.res2, s.tail, s.tail_w);
+}
+
+void block_backward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  const BlockWeights &w = *s.w, &wg = *s.wg, &g = *s.g;
+  const BlockGrads& d = *s.d;
+  BlockActs& a = *s.a;
+  const BlockFlops& f = *s.flops;
+  // Right after zero_grad, with lazy weight gradients, the weight-gradient GEMMs write (beta 0).
+  const GradMode wmode = s.k->lazy_weight_grads && s.grads_zero ? GradMode::Overwrite : GradMode::Accumulate;
+  const bool db_norm = s.k->bias_grad_from_norm;
+  // The tail norm: d_res += its input gradient; its column sums are the mproj bias gradient (the layer
+  // that wrote res2's increment), with bias_grad_from_norm.
+  timed(s, "norm bwd", 0, [&] {
+    norm_backward(c, d.d_res, s.tail_g, d.d_ln, a.res2, s.tail_w, s.tail, db_norm ? g.mproj_b : Tensor());
+  });
+  ffn_backward(s, wmode);
+  reduce(s, d.d_ln);
+  timed(s, "norm bwd", 0, [&] {
+    norm_backward(c, d.d_res, g.norm2, d.d_ln, a.res1, w.norm2, a.ln2, db_norm ? g.proj_b : Tensor());
+  });
+  timed(s, "linear proj bwd", 2 * f.proj, [&] {
+    linear_backward(d.d_att, g.proj_w, db_norm ? Tensor() : g.proj_b, d.d_res, a.att, wg.proj_w, act_grad(s, d.d_att),
+                    wmode);
+  });
+  attention_step_backward(s);
+  if (c.positions == PositionKind::rope)
+    timed(s, "rope bwd", 0, [&] { rope_backward(d.d_qkv, s.rope_freqs, c.n_head, c.n_kv_head); });
+  timed(s, "linear qkv bwd", 2 * f.qkv, [&] {
+    linear_backward(d.d_ln, g.qkv_w, g.qkv_b, d.d_qkv, a.ln1.out, wg.qkv_w, act_grad(s, d.d_ln), wmode);
+  });
+  reduce(s, d.d_ln);
+}
+
+}  // namespace lmf

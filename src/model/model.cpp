@@ -1,0 +1,462 @@
+#include "model/model.h"
+
+#include <algorithm>
+
+#include "core/device.h"
+#include "core/profiler.h"
+#include "model/kv_cache.h"
+#include "ops/embedding.h"
+#include "ops/gemm_cuda.h"
+#include "ops/linear.h"
+#include "ops/norm.h"
+#include "ops/optim.h"
+#include "ops/rope.h"
+
+namespace lmf {
+
+namespace {
+
+std::string layer_name(int i, const char* rest) { return "layers." + std::to_string(i) + "." + rest; }
+
+// One layer's views through `find` (a parameter, gradient or copy lookup); absent optional tensors
+// stay absent, a missing required one is an error naming it.
+BlockWeights block_bind(const TensorLookup& find, const ModelConfig& c, int i) {
+  auto get = [&](const std::string& name) {
+    Tensor t = find(name);
+    LMF_CHECK(t.defined(), "model parameters: no tensor '", name, "'");
+    return t;
+  };
+  BlockWeights l;
+  l.norm1 = {get(layer_name(i, "norm1.weight")), find(layer_name(i, "norm1.bias"))};
+  l.qkv_w = get(layer_name(i, "attn.qkv.weight"));
+  l.qkv_b = find(layer_name(i, "attn.qkv.bias"));
+  l.proj_w = get(layer_name(i, "attn.proj.weight"));
+  l.proj_b = find(layer_name(i, "attn.proj.bias"));
+  l.norm2 = {get(layer_name(i, "norm2.weight")), find(layer_name(i, "norm2.bias"))};
+  if (c.is_moe_layer(i)) {
+    l.router_w = get(layer_name(i, "moe.router.weight"));
+    l.sel_bias = find(layer_name(i, "moe.router.selection_bias"));
+    l.w_in = get(layer_name(i, "moe.experts.w_in"));
+    l.w_out = get(layer_name(i, "moe.experts.w_out"));
+    l.ws_in = find(layer_name(i, "moe.shared.w_in"));
+    l.ws_out = find(layer_name(i, "moe.shared.w_out"));
+    l.ws_gate = find(layer_name(i, "moe.shared.gate"));
+  } else {
+    l.fc_w = get(layer_name(i, "mlp.fc.weight"));
+    l.fc_b = find(layer_name(i, "mlp.fc.bias"));
+    l.mproj_w = get(layer_name(i, "mlp.proj.weight"));
+    l.mproj_b = find(layer_name(i, "mlp.proj.bias"));
+  }
+  return l;
+}
+
+TensorLookup lookup(const Arena& a) {
+  return [&a](const std::string& name) {
+    const long i = a.find(name);
+    return i < 0 ? Tensor() : a[static_cast<size_t>(i)];
+  };
+}
+
+// Mean of the per-row losses in double, fixed order; `host` is planned staging of losses.numel().
+double mean_of(const Tensor& losses, std::vector<float>& host) {
+  tensor_to_host(host.data(), losses);
+  double s = 0;
+  for (int64_t i = 0; i < losses.numel(); ++i) s += host[static_cast<size_t>(i)];
+  return s / static_cast<double>(losses.numel());
+}
+
+}  // namespace
+
+std::vector<TensorSpec> trunk_param_specs(const ModelConfig& c) {
+  const int64_t C = c.d_model, HS = c.head_size();
+  const bool ln_bias = c.norm == NormKind::layernorm && c.bias;
+  std::vector<TensorSpec> s;
+  for (int i = 0; i < c.n_layer; ++i) {
+    s.push_back({layer_name(i, "norm1.weight"), {C}});
+    if (ln_bias) s.push_back({layer_name(i, "norm1.bias"), {C}});
+    s.push_back({layer_name(i, "attn.qkv.weight"), {c.qkv_dim(), C}});
+    if (c.bias) s.push_back({layer_name(i, "attn.qkv.bias"), {c.qkv_dim()}});
+    s.push_back({layer_name(i, "attn.proj.weight"), {C, c.n_head * HS}});
+    if (c.bias) s.push_back({layer_name(i, "attn.proj.bias"), {C}});
+    s.push_back({layer_name(i, "norm2.weight"), {C}});
+    if (ln_bias) s.push_back({layer_name(i, "norm2.bias"), {C}});
+    if (c.is_moe_layer(i)) {
+      const MoeConfig m = model_moe_config(c);
+      const int64_t E = m.E, S = m.n_shared, Fi = moe_f_in(m), Fe = m.F;
+      s.push_back({layer_name(i, "moe.router.weight"), {E, C}});
+      if (c.moe.bias_rate > 0) s.push_back({layer_name(i, "moe.router.selection_bias"), {E}});
+      s.push_back({layer_name(i, "moe.experts.w_in"), {E, Fi, C}});
+      s.push_back({layer_name(i, "moe.experts.w_out"), {E, C, Fe}});
+      if (S > 0) {
+        s.push_back({layer_name(i, "moe.shared.w_in"), {S, Fi, C}});
+        s.push_back({layer_name(i, "moe.shared.w_out"), {S, C, Fe}});
+        if (m.shared_gate) s.push_back({layer_name(i, "moe.shared.gate"), {S, C}});
+      }
+      continue;
+    }
+    s.push_back({layer_name(i, "mlp.fc.weight"), {c.fc_dim(), C}});
+    if (c.bias) s.push_back({layer_name(i, "mlp.fc.bias"), {c.fc_dim()}});
+    s.push_back({layer_name(i, "mlp.proj.weight"), {C, c.d_ff}});
+    if (c.bias) s.push_back({layer_name(i, "mlp.proj.bias"), {C}});
+  }
+  s.push_back({"norm_f.weight", {C}});
+  if (ln_bias) s.push_back({"norm_f.bias", {C}});
+  return s;
+}
+
+std::vector<TensorSpec> model_param_specs(const ModelConfig& c, const ModelEnds& ends) {
+  std::vector<TensorSpec> s = ends.input_param_specs();
+  for (TensorSpec& t : trunk_param_specs(c)) s.push_back(std::move(t));
+  for (TensorSpec& t : ends.output_param_specs()) s.push_back(std::move(t));
+  return s;
+}
+
+MoeConfig model_moe_config(const ModelConfig& c) {
+  MoeConfig m;
+  if (c.moe.experts == 0) return m;
+  m.E = c.moe.experts;
+  m.K = c.moe.top_k;
+  m.C = c.d_model;
+  m.F = c.d_expert();
+  m.activation = c.activation == ActivationKind::swiglu ? MoeActivation::swiglu : MoeActivation::gelu;
+  m.score = c.moe.sigmoid ? MoeScore::sigmoid : MoeScore::softmax;
+  m.renormalize = c.moe.renormalize;
+  m.capacity_factor = c.moe.capacity_factor;
+  m.aux_coef = c.moe.aux_coef;
+  m.z_coef = c.moe.z_coef;
+  m.n_shared = c.moe.shared;
+  m.shared_gate = c.moe.shared_gate;
+  return m;
+}
+
+std::vector<std::string> Model::lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends) {
+  const BlockKernels k = block_kernels(c, p);
+  std::vector<std::string> names = ends.lazy_grads(k);
+  if (!k.lazy_weight_grads) return names;
+  // Every weight-gradient GEMM writes its whole matrix (beta 0 right after zero_grad); so do the
+  // routed experts' grouped GEMMs (MoeExtraGrads::expert_grads_zero).
+  for (int i = 0; i < c.n_layer; ++i) {
+    for (const char* n : {"attn.qkv.weight", "attn.proj.weight"}) names.push_back(layer_name(i, n));
+    if (c.is_moe_layer(i))
+      for (const char* n : {"moe.experts.w_in", "moe.experts.w_out"}) names.push_back(layer_name(i, n));
+    else
+      for (const char* n : {"mlp.fc.weight", "mlp.proj.weight"}) names.push_back(layer_name(i, n));
+  }
+  return names;
+}
+
+Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, TrainingState* state,
+             std::unique_ptr<ModelEnds> ends)
+    : cfg_(c), plan_(p), params_(params), state_(state), ends_(std::move(ends)) {
+  plan_validate(cfg_, plan_);
+  LMF_CHECK(ends_ != nullptr, "Model: no ends");
+  LMF_CHECK(!plan_.training || state_ != nullptr, "Model: a training plan needs a TrainingState");
+  const std::vector<TensorSpec> specs = model_param_specs(cfg_, *ends_);
+  const Arena& m = params_.master();
+  LMF_CHECK(m.size() == specs.size(), "Model: the parameters hold ", m.size(), " tensors, the model has ", specs.size());
+  for (size_t i = 0; i < specs.size(); ++i)
+    LMF_CHECK(m.spec(i).name == specs[i].name && m.spec(i).shape == specs[i].shape, "Model: parameter ", i, " is '",
+              m.spec(i).name, "', the model's is '", specs[i].name, "'");
+  LMF_CHECK(params_.device() == plan_.device, "Model: parameters on ", device_name(params_.device()), ", plan on ",
+            device_name(plan_.device));
+  kernels_ = block_kernels(cfg_, plan_);
+  LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
+  moe_cfg_ = model_moe_config(cfg_);
+  flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
+  plan_activations();
+  plan_workspace();
+  bind_weights();
+  losses_host_.resize(static_cast<size_t>(plan_.B * plan_.T));
+  moe_counts_host_.resize(static_cast<size_t>(moe_cfg_.E));
+  moe_stats_host_.resize(3);
+}
+
+TrainingState& Model::state() {
+  LMF_CHECK(state_ != nullptr, "Model: planned without training state");
+  return *state_;
+}
+
+// Everything the backward reads, per layer (the layer names match the parameters').
+void Model::plan_activations() {
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, NH = cfg_.n_head, HS = cfg_.head_size();
+  const DType adt = plan_.bf16() ? DType::bf16 : DType::f32;  // activations and their gradients
+  std::vector<TensorSpec> as;
+  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
+    as.push_back({std::move(name), std::move(shape), dt});
+  };
+  add("encoded", {B, T, C}, adt);
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    add(layer_name(l, "ln1"), {B, T, C}, adt);
+    add(layer_name(l, "ln1_mean"), {N});
+    add(layer_name(l, "ln1_rstd"), {N});
+    add(layer_name(l, "qkv"), {B, T, cfg_.qkv_dim()}, adt);
+    if (kernels_.attention == AttentionImpl::flash) add(layer_name(l, "probs"), {B, NH, T});  // the log-sum-exp
+    else if (kernels_.attention == AttentionImpl::reference) add(layer_name(l, "probs"), {B, NH, T, T});
+    add(layer_name(l, "att"), {B, T, NH * HS}, adt);
+    add(layer_name(l, "res1"), {B, T, C}, adt);
+    add(layer_name(l, "ln2"), {B, T, C}, adt);
+    add(layer_name(l, "ln2_mean"), {N});
+    add(layer_name(l, "ln2_rstd"), {N});
+    if (cfg_.is_moe_layer(l)) {
+      for (TensorSpec& sp : moe_state_specs(moe_cfg_, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
+      // training: this layer's gathered input, kept for the backward (no second gather)
+      if (plan_.training) add(layer_name(l, "moe.xg"), {moe_rows(moe_cfg_, N), C}, adt);
+    } else {
+      add(layer_name(l, "fc"), {B, T, cfg_.fc_dim()}, adt);
+      add(layer_name(l, "act"), {B, T, cfg_.d_ff}, adt);
+    }
+    add(layer_name(l, "res2"), {B, T, C}, adt);
+  }
+  add("lnf", {B, T, C}, adt);
+  add("lnf_mean", {N});
+  add("lnf_rstd", {N});
+  add("losses", {N});
+  acts_ = Arena("activations", as, plan_.device);
+
+  auto get = [&](const std::string& name) { return acts_.find(name) < 0 ? Tensor() : acts_.get(name); };
+  auto norm_out = [&](const std::string& stem) {
+    return NormOut{get(stem), get(stem + "_mean"), get(stem + "_rstd")};
+  };
+  encoded_ = acts_.get("encoded");
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    auto a = [&](const char* n) { return get(layer_name(l, n)); };
+    BlockActs x;
+    x.ln1 = norm_out(layer_name(l, "ln1"));
+    x.qkv = a("qkv");
+    x.probs = a("probs");
+    x.att = a("att");
+    x.res1 = a("res1");
+    x.ln2 = norm_out(layer_name(l, "ln2"));
+    x.fc = a("fc");
+    x.act = a("act");
+    x.res2 = a("res2");
+    if (cfg_.is_moe_layer(l)) {
+      x.moe = moe_state_bind(acts_, moe_cfg_, layer_name(l, "moe."));
+      moe_states_.push_back(x.moe);
+    }
+    acts_l_.push_back(x);
+  }
+  lnf_ = norm_out("lnf");
+  losses_ = acts_.get("losses");
+}
+
+// The backward's shared scratch, the ends' workspace, the RoPE table, the MoE scratch; the CUDA
+// launchers' workspace.
+void Model::plan_workspace() {
+  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, NH = cfg_.n_head, HS = cfg_.head_size();
+  const DType adt = plan_.bf16() ? DType::bf16 : DType::f32;
+  bool any_dense = false, any_moe = false;
+  for (int l = 0; l < cfg_.n_layer; ++l) (cfg_.is_moe_layer(l) ? any_moe : any_dense) = true;
+  std::vector<TensorSpec> ws = ends_->workspace_specs(plan_);
+  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
+    ws.push_back({std::move(name), std::move(shape), dt});
+  };
+  if (cfg_.positions == PositionKind::rope) add("rope_freqs", {cfg_.context_length, HS / 2, 2});
+  if (plan_.training) {
+    add("d_res", {B, T, C}, adt);
+    add("d_ln", {B, T, C}, adt);
+    add("d_qkv", {B, T, cfg_.qkv_dim()}, adt);
+    add("d_att", {B, T, NH * HS}, adt);
+    if (any_dense) add("d_fc", {B, T, cfg_.fc_dim()}, adt);
+    // the fused GELU backward rides on the mproj dX GEMM's epilogue: no separate d(act) buffer
+    if (any_dense && !kernels_.fused_bias_gelu) add("d_act", {B, T, cfg_.d_ff}, adt);
+    if (kernels_.attention == AttentionImpl::flash) add("d_probs", {B, NH, T});  // delta = rowsum(dout * out)
+    else add("d_probs", {B, NH, T, T});
+  }
+  if (any_moe)
+    for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan_.training, "moe.")) ws.push_back(std::move(sp));
+  work_ = Arena("workspace", ws, plan_.device);
+  auto get = [&](const char* name) { return work_.find(name) < 0 ? Tensor() : work_.get(name); };
+  d_ = BlockGrads{get("d_res"), get("d_ln"), get("d_qkv"), get("d_att"), get("d_fc"), get("d_act"), get("d_probs")};
+
+  // MoE scratch: shared by the layers, each training layer with its own saved xg
+  const MoeScratch shared = any_moe ? moe_scratch_bind(work_, moe_cfg_, plan_.training, "moe.") : MoeScratch{};
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    acts_l_[static_cast<size_t>(l)].moe_scratch = shared;
+    if (cfg_.is_moe_layer(l) && plan_.training) {
+      acts_l_[static_cast<size_t>(l)].moe_scratch.xg = acts_.get(layer_name(l, "moe.xg"));
+      acts_l_[static_cast<size_t>(l)].moe_scratch.xg_saved = true;
+    }
+  }
+  if (cfg_.positions == PositionKind::rope) {
+    rope_freqs_ = work_.get("rope_freqs");
+    std::vector<float> table(static_cast<size_t>(rope_freqs_.numel()));
+    Tensor host = rope_freqs_;
+    host.data = table.data();
+    host.device = Device::cpu;
+    rope_table_init(host, cfg_.rope_theta);
+    tensor_from_host(rope_freqs_, table.data());
+  }
+
+#ifdef LMF_WITH_CUDA
+  // The CUDA launchers' scratch (deterministic two-pass reductions, sorts, GEMM workspace), reserved
+  // once for the largest user: uses never overlap on the one stream. It covers the optimizer's global
+  // gradient norm over the parameters too.
+  if (plan_.device == Device::cuda) {
+    size_t bytes = kGemmWorkspaceBytes;
+    bytes = std::max(bytes, norm_backward_cuda_workspace(N, C));
+    bytes = std::max(bytes, ends_->cuda_workspace(plan_));
+    bytes = std::max(bytes, linear_backward_cuda_workspace(N, std::max({cfg_.qkv_dim(), cfg_.fc_dim(), C})));
+    bytes = std::max(bytes, grad_global_norm_cuda_workspace(params_.master().flat_f32().numel()));
+    if (any_moe) bytes = std::max(bytes, moe_cuda_workspace(moe_cfg_, N));
+    // cuDNN attention: builds its forward and backward plans here (set-up), never inside a step
+    if (kernels_.attention == AttentionImpl::flash && cfg_.n_layer > 0)
+      bytes = std::max(bytes, flash_attention_cuda_workspace(plan_.attention, B, T, cfg_.n_head, cfg_.n_kv_head, HS));
+    cuda_reserve_workspace(bytes);
+    cuda::set_gemm_math(plan_.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
+  }
+#endif
+}
+
+void Model::bind_weights() {
+  const TensorLookup master = [this](const std::string& n) { return params_.find(n); };
+  const TensorLookup gemm = kernels_.gemm_reads_copy ? TensorLookup([this](const std::string& n) { return params_.find_copy(n); })
+                                                     : master;
+  const TensorLookup grad = plan_.training ? lookup(state_->grads_for_backward())
+                                           : TensorLookup([](const std::string&) { return Tensor(); });
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    w_.push_back(block_bind(master, cfg_, l));
+    wg_.push_back(block_bind(gemm, cfg_, l));
+    if (plan_.training) g_.push_back(block_bind(grad, cfg_, l));
+  }
+  final_w_ = {master("norm_f.weight"), master("norm_f.bias")};
+  final_g_ = {grad("norm_f.weight"), grad("norm_f.bias")};
+  ends_->bind({master, gemm, grad}, work_, kernels_);
+}
+
+BlockStep Model::step_of(int l) const {
+  const size_t i = static_cast<size_t>(l);
+  const bool last = l + 1 == cfg_.n_layer;
+  BlockStep s;
+  s.cfg = &cfg_;
+  s.moe = &moe_cfg_;
+  s.k = &kernels_;
+  s.flops = &flops_;
+  s.prof = prof_;
+  s.layer = l;
+  s.B = plan_.B;
+  s.T = plan_.T;
+  s.w = &w_[i];
+  s.wg = &wg_[i];
+  s.g = plan_.training ? &g_[i] : nullptr;
+  s.tail_w = last ? final_w_ : w_[i + 1].norm1;
+  if (plan_.training) s.tail_g = last ? final_g_ : g_[i + 1].norm1;
+  s.x = l == 0 ? encoded_ : acts_l_[i - 1].res2;
+  s.a = const_cast<BlockActs*>(&acts_l_[i]);  // the step writes the activations this object owns
+  s.tail = last ? lnf_ : acts_l_[i + 1].ln1;
+  s.d = &d_;
+  s.rope_freqs = rope_freqs_;
+  return s;
+}
+
+void Model::trunk_forward(Tensor inputs, int64_t pos, KvCache* cache) {
+  ends_->input_forward(encoded_, inputs, pos, prof_);
+  {  // the head: the first layer's norm1 (the final norm without layers)
+    ProfileScope scope(prof_, "norm fwd");
+    norm_forward(cfg_, cfg_.n_layer > 0 ? acts_l_[0].ln1 : lnf_, encoded_, cfg_.n_layer > 0 ? w_[0].norm1 : final_w_);
+  }
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    BlockStep s = step_of(l);
+    s.cache = cache;
+    s.pos = pos;
+    block_forward(s);
+  }
+}
+
+void Model::trunk_backward(Tensor inputs, float loss_scale) {
+  tensor_zero(d_.d_res);
+  const bool grads_zero = state_->grads_zero();
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+    BlockStep s = step_of(l);
+    s.grads_zero = grads_zero;
+    s.d_aux = loss_scale;
+    block_backward(s);
+  }
+  {  // the head
+    ProfileScope scope(prof_, "norm bwd");
+    const bool layers = cfg_.n_layer > 0;
+    norm_backward(cfg_, d_.d_res, layers ? g_[0].norm1 : final_g_, d_.d_ln, encoded_, layers ? w_[0].norm1 : final_w_,
+                  layers ? acts_l_[0].ln1 : lnf_);
+  }
+  ends_->input_backward(d_.d_res, inputs, prof_);
+  if (cfg_.moe.bias_rate > 0) {  // aux-loss-free balancing: each MoE layer's selection bias follows its load
+    ProfileScope scope(prof_, "moe selection bias");
+    for (int l = 0; l < cfg_.n_layer; ++l)
+      if (w_[static_cast<size_t>(l)].sel_bias.defined())
+        moe_update_bias(w_[static_cast<size_t>(l)].sel_bias, acts_l_[static_cast<size_t>(l)].moe.counts, cfg_.moe.bias_rate);
+  }
+}
+
+void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_scale) {
+  LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
+  ends_->check_targets(targets, plan_, "model forward_backward (targets)");
+  ends_->check_inputs(inputs, plan_, "model forward_backward (inputs)");
+  TrainingState& st = *state_;
+  st.begin_backward();
+  struct Accumulated {  // after this call the gradients hold a backward's sums (also on a throw)
+    TrainingState& st;
+    ~Accumulated() { st.end_backward(); }
+  } accumulated{st};
+  trunk_forward(inputs, 0, nullptr);
+  const int64_t N = plan_.B * plan_.T, C = cfg_.d_model;
+  tensor_zero(d_.d_ln);
+  const GradMode head_mode = kernels_.lazy_weight_grads && st.grads_zero() ? GradMode::Overwrite : GradMode::Accumulate;
+  ends_->output_loss(losses_, d_.d_ln.view({N, C}), lnf_.out.view({N, C}), targets,
+                     loss_scale / static_cast<float>(N), head_mode, prof_);
+  trunk_backward(inputs, loss_scale);
+}
+
+void Model::forward_loss_device(Tensor inputs, Tensor targets) {
+  ends_->check_targets(targets, plan_, "model forward (targets)");
+  ends_->check_inputs(inputs, plan_, "model forward (inputs)");
+  trunk_forward(inputs, 0, nullptr);
+  const int64_t N = plan_.B * plan_.T;
+  ends_->output_loss(losses_, Tensor(), lnf_.out.view({N, cfg_.d_model}), targets, 0.0f, GradMode::Accumulate, prof_);
+}
+
+double Model::forward_backward(Tensor inputs, Tensor targets, float loss_scale) {
+  forward_backward_device(inputs, targets, loss_scale);
+  return mean_of(losses_, losses_host_);
+}
+
+double Model::forward_loss(Tensor inputs, Tensor targets) {
+  forward_loss_device(inputs, targets);
+  return mean_of(losses_, losses_host_);
+}
+
+void Model::forward_values(Tensor out, Tensor inputs) {
+  check_shape(out, {plan_.B, plan_.T, ends_->output_width()}, "model forward_values");
+  if (plan_.bf16()) fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
+  ends_->check_inputs(inputs, plan_, "model forward_values (inputs)");
+  trunk_forward(inputs, 0, nullptr);
+  ends_->output_values(out, lnf_.out.view({plan_.B * plan_.T, cfg_.d_model}));
+}
+
+void Model::forward_decode(Tensor out, Tensor inputs, int64_t pos, KvCache& cache) {
+  LMF_CHECK(plan_.decode, "forward_decode on a model not planned for decoding");
+  trunk_forward(inputs, pos, &cache);
+  ends_->output_values(out, lnf_.out.view({1, cfg_.d_model}));
+}
+
+Model::MoeSummary Model::moe_summary() const {
+  MoeSummary s;
+  if (moe_states_.empty()) return s;
+  const int64_t NK = plan_.B * plan_.T * moe_cfg_.K;
+  s.load_min = 1e300;
+  s.load_max = 0;
+  for (const MoeState& st : moe_states_) {
+    tensor_to_host(moe_counts_host_.data(), st.counts);
+    tensor_to_host(moe_stats_host_.data(), st.stats);
+    s.aux += static_cast<double>(moe_stats_host_[0]) + moe_stats_host_[1];
+    s.dropped += static_cast<int64_t>(moe_stats_host_[2]);
+    s.assignments += NK;
+    for (int32_t c : moe_counts_host_) {
+      const double f = static_cast<double>(c) / static_cast<double>(NK);
+      s.load_min = std::min(s.load_min, f);
+      s.load_max = std::max(s.load_max, f);
+    }
+  }
+  return s;
+}
+
+}  // namespace lmf

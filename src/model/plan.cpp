@@ -1,0 +1,86 @@
+#include "model/plan.h"
+
+#include "core/check.h"
+#include "core/device.h"
+
+namespace lmf {
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::fp32: return "fp32";
+    case Precision::tf32: return "tf32";
+    case Precision::bf16: return "bf16";
+  }
+  return "?";
+}
+
+Precision parse_precision(const std::string& s, const char* flag) {
+  if (s == "fp32") return Precision::fp32;
+  if (s == "tf32") return Precision::tf32;
+  if (s == "bf16") return Precision::bf16;
+  fail(flag, "=", s, " must be fp32, tf32 or bf16");
+}
+
+namespace {
+
+Device parse_device(const std::string& s) {
+  if (s == "auto") return cuda_device_count() > 0 ? Device::cuda : Device::cpu;
+  if (s == "cpu") return Device::cpu;
+  if (s == "cuda") {
+    if (!cuda_built()) fail("--device=cuda: lmforge was built without the CUDA backend");
+    if (cuda_device_count() == 0) fail("--device=cuda: no CUDA device is visible");
+    return Device::cuda;
+  }
+  fail("--device=", s, " must be cpu, cuda or auto");
+}
+
+}  // namespace
+
+ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, int64_t T, bool training) {
+  ModelPlan p;
+  p.B = B;
+  p.T = T;
+  p.training = training;
+  p.device = parse_device(f.device);
+  if (p.device == Device::cuda) cuda_set_device(0);
+  p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
+                                      : parse_precision(f.precision, "--precision");
+  if (p.precision != Precision::fp32 && p.device != Device::cuda)
+    fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
+  p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
+                                        {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
+  plan_validate(c, p);
+  return p;
+}
+
+void plan_validate(const ModelConfig& c, const ModelPlan& p) {
+  c.validate("model config");
+  if (p.B < 1) fail("--batch-size=", p.B, " must be >= 1");
+  if (p.T < 1 || p.T > c.context_length)
+    fail("--seq-len=", p.T, " must be in [1, context_length=", c.context_length, "]");
+  const bool gpu = p.device == Device::cuda;
+  if (p.precision != Precision::fp32 && !gpu)
+    fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
+  const int64_t HS = c.head_size();
+  if (p.bf16() && HS != 32 && HS != 64 && HS != 128)
+    fail("--precision=bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this "
+         "model's head size is d_model/n_head = ", HS);
+  if (p.attention == FlashKernels::cudnn && !(p.bf16() && gpu))
+    fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
+  if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())
+    fail("--attention=cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run time); "
+         "use --attention lmforge");
+  if (p.decode && (p.device != Device::cpu || p.precision != Precision::fp32 || p.training || p.B != 1 || p.T != 1))
+    fail("KV-cache decoding runs one row at a time on the CPU in fp32 in this version (plan: ", device_name(p.device),
+         " ", precision_name(p.precision), " B=", p.B, " T=", p.T, p.training ? " training" : "", ")");
+  bool any_moe = false;
+  for (int l = 0; l < c.n_layer; ++l) any_moe = any_moe || c.is_moe_layer(l);
+  if (any_moe && gpu && !p.bf16())
+    fail("--precision=", precision_name(p.precision), ": MoE layers on the GPU run in bf16 mixed precision (use "
+         "--precision bf16)");
+  if (any_moe && gpu && (c.d_model % 8 != 0 || c.d_expert() % 8 != 0))
+    fail("MoE layers on the GPU need d_model and d_expert multiples of 8 (d_model=", c.d_model,
+         " d_expert=", c.d_expert(), ")");
+}
+
+}  // namespace lmf

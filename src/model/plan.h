@@ -1,0 +1,52 @@
+// plan.h: how a model runs, fixed before set-up (DESIGN.md sections 1 and 2).
+//
+// A ModelPlan is the run's shape and numeric mode: micro-batch B, sequence length T, training or
+// not, device, precision, attention kernels. plan_from_flags() turns the CLI's strings into one and
+// plan_validate() holds every rule about which combinations run (the one place they are checked;
+// the messages name the flags). block_kernels() (model/block.h) turns a plan into the table of
+// kernel choices the block step reads: chosen once at set-up, never inside a step.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/tensor.h"
+#include "model/config.h"
+#include "ops/attention.h"
+
+namespace lmf {
+
+// Numeric mode of a run. fp32: everything fp32. tf32: as fp32, but GEMMs on the GPU's tensor cores
+// with TF32 inputs (fp32 accumulation). bf16: mixed precision on the GPU (docs/MIXED_PRECISION.md):
+// fp32 master weights, gradients and AdamW state; a bf16 weight copy for the GEMMs; bf16 activations;
+// fp32 accumulation everywhere; flash attention.
+enum class Precision { fp32, tf32, bf16 };
+const char* precision_name(Precision p);
+// "fp32" | "tf32" | "bf16"; anything else throws naming `flag` and the accepted values.
+Precision parse_precision(const std::string& s, const char* flag);
+
+struct ModelPlan {
+  int64_t B = 1;           // micro-batch size
+  int64_t T = 1;           // sequence length (<= context_length)
+  bool training = true;    // plan activation gradients (the caller owns a TrainingState)
+  Device device = Device::cpu;            // where every arena lives
+  Precision precision = Precision::fp32;  // tf32 and bf16 need device == cuda
+  FlashKernels attention = FlashKernels::lmforge;  // bf16 plans: the flash attention kernels (attention.h)
+  bool decode = false;     // KV-cache decoding (model/decoder.h): one row per step, B = T = 1, no training
+
+  bool bf16() const { return precision == Precision::bf16; }
+};
+
+// The run's flags as the CLI and the benchmark take them.
+struct PlanFlags {
+  std::string device = "auto";     // auto (cuda when a GPU is visible) | cpu | cuda
+  std::string precision = "auto";  // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 | bf16
+  std::string attention = "auto";  // auto (cudnn when it runs the shape) | lmforge | cudnn
+};
+// Parses the flags (errors name the flag and the accepted values), resolves the autos, then
+// plan_validate()s the result. Selects the CUDA device when the plan is on it.
+ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, int64_t T, bool training);
+// Every rule about a plan: sizes, precision vs device, flash attention's head sizes and kernels,
+// MoE on the GPU. Throws one line naming the flag (--precision, --attention, ...) and the values.
+void plan_validate(const ModelConfig& c, const ModelPlan& p);
+
+}  // namespace lmf

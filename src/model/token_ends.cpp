@@ -1,0 +1,113 @@
+#include "model/token_ends.h"
+
+#include <algorithm>
+
+#include "core/profiler.h"
+#include "ops/cross_entropy.h"
+#include "ops/embedding.h"
+#include "ops/linear.h"
+
+namespace lmf {
+
+namespace {
+
+// Upper bound on the fused LM-head scratch: the head runs over chunks of rows so no full
+// (B*T, Vp) logits buffer exists. CPU: 8M floats (32 MiB, cache-friendly). GPU: 128M floats
+// (512 MiB): the weight-gradient GEMM of each chunk reduces over the chunk's rows, and chunks of a
+// few thousand rows keep it near the GEMM ceiling (166-row chunks ran at 4 TFLOP/s on an H200).
+constexpr int64_t kLogitsScratchElemsCpu = int64_t{8} << 20;
+constexpr int64_t kLogitsScratchElemsGpu = int64_t{128} << 20;
+// bf16 plans: the logits chunk is bf16, at most 416M elements (832 MiB; 8,671 rows of GPT-2's padded
+// vocabulary), and the rows are split into equal chunks (16384 rows: 2 chunks of 8,192). Large
+// chunks keep the dx GEMM (rows x C outputs, K = Vp) several waves deep and read-modify-write the
+// fp32 dW (Vp x C) fewer times.
+constexpr int64_t kLogitsScratchElemsBf16 = int64_t{416} << 20;
+
+}  // namespace
+
+std::vector<TensorSpec> TokenEnds::input_param_specs() const {
+  std::vector<TensorSpec> s{{"tok_emb.weight", {c_.padded_vocab(), c_.d_model}}};
+  if (c_.positions == PositionKind::learned) s.push_back({"pos_emb.weight", {c_.context_length, c_.d_model}});
+  return s;
+}
+
+std::vector<TensorSpec> TokenEnds::output_param_specs() const {
+  if (c_.tied_embeddings) return {};
+  return {{"lm_head.weight", {c_.padded_vocab(), c_.d_model}}};
+}
+
+std::vector<std::string> TokenEnds::lazy_grads(const BlockKernels& k) const {
+  // The LM head's first chunk writes its whole gradient (tied: before the embedding backward adds).
+  if (!k.lazy_weight_grads) return {};
+  return {head_name()};
+}
+
+std::vector<TensorSpec> TokenEnds::workspace_specs(const ModelPlan& p) const {
+  const int64_t N = p.B * p.T, Vp = c_.padded_vocab();
+  const int64_t scratch_elems = p.bf16() ? kLogitsScratchElemsBf16
+                                : p.device == Device::cuda ? kLogitsScratchElemsGpu : kLogitsScratchElemsCpu;
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, scratch_elems / Vp));
+  if (p.bf16()) {  // equal chunks: no short last chunk running the LM-head GEMMs at low occupancy
+    const int64_t chunks = (N + R - 1) / R;
+    R = (N + chunks - 1) / chunks;
+  }
+  return {{"logits_scratch", {R, Vp}, p.bf16() ? DType::bf16 : DType::f32}};
+}
+
+size_t TokenEnds::cuda_workspace(const ModelPlan& p) const {
+  return p.training ? embedding_backward_cuda_workspace(p.B * p.T, c_.padded_vocab()) : 0;
+}
+
+void TokenEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKernels&) {
+  auto get = [](const TensorLookup& f, const std::string& name) {
+    Tensor t = f(name);
+    LMF_CHECK(t.defined(), "model parameters: no tensor '", name, "'");
+    return t;
+  };
+  tok_emb_ = get(v.master, "tok_emb.weight");
+  pos_emb_ = v.master("pos_emb.weight");
+  head_ = get(v.master, head_name());
+  head_gemm_ = get(v.gemm, head_name());
+  d_tok_emb_ = v.grad("tok_emb.weight");
+  d_pos_emb_ = v.grad("pos_emb.weight");
+  d_head_ = v.grad(head_name());
+  logits_scratch_ = workspace.get("logits_scratch");
+}
+
+void TokenEnds::check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const {
+  check_shape(inputs, {p.B, p.T}, what);
+}
+
+void TokenEnds::check_targets(Tensor targets, const ModelPlan& p, const char* what) const {
+  check_shape(targets, {p.B, p.T}, what);
+}
+
+void TokenEnds::input_forward(Tensor x, Tensor inputs, int64_t pos, OpProfiler* prof) {
+  ProfileScope scope(prof, "embedding fwd");
+  embedding_forward(x, inputs, tok_emb_, pos_emb_, pos);
+}
+
+void TokenEnds::input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) {
+  ProfileScope scope(prof, "embedding bwd");
+  embedding_backward(d_tok_emb_, d_pos_emb_, dx, inputs);
+}
+
+void TokenEnds::output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, float grad_scale,
+                            GradMode weights_mode, OpProfiler* prof) {
+  const int64_t N = x.dim(0);
+  if (!dx.defined()) {
+    lm_head_cross_entropy(losses, Tensor(), Tensor(), x, head_gemm_, targets.view({N}), logits_scratch_,
+                          c_.vocab_size, 0.0f);
+    return;
+  }
+  ProfileScope scope(prof, "lm_head + cross-entropy fwd+bwd",
+                     6.0 * static_cast<double>(N) * static_cast<double>(c_.d_model) * static_cast<double>(c_.vocab_size));
+  lm_head_cross_entropy(losses, dx, d_head_, x, head_gemm_, targets.view({N}), logits_scratch_, c_.vocab_size,
+                        grad_scale, weights_mode);
+}
+
+void TokenEnds::output_values(Tensor out, Tensor x) {
+  linear_forward(out.view({x.dim(0), c_.vocab_size}), x, head_.rows(0, c_.vocab_size), Tensor());
+}
+
+}  // namespace lmf

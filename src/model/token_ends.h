@@ -1,0 +1,34 @@
+// token_ends.h: the language model's ends (docs/MODEL.md): token embedding plus learned positions
+// (PositionKind::learned) in; LM head (tied to the embedding, or its own) fused with softmax
+// cross-entropy out. Inputs and targets are (B, T) i32 token ids.
+#pragma once
+#include "model/ends.h"
+
+namespace lmf {
+
+class TokenEnds final : public ModelEnds {
+ public:
+  explicit TokenEnds(const ModelConfig& c) : c_(c) {}
+  const char* name() const override { return "tokens"; }
+  std::vector<TensorSpec> input_param_specs() const override;
+  std::vector<TensorSpec> output_param_specs() const override;
+  std::vector<std::string> lazy_grads(const BlockKernels& k) const override;
+  std::vector<TensorSpec> workspace_specs(const ModelPlan& p) const override;
+  size_t cuda_workspace(const ModelPlan& p) const override;
+  void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) override;
+  void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const override;
+  void check_targets(Tensor targets, const ModelPlan& p, const char* what) const override;
+  void input_forward(Tensor x, Tensor inputs, int64_t pos, OpProfiler* prof) override;
+  void input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) override;
+  void output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, float grad_scale, GradMode weights_mode,
+                   OpProfiler* prof) override;
+  void output_values(Tensor out, Tensor x) override;
+  int64_t output_width() const override { return c_.vocab_size; }
+
+ private:
+  const char* head_name() const { return c_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight"; }
+  ModelConfig c_;
+  Tensor tok_emb_, pos_emb_, head_, head_gemm_, d_tok_emb_, d_pos_emb_, d_head_, logits_scratch_;
+};
+
+}  // namespace lmf
