@@ -60,7 +60,8 @@ Ceilings measure_ceilings(Device dev, Precision prec) {
     }, 10);
   } else {
     g = time_ms([&] {
-      cuda::gemm("ceiling", false, true, n, n, n, 1.0f, a.get("A").f32(), n, a.get("B").f32(), n, 0.0f, a.get("C").f32(), n);
+      cuda::gemm("ceiling", prec == Precision::tf32 ? GemmMath::tf32 : GemmMath::fp32, false, true, n, n, n, 1.0f,
+                 a.get("A").f32(), n, a.get("B").f32(), n, 0.0f, a.get("C").f32(), n);
     }, 5);
   }
   c.gemm_tflops = 2.0 * n * n * n / (g / 1e3) / 1e12;
@@ -104,7 +105,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps);
   app.add_option("--warmup-steps", warmup);
   std::string device = "cpu";
-  app.add_option("--device", device, "cpu or cuda");
+  app.add_option("--device", device, "cpu, cuda or auto");
   std::string precision = "fp32";
   app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
   std::string attention = "auto";
@@ -125,12 +126,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
-    if (device != "cpu" && device != "cuda") fail("--device=", device, " must be cpu or cuda");
-    const bool gpu = device == "cuda";
-    if (graph && (!gpu || profile)) fail("--cuda-graph needs --device cuda and no --profile");
-    if (gemm_report && (!gpu || graph)) fail("--gemm-report needs --device cuda and no --cuda-graph");
     const ModelPlan plan = plan_from_flags(c, {device, precision, attention}, B, T, true);
     const Device dev = plan.device;
+    const bool gpu = dev == Device::cuda;
+    if (graph && (!gpu || profile)) fail("--cuda-graph needs --device cuda and no --profile");
+    if (gemm_report && (!gpu || graph)) fail("--gemm-report needs --device cuda and no --cuda-graph");
     if (plan.bf16() && plan.attention == FlashKernels::cudnn)
       std::fprintf(stderr, "attention: cuDNN %s\n", cudnn_version_text().c_str());
     Gpt gpt(c, plan);
@@ -197,7 +197,8 @@ int main(int argc, char** argv) {
     const std::string attn_tag = plan.bf16() ? std::string("-") + flash_kernels_name(plan.attention) : std::string();
     std::printf("{\"impl\": \"lmforge-%s%s-B%lld%s\", \"device\": \"%s\", \"tok_s\": %.2f, \"step_ms\": %.2f, \"threads\": %d, "
                 "\"mfu\": %.4f, \"peak_mem_gb\": %.2f}\n",
-                precision.c_str(), attn_tag.c_str(), static_cast<long long>(B), graph ? "-graph" : "", device.c_str(), tok_s, med,
+                precision_name(plan.precision), attn_tag.c_str(), static_cast<long long>(B), graph ? "-graph" : "",
+                device_name(dev), tok_s, med,
                 omp_get_max_threads(), mfu, peak_gb);
   } catch (const std::exception& e) {
     std::cerr << "lmforge_bench: error: " << e.what() << "\n";

@@ -26,18 +26,18 @@ constexpr double kGemmTol = 32 * test::kRoundoff;  // 1.9e-6 of the scale
 #ifdef LMF_WITH_CUDA
 void device_gemm(const char* op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                 const float* bias = nullptr) {
-  cuda::gemm(op, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+                 const float* bias = nullptr, GemmMath math = GemmMath::fp32) {
+  cuda::gemm(op, math, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
 }
 void device_gemm_batched(const char* op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                          const float* A, int64_t lda, int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta,
                          float* C, int64_t ldc, int64_t sc, int64_t batch) {
-  cuda::gemm_strided_batched(op, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  cuda::gemm_strided_batched(op, GemmMath::fp32, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 uint64_t plan_queries() { return cuda::gemm_plan_queries(); }
 #else
 void device_gemm(const char*, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
-                 int64_t, float, float*, int64_t, const float* = nullptr) {
+                 int64_t, float, float*, int64_t, const float* = nullptr, GemmMath = GemmMath::fp32) {
   fail("built without the CUDA backend");
 }
 void device_gemm_batched(const char*, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t,
@@ -83,7 +83,7 @@ struct Result {
   std::vector<float> gpu, cpu, scale;  // (M, ldc) each
 };
 
-Result run_case(const Case& c, uint64_t seed) {
+Result run_case(const Case& c, uint64_t seed, GemmMath math = GemmMath::fp32) {
   const int64_t a_rows = c.ta ? c.K : c.M, a_cols = c.ta ? c.M : c.K;
   const int64_t b_rows = c.tb ? c.N : c.K, b_cols = c.tb ? c.K : c.N;
   const int64_t lda = a_cols + c.pad, ldb = b_cols + c.pad, ldc = c.N + c.pad;
@@ -100,7 +100,7 @@ Result run_case(const Case& c, uint64_t seed) {
   OffsetBuffer dA(A, c.offset), dB(B, c.offset), dC(C0, c.offset), dbias(bias, c.offset);
   if (c.beta == 0.0f) dC.poison();  // beta = 0: C must not be read
   device_gemm("test_gemm", c.ta, c.tb, c.M, c.N, c.K, c.alpha, dA.ptr(), lda, dB.ptr(), ldb, c.beta, dC.ptr(), ldc,
-             c.bias ? dbias.ptr() : nullptr);
+             c.bias ? dbias.ptr() : nullptr, math);
   r.gpu = dC.download();
   // Padding columns of C are never written: still the poison (beta = 0) or the original values.
   for (int64_t i = 0; i < c.M; ++i)
@@ -169,18 +169,16 @@ TEST(CudaGemm, TallKWeightGradientsMatchCpuAndAreDeterministic) {
   }
 }
 
-// TF32 mode: inputs rounded to 10-bit mantissas, fp32 accumulation. ||gpu - cpu|| / ||cpu|| lands
-// near 2^-11 ~ 5e-4 for random data; bound 3e-3. Then back to fp32, which must again match exactly
-// the fp32 plan's result (modes have separate plans).
+// TF32 math: inputs rounded to 10-bit mantissas, fp32 accumulation. ||gpu - cpu|| / ||cpu|| lands
+// near 2^-11 ~ 5e-4 for random data; bound 3e-3. Then fp32 again, which must match exactly the first
+// fp32 call's result (the two maths have separate plans).
 TEST(CudaGemm, Tf32ModeIsWithinTf32RoundingAndSwitchesBack) {
   LMF_REQUIRE_GPU();
   cuda_reserve_workspace(kGemmWorkspaceBytes);
   const uint64_t seed = test::fresh_seed();
   const Case c{false, true, 1024, 768, 3072, 1.0f, 0.0f, false, 0, 0};
   const Result fp32 = run_case(c, seed);
-  cuda::set_gemm_math(cuda::GemmMath::tf32);
-  const Result tf32 = run_case(c, seed);
-  cuda::set_gemm_math(cuda::GemmMath::fp32);
+  const Result tf32 = run_case(c, seed, GemmMath::tf32);
   double num = 0, den = 0;
   for (size_t i = 0; i < tf32.cpu.size(); ++i) {
     num += (tf32.gpu[i] - tf32.cpu[i]) * double(tf32.gpu[i] - tf32.cpu[i]);

@@ -13,6 +13,10 @@
 #                                 # and the grouped GEMMs' hardware counters (ncugg: only those)
 #   tools/gpu_check.sh quick      # build + the GPU tests + lmforge's benchmarks (no PyTorch)
 #   tools/gpu_check.sh gemms      # build + every bf16 GEMM of the GPT-2 step against cuBLASLt's other candidates
+#   tools/gpu_check.sh refactor   # build this tree and a baseline (LMF_BASE_SRC, default .base: another commit's
+#                                 # source, e.g. `git archive COMMIT | tar -x -C .base`), then tools/same_bits.sh
+#                                 # gpu with both binaries: the losses must print the same
+#   tools/gpu_check.sh refactorbench  # the same builds: lmforge_bench before/after, alternated, GPT-2 and moe-bench
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
@@ -49,6 +53,16 @@ print(torch.backends.cudnn.version(), c.__path__[0])" 2>/dev/null)
 fi
 [ -n "$LMF_CUDNN_ROOT" ] && export LD_LIBRARY_PATH="$LMF_CUDNN_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 t0=$(date +%s)
+base_src=${LMF_BASE_SRC:-.base}
+if [ "$what" = refactor ] || [ "$what" = refactorbench ]; then
+  # the baseline builds beside this tree's (same cuDNN, same flags), its binaries only
+  [ -d "$base_src/src" ] || { echo "no baseline source in $base_src"; exit 1; }
+  [ -e "$base_src/third_party" ] || ln -s "$PWD/third_party" "$base_src/third_party"
+  ( cmake -S "$base_src" -B "$base_src/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON \
+      -DLMF_BUILD_TESTS=OFF -DLMF_CUDNN_ROOT="$LMF_CUDNN_ROOT" >"$OUT/cmake_base.log" 2>&1 &&
+    ninja -C "$base_src/build-gpu" lmforge lmforge_bench >"$OUT/build_base.log" 2>&1; echo $? >"$OUT/build_base.rc" ) &
+  base_pid=$!
+fi
 if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -DLMF_CUDNN_ROOT="$LMF_CUDNN_ROOT" \
     >"$OUT/cmake.log" 2>&1; then
   tail -30 "$OUT/cmake.log"; echo "CONFIGURE FAILED"; exit 1
@@ -57,6 +71,11 @@ if ! ninja -C build-gpu >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
 fi
 add "build" "ok ($(( $(date +%s) - t0 )) s), $(grep -o 'cuDNN attention [A-Z]*' "$OUT/cmake.log")"
+if [ -n "${base_pid:-}" ]; then
+  wait "$base_pid"
+  if [ "$(cat "$OUT/build_base.rc")" != 0 ]; then grep -E "error|Error" "$OUT/build_base.log" | head -20; echo "BASE BUILD FAILED"; exit 1; fi
+  add "baseline build ($base_src)" "ok ($(( $(date +%s) - t0 )) s)"
+fi
 
 if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ]; then
   : >"$OUT/tests.log"
@@ -251,6 +270,59 @@ for name in ["gpt2", "moe"]:
         print("%-12s %12.0f %12.0f %8.2f %16s  %s" % (name, on, off, on / off, lon + "/" + loff, same))
     else:
         print("%-12s error: %s %s" % (name, lon, loff))
+PY
+fi
+
+# The refactor check (docs/ARCHITECTURE.md): 20 steps of GPT-2 124M and moe-bench, CUDA graphs on and off,
+# with the baseline's binary and this tree's: every logged loss must be the same double.
+if [ "$what" = refactor ]; then
+  for side in base new; do
+    bin=./build-gpu/lmforge
+    [ $side = base ] && bin=$base_src/build-gpu/lmforge
+    tools/same_bits.sh gpu "$bin" "/tmp/same_bits_$side" >"$OUT/same_bits_$side.txt" 2>&1
+    add "same_bits.sh gpu ($side)" "rc=$? $(wc -l <"$OUT/same_bits_$side.txt") runs"
+  done
+  if diff "$OUT/same_bits_base.txt" "$OUT/same_bits_new.txt" >"$OUT/same_bits.diff"; then
+    add "GPU losses, baseline vs this tree" "bitwise equal: $(grep -o ' [0-9]*:' "$OUT/same_bits_new.txt" | wc -l) losses"
+  else
+    add "GPU losses, baseline vs this tree" "DIFFER (same_bits.diff)"; failures=$((failures + 1)); head -c 3000 "$OUT/same_bits.diff"
+  fi
+  cut -c1-160 "$OUT/same_bits_new.txt"
+fi
+# Speed before/after: the same benchmark with both binaries, alternated (base, new, base, new) so that
+# clock and thermal drift hit both alike.
+if [ "$what" = refactorbench ]; then
+  rb() {  # side tag preset B T [flags]
+    local bin=./build-gpu/lmforge_bench
+    [ "$1" = base ] && bin=$base_src/build-gpu/lmforge_bench
+    "$bin" --device cuda --precision bf16 --preset "$3" --batch-size "$4" --seq-len "$5" --steps 10 --warmup-steps 3 \
+      ${6:-} >"$OUT/rb_$2_$1.json" 2>"$OUT/rb_$2_$1.err" || { failures=$((failures + 1)); tail -3 "$OUT/rb_$2_$1.err"; }
+    cat "$OUT/rb_$2_$1.json" >>"$OUT/rb_$2_$1.all"
+  }
+  for rep in 1 2; do
+    for side in base new; do
+      rb $side gpt2 gpt2-124m 16 1024
+      rb $side gpt2_graph gpt2-124m 16 1024 --cuda-graph
+      rb $side moe_graph moe-bench 8 2048 --cuda-graph
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+print("\nlmforge_bench before (baseline) / after (this tree), same GPU, 2 alternated runs each (step_ms)")
+print("%-12s %22s %22s %10s" % ("config", "baseline step_ms", "this tree step_ms", "after/before"))
+for tag in ["gpt2", "gpt2_graph", "moe_graph"]:
+    def ms(side):
+        try:
+            return [json.loads(l)["step_ms"] for l in open(os.path.join(out, "rb_%s_%s.all" % (tag, side))) if l.strip()]
+        except Exception as e:
+            return []
+    b, n = ms("base"), ms("new")
+    if b and n:
+        print("%-12s %22s %22s %10.3f" % (tag, " ".join("%.2f" % x for x in b), " ".join("%.2f" % x for x in n),
+                                          (sum(n) / len(n)) / (sum(b) / len(b))))
+    else:
+        print("%-12s missing: %s %s" % (tag, b, n))
 PY
 fi
 

@@ -20,6 +20,7 @@ BlockKernels block_kernels(const ModelConfig& c, const ModelPlan& p) {
   k.fused_bias_gelu = fused && c.activation == ActivationKind::gelu && c.bias;  // the epilogue needs a bias
   k.bias_grad_from_norm = fused;
   k.gemm_reads_copy = fused;
+  k.gemm_math = p.precision == Precision::tf32 ? GemmMath::tf32 : GemmMath::fp32;
   k.overwrite_act_grads = fused;
   k.lazy_weight_grads = fused && p.device == Device::cuda;
   k.comm = &single_rank();
@@ -85,7 +86,9 @@ void attention_step_forward(const BlockStep& s) {
   BlockActs& a = *s.a;
   switch (s.k->attention) {
     case AttentionImpl::reference:
-      timed(s, "attention fwd", s.flops->attn, [&] { attention_forward(a.att, a.probs, a.qkv, c.n_head, c.n_kv_head); });
+      timed(s, "attention fwd", s.flops->attn, [&] {
+        attention_forward(a.att, a.probs, a.qkv, c.n_head, c.n_kv_head, s.k->gemm_math);
+      });
       return;
     case AttentionImpl::flash:
       timed(s, "flash attention fwd", s.flops->attn, [&] {
@@ -127,13 +130,15 @@ void ffn_forward(const BlockStep& s) {
   if (s.k->fused_bias_gelu) {
     timed(s, "linear fc + gelu fwd", s.flops->fc, [&] { linear_gelu_forward(a.act, a.fc, a.ln2.out, wg.fc_w, wg.fc_b); });
   } else {
-    timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, a.ln2.out, wg.fc_w, wg.fc_b); });
+    timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, a.ln2.out, wg.fc_w, wg.fc_b, s.k->gemm_math); });
     timed(s, "activation fwd", 0, [&] {
       if (c.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
       else swiglu_forward(a.act, a.fc);
     });
   }
-  timed(s, "linear mproj fwd", s.flops->mproj, [&] { linear_forward(a.res2, a.act, wg.mproj_w, wg.mproj_b); });
+  timed(s, "linear mproj fwd", s.flops->mproj, [&] {
+    linear_forward(a.res2, a.act, wg.mproj_w, wg.mproj_b, s.k->gemm_math);
+  });
 }
 
 // The mode of a backward op's activation-gradient output: overwritten, or zeroed here and accumulated.
@@ -169,7 +174,8 @@ void ffn_backward(const BlockStep& s, GradMode wmode) {
     });
   } else {
     timed(s, "linear mproj bwd", 2 * f.mproj, [&] {
-      linear_backward(d.d_act, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode);
+      linear_backward(d.d_act, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode,
+                      s.k->gemm_math);
     });
     tensor_zero(d.d_fc);
     timed(s, "activation bwd", 0, [&] {
@@ -178,7 +184,7 @@ void ffn_backward(const BlockStep& s, GradMode wmode) {
     });
   }
   timed(s, "linear fc bwd", 2 * f.fc, [&] {
-    linear_backward(d.d_ln, g.fc_w, g.fc_b, d.d_fc, a.ln2.out, wg.fc_w, act_grad(s, d.d_ln), wmode);
+    linear_backward(d.d_ln, g.fc_w, g.fc_b, d.d_fc, a.ln2.out, wg.fc_w, act_grad(s, d.d_ln), wmode, s.k->gemm_math);
   });
 }
 
@@ -190,7 +196,7 @@ void attention_step_backward(const BlockStep& s) {
     case AttentionImpl::reference:
       tensor_zero(d.d_qkv);
       timed(s, "attention bwd", 2 * s.flops->attn, [&] {
-        attention_backward(d.d_qkv, d.d_probs, d.d_att, a.qkv, a.probs, c.n_head, c.n_kv_head);
+        attention_backward(d.d_qkv, d.d_probs, d.d_att, a.qkv, a.probs, c.n_head, c.n_kv_head, s.k->gemm_math);
       });
       return;
     case AttentionImpl::flash:
@@ -209,11 +215,13 @@ void block_forward(const BlockStep& s) {
   const ModelConfig& c = *s.cfg;
   const BlockWeights &w = *s.w, &wg = *s.wg;
   BlockActs& a = *s.a;
-  timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, a.ln1.out, wg.qkv_w, wg.qkv_b); });
+  timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, a.ln1.out, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
   if (c.positions == PositionKind::rope)
     timed(s, "rope fwd", 0, [&] { rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.pos); });
   attention_step_forward(s);
-  timed(s, "linear proj fwd", s.flops->proj, [&] { linear_forward(a.res1, a.att, wg.proj_w, wg.proj_b); });
+  timed(s, "linear proj fwd", s.flops->proj, [&] {
+    linear_forward(a.res1, a.att, wg.proj_w, wg.proj_b, s.k->gemm_math);
+  });
   reduce(s, a.res1);
   residual_norm(s, a.res1, s.x, a.res1, a.ln2, w.norm2);
   ffn_forward(s);
@@ -242,13 +250,14 @@ void block_backward(const BlockStep& s) {
   });
   timed(s, "linear proj bwd", 2 * f.proj, [&] {
     linear_backward(d.d_att, g.proj_w, db_norm ? Tensor() : g.proj_b, d.d_res, a.att, wg.proj_w, act_grad(s, d.d_att),
-                    wmode);
+                    wmode, s.k->gemm_math);
   });
   attention_step_backward(s);
   if (c.positions == PositionKind::rope)
     timed(s, "rope bwd", 0, [&] { rope_backward(d.d_qkv, s.rope_freqs, c.n_head, c.n_kv_head); });
   timed(s, "linear qkv bwd", 2 * f.qkv, [&] {
-    linear_backward(d.d_ln, g.qkv_w, g.qkv_b, d.d_qkv, a.ln1.out, wg.qkv_w, act_grad(s, d.d_ln), wmode);
+    linear_backward(d.d_ln, g.qkv_w, g.qkv_b, d.d_qkv, a.ln1.out, wg.qkv_w, act_grad(s, d.d_ln), wmode,
+                    s.k->gemm_math);
   });
   reduce(s, d.d_ln);
 }

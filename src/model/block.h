@@ -26,6 +26,7 @@
 #include "core/comm.h"
 #include "model/config.h"
 #include "model/plan.h"
+#include "ops/gemm_math.h"
 #include "ops/grad_mode.h"
 #include "ops/moe.h"
 
@@ -49,6 +50,7 @@ struct BlockKernels {
   bool fused_bias_gelu = false;      // GELU in the fc GEMM's epilogue, its backward in the mproj dX GEMM's
   bool bias_grad_from_norm = false;  // proj / mproj bias gradients as the norm backward's column sums
   bool gemm_reads_copy = false;      // GEMMs read the bf16 weight copy (norms, router, gates: the masters)
+  GemmMath gemm_math = GemmMath::fp32;  // f32 GEMMs on the GPU: true fp32, or TF32 tensor cores (tf32 plans)
   bool overwrite_act_grads = false;  // backward ops overwrite activation gradients (else zero, then +=)
   bool lazy_weight_grads = false;    // right after zero_grad the weight-gradient GEMMs overwrite (beta 0)
   Communicator* comm = nullptr;      // tensor parallelism's reductions (single_rank(): none)

@@ -129,8 +129,9 @@ MoeConfig model_moe_config(const ModelConfig& c) {
   return m;
 }
 
-std::vector<std::string> Model::lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends) {
-  const BlockKernels k = block_kernels(c, p);
+std::vector<std::string> Model::lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends,
+                                           const BlockKernels* kernels) {
+  const BlockKernels k = kernels ? *kernels : block_kernels(c, p);
   std::vector<std::string> names = ends.lazy_grads(k);
   if (!k.lazy_weight_grads) return names;
   // Every weight-gradient GEMM writes its whole matrix (beta 0 right after zero_grad); so do the
@@ -146,7 +147,7 @@ std::vector<std::string> Model::lazy_grads(const ModelConfig& c, const ModelPlan
 }
 
 Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, TrainingState* state,
-             std::unique_ptr<ModelEnds> ends)
+             std::unique_ptr<ModelEnds> ends, const BlockKernels* kernels)
     : cfg_(c), plan_(p), params_(params), state_(state), ends_(std::move(ends)) {
   plan_validate(cfg_, plan_);
   LMF_CHECK(ends_ != nullptr, "Model: no ends");
@@ -159,7 +160,9 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
               m.spec(i).name, "', the model's is '", specs[i].name, "'");
   LMF_CHECK(params_.device() == plan_.device, "Model: parameters on ", device_name(params_.device()), ", plan on ",
             device_name(plan_.device));
-  kernels_ = block_kernels(cfg_, plan_);
+  kernels_ = kernels ? *kernels : block_kernels(cfg_, plan_);
+  LMF_CHECK((kernels_.attention == AttentionImpl::kv_cache) == plan_.decode,
+            "Model: KV-cache attention is the decoding plans' (and theirs only)");
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
   moe_cfg_ = model_moe_config(cfg_);
   flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
@@ -303,7 +306,6 @@ void Model::plan_workspace() {
     if (kernels_.attention == AttentionImpl::flash && cfg_.n_layer > 0)
       bytes = std::max(bytes, flash_attention_cuda_workspace(plan_.attention, B, T, cfg_.n_head, cfg_.n_kv_head, HS));
     cuda_reserve_workspace(bytes);
-    cuda::set_gemm_math(plan_.precision == Precision::tf32 ? cuda::GemmMath::tf32 : cuda::GemmMath::fp32);
   }
 #endif
 }

@@ -41,14 +41,16 @@ MoeConfig model_moe_config(const ModelConfig& c);
 class Model {
  public:
   // params must hold model_param_specs(c, *ends) (and a bf16 copy in bf16 plans); state is required
-  // by training plans (and built with lazy_grads(c, p, *ends)), ignored otherwise.
+  // by training plans (and built with lazy_grads(c, p, *ends)), ignored otherwise. kernels: the block
+  // table, block_kernels(c, p) when null (tests run other combinations: each computes the same function).
   Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, TrainingState* state,
-        std::unique_ptr<ModelEnds> ends);
+        std::unique_ptr<ModelEnds> ends, const BlockKernels* kernels = nullptr);
   Model(const Model&) = delete;  // views point into the arenas: it stays where it was built
   Model& operator=(const Model&) = delete;
 
   // The gradients that the first backward after zero_grad writes whole (for TrainingState).
-  static std::vector<std::string> lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends);
+  static std::vector<std::string> lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends,
+                                             const BlockKernels* kernels = nullptr);
 
   const ModelConfig& config() const { return cfg_; }
   const ModelPlan& plan() const { return plan_; }

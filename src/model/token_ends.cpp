@@ -58,7 +58,8 @@ size_t TokenEnds::cuda_workspace(const ModelPlan& p) const {
   return p.training ? embedding_backward_cuda_workspace(p.B * p.T, c_.padded_vocab()) : 0;
 }
 
-void TokenEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKernels&) {
+void TokenEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) {
+  math_ = k.gemm_math;
   auto get = [](const TensorLookup& f, const std::string& name) {
     Tensor t = f(name);
     LMF_CHECK(t.defined(), "model parameters: no tensor '", name, "'");
@@ -97,17 +98,17 @@ void TokenEnds::output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, 
   const int64_t N = x.dim(0);
   if (!dx.defined()) {
     lm_head_cross_entropy(losses, Tensor(), Tensor(), x, head_gemm_, targets.view({N}), logits_scratch_,
-                          c_.vocab_size, 0.0f);
+                          c_.vocab_size, 0.0f, GradMode::Accumulate, math_);
     return;
   }
   ProfileScope scope(prof, "lm_head + cross-entropy fwd+bwd",
                      6.0 * static_cast<double>(N) * static_cast<double>(c_.d_model) * static_cast<double>(c_.vocab_size));
   lm_head_cross_entropy(losses, dx, d_head_, x, head_gemm_, targets.view({N}), logits_scratch_, c_.vocab_size,
-                        grad_scale, weights_mode);
+                        grad_scale, weights_mode, math_);
 }
 
 void TokenEnds::output_values(Tensor out, Tensor x) {
-  linear_forward(out.view({x.dim(0), c_.vocab_size}), x, head_.rows(0, c_.vocab_size), Tensor());
+  linear_forward(out.view({x.dim(0), c_.vocab_size}), x, head_.rows(0, c_.vocab_size), Tensor(), math_);
 }
 
 }  // namespace lmf

@@ -28,6 +28,7 @@ class TokenEnds final : public ModelEnds {
  private:
   const char* head_name() const { return c_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight"; }
   ModelConfig c_;
+  GemmMath math_ = GemmMath::fp32;  // the plan's f32 GEMM mode (BlockKernels::gemm_math)
   Tensor tok_emb_, pos_emb_, head_, head_gemm_, d_tok_emb_, d_pos_emb_, d_head_, logits_scratch_;
 };
 

@@ -1,5 +1,6 @@
 #include "model/train_state.h"
 
+#include <cstring>
 #include <set>
 
 #include "core/device.h"
@@ -7,8 +8,16 @@
 
 namespace lmf {
 
+namespace {
+void zero_bytes(Device d, unsigned char* p, size_t n) {
+  if (d == Device::cpu) std::memset(p, 0, n);
+  else device_memset0(p, n);
+}
+}  // namespace
+
 TrainingState::TrainingState(const Parameters& params, const std::vector<std::string>& lazy)
-    : grads_("grads", params.master().specs(), params.device()),
+    : device_(params.device()),
+      grads_("grads", params.master().specs(), params.device()),
       m_("adam_m", params.master().specs(), params.device()),
       v_("adam_v", params.master().specs(), params.device()) {
   decay_ranges_host_ = adamw_decay_ranges(params.master());
@@ -40,7 +49,7 @@ void TrainingState::zero_grad() {
     return;
   }
   auto* base = static_cast<unsigned char*>(grads_.base());
-  for (const auto& [at, n] : eager_ranges_) device_memset0(base + at, n);
+  for (const auto& [at, n] : eager_ranges_) zero_bytes(device_, base + at, n);
   lazy_stale_ = true;
 }
 
@@ -53,7 +62,7 @@ void TrainingState::begin_backward() {
 void TrainingState::settle() {
   if (!lazy_stale_) return;
   auto* base = static_cast<unsigned char*>(grads_.base());
-  for (const auto& [at, n] : lazy_ranges_) device_memset0(base + at, n);
+  for (const auto& [at, n] : lazy_ranges_) zero_bytes(device_, base + at, n);
   lazy_stale_ = false;
 }
 

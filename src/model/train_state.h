@@ -46,6 +46,7 @@ class TrainingState {
 
  private:
   void settle();
+  Device device_;
   Arena grads_, m_, v_;
   std::vector<int32_t> decay_ranges_host_;
   Tensor decay_ranges_;

@@ -191,7 +191,7 @@ void check_aligned16(const char* op, const Tensor& t) {
 
 }  // namespace
 
-void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_kv_head) {
+void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_kv_head, GemmMath math) {
   check_f32(out, kOpForward);
   check_f32(probs, kOpForward);
   check_f32(qkv, kOpForward);
@@ -206,10 +206,11 @@ void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_k
     attention_forward_cpu(out.f32(), probs.f32(), qkv.f32(), d);
   else
     LMF_CUDA_DISPATCH(kOpForward, cuda::attention_forward(out.f32(), probs.f32(), qkv.f32(), B, T, n_head, n_kv_head,
-                                                          HS, attention_scale(HS)));
+                                                          HS, attention_scale(HS), math));
 }
 
-void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head, int n_kv_head) {
+void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head, int n_kv_head,
+                        GemmMath math) {
   check_f32(dqkv, kOpBackward);
   check_f32(dprobs, kOpBackward);
   check_f32(dout, kOpBackward);
@@ -229,7 +230,7 @@ void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Ten
   else
     LMF_CUDA_DISPATCH(kOpBackward, cuda::attention_backward(dqkv.f32(), dprobs.f32(), dout.f32(), qkv.f32(),
                                                             probs.f32(), B, T, n_head, n_kv_head, HS,
-                                                            attention_scale(HS)));
+                                                            attention_scale(HS), math));
 }
 
 namespace {

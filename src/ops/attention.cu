@@ -63,6 +63,7 @@ constexpr int64_t kRowAlign = 64;  // block sizes are multiples of this (GEMM ti
 
 struct Dims {
   int64_t B, T, NH, NKV, HS;
+  GemmMath math;  // of every GEMM of the call
   int64_t C3() const { return (NH + 2 * NKV) * HS; }
   int64_t CO() const { return NH * HS; }
   int64_t group() const { return NH / NKV; }
@@ -94,7 +95,7 @@ int64_t block_rows(int64_t T, int64_t target, int64_t max_blocks) {
 void bgemm(const char* op, const Dims& d, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
            const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b, float beta,
            float* C, int64_t ldc, int64_t stride_c) {
-  gemm_strided_batched(op, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+  gemm_strided_batched(op, d.math, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
                        stride_c, d.B);
 }
 
@@ -140,9 +141,9 @@ LaunchSpec row_launch(const char* op, const ShapeText& shapes, int64_t rows) {
 }  // namespace
 
 void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                       int64_t HS, float scale) {
+                       int64_t HS, float scale, GemmMath math) {
   const char* op = "attention_forward";
-  const Dims d{B, T, NH, NKV, HS};
+  const Dims d{B, T, NH, NKV, HS, math};
   const int64_t C3 = d.C3(), CO = d.CO(), sq = d.s_qkv(), so = d.s_out(), sp = d.s_probs();
   const int64_t Rs = block_rows(T, kScoreRows, kMaxScoreBlocks), Ro = block_rows(T, kOutRows, kMaxOutBlocks);
   // GEMM workspace: reserved at set-up by the caller (the model; tests); the GEMMs fail clearly if not
@@ -165,9 +166,9 @@ void attention_forward(float* out, float* probs, const float* qkv, int64_t B, in
 }
 
 void attention_backward(float* dqkv, float* dprobs, const float* dout, const float* qkv, const float* probs, int64_t B,
-                        int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale) {
+                        int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale, GemmMath math) {
   const char* op = "attention_backward";
-  const Dims d{B, T, NH, NKV, HS};
+  const Dims d{B, T, NH, NKV, HS, math};
   const int64_t C3 = d.C3(), CO = d.CO(), sq = d.s_qkv(), so = d.s_out(), sp = d.s_probs();
   const int64_t Rs = block_rows(T, kScoreRows, kMaxScoreBlocks), Ro = block_rows(T, kOutRows, kMaxOutBlocks);
   // GEMM workspace: reserved at set-up by the caller (the model; tests); the GEMMs fail clearly if not

@@ -6,17 +6,20 @@
 #include <string>
 
 #include "core/tensor.h"
+#include "ops/gemm_math.h"
 #include "ops/grad_mode.h"
 
 namespace lmf {
 
 // qkv: (B, T, (NH + 2*NKV) * HS), rows [q heads | k heads | v heads] (RoPE already applied)
 // out: (B, T, NH * HS); probs: (B, NH, T, T), probs[b,h,t,s] = 0 for s > t
-void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_kv_head);
+// math: the GPU GEMMs' mode (ops/gemm_math.h; the CPU computes in fp32)
+void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_kv_head,
+                       GemmMath math = GemmMath::fp32);
 
 // dqkv += gradient w.r.t. qkv; dprobs: (B, NH, T, T) scratch (overwritten)
 void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head,
-                        int n_kv_head);
+                        int n_kv_head, GemmMath math = GemmMath::fp32);
 
 // One query position against a KV cache (generation).
 // q: (NH * HS); k_cache, v_cache: (maxT, NKV * HS), positions [0, n_ctx) valid; out: (NH * HS);
@@ -29,9 +32,9 @@ namespace cuda {  // launchers (attention.cu); called by the op entries after va
 // out: (B, T, NH*HS); probs, dprobs: (B, NH, T, T); qkv, dqkv: (B, T, (NH + 2*NKV) * HS); dout: (B, T, NH*HS).
 // scale = 1/sqrt(HS) as the op entry computes it. Backward accumulates into dqkv; dprobs is overwritten.
 void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                       int64_t HS, float scale);
+                       int64_t HS, float scale, GemmMath math);
 void attention_backward(float* dqkv, float* dprobs, const float* dout, const float* qkv, const float* probs, int64_t B,
-                        int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale);
+                        int64_t T, int64_t NH, int64_t NKV, int64_t HS, float scale, GemmMath math);
 }  // namespace cuda
 
 // Fused causal flash attention in bf16 (docs/MIXED_PRECISION.md; GPU only): no (T, T) probabilities in

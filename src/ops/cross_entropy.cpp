@@ -71,7 +71,8 @@ void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float*
 }  // namespace
 
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
-                           Tensor logits_scratch, int64_t vocab_size, float grad_scale, GradMode dw_mode) {
+                           Tensor logits_scratch, int64_t vocab_size, float grad_scale, GradMode dw_mode,
+                           GemmMath math) {
   // x picks the path: f32 everywhere, or bf16 x, w, logits_scratch, dx with f32 losses, dw (GPU only;
   // check_dtype fails for a bf16 tensor on the CPU).
   const bool bf = x.defined() && x.dtype == DType::bf16;
@@ -131,7 +132,7 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
     // Targets live on the GPU: the data loader validated them (reading them here would sync).
     LMF_CUDA_DISPATCH(kOp, cuda::lm_head_cross_entropy(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg,
                                                        logits_scratch.f32(), N, C, vocab_size, Vp,
-                                                       std::min<int64_t>(R, N), grad_scale));
+                                                       std::min<int64_t>(R, N), grad_scale, math));
   }
 }
 

@@ -378,7 +378,7 @@ void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool acc
 
 void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
                            const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
-                           int64_t R, float grad_scale) {
+                           int64_t R, float grad_scale, GemmMath math) {
   const char* op = "lm_head_cross_entropy";
   const bool grad = dx != nullptr;
   const ShapeText shapes = dims(N, C, V, Vp, R);
@@ -390,14 +390,14 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
     // padded columns never enter the softmax, and their gradient is written as 0, so dx and dW get
     // nothing from them (padded rows of W are zero in every lmforge model; any finite values work).
     // logits[0:rows, 0:Vp] = xc W^T
-    gemm(op, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+    gemm(op, math, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
     launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_kernel, losses + n0, logits, targets + n0, V,
            Vp, grad_scale, grad);
     if (!grad) continue;
     // dx[n0:n0+rows] += dlogits (rows, Vp) W (Vp, C)
-    gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
+    gemm(op, math, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
     // dW += dlogits^T (Vp, rows) xc (rows, C)   (padded rows += 0)
-    gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+    gemm(op, math, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
   }
 }
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "ops/gemm_math.h"
 #include "ops/grad_mode.h"
 
 namespace lmf {
@@ -28,9 +29,10 @@ namespace lmf {
 // dw_mode Overwrite: dw = this call's gradient (its old values are not read; the bf16 path's first
 // weight-gradient GEMM runs with beta 0, the others zero dw first)
 // dtypes: all f32, or (GPU) x, w, logits_scratch, dx bf16 with losses, dw f32
+// math: the f32 GPU GEMMs' mode (ops/gemm_math.h; bf16 and the CPU ignore it)
 void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale,
-                           GradMode dw_mode = GradMode::Accumulate);
+                           GradMode dw_mode = GradMode::Accumulate, GemmMath math = GemmMath::fp32);
 
 // dst: (1) f32 = (accumulate ? dst : 0) + scale * mean(losses), the mean summed in double in a fixed
 // order on the device that holds the tensors (no host read: the training step keeps its loss on
@@ -43,7 +45,7 @@ void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool acc
 // targets: (N) in [0, V); logits: (R, Vp) scratch, R <= N rows per chunk.
 void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, const float* w,
                            const int32_t* targets, float* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
-                           int64_t R, float grad_scale);
+                           int64_t R, float grad_scale, GemmMath math);
 // bf16 activations, same shapes: losses and dw f32; dx, x, w, logits bf16.
 void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
                            const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,

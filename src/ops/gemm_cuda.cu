@@ -28,12 +28,10 @@ constexpr uint32_t kAllowedReductionSchemes =
     static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) | static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE);
 
 // The numeric configuration of a GEMM: fp32 (CUDA cores) or tf32 (tensor cores, fp32 accumulation),
-// chosen by set_gemm_math(). bf16 operands (CUDA_R_16BF A/B with f32 accumulation) become a new
+// chosen by the caller's GemmMath. bf16 operands (CUDA_R_16BF A/B with f32 accumulation) become a new
 // value here, with its own impl mask, and a typed entry point next to gemm() in gemm_cuda.h.
 // bf16_c32 / bf16_c16: bf16 A and B, fp32 accumulation, C f32 or bf16 (mixed precision).
 enum class GemmPrecision : uint8_t { f32, tf32, bf16_c32, bf16_c16 };
-
-GemmMath g_math = GemmMath::fp32;  // set_gemm_math(): the process-wide mode of the fp32 GEMMs
 
 struct GemmTypes {
   cublasComputeType_t compute;
@@ -313,12 +311,9 @@ void gemm_run(const char* op, const GemmKey& k, float alpha, const void* A, cons
 
 }  // namespace
 
-void set_gemm_math(GemmMath m) { g_math = m; }
-GemmMath gemm_math() { return g_math; }
-
 namespace {
 
-GemmPrecision fp_precision() { return g_math == GemmMath::tf32 ? GemmPrecision::tf32 : GemmPrecision::f32; }
+GemmPrecision fp_precision(GemmMath m) { return m == GemmMath::tf32 ? GemmPrecision::tf32 : GemmPrecision::f32; }
 
 struct GemmExtra {  // the mixed-precision additions to a call
   GemmEpilogue epilogue = GemmEpilogue::none;
@@ -387,9 +382,10 @@ void gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
 
 }  // namespace
 
-void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
-  gemm_impl(op, fp_precision(), trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bias);
+void gemm(const char* op, GemmMath math, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+          const float* bias) {
+  gemm_impl(op, fp_precision(math), trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bias);
 }
 
 void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
@@ -405,11 +401,11 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
             bias, GemmExtra{epilogue, aux, ldaux});
 }
 
-void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                          const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
+void gemm_strided_batched(const char* op, GemmMath math, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                          float alpha, const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
                           float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch) {
   if (batch == 0) return;
-  gemm_impl(op, fp_precision(), trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+  gemm_impl(op, fp_precision(math), trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
             stride_c, batch, nullptr);
 }
 

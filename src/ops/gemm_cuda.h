@@ -6,9 +6,9 @@
 // matrix); with beta == 0 C is not read, so it may hold garbage (NaN) on entry.
 //
 // Numerics (DESIGN.md section 5):
-// - fp32 in, fp32 out. GemmMath::fp32 (default): CUBLAS_COMPUTE_32F on CUDA cores only (tensor-core
-//   implementations are excluded and the chosen algorithm is checked), so results match the CPU
-//   within fp32 rounding. GemmMath::tf32 (set_gemm_math): CUBLAS_COMPUTE_32F_FAST_TF32, inputs
+// - fp32 in, fp32 out, with the caller's GemmMath (ops/gemm_math.h): GemmMath::fp32: CUBLAS_COMPUTE_32F
+//   on CUDA cores only (tensor-core implementations are excluded and the chosen algorithm is checked),
+//   so results match the CPU within fp32 rounding; GemmMath::tf32: CUBLAS_COMPUTE_32F_FAST_TF32, inputs
 //   rounded to TF32 on the tensor cores, fp32 accumulation. bf16 operands come with mixed precision.
 // - Deterministic: split-K is allowed only with cuBLASLt's out-of-place reductions (partials in the
 //   workspace, added by a separate kernel in a fixed order; in-place split-K is excluded and the
@@ -38,6 +38,7 @@
 #include <cstdio>
 
 #include "core/bf16.h"
+#include "ops/gemm_math.h"
 
 namespace lmf {
 
@@ -46,20 +47,15 @@ inline constexpr int kGemmPlanCapacity = 256;
 
 namespace cuda {  // launchers (gemm_cuda.cu); A, B, C, bias are device pointers
 
-// How the fp32 GEMMs compute, process-wide (set once at set-up, before the first GEMM of a run):
-//   fp32: CUDA-core FMA, true fp32 (the default; matches the CPU within fp32 rounding)
-//   tf32: tensor cores with inputs rounded to TF32 (10-bit mantissa), fp32 accumulation and output
-// Plans are keyed by the mode, so switching never reuses the other mode's algorithm.
-enum class GemmMath : uint8_t { fp32, tf32 };
-void set_gemm_math(GemmMath m);
-GemmMath gemm_math();
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C [+ bias broadcast over the M rows]
 // op(A): (M, K), op(B): (K, N); A is (M, lda) or (K, lda) when trans_a, B is (K, ldb) or (N, ldb)
 // when trans_b; bias: (N) or nullptr. `op` names the calling op in errors ("linear_forward").
-// M or N == 0 is a no-op; K >= 1.
-void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);
+// M or N == 0 is a no-op; K >= 1. math: fp32 or tf32 (plans are keyed by it, so the two never share an
+// algorithm).
+void gemm(const char* op, GemmMath math, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+          const float* bias = nullptr);
 
 // Strided-batched form: for i in [0, batch), C_i = alpha op(A_i) op(B_i) + beta C_i with
 // X_i = X + i * stride_x (elements). One cuBLASLt call (CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT /
@@ -67,9 +63,9 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 // strides are part of the plan's signature, and the strides' alignment joins each operand's). A and B
 // strides may be 0 (a shared operand); the C_i must not overlap: stride_c >= (M - 1) ldc + N when
 // batch > 1. batch == 1 is exactly gemm() (strides ignored); batch == 0 is a no-op.
-void gemm_strided_batched(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                          const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
-                          float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch);
+void gemm_strided_batched(const char* op, GemmMath math, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                          float alpha, const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb,
+                          int64_t stride_b, float beta, float* C, int64_t ldc, int64_t stride_c, int64_t batch);
 
 // bf16 operands (mixed precision): A and B bf16, fp32 accumulation (CUBLAS_COMPUTE_32F), alpha/beta
 // fp32; C (also D) f32 or bf16, chosen by the overload. Same plan cache, determinism rules and

@@ -93,7 +93,7 @@ size_t linear_backward_cuda_workspace(int64_t N, int64_t OC) {
   return static_cast<size_t>(chunks * OC) * sizeof(float);
 }
 
-void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, GemmMath math) {
   check_same_device(kOpForward, {&out, &inp, &weight, &bias});
   const DType dt = out.dtype == DType::bf16 ? DType::bf16 : DType::f32;
   const auto [N, IC, OC] = check_linear(kOpForward, out, inp, weight, dt);
@@ -111,11 +111,11 @@ void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   }
   const float* b = bias.defined() ? bias.f32() : nullptr;
   if (out.device == Device::cpu) linear_forward_cpu(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC);
-  else LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC));
+  else LMF_CUDA_DISPATCH(kOpForward, cuda::linear_forward(out.f32(), inp.f32(), weight.f32(), b, N, IC, OC, math));
 }
 
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                     GradMode dinp_mode, GradMode dweight_mode) {
+                     GradMode dinp_mode, GradMode dweight_mode, GemmMath math) {
   check_same_device(kOpBackward, {&dinp, &dweight, &dbias, &dout, &inp, &weight});
   const DType dt = dout.dtype == DType::bf16 ? DType::bf16 : DType::f32;
   const auto [N, IC, OC] = check_linear(kOpBackward, dout, inp, weight, dt);
@@ -149,7 +149,7 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
     linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc);
   else
     LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
-                                                         weight.f32(), N, IC, OC, acc));
+                                                         weight.f32(), N, IC, OC, math, acc));
 }
 
 void linear_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor weight, Tensor bias) {

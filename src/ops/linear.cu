@@ -110,19 +110,20 @@ const __nv_bfloat16* dev(const bf16* p) { return reinterpret_cast<const __nv_bfl
 namespace cuda {
 
 void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
-                    int64_t OC) {
+                    int64_t OC, GemmMath math) {
   // out (N, OC) = inp (N, IC) weight^T (IC, OC) + bias
-  gemm("linear_forward", false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC, bias);
+  gemm("linear_forward", math, false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC, bias);
 }
 
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
+                     const float* weight, int64_t N, int64_t IC, int64_t OC, GemmMath math, bool accumulate_dinp) {
   const char* op = "linear_backward";
   if (dbias) bias_grad(op, dbias, dout, N, IC, OC);
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
-  if (dinp) gemm(op, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
+  if (dinp)
+    gemm(op, math, false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
-  if (dweight) gemm(op, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dweight) gemm(op, math, true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
 }
 
 void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N, int64_t IC,

@@ -5,18 +5,21 @@
 #include <cstddef>
 
 #include "core/tensor.h"
+#include "ops/gemm_math.h"
 #include "ops/grad_mode.h"
 
 namespace lmf {
 
 // out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or absent. Leading dims of inp/out flatten to N.
-void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
+// math: the f32 GPU GEMMs' mode (ops/gemm_math.h; bf16 and the CPU ignore it).
+void linear_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, GemmMath math = GemmMath::fp32);
 
 // dinp += dout W; dweight += dout^T inp; dbias += sum_n dout. Any of dinp/dweight/dbias may be absent.
 // dinp_mode (grad_mode.h): Accumulate (+=) or Overwrite (dinp = dout W, the GEMM does not read dinp).
 // dweight_mode: the same for dweight (bf16: the GEMM runs with beta 0; f32: dweight is zeroed first).
 void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight,
-                     GradMode dinp_mode = GradMode::Accumulate, GradMode dweight_mode = GradMode::Accumulate);
+                     GradMode dinp_mode = GradMode::Accumulate, GradMode dweight_mode = GradMode::Accumulate,
+                     GemmMath math = GemmMath::fp32);
 
 // The CUDA bias gradient sums dout in fixed chunks of kLinearBiasRowChunk rows (pass 1, one partial
 // sum per chunk and column, in the CUDA workspace), then adds each column's partials in a fixed order
@@ -45,11 +48,11 @@ void linear_backward_dgelu(Tensor dpre, Tensor dweight, Tensor dbias, Tensor dou
 namespace cuda {  // launchers (linear.cu); called by the op entries after validation
 // out: (N, OC) = inp (N, IC) weight (OC, IC)^T + bias (OC) (bias may be nullptr)
 void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
-                    int64_t OC);
+                    int64_t OC, GemmMath math);
 // dinp (N, IC) += dout weight; dweight (OC, IC) += dout^T inp; dbias (OC) += column sums of dout (N, OC).
 // Any of dinp/dweight/dbias may be nullptr.
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp = true);
+                     const float* weight, int64_t N, int64_t IC, int64_t OC, GemmMath math, bool accumulate_dinp = true);
 void linear_forward(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N, int64_t IC,
                     int64_t OC);
 void linear_gelu_forward(bf16* act, bf16* pre, const bf16* inp, const bf16* weight, const bf16* bias, int64_t N,
