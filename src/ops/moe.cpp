@@ -541,12 +541,11 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
                w_in, w_out, ex, cfg, d_aux);
 }
 
-void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dex, Tensor dout,
-                  const MoeState& st, const MoeScratch& sc, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
-                  const MoeExtra& ex, const MoeConfig& cfg, float d_aux) {
-  const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
-  check_extra(kOpBackward, d, cfg, st, ex, x);
-  check_scratch(kOpBackward, d, sc, x, true);
+namespace {
+
+// moe_backward's gradient tensors: present where the config needs them, with their shapes.
+void check_backward_grads(const Dims& d, const MoeConfig& cfg, Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out,
+                          const MoeExtraGrads& dex, Tensor dout, Tensor x) {
   if (d.S > 0) {
     require(dex.dws_in, kOpBackward, "dws_in", cfg);
     require(dex.dws_out, kOpBackward, "dws_out", cfg);
@@ -573,30 +572,17 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   check_f32(dw_out, kOpBackward);
   check_shape(dw_out, {d.E, d.C, d.F}, kOpBackward);
   check_same_device(kOpBackward, {&dx, &drouter_w, &dw_in, &dw_out, &dout, &x});
-  if (d.N == 0) return;
-  if (x.device == Device::cuda) {
-    cuda::MoePtrs p = device_ptrs(st, sc, x, router_w, w_in, w_out, ex);
-    p.dx = static_cast<bf16*>(dx.data);
-    p.dout = static_cast<const bf16*>(dout.data);
-    p.drouter_w = drouter_w.f32();
-    p.dw_in = dw_in.f32();
-    p.dw_out = dw_out.f32();
-    p.dws_in = opt_ptr<float>(dex.dws_in);
-    p.dws_out = opt_ptr<float>(dex.dws_out);
-    p.dws_gate = opt_ptr<float>(dex.dws_gate);
-    p.expert_grads_zero = dex.expert_grads_zero;
-    LMF_CUDA_DISPATCH(kOpBackward,
-                      cuda::moe_backward(p, cuda::MoeDims{d.N, d.E, d.K, d.C, d.F, d.F_in, d.R, d.cap, d.S}, cfg, d_aux));
-    return;
-  }
+}
+
+// The CPU reference of moe_backward in three parts, run in this order: the routed experts (their
+// weight gradients and dx through the gathered rows), the router (dlogits from the combine weights,
+// the aux and z terms; drouter_w and dx), the shared experts (and their gates).
+void moe_backward_cpu_experts(const Dims& d, const MoeConfig& cfg, const MoeState& st, const MoeScratch& sc, Tensor x,
+                              Tensor w_in, Tensor w_out, Tensor dw_in, Tensor dw_out, Tensor dout, Tensor dx) {
   const float* xp = x.f32();
   const float* go = dout.f32();  // (N, C)
-  const float* logits = st.logits.f32();
-  const float* scores = st.scores.f32();
-  const int32_t* topk_idx = st.topk_idx.i32();
   const float* topk_w = st.topk_w.f32();
   const int32_t* slot_row = st.slot_row.i32();
-  const int32_t* counts = st.counts.i32();
   const int32_t* offsets = st.offsets.i32();
   const int32_t* perm = st.perm.i32();
   const int64_t rows_all = offsets[d.E];
@@ -640,6 +626,18 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
     for (int64_t c = 0; c < d.C; ++c) dst[c] += dxg[r * d.C + c];
   }
 
+}
+
+void moe_backward_cpu_router(const Dims& d, const MoeConfig& cfg, const MoeState& st, const MoeScratch& sc, Tensor x,
+                             Tensor router_w, Tensor drouter_w, Tensor dout, Tensor dx, float d_aux) {
+  const float* xp = x.f32();
+  const float* go = dout.f32();  // (N, C)
+  const float* logits = st.logits.f32();
+  const float* scores = st.scores.f32();
+  const int32_t* topk_idx = st.topk_idx.i32();
+  const int32_t* slot_row = st.slot_row.i32();
+  const int32_t* counts = st.counts.i32();
+  float* dxp = dx.f32();
   // router: dscores (N, E) from the combine weights and the aux term, then dlogits (N, E)
   float* dlogits = sc.dlogits.f32();
   double dscore[kMoeMaxExperts];
@@ -687,7 +685,13 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
   // drouter_w (E, C) += dlogits^T x; dx (N, C) += dlogits router_w
   blas_sgemm(true, false, d.E, d.C, d.N, 1.0f, dlogits, d.E, xp, d.C, 1.0f, drouter_w.f32(), d.C);
   blas_sgemm(false, false, d.N, d.C, d.E, 1.0f, dlogits, d.E, router_w.f32(), d.C, 1.0f, dxp, d.C);
+}
 
+void moe_backward_cpu_shared(const Dims& d, const MoeConfig& cfg, const MoeState& st, const MoeScratch& sc, Tensor x,
+                             const MoeExtra& ex, const MoeExtraGrads& dex, Tensor dout, Tensor dx) {
+  const float* xp = x.f32();
+  const float* go = dout.f32();  // (N, C)
+  float* dxp = dx.f32();
   // shared experts, in order: dy_s = g_s dout; dgate_logit[n] = (dout[n] . y_s[n]) g (1 - g);
   // dws_gate[s] += dgl^T x; dx += dgl ws_gate[s]; then the dense FFN as for a routed expert on all N rows
   if (d.S > 0) {
@@ -727,6 +731,36 @@ void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, cons
       blas_sgemm(false, false, d.N, d.C, d.F_in, 1.0f, dpres, d.F_in, ws_in, d.C, 1.0f, dxp, d.C);
     }
   }
+}
+
+}  // namespace
+
+void moe_backward(Tensor dx, Tensor drouter_w, Tensor dw_in, Tensor dw_out, const MoeExtraGrads& dex, Tensor dout,
+                  const MoeState& st, const MoeScratch& sc, Tensor x, Tensor router_w, Tensor w_in, Tensor w_out,
+                  const MoeExtra& ex, const MoeConfig& cfg, float d_aux) {
+  const Dims d = check_moe(kOpBackward, cfg, st, x, router_w, w_in, w_out);
+  check_extra(kOpBackward, d, cfg, st, ex, x);
+  check_scratch(kOpBackward, d, sc, x, true);
+  check_backward_grads(d, cfg, dx, drouter_w, dw_in, dw_out, dex, dout, x);
+  if (d.N == 0) return;
+  if (x.device == Device::cuda) {
+    cuda::MoePtrs p = device_ptrs(st, sc, x, router_w, w_in, w_out, ex);
+    p.dx = static_cast<bf16*>(dx.data);
+    p.dout = static_cast<const bf16*>(dout.data);
+    p.drouter_w = drouter_w.f32();
+    p.dw_in = dw_in.f32();
+    p.dw_out = dw_out.f32();
+    p.dws_in = opt_ptr<float>(dex.dws_in);
+    p.dws_out = opt_ptr<float>(dex.dws_out);
+    p.dws_gate = opt_ptr<float>(dex.dws_gate);
+    p.expert_grads_zero = dex.expert_grads_zero;
+    LMF_CUDA_DISPATCH(kOpBackward,
+                      cuda::moe_backward(p, cuda::MoeDims{d.N, d.E, d.K, d.C, d.F, d.F_in, d.R, d.cap, d.S}, cfg, d_aux));
+    return;
+  }
+  moe_backward_cpu_experts(d, cfg, st, sc, x, w_in, w_out, dw_in, dw_out, dout, dx);
+  moe_backward_cpu_router(d, cfg, st, sc, x, router_w, drouter_w, dout, dx, d_aux);
+  moe_backward_cpu_shared(d, cfg, st, sc, x, ex, dex, dout, dx);
 }
 
 void moe_update_bias(Tensor bias, Tensor counts, float rate) {
