@@ -45,8 +45,6 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
-  if (p.precision != Precision::fp32 && p.device != Device::cuda)
-    fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
                                         {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
   plan_validate(c, p);
