@@ -156,8 +156,8 @@ int main(int argc, char** argv) {
     const bool tune = gemm_tune == "on" && gpu && plan.bf16();
     for (int64_t s = 0; s < warmup + steps; ++s) {
       if (profile && s >= warmup) gpt.model.set_profiler(&prof);
-      if (tune && s == 0) tune_begin();
-      if (tune && s == 1) tune_finish(std::cerr);  // between steps, as lmforge train tunes
+      if (tune && s == 0) tune_begin(gpt.model);
+      if (tune && s == 1) tune_finish(gpt.model, std::cerr);  // between steps, as lmforge train tunes
       if (graph) {
         float sched[3];
         adamw_schedule(sched, 1e-4f, o.beta1, o.beta2, s + 1);
@@ -190,7 +190,10 @@ int main(int argc, char** argv) {
     const double peak_gb = cuda_peak_allocated_bytes() / 1e9;  // before the ceilings' buffers
     if (profile) print_profile(prof, steps, med, dev, plan.precision);
 #ifdef LMF_WITH_CUDA
-    if (gemm_report) cuda::gemm_tune_report(stderr, static_cast<double>(warmup + steps));
+    if (gemm_report) {
+      const OpPlansScope plans(gpt.model.op_plans());  // the model's GEMM plans
+      cuda::gemm_tune_report(stderr, static_cast<double>(warmup + steps));
+    }
 #endif
     const double tok_s = B * T / (med / 1e3);
     const double mfu = dev == Device::cuda ? tok_s * gpt_train_flops_per_token(c, T) / 989e12 : 0.0;

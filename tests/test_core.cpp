@@ -12,6 +12,7 @@
 #include "core/rng.h"
 #include "model/config.h"
 #include "model/gpt.h"
+#include "ops/op_plans.h"
 #include "support/test_util.h"
 #include "core/fsutil.h"
 #include "train/safetensors.h"
@@ -164,6 +165,22 @@ TEST(GpuMonitor, MissingNvmlReadsAsNotAvailable) {
   EXPECT_EQ(format_util(-1), "n/a");
   EXPECT_EQ(format_util(std::nan("")), "n/a");
   EXPECT_EQ(format_util(87.54), "87.5%");
+}
+
+// OpPlansScope binds a model's library plans to the thread, nests, and restores the previous binding.
+TEST(OpPlans, ScopesBindNestAndRestore) {
+  EXPECT_EQ(op_plans_current(), nullptr);
+  OpPlans a, b;
+  {
+    const OpPlansScope sa(a);
+    EXPECT_EQ(op_plans_current(), &a);
+    {
+      const OpPlansScope sb(b);
+      EXPECT_EQ(op_plans_current(), &b);
+    }
+    EXPECT_EQ(op_plans_current(), &a);
+  }
+  EXPECT_EQ(op_plans_current(), nullptr);
 }
 
 }  // namespace

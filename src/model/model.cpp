@@ -166,6 +166,7 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
   moe_cfg_ = model_moe_config(cfg_);
   flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
+  const OpPlansScope plans(op_plans_);  // cuDNN's attention plans are built at set-up, into this model's
   plan_activations();
   plan_workspace();
   bind_weights();
@@ -394,6 +395,7 @@ void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_sc
   ends_->check_targets(targets, plan_, "model forward_backward (targets)");
   ends_->check_inputs(inputs, plan_, "model forward_backward (inputs)");
   TrainingState& st = *state_;
+  const OpPlansScope plans(op_plans_);
   st.begin_backward();
   struct Accumulated {  // after this call the gradients hold a backward's sums (also on a throw)
     TrainingState& st;
@@ -411,6 +413,7 @@ void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_sc
 void Model::forward_loss_device(Tensor inputs, Tensor targets) {
   ends_->check_targets(targets, plan_, "model forward (targets)");
   ends_->check_inputs(inputs, plan_, "model forward (inputs)");
+  const OpPlansScope plans(op_plans_);
   trunk_forward(inputs, 0, nullptr);
   const int64_t N = plan_.B * plan_.T;
   ends_->output_loss(losses_, Tensor(), lnf_.out.view({N, cfg_.d_model}), targets, 0.0f, GradMode::Accumulate, prof_);
@@ -430,12 +433,14 @@ void Model::forward_values(Tensor out, Tensor inputs) {
   check_shape(out, {plan_.B, plan_.T, ends_->output_width()}, "model forward_values");
   if (plan_.bf16()) fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
   ends_->check_inputs(inputs, plan_, "model forward_values (inputs)");
+  const OpPlansScope plans(op_plans_);
   trunk_forward(inputs, 0, nullptr);
   ends_->output_values(out, lnf_.out.view({plan_.B * plan_.T, cfg_.d_model}));
 }
 
 void Model::forward_decode(Tensor out, Tensor inputs, int64_t pos, KvCache& cache) {
   LMF_CHECK(plan_.decode, "forward_decode on a model not planned for decoding");
+  const OpPlansScope plans(op_plans_);
   trunk_forward(inputs, pos, &cache);
   ends_->output_values(out, lnf_.out.view({1, cfg_.d_model}));
 }

@@ -25,6 +25,7 @@
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/train_state.h"
+#include "ops/op_plans.h"
 
 namespace lmf {
 
@@ -57,6 +58,9 @@ class Model {
   const BlockKernels& kernels() const { return kernels_; }
   Parameters& params() { return params_; }
   TrainingState& state();
+  // The GPU libraries' plans and tuning results of this model (ops/op_plans.h): every method below
+  // binds them while it runs; tuning between steps binds them too (train/trainer.h tune_begin).
+  OpPlans& op_plans() { return op_plans_; }
   ModelEnds& ends() { return *ends_; }
 
   // inputs, targets as the ends take them (tokens: (B, T) i32), on the plan's device.
@@ -105,6 +109,7 @@ class Model {
   BlockFlops flops_;
   Parameters& params_;
   TrainingState* state_;
+  OpPlans op_plans_;
   std::unique_ptr<ModelEnds> ends_;
   OpProfiler* prof_ = nullptr;
   Arena acts_, work_;

@@ -27,6 +27,7 @@
 
 #include "core/check.h"
 #include "ops/attention.h"
+#include "ops/op_plans.h"
 
 #ifdef LMF_WITH_CUDNN
 
@@ -74,14 +75,22 @@ struct Plan {
   int64_t calls = 0;            // calls while the window is open
 };
 
+// A model's cuDNN plans (ops/op_plans.h): the handle, the plan of every (device, direction, shape)
+// and the tuning window. The process's default cache serves calls made with no OpPlans bound.
 struct Cache {
   std::mutex mu;
   bool tune_open = false;  // cudnn_attention_tune_begin() .. cudnn_attention_autotune()
   cudnnHandle_t handle = nullptr;
   int device = -1;
   std::map<std::tuple<int, bool, int64_t, int64_t, int64_t, int64_t, int64_t>, Plan> plans;  // (device, bwd, shape)
+  ~Cache() {
+    plans.clear();  // the graphs first: they were built on the handle
+    if (handle != nullptr) cudnnDestroy(handle);
+  }
 };
 Cache& cache() {
+  const OpPlans* bound = op_plans_current();
+  if (bound != nullptr && bound->cudnn() != nullptr) return *static_cast<Cache*>(bound->cudnn());
   static Cache c;
   return c;
 }
@@ -278,6 +287,11 @@ bool try_config(Plan& p, cudnnHandle_t h, int64_t index, int64_t workspace, std:
 
 }  // namespace
 
+namespace detail {
+void* cudnn_plans_new() { return new Cache(); }
+void cudnn_plans_delete(void* p) { delete static_cast<Cache*>(p); }
+}  // namespace detail
+
 void cudnn_attention_tune_begin() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
@@ -397,6 +411,10 @@ namespace lmf {
 
 bool cudnn_attention_available() { return false; }
 std::string cudnn_version_text() { return "none"; }
+namespace detail {
+void* cudnn_plans_new() { return nullptr; }  // no cuDNN: no plans to keep
+void cudnn_plans_delete(void*) {}
+}  // namespace detail
 void cudnn_attention_tune_begin() {}
 AttentionTuneResult cudnn_attention_autotune() { return {}; }
 

@@ -16,6 +16,7 @@
 #include "core/cuda_check.h"
 #include "core/cuda_launch.cuh"
 #include "core/device.h"
+#include "ops/op_plans.h"
 #include "ops/gemm_cuda.h"
 
 namespace lmf::cuda {
@@ -101,6 +102,8 @@ struct GemmPlan {
   bool tuned = false;
 };
 
+// A model's plan table (ops/op_plans.h); the process's default table serves calls made with no OpPlans
+// bound. Descriptors live in place: nothing to free.
 struct PlanCache {
   std::mutex mu;
   GemmPlan plans[kGemmPlanCapacity];
@@ -110,6 +113,8 @@ struct PlanCache {
 };
 
 PlanCache& plan_cache() {
+  const OpPlans* bound = op_plans_current();
+  if (bound != nullptr && bound->gemm() != nullptr) return *static_cast<PlanCache*>(bound->gemm());
   static PlanCache c;
   return c;
 }
@@ -752,3 +757,8 @@ void gemm_tune_report(std::FILE* out, double steps, int candidates) {
 }
 
 }  // namespace lmf::cuda
+
+namespace lmf::detail {
+void* gemm_plans_new() { return new cuda::PlanCache(); }
+void gemm_plans_delete(void* p) { delete static_cast<cuda::PlanCache*>(p); }
+}  // namespace lmf::detail

@@ -20,7 +20,8 @@
 // Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
 // alignment of every operand's rows, bias or not, batch count and strides) is chosen by
 // cublasLtMatmulAlgoGetHeuristic on its first call and cached, with its descriptors, in a fixed
-// table of kGemmPlanCapacity entries. Only that first call queries (host-side work inside cuBLASLt;
+// table of kGemmPlanCapacity entries: the table of the OpPlans bound to the calling thread (each Model
+// owns one; ops/op_plans.h), or the process's default table when none is bound. Only that first call queries (host-side work inside cuBLASLt;
 // lmforge allocates nothing for it). The model's shapes are fixed at set-up, so after the first step
 // (or a warm-up at set-up) every step reuses cached plans: no query inside a captured or timed step.
 // When the table is full the oldest plan is replaced; the heuristic is a pure function of the
@@ -46,7 +47,6 @@ inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;  // 32 MiB
 inline constexpr int kGemmPlanCapacity = 256;
 
 namespace cuda {  // launchers (gemm_cuda.cu); A, B, C, bias are device pointers
-
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C [+ bias broadcast over the M rows]
 // op(A): (M, K), op(B): (K, N); A is (M, lda) or (K, lda) when trans_a, B is (K, ldb) or (N, ldb)
@@ -81,6 +81,7 @@ void gemm(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int6
           int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc, const bf16* bias = nullptr,
           GemmEpilogue epilogue = GemmEpilogue::none, bf16* aux = nullptr, int64_t ldaux = 0);
 // Heuristic queries made so far (plan-cache misses), for tests and set-up telemetry.
+// Of the bound OpPlans' table (ops/op_plans.h), or the default one; so do the tuners below.
 uint64_t gemm_plan_queries();
 
 // Tuning. cuBLASLt's heuristic picks one algorithm per signature; another of its candidates is often a

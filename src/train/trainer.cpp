@@ -87,15 +87,19 @@ void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Ten
   optimizer_step(gpt.params, *gpt.state, norm, o, 0.0, 1, schedule);  // lr and step come from schedule
 }
 
-void tune_begin() {
+void tune_begin(Model& model) {
 #ifdef LMF_WITH_CUDA
+  const OpPlansScope plans(model.op_plans());
   cuda::gemm_tune_begin();
   cudnn_attention_tune_begin();
+#else
+  (void)model;
 #endif
 }
 
-void tune_finish(std::ostream& log) {
+void tune_finish(Model& model, std::ostream& log) {
 #ifdef LMF_WITH_CUDA
+  const OpPlansScope plans(model.op_plans());
   // between steps: the first step's GEMM outputs are dead
   const auto t0 = std::chrono::steady_clock::now();
   const cuda::GemmTuneResult r = cuda::gemm_autotune();
@@ -111,6 +115,7 @@ void tune_finish(std::ostream& log) {
         << " seconds=" << fmt("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count())
         << "\n";
 #else
+  (void)model;
   (void)log;
 #endif
 }
@@ -378,9 +383,9 @@ void Trainer::finish_step() {
 
 void Trainer::step() {
   const bool tune = tune_gemms_ && step_ == first_step_;
-  if (tune) tune_begin();
+  if (tune) tune_begin(gpt_->model);
   step_once();
-  if (tune) tune_finish(log_);
+  if (tune) tune_finish(gpt_->model, log_);
 }
 
 void Trainer::step_once() {

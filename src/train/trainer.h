@@ -77,11 +77,11 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
                        const TrainOptions& o);
 
-// --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows;
-// tune_finish() after it (between steps) tunes every plan called in them and logs one line per tuner.
-// No-ops in builds without CUDA.
-void tune_begin();
-void tune_finish(std::ostream& log);
+// --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows of the
+// model's plans (Model::op_plans); tune_finish() after it (between steps) tunes every plan called in
+// them, keeps the results in the model's plans and logs one line per tuner. No-ops without CUDA.
+void tune_begin(Model& model);
+void tune_finish(Model& model, std::ostream& log);
 
 // Dense bf16 peak TFLOP/s of a GPU by its name (0 when unknown).
 double gpu_peak_tflops(const std::string& device_name);
