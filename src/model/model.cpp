@@ -327,7 +327,7 @@ void Model::bind_weights() {
   ends_->bind({master, gemm, grad}, work_, kernels_);
 }
 
-BlockStep Model::step_of(int l) const {
+BlockStep Model::step_of(int l) {
   const size_t i = static_cast<size_t>(l);
   const bool last = l + 1 == cfg_.n_layer;
   BlockStep s;
@@ -345,7 +345,7 @@ BlockStep Model::step_of(int l) const {
   s.tail_w = last ? final_w_ : w_[i + 1].norm1;
   if (plan_.training) s.tail_g = last ? final_g_ : g_[i + 1].norm1;
   s.x = l == 0 ? encoded_ : acts_l_[i - 1].res2;
-  s.a = const_cast<BlockActs*>(&acts_l_[i]);  // the step writes the activations this object owns
+  s.a = &acts_l_[i];
   s.tail = last ? lnf_ : acts_l_[i + 1].ln1;
   s.d = &d_;
   s.rope_freqs = rope_freqs_;

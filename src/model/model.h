@@ -98,7 +98,7 @@ class Model {
   void plan_activations();
   void plan_workspace();
   void bind_weights();
-  BlockStep step_of(int l) const;
+  BlockStep step_of(int l);  // layer l's block step over this model's views
   void trunk_forward(Tensor inputs, int64_t pos, KvCache* cache);
   void trunk_backward(Tensor inputs, float loss_scale);
 
