@@ -63,13 +63,10 @@ double g_worst_scaled_err = 0;
 
 ::testing::AssertionResult close_to_scale(const std::string& what, const float* a, const std::vector<double>& r,
                                           double rel) {
-  double mx = 0, err = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    mx = std::max(mx, std::fabs(r[i]));
-    err = std::max(err, std::fabs(a[i] - r[i]));
-  }
-  g_worst_scaled_err = std::max(g_worst_scaled_err, err / std::max(mx, 1e-30));
-  return test::all_close(what, a, r.data(), r.size(), rel * mx + 1e-7, 0.0);
+  double worst = 0;
+  ::testing::AssertionResult ok = test::close_to_tensor_scale(what, a, r.data(), r.size(), rel, 1e-7, &worst);
+  g_worst_scaled_err = std::max(g_worst_scaled_err, worst);
+  return ok;
 }
 
 class ModelVsTorch : public ::testing::TestWithParam<const char*> {};

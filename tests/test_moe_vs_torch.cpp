@@ -51,13 +51,7 @@ struct Fixture {
                                           const std::vector<double>& r, double* worst) {
   if (a.size() != r.size())
     return ::testing::AssertionFailure() << what << ": size " << a.size() << " vs reference " << r.size();
-  double mx = 0, err = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    mx = std::max(mx, std::fabs(r[i]));
-    err = std::max(err, std::fabs(a[i] - r[i]));
-  }
-  *worst = err / std::max(mx, 1e-30);
-  return test::all_close(what, a.data(), r.data(), r.size(), kRel * mx + kAbs, 0.0);
+  return test::close_to_tensor_scale(what, a.data(), r.data(), r.size(), kRel, kAbs, worst);
 }
 
 class MoeVsTorch : public ::testing::TestWithParam<const char*> {};

@@ -46,6 +46,17 @@ Tensor tensor_of(std::vector<int32_t>& v, std::initializer_list<int64_t> shape, 
   return t;
 }
 
+::testing::AssertionResult close_to_tensor_scale(const std::string& what, const float* actual, const double* ref,
+                                                 size_t n, double rel, double floor, double* worst) {
+  double mx = 0, err = 0;
+  for (size_t i = 0; i < n; ++i) {
+    mx = std::max(mx, std::fabs(ref[i]));
+    err = std::max(err, std::fabs(actual[i] - ref[i]));
+  }
+  if (worst) *worst = err / std::max(mx, 1e-30);
+  return all_close(what, actual, ref, n, rel * mx + floor, 0.0);
+}
+
 ::testing::AssertionResult all_close(const std::string& what, const float* actual, const double* ref, size_t n,
                                      double atol, double rtol) {
   double max_abs = 0, max_rel = 0, worst_used = 0;

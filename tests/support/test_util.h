@@ -32,6 +32,11 @@ Tensor tensor_of(std::vector<int32_t>& v, std::initializer_list<int64_t> shape, 
 // |actual - ref| <= atol + rtol * |ref| everywhere.
 ::testing::AssertionResult all_close(const std::string& what, const float* actual, const double* ref, size_t n,
                                      double atol, double rtol);
+// One tolerance per tensor, scaled to its largest reference element: |actual - ref| <= rel max|ref| +
+// floor everywhere (for gradients whose elements span orders of magnitude). *worst, when given,
+// receives max |actual - ref| / max |ref|. Failures report as all_close's.
+::testing::AssertionResult close_to_tensor_scale(const std::string& what, const float* actual, const double* ref,
+                                                 size_t n, double rel, double floor, double* worst = nullptr);
 inline ::testing::AssertionResult all_close(const std::string& what, const std::vector<float>& actual,
                                             const std::vector<double>& ref, double atol, double rtol) {
   if (actual.size() != ref.size())
