@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what lmforge needs to build and test on a Debian machine. Used by the README and .ci/run.
 set -euo pipefail
-pkgs=(cmake ninja-build g++ nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev python3 gnuplot-nox)
+pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libcpp-httplib-dev curl
+      python3 python3-venv gnuplot-nox)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

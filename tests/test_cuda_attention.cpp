@@ -2,7 +2,7 @@
 // reference: T in {1, 7, 19, 111, 128, 1024}, MHA, GQA and MQA, head sizes below, at and above the
 // block size (1, 7, 19, 64, 128, 160), extreme scores (queries at +-300), a long sequence
 // (T = 6144); out/probs/dprobs poisoned,
-// dqkv prefilled (accumulation), bitwise determinism; decode on the GPU is refused.
+// dqkv prefilled (accumulation), bitwise determinism.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -174,18 +174,6 @@ TEST(CudaAttention, LongSequenceMatchesCpu) {
   LMF_REQUIRE_GPU();
   cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
   check_case({1, 6144, 1, 1, 16});
-}
-
-TEST(CudaAttention, DecodeOnTheGpuIsAnError) {
-  LMF_REQUIRE_GPU();
-  cuda_reserve_workspace(kGemmWorkspaceBytes);  // as the model does at set-up
-  const int64_t NH = 2, NKV = 1, HS = 4, maxT = 5;
-  DeviceBuffer q(NH * HS * 4), out(NH * HS * 4), scores(NH * maxT * 4), k(maxT * NKV * HS * 4), v(maxT * NKV * HS * 4);
-  EXPECT_THROW(attention_decode_forward(out.tensor(DType::f32, {NH * HS}, "out"),
-                                        scores.tensor(DType::f32, {NH, maxT}, "scores"),
-                                        q.tensor(DType::f32, {NH * HS}, "q"), k.tensor(DType::f32, {maxT, NKV * HS}, "k"),
-                                        v.tensor(DType::f32, {maxT, NKV * HS}, "v"), 3, int(NH), int(NKV)),
-               Error);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // test_ops_attention.cpp: causal MHA/GQA attention (CPU) against a naive float64 reference
 // (forward + probabilities), central finite differences of that reference (backward), an analytic
 // float64 backward for sizes too big for FD (T spanning several row blocks), extreme scores,
-// decode vs the last row of the forward, accumulation, determinism and shape errors.
+// accumulation, determinism and shape errors.
 #include <omp.h>
 
 #include <cmath>
@@ -242,38 +242,6 @@ TEST(OpsAttention, ExtremeScoresStayFiniteAndAccurate) {
   }
 }
 
-// Decode of the last position against a KV cache equals the last row of the full forward.
-TEST(OpsAttention, DecodeMatchesLastRowOfForward) {
-  const std::vector<Dims> cases{
-      {1, 1, 4, 4, 7}, {1, 7, 4, 2, 7}, {1, 19, 4, 1, 19}, {1, 19, 2, 2, 111}, {1, 300, 4, 2, 7}};
-  uint64_t seed = 300;
-  for (const Dims& d : cases) {
-    auto qkv = randn(d.T * d.C3(), seed++);
-    std::vector<float> probs;
-    auto out = run_forward(qkv, d, probs);
-    const int64_t maxT = d.T + 5, KV = d.NKV * d.HS;
-    // Rows past n_ctx hold NaN: reading them would poison the result.
-    std::vector<float> k_cache(maxT * KV, std::nanf("")), v_cache(maxT * KV, std::nanf(""));
-    for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t c = 0; c < KV; ++c) {
-        k_cache[t * KV + c] = qkv[t * d.C3() + d.NH * d.HS + c];
-        v_cache[t * KV + c] = qkv[t * d.C3() + (d.NH + d.NKV) * d.HS + c];
-      }
-    std::vector<float> q(qkv.begin() + (d.T - 1) * d.C3(), qkv.begin() + (d.T - 1) * d.C3() + d.CO());
-    std::vector<float> dec(d.CO(), 9.0f), scores(d.NH * maxT, 4.0f);
-    attention_decode_forward(tensor_of(dec, {d.CO()}, "out"), tensor_of(scores, {d.NH, maxT}, "scores"),
-                             tensor_of(q, {d.CO()}, "q"), tensor_of(k_cache, {maxT, KV}, "k_cache"),
-                             tensor_of(v_cache, {maxT, KV}, "v_cache"), d.T, static_cast<int>(d.NH),
-                             static_cast<int>(d.NKV));
-    std::vector<double> last(out.begin() + (d.T - 1) * d.CO(), out.end());
-    // Same math, different summation order in the dot products: fp32 rounding only (observed 2e-7).
-    EXPECT_TRUE(all_close("decode vs forward " + d.str(), dec, last, 2e-6, 1e-5));
-    auto ref = ref_forward(to_double(qkv), d);
-    std::vector<double> ref_last(ref.begin() + (d.T - 1) * d.CO(), ref.end());
-    EXPECT_TRUE(all_close("decode vs reference " + d.str(), dec, ref_last, kFwdAtol, kFwdRtol));
-  }
-}
-
 TEST(OpsAttention, Deterministic) {
   const Dims d{2, 300, 4, 2, 19};
   auto qkv = randn(d.B * d.T * d.C3(), 400);
@@ -337,21 +305,6 @@ TEST(OpsAttention, BadShapesNameTheTensor) {
                            tensor_of(out, {d.B, d.T, d.CO()}, "dout"), QKV(), PROBS(), 4, 2);
       },
       "attn.dprobs");
-  std::vector<float> q(d.CO()), dec(d.CO()), cache(10 * d.NKV * d.HS), scores(d.NH * 10);
-  expect_error_naming(
-      [&] {
-        attention_decode_forward(tensor_of(dec, {d.CO()}, "out"), tensor_of(scores, {d.NH, 10}, "scores"),
-                                 tensor_of(q, {d.CO()}, "q"), tensor_of(cache, {10, d.NKV * d.HS}, "k_cache"),
-                                 tensor_of(cache, {10, d.NKV * d.HS}, "v_cache"), 11, 4, 2);
-      },
-      "n_ctx=11");
-  expect_error_naming(
-      [&] {
-        attention_decode_forward(tensor_of(dec, {d.CO()}, "out"), tensor_of(scores, {d.NH, 10}, "scores"),
-                                 tensor_of(q, {d.CO()}, "q"), tensor_of(cache, {10, d.NKV * d.HS}, "k_cache"),
-                                 tensor_of(cache, {d.NKV * d.HS, 10}, "v_cache"), 5, 4, 2);
-      },
-      "v_cache");
 }
 
 }  // namespace

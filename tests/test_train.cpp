@@ -15,7 +15,6 @@
 
 #include "core/rng.h"
 #include "data/shard.h"
-#include "model/decoder.h"
 #include "model/gpt.h"
 #include "support/test_util.h"
 #include "core/fsutil.h"
@@ -261,31 +260,6 @@ TEST(Training, NoAllocationInsideAStepAfterSetUp) {
   }
   fs::remove_all(d);
 }
-
-class Decode : public ::testing::TestWithParam<const char*> {};
-
-TEST_P(Decode, KvCacheLogitsMatchFullForward) {
-  ModelConfig c = config_preset(GetParam());
-  const int64_t T = 12;
-  Gpt full(c, ModelPlan{1, T, false});
-  full.params.init_gpt2(5, c.n_layer, c.vocab_size);
-  Parameters weights(gpt_param_specs(c), Device::cpu, false);
-  std::memcpy(weights.master().base(), full.params.master().base(), full.params.master().bytes());
-  Decoder dec(c, weights, T);
-  std::vector<int32_t> toks = test::randint(T, 9, static_cast<int32_t>(c.vocab_size));
-  std::vector<float> logits(T * c.vocab_size);
-  full.model.forward_values(test::tensor_of(logits, {1, T, c.vocab_size}, "logits"), test::tensor_of(toks, {1, T}, "tokens"));
-  for (int64_t t = 0; t < T; ++t) {
-    const float* l = dec.step(toks[t], t);
-    std::vector<double> ref(logits.begin() + t * c.vocab_size, logits.begin() + (t + 1) * c.vocab_size);
-    ASSERT_TRUE(test::all_close("decode logits at position " + std::to_string(t), l, ref.data(), ref.size(), 1e-5, 1e-4));
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Presets, Decode, ::testing::Values("test-gpt2", "test-llama", "test-moe"), [](const auto& info) {
-  const std::string p = info.param;
-  return p == "test-gpt2" ? "Gpt2" : p == "test-llama" ? "Llama" : "Moe";
-});
 
 }  // namespace
 }  // namespace lmf

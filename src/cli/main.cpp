@@ -1,6 +1,11 @@
-// lmforge: the command line. Subcommands: train, prepare, generate.
+// lmforge: the command line. Subcommands: train, prepare, generate, serve, plot.
 // Every error is one line on stderr and a non-zero exit: 1 for a failed run, 2 for bad flags.
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -9,9 +14,11 @@
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
-#include "model/decoder.h"
 #include "model/gpt.h"
-#include "model/sampler.h"
+#include "core/device.h"
+#include "ops/sampling.h"
+#include "serve/engine.h"
+#include "serve/server.h"
 #include "train/checkpoint.h"
 #include "core/fsutil.h"
 #include "train/plot.h"
@@ -92,48 +99,124 @@ int run_prepare(const std::string& input, const std::string& out_dir, std::strin
   return 0;
 }
 
-int run_generate(const std::string& checkpoint, const std::string& prompt, int64_t max_new, const SamplerOptions& so,
-                 const std::string& tokenizer_name) {
-  sampler_validate(so);
-  if (max_new < 0) fail("--max-new-tokens=", max_new, " must be >= 0");
-  std::string dir = resolve_checkpoint(checkpoint);
-  ModelConfig cfg = load_checkpoint_config(dir);
-  auto tok = make_tokenizer(tokenizer_name);
-  if (tok->vocab_size() > cfg.vocab_size)
-    fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", cfg.vocab_size);
-  std::vector<uint16_t> ids = tok->encode(prompt);
-  if (ids.empty()) fail("--prompt is empty");
-  if (static_cast<int64_t>(ids.size()) >= cfg.context_length)
-    fail("--prompt has ", ids.size(), " tokens; context_length is ", cfg.context_length);
-  Parameters params(gpt_param_specs(cfg), Device::cpu, false);
-  load_checkpoint_weights(dir, params);
-  Decoder decoder(cfg, params, cfg.context_length);
-  Sampler sampler(so, cfg.vocab_size);
+// A checkpoint's weights on the serving device: fp32 masters, plus the bf16 copy on the GPU.
+struct ServedModel {
+  std::string dir;
+  ModelConfig cfg;
+  std::unique_ptr<Parameters> params;
+};
 
-  // Feed the prompt, then sample. When the KV cache is full, the last half of the text is fed
-  // again from position 0 (a sliding window), so any number of tokens can be generated.
-  std::cout << prompt << std::flush;
-  std::vector<int32_t> history(ids.begin(), ids.end());
-  const float* logits = nullptr;
-  int64_t pos = 0;
-  for (int32_t t : history) logits = decoder.step(t, pos++);
-  int64_t generated = 0;
-  for (; generated < max_new; ++generated) {
-    int32_t next = sampler.sample(logits, static_cast<uint64_t>(generated));
-    std::cout << (next < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(next)) : std::string("?")) << std::flush;
-    history.push_back(next);
-    if (generated + 1 == max_new) break;
-    if (pos == cfg.context_length) {
-      pos = 0;
-      for (size_t i = history.size() - static_cast<size_t>(cfg.context_length / 2); i < history.size(); ++i)
-        logits = decoder.step(history[i], pos++);
-    } else {
-      logits = decoder.step(next, pos++);
-    }
+ServedModel load_served_model(const std::string& checkpoint, const std::string& device) {
+  ServedModel m;
+  m.dir = resolve_checkpoint(checkpoint);
+  m.cfg = load_checkpoint_config(m.dir);
+  const Device d = parse_device(device);
+  if (d == Device::cuda) cuda_set_device(0);
+  m.params = std::make_unique<Parameters>(gpt_param_specs(m.cfg), d, d == Device::cuda);
+  load_checkpoint_weights(m.dir, *m.params);
+  return m;
+}
+
+struct GenerateOptions {
+  std::string checkpoint, prompt = "And God said", tokenizer = "byte", device = "auto";
+  int64_t max_new = 200;
+  SampleParams sample{0.8f, 0, 1.0f, 1337, 0};
+};
+
+// One request at a time through the serving engine. When the context is full, the last half of the
+// text becomes the next request's prompt (a sliding window), so any number of tokens can be generated.
+int run_generate(const GenerateOptions& g) {
+  std::string sp = sample_params_problem(g.sample, "--");
+  if (!sp.empty()) {  // name the flag: --top_p -> --top-p
+    std::replace(sp.begin(), sp.begin() + static_cast<std::ptrdiff_t>(sp.find('=')), '_', '-');
+    fail(sp);
   }
-  if (max_new > 0) ++generated;
+  if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
+  auto tok = make_tokenizer(g.tokenizer);
+  ServedModel m = load_served_model(g.checkpoint, g.device);
+  if (tok->vocab_size() > m.cfg.vocab_size)
+    fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
+  std::vector<uint16_t> ids = tok->encode(g.prompt);
+  if (ids.empty()) fail("--prompt is empty");
+  const int64_t ctx = m.cfg.context_length;
+  if (static_cast<int64_t>(ids.size()) >= ctx) fail("--prompt has ", ids.size(), " tokens; context_length is ", ctx);
+  EngineOptions eo;
+  eo.max_seqs = 1;
+  eo.max_prefill_tokens = std::min<int64_t>(ctx, 512);
+  Engine engine(m.cfg, *m.params, eo);
+
+  std::cout << g.prompt << std::flush;
+  std::vector<int32_t> history(ids.begin(), ids.end());
+  int64_t generated = 0, request = 0;
+  while (generated < g.max_new) {
+    std::vector<int32_t> prompt = history;
+    if (static_cast<int64_t>(prompt.size()) >= ctx) prompt.erase(prompt.begin(), prompt.end() - ctx / 2);
+    RequestParams rp;
+    rp.sample = g.sample;
+    rp.max_tokens = std::min<int64_t>(g.max_new - generated, ctx - static_cast<int64_t>(prompt.size()));
+    engine.add(request++, prompt, rp);
+    while (!engine.idle())
+      for (const EngineEvent& e : engine.step()) {
+        const int32_t t = e.out.token;
+        std::cout << (t < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(t)) : std::string("?")) << std::flush;
+        history.push_back(t);
+        ++generated;
+      }
+  }
   std::cout << "\n" << std::flush;
-  std::cerr << "[generated " << generated << " tokens from " << dir << "; context_length " << cfg.context_length << "]\n";
+  std::cerr << "[generated " << generated << " tokens from " << m.dir << " on " << device_name(m.params->device())
+            << "; context_length " << ctx << "]\n";
+  return 0;
+}
+
+struct ServeOptions {
+  std::string checkpoint, tokenizer = "byte", device = "auto";
+  ServerOptions server;
+  EngineOptions engine;
+};
+
+std::atomic<int> g_signal{0};
+extern "C" void on_stop_signal(int sig) { g_signal = sig; }
+
+int run_serve(ServeOptions so) {
+  if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
+  if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
+  auto tok = make_tokenizer(so.tokenizer);
+  ServedModel m = load_served_model(so.checkpoint, so.device);
+  if (tok->vocab_size() > m.cfg.vocab_size)
+    fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
+  if (so.server.model_name.empty()) so.server.model_name = fs::path(m.dir).filename().string();
+  std::cerr << "[serve] planning the engine on " << device_name(m.params->device()) << "...\n";
+  Engine engine(m.cfg, *m.params, so.engine);
+  Server server(engine, *tok, so.server);
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    while (!done && g_signal == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (g_signal != 0) {
+      std::cerr << "[serve] signal " << g_signal.load() << ": draining the live requests, then exiting\n";
+      server.stop();
+    }
+  });
+  std::string buckets;
+  for (int64_t b : engine.buckets()) buckets += (buckets.empty() ? "" : ",") + std::to_string(b);
+  try {
+    server.run([&](int port) {
+      std::cerr << "[serve] model '" << so.server.model_name << "' from " << m.dir << ": " << m.cfg.n_layer
+                << " layers, d_model " << m.cfg.d_model << ", context " << m.cfg.context_length << "; KV cache "
+                << engine.kv_blocks() << " blocks of " << so.engine.block_size << " positions; max " << so.engine.max_seqs
+                << " sequences; row buckets " << buckets << "\n";
+      std::cout << "listening on http://" << so.server.host << ":" << port << std::endl;
+    });
+  } catch (...) {
+    done = true;
+    watcher.join();
+    throw;
+  }
+  done = true;
+  watcher.join();
+  std::cerr << "[serve] stopped\n";
   return 0;
 }
 
@@ -156,18 +239,35 @@ int main(int argc, char** argv) {
   prepare->add_option("--val-fraction", p_val, "fraction of tokens (from the end) for validation")->capture_default_str();
   prepare->add_option("--tokenizer", p_tok, "tokenizer: byte")->capture_default_str();
 
-  std::string g_ckpt, g_prompt = "And God said", g_tok = "byte";
-  int64_t g_max = 200;
-  SamplerOptions so;
-  CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint");
-  gen->add_option("--checkpoint", g_ckpt, "checkpoint directory or training out-dir")->required();
-  gen->add_option("--prompt", g_prompt, "text to continue")->capture_default_str();
-  gen->add_option("--max-new-tokens,-n", g_max, "tokens to generate")->capture_default_str();
-  gen->add_option("--temperature", so.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
-  gen->add_option("--top-k", so.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-  gen->add_option("--top-p", so.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
-  gen->add_option("--seed", so.seed, "sampling seed")->capture_default_str();
-  gen->add_option("--tokenizer", g_tok, "tokenizer: byte")->capture_default_str();
+  GenerateOptions go;
+  CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
+  gen->add_option("--checkpoint", go.checkpoint, "checkpoint directory or training out-dir")->required();
+  gen->add_option("--prompt", go.prompt, "text to continue")->capture_default_str();
+  gen->add_option("--max-new-tokens,-n", go.max_new, "tokens to generate")->capture_default_str();
+  gen->add_option("--temperature", go.sample.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
+  gen->add_option("--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
+  gen->add_option("--top-p", go.sample.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
+  gen->add_option("--seed", go.sample.seed, "sampling seed")->capture_default_str();
+  gen->add_option("--tokenizer", go.tokenizer, "tokenizer: byte")->capture_default_str();
+  gen->add_option("--device", go.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
+
+  ServeOptions sv;
+  CLI::App* serve = app.add_subcommand("serve", "serve a checkpoint over HTTP (OpenAI-compatible /v1/completions)");
+  serve->add_option("--checkpoint", sv.checkpoint, "checkpoint directory or training out-dir")->required();
+  serve->add_option("--host", sv.server.host, "address to listen on")->capture_default_str();
+  serve->add_option("--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
+  serve->add_option("--model-name", sv.server.model_name, "the model's name in the API (default: the checkpoint's directory name)");
+  serve->add_option("--device", sv.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
+  serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: byte")->capture_default_str();
+  serve->add_option("--max-seqs", sv.engine.max_seqs, "sequences decoding at once")->capture_default_str();
+  serve->add_option("--max-prefill-tokens", sv.engine.max_prefill_tokens, "prompt positions computed per engine step")
+      ->capture_default_str();
+  serve->add_option("--block-size", sv.engine.block_size, "positions per KV-cache block")->capture_default_str();
+  serve->add_option("--kv-cache-gb", sv.engine.kv_cache_gb,
+                    "KV-cache pool size in GiB (0: every sequence at full context on the CPU, 85% of the free memory on the GPU)")
+      ->capture_default_str();
+  serve->add_option("--threads", sv.server.threads, "HTTP worker threads (each open request holds one)")->capture_default_str();
+  sv.server.model_name.clear();
 
   PlotOptions plot_o;
   CLI::App* plot = app.add_subcommand("plot", "loss and tokens/s curves of a run (metrics.jsonl) as SVG or PNG (gnuplot)");
@@ -196,7 +296,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok);
-    if (*gen) return run_generate(g_ckpt, g_prompt, g_max, so, g_tok);
+    if (*gen) return run_generate(go);
+    if (*serve) return run_serve(sv);
     if (*plot) {
       std::cout << "wrote " << plot_metrics(plot_o) << "\n";
       return 0;

@@ -150,6 +150,12 @@ size_t cuda_memory_used_bytes() {
   return total_b - free_b;
 }
 
+size_t cuda_memory_free_bytes() {
+  size_t free_b = 0, total_b = 0;
+  LMF_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return free_b;
+}
+
 size_t cuda_peak_allocated_bytes() { return g_peak.load(); }
 
 void* host_alloc_pinned(size_t bytes, const std::string& what) {

@@ -30,6 +30,7 @@ void device_copy(void* dst, const void* src, size_t bytes);       // device to d
 // Bytes of device memory in use on the current device (cudaMemGetInfo: all processes) and the
 // peak this process has allocated through device_alloc().
 size_t cuda_memory_used_bytes();
+size_t cuda_memory_free_bytes();  // free device memory (cudaMemGetInfo)
 size_t cuda_peak_allocated_bytes();
 
 // Launches made through lmf::cuda::launch() so far (for kernel-launches-per-step telemetry).

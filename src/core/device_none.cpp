@@ -24,6 +24,7 @@ void device_synchronize() {}
 void device_copy(void*, const void*, size_t) { no_cuda("device_copy"); }
 uint64_t cuda_launch_count() { return 0; }
 size_t cuda_memory_used_bytes() { return 0; }
+size_t cuda_memory_free_bytes() { return 0; }
 size_t cuda_peak_allocated_bytes() { return 0; }
 void* host_alloc_pinned(size_t, const std::string& what) { no_cuda(what.c_str()); }
 void host_free_pinned(void*) {}

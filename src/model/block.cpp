@@ -6,6 +6,7 @@
 #include "ops/attention.h"
 #include "ops/linear.h"
 #include "ops/norm.h"
+#include "ops/paged_attention.h"
 #include "ops/residual.h"
 #include "ops/rope.h"
 
@@ -14,7 +15,7 @@ namespace lmf {
 BlockKernels block_kernels(const ModelConfig& c, const ModelPlan& p) {
   BlockKernels k;
   const bool fused = p.bf16();
-  k.attention = p.decode ? AttentionImpl::kv_cache : fused ? AttentionImpl::flash : AttentionImpl::reference;
+  k.attention = p.serve ? AttentionImpl::paged : fused ? AttentionImpl::flash : AttentionImpl::reference;
   k.flash = p.attention;
   k.fused_residual_norm = fused;
   k.fused_bias_gelu = fused && c.activation == ActivationKind::gelu && c.bias;  // the epilogue needs a bias
@@ -95,14 +96,18 @@ void attention_step_forward(const BlockStep& s) {
         flash_attention_forward(a.att, a.probs, a.qkv, c.n_head, c.n_kv_head, s.k->flash);
       });
       return;
-    case AttentionImpl::kv_cache: {
-      LMF_CHECK(s.cache != nullptr && s.B == 1 && s.T == 1, "kv-cache attention: one row per step and a cache (B=",
-                s.B, " T=", s.T, ")");
-      s.cache->append(s.layer, s.pos, a.qkv);
-      const int64_t D = c.n_head * c.head_size();
-      Tensor q(a.qkv.f32(), DType::f32, {D}, "q");
-      attention_decode_forward(a.att.view({D}), s.cache->scores(), q, s.cache->k(s.layer), s.cache->v(s.layer),
-                               s.pos + 1, c.n_head, c.n_kv_head);
+    case AttentionImpl::paged: {
+      LMF_CHECK(s.cache != nullptr && s.batch != nullptr && s.B == 1, "paged attention: a KV cache, a batch and B = 1");
+      const int64_t N = s.T, D = c.n_head * c.head_size();
+      const Tensor qkv = a.qkv.view({N, c.qkv_dim()});
+      const PagedBatch& b = *s.batch;
+      timed(s, "kv cache write", 0, [&] {
+        kv_cache_write(s.cache->k(s.layer), s.cache->v(s.layer), qkv, b.slots, c.n_head, c.n_kv_head);
+      });
+      timed(s, "paged attention fwd", 0, [&] {
+        paged_attention_forward(a.att.view({N, D}), qkv, s.cache->k(s.layer), s.cache->v(s.layer), b.block_tables,
+                                b.seqs, b.positions, c.n_head, c.n_kv_head);
+      });
       return;
     }
   }
@@ -205,7 +210,7 @@ void attention_step_backward(const BlockStep& s) {
                                  GradMode::Overwrite, s.k->flash);
       });
       return;
-    case AttentionImpl::kv_cache: fail("block_backward: KV-cache attention is forward only (decoding)");
+    case AttentionImpl::paged: fail("block_backward: paged attention is forward only (serving)");
   }
 }
 
@@ -217,7 +222,10 @@ void block_forward(const BlockStep& s) {
   BlockActs& a = *s.a;
   timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, a.ln1.out, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
   if (c.positions == PositionKind::rope)
-    timed(s, "rope fwd", 0, [&] { rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.pos); });
+    timed(s, "rope fwd", 0, [&] {
+      if (s.batch) rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.batch->positions);
+      else rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head);
+    });
   attention_step_forward(s);
   timed(s, "linear proj fwd", s.flops->proj, [&] {
     linear_forward(a.res1, a.att, wg.proj_w, wg.proj_b, s.k->gemm_math);

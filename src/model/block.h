@@ -34,11 +34,13 @@ namespace lmf {
 
 class OpProfiler;
 class KvCache;
+struct PagedBatch;
 
 enum class AttentionImpl {
   reference,  // attention_forward / _backward, probabilities (B, NH, T, T) kept (fp32 and tf32 plans)
   flash,      // fused flash attention, log-sum-exp kept (bf16 plans; BlockKernels::flash picks the kernels)
-  kv_cache,   // decoding: this position's k and v appended to a KvCache, one query against it (forward only)
+  paged,      // serving: the rows' k and v written into a paged KvCache, each row attends to its sequence's
+              // cached positions (ops/paged_attention.h; forward only)
 };
 
 // The table of kernel choices, fixed at plan time. Every combination computes the same function;
@@ -56,7 +58,7 @@ struct BlockKernels {
   Communicator* comm = nullptr;      // tensor parallelism's reductions (single_rank(): none)
 };
 // The table for a plan: bf16 plans take every fused kernel and the bf16 copy, fp32 / tf32 plans the
-// reference composition; decoding plans swap the attention for the KV-cache one.
+// reference composition; serving plans swap the attention for the paged one.
 BlockKernels block_kernels(const ModelConfig& c, const ModelPlan& p);
 
 struct NormWeights {
@@ -120,9 +122,9 @@ struct BlockStep {
   NormOut tail;                      // the tail norm's output: the next block's ln1, or the trunk's output
   const BlockGrads* d = nullptr;
   Tensor rope_freqs;                 // (context_length, HS/2, 2) with RoPE
-  // decoding (AttentionImpl::kv_cache): the cache and the position of this step's (single) row
+  // serving (AttentionImpl::paged): the KV cache and the step's rows (positions, slots, block tables)
   KvCache* cache = nullptr;
-  int64_t pos = 0;
+  const PagedBatch* batch = nullptr;
   // backward: the weight gradients hold zeros (the first backward after zero_grad), and the scale of
   // the MoE auxiliary losses' gradient (the micro-batch's loss scale)
   bool grads_zero = false;

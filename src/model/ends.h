@@ -55,8 +55,9 @@ class ModelEnds {
   virtual void check_targets(Tensor targets, const ModelPlan& p, const char* what) const = 0;
 
   // --- run (a step: no allocation, no host synchronisation) ------------------------------------
-  // x (B, T, C) = input end(inputs); pos: position of the first row (decoding).
-  virtual void input_forward(Tensor x, Tensor inputs, int64_t pos, OpProfiler* prof) = 0;
+  // x (B, T, C) = input end(inputs); positions: absent (row t of each sequence is position t) or (B T)
+  // i32, each row's position (serving).
+  virtual void input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) = 0;
   // The input end's parameter gradients += from dx = d(loss)/d(x).
   virtual void input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) = 0;
   // losses (N) = per-row loss of the trunk output x (N, C) against targets. dx absent: forward only;

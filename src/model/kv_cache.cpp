@@ -1,34 +1,42 @@
 #include "model/kv_cache.h"
 
-#include <cstring>
+#include <algorithm>
 
 #include "core/check.h"
 
 namespace lmf {
 
-KvCache::KvCache(const ModelConfig& c, int64_t ctx)
-    : ctx_(ctx), q_dim_(c.n_head * c.head_size()), kv_dim_(c.n_kv_head * c.head_size()) {
-  if (ctx < 1 || ctx > c.context_length) fail("KV cache of ", ctx, " positions: must be in [1, context_length=", c.context_length, "]");
-  arena_ = Arena("kv_cache", {{"k", {c.n_layer, ctx, kv_dim_}}, {"v", {c.n_layer, ctx, kv_dim_}}, {"scores", {c.n_head, ctx}}});
+namespace {
+DType cache_dtype(Device d) { return d == Device::cpu ? DType::f32 : DType::bf16; }
+}  // namespace
+
+KvCache::KvCache(const ModelConfig& c, int64_t num_blocks, int64_t block_size, Device device)
+    : blocks_(num_blocks), block_size_(block_size), kv_dim_(c.n_kv_head * c.head_size()) {
+  if (num_blocks < 1) fail("KV cache of ", num_blocks, " blocks: needs at least one");
+  if (block_size < 1) fail("--block-size=", block_size, ": must be >= 1");
+  const DType dt = cache_dtype(device);
+  const int64_t L = std::max(c.n_layer, 1);
+  arena_ = Arena("kv_cache", {{"k", {L, num_blocks, block_size, kv_dim_}, dt}, {"v", {L, num_blocks, block_size, kv_dim_}, dt}},
+                 device);
   k_ = arena_.get("k");
   v_ = arena_.get("v");
-  scores_ = arena_.get("scores");
-}
-
-void KvCache::append(int layer, int64_t pos, Tensor qkv) {
-  if (pos < 0 || pos >= ctx_) fail("decode position ", pos, " outside the KV cache of ", ctx_);
-  LMF_CHECK(qkv.numel() == q_dim_ + 2 * kv_dim_, "KvCache::append: qkv ", qkv.describe(), " is not one row");
-  const float* row = qkv.f32();
-  std::memcpy(k(layer).f32() + pos * kv_dim_, row + q_dim_, sizeof(float) * kv_dim_);
-  std::memcpy(v(layer).f32() + pos * kv_dim_, row + q_dim_ + kv_dim_, sizeof(float) * kv_dim_);
 }
 
 Tensor KvCache::k(int layer) const {
-  return Tensor(k_.f32() + layer * ctx_ * kv_dim_, DType::f32, {ctx_, kv_dim_}, "k_cache");
+  Tensor t = k_.rows(layer, layer + 1).view({blocks_, block_size_, kv_dim_});
+  t.name = "k_cache";
+  return t;
 }
 
 Tensor KvCache::v(int layer) const {
-  return Tensor(v_.f32() + layer * ctx_ * kv_dim_, DType::f32, {ctx_, kv_dim_}, "v_cache");
+  Tensor t = v_.rows(layer, layer + 1).view({blocks_, block_size_, kv_dim_});
+  t.name = "v_cache";
+  return t;
+}
+
+size_t KvCache::block_bytes(const ModelConfig& c, int64_t block_size, Device device) {
+  return static_cast<size_t>(2 * std::max(c.n_layer, 1) * block_size * c.n_kv_head * c.head_size()) *
+         dtype_size(cache_dtype(device));
 }
 
 }  // namespace lmf

@@ -1,8 +1,11 @@
-// kv_cache.h: the decoder's state (DESIGN.md section 2): every layer's keys and values of the
-// positions fed so far, for one sequence, planned once for `ctx` positions. Owned by a Decoder
-// (model/decoder.h), never by the model; the block step reads and appends through it
-// (AttentionImpl::kv_cache). CPU, fp32.
+// kv_cache.h: serving's state on the device (docs/SERVING.md): every layer's keys and values in one
+// pool of fixed-size blocks, planned once at start, and the rows a serving step computes.
+//
+// KvCache owns the pool (f32 on the CPU, bf16 on the GPU); which blocks belong to which sequence is
+// the scheduler's business (serve/block_pool.h, serve/scheduler.h). The block step writes and reads
+// it through AttentionImpl::paged (ops/paged_attention.h).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "core/arena.h"
@@ -12,20 +15,34 @@ namespace lmf {
 
 class KvCache {
  public:
-  KvCache(const ModelConfig& c, int64_t ctx);
+  // num_blocks blocks of block_size positions, for every layer; f32 on the CPU, bf16 on the GPU.
+  KvCache(const ModelConfig& c, int64_t num_blocks, int64_t block_size, Device device);
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
 
-  int64_t ctx() const { return ctx_; }
-  // Copies the k and v heads of `qkv` (one row: (1, 1, QKV)) into layer `layer` at position `pos`.
-  void append(int layer, int64_t pos, Tensor qkv);
-  Tensor k(int layer) const;  // (ctx, NKV HS)
+  int64_t num_blocks() const { return blocks_; }
+  int64_t block_size() const { return block_size_; }
+  Tensor k(int layer) const;  // (num_blocks, block_size, NKV HS)
   Tensor v(int layer) const;
-  Tensor scores() const { return scores_; }  // (NH, ctx): attention scratch
   size_t bytes() const { return arena_.bytes(); }
+  // Bytes one block takes over all layers (keys and values).
+  static size_t block_bytes(const ModelConfig& c, int64_t block_size, Device device);
 
  private:
-  int64_t ctx_, q_dim_, kv_dim_;
+  int64_t blocks_, block_size_, kv_dim_;
   Arena arena_;
-  Tensor k_, v_, scores_;  // k_, v_: (L, ctx, NKV HS)
+  Tensor k_, v_;  // (L, num_blocks, block_size, NKV HS)
+};
+
+// The rows of one serving step (B = 1, T = N rows; i32 on the plan's device): prompt chunks and decode
+// positions of many sequences, padded to the plan's N (padding rows: slot and seq -1, position 0).
+struct PagedBatch {
+  Tensor tokens;        // (1, N) token of each row
+  Tensor positions;     // (N) its position in its sequence
+  Tensor slots;         // (N) cache slot its key and value go to (block * block_size + offset), -1: padding
+  Tensor seqs;          // (N) its sequence's row in block_tables, -1: padding
+  Tensor block_tables;  // (S, max_blocks) each sequence's blocks, in position order
+  Tensor sample_rows;   // (M) the rows whose next-token logits the step returns
 };
 
 }  // namespace lmf

@@ -10,6 +10,7 @@
 #include "ops/linear.h"
 #include "ops/norm.h"
 #include "ops/optim.h"
+#include "ops/paged_attention.h"
 #include "ops/rope.h"
 
 namespace lmf {
@@ -161,8 +162,8 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
   LMF_CHECK(params_.device() == plan_.device, "Model: parameters on ", device_name(params_.device()), ", plan on ",
             device_name(plan_.device));
   kernels_ = kernels ? *kernels : block_kernels(cfg_, plan_);
-  LMF_CHECK((kernels_.attention == AttentionImpl::kv_cache) == plan_.decode,
-            "Model: KV-cache attention is the decoding plans' (and theirs only)");
+  LMF_CHECK((kernels_.attention == AttentionImpl::paged) == plan_.serve,
+            "Model: paged attention is the serving plans' (and theirs only)");
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
   moe_cfg_ = model_moe_config(cfg_);
   flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
@@ -267,10 +268,12 @@ void Model::plan_workspace() {
     if (kernels_.attention == AttentionImpl::flash) add("d_probs", {B, NH, T});  // delta = rowsum(dout * out)
     else add("d_probs", {B, NH, T, T});
   }
+  if (plan_.serve) add("sampled", {plan_.samples, C}, adt);
   if (any_moe)
     for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan_.training, "moe.")) ws.push_back(std::move(sp));
   work_ = Arena("workspace", ws, plan_.device);
   auto get = [&](const char* name) { return work_.find(name) < 0 ? Tensor() : work_.get(name); };
+  sampled_ = get("sampled");
   d_ = BlockGrads{get("d_res"), get("d_ln"), get("d_qkv"), get("d_att"), get("d_fc"), get("d_act"), get("d_probs")};
 
   // MoE scratch: shared by the layers, each training layer with its own saved xg
@@ -306,6 +309,8 @@ void Model::plan_workspace() {
     // cuDNN attention: builds its forward and backward plans here (set-up), never inside a step
     if (kernels_.attention == AttentionImpl::flash && cfg_.n_layer > 0)
       bytes = std::max(bytes, flash_attention_cuda_workspace(plan_.attention, B, T, cfg_.n_head, cfg_.n_kv_head, HS));
+    if (kernels_.attention == AttentionImpl::paged)
+      bytes = std::max(bytes, paged_attention_cuda_workspace(N, cfg_.n_head, HS, cfg_.context_length));
     cuda_reserve_workspace(bytes);
   }
 #endif
@@ -352,8 +357,8 @@ BlockStep Model::step_of(int l) {
   return s;
 }
 
-void Model::trunk_forward(Tensor inputs, int64_t pos, KvCache* cache) {
-  ends_->input_forward(encoded_, inputs, pos, prof_);
+void Model::trunk_forward(Tensor inputs, KvCache* cache, const PagedBatch* batch) {
+  ends_->input_forward(encoded_, inputs, batch ? batch->positions : Tensor(), prof_);
   {  // the head: the first layer's norm1 (the final norm without layers)
     ProfileScope scope(prof_, "norm fwd");
     norm_forward(cfg_, cfg_.n_layer > 0 ? acts_l_[0].ln1 : lnf_, encoded_, cfg_.n_layer > 0 ? w_[0].norm1 : final_w_);
@@ -361,7 +366,7 @@ void Model::trunk_forward(Tensor inputs, int64_t pos, KvCache* cache) {
   for (int l = 0; l < cfg_.n_layer; ++l) {
     BlockStep s = step_of(l);
     s.cache = cache;
-    s.pos = pos;
+    s.batch = batch;
     block_forward(s);
   }
 }
@@ -401,7 +406,7 @@ void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_sc
     TrainingState& st;
     ~Accumulated() { st.end_backward(); }
   } accumulated{st};
-  trunk_forward(inputs, 0, nullptr);
+  trunk_forward(inputs);
   const int64_t N = plan_.B * plan_.T, C = cfg_.d_model;
   tensor_zero(d_.d_ln);
   const GradMode head_mode = kernels_.lazy_weight_grads && st.grads_zero() ? GradMode::Overwrite : GradMode::Accumulate;
@@ -414,7 +419,7 @@ void Model::forward_loss_device(Tensor inputs, Tensor targets) {
   ends_->check_targets(targets, plan_, "model forward (targets)");
   ends_->check_inputs(inputs, plan_, "model forward (inputs)");
   const OpPlansScope plans(op_plans_);
-  trunk_forward(inputs, 0, nullptr);
+  trunk_forward(inputs);
   const int64_t N = plan_.B * plan_.T;
   ends_->output_loss(losses_, Tensor(), lnf_.out.view({N, cfg_.d_model}), targets, 0.0f, GradMode::Accumulate, prof_);
 }
@@ -434,15 +439,21 @@ void Model::forward_values(Tensor out, Tensor inputs) {
   if (plan_.bf16()) fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
   ends_->check_inputs(inputs, plan_, "model forward_values (inputs)");
   const OpPlansScope plans(op_plans_);
-  trunk_forward(inputs, 0, nullptr);
+  trunk_forward(inputs);
   ends_->output_values(out, lnf_.out.view({plan_.B * plan_.T, cfg_.d_model}));
 }
 
-void Model::forward_decode(Tensor out, Tensor inputs, int64_t pos, KvCache& cache) {
-  LMF_CHECK(plan_.decode, "forward_decode on a model not planned for decoding");
+void Model::forward_paged(Tensor out, const PagedBatch& batch, KvCache& cache) {
+  LMF_CHECK(plan_.serve, "forward_paged on a model not planned for serving");
+  ends_->check_inputs(batch.tokens, plan_, "model forward_paged (tokens)");
   const OpPlansScope plans(op_plans_);
-  trunk_forward(inputs, pos, &cache);
-  ends_->output_values(out, lnf_.out.view({1, cfg_.d_model}));
+  trunk_forward(batch.tokens, &cache, &batch);
+  {
+    ProfileScope scope(prof_, "gather sampled rows");
+    gather_rows(sampled_, lnf_.out.view({plan_.T, cfg_.d_model}), batch.sample_rows);
+  }
+  ProfileScope scope(prof_, "lm_head fwd");
+  ends_->output_values(out, sampled_);
 }
 
 Model::MoeSummary Model::moe_summary() const {

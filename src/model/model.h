@@ -4,7 +4,7 @@
 // backward's scratch) planned for one ModelPlan, and reads and writes state it does not own:
 //   Parameters     the weights (model/params.h)
 //   TrainingState  gradients and AdamW moments (model/train_state.h), training plans only
-//   KvCache        a decoder's keys and values (model/kv_cache.h), decoding plans only
+//   KvCache        serving's paged keys and values (model/kv_cache.h), serving plans only
 // The trunk is n_layer calls of the one block step (model/block.h) under the plan's kernel table,
 // between the ends (model/ends.h). After set-up a step allocates nothing and, except where a function
 // says it reads a result back, never synchronises with the device: a training step is capturable as
@@ -31,6 +31,7 @@ namespace lmf {
 
 class OpProfiler;
 class KvCache;
+struct PagedBatch;
 
 // The trunk's parameters in checkpoint order: every layer's, then the final norm's.
 std::vector<TensorSpec> trunk_param_specs(const ModelConfig& c);
@@ -75,9 +76,11 @@ class Model {
   // The output end's values (logits (B, T, V) of the real vocabulary; predictions) for tests and tools;
   // fp32 and tf32 plans.
   void forward_values(Tensor out, Tensor inputs);
-  // Decoding plans: feeds one position (inputs (1, 1)) at `pos` through the KV-cache kernels and writes
-  // the output end's values for it into out.
-  void forward_decode(Tensor out, Tensor inputs, int64_t pos, KvCache& cache);
+  // Serving plans: computes the batch's rows (model/kv_cache.h: tokens (1, T), their positions, cache
+  // slots and sequences), writing their keys and values into the cache, and the output end's values of
+  // the rows batch.sample_rows (samples) into out: (samples, V) f32 on the CPU; (samples, padded vocab)
+  // bf16 on the GPU, the columns >= V unused. No allocation, no host synchronisation.
+  void forward_paged(Tensor out, const PagedBatch& batch, KvCache& cache);
 
   // MoE models: per MoE layer (in layer order) the state of the last forward, on the plan's device.
   const std::vector<MoeState>& moe_states() const { return moe_states_; }
@@ -99,7 +102,7 @@ class Model {
   void plan_workspace();
   void bind_weights();
   BlockStep step_of(int l);  // layer l's block step over this model's views
-  void trunk_forward(Tensor inputs, int64_t pos, KvCache* cache);
+  void trunk_forward(Tensor inputs, KvCache* cache = nullptr, const PagedBatch* batch = nullptr);
   void trunk_backward(Tensor inputs, float loss_scale);
 
   ModelConfig cfg_;
@@ -117,7 +120,7 @@ class Model {
   std::vector<BlockWeights> w_, wg_, g_;
   NormWeights final_w_, final_g_;
   std::vector<BlockActs> acts_l_;
-  Tensor encoded_, losses_;
+  Tensor encoded_, losses_, sampled_;  // sampled_: serving's gathered rows (samples, C)
   NormOut lnf_;
   BlockGrads d_;
   Tensor rope_freqs_;

@@ -21,8 +21,6 @@ Precision parse_precision(const std::string& s, const char* flag) {
   fail(flag, "=", s, " must be fp32, tf32 or bf16");
 }
 
-namespace {
-
 Device parse_device(const std::string& s) {
   if (s == "auto") return cuda_device_count() > 0 ? Device::cuda : Device::cpu;
   if (s == "cpu") return Device::cpu;
@@ -33,8 +31,6 @@ Device parse_device(const std::string& s) {
   }
   fail("--device=", s, " must be cpu, cuda or auto");
 }
-
-}  // namespace
 
 ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, int64_t T, bool training) {
   ModelPlan p;
@@ -54,7 +50,7 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
 void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   c.validate("model config");
   if (p.B < 1) fail("--batch-size=", p.B, " must be >= 1");
-  if (p.T < 1 || p.T > c.context_length)
+  if (p.T < 1 || (p.T > c.context_length && !p.serve))
     fail("--seq-len=", p.T, " must be in [1, context_length=", c.context_length, "]");
   const bool gpu = p.device == Device::cuda;
   if (p.precision != Precision::fp32 && !gpu)
@@ -68,9 +64,12 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())
     fail("--attention=cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run time); "
          "use --attention lmforge");
-  if (p.decode && (p.device != Device::cpu || p.precision != Precision::fp32 || p.training || p.B != 1 || p.T != 1))
-    fail("KV-cache decoding runs one row at a time on the CPU in fp32 in this version (plan: ", device_name(p.device),
-         " ", precision_name(p.precision), " B=", p.B, " T=", p.T, p.training ? " training" : "", ")");
+  if (p.serve && (p.training || p.B != 1))
+    fail("serving plans run the forward only, with B = 1 (rows of many sequences along T)");
+  if (p.serve && (p.samples < 1 || p.samples > p.T))
+    fail("serving plan: ", p.samples, " sampled rows, must be in [1, rows per step=", p.T, "]");
+  if (p.serve && p.precision == Precision::tf32)
+    fail("--precision=tf32: serving runs fp32 on the CPU and bf16 on the GPU");
   bool any_moe = false;
   for (int l = 0; l < c.n_layer; ++l) any_moe = any_moe || c.is_moe_layer(l);
   if (any_moe && gpu && !p.bf16())

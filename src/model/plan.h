@@ -31,7 +31,9 @@ struct ModelPlan {
   Device device = Device::cpu;            // where every arena lives
   Precision precision = Precision::fp32;  // tf32 and bf16 need device == cuda
   FlashKernels attention = FlashKernels::lmforge;  // bf16 plans: the flash attention kernels (attention.h)
-  bool decode = false;     // KV-cache decoding (model/decoder.h): one row per step, B = T = 1, no training
+  bool serve = false;      // serving (model/kv_cache.h): T rows of many sequences per step over a paged KV
+                           // cache; B = 1, forward only; T may exceed context_length (rows, not positions)
+  int64_t samples = 0;     // serving: rows whose next-token logits a step returns (1 <= samples <= T)
 
   bool bf16() const { return precision == Precision::bf16; }
 };
@@ -42,6 +44,8 @@ struct PlanFlags {
   std::string precision = "auto";  // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 | bf16
   std::string attention = "auto";  // auto (cudnn when it runs the shape) | lmforge | cudnn
 };
+// --device: "auto" (cuda when a GPU is visible) | "cpu" | "cuda" (errors name the flag).
+Device parse_device(const std::string& s);
 // Parses the flags (errors name the flag and the accepted values), resolves the autos, then
 // plan_validate()s the result. Selects the CUDA device when the plan is on it.
 ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, int64_t T, bool training);

@@ -51,7 +51,7 @@ void RegressionEnds::check_targets(Tensor targets, const ModelPlan& p, const cha
   check_f32(targets, what);
 }
 
-void RegressionEnds::input_forward(Tensor x, Tensor inputs, int64_t, OpProfiler* prof) {
+void RegressionEnds::input_forward(Tensor x, Tensor inputs, Tensor, OpProfiler* prof) {
   ProfileScope scope(prof, "input projection fwd");
   linear_forward(x, inputs, w_in_, b_in_);
 }

@@ -83,9 +83,10 @@ void TokenEnds::check_targets(Tensor targets, const ModelPlan& p, const char* wh
   check_shape(targets, {p.B, p.T}, what);
 }
 
-void TokenEnds::input_forward(Tensor x, Tensor inputs, int64_t pos, OpProfiler* prof) {
+void TokenEnds::input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) {
   ProfileScope scope(prof, "embedding fwd");
-  embedding_forward(x, inputs, tok_emb_, pos_emb_, pos);
+  if (positions.defined()) embedding_forward(x, inputs, tok_emb_, pos_emb_, positions);
+  else embedding_forward(x, inputs, tok_emb_, pos_emb_);
 }
 
 void TokenEnds::input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) {
@@ -108,7 +109,12 @@ void TokenEnds::output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, 
 }
 
 void TokenEnds::output_values(Tensor out, Tensor x) {
-  linear_forward(out.view({x.dim(0), c_.vocab_size}), x, head_.rows(0, c_.vocab_size), Tensor(), math_);
+  // out's width: the real vocabulary, or the padded one (bf16 GEMMs keep their rows 16-byte aligned)
+  const int64_t W = out.dim(-1);
+  LMF_CHECK(W == c_.vocab_size || W == c_.padded_vocab(), "output_values: tensor '", out.name, "' has shape ",
+            out.shape_str(), ", expected (N, ", c_.vocab_size, " or ", c_.padded_vocab(), ")");
+  const Tensor head = x.dtype == DType::bf16 ? head_gemm_ : head_;
+  linear_forward(out.view({x.dim(0), W}), x, head.rows(0, W), Tensor(), math_);
 }
 
 }  // namespace lmf

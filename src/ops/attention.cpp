@@ -32,7 +32,6 @@ namespace {
 
 constexpr const char* kOpForward = "attention_forward";
 constexpr const char* kOpBackward = "attention_backward";
-constexpr const char* kOpDecode = "attention_decode_forward";
 constexpr const char* kOpFlashForward = "flash_attention_forward";
 constexpr const char* kOpFlashBackward = "flash_attention_backward";
 
@@ -140,26 +139,6 @@ void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const
                               dprobs + bh * T * T, dout + b * T * CO + h * HS, base + h * HS, base + (d.NH + kvh) * HS,
                               base + (d.NH + d.NKV + kvh) * HS, probs + bh * T * T, T, HS, C3, CO, scale);
     }
-  }
-}
-
-// out: (NH*HS); scores: (NH, maxT) scratch; q: (NH*HS); k_cache, v_cache: (maxT, NKV*HS), rows
-// [0, n_ctx) used. The arithmetic of one forward row: scale applied to the GEMM's dot products,
-// max-subtracted softmax with a float sum, then the probability-weighted sum of V rows. The q heads
-// of a kv group (contiguous in q) go through one GEMM; groups run on OpenMP threads.
-void attention_decode_cpu(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
-                          int64_t n_ctx, int64_t maxT, int64_t NH, int64_t NKV, int64_t HS) {
-  const int64_t group = NH / NKV, ldkv = NKV * HS;
-  const float scale = attention_scale(HS);
-#pragma omp parallel for schedule(static) if (NKV > 1 && n_ctx * NH * HS >= (1 << 15))
-  for (int64_t kvh = 0; kvh < NKV; ++kvh) {
-    const int64_t h0 = kvh * group;
-    float* sc = scores + h0 * maxT;  // (group, n_ctx), leading dimension maxT
-    // sc = scale q[h0:h0+group] k[0:n_ctx]^T
-    blas_sgemm(false, true, group, n_ctx, HS, scale, q + h0 * HS, HS, k_cache + kvh * HS, ldkv, 0.0f, sc, maxT);
-    for (int64_t g = 0; g < group; ++g) softmax_causal_row(sc + g * maxT, n_ctx - 1, n_ctx);
-    // out[h0:h0+group] = sc v[0:n_ctx]
-    blas_sgemm(false, false, group, HS, n_ctx, 1.0f, sc, maxT, v_cache + kvh * HS, ldkv, 0.0f, out + h0 * HS, HS);
   }
 }
 
@@ -327,34 +306,6 @@ void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv
                       cuda::flash_attention_backward(dqkv.ptr<bf16>(), delta.f32(), dout.ptr<bf16>(), qkv.ptr<bf16>(),
                                                      out.ptr<bf16>(), lse.f32(), B, T, n_head, n_kv_head, HS,
                                                      attention_scale(HS), mode == GradMode::Accumulate));
-}
-
-void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_ctx,
-                              int n_head, int n_kv_head) {
-  check_f32(out, kOpDecode);
-  check_f32(scores, kOpDecode);
-  check_f32(q, kOpDecode);
-  check_f32(k_cache, kOpDecode);
-  check_f32(v_cache, kOpDecode);
-  check_same_device(kOpDecode, {&out, &scores, &q, &k_cache, &v_cache});
-  LMF_CHECK(n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, kOpDecode, ": n_head=", n_head,
-            " must be a positive multiple of n_kv_head=", n_kv_head);
-  LMF_CHECK(k_cache.ndim == 2 && k_cache.shape[1] >= n_kv_head && k_cache.shape[1] % n_kv_head == 0, kOpDecode,
-            ": k_cache '", k_cache.name, "' ", k_cache.shape_str(),
-            " must be (maxT, NKV * HS) with n_kv_head=", n_kv_head);
-  const int64_t maxT = k_cache.shape[0], HS = k_cache.shape[1] / n_kv_head;
-  check_shape(v_cache, {maxT, n_kv_head * HS}, kOpDecode);
-  check_shape(q, {n_head * HS}, kOpDecode);
-  check_shape(out, {n_head * HS}, kOpDecode);
-  check_shape(scores, {n_head, maxT}, kOpDecode);
-  LMF_CHECK(n_ctx >= 1 && n_ctx <= maxT, kOpDecode, ": n_ctx=", n_ctx, " must be in [1, maxT=", maxT, "] of k_cache '",
-            k_cache.name, "'");
-  LMF_CHECK(maxT <= INT_MAX && k_cache.shape[1] <= INT_MAX, kOpDecode, ": k_cache '", k_cache.name, "' ",
-            k_cache.shape_str(), " exceeds the BLAS int range");
-  LMF_CHECK(q.device == Device::cpu, kOpDecode, ": runs on the CPU only (generation runs on the CPU), got ",
-            q.describe());
-  attention_decode_cpu(out.f32(), scores.f32(), q.f32(), k_cache.f32(), v_cache.f32(), n_ctx, maxT, n_head, n_kv_head,
-                       HS);
 }
 
 }  // namespace lmf

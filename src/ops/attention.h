@@ -21,13 +21,6 @@ void attention_forward(Tensor out, Tensor probs, Tensor qkv, int n_head, int n_k
 void attention_backward(Tensor dqkv, Tensor dprobs, Tensor dout, Tensor qkv, Tensor probs, int n_head,
                         int n_kv_head, GemmMath math = GemmMath::fp32);
 
-// One query position against a KV cache (generation).
-// q: (NH * HS); k_cache, v_cache: (maxT, NKV * HS), positions [0, n_ctx) valid; out: (NH * HS);
-// scores: (NH, maxT) scratch
-// CPU only (generation runs on the CPU): fails for GPU tensors.
-void attention_decode_forward(Tensor out, Tensor scores, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_ctx,
-                              int n_head, int n_kv_head);
-
 namespace cuda {  // launchers (attention.cu); called by the op entries after validation
 // out: (B, T, NH*HS); probs, dprobs: (B, NH, T, T); qkv, dqkv: (B, T, (NH + 2*NKV) * HS); dout: (B, T, NH*HS).
 // scale = 1/sqrt(HS) as the op entry computes it. Backward accumulates into dqkv; dprobs is overwritten.

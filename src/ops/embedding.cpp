@@ -24,14 +24,14 @@ constexpr int64_t kColBlock = 64;          // columns per task in the dwte reduc
 
 // out: (B*T, C) row-major; tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr, rows from pos_offset
 void embedding_forward_cpu(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B,
-                           int64_t T, int64_t C, int64_t pos_offset) {
+                           int64_t T, int64_t C, const int32_t* positions, int64_t pos_offset) {
   const int64_t N = B * T;
 #pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t n = 0; n < N; ++n) {
     const float* te = wte + static_cast<int64_t>(tokens[n]) * C;
     float* o = out + n * C;
     if (wpe) {
-      const float* pe = wpe + (pos_offset + n % T) * C;
+      const float* pe = wpe + (positions ? positions[n] : pos_offset + n % T) * C;
       for (int64_t i = 0; i < C; ++i) o[i] = te[i] + pe[i];
     } else {
       for (int64_t i = 0; i < C; ++i) o[i] = te[i];
@@ -86,7 +86,9 @@ void check_token_tensor(const Tensor& tokens, const char* op) {
 
 }  // namespace
 
-void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset) {
+namespace {
+// positions: absent (row t of a sequence has position pos_offset + t) or (B*T) i32 per row.
+void embedding_forward_impl(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset, Tensor positions) {
   const char* op = "embedding_forward";
   check_token_tensor(tokens, op);
   // bf16 out (GPU only; check_dtype fails for one on the CPU): wte, wpe stay f32 (masters).
@@ -94,27 +96,45 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
   check_dtype(out, bf ? DType::bf16 : DType::f32, op);
   check_f32(wte, op);
   if (wpe.defined()) check_f32(wpe, op);
-  check_same_device(op, {&out, &tokens, &wte, &wpe});
+  if (positions.defined()) check_dtype(positions, DType::i32, op);
+  check_same_device(op, {&out, &tokens, &wte, &wpe, &positions});
   LMF_CHECK(wte.ndim == 2, op, ": tensor '", wte.name, "' has shape ", wte.shape_str(), ", expected (Vp, C)");
   const int64_t B = tokens.dim(0), T = tokens.dim(1), Vp = wte.dim(0), C = wte.dim(1);
   check_shape(out, {B, T, C}, op);
+  if (positions.defined()) check_shape(positions, {B * T}, op);
   if (wpe.defined()) {
     LMF_CHECK(wpe.ndim == 2 && wpe.dim(1) == C, op, ": tensor '", wpe.name, "' has shape ", wpe.shape_str(),
               ", expected (maxT, C=", C, ")");
-    LMF_CHECK(pos_offset >= 0 && pos_offset + T <= wpe.dim(0), op, ": positions [", pos_offset, ", ",
-              pos_offset + T, ") exceed tensor '", wpe.name, "' with maxT=", wpe.dim(0));
+    if (!positions.defined())
+      LMF_CHECK(pos_offset >= 0 && pos_offset + T <= wpe.dim(0), op, ": positions [", pos_offset, ", ",
+                pos_offset + T, ") exceed tensor '", wpe.name, "' with maxT=", wpe.dim(0));
   }
+  const int32_t* pos = positions.defined() ? positions.i32() : nullptr;
   if (out.device == Device::cpu) {
     check_tokens(tokens.i32(), B, T, Vp, op, tokens.name);
-    embedding_forward_cpu(out.f32(), tokens.i32(), wte.f32(), wpe.defined() ? wpe.f32() : nullptr, B, T, C,
+    if (pos && wpe.defined())
+      for (int64_t n = 0; n < B * T; ++n)
+        LMF_CHECK(pos[n] >= 0 && pos[n] < wpe.dim(0), op, ": row ", n, " of tensor '", positions.name,
+                  "' is position ", pos[n], ", outside tensor '", wpe.name, "' with maxT=", wpe.dim(0));
+    embedding_forward_cpu(out.f32(), tokens.i32(), wte.f32(), wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos,
                           pos_offset);
   } else if (bf) {
     LMF_CUDA_DISPATCH(op, cuda::embedding_forward(out.ptr<bf16>(), tokens.i32(), wte.f32(),
-                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos_offset));
+                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos, pos_offset));
   } else {
     LMF_CUDA_DISPATCH(op, cuda::embedding_forward(out.f32(), tokens.i32(), wte.f32(),
-                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos_offset));
+                                                  wpe.defined() ? wpe.f32() : nullptr, B, T, C, pos, pos_offset));
   }
+}
+}  // namespace
+
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset) {
+  embedding_forward_impl(out, tokens, wte, wpe, pos_offset, Tensor());
+}
+
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, Tensor positions) {
+  LMF_CHECK(positions.defined(), "embedding_forward: no positions tensor");
+  embedding_forward_impl(out, tokens, wte, wpe, 0, positions);
 }
 
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {

@@ -122,11 +122,11 @@ __global__ void embedding_wte_runs_kernel(float* dwte, const Act* dout, const in
 // out: (B*T, C) float or __nv_bfloat16 = wte[token] + wpe[pos], summed in fp32, stored once.
 template <class Act>
 void forward_impl(Act* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                  int64_t C, int64_t pos_offset) {
+                  int64_t C, const int32_t* positions, int64_t pos_offset) {
   if (wpe) {
     launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
       const int64_t n = i / C, c = i - n * C;
-      out[i] = from_f32<Act>(wte[static_cast<int64_t>(tokens[n]) * C + c] + wpe[(pos_offset + n % T) * C + c]);
+      out[i] = from_f32<Act>(wte[static_cast<int64_t>(tokens[n]) * C + c] + wpe[(positions ? positions[n] : pos_offset + n % T) * C + c]);
     });
   } else {
     launch_elementwise("embedding_forward", B * T * C, [=] __device__(int64_t i) {
@@ -175,13 +175,13 @@ void backward_wpe_impl(float* dwpe, const Act* dout, int64_t B, int64_t T, int64
 }  // namespace
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t pos_offset) {
-  forward_impl(out, tokens, wte, wpe, B, T, C, pos_offset);
+                       int64_t C, const int32_t* positions, int64_t pos_offset) {
+  forward_impl(out, tokens, wte, wpe, B, T, C, positions, pos_offset);
 }
 
 void embedding_forward(bf16* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t pos_offset) {
-  forward_impl(as_nv(out), tokens, wte, wpe, B, T, C, pos_offset);
+                       int64_t C, const int32_t* positions, int64_t pos_offset) {
+  forward_impl(as_nv(out), tokens, wte, wpe, B, T, C, positions, pos_offset);
 }
 
 size_t embedding_backward_workspace(int64_t N, int64_t Vp) { return N > 0 ? sort_layout(N, Vp).total : 0; }

@@ -20,6 +20,9 @@ namespace lmf {
 // tokens: (B, T) i32, each in [0, Vp); wte: (Vp, C); wpe: (maxT, C) or absent (RoPE models)
 // out: f32 or bf16 (GPU); wte, wpe: f32
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t pos_offset = 0);
+// Serving (ragged rows of many sequences): row n's position is positions[n]; positions (B*T) i32, each in
+// [0, maxT) (the CPU checks every one; on the GPU the caller guarantees it).
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, Tensor positions);
 
 // dwte[tokens[b,t]] += dout[b,t]; dwpe[t] += sum_b dout[b,t]   (accumulates; dwpe may be absent)
 // Deterministic: rows are reduced in a fixed order (no float atomics).
@@ -31,9 +34,10 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens);
 size_t embedding_backward_cuda_workspace(int64_t N, int64_t Vp);
 
 namespace cuda {  // launchers (embedding.cu); called by the op entries after validation
-// out: (B*T, C); tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr, rows from pos_offset
+// out: (B*T, C); tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr; row n reads wpe row positions[n]
+// (positions not null) or pos_offset + n % T
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t pos_offset);
+                       int64_t C, const int32_t* positions, int64_t pos_offset);
 size_t embedding_backward_workspace(int64_t N, int64_t Vp);
 // dwte: (Vp, C) +=; dout: (N, C); tokens: (N). Uses embedding_backward_workspace(N, Vp) bytes of workspace.
 void embedding_backward_wte(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp);
@@ -42,7 +46,7 @@ void embedding_backward_wpe(float* dwpe, const float* dout, int64_t B, int64_t T
 // bf16 activations (same shapes and workspace as above): out = bf16(wte[token] + wpe[pos]) rounded
 // once from the fp32 sum; the backward widens dout to fp32 and adds in the f32 path's order.
 void embedding_forward(bf16* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t pos_offset);
+                       int64_t C, const int32_t* positions, int64_t pos_offset);
 void embedding_backward_wte(float* dwte, const bf16* dout, const int32_t* tokens, int64_t N, int64_t C, int64_t Vp);
 void embedding_backward_wpe(float* dwpe, const bf16* dout, int64_t B, int64_t T, int64_t C);
 }  // namespace cuda

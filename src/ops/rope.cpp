@@ -30,14 +30,14 @@ void rope_table_init_cpu(float* freqs, int64_t maxT, int64_t half, double theta)
 }
 
 // qkv: (B*T, row) row-major with row = (NH + 2*NKV) * HS; the first n_rot = NH + NKV heads (q then k)
-// are rotated. freqs: (maxT, half, 2); row n has position pos_offset + n % T.
+// are rotated. freqs: (maxT, half, 2); row n has position positions[n], or pos_offset + n % T without them.
 // sign = +1 rotates by +angle (forward), -1 by -angle (backward: the transpose).
 void rope_rotate_cpu(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot,
-                     int64_t half, int64_t pos_offset, float sign) {
+                     int64_t half, const int32_t* positions, int64_t pos_offset, float sign) {
   const int64_t N = B * T, HS = 2 * half;
 #pragma omp parallel for schedule(static) if (N * n_rot * HS >= kParallelMin)
   for (int64_t n = 0; n < N; ++n) {
-    const float* cs = freqs + (pos_offset + n % T) * half * 2;  // (half, 2)
+    const float* cs = freqs + (positions ? positions[n] : pos_offset + n % T) * half * 2;  // (half, 2)
     for (int64_t h = 0; h < n_rot; ++h) {
       float* x = qkv + n * row + h * HS;  // (HS) = [x1 (half) | x2 (half)]
       for (int64_t i = 0; i < half; ++i) {
@@ -52,7 +52,9 @@ void rope_rotate_cpu(float* qkv, const float* freqs, int64_t B, int64_t T, int64
 
 // Validates qkv/freqs/heads/positions; returns (rows are B*T) half = HS/2. qkv f32, or bf16 on the
 // GPU (check_dtype names a bf16 qkv on the CPU); freqs f32.
+// positions_tensor: the rows' positions come from a tensor (checked by the caller), not pos_offset + t.
 int64_t check_rope(const Tensor& qkv, const Tensor& freqs, int n_head, int n_kv_head, int64_t pos_offset,
+                   bool positions_tensor,
                    const char* op) {
   check_dtype(qkv, qkv.defined() && qkv.dtype == DType::bf16 ? DType::bf16 : DType::f32, op);
   check_f32(freqs, op);
@@ -65,7 +67,7 @@ int64_t check_rope(const Tensor& qkv, const Tensor& freqs, int n_head, int n_kv_
             ": tensor '", qkv.name, "' has shape ", qkv.shape_str(), ", expected (B, T, (NH + 2*NKV) * HS) with NH=",
             n_head, " NKV=", n_kv_head, " HS=", HS, " (from '", freqs.name, "')");
   const int64_t T = qkv.dim(1);
-  LMF_CHECK(pos_offset >= 0 && pos_offset + T <= maxT, op, ": positions [", pos_offset, ", ", pos_offset + T,
+  LMF_CHECK(positions_tensor || (pos_offset >= 0 && pos_offset + T <= maxT), op, ": positions [", pos_offset, ", ", pos_offset + T,
             ") of tensor '", qkv.name, "' exceed the table '", freqs.name, "' with maxT=", maxT);
   return half;
 }
@@ -86,30 +88,52 @@ void rope_table_init(Tensor freqs, float theta) {
 
 void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
   const char* op = "rope_forward";
-  const int64_t half = check_rope(qkv, freqs, n_head, n_kv_head, pos_offset, op);
+  const int64_t half = check_rope(qkv, freqs, n_head, n_kv_head, pos_offset, false, op);
   if (qkv.dtype == DType::bf16)
     LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.ptr<bf16>(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2),
-                                            n_head + n_kv_head, half, pos_offset, 1.0f));
+                                            n_head + n_kv_head, half, nullptr, pos_offset, 1.0f));
   else if (qkv.device == Device::cpu)
     rope_rotate_cpu(qkv.f32(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2), n_head + n_kv_head, half,
-                    pos_offset, 1.0f);
+                    nullptr, pos_offset, 1.0f);
   else
     LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.f32(), freqs.f32(), qkv.dim(0), qkv.dim(1), qkv.dim(2),
-                                            n_head + n_kv_head, half, pos_offset, 1.0f));
+                                            n_head + n_kv_head, half, nullptr, pos_offset, 1.0f));
 }
 
 void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset) {
   const char* op = "rope_backward";
-  const int64_t half = check_rope(dqkv, freqs, n_head, n_kv_head, pos_offset, op);
+  const int64_t half = check_rope(dqkv, freqs, n_head, n_kv_head, pos_offset, false, op);
   if (dqkv.dtype == DType::bf16)
     LMF_CUDA_DISPATCH(op, cuda::rope_rotate(dqkv.ptr<bf16>(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2),
-                                            n_head + n_kv_head, half, pos_offset, -1.0f));
+                                            n_head + n_kv_head, half, nullptr, pos_offset, -1.0f));
   else if (dqkv.device == Device::cpu)
     rope_rotate_cpu(dqkv.f32(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2), n_head + n_kv_head, half,
-                    pos_offset, -1.0f);
+                    nullptr, pos_offset, -1.0f);
   else
     LMF_CUDA_DISPATCH(op, cuda::rope_rotate(dqkv.f32(), freqs.f32(), dqkv.dim(0), dqkv.dim(1), dqkv.dim(2),
-                                            n_head + n_kv_head, half, pos_offset, -1.0f));
+                                            n_head + n_kv_head, half, nullptr, pos_offset, -1.0f));
+}
+
+void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, Tensor positions) {
+  const char* op = "rope_forward";
+  const int64_t half = check_rope(qkv, freqs, n_head, n_kv_head, 0, true, op);
+  const int64_t N = qkv.dim(0) * qkv.dim(1), maxT = freqs.dim(0);
+  check_dtype(positions, DType::i32, op);
+  check_same_device(op, {&qkv, &positions});
+  check_shape(positions, {N}, op);
+  if (qkv.device == Device::cpu) {
+    const int32_t* p = positions.i32();
+    for (int64_t n = 0; n < N; ++n)
+      LMF_CHECK(p[n] >= 0 && p[n] < maxT, op, ": row ", n, " of tensor '", positions.name, "' is position ", p[n],
+                ", outside the table '", freqs.name, "' with maxT=", maxT);
+    rope_rotate_cpu(qkv.f32(), freqs.f32(), 1, N, qkv.dim(2), n_head + n_kv_head, half, p, 0, 1.0f);
+  } else if (qkv.dtype == DType::bf16) {
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.ptr<bf16>(), freqs.f32(), 1, N, qkv.dim(2), n_head + n_kv_head, half,
+                                            positions.i32(), 0, 1.0f));
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::rope_rotate(qkv.f32(), freqs.f32(), 1, N, qkv.dim(2), n_head + n_kv_head, half,
+                                            positions.i32(), 0, 1.0f));
+  }
 }
 
 }  // namespace lmf

@@ -20,13 +20,14 @@ namespace {
 
 template <int W, class T>
 void rotate_packs(T* qkv, const float* freqs, int64_t B, int64_t T_, int64_t row, int64_t n_rot, int64_t half,
-                  int64_t pos_offset, float sign) {
+                  const int32_t* positions, int64_t pos_offset, float sign) {
   const int64_t HS = 2 * half, packs = half / W;
   launch_elementwise(sign > 0 ? "rope_forward" : "rope_backward", B * T_ * n_rot * packs, [=] __device__(int64_t idx) {
     const int64_t i = (idx % packs) * W, nh = idx / packs;  // pairs [i, i + W) of head h of row n
     const int64_t h = nh % n_rot, n = nh / n_rot;
     float cs[2 * W], x1[W], x2[W];
-    load_f32<2 * W>(cs, freqs + ((pos_offset + n % T_) * half + i) * 2);  // (cos, sin) of each pair
+    const int64_t p = positions ? positions[n] : pos_offset + n % T_;
+    load_f32<2 * W>(cs, freqs + (p * half + i) * 2);  // (cos, sin) of each pair
     T* x = qkv + n * row + h * HS;
     load_f32<W>(x1, x + i);
     load_f32<W>(x2, x + i + half);
@@ -45,23 +46,24 @@ void rotate_packs(T* qkv, const float* freqs, int64_t B, int64_t T_, int64_t row
 // bf16 qkv
 template <class T>
 void rotate_impl(T* qkv, const float* freqs, int64_t B, int64_t T_, int64_t row, int64_t n_rot, int64_t half,
-                 int64_t pos_offset, float sign) {
+                 const int32_t* positions, int64_t pos_offset, float sign) {
   // half % W == 0 makes every head offset (h HS, n row) and table offset a multiple of W elements.
   if (half % kPack<T> == 0 && aligned16(qkv, freqs))
-    rotate_packs<kPack<T>>(qkv, freqs, B, T_, row, n_rot, half, pos_offset, sign);
+    rotate_packs<kPack<T>>(qkv, freqs, B, T_, row, n_rot, half, positions, pos_offset, sign);
   else
-    rotate_packs<1>(qkv, freqs, B, T_, row, n_rot, half, pos_offset, sign);
+    rotate_packs<1>(qkv, freqs, B, T_, row, n_rot, half, positions, pos_offset, sign);
 }
 
 }  // namespace
 
 void rope_rotate(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
-                 int64_t pos_offset, float sign) {
+                 const int32_t* positions, int64_t pos_offset, float sign) {
   const int64_t HS = 2 * half;
   launch_elementwise(sign > 0 ? "rope_forward" : "rope_backward", B * T * n_rot * half, [=] __device__(int64_t idx) {
     const int64_t i = idx % half, nh = idx / half;  // pair i of head h of row n
     const int64_t h = nh % n_rot, n = nh / n_rot;
-    const float* cs = freqs + ((pos_offset + n % T) * half + i) * 2;
+    const int64_t p = positions ? positions[n] : pos_offset + n % T;
+    const float* cs = freqs + (p * half + i) * 2;
     const float c = cs[0], s = sign * cs[1];
     float* x = qkv + n * row + h * HS;
     const float x1 = x[i], x2 = x[i + half];
@@ -71,8 +73,8 @@ void rope_rotate(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t r
 }
 
 void rope_rotate(bf16* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
-                 int64_t pos_offset, float sign) {
-  rotate_impl(as_nv(qkv), freqs, B, T, row, n_rot, half, pos_offset, sign);
+                 const int32_t* positions, int64_t pos_offset, float sign) {
+  rotate_impl(as_nv(qkv), freqs, B, T, row, n_rot, half, positions, pos_offset, sign);
 }
 
 }  // namespace lmf::cuda

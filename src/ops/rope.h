@@ -20,14 +20,18 @@ void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, int64_t p
 // Unlike other backward functions this one transforms in place rather than accumulating.
 void rope_backward(Tensor dqkv, Tensor freqs, int n_head, int n_kv_head, int64_t pos_offset = 0);
 
+// Serving (ragged rows of many sequences): row n of qkv (N, QKV) has position positions[n] (N) i32,
+// each in [0, maxT) (the CPU checks every one; on the GPU the caller guarantees it).
+void rope_forward(Tensor qkv, Tensor freqs, int n_head, int n_kv_head, Tensor positions);
+
 namespace cuda {  // launchers (rope.cu); called by the op entries after validation
 // qkv: (B*T, row) row-major, the first n_rot heads of size 2*half rotated in place; freqs: (maxT, half, 2);
-// row n has position pos_offset + n % T. sign = +1 (forward) or -1 (backward: the transpose).
+// row n has position positions[n] when positions is not null, else pos_offset + n % T. sign = +1 (forward) or -1 (backward: the transpose).
 void rope_rotate(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
-                 int64_t pos_offset, float sign);
+                 const int32_t* positions, int64_t pos_offset, float sign);
 // bf16 qkv: fp32 math, each rotated value rounded once.
 void rope_rotate(bf16* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot, int64_t half,
-                 int64_t pos_offset, float sign);
+                 const int32_t* positions, int64_t pos_offset, float sign);
 }  // namespace cuda
 
 }  // namespace lmf

@@ -1,0 +1,188 @@
+// paged_attention.cpp: checks and the fp32 CPU reference of serving's attention (paged_attention.h).
+//
+// One (row, head) at a time, an online softmax over the row's positions in order 0, 1, ...: running
+// max m, running sum l, running output o (rescaled by exp(m_old - m_new) when the max grows), then
+// o / l. Rows and heads are independent (OpenMP over them), so results do not depend on the thread
+// count or on the other rows of the batch.
+#include "ops/paged_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/device.h"
+#include "ops/dispatch.h"
+
+namespace lmf {
+namespace {
+
+constexpr const char* kOpWrite = "kv_cache_write";
+constexpr const char* kOpAttn = "paged_attention_forward";
+constexpr const char* kOpGather = "gather_rows";
+
+struct CacheDims {
+  int64_t blocks, block_size, HS;
+};
+
+// k_cache / v_cache (num_blocks, block_size, NKV HS), f32 on the CPU or bf16 on the GPU, matching qkv.
+CacheDims check_cache(const Tensor& k, const Tensor& v, const Tensor& qkv, int n_head, int n_kv_head, const char* op) {
+  LMF_CHECK(n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, op, ": n_head=", n_head,
+            " must be a positive multiple of n_kv_head=", n_kv_head);
+  const DType dt = qkv.device == Device::cpu ? DType::f32 : DType::bf16;
+  check_dtype(qkv, dt, op);
+  check_dtype(k, dt, op);
+  check_dtype(v, dt, op);
+  check_same_device(op, {&qkv, &k, &v});
+  LMF_CHECK(k.ndim == 3 && k.dim(2) % n_kv_head == 0, op, ": tensor '", k.name, "' has shape ", k.shape_str(),
+            ", expected (num_blocks, block_size, NKV * HS) with NKV=", n_kv_head);
+  check_shape(v, {k.dim(0), k.dim(1), k.dim(2)}, op);
+  const int64_t HS = k.dim(2) / n_kv_head;
+  LMF_CHECK(qkv.ndim == 2 && qkv.dim(1) == (n_head + 2 * int64_t{n_kv_head}) * HS, op, ": tensor '", qkv.name,
+            "' has shape ", qkv.shape_str(), ", expected (N, (NH + 2 NKV) HS) with NH=", n_head, " NKV=", n_kv_head,
+            " HS=", HS, " (from '", k.name, "')");
+  return {k.dim(0), k.dim(1), HS};
+}
+
+void check_rows(const Tensor& t, int64_t N, const Tensor& like, const char* op) {
+  check_dtype(t, DType::i32, op);
+  check_same_device(op, {&t, &like});
+  check_shape(t, {N}, op);
+}
+
+void write_cpu(float* kc, float* vc, const float* qkv, const int32_t* slots, int64_t N, int64_t q_dim,
+               int64_t kv_dim) {
+  const int64_t row = q_dim + 2 * kv_dim;
+  for (int64_t n = 0; n < N; ++n) {
+    if (slots[n] < 0) continue;
+    const float* r = qkv + n * row;
+    std::memcpy(kc + slots[n] * kv_dim, r + q_dim, sizeof(float) * static_cast<size_t>(kv_dim));
+    std::memcpy(vc + slots[n] * kv_dim, r + q_dim + kv_dim, sizeof(float) * static_cast<size_t>(kv_dim));
+  }
+}
+
+void attention_cpu(float* out, const float* qkv, const float* kc, const float* vc, const int32_t* tables,
+                   const int32_t* seqs, const int32_t* positions, int64_t N, int64_t NH, int64_t NKV, int64_t HS,
+                   int64_t bs, int64_t max_blocks) {
+  const int64_t row = (NH + 2 * NKV) * HS, kv_dim = NKV * HS, group = NH / NKV;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < NH; ++h) {
+      float* o = out + n * NH * HS + h * HS;
+      std::fill(o, o + HS, 0.0f);
+      if (seqs[n] < 0) continue;
+      const float* q = qkv + n * row + h * HS;
+      const int32_t* table = tables + seqs[n] * max_blocks;
+      const int64_t kvh = h / group;
+      float m = -INFINITY, l = 0.0f;
+      for (int64_t s = 0; s <= positions[n]; ++s) {
+        const int64_t slot = static_cast<int64_t>(table[s / bs]) * bs + s % bs;
+        const float* k = kc + slot * kv_dim + kvh * HS;
+        const float* v = vc + slot * kv_dim + kvh * HS;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < HS; ++i) dot += q[i] * k[i];
+        const float x = dot * scale;
+        if (x > m) {
+          const float r = std::exp(m - x);  // 0 for the first position
+          l *= r;
+          for (int64_t i = 0; i < HS; ++i) o[i] *= r;
+          m = x;
+        }
+        const float p = std::exp(x - m);
+        l += p;
+        for (int64_t i = 0; i < HS; ++i) o[i] += p * v[i];
+      }
+      for (int64_t i = 0; i < HS; ++i) o[i] /= l;
+    }
+}
+
+}  // namespace
+
+void kv_cache_write(Tensor k_cache, Tensor v_cache, Tensor qkv, Tensor slots, int n_head, int n_kv_head) {
+  const CacheDims d = check_cache(k_cache, v_cache, qkv, n_head, n_kv_head, kOpWrite);
+  const int64_t N = qkv.dim(0), num_slots = d.blocks * d.block_size;
+  check_rows(slots, N, qkv, kOpWrite);
+  if (qkv.device == Device::cpu) {
+    for (int64_t n = 0; n < N; ++n)
+      LMF_CHECK(slots.i32()[n] >= -1 && slots.i32()[n] < num_slots, kOpWrite, ": row ", n, " of tensor '", slots.name,
+                "' is slot ", slots.i32()[n], ", outside [-1, ", num_slots, ") of '", k_cache.name, "'");
+    write_cpu(k_cache.f32(), v_cache.f32(), qkv.f32(), slots.i32(), N, n_head * d.HS, n_kv_head * d.HS);
+  } else {
+    LMF_CUDA_DISPATCH(kOpWrite, cuda::kv_cache_write(k_cache.ptr<bf16>(), v_cache.ptr<bf16>(), qkv.ptr<bf16>(),
+                                                     slots.i32(), N, n_head, n_kv_head, d.HS, num_slots));
+  }
+}
+
+void paged_attention_forward(Tensor out, Tensor qkv, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqs,
+                             Tensor positions, int n_head, int n_kv_head) {
+  const CacheDims d = check_cache(k_cache, v_cache, qkv, n_head, n_kv_head, kOpAttn);
+  const int64_t N = qkv.dim(0);
+  check_dtype(out, qkv.dtype, kOpAttn);
+  check_same_device(kOpAttn, {&out, &qkv, &block_tables});
+  check_shape(out, {N, n_head * d.HS}, kOpAttn);
+  check_rows(seqs, N, qkv, kOpAttn);
+  check_rows(positions, N, qkv, kOpAttn);
+  check_dtype(block_tables, DType::i32, kOpAttn);
+  LMF_CHECK(block_tables.ndim == 2, kOpAttn, ": tensor '", block_tables.name, "' has shape ",
+            block_tables.shape_str(), ", expected (sequences, max_blocks)");
+  const int64_t S = block_tables.dim(0), max_blocks = block_tables.dim(1);
+  if (qkv.device == Device::cpu) {
+    const int32_t *sq = seqs.i32(), *pos = positions.i32(), *tab = block_tables.i32();
+    for (int64_t n = 0; n < N; ++n) {
+      LMF_CHECK(sq[n] >= -1 && sq[n] < S, kOpAttn, ": row ", n, " of tensor '", seqs.name, "' is sequence ", sq[n],
+                ", outside [-1, ", S, ") of '", block_tables.name, "'");
+      if (sq[n] < 0) continue;
+      LMF_CHECK(pos[n] >= 0 && pos[n] < max_blocks * d.block_size, kOpAttn, ": row ", n, " of tensor '",
+                positions.name, "' is position ", pos[n], ", outside the ", max_blocks * d.block_size,
+                " positions a block table holds");
+      for (int64_t j = 0; j <= pos[n] / d.block_size; ++j) {
+        const int32_t b = tab[sq[n] * max_blocks + j];
+        LMF_CHECK(b >= 0 && b < d.blocks, kOpAttn, ": block ", j, " of sequence ", sq[n], " in tensor '",
+                  block_tables.name, "' is ", b, ", outside [0, ", d.blocks, ") of '", k_cache.name, "'");
+      }
+    }
+    attention_cpu(out.f32(), qkv.f32(), k_cache.f32(), v_cache.f32(), tab, sq, pos, N, n_head, n_kv_head, d.HS,
+                  d.block_size, max_blocks);
+  } else {
+    LMF_CUDA_DISPATCH(kOpAttn, cuda::paged_attention_forward(
+                                   out.ptr<bf16>(), qkv.ptr<bf16>(), k_cache.ptr<bf16>(), v_cache.ptr<bf16>(),
+                                   block_tables.i32(), seqs.i32(), positions.i32(), N, n_head, n_kv_head, d.HS,
+                                   d.block_size, max_blocks, 1.0f / std::sqrt(static_cast<float>(d.HS))));
+  }
+}
+
+void gather_rows(Tensor out, Tensor x, Tensor rows) {
+  LMF_CHECK(x.defined() && x.ndim == 2, kOpGather, ": tensor '", x.name, "' must be (N, C), got ",
+            x.defined() ? x.shape_str() : std::string("none"));
+  const DType dt = x.dtype == DType::bf16 ? DType::bf16 : DType::f32;
+  check_dtype(x, dt, kOpGather);
+  check_dtype(out, dt, kOpGather);
+  check_dtype(rows, DType::i32, kOpGather);
+  check_same_device(kOpGather, {&out, &x, &rows});
+  LMF_CHECK(rows.ndim == 1, kOpGather, ": tensor '", rows.name, "' must be (M), got ", rows.shape_str());
+  const int64_t M = rows.dim(0), N = x.dim(0), C = x.dim(1);
+  check_shape(out, {M, C}, kOpGather);
+  if (x.device == Device::cpu) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t r = rows.i32()[m];
+      LMF_CHECK(r >= 0 && r < N, kOpGather, ": row ", m, " of tensor '", rows.name, "' is ", r, ", outside [0, ", N,
+                ") of '", x.name, "'");
+      std::memcpy(out.f32() + m * C, x.f32() + r * C, sizeof(float) * static_cast<size_t>(C));
+    }
+  } else if (dt == DType::bf16) {
+    LMF_CUDA_DISPATCH(kOpGather, cuda::gather_rows(out.ptr<bf16>(), x.ptr<bf16>(), rows.i32(), M, C));
+  } else {
+    LMF_CUDA_DISPATCH(kOpGather, cuda::gather_rows(out.f32(), x.f32(), rows.i32(), M, C));
+  }
+}
+
+size_t paged_attention_cuda_workspace(int64_t N, int n_head, int64_t HS, int64_t max_context) {
+#ifdef LMF_WITH_CUDA
+  return cuda::paged_attention_workspace(N, n_head, HS, max_context);
+#else
+  (void)N, (void)n_head, (void)HS, (void)max_context;
+  return 0;
+#endif
+}
+
+}  // namespace lmf

@@ -1,0 +1,122 @@
+// sampling.cpp: the CPU reference of batched next-token sampling (sampling.h).
+//
+// Per row: the max logit, the log-sum-exp of the raw logits (logprobs), then either the argmax or the
+// candidates sorted by (logit desc, id asc) -- a fixed order, so a draw is reproducible -- cut to top_k,
+// weighted by exp((logit - max) / temperature) in double, cut to the top_p mass, and one draw. Rows are
+// independent (OpenMP over them).
+#include "ops/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/rng.h"
+
+namespace lmf {
+
+std::string sample_params_problem(const SampleParams& p, const std::string& prefix) {
+  auto msg = [&](const char* name, const std::string& v, const char* rule) {
+    return prefix + name + "=" + v + " " + rule;
+  };
+  if (!(p.temperature >= 0) || !std::isfinite(p.temperature))
+    return msg("temperature", std::to_string(p.temperature), "must be a finite number >= 0");
+  if (p.top_k < 0) return msg("top_k", std::to_string(p.top_k), "must be >= 0 (0: off)");
+  if (!(p.top_p > 0 && p.top_p <= 1)) return msg("top_p", std::to_string(p.top_p), "must be in (0, 1]");
+  return "";
+}
+
+namespace {
+
+struct ByLogit {
+  const float* l;
+  bool operator()(int32_t a, int32_t b) const { return l[a] != l[b] ? l[a] > l[b] : a < b; }
+};
+
+int32_t draw(const float* l, int32_t* order, int64_t V, float mx, const SampleParams& p) {
+  if (p.temperature == 0) return static_cast<int32_t>(std::max_element(l, l + V) - l);
+  std::iota(order, order + V, 0);
+  int64_t n = V;
+  if (p.top_k > 0 && p.top_k < V) {
+    n = p.top_k;
+    std::partial_sort(order, order + n, order + V, ByLogit{l});
+  } else {
+    std::sort(order, order + V, ByLogit{l});
+  }
+  const double inv_t = 1.0 / static_cast<double>(p.temperature);
+  auto weight = [&](int64_t i) { return std::exp((static_cast<double>(l[order[i]]) - mx) * inv_t); };
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += weight(i);
+  if (p.top_p < 1) {
+    double cum = 0;
+    int64_t keep = n;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += weight(i) / sum;
+      if (cum >= p.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    n = keep;
+    sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += weight(i);
+  }
+  const double u = static_cast<double>(rng_uniform(p.seed, kSampleStream, p.index)) * sum;
+  double cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += weight(i);
+    if (u < cum) return order[i];
+  }
+  return order[n - 1];
+}
+
+}  // namespace
+
+void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_logprobs, Tensor logits,
+                   const SampleParams* params, int64_t V, Tensor scratch) {
+  const char* op = "sample_tokens";
+  check_f32(logits, op);
+  LMF_CHECK(logits.ndim == 2 && V >= 1 && V <= logits.dim(1), op, ": tensor '", logits.name, "' has shape ",
+            logits.shape_str(), ", expected (M, W >= V=", V, ")");
+  LMF_CHECK(logits.device == Device::cpu, op, ": the GPU sampler is not built yet; logits must be on the CPU");
+  const int64_t M = logits.dim(0), W = logits.dim(1);
+  check_dtype(tokens, DType::i32, op);
+  check_shape(tokens, {M}, op);
+  check_f32(logprobs, op);
+  check_shape(logprobs, {M}, op);
+  check_dtype(scratch, DType::i32, op);
+  check_shape(scratch, {M, V}, op);
+  const int64_t top_n = top_ids.defined() ? top_ids.dim(1) : 0;
+  if (top_n > 0) {
+    check_dtype(top_ids, DType::i32, op);
+    check_shape(top_ids, {M, top_n}, op);
+    check_f32(top_logprobs, op);
+    check_shape(top_logprobs, {M, top_n}, op);
+    LMF_CHECK(top_n <= V, op, ": ", top_n, " top log-probabilities asked of a vocabulary of ", V);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const std::string problem = sample_params_problem(params[m]);
+    LMF_CHECK(problem.empty(), op, ": row ", m, ": ", problem);
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* l = logits.f32() + m * W;
+    int32_t* order = scratch.i32() + m * V;
+    const float mx = *std::max_element(l, l + V);
+    double se = 0;
+    for (int64_t i = 0; i < V; ++i) se += std::exp(static_cast<double>(l[i]) - mx);
+    const double lse = static_cast<double>(mx) + std::log(se);
+    const int32_t t = draw(l, order, V, mx, params[m]);
+    tokens.i32()[m] = t;
+    logprobs.f32()[m] = static_cast<float>(static_cast<double>(l[t]) - lse);
+    if (top_n > 0) {
+      std::iota(order, order + V, 0);
+      std::partial_sort(order, order + top_n, order + V, ByLogit{l});
+      for (int64_t j = 0; j < top_n; ++j) {
+        top_ids.i32()[m * top_n + j] = order[j];
+        top_logprobs.f32()[m * top_n + j] = static_cast<float>(static_cast<double>(l[order[j]]) - lse);
+      }
+    }
+  }
+}
+
+}  // namespace lmf

@@ -1,0 +1,315 @@
+#include "serve/engine.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/bf16.h"
+#include "core/device.h"
+#include "model/token_ends.h"
+
+namespace lmf {
+
+namespace {
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kAutoGpuFraction = 0.85;  // of the memory free after the models are planned
+
+// Every i32 field of a step's batch lives in one tensor, so a GPU step uploads it with one copy.
+struct BatchLayout {
+  int64_t tokens, positions, slots, seqs, tables, samples, total;
+  BatchLayout(int64_t rows, int64_t seqs_max, int64_t blocks_max) {
+    tokens = 0;
+    positions = tokens + rows;
+    slots = positions + rows;
+    seqs = slots + rows;
+    tables = seqs + rows;
+    samples = tables + seqs_max * blocks_max;
+    total = samples + seqs_max;
+  }
+};
+
+Tensor sub(const Tensor& flat, int64_t offset, std::initializer_list<int64_t> shape, const char* name) {
+  Tensor t(static_cast<int32_t*>(flat.data) + offset, DType::i32, shape, name, flat.device);
+  return t;
+}
+}  // namespace
+
+std::string engine_options_problem(const EngineOptions& o) {
+  if (o.max_seqs < 1) return "--max-seqs=" + std::to_string(o.max_seqs) + " must be >= 1";
+  if (o.max_prefill_tokens < 1) return "--max-prefill-tokens=" + std::to_string(o.max_prefill_tokens) + " must be >= 1";
+  if (o.block_size < 1 || o.block_size > 1024) return "--block-size=" + std::to_string(o.block_size) + " must be in [1, 1024]";
+  if (!(o.kv_cache_gb >= 0) || !std::isfinite(o.kv_cache_gb))
+    return "--kv-cache-gb=" + std::to_string(o.kv_cache_gb) + " must be >= 0 (0: auto)";
+  if (o.max_top_logprobs < 0) return "max_top_logprobs must be >= 0";
+  return "";
+}
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::length: return "length";
+    case FinishReason::stop: return "stop";
+    case FinishReason::none: break;
+  }
+  return "";
+}
+
+Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
+    : cfg_(c), opt_(o), params_(params), device_(params.device()) {
+  const std::string problem = engine_options_problem(o);
+  if (!problem.empty()) fail(problem);
+  cfg_.validate("model config");
+  max_rows_ = o.max_prefill_tokens + o.max_seqs;
+  max_blocks_ = (cfg_.context_length + o.block_size - 1) / o.block_size;
+  width_ = device_ == Device::cpu ? cfg_.vocab_size : cfg_.padded_vocab();
+  plan_buckets();
+
+  // the batch: host (filled each step) and, on the GPU, its device copy; logits and sampling buffers
+  const BatchLayout L(max_rows_, o.max_seqs, max_blocks_);
+  const int64_t S = o.max_seqs, top = std::max<int64_t>(o.max_top_logprobs, 1);
+  host_ = Arena("serve host", {{"batch", {L.total}, DType::i32},
+                               {"logits", {S, width_}},
+                               {"next", {S}, DType::i32},
+                               {"logprobs", {S}},
+                               {"top_ids", {S, top}, DType::i32},
+                               {"top_logprobs", {S, top}},
+                               {"order", {S, cfg_.vocab_size}, DType::i32}});
+  const Tensor hb = host_.get("batch");
+  h_tokens_ = sub(hb, L.tokens, {1, max_rows_}, "tokens");
+  h_positions_ = sub(hb, L.positions, {max_rows_}, "positions");
+  h_slots_ = sub(hb, L.slots, {max_rows_}, "slots");
+  h_seqs_ = sub(hb, L.seqs, {max_rows_}, "seqs");
+  h_tables_ = sub(hb, L.tables, {S, max_blocks_}, "block_tables");
+  h_samples_ = sub(hb, L.samples, {S}, "sample_rows");
+  logits_host_ = host_.get("logits");
+  next_ = host_.get("next");
+  logprobs_ = host_.get("logprobs");
+  top_ids_ = host_.get("top_ids");
+  top_lps_ = host_.get("top_logprobs");
+  order_ = host_.get("order");
+  Tensor db = hb, dlogits = logits_host_;
+  if (device_ == Device::cuda) {
+    dev_ = Arena("serve device", {{"batch", {L.total}, DType::i32}, {"logits", {S, width_}, DType::bf16}}, device_);
+    db = dev_.get("batch");
+    dlogits = dev_.get("logits");
+  }
+  for (Bucket& b : buckets_) {
+    const int64_t T = b.model->plan().T, M = b.model->plan().samples;
+    b.batch.tokens = sub(db, L.tokens, {1, T}, "tokens");
+    b.batch.positions = sub(db, L.positions, {T}, "positions");
+    b.batch.slots = sub(db, L.slots, {T}, "slots");
+    b.batch.seqs = sub(db, L.seqs, {T}, "seqs");
+    b.batch.block_tables = sub(db, L.tables, {S, max_blocks_}, "block_tables");
+    b.batch.sample_rows = sub(db, L.samples, {M}, "sample_rows");
+    b.logits = dlogits.rows(0, M);
+  }
+
+  // the KV cache: --kv-cache-gb, or auto: every sequence at full context on the CPU, a fraction of the
+  // free memory on the GPU
+  const size_t block_bytes = KvCache::block_bytes(cfg_, o.block_size, device_);
+  int64_t blocks = 0;
+  if (o.kv_cache_gb > 0) {
+    blocks = static_cast<int64_t>(o.kv_cache_gb * kGiB / static_cast<double>(block_bytes));
+    if (blocks < 1)
+      fail("--kv-cache-gb=", o.kv_cache_gb, " holds no KV block (one block of ", o.block_size, " positions takes ",
+           block_bytes, " bytes)");
+  } else if (device_ == Device::cpu) {
+    blocks = o.max_seqs * max_blocks_;
+  } else {
+    blocks = static_cast<int64_t>(kAutoGpuFraction * static_cast<double>(cuda_memory_free_bytes()) /
+                                  static_cast<double>(block_bytes));
+    if (blocks < max_blocks_)
+      fail("the GPU has too little free memory for a KV cache of one full sequence (", max_blocks_, " blocks of ",
+           block_bytes, " bytes); lower --max-prefill-tokens or --max-seqs");
+  }
+  blocks = std::min<int64_t>(blocks, INT32_MAX / std::max<int64_t>(o.block_size, 1));
+  cache_ = std::make_unique<KvCache>(cfg_, blocks, o.block_size, device_);
+  pool_ = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), o.block_size);
+  sched_ = std::make_unique<Scheduler>(SchedulerLimits{o.max_seqs, o.max_prefill_tokens, cfg_.context_length}, *pool_);
+  sp_.resize(static_cast<size_t>(S));
+  if (device_ == Device::cuda) logits_bf16_.resize(static_cast<size_t>(S * width_));
+}
+
+// Buckets: 1, 2, 4, ... up to max_seqs (decode steps), then doubling up to max_rows (prefill).
+void Engine::plan_buckets() {
+  std::vector<int64_t> sizes;
+  for (int64_t r = 1; r < opt_.max_seqs; r *= 2) sizes.push_back(r);
+  sizes.push_back(opt_.max_seqs);
+  for (int64_t r = 2 * sizes.back(); r < max_rows_; r *= 2) sizes.push_back(r);
+  if (sizes.back() < max_rows_) sizes.push_back(max_rows_);
+  for (int64_t T : sizes) {
+    ModelPlan p;
+    p.B = 1;
+    p.T = T;
+    p.training = false;
+    p.device = device_;
+    p.precision = device_ == Device::cuda ? Precision::bf16 : Precision::fp32;
+    p.attention = FlashKernels::lmforge;
+    p.serve = true;
+    p.samples = std::min<int64_t>(T, opt_.max_seqs);
+    Bucket b;
+    b.model = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TokenEnds>(cfg_));
+    buckets_.push_back(std::move(b));
+  }
+}
+
+std::vector<int64_t> Engine::buckets() const {
+  std::vector<int64_t> out;
+  for (const Bucket& b : buckets_) out.push_back(b.model->plan().T);
+  return out;
+}
+
+std::string Engine::problem(const std::vector<int32_t>& prompt, const RequestParams& rp) const {
+  if (prompt.empty()) return "the prompt is empty";
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= cfg_.vocab_size)
+      return "prompt token " + std::to_string(i) + " is " + std::to_string(prompt[i]) + ", outside the vocabulary [0, " +
+             std::to_string(cfg_.vocab_size) + ")";
+  if (rp.max_tokens < 1) return "max_tokens=" + std::to_string(rp.max_tokens) + " must be >= 1";
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  if (n + rp.max_tokens > cfg_.context_length)
+    return "the prompt (" + std::to_string(n) + " tokens) plus max_tokens (" + std::to_string(rp.max_tokens) +
+           ") exceeds the model's context length of " + std::to_string(cfg_.context_length);
+  if (pool_->blocks_for(n + rp.max_tokens) > pool_->total())
+    return std::to_string(n + rp.max_tokens) + " positions need " + std::to_string(pool_->blocks_for(n + rp.max_tokens)) +
+           " KV blocks; the cache has " + std::to_string(pool_->total()) + " (raise --kv-cache-gb)";
+  const std::string sp = sample_params_problem(rp.sample);
+  if (!sp.empty()) return sp;
+  if (rp.top_logprobs < 0 || rp.top_logprobs > opt_.max_top_logprobs)
+    return "logprobs=" + std::to_string(rp.top_logprobs) + " must be in [0, " + std::to_string(opt_.max_top_logprobs) + "]";
+  for (int32_t t : rp.stop_tokens)
+    if (t < 0 || t >= cfg_.vocab_size) return "stop token " + std::to_string(t) + " is outside the vocabulary";
+  return "";
+}
+
+void Engine::add(int64_t id, std::vector<int32_t> prompt, const RequestParams& rp) {
+  const std::string p = problem(prompt, rp);
+  if (!p.empty()) fail("request ", id, ": ", p);
+  if (seqs_.count(id)) fail("request ", id, " is already in the engine");
+  sched_->add(id, static_cast<int64_t>(prompt.size()), rp.max_tokens);
+  Seq s;
+  s.prompt = static_cast<int64_t>(prompt.size());
+  s.tokens = std::move(prompt);
+  s.tokens.reserve(static_cast<size_t>(s.prompt + rp.max_tokens));
+  s.rp = rp;
+  seqs_.emplace(id, std::move(s));
+  stats_.prompt_tokens += static_cast<int64_t>(seqs_.at(id).prompt);
+}
+
+void Engine::cancel(int64_t id) {
+  sched_->cancel(id);
+  seqs_.erase(id);
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s = stats_;
+  s.running = sched_->running();
+  s.waiting = sched_->waiting();
+  s.blocks_total = pool_->total();
+  s.blocks_free = pool_->free_blocks();
+  return s;
+}
+
+// The rows of `plan` into the host batch: each work item's positions, then its sampled row.
+int64_t Engine::layout(const StepPlan& plan, std::vector<int64_t>& sample_ids) {
+  int32_t *tok = h_tokens_.i32(), *pos = h_positions_.i32(), *slot = h_slots_.i32(), *seq = h_seqs_.i32();
+  int32_t *tab = h_tables_.i32(), *smp = h_samples_.i32();
+  const int64_t bs = opt_.block_size;
+  int64_t n = 0;
+  for (size_t j = 0; j < plan.work.size(); ++j) {
+    const SeqWork& w = plan.work[j];
+    const Seq& s = seqs_.at(w.id);
+    const std::vector<int32_t>& table = sched_->block_table(w.id);
+    std::fill(tab + j * max_blocks_, tab + (j + 1) * max_blocks_, 0);
+    std::copy(table.begin(), table.end(), tab + j * max_blocks_);
+    for (int64_t p = w.start; p < w.start + w.count; ++p, ++n) {
+      tok[n] = s.tokens[static_cast<size_t>(p)];
+      pos[n] = static_cast<int32_t>(p);
+      slot[n] = static_cast<int32_t>(table[static_cast<size_t>(p / bs)] * bs + p % bs);
+      seq[n] = static_cast<int32_t>(j);
+    }
+    if (w.samples) {
+      smp[sample_ids.size()] = static_cast<int32_t>(n - 1);
+      sample_ids.push_back(w.id);
+    }
+  }
+  return n;
+}
+
+Engine::Bucket& Engine::bucket_for(int64_t rows) {
+  for (Bucket& b : buckets_)
+    if (b.model->plan().T >= rows) return b;
+  fail("engine: a step of ", rows, " rows exceeds the largest bucket of ", max_rows_);
+}
+
+void Engine::upload(const Bucket& b, int64_t rows, int64_t samples) {
+  const int64_t T = b.model->plan().T, M = b.model->plan().samples;
+  for (int64_t r = rows; r < T; ++r) {  // padding rows compute nothing that is kept
+    h_tokens_.i32()[r] = 0;
+    h_positions_.i32()[r] = 0;
+    h_slots_.i32()[r] = -1;
+    h_seqs_.i32()[r] = -1;
+  }
+  for (int64_t m = samples; m < M; ++m) h_samples_.i32()[m] = 0;
+  if (device_ == Device::cuda) tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+}
+
+std::vector<EngineEvent> Engine::step() {
+  const StepPlan plan = sched_->schedule();
+  stats_.preemptions += static_cast<int64_t>(plan.preempted.size());
+  if (plan.empty()) return {};
+  std::vector<int64_t> ids;
+  const int64_t rows = layout(plan, ids);
+  Bucket& b = bucket_for(rows);
+  const int64_t M = static_cast<int64_t>(ids.size());
+  upload(b, rows, M);
+  b.model->forward_paged(b.logits, b.batch, *cache_);
+  ++stats_.steps;
+  std::vector<EngineEvent> events;
+  if (M == 0) {
+    sched_->complete(plan);
+    return events;
+  }
+
+  // sampling (the CPU sampler; on the GPU the logits come back first)
+  Tensor logits = logits_host_.rows(0, M);
+  if (device_ == Device::cuda) {
+    tensor_to_host(logits_bf16_.data(), b.logits.rows(0, M));
+    for (int64_t i = 0; i < M * width_; ++i) logits.f32()[i] = bf16::to_float(logits_bf16_[static_cast<size_t>(i)]);
+  }
+  int64_t top_n = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const Seq& s = seqs_.at(ids[static_cast<size_t>(m)]);
+    sp_[static_cast<size_t>(m)] = s.rp.sample;
+    sp_[static_cast<size_t>(m)].index = s.tokens.size();  // the new token's position
+    top_n = std::max(top_n, s.rp.top_logprobs);
+  }
+  sample_tokens(next_.rows(0, M), logprobs_.rows(0, M), top_n ? top_ids_.rows(0, M) : Tensor(),
+                top_n ? top_lps_.rows(0, M) : Tensor(), logits, sp_.data(), cfg_.vocab_size, order_.rows(0, M));
+
+  std::vector<int64_t> stopped;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t id = ids[static_cast<size_t>(m)];
+    Seq& s = seqs_.at(id);
+    EngineEvent e;
+    e.id = id;
+    e.out.token = next_.i32()[m];
+    e.out.logprob = logprobs_.f32()[m];
+    for (int64_t j = 0; j < s.rp.top_logprobs; ++j)
+      e.out.top.emplace_back(top_ids_.i32()[m * top_ids_.dim(1) + j], top_lps_.f32()[m * top_lps_.dim(1) + j]);
+    s.tokens.push_back(e.out.token);
+    ++stats_.generated_tokens;
+    if (std::find(s.rp.stop_tokens.begin(), s.rp.stop_tokens.end(), e.out.token) != s.rp.stop_tokens.end()) {
+      stopped.push_back(id);
+      e.finish = FinishReason::stop;
+    }
+    events.push_back(std::move(e));
+  }
+  sched_->complete(plan, stopped);
+  for (EngineEvent& e : events) {
+    if (sched_->has(e.id)) continue;
+    if (e.finish == FinishReason::none) e.finish = FinishReason::length;
+    seqs_.erase(e.id);
+  }
+  return events;
+}
+
+}  // namespace lmf

@@ -1,0 +1,122 @@
+// engine.h: serving's engine (docs/SERVING.md): continuous batching over a paged KV cache.
+//
+// Each step() asks the scheduler (serve/scheduler.h) which positions to compute -- every running
+// sequence's next position, prompt chunks within --max-prefill-tokens --, lays them out as the rows of
+// one batch (model/kv_cache.h PagedBatch), runs the model planned for the smallest row bucket that
+// holds them (buckets 1, 2, 4, ... up to --max-seqs, then up to the prefill budget; padding rows do
+// nothing), samples one token for each sequence whose known tokens are all cached (ops/sampling.h,
+// per-request seed and position), and retires sequences that finished. Every bucket's model shares
+// the one set of weights and the one KV cache. Single-threaded: serve/server.h runs it on its own thread.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/kv_cache.h"
+#include "model/model.h"
+#include "model/params.h"
+#include "ops/sampling.h"
+#include "serve/block_pool.h"
+#include "serve/scheduler.h"
+
+namespace lmf {
+
+struct EngineOptions {
+  int32_t max_seqs = 32;             // --max-seqs: sequences decoding at once
+  int64_t max_prefill_tokens = 512;  // --max-prefill-tokens: prompt positions per step
+  int32_t block_size = 16;           // --block-size: positions per KV block
+  double kv_cache_gb = 0;            // --kv-cache-gb: the pool's size; 0: auto (see engine.cpp)
+  int64_t max_top_logprobs = 5;      // the most top log-probabilities a request may ask for
+};
+// One line naming the flag when an option is out of range ("" when fine).
+std::string engine_options_problem(const EngineOptions& o);
+
+struct RequestParams {
+  SampleParams sample;               // temperature, top_k, top_p, seed (index is the engine's)
+  int64_t max_tokens = 16;
+  std::vector<int32_t> stop_tokens;  // generation stops after producing one of these (it is kept)
+  int64_t top_logprobs = 0;          // top-N log-probabilities per token (0: none)
+};
+
+enum class FinishReason { none, length, stop };
+const char* finish_reason_name(FinishReason r);  // "", "length", "stop"
+
+struct TokenOut {
+  int32_t token = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;  // (token, logprob), best first
+};
+
+struct EngineEvent {
+  int64_t id = 0;
+  TokenOut out;                     // the token generated this step
+  FinishReason finish = FinishReason::none;
+};
+
+struct EngineStats {
+  size_t running = 0, waiting = 0;
+  int32_t blocks_total = 0, blocks_free = 0;
+  int64_t steps = 0, prompt_tokens = 0, generated_tokens = 0, preemptions = 0;
+};
+
+class Engine {
+ public:
+  // params: the model's weights on the plan's device (fp32 on the CPU; with a bf16 copy on the GPU).
+  Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o);
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // "" when the request can run, else one line saying why not (empty prompt, a token outside the
+  // vocabulary, prompt + max_tokens beyond the context, bad sampling values, ...).
+  std::string problem(const std::vector<int32_t>& prompt, const RequestParams& rp) const;
+  // Queues a request (ids are the caller's, unique among live requests); throws problem()'s line.
+  void add(int64_t id, std::vector<int32_t> prompt, const RequestParams& rp);
+  // Drops a request wherever it is (a client went away); unknown ids are ignored.
+  void cancel(int64_t id);
+  // One engine iteration; the tokens it generated, in the requests' arrival order.
+  std::vector<EngineEvent> step();
+  bool idle() const { return seqs_.empty(); }
+  EngineStats stats() const;
+
+  const ModelConfig& config() const { return cfg_; }
+  const EngineOptions& options() const { return opt_; }
+  int64_t kv_blocks() const { return cache_->num_blocks(); }
+  std::vector<int64_t> buckets() const;  // rows of each planned model
+
+ private:
+  struct Seq {
+    std::vector<int32_t> tokens;  // prompt, then generated
+    int64_t prompt = 0;
+    RequestParams rp;
+  };
+  struct Bucket {
+    std::unique_ptr<Model> model;
+    PagedBatch batch;  // views of the batch arena sized for this bucket
+    Tensor logits;
+  };
+  void plan_buckets();
+  Bucket& bucket_for(int64_t rows);
+  int64_t layout(const StepPlan& plan, std::vector<int64_t>& sample_ids);  // fills the host batch; rows
+  void upload(const Bucket& b, int64_t rows, int64_t samples);
+
+  ModelConfig cfg_;
+  EngineOptions opt_;
+  Parameters& params_;
+  Device device_;
+  int64_t max_rows_ = 0, max_blocks_ = 0, width_ = 0;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<BlockPool> pool_;
+  std::unique_ptr<Scheduler> sched_;
+  std::vector<Bucket> buckets_;
+  Arena host_, dev_;  // the batch (host, and its device copy on the GPU), logits and sampling buffers
+  Tensor h_tokens_, h_positions_, h_slots_, h_seqs_, h_tables_, h_samples_;
+  Tensor logits_host_, next_, logprobs_, top_ids_, top_lps_, order_;
+  std::vector<SampleParams> sp_;
+  std::vector<uint16_t> logits_bf16_;  // GPU: the step's logits read back for the CPU sampler
+  std::map<int64_t, Seq> seqs_;
+  EngineStats stats_;
+};
+
+}  // namespace lmf

@@ -1,0 +1,733 @@
+// server.cpp: the OpenAI-compatible HTTP server (server.h).
+//
+// Threads: cpp-httplib's workers run the handlers; one engine thread owns the Engine. They meet in
+// two places: the engine's inbox (adds and cancels, under `mu`) and each request's Channel (its
+// events, under the channel's own mutex). Handlers never touch the Engine except Engine::problem(),
+// which reads only what never changes after set-up.
+#include "serve/server.h"
+
+#include <httplib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "core/check.h"
+
+namespace lmf {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// --- errors ------------------------------------------------------------------------------------
+
+// A request the server refuses: HTTP status, OpenAI's error object.
+struct HttpError {
+  int status;
+  std::string message, param, type;
+};
+
+HttpError bad_request(std::string message, std::string param = "") {
+  return {400, std::move(message), std::move(param), "invalid_request_error"};
+}
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+void send_error(httplib::Response& res, const HttpError& e) {
+  json err = {{"message", e.message}, {"type", e.type}, {"param", e.param.empty() ? json() : json(e.param)},
+              {"code", json()}};
+  res.status = e.status;
+  res.set_content(dump(json{{"error", err}}), "application/json");
+}
+
+// --- text: detokenising with stop strings and whole UTF-8 characters ---------------------------
+
+// Length of the longest prefix of s that does not end inside a UTF-8 sequence.
+size_t utf8_complete(const std::string& s) {
+  size_t n = s.size(), i = n;
+  for (int back = 0; back < 4 && i > 0; ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[i - 1]);
+    if ((c & 0xC0) != 0x80) {  // a lead byte (or ASCII) at i - 1: is its sequence complete?
+      const size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+      return n - (i - 1) >= need ? n : i - 1;
+    }
+    --i;
+  }
+  return n;
+}
+
+// The generated text of one request: tokens in, text out, cut at the first stop string. Text that
+// could still turn into a stop string, or ends inside a UTF-8 character, is held back until it can't.
+class TextStream {
+ public:
+  TextStream(const Tokenizer& tok, std::vector<std::string> stops) : tok_(tok), stops_(std::move(stops)) {
+    for (const std::string& s : stops_) hold_ = std::max(hold_, s.size() - 1);
+  }
+  // Appends a token; returns the text that became final (possibly empty).
+  std::string push(int32_t token) {
+    text_ += token_text(token);
+    size_t end = text_.size();
+    for (const std::string& s : stops_) {
+      const size_t from = emitted_ > s.size() ? emitted_ - s.size() : 0;
+      const size_t at = text_.find(s, from);
+      if (at != std::string::npos && at < end) {
+        end = at;
+        stopped_ = true;
+      }
+    }
+    if (stopped_) {
+      text_.resize(end);
+      return take(end);
+    }
+    return take(utf8_complete(text_.substr(0, end >= hold_ ? end - hold_ : 0)));
+  }
+  std::string finish() { return take(text_.size()); }  // the end of generation: everything held back
+  bool stopped() const { return stopped_; }
+  std::string token_text(int32_t token) const {
+    return token >= 0 && token < tok_.vocab_size() ? tok_.decode(static_cast<uint16_t>(token)) : std::string();
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string take(size_t upto) {
+    if (upto <= emitted_) return "";
+    std::string out = text_.substr(emitted_, upto - emitted_);
+    emitted_ = upto;
+    return out;
+  }
+  const Tokenizer& tok_;
+  std::vector<std::string> stops_;
+  std::string text_;
+  size_t emitted_ = 0, hold_ = 0;
+  bool stopped_ = false;
+};
+
+// --- requests ----------------------------------------------------------------------------------
+
+struct Completion {
+  std::vector<int32_t> prompt;
+  std::string prompt_text;  // for echo
+  RequestParams rp;
+  std::vector<std::string> stops;
+  bool stream = false, echo = false;
+  int64_t logprobs = -1;  // -1: none; else the top-N count (0: just the chosen token's)
+};
+
+const json* field(const json& body, const char* name) {
+  auto it = body.find(name);
+  return it == body.end() || it->is_null() ? nullptr : &*it;
+}
+
+int64_t get_int(const json& body, const char* name, int64_t dflt) {
+  const json* v = field(body, name);
+  if (!v) return dflt;
+  if (!v->is_number_integer()) throw bad_request(std::string("'") + name + "' must be an integer", name);
+  return v->get<int64_t>();
+}
+
+double get_number(const json& body, const char* name, double dflt) {
+  const json* v = field(body, name);
+  if (!v) return dflt;
+  if (!v->is_number()) throw bad_request(std::string("'") + name + "' must be a number", name);
+  const double d = v->get<double>();
+  if (!std::isfinite(d)) throw bad_request(std::string("'") + name + "' must be finite", name);
+  return d;
+}
+
+bool get_bool(const json& body, const char* name, bool dflt) {
+  const json* v = field(body, name);
+  if (!v) return dflt;
+  if (!v->is_boolean()) throw bad_request(std::string("'") + name + "' must be a boolean", name);
+  return v->get<bool>();
+}
+
+std::vector<int32_t> token_ids(const json& arr, int64_t vocab) {
+  std::vector<int32_t> out;
+  for (const json& t : arr) {
+    if (!t.is_number_integer()) throw bad_request("'prompt' must be a string or an array of token ids", "prompt");
+    const int64_t v = t.get<int64_t>();
+    if (v < 0 || v >= vocab)
+      throw bad_request("prompt token " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                        "prompt");
+    out.push_back(static_cast<int32_t>(v));
+  }
+  return out;
+}
+
+Completion parse_completion(const std::string& text, const std::string& model_name, const Tokenizer& tok,
+                            const Engine& engine) {
+  json body;
+  try {
+    body = json::parse(text);
+  } catch (const json::exception& e) {
+    throw bad_request(std::string("the request body is not valid JSON: ") + e.what());
+  }
+  if (!body.is_object()) throw bad_request("the request body must be a JSON object");
+  static const char* known[] = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                                "stream", "logprobs", "echo", "n", "user", "presence_penalty", "frequency_penalty",
+                                "best_of", "suffix", "logit_bias", "stream_options"};
+  for (auto it = body.begin(); it != body.end(); ++it)
+    if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return it.key() == k; }) == std::end(known))
+      throw bad_request("unknown field '" + it.key() + "'", it.key());
+  const json* model = field(body, "model");
+  if (!model || !model->is_string()) throw bad_request("'model' is required and must be a string", "model");
+  if (model->get<std::string>() != model_name)
+    throw HttpError{400, "the model '" + model->get<std::string>() + "' does not exist; this server serves '" + model_name + "'",
+                    "model", "invalid_request_error"};
+  for (const char* unsupported : {"suffix", "logit_bias"})
+    if (field(body, unsupported)) throw bad_request(std::string("'") + unsupported + "' is not supported", unsupported);
+  for (const char* penalty : {"presence_penalty", "frequency_penalty"})
+    if (get_number(body, penalty, 0.0) != 0.0) throw bad_request(std::string("'") + penalty + "' is not supported (only 0)", penalty);
+  if (get_int(body, "n", 1) != 1) throw bad_request("'n' must be 1 (one completion per request)", "n");
+  if (get_int(body, "best_of", 1) != 1) throw bad_request("'best_of' must be 1", "best_of");
+  if (const json* u = field(body, "user"); u && !u->is_string()) throw bad_request("'user' must be a string", "user");
+
+  Completion c;
+  const int64_t V = engine.config().vocab_size;
+  const json* prompt = field(body, "prompt");
+  if (!prompt) throw bad_request("'prompt' is required", "prompt");
+  if (prompt->is_array() && prompt->size() == 1 && ((*prompt)[0].is_string() || (*prompt)[0].is_array()))
+    prompt = &(*prompt)[0];  // a batch of one
+  if (prompt->is_string()) {
+    c.prompt_text = prompt->get<std::string>();
+    for (uint16_t t : tok.encode(c.prompt_text)) c.prompt.push_back(t);
+  } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number_integer()) {
+    c.prompt = token_ids(*prompt, V);
+    for (int32_t t : c.prompt) c.prompt_text += t < tok.vocab_size() ? tok.decode(static_cast<uint16_t>(t)) : "";
+  } else if (prompt->is_array() && prompt->size() > 1) {
+    throw bad_request("one prompt per request is supported; got " + std::to_string(prompt->size()), "prompt");
+  } else {
+    throw bad_request("'prompt' must be a string or an array of token ids", "prompt");
+  }
+  for (int32_t t : c.prompt)
+    if (t >= V) throw bad_request("the prompt encodes to token " + std::to_string(t) + ", outside the model's vocabulary", "prompt");
+
+  c.rp.max_tokens = get_int(body, "max_tokens", 16);
+  c.rp.sample.temperature = static_cast<float>(get_number(body, "temperature", 1.0));
+  c.rp.sample.top_p = static_cast<float>(get_number(body, "top_p", 1.0));
+  const int64_t top_k = get_int(body, "top_k", 0);
+  if (top_k < -1 || top_k > INT32_MAX) throw bad_request("'top_k' must be >= 0 (0 or -1: off)", "top_k");
+  c.rp.sample.top_k = static_cast<int32_t>(std::max<int64_t>(top_k, 0));
+  if (const json* seed = field(body, "seed")) {
+    if (!seed->is_number_integer()) throw bad_request("'seed' must be an integer", "seed");
+    c.rp.sample.seed = seed->is_number_unsigned() ? seed->get<uint64_t>() : static_cast<uint64_t>(seed->get<int64_t>());
+  } else {
+    static std::atomic<uint64_t> unseeded{0x9e3779b97f4a7c15ull};
+    c.rp.sample.seed = unseeded.fetch_add(0x9e3779b97f4a7c15ull);
+  }
+  if (const json* stop = field(body, "stop")) {
+    if (stop->is_string()) c.stops.push_back(stop->get<std::string>());
+    else if (stop->is_array() && stop->size() <= 4 &&
+             std::all_of(stop->begin(), stop->end(), [](const json& s) { return s.is_string(); }))
+      for (const json& s : *stop) c.stops.push_back(s.get<std::string>());
+    else throw bad_request("'stop' must be a string or an array of at most 4 strings", "stop");
+    for (const std::string& s : c.stops)
+      if (s.empty()) throw bad_request("'stop' strings must not be empty", "stop");
+  }
+  c.stream = get_bool(body, "stream", false);
+  c.echo = get_bool(body, "echo", false);
+  if (const json* lp = field(body, "logprobs")) {
+    if (!lp->is_number_integer()) throw bad_request("'logprobs' must be an integer", "logprobs");
+    c.logprobs = lp->get<int64_t>();
+    if (c.logprobs < 0 || c.logprobs > engine.options().max_top_logprobs)
+      throw bad_request("'logprobs' must be in [0, " + std::to_string(engine.options().max_top_logprobs) + "]", "logprobs");
+    c.rp.top_logprobs = c.logprobs;
+  }
+  if (c.echo && c.logprobs >= 0)
+    throw bad_request("'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not computed)", "echo");
+  if (const std::string p = sample_params_problem(c.rp.sample); !p.empty()) {
+    const std::string param = p.substr(0, p.find('='));
+    throw bad_request(p, param);
+  }
+  if (const std::string p = engine.problem(c.prompt, c.rp); !p.empty())
+    throw bad_request(p, p.find("max_tokens") != std::string::npos ? "max_tokens" : "prompt");
+  return c;
+}
+
+// --- the engine thread's side ------------------------------------------------------------------
+
+// One request's events, from the engine thread to its handler.
+struct Channel {
+  std::mutex m;
+  std::condition_variable cv;
+  std::deque<EngineEvent> events;
+  std::string error;  // the engine failed this request
+  bool closed = false;
+  // Waits up to `timeout` for events; moves them out. False when nothing came.
+  bool wait(std::deque<EngineEvent>& out, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait_for(lk, timeout, [&] { return !events.empty() || closed; });
+    if (events.empty()) return false;
+    out.swap(events);
+    events.clear();
+    return true;
+  }
+};
+
+// Prometheus histogram with fixed buckets (seconds).
+struct Histogram {
+  std::vector<double> bounds{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+  std::vector<uint64_t> counts = std::vector<uint64_t>(bounds.size() + 1, 0);
+  double sum = 0;
+  uint64_t n = 0;
+  void observe(double v) {
+    size_t i = 0;
+    while (i < bounds.size() && v > bounds[i]) ++i;
+    ++counts[i];
+    sum += v;
+    ++n;
+  }
+  void write(std::ostringstream& o, const char* name, const char* help) const {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
+    uint64_t cum = 0;
+    for (size_t i = 0; i < bounds.size(); ++i) {
+      cum += counts[i];
+      o << name << "_bucket{le=\"" << bounds[i] << "\"} " << cum << "\n";
+    }
+    o << name << "_bucket{le=\"+Inf\"} " << n << "\n" << name << "_sum " << sum << "\n" << name << "_count " << n << "\n";
+  }
+};
+
+}  // namespace
+
+struct Server::Impl {
+  Engine& engine;
+  const Tokenizer& tok;
+  ServerOptions opt;
+  httplib::Server http;
+  std::thread engine_thread;
+  std::atomic<bool> draining{false};
+  std::atomic<int64_t> next_id{1};
+  std::atomic<int64_t> live{0};  // requests between admission and their last byte
+
+  // the engine's inbox and state (mu)
+  std::mutex mu;
+  std::condition_variable cv;
+  struct Add {
+    int64_t id;
+    std::vector<int32_t> prompt;
+    RequestParams rp;
+    std::shared_ptr<Channel> ch;
+  };
+  std::vector<Add> adds;
+  std::vector<int64_t> cancels;
+  bool quit = false;
+  // metrics (mu)
+  EngineStats stats;
+  size_t inbox_waiting = 0;
+  std::map<std::string, uint64_t> finished;  // by reason: length, stop, cancelled, error
+  uint64_t bad_requests = 0;
+  Histogram ttft, tpot;
+  std::deque<std::pair<Clock::time_point, int64_t>> rate;  // (time, generated tokens so far) over 10 s
+
+  Impl(Engine& e, const Tokenizer& t, const ServerOptions& o) : engine(e), tok(t), opt(o) {}
+
+  void engine_loop();
+  void submit(Add a) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      adds.push_back(std::move(a));
+    }
+    cv.notify_one();
+  }
+  void cancel(int64_t id) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      cancels.push_back(id);
+    }
+    cv.notify_one();
+  }
+  void count_finished(const std::string& reason) {
+    std::lock_guard<std::mutex> lk(mu);
+    ++finished[reason];
+  }
+  void observe(Clock::time_point start, Clock::time_point first, int64_t tokens) {
+    std::lock_guard<std::mutex> lk(mu);
+    ttft.observe(std::chrono::duration<double>(first - start).count());
+    if (tokens > 1) tpot.observe(seconds_since(first) / static_cast<double>(tokens - 1));
+  }
+
+  void handle_completion(const httplib::Request& req, httplib::Response& res);
+  void routes();
+  std::string metrics_text();
+};
+
+void Server::Impl::engine_loop() {
+  std::map<int64_t, std::shared_ptr<Channel>> channels;
+  auto close = [&](int64_t id, const std::string& error) {
+    auto it = channels.find(id);
+    if (it == channels.end()) return;
+    {
+      std::lock_guard<std::mutex> lk(it->second->m);
+      it->second->closed = true;
+      it->second->error = error;
+    }
+    it->second->cv.notify_all();
+    channels.erase(it);
+  };
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [&] { return quit || !adds.empty() || !cancels.empty() || !engine.idle(); });
+      for (int64_t id : cancels) {
+        engine.cancel(id);
+        close(id, "");
+      }
+      cancels.clear();
+      for (Add& a : adds) {
+        try {
+          engine.add(a.id, std::move(a.prompt), a.rp);
+          channels[a.id] = a.ch;
+        } catch (const std::exception& e) {
+          channels[a.id] = a.ch;
+          close(a.id, e.what());
+        }
+      }
+      adds.clear();
+      if (quit && engine.idle()) return;
+    }
+    std::vector<EngineEvent> events;
+    try {
+      events = engine.step();
+    } catch (const std::exception& e) {  // never crash: fail the live requests, keep serving
+      std::vector<int64_t> ids;
+      for (auto& kv : channels) ids.push_back(kv.first);
+      for (int64_t id : ids) {
+        engine.cancel(id);
+        close(id, std::string("the engine failed: ") + e.what());
+      }
+      continue;
+    }
+    for (EngineEvent& e : events) {
+      auto it = channels.find(e.id);
+      if (it == channels.end()) continue;
+      const bool done = e.finish != FinishReason::none;
+      {
+        std::lock_guard<std::mutex> lk(it->second->m);
+        it->second->events.push_back(std::move(e));
+      }
+      it->second->cv.notify_all();
+      if (done) close(it->first, "");
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    stats = engine.stats();
+    rate.emplace_back(Clock::now(), stats.generated_tokens);
+    while (rate.size() > 2 && seconds_since(rate.front().first) > 10) rate.pop_front();
+  }
+}
+
+void Server::Impl::handle_completion(const httplib::Request& req, httplib::Response& res) {
+  const Clock::time_point start = Clock::now();
+  if (draining) {
+    send_error(res, {503, "the server is shutting down", "", "server_error"});
+    return;
+  }
+  Completion c;
+  try {
+    c = parse_completion(req.body, opt.model_name, tok, engine);
+  } catch (const HttpError& e) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++bad_requests;
+    }
+    send_error(res, e);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (stats.waiting + adds.size() >= opt.max_waiting) {
+      send_error(res, {503, "too many requests are waiting (" + std::to_string(opt.max_waiting) + "); retry later", "",
+                       "server_error"});
+      return;
+    }
+  }
+  const int64_t id = next_id.fetch_add(1);
+  const std::string cmpl_id = "cmpl-" + std::to_string(id);
+  const int64_t created = std::chrono::duration_cast<std::chrono::seconds>(
+                              std::chrono::system_clock::now().time_since_epoch()).count();
+  auto ch = std::make_shared<Channel>();
+  ++live;
+  submit({id, c.prompt, c.rp, ch});
+
+  auto logprob_json = [&](const EngineEvent& e, const std::string& text, size_t offset) {
+    json top = json::object();
+    for (const auto& [t, lp] : e.out.top) top[TextStream(tok, {}).token_text(t)] = lp;
+    return json{{"tokens", {text}}, {"token_logprobs", {e.out.logprob}}, {"top_logprobs", {top}}, {"text_offset", {offset}}};
+  };
+
+  if (!c.stream) {
+    TextStream ts(tok, c.stops);
+    std::string text = c.echo ? c.prompt_text : "";
+    json lp = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+               {"text_offset", json::array()}};
+    std::string reason;
+    int64_t n = 0;
+    Clock::time_point first;
+    std::deque<EngineEvent> events;
+    while (reason.empty()) {
+      if (!ch->wait(events, std::chrono::milliseconds(100))) {
+        std::lock_guard<std::mutex> lk(ch->m);
+        if (ch->closed && ch->events.empty()) reason = ch->error.empty() ? "cancelled" : "error";
+        continue;
+      }
+      for (const EngineEvent& e : events) {
+        if (n++ == 0) first = Clock::now();
+        const size_t offset = text.size();
+        text += ts.push(e.out.token);
+        if (c.logprobs >= 0) {
+          const json one = logprob_json(e, ts.token_text(e.out.token), offset);
+          for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"}) lp[k].push_back(one[k][0]);
+        }
+        if (ts.stopped()) {
+          reason = "stop";
+          cancel(id);
+          break;
+        }
+        if (e.finish != FinishReason::none) reason = finish_reason_name(e.finish);
+      }
+      events.clear();
+    }
+    text += ts.finish();
+    --live;
+    if (reason == "error" || reason == "cancelled") {
+      count_finished(reason);
+      std::lock_guard<std::mutex> lk(ch->m);
+      send_error(res, {500, ch->error.empty() ? "the request was cancelled" : ch->error, "", "server_error"});
+      return;
+    }
+    count_finished(reason);
+    if (n > 0) observe(start, first, n);
+    const int64_t pt = static_cast<int64_t>(c.prompt.size());
+    json choice = {{"index", 0}, {"text", text}, {"logprobs", c.logprobs >= 0 ? lp : json()}, {"finish_reason", reason}};
+    json body = {{"id", cmpl_id},
+                 {"object", "text_completion"},
+                 {"created", created},
+                 {"model", opt.model_name},
+                 {"choices", json::array({choice})},
+                 {"usage", {{"prompt_tokens", pt}, {"completion_tokens", n}, {"total_tokens", pt + n}}}};
+    res.set_content(dump(body), "application/json");
+    return;
+  }
+
+  // streaming: server-sent events, one chunk per token (text held back by stop strings / UTF-8 may
+  // come later), then a chunk with the finish reason, then [DONE]
+  struct StreamState {
+    TextStream ts;
+    std::string reason;
+    int64_t n = 0;
+    size_t offset = 0;
+    bool echoed = false, done = false;
+    Clock::time_point first;
+  };
+  auto st = std::make_shared<StreamState>(StreamState{TextStream(tok, c.stops), "", 0, 0, false, false, {}});
+  const bool echo = c.echo;
+  const std::string prompt_text = c.prompt_text;
+  const int64_t logprobs = c.logprobs;
+  res.set_header("Cache-Control", "no-cache");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, st, ch, id, cmpl_id, created, echo, prompt_text, logprobs, start, logprob_json](size_t,
+                                                                                            httplib::DataSink& sink) {
+        auto chunk = [&](const std::string& text, const json& lp, const json& reason) {
+          json choice = {{"index", 0}, {"text", text}, {"logprobs", lp}, {"finish_reason", reason}};
+          const std::string data = "data: " + dump(json{{"id", cmpl_id},
+                                                        {"object", "text_completion"},
+                                                        {"created", created},
+                                                        {"model", opt.model_name},
+                                                        {"choices", json::array({choice})}}) + "\n\n";
+          return sink.write(data.data(), data.size());
+        };
+        if (st->done) return false;
+        if (echo && !st->echoed) {
+          st->echoed = true;
+          st->offset = prompt_text.size();
+          if (!chunk(prompt_text, json(), json())) return false;
+        }
+        std::deque<EngineEvent> events;
+        if (!ch->wait(events, std::chrono::milliseconds(100))) {
+          bool closed;
+          std::string error;
+          {
+            std::lock_guard<std::mutex> lk(ch->m);
+            closed = ch->closed && ch->events.empty();
+            error = ch->error;
+          }
+          if (!closed) return sink.is_writable();  // nothing yet: keep the connection while the client is there
+          st->reason = error.empty() ? "cancelled" : "error";
+          const std::string data = "data: " + dump(json{{"error", {{"message", error.empty() ? "cancelled" : error},
+                                                                   {"type", "server_error"}}}}) + "\n\ndata: [DONE]\n\n";
+          sink.write(data.data(), data.size());
+          st->done = true;
+          sink.done();
+          return true;
+        }
+        for (const EngineEvent& e : events) {
+          if (st->n++ == 0) st->first = Clock::now();
+          const std::string piece = st->ts.push(e.out.token);
+          json lp;
+          if (logprobs >= 0) lp = logprob_json(e, st->ts.token_text(e.out.token), st->offset);
+          st->offset += piece.size();
+          if (st->ts.stopped()) {
+            st->reason = "stop";
+            cancel(id);
+          } else if (e.finish != FinishReason::none) {
+            st->reason = finish_reason_name(e.finish);
+          }
+          if (!chunk(piece, lp, json())) return false;  // the client went away: the releaser cancels
+          if (!st->reason.empty()) break;
+        }
+        if (st->reason.empty()) return true;
+        const std::string rest = st->ts.finish();
+        if (!chunk(rest, json(), st->reason)) return false;
+        const std::string done = "data: [DONE]\n\n";
+        sink.write(done.data(), done.size());
+        st->done = true;
+        sink.done();
+        return true;
+      },
+      [this, st, id, start](bool) {
+        if (st->reason.empty()) {  // the client disconnected before the end: free the sequence
+          cancel(id);
+          st->reason = "cancelled";
+        } else if (st->n > 0 && st->reason != "error" && st->reason != "cancelled") {
+          observe(start, st->first, st->n);
+        }
+        count_finished(st->reason);
+        --live;
+      });
+}
+
+std::string Server::Impl::metrics_text() {
+  std::lock_guard<std::mutex> lk(mu);
+  std::ostringstream o;
+  auto gauge = [&](const char* name, const char* help, double v, const char* type = "gauge") {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n" << name << " " << v << "\n";
+  };
+  gauge("lmforge_requests_running", "Sequences the engine is computing.", static_cast<double>(stats.running));
+  gauge("lmforge_requests_waiting", "Requests waiting for a sequence slot or KV blocks.",
+        static_cast<double>(stats.waiting + adds.size()));
+  gauge("lmforge_kv_blocks_used", "KV-cache blocks held by sequences.",
+        static_cast<double>(stats.blocks_total - stats.blocks_free));
+  gauge("lmforge_kv_blocks_total", "KV-cache blocks in the pool.", static_cast<double>(stats.blocks_total));
+  double tps = 0;
+  if (rate.size() >= 2) {
+    const double dt = std::chrono::duration<double>(rate.back().first - rate.front().first).count();
+    if (dt > 0) tps = static_cast<double>(rate.back().second - rate.front().second) / dt;
+  }
+  gauge("lmforge_generation_tokens_per_second", "Generated tokens per second over the last 10 s.", tps);
+  gauge("lmforge_generation_tokens_total", "Tokens generated.", static_cast<double>(stats.generated_tokens), "counter");
+  gauge("lmforge_prompt_tokens_total", "Prompt tokens admitted.", static_cast<double>(stats.prompt_tokens), "counter");
+  gauge("lmforge_engine_steps_total", "Engine steps run.", static_cast<double>(stats.steps), "counter");
+  gauge("lmforge_preemptions_total", "Sequences preempted for KV blocks (recomputed later).",
+        static_cast<double>(stats.preemptions), "counter");
+  gauge("lmforge_bad_requests_total", "Requests refused with HTTP 400.", static_cast<double>(bad_requests), "counter");
+  o << "# HELP lmforge_requests_finished_total Requests finished, by reason.\n"
+    << "# TYPE lmforge_requests_finished_total counter\n";
+  for (const char* r : {"length", "stop", "cancelled", "error"})
+    o << "lmforge_requests_finished_total{reason=\"" << r << "\"} " << (finished.count(r) ? finished.at(r) : 0) << "\n";
+  ttft.write(o, "lmforge_time_to_first_token_seconds", "Time from a request's arrival to its first token.");
+  tpot.write(o, "lmforge_time_per_output_token_seconds", "Mean time per output token after the first, per request.");
+  return o.str();
+}
+
+void Server::Impl::routes() {
+  http.new_task_queue = [this] { return new httplib::ThreadPool(static_cast<size_t>(std::max(opt.threads, 4))); };
+  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    try {
+      handle_completion(req, res);
+    } catch (const std::exception& e) {  // never crash on a request
+      send_error(res, {500, std::string("internal error: ") + e.what(), "", "server_error"});
+    }
+  });
+  http.Post("/v1/chat/completions", [this](const httplib::Request&, httplib::Response& res) {
+    send_error(res, bad_request("this model has no chat template; use /v1/completions"));
+  });
+  http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    json m = {{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "lmforge"},
+              {"max_model_len", engine.config().context_length}};
+    res.set_content(dump(json{{"object", "list"}, {"data", json::array({m})}}), "application/json");
+  });
+  http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    res.status = draining ? 503 : 200;
+    res.set_content(draining ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}", "application/json");
+  });
+  http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_text(), "text/plain; version=0.0.4");
+  });
+  http.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    const bool not_found = res.status == 404;
+    send_error(res, {res.status, not_found ? "no such endpoint" : "HTTP error " + std::to_string(res.status), "",
+                     "invalid_request_error"});
+  });
+  http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "unknown";
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    send_error(res, {500, "internal error: " + what, "", "server_error"});
+  });
+  http.set_payload_max_length(16 << 20);
+}
+
+Server::Server(Engine& engine, const Tokenizer& tok, const ServerOptions& o)
+    : impl_(std::make_unique<Impl>(engine, tok, o)) {
+  impl_->routes();
+}
+
+Server::~Server() {
+  stop();
+  if (impl_->engine_thread.joinable()) {
+    {
+      std::lock_guard<std::mutex> lk(impl_->mu);
+      impl_->quit = true;
+    }
+    impl_->cv.notify_all();
+    impl_->engine_thread.join();
+  }
+}
+
+void Server::run(const std::function<void(int port)>& on_listening) {
+  Impl& s = *impl_;
+  int port = s.opt.port;
+  if (port == 0) port = s.http.bind_to_any_port(s.opt.host);
+  else if (!s.http.bind_to_port(s.opt.host, port)) port = -1;
+  if (port < 0) fail("cannot listen on ", s.opt.host, ":", s.opt.port, " (in use, or not an address of this host)");
+  s.engine_thread = std::thread([&s] { s.engine_loop(); });
+  if (on_listening) on_listening(port);
+  s.http.listen_after_bind();
+  // stop() was called: the listener is closed; let the live requests finish, then the engine thread
+  while (s.live > 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    s.quit = true;
+  }
+  s.cv.notify_all();
+  s.engine_thread.join();
+}
+
+void Server::stop() {
+  Impl& s = *impl_;
+  if (s.draining.exchange(true)) return;
+  // let the requests in flight finish before the listener goes (new ones get 503 meanwhile)
+  for (int i = 0; i < 6000 && s.live > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  s.http.stop();
+}
+
+}  // namespace lmf
