@@ -12,6 +12,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installed: ${missing[*]}"
 fi
 
+# The serving end-to-end tests talk to `lmforge serve` with OpenAI's Python client (PyPI), from a
+# virtual environment in third_party/venv (git-ignored).
+OPENAI_VERSION=1.59.7
+venv="$(cd "$(dirname "$0")/.." && pwd)/third_party/venv"
+if ! "$venv/bin/python" -c "import openai; assert openai.__version__ == '$OPENAI_VERSION'" >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" >/dev/null
+  echo "installed: openai $OPENAI_VERSION (third_party/venv)"
+fi
+
 # cuDNN frontend (header-only C++ API of cuDNN's graph interface; the fused attention kernels of
 # src/ops/flash_attention_cudnn.cpp). Only where the CUDA toolkit is: the headers come from the PyPI
 # wheel nvidia-cudnn-frontend (its include/ folder), unpacked into third_party/ (git-ignored). Without

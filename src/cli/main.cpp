@@ -185,7 +185,11 @@ int run_serve(ServeOptions so) {
   ServedModel m = load_served_model(so.checkpoint, so.device);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
-  if (so.server.model_name.empty()) so.server.model_name = fs::path(m.dir).filename().string();
+  if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
+    fs::path p = fs::path(so.checkpoint).lexically_normal();
+    if (p.filename().empty()) p = p.parent_path();
+    so.server.model_name = p.filename().string();
+  }
   std::cerr << "[serve] planning the engine on " << device_name(m.params->device()) << "...\n";
   Engine engine(m.cfg, *m.params, so.engine);
   Server server(engine, *tok, so.server);

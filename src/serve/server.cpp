@@ -709,6 +709,7 @@ void Server::run(const std::function<void(int port)>& on_listening) {
   if (port == 0) port = s.http.bind_to_any_port(s.opt.host);
   else if (!s.http.bind_to_port(s.opt.host, port)) port = -1;
   if (port < 0) fail("cannot listen on ", s.opt.host, ":", s.opt.port, " (in use, or not an address of this host)");
+  s.stats = s.engine.stats();
   s.engine_thread = std::thread([&s] { s.engine_loop(); });
   if (on_listening) on_listening(port);
   s.http.listen_after_bind();
