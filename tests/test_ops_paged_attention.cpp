@@ -5,6 +5,7 @@
 // and the errors that name the offending tensor.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -221,18 +222,19 @@ Sampled sample(std::vector<float> logits, int64_t W, int64_t V, const std::vecto
   s.logprobs.assign(static_cast<size_t>(M), 0.0f);
   s.top_ids.assign(static_cast<size_t>(M * std::max<int64_t>(top_n, 1)), -1);
   s.top_lps.assign(s.top_ids.size(), 0.0f);
-  std::vector<int32_t> order(static_cast<size_t>(M * V));
+  std::vector<int32_t> order(static_cast<size_t>(M * V)), words(static_cast<size_t>(M * kSampleParamWords));
+  std::memcpy(words.data(), ps.data(), sizeof(SampleParams) * ps.size());
   sample_tokens(tensor_of(s.tokens, {M}, "tokens"), tensor_of(s.logprobs, {M}, "logprobs"),
                 top_n ? tensor_of(s.top_ids, {M, top_n}, "top_ids") : Tensor(),
                 top_n ? tensor_of(s.top_lps, {M, top_n}, "top_logprobs") : Tensor(), tensor_of(logits, {M, W}, "logits"),
-                ps.data(), V, tensor_of(order, {M, V}, "order"));
+                tensor_of(words, {M, kSampleParamWords}, "params"), V, tensor_of(order, {M, V}, "order"));
   return s;
 }
 
 TEST(OpsSampling, GreedyTopKLogprobs) {
   const int64_t V = 6, W = 8;
   std::vector<float> logits{0.5f, 2.0f, -1.0f, 2.0f, 0.0f, 1.0f, 99.0f, 99.0f};  // columns 6, 7: padding, ignored
-  SampleParams greedy{0.0f, 0, 1.0f, 1, 0}, top1{1.5f, 1, 1.0f, 2, 0};
+  SampleParams greedy{0.0f, 0, 1.0f, 0, 1, 0}, top1{1.5f, 1, 1.0f, 0, 2, 0};
   std::vector<float> two(logits.begin(), logits.end());
   two.insert(two.end(), logits.begin(), logits.end());
   const Sampled s = sample(two, W, V, {greedy, top1}, 0);
@@ -262,7 +264,7 @@ TEST(OpsSampling, DistributionAndBatchIndependence) {
   std::vector<SampleParams> ps;
   for (int i = 0; i < n; ++i) {
     logits.insert(logits.end(), l.begin(), l.end());
-    ps.push_back(SampleParams{temp, 0, 1.0f, 42, static_cast<uint64_t>(i)});
+    ps.push_back(SampleParams{temp, 0, 1.0f, 0, 42, static_cast<uint64_t>(i)});
   }
   const Sampled s = sample(logits, V, V, ps, 0);
   std::vector<double> freq(V, 0.0);
@@ -277,11 +279,11 @@ TEST(OpsSampling, DistributionAndBatchIndependence) {
 }
 
 TEST(OpsSampling, BadParamsAreNamed) {
-  EXPECT_NE(sample_params_problem({-1.0f, 0, 1.0f, 0, 0}).find("temperature"), std::string::npos);
-  EXPECT_NE(sample_params_problem({1.0f, -2, 1.0f, 0, 0}).find("top_k"), std::string::npos);
-  EXPECT_NE(sample_params_problem({1.0f, 0, 0.0f, 0, 0}).find("top_p"), std::string::npos);
-  EXPECT_NE(sample_params_problem({1.0f, 0, 1.5f, 0, 0}, "--").find("--top_p"), std::string::npos);
-  EXPECT_EQ(sample_params_problem({0.0f, 5, 0.9f, 0, 0}), "");
+  EXPECT_NE(sample_params_problem({-1.0f, 0, 1.0f, 0, 0, 0}).find("temperature"), std::string::npos);
+  EXPECT_NE(sample_params_problem({1.0f, -2, 1.0f, 0, 0, 0}).find("top_k"), std::string::npos);
+  EXPECT_NE(sample_params_problem({1.0f, 0, 0.0f, 0, 0, 0}).find("top_p"), std::string::npos);
+  EXPECT_NE(sample_params_problem({1.0f, 0, 1.5f, 0, 0, 0}, "--").find("--top_p"), std::string::npos);
+  EXPECT_EQ(sample_params_problem({0.0f, 5, 0.9f, 0, 0, 0}), "");
 }
 
 }  // namespace

@@ -194,7 +194,7 @@ TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {
   auto weights = random_weights(c, 3);
   const std::vector<int32_t> prompt = test::randint(9, 1, static_cast<int32_t>(c.vocab_size));
   RequestParams rp;
-  rp.sample = SampleParams{1.0f, 0, 0.95f, 1234, 0};
+  rp.sample = SampleParams{1.0f, 0, 0.95f, 0, 1234, 0};
   rp.max_tokens = 20;
   EngineOptions o;
   o.max_seqs = 8;

@@ -120,7 +120,7 @@ ServedModel load_served_model(const std::string& checkpoint, const std::string& 
 struct GenerateOptions {
   std::string checkpoint, prompt = "And God said", tokenizer = "byte", device = "auto";
   int64_t max_new = 200;
-  SampleParams sample{0.8f, 0, 1.0f, 1337, 0};
+  SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
 };
 
 // One request at a time through the serving engine. When the context is full, the last half of the
@@ -269,6 +269,8 @@ int main(int argc, char** argv) {
   serve->add_option("--block-size", sv.engine.block_size, "positions per KV-cache block")->capture_default_str();
   serve->add_option("--kv-cache-gb", sv.engine.kv_cache_gb,
                     "KV-cache pool size in GiB (0: every sequence at full context on the CPU, 85% of the free memory on the GPU)")
+      ->capture_default_str();
+  serve->add_option("--cuda-graphs", sv.engine.cuda_graphs, "GPU: each step as one CUDA graph per row bucket")
       ->capture_default_str();
   serve->add_option("--threads", sv.server.threads, "HTTP worker threads (each open request holds one)")->capture_default_str();
   sv.server.model_name.clear();

@@ -10,9 +10,15 @@
 #include <cmath>
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define LMF_HD __host__ __device__
+#else
+#define LMF_HD
+#endif
+
 namespace lmf {
 
-inline std::array<uint32_t, 4> philox4x32(uint64_t seed, uint64_t stream, uint64_t index) {
+LMF_HD inline std::array<uint32_t, 4> philox4x32(uint64_t seed, uint64_t stream, uint64_t index) {
   uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
   uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -31,9 +37,9 @@ inline std::array<uint32_t, 4> philox4x32(uint64_t seed, uint64_t stream, uint64
 }
 
 // 24-bit uniform in [0, 1).
-inline float uniform_from_bits(uint32_t u) { return static_cast<float>(u >> 8) * (1.0f / 16777216.0f); }
+LMF_HD inline float uniform_from_bits(uint32_t u) { return static_cast<float>(u >> 8) * (1.0f / 16777216.0f); }
 
-inline float rng_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
+LMF_HD inline float rng_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
   return uniform_from_bits(philox4x32(seed, stream, index)[0]);
 }
 

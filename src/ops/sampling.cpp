@@ -1,8 +1,8 @@
 // sampling.cpp: the CPU reference of batched next-token sampling (sampling.h).
 //
-// Per row: the max logit, the log-sum-exp of the raw logits (logprobs), then either the argmax or the
-// candidates sorted by (logit desc, id asc) -- a fixed order, so a draw is reproducible -- cut to top_k,
-// weighted by exp((logit - max) / temperature) in double, cut to the top_p mass, and one draw. Rows are
+// Per row: the max logit and the log-sum-exp of the raw logits (logprobs), then either the argmax or
+// the candidates sorted by (logit desc, id asc), cut to top_k, cut to the top_p mass (weights
+// exp((logit - max) / temperature) summed in double), and the Gumbel-max draw among them. Rows are
 // independent (OpenMP over them).
 #include "ops/sampling.h"
 
@@ -10,7 +10,8 @@
 #include <cmath>
 #include <numeric>
 
-#include "core/rng.h"
+#include "ops/dispatch.h"
+
 
 namespace lmf {
 
@@ -39,52 +40,53 @@ int32_t draw(const float* l, int32_t* order, int64_t V, float mx, const SamplePa
   if (p.top_k > 0 && p.top_k < V) {
     n = p.top_k;
     std::partial_sort(order, order + n, order + V, ByLogit{l});
-  } else {
+  } else if (p.top_p < 1) {
     std::sort(order, order + V, ByLogit{l});
   }
   const double inv_t = 1.0 / static_cast<double>(p.temperature);
-  auto weight = [&](int64_t i) { return std::exp((static_cast<double>(l[order[i]]) - mx) * inv_t); };
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += weight(i);
-  if (p.top_p < 1) {
-    double cum = 0;
-    int64_t keep = n;
+  if (p.top_p < 1) {  // the shortest prefix (in sorted order) reaching the top_p mass
+    auto weight = [&](int64_t i) { return std::exp((static_cast<double>(l[order[i]]) - mx) * inv_t); };
+    double sum = 0, cum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += weight(i);
     for (int64_t i = 0; i < n; ++i) {
-      cum += weight(i) / sum;
-      if (cum >= p.top_p) {
-        keep = i + 1;
+      cum += weight(i);
+      if (cum >= p.top_p * sum) {
+        n = i + 1;
         break;
       }
     }
-    n = keep;
-    sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += weight(i);
   }
-  const double u = static_cast<double>(rng_uniform(p.seed, kSampleStream, p.index)) * sum;
-  double cum = 0;
+  // Gumbel-max among the candidates (ties: the lowest id)
+  const float inv_tf = 1.0f / p.temperature;
+  int32_t best = -1;
+  float best_score = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
-    cum += weight(i);
-    if (u < cum) return order[i];
+    const int32_t t = order[i];
+    const float score = l[t] * inv_tf - std::log(-std::log(sample_uniform(p.seed, p.index, t)));
+    if (score > best_score || (score == best_score && t < best)) {
+      best = t;
+      best_score = score;
+    }
   }
-  return order[n - 1];
+  return best;
 }
 
 }  // namespace
 
-void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_logprobs, Tensor logits,
-                   const SampleParams* params, int64_t V, Tensor scratch) {
+void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_logprobs, Tensor logits, Tensor params,
+                   int64_t V, Tensor scratch) {
   const char* op = "sample_tokens";
-  check_f32(logits, op);
+  const bool gpu = logits.defined() && logits.device == Device::cuda;
+  check_dtype(logits, gpu && logits.dtype == DType::bf16 ? DType::bf16 : DType::f32, op);
   LMF_CHECK(logits.ndim == 2 && V >= 1 && V <= logits.dim(1), op, ": tensor '", logits.name, "' has shape ",
             logits.shape_str(), ", expected (M, W >= V=", V, ")");
-  LMF_CHECK(logits.device == Device::cpu, op, ": the GPU sampler is not built yet; logits must be on the CPU");
   const int64_t M = logits.dim(0), W = logits.dim(1);
   check_dtype(tokens, DType::i32, op);
   check_shape(tokens, {M}, op);
   check_f32(logprobs, op);
   check_shape(logprobs, {M}, op);
-  check_dtype(scratch, DType::i32, op);
-  check_shape(scratch, {M, V}, op);
+  check_dtype(params, DType::i32, op);
+  check_shape(params, {M, kSampleParamWords}, op);
   const int64_t top_n = top_ids.defined() ? top_ids.dim(1) : 0;
   if (top_n > 0) {
     check_dtype(top_ids, DType::i32, op);
@@ -93,8 +95,24 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
     check_shape(top_logprobs, {M, top_n}, op);
     LMF_CHECK(top_n <= V, op, ": ", top_n, " top log-probabilities asked of a vocabulary of ", V);
   }
+  check_same_device(op, {&tokens, &logprobs, &top_ids, &top_logprobs, &logits, &params, &scratch});
+  if (gpu) {
+    const auto* ps = reinterpret_cast<const SampleParams*>(params.data);
+    if (logits.dtype == DType::bf16)
+      LMF_CUDA_DISPATCH(op, cuda::sample_tokens(tokens.i32(), logprobs.f32(), top_n ? top_ids.i32() : nullptr,
+                                                top_n ? top_logprobs.f32() : nullptr, top_n, logits.ptr<bf16>(), M, W,
+                                                V, ps));
+    else
+      LMF_CUDA_DISPATCH(op, cuda::sample_tokens(tokens.i32(), logprobs.f32(), top_n ? top_ids.i32() : nullptr,
+                                                top_n ? top_logprobs.f32() : nullptr, top_n, logits.f32(), M, W, V,
+                                                ps));
+    return;
+  }
+  check_dtype(scratch, DType::i32, op);
+  check_shape(scratch, {M, V}, op);
+  const auto* pp = reinterpret_cast<const SampleParams*>(params.data);
   for (int64_t m = 0; m < M; ++m) {
-    const std::string problem = sample_params_problem(params[m]);
+    const std::string problem = sample_params_problem(pp[m]);
     LMF_CHECK(problem.empty(), op, ": row ", m, ": ", problem);
   }
 #pragma omp parallel for schedule(dynamic)
@@ -105,7 +123,7 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
     double se = 0;
     for (int64_t i = 0; i < V; ++i) se += std::exp(static_cast<double>(l[i]) - mx);
     const double lse = static_cast<double>(mx) + std::log(se);
-    const int32_t t = draw(l, order, V, mx, params[m]);
+    const int32_t t = draw(l, order, V, mx, pp[m]);
     tokens.i32()[m] = t;
     logprobs.f32()[m] = static_cast<float>(static_cast<double>(l[t]) - lse);
     if (top_n > 0) {

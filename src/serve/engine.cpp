@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/bf16.h"
 #include "core/device.h"
@@ -15,9 +16,10 @@ constexpr double kAutoGpuFraction = 0.85;  // of the memory free after the model
 
 // Every i32 field of a step's batch lives in one tensor, so a GPU step uploads it with one copy.
 struct BatchLayout {
-  int64_t tokens, positions, slots, seqs, tables, samples, total;
+  int64_t params, tokens, positions, slots, seqs, tables, samples, total;
   BatchLayout(int64_t rows, int64_t seqs_max, int64_t blocks_max) {
-    tokens = 0;
+    params = 0;  // first: SampleParams hold 64-bit fields
+    tokens = params + seqs_max * kSampleParamWords;
     positions = tokens + rows;
     slots = positions + rows;
     seqs = slots + rows;
@@ -62,35 +64,39 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
   width_ = device_ == Device::cpu ? cfg_.vocab_size : cfg_.padded_vocab();
   plan_buckets();
 
-  // the batch: host (filled each step) and, on the GPU, its device copy; logits and sampling buffers
+  // The batch (filled on the host each step; on the GPU uploaded in one copy), the logits and the
+  // sampler's outputs (on the GPU: device buffers, read back after the step).
   const BatchLayout L(max_rows_, o.max_seqs, max_blocks_);
   const int64_t S = o.max_seqs, top = std::max<int64_t>(o.max_top_logprobs, 1);
-  host_ = Arena("serve host", {{"batch", {L.total}, DType::i32},
-                               {"logits", {S, width_}},
-                               {"next", {S}, DType::i32},
-                               {"logprobs", {S}},
-                               {"top_ids", {S, top}, DType::i32},
-                               {"top_logprobs", {S, top}},
-                               {"order", {S, cfg_.vocab_size}, DType::i32}});
+  const bool gpu = device_ == Device::cuda;
+  std::vector<TensorSpec> outs = {{"next", {S}, DType::i32},
+                                  {"logprobs", {S}},
+                                  {"top_ids", {S, top}, DType::i32},
+                                  {"top_logprobs", {S, top}}};
+  std::vector<TensorSpec> hs = outs;
+  hs.push_back({"batch", {L.total}, DType::i32});
+  if (!gpu) {
+    hs.push_back({"logits", {S, width_}});
+    hs.push_back({"order", {S, cfg_.vocab_size}, DType::i32});
+  }
+  host_ = Arena("serve host", hs);
   const Tensor hb = host_.get("batch");
+  h_params_ = sub(hb, L.params, {S, kSampleParamWords}, "sample_params");
   h_tokens_ = sub(hb, L.tokens, {1, max_rows_}, "tokens");
   h_positions_ = sub(hb, L.positions, {max_rows_}, "positions");
   h_slots_ = sub(hb, L.slots, {max_rows_}, "slots");
   h_seqs_ = sub(hb, L.seqs, {max_rows_}, "seqs");
   h_tables_ = sub(hb, L.tables, {S, max_blocks_}, "block_tables");
   h_samples_ = sub(hb, L.samples, {S}, "sample_rows");
-  logits_host_ = host_.get("logits");
-  next_ = host_.get("next");
-  logprobs_ = host_.get("logprobs");
-  top_ids_ = host_.get("top_ids");
-  top_lps_ = host_.get("top_logprobs");
-  order_ = host_.get("order");
-  Tensor db = hb, dlogits = logits_host_;
-  if (device_ == Device::cuda) {
-    dev_ = Arena("serve device", {{"batch", {L.total}, DType::i32}, {"logits", {S, width_}, DType::bf16}}, device_);
-    db = dev_.get("batch");
-    dlogits = dev_.get("logits");
+  Arena* out = &host_;
+  if (gpu) {
+    std::vector<TensorSpec> ds = outs;
+    ds.push_back({"batch", {L.total}, DType::i32});
+    ds.push_back({"logits", {S, width_}, DType::bf16});
+    dev_ = Arena("serve device", ds, device_);
+    out = &dev_;
   }
+  const Tensor db = out->get("batch"), logits = out->get("logits");
   for (Bucket& b : buckets_) {
     const int64_t T = b.model->plan().T, M = b.model->plan().samples;
     b.batch.tokens = sub(db, L.tokens, {1, T}, "tokens");
@@ -99,7 +105,13 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
     b.batch.seqs = sub(db, L.seqs, {T}, "seqs");
     b.batch.block_tables = sub(db, L.tables, {S, max_blocks_}, "block_tables");
     b.batch.sample_rows = sub(db, L.samples, {M}, "sample_rows");
-    b.logits = dlogits.rows(0, M);
+    b.params = sub(db, L.params, {M, kSampleParamWords}, "sample_params");
+    b.logits = logits.rows(0, M);
+    b.next = out->get("next").rows(0, M);
+    b.logprobs = out->get("logprobs").rows(0, M);
+    b.top_ids = out->get("top_ids").rows(0, M);
+    b.top_logprobs = out->get("top_logprobs").rows(0, M);
+    if (!gpu) b.order = host_.get("order").rows(0, M);
   }
 
   // the KV cache: --kv-cache-gb, or auto: every sequence at full context on the CPU, a fraction of the
@@ -124,8 +136,36 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
   cache_ = std::make_unique<KvCache>(cfg_, blocks, o.block_size, device_);
   pool_ = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), o.block_size);
   sched_ = std::make_unique<Scheduler>(SchedulerLimits{o.max_seqs, o.max_prefill_tokens, cfg_.context_length}, *pool_);
-  sp_.resize(static_cast<size_t>(S));
-  if (device_ == Device::cuda) logits_bf16_.resize(static_cast<size_t>(S * width_));
+  if (gpu && o.cuda_graphs) capture_graphs();
+}
+
+Engine::~Engine() {
+  for (Bucket& b : buckets_)
+    if (b.graph) cuda_graph_destroy(b.graph);
+}
+
+// The step of bucket b on the batch as it stands: the model, then the sampler (top log-probabilities
+// for every row when the engine offers them: a captured graph cannot depend on the requests).
+void Engine::run_bucket(Bucket& b, bool top) {
+  b.model->forward_paged(b.logits, b.batch, *cache_);
+  sample_tokens(b.next, b.logprobs, top ? b.top_ids : Tensor(), top ? b.top_logprobs : Tensor(), b.logits, b.params,
+                cfg_.vocab_size, b.order);
+}
+
+// CUDA graphs, one per bucket, captured at start: each bucket runs once eagerly on an all-padding batch
+// (the libraries build their plans; padding rows write nothing), then is captured.
+void Engine::capture_graphs() {
+  const bool top = opt_.max_top_logprobs > 0;
+  for (Bucket& b : buckets_) {
+    pad(b, 0, 0);
+    for (int64_t m = 0; m < b.model->plan().samples; ++m) set_params(m, SampleParams{});
+    tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+    run_bucket(b, top);
+    device_synchronize();
+    cuda_capture_begin();
+    run_bucket(b, top);
+    b.graph = cuda_capture_end();
+  }
 }
 
 // Buckets: 1, 2, 4, ... up to max_seqs (decode steps), then doubling up to max_rows (prefill).
@@ -234,22 +274,29 @@ int64_t Engine::layout(const StepPlan& plan, std::vector<int64_t>& sample_ids) {
   return n;
 }
 
+void Engine::set_params(int64_t m, const SampleParams& p) {
+  std::memcpy(h_params_.i32() + m * kSampleParamWords, &p, sizeof(SampleParams));
+}
+
 Engine::Bucket& Engine::bucket_for(int64_t rows) {
   for (Bucket& b : buckets_)
     if (b.model->plan().T >= rows) return b;
   fail("engine: a step of ", rows, " rows exceeds the largest bucket of ", max_rows_);
 }
 
-void Engine::upload(const Bucket& b, int64_t rows, int64_t samples) {
+// Padding rows compute nothing that is kept; padding samples read row 0 with greedy parameters.
+void Engine::pad(const Bucket& b, int64_t rows, int64_t samples) {
   const int64_t T = b.model->plan().T, M = b.model->plan().samples;
-  for (int64_t r = rows; r < T; ++r) {  // padding rows compute nothing that is kept
+  for (int64_t r = rows; r < T; ++r) {
     h_tokens_.i32()[r] = 0;
     h_positions_.i32()[r] = 0;
     h_slots_.i32()[r] = -1;
     h_seqs_.i32()[r] = -1;
   }
-  for (int64_t m = samples; m < M; ++m) h_samples_.i32()[m] = 0;
-  if (device_ == Device::cuda) tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+  for (int64_t m = samples; m < M; ++m) {
+    h_samples_.i32()[m] = 0;
+    set_params(m, SampleParams{0.0f, 0, 1.0f, 0, 0, 0});
+  }
 }
 
 std::vector<EngineEvent> Engine::step() {
@@ -260,30 +307,37 @@ std::vector<EngineEvent> Engine::step() {
   const int64_t rows = layout(plan, ids);
   Bucket& b = bucket_for(rows);
   const int64_t M = static_cast<int64_t>(ids.size());
-  upload(b, rows, M);
-  b.model->forward_paged(b.logits, b.batch, *cache_);
+  bool top = false;
+  for (int64_t m = 0; m < M; ++m) {
+    const Seq& s = seqs_.at(ids[static_cast<size_t>(m)]);
+    SampleParams p = s.rp.sample;
+    p.index = s.tokens.size();  // the new token's position
+    set_params(m, p);
+    top = top || s.rp.top_logprobs > 0;
+  }
+  pad(b, rows, M);
+  if (device_ == Device::cuda) {
+    tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+    if (b.graph) cuda_graph_replay(b.graph);
+    else run_bucket(b, opt_.max_top_logprobs > 0);
+    // the sampler's outputs back to the host (waits for the step)
+    tensor_to_host(host_.get("next").data, b.next);
+    tensor_to_host(host_.get("logprobs").data, b.logprobs);
+    if (top) {
+      tensor_to_host(host_.get("top_ids").data, b.top_ids);
+      tensor_to_host(host_.get("top_logprobs").data, b.top_logprobs);
+    }
+  } else {
+    run_bucket(b, top);
+  }
   ++stats_.steps;
   std::vector<EngineEvent> events;
   if (M == 0) {
     sched_->complete(plan);
     return events;
   }
-
-  // sampling (the CPU sampler; on the GPU the logits come back first)
-  Tensor logits = logits_host_.rows(0, M);
-  if (device_ == Device::cuda) {
-    tensor_to_host(logits_bf16_.data(), b.logits.rows(0, M));
-    for (int64_t i = 0; i < M * width_; ++i) logits.f32()[i] = bf16::to_float(logits_bf16_[static_cast<size_t>(i)]);
-  }
-  int64_t top_n = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    const Seq& s = seqs_.at(ids[static_cast<size_t>(m)]);
-    sp_[static_cast<size_t>(m)] = s.rp.sample;
-    sp_[static_cast<size_t>(m)].index = s.tokens.size();  // the new token's position
-    top_n = std::max(top_n, s.rp.top_logprobs);
-  }
-  sample_tokens(next_.rows(0, M), logprobs_.rows(0, M), top_n ? top_ids_.rows(0, M) : Tensor(),
-                top_n ? top_lps_.rows(0, M) : Tensor(), logits, sp_.data(), cfg_.vocab_size, order_.rows(0, M));
+  const Tensor next = host_.get("next"), logprobs = host_.get("logprobs"), top_ids = host_.get("top_ids"),
+               top_lps = host_.get("top_logprobs");
 
   std::vector<int64_t> stopped;
   for (int64_t m = 0; m < M; ++m) {
@@ -291,10 +345,10 @@ std::vector<EngineEvent> Engine::step() {
     Seq& s = seqs_.at(id);
     EngineEvent e;
     e.id = id;
-    e.out.token = next_.i32()[m];
-    e.out.logprob = logprobs_.f32()[m];
+    e.out.token = next.i32()[m];
+    e.out.logprob = logprobs.f32()[m];
     for (int64_t j = 0; j < s.rp.top_logprobs; ++j)
-      e.out.top.emplace_back(top_ids_.i32()[m * top_ids_.dim(1) + j], top_lps_.f32()[m * top_lps_.dim(1) + j]);
+      e.out.top.emplace_back(top_ids.i32()[m * top_ids.dim(1) + j], top_lps.f32()[m * top_lps.dim(1) + j]);
     s.tokens.push_back(e.out.token);
     ++stats_.generated_tokens;
     if (std::find(s.rp.stop_tokens.begin(), s.rp.stop_tokens.end(), e.out.token) != s.rp.stop_tokens.end()) {

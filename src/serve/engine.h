@@ -29,6 +29,7 @@ struct EngineOptions {
   int32_t block_size = 16;           // --block-size: positions per KV block
   double kv_cache_gb = 0;            // --kv-cache-gb: the pool's size; 0: auto (see engine.cpp)
   int64_t max_top_logprobs = 5;      // the most top log-probabilities a request may ask for
+  bool cuda_graphs = true;           // --cuda-graphs: each bucket's step (model + sampler) as one CUDA graph
 };
 // One line naming the flag when an option is out of range ("" when fine).
 std::string engine_options_problem(const EngineOptions& o);
@@ -65,6 +66,7 @@ class Engine {
  public:
   // params: the model's weights on the plan's device (fp32 on the CPU; with a bf16 copy on the GPU).
   Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o);
+  ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
@@ -91,15 +93,21 @@ class Engine {
     int64_t prompt = 0;
     RequestParams rp;
   };
+  // A row bucket: the model planned for T rows and `samples` sampled rows, and views of the step's
+  // buffers at that size (on the plan's device).
   struct Bucket {
     std::unique_ptr<Model> model;
-    PagedBatch batch;  // views of the batch arena sized for this bucket
-    Tensor logits;
+    PagedBatch batch;
+    Tensor params, logits, next, logprobs, top_ids, top_logprobs, order;
+    void* graph = nullptr;  // the captured step (GPU, --cuda-graphs)
   };
   void plan_buckets();
+  void capture_graphs();
+  void run_bucket(Bucket& b, bool top);
   Bucket& bucket_for(int64_t rows);
   int64_t layout(const StepPlan& plan, std::vector<int64_t>& sample_ids);  // fills the host batch; rows
-  void upload(const Bucket& b, int64_t rows, int64_t samples);
+  void pad(const Bucket& b, int64_t rows, int64_t samples);
+  void set_params(int64_t m, const SampleParams& p);
 
   ModelConfig cfg_;
   EngineOptions opt_;
@@ -111,10 +119,7 @@ class Engine {
   std::unique_ptr<Scheduler> sched_;
   std::vector<Bucket> buckets_;
   Arena host_, dev_;  // the batch (host, and its device copy on the GPU), logits and sampling buffers
-  Tensor h_tokens_, h_positions_, h_slots_, h_seqs_, h_tables_, h_samples_;
-  Tensor logits_host_, next_, logprobs_, top_ids_, top_lps_, order_;
-  std::vector<SampleParams> sp_;
-  std::vector<uint16_t> logits_bf16_;  // GPU: the step's logits read back for the CPU sampler
+  Tensor h_params_, h_tokens_, h_positions_, h_slots_, h_seqs_, h_tables_, h_samples_;
   std::map<int64_t, Seq> seqs_;
   EngineStats stats_;
 };
