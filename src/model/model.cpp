@@ -190,7 +190,15 @@ void Model::plan_activations() {
     as.push_back({std::move(name), std::move(shape), dt});
   };
   add("encoded", {B, T, C}, adt);
-  for (int l = 0; l < cfg_.n_layer; ++l) {
+  // Training keeps every layer's activations for the backward; a forward-only plan needs two sets
+  // (block l reads set (l-1) % 2 and writes set l % 2 and the next layer's ln1 in set (l+1) % 2).
+  const int sets = plan_.training ? cfg_.n_layer : std::min(cfg_.n_layer, 2);
+  auto set_has = [&](int k, bool moe) {
+    for (int l = k; l < cfg_.n_layer; l += sets)
+      if (cfg_.is_moe_layer(l) == moe) return true;
+    return false;
+  };
+  for (int l = 0; l < sets; ++l) {
     add(layer_name(l, "ln1"), {B, T, C}, adt);
     add(layer_name(l, "ln1_mean"), {N});
     add(layer_name(l, "ln1_rstd"), {N});
@@ -202,11 +210,12 @@ void Model::plan_activations() {
     add(layer_name(l, "ln2"), {B, T, C}, adt);
     add(layer_name(l, "ln2_mean"), {N});
     add(layer_name(l, "ln2_rstd"), {N});
-    if (cfg_.is_moe_layer(l)) {
+    if (set_has(l, true)) {
       for (TensorSpec& sp : moe_state_specs(moe_cfg_, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
       // training: this layer's gathered input, kept for the backward (no second gather)
       if (plan_.training) add(layer_name(l, "moe.xg"), {moe_rows(moe_cfg_, N), C}, adt);
-    } else {
+    }
+    if (set_has(l, false)) {
       add(layer_name(l, "fc"), {B, T, cfg_.fc_dim()}, adt);
       add(layer_name(l, "act"), {B, T, cfg_.d_ff}, adt);
     }
@@ -224,19 +233,20 @@ void Model::plan_activations() {
   };
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
-    auto a = [&](const char* n) { return get(layer_name(l, n)); };
+    const int k = l % sets;  // the layer's activation set
+    auto a = [&](const char* n) { return get(layer_name(k, n)); };
     BlockActs x;
-    x.ln1 = norm_out(layer_name(l, "ln1"));
+    x.ln1 = norm_out(layer_name(k, "ln1"));
     x.qkv = a("qkv");
     x.probs = a("probs");
     x.att = a("att");
     x.res1 = a("res1");
-    x.ln2 = norm_out(layer_name(l, "ln2"));
+    x.ln2 = norm_out(layer_name(k, "ln2"));
     x.fc = a("fc");
     x.act = a("act");
     x.res2 = a("res2");
     if (cfg_.is_moe_layer(l)) {
-      x.moe = moe_state_bind(acts_, moe_cfg_, layer_name(l, "moe."));
+      x.moe = moe_state_bind(acts_, moe_cfg_, layer_name(k, "moe."));
       moe_states_.push_back(x.moe);
     }
     acts_l_.push_back(x);
