@@ -16,6 +16,9 @@
 #   tools/gpu_check.sh refactor   # build this tree and a baseline (LMF_BASE_SRC, default .base: another commit's
 #                                 # source, e.g. `git archive COMMIT | tar -x -C .base`), then tools/same_bits.sh
 #                                 # gpu with both binaries: the losses must print the same
+#   tools/gpu_check.sh serve      # builds only what serving needs, runs the serving GPU tests (paged attention,
+#                                 # sampler, engine vs CPU, graphs vs eager, rope, embedding), generate on GPU vs CPU,
+#                                 # and `lmforge serve --device cuda` answering curl
 #   tools/gpu_check.sh refactorbench  # the same builds: lmforge_bench before/after, alternated, GPT-2 and moe-bench
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
@@ -67,7 +70,9 @@ if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -
     >"$OUT/cmake.log" 2>&1; then
   tail -30 "$OUT/cmake.log"; echo "CONFIGURE FAILED"; exit 1
 fi
-if ! ninja -C build-gpu >"$OUT/build.log" 2>&1; then
+targets=""
+[ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding"
+if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
 fi
 add "build" "ok ($(( $(date +%s) - t0 )) s), $(grep -o 'cuDNN attention [A-Z]*' "$OUT/cmake.log")"
@@ -77,9 +82,11 @@ if [ -n "${base_pid:-}" ]; then
   add "baseline build ($base_src)" "ok ($(( $(date +%s) - t0 )) s)"
 fi
 
-if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ]; then
+if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ] || [ "$what" = serve ]; then
   : >"$OUT/tests.log"
   tests=(build-gpu/tests/test_cuda_* build-gpu/tests/test_launch)
+  [ "$what" = serve ] && tests=(build-gpu/tests/test_cuda_paged_attention build-gpu/tests/test_cuda_sampling
+                                build-gpu/tests/test_cuda_serve build-gpu/tests/test_cuda_rope build-gpu/tests/test_cuda_embedding)
   [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
   [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
   for t in "${tests[@]}"; do
@@ -120,6 +127,33 @@ if [ "$what" = all ] || [ "$what" = train ]; then
   add "GPT-2 --profile trace (device ops vs step)" "rc=$rc $(tail -1 "$OUT/check_trace.log" 2>/dev/null)"
   [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/profile_gpt2.log"; }
   grep -E "^step=4 |utilization=" "$OUT/profile_gpt2.log"
+fi
+
+if [ "$what" = serve ]; then
+  # a tiny model trained briefly; greedy generation on the GPU (bf16) and the CPU (fp32) from it
+  ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 150 --warmup 20 --log-every 50 \
+    --eval-every 150 --out-dir "$OUT/serve_ckpt" >"$OUT/serve_train.log" 2>&1
+  for d in cuda cpu; do
+    ./build-gpu/lmforge generate --device $d --checkpoint "$OUT/serve_ckpt" --prompt "And God said" \
+      --max-new-tokens 200 --temperature 0 >"$OUT/gen_$d.txt" 2>"$OUT/gen_$d.log"
+  done
+  same=$(python3 -c "import sys; a, b = (open(sys.argv[i], 'rb').read() for i in (1, 2)); \
+n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b))); print(n, len(a))" \
+    "$OUT/gen_cuda.txt" "$OUT/gen_cpu.txt")
+  add "generate greedy GPU vs CPU (same bytes, of)" "$same"
+  head -c 300 "$OUT/gen_cuda.txt"; echo; tail -1 "$OUT/gen_cuda.log"
+  ./build-gpu/lmforge serve --device cuda --checkpoint "$OUT/serve_ckpt" --port 8765 >"$OUT/serve.out" 2>"$OUT/serve.err" &
+  spid=$!
+  for _ in $(seq 1 300); do grep -q listening "$OUT/serve.out" 2>/dev/null && break; sleep 0.2; done
+  r1=$(curl -s localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"And God said","max_tokens":64,"temperature":0}')
+  r2=$(curl -sN localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"And God said","max_tokens":64,"temperature":0,"stream":true}' | grep -c '^data:')
+  bad=$(curl -s -o /dev/null -w '%{http_code}' localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"x","max_tokens":0}')
+  kill -TERM $spid; wait $spid; src=$?
+  cat "$OUT/serve.err"
+  echo "$r1" | head -c 400; echo
+  gen=$(echo "$r1" | python3 -c "import json,sys; j=json.load(sys.stdin); print(j['usage']['completion_tokens'], j['choices'][0]['text'] == open('$OUT/gen_cuda.txt').read()[len('And God said'):][:len(j['choices'][0]['text'])])" 2>&1)
+  add "serve --device cuda (tokens, = generate)" "$gen; stream events $r2; bad request $bad; exit $src"
+  [ "$src" = 0 ] && [ "$bad" = 400 ] || failures=$((failures + 1))
 fi
 
 if [ "$what" = gemms ]; then
