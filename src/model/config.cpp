@@ -218,6 +218,11 @@ ModelConfig config_preset(const std::string& name) {
     c.n_layer = 12; c.n_head = 12; c.n_kv_head = 4; c.d_model = 768; c.d_ff = 2048;
     c.norm = NormKind::rmsnorm; c.activation = ActivationKind::swiglu; c.positions = PositionKind::rope;
     c.tied_embeddings = false; c.bias = false;
+  } else if (name == "llama-1b") {  // the serving benchmark's Llama-style 1B (the serving issue)
+    c.vocab_size = 32000; c.pad_vocab_multiple = 128; c.context_length = 2048;
+    c.n_layer = 16; c.n_head = 16; c.n_kv_head = 4; c.d_model = 2048; c.d_ff = 5632;
+    c.norm = NormKind::rmsnorm; c.activation = ActivationKind::swiglu; c.positions = PositionKind::rope;
+    c.tied_embeddings = false; c.bias = false;
   } else {
     std::string list;
     for (const auto& n : config_preset_names()) {
@@ -231,7 +236,7 @@ ModelConfig config_preset(const std::string& name) {
 }
 
 std::vector<std::string> config_preset_names() {
-  return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "llama-style", "moe-bench",
+  return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "llama-style", "llama-1b", "moe-bench",
           "moe-bench-dense"};
 }
 

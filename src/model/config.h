@@ -64,7 +64,7 @@ std::string config_to_json(const ModelConfig& c);
 ModelConfig config_from_file(const std::string& path);
 
 // Presets: "tiny" (the demo), "tiny-moe", "test-gpt2", "test-llama" and "test-moe" (unit tests),
-// "gpt2-124m", "llama-style", "moe-bench" (issue 4's benchmark MoE) and "moe-bench-dense" (its dense
+// "gpt2-124m", "llama-style", "llama-1b" (the serving benchmark), "moe-bench" (issue 4's benchmark MoE) and "moe-bench-dense" (its dense
 // twin of the same active size).
 ModelConfig config_preset(const std::string& name);
 std::vector<std::string> config_preset_names();
