@@ -18,7 +18,7 @@
 #include "core/device.h"
 #include "ops/sampling.h"
 #include "serve/engine.h"
-#include "serve/server.h"
+#include "serve/server.h"  // the options always; the server itself only with LMF_WITH_HTTP
 #include "train/checkpoint.h"
 #include "core/fsutil.h"
 #include "train/plot.h"
@@ -179,6 +179,9 @@ std::atomic<int> g_signal{0};
 extern "C" void on_stop_signal(int sig) { g_signal = sig; }
 
 int run_serve(ServeOptions so) {
+#ifndef LMF_WITH_HTTP
+  fail("lmforge was built without the HTTP server (cpp-httplib not found; scripts/install_deps.sh installs it)");
+#else
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
   auto tok = make_tokenizer(so.tokenizer);
@@ -222,6 +225,7 @@ int run_serve(ServeOptions so) {
   watcher.join();
   std::cerr << "[serve] stopped\n";
   return 0;
+#endif
 }
 
 }  // namespace
