@@ -56,7 +56,10 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.precision != Precision::fp32 && !gpu)
     fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
   const int64_t HS = c.head_size();
-  if (p.bf16() && HS != 32 && HS != 64 && HS != 128)
+  if (p.bf16() && p.serve && HS != 16 && HS != 32 && HS != 64 && HS != 128 && HS != 256)
+    fail("serving on the GPU runs paged attention, which supports head sizes 16, 32, 64, 128 and 256; this "
+         "model's head size is d_model/n_head = ", HS);
+  if (p.bf16() && !p.serve && HS != 32 && HS != 64 && HS != 128)
     fail("--precision=bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this "
          "model's head size is d_model/n_head = ", HS);
   if (p.attention == FlashKernels::cudnn && !(p.bf16() && gpu))
