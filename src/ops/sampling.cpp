@@ -58,11 +58,14 @@ int32_t draw(const float* l, int32_t* order, int64_t V, float mx, const SamplePa
   }
   // Gumbel-max among the candidates (ties: the lowest id)
   const float inv_tf = 1.0f / p.temperature;
-  int32_t best = -1;
-  float best_score = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
+  auto score_of = [&](int32_t t) {  // fma: the GPU kernel's exact expression
+    return std::fma(l[t], inv_tf, -std::log(-std::log(sample_uniform(p.seed, p.index, t))));
+  };
+  int32_t best = order[0];  // an all -inf row draws its first candidate
+  float best_score = score_of(best);
+  for (int64_t i = 1; i < n; ++i) {
     const int32_t t = order[i];
-    const float score = l[t] * inv_tf - std::log(-std::log(sample_uniform(p.seed, p.index, t)));
+    const float score = score_of(t);
     if (score > best_score || (score == best_score && t < best)) {
       best = t;
       best_score = score;

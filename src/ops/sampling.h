@@ -10,7 +10,8 @@
 //   which is a draw from softmax(logit / temperature) restricted to the candidates.
 // `index` is the position the token will take in its sequence, so a request's draws depend only on its
 // seed, its positions and its logits, never on what else is in the batch (or on a preemption and
-// recompute). Masses are summed in a fixed order (double on the CPU, fp32 on the GPU).
+// recompute). Masses are summed in a fixed order: double on the CPU; fp32 weights summed as 64-bit
+// fixed point on the GPU (a top_p cut may differ only where a prefix mass is within ~1e-6 of the target).
 // logprob: the chosen token's log-softmax of the raw logits (the model's distribution, temperature 1);
 // top (when top_n > 0): the top_n tokens by that log-probability (ties: lower id first).
 #pragma once
