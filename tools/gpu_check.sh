@@ -16,7 +16,8 @@
 #   tools/gpu_check.sh refactor   # build this tree and a baseline (LMF_BASE_SRC, default .base: another commit's
 #                                 # source, e.g. `git archive COMMIT | tar -x -C .base`), then tools/same_bits.sh
 #                                 # gpu with both binaries: the losses must print the same
-#   tools/gpu_check.sh serve      # builds only what serving needs, runs the serving GPU tests (paged attention,
+#   tools/gpu_check.sh serve      # (carry .debs from `tools/device_debs.sh fetch` for the HTTP server)
+#                                 # builds only what serving needs, runs the serving GPU tests (paged attention,
 #                                 # sampler, engine vs CPU, graphs vs eager, rope, embedding), generate on GPU vs CPU,
 #                                 # and `lmforge serve --device cuda` answering curl
 #   tools/gpu_check.sh servebench # the serving benchmark: lmforge_bench_serve (batch-1 decode vs the copy-bandwidth
@@ -58,6 +59,8 @@ print(torch.backends.cudnn.version(), c.__path__[0])" 2>/dev/null)
   echo "cuDNN: system ${sys_cudnn:-none}, PyTorch ${torch_cudnn:-none}; using $chosen"
 fi
 [ -n "$LMF_CUDNN_ROOT" ] && export LD_LIBRARY_PATH="$LMF_CUDNN_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Debian packages the image lacks (cpp-httplib for lmforge serve), carried in .debs/ (tools/device_debs.sh)
+[ -d .debs ] && eval "$(tools/device_debs.sh env)"
 t0=$(date +%s)
 base_src=${LMF_BASE_SRC:-.base}
 if [ "$what" = refactor ] || [ "$what" = refactorbench ]; then
