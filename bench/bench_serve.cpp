@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/device.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 #include "model/gpt.h"
 #include "serve/engine.h"
@@ -142,6 +143,39 @@ int main(int argc, char** argv) {
                         d == Device::cuda ? static_cast<double>(cuda_launch_count() - l0) / static_cast<double>(steps) : 0}};
       std::cerr << "batch-1 decode: " << ms << " ms/token, floor " << floor_ms << " ms (x" << (floor_ms > 0 ? ms / floor_ms : 0)
                 << ")\n";
+    }
+
+    {  // where a decode step's time goes: 32 sequences decoding (prompt 256), per-op time of 5 eager steps
+      EngineOptions o;
+      o.max_seqs = 32;
+      o.max_prefill_tokens = 1024;
+      o.kv_cache_gb = d == Device::cuda ? 4 : 0;
+      o.cuda_graphs = false;
+      Engine e(c, w, o);
+      RequestParams rp;
+      rp.sample.temperature = 0;
+      const int64_t pl = std::min<int64_t>(256, c.context_length / 2);
+      rp.max_tokens = std::min<int64_t>(64, c.context_length - pl);
+      for (int64_t i = 0; i < 32; ++i) e.add(i, prompt_tokens(pl, c.vocab_size, seed, i), rp);
+      while (e.stats().running < 32 || e.stats().waiting > 0 || e.stats().prompt_tokens == 0) e.step();
+      for (int i = 0; i < 3; ++i) e.step();  // every prompt is prefilled: decode steps only
+      OpProfiler prof(d);
+      e.set_profiler(&prof);
+      const int steps = 5;
+      for (int i = 0; i < steps; ++i) {
+        e.step();
+        prof.collect();
+      }
+      e.set_profiler(nullptr);
+      json rows = json::array();
+      double total = 0;
+      for (const OpProfiler::Row& r : prof.rows()) total += r.ms / steps;
+      for (const OpProfiler::Row& r : prof.rows())
+        rows.push_back({{"op", r.name}, {"ms_per_step", r.ms / steps}, {"share", total > 0 ? r.ms / steps / total : 0}});
+      out["decode_step_breakdown"] = {{"sequences", 32}, {"ops", rows}, {"total_ms", total}};
+      std::cerr << "decode step (32 sequences, eager, per op):\n";
+      for (const auto& r : rows)
+        std::cerr << "  " << r["op"].get<std::string>() << " " << r["ms_per_step"].get<double>() << " ms\n";
     }
 
     const std::vector<Req> wl = workload(requests, rate, seed, c.context_length);

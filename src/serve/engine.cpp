@@ -6,6 +6,7 @@
 
 #include "core/bf16.h"
 #include "core/device.h"
+#include "core/profiler.h"
 #include "model/token_ends.h"
 
 namespace lmf {
@@ -148,6 +149,7 @@ Engine::~Engine() {
 // for every row when the engine offers them: a captured graph cannot depend on the requests).
 void Engine::run_bucket(Bucket& b, bool top) {
   b.model->forward_paged(b.logits, b.batch, *cache_);
+  ProfileScope scope(prof_, "sample tokens");
   sample_tokens(b.next, b.logprobs, top ? b.top_ids : Tensor(), top ? b.top_logprobs : Tensor(), b.logits, b.params,
                 cfg_.vocab_size, b.order);
 }
@@ -189,6 +191,11 @@ void Engine::plan_buckets() {
     b.model = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TokenEnds>(cfg_));
     buckets_.push_back(std::move(b));
   }
+}
+
+void Engine::set_profiler(OpProfiler* p) {
+  prof_ = p;
+  for (Bucket& b : buckets_) b.model->set_profiler(p);
 }
 
 std::vector<int64_t> Engine::buckets() const {
@@ -317,8 +324,11 @@ std::vector<EngineEvent> Engine::step() {
   }
   pad(b, rows, M);
   if (device_ == Device::cuda) {
-    tensor_from_host(dev_.get("batch"), host_.get("batch").data);
-    if (b.graph) cuda_graph_replay(b.graph);
+    {
+      ProfileScope scope(prof_, "batch upload");
+      tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+    }
+    if (b.graph && !prof_) cuda_graph_replay(b.graph);
     else run_bucket(b, opt_.max_top_logprobs > 0);
     // the sampler's outputs back to the host (waits for the step)
     tensor_to_host(host_.get("next").data, b.next);

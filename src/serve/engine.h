@@ -86,6 +86,9 @@ class Engine {
   const EngineOptions& options() const { return opt_; }
   int64_t kv_blocks() const { return cache_->num_blocks(); }
   std::vector<int64_t> buckets() const;  // rows of each planned model
+  // Attach an op profiler (nullptr detaches) to every bucket's model: while attached, steps run eagerly
+  // (a graph replay has no per-op scopes) and each op, the batch upload and the sampler are timed.
+  void set_profiler(OpProfiler* p);
 
  private:
   struct Seq {
@@ -122,6 +125,7 @@ class Engine {
   Tensor h_params_, h_tokens_, h_positions_, h_slots_, h_seqs_, h_tables_, h_samples_;
   std::map<int64_t, Seq> seqs_;
   EngineStats stats_;
+  OpProfiler* prof_ = nullptr;
 };
 
 }  // namespace lmf
