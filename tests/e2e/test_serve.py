@@ -234,15 +234,15 @@ class Shutdown(unittest.TestCase):
             ckpt = train_checkpoint(tmp)
             srv = ServerProcess(ckpt)
             client = srv.client()
-            result = {}
-            t = threading.Thread(target=lambda: result.setdefault(
-                "r", client.completions.create(model=MODEL, prompt="And", max_tokens=100, temperature=0)))
-            t.start()
-            while metrics(srv.base)["lmforge_requests_running"] < 1:
-                time.sleep(0.01)
-            srv.proc.send_signal(signal.SIGTERM)
-            t.join(timeout=120)
-            self.assertEqual(result["r"].usage.completion_tokens, 100)
+            # a streamed request: SIGTERM right after its first token; it must still get all 120
+            stream = client.completions.create(model=MODEL, prompt="And", max_tokens=120, temperature=0, stream=True)
+            chunks = []
+            for c in stream:
+                if not chunks:
+                    srv.proc.send_signal(signal.SIGTERM)
+                chunks.append(c)
+            self.assertEqual(chunks[-1].choices[0].finish_reason, "length")
+            self.assertEqual(sum(1 for c in chunks if c.choices[0].finish_reason is None), 120)
             self.assertEqual(srv.proc.wait(timeout=60), 0)
 
 
