@@ -69,6 +69,11 @@ size_t utf8_complete(const std::string& s) {
   return n;
 }
 
+// A token's text ("" for ids the tokenizer does not have).
+std::string token_text(const Tokenizer& tok, int32_t token) {
+  return token >= 0 && token < tok.vocab_size() ? tok.decode(static_cast<uint16_t>(token)) : std::string();
+}
+
 // The generated text of one request: tokens in, text out, cut at the first stop string. Text that
 // could still turn into a stop string, or ends inside a UTF-8 character, is held back until it can't.
 class TextStream {
@@ -96,9 +101,7 @@ class TextStream {
   }
   std::string finish() { return take(text_.size()); }  // the end of generation: everything held back
   bool stopped() const { return stopped_; }
-  std::string token_text(int32_t token) const {
-    return token >= 0 && token < tok_.vocab_size() ? tok_.decode(static_cast<uint16_t>(token)) : std::string();
-  }
+  std::string token_text(int32_t token) const { return lmf::token_text(tok_, token); }
   const std::string& text() const { return text_; }
 
  private:
@@ -464,7 +467,7 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
 
   auto logprob_json = [&](const EngineEvent& e, const std::string& text, size_t offset) {
     json top = json::object();
-    for (const auto& [t, lp] : e.out.top) top[TextStream(tok, {}).token_text(t)] = lp;
+    for (const auto& [t, lp] : e.out.top) top[token_text(tok, t)] = lp;
     return json{{"tokens", {text}}, {"token_logprobs", {e.out.logprob}}, {"top_logprobs", {top}}, {"text_offset", {offset}}};
   };
 
