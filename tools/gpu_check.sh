@@ -22,7 +22,9 @@
 #                                 # and `lmforge serve --device cuda` answering curl
 #   tools/gpu_check.sh servebench # the serving benchmark: lmforge_bench_serve (batch-1 decode vs the copy-bandwidth
 #                                 # floor; 512 requests all at once and Poisson) and bench/serve_reference_hf.py on
-#                                 # the same workloads; LMF_SERVE_PRESETS (llama-1b gpt2-124m), LMF_HF_MAX_REQUESTS
+#                                 # the same workloads; LMF_SERVE_PRESETS (llama-1b gpt2-124m), LMF_HF_MAX_REQUESTS,
+#                                 # LMF_HF_BATCH_SIZES (16,32,64), LMF_SERVE_LMF / LMF_SERVE_HF (1; 0 skips that side),
+#                                 # LMF_SERVE_DIR (where workloads and lmforge's results go; default $OUT)
 #   tools/gpu_check.sh refactorbench  # the same builds: lmforge_bench before/after, alternated, GPT-2 and moe-bench
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
@@ -168,25 +170,36 @@ n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), le
 fi
 
 if [ "$what" = servebench ]; then
+  # LMF_SERVE_LMF=0 skips lmforge's runs and LMF_SERVE_HF=0 the transformers reference; the workload files
+  # (and lmforge's results, for the ratio) live in LMF_SERVE_DIR (default $OUT), so a later call can run
+  # the reference alone on an earlier call's files (carried in the working tree, or left in /tmp when warm).
+  sdir=${LMF_SERVE_DIR:-$OUT}
+  mkdir -p "$sdir"
   for preset in ${LMF_SERVE_PRESETS:-llama-1b gpt2-124m}; do
     hf=$([ "$preset" = gpt2-124m ] && echo gpt2-124m || echo llama-1b)
     for rate in 0 ${LMF_SERVE_RATE:-8}; do
-      ./build-gpu/lmforge_bench_serve --preset "$preset" --rate "$rate" $([ "$rate" != 0 ] && echo --skip-batch1) \
-        --workload-out "$OUT/workload_${preset}_$rate.json" >"$OUT/serve_${preset}_$rate.json" 2>"$OUT/serve_${preset}_$rate.log"
+      [ "${LMF_SERVE_LMF:-1}" = 1 ] || break
+      timeout "${LMF_SERVE_TIMEOUT:-300}" ./build-gpu/lmforge_bench_serve --preset "$preset" --rate "$rate" \
+        $([ "$rate" != 0 ] && echo --skip-batch1) --workload-out "$sdir/workload_${preset}_$rate.json" \
+        >"$sdir/serve_${preset}_$rate.json" 2>"$sdir/serve_${preset}_$rate.log"
       rc=$?
-      [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/serve_${preset}_$rate.log"; }
+      [ "$sdir" = "$OUT" ] || cp "$sdir/serve_${preset}_$rate".* "$sdir/workload_${preset}_$rate.json" "$OUT"/
+      [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$sdir/serve_${preset}_$rate.log"; }
+      [ "$rate" = 0 ] && cat "$sdir/serve_${preset}_$rate.log"
       add "lmforge serve bench $preset rate=$rate" "rc=$rc $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); \
 t=j['throughput']; b=j.get('batch1'); print(f\"{t['output_tokens_per_s']:.0f} tok/s ttft p50/p99 {t['ttft_p50_s']:.3f}/{t['ttft_p99_s']:.3f} \
 tpot p50/p99 {t['tpot_p50_s']*1e3:.1f}/{t['tpot_p99_s']*1e3:.1f} ms launches/step {t['launches_per_step']:.2f}\" + \
-(f\" | batch-1 {b['ms_per_token']:.3f} ms/token = {b['ratio_to_floor']:.2f}x floor\" if b else ''))" "$OUT/serve_${preset}_$rate.json" 2>&1)"
+(f\" | batch-1 {b['ms_per_token']:.3f} ms/token = {b['ratio_to_floor']:.2f}x floor\" if b else ''))" "$sdir/serve_${preset}_$rate.json" 2>&1)"
     done
-    timeout 900 python3 bench/serve_reference_hf.py --model "$hf" --workload "$OUT/workload_${preset}_0.json" \
-      --out "$OUT/hf_$preset.json" --max-requests "${LMF_HF_MAX_REQUESTS:-512}" --skip-poisson >"$OUT/hf_$preset.log" 2>&1
+    [ "${LMF_SERVE_HF:-1}" = 1 ] || continue
+    timeout "${LMF_HF_TIMEOUT:-540}" python3 bench/serve_reference_hf.py --model "$hf" --workload "$sdir/workload_${preset}_0.json" \
+      --out "$OUT/hf_$preset.json" --max-requests "${LMF_HF_MAX_REQUESTS:-512}" --batch-sizes "${LMF_HF_BATCH_SIZES:-16,32,64}" \
+      --skip-poisson >"$OUT/hf_$preset.log" 2>&1
     rc=$?
-    tail -15 "$OUT/hf_$preset.log"
+    tail -25 "$OUT/hf_$preset.log"
     add "transformers reference $hf" "rc=$rc $(python3 -c "import json,sys; h=json.load(open(sys.argv[1])); l=json.load(open(sys.argv[2])); \
 a=h['all_at_once']['output_tokens_per_s']; print(f\"{a:.0f} tok/s ({h['mode']}); lmforge/HF = {l['throughput']['output_tokens_per_s']/a:.2f}x; \
-batch-1 HF {h.get('batch1_decode_ms_per_token') or 0:.3f} ms/token\")" "$OUT/hf_$preset.json" "$OUT/serve_${preset}_0.json" 2>&1)"
+batch-1 HF {h.get('batch1_decode_ms_per_token') or 0:.3f} ms/token\")" "$OUT/hf_$preset.json" "$sdir/serve_${preset}_0.json" 2>&1)"
   done
 fi
 

@@ -21,8 +21,8 @@ int64_t TensorSpec::numel() const {
   return n;
 }
 
-Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device)
-    : name_(std::move(arena_name)), specs_(std::move(specs)), device_(device) {
+Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device, bool pinned)
+    : name_(std::move(arena_name)), specs_(std::move(specs)), device_(device), pinned_(pinned && device == Device::cpu) {
   offsets_.reserve(specs_.size());
   size_t off = 0;
   for (const TensorSpec& s : specs_) {
@@ -37,6 +37,9 @@ Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device devic
   if (bytes_ == 0) return;
   if (device_ == Device::cuda) {
     base_ = device_alloc(bytes_, "arena '" + name_ + "'");  // zero-filled
+  } else if (pinned_) {
+    base_ = host_alloc_pinned(bytes_, "arena '" + name_ + "'");
+    std::memset(base_, 0, bytes_);
   } else {
     base_ = std::aligned_alloc(kAlign, bytes_);
     if (!base_) fail("arena '", name_, "': cannot allocate ", bytes_, " bytes");
@@ -46,25 +49,27 @@ Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device devic
 }
 
 namespace {
-void release(void* p, Device d) {
+void release(void* p, Device d, bool pinned) {
   if (d == Device::cuda) device_free(p);
+  else if (pinned) host_free_pinned(p);
   else std::free(p);
 }
 }  // namespace
 
-Arena::~Arena() { release(base_, device_); }
+Arena::~Arena() { release(base_, device_, pinned_); }
 
 Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
 
 Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
-    release(base_, device_);
+    release(base_, device_, pinned_);
     name_ = std::move(o.name_);
     specs_ = std::move(o.specs_);
     offsets_ = std::move(o.offsets_);
     bytes_ = o.bytes_;
     base_ = o.base_;
     device_ = o.device_;
+    pinned_ = o.pinned_;
     o.base_ = nullptr;
     o.bytes_ = 0;
   }

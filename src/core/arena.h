@@ -27,8 +27,9 @@ class Arena {
   static constexpr size_t kAlign = 64;
 
   Arena() = default;
-  // Allocates one zero-filled block holding every spec, in order.
-  Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device = Device::cpu);
+  // Allocates one zero-filled block holding every spec, in order. pinned (CPU arenas of a CUDA run):
+  // page-locked host memory, so stream-ordered copies to and from it are asynchronous.
+  Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device = Device::cpu, bool pinned = false);
   ~Arena();
   Arena(Arena&& o) noexcept;
   Arena& operator=(Arena&& o) noexcept;
@@ -62,6 +63,7 @@ class Arena {
   size_t bytes_ = 0;
   void* base_ = nullptr;
   Device device_ = Device::cpu;
+  bool pinned_ = false;
 };
 
 // Number of arena allocations made so far in this process (for the "no allocation in a step" tests).

@@ -174,6 +174,10 @@ void copy_to_device_async(void* dst, const void* src, size_t bytes) {
   LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx().stream));
 }
 
+void copy_to_host_async(void* dst, const void* src, size_t bytes) {
+  LMF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx().stream));
+}
+
 void cuda_event_wait(void* e) { LMF_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(e))); }
 
 void cuda_capture_begin() { LMF_CUDA_CHECK(cudaStreamBeginCapture(ctx().stream, cudaStreamCaptureModeGlobal)); }

@@ -24,8 +24,8 @@ void device_free(void* p);
 void device_memset0(void* p, size_t bytes);                  // async on the stream
 void copy_to_device(void* dst, const void* src, size_t bytes);    // synchronous
 void copy_to_host(void* dst, const void* src, size_t bytes);      // synchronous
-void device_synchronize();
-void device_copy(void* dst, const void* src, size_t bytes);       // device to device, async                                        // waits for the stream
+void device_synchronize();                                        // waits for the stream
+void device_copy(void* dst, const void* src, size_t bytes);       // device to device, async
 
 // Bytes of device memory in use on the current device (cudaMemGetInfo: all processes) and the
 // peak this process has allocated through device_alloc().
@@ -40,6 +40,7 @@ uint64_t cuda_launch_count();
 void* host_alloc_pinned(size_t bytes, const std::string& what);
 void host_free_pinned(void* p);
 void copy_to_device_async(void* dst, const void* src, size_t bytes);  // src must stay valid until done
+void copy_to_host_async(void* dst, const void* src, size_t bytes);    // dst is valid after device_synchronize()
 void cuda_event_wait(void* event);  // host waits for a recorded event (staging-buffer reuse only)
 
 // Whole-stream capture into a CUDA graph in cudaStreamCaptureModeGlobal: any allocation or host

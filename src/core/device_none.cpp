@@ -29,6 +29,7 @@ size_t cuda_peak_allocated_bytes() { return 0; }
 void* host_alloc_pinned(size_t, const std::string& what) { no_cuda(what.c_str()); }
 void host_free_pinned(void*) {}
 void copy_to_device_async(void*, const void*, size_t) { no_cuda("copy_to_device_async"); }
+void copy_to_host_async(void*, const void*, size_t) { no_cuda("copy_to_host_async"); }
 void cuda_event_wait(void*) { no_cuda("cuda_event_wait"); }
 void cuda_capture_begin() { no_cuda("cuda_capture_begin"); }
 void* cuda_capture_end() { no_cuda("cuda_capture_end"); }

@@ -80,7 +80,7 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
     hs.push_back({"logits", {S, width_}});
     hs.push_back({"order", {S, cfg_.vocab_size}, DType::i32});
   }
-  host_ = Arena("serve host", hs);
+  host_ = Arena("serve host", hs, Device::cpu, /*pinned=*/gpu);  // page-locked on the GPU: async copies
   const Tensor hb = host_.get("batch");
   h_params_ = sub(hb, L.params, {S, kSampleParamWords}, "sample_params");
   h_tokens_ = sub(hb, L.tokens, {1, max_rows_}, "tokens");
@@ -96,6 +96,10 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
     ds.push_back({"logits", {S, width_}, DType::bf16});
     dev_ = Arena("serve device", ds, device_);
     out = &dev_;
+    // the sampler's outputs lead both arenas in the same order, so one copy brings them all back
+    outputs_bytes_ = dev_.offset_bytes(static_cast<size_t>(dev_.find("batch")));
+    LMF_CHECK(outputs_bytes_ == host_.offset_bytes(static_cast<size_t>(host_.find("batch"))),
+              "engine: the host and device output layouts differ");
   }
   const Tensor db = out->get("batch"), logits = out->get("logits");
   for (Bucket& b : buckets_) {
@@ -324,19 +328,17 @@ std::vector<EngineEvent> Engine::step() {
   }
   pad(b, rows, M);
   if (device_ == Device::cuda) {
+    // one stream-ordered upload from pinned memory, the step, one readback; the only host wait is the
+    // one for the sampled tokens, which the next step's schedule needs
     {
       ProfileScope scope(prof_, "batch upload");
-      tensor_from_host(dev_.get("batch"), host_.get("batch").data);
+      const Tensor hb = host_.get("batch");
+      copy_to_device_async(dev_.get("batch").data, hb.data, hb.nbytes());
     }
     if (b.graph && !prof_) cuda_graph_replay(b.graph);
     else run_bucket(b, opt_.max_top_logprobs > 0);
-    // the sampler's outputs back to the host (waits for the step)
-    tensor_to_host(host_.get("next").data, b.next);
-    tensor_to_host(host_.get("logprobs").data, b.logprobs);
-    if (top) {
-      tensor_to_host(host_.get("top_ids").data, b.top_ids);
-      tensor_to_host(host_.get("top_logprobs").data, b.top_logprobs);
-    }
+    copy_to_host_async(host_.base(), dev_.base(), outputs_bytes_);
+    device_synchronize();
   } else {
     run_bucket(b, top);
   }

@@ -122,6 +122,7 @@ class Engine {
   std::unique_ptr<Scheduler> sched_;
   std::vector<Bucket> buckets_;
   Arena host_, dev_;  // the batch (host, and its device copy on the GPU), logits and sampling buffers
+  size_t outputs_bytes_ = 0;  // the sampler's outputs at the start of both arenas (GPU)
   Tensor h_params_, h_tokens_, h_positions_, h_slots_, h_seqs_, h_tables_, h_samples_;
   std::map<int64_t, Seq> seqs_;
   EngineStats stats_;
