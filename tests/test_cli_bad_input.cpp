@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "data/shard.h"
+#include "support/cli_util.h"
 #include "support/test_util.h"
 #include "core/fsutil.h"
 #include "train/safetensors.h"
@@ -17,40 +18,10 @@ namespace lmf {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct RunResult {
-  int exit_code;
-  std::string out, err;
-};
-
-RunResult run_cli(const std::string& args, const std::string& dir) {
-  std::string out = dir + "/stdout.txt", err = dir + "/stderr.txt";
-  std::string cmd = std::string(test::lmforge_binary()) + " " + args + " >" + out + " 2>" + err;
-  int st = std::system(cmd.c_str());
-  RunResult r{WIFEXITED(st) ? WEXITSTATUS(st) : -1, read_file(out), read_file(err)};
-  fs::remove(out);
-  fs::remove(err);
-  return r;
-}
-
-// Every file under `dir` and its bytes.
-std::map<std::string, std::string> snapshot(const std::string& dir) {
-  std::map<std::string, std::string> m;
-  for (const auto& e : fs::recursive_directory_iterator(dir))
-    if (e.is_regular_file()) m[e.path().string()] = read_file(e.path().string());
-  return m;
-}
-
-::testing::AssertionResult one_line_error(const RunResult& r, std::initializer_list<const char*> must_contain) {
-  if (r.exit_code == 0) return ::testing::AssertionFailure() << "exit code 0; stderr: " << r.err;
-  size_t lines = std::count(r.err.begin(), r.err.end(), '\n');
-  if (lines != 1 || r.err.back() != '\n')
-    return ::testing::AssertionFailure() << "expected exactly one stderr line, got " << lines << ": " << r.err;
-  for (const char* s : must_contain)
-    if (r.err.find(s) == std::string::npos)
-      return ::testing::AssertionFailure() << "stderr lacks '" << s << "': " << r.err;
-  return ::testing::AssertionSuccess() << r.err;
-}
+using test::one_line_error;
+using test::run_cli;
+using test::RunResult;
+using test::snapshot;
 
 class BadInput : public ::testing::Test {
  protected:
@@ -181,7 +152,7 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
   EXPECT_TRUE(one_line_error(run_cli("train --batch-size 0 --out-dir " + dir_ + "/run", dir_), {"--batch-size=0"}));
   EXPECT_TRUE(one_line_error(run_cli("train --seq-len 4096 --out-dir " + dir_ + "/run", dir_), {"--seq-len=4096"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/run --top-p 1.5", dir_), {"--top-p"}));
-  EXPECT_TRUE(one_line_error(run_cli("train --grad-clip nan --out-dir " + dir_ + "/run", dir_), {"--grad-clip=nan"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --grad-clip nan --out-dir " + dir_ + "/run", dir_), {"--grad-clip", "'nan' is not a finite number"}));
   EXPECT_TRUE(one_line_error(run_cli("train --eval-batches 0 --out-dir " + dir_ + "/run", dir_), {"--eval-batches=0"}));
   // bf16 is a GPU mode: on the CPU (this test's --device) it is refused in one line
   EXPECT_TRUE(one_line_error(run_cli("train --device cpu --precision bf16 --out-dir " + dir_ + "/run", dir_),

@@ -227,7 +227,7 @@ TEST(Training, NoAllocationInsideAStepAfterSetUp) {
     "first_dense": 1, "shared": 1, "shared_gate": true, "score": "sigmoid", "capacity_factor": 1.0, "z_coef": 0.001,
     "bias_rate": 0.001}})");
   for (const char* preset : {"tiny", "test-llama", "test-moe", "moe_all"}) {
-    TrainOptions o = small_run(d);
+    TrainOptions o = small_run(d + "/" + preset);
     o.preset = preset;
     o.seq_len = 16;
     o.grad_accum = 2;

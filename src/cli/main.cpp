@@ -1,13 +1,20 @@
 // lmforge: the command line. Subcommands: train, prepare, generate, serve, plot.
 // Every error is one line on stderr and a non-zero exit: 1 for a failed run, 2 for bad flags.
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <thread>
 #include <cstdio>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <type_traits>
+#include <vector>
 #include <iostream>
 #include <string>
 
@@ -29,6 +36,85 @@ using namespace lmf;
 
 namespace {
 
+// A number on the command line parses strictly: the whole text, never empty, never clamped when out
+// of the type's range, and finite for floating-point flags.
+template <class T>
+CLI::Option* add_num(CLI::App* c, const std::string& name, T& v, const std::string& help) {
+  CLI::Option* opt = c->add_option(name, v, help);
+  opt->check(CLI::Validator(
+      [](std::string& s) -> std::string {
+        if (s.empty()) return "an empty value is not a number";
+        if constexpr (std::is_floating_point_v<T>) {
+          char* end = nullptr;
+          errno = 0;
+          const double d = std::strtod(s.c_str(), &end);
+          if (end != s.c_str() + s.size()) return "'" + s + "' is not a number";
+          if (!std::isfinite(d) || !std::isfinite(static_cast<T>(d)) || errno == ERANGE)
+            return "'" + s + "' is not a finite number in range";
+        } else {
+          T x{};
+          const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
+          if (ec == std::errc::result_out_of_range) return "'" + s + "' is out of range";
+          if (ec != std::errc() || p != s.data() + s.size()) return "'" + s + "' is not an integer";
+        }
+        return "";
+      },
+      std::is_floating_point_v<T> ? "NUMBER" : "INT", "strict number"));
+  return opt;
+}
+
+// What this binary contains (--version and the help banner).
+std::string build_text() {
+  std::string s = "backends: cpu (fp32, OpenBLAS)";
+  if (cuda_built()) s += ", cuda (sm_90a; bf16, tf32, fp32)";
+#ifdef LMF_WITH_HTTP
+  s += "; HTTP server: yes";
+#else
+  s += "; HTTP server: no (cpp-httplib was not found at build time)";
+#endif
+  return s;
+}
+
+// Edit distance, for "did you mean" on a mistyped flag.
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// " (did you mean --steps?)" for the first unknown --flag of `args` close to a flag of `app`'s chosen
+// subcommand; "" when nothing is close.
+std::string did_you_mean(CLI::App& app, const std::vector<std::string>& args) {
+  std::vector<CLI::App*> subs = app.get_subcommands();
+  if (subs.empty()) subs = app.get_subcommands([](CLI::App*) { return true; });
+  for (const std::string& arg : args) {
+    if (arg.rfind("--", 0) != 0) continue;
+    const std::string name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
+    std::string best;
+    size_t best_d = std::max<size_t>(2, name.size() / 3) + 1;
+    for (CLI::App* sub : subs)
+      for (const CLI::Option* o : sub->get_options())
+        for (const std::string& l : o->get_lnames()) {
+          const size_t d = edit_distance(name, l);
+          if (d < best_d) {
+            best_d = d;
+            best = "--" + l;
+          }
+        }
+    if (!best.empty()) return " (did you mean " + best + "?)";
+  }
+  return "";
+}
+
 void add_train_flags(CLI::App* c, TrainOptions& o) {
   auto* cfg = c->add_option("--config", o.config_path, "model config JSON (docs/MODEL.md)");
   c->add_option("--preset", o.preset,
@@ -37,23 +123,32 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
       ->capture_default_str()->excludes(cfg);
   c->add_option("--data", o.data, "training shards (llm.c .bin; wildcards ok); default: the bundled corpus");
   c->add_option("--val-data", o.val_data, "validation shards");
-  c->add_option("--batch-size,-B", o.batch_size, "micro-batch size")->capture_default_str();
-  c->add_option("--seq-len,-T", o.seq_len, "sequence length (0 = context_length)")->capture_default_str();
-  c->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
-  c->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
-  c->add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
-  c->add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule (default lr/10)");
-  c->add_option("--warmup", o.warmup, "linear warmup steps")->capture_default_str();
-  c->add_option("--weight-decay", o.weight_decay, "AdamW decoupled weight decay (2-D params)")->capture_default_str();
-  c->add_option("--grad-clip", o.grad_clip, "clip the global gradient norm to this (0 = off)")->capture_default_str();
-  c->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
-  c->add_option("--log-every", o.log_every, "steps between metric lines")->capture_default_str();
-  c->add_option("--eval-every", o.eval_every, "steps between validation runs (0 = at the end)")->capture_default_str();
-  c->add_option("--eval-batches", o.eval_batches, "batches per validation run")->capture_default_str();
-  c->add_option("--checkpoint-every", o.checkpoint_every, "steps between checkpoints (0 = at the end)")
+  add_num(c, "--batch-size,-B", o.batch_size, "micro-batch size")->capture_default_str();
+  add_num(c, "--seq-len,-T", o.seq_len, "sequence length (0 = context_length)")->capture_default_str();
+  add_num(c, "--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
+  add_num(c, "--steps", o.steps, "optimizer steps")->capture_default_str();
+  add_num(c, "--lr", o.lr, "peak learning rate")->capture_default_str();
+  add_num(c, "--min-lr", o.min_lr, "final learning rate of the cosine schedule (default lr/10)")
+      ->check(CLI::Validator(
+          [](std::string& v) { return std::strtod(v.c_str(), nullptr) < 0 ? "'" + v + "' must be >= 0" : std::string(); },
+          "NUMBER >= 0", "non-negative"));
+  add_num(c, "--warmup", o.warmup, "linear warmup steps")->capture_default_str();
+  add_num(c, "--weight-decay", o.weight_decay, "AdamW decoupled weight decay (2-D params)")->capture_default_str();
+  add_num(c, "--grad-clip", o.grad_clip, "clip the global gradient norm to this (0 = off)")->capture_default_str();
+  add_num(c, "--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
+  add_num(c, "--log-every", o.log_every, "steps between metric lines")->capture_default_str();
+  add_num(c, "--eval-every", o.eval_every, "steps between validation runs (0 = at the end)")->capture_default_str();
+  add_num(c, "--eval-batches", o.eval_batches, "batches per validation run")->capture_default_str();
+  add_num(c, "--checkpoint-every", o.checkpoint_every, "steps between checkpoints (0 = at the end)")
       ->capture_default_str();
   c->add_option("--out-dir", o.out_dir, "metrics.jsonl and checkpoints go here")->capture_default_str();
-  c->add_option("--resume", o.resume, "checkpoint directory or out-dir to continue from");
+  c->add_option("--resume", o.resume,
+                "checkpoint directory or out-dir to continue from; every setting not given comes from its state.json");
+  add_num(c, "--keep-last", o.keep_last, "checkpoints to keep in the out-dir, newest first (0 = all)")->capture_default_str();
+  c->add_flag("--overwrite", o.overwrite, "a new run may replace the run already in --out-dir");
+  c->add_flag("--allow-change", o.allow_change,
+              "with --resume: let --data, --batch-size, --lr and the other settings of the run change");
+  c->add_flag("--allow-nonfinite", o.allow_nonfinite, "with --resume: load a checkpoint holding NaN/Inf values");
   c->add_option("--device", o.device, "cpu, cuda, or auto (cuda when a GPU is present)")->capture_default_str();
   c->add_option("--precision", o.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 (GPU: fp32 GEMMs on tensor cores) or bf16 (GPU: "
                 "mixed precision, fp32 master weights)")
@@ -62,7 +157,7 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
                  "bf16 flash attention kernels: auto (cuDNN's fused attention when available, else lmforge's), "
                  "lmforge or cudnn")
       ->capture_default_str();
-  c->add_option("--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
+  add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   c->add_option("--cuda-graph", o.cuda_graph,
                  "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")
       ->capture_default_str();
@@ -72,8 +167,8 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
       ->capture_default_str();
   c->add_flag("--profile", o.profile,
               "time every op of a few steps after warm-up (eagerly): Chrome trace JSON + per-op summary");
-  c->add_option("--profile-steps", o.profile_steps, "steps to profile (with --profile)")->capture_default_str();
-  c->add_option("--profile-warmup", o.profile_warmup, "steps before the profiled ones (with --profile)")
+  add_num(c, "--profile-steps", o.profile_steps, "steps to profile (with --profile)")->capture_default_str();
+  add_num(c, "--profile-warmup", o.profile_warmup, "steps before the profiled ones (with --profile)")
       ->capture_default_str();
   c->add_option("--profile-out", o.profile_out, "trace file (default: <out-dir>/trace.json)");
 }
@@ -106,20 +201,21 @@ struct ServedModel {
   std::unique_ptr<Parameters> params;
 };
 
-ServedModel load_served_model(const std::string& checkpoint, const std::string& device) {
+ServedModel load_served_model(const std::string& checkpoint, const std::string& device, bool allow_nonfinite) {
   ServedModel m;
   m.dir = resolve_checkpoint(checkpoint);
   m.cfg = load_checkpoint_config(m.dir);
   const Device d = parse_device(device);
   if (d == Device::cuda) cuda_set_device(0);
   m.params = std::make_unique<Parameters>(gpt_param_specs(m.cfg), d, d == Device::cuda);
-  load_checkpoint_weights(m.dir, *m.params);
+  load_checkpoint_weights(m.dir, *m.params, allow_nonfinite);
   return m;
 }
 
 struct GenerateOptions {
   std::string checkpoint, prompt = "And God said", tokenizer = "byte", device = "auto";
   int64_t max_new = 200;
+  bool allow_nonfinite = false;
   SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
 };
 
@@ -133,7 +229,7 @@ int run_generate(const GenerateOptions& g) {
   }
   if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
   auto tok = make_tokenizer(g.tokenizer);
-  ServedModel m = load_served_model(g.checkpoint, g.device);
+  ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   std::vector<uint16_t> ids = tok->encode(g.prompt);
@@ -171,6 +267,7 @@ int run_generate(const GenerateOptions& g) {
 
 struct ServeOptions {
   std::string checkpoint, tokenizer = "byte", device = "auto";
+  bool allow_nonfinite = false;
   ServerOptions server;
   EngineOptions engine;
 };
@@ -185,7 +282,7 @@ int run_serve(ServeOptions so) {
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
   auto tok = make_tokenizer(so.tokenizer);
-  ServedModel m = load_served_model(so.checkpoint, so.device);
+  ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
@@ -231,8 +328,9 @@ int run_serve(ServeOptions so) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"lmforge: train and sample transformer language models (CPU reference backend)"};
+  CLI::App app{"lmforge: train, sample and serve transformer language models (" + build_text() + ")"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("lmforge ") + LMF_VERSION + " (git " + LMF_GIT_COMMIT + "; " + build_text() + ")");
 
   TrainOptions topts;
   CLI::App* train = app.add_subcommand("train", "train a model (default: the tiny preset on the bundled corpus)");
@@ -244,39 +342,41 @@ int main(int argc, char** argv) {
   prepare->add_option("--input", p_input, "UTF-8 text file")->required();
   prepare->add_option("--out-dir", p_out, "where NAME_train.bin and NAME_val.bin go")->capture_default_str();
   prepare->add_option("--name", p_name, "shard name prefix (default: the input's file stem)");
-  prepare->add_option("--val-fraction", p_val, "fraction of tokens (from the end) for validation")->capture_default_str();
+  add_num(prepare, "--val-fraction", p_val, "fraction of tokens (from the end) for validation")->capture_default_str();
   prepare->add_option("--tokenizer", p_tok, "tokenizer: byte")->capture_default_str();
 
   GenerateOptions go;
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint, "checkpoint directory or training out-dir")->required();
   gen->add_option("--prompt", go.prompt, "text to continue")->capture_default_str();
-  gen->add_option("--max-new-tokens,-n", go.max_new, "tokens to generate")->capture_default_str();
-  gen->add_option("--temperature", go.sample.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
-  gen->add_option("--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-  gen->add_option("--top-p", go.sample.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
-  gen->add_option("--seed", go.sample.seed, "sampling seed")->capture_default_str();
+  add_num(gen, "--max-new-tokens,-n", go.max_new, "tokens to generate")->capture_default_str();
+  add_num(gen, "--temperature", go.sample.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
+  add_num(gen, "--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
+  add_num(gen, "--top-p", go.sample.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
+  add_num(gen, "--seed", go.sample.seed, "sampling seed")->capture_default_str();
   gen->add_option("--tokenizer", go.tokenizer, "tokenizer: byte")->capture_default_str();
   gen->add_option("--device", go.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
+  gen->add_flag("--allow-nonfinite", go.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
 
   ServeOptions sv;
   CLI::App* serve = app.add_subcommand("serve", "serve a checkpoint over HTTP (OpenAI-compatible /v1/completions)");
   serve->add_option("--checkpoint", sv.checkpoint, "checkpoint directory or training out-dir")->required();
   serve->add_option("--host", sv.server.host, "address to listen on")->capture_default_str();
-  serve->add_option("--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
+  add_num(serve, "--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
   serve->add_option("--model-name", sv.server.model_name, "the model's name in the API (default: the checkpoint's directory name)");
   serve->add_option("--device", sv.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
   serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: byte")->capture_default_str();
-  serve->add_option("--max-seqs", sv.engine.max_seqs, "sequences decoding at once")->capture_default_str();
-  serve->add_option("--max-prefill-tokens", sv.engine.max_prefill_tokens, "prompt positions computed per engine step")
+  add_num(serve, "--max-seqs", sv.engine.max_seqs, "sequences decoding at once")->capture_default_str();
+  add_num(serve, "--max-prefill-tokens", sv.engine.max_prefill_tokens, "prompt positions computed per engine step")
       ->capture_default_str();
-  serve->add_option("--block-size", sv.engine.block_size, "positions per KV-cache block")->capture_default_str();
-  serve->add_option("--kv-cache-gb", sv.engine.kv_cache_gb,
+  add_num(serve, "--block-size", sv.engine.block_size, "positions per KV-cache block")->capture_default_str();
+  add_num(serve, "--kv-cache-gb", sv.engine.kv_cache_gb,
                     "KV-cache pool size in GiB (0: every sequence at full context on the CPU, 85% of the free memory on the GPU)")
       ->capture_default_str();
   serve->add_option("--cuda-graphs", sv.engine.cuda_graphs, "GPU: each step as one CUDA graph per row bucket")
       ->capture_default_str();
-  serve->add_option("--threads", sv.server.threads, "HTTP worker threads (each open request holds one)")->capture_default_str();
+  add_num(serve, "--threads", sv.server.threads, "HTTP worker threads (each open request holds one)")->capture_default_str();
+  serve->add_flag("--allow-nonfinite", sv.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
   sv.server.model_name.clear();
 
   PlotOptions plot_o;
@@ -291,16 +391,40 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::string msg = e.what();
     for (char& ch : msg)
       if (ch == '\n') ch = ' ';
-    std::cerr << "lmforge: error: " << msg << " (see lmforge --help)\n";
+    std::string hint;
+    if (dynamic_cast<const CLI::ExtrasError*>(&e)) {
+      std::vector<std::string> args(argv + 1, argv + argc);
+      hint = did_you_mean(app, args);
+    }
+    std::cerr << "lmforge: error: " << msg << hint << " (see lmforge --help)\n";
     return 2;
   }
 
   try {
     if (*train) {
+      if (!topts.resume.empty()) {  // every setting not given comes from the run being resumed
+        std::vector<std::string> given;
+        for (const CLI::Option* opt : train->get_options())
+          if (opt->count() > 0 && !opt->get_lnames().empty()) {
+            std::string key = opt->get_lnames().front();
+            std::replace(key.begin(), key.end(), '-', '_');
+            given.push_back(key);
+          }
+        const std::vector<std::string> restored = restore_run_options(topts, given);
+        if (!restored.empty()) {
+          const nlohmann::json j = nlohmann::json::parse(topts.to_json());
+          std::cout << "resume: from the run's state.json:";
+          for (const std::string& k : restored)
+            std::cout << " " << k << "=" << (j.contains(k) ? j.at(k).dump() : std::string("?"));
+          std::cout << "\n";
+        }
+      }
       Trainer t(topts, std::cout);
       t.run();
       return 0;
@@ -309,7 +433,8 @@ int main(int argc, char** argv) {
     if (*gen) return run_generate(go);
     if (*serve) return run_serve(sv);
     if (*plot) {
-      std::cout << "wrote " << plot_metrics(plot_o) << "\n";
+      const std::string written = plot_metrics(plot_o);
+      std::cout << "wrote " << written << "\n";
       return 0;
     }
   } catch (const lmf::Error& e) {

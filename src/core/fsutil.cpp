@@ -1,7 +1,12 @@
 #include "core/fsutil.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
 
 #include <cerrno>
 #include <cstring>
@@ -14,6 +19,79 @@
 namespace lmf {
 
 namespace fs = std::filesystem;
+
+namespace {
+std::atomic<long> g_fault_points{0};
+std::string& fault_spec() {
+  static std::string spec = std::getenv("LMF_FAULT") ? std::getenv("LMF_FAULT") : "";
+  return spec;
+}
+}  // namespace
+
+void set_fault_injection(const std::string& spec) {
+  fault_spec() = spec;
+  g_fault_points = 0;
+}
+
+void fault_point(const char* where) {
+  const long n = ++g_fault_points;
+  const std::string& s = fault_spec();
+  if (s.empty()) return;
+  const size_t at = s.find('@');
+  if (at == std::string::npos) return;
+  if (std::atol(s.c_str() + at + 1) != n) return;
+  const std::string kind = s.substr(0, at);
+  if (kind == "kill") ::kill(::getpid(), SIGKILL);
+  if (kind == "enospc") fail(where, ": write failed (", std::strerror(ENOSPC), ") [injected by LMF_FAULT]");
+}
+
+long fault_points_passed() { return g_fault_points.load(); }
+
+void rename_path(const std::string& from, const std::string& to) {
+  fault_point(to.c_str());
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    fail(to, ": rename from ", from, " failed (", std::strerror(errno), ")");
+}
+
+DirLock::DirLock(const std::string& dir) {
+  const std::string path = (fs::path(dir) / ".lmforge.lock").string();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail(path, ": cannot open the out-dir's lock file (", std::strerror(errno), ")");
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    char buf[32] = {0};
+    const ssize_t n = ::pread(fd_, buf, sizeof(buf) - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("?");
+    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    if (e == EWOULDBLOCK)
+      fail(dir, ": out-dir is in use by another lmforge run (pid ", pid, " holds ", path, ")");
+    fail(path, ": cannot lock (", std::strerror(e), ")");
+  }
+  path_ = path;
+}
+
+void DirLock::write_pid() {
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (fd_ < 0) return;
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
+    fail(path_, ": cannot write the lock file (", std::strerror(errno), ")");
+}
+
+DirLock::~DirLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing releases the lock
+}
+
+DirLock& DirLock::operator=(DirLock&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.fd_;
+    path_ = std::move(o.path_);
+    o.fd_ = -1;
+  }
+  return *this;
+}
 
 void fsync_dir(const std::string& dir) {
   int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
@@ -29,6 +107,13 @@ void write_file_atomic(const std::string& path, const std::string& data) {
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) fail(path, ": cannot create temporary file ", tmp, " (", std::strerror(errno), ")");
   size_t done = 0;
+  try {
+    fault_point(path.c_str());
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
   while (done < data.size()) {
     ssize_t w = ::write(fd, data.data() + done, data.size() - done);
     if (w < 0) {
@@ -45,15 +130,18 @@ void write_file_atomic(const std::string& path, const std::string& data) {
     ::unlink(tmp.c_str());
     fail(path, ": fsync/close failed (", std::strerror(e), ")");
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
+  try {
+    rename_path(tmp, path);
+  } catch (...) {
     ::unlink(tmp.c_str());
-    fail(path, ": rename from ", tmp, " failed (", std::strerror(e), ")");
+    throw;
   }
   fsync_dir(dir);
 }
 
 std::string read_file(const std::string& path, const char* what) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail(path, ": is a directory, not a ", what);
   std::ifstream f(path, std::ios::binary);
   if (!f) fail(path, ": cannot open ", what);
   std::stringstream ss;

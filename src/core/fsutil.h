@@ -9,5 +9,36 @@ namespace lmf {
 void write_file_atomic(const std::string& path, const std::string& data);
 std::string read_file(const std::string& path, const char* what = "file");
 void fsync_dir(const std::string& dir);
+// rename(2), checked: throws naming both paths.
+void rename_path(const std::string& from, const std::string& to);
+
+// Fault injection for the crash-consistency script (tools/crash_test.sh), off unless LMF_FAULT is
+// set: "kill@N" sends SIGKILL to this process at the N-th fault point, "enospc@N" makes the N-th
+// fault point fail as a full disk would. Every write and rename of checkpoints and metrics passes
+// one. Returns normally when no fault fires here.
+void fault_point(const char* where);
+// Fault points passed so far (for the script's log).
+long fault_points_passed();
+// Tests: replace LMF_FAULT's spec ("" = none) and restart the count.
+void set_fault_injection(const std::string& spec);
+
+// An advisory lock (flock) on <dir>/.lmforge.lock for as long as the object lives: one trainer per
+// out-dir. A second taker fails with one line naming the PID the holder wrote with write_pid()
+// (called once the holder has decided to use the directory, so a refused taker changes no byte).
+class DirLock {
+ public:
+  DirLock() = default;
+  explicit DirLock(const std::string& dir);
+  ~DirLock();
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+  DirLock(DirLock&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+  DirLock& operator=(DirLock&& o) noexcept;
+  void write_pid();
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
 
 }  // namespace lmf

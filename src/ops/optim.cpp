@@ -251,4 +251,22 @@ void cast_to_bf16(Tensor dst, Tensor src) {
   LMF_CUDA_DISPATCH(op, cuda::cast_to_bf16(dst.ptr<bf16>(), src.f32(), src.numel()));
 }
 
+void nonfinite_guard(Tensor guard, Tensor loss, Tensor norm) {
+  const char* op = "nonfinite_guard";
+  check_dtype(guard, DType::i32, op);
+  check_f32(loss, op);
+  check_f32(norm, op);
+  check_same_device(op, {&guard, &loss, &norm});
+  check_shape(guard, {2}, op);
+  check_shape(loss, {1}, op);
+  check_shape(norm, {1}, op);
+  if (guard.device == Device::cpu) {
+    int32_t* g = guard.i32();
+    g[0] += 1;
+    if (g[1] == 0 && !(std::isfinite(loss.f32()[0]) && std::isfinite(norm.f32()[0]))) g[1] = g[0];
+  } else {
+    LMF_CUDA_DISPATCH(op, cuda::nonfinite_guard(guard.i32(), loss.f32(), norm.f32()));
+  }
+}
+
 }  // namespace lmf

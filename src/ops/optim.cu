@@ -257,5 +257,12 @@ void cast_to_bf16(bf16* dst, const float* src, int64_t n) {
   launch_elementwise("cast_to_bf16", n, [=] __device__(int64_t i) { d[i] = __float2bfloat16_rn(src[i]); });
 }
 
+void nonfinite_guard(int32_t* guard, const float* loss, const float* norm) {
+  launch_elementwise("nonfinite_guard", 1, [=] __device__(int64_t) {
+    guard[0] += 1;
+    if (guard[1] == 0 && !(isfinite(loss[0]) && isfinite(norm[0]))) guard[1] = guard[0];
+  });
+}
+
 }  // namespace cuda
 }  // namespace lmf

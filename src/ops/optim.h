@@ -67,6 +67,13 @@ void adamw_schedule(float out[3], float lr, float beta1, float beta2, int64_t st
 // a checkpoint load.
 void cast_to_bf16(Tensor dst, Tensor src);
 
+// The non-finite guard of a training step (inside its CUDA graph; nothing syncs): guard is a (2) i32
+// tensor {steps checked, first bad step (0: none)} on the model's device. Each call counts one step
+// (guard[0] += 1) and, when no step was bad before, records guard[0] in guard[1] if loss[0] or norm[0]
+// (the step's mean loss and pre-clip gradient norm, (1) f32 each; a non-finite auxiliary loss reaches
+// the gradient norm) is NaN or infinite. The host reads guard with the loss, at log intervals and
+// before every checkpoint.
+void nonfinite_guard(Tensor guard, Tensor loss, Tensor norm);
 // Most ranges adamw_update_flat accepts (the CUDA launch argument holds at most this many).
 inline constexpr int64_t kAdamWMaxDecayRanges = 2048;
 
@@ -94,6 +101,7 @@ void adamw_update_flat(float* param, float* m, float* v, const float* grad, cons
                        float weight_decay, float bias_corr1, float bias_corr2, bf16* param_bf16 = nullptr,
                        const float* schedule = nullptr);
 void cast_to_bf16(bf16* dst, const float* src, int64_t n);
+void nonfinite_guard(int32_t* guard, const float* loss, const float* norm);
 }  // namespace cuda
 
 }  // namespace lmf

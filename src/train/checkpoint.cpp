@@ -1,6 +1,10 @@
 #include "train/checkpoint.h"
 
+#include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -43,52 +47,161 @@ void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& pr
 
 }  // namespace
 
+namespace {
+
+// The f32 values of a serialized safetensors blob (every tensor lmforge saves is f32): the first
+// non-finite one's tensor name, or "".
+std::string first_nonfinite_tensor(const std::vector<std::pair<std::string, Tensor>>& tensors, const std::string& blob) {
+  uint64_t header = 0;
+  std::memcpy(&header, blob.data(), sizeof(header));
+  size_t at = sizeof(header) + static_cast<size_t>(header);
+  for (const auto& [name, t] : tensors) {
+    const size_t n = t.nbytes();
+    if (t.dtype == DType::f32) {
+      const char* p = blob.data() + at;
+      for (size_t i = 0; i < n; i += 4) {
+        float v;
+        std::memcpy(&v, p + i, 4);
+        if (!std::isfinite(v)) return name;
+      }
+    }
+    at += n;
+  }
+  return "";
+}
+
+void check_finite(const SafetensorsFile& f) {
+  for (const SafetensorsEntry& e : f.entries()) {
+    if (e.dtype != "F32") continue;
+    const char* p = static_cast<const char*>(f.data(e));
+    for (size_t i = 0; i + 4 <= e.end - e.begin; i += 4) {
+      float v;
+      std::memcpy(&v, p + i, 4);
+      if (!std::isfinite(v))
+        fail(f.path(), ": tensor '", e.name, "' holds ", v, " at element ", i / 4,
+             " (a diverged run's weights; pass --allow-nonfinite to load them anyway)");
+    }
+  }
+}
+
+std::string serialize_checked(const std::vector<std::pair<std::string, Tensor>>& tensors,
+                              const std::map<std::string, std::string>& metadata, int64_t step) {
+  std::string blob = safetensors_serialize(tensors, metadata);
+  const std::string bad = first_nonfinite_tensor(tensors, blob);
+  if (!bad.empty()) fail("step ", step, ": tensor '", bad, "' holds a non-finite value (NaN/Inf); no checkpoint is written");
+  return blob;
+}
+
+}  // namespace
+
+int64_t checkpoint_step(const std::string& name) {
+  if (name.rfind("step_", 0) != 0) return -1;
+  size_t i = 5;
+  int64_t v = 0;
+  if (i >= name.size() || !std::isdigit(static_cast<unsigned char>(name[i]))) return -1;
+  for (; i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])); ++i) {
+    if (v > (INT64_MAX - 9) / 10) return -1;
+    v = v * 10 + (name[i] - '0');
+  }
+  if (i == name.size()) return v;
+  if (name.compare(i, 2, ".v") != 0 || i + 2 >= name.size()) return -1;
+  for (size_t j = i + 2; j < name.size(); ++j)
+    if (!std::isdigit(static_cast<unsigned char>(name[j]))) return -1;
+  return v;
+}
+
+namespace {
+int64_t checkpoint_version(const std::string& name) {
+  const size_t at = name.find(".v");
+  return at == std::string::npos ? 1 : std::atoll(name.c_str() + at + 2);
+}
+}  // namespace
+
+std::vector<std::string> list_checkpoints(const std::string& out_dir) {
+  const fs::path root = fs::path(out_dir) / "checkpoints";
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::string>> found;
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return {};
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    const int64_t step = checkpoint_step(name);
+    if (step >= 0 && e.is_directory()) found.push_back({{step, checkpoint_version(name)}, name});
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (const auto& f : found) out.push_back(f.second);
+  return out;
+}
+
+int clean_interrupted_saves(const std::string& out_dir) {
+  const fs::path root = fs::path(out_dir) / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return 0;
+  int n = 0;
+  std::vector<fs::path> gone;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    const bool tmp_dir = name.size() > 1 && name[0] == '.' && name.rfind(".step_", 0) == 0 &&
+                         (name.size() > 4 && (name.compare(name.size() - 4, 4, ".tmp") == 0 ||
+                                              name.compare(name.size() - 4, 4, ".old") == 0));
+    const bool tmp_file = name.find(".tmp.") != std::string::npos;  // write_file_atomic's temporaries
+    if (tmp_dir || tmp_file) gone.push_back(e.path());
+  }
+  for (const fs::path& p : gone) {
+    fs::remove_all(p);
+    ++n;
+  }
+  if (n > 0) fsync_dir(root.string());
+  return n;
+}
+
 std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
-                            TrainingState& train, const CheckpointState& state) {
+                            TrainingState& train, const CheckpointState& state, int64_t keep_last) {
   fs::path root = fs::path(out_dir) / "checkpoints";
   fs::create_directories(root);
-  const std::string name = step_dir_name(state.step);
-  fs::path final_dir = root / name;
-  fs::path tmp_dir = root / ("." + name + ".tmp");
-  fs::remove_all(tmp_dir);
-  fs::create_directories(tmp_dir);
+  const std::string base = step_dir_name(state.step);
+  std::string name = base;
+  for (int64_t v = 2; fs::exists(root / name); ++v) name = base + ".v" + std::to_string(v);
+  const fs::path final_dir = root / name;
+  const fs::path tmp_dir = root / ("." + name + ".tmp");
 
   const Arena &p = params.master(), &m = train.adam_m(), &v = train.adam_v();
   std::vector<std::pair<std::string, Tensor>> weights, opt;
   for (size_t i = 0; i < p.size(); ++i) weights.emplace_back(p.spec(i).name, p[i]);
   for (size_t i = 0; i < m.size(); ++i) opt.emplace_back("m." + m.spec(i).name, m[i]);
   for (size_t i = 0; i < v.size(); ++i) opt.emplace_back("v." + v.spec(i).name, v[i]);
-  write_file_atomic((tmp_dir / "model.safetensors").string(),
-                    safetensors_serialize(weights, {{"format", "pt"}, {"lmforge_config", config_to_json(config)}}));
-  write_file_atomic((tmp_dir / "optimizer.safetensors").string(), safetensors_serialize(opt));
-  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(config) + "\n");
+  // serialized (and checked finite) before anything is written
+  const std::string model_blob =
+      serialize_checked(weights, {{"format", "pt"}, {"lmforge_config", config_to_json(config)}}, state.step);
+  const std::string opt_blob = serialize_checked(opt, {}, state.step);
   json st = {{"step", state.step},
              {"seed", state.seed},
              {"data_position", state.data_position},
              {"options", state.options_json.empty() ? json::object() : json::parse(state.options_json)}};
-  write_file_atomic((tmp_dir / "state.json").string(), st.dump(2) + "\n");
 
-  // Move into place. If a checkpoint of this step exists (a rerun), it is replaced only after the
-  // new one is complete.
-  fs::path old_dir = root / ("." + name + ".old");
-  fs::remove_all(old_dir);
-  if (fs::exists(final_dir)) {
-    // Re-saving a step (a rerun): the old copy moves aside, the complete new one takes its name, and
-    // if that rename fails the old copy is put back, so `latest` never names a missing directory
-    // for longer than the two renames.
-    fs::rename(final_dir, old_dir);
-    try {
-      fs::rename(tmp_dir, final_dir);
-    } catch (...) {
-      fs::rename(old_dir, final_dir);  // put the previous checkpoint back
-      throw;
-    }
-  } else {
-    fs::rename(tmp_dir, final_dir);
-  }
+  fs::remove_all(tmp_dir);
+  fs::create_directories(tmp_dir);
+  write_file_atomic((tmp_dir / "model.safetensors").string(), model_blob);
+  write_file_atomic((tmp_dir / "optimizer.safetensors").string(), opt_blob);
+  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(config) + "\n");
+  write_file_atomic((tmp_dir / "state.json").string(), st.dump(2) + "\n");
+  // Into place under a name nothing else has, then `latest` switches atomically; what it supersedes
+  // goes only after that, so `latest` names a complete checkpoint at every moment.
+  rename_path(tmp_dir.string(), final_dir.string());
   fsync_dir(root.string());
   write_file_atomic((root / "latest").string(), name + "\n");
-  fs::remove_all(old_dir);
+  std::vector<std::string> all = list_checkpoints(out_dir);
+  std::vector<std::string> remove;
+  for (const std::string& c : all)
+    if (c != name && checkpoint_step(c) == state.step) remove.push_back(c);  // older versions of this step
+  if (keep_last > 0) {
+    int64_t kept = 0;
+    for (auto it = all.rbegin(); it != all.rend(); ++it) {
+      if (checkpoint_step(*it) == state.step && *it != name) continue;
+      if (++kept > keep_last) remove.push_back(*it);
+    }
+  }
+  for (const std::string& c : remove) fs::remove_all(root / c);
   return final_dir.string();
 }
 
@@ -113,19 +226,15 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
   return config_from_file(f.string());
 }
 
-void load_checkpoint_weights(const std::string& dir, Parameters& params) {
+void load_checkpoint_weights(const std::string& dir, Parameters& params, bool allow_nonfinite) {
   SafetensorsFile f((fs::path(dir) / "model.safetensors").string());
+  check_arena(f, params.master(), "");
+  if (!allow_nonfinite) check_finite(f);
   load_arena(f, params.master(), "");
   params.sync_copy();
 }
 
-CheckpointState load_checkpoint(const std::string& dir, Parameters& params, TrainingState& train) {
-  Arena &m = train.adam_m(), &v = train.adam_v();
-  // Validate everything before touching the model.
-  SafetensorsFile mf((fs::path(dir) / "model.safetensors").string());
-  fs::path of = fs::path(dir) / "optimizer.safetensors";
-  if (!fs::exists(of)) fail(of.string(), ": checkpoint has no optimizer state");
-  SafetensorsFile opt(of.string());
+CheckpointState read_checkpoint_state(const std::string& dir) {
   fs::path sf = fs::path(dir) / "state.json";
   std::string text = read_file(sf.string(), "checkpoint state");
   CheckpointState st;
@@ -138,6 +247,17 @@ CheckpointState load_checkpoint(const std::string& dir, Parameters& params, Trai
   } catch (const json::exception& e) {
     fail(sf.string(), ": invalid checkpoint state (", e.what(), ")");
   }
+  return st;
+}
+
+CheckpointState load_checkpoint(const std::string& dir, Parameters& params, TrainingState& train, bool allow_nonfinite) {
+  Arena &m = train.adam_m(), &v = train.adam_v();
+  // Validate everything before touching the model.
+  SafetensorsFile mf((fs::path(dir) / "model.safetensors").string());
+  fs::path of = fs::path(dir) / "optimizer.safetensors";
+  if (!fs::exists(of)) fail(of.string(), ": checkpoint has no optimizer state");
+  SafetensorsFile opt(of.string());
+  const CheckpointState st = read_checkpoint_state(dir);
   // optimizer file holds m.* and v.*: every one present with the parameter's shape, nothing else
   std::set<std::string> expected;
   for (size_t i = 0; i < m.size(); ++i) {
@@ -150,6 +270,10 @@ CheckpointState load_checkpoint(const std::string& dir, Parameters& params, Trai
   for (size_t i = 0; i < m.size(); ++i) {
     opt.check_entry("m." + m.spec(i).name, m[i]);
     opt.check_entry("v." + v.spec(i).name, v[i]);
+  }
+  if (!allow_nonfinite) {
+    check_finite(mf);
+    check_finite(opt);
   }
   // Everything is valid: only now copy.
   load_arena(mf, params.master(), "");

@@ -6,12 +6,15 @@
 //   config.json            the model config
 //   state.json             step, seed, data loader position, the training options
 // and <out-dir>/checkpoints/latest names the newest one. Saving writes a temporary directory
-// (each file fsynced), renames it into place, then replaces `latest` atomically: a crash mid-save
-// leaves the previous checkpoint and `latest` intact. Loading validates every tensor's name, dtype,
-// shape and byte size before the run starts, and reports the first problem precisely.
+// (each file fsynced) and renames it into place under a name no other checkpoint has (a re-save of
+// step N becomes step_NNNNNN.v2, ...), then replaces `latest` atomically, and only then removes what
+// it supersedes: a crash at any point leaves `latest` naming a complete checkpoint. A state with a
+// non-finite value (NaN/Inf) is never saved. Loading validates every tensor's name, dtype, shape,
+// byte size and (unless allowed) finiteness before anything is read, and reports the first problem.
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 #include "model/params.h"
@@ -26,16 +29,30 @@ struct CheckpointState {
   std::string options_json;     // the TrainOptions of the run, for the record
 };
 
-// Saves into <out_dir>/checkpoints/step_NNNNNN and points `latest` at it; returns the directory.
+// Saves into <out_dir>/checkpoints/step_NNNNNN (or a fresh .vN name when that exists) and points
+// `latest` at it; then removes older versions of the step and, with keep_last > 0, every checkpoint
+// but the newest keep_last. Returns the directory.
 std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
-                            TrainingState& train, const CheckpointState& state);
+                            TrainingState& train, const CheckpointState& state, int64_t keep_last = 0);
+
+// The checkpoint directories of <out_dir>/checkpoints in save order (step, then version).
+std::vector<std::string> list_checkpoints(const std::string& out_dir);
+// The step a checkpoint directory name holds (step_000120 or step_000120.v2 -> 120), -1 if not one.
+int64_t checkpoint_step(const std::string& dir_name);
+// Leftovers of interrupted saves (.step_*.tmp, .step_*.old, latest.tmp.*, *.tmp.<pid> files):
+// removed; returns how many. Call only while holding the out-dir's lock.
+int clean_interrupted_saves(const std::string& out_dir);
 
 // `path` is a checkpoint directory or an out-dir with checkpoints/latest. Returns the directory.
 std::string resolve_checkpoint(const std::string& path);
 ModelConfig load_checkpoint_config(const std::string& ckpt_dir);
 // Parameters only (generation), laid out for the checkpoint's config; then their bf16 copy follows.
-void load_checkpoint_weights(const std::string& ckpt_dir, Parameters& params);
+// A non-finite weight is an error unless allow_nonfinite (--allow-nonfinite).
+void load_checkpoint_weights(const std::string& ckpt_dir, Parameters& params, bool allow_nonfinite = false);
 // Parameters, AdamW state and the run's state (resume). Everything is validated before anything is read.
-CheckpointState load_checkpoint(const std::string& ckpt_dir, Parameters& params, TrainingState& train);
+CheckpointState load_checkpoint(const std::string& ckpt_dir, Parameters& params, TrainingState& train,
+                                bool allow_nonfinite = false);
+// The state.json of a checkpoint alone (validated as load_checkpoint does).
+CheckpointState read_checkpoint_state(const std::string& ckpt_dir);
 
 }  // namespace lmf

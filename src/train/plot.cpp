@@ -79,15 +79,25 @@ std::string plot_metrics(const PlotOptions& o) {
 
   fs::path data = out;
   data.replace_extension(".dat");
+  fs::path script = out;
+  script.replace_extension(".gp");
+  struct Cleanup {  // gnuplot's inputs are temporaries: gone whatever happens
+    fs::path a, b;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove(a, ec);
+      fs::remove(b, ec);
+    }
+  } cleanup{data, script};
   {
     std::ofstream f(data);
     if (!f) fail(data.string(), ": cannot write the plot data");
     write_block(f, s.train_step, s.train_loss);  // index 0
     write_block(f, s.val_step, s.val_loss);      // index 1
     write_block(f, s.tok_step, s.toks);          // index 2
+    f.flush();
+    if (!f) fail(data.string(), ": write failed (disk full?)");
   }
-  fs::path script = out;
-  script.replace_extension(".gp");
   {
     std::ofstream g(script);
     if (!g) fail(script.string(), ": cannot write the gnuplot script");
@@ -100,6 +110,8 @@ std::string plot_metrics(const PlotOptions& o) {
       << "set ylabel 'tokens/s'\nunset key\n"
       << "plot " << quoted(data.string()) << " index 2 with lines lw 2 title 'tokens/s'\n"
       << "unset multiplot\n";
+    g.flush();
+    if (!g) fail(script.string(), ": write failed (disk full?)");
   }
   const std::string cmd = "gnuplot " + quoted(script.string()) + " 2>&1";
   std::FILE* p = popen(cmd.c_str(), "r");
@@ -112,7 +124,7 @@ std::string plot_metrics(const PlotOptions& o) {
     if (said.find("not found") != std::string::npos || WEXITSTATUS(rc) == 127)
       fail("plot: gnuplot is not installed (Debian: apt-get install gnuplot-nox)");
     for (char& c : said) if (c == '\n') c = ' ';
-    fail("plot: gnuplot failed on ", script.string(), ": ", said);
+    fail("plot: gnuplot failed: ", said);
   }
   if (!fs::exists(out) || fs::file_size(out) == 0) fail("plot: gnuplot wrote no image to ", out.string());
   return out.string();

@@ -3,10 +3,14 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <ctime>
+#include <type_traits>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
@@ -44,6 +48,21 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
+// 42s, 3m05s, 1h02m
+std::string duration_text(double s) {
+  const long long t = std::llround(std::max(0.0, s));
+  char buf[32];
+  if (t < 60) std::snprintf(buf, sizeof(buf), "%llds", t);
+  else if (t < 3600) std::snprintf(buf, sizeof(buf), "%lldm%02llds", t / 60, t % 60);
+  else std::snprintf(buf, sizeof(buf), "%lldh%02lldm", t / 3600, (t % 3600) / 60);
+  return buf;
+}
+
+// Wall-clock seconds since the Unix epoch (metrics.jsonl's "time").
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 std::string human_count(int64_t n) {
   if (n >= 1000000) return fmt("%.2fM", n / 1e6);
   if (n >= 1000) return fmt("%.2fK", n / 1e3);
@@ -60,12 +79,110 @@ std::vector<uint16_t> bundled_tokens(bool val) {
 
 }  // namespace
 
+namespace {
+std::vector<std::string> absolute_paths(const std::vector<std::string>& paths) {
+  std::vector<std::string> out;
+  for (const std::string& p : paths) out.push_back(p.empty() ? p : fs::absolute(p).lexically_normal().string());
+  return out;
+}
+}  // namespace
+
 std::string TrainOptions::to_json() const {
-  json j = {{"config", config_path}, {"preset", preset}, {"data", data}, {"val_data", val_data},
+  json j = {{"config", config_path.empty() ? config_path : fs::absolute(config_path).lexically_normal().string()},
+            {"preset", preset}, {"data", absolute_paths(data)}, {"val_data", absolute_paths(val_data)},
             {"batch_size", batch_size}, {"seq_len", seq_len}, {"grad_accum", grad_accum}, {"steps", steps},
             {"lr", lr}, {"min_lr", min_lr}, {"warmup", warmup}, {"weight_decay", weight_decay},
-            {"grad_clip", grad_clip}, {"seed", seed}};
+            {"grad_clip", grad_clip}, {"seed", seed}, {"log_every", log_every}, {"eval_every", eval_every},
+            {"eval_batches", eval_batches}, {"checkpoint_every", checkpoint_every}, {"keep_last", keep_last},
+            {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
+            {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
+            {"tune", gemm_tune}};
   return j.dump();
+}
+
+std::vector<std::string> TrainOptions::apply_json(const std::string& text, const std::vector<std::string>& skip) {
+  const json j = json::parse(text);
+  std::vector<std::string> set;
+  auto take = [&](const char* key, auto& field) {
+    if (!j.contains(key) || std::find(skip.begin(), skip.end(), key) != skip.end()) return;
+    try {
+      field = j.at(key).get<std::remove_reference_t<decltype(field)>>();
+    } catch (const json::exception&) {
+      fail("state.json option '", key, "' has the wrong type: ", j.at(key).dump());
+    }
+    set.push_back(key);
+  };
+  take("config", config_path);
+  take("preset", preset);
+  take("data", data);
+  take("val_data", val_data);
+  take("batch_size", batch_size);
+  take("seq_len", seq_len);
+  take("grad_accum", grad_accum);
+  take("steps", steps);
+  take("lr", lr);
+  take("min_lr", min_lr);
+  take("warmup", warmup);
+  take("weight_decay", weight_decay);
+  take("grad_clip", grad_clip);
+  take("seed", seed);
+  take("log_every", log_every);
+  take("eval_every", eval_every);
+  take("eval_batches", eval_batches);
+  take("checkpoint_every", checkpoint_every);
+  take("keep_last", keep_last);
+  take("out_dir", out_dir);
+  take("device", device);
+  take("precision", precision);
+  take("attention", attention);
+  take("cuda_graph", cuda_graph);
+  take("tune", gemm_tune);
+  return set;
+}
+
+namespace {
+// The run directory of a checkpoint directory: <run>/checkpoints/step_N -> <run>; "" when it is not
+// inside one.
+std::string run_dir_of(const std::string& ckpt_dir) {
+  const fs::path p = fs::absolute(ckpt_dir).lexically_normal();
+  const fs::path parent = (p.filename().empty() ? p.parent_path() : p).parent_path();
+  return parent.filename() == "checkpoints" ? parent.parent_path().string() : std::string();
+}
+
+bool same_dir(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  if (a.empty() || b.empty()) return false;
+  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
+  return fs::absolute(a).lexically_normal() == fs::absolute(b).lexically_normal();
+}
+
+// Keys whose change alters what a resumed run computes.
+const char* const kMeaningKeys[] = {"data", "val_data", "batch_size", "seq_len", "grad_accum", "lr", "min_lr",
+                                    "warmup", "weight_decay", "grad_clip", "seed"};
+}  // namespace
+
+std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<std::string>& given) {
+  if (o.resume.empty()) return {};
+  const std::string dir = resolve_checkpoint(o.resume);
+  const CheckpointState st = read_checkpoint_state(dir);
+  std::vector<std::string> skip = given;
+  skip.push_back("out_dir");  // below
+  skip.push_back("config");   // the model comes from the checkpoint itself
+  skip.push_back("preset");
+  std::vector<std::string> restored;
+  if (!st.options_json.empty()) restored = o.apply_json(st.options_json, skip);
+  if (std::find(given.begin(), given.end(), "out_dir") == given.end()) {
+    std::string run = run_dir_of(dir);
+    if (run.empty() && !st.options_json.empty()) {
+      const json j = json::parse(st.options_json);
+      if (j.contains("out_dir") && j.at("out_dir").is_string()) run = j.at("out_dir").get<std::string>();
+    }
+    if (!run.empty()) {
+      o.out_dir = run;
+      restored.push_back("out_dir");
+    }
+  }
+  return restored;
 }
 
 void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const TrainOptions& o, double lr,
@@ -141,10 +258,20 @@ double lr_at_step(const TrainOptions& o, int64_t s) {
 
 namespace {
 
+// Range limits of the trainer's own sizes: every buffer sized from them stays far from overflow
+// (step_losses holds one float per step).
+constexpr int64_t kMaxSteps = 10'000'000;
+constexpr int64_t kMaxBatch = 1 << 20;
+
 // The options the trainer itself uses (the plan's flags are checked by plan_from_flags).
 void validate_options(const TrainOptions& o) {
   if (o.grad_accum < 1) fail("--grad-accum=", o.grad_accum, " must be >= 1");
-  if (o.steps < 1) fail("--steps=", o.steps, " must be >= 1");
+  if (o.steps < 1 || o.steps > kMaxSteps) fail("--steps=", o.steps, " must be in [1, ", kMaxSteps, "]");
+  if (o.batch_size < 1 || o.batch_size > kMaxBatch) fail("--batch-size=", o.batch_size, " must be in [1, ", kMaxBatch, "]");
+  if (o.grad_accum > kMaxBatch) fail("--grad-accum=", o.grad_accum, " must be <= ", kMaxBatch);
+  if (o.seq_len < 0) fail("--seq-len=", o.seq_len, " must be >= 0 (0 = context_length)");
+  if (o.keep_last < 0) fail("--keep-last=", o.keep_last, " must be >= 0 (0 = keep every checkpoint)");
+  if (o.eval_batches > kMaxBatch) fail("--eval-batches=", o.eval_batches, " must be <= ", kMaxBatch);
   if (!(o.lr > 0) || !std::isfinite(o.lr)) fail("--lr=", o.lr, " must be a finite number > 0");
   if (o.min_lr != -1.0f && !(o.min_lr >= 0 && std::isfinite(o.min_lr)))
     fail("--min-lr=", o.min_lr, " must be a finite number >= 0");
@@ -160,7 +287,9 @@ void validate_options(const TrainOptions& o) {
   if (o.eval_every < 0) fail("--eval-every=", o.eval_every, " must be >= 0");
   if (o.checkpoint_every < 0) fail("--checkpoint-every=", o.checkpoint_every, " must be >= 0");
   if (o.profile_steps < 1) fail("--profile-steps=", o.profile_steps, " must be >= 1");
-  if (o.profile_warmup < 0) fail("--profile-warmup=", o.profile_warmup, " must be >= 0");
+  if (o.profile_warmup < 0 || o.profile_warmup > kMaxSteps)
+    fail("--profile-warmup=", o.profile_warmup, " must be in [0, ", kMaxSteps, "]");
+  if (o.profile_steps > kMaxSteps) fail("--profile-steps=", o.profile_steps, " must be <= ", kMaxSteps);
   if (o.cuda_graph != "auto" && o.cuda_graph != "on" && o.cuda_graph != "off")
     fail("--cuda-graph=", o.cuda_graph, " must be auto, on or off");
   if (o.gemm_tune != "on" && o.gemm_tune != "off") fail("--tune=", o.gemm_tune, " must be on or off");
@@ -184,9 +313,27 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
   const std::string resume_dir = o_.resume.empty() ? std::string() : resolve_checkpoint(o_.resume);
   cfg_ = resolve_config(o_, resume_dir);
+  // --data X_train.bin without --val-data: X_val.bin beside it (lmforge prepare writes both)
+  if (o_.val_data.empty() && !o_.data.empty()) {
+    std::vector<std::string> found;
+    const std::string suffix = "_train.bin";
+    for (const std::string& d : o_.data) {
+      if (d.size() <= suffix.size() || d.compare(d.size() - suffix.size(), suffix.size(), suffix) != 0) break;
+      const std::string v = d.substr(0, d.size() - suffix.size()) + "_val.bin";
+      std::error_code ec;
+      if (!fs::is_regular_file(v, ec)) break;
+      found.push_back(v);
+    }
+    if (found.size() == o_.data.size()) {
+      o_.val_data = found;
+      val_found_beside_ = true;
+    }
+  }
 
   // --- plan and model: every flag of the plan is parsed and checked by plan_from_flags ----------
   const int64_t T = o_.seq_len == 0 ? cfg_.context_length : o_.seq_len;
+  if (o_.batch_size > INT32_MAX / std::max<int64_t>(T, 1))
+    fail("--batch-size=", o_.batch_size, " x --seq-len=", T, " tokens per micro-batch exceed ", INT32_MAX);
   const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
   device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
@@ -201,13 +348,31 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
 
   // --- weights: checkpoint or fresh --------------------------------------------------------------
   if (!resume_dir.empty()) {
-    CheckpointState st = load_checkpoint(resume_dir, gpt_->params, *gpt_->state);
+    CheckpointState st = load_checkpoint(resume_dir, gpt_->params, *gpt_->state, o_.allow_nonfinite);
+    // a flag that changes what the run computes is refused unless --allow-change (one rule, here)
+    if (!st.options_json.empty() && !o_.allow_change) {
+      const json was = json::parse(st.options_json), now = json::parse(o_.to_json());
+      for (const char* key : kMeaningKeys) {
+        if (!was.contains(key) || was.at(key) == now.at(key)) continue;
+        std::string flag = std::string("--") + key;
+        std::replace(flag.begin(), flag.end(), '_', '-');
+        fail(flag, "=", now.at(key).dump(), " differs from the run being resumed (", was.at(key).dump(), " in ",
+             (fs::path(resume_dir) / "state.json").string(), "); pass --allow-change to change it");
+      }
+    }
     step_ = first_step_ = st.step;
     train_->set_position(st.data_position);
-    if (st.seed != o_.seed) fail("--seed=", o_.seed, " differs from the checkpoint's seed ", st.seed, " (", resume_dir, ")");
-    if (step_ >= o_.steps) fail("--steps=", o_.steps, " but checkpoint ", resume_dir, " is already at step ", step_);
+    if (st.seed != o_.seed && !o_.allow_change)
+      fail("--seed=", o_.seed, " differs from the checkpoint's seed ", st.seed, " (", resume_dir, ")");
+    if (step_ >= o_.steps)
+      fail("checkpoint ", resume_dir, " is at step ", step_, ", the run's last (--steps=", o_.steps,
+           "); pass --steps N with N > ", step_, " to continue it");
   } else {
     gpt_->params.init_gpt2(o_.seed, cfg_.n_layer, cfg_.vocab_size);
+  }
+  {  // the guard counts steps from the first this Trainer runs
+    const int32_t g[2] = {static_cast<int32_t>(first_step_), 0};
+    tensor_from_host(guard_, g);
   }
   if (o_.profile && first_step_ + o_.profile_warmup >= o_.steps)
     fail("--profile: --steps=", o_.steps, " leaves no step after the ", o_.profile_warmup, " warm-up steps from step ",
@@ -224,11 +389,80 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   }
 
   // --- only now touch the output directory --------------------------------------------------
-  fs::create_directories(o_.out_dir);
+  prepare_out_dir(resume_dir);
   fs::path mpath = fs::path(o_.out_dir) / "metrics.jsonl";
-  metrics_.open(mpath, resume_dir.empty() ? std::ios::trunc : std::ios::app);
+  metrics_.open(mpath, std::ios::app);
   if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
   log_setup(T, resume_dir);
+}
+
+// The out-dir for this run, under its lock: a new run never replaces another one's files unless
+// --overwrite; a resumed run's later records and checkpoints (a continuation it abandons) move aside;
+// leftovers of interrupted saves go.
+void Trainer::prepare_out_dir(const std::string& resume_dir) {
+  fs::create_directories(o_.out_dir);
+  lock_ = DirLock(o_.out_dir);
+  const fs::path out(o_.out_dir);
+  const bool same_run = !resume_dir.empty() && same_dir(run_dir_of(resume_dir), o_.out_dir);
+  std::error_code ec;
+  const bool has_run = fs::exists(out / "metrics.jsonl", ec) || fs::exists(out / "checkpoints", ec);
+  if (has_run && !same_run) {
+    if (!o_.overwrite)
+      fail(o_.out_dir, ": out-dir already holds a run (metrics.jsonl, checkpoints/); continue it with --resume ",
+           o_.out_dir, ", choose another --out-dir, or pass --overwrite to replace it");
+    for (const char* f : {"metrics.jsonl", "checkpoints", "trace.json"}) fs::remove_all(out / f);
+    log_ << "out-dir " << o_.out_dir << ": replaced the previous run (--overwrite)\n";
+  }
+  lock_.write_pid();
+  const int cleaned = clean_interrupted_saves(o_.out_dir);
+  if (cleaned > 0) log_ << "out-dir " << o_.out_dir << ": removed " << cleaned << " leftovers of interrupted saves\n";
+  if (same_run) move_aside_after(first_step_, resume_dir);
+}
+
+void Trainer::move_aside_after(int64_t step, const std::string& resume_dir) {
+  const fs::path out(o_.out_dir), mpath = out / "metrics.jsonl";
+  std::string kept, later;
+  std::error_code ec;
+  if (fs::exists(mpath, ec)) {
+    std::istringstream in(read_file(mpath.string(), "metrics file"));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      int64_t s = -1;
+      try {
+        const json j = json::parse(line);
+        if (j.contains("step") && j.at("step").is_number_integer()) s = j.at("step").get<int64_t>();
+      } catch (const json::exception&) {
+        s = -1;  // a torn last line: kept, as it was
+      }
+      (s > step ? later : kept) += line + "\n";
+    }
+  }
+  std::vector<std::string> ckpts;
+  for (const std::string& c : list_checkpoints(o_.out_dir))
+    if (checkpoint_step(c) > step) ckpts.push_back(c);
+  if (later.empty() && ckpts.empty()) return;
+  char stamp[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", std::gmtime(&now));
+  fs::path aside = out / "superseded" / (std::string("after-step-") + std::to_string(step) + "-" + stamp);
+  for (int n = 2; fs::exists(aside, ec); ++n)
+    aside = out / "superseded" / (std::string("after-step-") + std::to_string(step) + "-" + stamp + "-" + std::to_string(n));
+  fs::create_directories(aside / "checkpoints");
+  if (!later.empty()) {
+    write_file_atomic((aside / "metrics.jsonl").string(), later);
+    write_file_atomic(mpath.string(), kept);
+  }
+  const fs::path root = out / "checkpoints";
+  if (!ckpts.empty()) {
+    // `latest` first points at the resumed checkpoint, so it never names a moved one
+    write_file_atomic((root / "latest").string(), fs::path(resume_dir).lexically_normal().filename().string() + "\n");
+    for (const std::string& c : ckpts) rename_path((root / c).string(), (aside / "checkpoints" / c).string());
+    fsync_dir(root.string());
+  }
+  log_ << "out-dir " << o_.out_dir << ": resuming at step " << step << " moved what came after it ("
+       << std::count(later.begin(), later.end(), '\n') << " metrics records, " << ckpts.size() << " checkpoints) to "
+       << aside.string() << "\n";
 }
 
 // The batch on the host and on the model's device, the grad norm, the graph mode's slots, the losses.
@@ -242,9 +476,11 @@ void Trainer::plan_buffers(int64_t T) {
                            {"cur_loss", {1}, DType::f32}}, device_);
   tokens_host_ = batch_host_.get("tokens");
   targets_host_ = batch_host_.get("targets");
-  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}}, device_);
+  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}, {"guard", {2}, DType::i32}},
+                 device_);
   step_losses_ = stats_.get("step_losses");
   eval_loss_ = stats_.get("eval_loss");
+  guard_ = stats_.get("guard");
   tokens_ = batch_.get("tokens");
   targets_ = batch_.get("targets");
   norm_ = batch_.get("grad_norm");
@@ -301,7 +537,8 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
        << " act=" << (cfg_.activation == ActivationKind::gelu ? "gelu" : "swiglu")
        << " pos=" << (cfg_.positions == PositionKind::learned ? "learned" : "rope") << "\n";
   log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_tokens()))
-       << " tokens) val=" << (val_ ? val_->description() : std::string("none")) << "\n";
+       << " tokens) val=" << (val_ ? val_->description() : std::string("none"))
+       << (val_found_beside_ ? " (found beside the training shards)" : "") << "\n";
   log_ << "batch B=" << o_.batch_size << " T=" << T << " grad_accum=" << o_.grad_accum
        << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
        << " MiB\n";
@@ -377,6 +614,7 @@ void Trainer::finish_step() {
   {
     ProfileScope scope(prof_, "grad norm + AdamW");
     optimizer_step(gpt_->params, *gpt_->state, norm_, o_, lr_at_step(o_, step_), step_ + 1);
+    nonfinite_guard(guard_, step_losses_.rows(step_, step_ + 1), norm_);
   }
   step_++;
 }
@@ -392,14 +630,17 @@ void Trainer::step_once() {
   if (use_graph_ && !force_eager_) {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
+    auto body = [&] {
+      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);
+      nonfinite_guard(guard_, cur_loss_, norm_);
+    };
     if (!graph_ && eager_graph_steps_ == 0) {
-      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);  // warm-up, eagerly: GEMM
-      // plans and every launch's attributes settle outside the capture
+      body();  // warm-up, eagerly: GEMM plans and every launch's attributes settle outside the capture
       ++eager_graph_steps_;
     } else {
       if (!graph_) {
         cuda_capture_begin();
-        train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);
+        body();
         graph_ = cuda_capture_end();
       }
       cuda_graph_replay(graph_);
@@ -461,13 +702,25 @@ double Trainer::evaluate() {
 }
 
 std::string Trainer::save() {
+  check_guard();  // never a checkpoint from a diverged state
   CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
-  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st);
+  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st, o_.keep_last);
+}
+
+void Trainer::check_guard() {
+  int32_t g[2] = {0, 0};
+  tensor_to_host(g, guard_);
+  if (g[1] != 0)
+    fail("step ", g[1], ": the loss or the gradient norm is not finite (the run diverged; try a lower --lr); "
+         "stopped, no checkpoint written from step ", g[1], " on");
 }
 
 void Trainer::write_metric(const std::string& line) {
+  const std::string path = (fs::path(o_.out_dir) / "metrics.jsonl").string();
+  fault_point(path.c_str());
   metrics_ << line << "\n";
   metrics_.flush();
+  if (!metrics_) fail(path, ": write failed (disk full?); the run stops rather than lose its metrics");
 }
 
 void Trainer::log_step(double loss, double step_ms, int64_t steps) {
@@ -482,11 +735,16 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
   loss = pred + moe.aux;
   log_ << "step=" << step_ << " loss=" << fmt("%.4f", loss);
   if (cfg_.moe.experts > 0) log_ << " pred=" << fmt("%.4f", pred) << " aux=" << fmt("%.4f", moe.aux);
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  const double eta = step_ > first_step_ ? elapsed / static_cast<double>(step_ - first_step_) *
+                                               static_cast<double>(o_.steps - step_) : 0.0;
   log_ << " lr=" << fmt("%.2e", lr)
        << " toks/s=" << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
-       << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops);
+       << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops)
+       << " elapsed=" << duration_text(elapsed) << " eta=" << duration_text(eta);
   json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},
-            {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_}};
+            {"grad_norm", last_grad_norm()}, {"tflops", tflops}, {"tokens", tokens_per_step_ * step_},
+            {"time", unix_time()}, {"elapsed_s", elapsed}, {"eta_s", eta}};
   if (cfg_.moe.experts > 0) {
     // per-expert load: the least and most loaded expert's share of the routed assignments (ideal 1/E)
     const double drop_frac = moe.assignments > 0 ? static_cast<double>(moe.dropped) / moe.assignments : 0.0;
@@ -556,13 +814,18 @@ void Trainer::write_profile(const OpProfiler& prof, double step_ms) {
 void Trainer::run() {
   using clock = std::chrono::steady_clock;
   const bool tty = o_.progress && ::isatty(STDERR_FILENO);
+  run_start_ = clock::now();
   auto do_eval = [&]() {
-    double vl = evaluate();
-    if (std::isnan(vl)) return;
+    if (!val_) return;
+    const double vl = evaluate();
+    if (!std::isfinite(vl)) {
+      check_guard();  // a diverged training step is the likelier cause: name it
+      fail("step ", step_, ": validation loss is ", vl, " (the run diverged; try a lower --lr)");
+    }
     if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
     log_ << "step=" << step_ << " val_loss=" << fmt("%.4f", vl) << "\n";
     log_.flush();
-    write_metric(json({{"step", step_}, {"val_loss", vl}}).dump());
+    write_metric(json({{"step", step_}, {"val_loss", vl}, {"time", unix_time()}}).dump());
   };
   if (step_ == 0) do_eval();  // the starting point of the validation curve
   // Step time is measured over each log interval: reading the loss at the interval's end waits
@@ -609,7 +872,7 @@ void Trainer::run() {
       const double loss = step_loss(step_ - 1);
       const double ms =
           std::chrono::duration<double, std::milli>(clock::now() - t_interval).count() / steps_in_interval;
-      if (!std::isfinite(loss)) fail("step ", step_, ": loss is ", loss, " (diverged); try a lower --lr");
+      check_guard();
       log_step(loss, ms, steps_in_interval);
       t_interval = clock::now();
       steps_in_interval = 0;
@@ -645,6 +908,7 @@ void Trainer::run() {
     }
   }
   if (progress_line_) std::fprintf(stderr, "\r\033[K");
+  check_guard();
 }
 
 }  // namespace lmf

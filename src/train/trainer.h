@@ -7,6 +7,7 @@
 // nothing. run() adds logging, evaluation and checkpoints at their intervals.
 #pragma once
 #include <cstdint>
+#include <chrono>
 #include <fstream>
 #include <memory>
 #include <ostream>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "core/arena.h"
+#include "core/fsutil.h"
 #include "data/loader.h"
 #include "model/gpt.h"
 
@@ -39,8 +41,12 @@ struct TrainOptions {
   int64_t eval_every = 0;           // 0 = only at the end
   int64_t eval_batches = 10;
   int64_t checkpoint_every = 0;     // 0 = only at the end
+  int64_t keep_last = 0;            // --keep-last: checkpoints kept in out_dir (0 = all)
   std::string out_dir = "out";
   std::string resume;               // checkpoint dir or out-dir
+  bool overwrite = false;           // --overwrite: a new run may replace the run already in out_dir
+  bool allow_change = false;        // --allow-change: on resume, the run's data/batch/optimizer may change
+  bool allow_nonfinite = false;     // --allow-nonfinite: resume from a checkpoint holding NaN/Inf
   bool save_final_checkpoint = true;
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
@@ -60,8 +66,18 @@ struct TrainOptions {
   int64_t profile_warmup = 2;
   std::string profile_out;
 
+  // The run's settings as state.json records them (data paths absolute): every key below is a flag
+  // of `lmforge train` with '-' as '_' ("batch_size" is --batch-size; "tune" is --tune).
   std::string to_json() const;
+  // Sets every key present in `json` except those in `skip`; returns the keys set.
+  std::vector<std::string> apply_json(const std::string& json, const std::vector<std::string>& skip);
 };
+
+// --resume: every setting the user did not give (`given`: to_json() keys of the flags on the command
+// line) comes from the resumed checkpoint's state.json, and out_dir defaults to the run directory
+// that holds the checkpoint. Returns the keys restored (the CLI logs them). The Trainer then refuses
+// a given flag that changes the run's meaning unless allow_change.
+std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<std::string>& given);
 
 // Global-norm clipping + AdamW over every parameter (weight decay on 2-D parameters only), as one
 // optimizer step number `step` (1-based) at learning rate `lr`; bf16 plans' weight copy is rewritten
@@ -137,6 +153,9 @@ class Trainer {
   void write_metric(const std::string& json_line);
   void stage_from(DataLoader& loader, bool with_schedule = false);
   void write_profile(const class OpProfiler& prof, double step_ms);
+  void check_guard();  // throws naming the first step whose loss or gradient norm was not finite
+  void prepare_out_dir(const std::string& resume_dir);
+  void move_aside_after(int64_t step, const std::string& resume_dir);
 
 
   TrainOptions o_;
@@ -148,8 +167,11 @@ class Trainer {
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
   Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
   Tensor tokens_host_, targets_host_, tokens_, targets_, norm_;
-  Arena stats_;  // on the model's device: step_losses (steps), eval_loss (1)
-  Tensor step_losses_, eval_loss_;
+  Arena stats_;  // on the model's device: step_losses (steps), eval_loss (1), guard (2) i32
+  Tensor step_losses_, eval_loss_, guard_;
+  DirLock lock_;  // the out-dir's lock, held for the Trainer's life
+  bool val_found_beside_ = false;  // val_data: the _val.bin shards beside the _train.bin ones
+  std::chrono::steady_clock::time_point run_start_;
   void* staging_[2] = {nullptr, nullptr};  // pinned (GPU runs): tokens then targets, (2, B, T) i32
   std::vector<void*> staging_events_;
   bool staging_used_[2] = {false, false};
