@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Builds lmforge with its tests and runs them all through CTest (CPU only).
+# Builds lmforge with its tests and runs them all through CTest. On a machine without a GPU the CUDA
+# tests skip themselves; the list CTest prints of them is folded into the one-line summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
 cd build
-ctest --output-on-failure --timeout 900 -j2 "$@"
+log=$(mktemp)
+set +e
+ctest --output-on-failure --timeout 900 -j2 "$@" 2>&1 | tee "$log" |
+  awk '/^The following tests did not run:/ {skip = 1; next} skip && /^\t/ {next} {skip = 0; print}'
+rc=${PIPESTATUS[0]}
+set -e
+skipped=$(awk '/^The following tests did not run:/ {on = 1; next} on && /^\t/ {n++} on && !/^\t/ {on = 0} END {print n + 0}' "$log")
+gpu_skipped=$(awk '/^The following tests did not run:/ {on = 1; next} on && /^\t/ && /Cuda|GPU|Gpu/ {n++} on && !/^\t/ {on = 0} END {print n + 0}' "$log")
+passed=$(grep -oE '[0-9]+% tests passed, [0-9]+ tests failed out of [0-9]+' "$log" | tail -1)
+if grep -qE '^CMAKE_CUDA_COMPILER:[A-Z]+=/' CMakeCache.txt; then
+  why=$(command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo "see the log above" ||
+        echo "no GPU on this machine; tools/gpu_check.sh runs them on one")
+else
+  why="built without CUDA"
+fi
+echo "summary: ${passed:-no CTest summary}; $skipped skipped ($gpu_skipped GPU tests: $why)"
+rm -f "$log"
+exit "$rc"

@@ -332,5 +332,26 @@ TEST(CudaOptim, CastToBf16RoundsToNearestEven) {
   }
 }
 
+// The non-finite guard: the same counter and first-bad-step record as the CPU op, over a sequence of
+// finite and non-finite losses and norms (NaN, +Inf, -Inf), on the device without a host sync.
+TEST(CudaOptim, NonFiniteGuardMatchesCpu) {
+  LMF_REQUIRE_GPU();
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<std::pair<float, float>> steps = {{2.5f, 1.0f}, {3.0f, 0.5f}, {nan, 1.0f}, {1.0f, inf},
+                                                      {1.0f, 1.0f}, {-inf, 2.0f}};
+  std::vector<int32_t> cpu = {7, 0};
+  DeviceBuffer guard(std::vector<int32_t>{7, 0}), loss(4), norm(4);
+  for (const auto& [l, n] : steps) {
+    std::vector<float> hl = {l}, hn = {n};
+    nonfinite_guard(tensor_of(cpu, {2}, "guard"), tensor_of(hl, {1}, "loss"), tensor_of(hn, {1}, "norm"));
+    loss.upload(hl);
+    norm.upload(hn);
+    nonfinite_guard(guard.tensor(DType::i32, {2}, "guard"), loss.tensor(DType::f32, {1}, "loss"),
+                    norm.tensor(DType::f32, {1}, "norm"));
+    EXPECT_EQ(guard.download<int32_t>(), cpu);
+  }
+  EXPECT_EQ(cpu, (std::vector<int32_t>{13, 10})) << "six steps counted from 7; the third (step 10) was the first bad";
+}
+
 }  // namespace
 }  // namespace lmf

@@ -20,6 +20,7 @@
 #include "ops/op_plans.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
+#include "train/checkpoint.h"
 #include "train/trainer.h"
 
 namespace lmf {
@@ -409,6 +410,35 @@ TEST_P(CudaTrainingPrecision, GraphModeMatchesEagerBitwiseWithOneLaunchPerStep) 
   EXPECT_EQ(ve, vg3);
   std::printf("[ measured ] %s graph mode: 10 steps, %llu launches, losses and weights bitwise equal to eager\n",
               GetParam(), static_cast<unsigned long long>(launches));
+  fs::remove_all(d);
+}
+
+// A diverging run stops at its first non-finite step, read from the guard inside the step: the same
+// step with and without the CUDA graph, and no checkpoint written from it on.
+TEST_P(CudaTrainingPrecision, ADivergedRunStopsAtTheSameFirstNonFiniteStepWithAndWithoutGraphs) {
+  LMF_REQUIRE_GPU();
+  std::string d = test::make_temp_dir("gpu_diverge");
+  std::string said[2];
+  for (int g = 0; g < 2; ++g) {
+    TrainOptions o = run_opts(d + (g ? "/graph" : "/eager"), "cuda", 40, GetParam());
+    o.lr = 1e6f;
+    o.warmup = 0;
+    o.log_every = 10;
+    o.checkpoint_every = 1;
+    o.cuda_graph = g ? "on" : "off";
+    std::ostringstream log;
+    Trainer t(o, log);
+    try {
+      t.run();
+    } catch (const Error& e) {
+      said[g] = e.what();
+    }
+    EXPECT_NE(said[g].find("is not finite"), std::string::npos) << o.cuda_graph << ": " << said[g];
+    const int64_t bad = std::atoll(said[g].c_str() + said[g].find("step ") + 5);
+    for (const std::string& c : list_checkpoints(o.out_dir)) EXPECT_LT(checkpoint_step(c), bad) << c;
+  }
+  EXPECT_EQ(said[0], said[1]) << "graph mode named another step than eager mode";
+  std::printf("[ measured ] %s diverged run: %s\n", GetParam(), said[0].c_str());
   fs::remove_all(d);
 }
 

@@ -26,7 +26,8 @@
 #                                 # LMF_HF_BATCH_SIZES (16,32,64), LMF_SERVE_LMF / LMF_SERVE_HF (1; 0 skips that side),
 #                                 # LMF_SERVE_DIR (where workloads and lmforge's results go; default $OUT)
 #   tools/gpu_check.sh refactorbench  # the same builds: lmforge_bench before/after, alternated, GPT-2 and moe-bench
-# LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests).
+# LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests); LMF_EXTRA_TARGETS adds
+# build targets to the modes that build only some (serve, servebench).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
 # LMF_BENCH_B (16) and LMF_BENCH_BIG_B (256; 0 skips) set the GPT-2 batch sizes, LMF_MOE_COMPILE_TIMEOUT
 # (240 s) bounds the torch.compile MoE run.
@@ -81,6 +82,7 @@ fi
 targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding"
+[ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
 fi

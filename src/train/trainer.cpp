@@ -428,12 +428,11 @@ void Trainer::move_aside_after(int64_t step, const std::string& resume_dir) {
     std::string line;
     while (std::getline(in, line)) {
       if (line.empty()) continue;
-      int64_t s = -1;
+      int64_t s = INT64_MAX;  // a line that does not parse (a write torn by a crash) goes aside too
       try {
         const json j = json::parse(line);
         if (j.contains("step") && j.at("step").is_number_integer()) s = j.at("step").get<int64_t>();
       } catch (const json::exception&) {
-        s = -1;  // a torn last line: kept, as it was
       }
       (s > step ? later : kept) += line + "\n";
     }
