@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what lmforge needs to build and test on a Debian machine. Used by the README and .ci/run.
+#   scripts/install_deps.sh        # everything: build, tests (GoogleTest, OpenAI's client), cuDNN frontend
+#   scripts/install_deps.sh demo   # only what the demo needs: build the lmforge binary, plot
 set -euo pipefail
-pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libcpp-httplib-dev curl
-      python3 python3-venv gnuplot-nox)
+what=${1:-all}
+pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libcpp-httplib-dev gnuplot-nox)
+[ "$what" = demo ] || pkgs+=(libgtest-dev curl python3 python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -11,6 +14,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   echo "installed: ${missing[*]}"
 fi
+
+[ "$what" = demo ] && exit 0
 
 # The serving end-to-end tests talk to `lmforge serve` with OpenAI's Python client (PyPI), from a
 # virtual environment in third_party/venv (git-ignored).
