@@ -286,5 +286,19 @@ TEST_F(RunWorkflow, ValidationShardsBesideTheTrainingOnesAreFound) {
                              {"is a directory"}));
 }
 
+TEST_F(RunWorkflow, PlotLeavesOnlyTheImageAndPrintsNothingBeforeAnError) {
+  const std::string run = dir_ + "/run";
+  ASSERT_EQ(run_cli(std::string(kSmall) + "--steps 2 --out-dir " + run, dir_).exit_code, 0);
+  RunResult bad = run_cli("plot --metrics " + run + " --out " + dir_ + "/curves.txt", dir_);
+  EXPECT_TRUE(one_line_error(bad, {"--out", ".svg or .png"}));
+  EXPECT_EQ(bad.out, "") << "plot printed before its error";
+  RunResult ok = run_cli("plot --metrics " + run, dir_);
+  if (ok.err.find("gnuplot is not installed") != std::string::npos) GTEST_SKIP() << "gnuplot is not installed";
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_TRUE(fs::exists(run + "/curves.svg"));
+  EXPECT_FALSE(fs::exists(run + "/curves.dat"));
+  EXPECT_FALSE(fs::exists(run + "/curves.gp"));
+}
+
 }  // namespace
 }  // namespace lmf

@@ -214,6 +214,31 @@ TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {
   EXPECT_EQ(a.at(7).size(), 20u);
 }
 
+// Serving is dropless: an MoE model trained with a capacity factor serves a request the same tokens
+// alone and among others (with the capacity, a busy batch would drop some of its assignments).
+TEST(Engine, MoeWithACapacityFactorServesTheSameTokensInAnyBatch) {
+  ModelConfig c = serving_config("test-moe");
+  c.moe.capacity_factor = 1.0f;
+  auto weights = random_weights(c, 5);
+  const std::vector<int32_t> prompt = test::randint(11, 2, static_cast<int32_t>(c.vocab_size));
+  RequestParams rp;
+  rp.sample.temperature = 0;
+  rp.max_tokens = 16;
+  EngineOptions o;
+  o.max_seqs = 8;
+  o.max_prefill_tokens = 32;
+  Engine alone(c, *weights, o);
+  alone.add(7, prompt, rp);
+  const auto a = drain(alone);
+  Engine busy(c, *weights, o);
+  for (int i = 0; i < 7; ++i) {
+    busy.add(100 + i, test::randint(static_cast<size_t>(5 + 3 * i), 70 + static_cast<uint64_t>(i), static_cast<int32_t>(c.vocab_size)), rp);
+    if (i == 3) busy.add(7, prompt, rp);
+  }
+  const auto b = drain(busy);
+  EXPECT_EQ(a.at(7), b.at(7));
+}
+
 TEST(Engine, StopTokensAndRefusals) {
   const ModelConfig c = serving_config("test-gpt2");
   auto weights = random_weights(c, 8);

@@ -166,6 +166,9 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
             "Model: paged attention is the serving plans' (and theirs only)");
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
   moe_cfg_ = model_moe_config(cfg_);
+  // Serving is dropless: with a capacity, whether a token reaches its experts would depend on what
+  // else is in the batch (the capacity factor is a training-time load-balancing device).
+  if (plan_.serve) moe_cfg_.capacity_factor = 0;
   flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
   const OpPlansScope plans(op_plans_);  // cuDNN's attention plans are built at set-up, into this model's
   plan_activations();
