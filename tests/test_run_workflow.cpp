@@ -158,6 +158,8 @@ TEST_F(RunWorkflow, AResumeThatChangesTheRunIsRefusedUnlessAllowed) {
   EXPECT_TRUE(one_line_error(run_cli("train --resume " + run + " --steps 4 --data " + dir_ + "/other.bin", dir_),
                              {"--data=", "differs from the run being resumed"}));
   EXPECT_TRUE(one_line_error(run_cli("train --resume " + run, dir_), {"step_000002", "--steps N"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --resume " + run + " --steps 4 --preset test-llama", dir_),
+                             {"--preset test-llama", "differs from the model"}));
   EXPECT_EQ(snapshot(run), before);
   RunResult r = run_cli("train --resume " + run + " --steps 4 -B 3 --allow-change", dir_);
   EXPECT_EQ(r.exit_code, 0) << r.err;

@@ -165,6 +165,10 @@ std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<
   if (o.resume.empty()) return {};
   const std::string dir = resolve_checkpoint(o.resume);
   const CheckpointState st = read_checkpoint_state(dir);
+  // the model is the checkpoint's: a --preset that names another one is an error, not ignored
+  if (std::find(given.begin(), given.end(), "preset") != given.end() &&
+      config_to_json(config_preset(o.preset)) != config_to_json(load_checkpoint_config(dir)))
+    fail("--preset ", o.preset, " differs from the model of checkpoint ", dir, " (a resumed run keeps its model)");
   std::vector<std::string> skip = given;
   skip.push_back("out_dir");  // below
   skip.push_back("config");   // the model comes from the checkpoint itself
