@@ -98,6 +98,24 @@ TEST_F(RunWorkflow, ASecondTrainerOnAnOutDirInUseIsRefusedAndTouchesNothing) {
   EXPECT_EQ(snapshot(dir_ + "/run"), before) << "the refused trainer changed the running one's files";
 }
 
+// Two trainers started together: exactly one runs; the other gets one line (the lock is held, or --
+// when the first has already finished -- the out-dir holds a run), whichever order they reach it in.
+TEST_F(RunWorkflow, TwoTrainersStartedTogetherOnOneOutDir) {
+  const std::string run = dir_ + "/run", bin = test::lmforge_binary();
+  const std::string one = bin + " " + kSmall + "--steps 4 --out-dir " + run;
+  const std::string cmd = "(" + one + " >" + dir_ + "/a.out 2>" + dir_ + "/a.err; echo $? >" + dir_ + "/a.rc) & (" +
+                          one + " >" + dir_ + "/b.out 2>" + dir_ + "/b.err; echo $? >" + dir_ + "/b.rc) & wait";
+  ASSERT_EQ(std::system(("bash -c '" + cmd + "'").c_str()), 0);
+  const int a = std::atoi(read_file(dir_ + "/a.rc").c_str()), b = std::atoi(read_file(dir_ + "/b.rc").c_str());
+  EXPECT_TRUE((a == 0) != (b == 0)) << "exit codes " << a << " and " << b;
+  const std::string err = read_file(dir_ + (a == 0 ? "/b.err" : "/a.err"));
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_TRUE(err.find("in use by another lmforge run") != std::string::npos ||
+              err.find("already holds a run") != std::string::npos) << err;
+  EXPECT_EQ(losses_of(run).size(), 4u) << "the run that ran has all its records, and only those";
+  EXPECT_EQ(latest_of(run), "step_000004");
+}
+
 TEST_F(RunWorkflow, ANewRunIntoAUsedOutDirIsRefusedUnlessOverwrite) {
   const std::string run = dir_ + "/run";
   ASSERT_EQ(run_cli(std::string(kSmall) + "--steps 2 --out-dir " + run, dir_).exit_code, 0);
