@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Crash consistency of a training run's out-dir (issue 24), against the real binary.
 
-    python3 tools/crash_test.py [--binary build/lmforge] [--kills 100] [--seed 1] [--work DIR]
+    python3 tools/crash_test.py [--binary build/lmforge] [--random-kills 100] [--seed 1] [--work DIR]
 
 A reference run (tiny preset, 12 steps, a checkpoint every 2 steps, validation every 4) gives the losses
 and the final weights. Then, each on a fresh out-dir:
   1. a SIGKILL at every fault point of the run (LMF_FAULT=kill@N: every write and every rename of the
-     checkpoints, `latest` and metrics.jsonl), then SIGKILLs at random moments (timeout -s KILL) until
-     --kills kills in all;
+     checkpoints, `latest` and metrics.jsonl), then --random-kills SIGKILLs at random moments
+     (timeout -s KILL after a random delay);
   2. a full disk at every fault point (LMF_FAULT=enospc@N): the run must stop with one error line.
 After each: `latest` (if any) must name a complete checkpoint that loads (lmforge generate), and
 `lmforge train --resume OUT` with no other flag (or the first command with --overwrite when no checkpoint
@@ -97,7 +97,7 @@ def finish_and_compare(binary, out, ref, what):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default="build/lmforge")
-    ap.add_argument("--kills", type=int, default=100)
+    ap.add_argument("--random-kills", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
@@ -136,7 +136,7 @@ def main():
 
     # 1b. kills at random moments
     i = 0
-    while kills < a.kills:
+    while kills < points + a.random_kills:
         i += 1
         out = os.path.join(work, "random_%d" % i)
         shutil.rmtree(out, ignore_errors=True)
