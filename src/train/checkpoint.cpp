@@ -3,10 +3,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "core/check.h"
 #include "core/fsutil.h"
+#include "core/json_util.h"
 #include "train/safetensors.h"
 
 namespace lmf {
@@ -43,6 +45,36 @@ void load_arena(const SafetensorsFile& file, Arena& arena, const std::string& pr
 
 }  // namespace
 
+CheckpointState checkpoint_state_from_json(const std::string& text, const std::string& where) {
+  const json j = json_parse(text, where);
+  if (!j.is_object()) fail(where, ": invalid checkpoint state (not a JSON object)");
+  auto field = [&](const char* key) -> const json& {
+    if (!j.contains(key)) fail(where, ": invalid checkpoint state (no '", key, "')");
+    return j.at(key);
+  };
+  auto bad = [&](const char* key, const json& v, const char* rule) {
+    fail(where, ": invalid checkpoint state ('", key, "' is ", json_excerpt(v), ", must be ", rule, ")");
+  };
+  CheckpointState st;
+  const json& step = field("step");
+  const std::optional<int64_t> s = json_int64(step);
+  if (!s || *s < 0) bad("step", step, "an integer >= 0");
+  st.step = *s;
+  const json& seed = field("seed");
+  const std::optional<uint64_t> sd = json_uint64(seed);
+  if (!sd) bad("seed", seed, "an integer in [0, 2^64)");
+  st.seed = *sd;
+  const json& pos = field("data_position");
+  const std::optional<int64_t> p = json_int64(pos);
+  if (!p || *p < 0) bad("data_position", pos, "an integer in [0, 2^63)");
+  st.data_position = static_cast<uint64_t>(*p);
+  if (j.contains("options")) {
+    if (!j.at("options").is_object()) bad("options", j.at("options"), "an object");
+    st.options_json = j.at("options").dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  return st;
+}
+
 std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
                             TrainingState& train, const CheckpointState& state) {
   fs::path root = fs::path(out_dir) / "checkpoints";
@@ -65,7 +97,7 @@ std::string save_checkpoint(const std::string& out_dir, const ModelConfig& confi
   json st = {{"step", state.step},
              {"seed", state.seed},
              {"data_position", state.data_position},
-             {"options", state.options_json.empty() ? json::object() : json::parse(state.options_json)}};
+             {"options", state.options_json.empty() ? json::object() : json_parse(state.options_json, "training options")}};
   write_file_atomic((tmp_dir / "state.json").string(), st.dump(2) + "\n");
 
   // Move into place. If a checkpoint of this step exists (a rerun), it is replaced only after the
@@ -97,8 +129,10 @@ std::string resolve_checkpoint(const std::string& path) {
   if (fs::exists(p / "model.safetensors")) return p.string();
   fs::path latest = p / "checkpoints" / "latest";
   if (fs::exists(latest)) {
-    std::string name = read_file(latest.string(), "checkpoint pointer");
+    std::string name = read_regular_file(latest.string(), "checkpoint pointer");
     while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    if (name.empty() || name == "." || name == ".." || name.find_first_of("/\\") != std::string::npos)
+      fail(latest.string(), ": '", excerpt(name), "' is not the name of a checkpoint directory");
     fs::path d = p / "checkpoints" / name;
     if (!fs::exists(d / "model.safetensors")) fail(latest.string(), ": points at '", name, "' which has no model.safetensors");
     return d.string();
@@ -110,7 +144,7 @@ std::string resolve_checkpoint(const std::string& path) {
 ModelConfig load_checkpoint_config(const std::string& dir) {
   fs::path f = fs::path(dir) / "config.json";
   if (!fs::exists(f)) fail(f.string(), ": checkpoint has no config.json");
-  return config_from_file(f.string());
+  return config_from_json(read_regular_file(f.string(), "checkpoint config"), f.string());
 }
 
 void load_checkpoint_weights(const std::string& dir, Parameters& params) {
@@ -127,17 +161,7 @@ CheckpointState load_checkpoint(const std::string& dir, Parameters& params, Trai
   if (!fs::exists(of)) fail(of.string(), ": checkpoint has no optimizer state");
   SafetensorsFile opt(of.string());
   fs::path sf = fs::path(dir) / "state.json";
-  std::string text = read_file(sf.string(), "checkpoint state");
-  CheckpointState st;
-  try {
-    json j = json::parse(text);
-    st.step = j.at("step").get<int64_t>();
-    st.seed = j.at("seed").get<uint64_t>();
-    st.data_position = j.at("data_position").get<uint64_t>();
-    if (j.contains("options")) st.options_json = j.at("options").dump();
-  } catch (const json::exception& e) {
-    fail(sf.string(), ": invalid checkpoint state (", e.what(), ")");
-  }
+  const CheckpointState st = checkpoint_state_from_json(read_regular_file(sf.string(), "checkpoint state"), sf.string());
   // optimizer file holds m.* and v.*: every one present with the parameter's shape, nothing else
   std::set<std::string> expected;
   for (size_t i = 0; i < m.size(); ++i) {
