@@ -188,6 +188,21 @@ TEST(ConfigInput, ManyLayersAreRefusedBeforeAnyAllocation) {
   EXPECT_EQ(g.params.master().spec(static_cast<size_t>(i)).name, last);
 }
 
+// The memory check compares what will be allocated: gpt_plan_bytes is exactly the arenas' bytes.
+TEST(ConfigInput, PlannedBytesAreTheAllocatedBytes) {
+  for (const char* preset : {"test-gpt2", "test-llama", "test-moe"})
+    for (bool training : {true, false}) {
+      const ModelConfig c = config_preset(preset);
+      ModelPlan p;
+      p.B = 3;
+      p.T = 7;
+      p.training = training;
+      Gpt g(c, p);
+      const size_t allocated = g.params.bytes() + (g.state ? g.state->bytes() : 0) + g.model.arena_bytes();
+      EXPECT_EQ(gpt_plan_bytes(c, p), allocated) << preset << " training=" << training;
+    }
+}
+
 TEST(ConfigInput, ModelLargerThanMemoryIsOneLineBeforeAllocating) {
   ModelConfig c = config_preset("test-gpt2");
   c.n_layer = ConfigLimits::n_layer;
