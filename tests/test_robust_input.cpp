@@ -225,7 +225,7 @@ TEST(ConfigInput, ModelLargerThanMemoryIsOneLineBeforeAllocating) {
   EXPECT_TRUE(one_line_error([&] { arena_plan_bytes({{"w", {int64_t{1} << 62, 4}}}, "a"); }, {"tensor 'w'", "overflows"}));
 }
 
-TEST(ConfigInput, HugeKvCacheIsAMemoryErrorNotAnOverflow) {
+TEST(ConfigInput, HugeKvCacheAndMaxTokensAreErrorsNotOverflows) {
   const ModelConfig c = config_preset("test-gpt2");
   Parameters params(gpt_param_specs(c), Device::cpu, false);
   EngineOptions o;
@@ -233,7 +233,12 @@ TEST(ConfigInput, HugeKvCacheIsAMemoryErrorNotAnOverflow) {
   o.max_prefill_tokens = 8;
   o.kv_cache_gb = 1e300;  // used to be converted to an integer with undefined behaviour
   EXPECT_TRUE(one_line_error([&] { Engine e(c, params, o); }, {"arena 'kv_cache'", "needs", "is available"}));
+  // a request's max_tokens near 2^63 (found by review, confirmed by the request fuzz target's UBSan)
   o.kv_cache_gb = 0;
+  Engine e(c, params, o);
+  RequestParams rp;
+  rp.max_tokens = INT64_MAX;
+  EXPECT_NE(e.problem({1, 2, 3}, rp).find("exceeds the model's context length"), std::string::npos);
   o.max_prefill_tokens = int64_t{1} << 62;
   EXPECT_TRUE(one_line_error([&] { Engine e(c, params, o); }, {"--max-prefill-tokens="}));
 }

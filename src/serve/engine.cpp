@@ -218,7 +218,7 @@ std::string Engine::problem(const std::vector<int32_t>& prompt, const RequestPar
              std::to_string(cfg_.vocab_size) + ")";
   if (rp.max_tokens < 1) return "max_tokens=" + std::to_string(rp.max_tokens) + " must be >= 1";
   const int64_t n = static_cast<int64_t>(prompt.size());
-  if (n + rp.max_tokens > cfg_.context_length)
+  if (rp.max_tokens > cfg_.context_length - n)  // not n + max_tokens: max_tokens may be near 2^63
     return "the prompt (" + std::to_string(n) + " tokens) plus max_tokens (" + std::to_string(rp.max_tokens) +
            ") exceeds the model's context length of " + std::to_string(cfg_.context_length);
   if (pool_->blocks_for(n + rp.max_tokens) > pool_->total())
