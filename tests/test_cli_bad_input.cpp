@@ -1,6 +1,7 @@
 // Bad input through the real binary: each case must give exactly one line on stderr that names
 // the thing and the problem, a non-zero exit, and leave every existing checkpoint file unchanged.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <filesystem>
@@ -142,6 +143,34 @@ TEST_F(BadInput, ConfigWithUnknownFieldAndInvalidJson) {
   std::ofstream(dir_ + "/broken.json") << R"({"vocab_size": 256,)";
   EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/broken.json --out-dir " + dir_ + "/run", dir_),
                              {"broken.json", "invalid JSON"}));
+}
+
+// Issue 24's hostile inputs through the binary: one line each, nothing written.
+TEST_F(BadInput, HostileFilesGiveOneLine) {
+  const std::string out = " --steps 1 --out-dir " + dir_ + "/run";
+  ASSERT_EQ(::mkfifo((dir_ + "/fifo.bin").c_str(), 0600), 0);  // nobody writes: opening it must not wait
+  EXPECT_TRUE(one_line_error(run_cli("train --data " + dir_ + "/fifo.bin" + out, dir_), {"fifo.bin", "is a FIFO"}));
+  std::ofstream(dir_ + "/deep.json") << std::string(100000, '[') << std::string(100000, ']');
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/deep.json" + out, dir_), {"deep.json", "nested deeper"}));
+  std::ofstream(dir_ + "/inf.json") << R"({"moe": {"experts": 4, "aux_coef": 1e39}})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/inf.json" + out, dir_), {"inf.json", "field 'aux_coef'"}));
+  std::ofstream(dir_ + "/layers.json") << R"({"n_layer": 100000})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/layers.json" + out, dir_), {"layers.json", "n_layer=100000"}));
+  std::ofstream(dir_ + "/huge.json") << R"({"d_model": 4611686018427387904})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/huge.json" + out, dir_), {"huge.json", "d_model="}));
+  // a model whose activations need a PiB on any machine: refused before allocating
+  std::ofstream(dir_ + "/big.json") << R"({"d_model": 4096, "n_head": 32, "n_layer": 1, "d_ff": 16384, "context_length": 128})";
+  EXPECT_TRUE(one_line_error(run_cli("train --config " + dir_ + "/big.json -B 16777215 -T 128" + out, dir_),
+                             {"the model (", "needs", "of host memory", "is available"}));
+  // a checkpoint whose state.json has a fractional step or a negative data position
+  for (const char* state : {R"({"step": 19.5, "seed": 1337, "data_position": 2})", R"({"step": 2, "seed": 1337, "data_position": -2})"}) {
+    const std::string bad = dir_ + "/badstate";
+    fs::remove_all(bad);
+    fs::copy(ckpt_, bad, fs::copy_options::recursive);
+    write_file_atomic(bad + "/state.json", state);
+    EXPECT_TRUE(one_line_error(run_cli("train --resume " + bad + " --steps 4 --out-dir " + dir_ + "/run", dir_),
+                               {"state.json", "invalid checkpoint state"}));
+  }
 }
 
 TEST_F(BadInput, UnknownFlagAndBadValues) {

@@ -69,7 +69,7 @@ TEST_F(RunWorkflow, FlagsParseStrictly) {
   EXPECT_TRUE(one_line_error(run_cli("train --lr 1e400" + out, dir_), {"--lr", "not a finite number"}));
   EXPECT_TRUE(one_line_error(run_cli("train --min-lr -1" + out, dir_), {"--min-lr", ">= 0"}));
   EXPECT_TRUE(one_line_error(run_cli("train --batch-size 12abc" + out, dir_), {"--batch-size", "not an integer"}));
-  EXPECT_TRUE(one_line_error(run_cli("train -B 2000000 -T 8" + out, dir_), {"--batch-size=2000000"}));
+  EXPECT_TRUE(one_line_error(run_cli("train -B 20000000 -T 8" + out, dir_), {"--batch-size=20000000"}));
   RunResult typo = run_cli("train --stpes 3" + out, dir_);
   EXPECT_TRUE(one_line_error(typo, {"--stpes", "did you mean --steps?"}));
   EXPECT_EQ(typo.exit_code, 2);

@@ -1,6 +1,7 @@
 #include "core/arena.h"
 
 #include "core/device.h"
+#include "core/memory.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -10,31 +11,49 @@ namespace lmf {
 
 namespace {
 std::atomic<size_t> g_arena_allocs{0};
-size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+size_t align_up(size_t x, size_t a, const std::string& arena) {
+  return checked_add(x, (a - x % a) % a, "arena '", arena, "'");
+}
+
+// The offset of every spec in an arena's block and the block's size, overflow-checked.
+size_t arena_layout(const std::vector<TensorSpec>& specs, const std::string& name, std::vector<size_t>* offsets) {
+  size_t off = 0;
+  for (const TensorSpec& s : specs) {
+    LMF_CHECK(!s.shape.empty() && s.shape.size() <= Tensor::kMaxDims, "arena '", name, "': tensor '", s.name,
+              "' has ", s.shape.size(), " dims");
+    for (int64_t d : s.shape) LMF_CHECK(d >= 0, "arena '", name, "': tensor '", s.name, "' has dimension ", d);
+    off = align_up(off, Arena::kAlign, name);
+    if (offsets) offsets->push_back(off);
+    off = checked_add(off, s.nbytes(), "arena '", name, "' at tensor '", s.name, "'");
+  }
+  return align_up(off, Arena::kAlign, name);
+}
 }  // namespace
 
 size_t arena_allocation_count() { return g_arena_allocs.load(); }
 
 int64_t TensorSpec::numel() const {
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  for (int64_t s : shape) n = checked_mul(n, s, "tensor '", name, "': element count");
   return n;
+}
+
+size_t TensorSpec::nbytes() const {
+  return checked_mul(static_cast<size_t>(numel()), dtype_size(dtype), "tensor '", name, "': byte size");
+}
+
+size_t arena_plan_bytes(const std::vector<TensorSpec>& specs, const std::string& arena_name) {
+  return arena_layout(specs, arena_name, nullptr);
 }
 
 Arena::Arena(std::string arena_name, std::vector<TensorSpec> specs, Device device, bool pinned)
     : name_(std::move(arena_name)), specs_(std::move(specs)), device_(device), pinned_(pinned && device == Device::cpu) {
   offsets_.reserve(specs_.size());
-  size_t off = 0;
-  for (const TensorSpec& s : specs_) {
-    LMF_CHECK(!s.shape.empty() && s.shape.size() <= Tensor::kMaxDims, "arena '", name_, "': tensor '", s.name,
-              "' has ", s.shape.size(), " dims");
-    for (int64_t d : s.shape) LMF_CHECK(d >= 0, "arena '", name_, "': tensor '", s.name, "' has dimension ", d);
-    off = align_up(off, kAlign);
-    offsets_.push_back(off);
-    off += s.nbytes();
-  }
-  bytes_ = align_up(off, kAlign);
+  bytes_ = arena_layout(specs_, name_, &offsets_);
+  index_.reserve(specs_.size());
+  for (size_t i = 0; i < specs_.size(); ++i) index_.emplace(specs_[i].name, i);
   if (bytes_ == 0) return;
+  if (bytes_ > kCheckMemoryBytes) check_memory_fits(bytes_, device_, "arena '" + name_ + "'");
   if (device_ == Device::cuda) {
     base_ = device_alloc(bytes_, "arena '" + name_ + "'");  // zero-filled
   } else if (pinned_) {
@@ -66,6 +85,7 @@ Arena& Arena::operator=(Arena&& o) noexcept {
     name_ = std::move(o.name_);
     specs_ = std::move(o.specs_);
     offsets_ = std::move(o.offsets_);
+    index_ = std::move(o.index_);
     bytes_ = o.bytes_;
     base_ = o.base_;
     device_ = o.device_;
@@ -97,9 +117,8 @@ size_t Arena::offset_bytes(size_t i) const {
 size_t Arena::offset_elems(size_t i) const { return offset_bytes(i) / dtype_size(specs_[i].dtype); }
 
 long Arena::find(const std::string& name) const {
-  for (size_t i = 0; i < specs_.size(); ++i)
-    if (specs_[i].name == name) return static_cast<long>(i);
-  return -1;
+  const auto it = index_.find(name);
+  return it == index_.end() ? -1 : static_cast<long>(it->second);
 }
 
 Tensor Arena::get(const std::string& name) const {

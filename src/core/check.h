@@ -5,16 +5,26 @@
 // offending shapes/sizes. User-facing input errors (config, data, checkpoint, flags) use
 // LMF_FAIL / lmf::fail with a message that names the file or flag and the problem; the CLI prints
 // the message on one line and exits non-zero.
+//
+// checked_add / checked_mul: size arithmetic on values a user can reach (config sizes, tensor shapes,
+// file offsets) never overflows silently: on overflow they throw naming the thing being sized.
 #pragma once
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
 namespace lmf {
 
-// Every error lmforge raises. The message is one line.
+namespace detail {
+// msg with every control character escaped (\n, \r, \xNN): a name or value taken from user input
+// (a JSON key, a tensor name) cannot break an error message into several lines.
+std::string one_line(const std::string& msg);
+}  // namespace detail
+
+// Every error lmforge raises. The message is one line (control characters are escaped).
 struct Error : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& msg) : std::runtime_error(detail::one_line(msg)) {}
 };
 
 namespace detail {
@@ -31,6 +41,20 @@ std::string concat(const Args&... args) {
 template <class... Args>
 [[noreturn]] void fail(const Args&... args) {
   throw Error(detail::concat(args...));
+}
+
+// a + b and a * b for integer sizes; on overflow throws lmf::Error "<what...>: a * b overflows".
+template <class T, class... What>
+T checked_add(T a, T b, const What&... what) {
+  T r;
+  if (__builtin_add_overflow(a, b, &r)) fail(what..., ": ", a, " + ", b, " overflows ", 8 * sizeof(T), "-bit sizes");
+  return r;
+}
+template <class T, class... What>
+T checked_mul(T a, T b, const What&... what) {
+  T r;
+  if (__builtin_mul_overflow(a, b, &r)) fail(what..., ": ", a, " * ", b, " overflows ", 8 * sizeof(T), "-bit sizes");
+  return r;
 }
 
 }  // namespace lmf

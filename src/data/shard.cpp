@@ -14,14 +14,8 @@
 namespace lmf {
 
 Shard::Shard(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, ": cannot open data shard (", std::strerror(errno), ")");
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    fail(path, ": cannot stat data shard (", std::strerror(errno), ")");
-  }
-  const size_t bytes = static_cast<size_t>(st.st_size);
+  size_t bytes = 0;
+  const int fd = open_regular_file(path, "data shard", &bytes);  // a FIFO or directory: one line, no wait
   if (bytes < kShardHeaderBytes) {
     ::close(fd);
     fail(path, ": data shard is truncated: ", bytes, " bytes, smaller than the ", kShardHeaderBytes, "-byte header");
@@ -31,23 +25,30 @@ Shard::Shard(const std::string& path) : path_(path) {
   if (m == MAP_FAILED) fail(path, ": cannot map data shard (", std::strerror(errno), ")");
   map_ = m;
   map_bytes_ = bytes;
-  int32_t header[3];
-  std::memcpy(header, m, sizeof(header));
-  auto bad = [&](const auto&... msg) {
+  try {
+    n_ = shard_token_count(m, bytes, path);
+  } catch (...) {
     ::munmap(map_, map_bytes_);
     map_ = nullptr;
-    fail(path, ": ", msg...);
-  };
-  if (header[0] != kShardMagic)
-    bad("not an llm.c token shard: magic ", header[0], ", expected ", kShardMagic);
-  if (header[1] != kShardVersion) bad("unsupported shard version ", header[1], ", expected ", kShardVersion);
-  if (header[2] < 0) bad("negative token count ", header[2], " in header");
-  const size_t expect = kShardHeaderBytes + 2 * static_cast<size_t>(header[2]);
-  if (bytes != expect)
-    bad(bytes < expect ? "data shard is truncated: " : "data shard has trailing bytes: ", "header says ", header[2],
-        " tokens (", expect, " bytes), file has ", bytes, " bytes");
-  n_ = header[2];
+    throw;
+  }
   tokens_ = reinterpret_cast<const uint16_t*>(static_cast<const char*>(m) + kShardHeaderBytes);
+}
+
+int64_t shard_token_count(const void* data, size_t bytes, const std::string& name) {
+  if (bytes < kShardHeaderBytes)
+    fail(name, ": data shard is truncated: ", bytes, " bytes, smaller than the ", kShardHeaderBytes, "-byte header");
+  int32_t header[3];
+  std::memcpy(header, data, sizeof(header));
+  if (header[0] != kShardMagic)
+    fail(name, ": not an llm.c token shard: magic ", header[0], ", expected ", kShardMagic);
+  if (header[1] != kShardVersion) fail(name, ": unsupported shard version ", header[1], ", expected ", kShardVersion);
+  if (header[2] < 0) fail(name, ": negative token count ", header[2], " in header");
+  const size_t expect = kShardHeaderBytes + 2 * static_cast<size_t>(header[2]);  // < 2^33: no overflow
+  if (bytes != expect)
+    fail(name, ": ", bytes < expect ? "data shard is truncated: " : "data shard has trailing bytes: ", "header says ",
+         header[2], " tokens (", expect, " bytes), file has ", bytes, " bytes");
+  return header[2];
 }
 
 Shard::~Shard() {

@@ -14,7 +14,12 @@ constexpr int32_t kShardMagic = 20240520;
 constexpr int32_t kShardVersion = 1;
 constexpr size_t kShardHeaderBytes = 256 * sizeof(int32_t);
 
-// A read-only, memory-mapped, validated shard.
+// Validates a shard's bytes (magic, version, a token count in [0, 2^31) and the exact size it implies)
+// and returns the token count; errors name `name` (the path) and the field.
+int64_t shard_token_count(const void* data, size_t bytes, const std::string& name);
+
+// A read-only, memory-mapped, validated shard. The path must be a regular file (a FIFO, a directory
+// or a device is refused in one line, without waiting on it).
 class Shard {
  public:
   explicit Shard(const std::string& path);

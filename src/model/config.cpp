@@ -2,68 +2,81 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <limits>
-#include <type_traits>
 #include <nlohmann/json.hpp>
-#include <sstream>
+#include <optional>
+#include <type_traits>
 
 #include "core/check.h"
+#include "core/fsutil.h"
+#include "core/json_util.h"
 
 namespace lmf {
 
 using json = nlohmann::json;
 
 void ModelConfig::validate(const std::string& where) const {
+  using L = ConfigLimits;
   auto bad = [&](const auto&... msg) { fail(where, ": ", msg...); };
-  if (vocab_size < 1 || vocab_size > 65536) bad("vocab_size=", vocab_size, " must be in [1, 65536] (tokens are uint16)");
-  if (pad_vocab_multiple < 1) bad("pad_vocab_multiple=", pad_vocab_multiple, " must be >= 1");
-  if (context_length < 1) bad("context_length=", context_length, " must be >= 1");
-  if (n_layer < 1) bad("n_layer=", n_layer, " must be >= 1");
-  if (n_head < 1) bad("n_head=", n_head, " must be >= 1");
-  if (n_kv_head < 1) bad("n_kv_head=", n_kv_head, " must be >= 1");
-  if (d_model < 1) bad("d_model=", d_model, " must be >= 1");
-  if (d_ff < 1) bad("d_ff=", d_ff, " must be >= 1");
+  auto in_range = [&](const char* name, int64_t v, int64_t lo, int64_t hi, const char* note = "") {
+    if (v < lo || v > hi) bad(name, "=", v, " must be in [", lo, ", ", hi, "]", note);
+  };
+  auto finite = [&](const char* name, float v, float lo, const char* rule) {
+    if (!std::isfinite(v) || !(v >= lo)) bad(name, "=", v, " must be a finite number ", rule);
+  };
+  // Ranges first: the derived sizes below (head size, padded vocabulary) are computed only from
+  // values known to be in range.
+  in_range("vocab_size", vocab_size, 1, L::vocab_size, " (tokens are uint16)");
+  in_range("pad_vocab_multiple", pad_vocab_multiple, 1, L::pad_vocab_multiple);
+  in_range("context_length", context_length, 1, L::context_length);
+  in_range("n_layer", n_layer, 1, L::n_layer);
+  in_range("n_head", n_head, 1, L::n_head);
+  in_range("n_kv_head", n_kv_head, 1, L::n_head);
+  in_range("d_model", d_model, 1, L::d_model);
+  in_range("d_ff", d_ff, 1, L::d_ff);
   if (d_model % n_head != 0) bad("n_head=", n_head, " does not divide d_model=", d_model);
   if (n_head % n_kv_head != 0) bad("n_kv_head=", n_kv_head, " does not divide n_head=", n_head);
   if (positions == PositionKind::rope && head_size() % 2 != 0)
     bad("positions=rope needs an even head size, d_model/n_head=", head_size());
-  if (!(norm_eps > 0)) bad("norm_eps=", norm_eps, " must be > 0");
-  if (!(rope_theta > 0)) bad("rope_theta=", rope_theta, " must be > 0");
-  if (moe.experts < 0 || moe.experts > 256) bad("moe.experts=", moe.experts, " must be in [0, 256] (0 = dense)");
+  if (!std::isfinite(norm_eps) || !(norm_eps > 0 && norm_eps <= 1)) bad("norm_eps=", norm_eps, " must be in (0, 1]");
+  finite("rope_theta", rope_theta, 1, ">= 1");
+  // The MoE numbers are checked even for a dense model: a config never carries an infinity.
+  finite("moe.capacity_factor", moe.capacity_factor, 0, ">= 0 (0 = dropless)");
+  finite("moe.aux_coef", moe.aux_coef, 0, ">= 0");
+  finite("moe.z_coef", moe.z_coef, 0, ">= 0");
+  finite("moe.bias_rate", moe.bias_rate, 0, ">= 0");
+  in_range("moe.experts", moe.experts, 0, L::experts, " (0 = dense)");
   if (moe.experts > 0) {
-    if (moe.top_k < 1 || moe.top_k > std::min<int64_t>(moe.experts, 16))
-      bad("moe.top_k=", moe.top_k, " must be in [1, min(experts=", moe.experts, ", 16)]");
-    if (moe.d_expert < 0) bad("moe.d_expert=", moe.d_expert, " must be >= 1 (0 = d_ff)");
-    if (moe.every < 1) bad("moe.every=", moe.every, " must be >= 1");
+    if (moe.top_k < 1 || moe.top_k > std::min<int64_t>(moe.experts, L::top_k))
+      bad("moe.top_k=", moe.top_k, " must be in [1, min(experts=", moe.experts, ", ", L::top_k, ")]");
+    in_range("moe.d_expert", moe.d_expert, 0, L::d_ff, " (0 = d_ff)");
+    in_range("moe.every", moe.every, 1, L::n_layer);
     if (moe.first_dense < 0 || moe.first_dense >= n_layer)
       bad("moe.first_dense=", moe.first_dense, " must be in [0, n_layer=", n_layer, ") (at least one MoE layer)");
-    if (moe.shared < 0) bad("moe.shared=", moe.shared, " must be >= 0");
-    if (!(moe.capacity_factor >= 0) || !std::isfinite(moe.capacity_factor))
-      bad("moe.capacity_factor=", moe.capacity_factor, " must be >= 0 (0 = dropless)");
-    if (!(moe.aux_coef >= 0)) bad("moe.aux_coef=", moe.aux_coef, " must be >= 0");
-    if (!(moe.z_coef >= 0)) bad("moe.z_coef=", moe.z_coef, " must be >= 0");
-    if (!(moe.bias_rate >= 0)) bad("moe.bias_rate=", moe.bias_rate, " must be >= 0");
+    in_range("moe.shared", moe.shared, 0, L::shared);
   }
 }
 
 namespace {
 
-// Strict types: an integer field takes only a JSON integer (no 1.9 -> 1, no true -> 1, no
-// out-of-range wrap), a float field any number, a bool field only true/false.
+// Strict types: an integer field takes only a JSON integer in the field's range (no 1.9 -> 1, no
+// true -> 1, no out-of-range wrap), a float field a number finite as a float (1e39 is a finite double
+// but not a float), a bool field only true/false.
 template <class T>
 T get_field(const json& j, const char* key, const std::string& where) {
   const json& v = j.at(key);
   bool ok;
   if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean();
-  else if constexpr (std::is_integral_v<T>)
-    ok = v.is_number_integer() &&
-         (v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max())
-                                 : v.get<int64_t>() >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
-                                       v.get<int64_t>() <= static_cast<int64_t>(std::numeric_limits<T>::max()));
-  else if constexpr (std::is_floating_point_v<T>) ok = v.is_number();
-  else ok = v.is_string();
-  if (!ok) fail(where, ": field '", key, "' has the wrong type or range (", v.dump(), ")");
+  else if constexpr (std::is_integral_v<T>) {
+    const std::optional<int64_t> i = json_int64(v);
+    ok = i && *i >= std::numeric_limits<T>::min() && *i <= std::numeric_limits<T>::max();
+  } else if constexpr (std::is_floating_point_v<T>) {
+    ok = v.is_number() && std::isfinite(v.get<double>()) &&
+         std::abs(v.get<double>()) <= static_cast<double>(std::numeric_limits<T>::max());
+  } else {
+    ok = v.is_string();
+  }
+  if (!ok) fail(where, ": field '", key, "' has the wrong type or range (", json_excerpt(v), ")");
   return v.get<T>();
 }
 
@@ -76,7 +89,7 @@ std::string get_enum(const json& j, const char* key, const std::string& where, s
     if (!list.empty()) list += "|";
     list += o;
   }
-  fail(where, ": field '", key, "' is '", v, "', expected ", list);
+  fail(where, ": field '", key, "' is '", excerpt(v), "', expected ", list);
 }
 
 // j must be an object whose keys are all in `known`.
@@ -85,7 +98,7 @@ void check_object(const json& j, const std::string& where, std::initializer_list
   for (auto it = j.begin(); it != j.end(); ++it) {
     bool found = false;
     for (const char* k : known) found = found || it.key() == k;
-    if (!found) fail(where, ": unknown field '", it.key(), "'");
+    if (!found) fail(where, ": unknown field '", excerpt(it.key()), "'");
   }
 }
 
@@ -113,12 +126,7 @@ MoeModelConfig moe_from_json(const json& m, const std::string& where) {
 }  // namespace
 
 ModelConfig config_from_json(const std::string& text, const std::string& where) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    fail(where, ": invalid JSON (", e.what(), ")");
-  }
+  const json j = json_parse(text, where);
   check_object(j, where, {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head", "n_kv_head",
                           "d_model", "d_ff", "norm", "norm_eps", "activation", "positions", "rope_theta",
                           "tied_embeddings", "bias", "moe"});
@@ -130,7 +138,9 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   if (j.contains("n_head")) c.n_head = get_field<int>(j, "n_head", where);
   c.n_kv_head = j.contains("n_kv_head") ? get_field<int>(j, "n_kv_head", where) : c.n_head;
   if (j.contains("d_model")) c.d_model = get_field<int64_t>(j, "d_model", where);
-  c.d_ff = j.contains("d_ff") ? get_field<int64_t>(j, "d_ff", where) : 4 * c.d_model;
+  // d_ff defaults to 4 d_model (an out-of-range d_model is reported by validate(), before d_ff)
+  if (j.contains("d_ff")) c.d_ff = get_field<int64_t>(j, "d_ff", where);
+  else if (c.d_model >= 1 && c.d_model <= ConfigLimits::d_model) c.d_ff = 4 * c.d_model;
   if (j.contains("norm"))
     c.norm = get_enum(j, "norm", where, {"layernorm", "rmsnorm"}) == "layernorm" ? NormKind::layernorm : NormKind::rmsnorm;
   if (j.contains("norm_eps")) c.norm_eps = get_field<float>(j, "norm_eps", where);
@@ -177,13 +187,7 @@ std::string config_to_json(const ModelConfig& c) {
   return j.dump(2);
 }
 
-ModelConfig config_from_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail(path, ": cannot open config file");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return config_from_json(ss.str(), path);
-}
+ModelConfig config_from_file(const std::string& path) { return config_from_json(read_file(path, "config file"), path); }
 
 ModelConfig config_preset(const std::string& name) {
   ModelConfig c;

@@ -27,6 +27,22 @@ struct MoeModelConfig {
   float bias_rate = 0;         // aux-loss-free balancing (DeepSeek-V3): selection-bias step size, 0 = off
 };
 
+// The largest sizes a config may ask for (docs/MODEL.md "Limits"). They keep every size computed
+// from a config far inside int64 and the models a config can describe buildable; a model within
+// them may still need more memory than the machine has, which set-up reports before allocating.
+struct ConfigLimits {
+  static constexpr int64_t vocab_size = 65536;          // tokens are uint16
+  static constexpr int64_t pad_vocab_multiple = 65536;
+  static constexpr int64_t context_length = 1 << 20;
+  static constexpr int n_layer = 500;                   // training's weight-decay table: <= 4 ranges a layer
+  static constexpr int n_head = 1024;                   // and n_kv_head
+  static constexpr int64_t d_model = 65536;
+  static constexpr int64_t d_ff = 1 << 20;              // and moe.d_expert
+  static constexpr int64_t experts = 256;
+  static constexpr int64_t top_k = 16;
+  static constexpr int64_t shared = 64;                 // moe.shared
+};
+
 struct ModelConfig {
   int64_t vocab_size = 256;
   int64_t pad_vocab_multiple = 64;
@@ -54,7 +70,8 @@ struct ModelConfig {
   }
   int64_t d_expert() const { return moe.d_expert > 0 ? moe.d_expert : d_ff; }
 
-  // Throws lmf::Error naming the field and the problem (`where` names the file or preset).
+  // Every field in range (ConfigLimits), every float finite, the rules between fields; throws
+  // lmf::Error naming `where` (the file or preset), the field and the problem.
   void validate(const std::string& where) const;
 };
 

@@ -1,5 +1,8 @@
 #include "model/gpt.h"
 
+#include "core/check.h"
+#include "core/memory.h"
+
 namespace lmf {
 
 std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) { return model_param_specs(c, TokenEnds(c)); }
@@ -7,7 +10,7 @@ std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) { return model_par
 int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding) {
   int64_t n = 0;
   for (const TensorSpec& s : gpt_param_specs(c))
-    if (include_position_embedding || s.name != "pos_emb.weight") n += s.numel();
+    if (include_position_embedding || s.name != "pos_emb.weight") n = checked_add(n, s.numel(), "parameter count");
   return n;
 }
 
@@ -16,7 +19,7 @@ int64_t gpt_active_param_count(const ModelConfig& c, bool include_position_embed
   for (const TensorSpec& s : gpt_param_specs(c)) {
     if (!include_position_embedding && s.name == "pos_emb.weight") continue;
     const bool routed = s.name.find(".moe.experts.") != std::string::npos;
-    n += routed ? s.numel() / c.moe.experts * c.moe.top_k : s.numel();
+    n = checked_add(n, routed ? s.numel() / c.moe.experts * c.moe.top_k : s.numel(), "active parameter count");
   }
   return n;
 }
@@ -26,10 +29,31 @@ double gpt_train_flops_per_token(const ModelConfig& c, int64_t T) {
          12.0 * c.n_layer * static_cast<double>(c.d_model) * static_cast<double>(T);
 }
 
-namespace {
-// The plan's rules hold before anything is allocated.
-std::vector<TensorSpec> validated_specs(const ModelConfig& c, const ModelPlan& p) {
+size_t gpt_plan_bytes(const ModelConfig& c, const ModelPlan& p) {
   plan_validate(c, p);
+  const std::vector<TensorSpec> specs = gpt_param_specs(c);
+  const size_t master = arena_plan_bytes(specs, "params");
+  size_t bytes = master;
+  if (p.bf16())  // the flat bf16 copy: one bf16 per f32 slot of the masters (model/params.h)
+    bytes = checked_add(bytes, arena_plan_bytes({{"flat", {static_cast<int64_t>(master / 4)}, DType::bf16}}, "params_bf16"),
+                        "model memory");
+  if (p.training)  // gradients, AdamW m and v: the masters' layout each
+    bytes = checked_add(bytes, checked_mul(master, size_t{3}, "training state memory"), "model memory");
+  return checked_add(bytes, Model::plan_bytes(c, p, TokenEnds(c)), "model memory");
+}
+
+namespace {
+// The plan's rules hold, and the memory is there, before anything is allocated.
+std::vector<TensorSpec> validated_specs(const ModelConfig& c, const ModelPlan& p) {
+  const size_t bytes = gpt_plan_bytes(c, p);
+  // AdamW addresses the parameters with i32 indices (ops/optim.h adamw_decay_ranges)
+  const size_t elems = arena_plan_bytes(gpt_param_specs(c), "params") / sizeof(float);
+  if (p.training && elems > static_cast<size_t>(INT32_MAX))
+    fail("the model has ", gpt_param_count(c), " parameters (", elems, " f32 slots); training supports at most ",
+         INT32_MAX, " (the optimizer's i32 index)");
+  check_memory_fits(bytes, p.device,
+                    detail::concat("the model (", gpt_param_count(c), " parameters; weights",
+                                   p.training ? ", gradients, AdamW state" : "", ", activations and workspace)"));
   return gpt_param_specs(c);
 }
 }  // namespace

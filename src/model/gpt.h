@@ -20,10 +20,16 @@ int64_t gpt_active_param_count(const ModelConfig& c, bool include_position_embed
 // 6 N + 12 L C T FLOPs per token for a training step, N the active parameters (docs/MODEL.md).
 double gpt_train_flops_per_token(const ModelConfig& c, int64_t T);
 
+// Bytes of every arena a Gpt of this plan allocates: weights (and their bf16 copy), gradients and
+// AdamW moments (training), activations and workspace. Overflow-checked; allocates nothing.
+size_t gpt_plan_bytes(const ModelConfig& c, const ModelPlan& p);
+
 // A GPT planned for one ModelPlan: the weights, the training state (training plans) and the model
 // that runs steps over them. Each member owns its own kind of state; users that need only one take
 // that one (checkpoints: params and state; the optimizer: params and state; steps: model).
 struct Gpt {
+  // Validates the plan and checks that gpt_plan_bytes() fits the device's available memory before
+  // allocating anything (one line saying how much it needs and how much there is).
   Gpt(const ModelConfig& c, const ModelPlan& p);
   Parameters params;
   std::unique_ptr<TrainingState> state;  // null unless p.training

@@ -66,6 +66,87 @@ double mean_of(const Tensor& losses, std::vector<float>& host) {
   return s / static_cast<double>(losses.numel());
 }
 
+// Training keeps every layer's activations for the backward; a forward-only plan needs two sets
+// (block l reads set (l-1) % 2 and writes set l % 2 and the next layer's ln1 in set (l+1) % 2).
+int activation_sets(const ModelConfig& c, const ModelPlan& p) { return p.training ? c.n_layer : std::min(c.n_layer, 2); }
+
+// Everything the backward reads, per layer (the layer names match the parameters').
+std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan& plan, const BlockKernels& k,
+                                         const MoeConfig& moe) {
+  const int64_t B = plan.B, T = plan.T, N = checked_mul(B, T, "activations: B*T"), C = cfg.d_model, NH = cfg.n_head,
+                HS = cfg.head_size();
+  const DType adt = plan.bf16() ? DType::bf16 : DType::f32;  // activations and their gradients
+  std::vector<TensorSpec> as;
+  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
+    as.push_back({std::move(name), std::move(shape), dt});
+  };
+  add("encoded", {B, T, C}, adt);
+  const int sets = activation_sets(cfg, plan);
+  auto set_has = [&](int s, bool is_moe) {
+    for (int l = s; l < cfg.n_layer; l += sets)
+      if (cfg.is_moe_layer(l) == is_moe) return true;
+    return false;
+  };
+  for (int l = 0; l < sets; ++l) {
+    add(layer_name(l, "ln1"), {B, T, C}, adt);
+    add(layer_name(l, "ln1_mean"), {N});
+    add(layer_name(l, "ln1_rstd"), {N});
+    add(layer_name(l, "qkv"), {B, T, cfg.qkv_dim()}, adt);
+    if (k.attention == AttentionImpl::flash) add(layer_name(l, "probs"), {B, NH, T});  // the log-sum-exp
+    else if (k.attention == AttentionImpl::reference) add(layer_name(l, "probs"), {B, NH, T, T});
+    add(layer_name(l, "att"), {B, T, NH * HS}, adt);
+    add(layer_name(l, "res1"), {B, T, C}, adt);
+    add(layer_name(l, "ln2"), {B, T, C}, adt);
+    add(layer_name(l, "ln2_mean"), {N});
+    add(layer_name(l, "ln2_rstd"), {N});
+    if (set_has(l, true)) {
+      for (TensorSpec& sp : moe_state_specs(moe, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
+      // training: this layer's gathered input, kept for the backward (no second gather)
+      if (plan.training) add(layer_name(l, "moe.xg"), {moe_rows(moe, N), C}, adt);
+    }
+    if (set_has(l, false)) {
+      add(layer_name(l, "fc"), {B, T, cfg.fc_dim()}, adt);
+      add(layer_name(l, "act"), {B, T, cfg.d_ff}, adt);
+    }
+    add(layer_name(l, "res2"), {B, T, C}, adt);
+  }
+  add("lnf", {B, T, C}, adt);
+  add("lnf_mean", {N});
+  add("lnf_rstd", {N});
+  add("losses", {N});
+  return as;
+}
+
+// The backward's shared scratch, the ends' workspace, the RoPE table, the MoE scratch.
+std::vector<TensorSpec> workspace_specs(const ModelConfig& cfg, const ModelPlan& plan, const BlockKernels& k,
+                                        const MoeConfig& moe, const ModelEnds& ends) {
+  const int64_t B = plan.B, T = plan.T, N = checked_mul(B, T, "workspace: B*T"), C = cfg.d_model, NH = cfg.n_head,
+                HS = cfg.head_size();
+  const DType adt = plan.bf16() ? DType::bf16 : DType::f32;
+  bool any_dense = false, any_moe = false;
+  for (int l = 0; l < cfg.n_layer; ++l) (cfg.is_moe_layer(l) ? any_moe : any_dense) = true;
+  std::vector<TensorSpec> ws = ends.workspace_specs(plan);
+  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
+    ws.push_back({std::move(name), std::move(shape), dt});
+  };
+  if (cfg.positions == PositionKind::rope) add("rope_freqs", {cfg.context_length, HS / 2, 2});
+  if (plan.training) {
+    add("d_res", {B, T, C}, adt);
+    add("d_ln", {B, T, C}, adt);
+    add("d_qkv", {B, T, cfg.qkv_dim()}, adt);
+    add("d_att", {B, T, NH * HS}, adt);
+    if (any_dense) add("d_fc", {B, T, cfg.fc_dim()}, adt);
+    // the fused GELU backward rides on the mproj dX GEMM's epilogue: no separate d(act) buffer
+    if (any_dense && !k.fused_bias_gelu) add("d_act", {B, T, cfg.d_ff}, adt);
+    if (k.attention == AttentionImpl::flash) add("d_probs", {B, NH, T});  // delta = rowsum(dout * out)
+    else add("d_probs", {B, NH, T, T});
+  }
+  if (plan.serve) add("sampled", {plan.samples, C}, adt);
+  if (any_moe)
+    for (TensorSpec& sp : moe_scratch_specs(moe, N, adt, plan.training, "moe.")) ws.push_back(std::move(sp));
+  return ws;
+}
+
 }  // namespace
 
 std::vector<TensorSpec> trunk_param_specs(const ModelConfig& c) {
@@ -130,6 +211,14 @@ MoeConfig model_moe_config(const ModelConfig& c) {
   return m;
 }
 
+size_t Model::plan_bytes(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends, const BlockKernels* kernels) {
+  plan_validate(c, p);
+  const BlockKernels k = kernels ? *kernels : block_kernels(c, p);
+  const MoeConfig moe = model_moe_config(c);
+  return checked_add(arena_plan_bytes(activation_specs(c, p, k, moe), "activations"),
+                     arena_plan_bytes(workspace_specs(c, p, k, moe, ends), "workspace"), "activations + workspace");
+}
+
 std::vector<std::string> Model::lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends,
                                            const BlockKernels* kernels) {
   const BlockKernels k = kernels ? *kernels : block_kernels(c, p);
@@ -186,49 +275,8 @@ TrainingState& Model::state() {
 
 // Everything the backward reads, per layer (the layer names match the parameters').
 void Model::plan_activations() {
-  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, NH = cfg_.n_head, HS = cfg_.head_size();
-  const DType adt = plan_.bf16() ? DType::bf16 : DType::f32;  // activations and their gradients
-  std::vector<TensorSpec> as;
-  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
-    as.push_back({std::move(name), std::move(shape), dt});
-  };
-  add("encoded", {B, T, C}, adt);
-  // Training keeps every layer's activations for the backward; a forward-only plan needs two sets
-  // (block l reads set (l-1) % 2 and writes set l % 2 and the next layer's ln1 in set (l+1) % 2).
-  const int sets = plan_.training ? cfg_.n_layer : std::min(cfg_.n_layer, 2);
-  auto set_has = [&](int k, bool moe) {
-    for (int l = k; l < cfg_.n_layer; l += sets)
-      if (cfg_.is_moe_layer(l) == moe) return true;
-    return false;
-  };
-  for (int l = 0; l < sets; ++l) {
-    add(layer_name(l, "ln1"), {B, T, C}, adt);
-    add(layer_name(l, "ln1_mean"), {N});
-    add(layer_name(l, "ln1_rstd"), {N});
-    add(layer_name(l, "qkv"), {B, T, cfg_.qkv_dim()}, adt);
-    if (kernels_.attention == AttentionImpl::flash) add(layer_name(l, "probs"), {B, NH, T});  // the log-sum-exp
-    else if (kernels_.attention == AttentionImpl::reference) add(layer_name(l, "probs"), {B, NH, T, T});
-    add(layer_name(l, "att"), {B, T, NH * HS}, adt);
-    add(layer_name(l, "res1"), {B, T, C}, adt);
-    add(layer_name(l, "ln2"), {B, T, C}, adt);
-    add(layer_name(l, "ln2_mean"), {N});
-    add(layer_name(l, "ln2_rstd"), {N});
-    if (set_has(l, true)) {
-      for (TensorSpec& sp : moe_state_specs(moe_cfg_, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
-      // training: this layer's gathered input, kept for the backward (no second gather)
-      if (plan_.training) add(layer_name(l, "moe.xg"), {moe_rows(moe_cfg_, N), C}, adt);
-    }
-    if (set_has(l, false)) {
-      add(layer_name(l, "fc"), {B, T, cfg_.fc_dim()}, adt);
-      add(layer_name(l, "act"), {B, T, cfg_.d_ff}, adt);
-    }
-    add(layer_name(l, "res2"), {B, T, C}, adt);
-  }
-  add("lnf", {B, T, C}, adt);
-  add("lnf_mean", {N});
-  add("lnf_rstd", {N});
-  add("losses", {N});
-  acts_ = Arena("activations", as, plan_.device);
+  const int sets = activation_sets(cfg_, plan_);
+  acts_ = Arena("activations", activation_specs(cfg_, plan_, kernels_, moe_cfg_), plan_.device);
 
   auto get = [&](const std::string& name) { return acts_.find(name) < 0 ? Tensor() : acts_.get(name); };
   auto norm_out = [&](const std::string& stem) {
@@ -258,33 +306,11 @@ void Model::plan_activations() {
   losses_ = acts_.get("losses");
 }
 
-// The backward's shared scratch, the ends' workspace, the RoPE table, the MoE scratch; the CUDA
-// launchers' workspace.
+// The workspace arena (workspace_specs) and its views; the CUDA launchers' workspace.
 void Model::plan_workspace() {
-  const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, NH = cfg_.n_head, HS = cfg_.head_size();
-  const DType adt = plan_.bf16() ? DType::bf16 : DType::f32;
-  bool any_dense = false, any_moe = false;
-  for (int l = 0; l < cfg_.n_layer; ++l) (cfg_.is_moe_layer(l) ? any_moe : any_dense) = true;
-  std::vector<TensorSpec> ws = ends_->workspace_specs(plan_);
-  auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
-    ws.push_back({std::move(name), std::move(shape), dt});
-  };
-  if (cfg_.positions == PositionKind::rope) add("rope_freqs", {cfg_.context_length, HS / 2, 2});
-  if (plan_.training) {
-    add("d_res", {B, T, C}, adt);
-    add("d_ln", {B, T, C}, adt);
-    add("d_qkv", {B, T, cfg_.qkv_dim()}, adt);
-    add("d_att", {B, T, NH * HS}, adt);
-    if (any_dense) add("d_fc", {B, T, cfg_.fc_dim()}, adt);
-    // the fused GELU backward rides on the mproj dX GEMM's epilogue: no separate d(act) buffer
-    if (any_dense && !kernels_.fused_bias_gelu) add("d_act", {B, T, cfg_.d_ff}, adt);
-    if (kernels_.attention == AttentionImpl::flash) add("d_probs", {B, NH, T});  // delta = rowsum(dout * out)
-    else add("d_probs", {B, NH, T, T});
-  }
-  if (plan_.serve) add("sampled", {plan_.samples, C}, adt);
-  if (any_moe)
-    for (TensorSpec& sp : moe_scratch_specs(moe_cfg_, N, adt, plan_.training, "moe.")) ws.push_back(std::move(sp));
-  work_ = Arena("workspace", ws, plan_.device);
+  bool any_moe = false;
+  for (int l = 0; l < cfg_.n_layer; ++l) any_moe = any_moe || cfg_.is_moe_layer(l);
+  work_ = Arena("workspace", workspace_specs(cfg_, plan_, kernels_, moe_cfg_, *ends_), plan_.device);
   auto get = [&](const char* name) { return work_.find(name) < 0 ? Tensor() : work_.get(name); };
   sampled_ = get("sampled");
   d_ = BlockGrads{get("d_res"), get("d_ln"), get("d_qkv"), get("d_att"), get("d_fc"), get("d_act"), get("d_probs")};
@@ -313,6 +339,7 @@ void Model::plan_workspace() {
   // once for the largest user: uses never overlap on the one stream. It covers the optimizer's global
   // gradient norm over the parameters too.
   if (plan_.device == Device::cuda) {
+    const int64_t B = plan_.B, T = plan_.T, N = B * T, C = cfg_.d_model, HS = cfg_.head_size();
     size_t bytes = kGemmWorkspaceBytes;
     bytes = std::max(bytes, norm_backward_cuda_workspace(N, C));
     bytes = std::max(bytes, ends_->cuda_workspace(plan_));

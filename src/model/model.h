@@ -50,6 +50,10 @@ class Model {
   Model(const Model&) = delete;  // views point into the arenas: it stays where it was built
   Model& operator=(const Model&) = delete;
 
+  // Bytes of the activation and workspace arenas such a model allocates (overflow-checked; nothing is
+  // allocated). The CUDA launchers' scratch is not included.
+  static size_t plan_bytes(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends,
+                           const BlockKernels* kernels = nullptr);
   // The gradients that the first backward after zero_grad writes whole (for TrainingState).
   static std::vector<std::string> lazy_grads(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends,
                                              const BlockKernels* kernels = nullptr);

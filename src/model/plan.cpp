@@ -41,6 +41,7 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
+  plan_validate(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
                                         {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
   plan_validate(c, p);
@@ -49,9 +50,13 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
 
 void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   c.validate("model config");
-  if (p.B < 1) fail("--batch-size=", p.B, " must be >= 1");
+  if (p.B < 1 || p.B > PlanLimits::B) fail("--batch-size=", p.B, " must be in [1, ", PlanLimits::B, "]");
   if (p.T < 1 || (p.T > c.context_length && !p.serve))
     fail("--seq-len=", p.T, " must be in [1, context_length=", c.context_length, "]");
+  if (p.serve && p.T > PlanLimits::rows) fail("serving plan: ", p.T, " rows per step, at most ", PlanLimits::rows);
+  if (p.B * p.T > PlanLimits::tokens)  // B and T are bounded above: the product fits
+    fail("--batch-size=", p.B, " x --seq-len=", p.T, " = ", p.B * p.T, " tokens per micro-batch, at most ",
+         PlanLimits::tokens);
   const bool gpu = p.device == Device::cuda;
   if (p.precision != Precision::fp32 && !gpu)
     fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");

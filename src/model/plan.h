@@ -24,6 +24,13 @@ const char* precision_name(Precision p);
 // "fp32" | "tf32" | "bf16"; anything else throws naming `flag` and the accepted values.
 Precision parse_precision(const std::string& s, const char* flag);
 
+// Bounds on a plan's sizes (every size computed from them fits int64; token indices fit int32).
+struct PlanLimits {
+  static constexpr int64_t B = int64_t{1} << 24;          // micro-batch size
+  static constexpr int64_t rows = int64_t{1} << 24;       // serving: rows per step
+  static constexpr int64_t tokens = (int64_t{1} << 31) - 1;  // B * T
+};
+
 struct ModelPlan {
   int64_t B = 1;           // micro-batch size
   int64_t T = 1;           // sequence length (<= context_length)

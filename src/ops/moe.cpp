@@ -394,7 +394,7 @@ int64_t moe_capacity(const MoeConfig& cfg, int64_t N) {
   if (cfg.capacity_factor <= 0 || cfg.E <= 0) return NK;
   const double c = std::ceil(static_cast<double>(cfg.capacity_factor) * static_cast<double>(NK) /
                              static_cast<double>(cfg.E));
-  return std::min<int64_t>(NK, static_cast<int64_t>(c));
+  return c >= static_cast<double>(NK) ? NK : static_cast<int64_t>(c);  // compared first: a huge factor is no UB
 }
 
 int64_t moe_rows(const MoeConfig& cfg, int64_t N) {

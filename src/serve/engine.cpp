@@ -37,12 +37,13 @@ Tensor sub(const Tensor& flat, int64_t offset, std::initializer_list<int64_t> sh
 }  // namespace
 
 std::string engine_options_problem(const EngineOptions& o) {
-  if (o.max_seqs < 1) return "--max-seqs=" + std::to_string(o.max_seqs) + " must be >= 1";
-  if (o.max_prefill_tokens < 1) return "--max-prefill-tokens=" + std::to_string(o.max_prefill_tokens) + " must be >= 1";
+  if (o.max_seqs < 1 || o.max_seqs > 65536) return "--max-seqs=" + std::to_string(o.max_seqs) + " must be in [1, 65536]";
+  if (o.max_prefill_tokens < 1 || o.max_prefill_tokens > (1 << 20))
+    return "--max-prefill-tokens=" + std::to_string(o.max_prefill_tokens) + " must be in [1, 1048576]";
   if (o.block_size < 1 || o.block_size > 1024) return "--block-size=" + std::to_string(o.block_size) + " must be in [1, 1024]";
   if (!(o.kv_cache_gb >= 0) || !std::isfinite(o.kv_cache_gb))
     return "--kv-cache-gb=" + std::to_string(o.kv_cache_gb) + " must be >= 0 (0: auto)";
-  if (o.max_top_logprobs < 0) return "max_top_logprobs must be >= 0";
+  if (o.max_top_logprobs < 0 || o.max_top_logprobs > 1024) return "max_top_logprobs must be in [0, 1024]";
   return "";
 }
 
@@ -124,7 +125,8 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
   const size_t block_bytes = KvCache::block_bytes(cfg_, o.block_size, device_);
   int64_t blocks = 0;
   if (o.kv_cache_gb > 0) {
-    blocks = static_cast<int64_t>(o.kv_cache_gb * kGiB / static_cast<double>(block_bytes));
+    const double want = o.kv_cache_gb * kGiB / static_cast<double>(block_bytes);
+    blocks = want >= static_cast<double>(INT32_MAX) ? INT32_MAX : static_cast<int64_t>(want);  // no UB cast
     if (blocks < 1)
       fail("--kv-cache-gb=", o.kv_cache_gb, " holds no KV block (one block of ", o.block_size, " positions takes ",
            block_bytes, " bytes)");
@@ -216,7 +218,7 @@ std::string Engine::problem(const std::vector<int32_t>& prompt, const RequestPar
              std::to_string(cfg_.vocab_size) + ")";
   if (rp.max_tokens < 1) return "max_tokens=" + std::to_string(rp.max_tokens) + " must be >= 1";
   const int64_t n = static_cast<int64_t>(prompt.size());
-  if (n + rp.max_tokens > cfg_.context_length)
+  if (rp.max_tokens > cfg_.context_length - n)  // not n + max_tokens: max_tokens may be near 2^63
     return "the prompt (" + std::to_string(n) + " tokens) plus max_tokens (" + std::to_string(rp.max_tokens) +
            ") exceeds the model's context length of " + std::to_string(cfg_.context_length);
   if (pool_->blocks_for(n + rp.max_tokens) > pool_->total())

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "serve/request.h"
 
 namespace lmf {
 
@@ -33,16 +34,6 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // --- errors ------------------------------------------------------------------------------------
-
-// A request the server refuses: HTTP status, OpenAI's error object.
-struct HttpError {
-  int status;
-  std::string message, param, type;
-};
-
-HttpError bad_request(std::string message, std::string param = "") {
-  return {400, std::move(message), std::move(param), "invalid_request_error"};
-}
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
@@ -117,148 +108,6 @@ class TextStream {
   size_t emitted_ = 0, hold_ = 0;
   bool stopped_ = false;
 };
-
-// --- requests ----------------------------------------------------------------------------------
-
-struct Completion {
-  std::vector<int32_t> prompt;
-  std::string prompt_text;  // for echo
-  RequestParams rp;
-  std::vector<std::string> stops;
-  bool stream = false, echo = false;
-  int64_t logprobs = -1;  // -1: none; else the top-N count (0: just the chosen token's)
-};
-
-const json* field(const json& body, const char* name) {
-  auto it = body.find(name);
-  return it == body.end() || it->is_null() ? nullptr : &*it;
-}
-
-int64_t get_int(const json& body, const char* name, int64_t dflt) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_number_integer()) throw bad_request(std::string("'") + name + "' must be an integer", name);
-  return v->get<int64_t>();
-}
-
-double get_number(const json& body, const char* name, double dflt) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_number()) throw bad_request(std::string("'") + name + "' must be a number", name);
-  const double d = v->get<double>();
-  if (!std::isfinite(d)) throw bad_request(std::string("'") + name + "' must be finite", name);
-  return d;
-}
-
-bool get_bool(const json& body, const char* name, bool dflt) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_boolean()) throw bad_request(std::string("'") + name + "' must be a boolean", name);
-  return v->get<bool>();
-}
-
-std::vector<int32_t> token_ids(const json& arr, int64_t vocab) {
-  std::vector<int32_t> out;
-  for (const json& t : arr) {
-    if (!t.is_number_integer()) throw bad_request("'prompt' must be a string or an array of token ids", "prompt");
-    const int64_t v = t.get<int64_t>();
-    if (v < 0 || v >= vocab)
-      throw bad_request("prompt token " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
-                        "prompt");
-    out.push_back(static_cast<int32_t>(v));
-  }
-  return out;
-}
-
-Completion parse_completion(const std::string& text, const std::string& model_name, const Tokenizer& tok,
-                            const Engine& engine) {
-  json body;
-  try {
-    body = json::parse(text);
-  } catch (const json::exception& e) {
-    throw bad_request(std::string("the request body is not valid JSON: ") + e.what());
-  }
-  if (!body.is_object()) throw bad_request("the request body must be a JSON object");
-  static const char* known[] = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                                "stream", "logprobs", "echo", "n", "user", "presence_penalty", "frequency_penalty",
-                                "best_of", "suffix", "logit_bias", "stream_options"};
-  for (auto it = body.begin(); it != body.end(); ++it)
-    if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return it.key() == k; }) == std::end(known))
-      throw bad_request("unknown field '" + it.key() + "'", it.key());
-  const json* model = field(body, "model");
-  if (!model || !model->is_string()) throw bad_request("'model' is required and must be a string", "model");
-  if (model->get<std::string>() != model_name)
-    throw HttpError{400, "the model '" + model->get<std::string>() + "' does not exist; this server serves '" + model_name + "'",
-                    "model", "invalid_request_error"};
-  for (const char* unsupported : {"suffix", "logit_bias"})
-    if (field(body, unsupported)) throw bad_request(std::string("'") + unsupported + "' is not supported", unsupported);
-  for (const char* penalty : {"presence_penalty", "frequency_penalty"})
-    if (get_number(body, penalty, 0.0) != 0.0) throw bad_request(std::string("'") + penalty + "' is not supported (only 0)", penalty);
-  if (get_int(body, "n", 1) != 1) throw bad_request("'n' must be 1 (one completion per request)", "n");
-  if (get_int(body, "best_of", 1) != 1) throw bad_request("'best_of' must be 1", "best_of");
-  if (const json* u = field(body, "user"); u && !u->is_string()) throw bad_request("'user' must be a string", "user");
-
-  Completion c;
-  const int64_t V = engine.config().vocab_size;
-  const json* prompt = field(body, "prompt");
-  if (!prompt) throw bad_request("'prompt' is required", "prompt");
-  if (prompt->is_array() && prompt->size() == 1 && ((*prompt)[0].is_string() || (*prompt)[0].is_array()))
-    prompt = &(*prompt)[0];  // a batch of one
-  if (prompt->is_string()) {
-    c.prompt_text = prompt->get<std::string>();
-    for (uint16_t t : tok.encode(c.prompt_text)) c.prompt.push_back(t);
-  } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number_integer()) {
-    c.prompt = token_ids(*prompt, V);
-    for (int32_t t : c.prompt) c.prompt_text += t < tok.vocab_size() ? tok.decode(static_cast<uint16_t>(t)) : "";
-  } else if (prompt->is_array() && prompt->size() > 1) {
-    throw bad_request("one prompt per request is supported; got " + std::to_string(prompt->size()), "prompt");
-  } else {
-    throw bad_request("'prompt' must be a string or an array of token ids", "prompt");
-  }
-  for (int32_t t : c.prompt)
-    if (t >= V) throw bad_request("the prompt encodes to token " + std::to_string(t) + ", outside the model's vocabulary", "prompt");
-
-  c.rp.max_tokens = get_int(body, "max_tokens", 16);
-  c.rp.sample.temperature = static_cast<float>(get_number(body, "temperature", 1.0));
-  c.rp.sample.top_p = static_cast<float>(get_number(body, "top_p", 1.0));
-  const int64_t top_k = get_int(body, "top_k", 0);
-  if (top_k < -1 || top_k > INT32_MAX) throw bad_request("'top_k' must be >= 0 (0 or -1: off)", "top_k");
-  c.rp.sample.top_k = static_cast<int32_t>(std::max<int64_t>(top_k, 0));
-  if (const json* seed = field(body, "seed")) {
-    if (!seed->is_number_integer()) throw bad_request("'seed' must be an integer", "seed");
-    c.rp.sample.seed = seed->is_number_unsigned() ? seed->get<uint64_t>() : static_cast<uint64_t>(seed->get<int64_t>());
-  } else {
-    static std::atomic<uint64_t> unseeded{0x9e3779b97f4a7c15ull};
-    c.rp.sample.seed = unseeded.fetch_add(0x9e3779b97f4a7c15ull);
-  }
-  if (const json* stop = field(body, "stop")) {
-    if (stop->is_string()) c.stops.push_back(stop->get<std::string>());
-    else if (stop->is_array() && stop->size() <= 4 &&
-             std::all_of(stop->begin(), stop->end(), [](const json& s) { return s.is_string(); }))
-      for (const json& s : *stop) c.stops.push_back(s.get<std::string>());
-    else throw bad_request("'stop' must be a string or an array of at most 4 strings", "stop");
-    for (const std::string& s : c.stops)
-      if (s.empty()) throw bad_request("'stop' strings must not be empty", "stop");
-  }
-  c.stream = get_bool(body, "stream", false);
-  c.echo = get_bool(body, "echo", false);
-  if (const json* lp = field(body, "logprobs")) {
-    if (!lp->is_number_integer()) throw bad_request("'logprobs' must be an integer", "logprobs");
-    c.logprobs = lp->get<int64_t>();
-    if (c.logprobs < 0 || c.logprobs > engine.options().max_top_logprobs)
-      throw bad_request("'logprobs' must be in [0, " + std::to_string(engine.options().max_top_logprobs) + "]", "logprobs");
-    c.rp.top_logprobs = c.logprobs;
-  }
-  if (c.echo && c.logprobs >= 0)
-    throw bad_request("'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not computed)", "echo");
-  if (const std::string p = sample_params_problem(c.rp.sample); !p.empty()) {
-    const std::string param = p.substr(0, p.find('='));
-    throw bad_request(p, param);
-  }
-  if (const std::string p = engine.problem(c.prompt, c.rp); !p.empty())
-    throw bad_request(p, p.find("max_tokens") != std::string::npos ? "max_tokens" : "prompt");
-  return c;
-}
 
 // --- the engine thread's side ------------------------------------------------------------------
 
@@ -336,7 +185,12 @@ struct Server::Impl {
   Histogram ttft, tpot;
   std::deque<std::pair<Clock::time_point, int64_t>> rate;  // (time, generated tokens so far) over 10 s
 
-  Impl(Engine& e, const Tokenizer& t, const ServerOptions& o) : engine(e), tok(t), opt(o) {}
+  CompletionLimits limits;  // what parse_completion checks requests against
+
+  Impl(Engine& e, const Tokenizer& t, const ServerOptions& o)
+      : engine(e), tok(t), opt(o),
+        limits{o.model_name, e.config().vocab_size, e.options().max_top_logprobs,
+               [&e](const std::vector<int32_t>& prompt, const RequestParams& rp) { return e.problem(prompt, rp); }} {}
 
   void engine_loop();
   void submit(Add a) {
@@ -414,6 +268,12 @@ void Server::Impl::engine_loop() {
       }
       continue;
     }
+    {  // the stats before the events go out: a client that has its answer sees its blocks freed
+      std::lock_guard<std::mutex> lk(mu);
+      stats = engine.stats();
+      rate.emplace_back(Clock::now(), stats.generated_tokens);
+      while (rate.size() > 2 && seconds_since(rate.front().first) > 10) rate.pop_front();
+    }
     for (EngineEvent& e : events) {
       auto it = channels.find(e.id);
       if (it == channels.end()) continue;
@@ -425,10 +285,6 @@ void Server::Impl::engine_loop() {
       it->second->cv.notify_all();
       if (done) close(it->first, "");
     }
-    std::lock_guard<std::mutex> lk(mu);
-    stats = engine.stats();
-    rate.emplace_back(Clock::now(), stats.generated_tokens);
-    while (rate.size() > 2 && seconds_since(rate.front().first) > 10) rate.pop_front();
   }
 }
 
@@ -440,7 +296,7 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
   }
   Completion c;
   try {
-    c = parse_completion(req.body, opt.model_name, tok, engine);
+    c = parse_completion(req.body, limits, tok);
   } catch (const HttpError& e) {
     {
       std::lock_guard<std::mutex> lk(mu);

@@ -7,10 +7,12 @@
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "core/check.h"
 #include "core/fsutil.h"
+#include "core/json_util.h"
 #include "train/safetensors.h"
 
 namespace lmf {
@@ -155,6 +157,36 @@ int clean_interrupted_saves(const std::string& out_dir) {
   return n;
 }
 
+CheckpointState checkpoint_state_from_json(const std::string& text, const std::string& where) {
+  const json j = json_parse(text, where);
+  if (!j.is_object()) fail(where, ": invalid checkpoint state (not a JSON object)");
+  auto field = [&](const char* key) -> const json& {
+    if (!j.contains(key)) fail(where, ": invalid checkpoint state (no '", key, "')");
+    return j.at(key);
+  };
+  auto bad = [&](const char* key, const json& v, const char* rule) {
+    fail(where, ": invalid checkpoint state ('", key, "' is ", json_excerpt(v), ", must be ", rule, ")");
+  };
+  CheckpointState st;
+  const json& step = field("step");
+  const std::optional<int64_t> s = json_int64(step);
+  if (!s || *s < 0) bad("step", step, "an integer >= 0");
+  st.step = *s;
+  const json& seed = field("seed");
+  const std::optional<uint64_t> sd = json_uint64(seed);
+  if (!sd) bad("seed", seed, "an integer in [0, 2^64)");
+  st.seed = *sd;
+  const json& pos = field("data_position");
+  const std::optional<int64_t> p = json_int64(pos);
+  if (!p || *p < 0) bad("data_position", pos, "an integer in [0, 2^63)");
+  st.data_position = static_cast<uint64_t>(*p);
+  if (j.contains("options")) {
+    if (!j.at("options").is_object()) bad("options", j.at("options"), "an object");
+    st.options_json = j.at("options").dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  return st;
+}
+
 std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
                             TrainingState& train, const CheckpointState& state, int64_t keep_last) {
   fs::path root = fs::path(out_dir) / "checkpoints";
@@ -177,7 +209,7 @@ std::string save_checkpoint(const std::string& out_dir, const ModelConfig& confi
   json st = {{"step", state.step},
              {"seed", state.seed},
              {"data_position", state.data_position},
-             {"options", state.options_json.empty() ? json::object() : json::parse(state.options_json)}};
+             {"options", state.options_json.empty() ? json::object() : json_parse(state.options_json, "training options")}};
 
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
@@ -210,8 +242,10 @@ std::string resolve_checkpoint(const std::string& path) {
   if (fs::exists(p / "model.safetensors")) return p.string();
   fs::path latest = p / "checkpoints" / "latest";
   if (fs::exists(latest)) {
-    std::string name = read_file(latest.string(), "checkpoint pointer");
+    std::string name = read_regular_file(latest.string(), "checkpoint pointer");
     while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    if (name.empty() || name == "." || name == ".." || name.find_first_of("/\\") != std::string::npos)
+      fail(latest.string(), ": '", excerpt(name), "' is not the name of a checkpoint directory");
     fs::path d = p / "checkpoints" / name;
     if (!fs::exists(d / "model.safetensors")) fail(latest.string(), ": points at '", name, "' which has no model.safetensors");
     return d.string();
@@ -223,7 +257,7 @@ std::string resolve_checkpoint(const std::string& path) {
 ModelConfig load_checkpoint_config(const std::string& dir) {
   fs::path f = fs::path(dir) / "config.json";
   if (!fs::exists(f)) fail(f.string(), ": checkpoint has no config.json");
-  return config_from_file(f.string());
+  return config_from_json(read_regular_file(f.string(), "checkpoint config"), f.string());
 }
 
 void load_checkpoint_weights(const std::string& dir, Parameters& params, bool allow_nonfinite) {
@@ -236,18 +270,7 @@ void load_checkpoint_weights(const std::string& dir, Parameters& params, bool al
 
 CheckpointState read_checkpoint_state(const std::string& dir) {
   fs::path sf = fs::path(dir) / "state.json";
-  std::string text = read_file(sf.string(), "checkpoint state");
-  CheckpointState st;
-  try {
-    json j = json::parse(text);
-    st.step = j.at("step").get<int64_t>();
-    st.seed = j.at("seed").get<uint64_t>();
-    st.data_position = j.at("data_position").get<uint64_t>();
-    if (j.contains("options")) st.options_json = j.at("options").dump();
-  } catch (const json::exception& e) {
-    fail(sf.string(), ": invalid checkpoint state (", e.what(), ")");
-  }
-  return st;
+  return checkpoint_state_from_json(read_regular_file(sf.string(), "checkpoint state"), sf.string());
 }
 
 CheckpointState load_checkpoint(const std::string& dir, Parameters& params, TrainingState& train, bool allow_nonfinite) {

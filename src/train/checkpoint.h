@@ -29,6 +29,11 @@ struct CheckpointState {
   std::string options_json;     // the TrainOptions of the run, for the record
 };
 
+// state.json's text -> the state. step: an integer in [0, 2^63); seed: an integer in [0, 2^64);
+// data_position: an integer in [0, 2^63); options: an object when present. Anything else (19.5, -1,
+// 1e30, a string, deep nesting) is one line naming `where` and the field.
+CheckpointState checkpoint_state_from_json(const std::string& text, const std::string& where);
+
 // Saves into <out_dir>/checkpoints/step_NNNNNN (or a fresh .vN name when that exists) and points
 // `latest` at it; then removes older versions of the step and, with keep_last > 0, every checkpoint
 // but the newest keep_last. Returns the directory.

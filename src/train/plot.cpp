@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/json_util.h"
 
 namespace lmf {
 namespace {
@@ -29,8 +30,13 @@ Series read_metrics(const fs::path& file) {
   while (std::getline(in, line)) {
     ++n;
     if (line.empty()) continue;
-    json j = json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) fail(file.string(), ":", n, ": not a JSON object");
+    json j;
+    try {
+      j = json_parse(line, file.string() + ":" + std::to_string(n));
+    } catch (const Error&) {
+      j = nullptr;  // reported below, as any line that is not an object
+    }
+    if (!j.is_object()) fail(file.string(), ":", n, ": not a JSON object");
     if (!j.contains("step") || !j["step"].is_number()) continue;  // e.g. the run's header record
     const double step = j["step"].get<double>();
     if (j.contains("loss") && j["loss"].is_number()) {

@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 
 #include "core/check.h"
 #include "core/fsutil.h"
+#include "core/json_util.h"
 
 namespace lmf {
 
@@ -23,7 +26,8 @@ size_t dtype_bytes(const std::string& d) {
 
 std::string shape_string(const std::vector<int64_t>& s) {
   std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  for (size_t i = 0; i < s.size() && i < 8; ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  if (s.size() > 8) r += ", ... " + std::to_string(s.size()) + " dims";
   return r + ")";
 }
 
@@ -40,18 +44,26 @@ const char* safetensors_dtype(DType t) {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  bytes_ = read_file(path, "safetensors file");
+  bytes_ = read_regular_file(path, "safetensors file");
+  parse();
+}
+
+SafetensorsFile SafetensorsFile::from_bytes(std::string bytes, const std::string& name) {
+  SafetensorsFile f;
+  f.path_ = name;
+  f.bytes_ = std::move(bytes);
+  f.parse();
+  return f;
+}
+
+void SafetensorsFile::parse() {
+  const std::string& path = path_;
   if (bytes_.size() < 8) fail(path, ": not a safetensors file (", bytes_.size(), " bytes)");
   uint64_t n = 0;
   std::memcpy(&n, bytes_.data(), 8);
   if (n > bytes_.size() - 8) fail(path, ": safetensors header size ", n, " exceeds the file size ", bytes_.size());
   data_start_ = 8 + n;
-  json h;
-  try {
-    h = json::parse(bytes_.begin() + 8, bytes_.begin() + 8 + static_cast<long>(n));
-  } catch (const json::exception& e) {
-    fail(path, ": safetensors header is not valid JSON (", e.what(), ")");
-  }
+  const json h = json_parse(std::string_view(bytes_).substr(8, n), path + ": safetensors header");
   if (!h.is_object()) fail(path, ": safetensors header is not a JSON object");
   const size_t data_bytes = bytes_.size() - data_start_;
   for (auto it = h.begin(); it != h.end(); ++it) {
@@ -63,41 +75,52 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     }
     SafetensorsEntry e;
     e.name = it.key();
-    try {
-      e.dtype = it->at("dtype").get<std::string>();
-      e.shape = it->at("shape").get<std::vector<int64_t>>();
-      auto off = it->at("data_offsets").get<std::vector<size_t>>();
-      if (off.size() != 2) throw std::runtime_error("data_offsets");
-      e.begin = off[0];
-      e.end = off[1];
-    } catch (const std::exception&) {
-      fail(path, ": tensor '", e.name, "' has a malformed header entry");
-    }
-    size_t el = dtype_bytes(e.dtype);
-    if (el == 0) fail(path, ": tensor '", e.name, "' has unknown dtype ", e.dtype);
+    auto bad = [&](const auto&... msg) { fail(path, ": tensor '", excerpt(e.name), "' ", msg...); };
+    if (!it->is_object()) bad("has a malformed header entry (not an object)");
+    const json* dtype = it->contains("dtype") ? &it->at("dtype") : nullptr;
+    const json* shape = it->contains("shape") ? &it->at("shape") : nullptr;
+    const json* offsets = it->contains("data_offsets") ? &it->at("data_offsets") : nullptr;
+    if (!dtype || !dtype->is_string()) bad("has a malformed header entry ('dtype' is not a string)");
+    if (!shape || !shape->is_array()) bad("has a malformed header entry ('shape' is not an array)");
+    if (!offsets || !offsets->is_array() || offsets->size() != 2)
+      bad("has a malformed header entry ('data_offsets' is not an array of two integers)");
+    e.dtype = dtype->get<std::string>();
+    const size_t el = dtype_bytes(e.dtype);
+    if (el == 0) bad("has unknown dtype ", excerpt(e.dtype));
+    // Shapes and offsets: JSON integers in [0, 2^63); a float (19.5, 1e30) or anything larger would
+    // otherwise be converted with undefined behaviour.
     size_t numel = 1;
-    for (int64_t d : e.shape) {
-      if (d < 0) fail(path, ": tensor '", e.name, "' has negative dimension in shape ", shape_string(e.shape));
-      numel *= static_cast<size_t>(d);
+    for (const json& d : *shape) {
+      const std::optional<int64_t> v = json_int64(d);
+      if (!v || *v < 0) bad("has a shape entry ", json_excerpt(d), " that is not an integer in [0, 2^63)");
+      e.shape.push_back(*v);
+      numel = checked_mul(numel, static_cast<size_t>(*v), path, ": tensor '", excerpt(e.name), "' element count");
     }
+    std::optional<int64_t> off[2];
+    for (int k = 0; k < 2; ++k) {
+      off[k] = json_int64((*offsets)[static_cast<size_t>(k)]);
+      if (!off[k] || *off[k] < 0)
+        bad("has a data offset ", json_excerpt((*offsets)[static_cast<size_t>(k)]), " that is not an integer in [0, 2^63)");
+    }
+    e.begin = static_cast<size_t>(*off[0]);
+    e.end = static_cast<size_t>(*off[1]);
     if (e.end < e.begin || e.end > data_bytes)
-      fail(path, ": tensor '", e.name, "' data [", e.begin, ", ", e.end, ") lies outside the ", data_bytes,
-           "-byte data section (file truncated?)");
-    if (e.end - e.begin != numel * el)
-      fail(path, ": tensor '", e.name, "' has ", e.end - e.begin, " bytes but ", e.dtype, " ", shape_string(e.shape),
-           " needs ", numel * el);
+      bad("data [", e.begin, ", ", e.end, ") lies outside the ", data_bytes, "-byte data section (file truncated?)");
+    const size_t need = checked_mul(numel, el, path, ": tensor '", excerpt(e.name), "' byte size");
+    if (e.end - e.begin != need)
+      bad("has ", e.end - e.begin, " bytes but ", e.dtype, " ", shape_string(e.shape), " needs ", need);
     entries_.push_back(std::move(e));
   }
   std::sort(entries_.begin(), entries_.end(), [](const auto& a, const auto& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < entries_.size(); ++i)
     if (entries_[i].begin < entries_[i - 1].end)
-      fail(path, ": tensors '", entries_[i - 1].name, "' and '", entries_[i].name, "' overlap");
+      fail(path, ": tensors '", excerpt(entries_[i - 1].name), "' and '", excerpt(entries_[i].name), "' overlap");
+  for (size_t i = 0; i < entries_.size(); ++i) index_.emplace(entries_[i].name, i);
 }
 
 const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
-  for (const auto& e : entries_)
-    if (e.name == name) return &e;
-  return nullptr;
+  const auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &entries_[it->second];
 }
 
 void SafetensorsFile::read_into(const std::string& name, const Tensor& dst) const {

@@ -21,9 +21,13 @@ struct SafetensorsEntry {
 
 class SafetensorsFile {
  public:
-  // Reads and validates the whole file: header JSON, offsets inside the file, sizes matching
-  // dtype x shape, no overlap. Errors name the file and the tensor.
+  // Reads and validates the whole file: header JSON (nesting bounded, core/json_util.h), every shape
+  // entry and offset a non-negative JSON integer (no floats, nothing >= 2^63), offsets inside the
+  // data section, byte sizes (overflow-checked) matching dtype x shape, no overlap. Errors name the
+  // file and the tensor. The path must be a regular file.
   explicit SafetensorsFile(const std::string& path);
+  // The same checks on a file's bytes already in memory (`name` stands for the path in messages).
+  static SafetensorsFile from_bytes(std::string bytes, const std::string& name);
 
   const std::string& path() const { return path_; }
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
@@ -38,10 +42,14 @@ class SafetensorsFile {
   void check_entry(const std::string& name, const Tensor& like) const;
 
  private:
+  SafetensorsFile() = default;
+  void parse();  // validates bytes_ and fills the table
+
   std::string path_;
   std::string bytes_;
   size_t data_start_ = 0;
   std::vector<SafetensorsEntry> entries_;
+  std::map<std::string, size_t> index_;  // name -> entry
   std::map<std::string, std::string> metadata_;
 };
 

@@ -16,6 +16,7 @@
 #include "core/check.h"
 #include "core/device.h"
 #include "core/gpu_monitor.h"
+#include "core/json_util.h"
 #include "core/profiler.h"
 #include "core/trace.h"
 #include "data/corpus.h"
@@ -262,38 +263,9 @@ double lr_at_step(const TrainOptions& o, int64_t s) {
 
 namespace {
 
-// Range limits of the trainer's own sizes: every buffer sized from them stays far from overflow
-// (step_losses holds one float per step).
-constexpr int64_t kMaxSteps = 10'000'000;
-constexpr int64_t kMaxBatch = 1 << 20;
-
 // The options the trainer itself uses (the plan's flags are checked by plan_from_flags).
 void validate_options(const TrainOptions& o) {
-  if (o.grad_accum < 1) fail("--grad-accum=", o.grad_accum, " must be >= 1");
-  if (o.steps < 1 || o.steps > kMaxSteps) fail("--steps=", o.steps, " must be in [1, ", kMaxSteps, "]");
-  if (o.batch_size < 1 || o.batch_size > kMaxBatch) fail("--batch-size=", o.batch_size, " must be in [1, ", kMaxBatch, "]");
-  if (o.grad_accum > kMaxBatch) fail("--grad-accum=", o.grad_accum, " must be <= ", kMaxBatch);
-  if (o.seq_len < 0) fail("--seq-len=", o.seq_len, " must be >= 0 (0 = context_length)");
-  if (o.keep_last < 0) fail("--keep-last=", o.keep_last, " must be >= 0 (0 = keep every checkpoint)");
-  if (o.eval_batches > kMaxBatch) fail("--eval-batches=", o.eval_batches, " must be <= ", kMaxBatch);
-  if (!(o.lr > 0) || !std::isfinite(o.lr)) fail("--lr=", o.lr, " must be a finite number > 0");
-  if (o.min_lr != -1.0f && !(o.min_lr >= 0 && std::isfinite(o.min_lr)))
-    fail("--min-lr=", o.min_lr, " must be a finite number >= 0");
-  if (!(o.weight_decay >= 0) || !std::isfinite(o.weight_decay))
-    fail("--weight-decay=", o.weight_decay, " must be a finite number >= 0");
-  if (o.eval_batches < 1) fail("--eval-batches=", o.eval_batches, " must be >= 1");
-  if (o.mfu_peak_tflops < 0 || !std::isfinite(o.mfu_peak_tflops))
-    fail("--mfu-peak-tflops=", o.mfu_peak_tflops, " must be >= 0 (0 = from the device table)");
-  if (o.warmup < 0) fail("--warmup=", o.warmup, " must be >= 0");
-  if (!(o.grad_clip >= 0) || !std::isfinite(o.grad_clip))
-    fail("--grad-clip=", o.grad_clip, " must be a finite number >= 0 (0 = off)");
-  if (o.log_every < 1) fail("--log-every=", o.log_every, " must be >= 1");
-  if (o.eval_every < 0) fail("--eval-every=", o.eval_every, " must be >= 0");
-  if (o.checkpoint_every < 0) fail("--checkpoint-every=", o.checkpoint_every, " must be >= 0");
-  if (o.profile_steps < 1) fail("--profile-steps=", o.profile_steps, " must be >= 1");
-  if (o.profile_warmup < 0 || o.profile_warmup > kMaxSteps)
-    fail("--profile-warmup=", o.profile_warmup, " must be in [0, ", kMaxSteps, "]");
-  if (o.profile_steps > kMaxSteps) fail("--profile-steps=", o.profile_steps, " must be <= ", kMaxSteps);
+  if (const std::string p = train_options_problem(o); !p.empty()) fail(p);  // every count and float
   if (o.cuda_graph != "auto" && o.cuda_graph != "on" && o.cuda_graph != "off")
     fail("--cuda-graph=", o.cuda_graph, " must be auto, on or off");
   if (o.gemm_tune != "on" && o.gemm_tune != "off") fail("--tune=", o.gemm_tune, " must be on or off");
@@ -434,9 +406,9 @@ void Trainer::move_aside_after(int64_t step, const std::string& resume_dir) {
       if (line.empty()) continue;
       int64_t s = INT64_MAX;  // a line that does not parse (a write torn by a crash) goes aside too
       try {
-        const json j = json::parse(line);
+        const json j = json_parse(line, "metrics record");
         if (j.contains("step") && j.at("step").is_number_integer()) s = j.at("step").get<int64_t>();
-      } catch (const json::exception&) {
+      } catch (const Error&) {
       }
       (s > step ? later : kept) += line + "\n";
     }

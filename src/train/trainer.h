@@ -79,6 +79,11 @@ struct TrainOptions {
 // a given flag that changes the run's meaning unless allow_change.
 std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<std::string>& given);
 
+// One line naming the flag when an option is out of range ("" when all are fine): every count within
+// its bound (--batch-size, --seq-len, --grad-accum, --steps, ... ; train/options.cpp), every float
+// finite and in range (--lr, --min-lr, --weight-decay, --grad-clip, the AdamW betas and eps).
+std::string train_options_problem(const TrainOptions& o);
+
 // Global-norm clipping + AdamW over every parameter (weight decay on 2-D parameters only), as one
 // optimizer step number `step` (1-based) at learning rate `lr`; bf16 plans' weight copy is rewritten
 // in the same launch. `norm` is a (1) f32 buffer that receives the pre-clip gradient norm. Allocates

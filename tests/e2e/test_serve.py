@@ -188,6 +188,9 @@ class Serve(unittest.TestCase):
             "token out of range": json.dumps({"model": MODEL, "prompt": [1, 99999]}),
             "logprobs": json.dumps({"model": MODEL, "prompt": "a", "logprobs": 99}),
             "not an object": "[1, 2]",
+            "nested 30000 deep": json.dumps({"model": MODEL, "prompt": "a"})[:-1] + ', "user": ' + "[" * 30000 + "]" * 30000 + "}",
+            "max_tokens beyond int64": json.dumps({"model": MODEL, "prompt": "a"})[:-1] + ', "max_tokens": 18446744073709551615}',
+            "temperature beyond a float": json.dumps({"model": MODEL, "prompt": "a", "temperature": 1e300}),
         }
         for name, body in cases.items():
             code, text = curl(url, "-H", "Content-Type: application/json", "-d", body)
