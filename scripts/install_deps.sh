@@ -2,10 +2,12 @@
 # Installs what lmforge needs to build and test on a Debian machine. Used by the README and .ci/run.
 #   scripts/install_deps.sh        # everything: build, tests (GoogleTest, OpenAI's client), cuDNN frontend
 #   scripts/install_deps.sh demo   # only what the demo needs: build the lmforge binary, plot
+#   scripts/install_deps.sh fuzz   # the fuzz targets' compiler: clang with libFuzzer and the sanitizers
 set -euo pipefail
 what=${1:-all}
 pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libcpp-httplib-dev gnuplot-nox)
-[ "$what" = demo ] || pkgs+=(libgtest-dev curl python3 python3-venv)
+[ "$what" = demo ] || [ "$what" = fuzz ] || pkgs+=(libgtest-dev curl python3 python3-venv)
+[ "$what" = fuzz ] && pkgs+=(clang libclang-rt-14-dev libomp-14-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -15,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installed: ${missing[*]}"
 fi
 
-[ "$what" = demo ] && exit 0
+[ "$what" = demo ] || [ "$what" = fuzz ] && exit 0
 
 # The serving end-to-end tests talk to `lmforge serve` with OpenAI's Python client (PyPI), from a
 # virtual environment in third_party/venv (git-ignored).
