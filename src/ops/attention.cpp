@@ -1,7 +1,7 @@
 // attention.cpp: CPU reference of causal multi-head / grouped-query attention, GEMMs through
 // blas_sgemm (ops/blas.h).
 //
-// One (b, h) head at a time per OpenMP thread: the Q, K, V heads are strided views into the qkv
+// One (b, h) head per parallel_for chunk (core/parallel.h): the Q, K, V heads are strided views into the qkv
 // buffer (leading dimension C3 = (NH + 2 NKV) HS, no copies) and the output head a strided view into
 // out (leading dimension NH HS); inside the parallel region every GEMM runs single-threaded on the
 // calling thread. Rows are processed in blocks of kRowBlock queries; a block only touches key
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/parallel.h"
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
 #include "ops/dispatch.h"
@@ -113,13 +114,12 @@ void attention_head_backward(float* dq, float* dk, float* dv, float* dp, const f
 void attention_forward_cpu(float* out, float* probs, const float* qkv, AttnDims d) {
   const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
   const float scale = attention_scale(HS);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t bh = 0; bh < d.B * d.NH; ++bh) {
+  parallel_for(d.B * d.NH, 1, [&](int64_t bh, int64_t) {  // one head per chunk
     const int64_t b = bh / d.NH, h = bh % d.NH, kvh = h / group;
     const float* base = qkv + b * T * C3;
     attention_head_forward(out + b * T * CO + h * HS, probs + bh * T * T, base + h * HS, base + (d.NH + kvh) * HS,
                            base + (d.NH + d.NKV + kvh) * HS, T, HS, C3, CO, scale);
-  }
+  });
 }
 
 // dqkv: (B, T, C3) accumulated; dprobs: (B, NH, T, T) scratch; dout: (B, T, NH*HS);
@@ -128,8 +128,7 @@ void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const
                             AttnDims d) {
   const int64_t T = d.T, HS = d.HS, C3 = d.C3(), CO = d.CO(), group = d.NH / d.NKV;
   const float scale = attention_scale(HS);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t bg = 0; bg < d.B * d.NKV; ++bg) {
+  parallel_for(d.B * d.NKV, 1, [&](int64_t bg, int64_t) {  // one kv head (its q heads in order) per chunk
     const int64_t b = bg / d.NKV, kvh = bg % d.NKV;
     const float* base = qkv + b * T * C3;
     float* dbase = dqkv + b * T * C3;
@@ -139,7 +138,7 @@ void attention_backward_cpu(float* dqkv, float* dprobs, const float* dout, const
                               dprobs + bh * T * T, dout + b * T * CO + h * HS, base + h * HS, base + (d.NH + kvh) * HS,
                               base + (d.NH + d.NKV + kvh) * HS, probs + bh * T * T, T, HS, C3, CO, scale);
     }
-  }
+  });
 }
 
 // Checks the head counts against the qkv row length C3 and returns HS.

@@ -1,13 +1,14 @@
 #include "ops/blas.h"
 
 #include <cblas.h>
+
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "core/check.h"
+#include "core/parallel.h"
 
 namespace lmf {
 
@@ -141,7 +142,6 @@ void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
     small_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
   // The blocks depend only on the shape, never on the thread count: OpenBLAS picks its kernels by
   // the block's size, so the same blocks give the same bits on 1 thread or 64.
   if (static_cast<double>(M) * N * K < kParallelMinFlops || (M < 2 * kRowBlock && N < 2 * kColBlock)) {
@@ -150,22 +150,16 @@ void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
   }
   if (M >= 2 * kRowBlock) {
     // Row blocks of C: rows [r0, r1) of C need rows [r0, r1) of op(A).
-    const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
+    parallel_for(M, kRowBlock, [&](int64_t r0, int64_t r1) {
       const float* Ab = ta ? A + r0 : A + r0 * lda;
       cblas_sgemm(CblasRowMajor, opa, opb, r1 - r0, N, K, alpha, Ab, lda, B, ldb, beta, C + r0 * ldc, ldc);
-    }
+    });
   } else {
     // Column blocks of C: columns [c0, c1) of C need columns [c0, c1) of op(B).
-    const int64_t blocks = (N + kColBlock - 1) / kColBlock;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t c0 = i * kColBlock, c1 = std::min(N, c0 + kColBlock);
+    parallel_for(N, kColBlock, [&](int64_t c0, int64_t c1) {
       const float* Bb = tb ? B + c0 * ldb : B + c0;
       cblas_sgemm(CblasRowMajor, opa, opb, M, c1 - c0, K, alpha, A, lda, Bb, ldb, beta, C + c0, ldc);
-    }
+    });
   }
 }
 

@@ -1,11 +1,12 @@
 // blas.h: the one place lmforge calls BLAS (CPU).
 //
 // OpenBLAS runs single-threaded: its threaded GEMM allocates a job table on every call (an
-// allocation inside the step) and its thread pool competes with OpenMP's. lmforge parallelises a
-// large GEMM itself by splitting C into row blocks (or column blocks when C has few rows) over
-// OpenMP threads, one single-threaded sgemm per block. The blocks are fixed sizes that depend only
-// on the shape, so results are bitwise the same for any number of threads. Inside an OpenMP
-// parallel region (e.g. attention's per-head loop) the call runs on the calling thread.
+// allocation inside the step) and its thread pool competes with lmforge's. lmforge parallelises a
+// large GEMM itself by splitting C into row blocks (or column blocks when C has few rows), one
+// single-threaded sgemm per block, over the worker threads (parallel_for, core/parallel.h). The
+// blocks are fixed sizes that depend only on the shape, so results are bitwise the same for any
+// number of threads. Inside a parallel_for chunk (e.g. attention's per-head loop) the call runs on
+// the calling thread.
 // Narrow shapes (N <= 32, up to 1e6 multiply-adds: attention's P V and its gradients at head sizes up
 // to 32, small MoE experts) do not go to OpenBLAS (whose small-matrix kernels allocate) but to
 // lmforge's own register-blocked AVX2/FMA tiles (blas.cpp), where every element of C is one FMA chain

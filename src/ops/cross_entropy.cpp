@@ -9,7 +9,7 @@
 //   dlogits = grad_scale (softmax - onehot), written in place over the scratch (only when dx/dw)
 //   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (sgemm, beta = 1)
 // Padded rows of dW are never written (they receive zero gradient). Rows of a chunk are
-// independent (OpenMP over rows); the chunk order is fixed, so results are deterministic.
+// independent (parallel_for over rows); the chunk order is fixed, so results are deterministic.
 // bf16 x / w / logits_scratch / dx (mixed precision) run on the GPU only: the CPU stays the fp32
 // reference (docs/MIXED_PRECISION.md), and a bf16 tensor here fails naming it.
 #include "ops/cross_entropy.h"
@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/parallel.h"
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
 #include "ops/dispatch.h"
@@ -44,22 +45,23 @@ void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float*
     const float* xc = x + static_cast<int64_t>(n0) * C;  // (rows, C)
     // logits[0:rows, 0:V] = xc W[:V]^T
     blas_sgemm(false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * V >= (1 << 15))
-    for (int r = 0; r < rows; ++r) {
-      float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
-      const int tgt = targets[n0 + r];
-      const float l_tgt = l[tgt];
-      const float mx = row_max(l, V);
-      for (int j = 0; j < V; ++j) l[j] = exp_nonpos(l[j] - mx);  // keep exp(l - max) for the gradient
-      const double sum = row_sum_double(l, V);
-      losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
-      if (grad) {
-        const float inv = static_cast<float>(1.0 / sum);
-        const float e_tgt = l[tgt];
-        for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
-        l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+    parallel_for(rows, grain_for(rows, (1 << 14) / V + 1), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
+        const int tgt = targets[n0 + r];
+        const float l_tgt = l[tgt];
+        const float mx = row_max(l, V);
+        for (int j = 0; j < V; ++j) l[j] = exp_nonpos(l[j] - mx);  // keep exp(l - max) for the gradient
+        const double sum = row_sum_double(l, V);
+        losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
+        if (grad) {
+          const float inv = static_cast<float>(1.0 / sum);
+          const float e_tgt = l[tgt];
+          for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
+          l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+        }
       }
-    }
+    });
     if (!grad) continue;
     // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
     blas_sgemm(false, false, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f, dx + static_cast<int64_t>(n0) * C, C);

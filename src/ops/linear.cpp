@@ -1,15 +1,16 @@
 // linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through blas_sgemm
-// (ops/blas.h: single-threaded OpenBLAS calls split over OpenMP threads).
+// (ops/blas.h: single-threaded OpenBLAS calls split over the worker threads, core/parallel.h).
 //
 // Every GEMM reads the caller's row-major buffers in place (transposes and leading dimensions, no
 // copies). Backward accumulates (+=, sgemm beta = 1) into every gradient it is given.
 // Determinism: the GEMMs are deterministic for a fixed thread count; the bias-gradient reduction
-// sums each column over rows in increasing row order, whatever the number of OpenMP threads.
+// sums each column over rows in increasing row order, whatever the number of threads.
 #include "ops/linear.h"
 
 #include <algorithm>
 #include <climits>
 
+#include "core/parallel.h"
 #include "ops/activation.h"
 #include "ops/blas.h"
 #include "ops/dispatch.h"
@@ -20,7 +21,7 @@ namespace {
 constexpr const char* kOpForward = "linear_forward";
 constexpr const char* kOpBackward = "linear_backward";
 
-// Columns per OpenMP work item in the bias reduction: wide enough to vectorise the row loop.
+// Columns per parallel chunk in the bias reduction: wide enough to vectorise the row loop.
 constexpr int64_t kBiasCols = 64;
 
 // out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or nullptr. All row-major.
@@ -29,11 +30,12 @@ void linear_forward_cpu(float* out, const float* inp, const float* weight, const
   // out = inp weight^T
   blas_sgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC);
   if (!bias) return;
-#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
-  for (int64_t n = 0; n < N; ++n) {
-    float* o = out + n * OC;
-    for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
-  }
+  parallel_for(N, grain_for(N, (1 << 14) / OC + 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* o = out + n * OC;
+      for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
+    }
+  });
 }
 
 // dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
@@ -46,17 +48,18 @@ void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float*
   if (dweight) blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
   // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
   if (dbias) {
-    const int64_t n_blocks = (OC + kBiasCols - 1) / kBiasCols;
-#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t c0 = blk * kBiasCols, w = std::min(kBiasCols, OC - c0);
-      float acc[kBiasCols] = {};
-      for (int64_t r = 0; r < N; ++r) {
-        const float* row = dout + r * OC + c0;
-        for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+    const int64_t grain = N * OC >= (1 << 16) ? kBiasCols : OC;  // small: one chunk, no threads
+    parallel_for(OC, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0; c0 < b1; c0 += kBiasCols) {
+        const int64_t w = std::min(kBiasCols, b1 - c0);
+        float acc[kBiasCols] = {};
+        for (int64_t r = 0; r < N; ++r) {
+          const float* row = dout + r * OC + c0;
+          for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+        }
+        for (int64_t c = 0; c < w; ++c) dbias[c0 + c] += acc[c];
       }
-      for (int64_t c = 0; c < w; ++c) dbias[c0 + c] += acc[c];
-    }
+    });
   }
 }
 

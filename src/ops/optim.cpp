@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "core/arena.h"
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
@@ -48,11 +49,10 @@ void grad_global_norm_cpu(float* norm, const float* grads, int64_t n) {
   for (int64_t g0 = 0; g0 < n_blocks; g0 += kNormGroup) {
     const int nb = static_cast<int>(std::min<int64_t>(kNormGroup, n_blocks - g0));
     double part[kNormGroup];
-#pragma omp parallel for schedule(static) if (nb > 1)
-    for (int b = 0; b < nb; ++b) {
+    parallel_for(nb, 1, [&](int64_t b, int64_t) {  // one block per chunk
       const int64_t i0 = (g0 + b) * kNormBlock;
       part[b] = block_sum_squares(grads + i0, std::min(kNormBlock, n - i0));
-    }
+    });
     for (int b = 0; b < nb; ++b) total += part[b];
   }
   norm[0] = static_cast<float>(std::sqrt(total));
@@ -65,16 +65,18 @@ void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const
   // torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))
   const float clip = (norm && max_norm > 0.0f) ? std::min(1.0f, max_norm / (norm[0] + 1e-6f)) : 1.0f;
   const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
-#pragma omp parallel for simd schedule(static) if (n >= (1 << 15))
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = clip * grad[i];
-    const float mi = beta1 * m[i] + one_m_b1 * g;
-    const float vi = beta2 * v[i] + one_m_b2 * (g * g);
-    m[i] = mi;
-    v[i] = vi;
-    const float m_hat = mi / bias_corr1, v_hat = vi / bias_corr2;
-    param[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * param[i]);
-  }
+  parallel_for(n, grain_for(n, 1 << 14), [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = clip * grad[i];
+      const float mi = beta1 * m[i] + one_m_b1 * g;
+      const float vi = beta2 * v[i] + one_m_b2 * (g * g);
+      m[i] = mi;
+      v[i] = vi;
+      const float m_hat = mi / bias_corr1, v_hat = vi / bias_corr2;
+      param[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * param[i]);
+    }
+  });
 }
 
 // Checks shared by adamw_update and adamw_update_flat (op = the entry's name); returns the bias
