@@ -1,8 +1,8 @@
 // test_ops_blas.cpp: blas_sgemm (ops/blas.h), the CPU GEMM under linear, attention, cross-entropy
-// and MoE, against a float64 reference on every transpose pair, awkward sizes (tails of the 6 x 16
-// tiles, one row, one column, K = 1), leading dimensions larger than the matrix, alpha/beta, NaN in
-// C with beta = 0; the small path's bitwise contract (each element one FMA chain over k in order);
-// and the same bits for 1 and 3 threads on shapes that take the parallel split.
+// and MoE, against a float64 reference on every transpose pair, awkward sizes (tails of the 12 x 32,
+// 6 x 16 and 4 x 4 tiles, one row, one column, K = 1), leading dimensions larger than the matrix,
+// alpha/beta, NaN in C with beta = 0; the bitwise contract (each element one FMA chain over k in
+// order) in every build of the tiles the CPU runs; and the same bits for 1 and 3 threads.
 #include <omp.h>
 
 #include <algorithm>
@@ -53,8 +53,8 @@ Operands make_operands(const Case& c, uint64_t seed) {
 float op_a(const Case& c, const Operands& o, int64_t i, int64_t k) { return c.ta ? o.A[k * o.lda + i] : o.A[i * o.lda + k]; }
 float op_b(const Case& c, const Operands& o, int64_t k, int64_t j) { return c.tb ? o.B[j * o.ldb + k] : o.B[k * o.ldb + j]; }
 
-// The shapes every path is tested on: the small path (N <= 32), single OpenBLAS calls, and the
-// row- and column-split parallel paths; tails of every tile size.
+// The shapes every path is tested on: one thread (small), parallel tiles split by rows and by
+// columns, k over several packed blocks; tails of every tile size; K = 0 (C = beta C).
 std::vector<Case> cases() {
   std::vector<Case> v;
   for (int t = 0; t < 4; ++t) {
@@ -62,10 +62,11 @@ std::vector<Case> cases() {
     for (int64_t M : {1, 5, 6, 7, 13, 111})
       for (int64_t N : {1, 7, 8, 15, 16, 17, 32, 33, 130})
         for (int64_t K : {1, 19, 64})
-          v.push_back({ta, tb, M, N, K, (M + N) % 3 == 0 ? 0.5f : 1.0f, (M * N) % 2 == 0 ? 0.0f : 1.0f});
-    v.push_back({ta, tb, 300, 40, 70, 1.0f, 1.0f});   // row blocks in parallel
-    v.push_back({ta, tb, 100, 600, 50, 1.0f, 0.0f});  // column blocks in parallel
-    v.push_back({ta, tb, 3, 20, 700, 1.0f, 1.0f});    // small path, K beyond the packing buffer
+          v.push_back({ta, tb, M, N, K, (M + N) % 3 == 0 ? 0.5f : 1.0f, (M * N) % 2 == 0 ? 0.0f : 0.75f});
+    v.push_back({ta, tb, 300, 40, 70, 1.0f, 1.0f});   // tiles split by rows, in parallel
+    v.push_back({ta, tb, 100, 600, 50, 1.0f, 0.0f});  // tiles split by columns, in parallel
+    v.push_back({ta, tb, 5, 9, 0, 1.0f, 0.5f});       // K = 0
+    v.push_back({ta, tb, 3, 20, 700, 1.0f, 1.0f});    // one thread, k in several packed blocks
   }
   return v;
 }
@@ -114,25 +115,45 @@ TEST(Blas, BetaZeroIgnoresNanInC) {
   }
 }
 
-// The small path's contract (blas.cpp): every element of C is one FMA chain over k = 0..K-1 started
-// at 0, then alpha acc or fma(alpha, acc, beta c). So its bits are those of the scalar loop below,
-// whatever the tiling, tails or vector width.
-TEST(Blas, SmallPathIsOneFmaChainPerElement) {
+// The contract (blas.h): every element of C is one FMA chain over k = 0..K-1, started from beta c
+// (0 when beta is 0), acc = fma(alpha a_ik, b_kj, acc). So its bits are those of the scalar loop below,
+// whatever the path (single thread, parallel tiles, long k in several passes), the tails, or the build
+// of the tiles (each build this CPU runs is checked).
+TEST(Blas, EveryElementIsOneFmaChainInEveryBuild) {
+  std::vector<Case> all = cases();
+  all.push_back({false, false, 40, 50, 9000, 1.0f, 1.0f});  // k in several parallel passes
+  all.push_back({true, true, 30, 70, 600, 0.5f, 0.0f});     // k in several packed blocks
+  std::vector<BlasKernels> builds{BlasKernels::portable};
+  if (blas_kernels() != BlasKernels::portable) builds.push_back(BlasKernels::avx2);
+  if (blas_kernels() == BlasKernels::avx512) builds.push_back(BlasKernels::avx512);
   uint64_t seed = 100;
-  for (const Case& c : cases()) {
-    if (c.N > 32 || static_cast<double>(c.M) * c.N * c.K > 1e6) continue;  // not the small path
+  for (const Case& c : all) {
     Operands o = make_operands(c, seed += 3);
-    std::vector<float> C = o.C;
-    blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, o.A.data(), o.lda, o.B.data(), o.ldb, c.beta, C.data(), o.ldc);
+    std::vector<float> want(c.M * c.N);
     for (int64_t i = 0; i < c.M; ++i)
       for (int64_t j = 0; j < c.N; ++j) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < c.K; ++k) acc = std::fma(op_a(c, o, i, k), op_b(c, o, k, j), acc);
-        const float old = o.C[i * o.ldc + j];
-        const float want = c.beta == 0.0f ? c.alpha * acc : std::fma(c.alpha, acc, c.beta * old);
-        ASSERT_EQ(C[i * o.ldc + j], want) << c.str() << " at " << i << "," << j;
+        float acc = c.beta == 0.0f ? 0.0f : c.beta * o.C[i * o.ldc + j];
+        for (int64_t k = 0; k < c.K; ++k) acc = std::fma(c.alpha * op_a(c, o, i, k), op_b(c, o, k, j), acc);
+        want[i * c.N + j] = acc;
       }
+    for (BlasKernels k : builds) {
+      blas_use_kernels(k);
+      std::vector<float> C = o.C;
+      blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, o.A.data(), o.lda, o.B.data(), o.ldb, c.beta, C.data(), o.ldc);
+      for (int64_t i = 0; i < c.M; ++i)
+        for (int64_t j = 0; j < c.N; ++j)
+          ASSERT_EQ(C[i * o.ldc + j], want[i * c.N + j])
+              << c.str() << " kernels=" << blas_kernels_name(k) << " at " << i << "," << j;
+    }
+    blas_use_kernels(std::nullopt);
   }
+}
+
+TEST(Blas, KernelsTheCpuDoesNotRunAreAnError) {
+  blas_use_kernels(std::nullopt);
+  if (blas_kernels() == BlasKernels::avx512) GTEST_SKIP() << "this CPU runs every build";
+  EXPECT_THROW(blas_use_kernels(BlasKernels::avx512), Error);
+  blas_use_kernels(std::nullopt);
 }
 
 // Same bits on 1 and 3 threads (the parallel split's blocks depend only on the shape).
