@@ -39,13 +39,16 @@ void linear_forward_cpu(float* out, const float* inp, const float* weight, const
 }
 
 // dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
-// dout: (N, OC); inp: (N, IC); weight: (OC, IC). All accumulated.
+// dout: (N, OC); inp: (N, IC); weight: (OC, IC). Accumulated, except dinp / dweight when
+// accumulate_dinp / accumulate_dweight is false (GEMM beta 0: the same bits as zeroing and adding).
 void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                         const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
+                         const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp,
+                         bool accumulate_dweight) {
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
   if (dinp) blas_sgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
-  if (dweight) blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dweight)
+    blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, accumulate_dweight ? 1.0f : 0.0f, dweight, IC);
   // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
   if (dbias) {
     const int64_t grain = N * OC >= (1 << 16) ? kBiasCols : OC;  // small: one chunk, no threads
@@ -147,11 +150,13 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
                                                          dweight_mode == GradMode::Accumulate));
     return;
   }
-  if (dweight.defined() && dweight_mode == GradMode::Overwrite) tensor_zero(dweight);  // then accumulated
-  if (dout.device == Device::cpu)
-    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc);
-  else
-    LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
+  const bool acc_w = dweight_mode == GradMode::Accumulate;
+  if (dout.device == Device::cpu) {
+    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc, acc_w);
+    return;
+  }
+  if (dweight.defined() && !acc_w) tensor_zero(dweight);  // then accumulated
+  LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
                                                          weight.f32(), N, IC, OC, math, acc));
 }
 
