@@ -130,8 +130,17 @@ struct Tiles {
 
   // C[0:mr, 0:nc] (leading dimension ldc) gets the chain over the kc packed k's of ap ([k][MR]) and
   // bp ([k][NR]), started as `init` says.
+  // How the micro-kernel reads op(A): packed ([k][MR]), or in place with alpha 1 (the same products)
+  // for a full sliver of MR rows: rows (op(A) = A, row r at ap + r lda) or columns (op(A) = A^T, k at
+  // ap + k lda).
+  enum class ARead { packed, rows, cols };
+
+  template <ARead kA = ARead::packed>
   static void micro(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int mr, int nc,
-                    AccInit init, float beta) {
+                    AccInit init, float beta, int64_t lda = 0) {
+    const float* arow[MR];
+    if constexpr (kA == ARead::rows)
+      for (int r = 0; r < MR; ++r) arow[r] = ap + r * lda;
     typename V::Reg acc[MR][NV];
     typename V::Mask mask[NV];
     for (int v = 0; v < NV; ++v) mask[v] = V::mask_first(nc - v * W);
@@ -150,7 +159,8 @@ struct Tiles {
       typename V::Reg b[NV];
       for (int v = 0; v < NV; ++v) b[v] = V::load(bp + k * NR + v * W);
       for (int r = 0; r < MR; ++r) {
-        const typename V::Reg a = V::set1(ap[k * MR + r]);
+        const float av = kA == ARead::rows ? arow[r][k] : kA == ARead::cols ? ap[k * lda + r] : ap[k * MR + r];
+        const typename V::Reg a = V::set1(av);
         for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(a, b[v], acc[r][v]);
       }
     }
@@ -179,13 +189,32 @@ struct Tiles {
         for (int64_t j = j0; j < j1; ++j) g.C[i * g.ldc + j] = g.beta == 0.0f ? 0.0f : g.beta * g.C[i * g.ldc + j];
       return;
     }
+    // op(A) with alpha 1 is read in place: for the small GEMMs of this path (attention's, at head
+    // sizes where each element of A meets only HS columns of B) packing it costs as much as the products.
+    const bool direct_a = g.alpha == 1.0f;
     for (int64_t p0 = pb; p0 < pe; p0 += kKc) {
       const int64_t kc = imin(kKc, pe - p0);
-      pack_a(g, i0, i1, p0, kc, abuf);
+      if (!direct_a) pack_a(g, i0, i1, p0, kc, abuf);
       for (int64_t j = j0; j < j1; j += NR) {
         const int nc = static_cast<int>(imin(NR, j1 - j));
         pack_b(g, j, nc, p0, kc, bbuf);
-        column(g, i0, i1, j, nc, p0, kc, abuf, bbuf);
+        if (!direct_a) {
+          column(g, i0, i1, j, nc, p0, kc, abuf, bbuf);
+          continue;
+        }
+        const AccInit init = p0 > 0 ? AccInit::c : g.beta == 0.0f ? AccInit::zero : AccInit::beta_c;
+        for (int64_t s0 = i0; s0 < i1; s0 += MR) {
+          const int mr = static_cast<int>(imin(MR, i1 - s0));
+          float* c = g.C + s0 * g.ldc + j;
+          if (mr < MR) {  // the last, partial sliver: packed (zero rows past mr)
+            pack_a(g, s0, i1, p0, kc, abuf);
+            micro(kc, abuf, bbuf, c, g.ldc, mr, nc, init, g.beta);
+          } else if (g.ta) {
+            micro<ARead::cols>(kc, g.A + p0 * g.lda + s0, bbuf, c, g.ldc, mr, nc, init, g.beta, g.lda);
+          } else {
+            micro<ARead::rows>(kc, g.A + s0 * g.lda + p0, bbuf, c, g.ldc, mr, nc, init, g.beta, g.lda);
+          }
+        }
       }
     }
   }
