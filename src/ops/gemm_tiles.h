@@ -189,9 +189,10 @@ struct Tiles {
         for (int64_t j = j0; j < j1; ++j) g.C[i * g.ldc + j] = g.beta == 0.0f ? 0.0f : g.beta * g.C[i * g.ldc + j];
       return;
     }
-    // op(A) with alpha 1 is read in place: for the small GEMMs of this path (attention's, at head
-    // sizes where each element of A meets only HS columns of B) packing it costs as much as the products.
-    const bool direct_a = g.alpha == 1.0f;
+    // op(A) with alpha 1 and at most two B slivers is read in place: each element of A then meets at
+    // most 2 NR columns of B (attention's P V, dV, dQ, dK at head sizes up to 64), and packing it cost
+    // as much as the products; wider C reuses the packed A across its slivers.
+    const bool direct_a = g.alpha == 1.0f && j1 - j0 <= 2 * NR;
     for (int64_t p0 = pb; p0 < pe; p0 += kKc) {
       const int64_t kc = imin(kKc, pe - p0);
       if (!direct_a) pack_a(g, i0, i1, p0, kc, abuf);
