@@ -1,13 +1,11 @@
 // blas.cpp: blas_sgemm, lmforge's own CPU GEMM (packed register-blocked tiles, ops/gemm_tiles.h, in
 // the best build the CPU runs: AVX-512, AVX2/FMA or portable), and blas_dgemm (OpenBLAS; references).
 //
-// Two paths, the same bits (every element is one FMA chain over k, gemm_tiles.h, whatever the
-// tiling, thread count, batch size or instruction set):
-// - small GEMMs, GEMMs called from inside a parallel_for chunk (attention's heads) and one thread:
-//   the calling thread, tile by tile, packing into its own buffers;
-// - large GEMMs: the worker threads (parallel_for, core/parallel.h) share packed panels of op(A) and
-//   op(B) for each k block (BLIS's loop order), so each element of A and B is packed once per panel
-//   however many threads compute from it.
+// C is cut into tiles; each tile packs its own rows of op(A) and columns of op(B) into the running
+// thread's buffers. Small GEMMs, GEMMs called from inside a parallel_for chunk (attention's heads) and
+// one thread: the calling thread, tile by tile; large GEMMs: tiles over the worker threads
+// (parallel_for, core/parallel.h). The same bits either way: every element is one FMA chain over k
+// (gemm_tiles.h), whatever the tiling, thread count, batch size or instruction set.
 #include "ops/blas.h"
 
 #include <cblas.h>
@@ -29,11 +27,13 @@ const int kBlasThreadsPinned = (openblas_set_num_threads(1), 1);
 
 // Below this many multiply-adds a GEMM runs on the calling thread, tile by tile.
 constexpr double kParallelMinMacs = 1.0e6;
-// A parallel GEMM packs op(A) and op(B) into shared panels of at most kPanelRows x kPanelK and
-// kPanelK x kPanelCols (every thread then reads the same packed data, in k blocks of kKc), then
-// computes chunks of kRowGroup rows x one B sliver over the whole panel's k. kPanelRows and kRowGroup
-// are multiples of every build's mr, kPanelCols of every nr, kPanelK of kKc.
-constexpr int64_t kPanelRows = 768, kPanelCols = 2048, kPanelK = 1024, kRowGroup = 192;
+// A parallel GEMM is cut into tiles of C, each packing its own rows of op(A) and columns of op(B):
+// at least kTilesPerThread per thread (so that a thread that starts late, or is descheduled, still
+// shares the work), grown the cheaper way (see parallel_tiles). k longer than kKRange runs in ranges,
+// one parallel loop each (the chains continue in C), so the A and B blocks a range's tiles re-read
+// stay in cache.
+constexpr int64_t kTilesPerThread = 3;
+constexpr int64_t kKRange = 4096;
 
 // This thread's packing buffers for the tile-by-tile path (static TLS: no allocation, ever).
 struct alignas(64) PackBuffers {
@@ -41,15 +41,6 @@ struct alignas(64) PackBuffers {
   float b[kKc * 32];
 };
 thread_local PackBuffers tls_pack;
-
-// The shared panels of the parallel path: one GEMM at a time (a second caller, or a GEMM called from
-// inside a parallel_for chunk, takes the tile-by-tile path; same bits).
-struct alignas(64) Panels {
-  float a[kPanelRows * kPanelK];  // per k block: mr-row slivers of [kc][mr]
-  float b[kPanelK * kPanelCols];  // per k block: nr-column slivers of [kc][nr]
-};
-Panels g_panels;
-std::atomic<bool> g_panels_busy{false};
 
 const GemmIsa& isa_scalar() { return isa_of<Tiles<Scalar, 4, 4>>(); }
 
@@ -87,43 +78,26 @@ void gemm_tiles(const GemmArgs& g, const GemmIsa& isa) {
     isa.tile(g, i0, std::min(g.M, i0 + kMcMax), 0, g.N, 0, g.K, tls_pack.a, tls_pack.b);
 }
 
-// The worker threads, through the shared panels: per panel of rows x columns x k, one parallel loop
-// packs (one A or B sliver of one k block per chunk), the next computes (kRowGroup rows x one B sliver
-// per chunk, over every k block of the panel: the chunk's C stays in cache between k blocks).
-void gemm_panels(const GemmArgs& g, const GemmIsa& isa, Panels& p) {
-  for (int64_t jc = 0; jc < g.N; jc += kPanelCols) {
-    const int64_t jn = std::min(g.N, jc + kPanelCols), b_slivers = ceil_div(jn - jc, isa.nr);
-    for (int64_t ic = 0; ic < g.M; ic += kPanelRows) {
-      const int64_t in = std::min(g.M, ic + kPanelRows), a_slivers = ceil_div(in - ic, isa.mr);
-      const int64_t groups = ceil_div(in - ic, kRowGroup);
-      for (int64_t pk = 0; pk < g.K; pk += kPanelK) {
-        const int64_t blocks = ceil_div(std::min(kPanelK, g.K - pk), kKc);
-        // Block b of the panel: k in [pk + b kKc, + kc), its A slivers at a_at(b), B slivers at b_at(b).
-        auto kc_of = [&](int64_t b) { return std::min(kKc, g.K - pk - b * kKc); };
-        auto a_at = [&](int64_t b) { return p.a + b * a_slivers * isa.mr * kKc; };
-        auto b_at = [&](int64_t b) { return p.b + b * b_slivers * isa.nr * kKc; };
-        parallel_for(blocks * (a_slivers + b_slivers), 1, [&](int64_t t, int64_t) {
-          const int64_t b = t / (a_slivers + b_slivers), u = t % (a_slivers + b_slivers);
-          const int64_t p0 = pk + b * kKc, kc = kc_of(b);
-          if (u < a_slivers) {
-            const int64_t i0 = ic + u * isa.mr;
-            isa.pack_a(g, i0, std::min(in, i0 + isa.mr), p0, kc, a_at(b) + u * isa.mr * kc);
-          } else {
-            const int64_t s = u - a_slivers, j = jc + s * isa.nr;
-            isa.pack_b(g, j, static_cast<int>(std::min<int64_t>(isa.nr, jn - j)), p0, kc, b_at(b) + s * isa.nr * kc);
-          }
-        });
-        parallel_for(groups * b_slivers, 1, [&](int64_t t, int64_t) {  // row-group-major: A stays in L2
-          const int64_t r0 = ic + (t / b_slivers) * kRowGroup, s = t % b_slivers, j = jc + s * isa.nr;
-          const int nc = static_cast<int>(std::min<int64_t>(isa.nr, jn - j));
-          for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t kc = kc_of(b);
-            isa.column(g, r0, std::min(in, r0 + kRowGroup), j, nc, pk + b * kKc, kc, a_at(b) + (r0 - ic) * kc,
-                       b_at(b) + s * isa.nr * kc);
-          }
-        });
-      }
-    }
+// The worker threads, tile by tile: tm x tn tiles. Each tile packs its op(A) rows and op(B) columns,
+// so A is packed tn times and B tm times: starting from row tiles of kMcMax, each step adds the
+// cheaper of one more column (M more rows of A to pack per k) or row of tiles (N more columns of B).
+void gemm_parallel_tiles(const GemmArgs& g, const GemmIsa& isa) {
+  int64_t tm = ceil_div(g.M, kMcMax), tn = 1;
+  const int64_t target = kTilesPerThread * cpu_threads();
+  while (tm * tn < target) {
+    const bool more_n = ceil_div(g.N, tn + 1) >= 2 * isa.nr, more_m = ceil_div(g.M, tm + 1) >= 4 * isa.mr;
+    if (more_n && (g.M <= g.N || !more_m)) ++tn;
+    else if (more_m) ++tm;
+    else break;
+  }
+  const int64_t mc = ceil_div(ceil_div(g.M, tm), isa.mr) * isa.mr, nc = ceil_div(ceil_div(g.N, tn), isa.nr) * isa.nr;
+  const int64_t rows = ceil_div(g.M, mc), cols = ceil_div(g.N, nc);
+  for (int64_t pb = 0; pb < g.K; pb += kKRange) {
+    const int64_t pe = std::min(g.K, pb + kKRange);
+    parallel_for(rows * cols, 1, [&](int64_t t, int64_t) {
+      const int64_t i0 = (t / cols) * mc, j0 = (t % cols) * nc;
+      isa.tile(g, i0, std::min(g.M, i0 + mc), j0, std::min(g.N, j0 + nc), pb, pe, tls_pack.a, tls_pack.b);
+    });
   }
 }
 
@@ -158,12 +132,8 @@ void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
   const GemmIsa& isa = isa_of_kernels(current_kernels());
   const bool parallel = K > 0 && static_cast<double>(M) * N * K >= kParallelMinMacs && cpu_threads() > 1 &&
                         !in_parallel_for();
-  if (!parallel || g_panels_busy.exchange(true, std::memory_order_acquire)) {
-    gemm_tiles(g, isa);
-    return;
-  }
-  gemm_panels(g, isa, g_panels);
-  g_panels_busy.store(false, std::memory_order_release);
+  if (parallel) gemm_parallel_tiles(g, isa);
+  else gemm_tiles(g, isa);
 }
 
 void blas_dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,

@@ -40,20 +40,12 @@ struct GemmArgs {
   int64_t ldc;
 };
 
-// One build's entry points (Tiles below): mr x nr micro-tiles;
-//   tile:   C[i0:i1, j0:j1] over k in [pb, pe) with this thread's buffers (abuf: kMcMax x kKc floats,
-//           bbuf: kKc x 32 floats), packing as it goes;
-//   pack_a: op(A)'s rows [i0, i1) x k block [p0, p0 + kc) into mr-row slivers (alpha applied);
-//   pack_b: op(B)'s k block x columns [j, j + nc) (nc <= nr) into one nr-column sliver;
-//   column: C[i0:i1, j:j+nc] over the packed k block (a later block continues the chains in C).
+// One build's entry point (Tiles::tile below, mr x nr micro-tiles): C[i0:i1, j0:j1] over k in
+// [pb, pe) with the running thread's buffers (abuf: kMcMax x kKc floats, bbuf: kKc x 32 floats).
 struct GemmIsa {
   int mr, nr;
   void (*tile)(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t pb, int64_t pe, float* abuf,
                float* bbuf);
-  void (*pack_a)(const GemmArgs& g, int64_t i0, int64_t i1, int64_t p0, int64_t kc, float* dst);
-  void (*pack_b)(const GemmArgs& g, int64_t j, int nc, int64_t p0, int64_t kc, float* dst);
-  void (*column)(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j, int nc, int64_t p0, int64_t kc,
-                 const float* apanel, const float* bsliver);
 };
 const GemmIsa& gemm_isa_avx2();    // blas_avx2.cpp
 const GemmIsa& gemm_isa_avx512();  // blas_avx512.cpp
@@ -82,16 +74,21 @@ struct Tiles {
 
   // dst[s][k][r] = alpha op(A)[i0 + s MR + r, p0 + k] for r < rows left, else 0; k < kc.
   static void pack_a(const GemmArgs& g, int64_t i0, int64_t i1, int64_t p0, int64_t kc, float* dst) {
-    for (int64_t s0 = i0; s0 < i1; s0 += MR) {
-      const int mr = static_cast<int>(imin(MR, i1 - s0));
-      if (g.ta) {  // op(A)[i, k] = A[k, i]: each k holds the sliver's rows contiguously
-        for (int64_t k = 0; k < kc; ++k) {
-          const float* src = g.A + (p0 + k) * g.lda + s0;
-          float* d = dst + k * MR;
-          for (int r = 0; r < mr; ++r) d[r] = g.alpha * src[r];
+    if (g.ta) {  // op(A)[i, k] = A[k, i]: row k of A holds every sliver's values for k, read once
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = g.A + (p0 + k) * g.lda;
+        float* d = dst + k * MR;
+        for (int64_t s0 = i0; s0 < i1; s0 += MR, d += MR * kc) {
+          const int mr = static_cast<int>(imin(MR, i1 - s0));
+          for (int r = 0; r < mr; ++r) d[r] = g.alpha * src[s0 + r];
           for (int r = mr; r < MR; ++r) d[r] = 0.0f;
         }
-      } else {  // op(A)[i, k] = A[i, k]: rows contiguous in k, transposed W k's at a time
+      }
+      return;
+    }
+    for (int64_t s0 = i0; s0 < i1; s0 += MR) {
+      const int mr = static_cast<int>(imin(MR, i1 - s0));
+      {  // op(A)[i, k] = A[i, k]: rows contiguous in k, transposed W k's at a time
         const float* src = g.A + s0 * g.lda + p0;
         int64_t k = 0;
         if constexpr (MR <= W)
@@ -233,10 +230,10 @@ struct Tiles {
   }
 };
 
-// The build's entry points (GemmIsa above).
+// The build's entry point (GemmIsa above).
 template <class T>
 const blas_detail::GemmIsa& isa_of() {
-  static const blas_detail::GemmIsa isa{T::kMr, T::NR, &T::tile, &T::pack_a, &T::pack_b, &T::column};
+  static const blas_detail::GemmIsa isa{T::kMr, T::NR, &T::tile};
   return isa;
 }
 
