@@ -171,36 +171,6 @@ struct Tiles {
     }
   }
 
-  // The cache lines pack_b will read for the B sliver at column j (nc <= 0: none), asked for in
-  // `parts` equal steps (one per micro-tile of the current sliver).
-  struct BPrefetch {
-    const float* base = nullptr;
-    int64_t stride = 0, rows = 0, lines = 0, per_step = 0, row = 0, line = 0;
-    BPrefetch(const GemmArgs& g, int64_t j, int nc, int64_t p0, int64_t kc, int64_t parts) {
-      if (nc <= 0) return;
-      stride = g.ldb;
-      if (g.tb) {  // nc rows of B, kc floats each
-        base = g.B + j * g.ldb + p0;
-        rows = nc;
-        lines = (kc + 15) / 16;
-      } else {  // kc rows of B, nc floats each
-        base = g.B + p0 * g.ldb + j;
-        rows = kc;
-        lines = (nc + 15) / 16;
-      }
-      per_step = (rows * lines + parts - 1) / parts;
-    }
-    void step() {
-      for (int64_t n = 0; n < per_step && row < rows; ++n) {
-        __builtin_prefetch(base + row * stride + line * 16);
-        if (++line == lines) {
-          line = 0;
-          ++row;
-        }
-      }
-    }
-  };
-
   // Asks for the next micro-tile of C (rows of NR floats) while this one computes.
   static void prefetch_c(const float* c, int64_t ldc, int rows) {
     for (int r = 0; r < rows; ++r)
@@ -226,18 +196,14 @@ struct Tiles {
       for (int64_t j = j0; j < j1; j += NR) {
         const int nc = static_cast<int>(imin(NR, j1 - j));
         pack_b(g, j, nc, p0, kc, bbuf);
-        // While this sliver computes, the next one's source comes into cache a piece per micro-tile
-        // (pack_b would otherwise wait on memory: the weights of a model-size GEMM are not in cache).
-        BPrefetch next(g, j + NR, static_cast<int>(imin(NR, j1 - j - NR)), p0, kc, (i1 - i0 + MR - 1) / MR);
         if (!direct_a) {
-          column(g, i0, i1, j, nc, p0, kc, abuf, bbuf, &next);
+          column(g, i0, i1, j, nc, p0, kc, abuf, bbuf);
           continue;
         }
         const AccInit init = p0 > 0 ? AccInit::c : g.beta == 0.0f ? AccInit::zero : AccInit::beta_c;
         for (int64_t s0 = i0; s0 < i1; s0 += MR) {
           const int mr = static_cast<int>(imin(MR, i1 - s0));
           float* c = g.C + s0 * g.ldc + j;
-          next.step();
           if (mr < MR) {  // the last, partial sliver: packed (zero rows past mr)
             pack_a(g, s0, i1, p0, kc, abuf);
             micro(kc, abuf, bbuf, c, g.ldc, mr, nc, init, g.beta);
@@ -254,11 +220,10 @@ struct Tiles {
   // C[i0:i1, j:j+nc] over the packed k block [p0, p0 + kc): apanel holds op(A)'s rows [i0, i1) in MR
   // slivers (pack_a), bsliver the NR columns from j (pack_b).
   static void column(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j, int nc, int64_t p0, int64_t kc,
-                     const float* apanel, const float* bsliver, BPrefetch* next) {
+                     const float* apanel, const float* bsliver) {
     const AccInit init = p0 > 0 ? AccInit::c : g.beta == 0.0f ? AccInit::zero : AccInit::beta_c;
     const float* ap = apanel;
     for (int64_t s0 = i0; s0 < i1; s0 += MR, ap += MR * kc) {
-      next->step();
       if (s0 + MR < i1) prefetch_c(g.C + (s0 + MR) * g.ldc + j, g.ldc, static_cast<int>(imin(MR, i1 - s0 - MR)));
       micro(kc, ap, bsliver, g.C + s0 * g.ldc + j, g.ldc, static_cast<int>(imin(MR, i1 - s0)), nc, init, g.beta);
     }
