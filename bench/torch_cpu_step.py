@@ -10,6 +10,7 @@ causal mask, F.cross_entropy) and a multi-tensor (foreach) AdamW.
     /usr/bin/python3 bench/torch_cpu_step.py --config path/to/config.json ...
 
 Prints ONE JSON line on stdout: {"impl":"pytorch","tok_s":...,"step_ms":...,"torch":...,"threads":N}
+(step_ms: the median of the timed steps, as lmforge_bench reports)
 (with --verbose, details go to stderr).
 
 Threads: Debian's torch does its GEMMs in OpenBLAS (pthreads), whose thread count is NOT set by
@@ -139,7 +140,7 @@ def run(args):
         losses.append(step(args.warmup_steps + i))
         times.append(time.perf_counter() - t0)
 
-    step_s = sum(times) / max(1, len(times))
+    step_s = sorted(times)[len(times) // 2]  # the median, as lmforge_bench reports
     out = {"impl": "pytorch", "tok_s": B * T / step_s, "step_ms": step_s * 1e3,
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.verbose:
@@ -147,7 +148,7 @@ def run(args):
         flops = 6 * n + 12 * cfg["n_layer"] * cfg["d_model"] * T
         print("OPENBLAS_NUM_THREADS=%s OMP_WAIT_POLICY=%s" % (os.environ.get("OPENBLAS_NUM_THREADS"),
               os.environ.get("OMP_WAIT_POLICY")), file=sys.stderr)
-        print("config=%s B=%d T=%d params(no pos)=%d step_ms min=%.2f mean=%.2f GFLOP/s=%.2f losses=%s"
+        print("config=%s B=%d T=%d params(no pos)=%d step_ms min=%.2f median=%.2f GFLOP/s=%.2f losses=%s"
               % (ref.config_json(cfg), B, T, n, min(times) * 1e3, step_s * 1e3,
                  flops * B * T / step_s / 1e9, ["%.4f" % l for l in losses]), file=sys.stderr)
     print(json.dumps(out))

@@ -1,14 +1,20 @@
-// Core: checks, bf16 rounding, Philox known-answer vectors, arenas, config JSON, safetensors.
+// Core: checks, the CPU worker pool (parallel_for), bf16 rounding, Philox known-answer vectors,
+// arenas, config JSON, safetensors.
 #include <gtest/gtest.h>
+#include <omp.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <thread>
+#include <vector>
 
 #include "core/arena.h"
 #include "core/gpu_monitor.h"
 #include "core/bf16.h"
 #include "core/check.h"
+#include "core/parallel.h"
 #include "core/rng.h"
 #include "model/config.h"
 #include "model/gpt.h"
@@ -31,6 +37,59 @@ TEST(Check, MessageNamesConditionAndValues) {
     EXPECT_NE(m.find("C=7"), std::string::npos) << m;
     EXPECT_NE(m.find("test_core.cpp"), std::string::npos) << m;
   }
+}
+
+// parallel_for: every chunk [k grain, min(n, (k + 1) grain)) runs exactly once, for any thread count;
+// a nested call runs inline on the calling thread; two callers at once both complete.
+TEST(ParallelFor, EveryChunkOnceForAnyThreadCount) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3, 5}) {
+    omp_set_num_threads(threads);
+    for (int64_t n : {1, 7, 64, 1000}) {
+      for (int64_t grain : {1, 3, 64, 5000}) {
+        std::vector<std::atomic<int>> hits(n);
+        std::atomic<int> bad{0};
+        parallel_for(n, grain, [&](int64_t b, int64_t e) {
+          if (b % grain != 0 || e != std::min(n, b + grain)) bad++;
+          for (int64_t i = b; i < e; ++i) hits[i]++;
+        });
+        EXPECT_EQ(bad.load(), 0) << "threads=" << threads << " n=" << n << " grain=" << grain;
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "i=" << i << " n=" << n << " grain=" << grain;
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(ParallelFor, NestedCallsRunInlineAndCallersMayOverlap) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(3);
+  std::atomic<int> nested_inline{0}, total{0};
+  EXPECT_FALSE(in_parallel_for());
+  parallel_for(12, 1, [&](int64_t, int64_t) {
+    const std::thread::id me = std::this_thread::get_id();
+    bool same = true;
+    parallel_for(10, 1, [&](int64_t, int64_t) {
+      same = same && std::this_thread::get_id() == me;
+      total++;
+    });
+    if (same && in_parallel_for()) nested_inline++;
+  });
+  EXPECT_EQ(nested_inline.load(), 12);
+  EXPECT_EQ(total.load(), 120);
+  std::atomic<int64_t> sum_a{0}, sum_b{0};
+  auto caller = [](std::atomic<int64_t>* sum) {
+    for (int rep = 0; rep < 200; ++rep)
+      parallel_for(100, 7, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) *sum += i;
+      });
+  };
+  std::thread a(caller, &sum_a), b(caller, &sum_b);
+  a.join();
+  b.join();
+  EXPECT_EQ(sum_a.load(), 200 * 4950);
+  EXPECT_EQ(sum_b.load(), 200 * 4950);
+  omp_set_num_threads(saved);
 }
 
 TEST(Bf16, RoundToNearestEven) {

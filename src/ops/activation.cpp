@@ -16,13 +16,14 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "core/parallel.h"
 #include "ops/cpu_math.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
+constexpr int64_t kMinGrain = 1 << 13;  // elements per parallel chunk (smaller ops run on one thread)
 
 // exp(x) for any float x, |x| clamped to 87: ops/cpu_math.h.
 using cpu_math::exp_f32;
@@ -32,61 +33,65 @@ constexpr float kGeluA = 0.044715f;
 
 // out, inp: (n) flat
 void gelu_forward_cpu(float* out, const float* inp, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    const float u = kGeluK * (x + kGeluA * x * x * x);
-    const float e = exp_f32(-2.0f * u);
-    out[i] = x / (1.0f + e);
-  }
+  parallel_for(n, grain_for(n, kMinGrain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float x = inp[i];
+      const float u = kGeluK * (x + kGeluA * x * x * x);
+      const float e = exp_f32(-2.0f * u);
+      out[i] = x / (1.0f + e);
+    }
+  });
 }
 
 // dinp, dout, inp: (n) flat; dinp += dout * gelu'(inp)
 void gelu_backward_cpu(float* dinp, const float* dout, const float* inp, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    const float u = kGeluK * (x + kGeluA * x * x * x);
-    const float du = kGeluK * (1.0f + 3.0f * kGeluA * x * x);
-    const float e = exp_f32(-2.0f * u);
-    const float s = 1.0f / (1.0f + e);
-    // d/dx [x s(2u)] = s + x * 2 u' * s (1 - s), and s (1 - s) = e s^2
-    dinp[i] += dout[i] * (s + 2.0f * x * du * (e * s * s));
-  }
+  parallel_for(n, grain_for(n, kMinGrain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float x = inp[i];
+      const float u = kGeluK * (x + kGeluA * x * x * x);
+      const float du = kGeluK * (1.0f + 3.0f * kGeluA * x * x);
+      const float e = exp_f32(-2.0f * u);
+      const float s = 1.0f / (1.0f + e);
+      // d/dx [x s(2u)] = s + x * 2 u' * s (1 - s), and s (1 - s) = e s^2
+      dinp[i] += dout[i] * (s + 2.0f * x * du * (e * s * s));
+    }
+  });
 }
 
 // inp: (N, 2F) rows [gate | up]; out: (N, F)
 void swiglu_forward_cpu(float* out, const float* inp, int64_t N, int64_t F) {
-#pragma omp parallel for schedule(static) if (N * F >= kParallelMin)
-  for (int64_t r = 0; r < N; ++r) {
-    const float* gate = inp + r * 2 * F;
-    const float* up = gate + F;
-    float* o = out + r * F;
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = gate[j];
-      o[j] = g / (1.0f + exp_f32(-g)) * up[j];
+  parallel_for(N, grain_for(N, kMinGrain / F + 1), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gate = inp + r * 2 * F;
+      const float* up = gate + F;
+      float* o = out + r * F;
+      for (int64_t j = 0; j < F; ++j) {
+        const float g = gate[j];
+        o[j] = g / (1.0f + exp_f32(-g)) * up[j];
+      }
     }
-  }
+  });
 }
 
 // dinp: (N, 2F) += ; dout: (N, F); inp: (N, 2F)
 void swiglu_backward_cpu(float* dinp, const float* dout, const float* inp, int64_t N, int64_t F) {
-#pragma omp parallel for schedule(static) if (N * F >= kParallelMin)
-  for (int64_t r = 0; r < N; ++r) {
-    const float* gate = inp + r * 2 * F;
-    const float* up = gate + F;
-    const float* dy = dout + r * F;
-    float* dgate = dinp + r * 2 * F;
-    float* dup = dgate + F;
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = gate[j];
-      const float e = exp_f32(-g);
-      const float s = 1.0f / (1.0f + e);
-      // silu'(g) = s + g s (1 - s) = s + g e s^2
-      dgate[j] += dy[j] * up[j] * (s + g * (e * s * s));
-      dup[j] += dy[j] * (g * s);
+  parallel_for(N, grain_for(N, kMinGrain / F + 1), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gate = inp + r * 2 * F;
+      const float* up = gate + F;
+      const float* dy = dout + r * F;
+      float* dgate = dinp + r * 2 * F;
+      float* dup = dgate + F;
+      for (int64_t j = 0; j < F; ++j) {
+        const float g = gate[j];
+        const float e = exp_f32(-g);
+        const float s = 1.0f / (1.0f + e);
+        // silu'(g) = s + g s (1 - s) = s + g e s^2
+        dgate[j] += dy[j] * up[j] * (s + g * (e * s * s));
+        dup[j] += dy[j] * (g * s);
+      }
     }
-  }
+  });
 }
 
 // Throws unless t has exactly the shape of ref.

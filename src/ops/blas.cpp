@@ -1,76 +1,139 @@
+// blas.cpp: blas_sgemm, lmforge's own CPU GEMM (packed register-blocked tiles, ops/gemm_tiles.h, in
+// the best build the CPU runs: AVX-512, AVX2/FMA or portable), and blas_dgemm (OpenBLAS; references).
+//
+// C is cut into tiles; each tile packs its own rows of op(A) and columns of op(B) into the running
+// thread's buffers. Small GEMMs, GEMMs called from inside a parallel_for chunk (attention's heads) and
+// one thread: the calling thread, tile by tile; large GEMMs: tiles over the worker threads
+// (parallel_for, core/parallel.h). The same bits either way: every element is one FMA chain over k
+// (gemm_tiles.h), whatever the tiling, thread count, batch size or instruction set.
 #include "ops/blas.h"
 
 #include <cblas.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+
+#include "core/check.h"
+#include "core/parallel.h"
+#include "ops/gemm_tiles.h"
 
 namespace lmf {
-
 namespace {
 
-// Set once at load time: OpenBLAS single-threaded (see blas.h).
+using blas_detail::GemmIsa;
+
+// Set once at load time: OpenBLAS (blas_dgemm only) single-threaded.
 const int kBlasThreadsPinned = (openblas_set_num_threads(1), 1);
 
-// Below this many multiply-adds a GEMM is one call.
-constexpr double kParallelMinFlops = 2.0e6;
-// Fixed block sizes of the parallel split (see blas_sgemm).
-constexpr int64_t kRowBlock = 128, kColBlock = 256;
+// Below this many multiply-adds a GEMM runs on the calling thread, tile by tile.
+constexpr double kParallelMinMacs = 1.0e6;
+// A parallel GEMM is cut into tiles of C, each packing its own rows of op(A) and columns of op(B):
+// at least kTilesPerThread per thread (so that a thread that starts late, or is descheduled, still
+// shares the work), grown the cheaper way (see parallel_tiles). k longer than kKRange runs in ranges,
+// one parallel loop each (the chains continue in C), so the A and B blocks a range's tiles re-read
+// stay in cache.
+constexpr int64_t kTilesPerThread = 3;
+constexpr int64_t kKRange = 4096;
 
-// OpenBLAS's small-matrix kernels (chosen for narrow C, N <= 32, up to ~1e6 multiply-adds on
-// Skylake-X) allocate on some calls, and a planned training step must not allocate: those shapes
-// run this plain loop instead (fixed k order, fp32 accumulation; deterministic).
-constexpr double kSmallMaxMacs = 1.0e6;
-constexpr int64_t kSmallMaxN = 32;
+// This thread's packing buffers for the tile-by-tile path (static TLS: no allocation, ever).
+struct alignas(64) PackBuffers {
+  float a[kMcMax * kKc];
+  float b[kKc * 32];
+};
+thread_local PackBuffers tls_pack;
 
-void small_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += (ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
-      float& c = C[i * ldc + j];
-      c = beta == 0.0f ? alpha * acc : alpha * acc + beta * c;
-    }
+const GemmIsa& isa_scalar() { return isa_of<Tiles<Scalar, 4, 4>>(); }
+
+const GemmIsa& isa_of_kernels(BlasKernels k) {
+  switch (k) {
+    case BlasKernels::avx512: return blas_detail::gemm_isa_avx512();
+    case BlasKernels::avx2: return blas_detail::gemm_isa_avx2();
+    case BlasKernels::portable: return isa_scalar();
+  }
+  fail("blas: unknown kernels ", static_cast<int>(k));
+}
+
+BlasKernels best_kernels() {
+  static const BlasKernels best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return BlasKernels::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BlasKernels::avx2;
+    return BlasKernels::portable;
+  }();
+  return best;
+}
+
+std::atomic<int> g_forced{-1};  // blas_use_kernels: -1 = the best
+
+BlasKernels current_kernels() {
+  const int f = g_forced.load(std::memory_order_relaxed);
+  return f < 0 ? best_kernels() : static_cast<BlasKernels>(f);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The calling thread alone, tile by tile.
+void gemm_tiles(const GemmArgs& g, const GemmIsa& isa) {
+  for (int64_t i0 = 0; i0 < g.M; i0 += kMcMax)
+    isa.tile(g, i0, std::min(g.M, i0 + kMcMax), 0, g.N, 0, g.K, tls_pack.a, tls_pack.b);
+}
+
+// The worker threads, tile by tile: tm x tn tiles. Each tile packs its op(A) rows and op(B) columns,
+// so A is packed tn times and B tm times: starting from row tiles of kMcMax, each step adds the
+// cheaper of one more column (M more rows of A to pack per k) or row of tiles (N more columns of B).
+void gemm_parallel_tiles(const GemmArgs& g, const GemmIsa& isa) {
+  int64_t tm = ceil_div(g.M, kMcMax), tn = 1;
+  const int64_t target = kTilesPerThread * cpu_threads();
+  while (tm * tn < target) {
+    const bool more_n = ceil_div(g.N, tn + 1) >= 2 * isa.nr, more_m = ceil_div(g.M, tm + 1) >= 4 * isa.mr;
+    if (more_n && (g.M <= g.N || !more_m)) ++tn;
+    else if (more_m) ++tm;
+    else break;
+  }
+  const int64_t mc = ceil_div(ceil_div(g.M, tm), isa.mr) * isa.mr, nc = ceil_div(ceil_div(g.N, tn), isa.nr) * isa.nr;
+  const int64_t rows = ceil_div(g.M, mc), cols = ceil_div(g.N, nc);
+  for (int64_t pb = 0; pb < g.K; pb += kKRange) {
+    const int64_t pe = std::min(g.K, pb + kKRange);
+    parallel_for(rows * cols, 1, [&](int64_t t, int64_t) {
+      const int64_t i0 = (t / cols) * mc, j0 = (t % cols) * nc;
+      isa.tile(g, i0, std::min(g.M, i0 + mc), j0, std::min(g.N, j0 + nc), pb, pe, tls_pack.a, tls_pack.b);
+    });
+  }
 }
 
 }  // namespace
 
+const char* blas_kernels_name(BlasKernels k) {
+  switch (k) {
+    case BlasKernels::avx512: return "avx512";
+    case BlasKernels::avx2: return "avx2";
+    case BlasKernels::portable: return "portable";
+  }
+  return "?";
+}
+
+BlasKernels blas_kernels() { return current_kernels(); }
+
+void blas_use_kernels(std::optional<BlasKernels> k) {
+  if (k) {
+    const BlasKernels best = best_kernels();
+    const bool runs = *k == BlasKernels::portable || (*k == BlasKernels::avx2 && best != BlasKernels::portable) ||
+                      *k == best;
+    LMF_CHECK(runs, "blas_use_kernels: this CPU does not run the ", blas_kernels_name(*k), " kernels (best: ",
+              blas_kernels_name(best), ")");
+  }
+  g_forced.store(k ? static_cast<int>(*k) : -1, std::memory_order_relaxed);
+}
+
 void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  (void)kBlasThreadsPinned;
   if (M <= 0 || N <= 0) return;
-  const CBLAS_TRANSPOSE opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
-  if (N <= kSmallMaxN && static_cast<double>(M) * N * K <= kSmallMaxMacs) {
-    small_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
-  }
-  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-  // The blocks depend only on the shape, never on the thread count: OpenBLAS picks its kernels by
-  // the block's size, so the same blocks give the same bits on 1 thread or 64.
-  if (static_cast<double>(M) * N * K < kParallelMinFlops || (M < 2 * kRowBlock && N < 2 * kColBlock)) {
-    cblas_sgemm(CblasRowMajor, opa, opb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
-  }
-  if (M >= 2 * kRowBlock) {
-    // Row blocks of C: rows [r0, r1) of C need rows [r0, r1) of op(A).
-    const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
-      const float* Ab = ta ? A + r0 : A + r0 * lda;
-      cblas_sgemm(CblasRowMajor, opa, opb, r1 - r0, N, K, alpha, Ab, lda, B, ldb, beta, C + r0 * ldc, ldc);
-    }
-  } else {
-    // Column blocks of C: columns [c0, c1) of C need columns [c0, c1) of op(B).
-    const int64_t blocks = (N + kColBlock - 1) / kColBlock;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t c0 = i * kColBlock, c1 = std::min(N, c0 + kColBlock);
-      const float* Bb = tb ? B + c0 * ldb : B + c0;
-      cblas_sgemm(CblasRowMajor, opa, opb, M, c1 - c0, K, alpha, A, lda, Bb, ldb, beta, C + c0, ldc);
-    }
-  }
+  const GemmArgs g{ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc};
+  const GemmIsa& isa = isa_of_kernels(current_kernels());
+  const bool parallel = K > 0 && static_cast<double>(M) * N * K >= kParallelMinMacs && cpu_threads() > 1 &&
+                        !in_parallel_for();
+  if (parallel) gemm_parallel_tiles(g, isa);
+  else gemm_tiles(g, isa);
 }
 
 void blas_dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,

@@ -1,13 +1,20 @@
-// blas.h: the one place lmforge calls BLAS (CPU).
+// blas.h: the one place lmforge does GEMMs on the CPU.
 //
-// OpenBLAS runs single-threaded: its threaded GEMM allocates a job table on every call (an
-// allocation inside the step) and its thread pool competes with OpenMP's. lmforge parallelises a
-// large GEMM itself by splitting C into row blocks (or column blocks when C has few rows) over
-// OpenMP threads, one single-threaded sgemm per block. The blocks are fixed sizes that depend only
-// on the shape, so results are bitwise the same for any number of threads. Inside an OpenMP
-// parallel region (e.g. attention's per-head loop) the call runs on the calling thread.
+// blas_sgemm is lmforge's own GEMM (blas.cpp, ops/gemm_tiles.h): packed, register-blocked tiles in
+// three builds, AVX-512, AVX2/FMA and portable, of which the best the CPU runs is picked at run
+// time; large GEMMs are cut into tiles of C over the worker threads (parallel_for, core/parallel.h),
+// and a call from inside a parallel_for chunk (e.g. attention's per-head loop) runs on the calling
+// thread. It allocates nothing (packing buffers are per-thread static storage).
+//
+// Bitwise contract: every element of C is ONE fused multiply-add chain over k = 0, 1, ..., K-1,
+//   acc = beta * c (acc = 0 when beta == 0; C is then never read), acc = fma(alpha * a_ik, b_kj, acc)
+// so its bits depend only on its own row of op(A), column of op(B), K, alpha and beta: not on M or
+// N (batch-invariant), the tiling, the thread count or the instruction set. (OpenBLAS, used before,
+// gave the same bits only for fixed blocks, and allocated in its small-matrix kernels.)
+// blas_dgemm stays on OpenBLAS (single-threaded): fp64 references in tests and tools.
 #pragma once
 #include <cstdint>
+#include <optional>
 
 namespace lmf {
 
@@ -18,5 +25,13 @@ void blas_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, flo
 // Row-major C (M, N) double precision (reference computations in tests/tools only).
 void blas_dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                 int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+// The builds of blas_sgemm's tiles (all give the same bits).
+enum class BlasKernels { portable, avx2, avx512 };
+const char* blas_kernels_name(BlasKernels k);  // "portable", "avx2", "avx512"
+// The build blas_sgemm uses now: the best this CPU runs, unless blas_use_kernels said otherwise.
+BlasKernels blas_kernels();
+// For tests: use build k (it must run on this CPU, else an error), or the best again (nullopt).
+void blas_use_kernels(std::optional<BlasKernels> k);
 
 }  // namespace lmf

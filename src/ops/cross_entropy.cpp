@@ -9,7 +9,7 @@
 //   dlogits = grad_scale (softmax - onehot), written in place over the scratch (only when dx/dw)
 //   dx_chunk += dlogits W[:V];  dW[:V] += dlogits^T x_chunk          (sgemm, beta = 1)
 // Padded rows of dW are never written (they receive zero gradient). Rows of a chunk are
-// independent (OpenMP over rows); the chunk order is fixed, so results are deterministic.
+// independent (parallel_for over rows); the chunk order is fixed, so results are deterministic.
 // bf16 x / w / logits_scratch / dx (mixed precision) run on the GPU only: the CPU stays the fp32
 // reference (docs/MIXED_PRECISION.md), and a bf16 tensor here fails naming it.
 #include "ops/cross_entropy.h"
@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/parallel.h"
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
 #include "ops/dispatch.h"
@@ -34,37 +35,41 @@ using cpu_math::row_max;
 using cpu_math::row_sum_double;
 
 // losses: (N); dx: (N, C) or nullptr; dw: (Vp, C) or nullptr (both or neither); x: (N, C);
-// w: (Vp, C); targets: (N) in [0, V); logits: (R, Vp) scratch. All row-major.
+// w: (Vp, C); targets: (N) in [0, V); logits: (R, Vp) scratch. All row-major. dw_overwrite: the
+// first chunk writes dw (GEMM beta 0: the same bits as zeroing it and adding, blas.h) and rows
+// [V, Vp) are zeroed.
 void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float* x, const float* w,
                                const int32_t* targets, float* logits, int N, int C, int V, int Vp, int R,
-                               float grad_scale) {
+                               float grad_scale, bool dw_overwrite) {
   const bool grad = dx != nullptr;
+  if (grad && dw_overwrite) std::fill(dw + static_cast<int64_t>(V) * C, dw + static_cast<int64_t>(Vp) * C, 0.0f);
   for (int n0 = 0; n0 < N; n0 += R) {
     const int rows = std::min(R, N - n0);
     const float* xc = x + static_cast<int64_t>(n0) * C;  // (rows, C)
     // logits[0:rows, 0:V] = xc W[:V]^T
     blas_sgemm(false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * V >= (1 << 15))
-    for (int r = 0; r < rows; ++r) {
-      float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
-      const int tgt = targets[n0 + r];
-      const float l_tgt = l[tgt];
-      const float mx = row_max(l, V);
-      for (int j = 0; j < V; ++j) l[j] = exp_nonpos(l[j] - mx);  // keep exp(l - max) for the gradient
-      const double sum = row_sum_double(l, V);
-      losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
-      if (grad) {
-        const float inv = static_cast<float>(1.0 / sum);
-        const float e_tgt = l[tgt];
-        for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
-        l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+    parallel_for(rows, grain_for(rows, (1 << 14) / V + 1), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
+        const int tgt = targets[n0 + r];
+        const float l_tgt = l[tgt];
+        const float mx = row_max(l, V);
+        for (int j = 0; j < V; ++j) l[j] = exp_nonpos(l[j] - mx);  // keep exp(l - max) for the gradient
+        const double sum = row_sum_double(l, V);
+        losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
+        if (grad) {
+          const float inv = static_cast<float>(1.0 / sum);
+          const float e_tgt = l[tgt];
+          for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
+          l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+        }
       }
-    }
+    });
     if (!grad) continue;
     // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
     blas_sgemm(false, false, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f, dx + static_cast<int64_t>(n0) * C, C);
     // dW[:V] += dlogits^T (V, rows) xc (rows, C)
-    blas_sgemm(true, false, V, C, rows, 1.0f, logits, Vp, xc, C, 1.0f, dw, C);
+    blas_sgemm(true, false, V, C, rows, 1.0f, logits, Vp, xc, C, dw_overwrite && n0 == 0 ? 0.0f : 1.0f, dw, C);
   }
 }
 
@@ -119,16 +124,18 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
                                                        dw_mode == GradMode::Accumulate));
     return;
   }
-  if (dw.defined() && dw_mode == GradMode::Overwrite) tensor_zero(dw);  // then accumulated
   float* dx_ptr = dx.defined() ? dx.f32() : nullptr;
+  const bool dw_overwrite = dw.defined() && dw_mode == GradMode::Overwrite;
   if (x.device == Device::cpu) {
     for (int64_t n = 0; n < N; ++n)
       LMF_CHECK(tg[n] >= 0 && tg[n] < vocab_size, kOp, ": targets '", targets.name, "' row ", n, " is ", tg[n],
                 ", outside [0, vocab_size=", vocab_size, ")");
     lm_head_cross_entropy_cpu(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg, logits_scratch.f32(),
                               static_cast<int>(N), static_cast<int>(C), static_cast<int>(vocab_size),
-                              static_cast<int>(Vp), static_cast<int>(std::min<int64_t>(R, N)), grad_scale);
+                              static_cast<int>(Vp), static_cast<int>(std::min<int64_t>(R, N)), grad_scale,
+                              dw_overwrite);
   } else {
+    if (dw_overwrite) tensor_zero(dw);  // then accumulated
     // Targets live on the GPU: the data loader validated them (reading them here would sync).
     LMF_CUDA_DISPATCH(kOp, cuda::lm_head_cross_entropy(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg,
                                                        logits_scratch.f32(), N, C, vocab_size, Vp,

@@ -14,56 +14,56 @@
 #include <algorithm>
 #include <initializer_list>
 
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
+constexpr int64_t kMinGrain = 1 << 13;  // elements per parallel chunk (smaller ops run on one thread)
 constexpr int64_t kColBlock = 64;          // columns per task in the dwte reduction
 
 // out: (B*T, C) row-major; tokens: (B*T); wte: (Vp, C); wpe: (maxT, C) or nullptr, rows from pos_offset
 void embedding_forward_cpu(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B,
                            int64_t T, int64_t C, const int32_t* positions, int64_t pos_offset) {
   const int64_t N = B * T;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* te = wte + static_cast<int64_t>(tokens[n]) * C;
-    float* o = out + n * C;
-    if (wpe) {
-      const float* pe = wpe + (positions ? positions[n] : pos_offset + n % T) * C;
-      for (int64_t i = 0; i < C; ++i) o[i] = te[i] + pe[i];
-    } else {
-      for (int64_t i = 0; i < C; ++i) o[i] = te[i];
+  parallel_for(N, grain_for(N, kMinGrain / C + 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* te = wte + static_cast<int64_t>(tokens[n]) * C;
+      float* o = out + n * C;
+      if (wpe) {
+        const float* pe = wpe + (positions ? positions[n] : pos_offset + n % T) * C;
+        for (int64_t i = 0; i < C; ++i) o[i] = te[i] + pe[i];
+      } else {
+        for (int64_t i = 0; i < C; ++i) o[i] = te[i];
+      }
     }
-  }
+  });
 }
 
 // dwte: (Vp, C) +=; dout: (N, C) row-major; tokens: (N). Rows summed in increasing n per column.
 void embedding_backward_wte_cpu(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C) {
-  const int64_t nblocks = (C + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t c0 = blk * kColBlock;
-    const int64_t nc = std::min(kColBlock, C - c0);
+  // Columns are independent (each sums its rows in order): any grouping of them gives the same bits.
+  parallel_for(C, N * C >= kMinGrain ? kColBlock : C, [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < N; ++n) {
-      float* dw = dwte + static_cast<int64_t>(tokens[n]) * C + c0;
-      const float* dy = dout + n * C + c0;
-      for (int64_t j = 0; j < nc; ++j) dw[j] += dy[j];
+      float* dw = dwte + static_cast<int64_t>(tokens[n]) * C;
+      const float* dy = dout + n * C;
+      for (int64_t j = c0; j < c1; ++j) dw[j] += dy[j];
     }
-  }
+  });
 }
 
 // dwpe: (maxT, C) +=, rows [0, T); dout: (B, T, C) row-major. dwpe[t] += dout[0,t] + ... in b order.
 void embedding_backward_wpe_cpu(float* dwpe, const float* dout, int64_t B, int64_t T, int64_t C) {
-#pragma omp parallel for schedule(static) if (B * T * C >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    float* dp = dwpe + t * C;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* dy = dout + (b * T + t) * C;
-      for (int64_t i = 0; i < C; ++i) dp[i] += dy[i];
+  parallel_for(T, grain_for(T, kMinGrain / (B * C) + 1), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* dp = dwpe + t * C;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* dy = dout + (b * T + t) * C;
+        for (int64_t i = 0; i < C; ++i) dp[i] += dy[i];
+      }
     }
-  }
+  });
 }
 
 // Fails naming the first (b, t) whose token is outside [0, Vp). tokens: (B, T)

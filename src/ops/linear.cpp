@@ -1,15 +1,16 @@
 // linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through blas_sgemm
-// (ops/blas.h: single-threaded OpenBLAS calls split over OpenMP threads).
+// (ops/blas.h: single-threaded OpenBLAS calls split over the worker threads, core/parallel.h).
 //
 // Every GEMM reads the caller's row-major buffers in place (transposes and leading dimensions, no
 // copies). Backward accumulates (+=, sgemm beta = 1) into every gradient it is given.
 // Determinism: the GEMMs are deterministic for a fixed thread count; the bias-gradient reduction
-// sums each column over rows in increasing row order, whatever the number of OpenMP threads.
+// sums each column over rows in increasing row order, whatever the number of threads.
 #include "ops/linear.h"
 
 #include <algorithm>
 #include <climits>
 
+#include "core/parallel.h"
 #include "ops/activation.h"
 #include "ops/blas.h"
 #include "ops/dispatch.h"
@@ -20,7 +21,7 @@ namespace {
 constexpr const char* kOpForward = "linear_forward";
 constexpr const char* kOpBackward = "linear_backward";
 
-// Columns per OpenMP work item in the bias reduction: wide enough to vectorise the row loop.
+// Columns per parallel chunk in the bias reduction: wide enough to vectorise the row loop.
 constexpr int64_t kBiasCols = 64;
 
 // out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or nullptr. All row-major.
@@ -29,34 +30,39 @@ void linear_forward_cpu(float* out, const float* inp, const float* weight, const
   // out = inp weight^T
   blas_sgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC);
   if (!bias) return;
-#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
-  for (int64_t n = 0; n < N; ++n) {
-    float* o = out + n * OC;
-    for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
-  }
+  parallel_for(N, grain_for(N, (1 << 14) / OC + 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* o = out + n * OC;
+      for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
+    }
+  });
 }
 
 // dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
-// dout: (N, OC); inp: (N, IC); weight: (OC, IC). All accumulated.
+// dout: (N, OC); inp: (N, IC); weight: (OC, IC). Accumulated, except dinp / dweight when
+// accumulate_dinp / accumulate_dweight is false (GEMM beta 0: the same bits as zeroing and adding).
 void linear_backward_cpu(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                         const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp) {
+                         const float* weight, int64_t N, int64_t IC, int64_t OC, bool accumulate_dinp,
+                         bool accumulate_dweight) {
   // dinp (N, IC) += dout (N, OC) weight (OC, IC)
   if (dinp) blas_sgemm(false, false, N, IC, OC, 1.0f, dout, OC, weight, IC, accumulate_dinp ? 1.0f : 0.0f, dinp, IC);
   // dweight (OC, IC) += dout^T (OC, N) inp (N, IC)
-  if (dweight) blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dweight)
+    blas_sgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, accumulate_dweight ? 1.0f : 0.0f, dweight, IC);
   // dbias[c] += sum_n dout[n, c]: parallel over blocks of columns, rows summed in order.
   if (dbias) {
-    const int64_t n_blocks = (OC + kBiasCols - 1) / kBiasCols;
-#pragma omp parallel for schedule(static) if (N * OC >= (1 << 16))
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t c0 = blk * kBiasCols, w = std::min(kBiasCols, OC - c0);
-      float acc[kBiasCols] = {};
-      for (int64_t r = 0; r < N; ++r) {
-        const float* row = dout + r * OC + c0;
-        for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+    const int64_t grain = N * OC >= (1 << 16) ? kBiasCols : OC;  // small: one chunk, no threads
+    parallel_for(OC, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0; c0 < b1; c0 += kBiasCols) {
+        const int64_t w = std::min(kBiasCols, b1 - c0);
+        float acc[kBiasCols] = {};
+        for (int64_t r = 0; r < N; ++r) {
+          const float* row = dout + r * OC + c0;
+          for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+        }
+        for (int64_t c = 0; c < w; ++c) dbias[c0 + c] += acc[c];
       }
-      for (int64_t c = 0; c < w; ++c) dbias[c0 + c] += acc[c];
-    }
+    });
   }
 }
 
@@ -144,11 +150,13 @@ void linear_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
                                                          dweight_mode == GradMode::Accumulate));
     return;
   }
-  if (dweight.defined() && dweight_mode == GradMode::Overwrite) tensor_zero(dweight);  // then accumulated
-  if (dout.device == Device::cpu)
-    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc);
-  else
-    LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
+  const bool acc_w = dweight_mode == GradMode::Accumulate;
+  if (dout.device == Device::cpu) {
+    linear_backward_cpu(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(), weight.f32(), N, IC, OC, acc, acc_w);
+    return;
+  }
+  if (dweight.defined() && !acc_w) tensor_zero(dweight);  // then accumulated
+  LMF_CUDA_DISPATCH(kOpBackward, cuda::linear_backward(opt(dinp), opt(dweight), opt(dbias), dout.f32(), inp.f32(),
                                                          weight.f32(), N, IC, OC, math, acc));
 }
 

@@ -20,15 +20,21 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 #include "ops/residual.h"
 
 namespace lmf {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
+constexpr int64_t kParallelMin = 1 << 14;  // elements; smaller ops run on one thread (same results)
 constexpr int64_t kLanes = 8;              // double accumulators per row sum
 constexpr int64_t kColBlock = 32;          // columns per task in the dweight/dbias reduction
+
+// Rows per parallel chunk of a row loop (rows are independent: any chunking gives the same bits).
+inline int64_t row_grain(int64_t N, int64_t C) {
+  return grain_for(N, kParallelMin / 2 / std::max<int64_t>(C, 1) + 1);
+}
 
 // Combines the lanes in a fixed order.
 inline double sum_lanes(const double* acc) {
@@ -87,22 +93,23 @@ inline void row_backward_sums(const float* x, const float* dy, const float* w, f
 // out, inp: (N, C) row-major; mean, rstd: (N); weight: (C); bias: (C) or nullptr
 void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* inp, const float* weight,
                            const float* bias, int64_t N, int64_t C, float eps) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* x = inp + n * C;
-    float* y = out + n * C;
-    const double m = row_sum(x, C) / static_cast<double>(C);
-    const double var = row_sum_sq_dev(x, C, m) / static_cast<double>(C);
-    const float mf = static_cast<float>(m);
-    const float rf = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-    mean[n] = mf;
-    rstd[n] = rf;
-    if (bias) {
-      for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mf) * rf * weight[i] + bias[i];
-    } else {
-      for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mf) * rf * weight[i];
+  parallel_for(N, row_grain(N, C), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* x = inp + n * C;
+      float* y = out + n * C;
+      const double m = row_sum(x, C) / static_cast<double>(C);
+      const double var = row_sum_sq_dev(x, C, m) / static_cast<double>(C);
+      const float mf = static_cast<float>(m);
+      const float rf = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+      mean[n] = mf;
+      rstd[n] = rf;
+      if (bias) {
+        for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mf) * rf * weight[i] + bias[i];
+      } else {
+        for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mf) * rf * weight[i];
+      }
     }
-  }
+  });
 }
 
 // dinp, dout, inp: (N, C) row-major; weight: (C); mean, rstd: (N). dinp +=
@@ -110,22 +117,23 @@ void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* in
 // mean == nullptr (no centring, no mean(dnorm) term).
 void norm_backward_dinp_cpu(float* dinp, const float* dout, const float* inp, const float* weight,
                             const float* mean, const float* rstd, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* x = inp + n * C;
-    const float* dy = dout + n * C;
-    float* dx = dinp + n * C;
-    const float m = mean ? mean[n] : 0.0f;
-    const float r = rstd[n];
-    double sum_dnorm, sum_dnorm_xhat;
-    row_backward_sums(x, dy, weight, m, r, C, &sum_dnorm, &sum_dnorm_xhat);
-    const float a = mean ? static_cast<float>(sum_dnorm / static_cast<double>(C)) : 0.0f;
-    const float b = static_cast<float>(sum_dnorm_xhat / static_cast<double>(C));
-    for (int64_t i = 0; i < C; ++i) {
-      const float xhat = (x[i] - m) * r;
-      dx[i] += r * (weight[i] * dy[i] - a - xhat * b);
+  parallel_for(N, row_grain(N, C), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* x = inp + n * C;
+      const float* dy = dout + n * C;
+      float* dx = dinp + n * C;
+      const float m = mean ? mean[n] : 0.0f;
+      const float r = rstd[n];
+      double sum_dnorm, sum_dnorm_xhat;
+      row_backward_sums(x, dy, weight, m, r, C, &sum_dnorm, &sum_dnorm_xhat);
+      const float a = mean ? static_cast<float>(sum_dnorm / static_cast<double>(C)) : 0.0f;
+      const float b = static_cast<float>(sum_dnorm_xhat / static_cast<double>(C));
+      for (int64_t i = 0; i < C; ++i) {
+        const float xhat = (x[i] - m) * r;
+        dx[i] += r * (weight[i] * dy[i] - a - xhat * b);
+      }
     }
-  }
+  });
 }
 
 // dweight += sum_n dout * xhat; dbias += sum_n dout (dbias may be nullptr; mean nullptr for RMSNorm).
@@ -133,54 +141,57 @@ void norm_backward_dinp_cpu(float* dinp, const float* dout, const float* inp, co
 void norm_backward_params_cpu(float* dweight, float* dbias, const float* dout, const float* inp,
                               const float* mean, const float* rstd, int64_t N, int64_t C) {
   const int64_t nblocks = (C + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t c0 = blk * kColBlock;
-    const int64_t nc = std::min(kColBlock, C - c0);
-    double dw[kColBlock] = {}, db[kColBlock] = {};
-    for (int64_t n = 0; n < N; ++n) {
-      const float* x = inp + n * C + c0;
-      const float* dy = dout + n * C + c0;
-      const float m = mean ? mean[n] : 0.0f;
-      const float r = rstd[n];
-      for (int64_t j = 0; j < nc; ++j) {
-        const float xhat = (x[j] - m) * r;
-        dw[j] += static_cast<double>(dy[j]) * static_cast<double>(xhat);
-        db[j] += static_cast<double>(dy[j]);
+  parallel_for(nblocks, N * C >= kParallelMin ? 1 : nblocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kColBlock;
+      const int64_t nc = std::min(kColBlock, C - c0);
+      double dw[kColBlock] = {}, db[kColBlock] = {};
+      for (int64_t n = 0; n < N; ++n) {
+        const float* x = inp + n * C + c0;
+        const float* dy = dout + n * C + c0;
+        const float m = mean ? mean[n] : 0.0f;
+        const float r = rstd[n];
+        for (int64_t j = 0; j < nc; ++j) {
+          const float xhat = (x[j] - m) * r;
+          dw[j] += static_cast<double>(dy[j]) * static_cast<double>(xhat);
+          db[j] += static_cast<double>(dy[j]);
+        }
       }
+      for (int64_t j = 0; j < nc; ++j) dweight[c0 + j] += static_cast<float>(dw[j]);
+      if (dbias)
+        for (int64_t j = 0; j < nc; ++j) dbias[c0 + j] += static_cast<float>(db[j]);
     }
-    for (int64_t j = 0; j < nc; ++j) dweight[c0 + j] += static_cast<float>(dw[j]);
-    if (dbias)
-      for (int64_t j = 0; j < nc; ++j) dbias[c0 + j] += static_cast<float>(db[j]);
-  }
+  });
 }
 
 // dsum[c] += sum_n dinp[n, c], rows in increasing order, in double. dinp: (N, C) row-major; dsum: (C)
 void column_sums_cpu(float* dsum, const float* dinp, int64_t N, int64_t C) {
   const int64_t nblocks = (C + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t c0 = blk * kColBlock;
-    const int64_t nc = std::min(kColBlock, C - c0);
-    double s[kColBlock] = {};
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < nc; ++j) s[j] += static_cast<double>(dinp[n * C + c0 + j]);
-    for (int64_t j = 0; j < nc; ++j) dsum[c0 + j] += static_cast<float>(s[j]);
-  }
+  parallel_for(nblocks, N * C >= kParallelMin ? 1 : nblocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kColBlock;
+      const int64_t nc = std::min(kColBlock, C - c0);
+      double s[kColBlock] = {};
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < nc; ++j) s[j] += static_cast<double>(dinp[n * C + c0 + j]);
+      for (int64_t j = 0; j < nc; ++j) dsum[c0 + j] += static_cast<float>(s[j]);
+    }
+  });
 }
 
 // out, inp: (N, C) row-major; rstd: (N); weight: (C)
 void rmsnorm_forward_cpu(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int64_t C,
                          float eps) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* x = inp + n * C;
-    float* y = out + n * C;
-    const double ms = row_sum_sq_dev(x, C, 0.0) / static_cast<double>(C);
-    const float rf = static_cast<float>(1.0 / std::sqrt(ms + static_cast<double>(eps)));
-    rstd[n] = rf;
-    for (int64_t i = 0; i < C; ++i) y[i] = x[i] * rf * weight[i];
-  }
+  parallel_for(N, row_grain(N, C), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* x = inp + n * C;
+      float* y = out + n * C;
+      const double ms = row_sum_sq_dev(x, C, 0.0) / static_cast<double>(C);
+      const float rf = static_cast<float>(1.0 / std::sqrt(ms + static_cast<double>(eps)));
+      rstd[n] = rf;
+      for (int64_t i = 0; i < C; ++i) y[i] = x[i] * rf * weight[i];
+    }
+  });
 }
 
 // --- validation ---------------------------------------------------------------------------------

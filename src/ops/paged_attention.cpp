@@ -2,7 +2,7 @@
 //
 // One (row, head) at a time, an online softmax over the row's positions in order 0, 1, ...: running
 // max m, running sum l, running output o (rescaled by exp(m_old - m_new) when the max grows), then
-// o / l. Rows and heads are independent (OpenMP over them), so results do not depend on the thread
+// o / l. Rows and heads are independent (parallel_for over them), so results do not depend on the thread
 // count or on the other rows of the batch.
 #include "ops/paged_attention.h"
 
@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "core/device.h"
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
@@ -65,9 +66,9 @@ void attention_cpu(float* out, const float* qkv, const float* kc, const float* v
                    int64_t bs, int64_t max_blocks) {
   const int64_t row = (NH + 2 * NKV) * HS, kv_dim = NKV * HS, group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-#pragma omp parallel for schedule(static) collapse(2)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < NH; ++h) {
+  parallel_for(N * NH, 1, [&](int64_t i0, int64_t i1) {  // one (row, head) per chunk
+    for (int64_t nh = i0; nh < i1; ++nh) {
+      const int64_t n = nh / NH, h = nh % NH;
       float* o = out + n * NH * HS + h * HS;
       std::fill(o, o + HS, 0.0f);
       if (seqs[n] < 0) continue;
@@ -94,6 +95,7 @@ void attention_cpu(float* out, const float* qkv, const float* kc, const float* v
       }
       for (int64_t i = 0; i < HS; ++i) o[i] /= l;
     }
+  });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // bf16 tensors (mixed precision) run on the GPU only; the CPU stays the fp32 reference.
 #include "ops/residual.h"
 
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 #include <initializer_list>
@@ -12,19 +13,21 @@
 namespace lmf {
 namespace {
 
-// Below this many elements the OpenMP fork costs more than the work (results are identical).
-constexpr int64_t kParallelMin = 1 << 15;
+// Elements per parallel chunk (smaller ops run on one thread; results are identical).
+constexpr int64_t kMinGrain = 1 << 14;
 
 // out, a, b: (n) flat; out may alias a or b
 void residual_forward_cpu(float* out, const float* a, const float* b, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  parallel_for(n, grain_for(n, kMinGrain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+  });
 }
 
 // dx, dout: (n) flat; dx += dout
 void residual_accumulate_cpu(float* dx, const float* dout, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) dx[i] += dout[i];
+  parallel_for(n, grain_for(n, kMinGrain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dx[i] += dout[i];
+  });
 }
 
 // Throws unless t has exactly the shape of ref.

@@ -10,23 +10,25 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;  // elements; below this the OpenMP fork costs more than the work
+constexpr int64_t kMinGrain = 1 << 13;  // elements per parallel chunk (smaller ops run on one thread)
 
 // freqs: (maxT, half, 2) of (cos, sin) of p * theta^(-2i/HS), HS = 2 * half
 void rope_table_init_cpu(float* freqs, int64_t maxT, int64_t half, double theta) {
   const double HS = static_cast<double>(2 * half);
-#pragma omp parallel for schedule(static) if (maxT * half >= kParallelMin)
-  for (int64_t p = 0; p < maxT; ++p)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(p) * std::pow(theta, -2.0 * static_cast<double>(i) / HS);
-      freqs[(p * half + i) * 2 + 0] = static_cast<float>(std::cos(angle));
-      freqs[(p * half + i) * 2 + 1] = static_cast<float>(std::sin(angle));
-    }
+  parallel_for(maxT, grain_for(maxT, kMinGrain / half + 1), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(p) * std::pow(theta, -2.0 * static_cast<double>(i) / HS);
+        freqs[(p * half + i) * 2 + 0] = static_cast<float>(std::cos(angle));
+        freqs[(p * half + i) * 2 + 1] = static_cast<float>(std::sin(angle));
+      }
+  });
 }
 
 // qkv: (B*T, row) row-major with row = (NH + 2*NKV) * HS; the first n_rot = NH + NKV heads (q then k)
@@ -35,19 +37,20 @@ void rope_table_init_cpu(float* freqs, int64_t maxT, int64_t half, double theta)
 void rope_rotate_cpu(float* qkv, const float* freqs, int64_t B, int64_t T, int64_t row, int64_t n_rot,
                      int64_t half, const int32_t* positions, int64_t pos_offset, float sign) {
   const int64_t N = B * T, HS = 2 * half;
-#pragma omp parallel for schedule(static) if (N * n_rot * HS >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* cs = freqs + (positions ? positions[n] : pos_offset + n % T) * half * 2;  // (half, 2)
-    for (int64_t h = 0; h < n_rot; ++h) {
-      float* x = qkv + n * row + h * HS;  // (HS) = [x1 (half) | x2 (half)]
-      for (int64_t i = 0; i < half; ++i) {
-        const float c = cs[2 * i], s = sign * cs[2 * i + 1];
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c - x2 * s;
-        x[i + half] = x2 * c + x1 * s;
+  parallel_for(N, grain_for(N, kMinGrain / (n_rot * HS) + 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* cs = freqs + (positions ? positions[n] : pos_offset + n % T) * half * 2;  // (half, 2)
+      for (int64_t h = 0; h < n_rot; ++h) {
+        float* x = qkv + n * row + h * HS;  // (HS) = [x1 (half) | x2 (half)]
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = cs[2 * i], s = sign * cs[2 * i + 1];
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c - x2 * s;
+          x[i + half] = x2 * c + x1 * s;
+        }
       }
     }
-  }
+  });
 }
 
 // Validates qkv/freqs/heads/positions; returns (rows are B*T) half = HS/2. qkv f32, or bf16 on the

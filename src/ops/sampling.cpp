@@ -3,13 +3,14 @@
 // Per row: the max logit and the log-sum-exp of the raw logits (logprobs), then either the argmax or
 // the candidates sorted by (logit desc, id asc), cut to top_k, cut to the top_p mass (weights
 // exp((logit - max) / temperature) summed in double), and the Gumbel-max draw among them. Rows are
-// independent (OpenMP over them).
+// independent (parallel_for over them).
 #include "ops/sampling.h"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 
+#include "core/parallel.h"
 #include "ops/dispatch.h"
 
 
@@ -118,8 +119,7 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
     const std::string problem = sample_params_problem(pp[m]);
     LMF_CHECK(problem.empty(), op, ": row ", m, ": ", problem);
   }
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t m = 0; m < M; ++m) {
+  parallel_for(M, 1, [&](int64_t m, int64_t) {  // one row per chunk
     const float* l = logits.f32() + m * W;
     int32_t* order = scratch.i32() + m * V;
     const float mx = *std::max_element(l, l + V);
@@ -137,7 +137,7 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
         top_logprobs.f32()[m * top_n + j] = static_cast<float>(static_cast<double>(l[order[j]]) - lse);
       }
     }
-  }
+  });
 }
 
 }  // namespace lmf
