@@ -65,7 +65,7 @@ CLI::Option* add_num(CLI::App* c, const std::string& name, T& v, const std::stri
 
 // What this binary contains (--version and the help banner).
 std::string build_text() {
-  std::string s = "backends: cpu (fp32, OpenBLAS)";
+  std::string s = "backends: cpu (fp32)";
   if (cuda_built()) s += ", cuda (sm_90a; bf16, tf32, fp32)";
 #ifdef LMF_WITH_HTTP
   s += "; HTTP server: yes";
