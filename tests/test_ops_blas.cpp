@@ -156,6 +156,43 @@ TEST(Blas, KernelsTheCpuDoesNotRunAreAnError) {
   blas_use_kernels(std::nullopt);
 }
 
+// The epilogue runs once on every element of C, after the element's last k (on both paths, and after
+// the last of several k passes), where C already holds the GEMM's final values.
+TEST(Blas, EpilogueSeesEachFinishedTileOnce) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 3})
+    for (const Case& c : {Case{false, true, 300, 200, 70, 1.0f, 0.0f}, Case{false, false, 37, 41, 9000, 1.0f, 1.0f},
+                          Case{true, false, 13, 17, 5, 0.5f, 0.75f}}) {
+      omp_set_num_threads(threads);
+      Operands o = make_operands(c, 21);
+      std::vector<float> plain = o.C, C = o.C, seen(o.C.size(), 0.0f);
+      std::vector<int> hits(o.C.size(), 0);
+      blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, o.A.data(), o.lda, o.B.data(), o.ldb, c.beta, plain.data(), o.ldc);
+      struct Ctx {
+        float* C;
+        float* seen;
+        int* hits;
+        int64_t ldc;
+      } ctx{C.data(), seen.data(), hits.data(), o.ldc};
+      const BlasEpilogue ep{[](void* p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+                              const Ctx& x = *static_cast<const Ctx*>(p);
+                              for (int64_t i = i0; i < i1; ++i)
+                                for (int64_t j = j0; j < j1; ++j) {
+                                  x.seen[i * x.ldc + j] = x.C[i * x.ldc + j];
+                                  x.hits[i * x.ldc + j]++;
+                                }
+                            },
+                            &ctx};
+      blas_sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, o.A.data(), o.lda, o.B.data(), o.ldb, c.beta, C.data(), o.ldc, &ep);
+      for (int64_t i = 0; i < c.M; ++i)
+        for (int64_t j = 0; j < c.N; ++j) {
+          ASSERT_EQ(hits[i * o.ldc + j], 1) << c.str() << " threads=" << threads << " at " << i << "," << j;
+          ASSERT_EQ(seen[i * o.ldc + j], plain[i * o.ldc + j]) << c.str() << " threads=" << threads;
+        }
+    }
+  omp_set_num_threads(saved);
+}
+
 // Same bits on 1 and 3 threads (the parallel split's blocks depend only on the shape).
 TEST(Blas, SameBitsForAnyThreadCount) {
   const int saved = omp_get_max_threads();

@@ -11,9 +11,9 @@
 //   claim chunks one at a time from a shared counter; the caller claims chunks too and, once none
 //   is left, waits only for chunks already running. A worker that wakes late finds nothing to do
 //   and is never waited for, so a busy machine degrades to the caller running everything itself.
-// - Between loops the workers spin for a few microseconds (kSpin in parallel.cpp) and then sleep on
-//   a futex, so back-to-back ops of a step see no wake-up latency, a shared machine loses little to
-//   spinning, and an idle process uses no CPU.
+// - Between loops the workers spin for a few microseconds, then yield the core for a while, then
+//   sleep on a futex (parallel.cpp): back-to-back ops of a step see no wake-up latency, a shared
+//   machine loses little to spinning, and an idle process uses no CPU.
 // Determinism: a chunk's result may not depend on which thread runs it or on the other chunks'
 // progress (each chunk writes its own outputs; a reduction writes one partial per chunk and the
 // caller combines them in chunk order). Then results are the same bits for any thread count.

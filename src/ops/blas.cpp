@@ -73,15 +73,18 @@ BlasKernels current_kernels() {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The calling thread alone, tile by tile.
-void gemm_tiles(const GemmArgs& g, const GemmIsa& isa) {
-  for (int64_t i0 = 0; i0 < g.M; i0 += kMcMax)
-    isa.tile(g, i0, std::min(g.M, i0 + kMcMax), 0, g.N, 0, g.K, tls_pack.a, tls_pack.b);
+void gemm_tiles(const GemmArgs& g, const GemmIsa& isa, const BlasEpilogue* ep) {
+  for (int64_t i0 = 0; i0 < g.M; i0 += kMcMax) {
+    const int64_t i1 = std::min(g.M, i0 + kMcMax);
+    isa.tile(g, i0, i1, 0, g.N, 0, g.K, tls_pack.a, tls_pack.b);
+    if (ep) ep->fn(ep->ctx, i0, i1, 0, g.N);
+  }
 }
 
 // The worker threads, tile by tile: tm x tn tiles. Each tile packs its op(A) rows and op(B) columns,
 // so A is packed tn times and B tm times: starting from row tiles of kMcMax, each step adds the
 // cheaper of one more column (M more rows of A to pack per k) or row of tiles (N more columns of B).
-void gemm_parallel_tiles(const GemmArgs& g, const GemmIsa& isa) {
+void gemm_parallel_tiles(const GemmArgs& g, const GemmIsa& isa, const BlasEpilogue* ep) {
   int64_t tm = ceil_div(g.M, kMcMax), tn = 1;
   const int64_t target = kTilesPerThread * cpu_threads();
   while (tm * tn < target) {
@@ -96,7 +99,9 @@ void gemm_parallel_tiles(const GemmArgs& g, const GemmIsa& isa) {
     const int64_t pe = std::min(g.K, pb + kKRange);
     parallel_for(rows * cols, 1, [&](int64_t t, int64_t) {
       const int64_t i0 = (t / cols) * mc, j0 = (t % cols) * nc;
-      isa.tile(g, i0, std::min(g.M, i0 + mc), j0, std::min(g.N, j0 + nc), pb, pe, tls_pack.a, tls_pack.b);
+      const int64_t i1 = std::min(g.M, i0 + mc), j1 = std::min(g.N, j0 + nc);
+      isa.tile(g, i0, i1, j0, j1, pb, pe, tls_pack.a, tls_pack.b);
+      if (ep && pe == g.K) ep->fn(ep->ctx, i0, i1, j0, j1);
     });
   }
 }
@@ -126,14 +131,14 @@ void blas_use_kernels(std::optional<BlasKernels> k) {
 }
 
 void blas_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const BlasEpilogue* epilogue) {
   if (M <= 0 || N <= 0) return;
   const GemmArgs g{ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc};
   const GemmIsa& isa = isa_of_kernels(current_kernels());
   const bool parallel = K > 0 && static_cast<double>(M) * N * K >= kParallelMinMacs && cpu_threads() > 1 &&
                         !in_parallel_for();
-  if (parallel) gemm_parallel_tiles(g, isa);
-  else gemm_tiles(g, isa);
+  if (parallel) gemm_parallel_tiles(g, isa, epilogue);
+  else gemm_tiles(g, isa, epilogue);
 }
 
 void blas_dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,

@@ -18,9 +18,19 @@
 
 namespace lmf {
 
-// Row-major C (M, N) = alpha * op(A) op(B) + beta * C, with op(X) = X or X^T as cblas_sgemm.
+// A step run on each finished tile of C, rows [i0, i1) x columns [j0, j1), while the tile is still in
+// cache (e.g. linear's bias add: one pass over C fewer). It may touch only that tile of C, and runs
+// on whichever thread computed the tile.
+struct BlasEpilogue {
+  void (*fn)(void* ctx, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+  void* ctx;
+};
+
+// Row-major C (M, N) = alpha * op(A) op(B) + beta * C, with op(X) = X or X^T as cblas_sgemm; then the
+// epilogue, if any, on every tile of C.
 void blas_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                const BlasEpilogue* epilogue = nullptr);
 
 // Row-major C (M, N) double precision (reference computations in tests/tools only).
 void blas_dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,

@@ -1,5 +1,6 @@
 // linear.cpp: CPU reference of y = x W^T + b (PyTorch nn.Linear layout), GEMMs through blas_sgemm
-// (ops/blas.h: single-threaded OpenBLAS calls split over the worker threads, core/parallel.h).
+// (ops/blas.h: lmforge's CPU GEMM over the worker threads, core/parallel.h); the forward adds the bias
+// in the GEMM's epilogue, on each tile of y while it is in cache (the same bits as a separate pass).
 //
 // Every GEMM reads the caller's row-major buffers in place (transposes and leading dimensions, no
 // copies). Backward accumulates (+=, sgemm beta = 1) into every gradient it is given.
@@ -27,15 +28,21 @@ constexpr int64_t kBiasCols = 64;
 // out: (N, OC); inp: (N, IC); weight: (OC, IC); bias: (OC) or nullptr. All row-major.
 void linear_forward_cpu(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t IC,
                         int64_t OC) {
-  // out = inp weight^T
-  blas_sgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC);
-  if (!bias) return;
-  parallel_for(N, grain_for(N, (1 << 14) / OC + 1), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      float* o = out + n * OC;
-      for (int64_t c = 0; c < OC; ++c) o[c] += bias[c];
-    }
-  });
+  // out = inp weight^T, then out += bias on each tile of out while it is in cache
+  struct Bias {
+    float* out;
+    const float* bias;
+    int64_t OC;
+  } ctx{out, bias, OC};
+  const BlasEpilogue add_bias{[](void* p, int64_t n0, int64_t n1, int64_t c0, int64_t c1) {
+                                const Bias& b = *static_cast<const Bias*>(p);
+                                for (int64_t n = n0; n < n1; ++n) {
+                                  float* o = b.out + n * b.OC;
+                                  for (int64_t c = c0; c < c1; ++c) o[c] += b.bias[c];
+                                }
+                              },
+                              &ctx};
+  blas_sgemm(false, true, N, OC, IC, 1.0f, inp, IC, weight, IC, 0.0f, out, OC, bias ? &add_bias : nullptr);
 }
 
 // dinp: (N, IC) or nullptr; dweight: (OC, IC) or nullptr; dbias: (OC) or nullptr;
