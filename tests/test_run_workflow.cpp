@@ -52,6 +52,18 @@ std::string latest_of(const std::string& out_dir) {
   return s;
 }
 
+// kSmall's run as TrainOptions, for the tests that drive a Trainer in this process.
+TrainOptions small_options(const std::string& out_dir, int64_t steps) {
+  TrainOptions o;
+  o.preset = "tiny";
+  o.batch_size = 2;
+  o.seq_len = 16;
+  o.steps = steps;
+  o.eval_batches = 1;
+  o.out_dir = out_dir;
+  return o;
+}
+
 class RunWorkflow : public ::testing::Test {
  protected:
   void SetUp() override { dir_ = test::make_temp_dir("workflow"); }
@@ -82,13 +94,7 @@ TEST_F(RunWorkflow, FlagsParseStrictly) {
 
 TEST_F(RunWorkflow, ASecondTrainerOnAnOutDirInUseIsRefusedAndTouchesNothing) {
   // this process holds the out-dir through a Trainer that is set up (its lock taken, files written)
-  TrainOptions o;
-  o.preset = "tiny";
-  o.batch_size = 2;
-  o.seq_len = 16;
-  o.steps = 3;
-  o.eval_batches = 1;
-  o.out_dir = dir_ + "/run";
+  const TrainOptions o = small_options(dir_ + "/run", 3);
   std::ostringstream log;
   Trainer first(o, log);
   first.run();
@@ -241,13 +247,7 @@ TEST_F(RunWorkflow, AFailedMetricsWriteStopsTheRun) {
 }
 
 TEST_F(RunWorkflow, ReSavingAStepIsSafeAtEveryWriteAndRename) {
-  TrainOptions o;
-  o.preset = "tiny";
-  o.batch_size = 2;
-  o.seq_len = 16;
-  o.steps = 2;
-  o.eval_batches = 1;
-  o.out_dir = dir_ + "/run";
+  const TrainOptions o = small_options(dir_ + "/run", 2);
   std::ostringstream log;
   Trainer t(o, log);
   t.run();  // saves step 2
