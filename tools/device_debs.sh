@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# tools/device_debs.sh: Debian packages the GPU machine's image lacks (cpp-httplib for `lmforge serve`,
+# tools/device_debs.sh: Debian packages the GPU machine's image lacks (cpp-httplib for `lmforge serve`, PCRE2 and
+# utf8proc for the BPE tokenizer,
 # and the headers its pkg-config file requires), carried in the ignored folder .debs/.
 #
 #   tools/device_debs.sh fetch    # here (apt reachable): download the .deb files into .debs/
@@ -7,7 +8,8 @@
 # tools/gpu_check.sh does the second step itself when .debs/ is present; carry ".debs" in the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(libcpp-httplib0.11 libcpp-httplib-dev libbrotli1 libbrotli-dev libssl-dev zlib1g-dev)
+pkgs=(libcpp-httplib0.11 libcpp-httplib-dev libbrotli1 libbrotli-dev libssl-dev zlib1g-dev
+      libpcre2-8-0 libpcre2-dev libutf8proc2 libutf8proc-dev)
 case "${1:-}" in
   fetch)
     grep -qx '/.debs/' .git/info/exclude 2>/dev/null || echo '/.debs/' >>.git/info/exclude
