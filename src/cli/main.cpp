@@ -1,4 +1,4 @@
-// lmforge: the command line. Subcommands: train, prepare, generate, serve, plot.
+// lmforge: the command line. Subcommands: train, prepare, generate, serve, plot, import, export.
 // Every error is one line on stderr and a non-zero exit: 1 for a failed run, 2 for bad flags.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -18,6 +18,8 @@
 #include <iostream>
 #include <string>
 
+#include "convert/hf_export.h"
+#include "convert/import.h"
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -117,7 +119,7 @@ std::string did_you_mean(CLI::App& app, const std::vector<std::string>& args) {
 
 void add_train_flags(CLI::App* c, TrainOptions& o) {
   auto* cfg = c->add_option("--config", o.config_path, "model config JSON (docs/MODEL.md)");
-  c->add_option("--preset", o.preset,
+  auto* preset = c->add_option("--preset", o.preset,
                 "model preset: tiny, tiny-moe, test-gpt2, test-llama, test-moe, gpt2-124m, llama-style, moe-bench, "
                 "moe-bench-dense")
       ->capture_default_str()->excludes(cfg);
@@ -142,13 +144,19 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   add_num(c, "--checkpoint-every", o.checkpoint_every, "steps between checkpoints (0 = at the end)")
       ->capture_default_str();
   c->add_option("--out-dir", o.out_dir, "metrics.jsonl and checkpoints go here")->capture_default_str();
-  c->add_option("--resume", o.resume,
+  auto* resume = c->add_option("--resume", o.resume,
                 "checkpoint directory or out-dir to continue from; every setting not given comes from its state.json");
+  c->add_option("--init-from", o.init_from,
+                "start a new run (step 0) from these weights and their model: a checkpoint, an out-dir, a Hugging Face "
+                "model directory or a GGUF file")
+      ->excludes(cfg)
+      ->excludes(preset)
+      ->excludes(resume);
   add_num(c, "--keep-last", o.keep_last, "checkpoints to keep in the out-dir, newest first (0 = all)")->capture_default_str();
   c->add_flag("--overwrite", o.overwrite, "a new run may replace the run already in --out-dir");
   c->add_flag("--allow-change", o.allow_change,
               "with --resume: let --data, --batch-size, --lr and the other settings of the run change");
-  c->add_flag("--allow-nonfinite", o.allow_nonfinite, "with --resume: load a checkpoint holding NaN/Inf values");
+  c->add_flag("--allow-nonfinite", o.allow_nonfinite, "with --resume or --init-from: load weights holding NaN/Inf values");
   c->add_option("--device", o.device, "cpu, cuda, or auto (cuda when a GPU is present)")->capture_default_str();
   c->add_option("--precision", o.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 (GPU: fp32 GEMMs on tensor cores) or bf16 (GPU: "
                 "mixed precision, fp32 master weights)")
@@ -194,22 +202,57 @@ int run_prepare(const std::string& input, const std::string& out_dir, std::strin
   return 0;
 }
 
-// A checkpoint's weights on the serving device: fp32 masters, plus the bf16 copy on the GPU.
+// A model's weights on the serving device: fp32 masters, plus the bf16 copy on the GPU. From anything
+// load_model_source() takes: a checkpoint, an out-dir, a Hugging Face directory, a GGUF file.
 struct ServedModel {
   std::string dir;
   ModelConfig cfg;
+  ModelAssets assets;
   std::unique_ptr<Parameters> params;
 };
 
 ServedModel load_served_model(const std::string& checkpoint, const std::string& device, bool allow_nonfinite) {
+  ModelSource src = load_model_source(checkpoint, allow_nonfinite);
   ServedModel m;
-  m.dir = resolve_checkpoint(checkpoint);
-  m.cfg = load_checkpoint_config(m.dir);
+  m.dir = src.path;
+  m.cfg = src.config;
+  m.assets = src.assets;
   const Device d = parse_device(device);
   if (d == Device::cuda) cuda_set_device(0);
   m.params = std::make_unique<Parameters>(gpt_param_specs(m.cfg), d, d == Device::cuda);
-  load_checkpoint_weights(m.dir, *m.params, allow_nonfinite);
+  src.load_weights(*m.params);
   return m;
+}
+
+// "2 layers, d_model 32, 4/2 heads, vocab 100, context 64, 12,345 parameters (MoE: 4 experts, top 2,
+// 1 shared); tokenizer: yes; chat template: no"
+std::string model_summary(const ModelConfig& c, bool tokenizer, bool chat_template) {
+  std::string s = std::to_string(c.n_layer) + " layers, d_model " + std::to_string(c.d_model) + ", " +
+                  std::to_string(c.n_head) + "/" + std::to_string(c.n_kv_head) + " heads, vocab " +
+                  std::to_string(c.vocab_size) + ", context " + std::to_string(c.context_length) + ", " +
+                  std::to_string(gpt_param_count(c)) + " parameters";
+  if (c.moe.experts > 0)
+    s += " (MoE: " + std::to_string(c.moe.experts) + " experts, top " + std::to_string(c.moe.top_k) + ", " +
+         std::to_string(c.moe.shared) + " shared)";
+  return s + "; tokenizer: " + (tokenizer ? "yes" : "no") + "; chat template: " + (chat_template ? "yes" : "no");
+}
+
+int run_import(const std::string& from, const std::string& out, bool overwrite) {
+  if (const std::string p = replace_dir_problem(out, overwrite); !p.empty()) fail(p);  // before any work
+  const ImportedModel m = import_model(from);
+  write_imported_checkpoint(m, out, overwrite);
+  std::cout << "imported " << m.source << " -> " << out << ": "
+            << model_summary(m.config, !m.tokenizer_json.empty(), !m.chat_template.empty()) << "\n";
+  return 0;
+}
+
+int run_export(const std::string& to, const std::string& checkpoint, const std::string& out, bool overwrite) {
+  if (to != "hf") fail("--to=", to, " is not a known format (hf)");
+  const HfExportSummary s = export_hf(checkpoint, out, overwrite);
+  std::cout << "exported " << checkpoint << " as " << hf_arch_class(s.arch) << " -> " << out << ": " << s.tensors
+            << " tensors; tokenizer: " << (s.tokenizer ? "yes" : "no") << "; chat template: "
+            << (s.chat_template ? "yes" : "no") << "\n";
+  return 0;
 }
 
 struct GenerateOptions {
@@ -347,7 +390,8 @@ int main(int argc, char** argv) {
 
   GenerateOptions go;
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
-  gen->add_option("--checkpoint", go.checkpoint, "checkpoint directory or training out-dir")->required();
+  gen->add_option("--checkpoint", go.checkpoint,
+                  "checkpoint directory, training out-dir, Hugging Face model directory or GGUF file")->required();
   gen->add_option("--prompt", go.prompt, "text to continue")->capture_default_str();
   add_num(gen, "--max-new-tokens,-n", go.max_new, "tokens to generate")->capture_default_str();
   add_num(gen, "--temperature", go.sample.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
@@ -360,7 +404,8 @@ int main(int argc, char** argv) {
 
   ServeOptions sv;
   CLI::App* serve = app.add_subcommand("serve", "serve a checkpoint over HTTP (OpenAI-compatible /v1/completions)");
-  serve->add_option("--checkpoint", sv.checkpoint, "checkpoint directory or training out-dir")->required();
+  serve->add_option("--checkpoint", sv.checkpoint,
+                    "checkpoint directory, training out-dir, Hugging Face model directory or GGUF file")->required();
   serve->add_option("--host", sv.server.host, "address to listen on")->capture_default_str();
   add_num(serve, "--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
   serve->add_option("--model-name", sv.server.model_name, "the model's name in the API (default: the checkpoint's directory name)");
@@ -384,6 +429,22 @@ int main(int argc, char** argv) {
   plot->add_option("--metrics", plot_o.metrics, "metrics.jsonl or a training out-dir")->required();
   plot->add_option("--out", plot_o.out, "image path, .svg or .png (default: curves.svg beside metrics.jsonl)");
   plot->add_option("--title", plot_o.title, "plot title (default: the metrics path)");
+
+  std::string im_from, im_out;
+  bool im_overwrite = false;
+  CLI::App* imp = app.add_subcommand("import", "convert a Hugging Face model directory or a GGUF file into an lmforge checkpoint");
+  imp->add_option("--from", im_from, "Hugging Face model directory (config.json + safetensors) or GGUF file")->required();
+  imp->add_option("--out", im_out, "checkpoint directory to write")->required();
+  imp->add_flag("--overwrite", im_overwrite, "replace a non-empty --out");
+
+  std::string ex_to, ex_ckpt, ex_out;
+  bool ex_overwrite = false;
+  CLI::App* exp = app.add_subcommand("export", "write a model as a Hugging Face model directory (transformers loads it)");
+  exp->add_option("--to", ex_to, "format: hf")->required();
+  exp->add_option("--checkpoint", ex_ckpt, "checkpoint directory, training out-dir, Hugging Face directory or GGUF file")
+      ->required();
+  exp->add_option("--out", ex_out, "directory to write")->required();
+  exp->add_flag("--overwrite", ex_overwrite, "replace a non-empty --out");
 
   try {
     app.parse(argc, argv);
@@ -432,6 +493,8 @@ int main(int argc, char** argv) {
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok);
     if (*gen) return run_generate(go);
     if (*serve) return run_serve(sv);
+    if (*imp) return run_import(im_from, im_out, im_overwrite);
+    if (*exp) return run_export(ex_to, ex_ckpt, ex_out, ex_overwrite);
     if (*plot) {
       const std::string written = plot_metrics(plot_o);
       std::cout << "wrote " << written << "\n";

@@ -54,6 +54,42 @@ void rename_path(const std::string& from, const std::string& to) {
     fail(to, ": rename from ", from, " failed (", std::strerror(errno), ")");
 }
 
+std::string replace_dir_problem(const std::string& dir, bool overwrite) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return "";
+  if (!fs::is_directory(dir, ec)) return dir + ": exists and is not a directory";
+  if (!fs::is_empty(dir, ec) && !overwrite) return dir + ": exists and is not empty; pass --overwrite to replace it";
+  return "";
+}
+
+void write_dir_atomic(const std::string& dir, bool overwrite, const std::function<void(const std::string&)>& fill) {
+  if (const std::string p = replace_dir_problem(dir, overwrite); !p.empty()) fail(p);
+  fs::path target = fs::absolute(dir).lexically_normal();
+  if (target.filename().empty()) target = target.parent_path();  // "out/" -> "out"
+  const fs::path parent = target.parent_path(), name = target.filename();
+  std::error_code ec;
+  const bool exists = fs::exists(target, ec);
+  fs::create_directories(parent);
+  const std::string pid = std::to_string(::getpid());
+  std::string stem(".");
+  stem.append(name.string());
+  const fs::path tmp = parent / (stem + ".tmp." + pid), old = parent / (stem + ".old." + pid);
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  try {
+    fill(tmp.string());
+    fsync_dir(tmp.string());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  // the old one moves aside and is removed only once the new one is in its place
+  if (exists) rename_path(target.string(), old.string());
+  rename_path(tmp.string(), target.string());
+  fsync_dir(parent.string());
+  if (exists) fs::remove_all(old);
+}
+
 DirLock::DirLock(const std::string& dir) {
   const std::string path = (fs::path(dir) / ".lmforge.lock").string();
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);

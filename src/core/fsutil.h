@@ -2,6 +2,7 @@
 // same directory, fsync, rename over the target, fsync of the directory. A crash at any point
 // leaves either the old file or the new one, never a torn one.
 #pragma once
+#include <functional>
 #include <string>
 
 namespace lmf {
@@ -12,6 +13,17 @@ std::string read_file(const std::string& path, const char* what = "file");
 void fsync_dir(const std::string& dir);
 // rename(2), checked: throws naming both paths.
 void rename_path(const std::string& from, const std::string& to);
+
+// Why `dir` may not be (re)written as a whole ("" when it may): it exists and is not a directory, or is a
+// non-empty directory and not overwrite. write_dir_atomic checks it; commands call it first to refuse
+// before any work.
+std::string replace_dir_problem(const std::string& dir, bool overwrite);
+// Writes a whole directory atomically: `fill` writes its files into a fresh temporary directory beside
+// `dir`, which is then fsynced and renamed to `dir`. An existing non-empty `dir` is refused
+// (replace_dir_problem) unless overwrite; it is then moved aside once the new one is complete and
+// removed after the new one took its place. When `fill` throws, the temporary directory is removed and `dir` is
+// untouched.
+void write_dir_atomic(const std::string& dir, bool overwrite, const std::function<void(const std::string& tmp)>& fill);
 
 // Fault injection for the crash-consistency script (tools/crash_test.sh), off unless LMF_FAULT is
 // set: "kill@N" sends SIGKILL to this process at the N-th fault point, "enospc@N" makes the N-th

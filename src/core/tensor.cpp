@@ -26,16 +26,28 @@ const char* dtype_name(DType t) {
 
 const char* device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
 
+namespace {
+template <class Shape>
+void set_shape(Tensor& t, const Shape& shape) {
+  LMF_CHECK(shape.size() >= 1 && shape.size() <= Tensor::kMaxDims, "tensor '", t.name, "' has ", shape.size(),
+            " dims; 1..", Tensor::kMaxDims, " supported");
+  t.ndim = static_cast<int>(shape.size());
+  int i = 0;
+  for (int64_t s : shape) {
+    LMF_CHECK(s >= 0, "tensor '", t.name, "' dimension ", i, " is ", s);
+    t.shape[static_cast<size_t>(i++)] = s;
+  }
+}
+}  // namespace
+
 Tensor::Tensor(void* data_, DType dtype_, std::initializer_list<int64_t> shape_, const char* name_, Device device_)
     : data(data_), dtype(dtype_), device(device_), name(name_) {
-  LMF_CHECK(shape_.size() >= 1 && shape_.size() <= kMaxDims, "tensor '", name_, "' has ", shape_.size(),
-            " dims; 1..", kMaxDims, " supported");
-  ndim = static_cast<int>(shape_.size());
-  int i = 0;
-  for (int64_t s : shape_) {
-    LMF_CHECK(s >= 0, "tensor '", name_, "' dimension ", i, " is ", s);
-    shape[i++] = s;
-  }
+  set_shape(*this, shape_);
+}
+
+Tensor::Tensor(void* data_, DType dtype_, const std::vector<int64_t>& shape_, const char* name_, Device device_)
+    : data(data_), dtype(dtype_), device(device_), name(name_) {
+  set_shape(*this, shape_);
 }
 
 int64_t Tensor::numel() const {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "core/bf16.h"
 #include "core/check.h"
@@ -41,6 +42,9 @@ struct Tensor {
 
   Tensor() = default;
   Tensor(void* data, DType dtype, std::initializer_list<int64_t> shape, const char* name = "",
+         Device device = Device::cpu);
+  // The same with a shape known only at run time (a spec table's, a file's).
+  Tensor(void* data, DType dtype, const std::vector<int64_t>& shape, const char* name = "",
          Device device = Device::cpu);
 
   bool defined() const { return data != nullptr; }

@@ -129,7 +129,7 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   const json j = json_parse(text, where);
   check_object(j, where, {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head", "n_kv_head",
                           "d_model", "d_ff", "norm", "norm_eps", "activation", "positions", "rope_theta",
-                          "tied_embeddings", "bias", "moe"});
+                          "tied_embeddings", "bias", "qkv_bias", "moe"});
   ModelConfig c;
   if (j.contains("vocab_size")) c.vocab_size = get_field<int64_t>(j, "vocab_size", where);
   if (j.contains("pad_vocab_multiple")) c.pad_vocab_multiple = get_field<int64_t>(j, "pad_vocab_multiple", where);
@@ -153,6 +153,7 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   if (j.contains("rope_theta")) c.rope_theta = get_field<float>(j, "rope_theta", where);
   if (j.contains("tied_embeddings")) c.tied_embeddings = get_field<bool>(j, "tied_embeddings", where);
   if (j.contains("bias")) c.bias = get_field<bool>(j, "bias", where);
+  if (j.contains("qkv_bias")) c.qkv_bias = get_field<bool>(j, "qkv_bias", where);
   if (j.contains("moe")) c.moe = moe_from_json(j.at("moe"), where);
   c.validate(where);
   return c;
@@ -174,6 +175,7 @@ std::string config_to_json(const ModelConfig& c) {
             {"rope_theta", c.rope_theta},
             {"tied_embeddings", c.tied_embeddings},
             {"bias", c.bias}};
+  if (c.qkv_bias) j["qkv_bias"] = true;  // written only when set: configs without it read as before
   if (c.moe.experts > 0) {
     const MoeModelConfig& m = c.moe;
     j["moe"] = {{"experts", m.experts},         {"top_k", m.top_k},

@@ -59,6 +59,7 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   bool tied_embeddings = true;
   bool bias = true;
+  bool qkv_bias = false;  // a bias on the QKV projection only (Qwen2); implied by bias
   MoeModelConfig moe;
 
   int64_t padded_vocab() const { return (vocab_size + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
@@ -69,6 +70,7 @@ struct ModelConfig {
     return moe.experts > 0 && l >= moe.first_dense && (l - moe.first_dense) % moe.every == 0;
   }
   int64_t d_expert() const { return moe.d_expert > 0 ? moe.d_expert : d_ff; }
+  bool has_qkv_bias() const { return bias || qkv_bias; }
 
   // Every field in range (ConfigLimits), every float finite, the rules between fields; throws
   // lmf::Error naming `where` (the file or preset), the field and the problem.

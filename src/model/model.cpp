@@ -157,7 +157,7 @@ std::vector<TensorSpec> trunk_param_specs(const ModelConfig& c) {
     s.push_back({layer_name(i, "norm1.weight"), {C}});
     if (ln_bias) s.push_back({layer_name(i, "norm1.bias"), {C}});
     s.push_back({layer_name(i, "attn.qkv.weight"), {c.qkv_dim(), C}});
-    if (c.bias) s.push_back({layer_name(i, "attn.qkv.bias"), {c.qkv_dim()}});
+    if (c.has_qkv_bias()) s.push_back({layer_name(i, "attn.qkv.bias"), {c.qkv_dim()}});
     s.push_back({layer_name(i, "attn.proj.weight"), {C, c.n_head * HS}});
     if (c.bias) s.push_back({layer_name(i, "attn.proj.bias"), {C}});
     s.push_back({layer_name(i, "norm2.weight"), {C}});

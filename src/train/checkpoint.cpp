@@ -87,14 +87,36 @@ void check_finite(const SafetensorsFile& f) {
 }
 
 std::string serialize_checked(const std::vector<std::pair<std::string, Tensor>>& tensors,
-                              const std::map<std::string, std::string>& metadata, int64_t step) {
+                              const std::map<std::string, std::string>& metadata, const std::string& what) {
   std::string blob = safetensors_serialize(tensors, metadata);
   const std::string bad = first_nonfinite_tensor(tensors, blob);
-  if (!bad.empty()) fail("step ", step, ": tensor '", bad, "' holds a non-finite value (NaN/Inf); no checkpoint is written");
+  if (!bad.empty()) fail(what, ": tensor '", bad, "' holds a non-finite value (NaN/Inf); no checkpoint is written");
   return blob;
 }
 
+constexpr const char* kTokenizerFile = "tokenizer.json";
+constexpr const char* kChatTemplateFile = "chat_template.jinja";
+
 }  // namespace
+
+ModelAssets load_checkpoint_assets(const std::string& dir) {
+  ModelAssets a;
+  const fs::path tok = fs::path(dir) / kTokenizerFile, tmpl = fs::path(dir) / kChatTemplateFile;
+  if (fs::exists(tok)) a.tokenizer_json = read_regular_file(tok.string(), "tokenizer");
+  if (fs::exists(tmpl)) a.chat_template = read_regular_file(tmpl.string(), "chat template");
+  return a;
+}
+
+void write_model_files(const std::string& dir, const ModelConfig& config,
+                       const std::vector<std::pair<std::string, Tensor>>& weights, const ModelAssets& assets,
+                       const std::string& what) {
+  const std::string config_json = config_to_json(config);
+  const std::string blob = serialize_checked(weights, {{"format", "pt"}, {"lmforge_config", config_json}}, what);
+  write_file_atomic((fs::path(dir) / "model.safetensors").string(), blob);
+  write_file_atomic((fs::path(dir) / "config.json").string(), config_json + "\n");
+  if (!assets.tokenizer_json.empty()) write_file_atomic((fs::path(dir) / kTokenizerFile).string(), assets.tokenizer_json);
+  if (!assets.chat_template.empty()) write_file_atomic((fs::path(dir) / kChatTemplateFile).string(), assets.chat_template);
+}
 
 int64_t checkpoint_step(const std::string& name) {
   if (name.rfind("step_", 0) != 0) return -1;
@@ -188,7 +210,8 @@ CheckpointState checkpoint_state_from_json(const std::string& text, const std::s
 }
 
 std::string save_checkpoint(const std::string& out_dir, const ModelConfig& config, Parameters& params,
-                            TrainingState& train, const CheckpointState& state, int64_t keep_last) {
+                            TrainingState& train, const CheckpointState& state, int64_t keep_last,
+                            const ModelAssets& assets) {
   fs::path root = fs::path(out_dir) / "checkpoints";
   fs::create_directories(root);
   const std::string base = step_dir_name(state.step);
@@ -202,10 +225,9 @@ std::string save_checkpoint(const std::string& out_dir, const ModelConfig& confi
   for (size_t i = 0; i < p.size(); ++i) weights.emplace_back(p.spec(i).name, p[i]);
   for (size_t i = 0; i < m.size(); ++i) opt.emplace_back("m." + m.spec(i).name, m[i]);
   for (size_t i = 0; i < v.size(); ++i) opt.emplace_back("v." + v.spec(i).name, v[i]);
-  // serialized (and checked finite) before anything is written
-  const std::string model_blob =
-      serialize_checked(weights, {{"format", "pt"}, {"lmforge_config", config_to_json(config)}}, state.step);
-  const std::string opt_blob = serialize_checked(opt, {}, state.step);
+  // serialized (and checked finite) before anything is written; the model's weights by write_model_files
+  const std::string what = "step " + std::to_string(state.step);
+  const std::string opt_blob = serialize_checked(opt, {}, what);
   json st = {{"step", state.step},
              {"seed", state.seed},
              {"data_position", state.data_position},
@@ -213,9 +235,14 @@ std::string save_checkpoint(const std::string& out_dir, const ModelConfig& confi
 
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
-  write_file_atomic((tmp_dir / "model.safetensors").string(), model_blob);
+  try {
+    write_model_files(tmp_dir.string(), config, weights, assets, what);
+  } catch (const Error&) {  // a non-finite weight: nothing of this save stays
+    std::error_code ec;
+    fs::remove_all(tmp_dir, ec);
+    throw;
+  }
   write_file_atomic((tmp_dir / "optimizer.safetensors").string(), opt_blob);
-  write_file_atomic((tmp_dir / "config.json").string(), config_to_json(config) + "\n");
   write_file_atomic((tmp_dir / "state.json").string(), st.dump(2) + "\n");
   // Into place under a name nothing else has, then `latest` switches atomically; what it supersedes
   // goes only after that, so `latest` names a complete checkpoint at every moment.

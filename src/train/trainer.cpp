@@ -13,6 +13,7 @@
 #include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "convert/import.h"
 #include "core/check.h"
 #include "core/device.h"
 #include "core/gpu_monitor.h"
@@ -98,6 +99,7 @@ std::string TrainOptions::to_json() const {
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
             {"tune", gemm_tune}};
+  if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
 
@@ -271,12 +273,13 @@ void validate_options(const TrainOptions& o) {
   if (o.gemm_tune != "on" && o.gemm_tune != "off") fail("--tune=", o.gemm_tune, " must be on or off");
 }
 
-// From the checkpoint when resuming (--config must then agree), else --config or --preset.
-ModelConfig resolve_config(const TrainOptions& o, const std::string& resume_dir) {
-  if (!resume_dir.empty()) {
-    ModelConfig c = load_checkpoint_config(resume_dir);
+// From the checkpoint when resuming or the model of --init-from (--config must then agree), else
+// --config or --preset.
+ModelConfig resolve_config(const TrainOptions& o, const std::string& resume_dir, const ModelSource* init) {
+  if (!resume_dir.empty() || init) {
+    const ModelConfig c = init ? init->config : load_checkpoint_config(resume_dir);
     if (!o.config_path.empty() && config_to_json(config_from_file(o.config_path)) != config_to_json(c))
-      fail("--config ", o.config_path, " differs from the config of checkpoint ", resume_dir);
+      fail("--config ", o.config_path, " differs from the config of ", init ? init->what : "checkpoint " + resume_dir);
     return c;
   }
   return o.config_path.empty() ? config_preset(o.preset) : config_from_file(o.config_path);
@@ -288,7 +291,13 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   validate_options(o_);
   if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
   const std::string resume_dir = o_.resume.empty() ? std::string() : resolve_checkpoint(o_.resume);
-  cfg_ = resolve_config(o_, resume_dir);
+  ModelSource init;  // --init-from: its config now, its weights once the model is laid out
+  if (!o_.init_from.empty()) {
+    if (!resume_dir.empty()) fail("--init-from and --resume both give the starting weights; pass one of them");
+    init = load_model_source(o_.init_from, o_.allow_nonfinite);
+    init_what_ = init.what;
+  }
+  cfg_ = resolve_config(o_, resume_dir, init.load_weights ? &init : nullptr);
   // --data X_train.bin without --val-data: X_val.bin beside it (lmforge prepare writes both)
   if (o_.val_data.empty() && !o_.data.empty()) {
     std::vector<std::string> found;
@@ -325,6 +334,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   // --- weights: checkpoint or fresh --------------------------------------------------------------
   if (!resume_dir.empty()) {
     CheckpointState st = load_checkpoint(resume_dir, gpt_->params, *gpt_->state, o_.allow_nonfinite);
+    assets_ = load_checkpoint_assets(resume_dir);
     // a flag that changes what the run computes is refused unless --allow-change (one rule, here)
     if (!st.options_json.empty() && !o_.allow_change) {
       const json was = json::parse(st.options_json), now = json::parse(o_.to_json());
@@ -343,6 +353,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     if (step_ >= o_.steps)
       fail("checkpoint ", resume_dir, " is at step ", step_, ", the run's last (--steps=", o_.steps,
            "); pass --steps N with N > ", step_, " to continue it");
+  } else if (init.load_weights) {
+    init.load_weights(gpt_->params);
+    assets_ = std::move(init.assets);
   } else {
     gpt_->params.init_gpt2(o_.seed, cfg_.n_layer, cfg_.vocab_size);
   }
@@ -518,6 +531,7 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
        << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
        << " MiB\n";
   if (!resume_dir.empty()) log_ << "resumed from " << resume_dir << " at step " << step_ << "\n";
+  if (!init_what_.empty()) log_ << "initialised from " << init_what_ << "\n";
   log_.flush();
 }
 
@@ -679,7 +693,7 @@ double Trainer::evaluate() {
 std::string Trainer::save() {
   check_guard();  // never a checkpoint from a diverged state
   CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
-  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st, o_.keep_last);
+  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st, o_.keep_last, assets_);
 }
 
 void Trainer::check_guard() {

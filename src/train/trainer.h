@@ -18,6 +18,7 @@
 #include "core/fsutil.h"
 #include "data/loader.h"
 #include "model/gpt.h"
+#include "train/checkpoint.h"
 
 namespace lmf {
 
@@ -44,6 +45,9 @@ struct TrainOptions {
   int64_t keep_last = 0;            // --keep-last: checkpoints kept in out_dir (0 = all)
   std::string out_dir = "out";
   std::string resume;               // checkpoint dir or out-dir
+  // --init-from: a fresh run (step 0, new optimizer state) from these weights and their model: a
+  // checkpoint, an out-dir, a Hugging Face directory or a GGUF file (convert/import.h load_model_source)
+  std::string init_from;
   bool overwrite = false;           // --overwrite: a new run may replace the run already in out_dir
   bool allow_change = false;        // --allow-change: on resume, the run's data/batch/optimizer may change
   bool allow_nonfinite = false;     // --allow-nonfinite: resume from a checkpoint holding NaN/Inf
@@ -162,10 +166,11 @@ class Trainer {
   void prepare_out_dir(const std::string& resume_dir);
   void move_aside_after(int64_t step, const std::string& resume_dir);
 
-
   TrainOptions o_;
   std::ostream& log_;
   ModelConfig cfg_;
+  ModelAssets assets_;        // the model's tokenizer and chat template, saved with every checkpoint
+  std::string init_what_;     // --init-from: what the weights came from (the log)
   std::unique_ptr<Gpt> gpt_;  // the weights, the training state and the model over them
   std::unique_ptr<DataLoader> train_, val_;
   Device device_ = Device::cpu;
