@@ -124,8 +124,11 @@ ModelSource load_model_source(const std::string& path, bool allow_nonfinite) {
     };
     return s;
   }
-  if (!fs::is_directory(path, ec))
-    fail(path, ": not a checkpoint directory, a training out-dir, a Hugging Face model directory or a GGUF file");
+  const fs::path p(path);
+  if (!fs::is_directory(p, ec) || (!fs::exists(p / "model.safetensors", ec) && !fs::exists(p / "checkpoints" / "latest", ec) &&
+                                   !fs::exists(p / "config.json", ec)))
+    fail(path, ": not a checkpoint (no model.safetensors), a training out-dir (no checkpoints/latest), a Hugging Face "
+               "model directory (no config.json) or a GGUF file");
   s.path = resolve_checkpoint(path);
   s.what = "checkpoint " + s.path;
   s.config = load_checkpoint_config(s.path);
