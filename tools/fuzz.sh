@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request)
+[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request fuzz_hf_config)
 build="${LMF_FUZZ_BUILD:-build-fuzz}"
 work="${LMF_FUZZ_WORK:-$build/work}"
 jobs="${LMF_FUZZ_JOBS:-1}"

@@ -29,8 +29,8 @@ namespace {
 // writes null for "the default").
 class HfConfig {
  public:
-  explicit HfConfig(const std::string& path) : path_(path) {
-    j_ = json_parse(read_regular_file(path, "Hugging Face config"), path);
+  HfConfig(const std::string& text, const std::string& path) : path_(path) {
+    j_ = json_parse(text, path);
     if (!j_.is_object()) fail(path, ": expected a JSON object");
   }
   const std::string& path() const { return path_; }
@@ -465,17 +465,25 @@ void read_assets(const fs::path& dir, ImportedModel& im) {
 
 }  // namespace
 
+HfModelConfig hf_config_from_json(const std::string& text, const std::string& where) {
+  HfConfig h(text, where);
+  HfModelConfig r;
+  r.arch = detect_arch(h);
+  r.config = r.arch == HfArch::gpt2 ? gpt2_config(h) : llama_family_config(h, r.arch);
+  h.check_all_read(r.arch);
+  r.config.validate(where);
+  return r;
+}
+
 ImportedModel import_hf(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) fail(dir, fs::exists(dir, ec) ? ": not a directory" : ": not found");
   const fs::path d(dir), config = d / "config.json";
   if (!fs::exists(config, ec)) fail(config.string(), ": not found (a Hugging Face model directory holds config.json)");
-  HfConfig h(config.string());
-  const HfArch a = detect_arch(h);
+  const HfModelConfig hc = hf_config_from_json(read_regular_file(config.string(), "Hugging Face config"), config.string());
+  const HfArch a = hc.arch;
   ImportedModel im;
-  im.config = a == HfArch::gpt2 ? gpt2_config(h) : llama_family_config(h, a);
-  h.check_all_read(a);
-  im.config.validate(h.path());
+  im.config = hc.config;
   const HfWeights w(d);
   // GPT-2's own hub files were saved from the base model: no "transformer." prefix
   const std::string prefix = a == HfArch::gpt2 && !w.has_prefix("transformer.") ? "" : hf_default_prefix(a);

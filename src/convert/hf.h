@@ -23,4 +23,11 @@ namespace lmf {
 
 ImportedModel import_hf(const std::string& dir);
 
+// config.json's text -> the model class and lmforge's config (validated); errors name `where`.
+struct HfModelConfig {
+  HfArch arch = HfArch::gpt2;
+  ModelConfig config;
+};
+HfModelConfig hf_config_from_json(const std::string& text, const std::string& where);
+
 }  // namespace lmf
