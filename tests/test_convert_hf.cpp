@@ -306,6 +306,39 @@ TEST(HfExport, ConfigsWithoutAHuggingFaceClassAreRefused) {
   EXPECT_THROW(hf_arch_for(c, "x"), Error);
 }
 
+// qkv_bias alone (Qwen2): the QKV bias gets its gradient without the other biases present.
+TEST(QkvBias, GradientMatchesFiniteDifferences) {
+  ModelConfig c = config_preset("test-llama");
+  c.qkv_bias = true;
+  const int64_t B = 2, T = 8;
+  Gpt g(c, ModelPlan{B, T, true});
+  g.params.init_gpt2(7, c.n_layer, c.vocab_size);
+  ASSERT_FALSE(g.params.find("layers.0.attn.proj.bias").defined());
+  const Tensor bias = g.params.find("layers.1.attn.qkv.bias");
+  std::vector<float> b = test::randn(static_cast<size_t>(bias.numel()), 3, 0.5f);
+  tensor_from_host(bias, b.data());
+  std::vector<int32_t> in = test::randint(B * T, 4, static_cast<int32_t>(c.vocab_size)),
+                       tg = test::randint(B * T, 5, static_cast<int32_t>(c.vocab_size));
+  const Tensor tin = test::tensor_of(in, {B, T}, "tokens"), ttg = test::tensor_of(tg, {B, T}, "targets");
+  g.state->zero_grad();
+  g.model.forward_backward(tin, ttg);
+  const float* grad = g.state->grads().get("layers.1.attn.qkv.bias").f32();
+  double scale = 0;
+  for (int64_t i = 0; i < bias.numel(); ++i) scale = std::max(scale, std::fabs(static_cast<double>(grad[i])));
+  ASSERT_GT(scale, 0);
+  for (int64_t i : {0L, 9L, 33L, bias.numel() - 1}) {  // q, q, k, v elements
+    const float h = 1e-2f, v = b[static_cast<size_t>(i)];
+    auto loss_at = [&](float x) {
+      b[static_cast<size_t>(i)] = x;
+      tensor_from_host(bias, b.data());
+      return g.model.forward_loss(tin, ttg);
+    };
+    const double fd = (loss_at(v + h) - loss_at(v - h)) / (2.0 * h);
+    loss_at(v);
+    EXPECT_NEAR(grad[i], fd, 2e-3 * scale + 1e-5) << "element " << i;
+  }
+}
+
 // ---- through the binary --------------------------------------------------------------------------
 
 class HfCli : public HfEdited {};
