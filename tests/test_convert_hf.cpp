@@ -214,7 +214,7 @@ TEST_F(HfEdited, BadFilesGiveOneLineNamingTheFile) {
   {
     const std::string d = copy("gpt2", "wrong_shape");
     edit_config(d, [](json& j) { j["n_inner"] = 100; });
-    EXPECT_TRUE(refused(d, {d + "/model.safetensors", "transformer.h.0.mlp.c_fc.weight", "[32, 128]", "[32, 100]"}));
+    EXPECT_TRUE(refused(d, {d + "/model.safetensors", "transformer.h.0.mlp.c_fc.weight", "[32,128]", "[32,100]"}));
   }
   {
     const std::string d = copy("llama", "missing_shard");

@@ -20,7 +20,8 @@ fp32 forward (eager attention) on the weights as saved (a bf16/fp16 family: its 
 
 --roundtrip BIN: for each family, `BIN import` then `BIN export --to hf`, loads the export with
 transformers' matching class and compares its logits on the same tokens with the reference (max
-|diff| / max |ref| <= 1e-4); prints one line per family and exits non-zero on a failure.
+|diff| / max |ref| <= 1e-4) and, where the family has a tokenizer, the exported tokenizer's ids and
+chat template with the original's; prints one line per family and exits non-zero on a failure.
 """
 import argparse
 import json
@@ -39,6 +40,7 @@ OUT = os.path.join(ROOT, "tests", "fixtures", "hf")
 B, T = 2, 12
 SEED = 1234
 
+TEXT = "In the beginning God created the heaven and the earth. 1234 \u00fc\u4e2d  \n\tend"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -148,8 +150,16 @@ def roundtrip(binary):
                 got = logits_of(model.eval(), ref["tokens"])
                 err = ((got - ref["logits"]).abs().max() / ref["logits"].abs().max()).item()
                 good = type(model) is cls and err <= 1e-4
+                tok = ""
+                if os.path.exists(os.path.join(src, "tokenizer.json")):  # the exported tokenizer and template
+                    a, b = tf.AutoTokenizer.from_pretrained(src), tf.AutoTokenizer.from_pretrained(hf)
+                    chat = [{"role": "user", "content": "Hello, world! 123"}]
+                    same = (a(TEXT)["input_ids"] == b(TEXT)["input_ids"] and
+                            a.apply_chat_template(chat, tokenize=False) == b.apply_chat_template(chat, tokenize=False))
+                    good = good and same
+                    tok = f"; tokenizer and chat template {'the same' if same else 'DIFFER'}"
                 ok = ok and good
-                print(f"{name}: exported -> {type(model).__name__}, logits max|diff|/max|ref| = {err:.2e} "
+                print(f"{name}: exported -> {type(model).__name__}, logits max|diff|/max|ref| = {err:.2e}{tok} "
                       f"{'ok' if good else 'FAIL'}; files: {', '.join(sorted(os.listdir(hf)))}")
     return ok
 

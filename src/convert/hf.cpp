@@ -332,8 +332,8 @@ class HfWeights {
         fail(where_, ": missing tensor '", s.name, "' (a ", hf_arch_class(a), " of this config.json has it)");
       const SafetensorsEntry& e = *it->second.entry;
       if (e.shape != s.shape)
-        fail(it->second.file->path(), ": tensor '", s.name, "' has shape ", shape_str(e.shape), ", expected ",
-             shape_str(s.shape), " (from config.json)");
+        fail(it->second.file->path(), ": tensor '", s.name, "' has shape ", json(e.shape).dump(), ", expected ",
+             json(s.shape).dump(), " (from config.json)");
       if (e.dtype != "F32" && e.dtype != "F16" && e.dtype != "BF16")
         fail(it->second.file->path(), ": tensor '", s.name, "' has dtype ", e.dtype, " (lmforge imports F32, F16, BF16)");
     }
@@ -367,12 +367,6 @@ class HfWeights {
     const SafetensorsFile* file;
     const SafetensorsEntry* entry;
   };
-
-  static std::string shape_str(const std::vector<int64_t>& s) {
-    std::string r = "[";
-    for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-    return r + "]";
-  }
 
   void add(std::unique_ptr<SafetensorsFile> f) { files_.push_back(std::move(f)); }
 

@@ -80,6 +80,7 @@ std::string hf_config_json(HfArch a, const ModelConfig& c) {
               {"layer_norm_epsilon", float_json(c.norm_eps)}, {"scale_attn_weights", true},
               {"scale_attn_by_inverse_layer_idx", false}, {"reorder_and_upcast_attn", false},
               {"attn_pdrop", 0.0}, {"embd_pdrop", 0.0}, {"resid_pdrop", 0.0}});  // lmforge trains without dropout
+    if (c.vocab_size <= 50256) j.update({{"bos_token_id", nullptr}, {"eos_token_id", nullptr}});  // GPT2Config's 50256: no token
     return j.dump(2) + "\n";
   }
   j.update({{"hidden_size", c.d_model}, {"intermediate_size", c.d_ff}, {"num_hidden_layers", c.n_layer},
