@@ -215,6 +215,14 @@ class Regex {
 constexpr const char* kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
+// Split patterns of the tokenizers lmforge knows (Llama-3; Qwen2; SmolLM2/GPT-2 is ByteLevel's own):
+// encode_parallel() cuts texts only for these (see there).
+const std::string kKnownPatterns[] = {
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+    kGpt2Pattern,
+};
+
 enum class SplitBehavior { removed, isolated, merged_with_previous, merged_with_next, contiguous };
 
 SplitBehavior split_behavior(const json& v, const std::string& where) {
@@ -299,6 +307,9 @@ struct BpeTokenizer::Impl {
   bool nfc = false;
   std::vector<Step> steps;
   bool ignore_merges = false;
+  // encode_parallel may cut the text: every regex is one of the known patterns, no prefix space is
+  // added, and no added token holds a newline.
+  bool parallel_safe = true;
   int32_t unk = -1;
   bool fuse_unk = false;
   int32_t byte_id[256];          // the byte's byte-level token, -1 when the vocabulary lacks it
@@ -368,7 +379,10 @@ void parse_pre_tokenizer(const json& p, BpeTokenizer::Impl& t) {
     if (json_flag(p, "invert", false, t.where, ctx)) fail(t.where, ": pre_tokenizer Split with invert: true is not supported");
     const json pat = p.value("pattern", json());
     if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string()) {
-      s.re = std::make_unique<Regex>(pat["Regex"].get<std::string>(), t.where + ": pre_tokenizer Split");
+      const std::string re = pat["Regex"].get<std::string>();
+      s.re = std::make_unique<Regex>(re, t.where + ": pre_tokenizer Split");
+      if (std::find(std::begin(kKnownPatterns), std::end(kKnownPatterns), re) == std::end(kKnownPatterns))
+        t.parallel_safe = false;
     } else if (pat.is_object() && pat.contains("String") && pat["String"].is_string()) {
       s.kind = Step::string;
       s.literal = pat["String"].get<std::string>();
@@ -379,6 +393,7 @@ void parse_pre_tokenizer(const json& p, BpeTokenizer::Impl& t) {
     t.steps.push_back(std::move(s));
   } else if (type == "ByteLevel") {
     Step s{Step::byte_level, nullptr, "", SplitBehavior::isolated, json_flag(p, "add_prefix_space", true, t.where, ctx)};
+    if (s.add_prefix_space) t.parallel_safe = false;
     if (json_flag(p, "use_regex", true, t.where, ctx)) s.re = std::make_unique<Regex>(kGpt2Pattern, t.where);
     t.steps.push_back(std::move(s));
   } else if (type == "Digits") {
@@ -499,6 +514,7 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(std::string_view text, con
     if (utf8_replace_invalid(x.content) != x.content) fail(where, ": added_tokens: token ", x.id, " is not UTF-8");
     n = std::max<int64_t>(n, int64_t{x.id} + 1);
     t.first_byte[static_cast<unsigned char>(x.content[0])] = true;
+    if (x.content.find('\n') != std::string::npos) t.parallel_safe = false;
     t.added_ids[x.content] = x.id;
     t.added.push_back(std::move(x));
   }
@@ -752,16 +768,18 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view raw) const {
 }
 
 std::vector<int32_t> BpeTokenizer::encode_parallel(std::string_view text, int threads) const {
-  threads = std::max(1, threads);
+  threads = impl_->parallel_safe ? std::max(1, threads) : 1;
   const size_t target = std::max<size_t>(1 << 16, text.size() / (static_cast<size_t>(threads) * 8) + 1);
-  // cut points: after a '\n' that a non-space character follows (no pre-tokenizer piece crosses one)
+  // Cut points: after a lone '\n' between two non-space bytes ("x\ny"). Each of the known patterns
+  // makes that '\n' end a piece, or be one, the same whether the text ends there or goes on (a longer
+  // whitespace run would not: "\n\n" before a letter is two pieces, at the end of a text one).
+  auto space = [](char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t' || c == '\f' || c == '\v'; };
   std::vector<size_t> cuts{0};
   for (size_t pos = target; pos < text.size();) {
     size_t nl = text.find('\n', pos);
-    while (nl != std::string_view::npos && nl + 1 < text.size() &&
-           (text[nl + 1] == ' ' || text[nl + 1] == '\n' || text[nl + 1] == '\r' || text[nl + 1] == '\t'))
+    while (nl != std::string_view::npos && (nl == 0 || nl + 1 >= text.size() || space(text[nl - 1]) || space(text[nl + 1])))
       nl = text.find('\n', nl + 1);
-    if (nl == std::string_view::npos || nl + 1 >= text.size()) break;
+    if (nl == std::string_view::npos) break;
     cuts.push_back(nl + 1);
     pos = nl + 1 + target;
   }

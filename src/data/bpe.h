@@ -39,7 +39,9 @@ class BpeTokenizer final : public Tokenizer {
   int32_t token_id(std::string_view content) const override;
 
   // encode() of a large text on `threads` threads: the text is cut where no pre-tokenizer piece can
-  // cross (after a newline followed by a non-space character), so the ids are encode()'s.
+  // cross (after a newline between two non-space characters), so the ids are encode()'s. Tokenizers
+  // with other Split patterns than the known ones, a prefix space, or an added token holding a
+  // newline encode on one thread.
   std::vector<int32_t> encode_parallel(std::string_view text, int threads) const override;
   // Whether `token` is an added token marked special (skipped when decoding for display).
   bool is_special(int32_t token) const;
