@@ -19,6 +19,7 @@
 #include <iostream>
 #include <string>
 
+#include "cli/tokenizer_cmd.h"
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -353,6 +354,9 @@ int main(int argc, char** argv) {
   prepare->add_option("--tokenizer", p_tok, "tokenizer: byte, or a tokenizer.json (byte-level BPE)")->capture_default_str();
   add_num(prepare, "--threads", p_threads, "threads encoding the text")->capture_default_str();
 
+  TokenizerCommand tokc;
+  add_tokenizer_command(app, tokc);
+
   GenerateOptions go;
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint, "checkpoint directory or training out-dir")->required();
@@ -438,6 +442,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok, p_threads);
+    if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
     if (*serve) return run_serve(sv);
     if (*plot) {

@@ -329,6 +329,7 @@ struct BpeTokenizer::Impl {
   }
 
   void encode_text(std::string_view text, std::vector<int32_t>& out) const;      // between added tokens
+  void pieces_of(std::string_view text, const std::function<void(std::string_view)>& piece) const;  // steps 3-4
   void pre_tokenize(std::string_view text, const std::function<void(std::string_view)>& piece) const;
   void apply_steps(size_t k, std::string_view piece, const std::function<void(std::string_view)>& out,
                    std::deque<std::string>& owned) const;
@@ -698,7 +699,7 @@ void BpeTokenizer::Impl::apply_steps(size_t k, std::string_view piece, const std
   }
 }
 
-void BpeTokenizer::Impl::encode_text(std::string_view text, std::vector<int32_t>& out) const {
+void BpeTokenizer::Impl::pieces_of(std::string_view text, const std::function<void(std::string_view)>& piece) const {
   if (text.empty()) return;
   std::string normalized;
   if (nfc && !is_ascii(text)) {
@@ -712,7 +713,11 @@ void BpeTokenizer::Impl::encode_text(std::string_view text, std::vector<int32_t>
     text = normalized;
   }
   std::deque<std::string> owned;
-  apply_steps(0, text, [&](std::string_view piece) { bpe(piece, out); }, owned);
+  apply_steps(0, text, piece, owned);
+}
+
+void BpeTokenizer::Impl::encode_text(std::string_view text, std::vector<int32_t>& out) const {
+  pieces_of(text, [&](std::string_view piece) { bpe(piece, out); });
 }
 
 void BpeTokenizer::Impl::split_added(std::string_view text, const std::function<void(std::string_view)>& plain,
@@ -815,6 +820,11 @@ int32_t BpeTokenizer::token_id(std::string_view content) const {
   if (a != impl_->added_ids.end()) return a->second;
   auto v = impl_->vocab.find(std::string(content));
   return v == impl_->vocab.end() ? -1 : v->second;
+}
+
+void BpeTokenizer::pre_tokenize(std::string_view raw, const std::function<void(std::string_view)>& piece) const {
+  const Impl& t = *impl_;
+  t.split_added(utf8_replace_invalid(raw), [&](std::string_view s) { t.pieces_of(s, piece); }, [](int32_t) {});
 }
 
 bool BpeTokenizer::is_special(int32_t token) const {

@@ -14,6 +14,7 @@
 // byte-level token becomes its <0xNN> token (byte_fallback), the unknown token, or nothing, as there.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -35,6 +36,7 @@ class BpeTokenizer final : public Tokenizer {
   int64_t vocab_size() const override { return static_cast<int64_t>(token_bytes_.size()); }
   std::vector<int32_t> encode(std::string_view text) const override;
   std::string decode(int32_t token) const override;
+  using Tokenizer::decode;  // and of a sequence
   std::vector<int32_t> special_prefix() const override { return prefix_; }
   int32_t token_id(std::string_view content) const override;
 
@@ -45,6 +47,9 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<int32_t> encode_parallel(std::string_view text, int threads) const override;
   // Whether `token` is an added token marked special (skipped when decoding for display).
   bool is_special(int32_t token) const;
+  // Steps 1-4 of encoding (bpe.h) without the merges: calls piece(bytes) for each pre-tokenizer piece
+  // of the text between added tokens (the BPE trainer counts these).
+  void pre_tokenize(std::string_view text, const std::function<void(std::string_view)>& piece) const;
 
   struct Impl;
 

@@ -39,6 +39,7 @@ class ByteTokenizer final : public Tokenizer {
   int64_t vocab_size() const override { return 256; }
   std::vector<int32_t> encode(std::string_view text) const override;
   std::string decode(int32_t token) const override;
+  using Tokenizer::decode;  // and of a sequence
 };
 
 // "byte", or the path of a tokenizer.json; throws naming the unknown tokenizer or the file's problem.
