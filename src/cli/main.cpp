@@ -220,7 +220,7 @@ ServedModel load_served_model(const std::string& checkpoint, const std::string& 
 }
 
 struct GenerateOptions {
-  std::string checkpoint, prompt = "And God said", tokenizer = "byte", device = "auto";
+  std::string checkpoint, prompt = "And God said", tokenizer = "auto", device = "auto";
   int64_t max_new = 200;
   bool allow_nonfinite = false;
   SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
@@ -235,12 +235,14 @@ int run_generate(const GenerateOptions& g) {
     fail(sp);
   }
   if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
-  auto tok = make_tokenizer(g.tokenizer);
   ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite);
+  auto tok = make_model_tokenizer(g.tokenizer, m.dir);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
-  std::vector<int32_t> ids = tok->encode(g.prompt);
-  if (ids.empty()) fail("--prompt is empty");
+  std::vector<int32_t> ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
+  const std::vector<int32_t> text_ids = tok->encode(g.prompt);
+  if (text_ids.empty()) fail("--prompt is empty");
+  ids.insert(ids.end(), text_ids.begin(), text_ids.end());
   const int64_t ctx = m.cfg.context_length;
   if (static_cast<int64_t>(ids.size()) >= ctx) fail("--prompt has ", ids.size(), " tokens; context_length is ", ctx);
   EngineOptions eo;
@@ -257,14 +259,21 @@ int run_generate(const GenerateOptions& g) {
     RequestParams rp;
     rp.sample = g.sample;
     rp.max_tokens = std::min<int64_t>(g.max_new - generated, ctx - static_cast<int64_t>(prompt.size()));
+    rp.stop_tokens = tok->end_tokens();
     engine.add(request++, prompt, rp);
+    bool ended = false;
     while (!engine.idle())
       for (const EngineEvent& e : engine.step()) {
         const int32_t t = e.out.token;
+        ++generated;
+        if (std::find(rp.stop_tokens.begin(), rp.stop_tokens.end(), t) != rp.stop_tokens.end()) {
+          ended = true;  // the model ended its text: the end token is not printed
+          continue;
+        }
         std::cout << (t < tok->vocab_size() ? tok->decode(t) : std::string("?")) << std::flush;
         history.push_back(t);
-        ++generated;
       }
+    if (ended) break;
   }
   std::cout << "\n" << std::flush;
   std::cerr << "[generated " << generated << " tokens from " << m.dir << " on " << device_name(m.params->device())
@@ -273,7 +282,7 @@ int run_generate(const GenerateOptions& g) {
 }
 
 struct ServeOptions {
-  std::string checkpoint, tokenizer = "byte", device = "auto";
+  std::string checkpoint, tokenizer = "auto", device = "auto";
   bool allow_nonfinite = false;
   ServerOptions server;
   EngineOptions engine;
@@ -288,8 +297,8 @@ int run_serve(ServeOptions so) {
 #else
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
-  auto tok = make_tokenizer(so.tokenizer);
   ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite);
+  auto tok = make_model_tokenizer(so.tokenizer, m.dir);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
@@ -366,7 +375,7 @@ int main(int argc, char** argv) {
   add_num(gen, "--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
   add_num(gen, "--top-p", go.sample.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
   add_num(gen, "--seed", go.sample.seed, "sampling seed")->capture_default_str();
-  gen->add_option("--tokenizer", go.tokenizer, "tokenizer: byte")->capture_default_str();
+  gen->add_option("--tokenizer", go.tokenizer, "tokenizer: auto (the checkpoint's tokenizer.json, else byte), byte, or a tokenizer.json")->capture_default_str();
   gen->add_option("--device", go.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
   gen->add_flag("--allow-nonfinite", go.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
 
@@ -377,7 +386,7 @@ int main(int argc, char** argv) {
   add_num(serve, "--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
   serve->add_option("--model-name", sv.server.model_name, "the model's name in the API (default: the checkpoint's directory name)");
   serve->add_option("--device", sv.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
-  serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: byte")->capture_default_str();
+  serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: auto (the checkpoint's tokenizer.json, else byte), byte, or a tokenizer.json")->capture_default_str();
   add_num(serve, "--max-seqs", sv.engine.max_seqs, "sequences decoding at once")->capture_default_str();
   add_num(serve, "--max-prefill-tokens", sv.engine.max_prefill_tokens, "prompt positions computed per engine step")
       ->capture_default_str();

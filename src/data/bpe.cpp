@@ -6,6 +6,7 @@
 #include <utf8proc.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -825,6 +826,18 @@ int32_t BpeTokenizer::token_id(std::string_view content) const {
 void BpeTokenizer::pre_tokenize(std::string_view raw, const std::function<void(std::string_view)>& piece) const {
   const Impl& t = *impl_;
   t.split_added(utf8_replace_invalid(raw), [&](std::string_view s) { t.pieces_of(s, piece); }, [](int32_t) {});
+}
+
+std::vector<int32_t> BpeTokenizer::end_tokens() const {
+  std::vector<int32_t> out;
+  for (const Impl::Added& a : impl_->added) {
+    std::string lower = a.content;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (a.special && (lower.find("end") != std::string::npos || lower.find("eot") != std::string::npos || lower == "</s>"))
+      out.push_back(a.id);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 bool BpeTokenizer::is_special(int32_t token) const {

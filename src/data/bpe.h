@@ -38,6 +38,9 @@ class BpeTokenizer final : public Tokenizer {
   std::string decode(int32_t token) const override;
   using Tokenizer::decode;  // and of a sequence
   std::vector<int32_t> special_prefix() const override { return prefix_; }
+  // Added special tokens whose text marks an end: it holds "end" or "eot" (<|endoftext|>, <|im_end|>,
+  // <|end_of_text|>, <|eot_id|>, <end_of_turn>) or is </s>.
+  std::vector<int32_t> end_tokens() const override;
   int32_t token_id(std::string_view content) const override;
 
   // encode() of a large text on `threads` threads: the text is cut where no pre-tokenizer piece can

@@ -29,7 +29,14 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path) {
   if (name_or_path.find('/') != std::string::npos || name_or_path.ends_with(".json") ||
       std::filesystem::exists(name_or_path))
     return BpeTokenizer::from_file(name_or_path);
-  fail("--tokenizer: unknown tokenizer '", name_or_path, "' (known: byte, or the path of a tokenizer.json)");
+  fail("--tokenizer: unknown tokenizer '", name_or_path, "' (known: auto, byte, or the path of a tokenizer.json)");
+}
+
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir) {
+  if (name_or_path != "auto") return make_tokenizer(name_or_path);
+  const std::string own = (std::filesystem::path(model_dir) / "tokenizer.json").string();
+  if (std::filesystem::exists(own)) return make_tokenizer(own);
+  return std::make_unique<ByteTokenizer>();
 }
 
 }  // namespace lmf

@@ -29,6 +29,9 @@ class Tokenizer {
   virtual int32_t token_id(std::string_view content) const { return -1; }
   // encode() of a large text on `threads` threads, the same ids.
   virtual std::vector<int32_t> encode_parallel(std::string_view text, int threads) const { return encode(text); }
+  // Special tokens that end a text or a turn (<|endoftext|>, <|im_end|>, <|eot_id|>, </s>, ...):
+  // generation stops after one.
+  virtual std::vector<int32_t> end_tokens() const { return {}; }
   // Text of a sequence of ids.
   std::string decode(const std::vector<int32_t>& tokens) const;
 };
@@ -44,5 +47,8 @@ class ByteTokenizer final : public Tokenizer {
 
 // "byte", or the path of a tokenizer.json; throws naming the unknown tokenizer or the file's problem.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path);
+// The tokenizer of a model directory: "auto" is the directory's tokenizer.json when it has one (an
+// imported model's), else byte; anything else is make_tokenizer(name_or_path).
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir);
 
 }  // namespace lmf
