@@ -11,7 +11,8 @@ what a user downloads:
   gpt2        GPT2LMHeadModel, tied head, fp32
   llama       LlamaForCausalLM, GQA 4/2, untied head, rope_theta 5e5, fp32, sharded (index.json),
               a byte-level BPE tokenizer.json and a chat template in tokenizer_config.json
-  qwen2       Qwen2ForCausalLM, QKV bias, tied head, rope_theta 1e6, bf16, chat_template.jinja
+  qwen2       Qwen2ForCausalLM, QKV bias, tied head, rope_theta 1e6, bf16, a tokenizer.json (258 ids of
+              the 272) and chat_template.jinja
   mixtral     MixtralForCausalLM, 4 experts top-2, fp16
   qwen2_moe   Qwen2MoeForCausalLM, 3 layers (layer 0 dense: mlp_only_layers), 4 experts top-2 without
               renormalisation, a shared expert of twice the experts' width with its sigmoid gate
@@ -56,7 +57,7 @@ def families():
                                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
                                  bos_token_id=0, eos_token_id=1),
                   torch.float32, {"max_shard_size": "40KB"}, tf.LlamaForCausalLM),
-        "qwen2": (tf.Qwen2Config(vocab_size=150, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        "qwen2": (tf.Qwen2Config(vocab_size=272, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
                                  rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
                   torch.bfloat16, {}, tf.Qwen2ForCausalLM),
