@@ -35,21 +35,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// fn must throw lmf::Error whose message is one line holding every string of `must_contain`.
-::testing::AssertionResult one_line_error(const std::function<void()>& fn, std::initializer_list<std::string> must_contain) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    if (m.find('\n') != std::string::npos) return ::testing::AssertionFailure() << "message has a newline: " << m;
-    for (const std::string& s : must_contain)
-      if (m.find(s) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << s << "': " << m;
-    return ::testing::AssertionSuccess() << m;
-  } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "not an lmf::Error: " << e.what();
-  }
-  return ::testing::AssertionFailure() << "no error";
-}
+using test::one_line_error;
 
 std::string nested(size_t levels, const std::string& inner = "1") {
   return std::string(levels, '[') + inner + std::string(levels, ']');
