@@ -36,7 +36,14 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-using test::one_line_error;
+
+// test::one_line_error, printing the message of a passing check (the record of what users see).
+template <class F>
+::testing::AssertionResult one_line_error(F&& fn, std::initializer_list<std::string> must_contain) {
+  ::testing::AssertionResult r = test::one_line_error(std::forward<F>(fn), must_contain);
+  if (r) std::printf("[ error    ] %s\n", r.message());
+  return r;
+}
 
 std::string gguf_fixture(const std::string& name) { return test::fixture_path("gguf/" + name); }
 
@@ -302,20 +309,26 @@ InfoAt tensor_info_at(const std::string& b, const std::string& name) {
   return {p + 4, p + 4 + 8 * n_dims};
 }
 
-std::string write_temp(const std::string& bytes, const std::string& tag) {
-  const std::string path = test::make_temp_dir("gguf_bad") + "/" + tag + ".gguf";
-  std::ofstream(path, std::ios::binary) << bytes;
-  return path;
-}
+// The bad files of one test, in a temporary directory removed at the end.
+class GgufBadInput : public ::testing::Test {
+ protected:
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string write_temp(const std::string& bytes, const std::string& tag) const {
+    const std::string path = dir_ + "/" + tag + ".gguf";
+    std::ofstream(path, std::ios::binary) << bytes;
+    return path;
+  }
+  const std::string dir_ = test::make_temp_dir("gguf_bad");
+};
 
 // Every cut before the end of the last tensor's data (the writer pads the file after it).
-TEST(GgufBadInput, TruncatedAnywhere) {
+TEST_F(GgufBadInput, TruncatedAnywhere) {
   const std::string b = tiny_bytes();
   size_t end = 0;
   for (const GgufTensorInfo& t : GgufFile::from_bytes(b, "tiny").tensors()) end = std::max(end, t.offset + t.bytes);
   size_t cuts = 0;
   for (size_t n = 0; n < end; n += n < 8192 ? 3 : 97) {
-    ASSERT_TRUE(one_line_error([&] { import_gguf(GgufFile::from_bytes(b.substr(0, n), "cut.gguf")); }, {"cut.gguf"}))
+    ASSERT_TRUE(test::one_line_error([&] { import_gguf(GgufFile::from_bytes(b.substr(0, n), "cut.gguf")); }, {"cut.gguf"}))
         << "cut at " << n;
     ++cuts;
   }
@@ -324,7 +337,7 @@ TEST(GgufBadInput, TruncatedAnywhere) {
   std::printf("[ measured ] %zu truncations of a %zu-byte file: each one line naming the file\n", cuts, b.size());
 }
 
-TEST(GgufBadInput, MagicAndVersion) {
+TEST_F(GgufBadInput, MagicAndVersion) {
   std::string b = tiny_bytes();
   b[0] = 'X';
   std::string path = write_temp(b, "magic");
@@ -335,10 +348,10 @@ TEST(GgufBadInput, MagicAndVersion) {
   EXPECT_TRUE(one_line_error([&] { import_gguf(path); }, {path, "GGUF version 4 is not supported"}));
   b.replace(4, 4, le32(3u << 24));
   EXPECT_TRUE(one_line_error([&] { GgufFile::from_bytes(b, "be.gguf"); }, {"be.gguf", "big-endian"}));
-  EXPECT_TRUE(one_line_error([&] { import_gguf(test::make_temp_dir("gguf_dir")); }, {"is a directory"}));
+  EXPECT_TRUE(one_line_error([&] { import_gguf(dir_); }, {"is a directory"}));
 }
 
-TEST(GgufBadInput, TensorTypes) {
+TEST_F(GgufBadInput, TensorTypes) {
   std::string b = tiny_bytes();
   const InfoAt q = tensor_info_at(b, "blk.0.attn_q.weight");  // Q4_0
   b.replace(q.type, 4, le32(99));
@@ -350,7 +363,7 @@ TEST(GgufBadInput, TensorTypes) {
                              {path, "tensor 'blk.0.attn_q.weight' has type IQ4_NL, which lmforge does not read"}));
 }
 
-TEST(GgufBadInput, ArchitectureMetadataAndShapes) {
+TEST_F(GgufBadInput, ArchitectureMetadataAndShapes) {
   std::string b = tiny_bytes();
   const size_t arch = after_string(b, "general.architecture") + 4 + 8;  // type, length
   ASSERT_EQ(b.substr(arch, 5), "llama");
@@ -376,7 +389,7 @@ TEST(GgufBadInput, ArchitectureMetadataAndShapes) {
                              {"blocks.gguf", "tensor 'blk.0.ffn_up.weight'", "not a multiple of its block size 32"}));
 }
 
-TEST(GgufBadInput, HostileCounts) {
+TEST_F(GgufBadInput, HostileCounts) {
   // counts that would allocate without bound if trusted: refused against the bytes left
   std::string b = tiny_bytes();
   b.replace(8, 8, le64(uint64_t{1} << 60));
