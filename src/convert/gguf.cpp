@@ -291,7 +291,6 @@ void GgufFile::parse() {
       fail(path_, ": ", what, " of type ", L->name, " has ne0 = ", t.ne[0], ", not a multiple of its block size ", L->block);
     t.bytes = static_cast<size_t>(checked_mul(t.numel / L->block, L->bytes, path_, ": ", what, " byte size"));
     if (offset % alignment_ != 0) fail(path_, ": ", what, " is at data offset ", offset, ", not a multiple of the alignment ", alignment_);
-    if (offset > std::numeric_limits<size_t>::max() / 2) fail(path_, ": ", what, " is at data offset ", offset, ", outside the file");
     t.offset = static_cast<size_t>(offset);  // relative to the data section until it is known
     tensor_index_[t.name] = tensors_.size();
     tensors_.push_back(std::move(t));
@@ -755,20 +754,10 @@ void unpermute_rows(const float* src, float* dst, int64_t heads, int64_t HS, int
         std::memcpy(dst + (h * HS + j * (HS / 2) + i) * C, src + (h * HS + 2 * i + j) * C, static_cast<size_t>(C) * 4);
 }
 
-}  // namespace
-
-ImportedModel import_gguf(const std::string& path) { return import_gguf(GgufFile(path)); }
-
-ImportedModel import_gguf(const GgufFile& f) {
+// Every tensor of the file is one of the model's, at the shape the config says, of a type lmforge
+// reads; none is missing.
+void check_llama_tensors(const GgufFile& f, const ModelConfig& c) {
   const std::string& path = f.path();
-  const std::string arch = f.get_string("general.architecture");
-  if (arch != "llama") fail(path, ": general.architecture is '", excerpt(arch), "'; lmforge imports 'llama' GGUF files");
-  ImportedModel m;
-  m.config = llama_config(f);
-  const ModelConfig& c = m.config;
-  m.source = "gguf llama (" + path + ")";
-
-  // every tensor of the file is one lmforge reads, at the shape the config says
   const auto table = llama_tensor_table(c);
   std::unordered_map<std::string, const std::vector<int64_t>*> want;
   for (const auto& [name, ne] : table) want[name] = &ne;
@@ -782,56 +771,67 @@ ImportedModel import_gguf(const GgufFile& f) {
   }
   for (const auto& [name, ne] : table)
     if (!f.find_tensor(name)) fail(path, ": tensor '", name, "' is missing");
+}
 
+// The fp32 weights under lmforge's names and layouts, in gpt_param_specs order (docs/GGUF.md has the
+// table). Allocated from the spec table once the memory they need is known to be there.
+std::vector<ImportedTensor> read_llama_weights(const GgufFile& f, const ModelConfig& c) {
+  const std::string& path = f.path();
   const std::vector<TensorSpec> specs = gpt_param_specs(c);
   size_t floats = 0;
   for (const TensorSpec& s : specs) floats = checked_add(floats, static_cast<size_t>(s.numel()), path, ": parameters");
   check_memory_fits(checked_mul(floats, sizeof(float), path, ": parameter bytes"), Device::cpu,
                     path + ": the model's fp32 weights");
-
-  const int64_t C = c.d_model, HS = c.head_size(), F = c.d_ff, V = c.vocab_size;
+  std::vector<ImportedTensor> out;
+  out.reserve(specs.size());
+  std::unordered_map<std::string, float*> at;
+  for (const TensorSpec& s : specs) {
+    out.push_back({s.name, s.shape, std::vector<float>(static_cast<size_t>(s.numel()), 0.0f)});
+    at[s.name] = out.back().data.data();
+  }
   auto read = [&](const std::string& name, float* dst) { f.read_f32(*f.find_tensor(name), dst); };
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) -> float* {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    m.tensors.push_back({name, std::move(shape), std::vector<float>(static_cast<size_t>(n), 0.0f)});
-    return m.tensors.back().data.data();
-  };
-  m.tensors.reserve(specs.size());
-  read("token_embd.weight", add("tok_emb.weight", {c.padded_vocab(), C}));  // rows V..Vp-1 stay 0
-  std::vector<float> tmp;
+  const int64_t C = c.d_model, HS = c.head_size(), F = c.d_ff;
+  read("token_embd.weight", at.at("tok_emb.weight"));  // rows V..Vp-1 stay 0
+  std::vector<float> tmp(static_cast<size_t>(c.n_head * HS * C));
   for (int i = 0; i < c.n_layer; ++i) {
     const std::string b = "blk." + std::to_string(i) + ".", l = "layers." + std::to_string(i) + ".";
-    read(b + "attn_norm.weight", add(l + "norm1.weight", {C}));
-    float* qkv = add(l + "attn.qkv.weight", {c.qkv_dim(), C});
-    tmp.resize(static_cast<size_t>(c.n_head * HS * C));
+    read(b + "attn_norm.weight", at.at(l + "norm1.weight"));
+    float* qkv = at.at(l + "attn.qkv.weight");  // rows [q; k; v]
     read(b + "attn_q.weight", tmp.data());
     unpermute_rows(tmp.data(), qkv, c.n_head, HS, C);
     read(b + "attn_k.weight", tmp.data());
     unpermute_rows(tmp.data(), qkv + c.n_head * HS * C, c.n_kv_head, HS, C);
     read(b + "attn_v.weight", qkv + (c.n_head + c.n_kv_head) * HS * C);
-    read(b + "attn_output.weight", add(l + "attn.proj.weight", {C, c.n_head * HS}));
-    read(b + "ffn_norm.weight", add(l + "norm2.weight", {C}));
-    float* fc = add(l + "mlp.fc.weight", {2 * F, C});  // rows [gate; up] (ops/activation.h)
+    read(b + "attn_output.weight", at.at(l + "attn.proj.weight"));
+    read(b + "ffn_norm.weight", at.at(l + "norm2.weight"));
+    float* fc = at.at(l + "mlp.fc.weight");  // rows [gate; up] (ops/activation.h)
     read(b + "ffn_gate.weight", fc);
     read(b + "ffn_up.weight", fc + F * C);
-    read(b + "ffn_down.weight", add(l + "mlp.proj.weight", {C, F}));
+    read(b + "ffn_down.weight", at.at(l + "mlp.proj.weight"));
   }
-  read("output_norm.weight", add("norm_f.weight", {C}));
-  if (!c.tied_embeddings) read("output.weight", add("lm_head.weight", {c.padded_vocab(), C}));
-  (void)V;
+  read("output_norm.weight", at.at("norm_f.weight"));
+  if (!c.tied_embeddings) read("output.weight", at.at("lm_head.weight"));
+  return out;
+}
 
-  // the parameters are exactly the model's, in its order
-  LMF_CHECK(m.tensors.size() == specs.size(), path, ": ", m.tensors.size(), " tensors for ", specs.size(), " parameters");
-  for (size_t i = 0; i < specs.size(); ++i)
-    LMF_CHECK(m.tensors[i].name == specs[i].name && m.tensors[i].shape == specs[i].shape, path, ": ",
-              m.tensors[i].name, " vs ", specs[i].name);
+}  // namespace
 
+ImportedModel import_gguf(const std::string& path) { return import_gguf(GgufFile(path)); }
+
+ImportedModel import_gguf(const GgufFile& f) {
+  const std::string& path = f.path();
+  const std::string arch = f.get_string("general.architecture");
+  if (arch != "llama") fail(path, ": general.architecture is '", excerpt(arch), "'; lmforge imports 'llama' GGUF files");
+  ImportedModel m;
+  m.config = llama_config(f);
+  m.source = "gguf llama (" + path + ")";
+  check_llama_tensors(f, m.config);
   m.tokenizer_json = gguf_tokenizer_json(f);
   if (f.find("tokenizer.chat_template")) {
     m.chat_template = f.get_string("tokenizer.chat_template");
     if (!valid_utf8(m.chat_template)) fail(path, ": tokenizer.chat_template is not valid UTF-8");
   }
+  m.tensors = read_llama_weights(f, m.config);
   return m;
 }
 
