@@ -298,15 +298,15 @@ size_t after_string(const std::string& b, const std::string& s) {
   return at + 8 + s.size();
 }
 
-// The tensor info of `name`: offsets of its ne[0] and of its type.
+// The tensor info of `name`: offsets of its ne[0], its type and its data offset.
 struct InfoAt {
-  size_t ne0, type;
+  size_t ne0, type, offset;
 };
 InfoAt tensor_info_at(const std::string& b, const std::string& name) {
   const size_t p = after_string(b, name);
   uint32_t n_dims;
   std::memcpy(&n_dims, b.data() + p, 4);
-  return {p + 4, p + 4 + 8 * n_dims};
+  return {p + 4, p + 4 + 8 * n_dims, p + 8 + 8 * n_dims};
 }
 
 // The bad files of one test, in a temporary directory removed at the end.
@@ -390,7 +390,7 @@ TEST_F(GgufBadInput, ArchitectureMetadataAndShapes) {
                              {"blocks.gguf", "tensor 'blk.0.ffn_up.weight'", "not a multiple of its block size 32"}));
 }
 
-TEST_F(GgufBadInput, HostileCounts) {
+TEST_F(GgufBadInput, HostileCountsAndOverlap) {
   // counts that would allocate without bound if trusted: refused against the bytes left
   std::string b = tiny_bytes();
   b.replace(8, 8, le64(uint64_t{1} << 60));
@@ -402,6 +402,9 @@ TEST_F(GgufBadInput, HostileCounts) {
   b = tiny_bytes();
   b.replace(tensor_info_at(b, "output.weight").ne0, 8, le64(uint64_t{1} << 62));
   EXPECT_TRUE(one_line_error([&] { GgufFile::from_bytes(b, "ne.gguf"); }, {"ne.gguf", "output.weight"}));
+  b = tiny_bytes();  // output.weight's data placed over token_embd.weight's
+  b.replace(tensor_info_at(b, "output.weight").offset, 8, b.substr(tensor_info_at(b, "token_embd.weight").offset, 8));
+  EXPECT_TRUE(one_line_error([&] { GgufFile::from_bytes(b, "o.gguf"); }, {"o.gguf", "overlap"}));
 }
 
 }  // namespace

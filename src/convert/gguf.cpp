@@ -8,7 +8,6 @@
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <numeric>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -28,7 +27,6 @@ namespace lmf {
 namespace {
 
 constexpr uint32_t kGgufMagic = 0x46554747;  // "GGUF" read as a little-endian u32
-constexpr size_t kDefaultAlignment = 32;
 constexpr int kMaxDims = 4;                  // GGML_MAX_DIMS
 // The smallest metadata entry (key length, type, a one-byte value) and tensor info (name length,
 // n_dims, one ne, type, offset): counts larger than the bytes left allow are refused up front.
@@ -203,6 +201,102 @@ GgufFile GgufFile::from_bytes(std::string bytes, const std::string& name) {
   return f;
 }
 
+namespace {
+
+// The metadata entry at the cursor; its value is skipped, checked to lie inside the file.
+GgufKv read_kv(Cursor& c, uint64_t i) {
+  GgufKv kv;
+  kv.key = c.str(detail::concat("the key of metadata entry ", i));
+  const std::string what = "metadata key '" + excerpt(kv.key) + "'";
+  const uint32_t type = c.read<uint32_t>(what);
+  kv.type = static_cast<GgufType>(type);
+  if (type == static_cast<uint32_t>(GgufType::string)) {
+    kv.value = c.pos;
+    c.skip_str(what);
+  } else if (type == static_cast<uint32_t>(GgufType::array)) {
+    const uint32_t elem = c.read<uint32_t>(what);
+    kv.elem = static_cast<GgufType>(elem);
+    kv.count = c.read<uint64_t>(what);
+    kv.value = c.pos;
+    if (elem == static_cast<uint32_t>(GgufType::array)) fail(c.path, ": ", what, " is an array of arrays, which lmforge does not read");
+    if (elem == static_cast<uint32_t>(GgufType::string)) {
+      if (kv.count > c.left() / 8)
+        fail(c.path, ": truncated GGUF file: ", what, " has ", kv.count, " strings but ", c.left(), " bytes are left");
+      for (uint64_t k = 0; k < kv.count; ++k) c.skip_str(what);
+    } else {
+      const size_t sz = scalar_bytes(elem);
+      if (sz == 0) fail(c.path, ": ", what, " is an array of unknown type ", elem);
+      if (kv.count > c.left() / sz)
+        fail(c.path, ": truncated GGUF file: ", what, " has ", kv.count, " elements of ", sz, " bytes but ", c.left(),
+             " bytes are left");
+      c.pos += static_cast<size_t>(kv.count) * sz;
+    }
+  } else {
+    const size_t sz = scalar_bytes(type);
+    if (sz == 0) fail(c.path, ": ", what, " has unknown value type ", type);
+    kv.value = c.pos;
+    c.need(sz, what);
+    c.pos += sz;
+  }
+  return kv;
+}
+
+// The tensor info at the cursor, sized from its type's block layout; its offset is still relative
+// to the data section.
+GgufTensorInfo read_tensor_info(Cursor& c, uint64_t i, size_t alignment) {
+  GgufTensorInfo t;
+  t.name = c.str(detail::concat("the name of tensor ", i));
+  const std::string what = "tensor '" + excerpt(t.name) + "'";
+  const uint32_t n_dims = c.read<uint32_t>(what);
+  if (n_dims < 1 || n_dims > kMaxDims) fail(c.path, ": ", what, " has ", n_dims, " dimensions (1 to ", kMaxDims, " are allowed)");
+  t.numel = 1;
+  for (uint32_t d = 0; d < n_dims; ++d) {
+    const uint64_t ne = c.read<uint64_t>(what);
+    if (ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail(c.path, ": ", what, " has dimension ", d, " = ", ne, ", too large");
+    t.ne.push_back(static_cast<int64_t>(ne));
+    t.numel = checked_mul(t.numel, static_cast<int64_t>(ne), c.path, ": ", what, " element count");
+  }
+  t.type = c.read<uint32_t>(what);
+  const uint64_t offset = c.read<uint64_t>(what);
+  const TypeLayout* L = type_layout(t.type);
+  if (!L) fail(c.path, ": ", what, " has unknown ggml type ", t.type);
+  if (t.ne[0] % L->block != 0)
+    fail(c.path, ": ", what, " of type ", L->name, " has ne0 = ", t.ne[0], ", not a multiple of its block size ", L->block);
+  t.bytes = static_cast<size_t>(checked_mul(t.numel / L->block, L->bytes, c.path, ": ", what, " byte size"));
+  if (offset % alignment != 0)
+    fail(c.path, ": ", what, " is at data offset ", offset, ", not a multiple of the alignment ", alignment);
+  t.offset = static_cast<size_t>(offset);
+  return t;
+}
+
+// The data section starts at the first multiple of the alignment after the tensor infos (header_end);
+// every tensor lies inside it (its offset is made absolute) and no two overlap.
+void place_tensors(std::vector<GgufTensorInfo>& ts, size_t header_end, size_t alignment, size_t file_bytes,
+                   const std::string& path) {
+  if (ts.empty()) return;
+  const size_t data_start = (header_end + alignment - 1) / alignment * alignment;
+  if (data_start > file_bytes)
+    fail(path, ": truncated GGUF file: the tensor data would start at byte ", data_start, " but the file has ", file_bytes);
+  const size_t data_bytes = file_bytes - data_start;
+  for (GgufTensorInfo& t : ts) {
+    if (t.offset > data_bytes || t.bytes > data_bytes - t.offset)
+      fail(path, ": truncated GGUF file: tensor '", excerpt(t.name), "' (", t.bytes, " bytes at data offset ", t.offset,
+           ") ends past the ", data_bytes, " bytes of tensor data");
+    t.offset += data_start;
+  }
+  std::vector<const GgufTensorInfo*> order;
+  for (const GgufTensorInfo& t : ts)
+    if (t.bytes > 0) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) { return a->offset < b->offset; });
+  for (size_t k = 1; k < order.size(); ++k)
+    if (order[k - 1]->offset + order[k - 1]->bytes > order[k]->offset)
+      fail(path, ": corrupt GGUF file: tensors '", excerpt(order[k - 1]->name), "' and '", excerpt(order[k]->name),
+           "' overlap");
+}
+
+}  // namespace
+
 void GgufFile::parse() {
   Cursor c{path_, bytes_};
   if (bytes_.size() < 4) fail(path_, ": not a GGUF file (", bytes_.size(), " bytes; a GGUF file starts with 'GGUF')");
@@ -227,94 +321,22 @@ void GgufFile::parse() {
 
   kvs_.reserve(static_cast<size_t>(n_kv));
   for (uint64_t i = 0; i < n_kv; ++i) {
-    GgufKv kv;
-    kv.key = c.str(detail::concat("the key of metadata entry ", i));
-    const std::string what = "metadata key '" + excerpt(kv.key) + "'";
-    if (kv_index_.count(kv.key)) fail(path_, ": ", what, " appears twice");
-    const uint32_t type = c.read<uint32_t>(what);
-    kv.type = static_cast<GgufType>(type);
-    if (type == static_cast<uint32_t>(GgufType::string)) {
-      kv.value = c.pos;
-      c.skip_str(what);
-    } else if (type == static_cast<uint32_t>(GgufType::array)) {
-      const uint32_t elem = c.read<uint32_t>(what);
-      kv.elem = static_cast<GgufType>(elem);
-      kv.count = c.read<uint64_t>(what);
-      kv.value = c.pos;
-      if (elem == static_cast<uint32_t>(GgufType::array)) fail(path_, ": ", what, " is an array of arrays, which lmforge does not read");
-      if (elem == static_cast<uint32_t>(GgufType::string)) {
-        if (kv.count > c.left() / 8) fail(path_, ": truncated GGUF file: ", what, " has ", kv.count, " strings but ", c.left(), " bytes are left");
-        for (uint64_t k = 0; k < kv.count; ++k) c.skip_str(what);
-      } else {
-        const size_t sz = scalar_bytes(elem);
-        if (sz == 0) fail(path_, ": ", what, " is an array of unknown type ", elem);
-        if (kv.count > c.left() / sz) fail(path_, ": truncated GGUF file: ", what, " has ", kv.count, " elements of ", sz, " bytes but ", c.left(), " bytes are left");
-        c.pos += static_cast<size_t>(kv.count) * sz;
-      }
-    } else {
-      const size_t sz = scalar_bytes(type);
-      if (sz == 0) fail(path_, ": ", what, " has unknown value type ", type);
-      kv.value = c.pos;
-      c.need(sz, what);
-      c.pos += sz;
-    }
-    kv_index_[kv.key] = kvs_.size();
+    GgufKv kv = read_kv(c, i);
+    if (!kv_index_.emplace(kv.key, kvs_.size()).second) fail(path_, ": metadata key '", excerpt(kv.key), "' appears twice");
     kvs_.push_back(std::move(kv));
   }
-
   if (find("general.alignment")) {
     const int64_t a = get_int("general.alignment", 1, int64_t{1} << 30);
     if (!std::has_single_bit(static_cast<uint64_t>(a))) fail(path_, ": general.alignment ", a, " is not a power of two");
     alignment_ = static_cast<size_t>(a);
   }
-
   tensors_.reserve(static_cast<size_t>(n_tensors));
   for (uint64_t i = 0; i < n_tensors; ++i) {
-    GgufTensorInfo t;
-    t.name = c.str(detail::concat("the name of tensor ", i));
-    const std::string what = "tensor '" + excerpt(t.name) + "'";
-    if (tensor_index_.count(t.name)) fail(path_, ": ", what, " appears twice");
-    const uint32_t n_dims = c.read<uint32_t>(what);
-    if (n_dims < 1 || n_dims > kMaxDims) fail(path_, ": ", what, " has ", n_dims, " dimensions (1 to ", kMaxDims, " are allowed)");
-    t.numel = 1;
-    for (uint32_t d = 0; d < n_dims; ++d) {
-      const uint64_t ne = c.read<uint64_t>(what);
-      if (ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) fail(path_, ": ", what, " has dimension ", d, " = ", ne, ", too large");
-      t.ne.push_back(static_cast<int64_t>(ne));
-      t.numel = checked_mul(t.numel, static_cast<int64_t>(ne), path_, ": ", what, " element count");
-    }
-    t.type = c.read<uint32_t>(what);
-    const uint64_t offset = c.read<uint64_t>(what);
-    const TypeLayout* L = type_layout(t.type);
-    if (!L) fail(path_, ": ", what, " has unknown ggml type ", t.type);
-    if (t.ne[0] % L->block != 0)
-      fail(path_, ": ", what, " of type ", L->name, " has ne0 = ", t.ne[0], ", not a multiple of its block size ", L->block);
-    t.bytes = static_cast<size_t>(checked_mul(t.numel / L->block, L->bytes, path_, ": ", what, " byte size"));
-    if (offset % alignment_ != 0) fail(path_, ": ", what, " is at data offset ", offset, ", not a multiple of the alignment ", alignment_);
-    t.offset = static_cast<size_t>(offset);  // relative to the data section until it is known
-    tensor_index_[t.name] = tensors_.size();
+    GgufTensorInfo t = read_tensor_info(c, i, alignment_);
+    if (!tensor_index_.emplace(t.name, tensors_.size()).second) fail(path_, ": tensor '", excerpt(t.name), "' appears twice");
     tensors_.push_back(std::move(t));
   }
-
-  // The data section starts at the next multiple of the alignment; every tensor lies inside it.
-  const size_t data_start = (c.pos + alignment_ - 1) / alignment_ * alignment_;
-  if (!tensors_.empty() && data_start > bytes_.size())
-    fail(path_, ": truncated GGUF file: the tensor data would start at byte ", data_start, " but the file has ", bytes_.size());
-  const size_t data_bytes = tensors_.empty() ? 0 : bytes_.size() - data_start;
-  for (GgufTensorInfo& t : tensors_) {
-    if (t.offset > data_bytes || t.bytes > data_bytes - t.offset)
-      fail(path_, ": truncated GGUF file: tensor '", excerpt(t.name), "' (", t.bytes, " bytes at data offset ", t.offset,
-           ") ends past the ", data_bytes, " bytes of tensor data");
-    t.offset += data_start;
-  }
-  std::vector<size_t> order(tensors_.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
-  for (size_t k = 1; k < order.size(); ++k) {
-    const GgufTensorInfo &a = tensors_[order[k - 1]], &b = tensors_[order[k]];
-    if (a.bytes > 0 && b.bytes > 0 && a.offset + a.bytes > b.offset)
-      fail(path_, ": corrupt GGUF file: tensors '", excerpt(a.name), "' and '", excerpt(b.name), "' overlap");
-  }
+  place_tensors(tensors_, c.pos, alignment_, bytes_.size(), path_);
 }
 
 const GgufKv* GgufFile::find(const std::string& key) const {
@@ -565,6 +587,50 @@ json post_processor(const std::vector<std::string>& tokens, int64_t bos, int64_t
   return {{"type", "TemplateProcessing"}, {"single", single}, {"pair", pair}, {"special_tokens", specials}};
 }
 
+struct Vocabulary {
+  json vocab = json::object(), added = json::array();
+  std::unordered_map<std::string, int64_t> ids;
+};
+
+// The BPE vocabulary (token -> id) and the added tokens (control and unknown tokens special,
+// user-defined ones not); tokens must be valid UTF-8 and distinct.
+Vocabulary vocabulary(const std::vector<std::string>& tokens, const std::vector<int64_t>& types, const std::string& path) {
+  Vocabulary v;
+  v.ids.reserve(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string& t = tokens[i];
+    if (!valid_utf8(t)) fail(path, ": tokenizer.ggml.tokens: token ", i, " is not valid UTF-8");
+    auto [it, fresh] = v.ids.emplace(t, static_cast<int64_t>(i));
+    if (!fresh) fail(path, ": tokenizer.ggml.tokens: token ", i, " '", excerpt(t), "' is also token ", it->second);
+    v.vocab[t] = i;
+    const int64_t ty = types[i];
+    if (ty < kNormal || ty > kByte) fail(path, ": tokenizer.ggml.token_type of token ", i, " is ", ty, " (1 to 6 are defined)");
+    if (ty == kControl || ty == kUnknown || ty == kUserDefined)
+      v.added.push_back({{"id", i}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                         {"normalized", false}, {"special", ty != kUserDefined}});
+  }
+  return v;
+}
+
+// "a b" merges as [a, b] pairs, split at the first space after the first character (as llama.cpp
+// does); both parts and their concatenation must be tokens (else `tokenizers` would refuse the file).
+json merge_pairs(const std::vector<std::string>& merges, const std::unordered_map<std::string, int64_t>& ids,
+                 const std::string& path) {
+  json out = json::array();
+  for (size_t i = 0; i < merges.size(); ++i) {
+    const std::string& m = merges[i];
+    const size_t sp = m.size() > 1 ? m.find(' ', 1) : std::string::npos;
+    if (sp == std::string::npos || sp + 1 >= m.size())
+      fail(path, ": tokenizer.ggml.merges: merge ", i, " '", excerpt(m), "' is not two tokens separated by a space");
+    std::string a = m.substr(0, sp), b = m.substr(sp + 1);
+    for (const std::string* part : {&a, &b})
+      if (!ids.count(*part)) fail(path, ": tokenizer.ggml.merges: merge ", i, ": '", excerpt(*part), "' is not a token");
+    if (!ids.count(a + b)) fail(path, ": tokenizer.ggml.merges: merge ", i, ": its result '", excerpt(a + b), "' is not a token");
+    out.push_back({std::move(a), std::move(b)});
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string gguf_tokenizer_json(const GgufFile& f) {
@@ -600,44 +666,16 @@ std::string gguf_tokenizer_json(const GgufFile& f) {
   if (add_bos && bos < 0) fail(path, ": tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing");
   if (add_eos && eos < 0) fail(path, ": tokenizer.ggml.add_eos_token is true but tokenizer.ggml.eos_token_id is missing");
 
-  json vocab = json::object();
-  std::unordered_map<std::string, int64_t> ids;
-  ids.reserve(tokens.size());
-  json added = json::array();
-  for (int64_t i = 0; i < n; ++i) {
-    const std::string& t = tokens[static_cast<size_t>(i)];
-    if (!valid_utf8(t)) fail(path, ": tokenizer.ggml.tokens: token ", i, " is not valid UTF-8");
-    auto [it, fresh] = ids.emplace(t, i);
-    if (!fresh) fail(path, ": tokenizer.ggml.tokens: token ", i, " '", excerpt(t), "' is also token ", it->second);
-    vocab[t] = i;
-    const int64_t ty = types[static_cast<size_t>(i)];
-    if (ty < kNormal || ty > kByte) fail(path, ": tokenizer.ggml.token_type of token ", i, " is ", ty, " (1 to 6 are defined)");
-    if (ty == kControl || ty == kUnknown || ty == kUserDefined)
-      added.push_back({{"id", i}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                       {"normalized", false}, {"special", ty != kUserDefined}});
-  }
-  const std::vector<std::string> merge_text = f.get_string_array("tokenizer.ggml.merges");
-  json merges = json::array();
-  for (size_t i = 0; i < merge_text.size(); ++i) {
-    const std::string& m = merge_text[i];
-    const size_t sp = m.size() > 1 ? m.find(' ', 1) : std::string::npos;  // as llama.cpp splits them
-    if (sp == std::string::npos || sp + 1 >= m.size())
-      fail(path, ": tokenizer.ggml.merges: merge ", i, " '", excerpt(m), "' is not two tokens separated by a space");
-    std::string a = m.substr(0, sp), b = m.substr(sp + 1);
-    for (const std::string* part : {&a, &b})
-      if (!ids.count(*part)) fail(path, ": tokenizer.ggml.merges: merge ", i, ": '", excerpt(*part), "' is not a token");
-    if (!ids.count(a + b)) fail(path, ": tokenizer.ggml.merges: merge ", i, ": its result '", excerpt(a + b), "' is not a token");
-    merges.push_back({std::move(a), std::move(b)});
-  }
-
+  Vocabulary v = vocabulary(tokens, types, path);
+  json merges = merge_pairs(f.get_string_array("tokenizer.ggml.merges"), v.ids, path);
   json model_json = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
                      {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", false},
-                     {"byte_fallback", false}, {"ignore_merges", pre.ignore_merges}, {"vocab", std::move(vocab)},
+                     {"byte_fallback", false}, {"ignore_merges", pre.ignore_merges}, {"vocab", std::move(v.vocab)},
                      {"merges", std::move(merges)}};
   json doc = {{"version", "1.0"},
               {"truncation", nullptr},
               {"padding", nullptr},
-              {"added_tokens", std::move(added)},
+              {"added_tokens", std::move(v.added)},
               {"normalizer", pre.normalizer},
               {"pre_tokenizer", pre.pre_tokenizer},
               {"post_processor", post_processor(tokens, add_bos ? bos : -1, add_eos ? eos : -1)},

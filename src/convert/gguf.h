@@ -59,6 +59,7 @@ struct GgufTensorInfo {
 
 class GgufFile {
  public:
+  static constexpr size_t kDefaultAlignment = 32;  // without general.alignment
   // Reads and validates the whole file (a regular file; see the header comment).
   explicit GgufFile(const std::string& path);
   // The same on bytes already in memory (`name` stands for the path in messages): the fuzz target.
@@ -94,7 +95,7 @@ class GgufFile {
   std::string path_;
   std::string bytes_;
   uint32_t version_ = 0;
-  size_t alignment_ = 32;
+  size_t alignment_ = kDefaultAlignment;
   std::vector<GgufKv> kvs_;
   std::vector<GgufTensorInfo> tensors_;
   std::map<std::string, size_t> kv_index_, tensor_index_;
