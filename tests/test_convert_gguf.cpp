@@ -20,6 +20,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <variant>
 
 #include "convert/gguf.h"
 #include "core/fp16.h"
@@ -320,6 +321,63 @@ class GgufBadInput : public ::testing::Test {
   }
   const std::string dir_ = test::make_temp_dir("gguf_bad");
 };
+
+// A GGUF file with metadata only (version 3, no tensors): each value a string, a u32 or an f32.
+struct Kv {
+  std::string key;
+  std::variant<std::string, uint32_t, float> value;
+};
+std::string gguf_of(const std::vector<Kv>& kvs) {
+  auto str = [](const std::string& x) { return le64(x.size()) + x; };
+  std::string b = "GGUF" + le32(3) + le64(0) + le64(kvs.size());
+  for (const Kv& kv : kvs) {
+    b += str(kv.key);
+    if (const auto* v = std::get_if<std::string>(&kv.value)) b += le32(8) + str(*v);
+    else if (const auto* u = std::get_if<uint32_t>(&kv.value)) b += le32(4) + le32(*u);
+    else b += le32(6) + std::string(reinterpret_cast<const char*>(&std::get<float>(kv.value)), 4);
+  }
+  return b;
+}
+
+// Metadata that would change the model's math or the tokenizer's splits is refused, naming it.
+TEST_F(GgufBadInput, MetadataThatChangesTheMath) {
+  const std::vector<Kv> base = {{"general.architecture", std::string("llama")}, {"llama.block_count", 1u},
+                                {"llama.embedding_length", 64u}, {"llama.feed_forward_length", 64u},
+                                {"llama.attention.head_count", 4u}, {"llama.context_length", 64u}, {"llama.vocab_size", 100u},
+                                {"llama.attention.layer_norm_rms_epsilon", 1e-5f}};
+  struct Case {
+    Kv kv;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {{"llama.rope.scaling.type", std::string("linear")}, "llama.rope.scaling.type 'linear' is not supported"},
+      {{"llama.rope.scaling.factor", 8.0f}, "llama.rope.scaling.factor 8 is not supported"},
+      {{"llama.expert_count", 8u}, "mixture-of-experts"},
+      {{"llama.rope.dimension_count", 8u}, "llama.rope.dimension_count = 8 differs from the head size 16"},
+      {{"llama.attention.head_count_kv", 3u}, "n_kv_head"},
+      {{"llama.attention.layer_norm_epsilon", 1e-5f}, "metadata key 'llama.attention.layer_norm_epsilon' is not supported"},
+  };
+  for (const Case& c : cases) {
+    std::vector<Kv> kvs = base;
+    kvs.push_back(c.kv);
+    const std::string path = write_temp(gguf_of(kvs), "metadata");
+    EXPECT_TRUE(one_line_error([&] { import_gguf(path); }, {path, c.says}));
+  }
+  std::vector<Kv> no_eps(base.begin(), base.end() - 1);
+  EXPECT_TRUE(one_line_error([&] { import_gguf(GgufFile::from_bytes(gguf_of(no_eps), "e.gguf")); },
+                             {"e.gguf", "metadata key 'llama.attention.layer_norm_rms_epsilon' is missing"}));
+  const std::vector<Case> tokenizers = {
+      {{"tokenizer.ggml.model", std::string("llama")}, "tokenizer.ggml.model 'llama' is not supported"},
+      {{"tokenizer.ggml.pre", std::string("deepseek-llm")}, "tokenizer.ggml.pre 'deepseek-llm' is not supported"},
+  };
+  for (const Case& c : tokenizers) {
+    std::vector<Kv> kvs = {{"tokenizer.ggml.model", std::string("gpt2")}, {"tokenizer.ggml.pre", std::string("gpt-2")}};
+    for (Kv& kv : kvs)
+      if (kv.key == c.kv.key) kv = c.kv;
+    EXPECT_TRUE(one_line_error([&] { gguf_tokenizer_json(GgufFile::from_bytes(gguf_of(kvs), "tok.gguf")); },
+                               {"tok.gguf", c.says}));
+  }
+}
 
 // Every cut before the end of the last tensor's data (the writer pads the file after it).
 TEST_F(GgufBadInput, TruncatedAnywhere) {

@@ -732,26 +732,28 @@ ModelConfig llama_config(const GgufFile& f) {
   c.rope_theta = f.find("llama.rope.freq_base") ? static_cast<float>(f.get_float("llama.rope.freq_base")) : 10000.0f;
   c.bias = false;
   c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
-  // the vocabulary: the tokenizer's tokens, else the embedding's rows
-  if (f.find("tokenizer.ggml.tokens")) {
-    const GgufKv& kv = *f.find("tokenizer.ggml.tokens");
-    if (kv.type != GgufType::array || kv.elem != GgufType::string)
-      f.get_string_array("tokenizer.ggml.tokens");  // throws naming the type
-    c.vocab_size = static_cast<int64_t>(kv.count);
-  } else if (const GgufTensorInfo* e = f.find_tensor("token_embd.weight"); e && e->ne.size() == 2) {
-    c.vocab_size = e->ne[1];
-  } else {
-    fail(path, ": tensor 'token_embd.weight' is missing or not 2-D, and there is no tokenizer.ggml.tokens to size the vocabulary");
-  }
-  if (f.find("llama.vocab_size") && f.get_int("llama.vocab_size", 0, INT64_MAX) != c.vocab_size)
-    fail(path, ": llama.vocab_size = ", f.get_int("llama.vocab_size", 0, INT64_MAX), " but the vocabulary has ",
-         c.vocab_size, " tokens");
   if (c.d_model % c.n_head != 0) fail(path, ": llama.embedding_length ", c.d_model, " is not a multiple of llama.attention.head_count ", c.n_head);
   const int64_t HS = c.d_model / c.n_head;
   for (const char* k : {"llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"})
     if (f.find(k) && f.get_int(k, 0, kInt) != HS)
       fail(path, ": ", k, " = ", f.get_int(k, 0, kInt), " differs from the head size ", HS,
            " (embedding_length / head_count), which lmforge does not support");
+  // the vocabulary: the tokenizer's tokens, else llama.vocab_size, else the embedding's rows
+  const int64_t vocab_key = f.find("llama.vocab_size") ? f.get_int("llama.vocab_size", 1, INT64_MAX) : 0;
+  if (f.find("tokenizer.ggml.tokens")) {
+    const GgufKv& kv = *f.find("tokenizer.ggml.tokens");
+    if (kv.type != GgufType::array || kv.elem != GgufType::string)
+      f.get_string_array("tokenizer.ggml.tokens");  // throws naming the type
+    c.vocab_size = static_cast<int64_t>(kv.count);
+  } else if (vocab_key > 0) {
+    c.vocab_size = vocab_key;
+  } else if (const GgufTensorInfo* e = f.find_tensor("token_embd.weight"); e && e->ne.size() == 2) {
+    c.vocab_size = e->ne[1];
+  } else {
+    fail(path, ": nothing gives the vocabulary size (no tokenizer.ggml.tokens, llama.vocab_size or 2-D token_embd.weight)");
+  }
+  if (vocab_key > 0 && vocab_key != c.vocab_size)
+    fail(path, ": llama.vocab_size = ", vocab_key, " but the tokenizer has ", c.vocab_size, " tokens");
   c.validate(path);
   return c;
 }
