@@ -17,12 +17,14 @@ using namespace lmf;
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fuzz::fuzz_run([&] {
     const int64_t n = shard_token_count(data, size, "fuzz.bin");
-    fuzz::fuzz_check(n >= 0 && kShardHeaderBytes + 2 * static_cast<size_t>(n) == size, "token count matches the size");
+    const int width = shard_token_width(data);
+    fuzz::fuzz_check(n >= 0 && kShardHeaderBytes + static_cast<size_t>(width * n) == size, "token count matches the size");
     uint32_t words[4];
     std::memcpy(words, data + 12, sizeof(words));
-    const int64_t B = 1 + words[0] % 4, T = 1 + words[1] % 64, V = 1 + words[2] % 65536;
-    std::vector<uint16_t> tokens(static_cast<size_t>(n));
-    if (n > 0) std::memcpy(tokens.data(), data + kShardHeaderBytes, 2 * static_cast<size_t>(n));
+    const int64_t B = 1 + words[0] % 4, T = 1 + words[1] % 64, V = 1 + words[2] % (1 << 21);
+    const TokenSpan span{data + kShardHeaderBytes, width, n};
+    std::vector<int32_t> tokens(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = static_cast<int32_t>(span[i] & 0x7FFFFFFF);
     DataLoader loader(std::move(tokens), "fuzz.bin", B, T, words[3], V);
     loader.set_position((static_cast<uint64_t>(words[3]) << 32) | words[0]);
     std::vector<int32_t> in(static_cast<size_t>(B * T)), tg(static_cast<size_t>(B * T));

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -28,6 +29,7 @@
 #include "core/parallel.h"
 #include "model/gpt.h"
 #include "serve/engine.h"
+#include "support/cli_util.h"
 #include "support/fixture_tensor.h"
 #include "support/test_util.h"
 #include "train/safetensors.h"
@@ -38,10 +40,10 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// test::one_line_error, printing the message of a passing check (the record of what users see).
-template <class F>
-::testing::AssertionResult one_line_error(F&& fn, std::initializer_list<std::string> must_contain) {
-  ::testing::AssertionResult r = test::one_line_error(std::forward<F>(fn), must_contain);
+// test::one_line_error (support/cli_util.h), printing the message of a passing check (the record of
+// what users see).
+::testing::AssertionResult one_line_error(const std::function<void()>& fn, const std::vector<std::string>& must_contain) {
+  ::testing::AssertionResult r = test::one_line_error(fn, must_contain);
   if (r) std::printf("[ error    ] %s\n", r.message());
   return r;
 }

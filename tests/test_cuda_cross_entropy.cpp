@@ -199,6 +199,21 @@ TEST(CudaCrossEntropy, Gpt2ShapeMatchesCpuAndIsDeterministic) {
   check(d, make_inputs(d, seed, 0.02f, grad_scale), grad_scale, seed, true);
 }
 
+// Qwen2's vocabulary (151,936, above 65,536: 32-bit ids end to end): fp32 and bf16 against the CPU.
+TEST(CudaCrossEntropy, Qwen2VocabularyMatchesCpu) {
+  LMF_REQUIRE_GPU();
+  const uint64_t seed = test::fresh_seed();
+  const Dims d{96, 64, 151936, 151936, 40};  // chunks of 40, 40, 16
+  const float grad_scale = 1.0f / static_cast<float>(d.N);
+  Inputs in = make_inputs(d, seed, 0.02f, grad_scale);
+  for (int64_t n = 0; n < d.N; ++n)  // targets across the whole range, the top ids included
+    in.tg[static_cast<size_t>(n)] = static_cast<int32_t>(d.V - 1 - (n * 1583) % d.V);
+  check(d, in, grad_scale, seed, true);
+  Bf16Worst worst;
+  check_bf16(d, make_bf16_inputs(d, seed + 1, 0.02f * std::sqrt(64.0f), grad_scale), grad_scale, seed + 1, worst);
+  print_bf16_worst("lm_head_cross_entropy bf16 V=151936", worst);
+}
+
 // A target outside [0, V) on the GPU (which the data loader should have caught): that row's loss is
 // NaN, nothing is read out of bounds, and the other rows are unaffected.
 TEST(CudaCrossEntropy, BadTargetGivesNaNLossOnly) {

@@ -128,6 +128,7 @@ TEST(CudaEmbedding, SkewedTokensMatchCpu) {
 
 TEST(CudaEmbedding, RealisticSizeMatchesCpu) {
   LMF_REQUIRE_GPU();
+  check_case({2, 256, 128, 151936, false, 0, Tokens::uniform});  // Qwen2's vocabulary: ids above 65,535
   check_case({4, 1024, 768, 50304, true, 0, Tokens::uniform});
   check_case({4, 1024, 768, 50304, false, 0, Tokens::uniform});
 }

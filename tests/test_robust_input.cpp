@@ -25,6 +25,7 @@
 #include "model/gpt.h"
 #include "serve/engine.h"
 #include "serve/request.h"
+#include "support/cli_util.h"
 #include "support/test_util.h"
 #include "train/checkpoint.h"
 #include "train/safetensors.h"
@@ -35,6 +36,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// fn must throw lmf::Error whose message is one line holding every string of `must_contain`.
 using test::one_line_error;
 
 std::string nested(size_t levels, const std::string& inner = "1") {
@@ -410,8 +412,12 @@ TEST(ShardInput, HeaderFieldsAreRangeChecked) {
   EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), bytes.size(), "s.bin"); }, {"s.bin", "truncated", "2147483647"}));
   set(2, 3);
   EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), bytes.size(), "s.bin"); }, {"s.bin", "trailing bytes"}));
-  set(1, 2);
-  EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), bytes.size(), "s.bin"); }, {"s.bin", "version 2"}));
+  set(1, 3);
+  EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), bytes.size(), "s.bin"); }, {"s.bin", "version 3"}));
+  set(1, kShardVersionWide);  // uint32 tokens: 3 x 4 bytes is not 8
+  EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), bytes.size(), "s.bin"); }, {"s.bin", "truncated"}));
+  set(2, 2);
+  EXPECT_EQ(shard_token_count(bytes.data(), bytes.size(), "s.bin"), 2);
   EXPECT_TRUE(one_line_error([&] { shard_token_count(bytes.data(), 100, "s.bin"); }, {"s.bin", "truncated", "100 bytes"}));
 }
 

@@ -15,9 +15,11 @@
 #include <filesystem>
 #include <type_traits>
 #include <vector>
+#include <iomanip>
 #include <iostream>
 #include <string>
 
+#include "cli/tokenizer_cmd.h"
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -174,21 +176,26 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
 }
 
 int run_prepare(const std::string& input, const std::string& out_dir, std::string name, double val_fraction,
-                const std::string& tokenizer_name) {
+                const std::string& tokenizer_name, int threads) {
   if (!(val_fraction >= 0 && val_fraction < 1)) fail("--val-fraction=", val_fraction, " must be in [0, 1)");
+  if (threads < 1 || threads > 1024) fail("--threads=", threads, " must be in [1, 1024]");
   auto tok = make_tokenizer(tokenizer_name);
   std::string text = read_file(input, "input text");
   if (text.empty()) fail(input, ": input text is empty");
-  std::vector<uint16_t> ids = tok->encode(text);
-  size_t n_val = static_cast<size_t>(static_cast<double>(ids.size()) * val_fraction);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int32_t> ids = tok->encode_parallel(text, threads);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const long n_val = static_cast<long>(static_cast<double>(ids.size()) * val_fraction);
   if (name.empty()) name = fs::path(input).stem().string();
   fs::create_directories(out_dir);
   std::string train_path = (fs::path(out_dir) / (name + "_train.bin")).string();
-  write_shard(train_path, std::vector<uint16_t>(ids.begin(), ids.end() - static_cast<long>(n_val)));
-  std::cout << "wrote " << train_path << " (" << ids.size() - n_val << " tokens, tokenizer " << tok->name() << ")\n";
+  write_shard(train_path, std::vector<int32_t>(ids.begin(), ids.end() - n_val));
+  std::cout << "wrote " << train_path << " (" << ids.size() - static_cast<size_t>(n_val) << " tokens, tokenizer "
+            << tok->name() << ", " << std::fixed << std::setprecision(1)
+            << static_cast<double>(text.size()) / 1e6 / std::max(secs, 1e-9) << std::defaultfloat << " MB/s on " << threads << " thread" << (threads == 1 ? "" : "s") << ")\n";
   if (n_val > 0) {
     std::string val_path = (fs::path(out_dir) / (name + "_val.bin")).string();
-    write_shard(val_path, std::vector<uint16_t>(ids.end() - static_cast<long>(n_val), ids.end()));
+    write_shard(val_path, std::vector<int32_t>(ids.end() - n_val, ids.end()));
     std::cout << "wrote " << val_path << " (" << n_val << " tokens)\n";
   }
   return 0;
@@ -213,7 +220,7 @@ ServedModel load_served_model(const std::string& checkpoint, const std::string& 
 }
 
 struct GenerateOptions {
-  std::string checkpoint, prompt = "And God said", tokenizer = "byte", device = "auto";
+  std::string checkpoint, prompt = "And God said", tokenizer = "auto", device = "auto";
   int64_t max_new = 200;
   bool allow_nonfinite = false;
   SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
@@ -228,12 +235,14 @@ int run_generate(const GenerateOptions& g) {
     fail(sp);
   }
   if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
-  auto tok = make_tokenizer(g.tokenizer);
   ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite);
+  auto tok = make_model_tokenizer(g.tokenizer, m.dir);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
-  std::vector<uint16_t> ids = tok->encode(g.prompt);
-  if (ids.empty()) fail("--prompt is empty");
+  std::vector<int32_t> ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
+  const std::vector<int32_t> text_ids = tok->encode(g.prompt);
+  if (text_ids.empty()) fail("--prompt is empty");
+  ids.insert(ids.end(), text_ids.begin(), text_ids.end());
   const int64_t ctx = m.cfg.context_length;
   if (static_cast<int64_t>(ids.size()) >= ctx) fail("--prompt has ", ids.size(), " tokens; context_length is ", ctx);
   EngineOptions eo;
@@ -250,14 +259,21 @@ int run_generate(const GenerateOptions& g) {
     RequestParams rp;
     rp.sample = g.sample;
     rp.max_tokens = std::min<int64_t>(g.max_new - generated, ctx - static_cast<int64_t>(prompt.size()));
+    rp.stop_tokens = tok->end_tokens();
     engine.add(request++, prompt, rp);
+    bool ended = false;
     while (!engine.idle())
       for (const EngineEvent& e : engine.step()) {
         const int32_t t = e.out.token;
-        std::cout << (t < tok->vocab_size() ? tok->decode(static_cast<uint16_t>(t)) : std::string("?")) << std::flush;
-        history.push_back(t);
         ++generated;
+        if (std::find(rp.stop_tokens.begin(), rp.stop_tokens.end(), t) != rp.stop_tokens.end()) {
+          ended = true;  // the model ended its text: the end token is not printed
+          continue;
+        }
+        std::cout << (t < tok->vocab_size() ? tok->decode(t) : std::string("?")) << std::flush;
+        history.push_back(t);
       }
+    if (ended) break;
   }
   std::cout << "\n" << std::flush;
   std::cerr << "[generated " << generated << " tokens from " << m.dir << " on " << device_name(m.params->device())
@@ -266,7 +282,7 @@ int run_generate(const GenerateOptions& g) {
 }
 
 struct ServeOptions {
-  std::string checkpoint, tokenizer = "byte", device = "auto";
+  std::string checkpoint, tokenizer = "auto", device = "auto";
   bool allow_nonfinite = false;
   ServerOptions server;
   EngineOptions engine;
@@ -281,8 +297,8 @@ int run_serve(ServeOptions so) {
 #else
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
-  auto tok = make_tokenizer(so.tokenizer);
   ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite);
+  auto tok = make_model_tokenizer(so.tokenizer, m.dir);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
@@ -337,13 +353,18 @@ int main(int argc, char** argv) {
   add_train_flags(train, topts);
 
   std::string p_input, p_out = "data_out", p_name, p_tok = "byte";
+  int p_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   double p_val = 0.1;
   CLI::App* prepare = app.add_subcommand("prepare", "turn a text file into llm.c-format token shards");
   prepare->add_option("--input", p_input, "UTF-8 text file")->required();
   prepare->add_option("--out-dir", p_out, "where NAME_train.bin and NAME_val.bin go")->capture_default_str();
   prepare->add_option("--name", p_name, "shard name prefix (default: the input's file stem)");
   add_num(prepare, "--val-fraction", p_val, "fraction of tokens (from the end) for validation")->capture_default_str();
-  prepare->add_option("--tokenizer", p_tok, "tokenizer: byte")->capture_default_str();
+  prepare->add_option("--tokenizer", p_tok, "tokenizer: byte, or a tokenizer.json (byte-level BPE)")->capture_default_str();
+  add_num(prepare, "--threads", p_threads, "threads encoding the text")->capture_default_str();
+
+  TokenizerCommand tokc;
+  add_tokenizer_command(app, tokc);
 
   GenerateOptions go;
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
@@ -354,7 +375,7 @@ int main(int argc, char** argv) {
   add_num(gen, "--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
   add_num(gen, "--top-p", go.sample.top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
   add_num(gen, "--seed", go.sample.seed, "sampling seed")->capture_default_str();
-  gen->add_option("--tokenizer", go.tokenizer, "tokenizer: byte")->capture_default_str();
+  gen->add_option("--tokenizer", go.tokenizer, "tokenizer: auto (the checkpoint's tokenizer.json, else byte), byte, or a tokenizer.json")->capture_default_str();
   gen->add_option("--device", go.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
   gen->add_flag("--allow-nonfinite", go.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
 
@@ -365,7 +386,7 @@ int main(int argc, char** argv) {
   add_num(serve, "--port", sv.server.port, "port to listen on (0: any free port)")->capture_default_str();
   serve->add_option("--model-name", sv.server.model_name, "the model's name in the API (default: the checkpoint's directory name)");
   serve->add_option("--device", sv.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
-  serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: byte")->capture_default_str();
+  serve->add_option("--tokenizer", sv.tokenizer, "tokenizer: auto (the checkpoint's tokenizer.json, else byte), byte, or a tokenizer.json")->capture_default_str();
   add_num(serve, "--max-seqs", sv.engine.max_seqs, "sequences decoding at once")->capture_default_str();
   add_num(serve, "--max-prefill-tokens", sv.engine.max_prefill_tokens, "prompt positions computed per engine step")
       ->capture_default_str();
@@ -429,7 +450,8 @@ int main(int argc, char** argv) {
       t.run();
       return 0;
     }
-    if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok);
+    if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok, p_threads);
+    if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
     if (*serve) return run_serve(sv);
     if (*plot) {

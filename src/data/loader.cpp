@@ -28,15 +28,17 @@ DataLoader::DataLoader(const std::vector<std::string>& paths, int64_t B, int64_t
   for (const std::string& p : paths)
     for (const std::string& f : expand_data_paths(p)) shards_.emplace_back(f);
   if (shards_.empty()) fail("no data shards given");
-  for (const Shard& s : shards_) sources_.push_back({s.tokens(), s.size(), s.path()});
+  for (const Shard& s : shards_) sources_.push_back({s.tokens(), s.path()});
   description_ = shards_.size() == 1 ? shards_[0].path() : std::to_string(shards_.size()) + " shards";
   finish_setup(vocab_size);
 }
 
-DataLoader::DataLoader(std::vector<uint16_t> tokens, const std::string& name, int64_t B, int64_t T, uint64_t seed,
+DataLoader::DataLoader(std::vector<int32_t> tokens, const std::string& name, int64_t B, int64_t T, uint64_t seed,
                        int64_t vocab_size)
     : B_(B), T_(T), seed_(seed), owned_(std::move(tokens)) {
-  sources_.push_back({owned_.data(), static_cast<int64_t>(owned_.size()), name});
+  for (int32_t t : owned_)
+    if (t < 0) fail(name, ": token id ", t, " is negative");
+  sources_.push_back({{owned_.data(), 4, static_cast<int64_t>(owned_.size())}, name});
   description_ = name;
   finish_setup(vocab_size);
 }
@@ -44,18 +46,19 @@ DataLoader::DataLoader(std::vector<uint16_t> tokens, const std::string& name, in
 void DataLoader::finish_setup(int64_t vocab_size) {
   LMF_CHECK(B_ >= 1 && T_ >= 1, "B=", B_, " T=", T_);
   for (const Source& s : sources_) {
-    if (s.n < T_ + 1) fail(s.name, ": ", s.n, " tokens, fewer than one window of seq_len+1=", T_ + 1);
-    for (int64_t i = 0; i < s.n; ++i)
+    const int64_t n = s.tokens.n;
+    if (n < T_ + 1) fail(s.name, ": ", n, " tokens, fewer than one window of seq_len+1=", T_ + 1);
+    for (int64_t i = 0; i < n; ++i)
       if (s.tokens[i] >= vocab_size)
         fail(s.name, ": token ", s.tokens[i], " at index ", i, " is outside the model's vocab_size=", vocab_size);
     window_start_.push_back(total_windows_);
-    total_windows_ += s.n - T_;
+    total_windows_ += n - T_;
   }
 }
 
 int64_t DataLoader::total_tokens() const {
   int64_t n = 0;
-  for (const Source& s : sources_) n += s.n;
+  for (const Source& s : sources_) n += s.tokens.n;
   return n;
 }
 
@@ -66,10 +69,11 @@ void DataLoader::next(int32_t* inputs, int32_t* targets) {
     // find the source holding window w (few sources: linear scan)
     size_t s = sources_.size() - 1;
     while (static_cast<int64_t>(w) < window_start_[s]) --s;
-    const uint16_t* t = sources_[s].tokens + (static_cast<int64_t>(w) - window_start_[s]);
+    const TokenSpan& t = sources_[s].tokens;
+    const int64_t at = static_cast<int64_t>(w) - window_start_[s];
     for (int64_t i = 0; i < T_; ++i) {
-      inputs[b * T_ + i] = t[i];
-      targets[b * T_ + i] = t[i + 1];
+      inputs[b * T_ + i] = static_cast<int32_t>(t[at + i]);
+      targets[b * T_ + i] = static_cast<int32_t>(t[at + i + 1]);
     }
   }
   position_++;

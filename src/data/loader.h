@@ -20,7 +20,7 @@ class DataLoader {
   // `paths`: shard files (a path may contain * or ? wildcards); every token must be < vocab_size.
   DataLoader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint64_t seed, int64_t vocab_size);
   // In-memory tokens (e.g. the bundled corpus); `name` is used in messages.
-  DataLoader(std::vector<uint16_t> tokens, const std::string& name, int64_t B, int64_t T, uint64_t seed,
+  DataLoader(std::vector<int32_t> tokens, const std::string& name, int64_t B, int64_t T, uint64_t seed,
              int64_t vocab_size);
 
   // inputs, targets: (B, T) i32; targets are inputs shifted by one.
@@ -32,8 +32,7 @@ class DataLoader {
 
  private:
   struct Source {
-    const uint16_t* tokens;
-    int64_t n;
+    TokenSpan tokens;
     std::string name;
   };
   void finish_setup(int64_t vocab_size);
@@ -42,7 +41,7 @@ class DataLoader {
   uint64_t seed_;
   uint64_t position_ = 0;
   std::vector<Shard> shards_;
-  std::vector<uint16_t> owned_;
+  std::vector<int32_t> owned_;
   std::vector<Source> sources_;
   std::vector<int64_t> window_start_;  // cumulative window counts per source
   int64_t total_windows_ = 0;

@@ -1,23 +1,42 @@
 #include "data/tokenizer.h"
 
+#include <filesystem>
+
 #include "core/check.h"
+#include "data/bpe.h"
 
 namespace lmf {
 
-std::vector<uint16_t> ByteTokenizer::encode(std::string_view text) const {
-  std::vector<uint16_t> out(text.size());
+std::string Tokenizer::decode(const std::vector<int32_t>& tokens) const {
+  std::string out;
+  for (int32_t t : tokens) out += decode(t);
+  return out;
+}
+
+std::vector<int32_t> ByteTokenizer::encode(std::string_view text) const {
+  std::vector<int32_t> out(text.size());
   for (size_t i = 0; i < text.size(); ++i) out[i] = static_cast<unsigned char>(text[i]);
   return out;
 }
 
-std::string ByteTokenizer::decode(uint16_t token) const {
-  LMF_CHECK(token < 256, "byte tokenizer cannot decode token ", token);
+std::string ByteTokenizer::decode(int32_t token) const {
+  if (token < 0 || token >= 256) fail("byte tokenizer cannot decode token ", token, " (ids are 0..255)");
   return std::string(1, static_cast<char>(token));
 }
 
-std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name) {
-  if (name == "byte") return std::make_unique<ByteTokenizer>();
-  fail("--tokenizer: unknown tokenizer '", name, "' (known: byte)");
+std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path) {
+  if (name_or_path == "byte") return std::make_unique<ByteTokenizer>();
+  if (name_or_path.find('/') != std::string::npos || name_or_path.ends_with(".json") ||
+      std::filesystem::exists(name_or_path))
+    return BpeTokenizer::from_file(name_or_path);
+  fail("--tokenizer: unknown tokenizer '", name_or_path, "' (known: auto, byte, or the path of a tokenizer.json)");
+}
+
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir) {
+  if (name_or_path != "auto") return make_tokenizer(name_or_path);
+  const std::string own = (std::filesystem::path(model_dir) / "tokenizer.json").string();
+  if (std::filesystem::exists(own)) return make_tokenizer(own);
+  return std::make_unique<ByteTokenizer>();
 }
 
 }  // namespace lmf

@@ -1,6 +1,7 @@
-// tokenizer.h: the tokenizer interface `lmforge prepare` and `lmforge generate` use.
-// The byte-level tokenizer (vocab 256, token = byte value) is the one implemented now; BPE plugs in
-// behind the same interface.
+// tokenizer.h: the tokenizer interface `lmforge prepare`, `generate` and `serve` use. Token ids are
+// 32-bit (vocabularies of Llama-3 and Qwen2 are above 65,536).
+//   "byte"  ByteTokenizer: vocab 256, token = byte value
+//   a path  a Hugging Face tokenizer.json holding a byte-level BPE (data/bpe.h)
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -14,21 +15,40 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   virtual const char* name() const = 0;
-  virtual int64_t vocab_size() const = 0;
-  virtual std::vector<uint16_t> encode(std::string_view text) const = 0;
-  // Bytes of one token (may be a partial UTF-8 sequence; concatenation is always correct).
-  virtual std::string decode(uint16_t token) const = 0;
+  virtual int64_t vocab_size() const = 0;  // one more than the largest id
+  // Text -> ids, without the special tokens a template would add (special_prefix()). Text that is
+  // not valid UTF-8 is read as Python's bytes.decode("utf-8", "replace") reads it.
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+  // Bytes of one token (may be a partial UTF-8 sequence; concatenation is always correct). An id
+  // outside [0, vocab_size()) is an error.
+  virtual std::string decode(int32_t token) const = 0;
+  // The ids an encoding of a whole text starts with (a BOS token), empty when none.
+  virtual std::vector<int32_t> special_prefix() const { return {}; }
+  // The id of the token whose text is `content` (an added/special token or a vocabulary entry), -1
+  // when there is none.
+  virtual int32_t token_id(std::string_view content) const { return -1; }
+  // encode() of a large text on `threads` threads, the same ids.
+  virtual std::vector<int32_t> encode_parallel(std::string_view text, int threads) const { return encode(text); }
+  // Special tokens that end a text or a turn (<|endoftext|>, <|im_end|>, <|eot_id|>, </s>, ...):
+  // generation stops after one.
+  virtual std::vector<int32_t> end_tokens() const { return {}; }
+  // Text of a sequence of ids.
+  std::string decode(const std::vector<int32_t>& tokens) const;
 };
 
 class ByteTokenizer final : public Tokenizer {
  public:
   const char* name() const override { return "byte"; }
   int64_t vocab_size() const override { return 256; }
-  std::vector<uint16_t> encode(std::string_view text) const override;
-  std::string decode(uint16_t token) const override;
+  std::vector<int32_t> encode(std::string_view text) const override;
+  std::string decode(int32_t token) const override;
+  using Tokenizer::decode;  // and of a sequence
 };
 
-// "byte" (more later); throws naming the unknown tokenizer.
-std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name);
+// "byte", or the path of a tokenizer.json; throws naming the unknown tokenizer or the file's problem.
+std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path);
+// The tokenizer of a model directory: "auto" is the directory's tokenizer.json when it has one (an
+// imported model's), else byte; anything else is make_tokenizer(name_or_path).
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir);
 
 }  // namespace lmf

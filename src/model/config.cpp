@@ -26,7 +26,7 @@ void ModelConfig::validate(const std::string& where) const {
   };
   // Ranges first: the derived sizes below (head size, padded vocabulary) are computed only from
   // values known to be in range.
-  in_range("vocab_size", vocab_size, 1, L::vocab_size, " (tokens are uint16)");
+  in_range("vocab_size", vocab_size, 1, L::vocab_size);
   in_range("pad_vocab_multiple", pad_vocab_multiple, 1, L::pad_vocab_multiple);
   in_range("context_length", context_length, 1, L::context_length);
   in_range("n_layer", n_layer, 1, L::n_layer);

@@ -31,7 +31,7 @@ struct MoeModelConfig {
 // from a config far inside int64 and the models a config can describe buildable; a model within
 // them may still need more memory than the machine has, which set-up reports before allocating.
 struct ConfigLimits {
-  static constexpr int64_t vocab_size = 65536;          // tokens are uint16
+  static constexpr int64_t vocab_size = 1 << 21;        // token ids are int32; Qwen2 151,936, Llama-3 128,256
   static constexpr int64_t pad_vocab_multiple = 65536;
   static constexpr int64_t context_length = 1 << 20;
   static constexpr int n_layer = 500;                   // training's weight-decay table: <= 4 ranges a layer

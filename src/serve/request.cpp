@@ -108,10 +108,10 @@ Completion parse_completion(std::string_view text, const CompletionLimits& limit
     prompt = &(*prompt)[0];  // a batch of one
   if (prompt->is_string()) {
     c.prompt_text = prompt->get<std::string>();
-    for (uint16_t t : tok.encode(c.prompt_text)) c.prompt.push_back(t);
+    c.prompt = tok.encode(c.prompt_text);
   } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number_integer()) {
     c.prompt = token_ids(*prompt, V);
-    for (int32_t t : c.prompt) c.prompt_text += t < tok.vocab_size() ? tok.decode(static_cast<uint16_t>(t)) : "";
+    for (int32_t t : c.prompt) c.prompt_text += t < tok.vocab_size() ? tok.decode(t) : "";
   } else if (prompt->is_array() && prompt->size() > 1) {
     throw bad_request("one prompt per request is supported; got " + std::to_string(prompt->size()), "prompt");
   } else {

@@ -62,7 +62,7 @@ size_t utf8_complete(const std::string& s) {
 
 // A token's text ("" for ids the tokenizer does not have).
 std::string token_text(const Tokenizer& tok, int32_t token) {
-  return token >= 0 && token < tok.vocab_size() ? tok.decode(static_cast<uint16_t>(token)) : std::string();
+  return token >= 0 && token < tok.vocab_size() ? tok.decode(token) : std::string();
 }
 
 // The generated text of one request: tokens in, text out, cut at the first stop string. Text that

@@ -71,7 +71,7 @@ std::string human_count(int64_t n) {
 }
 
 // Bundled corpus, byte-tokenized: the first 90% trains, the last 10% validates.
-std::vector<uint16_t> bundled_tokens(bool val) {
+std::vector<int32_t> bundled_tokens(bool val) {
   std::string_view text = bundled_corpus();
   size_t split = text.size() / 10 * 9;
   ByteTokenizer tok;

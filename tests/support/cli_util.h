@@ -7,8 +7,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
+#include <vector>
+
+#include "core/check.h"
 
 #include "core/fsutil.h"
 #include "support/test_util.h"
@@ -50,6 +54,22 @@ inline ::testing::AssertionResult one_line_error(const RunResult& r, std::initia
     if (r.err.find(s) == std::string::npos)
       return ::testing::AssertionFailure() << "stderr lacks '" << s << "': " << r.err;
   return ::testing::AssertionSuccess() << r.err;
+}
+
+// The in-process form: fn throws one lmf::Error, one line, holding every string of must_contain.
+inline ::testing::AssertionResult one_line_error(const std::function<void()>& fn, const std::vector<std::string>& must_contain) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    if (m.find('\n') != std::string::npos) return ::testing::AssertionFailure() << "message has a newline: " << m;
+    for (const std::string& s : must_contain)
+      if (m.find(s) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << s << "': " << m;
+    return ::testing::AssertionSuccess() << m;
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "not an lmf::Error: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "no error";
 }
 
 }  // namespace lmf::test

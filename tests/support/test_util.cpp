@@ -5,7 +5,6 @@
 #include <filesystem>
 #include <sstream>
 
-#include "core/check.h"
 #include "core/rng.h"
 
 namespace lmf::test {
@@ -126,21 +125,6 @@ std::string make_temp_dir(const std::string& tag) {
   char* p = mkdtemp(tmpl.data());
   LMF_CHECK(p != nullptr, "mkdtemp failed for ", tmpl);
   return tmpl;
-}
-
-::testing::AssertionResult one_line_error(const std::function<void()>& fn, std::initializer_list<std::string> must_contain) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    if (m.find('\n') != std::string::npos) return ::testing::AssertionFailure() << "message has a newline: " << m;
-    for (const std::string& s : must_contain)
-      if (m.find(s) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << s << "': " << m;
-    return ::testing::AssertionSuccess() << m;
-  } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "not an lmf::Error: " << e.what();
-  }
-  return ::testing::AssertionFailure() << "no error";
 }
 
 }  // namespace lmf::test

@@ -66,8 +66,4 @@ std::string fixture_path(const std::string& name);
 // A fresh empty temporary directory (removed by the caller if wanted).
 std::string make_temp_dir(const std::string& tag);
 
-// fn must throw lmf::Error whose message is one line holding every string of `must_contain`
-// (docs/ROBUSTNESS.md); the message is printed on success.
-::testing::AssertionResult one_line_error(const std::function<void()>& fn, std::initializer_list<std::string> must_contain);
-
 }  // namespace lmf::test
