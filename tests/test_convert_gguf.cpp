@@ -50,12 +50,7 @@ using nlohmann::json;
 
 std::string gguf_fixture(const std::string& name) { return test::fixture_path("gguf/" + name); }
 
-// The SmolLM2 GGUF of scripts/fetch_smollm2.sh, or "" when it is not there.
-std::string smollm2_path() {
-  const fs::path p = fs::path(test::fixture_path("")) / ".." / ".." / "third_party" / "smollm2" /
-                     "SmolLM2-135M-Instruct.Q4_1.gguf";
-  return fs::exists(p) ? p.lexically_normal().string() : "";
-}
+using test::smollm2_path;
 
 // The imported weights as a model's Parameters (fp32, CPU).
 std::unique_ptr<Parameters> to_parameters(const ImportedModel& m) {
