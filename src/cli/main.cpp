@@ -313,7 +313,7 @@ int run_generate(const GenerateOptions& g) {
           ended = true;  // the model ended its text: the end token is not printed
           continue;
         }
-        std::cout << (t < tok->vocab_size() ? tok->decode(t) : std::string("?")) << std::flush;
+        if (!tok->is_special(t)) std::cout << (t < tok->vocab_size() ? tok->decode(t) : std::string("?")) << std::flush;
         history.push_back(t);
       }
     if (ended) break;

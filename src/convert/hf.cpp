@@ -10,6 +10,7 @@
 #include <set>
 
 #include "core/bf16.h"
+#include "core/fp16.h"
 #include "core/check.h"
 #include "core/fsutil.h"
 #include "core/json_util.h"

@@ -49,7 +49,7 @@ class BpeTokenizer final : public Tokenizer {
   // newline encode on one thread.
   std::vector<int32_t> encode_parallel(std::string_view text, int threads) const override;
   // Whether `token` is an added token marked special (skipped when decoding for display).
-  bool is_special(int32_t token) const;
+  bool is_special(int32_t token) const override;
   // Steps 1-4 of encoding (bpe.h) without the merges: calls piece(bytes) for each pre-tokenizer piece
   // of the text between added tokens (the BPE trainer counts these).
   void pre_tokenize(std::string_view text, const std::function<void(std::string_view)>& piece) const;

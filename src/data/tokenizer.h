@@ -32,6 +32,8 @@ class Tokenizer {
   // Special tokens that end a text or a turn (<|endoftext|>, <|im_end|>, <|eot_id|>, </s>, ...):
   // generation stops after one.
   virtual std::vector<int32_t> end_tokens() const { return {}; }
+  // Whether `token` is a special token (its text is markup: not shown in generated text).
+  virtual bool is_special(int32_t token) const { return false; }
   // Text of a sequence of ids.
   std::string decode(const std::vector<int32_t>& tokens) const;
 };

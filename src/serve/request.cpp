@@ -108,7 +108,9 @@ Completion parse_completion(std::string_view text, const CompletionLimits& limit
     prompt = &(*prompt)[0];  // a batch of one
   if (prompt->is_string()) {
     c.prompt_text = prompt->get<std::string>();
-    c.prompt = tok.encode(c.prompt_text);
+    c.prompt = tok.special_prefix();  // the tokenizer's BOS, where its template has one
+    const std::vector<int32_t> ids = tok.encode(c.prompt_text);
+    c.prompt.insert(c.prompt.end(), ids.begin(), ids.end());
   } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number_integer()) {
     c.prompt = token_ids(*prompt, V);
     for (int32_t t : c.prompt) c.prompt_text += t < tok.vocab_size() ? tok.decode(t) : "";
@@ -121,6 +123,7 @@ Completion parse_completion(std::string_view text, const CompletionLimits& limit
     if (t >= V) throw bad_request("the prompt encodes to token " + std::to_string(t) + ", outside the model's vocabulary", "prompt");
 
   c.rp.max_tokens = get_int(body, "max_tokens", 16);
+  c.rp.stop_tokens = tok.end_tokens();  // a model ends its text with one (finish_reason "stop")
   c.rp.sample.temperature = get_float(body, "temperature", 1.0f);
   c.rp.sample.top_p = get_float(body, "top_p", 1.0f);
   const int64_t top_k = get_int(body, "top_k", 0);

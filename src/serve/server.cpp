@@ -60,9 +60,9 @@ size_t utf8_complete(const std::string& s) {
   return n;
 }
 
-// A token's text ("" for ids the tokenizer does not have).
+// A token's text ("" for ids the tokenizer does not have and for special tokens: markup).
 std::string token_text(const Tokenizer& tok, int32_t token) {
-  return token >= 0 && token < tok.vocab_size() ? tok.decode(token) : std::string();
+  return token >= 0 && token < tok.vocab_size() && !tok.is_special(token) ? tok.decode(token) : std::string();
 }
 
 // The generated text of one request: tokens in, text out, cut at the first stop string. Text that

@@ -119,6 +119,12 @@ std::vector<TensorSpec> model_like_specs(int layers, int64_t C) {
 const char* lmforge_binary() { return LMF_BINARY; }
 std::string fixture_path(const std::string& name) { return std::string(LMF_TEST_FIXTURES) + "/" + name; }
 
+std::string smollm2_path() {
+  const std::filesystem::path p = std::filesystem::path(LMF_TEST_FIXTURES) / ".." / ".." / "third_party" / "smollm2" /
+                                  "SmolLM2-135M-Instruct.Q4_1.gguf";
+  return std::filesystem::exists(p) ? p.lexically_normal().string() : "";
+}
+
 std::string make_temp_dir(const std::string& tag) {
   namespace fs = std::filesystem;
   std::string tmpl = (fs::temp_directory_path() / ("lmforge_" + tag + "_XXXXXX")).string();

@@ -62,6 +62,9 @@ inline const std::vector<int64_t>& awkward_sizes() {
 // Path to the lmforge binary and the fixtures folder (set by CMake).
 const char* lmforge_binary();
 std::string fixture_path(const std::string& name);
+// The SmolLM2-135M-Instruct GGUF that scripts/fetch_smollm2.sh puts in third_party/smollm2/ (CI has it:
+// scripts/install_deps.sh runs the script), or "" when it is not there.
+std::string smollm2_path();
 
 // A fresh empty temporary directory (removed by the caller if wanted).
 std::string make_temp_dir(const std::string& tag);
