@@ -279,7 +279,7 @@ int run_generate(const GenerateOptions& g) {
   }
   if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
   ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite);
-  auto tok = make_model_tokenizer(g.tokenizer, m.dir);
+  auto tok = make_model_tokenizer(g.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   std::vector<int32_t> ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
@@ -341,7 +341,7 @@ int run_serve(ServeOptions so) {
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
   ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite);
-  auto tok = make_model_tokenizer(so.tokenizer, m.dir);
+  auto tok = make_model_tokenizer(so.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)

@@ -32,10 +32,10 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path) {
   fail("--tokenizer: unknown tokenizer '", name_or_path, "' (known: auto, byte, or the path of a tokenizer.json)");
 }
 
-std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir) {
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& tokenizer_json,
+                                                const std::string& where) {
   if (name_or_path != "auto") return make_tokenizer(name_or_path);
-  const std::string own = (std::filesystem::path(model_dir) / "tokenizer.json").string();
-  if (std::filesystem::exists(own)) return make_tokenizer(own);
+  if (!tokenizer_json.empty()) return BpeTokenizer::from_json(tokenizer_json, where);
   return std::make_unique<ByteTokenizer>();
 }
 

@@ -49,8 +49,10 @@ class ByteTokenizer final : public Tokenizer {
 
 // "byte", or the path of a tokenizer.json; throws naming the unknown tokenizer or the file's problem.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name_or_path);
-// The tokenizer of a model directory: "auto" is the directory's tokenizer.json when it has one (an
-// imported model's), else byte; anything else is make_tokenizer(name_or_path).
-std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& model_dir);
+// The tokenizer for a model: "auto" is the model's own (`tokenizer_json`: the text of the tokenizer.json
+// that came with it, from a checkpoint, a Hugging Face directory or a GGUF file; `where` names it in
+// errors) when it has one, else byte; anything else is make_tokenizer(name_or_path).
+std::unique_ptr<Tokenizer> make_model_tokenizer(const std::string& name_or_path, const std::string& tokenizer_json,
+                                                const std::string& where);
 
 }  // namespace lmf
