@@ -1,5 +1,5 @@
 // Chat templates (serve/chat_template.h) against transformers' renderer: tools/make_chat_fixtures.py
-// rendered 12 real templates x 10 conversations x add_generation_prompt, and 234 feature snippets, with
+// rendered 12 real templates x 10 conversations x add_generation_prompt, and 231 feature snippets, with
 // jinja2 configured as transformers configures it. Every rendering must be byte-identical; where jinja2
 // raised, the renderer must throw too (raise_exception: ChatTemplateRaised with the same message).
 // Then what the fixtures cannot show: hostile templates (deep nesting, huge loops, exponential output)

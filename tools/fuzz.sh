@@ -2,7 +2,7 @@
 # Builds lmforge's fuzz targets (fuzz/: libFuzzer, clang, ASan + UBSan) and runs each for SECONDS
 # (default 60) on a copy of its seed corpus (fuzz/corpus/<target>/). docs/ROBUSTNESS.md has the details.
 #
-#   tools/fuzz.sh [SECONDS] [TARGET...]     all five targets when none is named
+#   tools/fuzz.sh [SECONDS] [TARGET...]     all six targets when none is named
 #
 # Environment: LMF_FUZZ_BUILD   build directory (default build-fuzz)
 #              LMF_FUZZ_WORK    working corpora, crashes and logs (default $LMF_FUZZ_BUILD/work)
@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request)
+[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request
+                                     fuzz_chat_template)
 build="${LMF_FUZZ_BUILD:-build-fuzz}"
 work="${LMF_FUZZ_WORK:-$build/work}"
 jobs="${LMF_FUZZ_JOBS:-1}"
@@ -32,10 +33,13 @@ for t in "${targets[@]}"; do
   log="$work/$t/fuzz.log"
   # The working corpus grows across runs; the seeds in the repository stay as they are.
   # -rss_limit_mb / -malloc_limit_mb: a parser that allocates gigabytes for a small input is a finding.
+  # a target's own dictionary (fuzz/<target>.dict) when it has one, else the JSON one
+  dict=fuzz/json.dict
+  [ -f "fuzz/$t.dict" ] && dict="fuzz/$t.dict"
   parallel=()
   [ "$jobs" -gt 1 ] && parallel=(-jobs="$jobs" -workers="$jobs")
   set +e
-  "$build/fuzz/$t" "$work/$t/corpus" "fuzz/corpus/$t" -dict=fuzz/json.dict -max_total_time="$seconds" \
+  "$build/fuzz/$t" "$work/$t/corpus" "fuzz/corpus/$t" -dict="$dict" -max_total_time="$seconds" \
     "${parallel[@]}" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$work/$t/" ${LMF_FUZZ_ARGS:-} >"$log" 2>&1
   rc=$?

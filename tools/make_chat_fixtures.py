@@ -10,7 +10,7 @@ with trim_blocks, lstrip_blocks, loopcontrols, HF's tojson, raise_exception and 
                    per template x conversation x add_generation_prompt: the expected text, or the message
                    of raise_exception, or the type of the error jinja2 raised
   snippets.json    small templates, one or a few features each, rendered with one fixed context
-  ../../../fuzz/corpus/fuzz_chat_template/*.jinja   the templates, as the fuzz target's seeds
+  fuzz/corpus/fuzz_chat_template/*.jinja   the templates and every tenth snippet, the fuzz target's seeds
 
 Run with a Python that has jinja2, transformers and gguf (not needed by CI, which reads the JSON):
   /path/to/venv/bin/python tools/make_chat_fixtures.py [--smollm2 PATH.gguf]
@@ -712,7 +712,11 @@ def main():
         f.write("\n")
 
     os.makedirs(SEEDS, exist_ok=True)
-    for name, tmpl in templates.items():
+    seeds = dict(templates)
+    rendered = [sn["template"] for sn in snippets if "expected" in sn]
+    for k in range(0, len(rendered), 10):  # every tenth snippet that renders, for the features they use
+        seeds[f"snippet_{k:03d}"] = rendered[k]
+    for name, tmpl in seeds.items():
         with open(os.path.join(SEEDS, name + ".jinja"), "w", encoding="utf-8") as f:
             f.write(tmpl)
     kinds = {}

@@ -1576,8 +1576,6 @@ const char* const kListMethods[] = {"count", "index"};
 // Python methods that change a list or dict: jinja's sandbox refuses them, and so does this renderer
 const char* const kMutators[] = {"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
                                  "update", "setdefault", "popitem"};
-const char* const kLoopAttrs[] = {"index", "index0", "revindex", "revindex0", "first", "last", "length",
-                                  "previtem", "nextitem", "depth", "depth0", "cycle"};
 template <size_t N>
 bool in_list(const char* const (&list)[N], const std::string& name) {
   for (const char* s : list)
