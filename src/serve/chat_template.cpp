@@ -609,7 +609,7 @@ class Lexer {
     size_t end = p + 1;
     int base = 10;
     auto digit_of = [](char c) { return c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : 99; };
-    if (s_[p] == '0' && p + 1 < s_.size() && std::strchr("bBoOxX", s_[p + 1]) && s_[p + 1] != 0) {
+    if (s_[p] == '0' && p + 1 < s_.size() && s_[p + 1] != 0 && std::strchr("bBoOxX", s_[p + 1])) {
       base = (s_[p + 1] | 0x20) == 'b' ? 2 : (s_[p + 1] | 0x20) == 'o' ? 8 : 16;
       size_t q = p + 2;
       while (true) {  // (_?[digit])+
