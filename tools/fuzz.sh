@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request fuzz_gguf fuzz_hf_config)
+[ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request
+                                     fuzz_gguf fuzz_hf_config fuzz_chat_template)
 build="${LMF_FUZZ_BUILD:-build-fuzz}"
 work="${LMF_FUZZ_WORK:-$build/work}"
 jobs="${LMF_FUZZ_JOBS:-1}"
@@ -33,6 +34,9 @@ for t in "${targets[@]}"; do
   log="$work/$t/fuzz.log"
   # The working corpus grows across runs; the seeds in the repository stay as they are.
   # -rss_limit_mb / -malloc_limit_mb: a parser that allocates gigabytes for a small input is a finding.
+  # a target's own dictionary (fuzz/<target>.dict) when it has one, else the JSON one
+  dict=fuzz/json.dict
+  [ -f "fuzz/$t.dict" ] && dict="fuzz/$t.dict"
   parallel=()
   [ "$jobs" -gt 1 ] && parallel=(-jobs="$jobs" -workers="$jobs")
   set +e
