@@ -40,8 +40,6 @@ for t in "${targets[@]}"; do
   parallel=()
   [ "$jobs" -gt 1 ] && parallel=(-jobs="$jobs" -workers="$jobs")
   set +e
-  dict=fuzz/json.dict
-  [ -f "fuzz/$t.dict" ] && dict="fuzz/$t.dict"
   "$build/fuzz/$t" "$work/$t/corpus" "fuzz/corpus/$t" -dict="$dict" -max_total_time="$seconds" \
     "${parallel[@]}" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$work/$t/" ${LMF_FUZZ_ARGS:-} >"$log" 2>&1
