@@ -28,6 +28,7 @@
 #include "model/gpt.h"
 #include "core/device.h"
 #include "ops/sampling.h"
+#include "serve/chat_template.h"
 #include "serve/engine.h"
 #include "serve/server.h"  // the options always; the server itself only with LMF_WITH_HTTP
 #include "train/checkpoint.h"
@@ -263,9 +264,10 @@ int run_export(const std::string& to, const std::string& checkpoint, const std::
 }
 
 struct GenerateOptions {
-  std::string checkpoint, prompt = "And God said", tokenizer = "auto", device = "auto";
+  std::string checkpoint, prompt = "And God said", tokenizer = "auto", device = "auto", system;
   int64_t max_new = 200;
   bool allow_nonfinite = false;
+  bool chat = false;  // --chat: the prompt is a user message, put through the model's chat template
   SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
 };
 
@@ -282,10 +284,22 @@ int run_generate(const GenerateOptions& g) {
   auto tok = make_model_tokenizer(g.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
-  std::vector<int32_t> ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
-  const std::vector<int32_t> text_ids = tok->encode(g.prompt);
-  if (text_ids.empty()) fail("--prompt is empty");
-  ids.insert(ids.end(), text_ids.begin(), text_ids.end());
+  std::vector<int32_t> ids;
+  if (g.chat) {  // the template writes every special token itself (BOS included), as transformers' apply_chat_template
+    if (m.assets.chat_template.empty()) fail("--chat: ", m.dir, " has no chat template");
+    std::vector<ChatMessage> messages;
+    if (!g.system.empty()) messages.push_back({"system", g.system});
+    messages.push_back({"user", g.prompt});
+    const std::vector<int32_t> bos = tok->special_prefix(), eos = tok->end_tokens();
+    ids = tok->encode(render_chat_template(m.assets.chat_template, messages, /*add_generation_prompt=*/true,
+                                           bos.empty() ? "" : tok->decode(bos[0]), eos.empty() ? "" : tok->decode(eos[0])));
+  } else {
+    if (!g.system.empty()) fail("--system is for --chat");
+    ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
+    const std::vector<int32_t> text_ids = tok->encode(g.prompt);
+    if (text_ids.empty()) fail("--prompt is empty");
+    ids.insert(ids.end(), text_ids.begin(), text_ids.end());
+  }
   const int64_t ctx = m.cfg.context_length;
   if (static_cast<int64_t>(ids.size()) >= ctx) fail("--prompt has ", ids.size(), " tokens; context_length is ", ctx);
   EngineOptions eo;
@@ -293,7 +307,7 @@ int run_generate(const GenerateOptions& g) {
   eo.max_prefill_tokens = std::min<int64_t>(ctx, 512);
   Engine engine(m.cfg, *m.params, eo);
 
-  std::cout << g.prompt << std::flush;
+  if (!g.chat) std::cout << g.prompt << std::flush;  // a chat shows the reply only
   std::vector<int32_t> history(ids.begin(), ids.end());
   int64_t generated = 0, request = 0;
   while (generated < g.max_new) {
@@ -413,7 +427,9 @@ int main(int argc, char** argv) {
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint,
                   "checkpoint directory, training out-dir, Hugging Face model directory or GGUF file")->required();
-  gen->add_option("--prompt", go.prompt, "text to continue")->capture_default_str();
+  gen->add_option("--prompt", go.prompt, "text to continue (with --chat: the user's message)")->capture_default_str();
+  gen->add_flag("--chat", go.chat, "answer --prompt as a chat assistant, through the model's chat template");
+  gen->add_option("--system", go.system, "with --chat: a system message before the user's");
   add_num(gen, "--max-new-tokens,-n", go.max_new, "tokens to generate")->capture_default_str();
   add_num(gen, "--temperature", go.sample.temperature, "softmax temperature (0 = greedy)")->capture_default_str();
   add_num(gen, "--top-k", go.sample.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
