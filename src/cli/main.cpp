@@ -290,9 +290,8 @@ int run_generate(const GenerateOptions& g) {
     std::vector<ChatMessage> messages;
     if (!g.system.empty()) messages.push_back({"system", g.system});
     messages.push_back({"user", g.prompt});
-    const std::vector<int32_t> bos = tok->special_prefix(), eos = tok->end_tokens();
     ids = tok->encode(render_chat_template(m.assets.chat_template, messages, /*add_generation_prompt=*/true,
-                                           bos.empty() ? "" : tok->decode(bos[0]), eos.empty() ? "" : tok->decode(eos[0])));
+                                           tok->bos_token_text(), tok->eos_token_text()));
   } else {
     if (!g.system.empty()) fail("--system is for --chat");
     ids = tok->special_prefix();  // a BOS token where the tokenizer's template has one
@@ -358,6 +357,7 @@ int run_serve(ServeOptions so) {
   auto tok = make_model_tokenizer(so.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
+  so.server.chat_template = m.assets.chat_template;
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
     fs::path p = fs::path(so.checkpoint).lexically_normal();
     if (p.filename().empty()) p = p.parent_path();

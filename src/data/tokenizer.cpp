@@ -13,6 +13,16 @@ std::string Tokenizer::decode(const std::vector<int32_t>& tokens) const {
   return out;
 }
 
+std::string Tokenizer::bos_token_text() const {
+  const std::vector<int32_t> p = special_prefix();
+  return p.empty() ? std::string() : decode(p[0]);
+}
+
+std::string Tokenizer::eos_token_text() const {
+  const std::vector<int32_t> e = end_tokens();
+  return e.empty() ? std::string() : decode(e[0]);
+}
+
 std::vector<int32_t> ByteTokenizer::encode(std::string_view text) const {
   std::vector<int32_t> out(text.size());
   for (size_t i = 0; i < text.size(); ++i) out[i] = static_cast<unsigned char>(text[i]);

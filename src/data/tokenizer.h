@@ -34,6 +34,10 @@ class Tokenizer {
   virtual std::vector<int32_t> end_tokens() const { return {}; }
   // Whether `token` is a special token (its text is markup: not shown in generated text).
   virtual bool is_special(int32_t token) const { return false; }
+  // The texts a chat template knows as bos_token and eos_token: the special prefix's first token and
+  // the first end token ("" when there is none).
+  std::string bos_token_text() const;
+  std::string eos_token_text() const;
   // Text of a sequence of ids.
   std::string decode(const std::vector<int32_t>& tokens) const;
 };

@@ -1,4 +1,5 @@
-// request.h: the body of a POST /v1/completions request -> what the engine runs (docs/SERVING.md).
+// request.h: the body of a POST /v1/completions or /v1/chat/completions request -> what the engine
+// runs (docs/SERVING.md).
 //
 // No network here: the HTTP server (serve/server.cpp) hands the body to parse_completion() and sends
 // back the HttpError it throws as OpenAI's error object; the request fuzz target (fuzz/) calls it
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "data/tokenizer.h"
+#include "serve/chat_template.h"
 #include "serve/engine.h"
 
 namespace lmf {
@@ -32,6 +34,7 @@ struct Completion {
   std::vector<std::string> stops;
   bool stream = false, echo = false;
   int64_t logprobs = -1;  // -1: none; else the top-N count (0: just the chosen token's)
+  bool chat = false;      // a chat completion: the prompt is the rendered conversation
 };
 
 // What a request is checked against: the served model's name and vocabulary, the engine's limit on
@@ -45,5 +48,11 @@ struct CompletionLimits {
 
 // Throws HttpError (status 400, the offending field in `param`) for anything it does not accept.
 Completion parse_completion(std::string_view body, const CompletionLimits& limits, const Tokenizer& tok);
+// A chat completion: `messages` ({role, content} objects; content a string or a list of text parts)
+// rendered through the model's chat template with the generation prompt, then encoded as the prompt.
+// OpenAI's chat fields: `logprobs` is a boolean and `top_logprobs` the count; `max_completion_tokens`
+// is `max_tokens`. A conversation the template refuses (raise_exception) is a 400 with its message.
+Completion parse_chat_completion(std::string_view body, const CompletionLimits& limits, const Tokenizer& tok,
+                                 const ChatTemplate& chat_template);
 
 }  // namespace lmf

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -186,11 +187,24 @@ struct Server::Impl {
   std::deque<std::pair<Clock::time_point, int64_t>> rate;  // (time, generated tokens so far) over 10 s
 
   CompletionLimits limits;  // what parse_completion checks requests against
+  std::unique_ptr<ChatTemplate> chat;  // parsed once; null when the model has none or it does not parse
+  std::string chat_problem;            // why /v1/chat/completions is refused when chat is null
 
   Impl(Engine& e, const Tokenizer& t, const ServerOptions& o)
       : engine(e), tok(t), opt(o),
         limits{o.model_name, e.config().vocab_size, e.options().max_top_logprobs,
-               [&e](const std::vector<int32_t>& prompt, const RequestParams& rp) { return e.problem(prompt, rp); }} {}
+               [&e](const std::vector<int32_t>& prompt, const RequestParams& rp) { return e.problem(prompt, rp); }} {
+    if (o.chat_template.empty()) {
+      chat_problem = "this model has no chat template; use /v1/completions";
+      return;
+    }
+    try {
+      chat = std::make_unique<ChatTemplate>(o.chat_template);
+    } catch (const Error& err) {  // the server still serves completions
+      chat_problem = std::string("this model's chat template is not supported (") + err.what() + "); use /v1/completions";
+      std::cerr << "[serve] warning: " << chat_problem << "\n";
+    }
+  }
 
   void engine_loop();
   void submit(Add a) {
@@ -217,7 +231,7 @@ struct Server::Impl {
     if (tokens > 1) tpot.observe(seconds_since(first) / static_cast<double>(tokens - 1));
   }
 
-  void handle_completion(const httplib::Request& req, httplib::Response& res);
+  void handle_completion(const httplib::Request& req, httplib::Response& res, bool chat_endpoint);
   void routes();
   std::string metrics_text();
 };
@@ -288,7 +302,7 @@ void Server::Impl::engine_loop() {
   }
 }
 
-void Server::Impl::handle_completion(const httplib::Request& req, httplib::Response& res) {
+void Server::Impl::handle_completion(const httplib::Request& req, httplib::Response& res, bool chat_endpoint) {
   const Clock::time_point start = Clock::now();
   if (draining) {
     send_error(res, {503, "the server is shutting down", "", "server_error"});
@@ -296,7 +310,8 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
   }
   Completion c;
   try {
-    c = parse_completion(req.body, limits, tok);
+    if (chat_endpoint && !chat) throw bad_request(chat_problem);
+    c = chat_endpoint ? parse_chat_completion(req.body, limits, tok, *chat) : parse_completion(req.body, limits, tok);
   } catch (const HttpError& e) {
     {
       std::lock_guard<std::mutex> lk(mu);
@@ -314,14 +329,26 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
     }
   }
   const int64_t id = next_id.fetch_add(1);
-  const std::string cmpl_id = "cmpl-" + std::to_string(id);
+  const std::string cmpl_id = (c.chat ? "chatcmpl-" : "cmpl-") + std::to_string(id);
   const int64_t created = std::chrono::duration_cast<std::chrono::seconds>(
                               std::chrono::system_clock::now().time_since_epoch()).count();
   auto ch = std::make_shared<Channel>();
   ++live;
   submit({id, c.prompt, c.rp, ch});
 
-  auto logprob_json = [&](const EngineEvent& e, const std::string& text, size_t offset) {
+  // One token's log-probabilities: the completions format ({tokens, token_logprobs, top_logprobs,
+  // text_offset}, one entry each) or the chat one ({token, logprob, bytes, top_logprobs: [...]}).
+  const bool chat_format = c.chat;
+  auto logprob_json = [this, chat_format](const EngineEvent& e, const std::string& text, size_t offset) {
+    if (chat_format) {
+      auto item = [](const std::string& t, float lp) {
+        return json{{"token", t}, {"logprob", lp}, {"bytes", std::vector<int>(t.begin(), t.end())}};
+      };
+      json one = item(text, e.out.logprob);
+      one["top_logprobs"] = json::array();
+      for (const auto& [t, lp] : e.out.top) one["top_logprobs"].push_back(item(token_text(tok, t), lp));
+      return one;
+    }
     json top = json::object();
     for (const auto& [t, lp] : e.out.top) top[token_text(tok, t)] = lp;
     return json{{"tokens", {text}}, {"token_logprobs", {e.out.logprob}}, {"top_logprobs", {top}}, {"text_offset", {offset}}};
@@ -330,8 +357,9 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
   if (!c.stream) {
     TextStream ts(tok, c.stops);
     std::string text = c.echo ? c.prompt_text : "";
-    json lp = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
-               {"text_offset", json::array()}};
+    json lp = c.chat ? json{{"content", json::array()}}
+                     : json{{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+                            {"text_offset", json::array()}};
     std::string reason;
     int64_t n = 0;
     Clock::time_point first;
@@ -348,7 +376,8 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
         text += ts.push(e.out.token);
         if (c.logprobs >= 0) {
           const json one = logprob_json(e, ts.token_text(e.out.token), offset);
-          for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"}) lp[k].push_back(one[k][0]);
+          if (c.chat) lp["content"].push_back(one);
+          else for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"}) lp[k].push_back(one[k][0]);
         }
         if (ts.stopped()) {
           reason = "stop";
@@ -371,8 +400,12 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
     if (n > 0) observe(start, first, n);
     const int64_t pt = static_cast<int64_t>(c.prompt.size());
     json choice = {{"index", 0}, {"text", text}, {"logprobs", c.logprobs >= 0 ? lp : json()}, {"finish_reason", reason}};
+    if (c.chat) {
+      choice.erase("text");
+      choice["message"] = {{"role", "assistant"}, {"content", text}};
+    }
     json body = {{"id", cmpl_id},
-                 {"object", "text_completion"},
+                 {"object", c.chat ? "chat.completion" : "text_completion"},
                  {"created", created},
                  {"model", opt.model_name},
                  {"choices", json::array({choice})},
@@ -388,22 +421,31 @@ void Server::Impl::handle_completion(const httplib::Request& req, httplib::Respo
     std::string reason;
     int64_t n = 0;
     size_t offset = 0;
-    bool echoed = false, done = false;
+    bool echoed = false, done = false, role_sent = false;
     Clock::time_point first;
   };
-  auto st = std::make_shared<StreamState>(StreamState{TextStream(tok, c.stops), "", 0, 0, false, false, {}});
+  auto st = std::make_shared<StreamState>(StreamState{TextStream(tok, c.stops), "", 0, 0, false, false, false, {}});
   const bool echo = c.echo;
   const std::string prompt_text = c.prompt_text;
   const int64_t logprobs = c.logprobs;
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, st, ch, id, cmpl_id, created, echo, prompt_text, logprobs, start, logprob_json](size_t,
-                                                                                            httplib::DataSink& sink) {
+      [this, st, ch, id, cmpl_id, created, echo, prompt_text, logprobs, start, logprob_json, chat_format](
+          size_t, httplib::DataSink& sink) {
         auto chunk = [&](const std::string& text, const json& lp, const json& reason) {
           json choice = {{"index", 0}, {"text", text}, {"logprobs", lp}, {"finish_reason", reason}};
+          if (chat_format) {  // a delta; the first one names the role; the last one (a reason) carries no text
+            choice.erase("text");
+            json delta = json::object();
+            if (!st->role_sent) delta["role"] = "assistant";
+            st->role_sent = true;
+            if (!text.empty() || reason.is_null()) delta["content"] = text;
+            choice["delta"] = delta;
+            if (!lp.is_null()) choice["logprobs"] = json{{"content", json::array({lp})}};
+          }
           const std::string data = "data: " + dump(json{{"id", cmpl_id},
-                                                        {"object", "text_completion"},
+                                                        {"object", chat_format ? "chat.completion.chunk" : "text_completion"},
                                                         {"created", created},
                                                         {"model", opt.model_name},
                                                         {"choices", json::array({choice})}}) + "\n\n";
@@ -504,16 +546,15 @@ std::string Server::Impl::metrics_text() {
 
 void Server::Impl::routes() {
   http.new_task_queue = [this] { return new httplib::ThreadPool(static_cast<size_t>(std::max(opt.threads, 4))); };
-  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    try {
-      handle_completion(req, res);
-    } catch (const std::exception& e) {  // never crash on a request
-      send_error(res, {500, std::string("internal error: ") + e.what(), "", "server_error"});
-    }
-  });
-  http.Post("/v1/chat/completions", [this](const httplib::Request&, httplib::Response& res) {
-    send_error(res, bad_request("this model has no chat template; use /v1/completions"));
-  });
+  for (const bool chat_endpoint : {false, true})
+    http.Post(chat_endpoint ? "/v1/chat/completions" : "/v1/completions",
+              [this, chat_endpoint](const httplib::Request& req, httplib::Response& res) {
+                try {
+                  handle_completion(req, res, chat_endpoint);
+                } catch (const std::exception& e) {  // never crash on a request
+                  send_error(res, {500, std::string("internal error: ") + e.what(), "", "server_error"});
+                }
+              });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     json m = {{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "lmforge"},
               {"max_model_len", engine.config().context_length}};

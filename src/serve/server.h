@@ -26,6 +26,7 @@ struct ServerOptions {
   std::string model_name = "lmforge";
   int threads = 128;                 // HTTP worker threads; each open request holds one
   size_t max_waiting = 4096;         // requests waiting for the engine beyond this get HTTP 503
+  std::string chat_template;         // the model's Jinja chat template (/v1/chat/completions); "" when none
 };
 
 class Server {

@@ -6,7 +6,8 @@ What they check: completions (text and token-id prompts) equal `lmforge generate
 streaming (server-sent events) equals the plain response; 32 concurrent requests all answered, a
 seeded request's text independent of the others; stop strings; logprobs; bad requests get HTTP 400
 with OpenAI's error object; a client that disconnects mid-stream frees its sequence; SIGTERM drains
-the live requests and exits 0.
+the live requests and exits 0. Chat completions through the model's own template (a tiny Qwen2
+directory, and SmolLM2's GGUF where scripts/fetch_smollm2.sh has fetched it) equal `generate --chat`.
 """
 import json
 import os
@@ -229,6 +230,84 @@ class Serve(unittest.TestCase):
             time.sleep(0.1)
         else:
             self.fail(f"the disconnected request still holds its sequence: {m}")
+
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QWEN2 = os.path.join(ROOT, "tests", "fixtures", "hf", "qwen2")  # a tiny random Qwen2 with tokenizer + chat template
+SMOLLM2 = os.path.join(ROOT, "third_party", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # scripts/fetch_smollm2.sh
+
+
+class Chat(unittest.TestCase):
+    """/v1/chat/completions: the model's own chat template (a Hugging Face directory served directly)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess(QWEN2, "--max-seqs", "4", "--model-name", "qwen2")
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        assert code == 0, f"the server exited with {code}"
+
+    def generate_chat(self, model, prompt, n, system=None):
+        cmd = [BINARY, "generate", "--checkpoint", model, "--chat", "--prompt", prompt, "--max-new-tokens", str(n),
+               "--temperature", "0", "--device", "cpu"] + (["--system", system] if system else [])
+        return subprocess.run(cmd, capture_output=True, check=True).stdout.decode("utf-8", "replace").rstrip("\n")
+
+    def test_chat_equals_generate_chat(self):
+        # (the tiny model's context is 48 tokens, its vocabulary nearly bytes: short messages)
+        msgs = [{"role": "system", "content": "Hi."}, {"role": "user", "content": "Red?"}]
+        r = self.client.chat.completions.create(model="qwen2", messages=msgs, max_tokens=6, temperature=0)
+        self.assertEqual(r.object, "chat.completion")
+        self.assertEqual(r.choices[0].message.role, "assistant")
+        self.assertIn(r.choices[0].finish_reason, ("length", "stop"))
+        self.assertEqual(r.choices[0].message.content, self.generate_chat(QWEN2, "Red?", 6, "Hi."))
+        # content as a list of text parts is the same conversation
+        parts = [msgs[0], {"role": "user", "content": [{"type": "text", "text": "Re"}, {"type": "text", "text": "d?"}]}]
+        r2 = self.client.chat.completions.create(model="qwen2", messages=parts, max_tokens=6, temperature=0)
+        self.assertEqual(r2.choices[0].message.content, r.choices[0].message.content)
+
+    def test_chat_streaming_and_logprobs(self):
+        msgs = [{"role": "user", "content": "Say something."}]
+        plain = self.client.chat.completions.create(model="qwen2", messages=msgs, max_tokens=10, temperature=0,
+                                                    logprobs=True, top_logprobs=2)
+        lp = plain.choices[0].logprobs.content
+        self.assertEqual(len(lp), plain.usage.completion_tokens)
+        self.assertTrue(all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp))
+        chunks = list(self.client.chat.completions.create(model="qwen2", messages=msgs, max_tokens=10, temperature=0,
+                                                          stream=True))
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks), plain.choices[0].message.content)
+        self.assertEqual(chunks[-1].choices[0].finish_reason, plain.choices[0].finish_reason)
+        self.assertTrue(all(c.object == "chat.completion.chunk" for c in chunks))
+
+    def test_chat_bad_requests(self):
+        def post(body):
+            return curl(self.server.base + "/v1/chat/completions", "-d", json.dumps(body))
+        for body, word in [({"model": "qwen2"}, "messages"), ({"model": "qwen2", "messages": []}, "messages"),
+                           ({"model": "qwen2", "messages": [{"content": "x"}]}, "role"),
+                           ({"model": "qwen2", "messages": [{"role": "user", "content": 5}]}, "content"),
+                           ({"model": "qwen2", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+                           ({"model": "qwen2", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt")]:
+            code, text = post(body)
+            self.assertEqual(code, 400, text)
+            self.assertIn(word, json.loads(text)["error"]["message"], text)
+
+    @unittest.skipUnless(os.path.exists(SMOLLM2), "SmolLM2 GGUF absent: run scripts/fetch_smollm2.sh")
+    def test_smollm2_answers_through_its_template(self):
+        server = ServerProcess(SMOLLM2, "--max-seqs", "2", "--model-name", "smol")
+        try:
+            r = server.client().chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=32, temperature=0)
+            self.assertIn("Paris", r.choices[0].message.content)
+            self.assertEqual(r.choices[0].finish_reason, "stop")  # it ends its turn with <|im_end|>
+            self.assertEqual(r.choices[0].message.content,
+                             self.generate_chat(SMOLLM2, "What is the capital of France?", 32))
+        finally:
+            self.assertEqual(server.stop(), 0)
 
 
 class Shutdown(unittest.TestCase):
