@@ -220,6 +220,7 @@ struct ServedModel {
 };
 
 ServedModel load_served_model(const std::string& checkpoint, const std::string& device, bool allow_nonfinite) {
+  const auto t0 = std::chrono::steady_clock::now();
   ModelSource src = load_model_source(checkpoint, allow_nonfinite);
   ServedModel m;
   m.dir = src.path;
@@ -229,6 +230,8 @@ ServedModel load_served_model(const std::string& checkpoint, const std::string& 
   if (d == Device::cuda) cuda_set_device(0);
   m.params = std::make_unique<Parameters>(gpt_param_specs(m.cfg), d, d == Device::cuda);
   src.load_weights(*m.params);
+  std::cerr << "[load] " << src.what << " in " << std::fixed << std::setprecision(2)
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << std::defaultfloat << " s\n";
   return m;
 }
 

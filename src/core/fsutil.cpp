@@ -1,5 +1,7 @@
 #include "core/fsutil.h"
 
+#include <sys/mman.h>
+
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -221,6 +223,38 @@ std::string read_regular_file(const std::string& path, const char* what) {
   }
   ::close(fd);
   return out;
+}
+
+std::shared_ptr<const FileBytes> FileBytes::map(const std::string& path, const char* what) {
+  size_t size = 0;
+  const int fd = open_regular_file(path, what, &size);
+  std::shared_ptr<FileBytes> b(new FileBytes());
+  if (size > 0) {
+    void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);
+    if (m == MAP_FAILED) fail(path, ": cannot map ", what, " (", std::strerror(err), ")");
+    ::madvise(m, size, MADV_WILLNEED);
+    b->map_ = m;
+    b->data_ = static_cast<const char*>(m);
+  } else {
+    ::close(fd);
+    b->data_ = b->owned_.data();
+  }
+  b->size_ = size;
+  return b;
+}
+
+std::shared_ptr<const FileBytes> FileBytes::own(std::string bytes) {
+  std::shared_ptr<FileBytes> b(new FileBytes());
+  b->owned_ = std::move(bytes);
+  b->data_ = b->owned_.data();
+  b->size_ = b->owned_.size();
+  return b;
+}
+
+FileBytes::~FileBytes() {
+  if (map_) ::munmap(map_, size_);
 }
 
 std::string read_file(const std::string& path, const char* what) {

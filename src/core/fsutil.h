@@ -3,7 +3,9 @@
 // leaves either the old file or the new one, never a torn one.
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
+#include <string_view>
 
 namespace lmf {
 
@@ -60,5 +62,25 @@ class DirLock {
 // caller closes it) and the file's size.
 int open_regular_file(const std::string& path, const char* what, size_t* size);
 std::string read_regular_file(const std::string& path, const char* what);
+
+// A file's bytes, read-only: memory-mapped (a large checkpoint is read from the page cache as it is
+// used, never copied into a buffer first), or a string already in memory. Shared by its readers.
+class FileBytes {
+ public:
+  // Opens `path` as read_regular_file() does (same errors) and maps it.
+  static std::shared_ptr<const FileBytes> map(const std::string& path, const char* what);
+  static std::shared_ptr<const FileBytes> own(std::string bytes);
+  ~FileBytes();
+  FileBytes(const FileBytes&) = delete;
+  FileBytes& operator=(const FileBytes&) = delete;
+  std::string_view view() const { return {data_, size_}; }
+
+ private:
+  FileBytes() = default;
+  std::string owned_;
+  void* map_ = nullptr;
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 }  // namespace lmf

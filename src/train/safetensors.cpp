@@ -44,28 +44,30 @@ const char* safetensors_dtype(DType t) {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  bytes_ = read_regular_file(path, "safetensors file");
+  bytes_ = FileBytes::map(path, "safetensors file");
+  view_ = bytes_->view();
   parse();
 }
 
 SafetensorsFile SafetensorsFile::from_bytes(std::string bytes, const std::string& name) {
   SafetensorsFile f;
   f.path_ = name;
-  f.bytes_ = std::move(bytes);
+  f.bytes_ = FileBytes::own(std::move(bytes));
+  f.view_ = f.bytes_->view();
   f.parse();
   return f;
 }
 
 void SafetensorsFile::parse() {
   const std::string& path = path_;
-  if (bytes_.size() < 8) fail(path, ": not a safetensors file (", bytes_.size(), " bytes)");
+  if (view_.size() < 8) fail(path, ": not a safetensors file (", view_.size(), " bytes)");
   uint64_t n = 0;
-  std::memcpy(&n, bytes_.data(), 8);
-  if (n > bytes_.size() - 8) fail(path, ": safetensors header size ", n, " exceeds the file size ", bytes_.size());
+  std::memcpy(&n, view_.data(), 8);
+  if (n > view_.size() - 8) fail(path, ": safetensors header size ", n, " exceeds the file size ", view_.size());
   data_start_ = 8 + n;
-  const json h = json_parse(std::string_view(bytes_).substr(8, n), path + ": safetensors header");
+  const json h = json_parse(view_.substr(8, n), path + ": safetensors header");
   if (!h.is_object()) fail(path, ": safetensors header is not a JSON object");
-  const size_t data_bytes = bytes_.size() - data_start_;
+  const size_t data_bytes = view_.size() - data_start_;
   for (auto it = h.begin(); it != h.end(); ++it) {
     if (it.key() == "__metadata__") {
       if (!it->is_object()) fail(path, ": __metadata__ is not an object");

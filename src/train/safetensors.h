@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/fsutil.h"
 #include "core/tensor.h"
 
 namespace lmf {
@@ -32,7 +33,7 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
   const SafetensorsEntry* find(const std::string& name) const;
-  const void* data(const SafetensorsEntry& e) const { return bytes_.data() + data_start_ + e.begin; }
+  const void* data(const SafetensorsEntry& e) const { return view_.data() + data_start_ + e.begin; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
   // Copies tensor `name` into `dst`, checking it exists with dst's dtype and shape (errors name
@@ -46,7 +47,8 @@ class SafetensorsFile {
   void parse();  // validates bytes_ and fills the table
 
   std::string path_;
-  std::string bytes_;
+  std::shared_ptr<const FileBytes> bytes_;  // the file, memory-mapped (or the bytes given)
+  std::string_view view_;
   size_t data_start_ = 0;
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;  // name -> entry
