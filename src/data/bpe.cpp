@@ -20,6 +20,7 @@
 #include "core/check.h"
 #include "core/fsutil.h"
 #include "core/json_util.h"
+#include "core/utf8.h"
 
 namespace lmf {
 
@@ -28,24 +29,6 @@ using nlohmann::json;
 // ---- UTF-8 -------------------------------------------------------------------------------------
 
 namespace {
-
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 // Length of the well-formed sequence starting at s[i] (Unicode table 3-7), or -k: the first k bytes
 // are a maximal invalid subpart.
