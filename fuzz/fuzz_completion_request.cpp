@@ -1,5 +1,6 @@
 // Fuzz target: a POST /v1/completions body (parse_completion, serve/request.h) against a real CPU
-// engine's limits and admission check (the test-gpt2 preset, byte tokenizer). Refusals must be
+// engine's limits and admission check (the test-gpt2 preset, byte tokenizer), and the same bytes as a
+// /v1/chat/completions body (parse_chat_completion, through a ChatML template). Refusals must be
 // HttpError 400 with a message; an accepted request is one the engine can run.
 #include <cstddef>
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include "data/tokenizer.h"
 #include "fuzz_util.h"
 #include "model/gpt.h"
+#include "serve/chat_template.h"
 #include "serve/engine.h"
 #include "serve/request.h"
 
@@ -32,6 +34,8 @@ struct Served {
   }();
   Engine engine{cfg, params, opt};
   ByteTokenizer tok;
+  ChatTemplate chatml{"{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"};
   CompletionLimits limits{"lmforge", cfg.vocab_size, opt.max_top_logprobs,
                           [this](const std::vector<int32_t>& p, const RequestParams& rp) { return engine.problem(p, rp); }};
 };
@@ -39,15 +43,19 @@ struct Served {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static Served s;
-  try {
-    const Completion c = parse_completion(std::string_view(reinterpret_cast<const char*>(data), size), s.limits, s.tok);
-    fuzz::fuzz_check(s.engine.problem(c.prompt, c.rp).empty(), "an accepted request is one the engine can run");
-    fuzz::fuzz_check(c.stops.size() <= 4, "at most 4 stop strings");
-    fuzz::fuzz_check(c.logprobs <= s.opt.max_top_logprobs, "logprobs within the engine's limit");
-  } catch (const HttpError& e) {
-    fuzz::fuzz_check(e.status == 400 && !e.message.empty(), "a refusal is a 400 with a message");
-  } catch (const Error& e) {
-    fuzz::fuzz_abort("lmf::Error escaped parse_completion (should be HttpError)", e.what());
+  const std::string_view body(reinterpret_cast<const char*>(data), size);
+  for (const bool chat : {false, true}) {
+    try {
+      const Completion c = chat ? parse_chat_completion(body, s.limits, s.tok, s.chatml) : parse_completion(body, s.limits, s.tok);
+      fuzz::fuzz_check(c.chat == chat, "the completion says which endpoint it came from");
+      fuzz::fuzz_check(s.engine.problem(c.prompt, c.rp).empty(), "an accepted request is one the engine can run");
+      fuzz::fuzz_check(c.stops.size() <= 4, "at most 4 stop strings");
+      fuzz::fuzz_check(c.logprobs <= s.opt.max_top_logprobs, "logprobs within the engine's limit");
+    } catch (const HttpError& e) {
+      fuzz::fuzz_check(e.status == 400 && !e.message.empty(), "a refusal is a 400 with a message");
+    } catch (const Error& e) {
+      fuzz::fuzz_abort("lmf::Error escaped the request parser (should be HttpError)", e.what());
+    }
   }
   return 0;
 }
