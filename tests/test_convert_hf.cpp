@@ -164,16 +164,7 @@ class HfEdited : public ::testing::Test {
   }
   // import_hf(dir) fails with one line holding every one of `parts`.
   static ::testing::AssertionResult refused(const std::string& dir, const std::vector<std::string>& parts) {
-    try {
-      import_hf(dir);
-    } catch (const Error& e) {
-      const std::string msg = e.what();
-      if (msg.find('\n') != std::string::npos) return ::testing::AssertionFailure() << "not one line: " << msg;
-      for (const std::string& p : parts)
-        if (msg.find(p) == std::string::npos) return ::testing::AssertionFailure() << "lacks '" << p << "': " << msg;
-      return ::testing::AssertionSuccess() << msg;
-    }
-    return ::testing::AssertionFailure() << "imported " << dir;
+    return test::one_line_error([&] { import_hf(dir); }, parts);
   }
 
   std::string tmp_;
