@@ -35,6 +35,19 @@ TEST(CudaResidual, ForwardAndBackwardMatchCpuExactly) {
   }
 }
 
+TEST(CudaResidual, ScaleMatchesCpuExactly) {
+  LMF_REQUIRE_GPU();
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{111}, int64_t{1} << 20}) {
+    const uint64_t seed = test::fresh_seed();
+    std::vector<float> in = test::randn(n, seed), out(n);
+    scale_forward(test::tensor_of(out, {n}, "out"), test::tensor_of(in, {n}, "in"), -1.0f);
+    test::DeviceBuffer din(in), dout(n * 4);
+    dout.poison();
+    scale_forward(dout.tensor(DType::f32, {n}, "out"), din.tensor(DType::f32, {n}, "in"), -1.0f);
+    EXPECT_EQ(dout.download<float>(), out) << "n=" << n << " seed=" << seed;
+  }
+}
+
 TEST(CudaResidual, DeviceMismatchIsAnError) {
   LMF_REQUIRE_GPU();
   std::vector<float> a(4);

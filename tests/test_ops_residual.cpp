@@ -150,5 +150,17 @@ TEST(OpsResidual, Bf16OnTheCpuAndDtypeMixesAreErrors) {
   }
 }
 
+TEST(OpsResidual, ScaleIsOneMultiplyPerElementAndNegationIsExact) {
+  for (int64_t n : awkward_sizes()) {
+    std::vector<float> in = randn(n, 11), out(static_cast<size_t>(n), 7.0f);
+    scale_forward(tensor_of(out, {n}, "out"), tensor_of(in, {n}, "in"), -1.0f);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(out[i], -in[i]) << "n=" << n << " i=" << i;
+    scale_forward(tensor_of(out, {n}, "out"), tensor_of(in, {n}, "in"), 0.37f);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(out[i], 0.37f * in[i]) << "n=" << n << " i=" << i;
+  }
+  std::vector<float> a(4), b(5);
+  EXPECT_THROW(scale_forward(tensor_of(a, {4}, "out"), tensor_of(b, {5}, "in"), 2.0f), Error);
+}
+
 }  // namespace
 }  // namespace lmf

@@ -1,4 +1,5 @@
-// lmforge: the command line. Subcommands: train, prepare, generate, serve, plot, import, export.
+// lmforge: the command line. Subcommands: train, prepare, generate, score, serve, plot, import, export,
+// tokenizer.
 // Every error is one line on stderr and a non-zero exit: 1 for a failed run, 2 for bad flags.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -6,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <unistd.h>
 #include <thread>
 #include <cstdio>
 #include <cerrno>
@@ -26,10 +28,12 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "model/gpt.h"
+#include "model/score.h"
 #include "core/device.h"
 #include "ops/sampling.h"
 #include "serve/chat_template.h"
 #include "serve/engine.h"
+#include "serve/served_model.h"
 #include "serve/server.h"  // the options always; the server itself only with LMF_WITH_HTTP
 #include "train/checkpoint.h"
 #include "core/fsutil.h"
@@ -210,42 +214,10 @@ int run_prepare(const std::string& input, const std::string& out_dir, std::strin
   return 0;
 }
 
-// A model's weights on the serving device: fp32 masters, plus the bf16 copy on the GPU. From anything
-// load_model_source() takes: a checkpoint, an out-dir, a Hugging Face directory, a GGUF file.
-struct ServedModel {
-  std::string dir;
-  ModelConfig cfg;
-  ModelAssets assets;
-  std::unique_ptr<Parameters> params;
-};
-
-ServedModel load_served_model(const std::string& checkpoint, const std::string& device, bool allow_nonfinite) {
-  const auto t0 = std::chrono::steady_clock::now();
-  ModelSource src = load_model_source(checkpoint, allow_nonfinite);
-  ServedModel m;
-  m.dir = src.path;
-  m.cfg = src.config;
-  m.assets = src.assets;
-  const Device d = parse_device(device);
-  if (d == Device::cuda) cuda_set_device(0);
-  m.params = std::make_unique<Parameters>(gpt_param_specs(m.cfg), d, d == Device::cuda);
-  src.load_weights(*m.params);
-  std::cerr << "[load] " << src.what << " in " << std::fixed << std::setprecision(2)
-            << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << std::defaultfloat << " s\n";
-  return m;
-}
-
-// "2 layers, d_model 32, 4/2 heads, vocab 100, context 64, 12,345 parameters (MoE: 4 experts, top 2,
-// 1 shared); tokenizer: yes; chat template: no"
-std::string model_summary(const ModelConfig& c, bool tokenizer, bool chat_template) {
-  std::string s = std::to_string(c.n_layer) + " layers, d_model " + std::to_string(c.d_model) + ", " +
-                  std::to_string(c.n_head) + "/" + std::to_string(c.n_kv_head) + " heads, vocab " +
-                  std::to_string(c.vocab_size) + ", context " + std::to_string(c.context_length) + ", " +
-                  std::to_string(gpt_param_count(c)) + " parameters";
-  if (c.moe.experts > 0)
-    s += " (MoE: " + std::to_string(c.moe.experts) + " experts, top " + std::to_string(c.moe.top_k) + ", " +
-         std::to_string(c.moe.shared) + " shared)";
-  return s + "; tokenizer: " + (tokenizer ? "yes" : "no") + "; chat template: " + (chat_template ? "yes" : "no");
+// The "[load] ... in X s" line of generate and serve.
+void log_load(const ServedModel& m) {
+  std::cerr << "[load] " << m.what << " in " << std::fixed << std::setprecision(2) << m.load_seconds
+            << std::defaultfloat << " s\n";
 }
 
 int run_import(const std::string& from, const std::string& out, bool overwrite) {
@@ -283,10 +255,9 @@ int run_generate(const GenerateOptions& g) {
     fail(sp);
   }
   if (g.max_new < 0) fail("--max-new-tokens=", g.max_new, " must be >= 0");
-  ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite);
-  auto tok = make_model_tokenizer(g.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
-  if (tok->vocab_size() > m.cfg.vocab_size)
-    fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
+  ServedModel m = load_served_model(g.checkpoint, g.device, g.allow_nonfinite, g.tokenizer);
+  log_load(m);
+  const Tokenizer* tok = m.tok.get();
   std::vector<int32_t> ids;
   if (g.chat) {  // the template writes every special token itself (BOS included), as transformers' apply_chat_template
     if (m.assets.chat_template.empty()) fail("--chat: ", m.dir, " has no chat template");
@@ -340,6 +311,43 @@ int run_generate(const GenerateOptions& g) {
   return 0;
 }
 
+struct ScoreOptions {
+  std::string checkpoint, prompt, tokens, tokenizer = "auto", device = "auto", precision = "auto";
+  bool allow_nonfinite = false;
+};
+
+// The log-probability of each token of a text (or of given token ids) under the model, as training
+// computes it (model/score.h): one JSON object on stdout.
+int run_score(const ScoreOptions& so) {
+  if (so.prompt.empty() == so.tokens.empty()) fail("score: give exactly one of --prompt and --tokens");
+  ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite, so.tokenizer);
+  std::vector<int32_t> ids;
+  if (!so.tokens.empty()) {
+    size_t at = 0;
+    while (at <= so.tokens.size()) {
+      const size_t comma = std::min(so.tokens.find(',', at), so.tokens.size());
+      const std::string one = so.tokens.substr(at, comma - at);
+      int32_t v = 0;
+      const auto [p, ec] = std::from_chars(one.data(), one.data() + one.size(), v);
+      if (one.empty() || ec != std::errc() || p != one.data() + one.size())
+        fail("--tokens: '", one, "' is not a token id (expected comma-separated integers)");
+      ids.push_back(v);
+      at = comma + 1;
+    }
+  } else {
+    ids = m.tok->special_prefix();
+    const std::vector<int32_t> text_ids = m.tok->encode(so.prompt);
+    ids.insert(ids.end(), text_ids.begin(), text_ids.end());
+  }
+  SequenceScorer scorer(m.cfg, *m.params, so.precision);
+  const std::vector<float> lp = scorer.logprobs({ids});
+  double sum = 0;
+  for (float v : lp) sum += v;
+  nlohmann::json j = {{"tokens", ids}, {"logprobs", lp}, {"sum", sum}, {"device", device_name(m.params->device())}};
+  std::cout << j.dump() << "\n";
+  return 0;
+}
+
 struct ServeOptions {
   std::string checkpoint, tokenizer = "auto", device = "auto";
   bool allow_nonfinite = false;
@@ -349,6 +357,12 @@ struct ServeOptions {
 
 std::atomic<int> g_signal{0};
 extern "C" void on_stop_signal(int sig) { g_signal = sig; }
+extern "C" void on_train_signal(int sig) {
+  g_signal = sig;
+  std::signal(sig, SIG_DFL);  // the next one ends the process
+  static const char msg[] = "\n[train] stopping after this step, with a checkpoint (again to quit at once)\n";
+  [[maybe_unused]] const ssize_t n = ::write(STDERR_FILENO, msg, sizeof(msg) - 1);
+}
 
 int run_serve(ServeOptions so) {
 #ifndef LMF_WITH_HTTP
@@ -356,10 +370,9 @@ int run_serve(ServeOptions so) {
 #else
   if (const std::string p = engine_options_problem(so.engine); !p.empty()) fail(p);
   if (so.server.port < 0 || so.server.port > 65535) fail("--port=", so.server.port, " must be in [0, 65535]");
-  ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite);
-  auto tok = make_model_tokenizer(so.tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
-  if (tok->vocab_size() > m.cfg.vocab_size)
-    fail("tokenizer '", tok->name(), "' has ", tok->vocab_size(), " tokens but the model's vocab_size is ", m.cfg.vocab_size);
+  ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite, so.tokenizer);
+  log_load(m);
+  const Tokenizer* tok = m.tok.get();
   so.server.chat_template = m.assets.chat_template;
   if (so.server.model_name.empty()) {  // the directory the user named (a training out-dir or a checkpoint)
     fs::path p = fs::path(so.checkpoint).lexically_normal();
@@ -427,6 +440,18 @@ int main(int argc, char** argv) {
   add_tokenizer_command(app, tokc);
 
   GenerateOptions go;
+  ScoreOptions sco;
+  CLI::App* score = app.add_subcommand("score", "log-probability of each token of a text under a model, as training computes it (JSON)");
+  score->add_option("--checkpoint", sco.checkpoint,
+                    "checkpoint directory, training out-dir, Hugging Face directory or GGUF file")->required();
+  score->add_option("--prompt", sco.prompt, "text to score (the tokenizer's BOS first, as generate)");
+  score->add_option("--tokens", sco.tokens, "token ids to score instead, comma-separated");
+  score->add_option("--tokenizer", sco.tokenizer, "tokenizer: auto, byte, or a tokenizer.json")->capture_default_str();
+  score->add_option("--device", sco.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
+  score->add_option("--precision", sco.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 or bf16")
+      ->capture_default_str();
+  score->add_flag("--allow-nonfinite", sco.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint,
                   "checkpoint directory, training out-dir, Hugging Face model directory or GGUF file")->required();
@@ -527,12 +552,19 @@ int main(int argc, char** argv) {
         }
       }
       Trainer t(topts, std::cout);
+      // Ctrl-C (or SIGTERM) stops at the end of the current step with a checkpoint of it; a second one
+      // kills the process at once (checkpoint writes are atomic either way).
+      std::signal(SIGINT, on_train_signal);
+      std::signal(SIGTERM, on_train_signal);
+      t.set_hooks({nullptr, [] { return g_signal != 0; }, nullptr, nullptr});
       t.run();
+      if (t.stopped_early()) return 128 + g_signal.load();
       return 0;
     }
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok, p_threads);
     if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
+    if (*score) return run_score(sco);
     if (*serve) return run_serve(sv);
     if (*imp) return run_import(im_from, im_out, im_overwrite);
     if (*exp) return run_export(ex_to, ex_ckpt, ex_out, ex_overwrite);

@@ -472,9 +472,10 @@ HfModelConfig hf_config_from_json(const std::string& text, const std::string& wh
 
 ImportedModel import_hf(const std::string& dir) {
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) fail(dir, fs::exists(dir, ec) ? ": not a directory" : ": not found");
+  if (!fs::exists(dir, ec)) fail_not_found(dir, ": not found");
+  if (!fs::is_directory(dir, ec)) fail(dir, ": not a directory");
   const fs::path d(dir), config = d / "config.json";
-  if (!fs::exists(config, ec)) fail(config.string(), ": not found (a Hugging Face model directory holds config.json)");
+  if (!fs::exists(config, ec)) fail_not_found(config.string(), ": not found (a Hugging Face model directory holds config.json)");
   const HfModelConfig hc = hf_config_from_json(read_regular_file(config.string(), "Hugging Face config"), config.string());
   const HfArch a = hc.arch;
   ImportedModel im;

@@ -41,7 +41,7 @@ bool is_gguf_file(const std::string& path) {
 
 ImportedModel import_model(const std::string& path) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) fail(path, ": not found");
+  if (!fs::exists(path, ec)) fail_not_found(path, ": not found");
   if (is_gguf_file(path)) return import_gguf(path);
   if (fs::is_directory(path, ec)) return import_hf(path);
   fail(path, ": neither a Hugging Face model directory nor a GGUF file (no GGUF magic)");
@@ -108,7 +108,7 @@ void load_imported_weights(const ImportedModel& m, Parameters& params, bool allo
 
 ModelSource load_model_source(const std::string& path, bool allow_nonfinite) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) fail(path, ": not found (expected a checkpoint, a training out-dir, a Hugging Face model "
+  if (!fs::exists(path, ec)) fail_not_found(path, ": not found (expected a checkpoint, a training out-dir, a Hugging Face model "
                                         "directory or a GGUF file)");
   ModelSource s;
   s.path = path;

@@ -24,7 +24,7 @@ std::string one_line(const std::string& msg) {
 [[noreturn]] void throw_check_failure(const char* file, int line, const char* cond, const std::string& msg) {
   const char* base = std::strrchr(file, '/');
   std::string where = detail::concat(base ? base + 1 : file, ":", line);
-  throw Error(detail::concat(where, ": check `", cond, "` failed", msg.empty() ? "" : ": ", msg));
+  throw Error(detail::concat(where, ": check `", cond, "` failed", msg.empty() ? "" : ": ", msg), Error::Kind::internal);
 }
 
 }  // namespace lmf::detail

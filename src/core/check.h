@@ -22,9 +22,15 @@ namespace detail {
 std::string one_line(const std::string& msg);
 }  // namespace detail
 
-// Every error lmforge raises. The message is one line (control characters are escaped).
+// Every error lmforge raises. The message is one line (control characters are escaped). The kind says
+// whose fault it is, for callers that map errors to their own (the Python package: ValueError,
+// FileNotFoundError, RuntimeError): bad input (a flag, a config, a file's contents; fail()), a path
+// that does not exist (fail_not_found()), or a broken invariant or a failed device/system call
+// (LMF_CHECK, CUDA errors).
 struct Error : std::runtime_error {
-  explicit Error(const std::string& msg) : std::runtime_error(detail::one_line(msg)) {}
+  enum class Kind { input, not_found, internal };
+  explicit Error(const std::string& msg, Kind k = Kind::input) : std::runtime_error(detail::one_line(msg)), kind(k) {}
+  Kind kind;
 };
 
 namespace detail {
@@ -41,6 +47,12 @@ std::string concat(const Args&... args) {
 template <class... Args>
 [[noreturn]] void fail(const Args&... args) {
   throw Error(detail::concat(args...));
+}
+
+// The same for a file or directory that does not exist (the message names it).
+template <class... Args>
+[[noreturn]] void fail_not_found(const Args&... args) {
+  throw Error(detail::concat(args...), Error::Kind::not_found);
 }
 
 // a + b and a * b for integer sizes; on overflow throws lmf::Error "<what...>: a * b overflows".

@@ -18,8 +18,9 @@ namespace detail {
   const char* base = file;
   for (const char* p = file; *p; ++p)
     if (*p == '/') base = p + 1;
-  fail(base, ":", line, ": CUDA call `", stmt, "` failed on device ", dev, ": ", cudaGetErrorName(err), " (",
-       cudaGetErrorString(err), ")");
+  throw Error(detail::concat(base, ":", line, ": CUDA call `", stmt, "` failed on device ", dev, ": ",
+                             cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"),
+              Error::Kind::internal);
 }
 
 [[noreturn]] void cublas_call_failed(const char* stmt, cublasStatus_t st, const char* file, int line) {
@@ -28,7 +29,9 @@ namespace detail {
   const char* base = file;
   for (const char* p = file; *p; ++p)
     if (*p == '/') base = p + 1;
-  fail(base, ":", line, ": cuBLAS call `", stmt, "` failed on device ", dev, ": status ", static_cast<int>(st));
+  throw Error(detail::concat(base, ":", line, ": cuBLAS call `", stmt, "` failed on device ", dev, ": status ",
+                             static_cast<int>(st)),
+              Error::Kind::internal);
 }
 
 }  // namespace detail

@@ -191,7 +191,10 @@ const char* file_kind(mode_t m) {
 
 int open_regular_file(const std::string& path, const char* what, size_t* size) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open ", what, " (", std::strerror(errno), ")");
+  if (fd < 0) {
+    if (errno == ENOENT) fail_not_found(path, ": ", what, " not found");
+    fail(path, ": cannot open ", what, " (", std::strerror(errno), ")");
+  }
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
@@ -260,7 +263,10 @@ FileBytes::~FileBytes() {
 std::string read_file(const std::string& path, const char* what) {
   if (std::error_code ec; fs::is_directory(path, ec)) fail(path, ": ", what, " is a directory, not a file");
   std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open ", what);
+  if (!f) {
+    if (std::error_code ec; !fs::exists(path, ec)) fail_not_found(path, ": ", what, " not found");
+    fail(path, ": cannot open ", what);
+  }
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();

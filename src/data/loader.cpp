@@ -19,7 +19,7 @@ std::vector<std::string> expand_data_paths(const std::string& pattern) {
   if (rc == 0)
     for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
   ::globfree(&g);
-  if (out.empty()) fail(pattern, ": no data shard matches this pattern");
+  if (out.empty()) fail_not_found(pattern, ": no data shard matches this pattern");
   return out;
 }
 

@@ -30,6 +30,13 @@ void residual_accumulate_cpu(float* dx, const float* dout, int64_t n) {
   });
 }
 
+// out, in: (n) flat; out = s * in
+void scale_forward_cpu(float* out, const float* in, float s, int64_t n) {
+  parallel_for(n, grain_for(n, kMinGrain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = s * in[i];
+  });
+}
+
 // Throws unless t has exactly the shape of ref.
 void check_same_shape(const Tensor& t, const Tensor& ref, const char* op) {
   bool ok = t.ndim == ref.ndim;
@@ -74,6 +81,15 @@ void residual_backward(Tensor da, Tensor db, Tensor dout) {
     else if (dout.device == Device::cpu) residual_accumulate_cpu(t->f32(), dout.f32(), dout.numel());
     else LMF_CUDA_DISPATCH(op, cuda::residual_accumulate(t->f32(), dout.f32(), dout.numel()));
   }
+}
+
+void scale_forward(Tensor out, Tensor in, float s) {
+  const char* op = "scale_forward";
+  for (const Tensor* t : {&out, &in}) check_dtype(*t, DType::f32, op);
+  check_same_device(op, {&out, &in});
+  check_same_shape(in, out, op);
+  if (out.device == Device::cpu) scale_forward_cpu(out.f32(), in.f32(), s, out.numel());
+  else LMF_CUDA_DISPATCH(op, cuda::scale_forward(out.f32(), in.f32(), s, out.numel()));
 }
 
 }  // namespace lmf

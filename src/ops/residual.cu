@@ -58,4 +58,8 @@ void residual_forward(bf16* out, const bf16* a, const bf16* b, int64_t n) {
 void residual_accumulate(float* dx, const float* dout, int64_t n) { accumulate_impl(dx, dout, n); }
 void residual_accumulate(bf16* dx, const bf16* dout, int64_t n) { accumulate_impl(as_nv(dx), as_nv(dout), n); }
 
+void scale_forward(float* out, const float* in, float s, int64_t n) {
+  launch_elementwise("scale_forward", n, [=] __device__(int64_t i) { out[i] = s * in[i]; });
+}
+
 }  // namespace lmf::cuda

@@ -24,6 +24,7 @@
 
 #include "core/check.h"
 #include "serve/request.h"
+#include "serve/text_stream.h"
 
 namespace lmf {
 
@@ -44,71 +45,6 @@ void send_error(httplib::Response& res, const HttpError& e) {
   res.status = e.status;
   res.set_content(dump(json{{"error", err}}), "application/json");
 }
-
-// --- text: detokenising with stop strings and whole UTF-8 characters ---------------------------
-
-// Length of the longest prefix of s that does not end inside a UTF-8 sequence.
-size_t utf8_complete(const std::string& s) {
-  size_t n = s.size(), i = n;
-  for (int back = 0; back < 4 && i > 0; ++back) {
-    const unsigned char c = static_cast<unsigned char>(s[i - 1]);
-    if ((c & 0xC0) != 0x80) {  // a lead byte (or ASCII) at i - 1: is its sequence complete?
-      const size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
-      return n - (i - 1) >= need ? n : i - 1;
-    }
-    --i;
-  }
-  return n;
-}
-
-// A token's text ("" for ids the tokenizer does not have and for special tokens: markup).
-std::string token_text(const Tokenizer& tok, int32_t token) {
-  return token >= 0 && token < tok.vocab_size() && !tok.is_special(token) ? tok.decode(token) : std::string();
-}
-
-// The generated text of one request: tokens in, text out, cut at the first stop string. Text that
-// could still turn into a stop string, or ends inside a UTF-8 character, is held back until it can't.
-class TextStream {
- public:
-  TextStream(const Tokenizer& tok, std::vector<std::string> stops) : tok_(tok), stops_(std::move(stops)) {
-    for (const std::string& s : stops_) hold_ = std::max(hold_, s.size() - 1);
-  }
-  // Appends a token; returns the text that became final (possibly empty).
-  std::string push(int32_t token) {
-    text_ += token_text(token);
-    size_t end = text_.size();
-    for (const std::string& s : stops_) {
-      const size_t from = emitted_ > s.size() ? emitted_ - s.size() : 0;
-      const size_t at = text_.find(s, from);
-      if (at != std::string::npos && at < end) {
-        end = at;
-        stopped_ = true;
-      }
-    }
-    if (stopped_) {
-      text_.resize(end);
-      return take(end);
-    }
-    return take(utf8_complete(text_.substr(0, end >= hold_ ? end - hold_ : 0)));
-  }
-  std::string finish() { return take(text_.size()); }  // the end of generation: everything held back
-  bool stopped() const { return stopped_; }
-  std::string token_text(int32_t token) const { return lmf::token_text(tok_, token); }
-  const std::string& text() const { return text_; }
-
- private:
-  std::string take(size_t upto) {
-    if (upto <= emitted_) return "";
-    std::string out = text_.substr(emitted_, upto - emitted_);
-    emitted_ = upto;
-    return out;
-  }
-  const Tokenizer& tok_;
-  std::vector<std::string> stops_;
-  std::string text_;
-  size_t emitted_ = 0, hold_ = 0;
-  bool stopped_ = false;
-};
 
 // --- the engine thread's side ------------------------------------------------------------------
 

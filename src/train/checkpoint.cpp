@@ -290,7 +290,7 @@ std::string resolve_checkpoint(const std::string& path) {
     if (!fs::exists(d / "model.safetensors")) fail(latest.string(), ": points at '", name, "' which has no model.safetensors");
     return d.string();
   }
-  if (!fs::exists(p)) fail(path, ": checkpoint not found");
+  if (!fs::exists(p)) fail_not_found(path, ": checkpoint not found");
   fail(path, ": not a checkpoint (no model.safetensors) and no checkpoints/latest inside");
 }
 

@@ -74,7 +74,7 @@ std::string quoted(const std::string& s) {
 std::string plot_metrics(const PlotOptions& o) {
   fs::path metrics = o.metrics;
   if (fs::is_directory(metrics)) metrics /= "metrics.jsonl";
-  if (!fs::exists(metrics)) fail("--metrics: ", metrics.string(), " not found");
+  if (!fs::exists(metrics)) fail_not_found("--metrics: ", metrics.string(), " not found");
   fs::path out = o.out.empty() ? metrics.parent_path() / "curves.svg" : fs::path(o.out);
   const std::string ext = out.extension().string();
   std::string terminal;

@@ -103,7 +103,8 @@ std::string TrainOptions::to_json() const {
   return j.dump();
 }
 
-std::vector<std::string> TrainOptions::apply_json(const std::string& text, const std::vector<std::string>& skip) {
+std::vector<std::string> TrainOptions::apply_json(const std::string& text, const std::vector<std::string>& skip,
+                                                  const std::string& where) {
   const json j = json::parse(text);
   std::vector<std::string> set;
   auto take = [&](const char* key, auto& field) {
@@ -111,7 +112,7 @@ std::vector<std::string> TrainOptions::apply_json(const std::string& text, const
     try {
       field = j.at(key).get<std::remove_reference_t<decltype(field)>>();
     } catch (const json::exception&) {
-      fail("state.json option '", key, "' has the wrong type: ", j.at(key).dump());
+      fail(where, " '", key, "' has the wrong type: ", j.at(key).dump());
     }
     set.push_back(key);
   };
@@ -140,6 +141,17 @@ std::vector<std::string> TrainOptions::apply_json(const std::string& text, const
   take("attention", attention);
   take("cuda_graph", cuda_graph);
   take("tune", gemm_tune);
+  // flags that state.json does not record (the Python package's train() passes them here too)
+  take("init_from", init_from);
+  take("resume", resume);
+  take("overwrite", overwrite);
+  take("allow_change", allow_change);
+  take("allow_nonfinite", allow_nonfinite);
+  take("mfu_peak_tflops", mfu_peak_tflops);
+  take("profile", profile);
+  take("profile_steps", profile_steps);
+  take("profile_warmup", profile_warmup);
+  take("profile_out", profile_out);
   return set;
 }
 
@@ -176,6 +188,7 @@ std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<
   skip.push_back("out_dir");  // below
   skip.push_back("config");   // the model comes from the checkpoint itself
   skip.push_back("preset");
+  skip.push_back("init_from");  // recorded for the record only: a resumed run loads its own checkpoint
   std::vector<std::string> restored;
   if (!st.options_json.empty()) restored = o.apply_json(st.options_json, skip);
   if (std::find(given.begin(), given.end(), "out_dir") == given.end()) {
@@ -710,6 +723,7 @@ void Trainer::write_metric(const std::string& line) {
   metrics_ << line << "\n";
   metrics_.flush();
   if (!metrics_) fail(path, ": write failed (disk full?); the run stops rather than lose its metrics");
+  if (hooks_.on_metric) hooks_.on_metric(line);
 }
 
 void Trainer::log_step(double loss, double step_ms, int64_t steps) {
@@ -876,12 +890,22 @@ void Trainer::run() {
       do_eval();
       paused = true;
     }
+    const bool stop = step_ < o_.steps && hooks_.stop_requested && hooks_.stop_requested();
+    const bool asked = hooks_.save_requested && hooks_.save_requested();
     if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) ||
-        (step_ == o_.steps && o_.save_final_checkpoint)) {
+        (step_ == o_.steps && o_.save_final_checkpoint) || stop || asked) {
       std::string dir = save();
       log_ << "checkpoint " << dir << "\n";
       log_.flush();
+      if (hooks_.on_saved) hooks_.on_saved(dir);
       paused = true;
+    }
+    if (stop) {
+      if (progress_line_) { std::fprintf(stderr, "\r\033[K"); progress_line_ = false; }
+      log_ << "stopped at step " << step_ << " of " << o_.steps << " (resume with --resume " << o_.out_dir << ")\n";
+      log_.flush();
+      stopped_early_ = true;
+      break;
     }
     if (prof && step_ == prof_end) {
       write_profile(*prof, prof_ms / static_cast<double>(prof_end - prof_begin));

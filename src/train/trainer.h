@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -73,8 +74,10 @@ struct TrainOptions {
   // The run's settings as state.json records them (data paths absolute): every key below is a flag
   // of `lmforge train` with '-' as '_' ("batch_size" is --batch-size; "tune" is --tune).
   std::string to_json() const;
-  // Sets every key present in `json` except those in `skip`; returns the keys set.
-  std::vector<std::string> apply_json(const std::string& json, const std::vector<std::string>& skip);
+  // Sets every key present in `json` except those in `skip`; returns the keys set. A value of the wrong
+  // type is an error naming `where` and the key ("state.json option 'lr' has the wrong type: ...").
+  std::vector<std::string> apply_json(const std::string& json, const std::vector<std::string>& skip,
+                                      const std::string& where = "state.json option");
 };
 
 // --resume: every setting the user did not give (`given`: to_json() keys of the flags on the command
@@ -144,7 +147,23 @@ class Trainer {
   // Steps until opts.steps with logging, evaluation and checkpoints.
   void run();
 
+  // For callers that watch or stop a run (the CLI's SIGINT/SIGTERM, the Python package's run handle,
+  // which drives run() on another thread): on_metric receives every record written to metrics.jsonl
+  // (one JSON object per line), after it is written. stop_requested is asked after every step: when
+  // it says true, run() checkpoints that step (unless it just did), logs "stopped at step N" and
+  // returns early; stopped_early() then says so. save_requested, asked at the same point, checkpoints
+  // without stopping (on_saved receives the directory). Hooks run on run()'s thread.
+  struct Hooks {
+    std::function<void(const std::string& json_line)> on_metric;
+    std::function<bool()> stop_requested;
+    std::function<bool()> save_requested;
+    std::function<void(const std::string& checkpoint_dir)> on_saved;
+  };
+  void set_hooks(Hooks h) { hooks_ = std::move(h); }
+  bool stopped_early() const { return stopped_early_; }
+
   int64_t step_count() const { return step_; }
+  const TrainOptions& options() const { return o_; }  // as resolved (resumed settings included)
   Model& model() { return gpt_->model; }
   Parameters& params() { return gpt_->params; }
   // Losses of the steps this Trainer ran (read from the device).
@@ -201,6 +220,8 @@ class Trainer {
   bool progress_line_ = false;
   class OpProfiler* prof_ = nullptr;  // attached during profiled steps (run() with --profile)
   bool tune_gemms_ = false;           // --tune on, bf16 on the GPU: tune after the first step
+  Hooks hooks_;
+  bool stopped_early_ = false;
   bool force_eager_ = false;          // profiled steps: the eager path even in graph mode
 };
 
