@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds lmforge with its tests and runs them all through CTest. On a machine without a GPU the CUDA
-# tests skip themselves; the list CTest prints of them is folded into the one-line summary at the end.
+# Builds lmforge with its tests and runs them all through CTest, then installs the Python package
+# (`pip install .` into third_party/pyvenv) and runs its tests (pytest tests/python). On a machine
+# without a GPU the CUDA tests skip themselves; the list CTest prints of them is folded into the
+# one-line summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
@@ -20,6 +22,22 @@ if grep -qE '^CMAKE_CUDA_COMPILER:[A-Z]+=/' CMakeCache.txt; then
 else
   why="built without CUDA"
 fi
-echo "summary: ${passed:-no CTest summary}; $skipped skipped ($gpu_skipped GPU tests: $why)"
-rm -f "$log"
-exit "$rc"
+
+# The Python package, built the way a user builds it (docs/PYTHON.md).
+cd ..
+venv=third_party/pyvenv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pylog=$(mktemp)
+if "$venv/bin/python" -m pip install -q --disable-pip-version-check ".[test]" >"$pylog" 2>&1; then
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee -a "$pylog"
+  py_rc=${PIPESTATUS[0]}
+  py_summary=$(tail -1 "$pylog" | sed 's/=//g; s/^ *//; s/ *$//')
+else
+  tail -30 "$pylog"
+  py_rc=1
+  py_summary="pip install . failed"
+fi
+echo "summary: ${passed:-no CTest summary}; $skipped skipped ($gpu_skipped GPU tests: $why); python: $py_summary"
+rm -f "$log" "$pylog"
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$py_rc"

@@ -26,6 +26,10 @@
 #                                 # LMF_HF_BATCH_SIZES (16,32,64), LMF_SERVE_LMF / LMF_SERVE_HF (1; 0 skips that side),
 #                                 # LMF_SERVE_DIR (where workloads and lmforge's results go; default $OUT)
 #   tools/gpu_check.sh refactorbench  # the same builds: lmforge_bench before/after, alternated, GPT-2 and moe-bench
+#   tools/gpu_check.sh python     # builds the Python extension (carry third_party/pydeps: nanobind + pytest, from
+#                                 # `pip install --target third_party/pydeps pytest nanobind`) and runs tests/python
+#                                 # (test_gpu.py: DLPack logprobs, generation and training bitwise the CLI's on the GPU)
+# LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both).
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests); LMF_EXTRA_TARGETS adds
 # build targets to the modes that build only some (serve, servebench).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
@@ -75,14 +79,23 @@ if [ "$what" = refactor ] || [ "$what" = refactorbench ]; then
     ninja -C "$base_src/build-gpu" lmforge lmforge_bench >"$OUT/build_base.log" 2>&1; echo $? >"$OUT/build_base.rc" ) &
   base_pid=$!
 fi
+py_args=()
+[ "$what" = python ] && LMF_WITH_PYTHON=1
+if [ "${LMF_WITH_PYTHON:-0}" = 1 ]; then
+  export PYTHONPATH="$PWD/third_party/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+  py_args=(-DLMF_PYTHON=ON -DPython_EXECUTABLE="$(command -v python3)"
+           -Dnanobind_DIR="$(python3 -c 'import nanobind; print(nanobind.cmake_dir())')")
+fi
 if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -DLMF_CUDNN_ROOT="$LMF_CUDNN_ROOT" \
-    >"$OUT/cmake.log" 2>&1; then
+    "${py_args[@]}" >"$OUT/cmake.log" 2>&1; then
   tail -30 "$OUT/cmake.log"; echo "CONFIGURE FAILED"; exit 1
 fi
 targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding"
+[ "$what" = python ] && targets="lmforge"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
+[ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
 fi
@@ -114,6 +127,18 @@ if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = 
     if [ $rc -ne 0 ]; then grep -E "Failure|error|Error|FAILED|Expected|Which is|value|seed" /tmp/lmf_test.log | head -30; fi
     grep "measured" /tmp/lmf_test.log
   done
+fi
+
+if [ "${LMF_WITH_PYTHON:-0}" = 1 ]; then
+  # the package as `pip install .` lays it out: python/lmforge + the extension, its stubs and the CLI
+  pkg=build-gpu/pypkg/lmforge
+  rm -rf build-gpu/pypkg && mkdir -p "$pkg/bin"
+  cp python/lmforge/*.py build-gpu/_core*.so build-gpu/_core.pyi "$pkg/" && cp build-gpu/lmforge "$pkg/bin/"
+  PYTHONPATH="$PWD/build-gpu/pypkg:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider tests/python \
+    >"$OUT/pytest.log" 2>&1
+  rc=$?
+  add "pytest tests/python" "rc=$rc $(tail -1 "$OUT/pytest.log")"
+  [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -30; }
 fi
 
 if [ "$what" = all ] || [ "$what" = train ]; then
