@@ -62,10 +62,14 @@ def _type_error(func: str, name: str, want: str, value: Any) -> TypeError:
     return TypeError(f"{func}(): {name} must be {want}, not {type(value).__name__}")
 
 
-def _int(func: str, name: str, value: Any) -> int:
+def _int(func: str, name: str, value: Any, bits: int = 64) -> int:
+    """An int that fits the engine's signed `bits`-bit field (ValueError naming it otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise _type_error(func, name, "an int", value)
-    return int(value)
+    v = int(value)
+    if not -(2 ** (bits - 1)) <= v < 2 ** (bits - 1):
+        raise ValueError(f"{func}(): {name}={v} is out of range (a {bits}-bit integer)")
+    return v
 
 
 def _float(func: str, name: str, value: Any) -> float:
@@ -85,13 +89,17 @@ def _ids(func: str, name: str, value: Any) -> List[int]:
     if isinstance(value, np.ndarray):
         if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
             raise TypeError(f"{func}(): {name} must be a 1-D integer array, not {value.ndim}-D {value.dtype}")
-        return [int(v) for v in value]
+        value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise _type_error(func, name, "a sequence of token ids", value)
+    out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{func}(): {name} must hold token ids (int), found {type(v).__name__}")
-    return [int(v) for v in value]
+        if not 0 <= int(v) < 2**31:
+            raise ValueError(f"{func}(): {name}: {int(v)} is not a token id (outside [0, 2^31))")
+        out.append(int(v))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +140,7 @@ class Tokenizer:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch(): texts must hold str, found {type(t).__name__}")
-        return self._t.encode_batch(list(texts), _int("encode_batch", "threads", threads))
+        return self._t.encode_batch(list(texts), _int("encode_batch", "threads", threads, bits=32))
 
     def decode(self, ids: TokenIds) -> str:
         """The text of ``ids``; bytes that are not valid UTF-8 become U+FFFD."""
@@ -284,7 +292,9 @@ class Model:
         if seed is None:
             seeds = [secrets.randbits(63) for _ in ids]
         else:
-            s = _int("generate", "seed", seed)
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise _type_error("generate", "seed", "an int", seed)
+            s = int(seed)
             if s < 0 or s >= 2**64:
                 raise ValueError(f"generate(): seed={s} must be in [0, 2^64)")
             seeds = [s] * len(ids)
@@ -293,7 +303,7 @@ class Model:
             raise ValueError(f"generate(): logprobs={n_top} must be in [0, 20]")
         raw = self._m.generate(ids, _int("generate", "max_tokens", max_tokens),
                                _float("generate", "temperature", temperature), _float("generate", "top_p", top_p),
-                               _int("generate", "top_k", top_k), seeds, stops, True, n_top)
+                               _int("generate", "top_k", top_k, bits=32), seeds, stops, True, n_top)
         out = [Completion(text, tokens, lps, reason, [list(map(tuple, t)) for t in top] if n_top > 0 else None)
                for text, tokens, lps, reason, top in raw]
         return out[0] if single else out
@@ -317,7 +327,7 @@ def load(path: PathLike, *, device: str = "auto", tokenizer: PathLike = "auto", 
     if not isinstance(allow_nonfinite, bool):
         raise _type_error("load", "allow_nonfinite", "a bool", allow_nonfinite)
     return Model(_core.load(p, device, _path("load", "tokenizer", tokenizer), allow_nonfinite,
-                            _int("load", "max_seqs", max_seqs)))
+                            _int("load", "max_seqs", max_seqs, bits=32)))
 
 
 # --------------------------------------------------------------------------------------------------

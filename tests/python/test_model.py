@@ -145,5 +145,18 @@ def test_bad_input_raises_with_the_cli_message(tiny_model, tmp_path):
         m.generate("x", logprobs=50)
     with pytest.raises(TypeError):
         m.generate(3.5)
+    # values beyond the engine's integer fields, and non-finite floats, are ValueErrors, not crashes
+    for kwargs in (dict(top_k=2**40), dict(max_tokens=2**70), dict(temperature=float("nan")),
+                   dict(top_p=float("inf")), dict(seed=2**64), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            m.generate("x", **kwargs)
+    with pytest.raises(ValueError, match="not a token id"):
+        m.logprobs([1, 2**40])
+    with pytest.raises(ValueError, match="not a token id"):
+        m.generate([1, -3])
+    with pytest.raises(TypeError, match="integer array"):
+        m.logprobs(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="--precision"):
+        m.logprobs([1, 2, 3], precision="fp8")
     # the model still works after every refusal
     assert len(m.generate("And", max_tokens=2, temperature=0).token_ids) == 2

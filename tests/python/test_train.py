@@ -123,6 +123,14 @@ def test_bad_input_raises_with_the_cli_message(tmp_path):
         lmforge.train("tiny", overwrite=1)
     with pytest.raises(ValueError, match="--steps"):
         lmforge.train("tiny", steps=-1, out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="steps=9223372036854775808 is out of range"):
+        lmforge.train("tiny", steps=2**63, out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="--batch-size"):
+        lmforge.train("tiny", batch_size=10**12, out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="--device"):
+        lmforge.train("tiny", device="tpu", out_dir=tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        lmforge.train(resume=str(tmp_path / "no_run"))
     with pytest.raises(ValueError, match="lr=inf is not a finite number"):
         lmforge.train("tiny", lr=float("inf"), out_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="--lr"):
