@@ -83,6 +83,14 @@ py_args=()
 [ "$what" = python ] && LMF_WITH_PYTHON=1
 if [ "${LMF_WITH_PYTHON:-0}" = 1 ]; then
   export PYTHONPATH="$PWD/third_party/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+  if ! python3 -c "import nanobind, pytest, os, sysconfig; \
+assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>"$OUT/python_check.log"; then
+    add "python package" "SKIPPED: no Python.h or no nanobind/pytest (carry third_party/pydeps)"
+    failures=$((failures + 1))
+    LMF_WITH_PYTHON=0
+  fi
+fi
+if [ "${LMF_WITH_PYTHON:-0}" = 1 ]; then
   py_args=(-DLMF_PYTHON=ON -DPython_EXECUTABLE="$(command -v python3)"
            -Dnanobind_DIR="$(python3 -c 'import nanobind; print(nanobind.cmake_dir())')")
 fi
