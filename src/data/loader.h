@@ -15,7 +15,20 @@
 
 namespace lmf {
 
-class DataLoader {
+// What the trainer reads batches from: a model family's data (token windows: DataLoader; time-series
+// windows: data/series_loader.h SeriesLoader). next() fills host buffers laid out as the model's ends
+// say (ModelEnds::input_spec / target_spec); position() counts what was read, for resuming bitwise.
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  virtual void next(void* inputs, void* targets) = 0;
+  virtual uint64_t position() const = 0;
+  virtual void set_position(uint64_t p) = 0;
+  virtual int64_t total_points() const = 0;  // tokens, or time-series values
+  virtual const std::string& description() const = 0;
+};
+
+class DataLoader final : public BatchSource {
  public:
   // `paths`: shard files (a path may contain * or ? wildcards); every token must be < vocab_size.
   DataLoader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint64_t seed, int64_t vocab_size);
@@ -25,10 +38,12 @@ class DataLoader {
 
   // inputs, targets: (B, T) i32; targets are inputs shifted by one.
   void next(int32_t* inputs, int32_t* targets);
-  uint64_t position() const { return position_; }
-  void set_position(uint64_t p) { position_ = p; }
+  void next(void* inputs, void* targets) override { next(static_cast<int32_t*>(inputs), static_cast<int32_t*>(targets)); }
+  uint64_t position() const override { return position_; }
+  void set_position(uint64_t p) override { position_ = p; }
   int64_t total_tokens() const;
-  const std::string& description() const { return description_; }
+  int64_t total_points() const override { return total_tokens(); }
+  const std::string& description() const override { return description_; }
 
  private:
   struct Source {

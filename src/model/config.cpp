@@ -55,6 +55,17 @@ void ModelConfig::validate(const std::string& where) const {
       bad("moe.first_dense=", moe.first_dense, " must be in [0, n_layer=", n_layer, ") (at least one MoE layer)");
     in_range("moe.shared", moe.shared, 0, L::shared);
   }
+  if (family == ModelFamily::timeseries) {
+    if (ts.horizons.empty() || ts.horizons.size() > 16) bad("horizons must list 1 to 16 forecast horizons");
+    for (size_t i = 0; i < ts.horizons.size(); ++i) {
+      in_range("horizons[]", ts.horizons[i], 1, 4096);
+      if (i > 0 && ts.horizons[i] <= ts.horizons[i - 1])
+        bad("horizons must increase strictly (", ts.horizons[i - 1], " then ", ts.horizons[i], ")");
+    }
+    finite("huber_delta", ts.huber_delta, 0, "> 0");
+    if (!(ts.huber_delta > 0)) bad("huber_delta=", ts.huber_delta, " must be > 0");
+    if (positions != PositionKind::rope) bad("family=timeseries reads positions through RoPE: set positions=rope");
+  }
 }
 
 namespace {
@@ -129,7 +140,7 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   const json j = json_parse(text, where);
   check_object(j, where, {"vocab_size", "pad_vocab_multiple", "context_length", "n_layer", "n_head", "n_kv_head",
                           "d_model", "d_ff", "norm", "norm_eps", "activation", "positions", "rope_theta",
-                          "tied_embeddings", "bias", "qkv_bias", "moe"});
+                          "tied_embeddings", "bias", "qkv_bias", "moe", "family", "horizons", "huber_delta"});
   ModelConfig c;
   if (j.contains("vocab_size")) c.vocab_size = get_field<int64_t>(j, "vocab_size", where);
   if (j.contains("pad_vocab_multiple")) c.pad_vocab_multiple = get_field<int64_t>(j, "pad_vocab_multiple", where);
@@ -155,6 +166,21 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
   if (j.contains("bias")) c.bias = get_field<bool>(j, "bias", where);
   if (j.contains("qkv_bias")) c.qkv_bias = get_field<bool>(j, "qkv_bias", where);
   if (j.contains("moe")) c.moe = moe_from_json(j.at("moe"), where);
+  if (j.contains("family"))
+    c.family = get_enum(j, "family", where, {"text", "timeseries"}) == "text" ? ModelFamily::text : ModelFamily::timeseries;
+  if ((j.contains("horizons") || j.contains("huber_delta")) && c.family != ModelFamily::timeseries)
+    fail(where, ": fields 'horizons' and 'huber_delta' belong to family=timeseries");
+  if (j.contains("horizons")) {
+    const json& hs = j.at("horizons");
+    if (!hs.is_array()) fail(where, ": field 'horizons' must be an array of integers");
+    c.ts.horizons.clear();
+    for (size_t i = 0; i < hs.size() && i <= 16; ++i) {
+      const std::optional<int64_t> v = json_int64(hs[i]);
+      if (!v) fail(where, ": field 'horizons' must be an array of integers (", json_excerpt(hs[i]), ")");
+      c.ts.horizons.push_back(*v);
+    }
+  }
+  if (j.contains("huber_delta")) c.ts.huber_delta = get_field<float>(j, "huber_delta", where);
   c.validate(where);
   return c;
 }
@@ -176,6 +202,11 @@ std::string config_to_json(const ModelConfig& c) {
             {"tied_embeddings", c.tied_embeddings},
             {"bias", c.bias}};
   if (c.qkv_bias) j["qkv_bias"] = true;  // written only when set: configs without it read as before
+  if (c.family == ModelFamily::timeseries) {
+    j["family"] = "timeseries";
+    j["horizons"] = c.ts.horizons;
+    j["huber_delta"] = c.ts.huber_delta;
+  }
   if (c.moe.experts > 0) {
     const MoeModelConfig& m = c.moe;
     j["moe"] = {{"experts", m.experts},         {"top_k", m.top_k},
@@ -224,6 +255,19 @@ ModelConfig config_preset(const std::string& name) {
     c.n_layer = 12; c.n_head = 12; c.n_kv_head = 4; c.d_model = 768; c.d_ff = 2048;
     c.norm = NormKind::rmsnorm; c.activation = ActivationKind::swiglu; c.positions = PositionKind::rope;
     c.tied_embeddings = false; c.bias = false;
+  } else if (name == "tiny-ts" || name == "timemoe-field") {  // the time-series family (docs/TIMESERIES.md)
+    c.family = ModelFamily::timeseries;
+    c.vocab_size = 1; c.pad_vocab_multiple = 1;
+    c.norm = NormKind::rmsnorm; c.activation = ActivationKind::swiglu; c.positions = PositionKind::rope;
+    c.tied_embeddings = false; c.bias = false; c.norm_eps = 1e-6f;
+    c.moe.top_k = 2; c.moe.shared = 1; c.moe.shared_gate = true; c.moe.aux_coef = 0.02f;
+    if (name == "tiny-ts") {  // CPU-sized: trains in minutes on a laptop
+      c.context_length = 512; c.n_layer = 4; c.n_head = 4; c.n_kv_head = 4; c.d_model = 64; c.d_ff = 256;
+      c.moe.experts = 4; c.moe.d_expert = 64;
+    } else {  // the field report's shape (FoundationTS)
+      c.context_length = 4096; c.n_layer = 12; c.n_head = 12; c.n_kv_head = 12; c.d_model = 384; c.d_ff = 1536;
+      c.moe.experts = 8; c.moe.d_expert = 192;
+    }
   } else if (name == "llama-1b") {  // the serving benchmark's Llama-style 1B (the serving issue)
     c.vocab_size = 32000; c.pad_vocab_multiple = 128; c.context_length = 2048;
     c.n_layer = 16; c.n_head = 16; c.n_kv_head = 4; c.d_model = 2048; c.d_ff = 5632;
@@ -243,7 +287,7 @@ ModelConfig config_preset(const std::string& name) {
 
 std::vector<std::string> config_preset_names() {
   return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "llama-style", "llama-1b", "moe-bench",
-          "moe-bench-dense"};
+          "moe-bench-dense", "tiny-ts", "timemoe-field"};
 }
 
 }  // namespace lmf

@@ -9,6 +9,22 @@ namespace lmf {
 enum class NormKind { layernorm, rmsnorm };
 enum class ActivationKind { gelu, swiglu };
 enum class PositionKind { learned, rope };
+// What the model reads and predicts (its ends, model/ends.h): tokens (a language model) or real
+// values (a time-series forecaster, docs/TIMESERIES.md).
+enum class ModelFamily { text, timeseries };
+
+// The time-series family (Time-MoE style): point-wise inputs, one linear head per horizon (head j
+// predicts the next horizons[j] values from each position), Huber loss averaged over the heads.
+struct TimeSeriesModelConfig {
+  std::vector<int64_t> horizons = {1, 8, 32, 64};  // strictly increasing, each in [1, 4096]
+  float huber_delta = 2.0f;                        // > 0
+  int64_t max_horizon() const { return horizons.empty() ? 0 : horizons.back(); }
+  int64_t head_outputs() const {
+    int64_t s = 0;
+    for (int64_t h : horizons) s += h;
+    return s;
+  }
+};
 
 // Mixture-of-Experts FFNs (docs/MODEL.md "MoE"): experts == 0 means a dense model.
 struct MoeModelConfig {
@@ -61,6 +77,8 @@ struct ModelConfig {
   bool bias = true;
   bool qkv_bias = false;  // a bias on the QKV projection only (Qwen2); implied by bias
   MoeModelConfig moe;
+  ModelFamily family = ModelFamily::text;
+  TimeSeriesModelConfig ts;  // family == timeseries
 
   int64_t padded_vocab() const { return (vocab_size + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
   int64_t head_size() const { return d_model / n_head; }

@@ -9,9 +9,11 @@
 // table entries), never a copied loop:
 //   TokenEnds       token embedding (+ learned positions) in, LM head + cross-entropy out (model/token_ends.h)
 //   RegressionEnds  a linear projection of real values in, a linear head + MSE out (model/regression_ends.h)
+//   TimeSeriesEnds  gated point embedding in, multi-horizon heads + Huber out (model/timeseries_ends.h)
 #pragma once
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -50,6 +52,9 @@ class ModelEnds {
   virtual size_t cuda_workspace(const ModelPlan& p) const = 0;
   // Takes the views (valid as long as the owners live) and the workspace tensors.
   virtual void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) = 0;
+  // The model's inputs and targets at this plan (the trainer's batch buffers are laid out from them).
+  virtual TensorSpec input_spec(const ModelPlan& p) const = 0;
+  virtual TensorSpec target_spec(const ModelPlan& p) const = 0;
   // Shapes and dtypes of the model's inputs and targets for this plan; throws naming `what`.
   virtual void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const = 0;
   virtual void check_targets(Tensor targets, const ModelPlan& p, const char* what) const = 0;
@@ -69,5 +74,8 @@ class ModelEnds {
   virtual void output_values(Tensor out, Tensor x) = 0;
   virtual int64_t output_width() const = 0;  // columns of output_values' out
 };
+
+// The ends of a config's family: TokenEnds (text) or TimeSeriesEnds (timeseries).
+std::unique_ptr<ModelEnds> make_ends(const ModelConfig& c);
 
 }  // namespace lmf

@@ -5,7 +5,7 @@
 
 namespace lmf {
 
-std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) { return model_param_specs(c, TokenEnds(c)); }
+std::vector<TensorSpec> gpt_param_specs(const ModelConfig& c) { return model_param_specs(c, *make_ends(c)); }
 
 int64_t gpt_param_count(const ModelConfig& c, bool include_position_embedding) {
   int64_t n = 0;
@@ -39,7 +39,7 @@ size_t gpt_plan_bytes(const ModelConfig& c, const ModelPlan& p) {
                         "model memory");
   if (p.training)  // gradients, AdamW m and v: the masters' layout each
     bytes = checked_add(bytes, checked_mul(master, size_t{3}, "training state memory"), "model memory");
-  return checked_add(bytes, Model::plan_bytes(c, p, TokenEnds(c)), "model memory");
+  return checked_add(bytes, Model::plan_bytes(c, p, *make_ends(c)), "model memory");
 }
 
 namespace {
@@ -60,7 +60,7 @@ std::vector<TensorSpec> validated_specs(const ModelConfig& c, const ModelPlan& p
 
 Gpt::Gpt(const ModelConfig& c, const ModelPlan& p)
     : params(validated_specs(c, p), p.device, p.bf16()),
-      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, TokenEnds(c))) : nullptr),
-      model(c, p, params, state.get(), std::make_unique<TokenEnds>(c)) {}
+      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c))) : nullptr),
+      model(c, p, params, state.get(), make_ends(c)) {}
 
 }  // namespace lmf

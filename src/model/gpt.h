@@ -1,4 +1,5 @@
-// gpt.h: the GPT language-model family of docs/MODEL.md = TokenEnds around the trunk (model/model.h),
+// gpt.h: a model of docs/MODEL.md = its family's ends (model/ends.h make_ends: TokenEnds for language
+// models, TimeSeriesEnds for forecasters) around the trunk (model/model.h),
 // its parameter counts and FLOPs, and Gpt: the three owners a training or evaluation run of it needs,
 // side by side (Parameters, TrainingState, Model). KV-cache decoding: model/decoder.h.
 #pragma once

@@ -58,7 +58,10 @@ void Parameters::init_gpt2(uint64_t seed, int n_layer, int64_t real_vocab) {
       std::fill(w, w + n, 1.0f);
     } else {
       const bool proj = name.ends_with("attn.proj.weight") || name.ends_with("mlp.proj.weight") || name.ends_with(".w_out");
-      const double sd = proj ? std_proj : std_base;
+      // the time-series point embedding reads one value (fan-in 1): PyTorch's nn.Linear(1, .) default
+      // U(-1, 1) has this std; at 0.02 SiLU(gate) * up is ~ x^2 times one direction, which RMSNorm
+      // then makes the same for every input
+      const double sd = name == "ts_embed.weight" ? 1.0 / std::sqrt(3.0) : proj ? std_proj : std_base;
       for (int64_t j = 0; j < n; ++j) w[j] = static_cast<float>(sd * rng_normal(seed, k + 1, static_cast<uint64_t>(j)));
       if (name == "tok_emb.weight" || name == "lm_head.weight")  // padded vocab rows stay zero
         std::fill(w + real_vocab * t.dim(-1), w + n, 0.0f);

@@ -16,6 +16,8 @@ class RegressionEnds final : public ModelEnds {
   std::vector<TensorSpec> workspace_specs(const ModelPlan& p) const override;
   size_t cuda_workspace(const ModelPlan&) const override { return 0; }
   void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) override;
+  TensorSpec input_spec(const ModelPlan& p) const override { return {"inputs", {p.B, p.T, d_in_}, DType::f32}; }
+  TensorSpec target_spec(const ModelPlan& p) const override { return {"targets", {p.B, p.T, d_out_}, DType::f32}; }
   void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const override;
   void check_targets(Tensor targets, const ModelPlan& p, const char* what) const override;
   void input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) override;

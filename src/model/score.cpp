@@ -17,6 +17,7 @@ constexpr size_t kPlansKept = 4;  // each planned shape holds its own activation
 
 SequenceScorer::SequenceScorer(const ModelConfig& c, Parameters& params, std::string precision)
     : cfg_(c), params_(params), precision_(std::move(precision)) {
+  if (c.family != ModelFamily::text) fail("logprobs: a ", "timeseries model has no tokens to score (lmforge forecast runs it)");
   // the precision flag fails here, not at the first call
   (void)plan_from_flags(cfg_, {device_name(params_.device()), precision_, "auto"}, 1, 1, false);
 }

@@ -16,6 +16,8 @@ class TokenEnds final : public ModelEnds {
   std::vector<TensorSpec> workspace_specs(const ModelPlan& p) const override;
   size_t cuda_workspace(const ModelPlan& p) const override;
   void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) override;
+  TensorSpec input_spec(const ModelPlan& p) const override { return {"inputs", {p.B, p.T}, DType::i32}; }
+  TensorSpec target_spec(const ModelPlan& p) const override { return {"targets", {p.B, p.T}, DType::i32}; }
   void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const override;
   void check_targets(Tensor targets, const ModelPlan& p, const char* what) const override;
   void input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) override;

@@ -1,5 +1,7 @@
 #include "ops/mse.h"
 
+#include <cmath>
+
 namespace lmf {
 
 void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_scale) {
@@ -29,6 +31,58 @@ void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_sca
       if (pd) pd[n * D + d] = g * e;
     }
     pl[n] = static_cast<float>(s / static_cast<double>(D));
+  }
+}
+
+void huber_horizons_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, const std::vector<int64_t>& horizons,
+                         float delta, float grad_scale) {
+  const char* op = "huber_horizons_loss";
+  for (const Tensor* t : {&y, &targets, &losses}) check_f32(*t, op);
+  LMF_CHECK(!horizons.empty(), op, ": no horizons");
+  int64_t D = 0;
+  for (size_t j = 0; j < horizons.size(); ++j) {
+    LMF_CHECK(horizons[j] >= 1 && (j == 0 || horizons[j] > horizons[j - 1]), op, ": horizons must increase");
+    D += horizons[j];
+  }
+  LMF_CHECK(y.ndim == 2, op, ": y '", y.name, "' ", y.shape_str(), " must be (N, D)");
+  const int64_t N = y.dim(0), H = horizons.back();
+  check_shape(y, {N, D}, op);
+  check_shape(targets, {N, H}, op);
+  check_shape(losses, {N}, op);
+  if (dy.defined()) {
+    check_f32(dy, op);
+    check_shape(dy, {N, D}, op);
+  }
+  check_same_device(op, {&losses, &dy, &y, &targets});
+  LMF_CHECK(y.device == Device::cpu, op, ": CPU only in this version ('", y.name, "' is on ", device_name(y.device), ")");
+  LMF_CHECK(delta > 0, op, ": delta=", delta, " must be > 0");
+  const float *py = y.f32(), *pt = targets.f32();
+  float* pl = losses.f32();
+  float* pd = dy.defined() ? dy.f32() : nullptr;
+  const double heads = static_cast<double>(horizons.size());
+  for (int64_t n = 0; n < N; ++n) {
+    double total = 0;  // fixed order, double accumulation
+    int64_t col = 0;
+    for (const int64_t h_j : horizons) {
+      int64_t valid = 0;
+      for (int64_t h = 0; h < h_j; ++h) valid += std::isnan(pt[n * H + h]) ? 0 : 1;
+      double s = 0;
+      const double w = valid > 0 ? 1.0 / (heads * static_cast<double>(valid)) : 0.0;
+      for (int64_t h = 0; h < h_j; ++h) {
+        const float t = pt[n * H + h];
+        const float r = py[n * D + col + h] - t;
+        const bool keep = !std::isnan(t);
+        const float a = std::fabs(r);
+        if (keep) s += a <= delta ? 0.5 * static_cast<double>(r) * r : static_cast<double>(delta) * (a - 0.5 * delta);
+        if (pd) {
+          const float g = a <= delta ? r : (r > 0 ? delta : -delta);
+          pd[n * D + col + h] = keep ? static_cast<float>(grad_scale * w * g) : 0.0f;
+        }
+      }
+      total += s * w;  // s / (heads * valid)
+      col += h_j;
+    }
+    pl[n] = static_cast<float>(total);
   }
 }
 

@@ -1,6 +1,10 @@
-// mse.h: mean squared error per row, the regression head's loss (model/regression_ends.h).
+// mse.h: regression losses per row: mean squared error (model/regression_ends.h) and the
+// multi-horizon Huber loss of the time-series heads (model/timeseries_ends.h).
 // CPU reference only in this version: a GPU tensor is an error naming the op.
 #pragma once
+#include <cstdint>
+#include <vector>
+
 #include "core/tensor.h"
 
 namespace lmf {
@@ -9,5 +13,14 @@ namespace lmf {
 // dy: (N, D) or absent; when present it is OVERWRITTEN with d(grad_scale * losses[n])/dy =
 // grad_scale * 2 (y - targets) / D.
 void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_scale);
+
+// The multi-resolution forecast loss. y: (N, D) f32, D = sum of `horizons`: head j's columns
+// [sum(horizons[0..j)), + horizons[j]) predict the next horizons[j] values; targets: (N, Hmax) f32,
+// Hmax = horizons.back(), column h the value h + 1 steps ahead, NaN where it is missing (masked).
+// losses[n] = mean over the heads of (mean over head j's columns with a target of huber(y - t)),
+// a head with no target counting 0; huber(r) = r^2 / 2 for |r| <= delta, else delta (|r| - delta / 2).
+// dy (N, D) or absent: OVERWRITTEN with d(grad_scale * losses[n])/dy (0 where masked).
+void huber_horizons_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, const std::vector<int64_t>& horizons,
+                         float delta, float grad_scale);
 
 }  // namespace lmf

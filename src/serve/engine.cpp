@@ -61,6 +61,8 @@ Engine::Engine(const ModelConfig& c, Parameters& params, const EngineOptions& o)
   const std::string problem = engine_options_problem(o);
   if (!problem.empty()) fail(problem);
   cfg_.validate("model config");
+  if (cfg_.family != ModelFamily::text)
+    fail("the serving engine runs language models; this is a timeseries model (lmforge forecast runs it)");
   max_rows_ = o.max_prefill_tokens + o.max_seqs;
   max_blocks_ = (cfg_.context_length + o.block_size - 1) / o.block_size;
   width_ = device_ == Device::cpu ? cfg_.vocab_size : cfg_.padded_vocab();

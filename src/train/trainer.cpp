@@ -21,6 +21,7 @@
 #include "core/profiler.h"
 #include "core/trace.h"
 #include "data/corpus.h"
+#include "data/series_loader.h"
 #include "data/tokenizer.h"
 #include "ops/cross_entropy.h"
 #include "ops/gemm_cuda.h"
@@ -385,7 +386,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   // Pinned staging for the GPU uploads, last among the set-up steps that can throw, so a failed
   // set-up leaks nothing (the destructor does not run when the constructor throws).
   if (device_ == Device::cuda) {
-    const size_t bytes = 2 * tokens_host_.nbytes() + 4 * sizeof(float);  // tokens, targets, schedule
+    const size_t bytes = tokens_host_.nbytes() + targets_host_.nbytes() + 4 * sizeof(float);  // inputs, targets, schedule
     for (void*& p : staging_) p = host_alloc_pinned(bytes, "batch staging");
     staging_events_ = cuda_event_pool_create(2);
   }
@@ -468,10 +469,15 @@ void Trainer::move_aside_after(int64_t step, const std::string& resume_dir) {
 
 // The batch on the host and on the model's device, the grad norm, the graph mode's slots, the losses.
 void Trainer::plan_buffers(int64_t T) {
-  batch_host_ = Arena("batch (host)", {{"tokens", {o_.batch_size, T}, DType::i32},
-                                       {"targets", {o_.batch_size, T}, DType::i32}});
-  batch_ = Arena("batch", {{"tokens", {o_.batch_size, T}, DType::i32},
-                           {"targets", {o_.batch_size, T}, DType::i32},
+  // the inputs and targets as the model's ends take them: tokens (B, T) i32 for a language model,
+  // values (B, T, 1) and futures (B, T, H) f32 for a forecaster
+  const ModelPlan& plan = gpt_->model.plan();
+  TensorSpec in = gpt_->model.ends().input_spec(plan), tg = gpt_->model.ends().target_spec(plan);
+  LMF_CHECK(in.shape[0] == o_.batch_size && in.shape[1] == T, "the ends' input spec disagrees with the plan");
+  in.name = "tokens";
+  tg.name = "targets";
+  batch_host_ = Arena("batch (host)", {in, tg});
+  batch_ = Arena("batch", {in, tg,
                            {"grad_norm", {1}, DType::f32},
                            {"schedule", {3}, DType::f32},
                            {"cur_loss", {1}, DType::f32}}, device_);
@@ -490,6 +496,15 @@ void Trainer::plan_buffers(int64_t T) {
 }
 
 void Trainer::open_data(int64_t T) {
+  if (cfg_.family == ModelFamily::timeseries) {
+    if (!o_.val_data.empty()) fail("--val-data: a time-series run validates on its files' validation rows");
+    SeriesRunData d = load_series_run_data(o_.data, T, cfg_.ts.max_horizon(), o_.seed);
+    series_note_ = d.note;
+    train_ = std::make_unique<SeriesLoader>(std::move(d.train), o_.batch_size, T, cfg_.ts.max_horizon(), o_.seed);
+    if (!d.val.series.empty())
+      val_ = std::make_unique<SeriesLoader>(std::move(d.val), o_.batch_size, T, cfg_.ts.max_horizon(), o_.seed + 1);
+    return;
+  }
   if (o_.data.empty()) {
     train_ = std::make_unique<DataLoader>(bundled_tokens(false), "bundled corpus (train)", o_.batch_size, T, o_.seed,
                                           cfg_.vocab_size);
@@ -532,17 +547,26 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   } else {
     log_ << "device cpu threads=" << omp_get_max_threads() << " precision=fp32\n";
   }
+  std::string reads = " vocab=" + std::to_string(cfg_.vocab_size) + " (padded " + std::to_string(cfg_.padded_vocab()) + ")";
+  if (cfg_.family == ModelFamily::timeseries) {
+    reads = " family=timeseries horizons=";
+    for (size_t i = 0; i < cfg_.ts.horizons.size(); ++i) reads += (i ? "," : "") + std::to_string(cfg_.ts.horizons[i]);
+    reads += " huber_delta=" + fmt("%g", cfg_.ts.huber_delta);
+  }
   log_ << "model layers=" << cfg_.n_layer << " d_model=" << cfg_.d_model << " heads=" << cfg_.n_head << "/"
-       << cfg_.n_kv_head << " vocab=" << cfg_.vocab_size << " (padded " << cfg_.padded_vocab() << ")"
+       << cfg_.n_kv_head << reads
        << " norm=" << (cfg_.norm == NormKind::layernorm ? "layernorm" : "rmsnorm")
        << " act=" << (cfg_.activation == ActivationKind::gelu ? "gelu" : "swiglu")
        << " pos=" << (cfg_.positions == PositionKind::learned ? "learned" : "rope") << "\n";
-  log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_tokens()))
-       << " tokens) val=" << (val_ ? val_->description() : std::string("none"))
+  const char* unit = cfg_.family == ModelFamily::timeseries ? "points" : "tokens";
+  log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_points()))
+       << " " << unit << ") val=" << (val_ ? val_->description() : std::string("none"))
        << (val_found_beside_ ? " (found beside the training shards)" : "") << "\n";
   log_ << "batch B=" << o_.batch_size << " T=" << T << " grad_accum=" << o_.grad_accum
-       << " tokens/step=" << with_commas(tokens_per_step_) << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
+       << (cfg_.family == ModelFamily::timeseries ? " points/step=" : " tokens/step=") << with_commas(tokens_per_step_)
+       << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
        << " MiB\n";
+  if (!series_note_.empty()) log_ << "data " << series_note_ << "\n";
   if (!resume_dir.empty()) log_ << "resumed from " << resume_dir << " at step " << step_ << "\n";
   if (!init_what_.empty()) log_ << "initialised from " << init_what_ << "\n";
   log_.flush();
@@ -567,29 +591,29 @@ double Trainer::last_grad_norm() const {
   return n;
 }
 
-void Trainer::stage_from(DataLoader& loader, bool with_schedule) {
+void Trainer::stage_from(BatchSource& loader, bool with_schedule) {
   // data_ms: the host time the training loader takes to produce a batch (not the wait for a free
   // staging buffer below, which is the GPU running ahead).
-  auto next = [&](int32_t* tok, int32_t* tgt) {
+  auto next = [&](void* tok, void* tgt) {
     const auto t0 = std::chrono::steady_clock::now();
     loader.next(tok, tgt);
     if (&loader == train_.get())
       data_ms_acc_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
   if (device_ == Device::cpu) {
-    next(tokens_host_.i32(), targets_host_.i32());
+    next(tokens_host_.data, targets_host_.data);
     return;
   }
   const int j = staging_turn_;
   staging_turn_ ^= 1;
   if (staging_used_[j]) cuda_event_wait(staging_events_[j]);  // its last upload is long done
-  int32_t* buf = static_cast<int32_t*>(staging_[j]);
-  const int64_t n = tokens_host_.numel();
-  next(buf, buf + n);
-  copy_to_device_async(tokens_.data, buf, tokens_.nbytes());
-  copy_to_device_async(targets_.data, buf + n, targets_.nbytes());
+  char* buf = static_cast<char*>(staging_[j]);
+  const size_t n_in = tokens_.nbytes(), n_tg = targets_.nbytes();  // multiples of 4: i32 or f32 elements
+  next(buf, buf + n_in);
+  copy_to_device_async(tokens_.data, buf, n_in);
+  copy_to_device_async(targets_.data, buf + n_in, n_tg);
   if (with_schedule) {  // graph mode: this step's lr and bias corrections, behind the batch
-    float* sched = reinterpret_cast<float*>(buf + 2 * n);
+    float* sched = reinterpret_cast<float*>(buf + n_in + n_tg);
     adamw_schedule(sched, static_cast<float>(lr_at_step(o_, step_)), o_.beta1, o_.beta2, step_ + 1);
     copy_to_device_async(schedule_.data, sched, schedule_.nbytes());
   }
@@ -741,8 +765,9 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   const double eta = step_ > first_step_ ? elapsed / static_cast<double>(step_ - first_step_) *
                                                static_cast<double>(o_.steps - step_) : 0.0;
+  const bool ts = cfg_.family == ModelFamily::timeseries;  // a forecaster's tokens are time points
   log_ << " lr=" << fmt("%.2e", lr)
-       << " toks/s=" << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
+       << (ts ? " points/s=" : " toks/s=") << with_commas(tok_s) << " step_ms=" << fmt("%.1f", step_ms)
        << " grad_norm=" << fmt("%.3f", last_grad_norm()) << " tflops=" << fmt("%.3f", tflops)
        << " elapsed=" << duration_text(elapsed) << " eta=" << duration_text(eta);
   json j = {{"step", step_}, {"loss", loss}, {"lr", lr}, {"toks_per_s", tok_s}, {"step_ms", step_ms},

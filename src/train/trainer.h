@@ -179,7 +179,7 @@ class Trainer {
   size_t arena_bytes() const;  // the model's arenas: weights, training state, activations and workspace
   void log_step(double loss, double step_ms, int64_t steps);
   void write_metric(const std::string& json_line);
-  void stage_from(DataLoader& loader, bool with_schedule = false);
+  void stage_from(BatchSource& loader, bool with_schedule = false);
   void write_profile(const class OpProfiler& prof, double step_ms);
   void check_guard();  // throws naming the first step whose loss or gradient norm was not finite
   void prepare_out_dir(const std::string& resume_dir);
@@ -191,11 +191,11 @@ class Trainer {
   ModelAssets assets_;        // the model's tokenizer and chat template, saved with every checkpoint
   std::string init_what_;     // --init-from: what the weights came from (the log)
   std::unique_ptr<Gpt> gpt_;  // the weights, the training state and the model over them
-  std::unique_ptr<DataLoader> train_, val_;
+  std::unique_ptr<BatchSource> train_, val_;  // token windows (text) or series windows (timeseries)
   Device device_ = Device::cpu;
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
   Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
-  Tensor tokens_host_, targets_host_, tokens_, targets_, norm_;
+  Tensor tokens_host_, targets_host_, tokens_, targets_, norm_;  // the model's inputs and targets (ends' specs)
   Arena stats_;  // on the model's device: step_losses (steps), eval_loss (1), guard (2) i32
   Tensor step_losses_, eval_loss_, guard_;
   DirLock lock_;  // the out-dir's lock, held for the Trainer's life
@@ -218,6 +218,7 @@ class Trainer {
   std::ofstream metrics_;
   double tokens_per_step_ = 0, flops_per_token_ = 0, peak_tflops_ = 0;
   bool progress_line_ = false;
+  std::string series_note_;  // time-series runs: what the data loading found (log_setup says it)
   class OpProfiler* prof_ = nullptr;  // attached during profiled steps (run() with --profile)
   bool tune_gemms_ = false;           // --tune on, bf16 on the GPU: tune after the first step
   Hooks hooks_;

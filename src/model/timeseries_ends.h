@@ -1,0 +1,44 @@
+// timeseries_ends.h: the ends of the time-series family (Time-MoE style; docs/TIMESERIES.md).
+//
+// Input end: one real value per position (B, T, 1) -> x = SiLU(x W_g^T) * (x W_e^T), (B, T, C): one
+// linear map to [gate | up] (ts_embed.weight, (2C, 1)) then SwiGLU (ops/activation.h), so it reuses
+// the trunk's kernels. Output end: the heads, one linear map (ts_heads.weight, (sum of horizons, C),
+// no bias) whose column block j predicts the next horizons[j] values from each position, and the
+// multi-horizon Huber loss (ops/mse.h huber_horizons_loss). targets: (B, T, Hmax) f32, the value
+// h + 1 steps after each position, NaN where missing. CPU, fp32 plans in this version.
+#pragma once
+#include <vector>
+
+#include "model/ends.h"
+
+namespace lmf {
+
+class TimeSeriesEnds final : public ModelEnds {
+ public:
+  explicit TimeSeriesEnds(const ModelConfig& c);
+  const char* name() const override { return "timeseries"; }
+  std::vector<TensorSpec> input_param_specs() const override;
+  std::vector<TensorSpec> output_param_specs() const override;
+  std::vector<std::string> lazy_grads(const BlockKernels&) const override { return {}; }
+  std::vector<TensorSpec> workspace_specs(const ModelPlan& p) const override;
+  size_t cuda_workspace(const ModelPlan&) const override { return 0; }
+  void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) override;
+  TensorSpec input_spec(const ModelPlan& p) const override { return {"inputs", {p.B, p.T, 1}, DType::f32}; }
+  TensorSpec target_spec(const ModelPlan& p) const override { return {"targets", {p.B, p.T, H_}, DType::f32}; }
+  void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const override;
+  void check_targets(Tensor targets, const ModelPlan& p, const char* what) const override;
+  void input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) override;
+  void input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) override;
+  void output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, float grad_scale, GradMode weights_mode,
+                   OpProfiler* prof) override;
+  void output_values(Tensor out, Tensor x) override;
+  int64_t output_width() const override { return D_; }
+
+ private:
+  int64_t C_, H_, D_;
+  std::vector<int64_t> horizons_;
+  float delta_;
+  Tensor w_emb_, w_heads_, dw_emb_, dw_heads_, pre_, dpre_, pred_, dpred_;
+};
+
+}  // namespace lmf
