@@ -21,6 +21,7 @@
 #include <iostream>
 #include <string>
 
+#include "cli/forecast_cmd.h"
 #include "cli/tokenizer_cmd.h"
 #include "convert/hf_export.h"
 #include "convert/import.h"
@@ -440,6 +441,8 @@ int main(int argc, char** argv) {
   add_tokenizer_command(app, tokc);
 
   GenerateOptions go;
+  ForecastCommand fco;
+  add_forecast_commands(app, fco);
   ScoreOptions sco;
   CLI::App* score = app.add_subcommand("score", "log-probability of each token of a text under a model, as training computes it (JSON)");
   score->add_option("--checkpoint", sco.checkpoint,
@@ -565,6 +568,7 @@ int main(int argc, char** argv) {
     if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
     if (*score) return run_score(sco);
+    if (*fco.forecast || *fco.eval) return run_forecast_command(fco);
     if (*serve) return run_serve(sv);
     if (*imp) return run_import(im_from, im_out, im_overwrite);
     if (*exp) return run_export(ex_to, ex_ckpt, ex_out, ex_overwrite);

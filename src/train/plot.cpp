@@ -56,7 +56,7 @@ Series read_metrics(const fs::path& file) {
   return s;
 }
 
-void write_block(std::ofstream& f, const std::vector<double>& x, const std::vector<double>& y) {
+void write_block(std::ostream& f, const std::vector<double>& x, const std::vector<double>& y) {
   for (size_t i = 0; i < x.size(); ++i) f << x[i] << " " << y[i] << "\n";
   if (x.empty()) f << "NaN NaN\n";  // gnuplot needs a point per block; NaN is skipped
   f << "\n\n";
@@ -71,18 +71,13 @@ std::string quoted(const std::string& s) {
 
 }  // namespace
 
-std::string plot_metrics(const PlotOptions& o) {
-  fs::path metrics = o.metrics;
-  if (fs::is_directory(metrics)) metrics /= "metrics.jsonl";
-  if (!fs::exists(metrics)) fail_not_found("--metrics: ", metrics.string(), " not found");
-  fs::path out = o.out.empty() ? metrics.parent_path() / "curves.svg" : fs::path(o.out);
+void draw_gnuplot(const std::string& out_path, const std::string& data_text, const std::string& script_body) {
+  const fs::path out = out_path;
   const std::string ext = out.extension().string();
   std::string terminal;
   if (ext == ".svg") terminal = "svg size 900,700 dynamic noenhanced background rgb 'white'";
   else if (ext == ".png") terminal = "png size 900,700 noenhanced";
-  else fail("--out: ", out.string(), " must end in .svg or .png");
-  const Series s = read_metrics(metrics);
-
+  else fail(out.string(), ": the image must end in .svg or .png");
   fs::path data = out;
   data.replace_extension(".dat");
   fs::path script = out;
@@ -98,24 +93,17 @@ std::string plot_metrics(const PlotOptions& o) {
   {
     std::ofstream f(data);
     if (!f) fail(data.string(), ": cannot write the plot data");
-    write_block(f, s.train_step, s.train_loss);  // index 0
-    write_block(f, s.val_step, s.val_loss);      // index 1
-    write_block(f, s.tok_step, s.toks);          // index 2
+    f << data_text;
     f.flush();
     if (!f) fail(data.string(), ": write failed (disk full?)");
   }
   {
+    std::string body = script_body;
+    for (size_t at; (at = body.find("$DATA")) != std::string::npos;) body.replace(at, 5, quoted(data.string()));
     std::ofstream g(script);
     if (!g) fail(script.string(), ": cannot write the gnuplot script");
     g << "set terminal " << terminal << "\n"
-      << "set output " << quoted(out.string()) << "\n"
-      << "set multiplot layout 2,1 title " << quoted(o.title.empty() ? metrics.string() : o.title) << "\n"
-      << "set grid\nset xlabel 'step'\nset ylabel 'loss'\nset key top right\n"
-      << "plot " << quoted(data.string()) << " index 0 with lines lw 2 title 'train loss', "
-      << quoted(data.string()) << " index 1 with linespoints lw 2 pt 7 title 'val loss'\n"
-      << "set ylabel 'tokens/s'\nunset key\n"
-      << "plot " << quoted(data.string()) << " index 2 with lines lw 2 title 'tokens/s'\n"
-      << "unset multiplot\n";
+      << "set output " << quoted(out.string()) << "\n" << body;
     g.flush();
     if (!g) fail(script.string(), ": write failed (disk full?)");
   }
@@ -133,6 +121,30 @@ std::string plot_metrics(const PlotOptions& o) {
     fail("plot: gnuplot failed: ", said);
   }
   if (!fs::exists(out) || fs::file_size(out) == 0) fail("plot: gnuplot wrote no image to ", out.string());
+}
+
+std::string gnuplot_quoted(const std::string& s) { return quoted(s); }
+
+std::string plot_metrics(const PlotOptions& o) {
+  fs::path metrics = o.metrics;
+  if (fs::is_directory(metrics)) metrics /= "metrics.jsonl";
+  if (!fs::exists(metrics)) fail_not_found("--metrics: ", metrics.string(), " not found");
+  fs::path out = o.out.empty() ? metrics.parent_path() / "curves.svg" : fs::path(o.out);
+  const std::string ext = out.extension().string();
+  if (ext != ".svg" && ext != ".png") fail("--out: ", out.string(), " must end in .svg or .png");
+  const Series s = read_metrics(metrics);
+  std::ostringstream data;
+  write_block(data, s.train_step, s.train_loss);  // index 0
+  write_block(data, s.val_step, s.val_loss);      // index 1
+  write_block(data, s.tok_step, s.toks);          // index 2
+  std::ostringstream g;
+  g << "set multiplot layout 2,1 title " << quoted(o.title.empty() ? metrics.string() : o.title) << "\n"
+    << "set grid\nset xlabel 'step'\nset ylabel 'loss'\nset key top right\n"
+    << "plot $DATA index 0 with lines lw 2 title 'train loss', $DATA index 1 with linespoints lw 2 pt 7 title 'val loss'\n"
+    << "set ylabel 'tokens/s'\nunset key\n"
+    << "plot $DATA index 2 with lines lw 2 title 'tokens/s'\n"
+    << "unset multiplot\n";
+  draw_gnuplot(out.string(), data.str(), g.str());
   return out.string();
 }
 

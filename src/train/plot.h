@@ -20,4 +20,10 @@ struct PlotOptions {
 // train record, an unknown extension, gnuplot missing or failing) throws lmf::Error naming it.
 std::string plot_metrics(const PlotOptions& o);
 
+// Any figure: runs gnuplot on `script` (commands after set terminal / set output; "$DATA" stands for
+// the data file) over `data` (gnuplot's data blocks), into `out` (.svg or .png, 900x700). The
+// temporaries beside `out` are removed whatever happens; errors name what failed.
+void draw_gnuplot(const std::string& out, const std::string& data, const std::string& script);
+std::string gnuplot_quoted(const std::string& s);  // a single-quoted gnuplot string
+
 }  // namespace lmf

@@ -1,0 +1,86 @@
+// forecast.cpp: see forecast.h.
+#include "model/forecast.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/check.h"
+#include "model/plan.h"
+#include "model/timeseries_ends.h"
+
+namespace lmf {
+
+Forecaster::Forecaster(const ModelConfig& c, Parameters& params, int64_t context)
+    : cfg_(c), params_(params), L_(context) {
+  if (c.family != ModelFamily::timeseries) fail("forecast: the model is a language model, not family=timeseries");
+  if (context < 1 || context > c.context_length)
+    fail("--context=", context, " must be in [1, context_length=", c.context_length, "]");
+  if (params.device() != Device::cpu) fail("forecast: the time-series model runs on the CPU in this version");
+}
+
+Forecaster::~Forecaster() = default;
+
+size_t Forecaster::head_for(int64_t remaining) const {
+  const std::vector<int64_t>& hs = cfg_.ts.horizons;
+  size_t best = 0;
+  for (size_t j = 0; j < hs.size(); ++j)
+    if (hs[j] <= remaining) best = j;
+  return best;
+}
+
+Model& Forecaster::planned(int64_t B) {
+  auto it = models_.find(B);
+  if (it != models_.end()) return *it->second;
+  ModelPlan p;
+  p.B = B;
+  p.T = L_;
+  p.training = false;
+  plan_validate(cfg_, p);
+  auto m = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TimeSeriesEnds>(cfg_));
+  buffers_.emplace(B, Arena("forecast batch", {{"inputs", {B, L_, 1}}, {"values", {B, L_, cfg_.ts.head_outputs()}}}));
+  return *models_.emplace(B, std::move(m)).first->second;
+}
+
+std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vector<float>>& contexts, int64_t horizon) {
+  if (contexts.empty()) return {};
+  if (horizon < 1) fail("--horizon=", horizon, " must be >= 1");
+  for (size_t i = 0; i < contexts.size(); ++i)
+    if (contexts[i].empty()) fail("forecast: series ", i, " has no values");
+  const int64_t B = static_cast<int64_t>(contexts.size()), D = cfg_.ts.head_outputs();
+  Model& m = planned(B);
+  Arena& buf = buffers_.at(B);
+  const Tensor in = buf.get("inputs"), out = buf.get("values");
+  // each series' history so far: the context, then the predictions
+  std::vector<std::vector<float>> hist = contexts, pred(contexts.size());
+  int64_t done = 0;
+  while (done < horizon) {
+    const size_t j = head_for(horizon - done);
+    const int64_t hj = cfg_.ts.horizons[j];
+    int64_t offset = 0;
+    for (size_t k = 0; k < j; ++k) offset += cfg_.ts.horizons[k];
+    // inputs: the last L values, left-padded with the first one when a history is shorter
+    float* x = in.f32();
+    for (int64_t b = 0; b < B; ++b) {
+      const std::vector<float>& h = hist[static_cast<size_t>(b)];
+      const int64_t n = static_cast<int64_t>(h.size());
+      for (int64_t t = 0; t < L_; ++t) {
+        const int64_t src = std::max<int64_t>(0, n - L_ + t);
+        const float v = h[static_cast<size_t>(std::min(src, n - 1))];
+        x[b * L_ + t] = std::isnan(v) ? 0.0f : v;
+      }
+    }
+    m.forward_values(out, in);
+    const int64_t take = std::min(hj, horizon - done);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* last = out.f32() + (b * L_ + L_ - 1) * D + offset;
+      for (int64_t h = 0; h < take; ++h) {
+        pred[static_cast<size_t>(b)].push_back(last[h]);
+        hist[static_cast<size_t>(b)].push_back(last[h]);
+      }
+    }
+    done += take;
+  }
+  return pred;
+}
+
+}  // namespace lmf
