@@ -230,6 +230,7 @@ TEST(SeriesLoader, TablesSplitScaleAndSayWhatWasMissing) {
   EXPECT_EQ(d.val.ranges[0].begin, 140 - 16);
   EXPECT_EQ(d.val.ranges[0].end, 160);     // 80%
   EXPECT_NE(d.note.find("1 missing values masked"), std::string::npos) << d.note;
+  EXPECT_NE(d.note.find("2 series x 200 rows"), std::string::npos) << d.note;
   double mean = 0;  // scaled on the training rows: mean 0 there
   for (int64_t i = 0; i < 140; ++i) mean += d.train.series[0][static_cast<size_t>(i)];
   EXPECT_NEAR(mean / 140, 0.0, 1e-5);

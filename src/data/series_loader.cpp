@@ -98,14 +98,15 @@ void add_table(SeriesRunData& d, const std::string& path, int64_t context) {
   SeriesTable t = read_series_table(path);
   const EttSplits sp = table_splits(t, context);
   StandardScaler::fit(t, sp.train.begin, sp.train.end).apply(t);
+  const int64_t rows = t.rows(), missing = t.missing_total();
+  const size_t series = t.columns.size();
   for (std::vector<float>& col : t.columns) {
     d.train.series.push_back(col);
     d.train.ranges.push_back(sp.train);
     d.val.series.push_back(std::move(col));
     d.val.ranges.push_back(sp.val);
   }
-  const int64_t missing = t.missing_total();
-  d.note += path + ": " + std::to_string(t.columns.size()) + " series x " + std::to_string(t.rows()) + " rows, train rows [" +
+  d.note += path + ": " + std::to_string(series) + " series x " + std::to_string(rows) + " rows, train rows [" +
             std::to_string(sp.train.begin) + ", " + std::to_string(sp.train.end) + "), val rows [" +
             std::to_string(sp.val.begin) + ", " + std::to_string(sp.val.end) + "), scaled on the train rows" +
             (missing > 0 ? ", " + std::to_string(missing) + " missing values masked" : std::string()) + "; ";
