@@ -21,6 +21,8 @@
 #include "ops/mse.h"
 #include "serve/engine.h"
 #include "support/cli_util.h"
+#include "support/fixture_tensor.h"
+#include "train/safetensors.h"
 #include "support/test_util.h"
 
 namespace fs = std::filesystem;
@@ -138,6 +140,51 @@ TEST(TimeSeriesEnds, GradientsMatchFiniteDifferencesThroughTheTrunk) {
       }
     }
   }
+}
+
+// The whole model against PyTorch in float64 (tools/make_timeseries_fixture.py): the head outputs, the
+// loss with masked targets and every parameter's gradient.
+TEST(TimeSeriesModel, MatchesThePyTorchReference) {
+  SafetensorsFile f(test::fixture_path("timeseries_tiny.safetensors"));
+  const ModelConfig c = config_from_json(f.metadata().at("config"), "fixture config");
+  const int64_t B = f.find("inputs")->shape[0], T = f.find("inputs")->shape[1], H = c.ts.max_horizon(),
+                D = c.ts.head_outputs();
+  const ModelPlan plan{B, T, true};
+  TimeSeriesEnds spec(c);
+  Parameters params(model_param_specs(c, spec), Device::cpu, false);
+  TrainingState state(params, Model::lazy_grads(c, plan, spec));
+  Model model(c, plan, params, &state, std::make_unique<TimeSeriesEnds>(c));
+  for (size_t i = 0; i < params.master().size(); ++i) {
+    const std::string name = params.master().spec(i).name;
+    std::vector<float> w = test::fixture_tensor<float>(f, "param." + name, "F32");
+    ASSERT_EQ(static_cast<int64_t>(w.size()), params.master()[i].numel()) << name;
+    tensor_from_host(params.master()[i], w.data());
+  }
+  std::vector<float> in = test::fixture_tensor<float>(f, "inputs", "F32"), tg = test::fixture_tensor<float>(f, "targets", "F32");
+  const Tensor tin = test::tensor_of(in, {B, T, 1}, "inputs"), ttg = test::tensor_of(tg, {B, T, H}, "targets");
+  // head outputs: a forward-only plan over the same weights
+  {
+    Model fwd(c, ModelPlan{B, T, false}, params, nullptr, std::make_unique<TimeSeriesEnds>(c));
+    std::vector<float> values(static_cast<size_t>(B * T * D));
+    fwd.forward_values(test::tensor_of(values, {B, T, D}, "values"), tin);
+    const std::vector<double> want = test::fixture_tensor<double>(f, "ref.values", "F64");
+    EXPECT_TRUE(test::all_close("head outputs", values, want, 1e-5, 1e-4));
+  }
+  state.zero_grad();
+  const double loss = model.forward_backward(tin, ttg);
+  const double want_loss = test::fixture_tensor<double>(f, "ref.loss", "F64")[0];
+  EXPECT_NEAR(loss, want_loss, 1e-5 * std::fabs(want_loss));
+  double worst = 0;
+  for (size_t i = 0; i < state.grads().size(); ++i) {
+    const std::string name = state.grads().spec(i).name;
+    const std::vector<double> want = test::fixture_tensor<double>(f, "grad." + name, "F64");
+    double w = 0;
+    EXPECT_TRUE(test::close_to_tensor_scale("grad " + name, state.grads()[i].f32(), want.data(), want.size(), 1e-4,
+                                            1e-9, &w));
+    worst = std::max(worst, w);
+  }
+  std::printf("[ measured ] time-series model vs PyTorch (float64): loss %.9f vs %.9f, worst gradient error %.2e of "
+              "its tensor's scale\n", loss, want_loss, worst);
 }
 
 TEST(TimeSeriesConfig, JsonRoundTripAndRules) {

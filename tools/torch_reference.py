@@ -203,12 +203,18 @@ def _attention(q, k, v, causal_mask):
 def forward_hidden(params, cfg, tokens):
     """tokens (B, T) int -> final normed hidden state h (B, T, C)."""
     B, T = tokens.shape
-    C, NH, NKV, HS = cfg["d_model"], cfg["n_head"], cfg["n_kv_head"], head_size(cfg)
     assert T <= cfg["context_length"], "sequence longer than context_length"
     tokens = tokens.long()
     x = F.embedding(tokens, params["tok_emb.weight"])
     if cfg["positions"] == "learned":
         x = x + params["pos_emb.weight"][:T]
+    return trunk(params, cfg, x)
+
+
+def trunk(params, cfg, x):
+    """The dense trunk: x (B, T, C), the input end's output -> final normed hidden state (B, T, C)."""
+    B, T, _ = x.shape
+    C, NH, NKV, HS = cfg["d_model"], cfg["n_head"], cfg["n_kv_head"], head_size(cfg)
     dtype, dev = x.dtype, x.device
     if cfg["positions"] == "rope":
         cos, sin = rope_tables(cfg, T, dtype, dev)
