@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -335,6 +336,62 @@ TEST(TimeSeriesTraining, TrainsDeterministicallyAndResumesBitwise) {
   ASSERT_EQ(vl.size(), 2u);
   std::printf("[ measured ] tiny time-series model, synthetic series: val loss %.4f -> %.4f in 40 steps\n", vl[0], vl[1]);
   EXPECT_LT(vl[1], 0.8 * vl[0]) << "the forecaster did not learn";
+  fs::remove_all(dir);
+}
+
+// Bad series files and flags through the CLI: one line naming the file (and row / column) or the
+// flag, a non-zero exit, nothing written.
+TEST(TimeSeriesCli, BadInputIsOneLineAndWritesNothing) {
+  const std::string dir = test::make_temp_dir("ts_cli");
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir + "/" + name) << text;
+    return dir + "/" + name;
+  };
+  std::string good = "date,a,b\n";
+  for (int i = 0; i < 300; ++i) good += "t" + std::to_string(i) + "," + std::to_string(i % 5) + "," + std::to_string(i % 3) + "\n";
+  const std::string ok_csv = write("ok.csv", good);
+  const std::string ragged = write("ragged.csv", "date,a,b\nt0,1,2\nt1,3\n");
+  const std::string text = write("text.csv", "date,a,b\nt0,1,2\nt1,x,4\n");
+  const std::string empty = write("empty.csv", "");
+  const std::string common = " -B 2 -T 32 --steps 1 --device cpu --preset tiny-ts --out-dir " + dir + "/run";
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --data " + ragged + common, dir), {"ragged.csv", "line 3"}));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --data " + text + common, dir), {"text.csv", "'x'", "a"}));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --data " + empty + common, dir), {"empty.csv"}));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --data " + dir + "/none.csv" + common, dir), {"none.csv"}));
+  EXPECT_FALSE(fs::exists(dir + "/run")) << "a refused run created its out-dir";
+  // a trained model, then forecast's and eval-forecast's refusals
+  ASSERT_EQ(test::run_cli("train --data " + ok_csv + " -B 2 -T 32 --steps 2 --device cpu --preset tiny-ts --out-dir " +
+                              dir + "/m",
+                          dir)
+                .exit_code,
+            0);
+  const std::string m = " --checkpoint " + dir + "/m";
+  EXPECT_TRUE(test::one_line_error(test::run_cli("forecast" + m + " --input " + ragged + " --out " + dir + "/f.csv", dir),
+                                   {"ragged.csv"}));
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("forecast" + m + " --input " + ok_csv + " --horizon 0 --out " + dir + "/f.csv", dir), {"--horizon"}));
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("forecast" + m + " --input " + ok_csv + " --context 100000 --out " + dir + "/f.csv", dir), {"--context"}));
+  EXPECT_FALSE(fs::exists(dir + "/f.csv"));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("eval-forecast" + m + " --data " + ok_csv + " --horizons 96,x", dir),
+                                   {"--horizons", "'x'"}));
+  // a horizon longer than the test rows: no window fits
+  EXPECT_TRUE(test::one_line_error(test::run_cli("eval-forecast" + m + " --data " + ok_csv + " --horizons 500 --context 32", dir),
+                                   {"ok.csv"}));
+  // a language model is not a forecaster
+  ASSERT_EQ(test::run_cli("train --preset tiny --steps 1 -B 2 -T 8 --device cpu --out-dir " + dir + "/lm", dir).exit_code, 0);
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("forecast --checkpoint " + dir + "/lm --input " + ok_csv + " --out " + dir + "/f.csv", dir),
+      {"language model"}));
+  // and the good path writes the forecast
+  const test::RunResult good_run =
+      test::run_cli("forecast" + m + " --input " + ok_csv + " --horizon 10 --out " + dir + "/f.csv", dir);
+  ASSERT_EQ(good_run.exit_code, 0) << good_run.err;
+  const std::string csv = read_file(dir + "/f.csv", "forecast");
+  EXPECT_EQ(csv.substr(0, csv.find('\n')), "step,a,b");
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 11);
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("forecast" + m + " --input " + ok_csv + " --horizon 10 --out " + dir + "/f.csv", dir), {"--overwrite"}));
   fs::remove_all(dir);
 }
 

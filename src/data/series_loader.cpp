@@ -52,6 +52,15 @@ EttSplits table_splits(const SeriesTable& t, int64_t context) {
   return {{0, a}, {from(a), b}, {from(b), n}};
 }
 
+int64_t SeriesLoader::count_windows(const SeriesSet& set, int64_t T, int64_t H, int64_t stride) {
+  int64_t n = 0;
+  for (const Split& r : set.ranges) {
+    const int64_t span = r.size() - (T + H);
+    n = checked_add(n, span >= 0 ? span / stride + 1 : 0, "time-series windows");
+  }
+  return n;
+}
+
 SeriesLoader::SeriesLoader(SeriesSet set, int64_t B, int64_t T, int64_t H, uint64_t seed, int64_t stride)
     : set_(std::move(set)), B_(B), T_(T), H_(H), stride_(stride), seed_(seed) {
   LMF_CHECK(B >= 1 && T >= 1 && H >= 1 && stride >= 1 && set_.series.size() == set_.ranges.size(),

@@ -37,6 +37,8 @@ class SeriesLoader final : public BatchSource {
   int64_t total_points() const override { return points_; }
   const std::string& description() const override { return set_.description; }
   int64_t windows() const { return total_; }
+  // Windows of T + H values that fit in a set's ranges (0: a loader over it would be refused).
+  static int64_t count_windows(const SeriesSet& set, int64_t T, int64_t H, int64_t stride = 1);
 
  private:
   SeriesSet set_;

@@ -501,8 +501,10 @@ void Trainer::open_data(int64_t T) {
     SeriesRunData d = load_series_run_data(o_.data, T, cfg_.ts.max_horizon(), o_.seed);
     series_note_ = d.note;
     train_ = std::make_unique<SeriesLoader>(std::move(d.train), o_.batch_size, T, cfg_.ts.max_horizon(), o_.seed);
-    if (!d.val.series.empty())
+    if (SeriesLoader::count_windows(d.val, T, cfg_.ts.max_horizon()) > 0)
       val_ = std::make_unique<SeriesLoader>(std::move(d.val), o_.batch_size, T, cfg_.ts.max_horizon(), o_.seed + 1);
+    else if (!d.val.series.empty())
+      series_note_ += "; no validation: the validation rows hold no window of -T + the longest horizon";
     return;
   }
   if (o_.data.empty()) {
