@@ -21,6 +21,8 @@ ServedModel load_served_model(const std::string& path, const std::string& device
   m.what = src.what;
   m.cfg = src.config;
   m.assets = src.assets;
+  if (m.cfg.family != ModelFamily::text)
+    fail(src.what, " is a time-series model: lmforge forecast and eval-forecast run it (docs/TIMESERIES.md)");
   m.tok = make_model_tokenizer(tokenizer, m.assets.tokenizer_json, m.dir + " (its tokenizer)");
   if (m.tok->vocab_size() > m.cfg.vocab_size)
     fail("tokenizer '", m.tok->name(), "' has ", m.tok->vocab_size(), " tokens but the model's vocab_size is ",
