@@ -37,6 +37,8 @@ std::string join(const std::vector<std::string>& v) {
 }  // namespace
 
 HfArch hf_arch_for(const ModelConfig& c, const std::string& what) {
+  if (c.family != ModelFamily::text)
+    fail("export: ", what, " is a time-series model; Hugging Face export covers language models");
   std::vector<std::string> why;
   auto need = [&](bool ok, const char* rule) {
     if (!ok) why.push_back(rule);
