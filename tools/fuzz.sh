@@ -3,7 +3,7 @@
 # (default 60) on a copy of its seed corpus (fuzz/corpus/<target>/), with the dictionary fuzz/<target>.dict
 # when there is one, else fuzz/json.dict. docs/ROBUSTNESS.md has the details.
 #
-#   tools/fuzz.sh [SECONDS] [TARGET...]     all six targets when none is named
+#   tools/fuzz.sh [SECONDS] [TARGET...]     every target when none is named
 #
 # Environment: LMF_FUZZ_BUILD   build directory (default build-fuzz)
 #              LMF_FUZZ_WORK    working corpora, crashes and logs (default $LMF_FUZZ_BUILD/work)
@@ -19,7 +19,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(fuzz_model_config fuzz_checkpoint_state fuzz_safetensors fuzz_shard fuzz_completion_request
-                                     fuzz_gguf fuzz_hf_config fuzz_chat_template)
+                                     fuzz_gguf fuzz_hf_config fuzz_chat_template fuzz_series)
 build="${LMF_FUZZ_BUILD:-build-fuzz}"
 work="${LMF_FUZZ_WORK:-$build/work}"
 jobs="${LMF_FUZZ_JOBS:-1}"
