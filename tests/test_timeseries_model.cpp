@@ -232,24 +232,36 @@ TEST(SeriesLoader, WindowsHoldTheSeriesAndTheirFutures) {
   SeriesLoader l(set, B, T, H, 7);
   EXPECT_EQ(l.windows(), (35 - 10 + 1) + (30 - 10 + 1));
   std::vector<float> in(static_cast<size_t>(B * T)), tg(static_cast<size_t>(B * T * H));
+  // both series rise by 1 a step: in a window's units (window_stats of its inputs) every input is the
+  // one before plus 1/scale, and target h of input t is input t + (h + 1)/scale
   bool saw_masked_input = false;
+  int64_t rows_checked = 0;
   for (int rep = 0; rep < 40; ++rep) {
     l.next(in.data(), tg.data());
     for (int64_t r = 0; r < B; ++r) {
-      const float first = in[static_cast<size_t>(r * T)];
-      if (first != 0.0f && first < 500) EXPECT_GE(first, 5.0f) << "a window of a left its range [5, 40)";
+      const float* x = in.data() + r * T;
+      bool masked = false;
+      double mean = 0;
       for (int64_t t = 0; t < T; ++t) {
-        const float cur = in[static_cast<size_t>(r * T + t)];
-        saw_masked_input = saw_masked_input || cur == 0.0f;
+        masked = masked || x[t] == 0.0f;  // b's missing value reads 0 (no regular input is 0: T is even)
+        mean += x[t] / static_cast<double>(T);
+      }
+      saw_masked_input = saw_masked_input || masked;
+      if (masked) continue;
+      ++rows_checked;
+      EXPECT_NEAR(mean, 0.0, 1e-5) << "inputs in the window's units";
+      const double step = x[1] - x[0];
+      EXPECT_NEAR(step, 1.0 / std::sqrt((T * T - 1) / 12.0), 1e-5);
+      for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < H; ++h) {
           const float next = tg[static_cast<size_t>((r * T + t) * H + h)];
-          if (std::isnan(next) || cur == 0.0f) continue;  // b's missing value: a NaN target, or an input read as 0
-          EXPECT_EQ(next, cur + static_cast<float>(h + 1)) << "row " << r << " t " << t << " h " << h;
+          if (std::isnan(next)) continue;  // b's missing value as a target: masked
+          EXPECT_NEAR(next, x[t] + (h + 1) * step, 1e-4) << "row " << r << " t " << t << " h " << h;
         }
-      }
     }
   }
   EXPECT_TRUE(saw_masked_input) << "40 batches never held b's missing value";
+  EXPECT_GT(rows_checked, 60);
   // the same position gives the same batch (resume)
   std::vector<float> in2(in.size()), tg2(tg.size());
   SeriesLoader l2(set, B, T, H, 7);

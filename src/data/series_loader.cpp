@@ -93,10 +93,12 @@ void SeriesLoader::next(void* inputs, void* targets) {
     const size_t s = static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), w) - first_.begin() - 1);
     const int64_t start = set_.ranges[s].begin + (w - first_[s]) * stride_;
     const float* v = set_.series[s].data() + start;
+    const WindowStats st = window_stats(v, T_);  // the window is seen in units of its own context
+    const double mu = st.mean, sd = st.scale;
     for (int64_t t = 0; t < T_; ++t) {
-      in[b * T_ + t] = std::isnan(v[t]) ? 0.0f : v[t];
+      in[b * T_ + t] = std::isnan(v[t]) ? 0.0f : static_cast<float>((v[t] - mu) / sd);
       float* row = tg + (b * T_ + t) * H_;
-      for (int64_t h = 0; h < H_; ++h) row[h] = v[t + 1 + h];
+      for (int64_t h = 0; h < H_; ++h) row[h] = static_cast<float>((v[t + 1 + h] - mu) / sd);
     }
   }
 }

@@ -11,6 +11,7 @@
 
 #include "data/loader.h"
 #include "data/timeseries.h"
+#include "model/forecast.h"  // window_stats
 
 namespace lmf {
 
@@ -30,7 +31,7 @@ class SeriesLoader final : public BatchSource {
   // Windows of T + H values inside each series' range, every `stride` rows.
   SeriesLoader(SeriesSet set, int64_t B, int64_t T, int64_t H, uint64_t seed, int64_t stride = 1);
   // inputs: (B, T, 1) f32 (a missing value reads 0); targets: (B, T, H) f32, [b, t, h] the value h + 1
-  // steps after input t (NaN where missing).
+  // steps after input t (NaN where missing); both in the window's units (window_stats of its inputs).
   void next(void* inputs, void* targets) override;
   uint64_t position() const override { return position_; }
   void set_position(uint64_t p) override { position_ = p; }

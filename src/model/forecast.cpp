@@ -10,6 +10,21 @@
 
 namespace lmf {
 
+WindowStats window_stats(const float* v, int64_t n) {
+  double s = 0, c = 0;
+  for (int64_t t = 0; t < n; ++t)
+    if (!std::isnan(v[t])) s += v[t], c += 1;
+  WindowStats w;
+  if (c == 0) return w;
+  w.mean = s / c;
+  double ss = 0;
+  for (int64_t t = 0; t < n; ++t)
+    if (!std::isnan(v[t])) ss += (v[t] - w.mean) * (v[t] - w.mean);
+  const double sd = std::sqrt(ss / c);
+  w.scale = sd > 1e-5 ? sd : 1.0;
+  return w;
+}
+
 Forecaster::Forecaster(const ModelConfig& c, Parameters& params, int64_t context)
     : cfg_(c), params_(params), L_(context) {
   if (c.family != ModelFamily::timeseries) fail("forecast: the model is a language model, not family=timeseries");
@@ -52,6 +67,15 @@ std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vect
   const Tensor in = buf.get("inputs"), out = buf.get("values");
   // each series' history so far: the context, then the predictions
   std::vector<std::vector<float>> hist = contexts, pred(contexts.size());
+  // each series in the units of its last L values (data/series_loader.h window_stats), as in training;
+  // the same units for every autoregressive round
+  std::vector<WindowStats> st(hist.size());
+  for (size_t b = 0; b < hist.size(); ++b) {
+    const int64_t n = static_cast<int64_t>(hist[b].size()), from = std::max<int64_t>(0, n - L_);
+    st[b] = window_stats(hist[b].data() + from, n - from);
+    for (float& v : hist[b])
+      if (!std::isnan(v)) v = static_cast<float>((v - st[b].mean) / st[b].scale);
+  }
   int64_t done = 0;
   while (done < horizon) {
     const size_t j = head_for(horizon - done);
@@ -74,7 +98,8 @@ std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vect
     for (int64_t b = 0; b < B; ++b) {
       const float* last = out.f32() + (b * L_ + L_ - 1) * D + offset;
       for (int64_t h = 0; h < take; ++h) {
-        pred[static_cast<size_t>(b)].push_back(last[h]);
+        const WindowStats& w = st[static_cast<size_t>(b)];
+        pred[static_cast<size_t>(b)].push_back(static_cast<float>(last[h] * w.scale + w.mean));
         hist[static_cast<size_t>(b)].push_back(last[h]);
       }
     }

@@ -16,6 +16,15 @@
 
 namespace lmf {
 
+// A window's instance normalization: the mean and (population) standard deviation of its context's
+// values, NaN ignored; scale 1 for a flat or empty context. The model sees every window in these units,
+// in training (data/series_loader.h SeriesLoader: inputs and targets) and in forecasting (below, which
+// maps its predictions back).
+struct WindowStats {
+  double mean = 0, scale = 1;
+};
+WindowStats window_stats(const float* values, int64_t n);
+
 class Forecaster {
  public:
   // params: the weights of a family=timeseries config (CPU, fp32). context: the inputs the model reads
