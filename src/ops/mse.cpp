@@ -4,21 +4,30 @@
 
 namespace lmf {
 
-void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_scale) {
-  const char* op = "mse_loss";
-  check_f32(y, op);
-  check_f32(targets, op);
-  check_f32(losses, op);
-  LMF_CHECK(y.ndim == 2, op, ": y '", y.name, "' ", y.shape_str(), " must be (N, D)");
-  const int64_t N = y.dim(0), D = y.dim(1);
-  check_shape(targets, {N, D}, op);
+namespace {
+// What both losses require: f32 tensors, y (N, Dy), targets (N, Dt), losses (N), dy absent or (N, Dy),
+// all on one device, the CPU. y must already be known to be 2-D.
+void check_loss_args(const char* op, const Tensor& losses, const Tensor& dy, const Tensor& y, const Tensor& targets,
+                     int64_t Dy, int64_t Dt) {
+  for (const Tensor* t : {&y, &targets, &losses}) check_f32(*t, op);
+  const int64_t N = y.dim(0);
+  check_shape(y, {N, Dy}, op);
+  check_shape(targets, {N, Dt}, op);
   check_shape(losses, {N}, op);
   if (dy.defined()) {
     check_f32(dy, op);
-    check_shape(dy, {N, D}, op);
+    check_shape(dy, {N, Dy}, op);
   }
   check_same_device(op, {&losses, &dy, &y, &targets});
   LMF_CHECK(y.device == Device::cpu, op, ": CPU only in this version ('", y.name, "' is on ", device_name(y.device), ")");
+}
+}  // namespace
+
+void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_scale) {
+  const char* op = "mse_loss";
+  LMF_CHECK(y.ndim == 2, op, ": y '", y.name, "' ", y.shape_str(), " must be (N, D)");
+  const int64_t N = y.dim(0), D = y.dim(1);
+  check_loss_args(op, losses, dy, y, targets, D, D);
   const float *py = y.f32(), *pt = targets.f32();
   float* pl = losses.f32();
   float* pd = dy.defined() ? dy.f32() : nullptr;
@@ -37,7 +46,6 @@ void mse_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, float grad_sca
 void huber_horizons_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, const std::vector<int64_t>& horizons,
                          float delta, float grad_scale) {
   const char* op = "huber_horizons_loss";
-  for (const Tensor* t : {&y, &targets, &losses}) check_f32(*t, op);
   LMF_CHECK(!horizons.empty(), op, ": no horizons");
   int64_t D = 0;
   for (size_t j = 0; j < horizons.size(); ++j) {
@@ -46,15 +54,7 @@ void huber_horizons_loss(Tensor losses, Tensor dy, Tensor y, Tensor targets, con
   }
   LMF_CHECK(y.ndim == 2, op, ": y '", y.name, "' ", y.shape_str(), " must be (N, D)");
   const int64_t N = y.dim(0), H = horizons.back();
-  check_shape(y, {N, D}, op);
-  check_shape(targets, {N, H}, op);
-  check_shape(losses, {N}, op);
-  if (dy.defined()) {
-    check_f32(dy, op);
-    check_shape(dy, {N, D}, op);
-  }
-  check_same_device(op, {&losses, &dy, &y, &targets});
-  LMF_CHECK(y.device == Device::cpu, op, ": CPU only in this version ('", y.name, "' is on ", device_name(y.device), ")");
+  check_loss_args(op, losses, dy, y, targets, D, H);
   LMF_CHECK(delta > 0, op, ": delta=", delta, " must be > 0");
   const float *py = y.f32(), *pt = targets.f32();
   float* pl = losses.f32();
