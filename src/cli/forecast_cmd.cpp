@@ -11,11 +11,13 @@
 
 #include "convert/import.h"
 #include "core/check.h"
+#include "core/device.h"
 #include "core/fsutil.h"
 #include "data/series_loader.h"
 #include "data/timeseries.h"
 #include "model/forecast.h"
 #include "model/gpt.h"
+#include "model/plan.h"
 #include "train/plot.h"
 
 namespace fs = std::filesystem;
@@ -30,14 +32,16 @@ struct LoadedForecaster {
   std::string what;
 };
 
-LoadedForecaster load_forecaster(const std::string& path, bool allow_nonfinite) {
+LoadedForecaster load_forecaster(const std::string& path, bool allow_nonfinite, const std::string& device) {
+  const Device d = parse_device(device);  // a bad --device fails before any loading
   ModelSource src = load_model_source(path, allow_nonfinite);
   if (src.config.family != ModelFamily::timeseries)
     fail(src.what, " is a language model; forecast needs a family=timeseries model (lmforge train --preset tiny-ts)");
   LoadedForecaster f;
   f.cfg = src.config;
   f.what = src.what;
-  f.params = std::make_unique<Parameters>(gpt_param_specs(f.cfg), Device::cpu, false);
+  if (d == Device::cuda) cuda_set_device(0);
+  f.params = std::make_unique<Parameters>(gpt_param_specs(f.cfg), d, false);
   src.load_weights(*f.params);
   return f;
 }
@@ -56,7 +60,7 @@ int run_forecast(const ForecastCommand& o) {
   if (o.horizon < 1 || o.horizon > 100000) fail("--horizon=", o.horizon, " must be in [1, 100000]");
   if (std::error_code ec; fs::exists(o.out, ec) && !o.overwrite)
     fail("--out: ", o.out, " exists; pass --overwrite to replace it");
-  LoadedForecaster lf = load_forecaster(o.checkpoint, o.allow_nonfinite);
+  LoadedForecaster lf = load_forecaster(o.checkpoint, o.allow_nonfinite, o.device);
   SeriesTable t = read_series_table(o.input);
   Forecaster fc(lf.cfg, *lf.params, context_for(lf.cfg, o.context));
   // each series scaled by its own history (the model was trained on standard-scaled series)
@@ -155,7 +159,7 @@ int run_eval_forecast(const ForecastCommand& o) {
   if (o.batch < 1 || o.batch > 4096) fail("--batch=", o.batch, " must be in [1, 4096]");
   if (o.season < 1) fail("--season=", o.season, " must be >= 1");
   const std::vector<int64_t> horizons = parse_horizons(o.horizons);
-  LoadedForecaster lf = load_forecaster(o.checkpoint, o.allow_nonfinite);
+  LoadedForecaster lf = load_forecaster(o.checkpoint, o.allow_nonfinite, o.device);
   Forecaster fc(lf.cfg, *lf.params, context_for(lf.cfg, o.context));
   SeriesTable t = read_series_table(o.data);
   const EttSplits sp = table_splits(t, fc.context());
@@ -193,6 +197,7 @@ void add_forecast_commands(CLI::App& app, ForecastCommand& cmd) {
   f->add_option("--plot", cmd.plot, "also draw history and forecast (.png or .svg)");
   f->add_flag("--overwrite", cmd.overwrite, "replace an existing --out");
   f->add_flag("--allow-nonfinite", cmd.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  f->add_option("--device", cmd.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
   cmd.eval = app.add_subcommand("eval-forecast", "the standard forecasting table: the model against baselines on a test split");
   CLI::App* e = cmd.eval;
   e->add_option("--checkpoint", cmd.checkpoint, "a time-series checkpoint or training out-dir")->required();
@@ -203,6 +208,7 @@ void add_forecast_commands(CLI::App& app, ForecastCommand& cmd) {
   e->add_option("--batch", cmd.batch, "windows per model call")->capture_default_str();
   e->add_option("--season", cmd.season, "period of the seasonal-naive baseline")->capture_default_str();
   e->add_flag("--allow-nonfinite", cmd.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  e->add_option("--device", cmd.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
 }
 
 int run_forecast_command(const ForecastCommand& cmd) {

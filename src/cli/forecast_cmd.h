@@ -9,7 +9,8 @@ namespace lmf {
 struct ForecastCommand {
   CLI::App* forecast = nullptr;
   CLI::App* eval = nullptr;
-  std::string checkpoint, input, out = "forecast.csv", plot, data, horizons = "96,192,336,720";
+  std::string checkpoint, input, out = "forecast.csv", plot, data, horizons = "96,192,336,720",
+              device = "auto";
   int64_t horizon = 96, context = 0, stride = 1, batch = 64, season = 24;
   bool allow_nonfinite = false, overwrite = false;
 };

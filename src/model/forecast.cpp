@@ -30,7 +30,6 @@ Forecaster::Forecaster(const ModelConfig& c, Parameters& params, int64_t context
   if (c.family != ModelFamily::timeseries) fail("forecast: the model is a language model, not family=timeseries");
   if (context < 1 || context > c.context_length)
     fail("--context=", context, " must be in [1, context_length=", c.context_length, "]");
-  if (params.device() != Device::cpu) fail("forecast: the time-series model runs on the CPU in this version");
 }
 
 Forecaster::~Forecaster() = default;
@@ -46,13 +45,14 @@ size_t Forecaster::head_for(int64_t remaining) const {
 Model& Forecaster::planned(int64_t B) {
   auto it = models_.find(B);
   if (it != models_.end()) return *it->second;
-  ModelPlan p;
-  p.B = B;
-  p.T = L_;
-  p.training = false;
-  plan_validate(cfg_, p);
+  // fp32 on either device: forecasts are not the hot path, and f32 keeps the GPU next to the CPU
+  PlanFlags f;
+  f.device = device_name(params_.device());
+  f.precision = "fp32";
+  const ModelPlan p = plan_from_flags(cfg_, f, B, L_, false);
   auto m = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TimeSeriesEnds>(cfg_));
-  buffers_.emplace(B, Arena("forecast batch", {{"inputs", {B, L_, 1}}, {"values", {B, L_, cfg_.ts.head_outputs()}}}));
+  buffers_.emplace(B, Arena("forecast batch", {{"inputs", {B, L_, 1}}, {"values", {B, L_, cfg_.ts.head_outputs()}}},
+                            params_.device()));
   return *models_.emplace(B, std::move(m)).first->second;
 }
 
@@ -65,6 +65,8 @@ std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vect
   Model& m = planned(B);
   Arena& buf = buffers_.at(B);
   const Tensor in = buf.get("inputs"), out = buf.get("values");
+  // host staging: the arena lives on the parameters' device
+  std::vector<float> x_host(static_cast<size_t>(in.numel())), out_host(static_cast<size_t>(out.numel()));
   // each series' history so far: the context, then the predictions
   std::vector<std::vector<float>> hist = contexts, pred(contexts.size());
   // each series in the units of its last L values (data/series_loader.h window_stats), as in training;
@@ -83,7 +85,7 @@ std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vect
     int64_t offset = 0;
     for (size_t k = 0; k < j; ++k) offset += cfg_.ts.horizons[k];
     // inputs: the last L values, left-padded with the first one when a history is shorter
-    float* x = in.f32();
+    float* x = x_host.data();
     for (int64_t b = 0; b < B; ++b) {
       const std::vector<float>& h = hist[static_cast<size_t>(b)];
       const int64_t n = static_cast<int64_t>(h.size());
@@ -93,10 +95,12 @@ std::vector<std::vector<float>> Forecaster::forecast(const std::vector<std::vect
         x[b * L_ + t] = std::isnan(v) ? 0.0f : v;
       }
     }
+    tensor_from_host(in, x_host.data());
     m.forward_values(out, in);
+    tensor_to_host(out_host.data(), out);
     const int64_t take = std::min(hj, horizon - done);
     for (int64_t b = 0; b < B; ++b) {
-      const float* last = out.f32() + (b * L_ + L_ - 1) * D + offset;
+      const float* last = out_host.data() + (b * L_ + L_ - 1) * D + offset;
       for (int64_t h = 0; h < take; ++h) {
         const WindowStats& w = st[static_cast<size_t>(b)];
         pred[static_cast<size_t>(b)].push_back(static_cast<float>(last[h] * w.scale + w.mean));

@@ -27,7 +27,8 @@ WindowStats window_stats(const float* values, int64_t n);
 
 class Forecaster {
  public:
-  // params: the weights of a family=timeseries config (CPU, fp32). context: the inputs the model reads
+  // params: the weights of a family=timeseries config (on the CPU or the GPU: the model runs there, in
+  // fp32). context: the inputs the model reads
   // (at most context_length; the last `context` values of each series).
   Forecaster(const ModelConfig& c, Parameters& params, int64_t context);
   ~Forecaster();

@@ -2,9 +2,7 @@
 #include "model/timeseries_ends.h"
 
 #include "core/profiler.h"
-#include "ops/activation.h"
-#include "ops/linear.h"
-#include "ops/mse.h"
+#include "ops/timeseries.h"
 
 namespace lmf {
 
@@ -18,23 +16,27 @@ std::vector<TensorSpec> TimeSeriesEnds::input_param_specs() const { return {{"ts
 std::vector<TensorSpec> TimeSeriesEnds::output_param_specs() const { return {{"ts_heads.weight", {D_, C_}}}; }
 
 std::vector<TensorSpec> TimeSeriesEnds::workspace_specs(const ModelPlan& p) const {
-  if (p.device != Device::cpu || p.precision != Precision::fp32)
-    fail("the time-series model runs on the CPU in fp32 in this version (plan: ", device_name(p.device), " ",
-         precision_name(p.precision), "; pass --device cpu)");
-  const int64_t N = p.B * p.T;
-  return {{"ts_pre", {N, 2 * C_}}, {"ts_dpre", {N, 2 * C_}}, {"ts_pred", {N, D_}}, {"ts_dpred", {N, D_}}};
+  const int64_t N = p.B * p.T, Dp = forecast_heads_padded(D_);
+  std::vector<TensorSpec> s{{"ts_pred", {N, Dp}, DType::f32}};
+  if (p.training) s.push_back({"ts_dpred", {N, Dp}, p.bf16() ? DType::bf16 : DType::f32});
+  return s;
 }
 
-void TimeSeriesEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKernels&) {
+size_t TimeSeriesEnds::cuda_workspace(const ModelPlan& p) const {
+  return p.training ? point_embedding_backward_cuda_workspace(p.B * p.T, C_) : 0;
+}
+
+void TimeSeriesEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) {
+  math_ = k.gemm_math;
   w_emb_ = v.master("ts_embed.weight");
   w_heads_ = v.master("ts_heads.weight");
-  LMF_CHECK(w_emb_.defined() && w_heads_.defined(), "timeseries ends: the parameters lack ts_embed / ts_heads");
+  w_heads_gemm_ = v.gemm("ts_heads.weight");
+  LMF_CHECK(w_emb_.defined() && w_heads_.defined() && w_heads_gemm_.defined(),
+            "timeseries ends: the parameters lack ts_embed / ts_heads");
   dw_emb_ = v.grad("ts_embed.weight");
   dw_heads_ = v.grad("ts_heads.weight");
-  pre_ = workspace.get("ts_pre");
-  dpre_ = workspace.get("ts_dpre");
   pred_ = workspace.get("ts_pred");
-  dpred_ = workspace.get("ts_dpred");
+  dpred_ = workspace.find("ts_dpred") >= 0 ? workspace.get("ts_dpred") : Tensor();
 }
 
 void TimeSeriesEnds::check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const {
@@ -50,37 +52,26 @@ void TimeSeriesEnds::check_targets(Tensor targets, const ModelPlan& p, const cha
 void TimeSeriesEnds::input_forward(Tensor x, Tensor inputs, Tensor, OpProfiler* prof) {
   ProfileScope scope(prof, "point embedding fwd");
   const int64_t N = inputs.dim(0) * inputs.dim(1);
-  const Tensor pre = pre_.rows(0, N);
-  linear_forward(pre, inputs.view({N, 1}), w_emb_, Tensor());
-  swiglu_forward(x.view({N, C_}), pre);
+  point_embedding_forward(x.view({N, C_}), inputs.view({N}), w_emb_);
 }
 
 void TimeSeriesEnds::input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) {
   ProfileScope scope(prof, "point embedding bwd");
   const int64_t N = inputs.dim(0) * inputs.dim(1);
-  const Tensor pre = pre_.rows(0, N), dpre = dpre_.rows(0, N);
-  std::fill(dpre.f32(), dpre.f32() + dpre.numel(), 0.0f);  // swiglu_backward accumulates
-  swiglu_backward(dpre, dx.view({N, C_}), pre);
-  linear_backward(Tensor(), dw_emb_, Tensor(), dpre, inputs.view({N, 1}), w_emb_);
+  point_embedding_backward(dw_emb_, dx.view({N, C_}), inputs.view({N}), w_emb_);
 }
 
 void TimeSeriesEnds::output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, float grad_scale, GradMode,
                                  OpProfiler* prof) {
   ProfileScope scope(prof, dx.defined() ? "forecast heads + huber fwd+bwd" : "forecast heads + huber fwd");
   const int64_t N = x.dim(0);
-  const Tensor pred = pred_.rows(0, N), dpred = dpred_.rows(0, N);
-  linear_forward(pred, x, w_heads_, Tensor());
-  const Tensor t = targets.view({N, H_});
-  if (!dx.defined()) {
-    huber_horizons_loss(losses, Tensor(), pred, t, horizons_, delta_, 0.0f);
-    return;
-  }
-  huber_horizons_loss(losses, dpred, pred, t, horizons_, delta_, grad_scale);
-  linear_backward(dx, dw_heads_, Tensor(), dpred, x, w_heads_);
+  forecast_heads_loss(losses, dx, dw_heads_, x, w_heads_gemm_, targets.view({N, H_}), pred_, dpred_, horizons_, delta_,
+                      dx.defined() ? grad_scale : 0.0f, math_);
 }
 
 void TimeSeriesEnds::output_values(Tensor out, Tensor x) {
-  linear_forward(out.view({x.dim(0), D_}), x, w_heads_, Tensor());
+  const Tensor w = x.dtype == DType::bf16 ? w_heads_gemm_ : w_heads_;
+  forecast_heads_forward(out.view({x.dim(0), D_}), x, w, math_);
 }
 
 }  // namespace lmf
