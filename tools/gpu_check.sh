@@ -29,7 +29,11 @@
 #   tools/gpu_check.sh python     # builds the Python extension (carry third_party/pydeps: nanobind + pytest, from
 #                                 # `pip install --target third_party/pydeps pytest nanobind`) and runs tests/python
 #                                 # (test_gpu.py: DLPack logprobs, generation and training bitwise the CLI's on the GPU)
-# LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both).
+#   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
+#                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
+#                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
+# LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both); LMF_WITH_TS=1
+# adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark).
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests); LMF_EXTRA_TARGETS adds
 # build targets to the modes that build only some (serve, servebench).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
@@ -102,6 +106,9 @@ targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding"
 [ "$what" = python ] && targets="lmforge"
+[ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
+[ "$what" = ts ] && LMF_WITH_TS=1
+[ -n "$targets" ] && [ "${LMF_WITH_TS:-0}" = 1 ] && targets="$targets lmforge test_cuda_timeseries"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
@@ -201,6 +208,42 @@ n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), le
   gen=$(echo "$r1" | python3 -c "import json,sys; j=json.load(sys.stdin); print(j['usage']['completion_tokens'], j['choices'][0]['text'] == open('$OUT/gen_cuda.txt').read()[len('And God said'):][:len(j['choices'][0]['text'])])" 2>&1)
   add "serve --device cuda (tokens, = generate)" "$gen; stream events $r2; bad request $bad; exit $src"
   [ "$src" = 0 ] && [ "$bad" = 400 ] || failures=$((failures + 1))
+  fi
+fi
+
+if [ "${LMF_WITH_TS:-0}" = 1 ]; then
+  t=build-gpu/tests/test_cuda_timeseries
+  GTEST_FILTER='*' "$t" >"$OUT/ts_tests.log" 2>&1
+  rc=$?
+  add "test_cuda_timeseries" "rc=$rc passed=$(grep -oE '\[  PASSED  \] [0-9]+' "$OUT/ts_tests.log" | grep -oE '[0-9]+$') \
+failed=$(grep -oE '[0-9]+ FAILED TEST' "$OUT/ts_tests.log" | grep -oE '^[0-9]+')"
+  [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "Failure|Expected|Which is|value|seed|error" "$OUT/ts_tests.log" | head -30; }
+  grep "measured" "$OUT/ts_tests.log"
+  for prec in fp32 bf16; do
+    ./build-gpu/lmforge train --device cuda --precision $prec --preset tiny-ts -B 16 -T 512 --steps 200 --warmup 20 \
+      --lr 2e-3 --log-every 50 --eval-every 100 --out-dir "$OUT/ts_$prec" >"$OUT/ts_train_$prec.log" 2>&1
+    rc=$?
+    add "train tiny-ts on GPU $prec (200 steps)" "rc=$rc $(grep val_loss "$OUT/ts_train_$prec.log" | tail -1) \
+$(grep -oE 'points/s=[0-9,]+' "$OUT/ts_train_$prec.log" | tail -1)"
+    [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/ts_train_$prec.log"; }
+  done
+  # forecast on the GPU and on the CPU from the fp32 run: the same numbers to fp32 rounding
+  python3 -c "import math; print('time,a,b'); [print(f'{i},{math.sin(i/8)+i/300:.6f},{math.cos(i/5)*2:.6f}') for i in range(700)]" \
+    >"$OUT/ts_history.csv"
+  for d in cuda cpu; do
+    ./build-gpu/lmforge forecast --device $d --checkpoint "$OUT/ts_fp32" --input "$OUT/ts_history.csv" --horizon 200 \
+      --out "$OUT/ts_forecast_$d.csv" --overwrite >"$OUT/ts_forecast_$d.log" 2>&1 || failures=$((failures + 1))
+  done
+  add "forecast GPU vs CPU (max abs diff)" "$(python3 -c "import csv,sys; a,b=[list(csv.reader(open(sys.argv[i]))) for i in (1,2)]; \
+print(max(abs(float(x)-float(y)) for r,s in zip(a[1:],b[1:]) for x,y in zip(r[1:],s[1:])), len(a)-1, 'rows')" \
+    "$OUT/ts_forecast_cuda.csv" "$OUT/ts_forecast_cpu.csv" 2>&1)"
+  if [ "${LMF_TS_BENCH:-1}" = 1 ]; then
+    timeout "${LMF_TS_BENCH_TIMEOUT:-420}" python3 bench/timeseries_gpu.py --lmforge build-gpu/lmforge --out-dir "$OUT/tsbench" \
+      >"$OUT/tsbench.log" 2>&1
+    rc=$?
+    cat "$OUT/tsbench.log" | tail -20
+    add "time-series bench (timemoe-field)" "rc=$rc $(grep -E '^ratio' "$OUT/tsbench.log" | tr '\n' ' ')"
+    [ $rc -eq 0 ] || failures=$((failures + 1))
   fi
 fi
 
