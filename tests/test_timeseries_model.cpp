@@ -19,7 +19,10 @@
 #include "model/gpt.h"
 #include "model/score.h"
 #include "model/timeseries_ends.h"
+#include "ops/activation.h"
+#include "ops/linear.h"
 #include "ops/mse.h"
+#include "ops/timeseries.h"
 #include "serve/engine.h"
 #include "support/cli_util.h"
 #include "support/fixture_tensor.h"
@@ -91,6 +94,77 @@ TEST(HuberHorizonsLoss, MatchesFloat64AndFiniteDifferencesWithMaskedTargets) {
   EXPECT_THROW(huber_horizons_loss(test::tensor_of(l2, {N}, "l2"), Tensor(), test::tensor_of(y, {N, D}, "y"),
                                    test::tensor_of(tw, {N, 3}, "t"), hs, delta, 0.0f),
                Error);
+}
+
+// The fused ops of the ends (ops/timeseries.h) against the compositions they replace: the point
+// embedding is linear (K = 1) + SwiGLU, the heads' loss is a GEMM into a padded scratch + the Huber
+// loss + two GEMMs; padding columns of dpred are 0 and never read.
+TEST(TimeSeriesOps, FusedOpsEqualTheirCompositions) {
+  const int64_t N = 37, C = 12, D = 8, Dp = forecast_heads_padded(D), H = 4;
+  const std::vector<int64_t> hs = {1, 3, 4};
+  ASSERT_EQ(Dp, 8);
+  ASSERT_EQ(forecast_heads_padded(105), 112);
+  std::vector<float> v = test::randn(N, 11), w = test::randn(2 * C, 12), x(N * C), pre(N * 2 * C), ref(N * C);
+  point_embedding_forward(test::tensor_of(x, {N, C}, "x"), test::tensor_of(v, {N}, "v"), test::tensor_of(w, {2 * C, 1}, "w"));
+  linear_forward(test::tensor_of(pre, {N, 2 * C}, "pre"), test::tensor_of(v, {N, 1}, "v"), test::tensor_of(w, {2 * C, 1}, "w"),
+                 Tensor());
+  swiglu_forward(test::tensor_of(ref, {N, C}, "ref"), test::tensor_of(pre, {N, 2 * C}, "pre"));
+  EXPECT_EQ(x, ref);
+  // backward: dw += sum over rows, against dpre = swiglu_backward then dW = dpre^T v in float64
+  std::vector<float> dx = test::randn(N * C, 13), dw(2 * C, 1.0f), dpre(N * 2 * C, 0.0f);
+  point_embedding_backward(test::tensor_of(dw, {2 * C, 1}, "dw"), test::tensor_of(dx, {N, C}, "dx"),
+                           test::tensor_of(v, {N}, "v"), test::tensor_of(w, {2 * C, 1}, "w"));
+  swiglu_backward(test::tensor_of(dpre, {N, 2 * C}, "dpre"), test::tensor_of(dx, {N, C}, "dx"),
+                  test::tensor_of(pre, {N, 2 * C}, "pre"));
+  std::vector<double> dw_ref(2 * C, 1.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < 2 * C; ++j) dw_ref[j] += static_cast<double>(dpre[n * 2 * C + j]) * v[n];
+  EXPECT_TRUE(test::all_close("dw", dw, dw_ref, 1e-5, 1e-5));
+  // heads: padded scratch (Dp = 8 here, so use a 12-wide one by hand through huber_horizons_loss)
+  std::vector<float> hx = test::randn(N * C, 14), hw = test::randn(D * C, 15, 0.3f), t = test::randn(N * H, 16);
+  t[5] = NAN;
+  std::vector<float> losses(N), hdx(N * C, 0.5f), hdw(D * C, 0.25f), pred(N * Dp, 7.0f), dpred(N * Dp, 7.0f);
+  forecast_heads_loss(test::tensor_of(losses, {N}, "losses"), test::tensor_of(hdx, {N, C}, "dx"),
+                      test::tensor_of(hdw, {D, C}, "dw"), test::tensor_of(hx, {N, C}, "x"), test::tensor_of(hw, {D, C}, "w"),
+                      test::tensor_of(t, {N, H}, "t"), test::tensor_of(pred, {N, Dp}, "pred"),
+                      test::tensor_of(dpred, {N, Dp}, "dpred"), hs, 2.0f, 0.5f);
+  std::vector<float> y(N * D), l2(N), dy(N * D), dx2(N * C, 0.5f), dw2(D * C, 0.25f);
+  linear_forward(test::tensor_of(y, {N, D}, "y"), test::tensor_of(hx, {N, C}, "x"), test::tensor_of(hw, {D, C}, "w"), Tensor());
+  huber_horizons_loss(test::tensor_of(l2, {N}, "l2"), test::tensor_of(dy, {N, D}, "dy"), test::tensor_of(y, {N, D}, "y"),
+                      test::tensor_of(t, {N, H}, "t"), hs, 2.0f, 0.5f);
+  linear_backward(test::tensor_of(dx2, {N, C}, "dx"), test::tensor_of(dw2, {D, C}, "dw"), Tensor(),
+                  test::tensor_of(dy, {N, D}, "dy"), test::tensor_of(hx, {N, C}, "x"), test::tensor_of(hw, {D, C}, "w"));
+  EXPECT_EQ(losses, l2);
+  EXPECT_EQ(hdx, dx2);
+  EXPECT_EQ(hdw, dw2);
+  // a wider prediction row (padding past D) leaves the loss unchanged and its gradient 0
+  std::vector<float> yp(N * 12, 5.0f), dyp(N * 12, 5.0f), l3(N);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) yp[n * 12 + d] = y[n * D + d];
+  huber_horizons_loss(test::tensor_of(l3, {N}, "l3"), test::tensor_of(dyp, {N, 12}, "dy"), test::tensor_of(yp, {N, 12}, "y"),
+                      test::tensor_of(t, {N, H}, "t"), hs, 2.0f, 0.5f);
+  EXPECT_EQ(l3, l2);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < 12; ++d) EXPECT_EQ(dyp[n * 12 + d], d < D ? dy[n * D + d] : 0.0f) << n << "," << d;
+  // and the forward-only heads give the predictions
+  std::vector<float> out(N * D);
+  forecast_heads_forward(test::tensor_of(out, {N, D}, "out"), test::tensor_of(hx, {N, C}, "x"), test::tensor_of(hw, {D, C}, "w"));
+  EXPECT_EQ(out, y);
+  // errors name the tensors
+  std::vector<float> narrow(N * 4);
+  EXPECT_TRUE(test::one_line_error(
+      [&] {
+        forecast_heads_loss(test::tensor_of(losses, {N}, "losses"), Tensor(), Tensor(), test::tensor_of(hx, {N, C}, "x"),
+                            test::tensor_of(hw, {D, C}, "w"), test::tensor_of(t, {N, H}, "t"),
+                            test::tensor_of(narrow, {N, 4}, "pred"), Tensor(), hs, 2.0f, 0.0f);
+      },
+      {"forecast_heads_loss", "pred"}));
+  EXPECT_TRUE(test::one_line_error(
+      [&] {
+        point_embedding_forward(test::tensor_of(x, {N, C}, "x"), test::tensor_of(v, {N}, "v"),
+                                test::tensor_of(hw, {D, C}, "w"));
+      },
+      {"point_embedding_forward", "'w'"}));
 }
 
 ModelConfig small_ts(bool moe) {
