@@ -55,9 +55,6 @@ class ModelEnds {
   // The model's inputs and targets at this plan (the trainer's batch buffers are laid out from them).
   virtual TensorSpec input_spec(const ModelPlan& p) const = 0;
   virtual TensorSpec target_spec(const ModelPlan& p) const = 0;
-  // Shapes and dtypes of the model's inputs and targets for this plan; throws naming `what`.
-  virtual void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const = 0;
-  virtual void check_targets(Tensor targets, const ModelPlan& p, const char* what) const = 0;
 
   // --- run (a step: no allocation, no host synchronisation) ------------------------------------
   // x (B, T, C) = input end(inputs); positions: absent (row t of each sequence is position t) or (B T)
@@ -74,6 +71,10 @@ class ModelEnds {
   virtual void output_values(Tensor out, Tensor x) = 0;
   virtual int64_t output_width() const = 0;  // columns of output_values' out
 };
+
+// t has the spec's shape and dtype (the model checks its inputs and targets against the ends' specs,
+// kept from set-up: no allocation in a step); throws naming `what`.
+void check_matches_spec(const Tensor& t, const TensorSpec& s, const char* what);
 
 // The ends of a config's family: TokenEnds (text) or TimeSeriesEnds (timeseries).
 std::unique_ptr<ModelEnds> make_ends(const ModelConfig& c);

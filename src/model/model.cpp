@@ -241,6 +241,8 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
     : cfg_(c), plan_(p), params_(params), state_(state), ends_(std::move(ends)) {
   plan_validate(cfg_, plan_);
   LMF_CHECK(ends_ != nullptr, "Model: no ends");
+  input_spec_ = ends_->input_spec(plan_);
+  target_spec_ = ends_->target_spec(plan_);
   LMF_CHECK(!plan_.training || state_ != nullptr, "Model: a training plan needs a TrainingState");
   const std::vector<TensorSpec> specs = model_param_specs(cfg_, *ends_);
   const Arena& m = params_.master();
@@ -437,8 +439,8 @@ void Model::trunk_backward(Tensor inputs, float loss_scale) {
 
 void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_scale) {
   LMF_CHECK(plan_.training, "forward_backward on a model planned without training state");
-  ends_->check_targets(targets, plan_, "model forward_backward (targets)");
-  ends_->check_inputs(inputs, plan_, "model forward_backward (inputs)");
+  check_matches_spec(targets, target_spec_, "model forward_backward (targets)");
+  check_matches_spec(inputs, input_spec_, "model forward_backward (inputs)");
   TrainingState& st = *state_;
   const OpPlansScope plans(op_plans_);
   st.begin_backward();
@@ -456,8 +458,8 @@ void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_sc
 }
 
 void Model::forward_loss_device(Tensor inputs, Tensor targets) {
-  ends_->check_targets(targets, plan_, "model forward (targets)");
-  ends_->check_inputs(inputs, plan_, "model forward (inputs)");
+  check_matches_spec(targets, target_spec_, "model forward (targets)");
+  check_matches_spec(inputs, input_spec_, "model forward (inputs)");
   const OpPlansScope plans(op_plans_);
   trunk_forward(inputs);
   const int64_t N = plan_.B * plan_.T;
@@ -477,7 +479,7 @@ double Model::forward_loss(Tensor inputs, Tensor targets) {
 void Model::forward_values(Tensor out, Tensor inputs) {
   check_shape(out, {plan_.B, plan_.T, ends_->output_width()}, "model forward_values");
   if (plan_.bf16()) fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
-  ends_->check_inputs(inputs, plan_, "model forward_values (inputs)");
+  check_matches_spec(inputs, input_spec_, "model forward_values (inputs)");
   const OpPlansScope plans(op_plans_);
   trunk_forward(inputs);
   ends_->output_values(out, lnf_.out.view({plan_.B * plan_.T, cfg_.d_model}));
@@ -485,7 +487,7 @@ void Model::forward_values(Tensor out, Tensor inputs) {
 
 void Model::forward_paged(Tensor out, const PagedBatch& batch, KvCache& cache) {
   LMF_CHECK(plan_.serve, "forward_paged on a model not planned for serving");
-  ends_->check_inputs(batch.tokens, plan_, "model forward_paged (tokens)");
+  check_matches_spec(batch.tokens, input_spec_, "model forward_paged (tokens)");
   const OpPlansScope plans(op_plans_);
   trunk_forward(batch.tokens, &cache, &batch);
   {

@@ -118,6 +118,7 @@ class Model {
   TrainingState* state_;
   OpPlans op_plans_;
   std::unique_ptr<ModelEnds> ends_;
+  TensorSpec input_spec_, target_spec_;  // the ends' specs at this plan (checked every call, built once)
   OpProfiler* prof_ = nullptr;
   Arena acts_, work_;
   // views: weights (masters, GEMM operands, gradients) of every layer and the final norm

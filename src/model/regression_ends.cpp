@@ -41,16 +41,6 @@ void RegressionEnds::bind(const EndsViews& v, const Arena& workspace, const Bloc
   dpred_ = workspace.get("dpred");
 }
 
-void RegressionEnds::check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const {
-  check_shape(inputs, {p.B, p.T, d_in_}, what);
-  check_f32(inputs, what);
-}
-
-void RegressionEnds::check_targets(Tensor targets, const ModelPlan& p, const char* what) const {
-  check_shape(targets, {p.B, p.T, d_out_}, what);
-  check_f32(targets, what);
-}
-
 void RegressionEnds::input_forward(Tensor x, Tensor inputs, Tensor, OpProfiler* prof) {
   ProfileScope scope(prof, "input projection fwd");
   linear_forward(x, inputs, w_in_, b_in_);

@@ -39,16 +39,6 @@ void TimeSeriesEnds::bind(const EndsViews& v, const Arena& workspace, const Bloc
   dpred_ = workspace.find("ts_dpred") >= 0 ? workspace.get("ts_dpred") : Tensor();
 }
 
-void TimeSeriesEnds::check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const {
-  check_shape(inputs, {p.B, p.T, 1}, what);
-  check_f32(inputs, what);
-}
-
-void TimeSeriesEnds::check_targets(Tensor targets, const ModelPlan& p, const char* what) const {
-  check_shape(targets, {p.B, p.T, H_}, what);
-  check_f32(targets, what);
-}
-
 void TimeSeriesEnds::input_forward(Tensor x, Tensor inputs, Tensor, OpProfiler* prof) {
   ProfileScope scope(prof, "point embedding fwd");
   const int64_t N = inputs.dim(0) * inputs.dim(1);

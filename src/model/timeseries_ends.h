@@ -27,8 +27,6 @@ class TimeSeriesEnds final : public ModelEnds {
   void bind(const EndsViews& v, const Arena& workspace, const BlockKernels& k) override;
   TensorSpec input_spec(const ModelPlan& p) const override { return {"inputs", {p.B, p.T, 1}, DType::f32}; }
   TensorSpec target_spec(const ModelPlan& p) const override { return {"targets", {p.B, p.T, H_}, DType::f32}; }
-  void check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const override;
-  void check_targets(Tensor targets, const ModelPlan& p, const char* what) const override;
   void input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) override;
   void input_backward(Tensor dx, Tensor inputs, OpProfiler* prof) override;
   void output_loss(Tensor losses, Tensor dx, Tensor x, Tensor targets, float grad_scale, GradMode weights_mode,

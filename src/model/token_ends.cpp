@@ -78,14 +78,6 @@ void TokenEnds::bind(const EndsViews& v, const Arena& workspace, const BlockKern
   logits_scratch_ = workspace.get("logits_scratch");
 }
 
-void TokenEnds::check_inputs(Tensor inputs, const ModelPlan& p, const char* what) const {
-  check_shape(inputs, {p.B, p.T}, what);
-}
-
-void TokenEnds::check_targets(Tensor targets, const ModelPlan& p, const char* what) const {
-  check_shape(targets, {p.B, p.T}, what);
-}
-
 void TokenEnds::input_forward(Tensor x, Tensor inputs, Tensor positions, OpProfiler* prof) {
   ProfileScope scope(prof, "embedding fwd");
   if (positions.defined()) embedding_forward(x, inputs, tok_emb_, pos_emb_, positions);
