@@ -218,9 +218,11 @@ TEST(TimeSeriesEnds, GradientsMatchFiniteDifferencesThroughTheTrunk) {
 }
 
 // The whole model against PyTorch in float64 (tools/make_timeseries_fixture.py): the head outputs, the
-// loss with masked targets and every parameter's gradient.
-TEST(TimeSeriesModel, MatchesThePyTorchReference) {
-  SafetensorsFile f(test::fixture_path("timeseries_tiny.safetensors"));
+// loss with masked targets and every parameter's gradient. The loss is lmforge's training objective:
+// the Huber term forward_backward returns plus, with an MoE trunk, the layers' aux terms (moe_summary;
+// the trainer's `loss = pred + aux`), whose gradients the backward includes.
+void expect_matches_fixture(const char* fixture, const char* what) {
+  SafetensorsFile f(test::fixture_path(fixture));
   const ModelConfig c = config_from_json(f.metadata().at("config"), "fixture config");
   const int64_t B = f.find("inputs")->shape[0], T = f.find("inputs")->shape[1], H = c.ts.max_horizon(),
                 D = c.ts.head_outputs();
@@ -246,9 +248,15 @@ TEST(TimeSeriesModel, MatchesThePyTorchReference) {
     EXPECT_TRUE(test::all_close("head outputs", values, want, 1e-5, 1e-4));
   }
   state.zero_grad();
-  const double loss = model.forward_backward(tin, ttg);
+  const double pred = model.forward_backward(tin, ttg);
+  const double aux = c.moe.experts > 0 ? model.moe_summary().aux : 0.0, loss = pred + aux;
   const double want_loss = test::fixture_tensor<double>(f, "ref.loss", "F64")[0];
   EXPECT_NEAR(loss, want_loss, 1e-5 * std::fabs(want_loss));
+  if (c.moe.experts > 0) {
+    const double want_aux = test::fixture_tensor<double>(f, "ref.aux", "F64")[0];
+    EXPECT_GT(want_aux, 0.0);
+    EXPECT_NEAR(aux, want_aux, 1e-5 * std::fabs(want_aux));
+  }
   double worst = 0;
   for (size_t i = 0; i < state.grads().size(); ++i) {
     const std::string name = state.grads().spec(i).name;
@@ -258,8 +266,23 @@ TEST(TimeSeriesModel, MatchesThePyTorchReference) {
                                             1e-9, &w));
     worst = std::max(worst, w);
   }
-  std::printf("[ measured ] time-series model vs PyTorch (float64): loss %.9f vs %.9f, worst gradient error %.2e of "
-              "its tensor's scale\n", loss, want_loss, worst);
+  std::printf("[ measured ] %s vs PyTorch (float64): loss %.9f vs %.9f (aux %.9f), worst gradient error %.2e of "
+              "its tensor's scale\n", what, loss, want_loss, aux, worst);
+}
+
+TEST(TimeSeriesModel, MatchesThePyTorchReference) {
+  expect_matches_fixture("timeseries_tiny.safetensors", "time-series model");
+}
+
+// The MoE trunk in tiny-ts's shape (4 experts, top-2, a shared expert with its sigmoid gate, aux loss):
+// routing, combine weights, the shared gate and the aux term's gradient through the router.
+TEST(TimeSeriesModel, MoeTrunkMatchesThePyTorchReference) {
+  SafetensorsFile f(test::fixture_path("timeseries_moe.safetensors"));
+  const ModelConfig c = config_from_json(f.metadata().at("config"), "fixture config");
+  ASSERT_EQ(c.moe.experts, 4);
+  ASSERT_TRUE(c.moe.shared == 1 && c.moe.shared_gate && c.moe.aux_coef > 0);
+  ASSERT_NE(f.find("grad.layers.1.moe.shared.gate"), nullptr);
+  expect_matches_fixture("timeseries_moe.safetensors", "time-series MoE model");
 }
 
 TEST(TimeSeriesConfig, JsonRoundTripAndRules) {

@@ -12,6 +12,11 @@ Used by tools/make_fixtures.py (in float64) and bench/torch_cpu_step.py (in floa
 
 forward_naive() is a slow, literal transcription of the MODEL.md formulas (explicit loops over
 heads, explicit LayerNorm/RMSNorm/GELU/RoPE arithmetic); it exists only to cross-check forward().
+
+MoE trunks (docs/MODEL.md "MoE"): cfg may carry "moe", a dict with the lmforge config's moe keys
+(experts, top_k, d_expert, every, first_dense, shared, shared_gate, score, renormalize, aux_coef,
+z_coef; dropless only: capacity_factor and bias_rate 0). Its layers get the moe.* parameters instead
+of mlp.* and trunk(..., moe_stats=[]) reports each MoE layer's aux + z loss (see moe_ffn).
 """
 import json
 import math
@@ -78,6 +83,25 @@ def head_size(cfg):
     return cfg["d_model"] // cfg["n_head"]
 
 
+def moe_cfg(cfg):
+    """The config's "moe" dict with lmforge's defaults filled in ({} for a dense model)."""
+    m = cfg.get("moe") or {}
+    if m.get("experts", 0) == 0:
+        return {}
+    out = dict(top_k=2, d_expert=0, every=1, first_dense=0, shared=0, shared_gate=False, score="softmax",
+               renormalize=True, capacity_factor=0.0, aux_coef=0.01, z_coef=0.0, bias_rate=0.0)
+    out.update(m)
+    assert out["capacity_factor"] == 0 and out["bias_rate"] == 0, "the reference MoE is dropless, without selection bias"
+    if out["d_expert"] == 0:
+        out["d_expert"] = cfg["d_ff"]
+    return out
+
+
+def is_moe_layer(cfg, layer):
+    m = moe_cfg(cfg)
+    return bool(m) and layer >= m["first_dense"] and (layer - m["first_dense"]) % m["every"] == 0
+
+
 def param_specs(cfg):
     """[(name, shape, kind)] in the MODEL.md order. kind: emb | linear | proj | bias | norm."""
     C, F_, L = cfg["d_model"], cfg["d_ff"], cfg["n_layer"]
@@ -106,6 +130,19 @@ def param_specs(cfg):
         linear(p + "attn.qkv", qkv, C, "linear")
         linear(p + "attn.proj", C, NH * HS, "proj")
         norm(p + "norm2")
+        if is_moe_layer(cfg, i):  # src/model/model.cpp trunk_param_specs
+            m = moe_cfg(cfg)
+            E, S, Fe = m["experts"], m["shared"], m["d_expert"]
+            Fi = 2 * Fe if cfg["activation"] == "swiglu" else Fe
+            specs.append((p + "moe.router.weight", (E, C), "linear"))
+            specs.append((p + "moe.experts.w_in", (E, Fi, C), "linear"))
+            specs.append((p + "moe.experts.w_out", (E, C, Fe), "proj"))
+            if S > 0:
+                specs.append((p + "moe.shared.w_in", (S, Fi, C), "linear"))
+                specs.append((p + "moe.shared.w_out", (S, C, Fe), "proj"))
+                if m["shared_gate"]:
+                    specs.append((p + "moe.shared.gate", (S, C), "linear"))
+            continue
         linear(p + "mlp.fc", fc, C, "linear")
         linear(p + "mlp.proj", C, F_, "proj")
     norm("norm_f")
@@ -211,8 +248,64 @@ def forward_hidden(params, cfg, tokens):
     return trunk(params, cfg, x)
 
 
-def trunk(params, cfg, x):
-    """The dense trunk: x (B, T, C), the input end's output -> final normed hidden state (B, T, C)."""
+def _ffn_act(u, cfg, width):
+    """SwiGLU over rows [gate; up] of u (..., 2 width), or tanh-GELU."""
+    if cfg["activation"] == "gelu":
+        return F.gelu(u, approximate="tanh")
+    return F.silu(u[..., :width]) * u[..., width:]
+
+
+def moe_ffn(params, cfg, p, h):
+    """An MoE layer's FFN (src/ops/moe.h, dropless), written with plain torch ops, not from moe.cpp.
+
+    h: (B, T, C) -> out (B, T, C), stats {"aux": aux + z loss (differentiable scalar), "gap": the
+    smallest margin over the rows between the K-th and (K+1)-th largest score (fixtures stay away
+    from routing ties), "counts": (E) assignments per expert}.
+      logits = h router^T (N, E); scores = softmax or sigmoid; top-K experts per row;
+      combine weights = their scores (/ their sum when renormalize);
+      out[n] = sum_k w[n, k] expert_{e(n,k)}(h[n]), expert_e(v) = act(v w_in[e]^T) w_out[e]^T;
+      shared expert s: out[n] += g_s[n] act(h[n] ws_in[s]^T) ws_out[s]^T, g_s[n] = sigmoid(h[n] . gate[s])
+        when shared_gate, else 1;
+      aux = aux_coef E sum_i f_i P_i, f_i = (assignments to i) / (N K) without gradient, P_i = mean_n
+        scores[n, i]; z = z_coef mean_n logsumexp(logits[n])^2.
+    """
+    m = moe_cfg(cfg)
+    B, T, C = h.shape
+    E, K, Fe = m["experts"], m["top_k"], m["d_expert"]
+    x = h.reshape(B * T, C)
+    N = x.shape[0]
+    logits = x @ params[p + "moe.router.weight"].t()                        # (N, E)
+    scores = torch.softmax(logits, dim=-1) if m["score"] == "softmax" else torch.sigmoid(logits)
+    top_s, top_i = torch.topk(scores, K, dim=-1)                             # (N, K), decreasing
+    comb = top_s / top_s.sum(-1, keepdim=True) if m["renormalize"] else top_s
+    srt = torch.sort(scores.detach(), dim=-1, descending=True)[0]
+    gap = float((srt[:, K - 1] - srt[:, K]).min()) if K < E else float("inf")
+    w_in, w_out = params[p + "moe.experts.w_in"], params[p + "moe.experts.w_out"]
+    out = torch.zeros_like(x)
+    for e in range(E):
+        tok, slot = torch.nonzero(top_i == e, as_tuple=True)                 # the rows routed to e
+        if tok.numel() == 0:
+            continue
+        y = _ffn_act(x[tok] @ w_in[e].t(), cfg, Fe) @ w_out[e].t()          # (rows, C)
+        out = out.index_add(0, tok, comb[tok, slot].unsqueeze(1) * y)
+    for s_ in range(m["shared"]):
+        y = _ffn_act(x @ params[p + "moe.shared.w_in"][s_].t(), cfg, Fe) @ params[p + "moe.shared.w_out"][s_].t()
+        if m["shared_gate"]:
+            y = torch.sigmoid(x @ params[p + "moe.shared.gate"][s_]).unsqueeze(1) * y
+        out = out + y
+    counts = torch.bincount(top_i.reshape(-1), minlength=E)
+    f = (counts.to(x.dtype) / (N * K)).detach()
+    aux = m["aux_coef"] * E * (f * scores.mean(0)).sum()
+    aux = aux + m["z_coef"] * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    return out.reshape(B, T, C), {"aux": aux, "gap": gap, "counts": counts}
+
+
+def trunk(params, cfg, x, moe_stats=None):
+    """The trunk: x (B, T, C), the input end's output -> final normed hidden state (B, T, C).
+
+    moe_stats: a list, or None; each MoE layer appends its moe_ffn stats ("aux": its aux + z loss, to
+    be added to the loss; "gap": its smallest top-K score margin; "counts": its expert loads).
+    """
     B, T, _ = x.shape
     C, NH, NKV, HS = cfg["d_model"], cfg["n_head"], cfg["n_kv_head"], head_size(cfg)
     dtype, dev = x.dtype, x.device
@@ -237,6 +330,12 @@ def trunk(params, cfg, x):
         a = a.transpose(1, 2).reshape(B, T, NH * HS)
         x = x + F.linear(a, params[p + "attn.proj.weight"], params.get(p + "attn.proj.bias"))
         h = _norm(x, params, p + "norm2", cfg)
+        if is_moe_layer(cfg, i):
+            out, stats = moe_ffn(params, cfg, p, h)
+            if moe_stats is not None:
+                moe_stats.append(stats)
+            x = x + out
+            continue
         u = F.linear(h, params[p + "mlp.fc.weight"], params.get(p + "mlp.fc.bias"))
         if cfg["activation"] == "gelu":
             g = F.gelu(u, approximate="tanh")
