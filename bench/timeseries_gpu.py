@@ -7,7 +7,8 @@ The field report's shape (preset timemoe-field: d 384, 12 layers, 12 heads, 8 ex
 expert, d_expert 192, d_ff 1536), sequence 4096, batch 4, synthetic series. In one run, on one GPU:
   - lmforge train, bf16 and fp32 (median step time after the warm-up steps; bf16 runs each step as one
     CUDA graph: the log's kernel_launches_per_step),
-  - bench/torch_gpu_timeseries.py: the same model in PyTorch, eager and torch.compile, bf16 autocast.
+  - bench/torch_gpu_timeseries.py: the same model in PyTorch, eager and torch.compile (the expert loop eager,
+    and compiled whole; the faster is the reference), bf16 autocast.
 Prints a table, then `ratio ...` lines: lmforge bf16 against PyTorch eager (target >= 3), torch.compile
 (target >= 1.5) and lmforge fp32 (target >= 2). Exits non-zero when a run fails; the targets are reported,
 not enforced.
@@ -50,9 +51,9 @@ def run_lmforge(exe, precision, steps, B, T, out_dir, preset):
             "launches_per_step": launches[-1] if launches else None, "steps_timed": len(ms)}
 
 
-def run_torch(mode, steps, B, T, timeout):
+def run_torch(mode, steps, B, T, timeout, extra=()):
     cmd = [sys.executable, os.path.join(HERE, "torch_gpu_timeseries.py"), "--mode", mode, "--batch-size", str(B),
-           "--seq-len", str(T), "--steps", str(steps)]
+           "--seq-len", str(T), "--steps", str(steps), "--warmup-steps", "3", *extra]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -87,6 +88,10 @@ def main():
         "lmforge-bf16": run_lmforge(a.lmforge, "bf16", a.steps, B, T, a.out_dir, a.preset),
         "lmforge-fp32": run_lmforge(a.lmforge, "fp32", 8, B, T, a.out_dir, a.preset),
         "pytorch-eager-bf16": run_torch("eager-bf16", a.torch_steps, B, T, a.compile_timeout),
+        # torch.compile two ways: the expert loop left eager (no recompiles on the data-dependent expert
+        # sizes) and compiled whole; the faster one is the reference
+        "pytorch-compile-bf16-loopeager": run_torch("compile-bf16", a.torch_steps, B, T, a.compile_timeout,
+                                                    ["--compile-loop-eager"]),
         "pytorch-compile-bf16": run_torch("compile-bf16", a.torch_steps, B, T, a.compile_timeout),
     }
     print(f"time-series training step, preset {a.preset}, B={B} T={T} (points/s = B*T / step time)")
@@ -98,13 +103,17 @@ def main():
         else:
             print(f"{name:24s} {'failed':>10s}")
     lm = rows["lmforge-bf16"]
-    for ref, target in (("pytorch-eager-bf16", 3.0), ("pytorch-compile-bf16", 1.5), ("lmforge-fp32", 2.0)):
-        if lm and rows[ref]:
-            x = rows[ref]["step_ms"] / lm["step_ms"]
+    compiled = [r for r in (rows["pytorch-compile-bf16-loopeager"], rows["pytorch-compile-bf16"]) if r]
+    best_compile = min(compiled, key=lambda r: r["step_ms"]) if compiled else None
+    for ref, r, target in (("pytorch-eager-bf16", rows["pytorch-eager-bf16"], 3.0),
+                           ("best pytorch-compile-bf16", best_compile, 1.5),
+                           ("lmforge-fp32", rows["lmforge-fp32"], 2.0)):
+        if lm and r:
+            x = r["step_ms"] / lm["step_ms"]
             print(f"ratio lmforge-bf16/{ref} = {x:.2f}x (target >= {target}) {'met' if x >= target else 'NOT met'}")
     with open(os.path.join(a.out_dir, "tsbench.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    return 0 if all(rows.values()) else 1
+    return 0 if lm and rows["lmforge-fp32"] and rows["pytorch-eager-bf16"] and compiled else 1
 
 
 if __name__ == "__main__":
