@@ -5,7 +5,7 @@
 #   scripts/install_deps.sh fuzz   # the fuzz targets' compiler: clang with libFuzzer and the sanitizers
 set -euo pipefail
 what=${1:-all}
-pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libcpp-httplib-dev libpcre2-dev libutf8proc-dev gnuplot-nox)
+pkgs=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libcli11-dev libopenblas-dev libcpp-httplib-dev libpcre2-dev libutf8proc-dev libgloo-dev gnuplot-nox)
 [ "$what" = demo ] || [ "$what" = fuzz ] || pkgs+=(libgtest-dev curl python3 python3-venv python3-dev)
 [ "$what" = fuzz ] && pkgs+=(clang libclang-rt-14-dev libomp-14-dev)
 missing=()

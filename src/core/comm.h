@@ -1,9 +1,10 @@
-// comm.h: the communicator seam for tensor parallelism (DESIGN.md section 7).
+// comm.h: the communicator seam (DESIGN.md section 7, docs/DISTRIBUTED.md).
 //
-// A block step calls its communicator where a row-parallel layer's partial output would be summed
-// across ranks (the attention and MLP output projections, forward) and where a column-parallel
-// layer's input gradient would be (the QKV and first MLP projections, backward). The single-rank
-// communicator does nothing; an NCCL implementation sums in place over the ranks of its group.
+// Data parallelism sums the gradients of its ranks (and their losses, for the log); tensor
+// parallelism (later) sums a row-parallel layer's partial outputs forward and a column-parallel
+// layer's input gradients backward, inside the block step. Every collective is over the ranks of one
+// group, in place, and gives every rank the same bits. Implementations: SingleRank (world size 1:
+// the identity), the Gloo communicator on the CPU (dist/gloo_comm.h), NCCL on GPUs (later).
 #pragma once
 #include "core/tensor.h"
 
@@ -14,16 +15,24 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
-  // t = sum over the group's ranks of t, in place (every rank gets the same bits).
+  // t = sum over the group's ranks of t, in place (f32; every rank gets the same bits).
   virtual void all_reduce_sum(Tensor t) = 0;
+  // t = root's t on every rank.
+  virtual void broadcast(Tensor t, int root) = 0;
+  virtual void barrier() = 0;
+  // A short description for the log ("gloo over tcp, 4 ranks").
+  virtual const char* backend() const = 0;
 };
 
-// World size 1: every reduction is the identity.
+// World size 1: every collective is the identity.
 class SingleRank final : public Communicator {
  public:
   int rank() const override { return 0; }
   int world_size() const override { return 1; }
   void all_reduce_sum(Tensor) override {}
+  void broadcast(Tensor, int) override {}
+  void barrier() override {}
+  const char* backend() const override { return "single process"; }
 };
 
 // The process's single-rank communicator (stateless).

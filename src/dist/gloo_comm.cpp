@@ -1,0 +1,143 @@
+// gloo_comm.cpp: see gloo_comm.h.
+#include "dist/gloo_comm.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "core/check.h"
+
+#ifdef LMF_WITH_GLOO
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#endif
+
+namespace lmf {
+
+#ifdef LMF_WITH_GLOO
+namespace {
+
+// Gloo's rendezvous through lmforge's store.
+class StoreAdapter final : public gloo::rendezvous::Store {
+ public:
+  explicit StoreAdapter(TcpStore& s) : s_(s) {}
+  void set(const std::string& key, const std::vector<char>& data) override { s_.set(key, data); }
+  std::vector<char> get(const std::string& key) override { return s_.get(key); }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, s_.timeout()); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    for (const std::string& k : keys) s_.get(k, timeout);
+  }
+
+ private:
+  TcpStore& s_;
+};
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(TcpStore& store, std::chrono::milliseconds timeout) : rank_(store.rank()), world_(store.env().world_size) {
+    // where this rank listens for its peers: LMF_GLOO_IFACE (a network interface) if set; loopback
+    // when rank 0 is this host by loopback (one host); else Gloo's default, the address of this
+    // host's name
+    gloo::transport::tcp::attr attr;
+    const std::string& m = store.env().master_addr;
+    if (const char* iface = std::getenv("LMF_GLOO_IFACE")) attr.iface = iface;
+    else if (m == "localhost" || m == "127.0.0.1" || m == "::1") attr.hostname = "127.0.0.1";
+    try {
+      device_ = gloo::transport::tcp::CreateDevice(attr);
+      auto ctx = std::make_shared<gloo::rendezvous::Context>(rank_, world_);
+      ctx->setTimeout(timeout);
+      StoreAdapter adapter(store);
+      gloo::rendezvous::PrefixStore prefix("lmf/gloo", adapter);
+      ctx->connectFullMesh(prefix, device_);
+      ctx_ = ctx;
+    } catch (const gloo::Exception& e) {
+      fail("gloo: rank ", rank_, " could not connect to the other ", world_ - 1, " ranks: ", e.what());
+    }
+    desc_ = "gloo over tcp, " + std::to_string(world_) + " ranks";
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_; }
+  const char* backend() const override { return desc_.c_str(); }
+
+  void all_reduce_sum(Tensor t) override {
+    check(t, "all_reduce_sum");
+    run("all_reduce_sum", [&] {
+      gloo::AllreduceOptions o(ctx_);
+      float* p = t.f32();
+      o.setOutput(p, static_cast<size_t>(t.numel()));
+      o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      o.setTag(next_tag());
+      gloo::allreduce(o);
+    });
+  }
+
+  void broadcast(Tensor t, int root) override {
+    check(t, "broadcast");
+    LMF_CHECK(root >= 0 && root < world_, "broadcast: root ", root, " outside [0, ", world_, ")");
+    run("broadcast", [&] {
+      gloo::BroadcastOptions o(ctx_);
+      o.setOutput(t.f32(), static_cast<size_t>(t.numel()));
+      o.setRoot(root);
+      o.setTag(next_tag());
+      gloo::broadcast(o);
+    });
+  }
+
+  void barrier() override {
+    run("barrier", [&] {
+      gloo::BarrierOptions o(ctx_);
+      o.setTag(next_tag());
+      gloo::barrier(o);
+    });
+  }
+
+ private:
+  static void check(const Tensor& t, const char* op) {
+    LMF_CHECK(t.device == Device::cpu, op, ": the Gloo communicator moves CPU tensors ('", t.name, "' is on ",
+              device_name(t.device), ")");
+    check_f32(t, op);
+  }
+  template <class F>
+  void run(const char* op, F&& f) {
+    try {
+      f();
+    } catch (const gloo::Exception& e) {
+      std::string what = e.what();
+      if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+      fail(op, " (gloo): rank ", rank_, " of ", world_, " failed: ", what,
+           " (a rank died, hung or ran another configuration)");
+    }
+  }
+  uint32_t next_tag() { return tag_++; }
+
+  int rank_, world_;
+  uint32_t tag_ = 1;
+  std::shared_ptr<gloo::transport::Device> device_;
+  std::shared_ptr<gloo::Context> ctx_;
+  std::string desc_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_gloo_communicator(TcpStore& store, std::chrono::milliseconds timeout) {
+  return std::make_unique<GlooCommunicator>(store, timeout);
+}
+
+bool gloo_available() { return true; }
+#else
+std::unique_ptr<Communicator> make_gloo_communicator(TcpStore&, std::chrono::milliseconds) {
+  fail("this lmforge was built without Gloo, the CPU collective library (apt-get install libgloo-dev, then "
+       "rebuild): a distributed run on the CPU needs it");
+}
+
+bool gloo_available() { return false; }
+#endif
+
+}  // namespace lmf

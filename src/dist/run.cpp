@@ -1,0 +1,98 @@
+// run.cpp: see run.h.
+#include "dist/run.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <vector>
+
+#include "core/check.h"
+#include "dist/gloo_comm.h"
+
+namespace lmf {
+
+namespace {
+
+std::vector<char> to_bytes(const std::string& s) { return {s.begin(), s.end()}; }
+std::string to_string(const std::vector<char>& b) { return {b.begin(), b.end()}; }
+
+// The first line where a and b differ ("<missing>" past the end of one).
+std::string first_difference(const std::string& a, const std::string& b) {
+  std::istringstream sa(a), sb(b);
+  std::string la, lb;
+  while (true) {
+    const bool ga = static_cast<bool>(std::getline(sa, la)), gb = static_cast<bool>(std::getline(sb, lb));
+    if (!ga && !gb) return "?";
+    if (!ga) la = "<missing>";
+    if (!gb) lb = "<missing>";
+    if (la != lb) return "'" + lb + "' where rank 0 has '" + la + "'";
+  }
+}
+
+}  // namespace
+
+DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout) : env_(env) {
+  store_ = std::make_unique<TcpStore>(env, timeout);
+  comm_ = make_gloo_communicator(*store_, timeout);
+  std::shared_ptr<TcpStore> watch(store_->another_connection().release());
+  const int me = env.rank;
+  watchdog_ = std::thread([this, watch, me] {
+    while (!stop_.load()) {
+      std::optional<std::vector<char>> dead;
+      try {
+        dead = watch->try_get("lmf/dead");
+      } catch (const std::exception&) {
+        if (stop_.load()) return;
+        std::fprintf(stderr, "lmforge rank %d: lost rank 0 (the rendezvous at %s:%d closed): it died or exited; "
+                     "exiting\n", me, env_.master_addr.c_str(), env_.master_port);
+        std::fflush(stderr);
+        std::_Exit(3);
+      }
+      if (dead && !stop_.load()) {
+        uint64_t r = 0;
+        std::memcpy(&r, dead->data(), std::min<size_t>(8, dead->size()));
+        std::fprintf(stderr, "lmforge rank %d: rank %llu died or exited with an error (its connection to the "
+                     "rendezvous closed); exiting\n", me, static_cast<unsigned long long>(r));
+        std::fflush(stderr);
+        std::_Exit(3);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+}
+
+DistRun::~DistRun() {
+  stop_ = true;
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+void DistRun::agree(const std::string& what, const std::string& fingerprint) {
+  const std::string prefix = "lmf/agree/" + std::to_string(agreements_++) + "/";
+  store_->set(prefix + std::to_string(env_.rank), to_bytes(fingerprint));
+  if (env_.rank == 0) {
+    std::string verdict = "ok";
+    for (int r = 1; r < env_.world_size && verdict == "ok"; ++r) {
+      const std::string other = to_string(store_->get(prefix + std::to_string(r)));
+      if (other != fingerprint)
+        verdict = "rank " + std::to_string(r) + "'s " + what + " differs from rank 0's: " +
+                  first_difference(fingerprint, other);
+    }
+    store_->set(prefix + "verdict", to_bytes(verdict));
+    if (verdict != "ok") fail(verdict, " (launch every rank with the same config, flags and data)");
+  } else {
+    const std::string verdict = to_string(store_->get(prefix + "verdict"));
+    if (verdict != "ok") fail(verdict, " (launch every rank with the same config, flags and data)");
+  }
+}
+
+void DistRun::finish() {
+  if (finished_) return;
+  finished_ = true;
+  stop_ = true;
+  if (watchdog_.joinable()) watchdog_.join();
+  store_->finish();
+}
+
+}  // namespace lmf
