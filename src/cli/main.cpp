@@ -22,12 +22,14 @@
 #include <string>
 
 #include "cli/forecast_cmd.h"
+#include "cli/launch_cmd.h"
 #include "cli/tokenizer_cmd.h"
 #include "convert/hf_export.h"
 #include "convert/import.h"
 #include "core/check.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "dist/env.h"
 #include "model/gpt.h"
 #include "model/score.h"
 #include "core/device.h"
@@ -174,6 +176,10 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
                  "lmforge or cudnn")
       ->capture_default_str();
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
+  add_num(c, "--dp", o.dp, "data-parallel ranks (0: the world size the launcher set, / --tp)")->capture_default_str();
+  add_num(c, "--tp", o.tp, "tensor-parallel ranks (1; tensor parallelism is not built yet)")->capture_default_str();
+  add_num(c, "--dist-timeout", o.dist_timeout, "seconds a rank waits for the others (rendezvous, collectives)")
+      ->capture_default_str();
   c->add_option("--cuda-graph", o.cuda_graph,
                  "auto (on for GPU runs with --grad-accum 1), on or off: each step after warm-up as one CUDA graph")
       ->capture_default_str();
@@ -417,6 +423,18 @@ int run_serve(ServeOptions so) {
 
 }  // namespace
 
+// "rank R: " in a distributed run (which rank failed is the first thing to know), else "".
+namespace {
+std::string rank_prefix() {
+  try {
+    const DistEnv d = dist_env();
+    return d.distributed() ? "rank " + std::to_string(d.rank) + ": " : "";
+  } catch (const std::exception&) {
+    return "";  // a bad environment is the error itself
+  }
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"lmforge: train, sample and serve transformer language models (" + build_text() + ")"};
   app.require_subcommand(1);
@@ -514,8 +532,22 @@ int main(int argc, char** argv) {
   exp->add_option("--out", ex_out, "directory to write")->required();
   exp->add_flag("--overwrite", ex_overwrite, "replace a non-empty --out");
 
+  LaunchCommand lc;
+  add_launch_command(app, lc);
+  // launch: CLI11 parses the flags before `--`; what follows is the ranks' command, untouched
+  std::vector<std::string> launched;
+  int parsed_argc = argc;
+  if (argc > 1 && std::string(argv[1]) == "launch") {
+    for (int i = 2; i < argc; ++i)
+      if (std::string(argv[i]) == "--") {
+        parsed_argc = i;
+        launched.assign(argv + i + 1, argv + argc);
+        break;
+      }
+  }
+
   try {
-    app.parse(argc, argv);
+    app.parse(parsed_argc, argv);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
@@ -565,6 +597,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*prepare) return run_prepare(p_input, p_out, p_name, p_val, p_tok, p_threads);
+    if (*lc.app) return run_launch(lc, argv[0], launched);
     if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
     if (*score) return run_score(sco);
@@ -578,10 +611,10 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const lmf::Error& e) {
-    std::cerr << "lmforge: error: " << e.what() << "\n";
+    std::cerr << "lmforge: error: " << rank_prefix() << e.what() << "\n";
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "lmforge: error: " << e.what() << "\n";
+    std::cerr << "lmforge: error: " << rank_prefix() << e.what() << "\n";
     return 1;
   }
   return 0;

@@ -62,10 +62,17 @@ int64_t DataLoader::total_tokens() const {
   return n;
 }
 
+void DataLoader::set_slice(int64_t rank, int64_t ranks) {
+  LMF_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "data slice: rank ", rank, " of ", ranks);
+  slice_rank_ = rank;
+  slice_ranks_ = ranks;
+}
+
 void DataLoader::next(int32_t* inputs, int32_t* targets) {
+  // batch k of the global batch of slice_ranks_ x B rows; this source's rows start at slice_rank_ x B
+  const uint64_t row0 = position_ * static_cast<uint64_t>(B_ * slice_ranks_) + static_cast<uint64_t>(slice_rank_ * B_);
   for (int64_t b = 0; b < B_; ++b) {
-    uint64_t w = rng_u64(seed_, kDataStream, position_ * static_cast<uint64_t>(B_) + static_cast<uint64_t>(b)) %
-                 static_cast<uint64_t>(total_windows_);
+    uint64_t w = rng_u64(seed_, kDataStream, row0 + static_cast<uint64_t>(b)) % static_cast<uint64_t>(total_windows_);
     // find the source holding window w (few sources: linear scan)
     size_t s = sources_.size() - 1;
     while (static_cast<int64_t>(w) < window_start_[s]) --s;

@@ -25,6 +25,9 @@ class BatchSource {
   virtual uint64_t position() const = 0;
   virtual void set_position(uint64_t p) = 0;
   virtual int64_t total_points() const = 0;  // tokens, or time-series values
+  // Data parallelism: this source reads rows [rank B, (rank + 1) B) of a global batch of ranks x B rows,
+  // the rows one source of ranks x B rows would read (B: its batch size). Call before the first next().
+  virtual void set_slice(int64_t rank, int64_t ranks) = 0;
   virtual const std::string& description() const = 0;
 };
 
@@ -41,6 +44,7 @@ class DataLoader final : public BatchSource {
   void next(void* inputs, void* targets) override { next(static_cast<int32_t*>(inputs), static_cast<int32_t*>(targets)); }
   uint64_t position() const override { return position_; }
   void set_position(uint64_t p) override { position_ = p; }
+  void set_slice(int64_t rank, int64_t ranks) override;
   int64_t total_tokens() const;
   int64_t total_points() const override { return total_tokens(); }
   const std::string& description() const override { return description_; }
@@ -55,6 +59,7 @@ class DataLoader final : public BatchSource {
   int64_t B_, T_;
   uint64_t seed_;
   uint64_t position_ = 0;
+  int64_t slice_rank_ = 0, slice_ranks_ = 1;
   std::vector<Shard> shards_;
   std::vector<int32_t> owned_;
   std::vector<Source> sources_;

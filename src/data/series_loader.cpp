@@ -79,11 +79,20 @@ SeriesLoader::SeriesLoader(SeriesSet set, int64_t B, int64_t T, int64_t H, uint6
          "give longer series)");
 }
 
+void SeriesLoader::set_slice(int64_t rank, int64_t ranks) {
+  LMF_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "data slice: rank ", rank, " of ", ranks);
+  slice_rank_ = rank;
+  slice_ranks_ = ranks;
+}
+
 void SeriesLoader::next(void* inputs, void* targets) {
   float* in = static_cast<float*>(inputs);
   float* tg = static_cast<float*>(targets);
+  // rows [slice_rank_ B, +B) of the global batch of slice_ranks_ x B windows
+  const uint64_t first = position_ + static_cast<uint64_t>(slice_rank_ * B_);
+  position_ += static_cast<uint64_t>(B_ * slice_ranks_);
   for (int64_t b = 0; b < B_; ++b) {
-    const uint64_t idx = position_++;
+    const uint64_t idx = first + static_cast<uint64_t>(b);
     const int64_t epoch = static_cast<int64_t>(idx / static_cast<uint64_t>(total_));
     if (epoch != order_epoch_) {
       order_ = shuffled_window_order(total_, seed_, static_cast<uint64_t>(epoch));

@@ -35,6 +35,7 @@ class SeriesLoader final : public BatchSource {
   void next(void* inputs, void* targets) override;
   uint64_t position() const override { return position_; }
   void set_position(uint64_t p) override { position_ = p; }
+  void set_slice(int64_t rank, int64_t ranks) override;
   int64_t total_points() const override { return points_; }
   const std::string& description() const override { return set_.description; }
   int64_t windows() const { return total_; }
@@ -44,7 +45,8 @@ class SeriesLoader final : public BatchSource {
  private:
   SeriesSet set_;
   int64_t B_, T_, H_, stride_;
-  uint64_t seed_, position_ = 0;
+  uint64_t seed_, position_ = 0;  // windows read (by every slice together)
+  int64_t slice_rank_ = 0, slice_ranks_ = 1;
   std::vector<int64_t> first_;  // cumulative window counts per series
   int64_t total_ = 0, points_ = 0;
   std::vector<int64_t> order_;  // this epoch's window order

@@ -23,6 +23,8 @@
 #include "data/corpus.h"
 #include "data/series_loader.h"
 #include "data/tokenizer.h"
+#include "dist/env.h"
+#include "dist/run.h"
 #include "ops/cross_entropy.h"
 #include "ops/gemm_cuda.h"
 #include "ops/optim.h"
@@ -301,8 +303,30 @@ ModelConfig resolve_config(const TrainOptions& o, const std::string& resume_dir,
 
 }  // namespace
 
-Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(log) {
+namespace {
+// Ranks other than 0 of a distributed run print nothing but their errors: rank 0 speaks for the run.
+std::ostream& rank_log(std::ostream& log) {
+  static std::ostream quiet(nullptr);
+  return dist_env().rank == 0 ? log : quiet;
+}
+}  // namespace
+
+Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(rank_log(log)) {
   validate_options(o_);
+  // --- a distributed run: meet the other ranks first, so every later error reaches them as this
+  // rank's exit (dist/run.h) instead of a hang
+  const DistEnv env = dist_env();
+  if (o_.tp != 1)
+    fail("--tp=", o_.tp, ": tensor parallelism is not built yet (docs/DISTRIBUTED.md); data parallelism is (--dp)");
+  if (o_.dp != 0 && o_.dp != env.world_size / o_.tp)
+    fail("--dp=", o_.dp, " x --tp=", o_.tp, " must equal the world size, ", env.world_size, " (", env.launcher, ")");
+  if (env.distributed()) {
+    if (o_.dist_timeout < 1 || o_.dist_timeout > 86400) fail("--dist-timeout=", o_.dist_timeout, " must be in [1, 86400] seconds");
+    dist_ = std::make_unique<DistRun>(env, std::chrono::seconds(o_.dist_timeout));
+    dp_ = env.world_size / o_.tp;
+    dp_rank_ = env.rank;
+    writer_ = env.rank == 0;
+  }
   if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
   const std::string resume_dir = o_.resume.empty() ? std::string() : resolve_checkpoint(o_.resume);
   ModelSource init;  // --init-from: its config now, its weights once the model is laid out
@@ -335,6 +359,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     fail("--batch-size=", o_.batch_size, " x --seq-len=", T, " tokens per micro-batch exceed ", INT32_MAX);
   const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
   device_ = plan.device;
+  if (dist_ && device_ == Device::cuda)
+    fail("a distributed run on the GPU needs the NCCL communicator, which is not built yet (docs/DISTRIBUTED.md); "
+         "pass --device cpu to train over Gloo");
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
   gpt_ = std::make_unique<Gpt>(cfg_, plan);
   plan_buffers(T);
@@ -380,7 +407,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
   if (o_.profile && first_step_ + o_.profile_warmup >= o_.steps)
     fail("--profile: --steps=", o_.steps, " leaves no step after the ", o_.profile_warmup, " warm-up steps from step ",
          first_step_);
-  tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum);
+  tokens_per_step_ = static_cast<double>(o_.batch_size * T * o_.grad_accum * dp_);  // every rank's
   flops_per_token_ = gpt_train_flops_per_token(cfg_, T);
 
   // Pinned staging for the GPU uploads, last among the set-up steps that can throw, so a failed
@@ -391,11 +418,24 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(l
     staging_events_ = cuda_event_pool_create(2);
   }
 
-  // --- only now touch the output directory --------------------------------------------------
-  prepare_out_dir(resume_dir);
-  fs::path mpath = fs::path(o_.out_dir) / "metrics.jsonl";
-  metrics_.open(mpath, std::ios::app);
-  if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
+  // every rank must run the same model on the same data with the same flags (its slice of the batch
+  // aside): compared with rank 0's before the first collective of a step
+  if (dist_) {
+    std::string fp = "config " + config_to_json(cfg_) + "\n";
+    json opts = json::parse(o_.to_json());
+    for (auto it = opts.begin(); it != opts.end(); ++it) fp += "--" + it.key() + "=" + it.value().dump() + "\n";
+    fp += "data " + train_->description() + " (" + std::to_string(train_->total_points()) + " points)\n";
+    fp += "starting step " + std::to_string(first_step_) + "\n";
+    dist_->agree("run (config, flags, data)", fp);
+  }
+
+  // --- only now touch the output directory (rank 0 of a distributed run) ----------------------
+  if (writer_) {
+    prepare_out_dir(resume_dir);
+    fs::path mpath = fs::path(o_.out_dir) / "metrics.jsonl";
+    metrics_.open(mpath, std::ios::app);
+    if (!metrics_) fail(mpath.string(), ": cannot open metrics file for writing");
+  }
   log_setup(T, resume_dir);
 }
 
@@ -505,6 +545,7 @@ void Trainer::open_data(int64_t T) {
       val_ = std::make_unique<SeriesLoader>(std::move(d.val), o_.batch_size, T, cfg_.ts.max_horizon(), o_.seed + 1);
     else if (!d.val.series.empty())
       series_note_ += "; no validation: the validation rows hold no window of -T + the longest horizon";
+    finish_open_data();
     return;
   }
   if (o_.data.empty()) {
@@ -518,6 +559,16 @@ void Trainer::open_data(int64_t T) {
   }
   if (!o_.val_data.empty())
     val_ = std::make_unique<DataLoader>(o_.val_data, o_.batch_size, T, o_.seed + 1, cfg_.vocab_size);
+  finish_open_data();
+}
+
+// Data parallelism: each rank reads its rows of the global batch (dp x --batch-size), so the ranks
+// together read exactly what one process with the whole batch would; validation too (each rank adds
+// its share of the mean loss).
+void Trainer::finish_open_data() {
+  if (dp_ == 1) return;
+  train_->set_slice(dp_rank_, dp_);
+  if (val_) val_->set_slice(dp_rank_, dp_);
 }
 
 size_t Trainer::arena_bytes() const {
@@ -631,7 +682,8 @@ void Trainer::compute_micro(int64_t micro) {
     ProfileScope scope(prof_, "zero grad");
     gpt_->state->zero_grad();
   }
-  const float scale = 1.0f / static_cast<float>(o_.grad_accum);
+  // each rank's share of the global mean: its micro-batch is 1 / (grad_accum x dp) of the step's rows
+  const float scale = 1.0f / static_cast<float>(o_.grad_accum * dp_);
   const bool cpu = device_ == Device::cpu;
   gpt_->model.forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
   ProfileScope scope(prof_, "loss mean");
@@ -639,6 +691,11 @@ void Trainer::compute_micro(int64_t micro) {
 }
 
 void Trainer::finish_step() {
+  if (dist_) {  // data parallelism: the ranks' gradients and losses summed (each already scaled by 1 / dp)
+    ProfileScope scope(prof_, "gradient all-reduce");
+    dist_->comm().all_reduce_sum(gpt_->state->grads().flat_f32());
+    dist_->comm().all_reduce_sum(step_losses_.rows(step_, step_ + 1));
+  }
   {
     ProfileScope scope(prof_, "grad norm + AdamW");
     optimizer_step(gpt_->params, *gpt_->state, norm_, o_, lr_at_step(o_, step_), step_ + 1);
@@ -709,7 +766,7 @@ double Trainer::evaluate() {
     stage_from(*val_);
     auto body = [&] {
       gpt_->model.forward_loss_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_);
-      loss_mean(eval_loss_, gpt_->model.row_losses(), 1.0f / static_cast<float>(o_.eval_batches), i > 0);
+      loss_mean(eval_loss_, gpt_->model.row_losses(), 1.0f / static_cast<float>(o_.eval_batches * dp_), i > 0);
     };
     if (!graphs) {
       body();
@@ -724,6 +781,7 @@ double Trainer::evaluate() {
     cuda_graph_replay(g);
   }
   ++evals_;
+  if (dist_) dist_->comm().all_reduce_sum(eval_loss_);  // the ranks' shares of the mean (CPU runs)
   float v = 0;
   tensor_to_host(&v, eval_loss_);
   return v;
@@ -731,6 +789,7 @@ double Trainer::evaluate() {
 
 std::string Trainer::save() {
   check_guard();  // never a checkpoint from a diverged state
+  if (!writer_) return "";  // rank 0 writes the run's one checkpoint (every rank holds the same weights)
   CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
   return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st, o_.keep_last, assets_);
 }
@@ -744,6 +803,7 @@ void Trainer::check_guard() {
 }
 
 void Trainer::write_metric(const std::string& line) {
+  if (!writer_) return;
   const std::string path = (fs::path(o_.out_dir) / "metrics.jsonl").string();
   fault_point(path.c_str());
   metrics_ << line << "\n";
@@ -823,6 +883,7 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
 }
 
 void Trainer::write_profile(const OpProfiler& prof, double step_ms) {
+  if (!writer_) return;
   TraceInfo info;
   info.device = device_ == Device::cuda ? cuda_limits().name : std::string("cpu");
   info.precision = precision_name(gpt_->model.plan().precision);
@@ -917,8 +978,14 @@ void Trainer::run() {
       do_eval();
       paused = true;
     }
-    const bool stop = step_ < o_.steps && hooks_.stop_requested && hooks_.stop_requested();
-    const bool asked = hooks_.save_requested && hooks_.save_requested();
+    bool stop = step_ < o_.steps && hooks_.stop_requested && hooks_.stop_requested();
+    bool asked = hooks_.save_requested && hooks_.save_requested();
+    if (dist_) {  // a stop or save on any rank (a signal reaches each rank separately) is every rank's
+      float f[2] = {stop ? 1.0f : 0.0f, asked ? 1.0f : 0.0f};
+      dist_->comm().all_reduce_sum(Tensor(f, DType::f32, {2}, "stop/save flags"));
+      stop = f[0] > 0;
+      asked = f[1] > 0;
+    }
     if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) ||
         (step_ == o_.steps && o_.save_final_checkpoint) || stop || asked) {
       std::string dir = save();
@@ -949,6 +1016,7 @@ void Trainer::run() {
   }
   if (progress_line_) std::fprintf(stderr, "\r\033[K");
   check_guard();
+  if (dist_) dist_->finish();  // a clean end: the other ranks do not take this rank's exit for a death
 }
 
 }  // namespace lmf

@@ -59,6 +59,10 @@ struct TrainOptions {
   std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
   std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
+  // Distributed runs (docs/DISTRIBUTED.md; the ranks come from the launcher's environment, dist/env.h):
+  int64_t dp = 0;                   // --dp: data-parallel ranks (0: the world size / tp)
+  int64_t tp = 1;                   // --tp: tensor-parallel ranks
+  int64_t dist_timeout = 60;        // --dist-timeout: seconds a rank waits for the others
   // --tune (alias --gemm-tune) on: after the first step, each bf16 GEMM and cuDNN attention plan takes the
   // fastest of its library's candidates that give the same bits as the current choice (ops/gemm_cuda.h
   // gemm_autotune, ops/attention.h cudnn_attention_autotune); off: the heuristics' choices
@@ -175,6 +179,7 @@ class Trainer {
   void step_once();  // step() without the tuning around the first one
   void plan_buffers(int64_t T);
   void open_data(int64_t T);
+  void finish_open_data();
   void log_setup(int64_t T, const std::string& resume_dir);
   size_t arena_bytes() const;  // the model's arenas: weights, training state, activations and workspace
   void log_step(double loss, double step_ms, int64_t steps);
@@ -192,6 +197,9 @@ class Trainer {
   std::string init_what_;     // --init-from: what the weights came from (the log)
   std::unique_ptr<Gpt> gpt_;  // the weights, the training state and the model over them
   std::unique_ptr<BatchSource> train_, val_;  // token windows (text) or series windows (timeseries)
+  std::unique_ptr<class DistRun> dist_;       // a distributed run's rendezvous and communicator, or none
+  int64_t dp_ = 1, dp_rank_ = 0;              // data parallelism: ranks, and this one
+  bool writer_ = true;                        // rank 0 writes the out-dir (metrics, checkpoints, trace)
   Device device_ = Device::cpu;
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
   Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
