@@ -610,11 +610,9 @@ int main(int argc, char** argv) {
       std::cout << "wrote " << written << "\n";
       return 0;
     }
-  } catch (const lmf::Error& e) {
-    std::cerr << "lmforge: error: " << rank_prefix() << e.what() << "\n";
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "lmforge: error: " << rank_prefix() << e.what() << "\n";
+  } catch (const std::exception& e) {  // lmf::Error and the rest: one line, written at once (ranks share stderr)
+    const std::string line = "lmforge: error: " + rank_prefix() + e.what() + "\n";
+    std::fwrite(line.data(), 1, line.size(), stderr);
     return 1;
   }
   return 0;

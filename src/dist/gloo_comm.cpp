@@ -1,8 +1,13 @@
 // gloo_comm.cpp: see gloo_comm.h.
 #include "dist/gloo_comm.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <optional>
 #include <string>
+#include <thread>
 
 #include "core/check.h"
 
@@ -40,7 +45,8 @@ class StoreAdapter final : public gloo::rendezvous::Store {
 
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(TcpStore& store, std::chrono::milliseconds timeout) : rank_(store.rank()), world_(store.env().world_size) {
+  GlooCommunicator(TcpStore& store, std::chrono::milliseconds timeout)
+      : store_(store), rank_(store.rank()), world_(store.env().world_size) {
     // where this rank listens for its peers: LMF_GLOO_IFACE (a network interface) if set; loopback
     // when rank 0 is this host by loopback (one host); else Gloo's default, the address of this
     // host's name
@@ -111,12 +117,28 @@ class GlooCommunicator final : public Communicator {
     } catch (const gloo::Exception& e) {
       std::string what = e.what();
       if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+      // a peer that died: the rendezvous knows which (dist/store.h); give it a moment to notice
+      for (int i = 0; i < 20; ++i) {
+        std::optional<std::vector<char>> dead;
+        try {
+          dead = store_.try_get("lmf/dead");
+        } catch (const std::exception&) {
+          fail(op, " (gloo): rank 0 died or exited (the rendezvous closed); rank ", rank_, " stops (", what, ")");
+        }
+        if (dead) {
+          uint64_t r = 0;
+          std::memcpy(&r, dead->data(), std::min<size_t>(8, dead->size()));
+          fail(op, " (gloo): rank ", r, " died or exited with an error; rank ", rank_, " stops (", what, ")");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
       fail(op, " (gloo): rank ", rank_, " of ", world_, " failed: ", what,
-           " (a rank died, hung or ran another configuration)");
+           " (a rank hung, died or ran another configuration)");
     }
   }
   uint32_t next_tag() { return tag_++; }
 
+  TcpStore& store_;
   int rank_, world_;
   uint32_t tag_ = 1;
   std::shared_ptr<gloo::transport::Device> device_;

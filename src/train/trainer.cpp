@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <ctime>
 #include <type_traits>
 #include <cmath>
@@ -327,6 +329,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     dp_rank_ = env.rank;
     writer_ = env.rank == 0;
   }
+  if (const char* f = std::getenv("LMF_FAULT")) {
+    int r = -1;
+    long long s = -1;
+    if (std::sscanf(f, "kill-rank-%d@%lld", &r, &s) == 2 && r == env.rank) kill_at_step_ = s;
+  }
   if (o_.profile_out.empty()) o_.profile_out = (fs::path(o_.out_dir) / "trace.json").string();
   const std::string resume_dir = o_.resume.empty() ? std::string() : resolve_checkpoint(o_.resume);
   ModelSource init;  // --init-from: its config now, its weights once the model is laid out
@@ -615,7 +622,11 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   log_ << "data train=" << train_->description() << " (" << with_commas(static_cast<double>(train_->total_points()))
        << " " << unit << ") val=" << (val_ ? val_->description() : std::string("none"))
        << (val_found_beside_ ? " (found beside the training shards)" : "") << "\n";
-  log_ << "batch B=" << o_.batch_size << " T=" << T << " grad_accum=" << o_.grad_accum
+  if (dist_)
+    log_ << "dist " << dist_->world_size() << " ranks (" << dist_->env().launcher << ", rendezvous "
+         << dist_->env().master_addr << ":" << dist_->env().master_port << "): data parallel dp=" << dp_
+         << " over " << dist_->comm().backend() << "; rank 0 writes " << o_.out_dir << "\n";
+  log_ << "batch B=" << o_.batch_size << (dp_ > 1 ? " per rank" : "") << " T=" << T << " grad_accum=" << o_.grad_accum
        << (cfg_.family == ModelFamily::timeseries ? " points/step=" : " tokens/step=") << with_commas(tokens_per_step_)
        << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
        << " MiB\n";
@@ -951,6 +962,7 @@ void Trainer::run() {
       t_prof = clock::now();
     }
     step();
+    if (step_ == kill_at_step_) ::raise(SIGKILL);  // LMF_FAULT=kill-rank-R@S (tests)
     if (profiled) {
       prof->collect();
       prof_ms += std::chrono::duration<double, std::milli>(clock::now() - t_prof).count();

@@ -200,6 +200,9 @@ class Trainer {
   std::unique_ptr<class DistRun> dist_;       // a distributed run's rendezvous and communicator, or none
   int64_t dp_ = 1, dp_rank_ = 0;              // data parallelism: ranks, and this one
   bool writer_ = true;                        // rank 0 writes the out-dir (metrics, checkpoints, trace)
+  // Fault injection for the distributed tests: LMF_FAULT=kill-rank-R@S makes rank R SIGKILL itself
+  // right after step S (core/fsutil.h has the other LMF_FAULT forms); -1: off.
+  int64_t kill_at_step_ = -1;
   Device device_ = Device::cpu;
   Arena batch_host_;  // tokens, targets (B, T) i32 filled by the loader
   Arena batch_;       // the same on the model's device, plus the grad norm (1) f32
