@@ -103,7 +103,7 @@ std::string TrainOptions::to_json() const {
             {"eval_batches", eval_batches}, {"checkpoint_every", checkpoint_every}, {"keep_last", keep_last},
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
-            {"tune", gemm_tune}};
+            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}};  // dp: for the record (never restored)
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
@@ -326,6 +326,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     if (o_.dist_timeout < 1 || o_.dist_timeout > 86400) fail("--dist-timeout=", o_.dist_timeout, " must be in [1, 86400] seconds");
     dist_ = std::make_unique<DistRun>(env, std::chrono::seconds(o_.dist_timeout));
     dp_ = env.world_size / o_.tp;
+    o_.dp = dp_;
     dp_rank_ = env.rank;
     writer_ = env.rank == 0;
   }
@@ -388,6 +389,14 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
       const json was = json::parse(st.options_json), now = json::parse(o_.to_json());
       for (const char* key : kMeaningKeys) {
         if (!was.contains(key) || was.at(key) == now.at(key)) continue;
+        if (std::string(key) == "batch_size") {  // data parallelism: the global batch is what must not change
+          const int64_t was_global = was.at(key).get<int64_t>() * was.value("dp", int64_t{1});
+          if (was_global == o_.batch_size * dp_) continue;
+          fail("--batch-size=", o_.batch_size, " x ", dp_, " rank(s) = a global batch of ", o_.batch_size * dp_,
+               " differs from the run being resumed (", was_global, " in ",
+               (fs::path(resume_dir) / "state.json").string(), "); pass -B ", was_global / dp_,
+               " or --allow-change");
+        }
         std::string flag = std::string("--") + key;
         std::replace(flag.begin(), flag.end(), '_', '-');
         fail(flag, "=", now.at(key).dump(), " differs from the run being resumed (", was.at(key).dump(), " in ",

@@ -1,0 +1,277 @@
+// Distributed training on the CPU (docs/DISTRIBUTED.md): the launcher environment, the rendezvous
+// store, the Gloo communicator, and whole runs through `lmforge launch` (several processes on this
+// host): data parallelism equals the single-process run, is bitwise reproducible, resumes at another
+// world size; a killed rank stops the others naming it; bad launches are one line.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "dist/env.h"
+#include "dist/gloo_comm.h"
+#include "dist/run.h"
+#include "dist/store.h"
+#include "model/config.h"
+#include "support/cli_util.h"
+#include "support/test_util.h"
+
+namespace lmf {
+namespace {
+
+namespace fs = std::filesystem;
+using Env = std::map<std::string, std::string>;
+
+TEST(DistEnv, ReadsTorchrunSlurmAndNothing) {
+  DistEnv d = dist_env_from({});
+  EXPECT_FALSE(d.distributed());
+  EXPECT_EQ(d.rank, 0);
+  d = dist_env_from({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"},
+                     {"MASTER_PORT", "29400"}});
+  EXPECT_EQ(d.rank, 3);
+  EXPECT_EQ(d.world_size, 4);
+  EXPECT_EQ(d.local_rank, 1);
+  EXPECT_EQ(d.master_addr, "node7");
+  EXPECT_EQ(d.master_port, 29400);
+  d = dist_env_from({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"}, {"MASTER_ADDR", "n0"}});
+  EXPECT_EQ(d.rank, 5);
+  EXPECT_EQ(d.world_size, 8);
+  EXPECT_EQ(d.master_port, 29500);  // Slurm: the conventional default
+  EXPECT_EQ(d.launcher, "Slurm");
+  // torchrun's variables win over Slurm's (torchrun under srun)
+  d = dist_env_from({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"RANK", "0"}, {"WORLD_SIZE", "1"}});
+  EXPECT_FALSE(d.distributed());
+}
+
+TEST(DistEnv, BadEnvironmentsAreOneLine) {
+  EXPECT_TRUE(test::one_line_error([] { dist_env_from({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1"}}); },
+                                   {"MASTER_ADDR is not set"}));
+  EXPECT_TRUE(test::one_line_error(
+      [] { dist_env_from({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}); },
+      {"RANK=2", "WORLD_SIZE=2"}));
+  EXPECT_TRUE(test::one_line_error([] { dist_env_from({{"RANK", "x"}, {"WORLD_SIZE", "2"}}); }, {"RANK='x'"}));
+  EXPECT_TRUE(test::one_line_error([] { dist_env_from({{"WORLD_SIZE", "2"}}); }, {"WORLD_SIZE is set but RANK"}));
+  EXPECT_TRUE(test::one_line_error(
+      [] { dist_env_from({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "70000"}}); },
+      {"MASTER_PORT='70000'"}));
+}
+
+// A port nobody listens on now (the kernel picks it: bound to port 0, read back, released).
+int some_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+DistEnv rank_env(int rank, int world, int port) {
+  return dist_env_from({{"RANK", std::to_string(rank)}, {"WORLD_SIZE", std::to_string(world)},
+                        {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", std::to_string(port)}});
+}
+
+TEST(TcpStore, SetsGetsAndNamesARankWhoseConnectionClosed) {
+  const int port = some_port();
+  const auto timeout = std::chrono::milliseconds(10000);
+  std::unique_ptr<TcpStore> s0;
+  std::thread t0([&] { s0 = std::make_unique<TcpStore>(rank_env(0, 3, port), timeout); });
+  TcpStore s1(rank_env(1, 3, port), timeout);
+  auto s2 = std::make_unique<TcpStore>(rank_env(2, 3, port), timeout);
+  t0.join();
+  s1.set("k", {'a', 'b'});
+  EXPECT_EQ(s0->get("k"), (std::vector<char>{'a', 'b'}));
+  EXPECT_FALSE(s0->try_get("missing").has_value());
+  EXPECT_TRUE(test::one_line_error([&] { s1.get("never", std::chrono::milliseconds(100)); }, {"'never'"}));
+  // rank 2 leaves without finish(): the store records it as dead
+  s2.reset();
+  std::optional<std::vector<char>> dead;
+  for (int i = 0; i < 100 && !dead; ++i) {
+    dead = s0->try_get("lmf/dead");
+    if (!dead) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(dead.has_value());
+  uint64_t r = 0;
+  std::memcpy(&r, dead->data(), 8);
+  EXPECT_EQ(r, 2u);
+}
+
+TEST(GlooCommunicator, AllReduceAndBroadcastGiveEveryRankTheSameBits) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const int port = some_port(), W = 3;
+  std::vector<std::vector<float>> sums(W), bcast(W);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < W; ++r)
+    ts.emplace_back([&, r] {
+      TcpStore store(rank_env(r, W, port), std::chrono::milliseconds(20000));
+      auto comm = make_gloo_communicator(store, std::chrono::milliseconds(20000));
+      std::vector<float> v(1000);
+      for (size_t i = 0; i < v.size(); ++i) v[i] = 0.1f * static_cast<float>(i) + static_cast<float>(r) * 1e-3f;
+      comm->all_reduce_sum(Tensor(v.data(), DType::f32, {1000}, "v"));
+      sums[r] = v;
+      std::vector<float> b(7, static_cast<float>(r));
+      comm->broadcast(Tensor(b.data(), DType::f32, {7}, "b"), 1);
+      bcast[r] = b;
+      comm->barrier();
+      store.finish();
+    });
+  for (auto& t : ts) t.join();
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(std::memcmp(sums[r].data(), sums[0].data(), 4000), 0) << "rank " << r;
+    EXPECT_EQ(bcast[r], std::vector<float>(7, 1.0f));
+  }
+  EXPECT_NEAR(sums[0][10], 3.0f + 0.003f, 1e-5);
+}
+
+// ---- whole runs through the CLI ------------------------------------------------------------------
+
+std::vector<double> losses_of(const std::string& dir, const char* key = "loss") {
+  std::vector<double> v;
+  std::ifstream f(dir + "/metrics.jsonl");
+  for (std::string line; std::getline(f, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) v.push_back(j.at(key).get<double>());
+  }
+  return v;
+}
+
+double worst_rel(const std::vector<double>& a, const std::vector<double>& b) {
+  double w = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) w = std::max(w, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  return w;
+}
+
+struct DpCase {
+  const char* name;
+  const char* preset;
+  const char* flags;  // the shape and optimizer, B being the global batch
+  int64_t B;
+};
+
+class DataParallel : public ::testing::TestWithParam<DpCase> {};
+
+// 20 steps at world sizes 2 and 4 (B / ranks rows each) against one process with the whole batch:
+// losses (every step) and validation losses within 1e-5 relative; a second world-2 run bitwise equal.
+TEST_P(DataParallel, EqualsTheSingleProcessRunAndRepeatsBitwise) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const DpCase& c = GetParam();
+  const std::string d = test::make_temp_dir(std::string("dp_") + c.name);
+  // MoE: without the Switch aux loss, whose load statistics each rank takes over its own rows (so a
+  // data-parallel MoE run differs from one process by the aux term; docs/DISTRIBUTED.md)
+  ModelConfig cfg = config_preset(c.preset);
+  cfg.moe.aux_coef = 0;
+  {
+    std::ofstream f(d + "/config.json");
+    f << config_to_json(cfg);
+  }
+  auto train = [&](int ranks, const std::string& out) {
+    const std::string args = "train --device cpu --config " + d + "/config.json " + c.flags + " -B " +
+                             std::to_string(c.B / ranks) +
+                             " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
+    const test::RunResult r =
+        test::run_cli(ranks == 1 ? args : "launch -n " + std::to_string(ranks) + " -- " + args, d);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return losses_of(d + "/" + out);
+  };
+  const std::vector<double> one = train(1, "one"), two = train(2, "two"), four = train(4, "four"),
+                            again = train(2, "two_again");
+  ASSERT_EQ(one.size(), 20u);
+  ASSERT_EQ(two.size(), 20u);
+  ASSERT_EQ(four.size(), 20u);
+  EXPECT_LT(worst_rel(two, one), 1e-5);
+  EXPECT_LT(worst_rel(four, one), 1e-5);
+  EXPECT_EQ(again, two) << "two world-2 runs differ";
+  const auto v1 = losses_of(d + "/one", "val_loss"), v2 = losses_of(d + "/two", "val_loss");
+  ASSERT_EQ(v1.size(), 3u);
+  EXPECT_LT(worst_rel(v2, v1), 1e-5);
+  std::printf("[ measured ] %s: dp=2 worst step-loss rel diff %.2e, dp=4 %.2e (20 steps vs one process)\n", c.name,
+              worst_rel(two, one), worst_rel(four, one));
+  fs::remove_all(d);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, DataParallel,
+                         ::testing::Values(DpCase{"dense", "tiny", "-T 64 --lr 1e-3", 8},
+                                           DpCase{"moe", "tiny-moe", "-T 64 --lr 1e-3", 8},
+                                           DpCase{"timeseries", "tiny-ts", "-T 64 --lr 1e-3", 8}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(DataParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const std::string d = test::make_temp_dir("dp_resume");
+  const std::string model = "--device cpu --preset tiny -T 64 --log-every 1 ";
+  test::RunResult r = test::run_cli("launch -n 2 -- train " + model + "-B 4 --steps 10 --out-dir " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(fs::exists(d + "/run/checkpoints/step_000010"));
+  // one checkpoint, written by rank 0, the format of a single-process run's: a second copy resumes
+  fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
+  r = test::run_cli("train " + model + "-B 8 --steps 20 --resume " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli("launch -n 4 -- train " + model + "-B 2 --steps 20 --resume " + d + "/run4", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 20u);
+  EXPECT_LT(worst_rel(b, a), 1e-5) << "world 1 and world 4 continue the same run";
+  fs::remove_all(d);
+}
+
+TEST(DataParallel, AKilledRankStopsTheOthersNamingIt) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const std::string d = test::make_temp_dir("dp_kill");
+  const auto t0 = std::chrono::steady_clock::now();
+  const test::RunResult r = test::run_cli(
+      "launch -n 3 --grace 100 -- train --device cpu --preset tiny -T 64 -B 2 --steps 100000 --out-dir " + d + "/run",
+      d, "LMF_FAULT=kill-rank-1@5");
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_LT(s, 60.0) << "the other ranks took too long to stop";
+  EXPECT_NE(r.err.find("rank 1 was killed by signal 9"), std::string::npos) << r.err;
+  // ranks 0 and 2 each stop on their own (the grace period of 100 s never ran out), naming rank 1
+  EXPECT_NE(r.err.find("rank 0: all_reduce_sum (gloo): rank 1 died"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("rank 2: all_reduce_sum (gloo): rank 1 died"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("terminating them"), std::string::npos) << r.err;
+  fs::remove_all(d);
+}
+
+TEST(DataParallel, BadLaunchesAreOneLine) {
+  const std::string d = test::make_temp_dir("dp_bad");
+  // a rank count the launcher gives that --dp contradicts; tensor parallelism; a missing MASTER_ADDR
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --device cpu --steps 1 --dp 2 --out-dir " + d + "/a", d),
+                                   {"--dp=2", "world size, 1"}));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("train --device cpu --steps 1 --tp 2 --out-dir " + d + "/a", d),
+                                   {"--tp=2", "not built yet"}));
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("train --device cpu --steps 1 --out-dir " + d + "/a", d, "RANK=0 WORLD_SIZE=2 MASTER_PORT=1234"),
+      {"MASTER_ADDR is not set"}));
+  EXPECT_TRUE(test::one_line_error(test::run_cli("launch -n 2", d), {"no command after --"}));
+  EXPECT_FALSE(fs::exists(d + "/a"));
+  if (!gloo_available()) return;
+  // ranks launched with different flags: each exits non-zero, rank 0 naming the flag
+  const int port = some_port();
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " WORLD_SIZE=2";
+  const std::string bin = test::lmforge_binary();
+  const std::string common = " train --device cpu --preset tiny -T 64 -B 2 --steps 5 --out-dir " + d + "/m";
+  const std::string cmd = "(" + env + " RANK=1 " + bin + common + " --lr 1e-3 2>" + d + "/r1.err; echo $? >" + d +
+                          "/r1.rc) & " + env + " RANK=0 " + bin + common + " --lr 2e-3 2>" + d + "/r0.err; echo $? >" +
+                          d + "/r0.rc; wait";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  EXPECT_NE(read_file(d + "/r0.rc"), "0\n");
+  EXPECT_NE(read_file(d + "/r1.rc"), "0\n");
+  const std::string e0 = read_file(d + "/r0.err");
+  EXPECT_NE(e0.find("rank 1's run (config, flags, data) differs from rank 0's"), std::string::npos) << e0;
+  EXPECT_NE(e0.find("--lr="), std::string::npos) << e0;
+  EXPECT_EQ(std::count(e0.begin(), e0.end(), '\n'), 1) << e0;
+  fs::remove_all(d);
+}
+
+}  // namespace
+}  // namespace lmf
