@@ -1,6 +1,7 @@
 // run.cpp: see run.h.
 #include "dist/run.h"
 
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,8 @@ std::string first_difference(const std::string& a, const std::string& b) {
 }  // namespace
 
 DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout) : env_(env) {
+  // a peer that dies mid-transfer must surface as an error on this rank, never as a silent SIGPIPE death
+  std::signal(SIGPIPE, SIG_IGN);
   store_ = std::make_unique<TcpStore>(env, timeout);
   comm_ = make_gloo_communicator(*store_, timeout);
   std::shared_ptr<TcpStore> watch(store_->another_connection().release());
@@ -45,16 +48,16 @@ DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout) : env_(e
         dead = watch->try_get("lmf/dead");
       } catch (const std::exception&) {
         if (stop_.load()) return;
-        std::fprintf(stderr, "lmforge rank %d: lost rank 0 (the rendezvous at %s:%d closed): it died or exited; "
-                     "exiting\n", me, env_.master_addr.c_str(), env_.master_port);
+        std::fprintf(stderr, "lmforge: error: rank %d: rank 0 died or exited (the rendezvous at %s:%d closed); "
+                     "this rank stops\n", me, env_.master_addr.c_str(), env_.master_port);
         std::fflush(stderr);
         std::_Exit(3);
       }
       if (dead && !stop_.load()) {
         uint64_t r = 0;
         std::memcpy(&r, dead->data(), std::min<size_t>(8, dead->size()));
-        std::fprintf(stderr, "lmforge rank %d: rank %llu died or exited with an error (its connection to the "
-                     "rendezvous closed); exiting\n", me, static_cast<unsigned long long>(r));
+        std::fprintf(stderr, "lmforge: error: rank %d: rank %llu died or exited with an error (its connection to "
+                     "the rendezvous closed); this rank stops\n", me, static_cast<unsigned long long>(r));
         std::fflush(stderr);
         std::_Exit(3);
       }

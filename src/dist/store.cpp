@@ -126,11 +126,14 @@ struct TcpStore::Server {
         auto it = kv.find(m.key);
         if (it == kv.end()) reply.op = 'N';
         else reply.value = it->second;
-      } else if (m.op == 'F') {
+      } else if (m.op == 'F') {  // reply first: once every rank is marked, rank 0 may stop the server
         done = true;
+        const bool sent = send_msg(fd, reply);
         std::lock_guard<std::mutex> g(mu);
         finished.insert(rank);
         cv.notify_all();
+        if (!sent) break;
+        continue;
       }
       if (!send_msg(fd, reply)) break;
     }
@@ -293,7 +296,11 @@ std::unique_ptr<TcpStore> TcpStore::another_connection() const {
 }
 
 void TcpStore::finish() {
-  request('F', "", {});
+  try {
+    request('F', "", {});
+  } catch (const Error&) {
+    // rank 0 stopped its server right after recording this rank's finish: the reply may be cut off
+  }
   if (server_) server_->stop(timeout_);
 }
 
