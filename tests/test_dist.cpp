@@ -272,6 +272,23 @@ TEST(DataParallel, TheFieldReportsShapeTrainsOnTwoRanks) {
   fs::remove_all(d);
 }
 
+// `lmforge launch -n 1`: the distributed path (rendezvous, communicator, agreement) with one rank is the
+// plain run, bitwise.
+TEST(DataParallel, OneLaunchedRankIsThePlainRunBitwise) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const std::string d = test::make_temp_dir("dp_one");
+  const std::string args = "train --device cpu --preset tiny -T 64 -B 4 --steps 10 --log-every 1 --out-dir " + d;
+  test::RunResult r = test::run_cli("launch -n 1 -- " + args + "/launched", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("dist 1 ranks"), std::string::npos) << r.out;
+  r = test::run_cli(args + "/plain", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto a = losses_of(d + "/launched"), b = losses_of(d + "/plain");
+  ASSERT_EQ(a.size(), 10u);
+  EXPECT_EQ(a, b);
+  fs::remove_all(d);
+}
+
 TEST(DataParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
   const std::string d = test::make_temp_dir("dp_resume");

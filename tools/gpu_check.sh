@@ -33,7 +33,8 @@
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
 # LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both); LMF_WITH_TS=1
-# adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark).
+# adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark). LMF_WITH_DIST=1 (or mode dist) runs the NCCL path at world
+# size 1: `lmforge launch -n 1 -- train --device cuda` (graphs on) against the plain run, bitwise (docs/DISTRIBUTED.md).
 # LMF_TESTS="build-gpu/tests/test_x ..." runs only those tests (any mode that runs tests); LMF_EXTRA_TARGETS adds
 # build targets to the modes that build only some (serve, servebench).
 # LMF_CUDNN_ROOT picks the cuDNN (default: the newer of the system's and PyTorch's; empty: the system's).
@@ -108,6 +109,7 @@ targets=""
 [ "$what" = python ] && targets="lmforge"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
+[ "$what" = dist ] && targets="lmforge" && LMF_WITH_DIST=1
 [ -n "$targets" ] && [ "${LMF_WITH_TS:-0}" = 1 ] && targets="$targets lmforge test_cuda_timeseries"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
@@ -245,6 +247,22 @@ print(max(abs(float(x)-float(y)) for r,s in zip(a[1:],b[1:]) for x,y in zip(r[1:
     add "time-series bench (timemoe-field)" "rc=$rc $(grep -E '^ratio' "$OUT/tsbench.log" | tr '\n' ' ')"
     [ $rc -eq 0 ] || failures=$((failures + 1))
   fi
+fi
+
+if [ "${LMF_WITH_DIST:-0}" = 1 ]; then
+  grep -o "NCCL [A-Z]*" "$OUT/cmake.log" | head -1
+  for how in plain launched; do
+    pre=""; [ $how = launched ] && pre="launch -n 1 --"
+    ./build-gpu/lmforge $pre train --device cuda --preset tiny -B 16 -T 128 --steps 60 --log-every 1 --cuda-graph on \
+      --out-dir "$OUT/dist_$how" >"$OUT/dist_$how.log" 2>&1
+    echo "$how rc=$?" >>"$OUT/dist_rc.txt"
+  done
+  grep -E "^dist|error" "$OUT/dist_launched.log" | head -3
+  add "NCCL world 1 (launch -n 1, graphs) vs plain" "$(cat "$OUT/dist_rc.txt" | tr '\n' ' ') $(python3 -c "import json,sys; \
+l=[[json.loads(x).get('loss') for x in open(sys.argv[i])] for i in (1,2)]; l=[[v for v in a if v is not None] for a in l]; \
+print('losses bitwise equal' if l[0]==l[1] and len(l[0])==60 else f'DIFFER ({len(l[0])}, {len(l[1])} steps)')" \
+    "$OUT/dist_plain/metrics.jsonl" "$OUT/dist_launched/metrics.jsonl" 2>&1)"
+  grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
 fi
 
 if [ "$what" = servebench ]; then

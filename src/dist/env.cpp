@@ -50,12 +50,14 @@ DistEnv dist_env_from(const std::map<std::string, std::string>& env) {
   if (d.rank >= d.world_size)
     fail("environment: ", rank_var, "=", d.rank, " is not below ", slurm ? "SLURM_NTASKS" : "WORLD_SIZE", "=",
          d.world_size);
-  if (!d.distributed()) return d;
+  if (!torch_style && !slurm) return d;
   auto addr = env.find("MASTER_ADDR");
-  if (addr == env.end() || addr->second.empty())
+  if (addr == env.end() || addr->second.empty()) {
+    if (!d.distributed()) return d;  // one rank and no rendezvous: a single process
     fail("environment: MASTER_ADDR is not set; ", d.world_size,
          " ranks need rank 0's host to meet at (torchrun and lmforge launch set it; under Slurm export "
          "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1))");
+  }
   d.master_addr = addr->second;
   d.master_port = int_var(env, "MASTER_PORT", 1, 65535, slurm ? 29500 : -1);
   if (d.master_port < 0) fail("environment: MASTER_PORT is not set (rank 0's rendezvous port)");

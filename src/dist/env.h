@@ -17,6 +17,9 @@ struct DistEnv {
   int master_port = 0;
   std::string launcher = "single process";  // "torchrun-style environment", "Slurm", "single process"
   bool distributed() const { return world_size > 1; }
+  // A launcher started this process with a rendezvous, even a world of 1 (`lmforge launch -n 1`): the
+  // run takes the distributed path (its communicator, NCCL on GPUs) with one rank.
+  bool launched() const { return !master_addr.empty() && master_port > 0; }
 };
 
 // Reads the variables from `env` (the process environment when empty). Bad or inconsistent values

@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "dist/gloo_comm.h"
+#include "dist/nccl_comm.h"
 
 namespace lmf {
 
@@ -34,11 +35,11 @@ std::string first_difference(const std::string& a, const std::string& b) {
 
 }  // namespace
 
-DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout) : env_(env) {
+DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu) : env_(env) {
   // a peer that dies mid-transfer must surface as an error on this rank, never as a silent SIGPIPE death
   std::signal(SIGPIPE, SIG_IGN);
   store_ = std::make_unique<TcpStore>(env, timeout);
-  comm_ = make_gloo_communicator(*store_, timeout);
+  comm_ = gpu ? make_nccl_communicator(*store_) : make_gloo_communicator(*store_, timeout);
   std::shared_ptr<TcpStore> watch(store_->another_connection().release());
   const int me = env.rank;
   watchdog_ = std::thread([this, watch, me] {

@@ -1,7 +1,7 @@
 // run.h: a distributed run's process-level pieces (docs/DISTRIBUTED.md): the rendezvous, the
 // communicator over all ranks, the start-up agreement check and the watchdog.
 //
-//   DistRun d(dist_env(), timeout);          // every rank: meet at MASTER_ADDR:MASTER_PORT, connect
+//   DistRun d(dist_env(), timeout, gpu);     // every rank: meet at MASTER_ADDR:MASTER_PORT, connect
 //   d.agree("the run", fingerprint);         // ranks launched with different configs: one clear error
 //   ... d.comm().all_reduce_sum(grads) ...
 //   d.finish();                              // clean exit: the others do not take it for a death
@@ -26,7 +26,8 @@ namespace lmf {
 
 class DistRun {
  public:
-  DistRun(const DistEnv& env, std::chrono::milliseconds timeout);
+  // gpu: the communicator is NCCL's (GPU tensors, on lmforge's stream), else Gloo's (CPU tensors).
+  DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu = false);
   ~DistRun();
   DistRun(const DistRun&) = delete;
   DistRun& operator=(const DistRun&) = delete;

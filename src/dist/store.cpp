@@ -213,7 +213,7 @@ TcpStore::TcpStore(const DistEnv& env, std::chrono::milliseconds timeout) : TcpS
 
 TcpStore::TcpStore(const DistEnv& env, std::chrono::milliseconds timeout, bool watcher)
     : env_(env), timeout_(timeout), watcher_(watcher) {
-  LMF_CHECK(env.distributed(), "rendezvous: a single process needs no store");
+  LMF_CHECK(env.launched(), "rendezvous: no MASTER_ADDR/MASTER_PORT to meet at");
   if (env.rank == 0 && !watcher) {
     server_ = std::make_shared<Server>();
     server_->world = env.world_size;

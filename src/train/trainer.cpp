@@ -222,10 +222,15 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
 }
 
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
-                       const TrainOptions& o) {
+                       const TrainOptions& o, Communicator* comm) {
+  const float share = comm ? 1.0f / static_cast<float>(comm->world_size()) : 1.0f;
   gpt.state->zero_grad();
-  gpt.model.forward_backward_device(tokens, targets, 1.0f);
-  if (loss.defined()) loss_mean(loss, gpt.model.row_losses(), 1.0f, false);
+  gpt.model.forward_backward_device(tokens, targets, share);
+  if (loss.defined()) loss_mean(loss, gpt.model.row_losses(), share, false);
+  if (comm) {
+    comm->all_reduce_sum(gpt.state->grads().flat_f32());
+    if (loss.defined()) comm->all_reduce_sum(loss);
+  }
   optimizer_step(gpt.params, *gpt.state, norm, o, 0.0, 1, schedule);  // lr and step come from schedule
 }
 
@@ -322,9 +327,13 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     fail("--tp=", o_.tp, ": tensor parallelism is not built yet (docs/DISTRIBUTED.md); data parallelism is (--dp)");
   if (o_.dp != 0 && o_.dp != env.world_size / o_.tp)
     fail("--dp=", o_.dp, " x --tp=", o_.tp, " must equal the world size, ", env.world_size, " (", env.launcher, ")");
-  if (env.distributed()) {
+  if (env.distributed() || env.launched()) {  // (a launcher's world of 1 too: the same path with one rank)
     if (o_.dist_timeout < 1 || o_.dist_timeout > 86400) fail("--dist-timeout=", o_.dist_timeout, " must be in [1, 86400] seconds");
-    dist_ = std::make_unique<DistRun>(env, std::chrono::seconds(o_.dist_timeout));
+    const bool gpu = parse_device(o_.device) == Device::cuda;
+    if (gpu && env.local_rank != 0)
+      fail("LOCAL_RANK=", env.local_rank, ": one GPU per host in this version (several GPUs of one host are the "
+           "multi-GPU issue's; docs/DISTRIBUTED.md)");
+    dist_ = std::make_unique<DistRun>(env, std::chrono::seconds(o_.dist_timeout), gpu);
     dp_ = env.world_size / o_.tp;
     o_.dp = dp_;
     dp_rank_ = env.rank;
@@ -367,9 +376,6 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     fail("--batch-size=", o_.batch_size, " x --seq-len=", T, " tokens per micro-batch exceed ", INT32_MAX);
   const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
   device_ = plan.device;
-  if (dist_ && device_ == Device::cuda)
-    fail("a distributed run on the GPU needs the NCCL communicator, which is not built yet (docs/DISTRIBUTED.md); "
-         "pass --device cpu to train over Gloo");
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
   gpt_ = std::make_unique<Gpt>(cfg_, plan);
   plan_buffers(T);
@@ -539,7 +545,8 @@ void Trainer::plan_buffers(int64_t T) {
                            {"cur_loss", {1}, DType::f32}}, device_);
   tokens_host_ = batch_host_.get("tokens");
   targets_host_ = batch_host_.get("targets");
-  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}, {"guard", {2}, DType::i32}},
+  stats_ = Arena("training stats", {{"step_losses", {o_.steps}}, {"eval_loss", {1}}, {"guard", {2}, DType::i32},
+                                    {"dist_flags", {2}}},
                  device_);
   step_losses_ = stats_.get("step_losses");
   eval_loss_ = stats_.get("eval_loss");
@@ -736,7 +743,7 @@ void Trainer::step_once() {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
     auto body = [&] {
-      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_);
+      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_, dist_ ? &dist_->comm() : nullptr);
       nonfinite_guard(guard_, cur_loss_, norm_);
     };
     if (!graph_ && eager_graph_steps_ == 0) {
@@ -1001,11 +1008,20 @@ void Trainer::run() {
     }
     bool stop = step_ < o_.steps && hooks_.stop_requested && hooks_.stop_requested();
     bool asked = hooks_.save_requested && hooks_.save_requested();
-    if (dist_) {  // a stop or save on any rank (a signal reaches each rank separately) is every rank's
+    if (dist_) {
+      // a stop or save on any rank (a signal reaches each rank separately) is every rank's, at a step
+      // they agree on: every step on the CPU; on the GPU at log intervals, where the loss read waits
+      // for the device anyway (a request in between waits for the next one: the hooks keep saying so)
+      const bool exchange = device_ == Device::cpu || step_ % o_.log_every == 0 || step_ == o_.steps;
       float f[2] = {stop ? 1.0f : 0.0f, asked ? 1.0f : 0.0f};
-      dist_->comm().all_reduce_sum(Tensor(f, DType::f32, {2}, "stop/save flags"));
-      stop = f[0] > 0;
-      asked = f[1] > 0;
+      if (exchange) {
+        const Tensor flags = stats_.get("dist_flags");
+        tensor_from_host(flags, f);
+        dist_->comm().all_reduce_sum(flags);
+        tensor_to_host(f, flags);
+      }
+      stop = exchange && f[0] > 0;
+      asked = exchange && f[1] > 0;
     }
     if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) ||
         (step_ == o_.steps && o_.save_final_checkpoint) || stop || asked) {

@@ -104,10 +104,12 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
                     int64_t step, Tensor schedule = Tensor());
 
 // The device work of one training step of one micro-batch, as `lmforge train` runs it (and captures it
-// as one CUDA graph): zero_grad, forward + backward, the mean loss into loss (when defined), clipping
-// and AdamW with lr and bias corrections from `schedule`. No allocation, no host synchronisation.
+// as one CUDA graph): zero_grad, forward + backward, the mean loss into loss (when defined), with data
+// parallelism (comm) each rank's 1 / ranks share summed over the ranks (gradients and loss, in-stream
+// NCCL all-reduces), clipping and AdamW with lr and bias corrections from `schedule`. No allocation,
+// no host synchronisation.
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
-                       const TrainOptions& o);
+                       const TrainOptions& o, Communicator* comm = nullptr);
 
 // --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows of the
 // model's plans (Model::op_plans); tune_finish() after it (between steps) tunes every plan called in

@@ -1,0 +1,17 @@
+// nccl_comm.h: the GPU communicator (docs/DISTRIBUTED.md): NCCL's collectives on lmforge's one stream,
+// so they order with the step's kernels and a CUDA graph captures them with the step. The ranks meet
+// through the rendezvous store (dist/store.h): rank 0 makes NCCL's unique id and the others read it.
+// Errors name the collective and NCCL's message. Built with CUDA when NCCL is found (LMF_WITH_NCCL).
+#pragma once
+#include <memory>
+
+#include "core/comm.h"
+#include "dist/store.h"
+
+namespace lmf {
+
+// Collective over every rank of store.env() (all call it); selects no device (the caller did).
+std::unique_ptr<Communicator> make_nccl_communicator(TcpStore& store);
+bool nccl_available();
+
+}  // namespace lmf
