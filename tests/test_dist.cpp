@@ -13,6 +13,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <tuple>
 
 #include "dist/env.h"
 #include "dist/gloo_comm.h"
@@ -133,6 +134,47 @@ TEST(GlooCommunicator, AllReduceAndBroadcastGiveEveryRankTheSameBits) {
   EXPECT_NEAR(sums[0][10], 3.0f + 0.003f, 1e-5);
 }
 
+// Max, all-gather and reduce-scatter over the whole world, and all-reduces inside two groups of a
+// 2 x 2 mesh at once (each group sums only its own ranks).
+TEST(GlooCommunicator, MaxGatherScatterAndGroups) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const int port = some_port(), W = 4;
+  std::vector<std::vector<float>> mx(W), gathered(W), scattered(W), grouped(W);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < W; ++r)
+    ts.emplace_back([&, r] {
+      TcpStore store(rank_env(r, W, port), std::chrono::milliseconds(20000));
+      auto world = make_gloo_communicator(store, std::chrono::milliseconds(20000));
+      auto pair = make_gloo_communicator(store, std::chrono::milliseconds(20000), "pair" + std::to_string(r / 2),
+                                         {r / 2 * 2, r / 2 * 2 + 1});
+      std::vector<float> m{static_cast<float>(r), static_cast<float>(-r), 5.0f};
+      world->all_reduce_max(Tensor(m.data(), DType::f32, {3}, "m"));
+      mx[r] = m;
+      std::vector<float> in{static_cast<float>(10 * r), static_cast<float>(10 * r + 1)}, out(2 * W);
+      world->all_gather(Tensor(out.data(), DType::f32, {2 * W}, "out"), Tensor(in.data(), DType::f32, {2}, "in"));
+      gathered[r] = out;
+      std::vector<float> big(2 * W), mine(2);
+      for (int i = 0; i < 2 * W; ++i) big[static_cast<size_t>(i)] = static_cast<float>(i + r);
+      world->reduce_scatter_sum(Tensor(mine.data(), DType::f32, {2}, "mine"), Tensor(big.data(), DType::f32, {2 * W}, "big"));
+      scattered[r] = mine;
+      std::vector<float> g{static_cast<float>(r + 1)};
+      EXPECT_EQ(pair->world_size(), 2);
+      EXPECT_EQ(pair->rank(), r % 2);
+      pair->all_reduce_sum(Tensor(g.data(), DType::f32, {1}, "g"));
+      grouped[r] = g;
+      world->barrier();
+      store.finish();
+    });
+  for (auto& t : ts) t.join();
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(mx[r], (std::vector<float>{3, 0, 5})) << "rank " << r;
+    EXPECT_EQ(gathered[r], (std::vector<float>{0, 1, 10, 11, 20, 21, 30, 31})) << "rank " << r;
+    // element i of rank r's slice: sum over ranks q of (2r + i + q) = 4 (2r + i) + 6
+    EXPECT_EQ(scattered[r], (std::vector<float>{static_cast<float>(8 * r + 6), static_cast<float>(8 * r + 10)}));
+    EXPECT_EQ(grouped[r], (std::vector<float>{r < 2 ? 3.0f : 7.0f})) << "rank " << r;
+  }
+}
+
 // ---- whole runs through the CLI ------------------------------------------------------------------
 
 std::vector<double> losses_of(const std::string& dir, const char* key = "loss") {
@@ -205,19 +247,88 @@ INSTANTIATE_TEST_SUITE_P(Models, DataParallel,
                                            DpCase{"timeseries", "tiny-ts", "-T 64 --lr 1e-3", 8}),
                          [](const auto& info) { return std::string(info.param.name); });
 
-// Per-parameter gradients: after one step AdamW's first moment is (1 - beta1) x the (clipped) gradient,
-// and a one-step run's checkpoint holds it. Every tensor of the world-2 run within 1e-5 of its scale
-// of the one-process run's.
-TEST(DataParallel, GradientsEqualTheSingleProcessRunPerParameter) {
+// ---- tensor parallelism (and the 2-D mesh) ---------------------------------------------------------
+
+struct TpCase {
+  const char* name;
+  const char* preset;
+  int tp, dp;
+  const char* flags;  // shape and optimizer; B is the global batch
+  int64_t B;
+  bool repeat;        // a second run must give the same bits
+};
+
+class TensorParallelRun : public ::testing::TestWithParam<TpCase> {};
+
+// 20 steps on tp x dp ranks against one process: step losses and validation losses within 1e-5
+// relative. MoE keeps its auxiliary loss (the ranks of a tensor-parallel group route the same tokens).
+TEST_P(TensorParallelRun, EqualsTheSingleProcessRun) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
-  const std::string d = test::make_temp_dir("dp_grads");
-  const std::string args = "train --device cpu --preset tiny -T 64 --steps 1 --eval-batches 1 --out-dir " + d;
+  const TpCase& c = GetParam();
+  const std::string d = test::make_temp_dir(std::string("tp_") + c.name);
+  ModelConfig cfg = config_preset(c.preset);
+  cfg.vocab_size = std::max<int64_t>(cfg.vocab_size, cfg.family == ModelFamily::text ? 256 : 1);  // the byte corpus
+  {
+    std::ofstream f(d + "/config.json");
+    f << config_to_json(cfg);
+  }
+  auto train = [&](int tp, int dp, const std::string& out) {
+    const std::string args = "train --device cpu --config " + d + "/config.json " + c.flags + " -B " +
+                             std::to_string(c.B / dp) + " --tp " + std::to_string(tp) +
+                             " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
+    const int n = tp * dp;
+    const test::RunResult r = test::run_cli(n == 1 ? args : "launch -n " + std::to_string(n) + " -- " + args, d);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return losses_of(d + "/" + out);
+  };
+  const std::vector<double> one = train(1, 1, "one"), par = train(c.tp, c.dp, "par");
+  ASSERT_EQ(one.size(), 20u);
+  ASSERT_EQ(par.size(), 20u);
+  EXPECT_LT(worst_rel(par, one), 1e-5);
+  const auto v1 = losses_of(d + "/one", "val_loss"), v2 = losses_of(d + "/par", "val_loss");
+  ASSERT_EQ(v1.size(), 3u);
+  ASSERT_EQ(v2.size(), 3u);
+  EXPECT_LT(worst_rel(v2, v1), 1e-5);
+  if (c.repeat) EXPECT_EQ(train(c.tp, c.dp, "again"), par) << "two runs on the same mesh differ";
+  std::printf("[ measured ] %s: tp=%d dp=%d worst step-loss rel diff %.2e (20 steps vs one process)\n", c.name, c.tp,
+              c.dp, worst_rel(par, one));
+  fs::remove_all(d);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Meshes, TensorParallelRun,
+    ::testing::Values(TpCase{"dense_tp2", "tiny", 2, 1, "-T 64 --lr 1e-3", 8, true},
+                      TpCase{"dense_tp4", "tiny", 4, 1, "-T 64 --lr 1e-3", 8, false},
+                      TpCase{"dense_dp2_tp2", "tiny", 2, 2, "-T 64 --lr 1e-3", 8, true},
+                      TpCase{"llama_tp2", "test-llama", 2, 1, "-T 16 --lr 1e-3", 8, false},
+                      TpCase{"moe_tp2", "tiny-moe", 2, 1, "-T 64 --lr 1e-3", 8, false},
+                      TpCase{"timeseries_tp2", "tiny-ts", 2, 1, "-T 64 --lr 1e-3", 8, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Per-parameter gradients: after one step AdamW's first moment is (1 - beta1) x the (clipped) gradient,
+// and a one-step run's checkpoint holds it (tensor parallelism: put together from the shares). Every
+// tensor of the parallel run within 1e-5 of its scale of the one-process run's.
+struct GradCase {
+  const char* name;
+  const char* preset;
+  int tp, dp;
+};
+class ParallelGradients : public ::testing::TestWithParam<GradCase> {};
+
+TEST_P(ParallelGradients, EqualTheSingleProcessRunPerParameter) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const GradCase& c = GetParam();
+  const std::string d = test::make_temp_dir(std::string("grads_") + c.name);
+  const std::string args = std::string("train --device cpu --preset ") + c.preset +
+                           " -T 64 --steps 1 --eval-batches 1 --out-dir " + d;
   test::RunResult r = test::run_cli(args + "/one -B 8", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = test::run_cli("launch -n 2 -- " + args + "/two -B 4", d);
+  r = test::run_cli("launch -n " + std::to_string(c.tp * c.dp) + " -- " + args + "/par -B " + std::to_string(8 / c.dp) +
+                        " --tp " + std::to_string(c.tp),
+                    d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const SafetensorsFile a(d + "/one/checkpoints/step_000001/optimizer.safetensors"),
-      b(d + "/two/checkpoints/step_000001/optimizer.safetensors");
+      b(d + "/par/checkpoints/step_000001/optimizer.safetensors");
   int tensors = 0;
   double worst = 0;
   for (const SafetensorsEntry& e : a.entries()) {
@@ -238,13 +349,19 @@ TEST(DataParallel, GradientsEqualTheSingleProcessRunPerParameter) {
     ++tensors;
   }
   EXPECT_GT(tensors, 10);
-  std::printf("[ measured ] dp=2 vs one process, %d gradient tensors: worst error %.2e of the tensor's scale\n",
+  std::printf("[ measured ] %s vs one process, %d gradient tensors: worst error %.2e of the tensor's scale\n", c.name,
               tensors, worst);
   fs::remove_all(d);
 }
 
+INSTANTIATE_TEST_SUITE_P(Meshes, ParallelGradients,
+                         ::testing::Values(GradCase{"dp2", "tiny", 1, 2}, GradCase{"tp2", "tiny", 2, 1},
+                                           GradCase{"dp2_tp2", "tiny", 2, 2}, GradCase{"moe_tp2", "tiny-moe", 2, 1}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
 // The field report's shape (vocab 25,152, d 384, 2 ranks; its home-made tensor-parallel embedding
-// failed with `invalid argument`): data parallel over 2 ranks, a few steps, the loss falls.
+// failed with `invalid argument`): data parallel and tensor parallel over 2 ranks, a few steps, the
+// loss falls.
 TEST(DataParallel, TheFieldReportsShapeTrainsOnTwoRanks) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
   const std::string d = test::make_temp_dir("dp_field");
@@ -260,15 +377,19 @@ TEST(DataParallel, TheFieldReportsShapeTrainsOnTwoRanks) {
     std::ofstream f(d + "/config.json");
     f << config_to_json(cfg);
   }
-  // token ids up to 25,151: a version-2 shard is not needed (< 65,536); the byte corpus uses ids < 256
-  const test::RunResult r = test::run_cli("launch -n 2 -- train --device cpu --config " + d +
-                                              "/config.json -T 64 -B 2 --steps 6 --lr 1e-3 --log-every 1 --out-dir " +
-                                              d + "/run",
-                                          d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto l = losses_of(d + "/run");
-  ASSERT_EQ(l.size(), 6u);
-  EXPECT_LT(l.back(), l.front());
+  // token ids up to 25,151: a version-2 shard is not needed (< 65,536); the byte corpus uses ids < 256.
+  // Data parallel, then tensor parallel (the report's own scheme: each rank holds 12,576 rows of the
+  // vocabulary-parallel embedding and LM head).
+  for (const char* mesh : {"", "--tp 2 "}) {
+    const std::string out = d + (*mesh ? "/tp" : "/dp");
+    const test::RunResult r = test::run_cli("launch -n 2 -- train --device cpu --config " + d + "/config.json " + mesh +
+                                                "-T 64 -B 2 --steps 6 --lr 1e-3 --log-every 1 --out-dir " + out,
+                                            d);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const auto l = losses_of(out);
+    ASSERT_EQ(l.size(), 6u) << mesh;
+    EXPECT_LT(l.back(), l.front()) << mesh;
+  }
   fs::remove_all(d);
 }
 
@@ -309,6 +430,32 @@ TEST(DataParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
   fs::remove_all(d);
 }
 
+// Tensor parallelism writes the one unsharded checkpoint: saved at tp=2 (its steps those of one
+// process), it resumes in one process and at tp=4, the two continuations equal.
+TEST(TensorParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const std::string d = test::make_temp_dir("tp_resume");
+  const std::string model = "--device cpu --preset tiny -T 64 -B 4 --log-every 1 ";
+  test::RunResult r = test::run_cli("launch -n 2 -- train " + model + "--tp 2 --steps 10 --out-dir " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(fs::exists(d + "/run/checkpoints/step_000010/model.safetensors"));
+  fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
+  r = test::run_cli("train " + model + "--steps 20 --resume " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli("launch -n 4 -- train " + model + "--tp 4 --steps 20 --resume " + d + "/run4", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli("train " + model + "--steps 10 --out-dir " + d + "/plain", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4"), p = losses_of(d + "/plain");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 20u);
+  ASSERT_EQ(p.size(), 10u);
+  EXPECT_LT(worst_rel(a, p), 1e-5) << "the saved tp=2 steps vs one process";
+  EXPECT_LT(worst_rel(b, a), 1e-5) << "the continuations at tp=4 and in one process";
+  EXPECT_LT(worst_rel(std::vector<double>(a.begin() + 10, a.end()), std::vector<double>(b.begin() + 10, b.end())), 1e-5);
+  fs::remove_all(d);
+}
+
 TEST(DataParallel, AKilledRankStopsTheOthersNamingIt) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
   const std::string d = test::make_temp_dir("dp_kill");
@@ -338,7 +485,11 @@ TEST(DataParallel, BadLaunchesAreOneLine) {
   EXPECT_TRUE(test::one_line_error(test::run_cli("train --device cpu --steps 1 --dp 2 --out-dir " + d + "/a", d),
                                    {"--dp=2", "world size, 1"}));
   EXPECT_TRUE(test::one_line_error(test::run_cli("train --device cpu --steps 1 --tp 2 --out-dir " + d + "/a", d),
-                                   {"--tp=2", "not built yet"}));
+                                   {"--tp=2 needs 2 ranks"}));
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("train --device cpu --steps 1 --tp 3 --out-dir " + d + "/a", d,
+                    "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=1234"),
+      {"--tp=3 does not divide the world size, 2"}));
   EXPECT_TRUE(test::one_line_error(
       test::run_cli("train --device cpu --steps 1 --out-dir " + d + "/a", d, "RANK=0 WORLD_SIZE=2 MASTER_PORT=1234"),
       {"MASTER_ADDR is not set"}));
@@ -360,6 +511,30 @@ TEST(DataParallel, BadLaunchesAreOneLine) {
   EXPECT_NE(e0.find("rank 1's run (config, flags, data) differs from rank 0's"), std::string::npos) << e0;
   EXPECT_NE(e0.find("--lr="), std::string::npos) << e0;
   EXPECT_EQ(std::count(e0.begin(), e0.end(), '\n'), 1) << e0;
+  // --tp not dividing the heads, or the (padded) vocabulary: every rank one line, non-zero
+  ModelConfig heads = config_preset("tiny"), vocab = config_preset("tiny");
+  heads.n_head = heads.n_kv_head = 1;
+  vocab.vocab_size = 61;
+  vocab.pad_vocab_multiple = 1;
+  for (const auto& [name, cfg, want] : {std::tuple{"heads", heads, "does not divide the model's n_head (1)"},
+                                        std::tuple{"vocab", vocab, "does not divide the model's padded vocabulary"}}) {
+    {
+      std::ofstream f(d + "/" + name + ".json");
+      f << config_to_json(cfg);
+    }
+    const std::string e2 = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(some_port()) + " WORLD_SIZE=2";
+    const std::string c2 = std::string(" train --device cpu --config ") + d + "/" + name +
+                           ".json --tp 2 -T 64 -B 2 --steps 5 --out-dir " + d + "/t";
+    const std::string cmd2 = "(" + e2 + " RANK=1 " + bin + c2 + " 2>" + d + "/t1.err; echo $? >" + d + "/t1.rc) & " +
+                             e2 + " RANK=0 " + bin + c2 + " 2>" + d + "/t0.err; echo $? >" + d + "/t0.rc; wait";
+    ASSERT_EQ(std::system(cmd2.c_str()), 0);
+    for (const char* rank : {"0", "1"}) {
+      EXPECT_NE(read_file(d + "/t" + rank + ".rc"), "0\n") << name;
+      const std::string e = read_file(d + "/t" + rank + ".err");
+      EXPECT_NE(e.find(want), std::string::npos) << name << ": " << e;
+      EXPECT_EQ(std::count(e.begin(), e.end(), '\n'), 1) << name << ": " << e;
+    }
+  }
   fs::remove_all(d);
 }
 

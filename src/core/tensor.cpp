@@ -148,6 +148,14 @@ void tensor_zero(const Tensor& t) {
   else device_memset0(t.data, t.nbytes());
 }
 
+void tensor_copy(const Tensor& dst, const Tensor& src) {
+  LMF_CHECK(dst.nbytes() == src.nbytes() && dst.device == src.device, "tensor_copy: '", src.name, "' (",
+            src.describe(), ") into '", dst.name, "' (", dst.describe(), ")");
+  if (dst.data == src.data) return;
+  if (dst.device == Device::cpu) std::memcpy(dst.data, src.data, dst.nbytes());
+  else device_copy(dst.data, src.data, dst.nbytes());
+}
+
 void tensor_from_host(const Tensor& dst, const void* src) {
   if (dst.device == Device::cpu) std::memcpy(dst.data, src, dst.nbytes());
   else copy_to_device(dst.data, src, dst.nbytes());

@@ -87,6 +87,7 @@ namespace lmf {
 // Device-independent helpers (memcpy/memset on the CPU, the stream's copies on the GPU).
 void tensor_zero(const Tensor& t);
 void tensor_from_host(const Tensor& dst, const void* src);  // copies dst.nbytes()
+void tensor_copy(const Tensor& dst, const Tensor& src);      // same bytes, same device (async on the GPU)
 void tensor_to_host(void* dst, const Tensor& src);          // copies src.nbytes(); waits for the GPU
 
 }  // namespace lmf

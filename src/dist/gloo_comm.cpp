@@ -12,6 +12,7 @@
 #include "core/check.h"
 
 #ifdef LMF_WITH_GLOO
+#include <gloo/allgather.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
@@ -45,8 +46,12 @@ class StoreAdapter final : public gloo::rendezvous::Store {
 
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(TcpStore& store, std::chrono::milliseconds timeout)
-      : store_(store), rank_(store.rank()), world_(store.env().world_size) {
+  GlooCommunicator(TcpStore& store, std::chrono::milliseconds timeout, const std::string& name,
+                   const std::vector<int>& ranks)
+      : store_(store), world_(static_cast<int>(ranks.size())), global_rank_(store.rank()) {
+    const auto me = std::find(ranks.begin(), ranks.end(), store.rank());
+    LMF_CHECK(me != ranks.end(), "gloo: rank ", store.rank(), " is not in group '", name, "'");
+    rank_ = static_cast<int>(me - ranks.begin());
     // where this rank listens for its peers: LMF_GLOO_IFACE (a network interface) if set; loopback
     // when rank 0 is this host by loopback (one host); else Gloo's default, the address of this
     // host's name
@@ -59,11 +64,12 @@ class GlooCommunicator final : public Communicator {
       auto ctx = std::make_shared<gloo::rendezvous::Context>(rank_, world_);
       ctx->setTimeout(timeout);
       StoreAdapter adapter(store);
-      gloo::rendezvous::PrefixStore prefix("lmf/gloo", adapter);
+      gloo::rendezvous::PrefixStore prefix("lmf/gloo/" + name, adapter);
       ctx->connectFullMesh(prefix, device_);
       ctx_ = ctx;
     } catch (const gloo::Exception& e) {
-      fail("gloo: rank ", rank_, " could not connect to the other ", world_ - 1, " ranks: ", e.what());
+      fail("gloo: rank ", global_rank_, " could not connect to the other ", world_ - 1, " ranks of group '", name,
+           "': ", e.what());
     }
     desc_ = "gloo over tcp, " + std::to_string(world_) + " ranks";
   }
@@ -82,6 +88,41 @@ class GlooCommunicator final : public Communicator {
       o.setTag(next_tag());
       gloo::allreduce(o);
     });
+  }
+
+  void all_reduce_max(Tensor t) override {
+    check(t, "all_reduce_max");
+    run("all_reduce_max", [&] {
+      gloo::AllreduceOptions o(ctx_);
+      o.setOutput(t.f32(), static_cast<size_t>(t.numel()));
+      o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::max<float>));
+      o.setTag(next_tag());
+      gloo::allreduce(o);
+    });
+  }
+
+  void all_gather(Tensor out, Tensor in) override {
+    check(out, "all_gather");
+    check(in, "all_gather");
+    LMF_CHECK(out.numel() == in.numel() * world_, "all_gather: '", out.name, "' holds ", out.numel(),
+              " elements, expected ", world_, " x ", in.numel(), " ('", in.name, "')");
+    run("all_gather", [&] {
+      gloo::AllgatherOptions o(ctx_);
+      o.setInput(in.f32(), static_cast<size_t>(in.numel()));
+      o.setOutput(out.f32(), static_cast<size_t>(out.numel()));
+      o.setTag(next_tag());
+      gloo::allgather(o);
+    });
+  }
+
+  // Gloo's option-style API has no reduce-scatter: the all-reduce of `in`, then this rank's slice.
+  void reduce_scatter_sum(Tensor out, Tensor in) override {
+    check(out, "reduce_scatter_sum");
+    LMF_CHECK(in.numel() == out.numel() * world_, "reduce_scatter_sum: '", in.name, "' holds ", in.numel(),
+              " elements, expected ", world_, " x ", out.numel(), " ('", out.name, "')");
+    all_reduce_sum(in);
+    const int64_t n = out.numel();
+    std::memcpy(out.f32(), in.f32() + static_cast<int64_t>(rank_) * n, static_cast<size_t>(n) * sizeof(float));
   }
 
   void broadcast(Tensor t, int root) override {
@@ -123,23 +164,24 @@ class GlooCommunicator final : public Communicator {
         try {
           dead = store_.try_get("lmf/dead");
         } catch (const std::exception&) {
-          fail(op, " (gloo): rank 0 died or exited (the rendezvous closed); rank ", rank_, " stops (", what, ")");
+          fail(op, " (gloo): rank 0 died or exited (the rendezvous closed); rank ", global_rank_, " stops (", what, ")");
         }
         if (dead) {
           uint64_t r = 0;
           std::memcpy(&r, dead->data(), std::min<size_t>(8, dead->size()));
-          fail(op, " (gloo): rank ", r, " died or exited with an error; rank ", rank_, " stops (", what, ")");
+          fail(op, " (gloo): rank ", r, " died or exited with an error; rank ", global_rank_, " stops (", what, ")");
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
-      fail(op, " (gloo): rank ", rank_, " of ", world_, " failed: ", what,
+      fail(op, " (gloo): rank ", global_rank_, " (", rank_, " of ", world_, " in its group) failed: ", what,
            " (a rank hung, died or ran another configuration)");
     }
   }
   uint32_t next_tag() { return tag_++; }
 
   TcpStore& store_;
-  int rank_, world_;
+  int rank_ = 0, world_;
+  int global_rank_;  // this process's rank in the run (the messages' numbering)
   uint32_t tag_ = 1;
   std::shared_ptr<gloo::transport::Device> device_;
   std::shared_ptr<gloo::Context> ctx_;
@@ -148,13 +190,18 @@ class GlooCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_gloo_communicator(TcpStore& store, std::chrono::milliseconds timeout) {
-  return std::make_unique<GlooCommunicator>(store, timeout);
+std::unique_ptr<Communicator> make_gloo_communicator(TcpStore& store, std::chrono::milliseconds timeout,
+                                                     const std::string& name, const std::vector<int>& ranks) {
+  std::vector<int> all = ranks;
+  if (all.empty())
+    for (int r = 0; r < store.env().world_size; ++r) all.push_back(r);
+  return std::make_unique<GlooCommunicator>(store, timeout, name, all);
 }
 
 bool gloo_available() { return true; }
 #else
-std::unique_ptr<Communicator> make_gloo_communicator(TcpStore&, std::chrono::milliseconds) {
+std::unique_ptr<Communicator> make_gloo_communicator(TcpStore&, std::chrono::milliseconds, const std::string&,
+                                                     const std::vector<int>&) {
   fail("this lmforge was built without Gloo, the CPU collective library (apt-get install libgloo-dev, then "
        "rebuild): a distributed run on the CPU needs it");
 }

@@ -9,14 +9,20 @@
 #pragma once
 #include <chrono>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "core/comm.h"
 #include "dist/store.h"
 
 namespace lmf {
 
-// Connects every rank of store.env() to every other (a full mesh; collective, all ranks call it).
-std::unique_ptr<Communicator> make_gloo_communicator(TcpStore& store, std::chrono::milliseconds timeout);
+// A communicator over `ranks` (every rank of store.env() when empty), connected as a full mesh under
+// the store prefix `name`: collective over those ranks (each of them calls it with the same name and
+// ranks); its rank() is the position in `ranks`.
+std::unique_ptr<Communicator> make_gloo_communicator(TcpStore& store, std::chrono::milliseconds timeout,
+                                                     const std::string& name = "world",
+                                                     const std::vector<int>& ranks = {});
 bool gloo_available();
 
 }  // namespace lmf

@@ -1,6 +1,7 @@
 // nccl_comm.cpp: see nccl_comm.h.
 #include "dist/nccl_comm.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -20,9 +21,13 @@ namespace {
 
 class NcclCommunicator final : public Communicator {
  public:
-  explicit NcclCommunicator(TcpStore& store) : rank_(store.rank()), world_(store.env().world_size) {
+  NcclCommunicator(TcpStore& store, const std::string& name, const std::vector<int>& ranks)
+      : world_(static_cast<int>(ranks.size())) {
+    const auto me = std::find(ranks.begin(), ranks.end(), store.rank());
+    LMF_CHECK(me != ranks.end(), "nccl: rank ", store.rank(), " is not in group '", name, "'");
+    rank_ = static_cast<int>(me - ranks.begin());
     ncclUniqueId id;
-    const std::string key = "lmf/nccl/unique_id";
+    const std::string key = "lmf/nccl/" + name + "/unique_id";
     if (rank_ == 0) {
       check(ncclGetUniqueId(&id), "ncclGetUniqueId");
       store.set(key, std::vector<char>(id.internal, id.internal + sizeof id.internal));
@@ -51,6 +56,33 @@ class NcclCommunicator final : public Communicator {
     check(ncclAllReduce(t.data, t.data, static_cast<size_t>(t.numel()), ncclFloat32, ncclSum, comm_, cuda::stream()),
           "ncclAllReduce");
   }
+  void all_reduce_max(Tensor t) override {
+    LMF_CHECK(t.device == Device::cuda, "all_reduce_max: the NCCL communicator moves GPU tensors ('", t.name, "')");
+    check_f32(t, "all_reduce_max");
+    check(ncclAllReduce(t.data, t.data, static_cast<size_t>(t.numel()), ncclFloat32, ncclMax, comm_, cuda::stream()),
+          "ncclAllReduce (max)");
+  }
+  void all_gather(Tensor out, Tensor in) override {
+    LMF_CHECK(out.device == Device::cuda && in.device == Device::cuda,
+              "all_gather: the NCCL communicator moves GPU tensors ('", in.name, "')");
+    check_f32(out, "all_gather");
+    check_f32(in, "all_gather");
+    LMF_CHECK(out.numel() == in.numel() * world_, "all_gather: '", out.name, "' holds ", out.numel(),
+              " elements, expected ", world_, " x ", in.numel());
+    check(ncclAllGather(in.data, out.data, static_cast<size_t>(in.numel()), ncclFloat32, comm_, cuda::stream()),
+          "ncclAllGather");
+  }
+  void reduce_scatter_sum(Tensor out, Tensor in) override {
+    LMF_CHECK(out.device == Device::cuda && in.device == Device::cuda,
+              "reduce_scatter_sum: the NCCL communicator moves GPU tensors ('", in.name, "')");
+    check_f32(out, "reduce_scatter_sum");
+    check_f32(in, "reduce_scatter_sum");
+    LMF_CHECK(in.numel() == out.numel() * world_, "reduce_scatter_sum: '", in.name, "' holds ", in.numel(),
+              " elements, expected ", world_, " x ", out.numel());
+    check(ncclReduceScatter(in.data, out.data, static_cast<size_t>(out.numel()), ncclFloat32, ncclSum, comm_,
+                            cuda::stream()),
+          "ncclReduceScatter");
+  }
   void broadcast(Tensor t, int root) override {
     LMF_CHECK(t.device == Device::cuda, "broadcast: the NCCL communicator moves GPU tensors ('", t.name, "')");
     check_f32(t, "broadcast");
@@ -69,7 +101,7 @@ class NcclCommunicator final : public Communicator {
          comm_ ? std::string(" (") + ncclGetLastError(comm_) + ")" : std::string());
   }
 
-  int rank_, world_;
+  int rank_ = 0, world_;
   ncclComm_t comm_ = nullptr;
   void* scratch_ = nullptr;
   std::string desc_;
@@ -77,12 +109,16 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(TcpStore& store) {
-  return std::make_unique<NcclCommunicator>(store);
+std::unique_ptr<Communicator> make_nccl_communicator(TcpStore& store, const std::string& name,
+                                                     const std::vector<int>& ranks) {
+  std::vector<int> all = ranks;
+  if (all.empty())
+    for (int r = 0; r < store.env().world_size; ++r) all.push_back(r);
+  return std::make_unique<NcclCommunicator>(store, name, all);
 }
 bool nccl_available() { return true; }
 #else
-std::unique_ptr<Communicator> make_nccl_communicator(TcpStore&) {
+std::unique_ptr<Communicator> make_nccl_communicator(TcpStore&, const std::string&, const std::vector<int>&) {
   fail("this lmforge was built without NCCL (it needs the CUDA backend and NCCL's nccl.h / libnccl): a distributed "
        "run on the GPU needs it");
 }

@@ -35,7 +35,8 @@ std::string first_difference(const std::string& a, const std::string& b) {
 
 }  // namespace
 
-DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu) : env_(env) {
+DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu)
+    : env_(env), timeout_(timeout), gpu_(gpu) {
   // a peer that dies mid-transfer must surface as an error on this rank, never as a silent SIGPIPE death
   std::signal(SIGPIPE, SIG_IGN);
   store_ = std::make_unique<TcpStore>(env, timeout);
@@ -89,6 +90,12 @@ void DistRun::agree(const std::string& what, const std::string& fingerprint) {
     const std::string verdict = to_string(store_->get(prefix + "verdict"));
     if (verdict != "ok") fail(verdict, " (launch every rank with the same config, flags and data)");
   }
+}
+
+Communicator& DistRun::group(const std::string& name, const std::vector<int>& ranks) {
+  groups_.push_back(gpu_ ? make_nccl_communicator(*store_, name, ranks)
+                         : make_gloo_communicator(*store_, timeout_, name, ranks));
+  return *groups_.back();
 }
 
 void DistRun::finish() {

@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "core/comm.h"
 #include "dist/env.h"
@@ -36,6 +37,10 @@ class DistRun {
   int rank() const { return env_.rank; }
   int world_size() const { return env_.world_size; }
   Communicator& comm() { return *comm_; }
+  // A communicator over a subset of the ranks (tensor- and data-parallel groups of a 2-D mesh): every
+  // rank of the run calls it with the same names in the same order, each with the group it belongs
+  // to; the run owns it.
+  Communicator& group(const std::string& name, const std::vector<int>& ranks);
   TcpStore& store() { return *store_; }
 
   // Every rank passes its fingerprint of `what` (text: "key=value" lines); when any differs from rank
@@ -48,6 +53,9 @@ class DistRun {
   DistEnv env_;
   std::unique_ptr<TcpStore> store_;
   std::unique_ptr<Communicator> comm_;
+  std::vector<std::unique_ptr<Communicator>> groups_;
+  std::chrono::milliseconds timeout_;
+  bool gpu_ = false;
   std::atomic<bool> stop_{false};
   std::thread watchdog_;
   int agreements_ = 0;

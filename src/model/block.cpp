@@ -73,6 +73,10 @@ void reduce(const BlockStep& s, Tensor t) {
   if (s.k->comm) s.k->comm->all_reduce_sum(t);
 }
 
+// A row-parallel layer's bias (attention and MLP output projections): added once, by the group's rank 0,
+// so the sum of the ranks' partial outputs holds it once (every rank's gradient of it is the same).
+Tensor row_bias(const BlockStep& s, Tensor b) { return s.k->comm && s.k->comm->rank() != 0 ? Tensor() : b; }
+
 // res = a + b, out = norm(res): one fused kernel, or the residual add then the norm.
 void residual_norm(const BlockStep& s, Tensor res, Tensor a, Tensor b, const NormOut& out, const NormWeights& w) {
   const ModelConfig& c = *s.cfg;
@@ -147,7 +151,7 @@ void ffn_forward(const BlockStep& s) {
     });
   }
   timed(s, "linear mproj fwd", s.flops->mproj, [&] {
-    linear_forward(a.res2, a.act, wg.mproj_w, wg.mproj_b, s.k->gemm_math);
+    linear_forward(a.res2, a.act, wg.mproj_w, row_bias(s, wg.mproj_b), s.k->gemm_math);
   });
 }
 
@@ -233,7 +237,7 @@ void block_forward(const BlockStep& s) {
     });
   attention_step_forward(s);
   timed(s, "linear proj fwd", s.flops->proj, [&] {
-    linear_forward(a.res1, a.att, wg.proj_w, wg.proj_b, s.k->gemm_math);
+    linear_forward(a.res1, a.att, wg.proj_w, row_bias(s, wg.proj_b), s.k->gemm_math);
   });
   reduce(s, a.res1);
   residual_norm(s, a.res1, s.x, a.res1, a.ln2, w.norm2);

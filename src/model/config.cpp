@@ -34,7 +34,7 @@ void ModelConfig::validate(const std::string& where) const {
   in_range("n_kv_head", n_kv_head, 1, L::n_head);
   in_range("d_model", d_model, 1, L::d_model);
   in_range("d_ff", d_ff, 1, L::d_ff);
-  if (d_model % n_head != 0) bad("n_head=", n_head, " does not divide d_model=", d_model);
+  if (head_dim == 0 && d_model % n_head != 0) bad("n_head=", n_head, " does not divide d_model=", d_model);
   if (n_head % n_kv_head != 0) bad("n_kv_head=", n_kv_head, " does not divide n_head=", n_head);
   if (positions == PositionKind::rope && head_size() % 2 != 0)
     bad("positions=rope needs an even head size, d_model/n_head=", head_size());

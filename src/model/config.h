@@ -79,9 +79,18 @@ struct ModelConfig {
   MoeModelConfig moe;
   ModelFamily family = ModelFamily::text;
   TimeSeriesModelConfig ts;  // family == timeseries
+  // Tensor parallelism (dist/tensor_parallel.h) runs each rank on a share of the model: a copy of the
+  // config with n_head, n_kv_head, d_ff, moe.d_expert divided by the ranks, and these fields, which are
+  // never read from or written to JSON. head_dim keeps the full model's head size (0: d_model /
+  // n_head); the token tables hold rows [vocab_shard, vocab_shard + 1) x padded_vocab() / vocab_shards
+  // of the full padded vocabulary.
+  int64_t head_dim = 0;
+  int vocab_shards = 1, vocab_shard = 0;
 
   int64_t padded_vocab() const { return (vocab_size + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
-  int64_t head_size() const { return d_model / n_head; }
+  int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_head; }
+  // Rows of this rank's token tables (the padded vocabulary without tensor parallelism).
+  int64_t vocab_rows() const { return padded_vocab() / vocab_shards; }
   int64_t qkv_dim() const { return (n_head + 2 * n_kv_head) * head_size(); }
   int64_t fc_dim() const { return activation == ActivationKind::swiglu ? 2 * d_ff : d_ff; }
   bool is_moe_layer(int l) const {

@@ -58,9 +58,19 @@ std::vector<TensorSpec> validated_specs(const ModelConfig& c, const ModelPlan& p
 }
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& c, const ModelPlan& p)
-    : params(validated_specs(c, p), p.device, p.bf16()),
-      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c))) : nullptr),
-      model(c, p, params, state.get(), make_ends(c)) {}
+namespace {
+BlockKernels kernels_with(const ModelConfig& c, const ModelPlan& p, Communicator* tp) {
+  BlockKernels k = block_kernels(c, p);
+  if (tp) k.comm = tp;
+  return k;
+}
+}  // namespace
+
+Gpt::Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp)
+    : kernels(kernels_with(c, p, tp)),
+      params(validated_specs(c, p), p.device, p.bf16()),
+      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c), &kernels))
+                       : nullptr),
+      model(c, p, params, state.get(), make_ends(c), &kernels) {}
 
 }  // namespace lmf

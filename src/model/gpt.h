@@ -31,7 +31,9 @@ size_t gpt_plan_bytes(const ModelConfig& c, const ModelPlan& p);
 struct Gpt {
   // Validates the plan and checks that gpt_plan_bytes() fits the device's available memory before
   // allocating anything (one line saying how much it needs and how much there is).
-  Gpt(const ModelConfig& c, const ModelPlan& p);
+  // tp: the tensor-parallel group when c is a rank's share (dist/tensor_parallel.h), else none.
+  Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp = nullptr);
+  BlockKernels kernels;  // the block table the model runs (block_kernels(c, p), with tp's communicator)
   Parameters params;
   std::unique_ptr<TrainingState> state;  // null unless p.training
   Model model;

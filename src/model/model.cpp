@@ -419,7 +419,9 @@ void Model::trunk_backward(Tensor inputs, float loss_scale) {
   for (int l = cfg_.n_layer - 1; l >= 0; --l) {
     BlockStep s = step_of(l);
     s.grads_zero = grads_zero;
-    s.d_aux = loss_scale;
+    // tensor parallelism: every rank of the group adds the MoE losses' gradient to its partial router
+    // gradient and input gradient, which the group sums: each adds its 1 / tp share
+    s.d_aux = kernels_.comm ? loss_scale / static_cast<float>(kernels_.comm->world_size()) : loss_scale;
     block_backward(s);
   }
   {  // the head

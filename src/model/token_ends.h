@@ -1,8 +1,11 @@
 // token_ends.h: the language model's ends (docs/MODEL.md): token embedding plus learned positions
 // (PositionKind::learned) in; LM head (tied to the embedding, or its own) fused with softmax
-// cross-entropy out. Inputs and targets are (B, T) i32 token ids.
+// cross-entropy out. Inputs and targets are (B, T) i32 token ids. Under tensor parallelism both tables
+// are vocabulary-parallel (each rank holds rows of the vocabulary; the embedding's shares are summed
+// over the ranks, the cross-entropy combines row statistics and never gathers the logits).
 #pragma once
 #include "model/ends.h"
+#include "ops/cross_entropy.h"
 
 namespace lmf {
 
@@ -27,7 +30,11 @@ class TokenEnds final : public ModelEnds {
 
  private:
   const char* head_name() const { return c_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight"; }
+  // Tensor parallelism: the token tables hold a shard of the vocabulary (ModelConfig::vocab_shards)
+  bool sharded() const { return c_.vocab_shards > 1; }
+  VocabShard shard() const;
   ModelConfig c_;
+  Communicator* comm_ = nullptr;  // the tensor-parallel group (sharded tables)
   GemmMath math_ = GemmMath::fp32;  // the plan's f32 GEMM mode (BlockKernels::gemm_math)
   Tensor tok_emb_, pos_emb_, head_, head_gemm_, d_tok_emb_, d_pos_emb_, d_head_, logits_scratch_;
 };

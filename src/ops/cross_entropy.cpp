@@ -18,7 +18,9 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
+#include "core/comm.h"
 #include "core/parallel.h"
 #include "ops/blas.h"
 #include "ops/cpu_math.h"
@@ -38,34 +40,82 @@ using cpu_math::row_sum_double;
 // w: (Vp, C); targets: (N) in [0, V); logits: (R, Vp) scratch. All row-major. dw_overwrite: the
 // first chunk writes dw (GEMM beta 0: the same bits as zeroing it and adding, blas.h) and rows
 // [V, Vp) are zeroed.
+// shard (tensor parallelism's vocabulary-parallel head): w holds rows [start, start + Vp) of the full
+// head and V of them are real; targets are ids of the full vocabulary. A row's max, sum of exp and
+// target logit are combined over the ranks (all_reduce_max, all_reduce_sum of R floats per chunk), so
+// every rank gets the whole row's loss; dx is this rank's share (the caller sums the shares), dw its
+// rows' gradient. Without a shard the stages reduce nothing and the bits are the single-rank ones.
 void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float* x, const float* w,
                                const int32_t* targets, float* logits, int N, int C, int V, int Vp, int R,
-                               float grad_scale, bool dw_overwrite) {
+                               float grad_scale, bool dw_overwrite, const VocabShard* shard) {
   const bool grad = dx != nullptr;
+  const int64_t start = shard ? shard->start : 0;
+  // per-row staging of the chunk: max, target logit, sum of exp (grown once, then reused)
+  static thread_local std::vector<float> row_mx, row_tgt, row_sum_f;
+  static thread_local std::vector<double> row_sum;
+  if (static_cast<int>(row_mx.size()) < R) {
+    row_mx.resize(static_cast<size_t>(R));
+    row_tgt.resize(static_cast<size_t>(R));
+    row_sum_f.resize(static_cast<size_t>(R));
+    row_sum.resize(static_cast<size_t>(R));
+  }
+  // (pointers: the workers of parallel_for must see this thread's buffers, not their own thread_locals)
+  float* const mx_of = row_mx.data();
+  float* const tgt_of = row_tgt.data();
+  float* const sum_f = row_sum_f.data();
+  double* const sum_of = row_sum.data();
+  auto local_target = [&](int n) -> int64_t {  // the target's column in this shard, or -1
+    const int64_t t = static_cast<int64_t>(targets[n]) - start;
+    return t >= 0 && t < V ? t : -1;
+  };
   if (grad && dw_overwrite) std::fill(dw + static_cast<int64_t>(V) * C, dw + static_cast<int64_t>(Vp) * C, 0.0f);
   for (int n0 = 0; n0 < N; n0 += R) {
     const int rows = std::min(R, N - n0);
+    const int64_t grain = grain_for(rows, (1 << 14) / std::max(V, 1) + 1);
     const float* xc = x + static_cast<int64_t>(n0) * C;  // (rows, C)
     // logits[0:rows, 0:V] = xc W[:V]^T
-    blas_sgemm(false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
-    parallel_for(rows, grain_for(rows, (1 << 14) / V + 1), [&](int64_t r0, int64_t r1) {
+    if (V > 0) blas_sgemm(false, true, rows, V, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
+    parallel_for(rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* l = logits + static_cast<int64_t>(r) * Vp;
+        const int64_t t = local_target(n0 + static_cast<int>(r));
+        tgt_of[r] = t >= 0 ? l[t] : 0.0f;
+        mx_of[r] = V > 0 ? row_max(l, V) : -INFINITY;
+      }
+    });
+    if (shard) {
+      shard->comm->all_reduce_max(Tensor(mx_of, DType::f32, {rows}, "row max"));
+      shard->comm->all_reduce_sum(Tensor(tgt_of, DType::f32, {rows}, "target logit"));
+    }
+    parallel_for(rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         float* l = logits + static_cast<int64_t>(r) * Vp;  // (V)
-        const int tgt = targets[n0 + r];
-        const float l_tgt = l[tgt];
-        const float mx = row_max(l, V);
+        const float mx = mx_of[r];
         for (int j = 0; j < V; ++j) l[j] = exp_nonpos(l[j] - mx);  // keep exp(l - max) for the gradient
-        const double sum = row_sum_double(l, V);
+        sum_of[r] = V > 0 ? row_sum_double(l, V) : 0.0;
+      }
+    });
+    if (shard) {  // the shares of the sum travel as floats (each summed in double here)
+      for (int r = 0; r < rows; ++r) sum_f[r] = static_cast<float>(sum_of[r]);
+      shard->comm->all_reduce_sum(Tensor(sum_f, DType::f32, {rows}, "sum of exp"));
+      for (int r = 0; r < rows; ++r) sum_of[r] = sum_f[r];
+    }
+    parallel_for(rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* l = logits + static_cast<int64_t>(r) * Vp;
+        const double sum = sum_of[r];
+        const float mx = mx_of[r], l_tgt = tgt_of[r];
         losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
         if (grad) {
           const float inv = static_cast<float>(1.0 / sum);
-          const float e_tgt = l[tgt];
+          const int64_t t = local_target(n0 + static_cast<int>(r));
+          const float e_tgt = t >= 0 ? l[t] : 0.0f;
           for (int j = 0; j < V; ++j) l[j] = grad_scale * (l[j] * inv);
-          l[tgt] = grad_scale * (e_tgt * inv - 1.0f);
+          if (t >= 0) l[t] = grad_scale * (e_tgt * inv - 1.0f);
         }
       }
     });
-    if (!grad) continue;
+    if (!grad || V == 0) continue;
     // dx[n0:n0+rows] += dlogits (rows, V) W[:V] (V, C)
     blas_sgemm(false, false, rows, C, V, 1.0f, logits, Vp, w, C, 1.0f, dx + static_cast<int64_t>(n0) * C, C);
     // dW[:V] += dlogits^T (V, rows) xc (rows, C)
@@ -133,7 +183,7 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
     lm_head_cross_entropy_cpu(losses.f32(), dx_ptr, dw_ptr, x.f32(), w.f32(), tg, logits_scratch.f32(),
                               static_cast<int>(N), static_cast<int>(C), static_cast<int>(vocab_size),
                               static_cast<int>(Vp), static_cast<int>(std::min<int64_t>(R, N)), grad_scale,
-                              dw_overwrite);
+                              dw_overwrite, nullptr);
   } else {
     if (dw_overwrite) tensor_zero(dw);  // then accumulated
     // Targets live on the GPU: the data loader validated them (reading them here would sync).
@@ -141,6 +191,47 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
                                                        logits_scratch.f32(), N, C, vocab_size, Vp,
                                                        std::min<int64_t>(R, N), grad_scale, math));
   }
+}
+
+void lm_head_cross_entropy_sharded(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
+                                   Tensor logits_scratch, const VocabShard& shard, float grad_scale,
+                                   GradMode dw_mode) {
+  const char* op = "lm_head_cross_entropy_sharded";
+  check_f32(losses, op);
+  check_f32(x, op);
+  check_f32(w, op);
+  check_f32(logits_scratch, op);
+  LMF_CHECK(x.device == Device::cpu, op, ": the vocabulary-parallel head runs on the CPU backend in this version");
+  LMF_CHECK(shard.comm != nullptr, op, ": no communicator");
+  LMF_CHECK(targets.defined() && targets.dtype == DType::i32, op, ": targets '", targets.name, "' must be i32");
+  LMF_CHECK(dx.defined() == dw.defined(), op, ": dx and dw must be both present or both absent");
+  check_same_device(op, {&losses, &dx, &dw, &x, &w, &targets, &logits_scratch});
+  LMF_CHECK(x.ndim == 2 && w.ndim == 2 && w.dim(1) == x.dim(1), op, ": x '", x.name, "' ", x.shape_str(), " and w '",
+            w.name, "' ", w.shape_str(), " must be (N, C) and (rows, C)");
+  const int64_t N = x.dim(0), C = x.dim(1), rows = w.dim(0);
+  LMF_CHECK(shard.start >= 0 && shard.real >= 0 && shard.real <= rows && shard.vocab_size >= 1, op,
+            ": shard start=", shard.start, " real=", shard.real, " of ", rows, " rows, vocab_size=", shard.vocab_size);
+  check_shape(losses, {N}, op);
+  check_shape(targets, {N}, op);
+  LMF_CHECK(logits_scratch.ndim == 2 && logits_scratch.dim(0) >= 1 && logits_scratch.dim(1) == rows, op,
+            ": logits_scratch '", logits_scratch.name, "' ", logits_scratch.shape_str(), " must be (R >= 1, ", rows, ")");
+  if (dx.defined()) {
+    check_f32(dx, op);
+    check_f32(dw, op);
+    check_shape(dx, {N, C}, op);
+    check_shape(dw, {rows, C}, op);
+  }
+  LMF_CHECK(N <= INT_MAX && C <= INT_MAX && rows <= INT_MAX, op, ": sizes exceed the BLAS int range");
+  const int32_t* tg = targets.i32();
+  for (int64_t n = 0; n < N; ++n)
+    LMF_CHECK(tg[n] >= 0 && tg[n] < shard.vocab_size, op, ": targets '", targets.name, "' row ", n, " is ", tg[n],
+              ", outside [0, vocab_size=", shard.vocab_size, ")");
+  if (N == 0) return;
+  lm_head_cross_entropy_cpu(losses.f32(), dx.defined() ? dx.f32() : nullptr, dw.defined() ? dw.f32() : nullptr,
+                            x.f32(), w.f32(), tg, logits_scratch.f32(), static_cast<int>(N), static_cast<int>(C),
+                            static_cast<int>(shard.real), static_cast<int>(rows),
+                            static_cast<int>(std::min<int64_t>(logits_scratch.dim(0), N)), grad_scale,
+                            dw.defined() && dw_mode == GradMode::Overwrite, &shard);
 }
 
 void loss_mean(Tensor dst, Tensor losses, float scale, bool accumulate) {

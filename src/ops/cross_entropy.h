@@ -34,6 +34,21 @@ void lm_head_cross_entropy(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor
                            Tensor logits_scratch, int64_t vocab_size, float grad_scale,
                            GradMode dw_mode = GradMode::Accumulate, GemmMath math = GemmMath::fp32);
 
+// Tensor parallelism's vocabulary-parallel head (dist/tensor_parallel.h): w holds rows [start, start +
+// w rows) of the full (padded) head, the first `real` of them real tokens; the logits are never
+// gathered: each chunk's row max, sum of exp and target logit are combined over comm's ranks, so
+// every rank gets every row's whole loss. dx += this rank's share of the input gradient (the caller
+// sums the shares over the ranks), dw += (or =, Overwrite) its rows' gradient. Targets: ids of the
+// full vocabulary, in [0, vocab_size). f32, CPU only in this version.
+class Communicator;
+struct VocabShard {
+  int64_t start = 0, real = 0, vocab_size = 0;
+  Communicator* comm = nullptr;
+};
+void lm_head_cross_entropy_sharded(Tensor losses, Tensor dx, Tensor dw, Tensor x, Tensor w, Tensor targets,
+                                   Tensor logits_scratch, const VocabShard& shard, float grad_scale,
+                                   GradMode dw_mode = GradMode::Accumulate);
+
 // dst: (1) f32 = (accumulate ? dst : 0) + scale * mean(losses), the mean summed in double in a fixed
 // order on the device that holds the tensors (no host read: the training step keeps its loss on
 // the GPU until a log interval). losses: (N) f32.

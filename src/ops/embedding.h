@@ -29,6 +29,14 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, Tensor
 // dout: f32 or bf16 (GPU); dwte, dwpe: f32
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens);
 
+// Tensor parallelism's vocabulary-parallel table (dist/tensor_parallel.h): wte / dwte hold rows
+// [vocab_start, vocab_start + rows) of a table of full_vocab rows; a token outside them reads (forward)
+// a zero row and adds (backward) nothing, so summing the ranks' outputs gives the whole table's. Tokens
+// are checked against [0, full_vocab). CPU only in this version.
+void embedding_forward_shard(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start, int64_t full_vocab);
+void embedding_backward_shard(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
+                              int64_t full_vocab);
+
 // Bytes of CUDA workspace (lmf::cuda_reserve_workspace) that embedding_backward needs on the GPU for
 // N = B*T tokens and a vocabulary of Vp rows; 0 in a build without CUDA. Reserve it at set-up.
 size_t embedding_backward_cuda_workspace(int64_t N, int64_t Vp);

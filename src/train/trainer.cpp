@@ -27,6 +27,7 @@
 #include "data/tokenizer.h"
 #include "dist/env.h"
 #include "dist/run.h"
+#include "dist/tensor_parallel.h"
 #include "ops/cross_entropy.h"
 #include "ops/gemm_cuda.h"
 #include "ops/optim.h"
@@ -103,7 +104,7 @@ std::string TrainOptions::to_json() const {
             {"eval_batches", eval_batches}, {"checkpoint_every", checkpoint_every}, {"keep_last", keep_last},
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
-            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}};  // dp: for the record (never restored)
+            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}};  // dp, tp: for the record (never restored)
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
@@ -211,11 +212,11 @@ std::vector<std::string> restore_run_options(TrainOptions& o, const std::vector<
 }
 
 void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const TrainOptions& o, double lr,
-                    int64_t step, Tensor schedule) {
+                    int64_t step, Tensor schedule, bool norm_ready) {
   // Two launches for the norm, one for AdamW over the whole parameter arena (weight decay on the
   // 2-D tensors' ranges): bitwise the same as per-tensor updates.
   Tensor g = state.grads().flat_f32();
-  grad_global_norm(norm, g);
+  if (!norm_ready) grad_global_norm(norm, g);
   adamw_update_flat(params.master().flat_f32(), state.adam_m().flat_f32(), state.adam_v().flat_f32(), g,
                     state.decay_ranges(), norm, o.grad_clip, static_cast<float>(lr), o.beta1, o.beta2, o.adam_eps,
                     o.weight_decay, step, params.flat_copy(), schedule);
@@ -323,10 +324,17 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   // --- a distributed run: meet the other ranks first, so every later error reaches them as this
   // rank's exit (dist/run.h) instead of a hang
   const DistEnv env = dist_env();
-  if (o_.tp != 1)
-    fail("--tp=", o_.tp, ": tensor parallelism is not built yet (docs/DISTRIBUTED.md); data parallelism is (--dp)");
+  if (o_.tp < 1 || o_.tp > 1024) fail("--tp=", o_.tp, " must be in [1, 1024]");
+  if (o_.tp != 1 && !env.distributed() && !env.launched())
+    fail("--tp=", o_.tp, " needs ", o_.tp, " ranks: launch them (lmforge launch -n ", o_.tp, " -- train ..., "
+         "torchrun or srun; docs/DISTRIBUTED.md)");
+  if (env.world_size % o_.tp != 0)
+    fail("--tp=", o_.tp, " does not divide the world size, ", env.world_size, " (", env.launcher, ")");
   if (o_.dp != 0 && o_.dp != env.world_size / o_.tp)
     fail("--dp=", o_.dp, " x --tp=", o_.tp, " must equal the world size, ", env.world_size, " (", env.launcher, ")");
+  if (o_.tp > 1 && parse_device(o_.device) == Device::cuda)
+    fail("--tp=", o_.tp, " --device cuda: tensor parallelism runs on the CPU backend in this version (on GPUs it "
+         "comes with the multi-GPU work; docs/DISTRIBUTED.md); data parallelism runs on both");
   if (env.distributed() || env.launched()) {  // (a launcher's world of 1 too: the same path with one rank)
     if (o_.dist_timeout < 1 || o_.dist_timeout > 86400) fail("--dist-timeout=", o_.dist_timeout, " must be in [1, 86400] seconds");
     const bool gpu = parse_device(o_.device) == Device::cuda;
@@ -334,10 +342,22 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
       fail("LOCAL_RANK=", env.local_rank, ": one GPU per host in this version (several GPUs of one host are the "
            "multi-GPU issue's; docs/DISTRIBUTED.md)");
     dist_ = std::make_unique<DistRun>(env, std::chrono::seconds(o_.dist_timeout), gpu);
+    // the mesh: rank = dp_rank x tp + tp_rank; a tensor-parallel group is tp consecutive ranks
+    tp_size_ = o_.tp;
     dp_ = env.world_size / o_.tp;
     o_.dp = dp_;
-    dp_rank_ = env.rank;
+    dp_rank_ = env.rank / tp_size_;
+    tp_rank_ = env.rank % tp_size_;
     writer_ = env.rank == 0;
+    auto group_of = [&](const std::string& name, int first, int stride, int64_t n) -> Communicator& {
+      if (n == env.world_size) return dist_->comm();
+      if (n == 1) return single_rank();
+      std::vector<int> ranks;
+      for (int64_t i = 0; i < n; ++i) ranks.push_back(first + static_cast<int>(i) * stride);
+      return dist_->group(name, ranks);
+    };
+    tp_comm_ = &group_of("tp" + std::to_string(dp_rank_), static_cast<int>(dp_rank_ * tp_size_), 1, tp_size_);
+    dp_comm_ = &group_of("dp" + std::to_string(tp_rank_), static_cast<int>(tp_rank_), static_cast<int>(tp_size_), dp_);
   }
   if (const char* f = std::getenv("LMF_FAULT")) {
     int r = -1;
@@ -377,7 +397,16 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
   device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
-  gpt_ = std::make_unique<Gpt>(cfg_, plan);
+  if (tp_size_ > 1) {  // this rank's share of the model, and the full model for checkpoints
+    const ModelConfig local = tp_local_config(cfg_, static_cast<int>(tp_size_), static_cast<int>(tp_rank_));
+    gpt_ = std::make_unique<Gpt>(local, plan, tp_comm_);
+    full_params_ = std::make_unique<Parameters>(gpt_param_specs(cfg_), Device::cpu, false);
+    full_state_ = std::make_unique<TrainingState>(*full_params_, std::vector<std::string>{});
+    tp_ = std::make_unique<TensorParallel>(cfg_, gpt_param_specs(cfg_), gpt_param_specs(local),
+                                           static_cast<int>(tp_size_), static_cast<int>(tp_rank_));
+  } else {
+    gpt_ = std::make_unique<Gpt>(cfg_, plan);
+  }
   plan_buffers(T);
   if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
   if (o_.cuda_graph == "on" && o_.grad_accum != 1)
@@ -387,8 +416,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   open_data(T);
 
   // --- weights: checkpoint or fresh --------------------------------------------------------------
+  // tensor parallelism: the full model is loaded or initialised, then each rank takes its share
+  Parameters& weights = full_params_ ? *full_params_ : gpt_->params;
+  TrainingState& opt_state = full_state_ ? *full_state_ : *gpt_->state;
   if (!resume_dir.empty()) {
-    CheckpointState st = load_checkpoint(resume_dir, gpt_->params, *gpt_->state, o_.allow_nonfinite);
+    CheckpointState st = load_checkpoint(resume_dir, weights, opt_state, o_.allow_nonfinite);
     assets_ = load_checkpoint_assets(resume_dir);
     // a flag that changes what the run computes is refused unless --allow-change (one rule, here)
     if (!st.options_json.empty() && !o_.allow_change) {
@@ -417,10 +449,16 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
       fail("checkpoint ", resume_dir, " is at step ", step_, ", the run's last (--steps=", o_.steps,
            "); pass --steps N with N > ", step_, " to continue it");
   } else if (init.load_weights) {
-    init.load_weights(gpt_->params);
+    init.load_weights(weights);
     assets_ = std::move(init.assets);
   } else {
-    gpt_->params.init_gpt2(o_.seed, cfg_.n_layer, cfg_.vocab_size);
+    weights.init_gpt2(o_.seed, cfg_.n_layer, cfg_.vocab_size);
+  }
+  if (tp_) {
+    tp_->scatter(full_params_->master(), gpt_->params.master());
+    tp_->scatter(full_state_->adam_m(), gpt_->state->adam_m());
+    tp_->scatter(full_state_->adam_v(), gpt_->state->adam_v());
+    gpt_->params.sync_copy();
   }
   {  // the guard counts steps from the first this Trainer runs
     const int32_t g[2] = {static_cast<int32_t>(first_step_), 0};
@@ -641,7 +679,8 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   if (dist_)
     log_ << "dist " << dist_->world_size() << " ranks (" << dist_->env().launcher << ", rendezvous "
          << dist_->env().master_addr << ":" << dist_->env().master_port << "): data parallel dp=" << dp_
-         << " over " << dist_->comm().backend() << "; rank 0 writes " << o_.out_dir << "\n";
+         << " x tensor parallel tp=" << tp_size_ << " over " << dist_->comm().backend() << "; rank 0 writes "
+         << o_.out_dir << "\n";
   log_ << "batch B=" << o_.batch_size << (dp_ > 1 ? " per rank" : "") << " T=" << T << " grad_accum=" << o_.grad_accum
        << (cfg_.family == ModelFamily::timeseries ? " points/step=" : " tokens/step=") << with_commas(tokens_per_step_)
        << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
@@ -717,15 +756,28 @@ void Trainer::compute_micro(int64_t micro) {
   loss_mean(step_losses_.rows(step_, step_ + 1), gpt_->model.row_losses(), scale, micro > 0);
 }
 
+void Trainer::grad_norm_tp() {
+  float share = static_cast<float>(tp_->grad_norm_sq_share(gpt_->state->grads()));
+  Tensor t(&share, DType::f32, {1}, "grad norm share");
+  tp_comm_->all_reduce_sum(t);
+  const float norm = std::sqrt(share);
+  tensor_from_host(norm_, &norm);
+}
+
 void Trainer::finish_step() {
+  if (tp_) {  // tensor parallelism: the router's and shared gates' partial gradients summed over the group
+    ProfileScope scope(prof_, "partial gradient all-reduce (tp)");
+    tp_->reduce_partial_grads(gpt_->state->grads(), *tp_comm_);
+  }
   if (dist_) {  // data parallelism: the ranks' gradients and losses summed (each already scaled by 1 / dp)
     ProfileScope scope(prof_, "gradient all-reduce");
-    dist_->comm().all_reduce_sum(gpt_->state->grads().flat_f32());
-    dist_->comm().all_reduce_sum(step_losses_.rows(step_, step_ + 1));
+    dp_comm_->all_reduce_sum(gpt_->state->grads().flat_f32());
+    dp_comm_->all_reduce_sum(step_losses_.rows(step_, step_ + 1));  // (the tensor-parallel ranks agree on it)
   }
   {
     ProfileScope scope(prof_, "grad norm + AdamW");
-    optimizer_step(gpt_->params, *gpt_->state, norm_, o_, lr_at_step(o_, step_), step_ + 1);
+    if (tp_) grad_norm_tp();
+    optimizer_step(gpt_->params, *gpt_->state, norm_, o_, lr_at_step(o_, step_), step_ + 1, Tensor(), tp_ != nullptr);
     nonfinite_guard(guard_, step_losses_.rows(step_, step_ + 1), norm_);
   }
   step_++;
@@ -743,7 +795,7 @@ void Trainer::step_once() {
     LMF_CHECK(step_ < o_.steps, "step ", step_, " beyond --steps=", o_.steps);
     stage_from(*train_, true);
     auto body = [&] {
-      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_, dist_ ? &dist_->comm() : nullptr);
+      train_step_device(*gpt_, tokens_, targets_, norm_, cur_loss_, schedule_, o_, dist_ ? dp_comm_ : nullptr);
       nonfinite_guard(guard_, cur_loss_, norm_);
     };
     if (!graph_ && eager_graph_steps_ == 0) {
@@ -808,7 +860,7 @@ double Trainer::evaluate() {
     cuda_graph_replay(g);
   }
   ++evals_;
-  if (dist_) dist_->comm().all_reduce_sum(eval_loss_);  // the ranks' shares of the mean (CPU runs)
+  if (dist_) dp_comm_->all_reduce_sum(eval_loss_);  // the data-parallel ranks' shares of the mean
   float v = 0;
   tensor_to_host(&v, eval_loss_);
   return v;
@@ -816,9 +868,15 @@ double Trainer::evaluate() {
 
 std::string Trainer::save() {
   check_guard();  // never a checkpoint from a diverged state
+  if (tp_) {  // the full model, put together from the group's shares (every rank of the group takes part)
+    tp_->gather(gpt_->params.master(), full_params_->master(), *tp_comm_);
+    tp_->gather(gpt_->state->adam_m(), full_state_->adam_m(), *tp_comm_);
+    tp_->gather(gpt_->state->adam_v(), full_state_->adam_v(), *tp_comm_);
+  }
   if (!writer_) return "";  // rank 0 writes the run's one checkpoint (every rank holds the same weights)
   CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
-  return save_checkpoint(o_.out_dir, cfg_, gpt_->params, *gpt_->state, st, o_.keep_last, assets_);
+  return save_checkpoint(o_.out_dir, cfg_, full_params_ ? *full_params_ : gpt_->params,
+                         full_state_ ? *full_state_ : *gpt_->state, st, o_.keep_last, assets_);
 }
 
 void Trainer::check_guard() {

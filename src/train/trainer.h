@@ -100,8 +100,9 @@ std::string train_options_problem(const TrainOptions& o);
 // in the same launch. `norm` is a (1) f32 buffer that receives the pre-clip gradient norm. Allocates
 // nothing. schedule: optional device (3) f32 {lr, bias corrections} read by the AdamW kernel instead
 // of lr and step (graph replays; see adamw_update_flat).
+// norm_ready: `norm` already holds the norm (tensor parallelism sums it over the group's shares).
 void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const TrainOptions& o, double lr,
-                    int64_t step, Tensor schedule = Tensor());
+                    int64_t step, Tensor schedule = Tensor(), bool norm_ready = false);
 
 // The device work of one training step of one micro-batch, as `lmforge train` runs it (and captures it
 // as one CUDA graph): zero_grad, forward + backward, the mean loss into loss (when defined), with data
@@ -201,6 +202,17 @@ class Trainer {
   std::unique_ptr<BatchSource> train_, val_;  // token windows (text) or series windows (timeseries)
   std::unique_ptr<class DistRun> dist_;       // a distributed run's rendezvous and communicator, or none
   int64_t dp_ = 1, dp_rank_ = 0;              // data parallelism: ranks, and this one
+  int64_t tp_size_ = 1, tp_rank_ = 0;         // tensor parallelism: ranks of a group, and this one
+  // the mesh's groups (dist/run.h owns them): the ranks holding the same share of the model with
+  // different data (gradients summed), and the ranks sharing one model (dist/tensor_parallel.h)
+  Communicator* dp_comm_ = nullptr;
+  Communicator* tp_comm_ = nullptr;
+  std::unique_ptr<class TensorParallel> tp_;   // tensor parallelism: this rank's share of the model
+  // tensor parallelism: the full model's weights and AdamW state (CPU), which checkpoints read and
+  // write and initialisation fills, put together from the shares when saving
+  std::unique_ptr<Parameters> full_params_;
+  std::unique_ptr<TrainingState> full_state_;
+  void grad_norm_tp();  // tensor parallelism: the full model's gradient norm into norm_
   bool writer_ = true;                        // rank 0 writes the out-dir (metrics, checkpoints, trace)
   // Fault injection for the distributed tests: LMF_FAULT=kill-rank-R@S makes rank R SIGKILL itself
   // right after step S (core/fsutil.h has the other LMF_FAULT forms); -1: off.
