@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -20,6 +21,8 @@
 #include "dist/run.h"
 #include "dist/store.h"
 #include "model/config.h"
+#include "ops/cross_entropy.h"
+#include "ops/embedding.h"
 #include "train/safetensors.h"
 #include "support/cli_util.h"
 #include "support/test_util.h"
@@ -172,6 +175,68 @@ TEST(GlooCommunicator, MaxGatherScatterAndGroups) {
     // element i of rank r's slice: sum over ranks q of (2r + i + q) = 4 (2r + i) + 6
     EXPECT_EQ(scattered[r], (std::vector<float>{static_cast<float>(8 * r + 6), static_cast<float>(8 * r + 10)}));
     EXPECT_EQ(grouped[r], (std::vector<float>{r < 2 ? 3.0f : 7.0f})) << "rank " << r;
+  }
+}
+
+// The vocabulary-parallel ends on 3 ranks (threads, Gloo) against the whole tables in one call: the
+// embedding's shares sum to the whole lookup bitwise; the sharded cross-entropy's losses, summed input
+// gradient and each rank's rows of the head gradient match the unsharded op (the sums of exponentials
+// travel as floats: within 1e-6). V = 61 real rows of Vp = 66, so the last shard holds padding.
+TEST(VocabParallel, EmbeddingAndCrossEntropyMatchTheWholeTable) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const int port = some_port(), W = 3;
+  const int64_t N = 37, C = 24, V = 61, Vp = 66, rows = Vp / W, T = 37;
+  std::vector<float> x = test::randn(static_cast<size_t>(N * C), 1), w = test::randn(static_cast<size_t>(Vp * C), 2, 0.3f),
+                     wpe = test::randn(static_cast<size_t>(T * C), 3);
+  for (int64_t i = V * C; i < Vp * C; ++i) w[static_cast<size_t>(i)] = 0;
+  std::vector<int32_t> tokens = test::randint(static_cast<size_t>(N), 4, static_cast<int32_t>(V));
+  // the whole tables
+  std::vector<float> emb(static_cast<size_t>(N * C)), losses(static_cast<size_t>(N)), dx(static_cast<size_t>(N * C), 0),
+      dw(static_cast<size_t>(Vp * C), 0), scratch(static_cast<size_t>(10 * Vp));
+  embedding_forward(test::tensor_of(emb, {1, N, C}), test::tensor_of(tokens, {1, N}), test::tensor_of(w, {Vp, C}),
+                    test::tensor_of(wpe, {T, C}));
+  lm_head_cross_entropy(test::tensor_of(losses, {N}), test::tensor_of(dx, {N, C}), test::tensor_of(dw, {Vp, C}),
+                        test::tensor_of(x, {N, C}), test::tensor_of(w, {Vp, C}), test::tensor_of(tokens, {N}),
+                        test::tensor_of(scratch, {10, Vp}), V, 0.5f);
+  std::vector<std::vector<float>> r_emb(W), r_loss(W), r_dx(W), r_dw(W);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < W; ++r)
+    ts.emplace_back([&, r] {
+      TcpStore store(rank_env(r, W, port), std::chrono::milliseconds(20000));
+      auto comm = make_gloo_communicator(store, std::chrono::milliseconds(20000));
+      std::vector<float> ws(w.begin() + r * rows * C, w.begin() + (r + 1) * rows * C), e(static_cast<size_t>(N * C)),
+          l(static_cast<size_t>(N)), d(static_cast<size_t>(N * C), 0), g(static_cast<size_t>(rows * C), 0),
+          sc(static_cast<size_t>(10 * rows)), pe = wpe;
+      std::vector<int32_t> tk = tokens;
+      embedding_forward_shard(test::tensor_of(e, {1, N, C}), test::tensor_of(tk, {1, N}),
+                              test::tensor_of(ws, {rows, C}), r == 0 ? test::tensor_of(pe, {T, C}) : Tensor(), r * rows,
+                              Vp);
+      comm->all_reduce_sum(Tensor(e.data(), DType::f32, {N * C}, "emb"));
+      const VocabShard shard{r * rows, std::clamp<int64_t>(V - r * rows, 0, rows), V, comm.get()};
+      std::vector<float> xs = x;
+      lm_head_cross_entropy_sharded(test::tensor_of(l, {N}), test::tensor_of(d, {N, C}), test::tensor_of(g, {rows, C}),
+                                    test::tensor_of(xs, {N, C}), test::tensor_of(ws, {rows, C}),
+                                    test::tensor_of(tk, {N}), test::tensor_of(sc, {10, rows}), shard, 0.5f);
+      comm->all_reduce_sum(Tensor(d.data(), DType::f32, {N * C}, "dx"));
+      r_emb[r] = e;
+      r_loss[r] = l;
+      r_dx[r] = d;
+      r_dw[r] = g;
+      comm->barrier();
+      store.finish();
+    });
+  for (auto& t : ts) t.join();
+  auto worst = [](const std::vector<float>& a, const float* b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]) / (1.0 + std::fabs(b[i])));
+    return m;
+  };
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(r_emb[r], emb) << "rank " << r;
+    EXPECT_LT(worst(r_loss[r], losses.data(), losses.size()), 1e-6) << "rank " << r;
+    EXPECT_EQ(r_loss[r], r_loss[0]) << "every rank gets the same losses";
+    EXPECT_LT(worst(r_dx[r], dx.data(), dx.size()), 1e-6) << "rank " << r;
+    EXPECT_LT(worst(r_dw[r], dw.data() + r * rows * C, static_cast<size_t>(rows * C)), 1e-6) << "rank " << r;
   }
 }
 

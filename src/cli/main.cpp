@@ -177,7 +177,7 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
       ->capture_default_str();
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   add_num(c, "--dp", o.dp, "data-parallel ranks (0: the world size the launcher set, / --tp)")->capture_default_str();
-  add_num(c, "--tp", o.tp, "tensor-parallel ranks (1; tensor parallelism is not built yet)")->capture_default_str();
+  add_num(c, "--tp", o.tp, "tensor-parallel ranks: each layer split over this many ranks (CPU; docs/DISTRIBUTED.md)")->capture_default_str();
   add_num(c, "--dist-timeout", o.dist_timeout, "seconds a rank waits for the others (rendezvous, collectives)")
       ->capture_default_str();
   c->add_option("--cuda-graph", o.cuda_graph,
