@@ -130,7 +130,10 @@ void check(const Dims& d, const Inputs& in, float grad_scale, uint64_t seed, boo
   const double tol = 32 * kRoundoff * (1.0 + 2.0 * S_max);
   const std::vector<float> dx_scale =
       test::gemm_error_scale(false, false, d.N, d.C, d.V, 1.0f, e, d.Vp, in.w, d.C, 1.0f, in.dx0, d.C);
-  EXPECT_TRUE(test::within_scale("dx " + what, g.dx, c.dx, dx_scale, tol));
+  // dx reduces over K = V: rounding errors of long sums grow like sqrt(K), so past K = 4096 the constant
+  // grows with sqrt(V / 4096) (Qwen2's V = 151,936 measured 3.6x the flat constant on an H100)
+  const double dx_tol = tol * std::max(1.0, std::sqrt(static_cast<double>(d.V) / 4096.0));
+  EXPECT_TRUE(test::within_scale("dx " + what, g.dx, c.dx, dx_scale, dx_tol));
   // dw: the first V rows against the scale; padded rows never written.
   const std::vector<float> dw_scale =
       test::gemm_error_scale(true, false, d.V, d.C, d.N, 1.0f, e, d.Vp, in.x, d.C, 1.0f, in.dw0, d.C);

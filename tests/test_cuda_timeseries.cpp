@@ -6,7 +6,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <vector>
 
@@ -37,6 +39,7 @@ double worst_rel(const std::vector<float>& a, const std::vector<float>& b, doubl
 
 TEST(CudaTimeSeries, PointEmbeddingMatchesCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(point_embedding_backward_cuda_workspace(3000, 96));
   for (const bool bf : {false, true}) {
     const int64_t N = 3000, C = 96;  // N spans several 512-row chunks of the backward, C a partial block
     const uint64_t seed = test::fresh_seed();
@@ -124,9 +127,22 @@ TEST(CudaTimeSeries, ForecastHeadsLossMatchesCpu) {
   }
 }
 
+// tiny-ts with a head size flash attention takes (32: 2 heads of d_model 64), so the GPU's bf16 plans run
+// it; on the GPU the MoE layers run in bf16 only (model/plan.cpp)
+ModelConfig gpu_ts_config() {
+  ModelConfig c = config_preset("tiny-ts");
+  c.n_head = c.n_kv_head = 2;
+  return c;
+}
+
 TrainOptions ts_opts(const std::string& dir, const char* device, const char* precision, int64_t steps) {
   TrainOptions o;
-  o.preset = "tiny-ts";
+  fs::create_directories(dir + "_cfg");
+  o.config_path = dir + "_cfg/config.json";
+  {
+    std::ofstream f(o.config_path);
+    f << config_to_json(gpu_ts_config());
+  }
   o.precision = precision;
   o.batch_size = 8;
   o.seq_len = 128;
@@ -142,27 +158,21 @@ TrainOptions ts_opts(const std::string& dir, const char* device, const char* pre
   return o;
 }
 
-// fp32 on the GPU computes the CPU's function with other reduction orders (and MoE routing that may
-// flip on near-ties): step 1 within 1e-4, the mean of the last 10 of 30 steps within 2%.
-// bf16: step 1 within 2e-2, the last-10 mean within 5%, and the loss falls.
+// bf16 on the GPU (the only precision MoE layers run in there) against fp32 on the CPU: step 1 within
+// 2e-2, the mean of the last 10 of 30 steps within 5%, and the loss falls.
 TEST(CudaTimeSeries, TinyTsTrainsOnTheGpuLikeTheCpu) {
   LMF_REQUIRE_GPU();
   std::string d = test::make_temp_dir("gpu_ts");
   std::ostringstream log;
-  Trainer cpu(ts_opts(d + "/cpu", "cpu", "fp32", 30), log), g32(ts_opts(d + "/g32", "cuda", "fp32", 30), log),
-      g16(ts_opts(d + "/g16", "cuda", "bf16", 30), log);
+  Trainer cpu(ts_opts(d + "/cpu", "cpu", "fp32", 30), log), g16(ts_opts(d + "/g16", "cuda", "bf16", 30), log);
   cpu.run();
-  g32.run();
   g16.run();
-  const auto &c = cpu.losses(), &f = g32.losses(), &b = g16.losses();
-  ASSERT_EQ(f.size(), 30u);
+  const auto &c = cpu.losses(), &b = g16.losses();
   ASSERT_EQ(b.size(), 30u);
-  double tc = 0, tf = 0, tb = 0;
-  for (size_t i = 20; i < 30; ++i) tc += c[i] / 10, tf += f[i] / 10, tb += b[i] / 10;
-  std::printf("[ measured ] tiny-ts 30 steps: step 1 cpu %.5f gpu fp32 %.5f gpu bf16 %.5f; last-10 %.5f %.5f %.5f\n",
-              c[0], f[0], b[0], tc, tf, tb);
-  EXPECT_NEAR(f[0], c[0], 1e-4 * c[0]);
-  EXPECT_NEAR(tf, tc, 0.02 * tc);
+  double tc = 0, tb = 0;
+  for (size_t i = 20; i < 30; ++i) tc += c[i] / 10, tb += b[i] / 10;
+  std::printf("[ measured ] tiny-ts (2 heads) 30 steps: step 1 cpu %.5f gpu bf16 %.5f; last-10 %.5f %.5f\n", c[0],
+              b[0], tc, tb);
   EXPECT_NEAR(b[0], c[0], 2e-2 * c[0]);
   EXPECT_NEAR(tb, tc, 0.05 * tc);
   EXPECT_LT(tb, b[0]);
@@ -173,7 +183,7 @@ TEST(CudaTimeSeries, GraphModeMatchesEagerBitwise) {
   LMF_REQUIRE_GPU();
   std::string d = test::make_temp_dir("gpu_ts_graph");
   std::ostringstream log;
-  for (const char* prec : {"fp32", "bf16"}) {
+  for (const char* prec : {"bf16"}) {
     TrainOptions oe = ts_opts(d + "/e" + prec, "cuda", prec, 8), og = ts_opts(d + "/g" + prec, "cuda", prec, 8);
     oe.cuda_graph = "off";
     og.cuda_graph = "on";
@@ -190,22 +200,32 @@ TEST(CudaTimeSeries, GraphModeMatchesEagerBitwise) {
   fs::remove_all(d);
 }
 
+// The GPU forecasts in bf16 (MoE layers), the CPU in fp32: 100 values (one 64-step head, then
+// autoregressive steps) within 5% of the series' scale.
 TEST(CudaTimeSeries, ForecastsMatchTheCpu) {
   LMF_REQUIRE_GPU();
-  const ModelConfig c = config_preset("tiny-ts");
-  Parameters pc(gpt_param_specs(c), Device::cpu, false), pg(gpt_param_specs(c), Device::cuda, false);
+  const ModelConfig c = gpu_ts_config();
+  ASSERT_TRUE(forecast_params_bf16(c, Device::cuda));
+  Parameters pc(gpt_param_specs(c), Device::cpu, false), pg(gpt_param_specs(c), Device::cuda, true);
   const Tensor hc = pc.master().flat_f32();
   std::vector<float> w = test::randn(hc.numel(), 7);
   for (float& e : w) e *= 0.05f;
   std::memcpy(hc.f32(), w.data(), w.size() * 4);
   tensor_from_host(pg.master().flat_f32(), w.data());
+  pg.sync_copy();
   std::vector<std::vector<float>> ctx(3);
   for (size_t b = 0; b < ctx.size(); ++b)
     for (int i = 0; i < 200 + 50 * static_cast<int>(b); ++i) ctx[b].push_back(std::sin(0.1f * i + b) + 0.01f * i);
   Forecaster fc(c, pc, 256), fg(c, pg, 256);
   const auto a = fc.forecast(ctx, 100), g = fg.forecast(ctx, 100);
   ASSERT_EQ(g.size(), 3u);
-  for (size_t b = 0; b < 3; ++b) EXPECT_LT(worst_rel(g[b], a[b], 1e-1), 1e-3) << "series " << b;
+  for (size_t b = 0; b < 3; ++b) {
+    double scale = 0, worst = 0;
+    for (size_t i = 0; i < a[b].size(); ++i) scale = std::max(scale, std::fabs(static_cast<double>(a[b][i])));
+    for (size_t i = 0; i < a[b].size(); ++i) worst = std::max(worst, std::fabs(static_cast<double>(g[b][i]) - a[b][i]));
+    std::printf("[ measured ] forecast series %zu: worst |gpu bf16 - cpu fp32| %.3g of scale %.3g\n", b, worst, scale);
+    EXPECT_LT(worst, 0.05 * scale + 1e-3) << "series " << b;
+  }
 }
 
 }  // namespace

@@ -221,19 +221,26 @@ if [ "${LMF_WITH_TS:-0}" = 1 ]; then
 failed=$(grep -oE '[0-9]+ FAILED TEST' "$OUT/ts_tests.log" | grep -oE '^[0-9]+')"
   [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "Failure|Expected|Which is|value|seed|error" "$OUT/ts_tests.log" | head -30; }
   grep "measured" "$OUT/ts_tests.log"
-  for prec in fp32 bf16; do
-    ./build-gpu/lmforge train --device cuda --precision $prec --preset tiny-ts -B 16 -T 512 --steps 200 --warmup 20 \
+  # tiny-ts with 2 heads (head size 32, which flash attention takes); MoE layers run in bf16 on the GPU
+  cat >"$OUT/ts_config.json" <<'JSON'
+{"activation": "swiglu", "bias": false, "context_length": 512, "d_ff": 256, "d_model": 64, "family": "timeseries",
+ "horizons": [1, 8, 32, 64], "huber_delta": 2.0, "moe": {"aux_coef": 0.02, "d_expert": 64, "experts": 4, "shared": 1,
+ "shared_gate": true, "top_k": 2}, "n_head": 2, "n_kv_head": 2, "n_layer": 4, "norm": "rmsnorm", "norm_eps": 1e-6,
+ "pad_vocab_multiple": 1, "positions": "rope", "tied_embeddings": false, "vocab_size": 1}
+JSON
+  for prec in bf16; do
+    ./build-gpu/lmforge train --device cuda --precision $prec --config "$OUT/ts_config.json" -B 16 -T 512 --steps 200 --warmup 20 \
       --lr 2e-3 --log-every 50 --eval-every 100 --out-dir "$OUT/ts_$prec" >"$OUT/ts_train_$prec.log" 2>&1
     rc=$?
     add "train tiny-ts on GPU $prec (200 steps)" "rc=$rc $(grep val_loss "$OUT/ts_train_$prec.log" | tail -1) \
 $(grep -oE 'points/s=[0-9,]+' "$OUT/ts_train_$prec.log" | tail -1)"
     [ $rc -eq 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/ts_train_$prec.log"; }
   done
-  # forecast on the GPU and on the CPU from the fp32 run: the same numbers to fp32 rounding
+  # forecast on the GPU (bf16: MoE layers) and on the CPU (fp32) from the run
   python3 -c "import math; print('time,a,b'); [print(f'{i},{math.sin(i/8)+i/300:.6f},{math.cos(i/5)*2:.6f}') for i in range(700)]" \
     >"$OUT/ts_history.csv"
   for d in cuda cpu; do
-    ./build-gpu/lmforge forecast --device $d --checkpoint "$OUT/ts_fp32" --input "$OUT/ts_history.csv" --horizon 200 \
+    ./build-gpu/lmforge forecast --device $d --checkpoint "$OUT/ts_bf16" --input "$OUT/ts_history.csv" --horizon 200 \
       --out "$OUT/ts_forecast_$d.csv" --overwrite >"$OUT/ts_forecast_$d.log" 2>&1 || failures=$((failures + 1))
   done
   add "forecast GPU vs CPU (max abs diff)" "$(python3 -c "import csv,sys; a,b=[list(csv.reader(open(sys.argv[i]))) for i in (1,2)]; \

@@ -41,8 +41,9 @@ LoadedForecaster load_forecaster(const std::string& path, bool allow_nonfinite, 
   f.cfg = src.config;
   f.what = src.what;
   if (d == Device::cuda) cuda_set_device(0);
-  f.params = std::make_unique<Parameters>(gpt_param_specs(f.cfg), d, false);
+  f.params = std::make_unique<Parameters>(gpt_param_specs(f.cfg), d, forecast_params_bf16(f.cfg, d));
   src.load_weights(*f.params);
+  f.params->sync_copy();
   return f;
 }
 

@@ -34,6 +34,13 @@ Forecaster::Forecaster(const ModelConfig& c, Parameters& params, int64_t context
 
 Forecaster::~Forecaster() = default;
 
+bool forecast_params_bf16(const ModelConfig& c, Device d) {
+  if (d != Device::cuda) return false;
+  for (int l = 0; l < c.n_layer; ++l)
+    if (c.is_moe_layer(l)) return true;
+  return false;
+}
+
 size_t Forecaster::head_for(int64_t remaining) const {
   const std::vector<int64_t>& hs = cfg_.ts.horizons;
   size_t best = 0;
@@ -45,10 +52,11 @@ size_t Forecaster::head_for(int64_t remaining) const {
 Model& Forecaster::planned(int64_t B) {
   auto it = models_.find(B);
   if (it != models_.end()) return *it->second;
-  // fp32 on either device: forecasts are not the hot path, and f32 keeps the GPU next to the CPU
+  // fp32, except where the GPU runs the model's layers in bf16 only (MoE): weights with a bf16 copy
+  // (forecast_params_bf16) plan bf16
   PlanFlags f;
   f.device = device_name(params_.device());
-  f.precision = "fp32";
+  f.precision = params_.has_copy() ? "bf16" : "fp32";
   const ModelPlan p = plan_from_flags(cfg_, f, B, L_, false);
   auto m = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TimeSeriesEnds>(cfg_));
   buffers_.emplace(B, Arena("forecast batch", {{"inputs", {B, L_, 1}}, {"values", {B, L_, cfg_.ts.head_outputs()}}},

@@ -25,10 +25,14 @@ struct WindowStats {
 };
 WindowStats window_stats(const float* values, int64_t n);
 
+// Whether a forecaster's weights on device d need a bf16 copy: on the GPU, models with MoE layers run
+// in bf16 mixed precision only (model/plan.cpp), so their forecasts do too.
+bool forecast_params_bf16(const ModelConfig& c, Device d);
+
 class Forecaster {
  public:
   // params: the weights of a family=timeseries config (on the CPU or the GPU: the model runs there, in
-  // fp32). context: the inputs the model reads
+  // fp32, or in bf16 when params has a bf16 copy: see forecast_params_bf16). context: the inputs the model reads
   // (at most context_length; the last `context` values of each series).
   Forecaster(const ModelConfig& c, Parameters& params, int64_t context);
   ~Forecaster();

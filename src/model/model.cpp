@@ -480,7 +480,8 @@ double Model::forward_loss(Tensor inputs, Tensor targets) {
 
 void Model::forward_values(Tensor out, Tensor inputs) {
   check_shape(out, {plan_.B, plan_.T, ends_->output_width()}, "model forward_values");
-  if (plan_.bf16()) fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
+  if (plan_.bf16() && cfg_.family == ModelFamily::text)
+    fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
   check_matches_spec(inputs, input_spec_, "model forward_values (inputs)");
   const OpPlansScope plans(op_plans_);
   trunk_forward(inputs);
