@@ -367,7 +367,10 @@ INSTANTIATE_TEST_SUITE_P(
                       TpCase{"dense_dp2_tp2", "tiny", 2, 2, "-T 64 --lr 1e-3", 8, true},
                       TpCase{"llama_tp2", "test-llama", 2, 1, "-T 16 --lr 1e-3", 8, false},
                       TpCase{"moe_tp2", "tiny-moe", 2, 1, "-T 64 --lr 1e-3", 8, false},
-                      TpCase{"timeseries_tp2", "tiny-ts", 2, 1, "-T 64 --lr 1e-3", 8, false}),
+                      TpCase{"timeseries_tp2", "tiny-ts", 2, 1, "-T 64 --lr 1e-3", 8, false},
+                      TpCase{"dense_dp2_zero1", "tiny", 1, 2, "-T 64 --lr 1e-3 --zero 1", 8, true},
+                      TpCase{"dense_dp4_zero1", "tiny", 1, 4, "-T 64 --lr 1e-3 --zero 1", 8, false},
+                      TpCase{"dense_dp2_tp2_zero1", "tiny", 2, 2, "-T 64 --lr 1e-3 --zero 1", 8, false}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // Per-parameter gradients: after one step AdamW's first moment is (1 - beta1) x the (clipped) gradient,
@@ -377,6 +380,7 @@ struct GradCase {
   const char* name;
   const char* preset;
   int tp, dp;
+  const char* flags = "";
 };
 class ParallelGradients : public ::testing::TestWithParam<GradCase> {};
 
@@ -389,7 +393,7 @@ TEST_P(ParallelGradients, EqualTheSingleProcessRunPerParameter) {
   test::RunResult r = test::run_cli(args + "/one -B 8", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   r = test::run_cli("launch -n " + std::to_string(c.tp * c.dp) + " -- " + args + "/par -B " + std::to_string(8 / c.dp) +
-                        " --tp " + std::to_string(c.tp),
+                        " --tp " + std::to_string(c.tp) + " " + c.flags,
                     d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const SafetensorsFile a(d + "/one/checkpoints/step_000001/optimizer.safetensors"),
@@ -421,7 +425,9 @@ TEST_P(ParallelGradients, EqualTheSingleProcessRunPerParameter) {
 
 INSTANTIATE_TEST_SUITE_P(Meshes, ParallelGradients,
                          ::testing::Values(GradCase{"dp2", "tiny", 1, 2}, GradCase{"tp2", "tiny", 2, 1},
-                                           GradCase{"dp2_tp2", "tiny", 2, 2}, GradCase{"moe_tp2", "tiny-moe", 2, 1}),
+                                           GradCase{"dp2_tp2", "tiny", 2, 2}, GradCase{"moe_tp2", "tiny-moe", 2, 1},
+                                           GradCase{"dp2_zero1", "tiny", 1, 2, "--zero 1"},
+                                           GradCase{"dp2_tp2_zero1", "tiny", 2, 2, "--zero 1"}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // The field report's shape (vocab 25,152, d 384, 2 ranks; its home-made tensor-parallel embedding
@@ -518,6 +524,27 @@ TEST(TensorParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
   EXPECT_LT(worst_rel(a, p), 1e-5) << "the saved tp=2 steps vs one process";
   EXPECT_LT(worst_rel(b, a), 1e-5) << "the continuations at tp=4 and in one process";
   EXPECT_LT(worst_rel(std::vector<double>(a.begin() + 10, a.end()), std::vector<double>(b.begin() + 10, b.end())), 1e-5);
+  fs::remove_all(d);
+}
+
+// ZeRO-1's checkpoint holds the whole moments (the slices all-gathered): saved at dp=2 with --zero 1, it
+// resumes in one process and at dp=4 with --zero 1, the continuations equal.
+TEST(ZeroOne, SavedAtTwoRanksResumesAtOneAndAtFour) {
+  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
+  const std::string d = test::make_temp_dir("zero_resume");
+  const std::string model = "--device cpu --preset tiny -T 64 --log-every 1 ";
+  test::RunResult r =
+      test::run_cli("launch -n 2 -- train " + model + "-B 4 --zero 1 --steps 10 --out-dir " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
+  r = test::run_cli("train " + model + "-B 8 --steps 20 --resume " + d + "/run", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli("launch -n 4 -- train " + model + "-B 2 --zero 1 --steps 20 --resume " + d + "/run4", d);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 20u);
+  EXPECT_LT(worst_rel(b, a), 1e-5);
   fs::remove_all(d);
 }
 

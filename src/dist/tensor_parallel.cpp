@@ -1,6 +1,7 @@
 // tensor_parallel.cpp: see tensor_parallel.h.
 #include "dist/tensor_parallel.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/check.h"
@@ -161,12 +162,17 @@ void TensorParallel::reduce_partial_grads(const Arena& grads, Communicator& grou
 }
 
 double TensorParallel::grad_norm_sq_share(const Arena& grads) const {
+  const Tensor flat = grads.flat_f32();
+  return grad_norm_sq_share(grads, flat.f32(), 0, flat.numel());
+}
+
+double TensorParallel::grad_norm_sq_share(const Arena& layout, const float* g, int64_t lo, int64_t hi) const {
   double total = 0;
   for (size_t i = 0; i < splits_.size(); ++i) {
-    const Tensor g = grads[i];
-    const float* p = g.f32();
+    const int64_t off = static_cast<int64_t>(layout.offset_elems(i)), len = layout[i].numel();
+    const int64_t b = std::max(off, lo), e = std::min(off + len, hi);
     double s = 0;
-    for (int64_t j = 0; j < g.numel(); ++j) s += static_cast<double>(p[j]) * static_cast<double>(p[j]);
+    for (int64_t j = b; j < e; ++j) s += static_cast<double>(g[j - lo]) * static_cast<double>(g[j - lo]);
     total += splits_[i].replicated ? s / tp_ : s;
   }
   return total;

@@ -62,6 +62,8 @@ class TensorParallel {
   // This rank's share of the full model's squared gradient norm (its shards whole, replicated tensors
   // divided by tp): the group's sum is the full model's, in double on the host.
   double grad_norm_sq_share(const Arena& grads) const;
+  // The same over elements [lo, hi) of the arena's flat view, their values at g (ZeRO-1's slice).
+  double grad_norm_sq_share(const Arena& layout, const float* g, int64_t lo, int64_t hi) const;
 
  private:
   int tp_, rank_;

@@ -66,10 +66,11 @@ BlockKernels kernels_with(const ModelConfig& c, const ModelPlan& p, Communicator
 }
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp)
+Gpt::Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp, int64_t moments_begin, int64_t moments_end)
     : kernels(kernels_with(c, p, tp)),
       params(validated_specs(c, p), p.device, p.bf16()),
-      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c), &kernels))
+      state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c), &kernels),
+                                                         moments_begin, moments_end)
                        : nullptr),
       model(c, p, params, state.get(), make_ends(c), &kernels) {}
 

@@ -32,7 +32,9 @@ struct Gpt {
   // Validates the plan and checks that gpt_plan_bytes() fits the device's available memory before
   // allocating anything (one line saying how much it needs and how much there is).
   // tp: the tensor-parallel group when c is a rank's share (dist/tensor_parallel.h), else none.
-  Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp = nullptr);
+  // moments_begin / _end: ZeRO-1's slice of AdamW's moments (TrainingState; -1: all of them).
+  Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp = nullptr, int64_t moments_begin = -1,
+      int64_t moments_end = -1);
   BlockKernels kernels;  // the block table the model runs (block_kernels(c, p), with tp's communicator)
   Parameters params;
   std::unique_ptr<TrainingState> state;  // null unless p.training

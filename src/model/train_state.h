@@ -20,7 +20,11 @@ namespace lmf {
 class TrainingState {
  public:
   // lazy: names of the gradients that every backward writes whole when grads_zero() (may be empty).
-  TrainingState(const Parameters& params, const std::vector<std::string>& lazy);
+  // moments [begin, end) of the parameters' flat arena (ZeRO-1, docs/DISTRIBUTED.md): AdamW's m and v
+  // are kept for those elements only, as one flat tensor each, and decay_ranges() is that slice's
+  // (from 0); begin < 0: the whole layout.
+  TrainingState(const Parameters& params, const std::vector<std::string>& lazy, int64_t moments_begin = -1,
+                int64_t moments_end = -1);
   TrainingState(const TrainingState&) = delete;
   TrainingState& operator=(const TrainingState&) = delete;
 
@@ -35,6 +39,10 @@ class TrainingState {
   // adamw_update_flat: (S, 2) i32 host tensor of [begin, end) element ranges.
   Tensor decay_ranges() const { return decay_ranges_; }
   size_t bytes() const { return grads_.bytes() + m_.bytes() + v_.bytes(); }
+  // ZeRO-1: the slice of the flat parameter arena whose moments this state keeps (whole: 0, numel)
+  bool moments_sharded() const { return moments_begin_ >= 0; }
+  int64_t moments_begin() const { return moments_sharded() ? moments_begin_ : 0; }
+  int64_t moments_end() const { return moments_end_; }
 
   void zero_grad();
   // True from zero_grad() until a backward finishes: the gradients hold zeros (lazy ones logically).
@@ -50,6 +58,7 @@ class TrainingState {
   Arena grads_, m_, v_;
   std::vector<int32_t> decay_ranges_host_;
   Tensor decay_ranges_;
+  int64_t moments_begin_ = -1, moments_end_ = 0;
   // zero_grad's lazily zeroed byte ranges of grads_ and the rest; lazy_stale_: the lazy ranges hold
   // old values
   std::vector<std::pair<size_t, size_t>> lazy_ranges_, eager_ranges_;

@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <sstream>
 #include <nlohmann/json.hpp>
@@ -104,7 +105,7 @@ std::string TrainOptions::to_json() const {
             {"eval_batches", eval_batches}, {"checkpoint_every", checkpoint_every}, {"keep_last", keep_last},
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
-            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}};  // dp, tp: for the record (never restored)
+            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}, {"zero", zero}};  // dp, tp, zero: for the record (never restored)
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
@@ -332,6 +333,10 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     fail("--tp=", o_.tp, " does not divide the world size, ", env.world_size, " (", env.launcher, ")");
   if (o_.dp != 0 && o_.dp != env.world_size / o_.tp)
     fail("--dp=", o_.dp, " x --tp=", o_.tp, " must equal the world size, ", env.world_size, " (", env.launcher, ")");
+  if (o_.zero != 0 && o_.zero != 1) fail("--zero=", o_.zero, " must be 0 (off) or 1 (AdamW's moments sharded)");
+  if (o_.zero == 1 && parse_device(o_.device) == Device::cuda)
+    fail("--zero=1 --device cuda: ZeRO-1 runs on the CPU backend in this version (on GPUs it comes with the "
+         "multi-GPU work; docs/DISTRIBUTED.md)");
   if (o_.tp > 1 && parse_device(o_.device) == Device::cuda)
     fail("--tp=", o_.tp, " --device cuda: tensor parallelism runs on the CPU backend in this version (on GPUs it "
          "comes with the multi-GPU work; docs/DISTRIBUTED.md); data parallelism runs on both");
@@ -397,15 +402,30 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
   device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
+  if (!dist_) dp_comm_ = tp_comm_ = &single_rank();  // (ZeRO-1 in one process: one slice, the identity)
+  const ModelConfig local =
+      tp_size_ > 1 ? tp_local_config(cfg_, static_cast<int>(tp_size_), static_cast<int>(tp_rank_)) : cfg_;
+  int64_t m_begin = -1, m_end = -1;
+  if (o_.zero == 1) {  // ZeRO-1: this data-parallel rank's slice of the flat parameter arena
+    zero_ = true;
+    const int64_t n = static_cast<int64_t>(arena_plan_bytes(gpt_param_specs(local), "params") / sizeof(float));
+    zero_S_ = (n + dp_ - 1) / dp_;
+    zero_lo_ = std::min(n, dp_rank_ * zero_S_);
+    zero_hi_ = std::min(n, zero_lo_ + zero_S_);
+    if (zero_hi_ <= zero_lo_)
+      fail("--zero=1: ", dp_, " data-parallel ranks for ", n, " parameter elements leave rank ", dp_rank_, " none");
+    m_begin = zero_lo_;
+    m_end = zero_hi_;
+    zero_buf_ = Arena("zero", {{"gather", {dp_ * zero_S_}}, {"grad slice", {zero_S_}}, {"param slice", {zero_S_}}});
+  }
   if (tp_size_ > 1) {  // this rank's share of the model, and the full model for checkpoints
-    const ModelConfig local = tp_local_config(cfg_, static_cast<int>(tp_size_), static_cast<int>(tp_rank_));
-    gpt_ = std::make_unique<Gpt>(local, plan, tp_comm_);
+    gpt_ = std::make_unique<Gpt>(local, plan, tp_comm_, m_begin, m_end);
     full_params_ = std::make_unique<Parameters>(gpt_param_specs(cfg_), Device::cpu, false);
     full_state_ = std::make_unique<TrainingState>(*full_params_, std::vector<std::string>{});
     tp_ = std::make_unique<TensorParallel>(cfg_, gpt_param_specs(cfg_), gpt_param_specs(local),
                                            static_cast<int>(tp_size_), static_cast<int>(tp_rank_));
   } else {
-    gpt_ = std::make_unique<Gpt>(cfg_, plan);
+    gpt_ = std::make_unique<Gpt>(cfg_, plan, nullptr, m_begin, m_end);
   }
   plan_buffers(T);
   if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
@@ -417,8 +437,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
 
   // --- weights: checkpoint or fresh --------------------------------------------------------------
   // tensor parallelism: the full model is loaded or initialised, then each rank takes its share
+  // (ZeRO-1: the whole moments first, then this rank's slice of them)
   Parameters& weights = full_params_ ? *full_params_ : gpt_->params;
-  TrainingState& opt_state = full_state_ ? *full_state_ : *gpt_->state;
+  std::unique_ptr<TrainingState> whole;
+  if (zero_ && !full_state_) whole = std::make_unique<TrainingState>(gpt_->params, std::vector<std::string>{});
+  TrainingState& opt_state = full_state_ ? *full_state_ : whole ? *whole : *gpt_->state;
   if (!resume_dir.empty()) {
     CheckpointState st = load_checkpoint(resume_dir, weights, opt_state, o_.allow_nonfinite);
     assets_ = load_checkpoint_assets(resume_dir);
@@ -456,9 +479,16 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   }
   if (tp_) {
     tp_->scatter(full_params_->master(), gpt_->params.master());
-    tp_->scatter(full_state_->adam_m(), gpt_->state->adam_m());
-    tp_->scatter(full_state_->adam_v(), gpt_->state->adam_v());
+    if (zero_) whole = std::make_unique<TrainingState>(gpt_->params, std::vector<std::string>{});
+    TrainingState& share = zero_ ? *whole : *gpt_->state;
+    tp_->scatter(full_state_->adam_m(), share.adam_m());
+    tp_->scatter(full_state_->adam_v(), share.adam_v());
     gpt_->params.sync_copy();
+  }
+  if (zero_) {
+    const size_t bytes = static_cast<size_t>(zero_hi_ - zero_lo_) * sizeof(float);
+    std::memcpy(gpt_->state->adam_m().flat_f32().f32(), whole->adam_m().flat_f32().f32() + zero_lo_, bytes);
+    std::memcpy(gpt_->state->adam_v().flat_f32().f32(), whole->adam_v().flat_f32().f32() + zero_lo_, bytes);
   }
   {  // the guard counts steps from the first this Trainer runs
     const int32_t g[2] = {static_cast<int32_t>(first_step_), 0};
@@ -679,8 +709,11 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   if (dist_)
     log_ << "dist " << dist_->world_size() << " ranks (" << dist_->env().launcher << ", rendezvous "
          << dist_->env().master_addr << ":" << dist_->env().master_port << "): data parallel dp=" << dp_
-         << " x tensor parallel tp=" << tp_size_ << " over " << dist_->comm().backend() << "; rank 0 writes "
-         << o_.out_dir << "\n";
+         << " x tensor parallel tp=" << tp_size_ << " over " << dist_->comm().backend()
+         << (zero_ ? "; ZeRO-1: AdamW's moments of " + with_commas(static_cast<double>(zero_hi_ - zero_lo_)) +
+                         " parameter elements a rank"
+                   : std::string())
+         << "; rank 0 writes " << o_.out_dir << "\n";
   log_ << "batch B=" << o_.batch_size << (dp_ > 1 ? " per rank" : "") << " T=" << T << " grad_accum=" << o_.grad_accum
        << (cfg_.family == ModelFamily::timeseries ? " points/step=" : " tokens/step=") << with_commas(tokens_per_step_)
        << " arenas=" << fmt("%.1f", arena_bytes() / 1048576.0)
@@ -764,10 +797,66 @@ void Trainer::grad_norm_tp() {
   tensor_from_host(norm_, &norm);
 }
 
+// ZeRO-1: the gradients reduce-scattered over the data-parallel ranks (each gets the sum of its slice),
+// the norm summed from the slices, AdamW on this rank's slice with its moments, the parameters
+// all-gathered back. The same arithmetic per element as the all-reduce path.
+void Trainer::zero_optimizer_step() {
+  const Tensor g = gpt_->state->grads().flat_f32(), p = gpt_->params.master().flat_f32();
+  const Tensor buf = zero_buf_.get("gather"), gs = zero_buf_.get("grad slice"), ps = zero_buf_.get("param slice");
+  const int64_t n = g.numel(), len = zero_hi_ - zero_lo_;
+  std::memcpy(buf.f32(), g.f32(), static_cast<size_t>(n) * sizeof(float));
+  std::fill(buf.f32() + n, buf.f32() + buf.numel(), 0.0f);
+  dp_comm_->reduce_scatter_sum(gs, buf);
+  dp_comm_->all_reduce_sum(step_losses_.rows(step_, step_ + 1));
+  const float* gv = gs.f32();
+  double sq = 0;
+  if (tp_) {
+    sq = tp_->grad_norm_sq_share(gpt_->state->grads(), gv, zero_lo_, zero_hi_);
+  } else {
+    for (int64_t i = 0; i < len; ++i) sq += static_cast<double>(gv[i]) * static_cast<double>(gv[i]);
+  }
+  float share = static_cast<float>(sq);
+  const Tensor t(&share, DType::f32, {1}, "grad norm share");
+  dp_comm_->all_reduce_sum(t);
+  if (tp_) tp_comm_->all_reduce_sum(t);
+  const float norm = std::sqrt(share);
+  tensor_from_host(norm_, &norm);
+  adamw_update_flat(p.rows(zero_lo_, zero_hi_), gpt_->state->adam_m().flat_f32(), gpt_->state->adam_v().flat_f32(),
+                    gs.rows(0, len), gpt_->state->decay_ranges(), norm_, o_.grad_clip,
+                    static_cast<float>(lr_at_step(o_, step_)), o_.beta1, o_.beta2, o_.adam_eps, o_.weight_decay,
+                    step_ + 1);
+  std::memcpy(ps.f32(), p.f32() + zero_lo_, static_cast<size_t>(len) * sizeof(float));
+  std::fill(ps.f32() + len, ps.f32() + ps.numel(), 0.0f);
+  dp_comm_->all_gather(buf, ps);
+  std::memcpy(p.f32(), buf.f32(), static_cast<size_t>(n) * sizeof(float));
+}
+
+std::unique_ptr<TrainingState> Trainer::whole_moments() {
+  auto whole = std::make_unique<TrainingState>(gpt_->params, std::vector<std::string>{});
+  const Tensor buf = zero_buf_.get("gather"), ps = zero_buf_.get("param slice");
+  const int64_t len = zero_hi_ - zero_lo_, n = whole->adam_m().flat_f32().numel();
+  for (int k = 0; k < 2; ++k) {
+    const Tensor mine = (k == 0 ? gpt_->state->adam_m() : gpt_->state->adam_v()).flat_f32();
+    std::memcpy(ps.f32(), mine.f32(), static_cast<size_t>(len) * sizeof(float));
+    std::fill(ps.f32() + len, ps.f32() + ps.numel(), 0.0f);
+    dp_comm_->all_gather(buf, ps);
+    std::memcpy((k == 0 ? whole->adam_m() : whole->adam_v()).flat_f32().f32(), buf.f32(),
+                static_cast<size_t>(n) * sizeof(float));
+  }
+  return whole;
+}
+
 void Trainer::finish_step() {
   if (tp_) {  // tensor parallelism: the router's and shared gates' partial gradients summed over the group
     ProfileScope scope(prof_, "partial gradient all-reduce (tp)");
     tp_->reduce_partial_grads(gpt_->state->grads(), *tp_comm_);
+  }
+  if (zero_) {
+    ProfileScope scope(prof_, "ZeRO-1: reduce-scatter, AdamW on the slice, all-gather");
+    zero_optimizer_step();
+    nonfinite_guard(guard_, step_losses_.rows(step_, step_ + 1), norm_);
+    step_++;
+    return;
   }
   if (dist_) {  // data parallelism: the ranks' gradients and losses summed (each already scaled by 1 / dp)
     ProfileScope scope(prof_, "gradient all-reduce");
@@ -868,15 +957,18 @@ double Trainer::evaluate() {
 
 std::string Trainer::save() {
   check_guard();  // never a checkpoint from a diverged state
+  // ZeRO-1: the data-parallel ranks' slices of the moments put together (every rank takes part)
+  const std::unique_ptr<TrainingState> whole = zero_ ? whole_moments() : nullptr;
+  TrainingState& moments = whole ? *whole : *gpt_->state;
   if (tp_) {  // the full model, put together from the group's shares (every rank of the group takes part)
     tp_->gather(gpt_->params.master(), full_params_->master(), *tp_comm_);
-    tp_->gather(gpt_->state->adam_m(), full_state_->adam_m(), *tp_comm_);
-    tp_->gather(gpt_->state->adam_v(), full_state_->adam_v(), *tp_comm_);
+    tp_->gather(moments.adam_m(), full_state_->adam_m(), *tp_comm_);
+    tp_->gather(moments.adam_v(), full_state_->adam_v(), *tp_comm_);
   }
   if (!writer_) return "";  // rank 0 writes the run's one checkpoint (every rank holds the same weights)
   CheckpointState st{step_, o_.seed, train_->position(), o_.to_json()};
   return save_checkpoint(o_.out_dir, cfg_, full_params_ ? *full_params_ : gpt_->params,
-                         full_state_ ? *full_state_ : *gpt_->state, st, o_.keep_last, assets_);
+                         full_state_ ? *full_state_ : moments, st, o_.keep_last, assets_);
 }
 
 void Trainer::check_guard() {

@@ -62,6 +62,7 @@ struct TrainOptions {
   // Distributed runs (docs/DISTRIBUTED.md; the ranks come from the launcher's environment, dist/env.h):
   int64_t dp = 0;                   // --dp: data-parallel ranks (0: the world size / tp)
   int64_t tp = 1;                   // --tp: tensor-parallel ranks
+  int64_t zero = 0;                 // --zero: 1 shards AdamW's moments over the data-parallel ranks (ZeRO-1)
   int64_t dist_timeout = 60;        // --dist-timeout: seconds a rank waits for the others
   // --tune (alias --gemm-tune) on: after the first step, each bf16 GEMM and cuDNN attention plan takes the
   // fastest of its library's candidates that give the same bits as the current choice (ops/gemm_cuda.h
@@ -213,6 +214,14 @@ class Trainer {
   std::unique_ptr<Parameters> full_params_;
   std::unique_ptr<TrainingState> full_state_;
   void grad_norm_tp();  // tensor parallelism: the full model's gradient norm into norm_
+  // ZeRO-1: this rank's slice [zero_lo_, zero_hi_) of the flat parameter arena (S elements a rank,
+  // the last one shorter), the buffer the gradients are reduce-scattered from and the parameters
+  // all-gathered into (dp x S), this rank's summed gradient slice and parameter staging (S)
+  bool zero_ = false;
+  int64_t zero_lo_ = 0, zero_hi_ = 0, zero_S_ = 0;
+  Arena zero_buf_;
+  void zero_optimizer_step();
+  std::unique_ptr<TrainingState> whole_moments();  // ZeRO-1: m and v put together (a save)
   bool writer_ = true;                        // rank 0 writes the out-dir (metrics, checkpoints, trace)
   // Fault injection for the distributed tests: LMF_FAULT=kill-rank-R@S makes rank R SIGKILL itself
   // right after step S (core/fsutil.h has the other LMF_FAULT forms); -1: off.
