@@ -338,7 +338,10 @@ TEST_P(TensorParallelRun, EqualsTheSingleProcessRun) {
     f << config_to_json(cfg);
   }
   auto train = [&](int tp, int dp, const std::string& out) {
-    const std::string args = "train --device cpu --config " + d + "/config.json " + c.flags + " -B " +
+    std::string flags = c.flags;  // (one process: no sequence to split)
+    if (tp == 1 && flags.find(" --sequence-parallel") != std::string::npos)
+      flags.erase(flags.find(" --sequence-parallel"), std::strlen(" --sequence-parallel"));
+    const std::string args = "train --device cpu --config " + d + "/config.json " + flags + " -B " +
                              std::to_string(c.B / dp) + " --tp " + std::to_string(tp) +
                              " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
     const int n = tp * dp;
@@ -370,7 +373,14 @@ INSTANTIATE_TEST_SUITE_P(
                       TpCase{"timeseries_tp2", "tiny-ts", 2, 1, "-T 64 --lr 1e-3", 8, false},
                       TpCase{"dense_dp2_zero1", "tiny", 1, 2, "-T 64 --lr 1e-3 --zero 1", 8, true},
                       TpCase{"dense_dp4_zero1", "tiny", 1, 4, "-T 64 --lr 1e-3 --zero 1", 8, false},
-                      TpCase{"dense_dp2_tp2_zero1", "tiny", 2, 2, "-T 64 --lr 1e-3 --zero 1", 8, false}),
+                      TpCase{"dense_dp2_tp2_zero1", "tiny", 2, 2, "-T 64 --lr 1e-3 --zero 1", 8, false},
+                      TpCase{"dense_tp2_sp", "tiny", 2, 1, "-T 64 --lr 1e-3 --sequence-parallel", 8, true},
+                      TpCase{"dense_tp4_sp", "tiny", 4, 1, "-T 64 --lr 1e-3 --sequence-parallel", 8, false},
+                      TpCase{"llama_tp2_sp", "test-llama", 2, 1, "-T 16 --lr 1e-3 --sequence-parallel", 8, false},
+                      TpCase{"moe_tp2_sp", "tiny-moe", 2, 1, "-T 64 --lr 1e-3 --sequence-parallel", 8, false},
+                      TpCase{"timeseries_tp2_sp", "tiny-ts", 2, 1, "-T 64 --lr 1e-3 --sequence-parallel", 8, false},
+                      TpCase{"dense_dp2_tp2_sp_zero1", "tiny", 2, 2, "-T 64 --lr 1e-3 --sequence-parallel --zero 1", 8,
+                             false}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // Per-parameter gradients: after one step AdamW's first moment is (1 - beta1) x the (clipped) gradient,
@@ -427,7 +437,9 @@ INSTANTIATE_TEST_SUITE_P(Meshes, ParallelGradients,
                          ::testing::Values(GradCase{"dp2", "tiny", 1, 2}, GradCase{"tp2", "tiny", 2, 1},
                                            GradCase{"dp2_tp2", "tiny", 2, 2}, GradCase{"moe_tp2", "tiny-moe", 2, 1},
                                            GradCase{"dp2_zero1", "tiny", 1, 2, "--zero 1"},
-                                           GradCase{"dp2_tp2_zero1", "tiny", 2, 2, "--zero 1"}),
+                                           GradCase{"dp2_tp2_zero1", "tiny", 2, 2, "--zero 1"},
+                                           GradCase{"tp2_sp", "tiny", 2, 1, "--sequence-parallel"},
+                                           GradCase{"moe_tp2_sp", "tiny-moe", 2, 1, "--sequence-parallel"}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // The field report's shape (vocab 25,152, d 384, 2 ranks; its home-made tensor-parallel embedding
@@ -582,6 +594,9 @@ TEST(DataParallel, BadLaunchesAreOneLine) {
       test::run_cli("train --device cpu --steps 1 --tp 3 --out-dir " + d + "/a", d,
                     "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=1234"),
       {"--tp=3 does not divide the world size, 2"}));
+  EXPECT_TRUE(test::one_line_error(
+      test::run_cli("train --device cpu --steps 1 --sequence-parallel --out-dir " + d + "/a", d),
+      {"--sequence-parallel", "needs --tp 2 or more"}));
   EXPECT_TRUE(test::one_line_error(
       test::run_cli("train --device cpu --steps 1 --out-dir " + d + "/a", d, "RANK=0 WORLD_SIZE=2 MASTER_PORT=1234"),
       {"MASTER_ADDR is not set"}));

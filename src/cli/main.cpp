@@ -178,6 +178,8 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   add_num(c, "--dp", o.dp, "data-parallel ranks (0: the world size the launcher set, / --tp)")->capture_default_str();
   add_num(c, "--tp", o.tp, "tensor-parallel ranks: each layer split over this many ranks (CPU; docs/DISTRIBUTED.md)")->capture_default_str();
+  c->add_flag("--sequence-parallel", o.sequence_parallel,
+              "with --tp: the norms and residual adds over each rank's rows of the batch (CPU; docs/DISTRIBUTED.md)");
   add_num(c, "--zero", o.zero, "1: shard AdamW's moments over the data-parallel ranks (ZeRO-1; CPU)")->capture_default_str();
   add_num(c, "--dist-timeout", o.dist_timeout, "seconds a rank waits for the others (rendezvous, collectives)")
       ->capture_default_str();

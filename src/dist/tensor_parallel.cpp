@@ -108,7 +108,7 @@ ModelConfig tp_local_config(const ModelConfig& c, int tp, int rank) {
 }
 
 TensorParallel::TensorParallel(const ModelConfig& full_config, const std::vector<TensorSpec>& full,
-                               const std::vector<TensorSpec>& local, int tp, int rank)
+                               const std::vector<TensorSpec>& local, int tp, int rank, bool sequence_parallel)
     : tp_(tp), rank_(rank) {
   LMF_CHECK(full.size() == local.size(), "tensor parallelism: the full model has ", full.size(),
             " parameters, a rank's share ", local.size());
@@ -116,6 +116,11 @@ TensorParallel::TensorParallel(const ModelConfig& full_config, const std::vector
     LMF_CHECK(full[i].name == local[i].name, "tensor parallelism: parameter ", i, " is '", full[i].name,
               "' in the full model, '", local[i].name, "' in a rank's share");
     TpSplit t = split_of(full_config, full[i]);
+    const std::string& n = full[i].name;
+    if (sequence_parallel && (ends_with(n, "norm1.weight") || ends_with(n, "norm1.bias") ||
+                              ends_with(n, "norm2.weight") || ends_with(n, "norm2.bias") || n == "norm_f.weight" ||
+                              n == "norm_f.bias"))
+      t.partial_grad = true;  // each rank's norm saw its own rows
     // the share's size, from the split, must be the local model's tensor (one rule for both sides)
     const int64_t want = t.replicated ? full[i].numel() : t.outer * (t.local_numel() / tp) * t.inner;
     LMF_CHECK(want == local[i].numel() && (t.replicated || t.outer * t.mid * t.inner == full[i].numel()),

@@ -46,8 +46,9 @@ struct TpSplit {
 class TensorParallel {
  public:
   // full: the full model's parameter specs; local: the rank's (model_param_specs of the local config).
+  // sequence_parallel: the norms see only this rank's rows, so their gradients are partial sums too.
   TensorParallel(const ModelConfig& full_config, const std::vector<TensorSpec>& full,
-                 const std::vector<TensorSpec>& local, int tp, int rank);
+                 const std::vector<TensorSpec>& local, int tp, int rank, bool sequence_parallel = false);
   int tp() const { return tp_; }
   int rank() const { return rank_; }
   const std::vector<TpSplit>& splits() const { return splits_; }

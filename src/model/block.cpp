@@ -73,6 +73,27 @@ void reduce(const BlockStep& s, Tensor t) {
   if (s.k->comm) s.k->comm->all_reduce_sum(t);
 }
 
+bool seq_par(const BlockStep& s) { return s.k->sequence_parallel; }
+
+// Sequence parallelism: this rank's rows of `local` all-gathered into `full` (the rows in rank order)
+// and `full` returned; otherwise `local` itself.
+Tensor seq_gather(const BlockStep& s, Tensor local, Tensor full) {
+  if (!seq_par(s)) return local;
+  s.k->comm->all_gather(full.view({full.numel()}), local.view({local.numel()}));
+  return full;
+}
+
+// A row-parallel layer's output (or a column-parallel layer's input gradient) `partial`, every row,
+// summed over the ranks: with sequence parallelism this rank's rows into `out` (reduce-scatter),
+// otherwise in place (`partial` is `out`).
+void seq_reduce(const BlockStep& s, Tensor partial, Tensor out) {
+  if (!seq_par(s)) {
+    reduce(s, out);
+    return;
+  }
+  s.k->comm->reduce_scatter_sum(out.view({out.numel()}), partial.view({partial.numel()}));
+}
+
 // A row-parallel layer's bias (attention and MLP output projections): added once, by the group's rank 0,
 // so the sum of the ranks' partial outputs holds it once (every rank's gradient of it is the same).
 Tensor row_bias(const BlockStep& s, Tensor b) { return s.k->comm && s.k->comm->rank() != 0 ? Tensor() : b; }
@@ -128,30 +149,30 @@ MoeExtra moe_extra(const BlockStep& s) {
   return MoeExtra{s.wg->ws_in, s.wg->ws_out, s.w->ws_gate, s.w->sel_bias};
 }
 
-// ln2 -> res2 (before the residual add)
-void ffn_forward(const BlockStep& s) {
+// ln2 (every row) -> out (every row; the residual add comes later)
+void ffn_forward(const BlockStep& s, Tensor ln2, Tensor out) {
   const ModelConfig& c = *s.cfg;
   const BlockWeights &w = *s.w, &wg = *s.wg;
   BlockActs& a = *s.a;
   const int64_t N = s.B * s.T, C = c.d_model;
   if (w.moe()) {
     timed(s, "moe fwd", s.flops->moe, [&] {
-      moe_forward(a.res2.view({N, C}), a.moe, a.moe_scratch, a.ln2.out.view({N, C}), w.router_w, wg.w_in, wg.w_out,
+      moe_forward(out.view({N, C}), a.moe, a.moe_scratch, ln2.view({N, C}), w.router_w, wg.w_in, wg.w_out,
                   moe_extra(s), *s.moe);
     });
     return;
   }
   if (s.k->fused_bias_gelu) {
-    timed(s, "linear fc + gelu fwd", s.flops->fc, [&] { linear_gelu_forward(a.act, a.fc, a.ln2.out, wg.fc_w, wg.fc_b); });
+    timed(s, "linear fc + gelu fwd", s.flops->fc, [&] { linear_gelu_forward(a.act, a.fc, ln2, wg.fc_w, wg.fc_b); });
   } else {
-    timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, a.ln2.out, wg.fc_w, wg.fc_b, s.k->gemm_math); });
+    timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, ln2, wg.fc_w, wg.fc_b, s.k->gemm_math); });
     timed(s, "activation fwd", 0, [&] {
       if (c.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
       else swiglu_forward(a.act, a.fc);
     });
   }
   timed(s, "linear mproj fwd", s.flops->mproj, [&] {
-    linear_forward(a.res2, a.act, wg.mproj_w, row_bias(s, wg.mproj_b), s.k->gemm_math);
+    linear_forward(out, a.act, wg.mproj_w, row_bias(s, wg.mproj_b), s.k->gemm_math);
   });
 }
 
@@ -162,8 +183,8 @@ GradMode act_grad(const BlockStep& s, Tensor t) {
   return GradMode::Accumulate;
 }
 
-// d(res2) in d_res -> d(ln2) in d_ln, the FFN's weight gradients
-void ffn_backward(const BlockStep& s, GradMode wmode) {
+// dout = d(res2) (every row) -> dln = d(ln2) (every row), the FFN's weight gradients; ln2: its input
+void ffn_backward(const BlockStep& s, GradMode wmode, Tensor ln2, Tensor dout, Tensor dln) {
   const ModelConfig& c = *s.cfg;
   const BlockWeights &w = *s.w, &wg = *s.wg, &g = *s.g;
   const BlockGrads& d = *s.d;
@@ -171,11 +192,11 @@ void ffn_backward(const BlockStep& s, GradMode wmode) {
   const int64_t N = s.B * s.T, C = c.d_model;
   const BlockFlops& f = *s.flops;
   if (w.moe()) {
-    tensor_zero(d.d_ln);
+    tensor_zero(dln);
     timed(s, "moe bwd", 2 * f.moe, [&] {
-      moe_backward(d.d_ln.view({N, C}), g.router_w, g.w_in, g.w_out,
-                   MoeExtraGrads{g.ws_in, g.ws_out, g.ws_gate, s.grads_zero}, d.d_res.view({N, C}), a.moe,
-                   a.moe_scratch, a.ln2.out.view({N, C}), w.router_w, wg.w_in, wg.w_out, moe_extra(s), *s.moe,
+      moe_backward(dln.view({N, C}), g.router_w, g.w_in, g.w_out,
+                   MoeExtraGrads{g.ws_in, g.ws_out, g.ws_gate, s.grads_zero}, dout.view({N, C}), a.moe,
+                   a.moe_scratch, ln2.view({N, C}), w.router_w, wg.w_in, wg.w_out, moe_extra(s), *s.moe,
                    s.d_aux);
     });
     return;
@@ -184,11 +205,11 @@ void ffn_backward(const BlockStep& s, GradMode wmode) {
   const Tensor mproj_db = s.k->bias_grad_from_norm ? Tensor() : g.mproj_b;
   if (s.k->fused_bias_gelu) {
     timed(s, "linear mproj + gelu bwd", 2 * f.mproj, [&] {
-      linear_backward_dgelu(d.d_fc, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, a.fc, wmode);
+      linear_backward_dgelu(d.d_fc, g.mproj_w, mproj_db, dout, a.act, wg.mproj_w, a.fc, wmode);
     });
   } else {
     timed(s, "linear mproj bwd", 2 * f.mproj, [&] {
-      linear_backward(d.d_act, g.mproj_w, mproj_db, d.d_res, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode,
+      linear_backward(d.d_act, g.mproj_w, mproj_db, dout, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode,
                       s.k->gemm_math);
     });
     tensor_zero(d.d_fc);
@@ -198,7 +219,7 @@ void ffn_backward(const BlockStep& s, GradMode wmode) {
     });
   }
   timed(s, "linear fc bwd", 2 * f.fc, [&] {
-    linear_backward(d.d_ln, g.fc_w, g.fc_b, d.d_fc, a.ln2.out, wg.fc_w, act_grad(s, d.d_ln), wmode, s.k->gemm_math);
+    linear_backward(dln, g.fc_w, g.fc_b, d.d_fc, ln2, wg.fc_w, act_grad(s, dln), wmode, s.k->gemm_math);
   });
 }
 
@@ -229,20 +250,23 @@ void block_forward(const BlockStep& s) {
   const ModelConfig& c = *s.cfg;
   const BlockWeights &w = *s.w, &wg = *s.wg;
   BlockActs& a = *s.a;
-  timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, a.ln1.out, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
+  const Tensor ln1 = seq_gather(s, a.ln1.out, s.seq_gathered);
+  timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, ln1, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
   if (c.positions == PositionKind::rope)
     timed(s, "rope fwd", 0, [&] {
       if (s.batch) rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.batch->positions);
       else rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head);
     });
   attention_step_forward(s);
+  const Tensor proj_out = seq_par(s) ? s.seq_partial : a.res1;
   timed(s, "linear proj fwd", s.flops->proj, [&] {
-    linear_forward(a.res1, a.att, wg.proj_w, row_bias(s, wg.proj_b), s.k->gemm_math);
+    linear_forward(proj_out, a.att, wg.proj_w, row_bias(s, wg.proj_b), s.k->gemm_math);
   });
-  reduce(s, a.res1);
+  seq_reduce(s, proj_out, a.res1);
   residual_norm(s, a.res1, s.x, a.res1, a.ln2, w.norm2);
-  ffn_forward(s);
-  reduce(s, a.res2);
+  const Tensor ffn_out = seq_par(s) ? s.seq_partial : a.res2;
+  ffn_forward(s, seq_gather(s, a.ln2.out, s.seq_gathered), ffn_out);
+  seq_reduce(s, ffn_out, a.res2);
   residual_norm(s, a.res2, a.res1, a.res2, s.tail, s.tail_w);
 }
 
@@ -260,23 +284,28 @@ void block_backward(const BlockStep& s) {
   timed(s, "norm bwd", 0, [&] {
     norm_backward(c, d.d_res, s.tail_g, d.d_ln, a.res2, s.tail_w, s.tail, db_norm ? g.mproj_b : Tensor());
   });
-  ffn_backward(s, wmode);
-  reduce(s, d.d_ln);
+  // (sequence parallelism: the FFN's input and output gradient gathered, its input gradient's partial
+  // sums reduce-scattered; the input is gathered again rather than kept)
+  const Tensor ffn_dln = seq_par(s) ? s.seq_partial : d.d_ln;
+  ffn_backward(s, wmode, seq_gather(s, a.ln2.out, s.seq_gathered), seq_gather(s, d.d_res, s.seq_grad), ffn_dln);
+  seq_reduce(s, ffn_dln, d.d_ln);
   timed(s, "norm bwd", 0, [&] {
     norm_backward(c, d.d_res, g.norm2, d.d_ln, a.res1, w.norm2, a.ln2, db_norm ? g.proj_b : Tensor());
   });
+  const Tensor proj_dout = seq_gather(s, d.d_res, s.seq_grad);
   timed(s, "linear proj bwd", 2 * f.proj, [&] {
-    linear_backward(d.d_att, g.proj_w, db_norm ? Tensor() : g.proj_b, d.d_res, a.att, wg.proj_w, act_grad(s, d.d_att),
-                    wmode, s.k->gemm_math);
+    linear_backward(d.d_att, g.proj_w, db_norm ? Tensor() : g.proj_b, proj_dout, a.att, wg.proj_w,
+                    act_grad(s, d.d_att), wmode, s.k->gemm_math);
   });
   attention_step_backward(s);
   if (c.positions == PositionKind::rope)
     timed(s, "rope bwd", 0, [&] { rope_backward(d.d_qkv, s.rope_freqs, c.n_head, c.n_kv_head); });
+  const Tensor qkv_dln = seq_par(s) ? s.seq_partial : d.d_ln;
+  const Tensor ln1 = seq_gather(s, a.ln1.out, s.seq_gathered);
   timed(s, "linear qkv bwd", 2 * f.qkv, [&] {
-    linear_backward(d.d_ln, g.qkv_w, g.qkv_b, d.d_qkv, a.ln1.out, wg.qkv_w, act_grad(s, d.d_ln), wmode,
-                    s.k->gemm_math);
+    linear_backward(qkv_dln, g.qkv_w, g.qkv_b, d.d_qkv, ln1, wg.qkv_w, act_grad(s, qkv_dln), wmode, s.k->gemm_math);
   });
-  reduce(s, d.d_ln);
+  seq_reduce(s, qkv_dln, d.d_ln);
 }
 
 }  // namespace lmf

@@ -16,7 +16,9 @@
 // block l's tail writes block l+1's ln1, and block l's backward starts with that norm's backward. The
 // op order is the one a textbook pre-norm loop runs; only the grouping differs.
 //
-// Buffers (B, T, ...) row-major; N = B T rows; C = d_model; QKV = (NH + 2 NKV) HS; FC = fc_dim.
+// Buffers (B, T, ...) row-major; N = B T rows; C = d_model; QKV = (NH + 2 NKV) HS; FC = fc_dim. With
+// sequence parallelism the residual stream and the norms' buffers (x, ln1, res1, ln2, res2, tail, d_res,
+// d_ln) hold this rank's N / tp rows: (N / tp, C).
 // Backward: d_res holds d(loss)/d(residual stream) and walks down the layers (each norm backward
 // adds into it); d_ln receives d(loss)/d(a norm's output) from the layer above it (or the output
 // end), the other d_* buffers are scratch shared by all layers.
@@ -56,6 +58,10 @@ struct BlockKernels {
   bool overwrite_act_grads = false;  // backward ops overwrite activation gradients (else zero, then +=)
   bool lazy_weight_grads = false;    // right after zero_grad the weight-gradient GEMMs overwrite (beta 0)
   Communicator* comm = nullptr;      // tensor parallelism's reductions (single_rank(): none)
+  // Sequence parallelism (with tensor parallelism): the norms, residual adds and the residual stream
+  // hold only this rank's N / tp rows; a column-parallel layer's input is all-gathered first, a
+  // row-parallel layer's output reduce-scattered (instead of all-reduced), and backward the reverse.
+  bool sequence_parallel = false;
 };
 // The table for a plan: bf16 plans take every fused kernel and the bf16 copy, fp32 / tf32 plans the
 // reference composition; serving plans swap the attention for the paged one.
@@ -125,6 +131,9 @@ struct BlockStep {
   // serving (AttentionImpl::paged): the KV cache and the step's rows (positions, slots, block tables)
   KvCache* cache = nullptr;
   const PagedBatch* batch = nullptr;
+  // sequence parallelism (BlockKernels::sequence_parallel): (B, T, C) scratch shared by the layers,
+  // for a gathered norm output, a gathered d_res, and a row- or column-parallel layer's partial sums
+  Tensor seq_gathered, seq_grad, seq_partial;
   // backward: the weight gradients hold zeros (the first backward after zero_grad), and the scale of
   // the MoE auxiliary losses' gradient (the micro-batch's loss scale)
   bool grads_zero = false;

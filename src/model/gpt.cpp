@@ -59,15 +59,17 @@ std::vector<TensorSpec> validated_specs(const ModelConfig& c, const ModelPlan& p
 }  // namespace
 
 namespace {
-BlockKernels kernels_with(const ModelConfig& c, const ModelPlan& p, Communicator* tp) {
+BlockKernels kernels_with(const ModelConfig& c, const ModelPlan& p, Communicator* tp, bool sequence_parallel) {
   BlockKernels k = block_kernels(c, p);
   if (tp) k.comm = tp;
+  k.sequence_parallel = sequence_parallel;
   return k;
 }
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp, int64_t moments_begin, int64_t moments_end)
-    : kernels(kernels_with(c, p, tp)),
+Gpt::Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp, int64_t moments_begin, int64_t moments_end,
+         bool sequence_parallel)
+    : kernels(kernels_with(c, p, tp, sequence_parallel)),
       params(validated_specs(c, p), p.device, p.bf16()),
       state(p.training ? std::make_unique<TrainingState>(params, Model::lazy_grads(c, p, *make_ends(c), &kernels),
                                                          moments_begin, moments_end)

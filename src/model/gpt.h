@@ -33,8 +33,9 @@ struct Gpt {
   // allocating anything (one line saying how much it needs and how much there is).
   // tp: the tensor-parallel group when c is a rank's share (dist/tensor_parallel.h), else none.
   // moments_begin / _end: ZeRO-1's slice of AdamW's moments (TrainingState; -1: all of them).
+  // sequence_parallel: with tp, the residual stream split over its ranks (BlockKernels).
   Gpt(const ModelConfig& c, const ModelPlan& p, Communicator* tp = nullptr, int64_t moments_begin = -1,
-      int64_t moments_end = -1);
+      int64_t moments_end = -1, bool sequence_parallel = false);
   BlockKernels kernels;  // the block table the model runs (block_kernels(c, p), with tp's communicator)
   Parameters params;
   std::unique_ptr<TrainingState> state;  // null unless p.training

@@ -70,6 +70,15 @@ double mean_of(const Tensor& losses, std::vector<float>& host) {
 // (block l reads set (l-1) % 2 and writes set l % 2 and the next layer's ln1 in set (l+1) % 2).
 int activation_sets(const ModelConfig& c, const ModelPlan& p) { return p.training ? c.n_layer : std::min(c.n_layer, 2); }
 
+// Rows of the residual stream this rank holds: N, or N / tp under sequence parallelism.
+int64_t seq_rows(const BlockKernels& k, int64_t N) {
+  if (!k.sequence_parallel) return N;
+  const int64_t tp = k.comm->world_size();
+  LMF_CHECK(N % tp == 0, "--sequence-parallel: the micro-batch's B x T = ", N, " rows do not split over --tp=", tp,
+            " ranks");
+  return N / tp;
+}
+
 // Everything the backward reads, per layer (the layer names match the parameters').
 std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan& plan, const BlockKernels& k,
                                          const MoeConfig& moe) {
@@ -81,6 +90,9 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
     as.push_back({std::move(name), std::move(shape), dt});
   };
   add("encoded", {B, T, C}, adt);
+  // the residual stream and the norms: this rank's rows under sequence parallelism (block.h)
+  const int64_t Nl = seq_rows(k, N);
+  const std::vector<int64_t> stream = k.sequence_parallel ? std::vector<int64_t>{Nl, C} : std::vector<int64_t>{B, T, C};
   const int sets = activation_sets(cfg, plan);
   auto set_has = [&](int s, bool is_moe) {
     for (int l = s; l < cfg.n_layer; l += sets)
@@ -88,17 +100,17 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
     return false;
   };
   for (int l = 0; l < sets; ++l) {
-    add(layer_name(l, "ln1"), {B, T, C}, adt);
-    add(layer_name(l, "ln1_mean"), {N});
-    add(layer_name(l, "ln1_rstd"), {N});
+    add(layer_name(l, "ln1"), stream, adt);
+    add(layer_name(l, "ln1_mean"), {Nl});
+    add(layer_name(l, "ln1_rstd"), {Nl});
     add(layer_name(l, "qkv"), {B, T, cfg.qkv_dim()}, adt);
     if (k.attention == AttentionImpl::flash) add(layer_name(l, "probs"), {B, NH, T});  // the log-sum-exp
     else if (k.attention == AttentionImpl::reference) add(layer_name(l, "probs"), {B, NH, T, T});
     add(layer_name(l, "att"), {B, T, NH * HS}, adt);
-    add(layer_name(l, "res1"), {B, T, C}, adt);
-    add(layer_name(l, "ln2"), {B, T, C}, adt);
-    add(layer_name(l, "ln2_mean"), {N});
-    add(layer_name(l, "ln2_rstd"), {N});
+    add(layer_name(l, "res1"), stream, adt);
+    add(layer_name(l, "ln2"), stream, adt);
+    add(layer_name(l, "ln2_mean"), {Nl});
+    add(layer_name(l, "ln2_rstd"), {Nl});
     if (set_has(l, true)) {
       for (TensorSpec& sp : moe_state_specs(moe, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
       // training: this layer's gathered input, kept for the backward (no second gather)
@@ -108,11 +120,11 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
       add(layer_name(l, "fc"), {B, T, cfg.fc_dim()}, adt);
       add(layer_name(l, "act"), {B, T, cfg.d_ff}, adt);
     }
-    add(layer_name(l, "res2"), {B, T, C}, adt);
+    add(layer_name(l, "res2"), stream, adt);
   }
-  add("lnf", {B, T, C}, adt);
-  add("lnf_mean", {N});
-  add("lnf_rstd", {N});
+  add("lnf", stream, adt);
+  add("lnf_mean", {Nl});
+  add("lnf_rstd", {Nl});
   add("losses", {N});
   return as;
 }
@@ -130,9 +142,16 @@ std::vector<TensorSpec> workspace_specs(const ModelConfig& cfg, const ModelPlan&
     ws.push_back({std::move(name), std::move(shape), dt});
   };
   if (cfg.positions == PositionKind::rope) add("rope_freqs", {cfg.context_length, HS / 2, 2});
+  if (k.sequence_parallel) {  // the gathered rows and partial sums, shared by the layers (block.h)
+    add("seq_gathered", {B, T, C}, adt);
+    add("seq_partial", {B, T, C}, adt);
+    if (plan.training) add("seq_grad", {B, T, C}, adt);
+  }
   if (plan.training) {
-    add("d_res", {B, T, C}, adt);
-    add("d_ln", {B, T, C}, adt);
+    const std::vector<int64_t> stream =
+        k.sequence_parallel ? std::vector<int64_t>{seq_rows(k, N), C} : std::vector<int64_t>{B, T, C};
+    add("d_res", stream, adt);
+    add("d_ln", stream, adt);
     add("d_qkv", {B, T, cfg.qkv_dim()}, adt);
     add("d_att", {B, T, NH * HS}, adt);
     if (any_dense) add("d_fc", {B, T, cfg.fc_dim()}, adt);
@@ -253,6 +272,9 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
   LMF_CHECK(params_.device() == plan_.device, "Model: parameters on ", device_name(params_.device()), ", plan on ",
             device_name(plan_.device));
   kernels_ = kernels ? *kernels : block_kernels(cfg_, plan_);
+  if (kernels_.sequence_parallel)
+    LMF_CHECK(kernels_.comm != nullptr && !plan_.serve && plan_.device == Device::cpu && !plan_.bf16(),
+              "Model: sequence parallelism runs tensor-parallel fp32 training and evaluation on the CPU");
   LMF_CHECK((kernels_.attention == AttentionImpl::paged) == plan_.serve,
             "Model: paged attention is the serving plans' (and theirs only)");
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
@@ -315,6 +337,14 @@ void Model::plan_workspace() {
   work_ = Arena("workspace", workspace_specs(cfg_, plan_, kernels_, moe_cfg_, *ends_), plan_.device);
   auto get = [&](const char* name) { return work_.find(name) < 0 ? Tensor() : work_.get(name); };
   sampled_ = get("sampled");
+  seq_gathered_ = get("seq_gathered");
+  seq_grad_ = get("seq_grad");
+  seq_partial_ = get("seq_partial");
+  stream_in_ = encoded_;
+  if (kernels_.sequence_parallel) {
+    const int64_t N = plan_.B * plan_.T, Nl = seq_rows(kernels_, N), r = kernels_.comm->rank();
+    stream_in_ = encoded_.view({N, cfg_.d_model}).rows(r * Nl, (r + 1) * Nl);
+  }
   d_ = BlockGrads{get("d_res"), get("d_ln"), get("d_qkv"), get("d_att"), get("d_fc"), get("d_act"), get("d_probs")};
 
   // MoE scratch: shared by the layers, each training layer with its own saved xg
@@ -391,19 +421,29 @@ BlockStep Model::step_of(int l) {
   s.g = plan_.training ? &g_[i] : nullptr;
   s.tail_w = last ? final_w_ : w_[i + 1].norm1;
   if (plan_.training) s.tail_g = last ? final_g_ : g_[i + 1].norm1;
-  s.x = l == 0 ? encoded_ : acts_l_[i - 1].res2;
+  s.x = l == 0 ? stream_in_ : acts_l_[i - 1].res2;
   s.a = &acts_l_[i];
   s.tail = last ? lnf_ : acts_l_[i + 1].ln1;
   s.d = &d_;
   s.rope_freqs = rope_freqs_;
+  s.seq_gathered = seq_gathered_;
+  s.seq_grad = seq_grad_;
+  s.seq_partial = seq_partial_;
   return s;
+}
+
+Tensor Model::seq_all(Tensor local, Tensor full) {
+  if (!kernels_.sequence_parallel) return local;
+  ProfileScope scope(prof_, "sequence all-gather");
+  kernels_.comm->all_gather(full.view({full.numel()}), local.view({local.numel()}));
+  return full;
 }
 
 void Model::trunk_forward(Tensor inputs, KvCache* cache, const PagedBatch* batch) {
   ends_->input_forward(encoded_, inputs, batch ? batch->positions : Tensor(), prof_);
   {  // the head: the first layer's norm1 (the final norm without layers)
     ProfileScope scope(prof_, "norm fwd");
-    norm_forward(cfg_, cfg_.n_layer > 0 ? acts_l_[0].ln1 : lnf_, encoded_, cfg_.n_layer > 0 ? w_[0].norm1 : final_w_);
+    norm_forward(cfg_, cfg_.n_layer > 0 ? acts_l_[0].ln1 : lnf_, stream_in_, cfg_.n_layer > 0 ? w_[0].norm1 : final_w_);
   }
   for (int l = 0; l < cfg_.n_layer; ++l) {
     BlockStep s = step_of(l);
@@ -427,10 +467,11 @@ void Model::trunk_backward(Tensor inputs, float loss_scale) {
   {  // the head
     ProfileScope scope(prof_, "norm bwd");
     const bool layers = cfg_.n_layer > 0;
-    norm_backward(cfg_, d_.d_res, layers ? g_[0].norm1 : final_g_, d_.d_ln, encoded_, layers ? w_[0].norm1 : final_w_,
-                  layers ? acts_l_[0].ln1 : lnf_);
+    norm_backward(cfg_, d_.d_res, layers ? g_[0].norm1 : final_g_, d_.d_ln, stream_in_,
+                  layers ? w_[0].norm1 : final_w_, layers ? acts_l_[0].ln1 : lnf_);
   }
-  ends_->input_backward(d_.d_res, inputs, prof_);
+  // (sequence parallelism: the input end reads every row's gradient)
+  ends_->input_backward(seq_all(d_.d_res, seq_grad_), inputs, prof_);
   if (cfg_.moe.bias_rate > 0) {  // aux-loss-free balancing: each MoE layer's selection bias follows its load
     ProfileScope scope(prof_, "moe selection bias");
     for (int l = 0; l < cfg_.n_layer; ++l)
@@ -452,10 +493,18 @@ void Model::forward_backward_device(Tensor inputs, Tensor targets, float loss_sc
   } accumulated{st};
   trunk_forward(inputs);
   const int64_t N = plan_.B * plan_.T, C = cfg_.d_model;
-  tensor_zero(d_.d_ln);
+  // sequence parallelism: the output end reads every row and its input gradient (every row, summed
+  // over the ranks by the end or equal on all of them) lands in the scratch; this rank keeps its rows
+  const bool sp = kernels_.sequence_parallel;
+  const Tensor d_out = sp ? seq_partial_ : d_.d_ln;
+  tensor_zero(d_out);
   const GradMode head_mode = kernels_.lazy_weight_grads && st.grads_zero() ? GradMode::Overwrite : GradMode::Accumulate;
-  ends_->output_loss(losses_, d_.d_ln.view({N, C}), lnf_.out.view({N, C}), targets,
+  ends_->output_loss(losses_, d_out.view({N, C}), seq_all(lnf_.out, seq_gathered_).view({N, C}), targets,
                      loss_scale / static_cast<float>(N), head_mode, prof_);
+  if (sp) {
+    const int64_t Nl = d_.d_ln.dim(0), r = kernels_.comm->rank();
+    tensor_copy(d_.d_ln, d_out.view({N, C}).rows(r * Nl, (r + 1) * Nl));
+  }
   trunk_backward(inputs, loss_scale);
 }
 
@@ -465,7 +514,8 @@ void Model::forward_loss_device(Tensor inputs, Tensor targets) {
   const OpPlansScope plans(op_plans_);
   trunk_forward(inputs);
   const int64_t N = plan_.B * plan_.T;
-  ends_->output_loss(losses_, Tensor(), lnf_.out.view({N, cfg_.d_model}), targets, 0.0f, GradMode::Accumulate, prof_);
+  ends_->output_loss(losses_, Tensor(), seq_all(lnf_.out, seq_gathered_).view({N, cfg_.d_model}), targets, 0.0f,
+                     GradMode::Accumulate, prof_);
 }
 
 double Model::forward_backward(Tensor inputs, Tensor targets, float loss_scale) {
@@ -480,6 +530,7 @@ double Model::forward_loss(Tensor inputs, Tensor targets) {
 
 void Model::forward_values(Tensor out, Tensor inputs) {
   check_shape(out, {plan_.B, plan_.T, ends_->output_width()}, "model forward_values");
+  LMF_CHECK(!kernels_.sequence_parallel, "model forward_values: not available with sequence parallelism");
   if (plan_.bf16() && cfg_.family == ModelFamily::text)
     fail("model forward_values: not available in a bf16 plan (use an fp32 plan for logits)");
   check_matches_spec(inputs, input_spec_, "model forward_values (inputs)");

@@ -126,6 +126,10 @@ class Model {
   NormWeights final_w_, final_g_;
   std::vector<BlockActs> acts_l_;
   Tensor encoded_, losses_, sampled_;  // sampled_: serving's gathered rows (samples, C)
+  // sequence parallelism: this rank's rows of encoded_ (the first layer's input; encoded_ itself
+  // otherwise), and the shared (B, T, C) scratch of block.h
+  Tensor stream_in_, seq_gathered_, seq_grad_, seq_partial_;
+  Tensor seq_all(Tensor local, Tensor full);  // local's rows of every rank gathered into full (or local)
   NormOut lnf_;
   BlockGrads d_;
   Tensor rope_freqs_;

@@ -105,7 +105,8 @@ std::string TrainOptions::to_json() const {
             {"eval_batches", eval_batches}, {"checkpoint_every", checkpoint_every}, {"keep_last", keep_last},
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
-            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}, {"zero", zero}};  // dp, tp, zero: for the record (never restored)
+            {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}, {"zero", zero},
+            {"sequence_parallel", sequence_parallel}};  // dp, tp, zero, sequence_parallel: for the record
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
@@ -333,6 +334,8 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     fail("--tp=", o_.tp, " does not divide the world size, ", env.world_size, " (", env.launcher, ")");
   if (o_.dp != 0 && o_.dp != env.world_size / o_.tp)
     fail("--dp=", o_.dp, " x --tp=", o_.tp, " must equal the world size, ", env.world_size, " (", env.launcher, ")");
+  if (o_.sequence_parallel && o_.tp < 2)
+    fail("--sequence-parallel splits the tensor-parallel ranks' rows: it needs --tp 2 or more (got --tp=", o_.tp, ")");
   if (o_.zero != 0 && o_.zero != 1) fail("--zero=", o_.zero, " must be 0 (off) or 1 (AdamW's moments sharded)");
   if (o_.zero == 1 && parse_device(o_.device) == Device::cuda)
     fail("--zero=1 --device cuda: ZeRO-1 runs on the CPU backend in this version (on GPUs it comes with the "
@@ -419,11 +422,11 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     zero_buf_ = Arena("zero", {{"gather", {dp_ * zero_S_}}, {"grad slice", {zero_S_}}, {"param slice", {zero_S_}}});
   }
   if (tp_size_ > 1) {  // this rank's share of the model, and the full model for checkpoints
-    gpt_ = std::make_unique<Gpt>(local, plan, tp_comm_, m_begin, m_end);
+    gpt_ = std::make_unique<Gpt>(local, plan, tp_comm_, m_begin, m_end, o_.sequence_parallel);
     full_params_ = std::make_unique<Parameters>(gpt_param_specs(cfg_), Device::cpu, false);
     full_state_ = std::make_unique<TrainingState>(*full_params_, std::vector<std::string>{});
     tp_ = std::make_unique<TensorParallel>(cfg_, gpt_param_specs(cfg_), gpt_param_specs(local),
-                                           static_cast<int>(tp_size_), static_cast<int>(tp_rank_));
+                                           static_cast<int>(tp_size_), static_cast<int>(tp_rank_), o_.sequence_parallel);
   } else {
     gpt_ = std::make_unique<Gpt>(cfg_, plan, nullptr, m_begin, m_end);
   }
@@ -709,7 +712,8 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   if (dist_)
     log_ << "dist " << dist_->world_size() << " ranks (" << dist_->env().launcher << ", rendezvous "
          << dist_->env().master_addr << ":" << dist_->env().master_port << "): data parallel dp=" << dp_
-         << " x tensor parallel tp=" << tp_size_ << " over " << dist_->comm().backend()
+         << " x tensor parallel tp=" << tp_size_ << (o_.sequence_parallel ? " (sequence parallel)" : "") << " over "
+         << dist_->comm().backend()
          << (zero_ ? "; ZeRO-1: AdamW's moments of " + with_commas(static_cast<double>(zero_hi_ - zero_lo_)) +
                          " parameter elements a rank"
                    : std::string())

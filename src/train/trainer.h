@@ -63,6 +63,7 @@ struct TrainOptions {
   int64_t dp = 0;                   // --dp: data-parallel ranks (0: the world size / tp)
   int64_t tp = 1;                   // --tp: tensor-parallel ranks
   int64_t zero = 0;                 // --zero: 1 shards AdamW's moments over the data-parallel ranks (ZeRO-1)
+  bool sequence_parallel = false;   // --sequence-parallel: with --tp, norms and residuals over N / tp rows
   int64_t dist_timeout = 60;        // --dist-timeout: seconds a rank waits for the others
   // --tune (alias --gemm-tune) on: after the first step, each bf16 GEMM and cuDNN attention plan takes the
   // fastest of its library's candidates that give the same bits as the current choice (ops/gemm_cuda.h
