@@ -18,6 +18,7 @@
 #include "model/forecast.h"
 #include "model/gpt.h"
 #include "model/params.h"
+#include "ops/gemm_cuda.h"
 #include "ops/timeseries.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
@@ -74,6 +75,7 @@ TEST(CudaTimeSeries, PointEmbeddingMatchesCpu) {
 
 TEST(CudaTimeSeries, ForecastHeadsLossMatchesCpu) {
   LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);  // the heads' GEMMs (cuBLASLt)
   const std::vector<int64_t> horizons{1, 8, 32, 64};
   const int64_t N = 1000, C = 64, D = 105, Dp = forecast_heads_padded(D), H = 64;
   ASSERT_EQ(Dp, 112);
