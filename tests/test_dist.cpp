@@ -1,7 +1,9 @@
 // Distributed training on the CPU (docs/DISTRIBUTED.md): the launcher environment, the rendezvous
-// store, the Gloo communicator, and whole runs through `lmforge launch` (several processes on this
-// host): data parallelism equals the single-process run, is bitwise reproducible, resumes at another
-// world size; a killed rank stops the others naming it; bad launches are one line.
+// store, the Gloo communicator (collectives, groups), the vocabulary-parallel ends against the whole
+// tables, and whole runs through `lmforge launch` (several processes on this host): data, tensor and
+// sequence parallelism, ZeRO-1 and their 2-D mesh equal the single-process run (losses and per-parameter
+// gradients), repeat bitwise, resume at another world size; a killed rank stops the others naming it;
+// bad launches are one line.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -493,72 +495,49 @@ TEST(DataParallel, OneLaunchedRankIsThePlainRunBitwise) {
   fs::remove_all(d);
 }
 
-TEST(DataParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
-  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
-  const std::string d = test::make_temp_dir("dp_resume");
-  const std::string model = "--device cpu --preset tiny -T 64 --log-every 1 ";
-  test::RunResult r = test::run_cli("launch -n 2 -- train " + model + "-B 4 --steps 10 --out-dir " + d + "/run", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  ASSERT_TRUE(fs::exists(d + "/run/checkpoints/step_000010"));
-  // one checkpoint, written by rank 0, the format of a single-process run's: a second copy resumes
-  fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
-  r = test::run_cli("train " + model + "-B 8 --steps 20 --resume " + d + "/run", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = test::run_cli("launch -n 4 -- train " + model + "-B 2 --steps 20 --resume " + d + "/run4", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4");
-  ASSERT_EQ(a.size(), 20u);
-  ASSERT_EQ(b.size(), 20u);
-  EXPECT_LT(worst_rel(b, a), 1e-5) << "world 1 and world 4 continue the same run";
-  fs::remove_all(d);
-}
+// One checkpoint, unsharded, in the single-process format, written by rank 0 whatever the mesh: saved
+// on 2 ranks (data parallel; tensor parallel, whose steps are one process's; ZeRO-1, whose moments are
+// gathered), it resumes in one process and on 4 ranks, the two continuations equal. -B is per rank:
+// --resume compares the global batch.
+struct ResumeCase {
+  const char* name;
+  const char* two;   // the mesh flags of the saving run (2 ranks), with its -B
+  const char* four;  // of the resuming run on 4 ranks
+  int64_t one_B;     // the one-process resume's -B (the same global batch)
+};
+class ParallelResume : public ::testing::TestWithParam<ResumeCase> {};
 
-// Tensor parallelism writes the one unsharded checkpoint: saved at tp=2 (its steps those of one
-// process), it resumes in one process and at tp=4, the two continuations equal.
-TEST(TensorParallel, SavedAtTwoRanksResumesAtOneAndAtFour) {
+TEST_P(ParallelResume, SavedAtTwoRanksResumesAtOneAndAtFour) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
-  const std::string d = test::make_temp_dir("tp_resume");
-  const std::string model = "--device cpu --preset tiny -T 64 -B 4 --log-every 1 ";
-  test::RunResult r = test::run_cli("launch -n 2 -- train " + model + "--tp 2 --steps 10 --out-dir " + d + "/run", d);
+  const ResumeCase& c = GetParam();
+  const std::string d = test::make_temp_dir(std::string("resume_") + c.name);
+  const std::string model = "--device cpu --preset tiny -T 64 --log-every 1 ";
+  test::RunResult r =
+      test::run_cli("launch -n 2 -- train " + model + c.two + " --steps 10 --out-dir " + d + "/run", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(fs::exists(d + "/run/checkpoints/step_000010/model.safetensors"));
   fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
-  r = test::run_cli("train " + model + "--steps 20 --resume " + d + "/run", d);
+  r = test::run_cli("train " + model + "-B " + std::to_string(c.one_B) + " --steps 20 --resume " + d + "/run", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = test::run_cli("launch -n 4 -- train " + model + "--tp 4 --steps 20 --resume " + d + "/run4", d);
+  r = test::run_cli("launch -n 4 -- train " + model + c.four + " --steps 20 --resume " + d + "/run4", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = test::run_cli("train " + model + "--steps 10 --out-dir " + d + "/plain", d);
+  // and the saved steps against one process's (the same schedule: --steps 10)
+  r = test::run_cli("train " + model + "-B " + std::to_string(c.one_B) + " --steps 10 --out-dir " + d + "/plain", d);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4"), p = losses_of(d + "/plain");
   ASSERT_EQ(a.size(), 20u);
   ASSERT_EQ(b.size(), 20u);
   ASSERT_EQ(p.size(), 10u);
-  EXPECT_LT(worst_rel(a, p), 1e-5) << "the saved tp=2 steps vs one process";
-  EXPECT_LT(worst_rel(b, a), 1e-5) << "the continuations at tp=4 and in one process";
-  EXPECT_LT(worst_rel(std::vector<double>(a.begin() + 10, a.end()), std::vector<double>(b.begin() + 10, b.end())), 1e-5);
+  EXPECT_LT(worst_rel(a, p), 1e-5) << "the saved steps vs one process";
+  EXPECT_LT(worst_rel(b, a), 1e-5) << "the continuations on 4 ranks and in one process";
   fs::remove_all(d);
 }
 
-// ZeRO-1's checkpoint holds the whole moments (the slices all-gathered): saved at dp=2 with --zero 1, it
-// resumes in one process and at dp=4 with --zero 1, the continuations equal.
-TEST(ZeroOne, SavedAtTwoRanksResumesAtOneAndAtFour) {
-  if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
-  const std::string d = test::make_temp_dir("zero_resume");
-  const std::string model = "--device cpu --preset tiny -T 64 --log-every 1 ";
-  test::RunResult r =
-      test::run_cli("launch -n 2 -- train " + model + "-B 4 --zero 1 --steps 10 --out-dir " + d + "/run", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  fs::copy(d + "/run", d + "/run4", fs::copy_options::recursive);
-  r = test::run_cli("train " + model + "-B 8 --steps 20 --resume " + d + "/run", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = test::run_cli("launch -n 4 -- train " + model + "-B 2 --zero 1 --steps 20 --resume " + d + "/run4", d);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto a = losses_of(d + "/run"), b = losses_of(d + "/run4");
-  ASSERT_EQ(a.size(), 20u);
-  ASSERT_EQ(b.size(), 20u);
-  EXPECT_LT(worst_rel(b, a), 1e-5);
-  fs::remove_all(d);
-}
+INSTANTIATE_TEST_SUITE_P(Meshes, ParallelResume,
+                         ::testing::Values(ResumeCase{"dp", "-B 4", "-B 2", 8},
+                                           ResumeCase{"tp", "-B 8 --tp 2", "-B 8 --tp 4", 8},
+                                           ResumeCase{"zero1", "-B 4 --zero 1", "-B 2 --zero 1", 8}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST(DataParallel, AKilledRankStopsTheOthersNamingIt) {
   if (!gloo_available()) GTEST_SKIP() << "built without Gloo";
