@@ -516,7 +516,17 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   if (dist_) {
     std::string fp = "config " + config_to_json(cfg_) + "\n";
     json opts = json::parse(o_.to_json());
-    for (auto it = opts.begin(); it != opts.end(); ++it) fp += "--" + it.key() + "=" + it.value().dump() + "\n";
+    // float flags (f32) in their shortest form that reads back to the same f32: --lr=0.001
+    auto f32_text = [](double v) {
+      for (int digits = 1; digits < 9; ++digits) {
+        const std::string t = fmt(("%." + std::to_string(digits) + "g").c_str(), v);
+        if (static_cast<float>(std::strtod(t.c_str(), nullptr)) == static_cast<float>(v)) return t;
+      }
+      return fmt("%.9g", v);
+    };
+    for (auto it = opts.begin(); it != opts.end(); ++it)
+      fp += "--" + it.key() + "=" +
+            (it.value().is_number_float() ? f32_text(it.value().get<double>()) : it.value().dump()) + "\n";
     fp += "data " + train_->description() + " (" + std::to_string(train_->total_points()) + " points)\n";
     fp += "starting step " + std::to_string(first_step_) + "\n";
     dist_->agree("run (config, flags, data)", fp);
