@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <execinfo.h>
+
 #include <csignal>
 #include <unistd.h>
 #include <thread>
@@ -438,7 +440,32 @@ std::string rank_prefix() {
 }
 }  // namespace
 
+// A crash (a bug: lmforge never means to fault) prints the signal, the rank of a distributed run and a
+// backtrace to stderr, then dies of the same signal: a crashed rank in a CI log or a cluster's job log
+// says where. Only async-signal-safe calls (write, backtrace_symbols_fd) after the first backtrace(),
+// which is made at start-up so its library is loaded before any fault.
+extern "C" void on_fatal_signal(int sig) {
+  char head[160];
+  const char* rank = std::getenv("RANK");
+  const int n = std::snprintf(head, sizeof head, "lmforge: fatal signal %d (%s)%s%s; backtrace:\n", sig,
+                              sig == SIGSEGV ? "segmentation fault" : sig == SIGBUS ? "bus error"
+                              : sig == SIGFPE ? "arithmetic error" : sig == SIGILL ? "illegal instruction" : "abort",
+                              rank ? " in rank " : "", rank ? rank : "");
+  if (n > 0) (void)!::write(2, head, static_cast<size_t>(std::min<int>(n, sizeof head - 1)));
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+void install_crash_report() {
+  void* warm[1];
+  (void)backtrace(warm, 1);
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) std::signal(sig, on_fatal_signal);
+}
+
 int main(int argc, char** argv) {
+  install_crash_report();
   CLI::App app{"lmforge: train, sample and serve transformer language models (" + build_text() + ")"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("lmforge ") + LMF_VERSION + " (git " + LMF_GIT_COMMIT + "; " + build_text() + ")");
