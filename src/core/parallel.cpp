@@ -1,11 +1,17 @@
 // parallel.cpp: the worker pool behind parallel_for (see parallel.h for the contract).
 //
 // One job at a time (a second caller that finds the pool busy runs its chunks inline). A job is
-// published through one 64-bit word, state = epoch << 32 | next unclaimed chunk, which every claim
-// updates with a compare-and-swap: a worker still holding an old epoch can never claim a chunk of a
-// newer job (its CAS fails), so the job's parameters (fn, ctx, n, grain) are read after seeing the
-// epoch and are valid whenever a claim succeeds. done counts finished chunks; the caller returns when
-// it reaches the chunk count, and only then writes the next job's parameters.
+// published through one 64-bit word, state = epoch << 32 | chunks not yet claimed, which every claim
+// decrements with a compare-and-swap. A worker reads the job's parameters (fn, ctx, n, grain, chunks)
+// only after seeing its epoch with chunks left, and its claim succeeds only if the word has not moved
+// since: while a chunk is unclaimed the job cannot have ended, and its caller writes the next job's
+// parameters only after every chunk is done, so a successful claim always ran with its own job's
+// parameters. (Until 2026-12-07 the word held the next chunk's index and a worker compared it with the
+// chunk count it had read: a worker delayed across the end of one job and the start of the next could
+// read the next job's count against the old word, claim a chunk of a job not yet published and count it
+// done: a rank under heavy oversubscription crashed in a GEMM chunk, or waited forever.) done counts
+// finished chunks; the caller returns when it reaches the chunk count, and only then writes the next
+// job's parameters.
 #include "core/parallel.h"
 
 #include <immintrin.h>
@@ -72,7 +78,7 @@ class Pool {
     participants_.store(threads, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint32_t epoch = ++epoch_;
-    state_.store(static_cast<uint64_t>(epoch) << 32, std::memory_order_release);
+    state_.store(static_cast<uint64_t>(epoch) << 32 | static_cast<uint64_t>(chunks), std::memory_order_release);
     publish(epoch);
     tls_in_chunk = true;
     work(epoch, 0);
@@ -113,17 +119,20 @@ class Pool {
 
   // Claims and runs chunks of job `epoch` until none is left (or the job is not `epoch` any more).
   void work(uint32_t epoch, int id) noexcept {
-    const detail::ChunkFn fn = fn_.load(std::memory_order_relaxed);
-    void* ctx = ctx_.load(std::memory_order_relaxed);
-    const int64_t n = n_.load(std::memory_order_relaxed), grain = grain_.load(std::memory_order_relaxed);
-    const int64_t chunks = chunks_.load(std::memory_order_relaxed);
-    if (id >= participants_.load(std::memory_order_relaxed)) return;
     uint64_t s = state_.load(std::memory_order_acquire);
     for (;;) {
       if (static_cast<uint32_t>(s >> 32) != epoch) return;
-      const int64_t k = static_cast<int64_t>(s & 0xffffffffu);
-      if (k >= chunks) return;
-      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t left = static_cast<int64_t>(s & 0xffffffffu);
+      if (left == 0) return;
+      // job `epoch` has unclaimed chunks: its parameters stand until the claim below (see the top)
+      const detail::ChunkFn fn = fn_.load(std::memory_order_relaxed);
+      void* ctx = ctx_.load(std::memory_order_relaxed);
+      const int64_t n = n_.load(std::memory_order_relaxed), grain = grain_.load(std::memory_order_relaxed);
+      const int64_t chunks = chunks_.load(std::memory_order_relaxed);
+      if (id >= participants_.load(std::memory_order_relaxed)) return;
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (!state_.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t k = chunks - left;
       fn(ctx, k * grain, std::min(n, (k + 1) * grain));
       done_.fetch_add(1, std::memory_order_release);
       s = state_.load(std::memory_order_acquire);
