@@ -73,10 +73,10 @@ void move_share(const TpSplit& t, float* full, float* local, int tp, int rank, b
 
 }  // namespace
 
-int64_t TpSplit::local_numel() const {
+int64_t TpSplit::segment_rows() const {
   int64_t n = 0;
   for (const auto& s : segments) n += s.second;
-  return n;  // per outer row and inner element, before the split; see TensorParallel's check
+  return n;
 }
 
 ModelConfig tp_local_config(const ModelConfig& c, int tp, int rank) {
@@ -122,7 +122,7 @@ TensorParallel::TensorParallel(const ModelConfig& full_config, const std::vector
                               n == "norm_f.bias"))
       t.partial_grad = true;  // each rank's norm saw its own rows
     // the share's size, from the split, must be the local model's tensor (one rule for both sides)
-    const int64_t want = t.replicated ? full[i].numel() : t.outer * (t.local_numel() / tp) * t.inner;
+    const int64_t want = t.replicated ? full[i].numel() : t.outer * (t.segment_rows() / tp) * t.inner;
     LMF_CHECK(want == local[i].numel() && (t.replicated || t.outer * t.mid * t.inner == full[i].numel()),
               "tensor parallelism: '", full[i].name, "' splits into ", want, " elements, the rank's model has ",
               local[i].numel());

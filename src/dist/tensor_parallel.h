@@ -40,7 +40,7 @@ struct TpSplit {
   bool partial_grad = false;  // replicated, but each rank's gradient is a partial sum over the group
   int64_t outer = 1, mid = 1, inner = 1;
   std::vector<std::pair<int64_t, int64_t>> segments;  // (begin, len) along mid, each split tp ways
-  int64_t local_numel() const;
+  int64_t segment_rows() const;  // the segments' lengths summed (along mid, before the split)
 };
 
 class TensorParallel {
