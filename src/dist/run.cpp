@@ -61,6 +61,7 @@ DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu
         std::fprintf(stderr, "lmforge: error: rank %d: rank %llu died or exited with an error (its connection to "
                      "the rendezvous closed); this rank stops\n", me, static_cast<unsigned long long>(r));
         std::fflush(stderr);
+        store_->linger_after_a_death();
         std::_Exit(3);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -102,6 +103,7 @@ struct TcpStore::Server {
   std::condition_variable cv;
   std::map<std::string, std::vector<char>> kv;
   std::set<int> finished;
+  std::multiset<int> open;  // the ranks whose main connection is open
   std::vector<std::thread> threads;
   std::thread acceptor;
   std::vector<int> conns;
@@ -115,6 +117,10 @@ struct TcpStore::Server {
       if (m.op == 'H') {
         rank = static_cast<int>(u64_of(m.value));
         watcher = m.key == "watch";
+        if (!watcher) {
+          std::lock_guard<std::mutex> g(mu);
+          open.insert(rank);
+        }
       } else if (m.op == 'S') {
         std::lock_guard<std::mutex> g(mu);
         kv[m.key] = m.value;
@@ -138,11 +144,20 @@ struct TcpStore::Server {
       if (!send_msg(fd, reply)) break;
     }
     ::close(fd);
-    if (!done && !watcher && rank >= 0 && !stopping.load()) {  // a rank's main connection closed unannounced
-      std::lock_guard<std::mutex> g(mu);
-      if (!kv.count("lmf/dead")) kv["lmf/dead"] = bytes_of(static_cast<uint64_t>(rank));
-      cv.notify_all();
-    }
+    if (watcher || rank < 0) return;
+    std::lock_guard<std::mutex> g(mu);
+    open.erase(open.find(rank));
+    if (!done && !stopping.load() && !kv.count("lmf/dead"))  // a rank's main connection closed unannounced
+      kv["lmf/dead"] = bytes_of(static_cast<uint64_t>(rank));
+    cv.notify_all();
+  }
+
+  // Rank 0 is leaving because another rank died: keep serving until the others have left too (or
+  // `timeout`), so each reads which rank died instead of seeing only that the rendezvous closed.
+  void linger_after_a_death(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> g(mu);
+    if (!kv.count("lmf/dead")) return;
+    cv.wait_for(g, timeout, [&] { return std::all_of(open.begin(), open.end(), [](int r) { return r == 0; }); });
   }
 
   void start(int port) {
@@ -258,7 +273,14 @@ TcpStore::TcpStore(const DistEnv& env, std::chrono::milliseconds timeout, bool w
 
 TcpStore::~TcpStore() {
   if (fd_ >= 0) ::close(fd_);
-  if (server_) server_->stop(std::chrono::milliseconds(0));
+  if (server_) {
+    server_->linger_after_a_death(kLingerAfterADeath);
+    server_->stop(std::chrono::milliseconds(0));
+  }
+}
+
+void TcpStore::linger_after_a_death() {
+  if (server_) server_->linger_after_a_death(kLingerAfterADeath);
 }
 
 std::vector<char> TcpStore::request(char op, const std::string& key, const std::vector<char>& value) {

@@ -41,6 +41,10 @@ class TcpStore {
   // This rank is done: its connection closing from now on is not a death. Rank 0 then waits (up to
   // the timeout) until every rank has said so before its server stops.
   void finish();
+  // Rank 0's main store, when a rank has died: waits (up to a few seconds) until the other ranks
+  // have disconnected, so each of them reads which rank died before the rendezvous closes. The
+  // destructor does it too; rank 0's watchdog calls it before exiting. A no-op elsewhere.
+  void linger_after_a_death();
 
   int rank() const { return env_.rank; }
   const DistEnv& env() const { return env_; }
@@ -53,6 +57,7 @@ class TcpStore {
   DistEnv env_;
   std::chrono::milliseconds timeout_;
   bool watcher_ = false;
+  static constexpr std::chrono::milliseconds kLingerAfterADeath{10000};
   int fd_ = -1;
   std::shared_ptr<Server> server_;  // rank 0's main store only
 };
