@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -20,9 +22,11 @@
 
 #include "dist/env.h"
 #include "dist/gloo_comm.h"
+#include "dist/grad_buckets.h"
 #include "dist/run.h"
 #include "dist/store.h"
 #include "model/config.h"
+#include "model/gpt.h"
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
 #include "train/safetensors.h"
@@ -180,6 +184,163 @@ TEST(GlooCommunicator, MaxGatherScatterAndGroups) {
   }
 }
 
+// ---- gradient buckets (dist/grad_buckets.h) --------------------------------------------------------
+
+// A communicator that records the all-reduces it is asked for (offsets into `base`) and, when `hold`
+// is set, blocks in each until the test lets it go: the test sees a bucket in flight while it goes on.
+class RecordingComm final : public Communicator {
+ public:
+  explicit RecordingComm(const float* base) : base_(base) {}
+  int rank() const override { return 0; }
+  int world_size() const override { return 2; }
+  void all_reduce_sum(Tensor t) override {
+    std::unique_lock<std::mutex> g(mu);
+    calls.emplace_back(t.f32() - base_, t.f32() - base_ + t.numel());
+    cv.notify_all();
+    cv.wait(g, [&] { return !hold; });
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= 2;  // as if the other rank held the same values
+  }
+  void all_reduce_max(Tensor) override {}
+  void all_gather(Tensor, Tensor) override {}
+  void reduce_scatter_sum(Tensor, Tensor) override {}
+  void broadcast(Tensor, int) override {}
+  void barrier() override {}
+  const char* backend() const override { return "recording"; }
+  void release() {
+    std::lock_guard<std::mutex> g(mu);
+    hold = false;
+    cv.notify_all();
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  bool hold = true;
+
+ private:
+  const float* base_;
+};
+
+// A backward of four "layers" of 100 elements over [40, 440), the input end [0, 40): with buckets of
+// at least 150 elements, the top two layers go as one bucket while the backward is still at layer 1
+// (the communicator holds it in flight), the next two and the input end at finish(); every element
+// is reduced exactly once. Bucket size 0: one all-reduce at finish().
+TEST(GradBuckets, SendsFinishedLayersDuringTheBackwardAndEveryElementOnce) {
+  std::vector<float> g(440, 1.0f);
+  Tensor flat(g.data(), DType::f32, {440}, "grads");
+  RecordingComm comm(g.data());
+  {
+    GradBuckets b(flat, comm, 150);
+    b.begin();
+    b.final_from(340);  // layer 3 done: 100 final, below the bucket size
+    {
+      std::lock_guard<std::mutex> lk(comm.mu);
+      EXPECT_TRUE(comm.calls.empty());
+    }
+    b.final_from(240);  // layers 3 and 2: 200 >= 150, sent now
+    {
+      std::unique_lock<std::mutex> lk(comm.mu);
+      comm.cv.wait(lk, [&] { return !comm.calls.empty(); });  // in flight before the backward goes on
+      EXPECT_EQ(comm.calls[0], (std::pair<int64_t, int64_t>{240, 440}));
+    }
+    b.final_from(140);  // layer 1
+    b.final_from(40);   // layer 0: layers 1 and 0 make the next bucket
+    comm.release();
+    b.finish();
+    EXPECT_EQ(b.buckets(), (std::vector<std::pair<int64_t, int64_t>>{{240, 440}, {40, 240}, {0, 40}}));
+    EXPECT_EQ(comm.calls, b.buckets());
+    for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(g[i], 2.0f) << "element " << i;
+    // the next step sends the same buckets
+    comm.calls.clear();
+    b.begin();
+    for (int64_t from : {340, 240, 140, 40}) b.final_from(from);
+    b.finish();
+    EXPECT_EQ(comm.calls, b.buckets());
+    EXPECT_EQ(b.buckets().size(), 3u);
+  }
+  comm.calls.clear();
+  GradBuckets whole(flat, comm, 0);
+  whole.begin();
+  for (int64_t from : {340, 240, 140, 40}) whole.final_from(from);
+  EXPECT_TRUE(comm.calls.empty());
+  whole.finish();
+  EXPECT_EQ(comm.calls, (std::vector<std::pair<int64_t, int64_t>>{{0, 440}}));
+  EXPECT_THROW(whole.finish(), Error);  // finish() without begin()
+}
+
+// What the buckets rely on: when the model's backward says "final from parameter i", no later part of
+// that backward changes any gradient at or above i's offset. Snapshots taken at each call equal the
+// gradients after the backward (a second micro-batch accumulating onto the first's, lazy zeroing in
+// play); one call a layer, from the output end's first parameter down to layer 1's.
+TEST(GradBuckets, TheModelSaysWhichGradientsAreFinal) {
+  for (const char* preset : {"test-gpt2", "test-llama", "test-moe"}) {
+    SCOPED_TRACE(preset);
+    const ModelConfig c = config_preset(preset);
+    const int64_t B = 2, T = 8;
+    Gpt g(c, ModelPlan{B, T, true});
+    g.params.init_gpt2(3, c.n_layer, c.vocab_size);
+    const Arena& grads = g.state->grads_for_backward();
+    const float* base = grads.flat_f32().f32();
+    const int64_t n = grads.flat_f32().numel();
+    for (int micro = 0; micro < 2; ++micro) {
+      std::vector<std::pair<size_t, std::vector<float>>> seen;
+      g.model.set_grads_final_hook([&](size_t i) {
+        const int64_t off = i < grads.size() ? static_cast<int64_t>(grads.offset_elems(i)) : n;
+        seen.emplace_back(i, std::vector<float>(base + off, base + n));
+      });
+      std::vector<int32_t> in = test::randint(B * T, 4 + micro, static_cast<int32_t>(c.vocab_size)),
+                           tg = test::randint(B * T, 6 + micro, static_cast<int32_t>(c.vocab_size));
+      if (micro == 0) g.state->zero_grad();
+      g.model.forward_backward(test::tensor_of(in, {B, T}, "tokens"), test::tensor_of(tg, {B, T}, "targets"), 0.5f);
+      g.model.set_grads_final_hook(nullptr);
+      ASSERT_EQ(seen.size(), static_cast<size_t>(c.n_layer));
+      for (int l = c.n_layer - 1, k = 0; l >= 0; --l, ++k) {
+        // layer l + 1's first parameter; above the top layer, the output end's first
+        size_t want = static_cast<size_t>(grads.find(detail::concat("layers.", std::min(l + 1, c.n_layer - 1), ".norm1.weight")));
+        if (l + 1 == c.n_layer)
+          while (want < grads.size() && grads.spec(want).name.starts_with("layers.")) ++want;
+        EXPECT_EQ(seen[static_cast<size_t>(k)].first, want) << "after layer " << l;
+        const std::vector<float>& snap = seen[static_cast<size_t>(k)].second;
+        const float* now = base + (n - static_cast<int64_t>(snap.size()));
+        ASSERT_EQ(std::memcmp(snap.data(), now, snap.size() * sizeof(float)), 0)
+            << "a gradient at or above parameter " << seen[static_cast<size_t>(k)].first << " ('"
+            << (seen[static_cast<size_t>(k)].first < grads.size() ? grads.spec(seen[static_cast<size_t>(k)].first).name
+                                                                   : std::string("end"))
+            << "') changed after layer " << l << "'s backward said it was final";
+      }
+      EXPECT_TRUE(std::any_of(seen.back().second.begin(), seen.back().second.end(), [](float v) { return v != 0; }));
+    }
+  }
+}
+
+// A failed bucket's error reaches finish(), on the training thread.
+class FailingComm final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 2; }
+  void all_reduce_sum(Tensor) override { fail("all_reduce_sum (test): rank 1 died or exited with an error"); }
+  void all_reduce_max(Tensor) override {}
+  void all_gather(Tensor, Tensor) override {}
+  void reduce_scatter_sum(Tensor, Tensor) override {}
+  void broadcast(Tensor, int) override {}
+  void barrier() override {}
+  const char* backend() const override { return "failing"; }
+};
+
+TEST(GradBuckets, AFailedBucketIsThrownByFinish) {
+  std::vector<float> g(100, 1.0f);
+  FailingComm comm;
+  GradBuckets b(Tensor(g.data(), DType::f32, {100}, "grads"), comm, 10);
+  b.begin();
+  b.final_from(50);
+  b.final_from(0);
+  try {
+    b.finish();
+    FAIL() << "finish() did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rank 1 died"), std::string::npos) << e.what();
+  }
+}
+
 // The vocabulary-parallel ends on 3 ranks (threads, Gloo) against the whole tables in one call: the
 // embedding's shares sum to the whole lookup bitwise; the sharded cross-entropy's losses, summed input
 // gradient and each rank's rows of the head gradient match the unsharded op (the sums of exponentials
@@ -310,6 +471,8 @@ TEST_P(DataParallel, EqualsTheSingleProcessRunAndRepeatsBitwise) {
 
 INSTANTIATE_TEST_SUITE_P(Models, DataParallel,
                          ::testing::Values(DpCase{"dense", "tiny", "-T 64 --lr 1e-3", 8},
+                                           // the gradients in buckets of two layers (0.8 MB each), sent during the backward
+                                           DpCase{"dense_buckets", "tiny", "-T 64 --lr 1e-3 --grad-bucket-mb 1", 8},
                                            DpCase{"moe", "tiny-moe", "-T 64 --lr 1e-3", 8},
                                            DpCase{"timeseries", "tiny-ts", "-T 64 --lr 1e-3", 8}),
                          [](const auto& info) { return std::string(info.param.name); });
@@ -370,6 +533,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(TpCase{"dense_tp2", "tiny", 2, 1, "-T 64 --lr 1e-3", 8, true},
                       TpCase{"dense_tp4", "tiny", 4, 1, "-T 64 --lr 1e-3", 8, false},
                       TpCase{"dense_dp2_tp2", "tiny", 2, 2, "-T 64 --lr 1e-3", 8, true},
+                      TpCase{"dense_dp2_tp2_buckets", "tiny", 2, 2, "-T 64 --lr 1e-3 --grad-bucket-mb 0.1", 8, true},
                       TpCase{"llama_tp2", "test-llama", 2, 1, "-T 16 --lr 1e-3", 8, false},
                       TpCase{"moe_tp2", "tiny-moe", 2, 1, "-T 64 --lr 1e-3", 8, false},
                       TpCase{"timeseries_tp2", "tiny-ts", 2, 1, "-T 64 --lr 1e-3", 8, false},
@@ -437,6 +601,7 @@ TEST_P(ParallelGradients, EqualTheSingleProcessRunPerParameter) {
 
 INSTANTIATE_TEST_SUITE_P(Meshes, ParallelGradients,
                          ::testing::Values(GradCase{"dp2", "tiny", 1, 2}, GradCase{"tp2", "tiny", 2, 1},
+                                           GradCase{"dp2_buckets", "tiny", 1, 2, "--grad-bucket-mb 0.2"},
                                            GradCase{"dp2_tp2", "tiny", 2, 2}, GradCase{"moe_tp2", "tiny-moe", 2, 1},
                                            GradCase{"dp2_zero1", "tiny", 1, 2, "--zero 1"},
                                            GradCase{"dp2_tp2_zero1", "tiny", 2, 2, "--zero 1"},

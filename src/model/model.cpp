@@ -264,6 +264,15 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
   target_spec_ = ends_->target_spec(plan_);
   LMF_CHECK(!plan_.training || state_ != nullptr, "Model: a training plan needs a TrainingState");
   const std::vector<TensorSpec> specs = model_param_specs(cfg_, *ends_);
+  {  // where each layer's parameters start (its first is always norm1.weight), and the output end's
+    size_t i = ends_->input_param_specs().size();
+    for (int l = 0; l < cfg_.n_layer; ++l) {
+      const std::string prefix = layer_name(l, "");
+      layer_first_param_.push_back(i);
+      while (i < specs.size() && specs[i].name.starts_with(prefix)) ++i;
+    }
+    layer_first_param_.push_back(i);
+  }
   const Arena& m = params_.master();
   LMF_CHECK(m.size() == specs.size(), "Model: the parameters hold ", m.size(), " tensors, the model has ", specs.size());
   for (size_t i = 0; i < specs.size(); ++i)
@@ -463,6 +472,9 @@ void Model::trunk_backward(Tensor inputs, float loss_scale) {
     // gradient and input gradient, which the group sums: each adds its 1 / tp share
     s.d_aux = kernels_.comm ? loss_scale / static_cast<float>(kernels_.comm->world_size()) : loss_scale;
     block_backward(s);
+    // layer l's backward wrote layer l + 1's first norm (its tail norm) and layer l's own gradients but
+    // its first norm (the layer below writes that one, the head norm for layer 0)
+    if (grads_final_) grads_final_(layer_first_param_[static_cast<size_t>(l) + 1]);
   }
   {  // the head
     ProfileScope scope(prof_, "norm bwd");

@@ -15,6 +15,7 @@
 // the output end reads lnf. Backward walks the same path back; d_res carries d(loss)/d(residual).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -100,6 +101,12 @@ class Model {
   size_t arena_bytes() const { return acts_.bytes() + work_.bytes(); }  // activations + workspace
   // Attach an op profiler (nullptr detaches): every op call is timed as one named scope.
   void set_profiler(OpProfiler* p) { prof_ = p; }
+  // Gradients becoming final during a backward (data parallelism's bucketed all-reduce overlaps the
+  // backward with them, dist/grad_buckets.h): after each layer's backward, f(i) with i the index (in
+  // model_param_specs order) from which on no gradient is written again by this backward: the layers
+  // above and the output end are done; the input end (a tied embedding included) and the layers below
+  // are not. Called from the thread running the backward, host order (CPU plans). Empty: no calls.
+  void set_grads_final_hook(std::function<void(size_t first_final)> f) { grads_final_ = std::move(f); }
 
  private:
   void plan_activations();
@@ -134,6 +141,8 @@ class Model {
   BlockGrads d_;
   Tensor rope_freqs_;
   std::vector<MoeState> moe_states_;
+  std::vector<size_t> layer_first_param_;  // index of layer l's first parameter; [n_layer]: the output end's first
+  std::function<void(size_t)> grads_final_;
   mutable std::vector<int32_t> moe_counts_host_;  // planned staging for moe_summary()
   mutable std::vector<float> moe_stats_host_, losses_host_;
 };

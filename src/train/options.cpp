@@ -45,7 +45,9 @@ std::string train_options_problem(const TrainOptions& o) {
         finite("beta1", o.beta1, o.beta1 >= 0 && o.beta1 < 1, "in [0, 1)"),
         finite("beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)"),
         finite("adam_eps", o.adam_eps, o.adam_eps > 0, "> 0"),
-        finite("--mfu-peak-tflops", o.mfu_peak_tflops, o.mfu_peak_tflops >= 0, ">= 0 (0 = from the device table)")})
+        finite("--mfu-peak-tflops", o.mfu_peak_tflops, o.mfu_peak_tflops >= 0, ">= 0 (0 = from the device table)"),
+        finite("--grad-bucket-mb", o.grad_bucket_mb, o.grad_bucket_mb >= 0 && o.grad_bucket_mb <= 1e6,
+               "in [0, 1e6] (0 = one all-reduce after the backward)")})
     if (!p.empty()) return p;
   return "";
 }

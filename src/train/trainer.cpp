@@ -27,6 +27,7 @@
 #include "data/series_loader.h"
 #include "data/tokenizer.h"
 #include "dist/env.h"
+#include "dist/grad_buckets.h"
 #include "dist/run.h"
 #include "dist/tensor_parallel.h"
 #include "ops/cross_entropy.h"
@@ -106,7 +107,8 @@ std::string TrainOptions::to_json() const {
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
             {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}, {"zero", zero},
-            {"sequence_parallel", sequence_parallel}};  // dp, tp, zero, sequence_parallel: for the record
+            {"sequence_parallel", sequence_parallel}, {"grad_bucket_mb", grad_bucket_mb}};
+  // (dp, tp, zero, sequence_parallel: for the record; a run may resume at another mesh)
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
 }
@@ -149,6 +151,7 @@ std::vector<std::string> TrainOptions::apply_json(const std::string& text, const
   take("attention", attention);
   take("cuda_graph", cuda_graph);
   take("tune", gemm_tune);
+  take("grad_bucket_mb", grad_bucket_mb);  // (the buckets fix the order of the sums: resumes keep it)
   // flags that state.json does not record (the Python package's train() passes them here too)
   take("init_from", init_from);
   take("resume", resume);
@@ -431,6 +434,9 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     gpt_ = std::make_unique<Gpt>(cfg_, plan, nullptr, m_begin, m_end);
   }
   plan_buffers(T);
+  if (dp_ > 1 && !zero_ && device_ == Device::cpu && o_.grad_bucket_mb > 0)
+    buckets_ = std::make_unique<GradBuckets>(gpt_->state->grads().flat_f32(), *dp_comm_,
+                                             static_cast<int64_t>(o_.grad_bucket_mb * 1e6 / sizeof(float)));
   if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
   if (o_.cuda_graph == "on" && o_.grad_accum != 1)
     fail("--cuda-graph=on captures one micro-batch per step: it needs --grad-accum 1 (got ", o_.grad_accum, ")");
@@ -727,6 +733,9 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
          << (zero_ ? "; ZeRO-1: AdamW's moments of " + with_commas(static_cast<double>(zero_hi_ - zero_lo_)) +
                          " parameter elements a rank"
                    : std::string())
+         << (buckets_ ? "; gradients all-reduced during the backward in buckets of >= " +
+                            fmt("%g", o_.grad_bucket_mb) + " MB"
+                      : std::string())
          << "; rank 0 writes " << o_.out_dir << "\n";
   log_ << "batch B=" << o_.batch_size << (dp_ > 1 ? " per rank" : "") << " T=" << T << " grad_accum=" << o_.grad_accum
        << (cfg_.family == ModelFamily::timeseries ? " points/step=" : " tokens/step=") << with_commas(tokens_per_step_)
@@ -798,6 +807,24 @@ void Trainer::compute_micro(int64_t micro) {
   // each rank's share of the global mean: its micro-batch is 1 / (grad_accum x dp) of the step's rows
   const float scale = 1.0f / static_cast<float>(o_.grad_accum * dp_);
   const bool cpu = device_ == Device::cpu;
+  // data parallelism: the last micro-batch's backward hands each finished part of the gradients to the
+  // buckets' thread, which all-reduces it while the backward goes on (finish_step waits for it)
+  const bool overlap = buckets_ && micro == o_.grad_accum - 1;
+  if (overlap) {
+    buckets_->begin();
+    const Arena& grads = gpt_->state->grads_for_backward();
+    gpt_->model.set_grads_final_hook([&](size_t first) {
+      buckets_->final_from(first < grads.size() ? static_cast<int64_t>(grads.offset_elems(first))
+                                                : grads.flat_f32().numel());
+    });
+  }
+  struct Unhook {
+    Model& m;
+    bool on;
+    ~Unhook() {
+      if (on) m.set_grads_final_hook(nullptr);
+    }
+  } unhook{gpt_->model, overlap};
   gpt_->model.forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
   ProfileScope scope(prof_, "loss mean");
   loss_mean(step_losses_.rows(step_, step_ + 1), gpt_->model.row_losses(), scale, micro > 0);
@@ -861,6 +888,10 @@ std::unique_ptr<TrainingState> Trainer::whole_moments() {
 }
 
 void Trainer::finish_step() {
+  if (buckets_) {  // data parallelism: the rest of the gradients summed, and every bucket waited for
+    ProfileScope scope(prof_, "gradient all-reduce (buckets: the rest, and the wait)");
+    buckets_->finish();
+  }
   if (tp_) {  // tensor parallelism: the router's and shared gates' partial gradients summed over the group
     ProfileScope scope(prof_, "partial gradient all-reduce (tp)");
     tp_->reduce_partial_grads(gpt_->state->grads(), *tp_comm_);
@@ -874,7 +905,7 @@ void Trainer::finish_step() {
   }
   if (dist_) {  // data parallelism: the ranks' gradients and losses summed (each already scaled by 1 / dp)
     ProfileScope scope(prof_, "gradient all-reduce");
-    dp_comm_->all_reduce_sum(gpt_->state->grads().flat_f32());
+    if (!buckets_) dp_comm_->all_reduce_sum(gpt_->state->grads().flat_f32());
     dp_comm_->all_reduce_sum(step_losses_.rows(step_, step_ + 1));  // (the tensor-parallel ranks agree on it)
   }
   {

@@ -65,6 +65,10 @@ struct TrainOptions {
   int64_t zero = 0;                 // --zero: 1 shards AdamW's moments over the data-parallel ranks (ZeRO-1)
   bool sequence_parallel = false;   // --sequence-parallel: with --tp, norms and residuals over N / tp rows
   int64_t dist_timeout = 60;        // --dist-timeout: seconds a rank waits for the others
+  // --grad-bucket-mb: data parallelism on the CPU all-reduces the gradients in buckets of at least this
+  // many MB, each as soon as the backward has finished it (dist/grad_buckets.h); 0: one all-reduce
+  // after the backward
+  double grad_bucket_mb = 25;
   // --tune (alias --gemm-tune) on: after the first step, each bf16 GEMM and cuDNN attention plan takes the
   // fastest of its library's candidates that give the same bits as the current choice (ops/gemm_cuda.h
   // gemm_autotune, ops/attention.h cudnn_attention_autotune); off: the heuristics' choices
@@ -209,6 +213,7 @@ class Trainer {
   // different data (gradients summed), and the ranks sharing one model (dist/tensor_parallel.h)
   Communicator* dp_comm_ = nullptr;
   Communicator* tp_comm_ = nullptr;
+  std::unique_ptr<class GradBuckets> buckets_;  // data parallelism's bucketed all-reduce (CPU), or none
   std::unique_ptr<class TensorParallel> tp_;   // tensor parallelism: this rank's share of the model
   // tensor parallelism: the full model's weights and AdamW state (CPU), which checkpoints read and
   // write and initialisation fills, put together from the shares when saving

@@ -1,0 +1,85 @@
+#include "dist/grad_buckets.h"
+
+#include "core/check.h"
+
+namespace lmf {
+
+GradBuckets::GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems)
+    : grads_(grads), comm_(comm), bucket_elems_(bucket_elems) {
+  LMF_CHECK(grads.device == Device::cpu && grads.dtype == DType::f32 && grads.ndim == 1,
+            "GradBuckets: the gradients must be one flat f32 CPU tensor ('", grads.name, "')");
+  LMF_CHECK(bucket_elems >= 0, "GradBuckets: bucket size ", bucket_elems, " < 0");
+  thread_ = std::thread([this] { work(); });
+}
+
+GradBuckets::~GradBuckets() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void GradBuckets::begin() {
+  LMF_CHECK(!open_, "GradBuckets: begin() twice without finish()");
+  open_ = true;
+  unsent_hi_ = grads_.numel();
+  sent_.clear();
+}
+
+void GradBuckets::final_from(int64_t from) {
+  LMF_CHECK(open_ && from >= 0 && from <= unsent_hi_, "GradBuckets: final_from(", from, ") outside the step's [0, ",
+            unsent_hi_, "]");
+  if (bucket_elems_ > 0 && unsent_hi_ - from >= bucket_elems_) send(from, unsent_hi_);
+}
+
+void GradBuckets::finish() {
+  LMF_CHECK(open_, "GradBuckets: finish() without begin()");
+  open_ = false;
+  if (unsent_hi_ > 0) send(0, unsent_hi_);
+  std::unique_lock<std::mutex> g(mu_);
+  cv_.wait(g, [&] { return in_flight_ == 0; });
+  if (error_) {
+    std::exception_ptr e = error_;
+    error_ = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+void GradBuckets::send(int64_t lo, int64_t hi) {
+  sent_.emplace_back(lo, hi);
+  unsent_hi_ = lo;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    queue_.emplace_back(lo, hi);
+    ++in_flight_;
+  }
+  cv_.notify_all();
+}
+
+void GradBuckets::work() {
+  std::unique_lock<std::mutex> g(mu_);
+  while (true) {
+    cv_.wait(g, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stop_
+    const auto [lo, hi] = queue_.front();
+    queue_.pop_front();
+    const bool skip = error_ != nullptr;  // after a failure the rest of the step is not sent
+    g.unlock();
+    if (!skip) {
+      try {
+        comm_.all_reduce_sum(Tensor(grads_.f32() + lo, DType::f32, {hi - lo}, "gradient bucket"));
+      } catch (...) {
+        g.lock();
+        error_ = std::current_exception();
+        g.unlock();
+      }
+    }
+    g.lock();
+    --in_flight_;
+    cv_.notify_all();
+  }
+}
+
+}  // namespace lmf
