@@ -156,6 +156,19 @@ if [ "${LMF_WITH_PYTHON:-0}" = 1 ]; then
   rc=$?
   add "pytest tests/python" "rc=$rc $(tail -1 "$OUT/pytest.log")"
   [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -30; }
+  if [ $rc -ne 0 ]; then  # which call crashes, and in which import order (tools/py_gpu_diag.py)
+    build-gpu/lmforge train --preset tiny --steps 2 -B 2 -T 32 --device cuda --out-dir build-gpu/diag_run \
+      --overwrite >/dev/null 2>&1
+    for mode in numpy torch-first lmforge-first; do
+      PYTHONPATH="$PWD/build-gpu/pypkg:$PYTHONPATH" timeout 120 python3 -X faulthandler tools/py_gpu_diag.py \
+        "$mode" build-gpu/diag_run >"$OUT/py_diag_$mode.log" 2>&1
+      add "python diag $mode" "rc=$? $(grep -E '^\[' "$OUT/py_diag_$mode.log" | tail -1)"
+      tail -n 25 "$OUT/py_diag_$mode.log"
+    done
+    # the native stack of the crash (the device image has cuda-gdb, no gdb)
+    command -v cuda-gdb >/dev/null && PYTHONPATH="$PWD/build-gpu/pypkg:$PYTHONPATH" timeout 300 cuda-gdb -batch \
+      -ex run -ex bt --args python3 tools/py_gpu_diag.py lmforge-first build-gpu/diag_run 2>&1 | tail -n 40
+  fi
 fi
 
 if [ "$what" = all ] || [ "$what" = train ]; then
