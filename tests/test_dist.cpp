@@ -188,11 +188,22 @@ TEST(GlooCommunicator, MaxGatherScatterAndGroups) {
 
 // A communicator that records the all-reduces it is asked for (offsets into `base`) and, when `hold`
 // is set, blocks in each until the test lets it go: the test sees a bucket in flight while it goes on.
-class RecordingComm final : public Communicator {
+// (A communicator of rank 0 of 2 whose collectives other than all_reduce_sum do nothing.)
+class TwoRankStub : public Communicator {
  public:
-  explicit RecordingComm(const float* base) : base_(base) {}
   int rank() const override { return 0; }
   int world_size() const override { return 2; }
+  void all_reduce_max(Tensor) override {}
+  void all_gather(Tensor, Tensor) override {}
+  void reduce_scatter_sum(Tensor, Tensor) override {}
+  void broadcast(Tensor, int) override {}
+  void barrier() override {}
+  const char* backend() const override { return "test stub"; }
+};
+
+class RecordingComm final : public TwoRankStub {
+ public:
+  explicit RecordingComm(const float* base) : base_(base) {}
   void all_reduce_sum(Tensor t) override {
     std::unique_lock<std::mutex> g(mu);
     calls.emplace_back(t.f32() - base_, t.f32() - base_ + t.numel());
@@ -200,12 +211,6 @@ class RecordingComm final : public Communicator {
     cv.wait(g, [&] { return !hold; });
     for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= 2;  // as if the other rank held the same values
   }
-  void all_reduce_max(Tensor) override {}
-  void all_gather(Tensor, Tensor) override {}
-  void reduce_scatter_sum(Tensor, Tensor) override {}
-  void broadcast(Tensor, int) override {}
-  void barrier() override {}
-  const char* backend() const override { return "recording"; }
   void release() {
     std::lock_guard<std::mutex> g(mu);
     hold = false;
@@ -313,17 +318,9 @@ TEST(GradBuckets, TheModelSaysWhichGradientsAreFinal) {
 }
 
 // A failed bucket's error reaches finish(), on the training thread.
-class FailingComm final : public Communicator {
+class FailingComm final : public TwoRankStub {
  public:
-  int rank() const override { return 0; }
-  int world_size() const override { return 2; }
   void all_reduce_sum(Tensor) override { fail("all_reduce_sum (test): rank 1 died or exited with an error"); }
-  void all_reduce_max(Tensor) override {}
-  void all_gather(Tensor, Tensor) override {}
-  void reduce_scatter_sum(Tensor, Tensor) override {}
-  void broadcast(Tensor, int) override {}
-  void barrier() override {}
-  const char* backend() const override { return "failing"; }
 };
 
 TEST(GradBuckets, AFailedBucketIsThrownByFinish) {
@@ -415,6 +412,21 @@ std::vector<double> losses_of(const std::string& dir, const char* key = "loss") 
   return v;
 }
 
+// 20 steps of the model in d/config.json on tp x dp ranks (one process when both are 1; -B is the global
+// batch B / dp), evaluating at steps 10 and 20, into d/out; returns the step losses.
+std::vector<double> train_on_mesh(const std::string& d, std::string flags, int64_t B, int tp, int dp,
+                                  const std::string& out) {
+  if (tp == 1 && flags.find(" --sequence-parallel") != std::string::npos)  // (one process: no sequence to split)
+    flags.erase(flags.find(" --sequence-parallel"), std::strlen(" --sequence-parallel"));
+  const std::string args = "train --device cpu --config " + d + "/config.json " + flags + " -B " +
+                           std::to_string(B / dp) + " --tp " + std::to_string(tp) +
+                           " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
+  const int n = tp * dp;
+  const test::RunResult r = test::run_cli(n == 1 ? args : "launch -n " + std::to_string(n) + " -- " + args, d);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return losses_of(d + "/" + out);
+}
+
 double worst_rel(const std::vector<double>& a, const std::vector<double>& b) {
   double w = 0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) w = std::max(w, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
@@ -444,15 +456,7 @@ TEST_P(DataParallel, EqualsTheSingleProcessRunAndRepeatsBitwise) {
     std::ofstream f(d + "/config.json");
     f << config_to_json(cfg);
   }
-  auto train = [&](int ranks, const std::string& out) {
-    const std::string args = "train --device cpu --config " + d + "/config.json " + c.flags + " -B " +
-                             std::to_string(c.B / ranks) +
-                             " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
-    const test::RunResult r =
-        test::run_cli(ranks == 1 ? args : "launch -n " + std::to_string(ranks) + " -- " + args, d);
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return losses_of(d + "/" + out);
-  };
+  auto train = [&](int ranks, const std::string& out) { return train_on_mesh(d, c.flags, c.B, 1, ranks, out); };
   const std::vector<double> one = train(1, "one"), two = train(2, "two"), four = train(4, "four"),
                             again = train(2, "two_again");
   ASSERT_EQ(one.size(), 20u);
@@ -502,18 +506,7 @@ TEST_P(TensorParallelRun, EqualsTheSingleProcessRun) {
     std::ofstream f(d + "/config.json");
     f << config_to_json(cfg);
   }
-  auto train = [&](int tp, int dp, const std::string& out) {
-    std::string flags = c.flags;  // (one process: no sequence to split)
-    if (tp == 1 && flags.find(" --sequence-parallel") != std::string::npos)
-      flags.erase(flags.find(" --sequence-parallel"), std::strlen(" --sequence-parallel"));
-    const std::string args = "train --device cpu --config " + d + "/config.json " + flags + " -B " +
-                             std::to_string(c.B / dp) + " --tp " + std::to_string(tp) +
-                             " --steps 20 --log-every 1 --eval-every 10 --eval-batches 2 --out-dir " + d + "/" + out;
-    const int n = tp * dp;
-    const test::RunResult r = test::run_cli(n == 1 ? args : "launch -n " + std::to_string(n) + " -- " + args, d);
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return losses_of(d + "/" + out);
-  };
+  auto train = [&](int tp, int dp, const std::string& out) { return train_on_mesh(d, c.flags, c.B, tp, dp, out); };
   const std::vector<double> one = train(1, 1, "one"), par = train(c.tp, c.dp, "par");
   ASSERT_EQ(one.size(), 20u);
   ASSERT_EQ(par.size(), 20u);
