@@ -202,22 +202,13 @@ def peak_mem_gb(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_run_args(ap, batch_size, seq_len):
+    """The flags every PyTorch training-step benchmark here takes (torch_gpu_timeseries.py imports them)."""
     ap.add_argument("--mode", default="compile-bf16", choices=["eager-fp32", "eager-tf32", "eager-bf16", "compile-bf16"])
-    ap.add_argument("--batch-size", "--B", dest="batch_size", type=int, default=8)
-    ap.add_argument("--seq-len", "--T", dest="seq_len", type=int, default=2048)
+    ap.add_argument("--batch-size", "--B", dest="batch_size", type=int, default=batch_size)
+    ap.add_argument("--seq-len", "--T", dest="seq_len", type=int, default=seq_len)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup-steps", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--d-expert", type=int, default=3072)
-    ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--dense-ff", type=int, default=0, help="replace every MoE by a dense GELU MLP of this width (0: MoE)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (989: H100 SXM / H200 bf16)")
     ap.add_argument("--recompile-limit", type=int, default=256, help="torch._dynamo recompile limit (compile mode)")
@@ -227,69 +218,63 @@ def main():
                     help="compile mode: torch.compiler.disable on the per-expert loop (static shapes elsewhere)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--self-check", action="store_true", help="float64 CPU check of the MoE layer, then exit")
-    a = ap.parse_args()
-    if a.self_check:
-        sys.exit(0 if self_check() else 1)
-    assert a.d_model % a.heads == 0 and 1 <= a.top_k <= a.experts
 
-    torch.manual_seed(a.seed)
-    dev = a.device
-    tf32 = a.mode == "eager-tf32"  # fp32 means fp32; tf32 as lmforge's --precision tf32
+
+def set_precision(a):
+    """fp32 means fp32; tf32 as lmforge's --precision tf32."""
+    tf32 = a.mode == "eager-tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    model = MoEGPT(a).to(dev)
-    n_params, n_active = count_params(model, a)
+
+
+def make_optimizer(model, a):
+    """AdamW as lmforge's: weight decay on the 2-D parameters only, fused on the GPU."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     nodecay = [p for p in model.parameters() if p.dim() < 2]
-    opt_kw = {"fused": True} if dev == "cuda" else {}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **opt_kw)
-    compiling = a.mode.startswith("compile")
-    bf16 = a.mode.endswith("bf16")
-    tag = ("dense%d" % a.dense_ff) if a.dense_ff else "moe"
-    variant = "".join(sfx for on, sfx in ((a.compile_loop_eager, "-loopeager"), (a.compile_scalars, "-scalars"))
-                      if on and compiling)
-    impl = "pytorch-%s-%s%s-B%d" % (tag, a.mode, variant, a.batch_size)
-    print("%s: params total %d (%.1fM), active %d (%.1fM) (%s)" % (impl, n_params, n_params / 1e6, n_active, n_active / 1e6,
-          "dense ff %d" % a.dense_ff if a.dense_ff else "E=%d top-%d d_expert=%d" % (a.experts, a.top_k, a.d_expert)),
-          file=sys.stderr)
-    base = {"impl": impl, "torch": torch.__version__, "params": n_params, "active_params": n_active}
+    opt_kw = {"fused": True} if a.device == "cuda" else {}
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
+                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **opt_kw)
 
-    fwd = model
-    if compiling:
-        try:
-            import torch._dynamo as dynamo
-            cfg = dynamo.config
-            for key in ("recompile_limit", "cache_size_limit"):  # renamed in 2.6; set whichever exists
-                if hasattr(cfg, key):
-                    setattr(cfg, key, max(getattr(cfg, key), a.recompile_limit))
-                    break
-            for key in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(cfg, key):
-                    setattr(cfg, key, max(getattr(cfg, key), 4 * a.recompile_limit))
-                    break
-            if a.compile_scalars:
-                cfg.capture_scalar_outputs = True
-            if a.compile_loop_eager:
-                for mod in model.modules():
-                    if isinstance(mod, MoE):
-                        mod.expert_loop = torch.compiler.disable(mod._expert_loop)
-            fwd = torch.compile(model)
-        except Exception as e:  # e.g. torch without torch.compile
-            print(json.dumps(dict(base, error="torch.compile failed: %s" % first_line(e))))
-            return
-    x = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
-    y = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
 
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+def compile_variant(a):
+    return "".join(sfx for on, sfx in ((a.compile_loop_eager, "-loopeager"), (a.compile_scalars, "-scalars"))
+                   if on and a.mode.startswith("compile"))
+
+
+def compiled(model, a, moe_cls, base):
+    """The model to call: itself, or torch.compile of it with the recompile limits raised (data-dependent
+    MoE shapes recompile) and the --compile-* variants; None (after printing the error record) when
+    torch.compile is unavailable."""
+    if not a.mode.startswith("compile"):
+        return model
+    try:
+        import torch._dynamo as dynamo
+        cfg = dynamo.config
+        for key in ("recompile_limit", "cache_size_limit"):  # renamed in 2.6; set whichever exists
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(getattr(cfg, key), a.recompile_limit))
+                break
+        for key in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(getattr(cfg, key), 4 * a.recompile_limit))
+                break
+        if a.compile_scalars:
+            cfg.capture_scalar_outputs = True
+        if a.compile_loop_eager:
+            for mod in model.modules():
+                if isinstance(mod, moe_cls):
+                    mod.expert_loop = torch.compiler.disable(mod._expert_loop)
+        return torch.compile(model)
+    except Exception as e:  # e.g. torch without torch.compile
+        print(json.dumps(dict(base, error="torch.compile failed: %s" % first_line(e))))
+        return None
+
+
+def time_steps(step, a, base):
+    """Runs --warmup-steps, then times --steps training steps (CUDA events on the GPU). Returns (median
+    step ms, last loss, extra record fields) or None after printing the error record of a compile that
+    failed during warm-up."""
+    dev, compiling = a.device, a.mode.startswith("compile")
 
     def sync():
         if dev == "cuda":
@@ -298,16 +283,16 @@ def main():
     t0 = time.perf_counter()
     try:
         for i in range(a.warmup_steps):
-            t = time.perf_counter()
+            tw = time.perf_counter()
             loss = step()
             sync()
-            print("warmup step %d: %.2f s" % (i, time.perf_counter() - t), file=sys.stderr)
+            print("warmup step %d: %.2f s" % (i, time.perf_counter() - tw), file=sys.stderr)
     except Exception as e:
         if not compiling:
             raise
         print("torch.compile failed during warmup:", first_line(e), file=sys.stderr)
         print(json.dumps(dict(base, error="torch.compile failed: %s" % first_line(e))))
-        return
+        return None
     warmup_s = time.perf_counter() - t0
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -321,26 +306,84 @@ def main():
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
         else:
-            t = time.perf_counter()
+            tc = time.perf_counter()
             loss = step()
-            times.append((time.perf_counter() - t) * 1e3)
+            times.append((time.perf_counter() - tc) * 1e3)
     times.sort()
-    ms = times[len(times) // 2]
-    tok_s = a.batch_size * a.seq_len / (ms / 1e3)
-    flops_tok = 6 * n_active + 12 * a.layers * a.d_model * a.seq_len
-    res = dict(base, tok_s=round(tok_s, 1), step_ms=round(ms, 2), mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12), 4),
-               peak_mem_gb=round(peak_mem_gb(dev), 2), loss=round(float(loss.detach()), 4))
+    extra = {"peak_mem_gb": round(peak_mem_gb(dev), 2), "loss": round(float(loss.detach()), 4)}
     if compiling:
-        res["warmup_s"] = round(warmup_s, 1)
+        extra["warmup_s"] = round(warmup_s, 1)
         try:
             from torch._dynamo.utils import counters
-            res["graphs"] = int(counters["stats"]["unique_graphs"])
-            res["graph_breaks"] = int(sum(counters["graph_break"].values()))
+            extra["graphs"] = int(counters["stats"]["unique_graphs"])
+            extra["graph_breaks"] = int(sum(counters["graph_break"].values()))
         except Exception:
             pass
-    # the fixed keys first, in torch_gpu_gpt2.py's order
-    keys = ["impl", "tok_s", "step_ms", "mfu", "peak_mem_gb", "torch", "params", "active_params"]
+    return times[len(times) // 2], extra
+
+
+def print_record(res, rate_key):
+    """One JSON line, the fixed keys first, in torch_gpu_gpt2.py's order."""
+    keys = ["impl", rate_key, "step_ms", "mfu", "peak_mem_gb", "torch", "params", "active_params"]
     print(json.dumps({k: res[k] for k in keys + [k for k in res if k not in keys]}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_run_args(ap, batch_size=8, seq_len=2048)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--d-expert", type=int, default=3072)
+    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--dense-ff", type=int, default=0, help="replace every MoE by a dense GELU MLP of this width (0: MoE)")
+    ap.add_argument("--self-check", action="store_true", help="float64 CPU check of the MoE layer, then exit")
+    a = ap.parse_args()
+    if a.self_check:
+        sys.exit(0 if self_check() else 1)
+    assert a.d_model % a.heads == 0 and 1 <= a.top_k <= a.experts
+
+    torch.manual_seed(a.seed)
+    dev = a.device
+    set_precision(a)
+    model = MoEGPT(a).to(dev)
+    n_params, n_active = count_params(model, a)
+    opt = make_optimizer(model, a)
+    bf16 = a.mode.endswith("bf16")
+    tag = ("dense%d" % a.dense_ff) if a.dense_ff else "moe"
+    variant = compile_variant(a)
+    impl = "pytorch-%s-%s%s-B%d" % (tag, a.mode, variant, a.batch_size)
+    print("%s: params total %d (%.1fM), active %d (%.1fM) (%s)" % (impl, n_params, n_params / 1e6, n_active, n_active / 1e6,
+          "dense ff %d" % a.dense_ff if a.dense_ff else "E=%d top-%d d_expert=%d" % (a.experts, a.top_k, a.d_expert)),
+          file=sys.stderr)
+    base = {"impl": impl, "torch": torch.__version__, "params": n_params, "active_params": n_active}
+
+    fwd = compiled(model, a, MoE, base)
+    if fwd is None:
+        return
+    x = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
+    y = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    timed = time_steps(step, a, base)
+    if timed is None:
+        return
+    ms, extra = timed
+    tok_s = a.batch_size * a.seq_len / (ms / 1e3)
+    flops_tok = 6 * n_active + 12 * a.layers * a.d_model * a.seq_len
+    print_record(dict(base, tok_s=round(tok_s, 1), step_ms=round(ms, 2),
+                      mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12), 4), **extra), "tok_s")
 
 
 def first_line(e):

@@ -41,14 +41,14 @@ import math
 import os
 import struct
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_gpu_moe import causal_attention, first_line, peak_mem_gb  # noqa: E402
+from torch_gpu_moe import (add_run_args, causal_attention, compile_variant, compiled, make_optimizer,  # noqa: E402
+                           print_record, set_precision, time_steps)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,11 +281,7 @@ def self_check():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="compile-bf16", choices=["eager-fp32", "eager-tf32", "eager-bf16", "compile-bf16"])
-    ap.add_argument("--batch-size", "--B", dest="batch_size", type=int, default=4)
-    ap.add_argument("--seq-len", "--T", dest="seq_len", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup-steps", type=int, default=5)
+    add_run_args(ap, batch_size=4, seq_len=4096)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-model", type=int, default=384)
     ap.add_argument("--heads", type=int, default=12)
@@ -301,15 +297,6 @@ def main():
     ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--tiny", action="store_true",
                     help="smoke-test shape: B 2, T 64, 2 layers, d 32, 2 heads, 4 experts, d_expert 16, 3 steps, 1 warm-up")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (989: H100 SXM / H200 bf16)")
-    ap.add_argument("--recompile-limit", type=int, default=256, help="torch._dynamo recompile limit (compile mode)")
-    ap.add_argument("--compile-scalars", action="store_true",
-                    help="compile mode: torch._dynamo.config.capture_scalar_outputs (no graph break at .tolist())")
-    ap.add_argument("--compile-loop-eager", action="store_true",
-                    help="compile mode: torch.compiler.disable on the per-expert loop (static shapes elsewhere)")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--self-check", action="store_true", help="float64 CPU check against the lmforge fixture, then exit")
     a = ap.parse_args()
     if a.self_check:
@@ -324,49 +311,21 @@ def main():
 
     torch.manual_seed(a.seed)
     dev = a.device
-    tf32 = a.mode == "eager-tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    set_precision(a)
     model = TimeSeriesMoE(a).to(dev)
     n_params, n_active = count_params(model, a)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    nodecay = [p for p in model.parameters() if p.dim() < 2]
-    opt_kw = {"fused": True} if dev == "cuda" else {}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **opt_kw)
-    compiling = a.mode.startswith("compile")
+    opt = make_optimizer(model, a)
     bf16 = a.mode.endswith("bf16")
-    variant = "".join(sfx for on, sfx in ((a.compile_loop_eager, "-loopeager"), (a.compile_scalars, "-scalars"))
-                      if on and compiling)
+    variant = compile_variant(a)
     impl = "pytorch-ts-%s%s-B%d" % (a.mode, variant, a.batch_size)
     print("%s: params total %d (%.1fM), active %d (%.1fM) (L=%d d=%d E=%d top-%d d_expert=%d shared=%d, T=%d, "
           "horizons %s)" % (impl, n_params, n_params / 1e6, n_active, n_active / 1e6, a.layers, a.d_model, a.experts,
                             a.top_k, a.d_expert, a.shared, a.seq_len, a.horizons), file=sys.stderr)
     base = {"impl": impl, "torch": torch.__version__, "params": n_params, "active_params": n_active}
 
-    fwd = model
-    if compiling:
-        try:
-            import torch._dynamo as dynamo
-            cfg = dynamo.config
-            for key in ("recompile_limit", "cache_size_limit"):  # renamed in 2.6; set whichever exists
-                if hasattr(cfg, key):
-                    setattr(cfg, key, max(getattr(cfg, key), a.recompile_limit))
-                    break
-            for key in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(cfg, key):
-                    setattr(cfg, key, max(getattr(cfg, key), 4 * a.recompile_limit))
-                    break
-            if a.compile_scalars:
-                cfg.capture_scalar_outputs = True
-            if a.compile_loop_eager:
-                for mod in model.modules():
-                    if isinstance(mod, MoE):
-                        mod.expert_loop = torch.compiler.disable(mod._expert_loop)
-            fwd = torch.compile(model)
-        except Exception as e:  # e.g. torch without torch.compile
-            print(json.dumps(dict(base, error="torch.compile failed: %s" % first_line(e))))
-            return
+    fwd = compiled(model, a, MoE, base)
+    if fwd is None:
+        return
     x = torch.randn(a.batch_size, a.seq_len, 1, device=dev)
     t = torch.randn(a.batch_size, a.seq_len, a.horizons[-1], device=dev)
 
@@ -379,57 +338,15 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    try:
-        for i in range(a.warmup_steps):
-            tw = time.perf_counter()
-            loss = step()
-            sync()
-            print("warmup step %d: %.2f s" % (i, time.perf_counter() - tw), file=sys.stderr)
-    except Exception as e:
-        if not compiling:
-            raise
-        print("torch.compile failed during warmup:", first_line(e), file=sys.stderr)
-        print(json.dumps(dict(base, error="torch.compile failed: %s" % first_line(e))))
+    timed = time_steps(step, a, base)
+    if timed is None:
         return
-    warmup_s = time.perf_counter() - t0
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        if dev == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            loss = step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            tc = time.perf_counter()
-            loss = step()
-            times.append((time.perf_counter() - tc) * 1e3)
-    times.sort()
-    ms = times[len(times) // 2]
+    ms, extra = timed
     pts_s = a.batch_size * a.seq_len / (ms / 1e3)
     flops_pt = 6 * n_active + 12 * a.layers * a.d_model * a.seq_len
-    res = dict(base, points_s=round(pts_s, 1), step_ms=round(ms, 2),
-               mfu=round(pts_s * flops_pt / (a.peak_tflops * 1e12), 4), peak_mem_gb=round(peak_mem_gb(dev), 2),
-               tok_s=round(pts_s, 1), loss=round(float(loss.detach()), 4))
-    if compiling:
-        res["warmup_s"] = round(warmup_s, 1)
-        try:
-            from torch._dynamo.utils import counters
-            res["graphs"] = int(counters["stats"]["unique_graphs"])
-            res["graph_breaks"] = int(sum(counters["graph_break"].values()))
-        except Exception:
-            pass
-    keys = ["impl", "points_s", "step_ms", "mfu", "peak_mem_gb", "torch", "params", "active_params"]
-    print(json.dumps({k: res[k] for k in keys + [k for k in res if k not in keys]}))
-
+    print_record(dict(base, points_s=round(pts_s, 1), step_ms=round(ms, 2),
+                      mfu=round(pts_s * flops_pt / (a.peak_tflops * 1e12), 4), tok_s=round(pts_s, 1), **extra),
+                 "points_s")
 
 if __name__ == "__main__":
     main()
