@@ -234,7 +234,7 @@ TEST(GradBuckets, SendsFinishedLayersDuringTheBackwardAndEveryElementOnce) {
   Tensor flat(g.data(), DType::f32, {440}, "grads");
   RecordingComm comm(g.data());
   {
-    GradBuckets b(flat, comm, 150);
+    GradBuckets b(flat, comm, 150, 5);
     b.begin();
     b.final_from(340);  // layer 3 done: 100 final, below the bucket size
     {
@@ -263,13 +263,19 @@ TEST(GradBuckets, SendsFinishedLayersDuringTheBackwardAndEveryElementOnce) {
     EXPECT_EQ(b.buckets().size(), 3u);
   }
   comm.calls.clear();
-  GradBuckets whole(flat, comm, 0);
+  GradBuckets whole(flat, comm, 0, 5);
   whole.begin();
   for (int64_t from : {340, 240, 140, 40}) whole.final_from(from);
   EXPECT_TRUE(comm.calls.empty());
   whole.finish();
   EXPECT_EQ(comm.calls, (std::vector<std::pair<int64_t, int64_t>>{{0, 440}}));
   EXPECT_THROW(whole.finish(), Error);  // finish() without begin()
+  // more buckets than the owner said a step has: one line, not a silent overrun of the GPU's events
+  GradBuckets tight(flat, comm, 50, 2);
+  tight.begin();
+  tight.final_from(340);
+  tight.final_from(240);
+  EXPECT_THROW(tight.final_from(140), Error);
 }
 
 // What the buckets rely on: when the model's backward says "final from parameter i", no later part of
@@ -326,7 +332,7 @@ class FailingComm final : public TwoRankStub {
 TEST(GradBuckets, AFailedBucketIsThrownByFinish) {
   std::vector<float> g(100, 1.0f);
   FailingComm comm;
-  GradBuckets b(Tensor(g.data(), DType::f32, {100}, "grads"), comm, 10);
+  GradBuckets b(Tensor(g.data(), DType::f32, {100}, "grads"), comm, 10, 3);
   b.begin();
   b.final_from(50);
   b.final_from(0);

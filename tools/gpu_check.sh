@@ -109,8 +109,9 @@ targets=""
 [ "$what" = python ] && targets="lmforge"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
-[ "$what" = dist ] && targets="lmforge" && LMF_WITH_DIST=1
+[ "$what" = dist ] && targets="lmforge test_cuda_dist" && LMF_WITH_DIST=1
 [ -n "$targets" ] && [ "${LMF_WITH_TS:-0}" = 1 ] && targets="$targets lmforge test_cuda_timeseries"
+[ -n "$targets" ] && [ "${LMF_WITH_DIST:-0}" = 1 ] && targets="$targets lmforge test_cuda_dist"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
@@ -271,17 +272,25 @@ fi
 
 if [ "${LMF_WITH_DIST:-0}" = 1 ]; then
   grep -o "NCCL [A-Z]*" "$OUT/cmake.log" | head -1
-  for how in plain launched; do
-    pre=""; [ $how = launched ] && pre="launch -n 1 --"
+  build-gpu/tests/test_cuda_dist >"$OUT/cuda_dist.log" 2>&1
+  rc=$?
+  add "test_cuda_dist (buckets on the side stream)" "rc=$rc $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/cuda_dist.log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || { failures=$((failures + 1)); grep -E "Failure|Expected|seed|error" "$OUT/cuda_dist.log" | head -20; }
+  # launched: the default gradient buckets (tiny's 3.4 MB: one, at the end, on the side stream);
+  # buckets: one a layer, forked to the side stream during the backward; nobuckets: --grad-bucket-mb 0
+  for how in plain launched buckets nobuckets; do
+    pre=""; [ $how != plain ] && pre="launch -n 1 --"
+    extra=""; [ $how = buckets ] && extra="--grad-bucket-mb 0.2"; [ $how = nobuckets ] && extra="--grad-bucket-mb 0"
     ./build-gpu/lmforge $pre train --device cuda --preset tiny -B 16 -T 128 --steps 60 --log-every 1 --cuda-graph on \
-      --out-dir "$OUT/dist_$how" >"$OUT/dist_$how.log" 2>&1
+      $extra --out-dir "$OUT/dist_$how" >"$OUT/dist_$how.log" 2>&1
     echo "$how rc=$?" >>"$OUT/dist_rc.txt"
   done
-  grep -E "^dist|error" "$OUT/dist_launched.log" | head -3
+  grep -E "^dist|error" "$OUT/dist_launched.log" "$OUT/dist_buckets.log" | head -4
   add "NCCL world 1 (launch -n 1, graphs) vs plain" "$(cat "$OUT/dist_rc.txt" | tr '\n' ' ') $(python3 -c "import json,sys; \
-l=[[json.loads(x).get('loss') for x in open(sys.argv[i])] for i in (1,2)]; l=[[v for v in a if v is not None] for a in l]; \
-print('losses bitwise equal' if l[0]==l[1] and len(l[0])==60 else f'DIFFER ({len(l[0])}, {len(l[1])} steps)')" \
-    "$OUT/dist_plain/metrics.jsonl" "$OUT/dist_launched/metrics.jsonl" 2>&1)"
+l=[[json.loads(x).get('loss') for x in open(p)] for p in sys.argv[1:]]; l=[[v for v in a if v is not None] for a in l]; \
+print('losses bitwise equal' if all(x==l[0] for x in l) and len(l[0])==60 else f'DIFFER ({[len(x) for x in l]} steps)')" \
+    "$OUT/dist_plain/metrics.jsonl" "$OUT/dist_launched/metrics.jsonl" "$OUT/dist_buckets/metrics.jsonl" \
+    "$OUT/dist_nobuckets/metrics.jsonl" 2>&1)"
   grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
 fi
 

@@ -184,7 +184,7 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
               "with --tp: the norms and residual adds over each rank's rows of the batch (CPU; docs/DISTRIBUTED.md)");
   add_num(c, "--zero", o.zero, "1: shard AdamW's moments over the data-parallel ranks (ZeRO-1; CPU)")->capture_default_str();
   add_num(c, "--grad-bucket-mb", o.grad_bucket_mb,
-          "data parallelism (CPU): gradients all-reduced in buckets of this many MB while the backward runs "
+          "data parallelism: gradients all-reduced in buckets of this many MB while the backward runs "
           "(0: one all-reduce after it)")
       ->capture_default_str();
   add_num(c, "--dist-timeout", o.dist_timeout, "seconds a rank waits for the others (rendezvous, collectives)")

@@ -227,6 +227,37 @@ double cuda_event_elapsed_ms(void* a, void* b) {
   return ms;
 }
 
+namespace {
+thread_local cudaStream_t t_stream_override = nullptr;  // SideStreamScope
+}  // namespace
+
+void* cuda_side_stream_create() {
+  ctx();
+  cudaStream_t s = nullptr;
+  LMF_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+
+void cuda_side_stream_destroy(void* s) {
+  if (s) cudaStreamDestroy(static_cast<cudaStream_t>(s));
+}
+
+void cuda_stream_fork(void* side, void* e) {
+  LMF_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e), ctx().stream));
+  LMF_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(side), static_cast<cudaEvent_t>(e), 0));
+}
+
+void cuda_stream_join(void* side, void* e) {
+  LMF_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e), static_cast<cudaStream_t>(side)));
+  LMF_CUDA_CHECK(cudaStreamWaitEvent(ctx().stream, static_cast<cudaEvent_t>(e), 0));
+}
+
+SideStreamScope::SideStreamScope(void* side) : previous_(t_stream_override) {
+  t_stream_override = static_cast<cudaStream_t>(side);
+}
+
+SideStreamScope::~SideStreamScope() { t_stream_override = static_cast<cudaStream_t>(previous_); }
+
 void cuda_reserve_workspace(size_t bytes) {
   Context& c = ctx();
   if (bytes <= c.workspace_bytes) return;
@@ -247,7 +278,7 @@ void* cuda_workspace(size_t bytes, const char* op) {
 
 namespace cuda {
 
-cudaStream_t stream() { return ctx().stream; }
+cudaStream_t stream() { return t_stream_override ? t_stream_override : ctx().stream; }
 cublasLtHandle_t blaslt() { return ctx().blaslt; }
 void count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
 

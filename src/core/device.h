@@ -56,6 +56,27 @@ void cuda_event_pool_destroy(std::vector<void*>& events);
 void cuda_event_record(void* event);                 // on lmforge's stream
 double cuda_event_elapsed_ms(void* start, void* end);
 
+// A side stream beside lmforge's (data parallelism's gradient all-reduces overlap the backward on
+// one, dist/grad_buckets.h). fork: the side stream waits for the work enqueued so far on the main
+// stream; join: the main stream waits for the work enqueued so far on the side stream (each through
+// `event`, from cuda_event_pool_create). Both are stream-ordered and allowed inside a CUDA graph
+// capture: the side stream's work becomes a branch of the graph.
+void* cuda_side_stream_create();
+void cuda_side_stream_destroy(void* stream);
+void cuda_stream_fork(void* side, void* event);
+void cuda_stream_join(void* side, void* event);
+// While alive, this thread's launches and collectives (cuda::stream()) go to `side`.
+class SideStreamScope {
+ public:
+  explicit SideStreamScope(void* side);
+  ~SideStreamScope();
+  SideStreamScope(const SideStreamScope&) = delete;
+  SideStreamScope& operator=(const SideStreamScope&) = delete;
+
+ private:
+  void* previous_;
+};
+
 // Scratch for launchers that need temporary device memory (e.g. partial sums of a deterministic
 // two-pass reduction). Reserved at set-up; asking for more than was reserved throws, it never
 // allocates inside a step.

@@ -39,6 +39,12 @@ std::vector<void*> cuda_event_pool_create(size_t) { no_cuda("cuda_event_pool_cre
 void cuda_event_pool_destroy(std::vector<void*>&) {}
 void cuda_event_record(void*) { no_cuda("cuda_event_record"); }
 double cuda_event_elapsed_ms(void*, void*) { no_cuda("cuda_event_elapsed_ms"); }
+void* cuda_side_stream_create() { no_cuda("cuda_side_stream_create"); }
+void cuda_side_stream_destroy(void*) {}
+void cuda_stream_fork(void*, void*) { no_cuda("cuda_stream_fork"); }
+void cuda_stream_join(void*, void*) { no_cuda("cuda_stream_join"); }
+SideStreamScope::SideStreamScope(void* side) : previous_(side) { no_cuda("SideStreamScope"); }
+SideStreamScope::~SideStreamScope() = default;
 void cuda_reserve_workspace(size_t) { no_cuda("cuda_reserve_workspace"); }
 void* cuda_workspace(size_t, const char* op) { no_cuda(op); }
 size_t cuda_workspace_reserved() { return 0; }

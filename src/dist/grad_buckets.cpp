@@ -1,18 +1,31 @@
 #include "dist/grad_buckets.h"
 
 #include "core/check.h"
+#include "core/device.h"
 
 namespace lmf {
 
-GradBuckets::GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems)
-    : grads_(grads), comm_(comm), bucket_elems_(bucket_elems) {
-  LMF_CHECK(grads.device == Device::cpu && grads.dtype == DType::f32 && grads.ndim == 1,
-            "GradBuckets: the gradients must be one flat f32 CPU tensor ('", grads.name, "')");
-  LMF_CHECK(bucket_elems >= 0, "GradBuckets: bucket size ", bucket_elems, " < 0");
-  thread_ = std::thread([this] { work(); });
+GradBuckets::GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems, int64_t max_buckets)
+    : grads_(grads), comm_(comm), gpu_(grads.device == Device::cuda), bucket_elems_(bucket_elems) {
+  LMF_CHECK(grads.dtype == DType::f32 && grads.ndim == 1, "GradBuckets: the gradients must be one flat f32 tensor ('",
+            grads.name, "')");
+  LMF_CHECK(bucket_elems >= 0 && max_buckets >= 1, "GradBuckets: bucket size ", bucket_elems, ", at most ",
+            max_buckets, " buckets");
+  if (gpu_) {
+    side_ = cuda_side_stream_create();
+    events_ = cuda_event_pool_create(static_cast<size_t>(max_buckets) + 1);
+  } else {
+    events_.resize(static_cast<size_t>(max_buckets) + 1);  // (only counted: the same limit on both)
+    thread_ = std::thread([this] { work(); });
+  }
 }
 
 GradBuckets::~GradBuckets() {
+  if (gpu_) {
+    cuda_event_pool_destroy(events_);
+    cuda_side_stream_destroy(side_);
+    return;
+  }
   {
     std::lock_guard<std::mutex> g(mu_);
     stop_ = true;
@@ -38,6 +51,10 @@ void GradBuckets::finish() {
   LMF_CHECK(open_, "GradBuckets: finish() without begin()");
   open_ = false;
   if (unsent_hi_ > 0) send(0, unsent_hi_);
+  if (gpu_) {  // lmforge's stream waits for the side stream's all-reduces
+    cuda_stream_join(side_, events_.back());
+    return;
+  }
   std::unique_lock<std::mutex> g(mu_);
   cv_.wait(g, [&] { return in_flight_ == 0; });
   if (error_) {
@@ -48,8 +65,15 @@ void GradBuckets::finish() {
 }
 
 void GradBuckets::send(int64_t lo, int64_t hi) {
+  LMF_CHECK(sent_.size() + 1 < events_.size(), "GradBuckets: more than ", events_.size() - 1, " buckets in a step");
   sent_.emplace_back(lo, hi);
   unsent_hi_ = lo;
+  if (gpu_) {  // after the backward's work so far, on the side stream
+    cuda_stream_fork(side_, events_[sent_.size() - 1]);
+    const SideStreamScope on_side(side_);
+    comm_.all_reduce_sum(Tensor(grads_.f32() + lo, DType::f32, {hi - lo}, "gradient bucket", Device::cuda));
+    return;
+  }
   {
     std::lock_guard<std::mutex> g(mu_);
     queue_.emplace_back(lo, hi);

@@ -8,9 +8,11 @@
 // Buckets end only at layer boundaries, so they are the same on every rank and every step: the ranks
 // issue the same collectives in the same order, and a run's bits do not depend on timing.
 //
-// The thread is this object's: one communicator, used by that thread only between begin() and
-// finish() (nothing else may use that communicator meanwhile). CPU (Gloo); on GPUs the step reduces
-// the gradients in one all-reduce inside its CUDA graph (train/trainer.h train_step_device).
+// CPU (Gloo): a communication thread of this object's runs the buckets' all-reduces; the communicator
+// is that thread's between begin() and finish() (nothing else may use it meanwhile). GPU (NCCL): a
+// side stream of this object's; each bucket forks it from lmforge's stream (an event after the
+// layers' backward) and its all-reduce runs there while the backward's kernels go on, finish() joins
+// it back. All of it is stream-ordered host code, so it is captured inside the step's CUDA graph.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -28,9 +30,10 @@ namespace lmf {
 
 class GradBuckets {
  public:
-  // grads: the flat gradient arena (f32, contiguous, on the CPU); bucket_elems: the least number of
-  // elements a bucket gathers before it is sent (0: one all-reduce of everything at finish()).
-  GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems);
+  // grads: the flat gradient arena (f32, contiguous, on the CPU or the GPU); bucket_elems: the least
+  // number of elements a bucket gathers before it is sent (0: one all-reduce of everything at
+  // finish()); max_buckets: the most buckets a step may send (the GPU's events; final_from calls + 1).
+  GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems, int64_t max_buckets);
   ~GradBuckets();  // waits for the thread (after a finished step it is idle)
   GradBuckets(const GradBuckets&) = delete;
   GradBuckets& operator=(const GradBuckets&) = delete;
@@ -53,6 +56,9 @@ class GradBuckets {
 
   Tensor grads_;
   Communicator& comm_;
+  bool gpu_ = false;
+  void* side_ = nullptr;        // GPU: the buckets' stream
+  std::vector<void*> events_;  // GPU: one fork a bucket, then the join
   int64_t bucket_elems_;
   int64_t unsent_hi_ = 0;  // [from, unsent_hi_) is final and not yet sent
   bool open_ = false;
@@ -64,7 +70,7 @@ class GradBuckets {
   int64_t in_flight_ = 0;  // queued or being reduced
   bool stop_ = false;
   std::exception_ptr error_;
-  std::thread thread_;
+  std::thread thread_;  // CPU
 };
 
 }  // namespace lmf

@@ -23,6 +23,8 @@
 
 namespace lmf {
 
+class GradBuckets;  // dist/grad_buckets.h
+
 struct TrainOptions {
   std::string config_path;          // --config (JSON); else --preset
   std::string preset = "tiny";
@@ -65,7 +67,7 @@ struct TrainOptions {
   int64_t zero = 0;                 // --zero: 1 shards AdamW's moments over the data-parallel ranks (ZeRO-1)
   bool sequence_parallel = false;   // --sequence-parallel: with --tp, norms and residuals over N / tp rows
   int64_t dist_timeout = 60;        // --dist-timeout: seconds a rank waits for the others
-  // --grad-bucket-mb: data parallelism on the CPU all-reduces the gradients in buckets of at least this
+  // --grad-bucket-mb: data parallelism all-reduces the gradients in buckets of at least this
   // many MB, each as soon as the backward has finished it (dist/grad_buckets.h); 0: one all-reduce
   // after the backward
   double grad_bucket_mb = 25;
@@ -115,8 +117,14 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
 // parallelism (comm) each rank's 1 / ranks share summed over the ranks (gradients and loss, in-stream
 // NCCL all-reduces), clipping and AdamW with lr and bias corrections from `schedule`. No allocation,
 // no host synchronisation.
+// buckets (with comm): the gradients all-reduced in buckets while the backward runs, on the buckets'
+// side stream (dist/grad_buckets.h), joined before the optimizer; none: one all-reduce after it.
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
-                       const TrainOptions& o, Communicator* comm = nullptr);
+                       const TrainOptions& o, Communicator* comm = nullptr, GradBuckets* buckets = nullptr);
+
+// Runs `backward` (a forward + backward of the model) with the model handing each part of the gradients
+// it finishes to the buckets (begin() first; the caller calls finish()); without buckets just runs it.
+void with_grad_buckets(Model& model, GradBuckets* buckets, const std::function<void()>& backward);
 
 // --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows of the
 // model's plans (Model::op_plans); tune_finish() after it (between steps) tunes every plan called in
@@ -213,7 +221,7 @@ class Trainer {
   // different data (gradients summed), and the ranks sharing one model (dist/tensor_parallel.h)
   Communicator* dp_comm_ = nullptr;
   Communicator* tp_comm_ = nullptr;
-  std::unique_ptr<class GradBuckets> buckets_;  // data parallelism's bucketed all-reduce (CPU), or none
+  std::unique_ptr<GradBuckets> buckets_;  // data parallelism's bucketed all-reduce (CPU), or none
   std::unique_ptr<class TensorParallel> tp_;   // tensor parallelism: this rank's share of the model
   // tensor parallelism: the full model's weights and AdamW state (CPU), which checkpoints read and
   // write and initialisation fills, put together from the shares when saving
