@@ -11,6 +11,7 @@
 
 #include "model/gpt.h"
 #include "model/kv_cache.h"
+#include "model/score.h"
 #include "model/token_ends.h"
 #include "serve/engine.h"
 #include "support/test_util.h"
@@ -99,9 +100,10 @@ TEST_P(Paged, StepsMatchFullForward) {
       if (s < 0) continue;
       const float* got = &logits[static_cast<size_t>((N - 1 - n) * c.vocab_size)];
       const float* want = &ref[static_cast<size_t>(s)][static_cast<size_t>(pos * c.vocab_size)];
-      std::vector<double> w(want, want + c.vocab_size);
-      ASSERT_TRUE(test::all_close("sequence " + std::to_string(s) + " position " + std::to_string(pos), got, w.data(),
-                                  w.size(), 1e-5, 1e-4));
+      // bitwise: every op computes a row the same way in the full forward and in a paged step
+      for (int64_t j = 0; j < c.vocab_size; ++j)
+        ASSERT_EQ(std::bit_cast<uint32_t>(got[j]), std::bit_cast<uint32_t>(want[j]))
+            << "sequence " << s << " position " << pos << " logit " << j << ": " << got[j] << " vs " << want[j];
     }
     ++steps;
   }
@@ -189,6 +191,54 @@ INSTANTIATE_TEST_SUITE_P(Presets, EngineGreedy, ::testing::Values("test-gpt2", "
                          });
 
 // A seeded request samples the same tokens alone and among other requests.
+// The trainer's log-probabilities are the sampler's (CPU, fp32): a request decoded among others (chunked
+// prefill, decode rows beside other sequences' prefill chunks and padding) reports for each sampled
+// token bitwise the log-probability that the training forward + loss (SequenceScorer, `lmforge score`)
+// gives that token after the same prefix. Sampled at temperature 1, so the tokens are not all argmaxes.
+class EngineLogprobs : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(EngineLogprobs, AreBitwiseTheTrainersLogprobs) {
+  const ModelConfig c = serving_config(GetParam());
+  auto weights = random_weights(c, 11);
+  const std::vector<int32_t> prompt = test::randint(13, 3, static_cast<int32_t>(c.vocab_size));
+  RequestParams rp;
+  rp.sample = SampleParams{1.0f, 0, 1.0f, 0, 77, 0};
+  rp.max_tokens = 24;
+  EngineOptions o;
+  o.max_seqs = 6;
+  o.max_prefill_tokens = 8;  // the prompt arrives in two chunks
+  Engine e(c, *weights, o);
+  for (int i = 0; i < 5; ++i) {
+    RequestParams other = rp;
+    other.sample.seed = 500 + static_cast<uint64_t>(i);
+    e.add(100 + i, test::randint(static_cast<size_t>(4 + 5 * i), 60 + static_cast<uint64_t>(i), static_cast<int32_t>(c.vocab_size)), other);
+    if (i == 1) e.add(7, prompt, rp);
+  }
+  std::vector<int32_t> seq = prompt;
+  std::vector<float> served;
+  while (!e.idle())
+    for (const EngineEvent& ev : e.step())
+      if (ev.id == 7) {
+        seq.push_back(ev.out.token);
+        served.push_back(ev.out.logprob);
+      }
+  ASSERT_EQ(served.size(), 24u);
+  SequenceScorer scorer(c, *weights, "fp32");
+  const std::vector<float> trained = scorer.logprobs({seq});  // value i: log p(seq[i + 1] | seq[..i])
+  ASSERT_EQ(trained.size(), seq.size() - 1);
+  for (size_t i = 0; i < served.size(); ++i) {
+    const float want = trained[prompt.size() - 1 + i];
+    EXPECT_EQ(std::bit_cast<uint32_t>(served[i]), std::bit_cast<uint32_t>(want))
+        << "token " << i << ": served " << served[i] << ", trainer " << want;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, EngineLogprobs, ::testing::Values("test-gpt2", "test-llama", "test-moe"),
+                         [](const auto& info) {
+                           const std::string p = info.param;
+                           return p == "test-gpt2" ? std::string("Gpt2") : p == "test-llama" ? std::string("Llama") : std::string("Moe");
+                         });
+
 TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {
   const ModelConfig c = serving_config("test-llama");
   auto weights = random_weights(c, 3);

@@ -21,6 +21,7 @@
 // here only validate and dispatch (a bf16 tensor on the CPU fails in check_dtype). Tests compare them
 // with attention_forward/backward above on the same bf16-rounded inputs.
 #include "ops/attention.h"
+#include "ops/attention_row.h"
 
 #include <algorithm>
 #include <climits>
@@ -44,8 +45,6 @@ constexpr const char* kOpFlashBackward = "flash_attention_backward";
 // every reduction depends only on T. Measured at T = 128 and 256: 48 beats 24, 36, 64 and 128.
 constexpr int64_t kRowBlock = 48;
 
-// 1/sqrt(HS) in fp32, the one scale both backends use.
-inline float attention_scale(int64_t HS) { return 1.0f / std::sqrt(static_cast<float>(HS)); }
 
 // Sizes of one attention call.
 struct AttnDims {
@@ -60,16 +59,7 @@ using cpu_math::row_dot;
 using cpu_math::row_max;
 using cpu_math::row_sum;
 
-// In place on p[0, t] (scores of query row t): p = softmax(p) (max-subtracted, float sum); then
-// zeros in p[t+1, width).
-inline void softmax_causal_row(float* p, int64_t t, int64_t width) {
-  const int64_t n = t + 1;
-  const float mx = row_max(p, n);
-  for (int64_t s = 0; s < n; ++s) p[s] = exp_nonpos(p[s] - mx);
-  const float inv = 1.0f / row_sum(p, n);
-  for (int64_t s = 0; s < n; ++s) p[s] *= inv;
-  for (int64_t s = n; s < width; ++s) p[s] = 0.0f;
-}
+// attention_scale and softmax_causal_row: ops/attention_row.h (shared with paged attention).
 
 // One head. q, k, v: (T, HS) with leading dimension ldqkv; o: (T, HS) with leading dimension ldo;
 // p: (T, T) probabilities.

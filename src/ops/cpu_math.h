@@ -1,7 +1,8 @@
 // cpu_math.h: shared scalar/row helpers of the CPU reference ops (header-only, all inline).
 //
-// Used by attention.cpp (row_max, exp_nonpos, row_sum, row_dot), cross_entropy.cpp (row_max,
-// exp_nonpos, row_sum_double) and activation.cpp (exp_f32). Invariants every helper keeps:
+// Used by attention.cpp and paged_attention.cpp (row_max, exp_nonpos, row_sum, row_dot; through
+// attention_row.h), cross_entropy.cpp and sampling.cpp (row_max, exp_nonpos, row_sum_double, the
+// log-softmax pair) and activation.cpp (exp_f32). Invariants every helper keeps:
 // - Fixed reduction order that depends only on the row length n: kLanes = 8 interleaved partial
 //   results (lane j takes elements j, j + 8, j + 16, ... of the first 8 floor(n / 8) elements),
 //   combined left to right in lane order, then the tail elements in index order. No dependence on
@@ -20,6 +21,7 @@
 #pragma once
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 namespace lmf::cpu_math {
@@ -61,6 +63,30 @@ inline float row_sum(const float* x, int64_t n) { return row_sum_as<float>(x, n)
 // sum_i x[i] in double (long rows, e.g. a 50k-term softmax denominator, where a float sum loses
 // ~3 digits).
 inline double row_sum_double(const float* x, int64_t n) { return row_sum_as<double>(x, n); }
+
+// ---- log-softmax of a row of logits ------------------------------------------------------------
+// One definition for the training loss (cross_entropy.cpp) and serving's log-probabilities
+// (sampling.cpp), so that a sampled token's log-probability is bitwise minus the trainer's loss for it.
+
+// row_sum_double of exp_nonpos(x[i] - mx), i < n, without storing the exps (the same bits as writing
+// them and summing; the exps are defined below).
+inline float exp_nonpos(float x);
+inline double row_sum_exp_double(const float* x, int64_t n, float mx) {
+  double s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += exp_nonpos(x[i + j] - mx);
+  double r = 0;
+  for (int64_t j = 0; j < kLanes; ++j) r += s[j];
+  for (; i < n; ++i) r += exp_nonpos(x[i] - mx);
+  return r;
+}
+
+// -log softmax(x)[t] from the row's max, x[t] and the sum of exp(x - max): (max - x[t]) + log(sum) in
+// double, rounded to float once.
+inline float neg_log_softmax(float mx, float x_t, double sum_exp) {
+  return static_cast<float>(static_cast<double>(mx) - static_cast<double>(x_t) + std::log(sum_exp));
+}
 
 // sum_i x[i] y[i] in float, n >= 0. Products rounded to float before the add (FMA contraction is the
 // compiler's, as everywhere in the build).

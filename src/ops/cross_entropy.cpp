@@ -33,6 +33,7 @@ constexpr const char* kOp = "lm_head_cross_entropy";
 
 // Fixed-order row reductions and the x <= 0 exp: ops/cpu_math.h.
 using cpu_math::exp_nonpos;
+using cpu_math::neg_log_softmax;
 using cpu_math::row_max;
 using cpu_math::row_sum_double;
 
@@ -105,7 +106,7 @@ void lm_head_cross_entropy_cpu(float* losses, float* dx, float* dw, const float*
         float* l = logits + static_cast<int64_t>(r) * Vp;
         const double sum = sum_of[r];
         const float mx = mx_of[r], l_tgt = tgt_of[r];
-        losses[n0 + r] = static_cast<float>(static_cast<double>(mx) - static_cast<double>(l_tgt) + std::log(sum));
+        losses[n0 + r] = neg_log_softmax(mx, l_tgt, sum);
         if (grad) {
           const float inv = static_cast<float>(1.0 / sum);
           const int64_t t = local_target(n0 + static_cast<int>(r));

@@ -1,17 +1,20 @@
 // paged_attention.cpp: checks and the fp32 CPU reference of serving's attention (paged_attention.h).
 //
-// One (row, head) at a time, an online softmax over the row's positions in order 0, 1, ...: running
-// max m, running sum l, running output o (rescaled by exp(m_old - m_new) when the max grows), then
-// o / l. Rows and heads are independent (parallel_for over them), so results do not depend on the thread
-// count or on the other rows of the batch.
+// One (row, head) at a time, with the training forward's arithmetic for that row (attention_row.h,
+// attention.cpp): the scores over the row's positions 0, 1, ..., its causal softmax row, the output as
+// one FMA chain over the positions. So a served row is bitwise the trainer's, and rows and heads are
+// independent (parallel_for over them): results do not depend on the thread count or on the other
+// rows of the batch.
 #include "ops/paged_attention.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "core/device.h"
 #include "core/parallel.h"
+#include "ops/attention_row.h"
 #include "ops/dispatch.h"
 
 namespace lmf {
@@ -65,8 +68,14 @@ void attention_cpu(float* out, const float* qkv, const float* kc, const float* v
                    const int32_t* seqs, const int32_t* positions, int64_t N, int64_t NH, int64_t NKV, int64_t HS,
                    int64_t bs, int64_t max_blocks) {
   const int64_t row = (NH + 2 * NKV) * HS, kv_dim = NKV * HS, group = NH / NKV;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float scale = attention_scale(HS);
   parallel_for(N * NH, 1, [&](int64_t i0, int64_t i1) {  // one (row, head) per chunk
+    // this thread's scores of one row (grown once to the block table's positions, then reused)
+    thread_local std::vector<float> p_buf, q_buf;
+    if (static_cast<int64_t>(p_buf.size()) < max_blocks * bs) p_buf.resize(static_cast<size_t>(max_blocks * bs));
+    if (static_cast<int64_t>(q_buf.size()) < HS) q_buf.resize(static_cast<size_t>(HS));
+    float* p = p_buf.data();
+    float* qs = q_buf.data();
     for (int64_t nh = i0; nh < i1; ++nh) {
       const int64_t n = nh / NH, h = nh % NH;
       float* o = out + n * NH * HS + h * HS;
@@ -74,26 +83,24 @@ void attention_cpu(float* out, const float* qkv, const float* kc, const float* v
       if (seqs[n] < 0) continue;
       const float* q = qkv + n * row + h * HS;
       const int32_t* table = tables + seqs[n] * max_blocks;
-      const int64_t kvh = h / group;
-      float m = -INFINITY, l = 0.0f;
-      for (int64_t s = 0; s <= positions[n]; ++s) {
-        const int64_t slot = static_cast<int64_t>(table[s / bs]) * bs + s % bs;
-        const float* k = kc + slot * kv_dim + kvh * HS;
-        const float* v = vc + slot * kv_dim + kvh * HS;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < HS; ++i) dot += q[i] * k[i];
-        const float x = dot * scale;
-        if (x > m) {
-          const float r = std::exp(m - x);  // 0 for the first position
-          l *= r;
-          for (int64_t i = 0; i < HS; ++i) o[i] *= r;
-          m = x;
-        }
-        const float p = std::exp(x - m);
-        l += p;
-        for (int64_t i = 0; i < HS; ++i) o[i] += p * v[i];
+      const int64_t kvh = h / group, len = positions[n] + 1;
+      auto key = [&](int64_t s) { return kc + (static_cast<int64_t>(table[s / bs]) * bs + s % bs) * kv_dim + kvh * HS; };
+      auto value = [&](int64_t s) { return vc + (static_cast<int64_t>(table[s / bs]) * bs + s % bs) * kv_dim + kvh * HS; };
+      // the training forward's arithmetic for this row (attention.cpp): scores = one FMA chain over the
+      // head dimension of (scale q) and k, as its GEMM computes them; its causal softmax row; the
+      // output = one FMA chain over the positions in order, as its P V GEMM
+      for (int64_t i = 0; i < HS; ++i) qs[i] = scale * q[i];
+      for (int64_t s = 0; s < len; ++s) {
+        const float* k = key(s);
+        float acc = 0.0f;
+        for (int64_t i = 0; i < HS; ++i) acc = std::fma(qs[i], k[i], acc);
+        p[s] = acc;
       }
-      for (int64_t i = 0; i < HS; ++i) o[i] /= l;
+      softmax_causal_row(p, len - 1, len);
+      for (int64_t s = 0; s < len; ++s) {
+        const float* v = value(s);
+        for (int64_t i = 0; i < HS; ++i) o[i] = std::fma(p[s], v[i], o[i]);
+      }
     }
   });
 }

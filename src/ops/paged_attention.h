@@ -14,8 +14,9 @@
 // scale 1/sqrt(HS). kv_cache_write runs first, so the rows of one prompt chunk see each other causally.
 //
 // Deterministic and batch-invariant: a row's output depends only on its query and its own sequence's
-// cached keys and values, never on the other rows of the batch (the CPU runs one fp32 online softmax
-// per (row, head); the GPU kernel splits the positions into fixed chunks combined in a fixed order).
+// cached keys and values, never on the other rows of the batch (the CPU computes each (row, head) with
+// the training forward's arithmetic, bitwise attention_forward's row; the GPU kernel splits the
+// positions into fixed chunks combined in a fixed order).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "core/parallel.h"
+#include "ops/cpu_math.h"
 #include "ops/dispatch.h"
 
 
@@ -122,19 +123,19 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
   parallel_for(M, 1, [&](int64_t m, int64_t) {  // one row per chunk
     const float* l = logits.f32() + m * W;
     int32_t* order = scratch.i32() + m * V;
-    const float mx = *std::max_element(l, l + V);
-    double se = 0;
-    for (int64_t i = 0; i < V; ++i) se += std::exp(static_cast<double>(l[i]) - mx);
-    const double lse = static_cast<double>(mx) + std::log(se);
+    // log-probabilities exactly as the training loss computes them (ops/cpu_math.h): bitwise minus the
+    // trainer's loss for the same row of logits
+    const float mx = cpu_math::row_max(l, V);
+    const double se = cpu_math::row_sum_exp_double(l, V, mx);
     const int32_t t = draw(l, order, V, mx, pp[m]);
     tokens.i32()[m] = t;
-    logprobs.f32()[m] = static_cast<float>(static_cast<double>(l[t]) - lse);
+    logprobs.f32()[m] = -cpu_math::neg_log_softmax(mx, l[t], se);
     if (top_n > 0) {
       std::iota(order, order + V, 0);
       std::partial_sort(order, order + top_n, order + V, ByLogit{l});
       for (int64_t j = 0; j < top_n; ++j) {
         top_ids.i32()[m * top_n + j] = order[j];
-        top_logprobs.f32()[m * top_n + j] = static_cast<float>(static_cast<double>(l[order[j]]) - lse);
+        top_logprobs.f32()[m * top_n + j] = -cpu_math::neg_log_softmax(mx, l[order[j]], se);
       }
     }
   });
