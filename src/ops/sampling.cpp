@@ -102,7 +102,7 @@ void sample_tokens(Tensor tokens, Tensor logprobs, Tensor top_ids, Tensor top_lo
   }
   check_same_device(op, {&tokens, &logprobs, &top_ids, &top_logprobs, &logits, &params, &scratch});
   if (gpu) {
-    const auto* ps = reinterpret_cast<const SampleParams*>(params.data);
+    [[maybe_unused]] const auto* ps = reinterpret_cast<const SampleParams*>(params.data);
     if (logits.dtype == DType::bf16)
       LMF_CUDA_DISPATCH(op, cuda::sample_tokens(tokens.i32(), logprobs.f32(), top_n ? top_ids.i32() : nullptr,
                                                 top_n ? top_logprobs.f32() : nullptr, top_n, logits.ptr<bf16>(), M, W,
