@@ -201,6 +201,12 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
                              {"--attention", "unknown attention kernels 'flash3'"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
   EXPECT_TRUE(one_line_error(run_cli("plot --metrics " + dir_ + "/nowhere", dir_), {"--metrics", "nowhere", "not found"}));
+  EXPECT_TRUE(one_line_error(run_cli("check-invariance --device cpu --checkpoint " + dir_ + "/run --batches 2,x", dir_),
+                             {"--batches", "'x' is not a batch size"}));
+  EXPECT_TRUE(one_line_error(run_cli("check-invariance --device cpu --checkpoint " + dir_ + "/run --batches 0", dir_),
+                             {"--batches", "0 is not in [1, 1024]"}));
+  EXPECT_TRUE(one_line_error(run_cli("check-invariance --device cpu --checkpoint " + dir_ + "/run --prompt-len 200", dir_),
+                             {"--prompt-len=200", "context length (128)"}));
 }
 
 }  // namespace

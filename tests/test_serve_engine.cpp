@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "model/score.h"
 #include "model/token_ends.h"
 #include "serve/engine.h"
+#include "serve/invariance.h"
 #include "support/test_util.h"
 
 namespace lmf {
@@ -238,6 +240,41 @@ INSTANTIATE_TEST_SUITE_P(Presets, EngineLogprobs, ::testing::Values("test-gpt2",
                            const std::string p = info.param;
                            return p == "test-gpt2" ? std::string("Gpt2") : p == "test-llama" ? std::string("Llama") : std::string("Moe");
                          });
+
+// The harness (serve/invariance.h) on the CPU: dense and MoE models are batch-invariant, trainer =
+// sampler, in every check. An MoE trained with a capacity factor is not: the trainer's forward drops
+// assignments depending on the other rows of its batch (and on the later positions of its own row),
+// while the sampler is dropless, and the harness says so.
+TEST(Invariance, TheCpuIsBatchInvariantAndTheHarnessSeesACapacityFactor) {
+  InvarianceOptions o;
+  o.prompt_len = 12;
+  o.new_tokens = 10;
+  o.batches = {1, 2, 3, 8};
+  for (const char* preset : {"test-gpt2", "test-llama", "test-moe"}) {
+    const ModelConfig c = serving_config(preset);
+    auto w = random_weights(c, 21);
+    const InvarianceReport r = check_invariance(c, *w, o);
+    EXPECT_EQ(r.checks.size(), 1u + 3u + 1u + 3u * 2u) << preset;  // vs sampler, 3 batches, padded, 3 x 2 sampler runs
+    std::ostringstream table;
+    r.print(table);
+    EXPECT_TRUE(r.all_equal()) << preset << "\n" << table.str();
+    EXPECT_NE(table.str().find("batch-invariant: yes"), std::string::npos);
+  }
+  ModelConfig c = serving_config("test-moe");
+  c.moe.capacity_factor = 0.5f;
+  auto w = random_weights(c, 21);
+  const InvarianceReport r = check_invariance(c, *w, o);
+  std::ostringstream table;
+  r.print(table);
+  EXPECT_FALSE(r.all_equal()) << table.str();
+  EXPECT_NE(table.str().find("batch-invariant: no"), std::string::npos);
+  for (const InvarianceCheck& ch : r.checks)
+    if (ch.sampler) EXPECT_TRUE(ch.equal()) << ch.what;  // serving is dropless
+  EXPECT_FALSE(r.checks[0].equal()) << "trainer (with drops) vs sampler (dropless)";
+  ModelConfig bad = serving_config("test-gpt2");
+  o.prompt_len = 40;  // + 10 > context 48
+  EXPECT_NE(invariance_options_problem(o, bad).find("--prompt-len=40"), std::string::npos);
+}
 
 TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {
   const ModelConfig c = serving_config("test-llama");

@@ -38,6 +38,7 @@
 #include "ops/sampling.h"
 #include "serve/chat_template.h"
 #include "serve/engine.h"
+#include "serve/invariance.h"
 #include "serve/served_model.h"
 #include "serve/server.h"  // the options always; the server itself only with LMF_WITH_HTTP
 #include "train/checkpoint.h"
@@ -364,6 +365,36 @@ int run_score(const ScoreOptions& so) {
   return 0;
 }
 
+struct InvarianceCommand {
+  std::string checkpoint, device = "auto", batches = "1,2,3,4,5,8,16,32";
+  bool allow_nonfinite = false;
+  InvarianceOptions o;
+};
+
+// The batch-invariance harness (serve/invariance.h): a table of bitwise comparisons; exit 0 when every
+// value is equal, 1 when one differs.
+int run_check_invariance(InvarianceCommand& ic) {
+  ic.o.batches.clear();
+  size_t at = 0;
+  while (at <= ic.batches.size()) {
+    const size_t comma = std::min(ic.batches.find(',', at), ic.batches.size());
+    const std::string one = ic.batches.substr(at, comma - at);
+    int64_t v = 0;
+    const auto [p, ec] = std::from_chars(one.data(), one.data() + one.size(), v);
+    if (one.empty() || ec != std::errc() || p != one.data() + one.size())
+      fail("--batches: '", one, "' is not a batch size (expected comma-separated integers)");
+    ic.o.batches.push_back(v);
+    at = comma + 1;
+  }
+  ServedModel m = load_served_model(ic.checkpoint, ic.device, ic.allow_nonfinite);
+  if (const std::string p = invariance_options_problem(ic.o, m.cfg); !p.empty()) fail(p);
+  std::cerr << "[check-invariance] " << m.what << " on " << device_name(m.params->device()) << ": "
+            << model_summary(m.cfg, m.tok != nullptr, !m.assets.chat_template.empty()) << "\n";
+  const InvarianceReport r = check_invariance(m.cfg, *m.params, ic.o, &std::cerr);
+  r.print(std::cout);
+  return r.all_equal() ? 0 : 1;
+}
+
 struct ServeOptions {
   std::string checkpoint, tokenizer = "auto", device = "auto";
   bool allow_nonfinite = false;
@@ -507,6 +538,22 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   score->add_flag("--allow-nonfinite", sco.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
 
+  InvarianceCommand ico;
+  CLI::App* inv = app.add_subcommand(
+      "check-invariance",
+      "does a sequence's log-probabilities depend on its batch? bitwise checks of the trainer and the sampler");
+  inv->add_option("--checkpoint", ico.checkpoint,
+                  "checkpoint directory, training out-dir, Hugging Face directory or GGUF file")->required();
+  inv->add_option("--device", ico.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
+  inv->add_option("--precision", ico.o.precision, "the trainer's: auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 or bf16")
+      ->capture_default_str();
+  inv->add_option("--batches", ico.batches, "batch sizes and numbers of concurrent requests to sweep, comma-separated")
+      ->capture_default_str();
+  add_num(inv, "--prompt-len", ico.o.prompt_len, "the probe's prompt length (random ids)")->capture_default_str();
+  add_num(inv, "--new-tokens", ico.o.new_tokens, "tokens the probe decodes greedily")->capture_default_str();
+  add_num(inv, "--seed", ico.o.seed, "seed of the probe and of the other sequences")->capture_default_str();
+  inv->add_flag("--allow-nonfinite", ico.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint,
                   "checkpoint directory, training out-dir, Hugging Face model directory or GGUF file")->required();
@@ -635,6 +682,7 @@ int main(int argc, char** argv) {
     if (*tokc.app) return run_tokenizer_command(tokc);
     if (*gen) return run_generate(go);
     if (*score) return run_score(sco);
+    if (*inv) return run_check_invariance(ico);
     if (*fco.forecast || *fco.eval) return run_forecast_command(fco);
     if (*serve) return run_serve(sv);
     if (*imp) return run_import(im_from, im_out, im_overwrite);
