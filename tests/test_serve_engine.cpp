@@ -268,8 +268,15 @@ TEST(Invariance, TheCpuIsBatchInvariantAndTheHarnessSeesACapacityFactor) {
   r.print(table);
   EXPECT_FALSE(r.all_equal()) << table.str();
   EXPECT_NE(table.str().find("batch-invariant: no"), std::string::npos);
-  for (const InvarianceCheck& ch : r.checks)
+  int located = 0;
+  for (const InvarianceCheck& ch : r.checks) {
     if (ch.sampler) EXPECT_TRUE(ch.equal()) << ch.what;  // serving is dropless
+    if (!ch.sampler && !ch.equal() && ch.what.starts_with("trainer,")) {  // the op that drops is named
+      EXPECT_NE(ch.first_op.find("MoE + residual"), std::string::npos) << ch.what << ": " << ch.first_op;
+      ++located;
+    }
+  }
+  EXPECT_GT(located, 0) << table.str();
   EXPECT_FALSE(r.checks[0].equal()) << "trainer (with drops) vs sampler (dropless)";
   ModelConfig bad = serving_config("test-gpt2");
   o.prompt_len = 40;  // + 10 > context 48

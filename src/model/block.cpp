@@ -250,6 +250,9 @@ void block_forward(const BlockStep& s) {
   const ModelConfig& c = *s.cfg;
   const BlockWeights &w = *s.w, &wg = *s.wg;
   BlockActs& a = *s.a;
+  auto tap = [&](const char* op, Tensor out) {
+    if (s.tap) (*s.tap)(s.layer, op, out);
+  };
   const Tensor ln1 = seq_gather(s, a.ln1.out, s.seq_gathered);
   timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, ln1, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
   if (c.positions == PositionKind::rope)
@@ -257,17 +260,23 @@ void block_forward(const BlockStep& s) {
       if (s.batch) rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.batch->positions);
       else rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head);
     });
+  tap(c.positions == PositionKind::rope ? "qkv projection + rope" : "qkv projection", a.qkv);
   attention_step_forward(s);
+  tap("attention", a.att);
   const Tensor proj_out = seq_par(s) ? s.seq_partial : a.res1;
   timed(s, "linear proj fwd", s.flops->proj, [&] {
     linear_forward(proj_out, a.att, wg.proj_w, row_bias(s, wg.proj_b), s.k->gemm_math);
   });
   seq_reduce(s, proj_out, a.res1);
   residual_norm(s, a.res1, s.x, a.res1, a.ln2, w.norm2);
+  tap("output projection + residual", a.res1);
+  tap("second norm", a.ln2.out);
   const Tensor ffn_out = seq_par(s) ? s.seq_partial : a.res2;
   ffn_forward(s, seq_gather(s, a.ln2.out, s.seq_gathered), ffn_out);
   seq_reduce(s, ffn_out, a.res2);
   residual_norm(s, a.res2, a.res1, a.res2, s.tail, s.tail_w);
+  tap(c.is_moe_layer(s.layer) ? "MoE + residual" : "MLP + residual", a.res2);
+  tap("next norm (the next layer's first, or the final norm)", s.tail.out);
 }
 
 void block_backward(const BlockStep& s) {

@@ -24,6 +24,7 @@
 // end), the other d_* buffers are scratch shared by all layers.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "core/comm.h"
 #include "model/config.h"
@@ -109,6 +110,11 @@ struct BlockFlops {
 };
 BlockFlops block_flops(const ModelConfig& c, const MoeConfig& m, int64_t B, int64_t T);
 
+// A forward's activations as they are computed (the batch-invariance harness, serve/invariance.h, finds
+// the first op whose output differs): (layer, the op, its output, rows first). Layer -1 is the input
+// end and the first norm; n_layer - 1's "next norm" is the final norm.
+using ActivationTap = std::function<void(int layer, const char* op, Tensor out)>;
+
 // Everything a block step of layer `layer` reads and writes. The trunk (model/model.h) builds one per
 // call from its tables; nothing here owns memory.
 struct BlockStep {
@@ -138,6 +144,7 @@ struct BlockStep {
   // the MoE auxiliary losses' gradient (the micro-batch's loss scale)
   bool grads_zero = false;
   float d_aux = 1.0f;
+  const ActivationTap* tap = nullptr;  // forward: each op's output (null: none)
 };
 
 void block_forward(const BlockStep& s);

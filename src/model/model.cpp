@@ -454,10 +454,15 @@ void Model::trunk_forward(Tensor inputs, KvCache* cache, const PagedBatch* batch
     ProfileScope scope(prof_, "norm fwd");
     norm_forward(cfg_, cfg_.n_layer > 0 ? acts_l_[0].ln1 : lnf_, stream_in_, cfg_.n_layer > 0 ? w_[0].norm1 : final_w_);
   }
+  if (tap_) {
+    tap_(-1, "input end (embedding)", encoded_);
+    tap_(-1, "first norm", cfg_.n_layer > 0 ? acts_l_[0].ln1.out : lnf_.out);
+  }
   for (int l = 0; l < cfg_.n_layer; ++l) {
     BlockStep s = step_of(l);
     s.cache = cache;
     s.batch = batch;
+    s.tap = tap_ ? &tap_ : nullptr;
     block_forward(s);
   }
 }

@@ -107,6 +107,8 @@ class Model {
   // above and the output end are done; the input end (a tied embedding included) and the layers below
   // are not. Called from the thread running the backward, host order (CPU plans). Empty: no calls.
   void set_grads_final_hook(std::function<void(size_t first_final)> f) { grads_final_ = std::move(f); }
+  // Every forward's activations, op by op (model/block.h ActivationTap); empty: none.
+  void set_activation_tap(ActivationTap f) { tap_ = std::move(f); }
 
  private:
   void plan_activations();
@@ -143,6 +145,7 @@ class Model {
   std::vector<MoeState> moe_states_;
   std::vector<size_t> layer_first_param_;  // index of layer l's first parameter; [n_layer]: the output end's first
   std::function<void(size_t)> grads_final_;
+  ActivationTap tap_;
   mutable std::vector<int32_t> moe_counts_host_;  // planned staging for moe_summary()
   mutable std::vector<float> moe_stats_host_, losses_host_;
 };

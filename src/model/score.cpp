@@ -73,6 +73,7 @@ void SequenceScorer::logprobs_into(const std::vector<std::vector<int32_t>>& rows
     }
   tensor_from_host(pl.io[0], tokens.data());
   tensor_from_host(pl.io[1], targets.data());
+  pl.model->set_activation_tap(tap_);
   pl.model->forward_loss_device(pl.io[0], pl.io[1]);
   scale_forward(out.view({B * T}), pl.model->row_losses(), -1.0f);  // the per-row loss is -log p(target): negation is exact
 }

@@ -29,6 +29,9 @@ class SequenceScorer {
   std::vector<float> logprobs(const std::vector<std::vector<int32_t>>& rows);
   // The same into `out` (B * (n - 1) f32 on the model's device: a GPU caller may keep it there).
   void logprobs_into(const std::vector<std::vector<int32_t>>& rows, Tensor out);
+  // Every following call's forward reports its activations op by op (model/block.h; the
+  // batch-invariance harness). Empty: none.
+  void set_activation_tap(ActivationTap f) { tap_ = std::move(f); }
   // "" when the rows can be scored, else one line saying why not.
   std::string problem(const std::vector<std::vector<int32_t>>& rows) const;
   Device device() const { return params_.device(); }
@@ -43,6 +46,7 @@ class SequenceScorer {
   ModelConfig cfg_;
   Parameters& params_;
   std::string precision_;
+  ActivationTap tap_;
   std::map<std::pair<int64_t, int64_t>, Planned> plans_;  // by (B, T); the last few shapes
   std::vector<std::pair<int64_t, int64_t>> order_;      // oldest first
 };

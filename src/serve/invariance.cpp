@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 
 #include "core/check.h"
 #include "core/rng.h"
@@ -33,6 +34,48 @@ InvarianceCheck compare(std::string what, const float* got, const float* want, i
     c.worst_abs = std::max(c.worst_abs, std::fabs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
   }
   return c;
+}
+
+// The probe's rows [row0, row0 + n) of every op's output in one trainer forward, in forward order.
+struct OpOutput {
+  int layer;
+  std::string op;
+  size_t row_bytes;
+  std::vector<uint8_t> bytes;
+};
+
+std::vector<OpOutput> capture(SequenceScorer& scorer, const std::vector<std::vector<int32_t>>& rows, int64_t row0,
+                              int64_t n) {
+  std::vector<OpOutput> out;
+  scorer.set_activation_tap([&](int layer, const char* op, Tensor t) {
+    const int64_t w = t.dim(t.ndim - 1);
+    const Tensor m = t.view({t.numel() / w, w}).rows(row0, row0 + n);
+    OpOutput o{layer, op, static_cast<size_t>(w) * dtype_size(t.dtype), std::vector<uint8_t>(m.nbytes())};
+    tensor_to_host(o.bytes.data(), m);
+    out.push_back(std::move(o));
+  });
+  try {
+    (void)scorer.logprobs(rows);
+  } catch (...) {
+    scorer.set_activation_tap(nullptr);
+    throw;
+  }
+  scorer.set_activation_tap(nullptr);
+  return out;
+}
+
+// "layer 2: MoE + residual (position 20)" for the first op output, in forward order, whose bytes differ
+// between two captures of the same positions; "" when none does.
+std::string first_differing_op(const std::vector<OpOutput>& ref, const std::vector<OpOutput>& got) {
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
+    const OpOutput &a = ref[i], &b = got[i];
+    const size_t n = std::min(a.bytes.size(), b.bytes.size());
+    for (size_t j = 0; j < n; ++j)
+      if (a.bytes[j] != b.bytes[j])
+        return (a.layer < 0 ? std::string("input") : detail::concat("layer ", a.layer)) + ": " + a.op + " (position " +
+               std::to_string(j / a.row_bytes) + ")";
+  }
+  return "";
 }
 
 struct Decoded {
@@ -95,13 +138,15 @@ bool InvarianceReport::all_equal() const {
 }
 
 void InvarianceReport::print(std::ostream& os) const {
-  os << "| check | values | differing | first | worst abs diff | tokens |\n|---|---|---|---|---|---|\n";
+  os << "| check | values | differing | first | worst abs diff | tokens | first differing op |\n"
+        "|---|---|---|---|---|---|---|\n";
   int64_t bad = 0;
   for (const InvarianceCheck& c : checks) {
     char worst[32];
     std::snprintf(worst, sizeof worst, "%.3g", c.worst_abs);
     os << "| " << c.what << " | " << c.values << " | " << c.differing << " | " << c.first << " | " << worst << " | "
-       << (!c.sampler ? "-" : c.tokens_equal ? "same" : "DIFFER") << " |\n";
+       << (!c.sampler ? "-" : c.tokens_equal ? "same" : "DIFFER") << " | "
+       << (c.first_op.empty() ? std::string("-") : c.first_op) << " |\n";
     bad += c.equal() ? 0 : 1;
   }
   if (bad == 0) os << "batch-invariant: yes (" << checks.size() << " checks, every value bitwise equal)\n";
@@ -129,6 +174,11 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
   // the trainer over the whole sequence (every position at once) = the sampler's decode
   SequenceScorer scorer(c, params, o.precision);
   const std::vector<float> ref = scorer.logprobs({seq});  // L - 1 values
+  std::vector<OpOutput> ref_captured;  // the reference forward's ops, captured when a check first differs
+  auto ref_ops = [&]() -> const std::vector<OpOutput>& {
+    if (ref_captured.empty()) ref_captured = capture(scorer, {seq}, 0, L - 1);
+    return ref_captured;
+  };
   add(compare("trainer (prefill, batch 1) vs sampler (decode, alone): the generated tokens' log-probabilities",
               ref.data() + (P - 1), alone.logprobs.data(), G));
 
@@ -140,8 +190,10 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
     for (int64_t b = 0; b < B; ++b)
       rows.push_back(b == row ? seq : random_ids(o.seed, 100 + static_cast<uint64_t>(B) * 1024 + static_cast<uint64_t>(b), L, V));
     const std::vector<float> got = scorer.logprobs(rows);
-    add(compare(detail::concat("trainer, batch of ", B, " (probe at row ", row, ")"), got.data() + row * (L - 1),
-                ref.data(), L - 1));
+    InvarianceCheck ch = compare(detail::concat("trainer, batch of ", B, " (probe at row ", row, ")"),
+                                 got.data() + row * (L - 1), ref.data(), L - 1);
+    if (!ch.equal()) ch.first_op = first_differing_op(ref_ops(), capture(scorer, rows, row * (L - 1), L - 1));
+    add(std::move(ch));
   }
   // the trainer: the probe as the prefix of a longer row (right padding with other tokens)
   if (L < c.context_length + 1) {
@@ -150,7 +202,9 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
     const std::vector<int32_t> tail = random_ids(o.seed, 3, pad, V);
     longer.insert(longer.end(), tail.begin(), tail.end());
     const std::vector<float> got = scorer.logprobs({longer});
-    add(compare(detail::concat("trainer, probe + ", pad, " more positions"), got.data(), ref.data(), L - 1));
+    InvarianceCheck ch = compare(detail::concat("trainer, probe + ", pad, " more positions"), got.data(), ref.data(), L - 1);
+    if (!ch.equal()) ch.first_op = first_differing_op(ref_ops(), capture(scorer, {longer}, 0, L - 1));
+    add(std::move(ch));
   }
   // the sampler among others: continuous batching, two prefill budgets
   for (int64_t B : o.batches) {

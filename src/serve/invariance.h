@@ -35,6 +35,7 @@ struct InvarianceCheck {
   int64_t differing = 0;    // of them, not bitwise equal
   int64_t first = -1;       // index of the first differing value (-1: none)
   double worst_abs = 0;     // max |a - b|
+  std::string first_op;     // trainer checks that differ: the first op whose output differs, and where
   bool sampler = false;     // a sampler check (its tokens compared too)
   bool tokens_equal = true; // sampler checks: the same tokens
   bool equal() const { return differing == 0 && tokens_equal; }
