@@ -19,7 +19,8 @@
 #   tools/gpu_check.sh serve      # (carry .debs from `tools/device_debs.sh fetch` for the HTTP server)
 #                                 # builds only what serving needs, runs the serving GPU tests (paged attention,
 #                                 # sampler, engine vs CPU, graphs vs eager, rope, embedding), generate on GPU vs CPU,
-#                                 # and `lmforge serve --device cuda` answering curl
+#                                 # and `lmforge serve --device cuda` answering curl; `lmforge check-invariance
+#                                 # --device cuda` (its table's differing rows)
 #   tools/gpu_check.sh servebench # the serving benchmark: lmforge_bench_serve (batch-1 decode vs the copy-bandwidth
 #                                 # floor; 512 requests all at once and Poisson) and bench/serve_reference_hf.py on
 #                                 # the same workloads; LMF_SERVE_PRESETS (llama-1b gpt2-124m), LMF_HF_MAX_REQUESTS,
@@ -209,6 +210,11 @@ n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), le
     "$OUT/gen_cuda.txt" "$OUT/gen_cpu.txt")
   add "generate greedy GPU vs CPU (same bytes, of)" "$same"
   head -c 300 "$OUT/gen_cuda.txt"; echo; tail -1 "$OUT/gen_cuda.log"
+  # the batch-invariance harness on the GPU (default mode: where it differs, and the first op that does)
+  ./build-gpu/lmforge check-invariance --device cuda --checkpoint "$OUT/serve_ckpt" >"$OUT/invariance.md" \
+    2>"$OUT/invariance.log"
+  add "check-invariance --device cuda (tiny)" "rc=$? $(tail -1 "$OUT/invariance.md")"
+  grep -v "| 0 | -1 | 0 |" "$OUT/invariance.md" | head -30
   ./build-gpu/lmforge serve --device cuda --checkpoint "$OUT/serve_ckpt" --port 8765 >"$OUT/serve.out" 2>"$OUT/serve.err" &
   spid=$!
   for _ in $(seq 1 300); do grep -q listening "$OUT/serve.out" 2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 0.2; done
