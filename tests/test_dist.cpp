@@ -235,6 +235,7 @@ TEST(GradBuckets, SendsFinishedLayersDuringTheBackwardAndEveryElementOnce) {
   RecordingComm comm(g.data());
   {
     GradBuckets b(flat, comm, 150, 5);
+    b.final_from(40);  // before begin(): an earlier micro-batch's backward, ignored
     b.begin();
     b.final_from(340);  // layer 3 done: 100 final, below the bucket size
     {

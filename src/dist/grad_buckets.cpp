@@ -11,11 +11,13 @@ GradBuckets::GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems,
             grads.name, "')");
   LMF_CHECK(bucket_elems >= 0 && max_buckets >= 1, "GradBuckets: bucket size ", bucket_elems, ", at most ",
             max_buckets, " buckets");
+  sent_.reserve(static_cast<size_t>(max_buckets) + 1);  // a step allocates nothing
   if (gpu_) {
     side_ = cuda_side_stream_create();
     events_ = cuda_event_pool_create(static_cast<size_t>(max_buckets) + 1);
   } else {
     events_.resize(static_cast<size_t>(max_buckets) + 1);  // (only counted: the same limit on both)
+    queue_.reserve(static_cast<size_t>(max_buckets) + 1);  // a step allocates nothing
     thread_ = std::thread([this] { work(); });
   }
 }
@@ -39,10 +41,16 @@ void GradBuckets::begin() {
   open_ = true;
   unsent_hi_ = grads_.numel();
   sent_.clear();
+  if (!gpu_) {
+    std::lock_guard<std::mutex> g(mu_);
+    queue_.clear();  // (the last step's, all taken)
+    taken_ = 0;
+  }
 }
 
 void GradBuckets::final_from(int64_t from) {
-  LMF_CHECK(open_ && from >= 0 && from <= unsent_hi_, "GradBuckets: final_from(", from, ") outside the step's [0, ",
+  if (!open_) return;  // a backward before the step's last (gradient accumulation): nothing is final
+  LMF_CHECK(from >= 0 && from <= unsent_hi_, "GradBuckets: final_from(", from, ") outside the step's [0, ",
             unsent_hi_, "]");
   if (bucket_elems_ > 0 && unsent_hi_ - from >= bucket_elems_) send(from, unsent_hi_);
 }
@@ -85,10 +93,9 @@ void GradBuckets::send(int64_t lo, int64_t hi) {
 void GradBuckets::work() {
   std::unique_lock<std::mutex> g(mu_);
   while (true) {
-    cv_.wait(g, [&] { return stop_ || !queue_.empty(); });
-    if (queue_.empty()) return;  // stop_
-    const auto [lo, hi] = queue_.front();
-    queue_.pop_front();
+    cv_.wait(g, [&] { return stop_ || taken_ < queue_.size(); });
+    if (taken_ == queue_.size()) return;  // stop_
+    const auto [lo, hi] = queue_[taken_++];
     const bool skip = error_ != nullptr;  // after a failure the rest of the step is not sent
     g.unlock();
     if (!skip) {

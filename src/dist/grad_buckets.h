@@ -16,7 +16,6 @@
 #pragma once
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -41,6 +40,7 @@ class GradBuckets {
   // A step's last backward starts: nothing is final yet.
   void begin();
   // Every gradient element at flat offset >= from is final for this step (from only decreases).
+  // Outside begin() .. finish() (the backwards of the micro-batches before a step's last): ignored.
   void final_from(int64_t from);
   // Sends what is left ([0, the lowest offset sent)), waits until every bucket of the step is summed
   // and rethrows the first failure of the thread (one line naming the collective and the rank).
@@ -66,7 +66,8 @@ class GradBuckets {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::pair<int64_t, int64_t>> queue_;
+  std::vector<std::pair<int64_t, int64_t>> queue_;  // the step's buckets (reserved once); the thread takes
+  size_t taken_ = 0;                                 // queue_[taken_] next
   int64_t in_flight_ = 0;  // queued or being reduced
   bool stop_ = false;
   std::exception_ptr error_;

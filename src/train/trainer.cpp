@@ -228,30 +228,20 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
                     o.weight_decay, step, params.flat_copy(), schedule);
 }
 
-void with_grad_buckets(Model& model, GradBuckets* buckets, const std::function<void()>& backward) {
-  if (!buckets) {
-    backward();
-    return;
-  }
-  buckets->begin();
+void attach_grad_buckets(Model& model, GradBuckets& buckets) {
   const Arena& grads = model.state().grads_for_backward();
   const int64_t total = grads.flat_f32().numel();
-  model.set_grads_final_hook([&](size_t first) {
-    buckets->final_from(first < grads.size() ? static_cast<int64_t>(grads.offset_elems(first)) : total);
+  model.set_grads_final_hook([&buckets, &grads, total](size_t first) {
+    buckets.final_from(first < grads.size() ? static_cast<int64_t>(grads.offset_elems(first)) : total);
   });
-  struct Unhook {
-    Model& m;
-    ~Unhook() { m.set_grads_final_hook(nullptr); }
-  } unhook{model};
-  backward();
 }
 
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
                        const TrainOptions& o, Communicator* comm, GradBuckets* buckets) {
   const float share = comm ? 1.0f / static_cast<float>(comm->world_size()) : 1.0f;
   gpt.state->zero_grad();
-  with_grad_buckets(gpt.model, comm ? buckets : nullptr,
-                    [&] { gpt.model.forward_backward_device(tokens, targets, share); });
+  if (comm && buckets) buckets->begin();  // the backward sends them (attach_grad_buckets)
+  gpt.model.forward_backward_device(tokens, targets, share);
   if (loss.defined()) loss_mean(loss, gpt.model.row_losses(), share, false);
   if (comm) {
     if (buckets) buckets->finish();
@@ -455,10 +445,12 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
     gpt_ = std::make_unique<Gpt>(cfg_, plan, nullptr, m_begin, m_end);
   }
   plan_buffers(T);
-  if (dist_ && !zero_ && o_.grad_bucket_mb > 0)  // (one bucket a layer at most, and the rest)
+  if (dist_ && !zero_ && o_.grad_bucket_mb > 0) {  // (one bucket a layer at most, and the rest)
     buckets_ = std::make_unique<GradBuckets>(gpt_->state->grads().flat_f32(), *dp_comm_,
                                              static_cast<int64_t>(o_.grad_bucket_mb * 1e6 / sizeof(float)),
                                              cfg_.n_layer + 1);
+    attach_grad_buckets(gpt_->model, *buckets_);  // once: a step allocates nothing
+  }
   if (o_.cuda_graph == "on" && device_ != Device::cuda) fail("--cuda-graph=on needs the GPU (--device cuda)");
   if (o_.cuda_graph == "on" && o_.grad_accum != 1)
     fail("--cuda-graph=on captures one micro-batch per step: it needs --grad-accum 1 (got ", o_.grad_accum, ")");
@@ -831,9 +823,8 @@ void Trainer::compute_micro(int64_t micro) {
   const bool cpu = device_ == Device::cpu;
   // data parallelism: the last micro-batch's backward hands each finished part of the gradients to the
   // buckets, all-reduced while the backward goes on (finish_step waits for them)
-  with_grad_buckets(gpt_->model, micro == o_.grad_accum - 1 ? buckets_.get() : nullptr, [&] {
-    gpt_->model.forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
-  });
+  if (buckets_ && micro == o_.grad_accum - 1) buckets_->begin();
+  gpt_->model.forward_backward_device(cpu ? tokens_host_ : tokens_, cpu ? targets_host_ : targets_, scale);
   ProfileScope scope(prof_, "loss mean");
   loss_mean(step_losses_.rows(step_, step_ + 1), gpt_->model.row_losses(), scale, micro > 0);
 }

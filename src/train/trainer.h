@@ -117,14 +117,16 @@ void optimizer_step(Parameters& params, TrainingState& state, Tensor norm, const
 // parallelism (comm) each rank's 1 / ranks share summed over the ranks (gradients and loss, in-stream
 // NCCL all-reduces), clipping and AdamW with lr and bias corrections from `schedule`. No allocation,
 // no host synchronisation.
-// buckets (with comm): the gradients all-reduced in buckets while the backward runs, on the buckets'
-// side stream (dist/grad_buckets.h), joined before the optimizer; none: one all-reduce after it.
+// buckets (with comm; attached to gpt.model by attach_grad_buckets): the gradients all-reduced in
+// buckets while the backward runs, on the buckets' side stream (dist/grad_buckets.h), joined before
+// the optimizer; none: one all-reduce after it.
 void train_step_device(Gpt& gpt, Tensor tokens, Tensor targets, Tensor norm, Tensor loss, Tensor schedule,
                        const TrainOptions& o, Communicator* comm = nullptr, GradBuckets* buckets = nullptr);
 
-// Runs `backward` (a forward + backward of the model) with the model handing each part of the gradients
-// it finishes to the buckets (begin() first; the caller calls finish()); without buckets just runs it.
-void with_grad_buckets(Model& model, GradBuckets* buckets, const std::function<void()>& backward);
+// From now on the model's backward hands each part of the gradients it finishes to the buckets
+// (Model::set_grads_final_hook); they send it between their begin() and finish() and ignore it
+// otherwise (the micro-batches before a step's last). Once, at set-up: the hook is not rebuilt per step.
+void attach_grad_buckets(Model& model, GradBuckets& buckets);
 
 // --tune: tune_begin() before the first step opens the GEMM and cuDNN-attention tuning windows of the
 // model's plans (Model::op_plans); tune_finish() after it (between steps) tunes every plan called in
