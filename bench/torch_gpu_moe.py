@@ -322,6 +322,23 @@ def time_steps(step, a, base):
     return times[len(times) // 2], extra
 
 
+def make_step(model, fwd, opt, a, inputs):
+    """One training step: the loss (the model's first output) in bf16 autocast for *-bf16 modes, backward,
+    clipping at 1.0, AdamW, gradients dropped."""
+    bf16 = a.mode.endswith("bf16")
+
+    def step():
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):
+            out = fwd(*inputs)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
 def print_record(res, rate_key):
     """One JSON line, the fixed keys first, in torch_gpu_gpt2.py's order."""
     keys = ["impl", rate_key, "step_ms", "mfu", "peak_mem_gb", "torch", "params", "active_params"]
@@ -352,7 +369,6 @@ def main():
     model = MoEGPT(a).to(dev)
     n_params, n_active = count_params(model, a)
     opt = make_optimizer(model, a)
-    bf16 = a.mode.endswith("bf16")
     tag = ("dense%d" % a.dense_ff) if a.dense_ff else "moe"
     variant = compile_variant(a)
     impl = "pytorch-%s-%s%s-B%d" % (tag, a.mode, variant, a.batch_size)
@@ -366,17 +382,7 @@ def main():
         return
     x = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
     y = torch.randint(0, a.vocab, (a.batch_size, a.seq_len), device=dev)
-
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    timed = time_steps(step, a, base)
+    timed = time_steps(make_step(model, fwd, opt, a, (x, y)), a, base)
     if timed is None:
         return
     ms, extra = timed

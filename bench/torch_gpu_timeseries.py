@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_gpu_moe import (add_run_args, causal_attention, compile_variant, compiled, make_optimizer,  # noqa: E402
-                           print_record, set_precision, time_steps)
+                           make_step, print_record, set_precision, time_steps)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,7 +315,6 @@ def main():
     model = TimeSeriesMoE(a).to(dev)
     n_params, n_active = count_params(model, a)
     opt = make_optimizer(model, a)
-    bf16 = a.mode.endswith("bf16")
     variant = compile_variant(a)
     impl = "pytorch-ts-%s%s-B%d" % (a.mode, variant, a.batch_size)
     print("%s: params total %d (%.1fM), active %d (%.1fM) (L=%d d=%d E=%d top-%d d_expert=%d shared=%d, T=%d, "
@@ -328,17 +327,7 @@ def main():
         return
     x = torch.randn(a.batch_size, a.seq_len, 1, device=dev)
     t = torch.randn(a.batch_size, a.seq_len, a.horizons[-1], device=dev)
-
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss, _, _ = fwd(x, t)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    timed = time_steps(step, a, base)
+    timed = time_steps(make_step(model, fwd, opt, a, (x, t)), a, base)
     if timed is None:
         return
     ms, extra = timed

@@ -328,6 +328,24 @@ int run_generate(const GenerateOptions& g) {
   return 0;
 }
 
+// "1,2,3" -> {1, 2, 3}; anything else is one line naming the flag and the item ("'x' is not a token id").
+template <class T>
+std::vector<T> parse_int_list(const std::string& text, const char* flag, const char* what) {
+  std::vector<T> out;
+  size_t at = 0;
+  while (at <= text.size()) {
+    const size_t comma = std::min(text.find(',', at), text.size());
+    const std::string one = text.substr(at, comma - at);
+    T v = 0;
+    const auto [p, ec] = std::from_chars(one.data(), one.data() + one.size(), v);
+    if (one.empty() || ec != std::errc() || p != one.data() + one.size())
+      fail(flag, ": '", one, "' is not ", what, " (expected comma-separated integers)");
+    out.push_back(v);
+    at = comma + 1;
+  }
+  return out;
+}
+
 struct ScoreOptions {
   std::string checkpoint, prompt, tokens, tokenizer = "auto", device = "auto", precision = "auto";
   bool allow_nonfinite = false;
@@ -340,17 +358,7 @@ int run_score(const ScoreOptions& so) {
   ServedModel m = load_served_model(so.checkpoint, so.device, so.allow_nonfinite, so.tokenizer);
   std::vector<int32_t> ids;
   if (!so.tokens.empty()) {
-    size_t at = 0;
-    while (at <= so.tokens.size()) {
-      const size_t comma = std::min(so.tokens.find(',', at), so.tokens.size());
-      const std::string one = so.tokens.substr(at, comma - at);
-      int32_t v = 0;
-      const auto [p, ec] = std::from_chars(one.data(), one.data() + one.size(), v);
-      if (one.empty() || ec != std::errc() || p != one.data() + one.size())
-        fail("--tokens: '", one, "' is not a token id (expected comma-separated integers)");
-      ids.push_back(v);
-      at = comma + 1;
-    }
+    ids = parse_int_list<int32_t>(so.tokens, "--tokens", "a token id");
   } else {
     ids = m.tok->special_prefix();
     const std::vector<int32_t> text_ids = m.tok->encode(so.prompt);
@@ -374,18 +382,7 @@ struct InvarianceCommand {
 // The batch-invariance harness (serve/invariance.h): a table of bitwise comparisons; exit 0 when every
 // value is equal, 1 when one differs.
 int run_check_invariance(InvarianceCommand& ic) {
-  ic.o.batches.clear();
-  size_t at = 0;
-  while (at <= ic.batches.size()) {
-    const size_t comma = std::min(ic.batches.find(',', at), ic.batches.size());
-    const std::string one = ic.batches.substr(at, comma - at);
-    int64_t v = 0;
-    const auto [p, ec] = std::from_chars(one.data(), one.data() + one.size(), v);
-    if (one.empty() || ec != std::errc() || p != one.data() + one.size())
-      fail("--batches: '", one, "' is not a batch size (expected comma-separated integers)");
-    ic.o.batches.push_back(v);
-    at = comma + 1;
-  }
+  ic.o.batches = parse_int_list<int64_t>(ic.batches, "--batches", "a batch size");
   ServedModel m = load_served_model(ic.checkpoint, ic.device, ic.allow_nonfinite);
   if (const std::string p = invariance_options_problem(ic.o, m.cfg); !p.empty()) fail(p);
   std::cerr << "[check-invariance] " << m.what << " on " << device_name(m.params->device()) << ": "
