@@ -1,23 +1,28 @@
 #include "dist/grad_buckets.h"
 
+#include <algorithm>
+
 #include "core/check.h"
 #include "core/device.h"
 
 namespace lmf {
 
 GradBuckets::GradBuckets(Tensor grads, Communicator& comm, int64_t bucket_elems, int64_t max_buckets)
-    : grads_(grads), comm_(comm), gpu_(grads.device == Device::cuda), bucket_elems_(bucket_elems) {
+    : grads_(grads),
+      comm_(comm),
+      gpu_(grads.device == Device::cuda),
+      bucket_elems_(bucket_elems),
+      max_buckets_(static_cast<size_t>(std::max<int64_t>(max_buckets, 1))) {
   LMF_CHECK(grads.dtype == DType::f32 && grads.ndim == 1, "GradBuckets: the gradients must be one flat f32 tensor ('",
             grads.name, "')");
   LMF_CHECK(bucket_elems >= 0 && max_buckets >= 1, "GradBuckets: bucket size ", bucket_elems, ", at most ",
             max_buckets, " buckets");
-  sent_.reserve(static_cast<size_t>(max_buckets) + 1);  // a step allocates nothing
+  sent_.reserve(max_buckets_);  // a step allocates nothing
   if (gpu_) {
     side_ = cuda_side_stream_create();
-    events_ = cuda_event_pool_create(static_cast<size_t>(max_buckets) + 1);
+    events_ = cuda_event_pool_create(max_buckets_ + 1);  // a fork a bucket, and the join
   } else {
-    events_.resize(static_cast<size_t>(max_buckets) + 1);  // (only counted: the same limit on both)
-    queue_.reserve(static_cast<size_t>(max_buckets) + 1);  // a step allocates nothing
+    queue_.reserve(max_buckets_);
     thread_ = std::thread([this] { work(); });
   }
 }
@@ -73,7 +78,7 @@ void GradBuckets::finish() {
 }
 
 void GradBuckets::send(int64_t lo, int64_t hi) {
-  LMF_CHECK(sent_.size() + 1 < events_.size(), "GradBuckets: more than ", events_.size() - 1, " buckets in a step");
+  LMF_CHECK(sent_.size() < max_buckets_, "GradBuckets: more than ", max_buckets_, " buckets in a step");
   sent_.emplace_back(lo, hi);
   unsent_hi_ = lo;
   if (gpu_) {  // after the backward's work so far, on the side stream

@@ -48,7 +48,6 @@ class GradBuckets {
 
   // The buckets of the last finished step, in the order they were sent: [begin, end) element offsets.
   const std::vector<std::pair<int64_t, int64_t>>& buckets() const { return sent_; }
-  int64_t bucket_elems() const { return bucket_elems_; }
 
  private:
   void send(int64_t lo, int64_t hi);
@@ -60,6 +59,7 @@ class GradBuckets {
   void* side_ = nullptr;        // GPU: the buckets' stream
   std::vector<void*> events_;  // GPU: one fork a bucket, then the join
   int64_t bucket_elems_;
+  size_t max_buckets_;      // a step's buckets, at most
   int64_t unsent_hi_ = 0;  // [from, unsent_hi_) is final and not yet sent
   bool open_ = false;
   std::vector<std::pair<int64_t, int64_t>> sent_;

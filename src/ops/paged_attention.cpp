@@ -84,21 +84,23 @@ void attention_cpu(float* out, const float* qkv, const float* kc, const float* v
       const float* q = qkv + n * row + h * HS;
       const int32_t* table = tables + seqs[n] * max_blocks;
       const int64_t kvh = h / group, len = positions[n] + 1;
-      auto key = [&](int64_t s) { return kc + (static_cast<int64_t>(table[s / bs]) * bs + s % bs) * kv_dim + kvh * HS; };
-      auto value = [&](int64_t s) { return vc + (static_cast<int64_t>(table[s / bs]) * bs + s % bs) * kv_dim + kvh * HS; };
+      // position s's row of this kv head in a cache (through the block table)
+      auto at = [&](const float* cache, int64_t s) {
+        return cache + (static_cast<int64_t>(table[s / bs]) * bs + s % bs) * kv_dim + kvh * HS;
+      };
       // the training forward's arithmetic for this row (attention.cpp): scores = one FMA chain over the
       // head dimension of (scale q) and k, as its GEMM computes them; its causal softmax row; the
       // output = one FMA chain over the positions in order, as its P V GEMM
       for (int64_t i = 0; i < HS; ++i) qs[i] = scale * q[i];
       for (int64_t s = 0; s < len; ++s) {
-        const float* k = key(s);
+        const float* k = at(kc, s);
         float acc = 0.0f;
         for (int64_t i = 0; i < HS; ++i) acc = std::fma(qs[i], k[i], acc);
         p[s] = acc;
       }
       softmax_causal_row(p, len - 1, len);
       for (int64_t s = 0; s < len; ++s) {
-        const float* v = value(s);
+        const float* v = at(vc, s);
         for (int64_t i = 0; i < HS; ++i) o[i] = std::fma(p[s], v[i], o[i]);
       }
     }
