@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
   int64_t requests = 512, max_seqs = 256, prefill = 2048;
   double rate = 0;
   uint64_t seed = 1;
-  bool skip_batch1 = false, graphs = true;
+  bool skip_batch1 = false, graphs = true, batch_invariant = false;
   app.add_option("--preset", preset)->capture_default_str();
   app.add_option("--device", device)->capture_default_str();
   app.add_option("--requests", requests)->capture_default_str();
@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
   app.add_option("--workload-out", workload_out);
   app.add_flag("--skip-batch1", skip_batch1);
   app.add_option("--cuda-graphs", graphs)->capture_default_str();
+  app.add_flag("--batch-invariant", batch_invariant, "every engine in batch-invariant mode (docs/BATCH_INVARIANCE.md)");
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig c = config_preset(preset);
@@ -109,7 +110,7 @@ int main(int argc, char** argv) {
     if (d == Device::cuda) cuda_set_device(0);
     Parameters w(gpt_param_specs(c), d, d == Device::cuda);
     w.init_gpt2(seed, c.n_layer, c.vocab_size);
-    json out = {{"preset", preset}, {"device", device_name(d)}};
+    json out = {{"preset", preset}, {"device", device_name(d)}, {"batch_invariant", batch_invariant}};
     const double gbps = copy_gbps(d);
     out["copy_gbps"] = gbps;
     const double weight_bytes = static_cast<double>(w.flat_copy().defined() ? w.flat_copy().nbytes() : w.master().bytes());
@@ -120,6 +121,7 @@ int main(int argc, char** argv) {
       o.max_prefill_tokens = 256;
       o.kv_cache_gb = 1;
       o.cuda_graphs = graphs;
+      o.batch_invariant = batch_invariant;
       Engine e(c, w, o);
       RequestParams rp;
       rp.sample.temperature = 0;
@@ -151,6 +153,7 @@ int main(int argc, char** argv) {
       o.max_prefill_tokens = 1024;
       o.kv_cache_gb = d == Device::cuda ? 4 : 0;
       o.cuda_graphs = false;
+      o.batch_invariant = batch_invariant;
       Engine e(c, w, o);
       RequestParams rp;
       rp.sample.temperature = 0;
@@ -188,6 +191,7 @@ int main(int argc, char** argv) {
     o.max_seqs = static_cast<int32_t>(max_seqs);
     o.max_prefill_tokens = prefill;
     o.cuda_graphs = graphs;
+    o.batch_invariant = batch_invariant;
     const Clock::time_point s0 = Clock::now();
     Engine e(c, w, o);
     const double setup_s = std::chrono::duration<double>(Clock::now() - s0).count();

@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   std::string precision = "fp32";
   app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
   std::string attention = "auto";
-  app.add_option("--attention", attention, "bf16 flash attention kernels: auto, lmforge or cudnn");
+  app.add_option("--attention", attention, "bf16 flash attention kernels: auto, lmforge, cudnn or split");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   bool graph = false;
@@ -120,13 +120,14 @@ int main(int argc, char** argv) {
                  "on: after the first step, each bf16 GEMM and cuDNN attention plan takes the fastest of its "
                  "library's candidates that give the same bits, as lmforge train does; off: the heuristics' choices")
       ->check(CLI::IsMember({"on", "off"}));
-  bool gemm_report = false;
+  bool gemm_report = false, batch_invariant = false;
+  app.add_flag("--batch-invariant", batch_invariant, "batch-invariant plans (docs/BATCH_INVARIANCE.md)");
   app.add_flag("--gemm-report", gemm_report,
                "after the timed steps, time cuBLASLt's candidate algorithms for every bf16 GEMM of the step (stderr)");
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
-    const ModelPlan plan = plan_from_flags(c, {device, precision, attention}, B, T, true);
+    const ModelPlan plan = plan_from_flags(c, {device, precision, attention, batch_invariant}, B, T, true);
     const Device dev = plan.device;
     const bool gpu = dev == Device::cuda;
     if (graph && (!gpu || profile)) fail("--cuda-graph needs --device cuda and no --profile");

@@ -501,6 +501,33 @@ TEST(CudaCrossEntropy, Bf16RowKernelsAgreeBitwise) {
   EXPECT_TRUE(bitwise_equal_bf16(last_a, last_b)) << "dlogits, seed=" << seed;
 }
 
+// token_logprobs (the batch-invariant sampler's logprobs) over the logits lm_head_cross_entropy left in
+// its scratch (no gradient: the logits stay) is exactly minus its losses, for all rows at once and for the
+// first few rows alone (another row kernel variant for GPT-2's vocabulary: the same bits), and for a
+// small vocabulary (the register kernel).
+TEST(CudaCrossEntropy, TokenLogprobsAreMinusTheLossBitwise) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  for (const Dims& d : {Dims{300, 64, 50257, 50304, 300}, Dims{50, 64, 1000, 1024, 50}}) {
+    const Bf16Inputs in = make_bf16_inputs(d, seed, 3.0f, 1.0f);
+    const Bf16Out o = run_gpu_bf16(d, in, 1.0f, false);
+    DeviceBuffer logits(o.scratch), tg(in.tg), lp(d.N * 4);
+    for (const int64_t M : {d.N, int64_t{5}}) {
+      lp.poison();
+      token_logprobs(lp.tensor(DType::f32, {M}, "logprobs"), logits.tensor(DType::bf16, {M, d.Vp}, "logits"),
+                     tg.tensor(DType::i32, {M}, "tokens"), d.V);
+      const std::vector<float> got = lp.download<float>();
+      for (int64_t i = 0; i < M; ++i) {
+        const float want = -o.losses[static_cast<size_t>(i)];
+        ASSERT_EQ(std::memcmp(&got[static_cast<size_t>(i)], &want, sizeof(float)), 0)
+            << "row " << i << " of " << M << ": " << got[static_cast<size_t>(i)] << " vs " << want << ", V=" << d.V
+            << " seed=" << seed;
+      }
+    }
+  }
+}
+
 // A bf16 x with f32 partners (or the reverse) fails naming the tensor.
 TEST(CudaCrossEntropy, Bf16DtypeMixesNameTheTensor) {
   LMF_REQUIRE_GPU();

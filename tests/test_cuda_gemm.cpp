@@ -13,6 +13,7 @@
 
 #include "ops/blas.h"
 #include "ops/gemm_cuda.h"
+#include "ops/op_plans.h"
 #include "support/gpu_util.h"
 #include "support/scaled_compare.h"
 #include "support/test_util.h"
@@ -370,6 +371,62 @@ TEST(CudaGemm, AutotuneKeepsEveryBit) {
     EXPECT_TRUE(test::bitwise_equal(std::string(names[i]) + " before/after tuning", before[i], after[i]))
         << "seed=" << seed;
   EXPECT_EQ(cuda::gemm_autotune().plans, 0) << "the window closes after tuning";
+}
+
+// Batch-invariant plans (OpPlans::set_batch_invariant, --batch-invariant): one algorithm per weight shape
+// for every M, no split-K, so row i of C = A W^T has the same bits whatever the number of rows. The
+// model's forward shapes (GPT-2, Llama-1B, an LM head) at M from 1 to 2048, bf16 C with and without a
+// bias, against the rows of M = 2048. Default plans are counted (they may differ; printed, not asserted).
+TEST(CudaGemm, BatchInvariantPlansGiveARowTheSameBitsAtEveryM) {
+  LMF_REQUIRE_GPU();
+  cuda_reserve_workspace(kGemmWorkspaceBytes);
+  const uint64_t seed = test::fresh_seed();
+  struct Shape {
+    int64_t N, K;
+    bool bias;
+  };
+  const Shape shapes[] = {{768, 768, true},    {2304, 768, true},   {3072, 768, false}, {768, 3072, false},
+                          {50304, 768, false}, {5632, 2048, false}, {2048, 5632, false}};
+  const int64_t Ms[] = {1, 2, 3, 5, 8, 13, 16, 31, 32, 64, 100, 128, 255, 256, 512, 1000, 2048};
+  constexpr int64_t Mmax = 2048;
+  int pairs = 0, default_differ = 0;
+  for (const Shape& sh : shapes) {
+    const int64_t N = sh.N, K = sh.K;
+    test::DeviceBuffer a(test::to_bf16(test::randn(static_cast<size_t>(Mmax * K), seed + 1, 1.0f)));
+    test::DeviceBuffer w(test::to_bf16(test::randn(static_cast<size_t>(N * K), seed + 2, 0.03f)));
+    test::DeviceBuffer bias(test::to_bf16(test::randn(static_cast<size_t>(N), seed + 3, 0.1f)));
+    test::DeviceBuffer c(static_cast<size_t>(Mmax * N) * sizeof(bf16));
+    for (const bool invariant : {true, false}) {
+      OpPlans plans;
+      plans.set_batch_invariant(invariant);
+      const OpPlansScope scope(plans);
+      auto run = [&](int64_t M) {
+        cuda::gemm("t_bi", false, true, M, N, K, 1.0f, static_cast<const bf16*>(a.data()), K,
+                   static_cast<const bf16*>(w.data()), K, 0.0f, static_cast<bf16*>(c.data()), N,
+                   sh.bias ? static_cast<const bf16*>(bias.data()) : nullptr);
+        std::vector<float> out = test::from_bf16(c.download<bf16>());
+        out.resize(static_cast<size_t>(M * N));
+        return out;
+      };
+      const std::vector<float> ref = run(Mmax);
+      for (const int64_t M : Ms) {
+        const std::vector<float> got = run(M);
+        const std::vector<float> want(ref.begin(), ref.begin() + M * N);
+        if (invariant) {
+          ++pairs;
+          EXPECT_TRUE(test::bitwise_equal("batch-invariant GEMM N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                                              " M=" + std::to_string(M) + " vs M=2048",
+                                          got, want))
+              << "seed=" << seed;
+        } else {
+          default_differ += got == want ? 0 : 1;
+        }
+      }
+    }
+  }
+  std::printf("measured: (weight shape, M) pairs whose rows differ from M=2048's: default plans %d of %d, "
+              "batch-invariant plans checked equal on all %d\n",
+              default_differ, pairs, pairs);
 }
 #endif
 

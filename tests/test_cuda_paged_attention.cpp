@@ -27,9 +27,11 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/device.h"
+#include "ops/attention.h"
 #include "ops/paged_attention.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
@@ -264,6 +266,84 @@ TEST(CudaPagedAttention, MatchesCpuDeterministicAndBatchInvariant) {
     }
   }
   std::printf("[ measured ] paged attention bf16, worst rel_l2 vs the fp32 CPU reference: %.3g\n", worst_l2);
+}
+
+// FlashKernels::split (--batch-invariant's training forward, ops/attention.h): over B contiguous sequences
+// its output rows are bitwise what paged_attention_forward computes for the same positions from a paged
+// cache (block size 16, blocks in reverse order), i.e. what serving computes in prefill or decode; its
+// output and lse are close to lmforge's flash forward's (same tolerance as above for the output; the lse,
+// fp32 in both, within 1e-4 absolute), and lmforge's flash backward from its lse gives gradients close to
+// the flash forward's. Lengths 1, 37 and 300 (two 256-position chunks: the combine and its lse).
+TEST(CudaPagedAttention, SplitForwardIsBitwiseServingAndCloseToFlash) {
+  LMF_REQUIRE_GPU();
+  struct SplitCase {
+    int NH, NKV;
+    int64_t HS, B, T;
+  };
+  const SplitCase cases[] = {{12, 12, 64, 3, 300}, {8, 2, 128, 2, 37}, {4, 1, 32, 4, 1}, {6, 3, 64, 2, 300}};
+  for (const SplitCase& c : cases) {
+    const uint64_t seed = test::fresh_seed();
+    const std::string what = "NH=" + std::to_string(c.NH) + " NKV=" + std::to_string(c.NKV) + " HS=" +
+                             std::to_string(c.HS) + " B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) +
+                             " seed=" + std::to_string(seed);
+    const int64_t row = (c.NH + 2 * c.NKV) * c.HS, N = c.B * c.T, C = c.NH * c.HS, kv = c.NKV * c.HS;
+    constexpr int64_t bs = 16;
+    const int64_t mb = (c.T + bs - 1) / bs, blocks = c.B * mb;
+    const std::vector<float> qkv_f = test::randn(static_cast<size_t>(N * row), seed, 1.0f);
+    DeviceBuffer qkv(test::to_bf16(qkv_f)), out_s(static_cast<size_t>(N * C) * sizeof(bf16)),
+        out_f(static_cast<size_t>(N * C) * sizeof(bf16)), out_p(static_cast<size_t>(N * C) * sizeof(bf16)),
+        lse_s(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float)),
+        lse_f(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float));
+    cuda_reserve_workspace(std::max(flash_attention_cuda_workspace(FlashKernels::split, c.B, c.T, c.NH, c.NKV, c.HS),
+                                    paged_attention_cuda_workspace(N, c.NH, c.HS, mb * bs)));
+    const Tensor tq = qkv.tensor(DType::bf16, {c.B, c.T, row}, "qkv");
+    out_s.poison();
+    lse_s.poison();
+    flash_attention_forward(out_s.tensor(DType::bf16, {c.B, c.T, C}, "out"),
+                            lse_s.tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), tq, c.NH, c.NKV, FlashKernels::split);
+    flash_attention_forward(out_f.tensor(DType::bf16, {c.B, c.T, C}, "out"),
+                            lse_f.tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), tq, c.NH, c.NKV, FlashKernels::lmforge);
+    const std::vector<float> got_s = test::from_bf16(out_s.download<bf16>());
+    const std::vector<float> got_f = test::from_bf16(out_f.download<bf16>());
+    EXPECT_TRUE(all_close("split vs flash forward " + what, got_s, to_double(got_f), kAtol, kRtol));
+    EXPECT_TRUE(all_close("split vs flash lse " + what, lse_s.download<float>(), to_double(lse_f.download<float>()),
+                          1e-4, 0.0));
+    // the same rows through a paged cache: sequence b's block j is block (blocks - 1 - (b mb + j))
+    std::vector<int32_t> tables(static_cast<size_t>(c.B * mb)), slots(static_cast<size_t>(N)),
+        seqs(static_cast<size_t>(N)), positions(static_cast<size_t>(N));
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t j = 0; j < mb; ++j) tables[static_cast<size_t>(b * mb + j)] = static_cast<int32_t>(blocks - 1 - (b * mb + j));
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t b = n / c.T, t = n % c.T;
+      seqs[static_cast<size_t>(n)] = static_cast<int32_t>(b);
+      positions[static_cast<size_t>(n)] = static_cast<int32_t>(t);
+      slots[static_cast<size_t>(n)] = static_cast<int32_t>(tables[static_cast<size_t>(b * mb + t / bs)] * bs + t % bs);
+    }
+    DeviceBuffer kc(static_cast<size_t>(blocks * bs * kv) * sizeof(bf16)), vc(static_cast<size_t>(blocks * bs * kv) * sizeof(bf16)),
+        gt(tables), gslots(slots), gseqs(seqs), gpos(positions);
+    const Tensor k_cache = kc.tensor(DType::bf16, {blocks, bs, kv}, "k_cache"),
+                 v_cache = vc.tensor(DType::bf16, {blocks, bs, kv}, "v_cache"), flat = qkv.tensor(DType::bf16, {N, row}, "qkv");
+    kv_cache_write(k_cache, v_cache, flat, gslots.tensor(DType::i32, {N}, "slots"), c.NH, c.NKV);
+    out_p.poison();
+    paged_attention_forward(out_p.tensor(DType::bf16, {N, C}, "out"), flat, k_cache, v_cache,
+                            gt.tensor(DType::i32, {c.B, mb}, "block_tables"), gseqs.tensor(DType::i32, {N}, "seqs"),
+                            gpos.tensor(DType::i32, {N}, "positions"), c.NH, c.NKV);
+    EXPECT_EQ("", first_difference(got_s, test::from_bf16(out_p.download<bf16>())))
+        << "split forward vs paged attention (serving), " << what;
+    // backward: lmforge's kernels from either forward's out and lse
+    const std::vector<float> dout_f = test::randn(static_cast<size_t>(N * C), seed + 1, 1.0f);
+    DeviceBuffer dout(test::to_bf16(dout_f)), delta(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float)),
+        dq_s(static_cast<size_t>(N * row) * sizeof(bf16)), dq_f(static_cast<size_t>(N * row) * sizeof(bf16));
+    for (auto [dq, out, lse, k] : {std::tuple{&dq_s, &out_s, &lse_s, FlashKernels::split},
+                                   std::tuple{&dq_f, &out_f, &lse_f, FlashKernels::lmforge}})
+      flash_attention_backward(dq->tensor(DType::bf16, {c.B, c.T, row}, "dqkv"),
+                               delta.tensor(DType::f32, {c.B, c.NH, c.T}, "delta"),
+                               dout.tensor(DType::bf16, {c.B, c.T, C}, "dout"), tq,
+                               out->tensor(DType::bf16, {c.B, c.T, C}, "out"),
+                               lse->tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), c.NH, c.NKV, GradMode::Overwrite, k);
+    const std::vector<float> g_s = test::from_bf16(dq_s.download<bf16>()), g_f = test::from_bf16(dq_f.download<bf16>());
+    EXPECT_LT(test::rel_l2_error(g_s, g_f), 1e-2) << "split vs flash: backward from each forward, " << what;
+  }
 }
 
 // A decode-shaped batch: many rows, one per sequence, every context length from 1 to 600 in steps, so

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/blas.h"
 #include "ops/cross_entropy.h"
 #include "support/test_util.h"
 
@@ -221,6 +222,31 @@ TEST(OpsCrossEntropy, ExtremeLogits) {
   // gradients are scaled by |x| ~ 70. Observed max error 2.2e-4 absolute.
   EXPECT_TRUE(all_close("dx extreme", dx, rdx, 1e-3, 1e-3));
   EXPECT_TRUE(all_close("dw extreme", dw, rdw, 1e-3, 1e-3));
+}
+
+// token_logprobs (the batch-invariant sampler's logprobs, ops/cross_entropy.h) of the logits x W^T is
+// exactly minus the loss lm_head_cross_entropy computes for the same rows and targets; bad tokens and
+// shapes are errors naming the op.
+TEST(OpsCrossEntropy, TokenLogprobsAreMinusTheLossBitwise) {
+  for (const Dims& d : cases()) {
+    Inputs in = make_inputs(d, 77);
+    const std::vector<float> losses = run(d, in.x, in.w, in.tg, nullptr, nullptr, 1.0f);
+    std::vector<float> logits(static_cast<size_t>(d.N * d.Vp)), lp(static_cast<size_t>(d.N), 1.0f);
+    blas_sgemm(false, true, d.N, d.Vp, d.C, 1.0f, in.x.data(), d.C, in.w.data(), d.C, 0.0f, logits.data(), d.Vp);
+    token_logprobs(tensor_of(lp, {d.N}, "logprobs"), tensor_of(logits, {d.N, d.Vp}, "logits"),
+                   tensor_of(in.tg, {d.N}, "tokens"), d.V);
+    for (int64_t n = 0; n < d.N; ++n) {
+      const float want = -losses[static_cast<size_t>(n)];
+      EXPECT_EQ(std::memcmp(&lp[static_cast<size_t>(n)], &want, sizeof(float)), 0)
+          << d.str() << " row " << n << ": " << lp[static_cast<size_t>(n)] << " vs " << want;
+    }
+    std::vector<int32_t> bad = in.tg;
+    bad[0] = static_cast<int32_t>(d.V);
+    expect_error_naming([&] {
+      token_logprobs(tensor_of(lp, {d.N}, "logprobs"), tensor_of(logits, {d.N, d.Vp}, "logits"),
+                     tensor_of(bad, {d.N}, "tokens"), d.V);
+    }, "token_logprobs: token");
+  }
 }
 
 TEST(OpsCrossEntropy, Deterministic) {

@@ -278,9 +278,53 @@ TEST(Invariance, TheCpuIsBatchInvariantAndTheHarnessSeesACapacityFactor) {
   }
   EXPECT_GT(located, 0) << table.str();
   EXPECT_FALSE(r.checks[0].equal()) << "trainer (with drops) vs sampler (dropless)";
+  // --batch-invariant: the same model's trainer runs dropless (model/plan.h plan_moe_config), so every
+  // check passes; and the engine's logprobs come from token_logprobs (the loss's row arithmetic)
+  InvarianceOptions bi = o;
+  bi.batch_invariant = true;
+  const InvarianceReport rb = check_invariance(c, *w, bi);
+  std::ostringstream table_bi;
+  rb.print(table_bi);
+  EXPECT_TRUE(rb.all_equal()) << table_bi.str();
+  EXPECT_NE(table_bi.str().find("batch-invariant: yes"), std::string::npos);
   ModelConfig bad = serving_config("test-gpt2");
   o.prompt_len = 40;  // + 10 > context 48
   EXPECT_NE(invariance_options_problem(o, bad).find("--prompt-len=40"), std::string::npos);
+}
+
+// The batch-invariant plan rules (model/plan.h, plan_validate): on the GPU only the bf16 kernels that
+// serving runs, with the split attention forward; MoE plans run dropless.
+TEST(Invariance, BatchInvariantPlansFollowTheirRules) {
+  ModelConfig c = serving_config("test-moe");
+  c.n_head = c.n_kv_head = 1;  // head size 32: the flash kernels' (the rule checked is the attention's)
+  ModelPlan p;
+  p.B = 2;
+  p.T = 8;
+  p.training = false;
+  p.batch_invariant = true;
+  EXPECT_NO_THROW(plan_validate(c, p));  // the CPU, fp32
+  p.device = Device::cuda;
+  p.precision = Precision::fp32;
+  try {
+    plan_validate(c, p);
+    ADD_FAILURE() << "fp32 batch-invariant plan on the GPU accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--batch-invariant"), std::string::npos) << e.what();
+  }
+  p.precision = Precision::bf16;
+  p.attention = FlashKernels::lmforge;
+  try {
+    plan_validate(c, p);
+    ADD_FAILURE() << "batch-invariant bf16 plan with flash attention accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("split"), std::string::npos) << e.what();
+  }
+  ModelConfig capped = c;
+  capped.moe.capacity_factor = 1.25f;
+  ModelPlan cpu;
+  EXPECT_EQ(plan_moe_config(capped, cpu).capacity_factor, 1.25f);
+  cpu.batch_invariant = true;
+  EXPECT_EQ(plan_moe_config(capped, cpu).capacity_factor, 0.0f);
 }
 
 TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {

@@ -30,6 +30,10 @@
 #   tools/gpu_check.sh python     # builds the Python extension (carry third_party/pydeps: nanobind + pytest, from
 #                                 # `pip install --target third_party/pydeps pytest nanobind`) and runs tests/python
 #                                 # (test_gpu.py: DLPack logprobs, generation and training bitwise the CLI's on the GPU)
+#   tools/gpu_check.sh bi         # batch-invariant mode (docs/BATCH_INVARIANCE.md): tools/bi_serve_check.py (LMF_BI_PROBES
+#                                 # temperature-0 probes through lmforge serve among random others, both modes; trainer =
+#                                 # server logprobs) on tiny, tiny-moe and a tiny model after 10 --batch-invariant steps;
+#                                 # then the cost: lmforge_bench_serve and lmforge_bench (GPT-2 124M step) in both modes
 #   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
@@ -106,8 +110,9 @@ if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -
 fi
 targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
-[ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding"
+[ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
+[ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
 [ "$what" = dist ] && targets="lmforge test_cuda_dist" && LMF_WITH_DIST=1
@@ -129,7 +134,8 @@ if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = 
   : >"$OUT/tests.log"
   tests=(build-gpu/tests/test_cuda_* build-gpu/tests/test_launch)
   [ "$what" = serve ] && tests=(build-gpu/tests/test_cuda_paged_attention build-gpu/tests/test_cuda_sampling
-                                build-gpu/tests/test_cuda_serve build-gpu/tests/test_cuda_rope build-gpu/tests/test_cuda_embedding)
+                                build-gpu/tests/test_cuda_serve build-gpu/tests/test_cuda_rope build-gpu/tests/test_cuda_embedding
+                                build-gpu/tests/test_cuda_gemm build-gpu/tests/test_cuda_cross_entropy)
   [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
   [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
   for t in "${tests[@]}"; do
@@ -211,16 +217,34 @@ n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), le
   add "generate greedy GPU vs CPU (same bytes, of)" "$same"
   head -c 300 "$OUT/gen_cuda.txt"; echo; tail -1 "$OUT/gen_cuda.log"
   # the batch-invariance harness on the GPU (default mode: where it differs, and the first op that does)
-  ./build-gpu/lmforge check-invariance --device cuda --checkpoint "$OUT/serve_ckpt" >"$OUT/invariance.md" \
-    2>"$OUT/invariance.log"
-  add "check-invariance --device cuda (tiny)" "rc=$? $(tail -1 "$OUT/invariance.md")"
-  grep -v "| 0 | -1 | 0 |" "$OUT/invariance.md" | head -30
+  # and --batch-invariant (docs/BATCH_INVARIANCE.md), which must pass; the same for tiny-moe (dropless)
+  ./build-gpu/lmforge train --device cuda --preset tiny-moe -B 16 -T 128 --steps 100 --warmup 20 --log-every 50 \
+    --eval-every 100 --out-dir "$OUT/serve_moe_ckpt" >"$OUT/serve_moe_train.log" 2>&1
+  for model in serve_ckpt serve_moe_ckpt; do
+    for mode in default batch-invariant; do
+      flag=""; [ $mode = batch-invariant ] && flag="--batch-invariant"
+      timeout 150 ./build-gpu/lmforge check-invariance --device cuda $flag --batches "${LMF_INV_BATCHES:-1,2,3,5,8,16,32}" \
+        --checkpoint "$OUT/$model" \
+        >"$OUT/invariance_${model}_$mode.md" 2>"$OUT/invariance_${model}_$mode.log"
+      rc=$?
+      add "check-invariance $model $mode" "rc=$rc $(tail -1 "$OUT/invariance_${model}_$mode.md")"
+      [ $mode = default ] || [ $rc = 0 ] || failures=$((failures + 1))
+      grep -v "| 0 | -1 | 0 |" "$OUT/invariance_${model}_$mode.md" | head -14 | cut -c1-220
+      [ -s "$OUT/invariance_${model}_$mode.md" ] || tail -3 "$OUT/invariance_${model}_$mode.log"
+    done
+  done
+  # a batch-invariant training run's losses (forward: the split attention; backward: flash) and eval
+  ./build-gpu/lmforge train --device cuda --preset tiny -B 16 -T 128 --steps 100 --warmup 20 --log-every 50 \
+    --eval-every 100 --batch-invariant --out-dir "$OUT/train_bi" >"$OUT/train_bi.log" 2>&1
+  add "train tiny --batch-invariant (100 steps)" "rc=$? $(grep val_loss "$OUT/train_bi.log" | tail -1)"
+  grep -E "^numerics|^step=100 |error" "$OUT/train_bi.log" | head -3
   ./build-gpu/lmforge serve --device cuda --checkpoint "$OUT/serve_ckpt" --port 8765 >"$OUT/serve.out" 2>"$OUT/serve.err" &
   spid=$!
   for _ in $(seq 1 300); do grep -q listening "$OUT/serve.out" 2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 0.2; done
   if grep -q "without the HTTP server" "$OUT/serve.err"; then
     add "serve --device cuda" "not built here (no cpp-httplib on this machine)"
   else
+  models=$(curl -s localhost:8765/v1/models)
   r1=$(curl -s localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"And God said","max_tokens":64,"temperature":0}')
   r2=$(curl -sN localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"And God said","max_tokens":64,"temperature":0,"stream":true}' | grep -c '^data:')
   bad=$(curl -s -o /dev/null -w '%{http_code}' localhost:8765/v1/completions -d '{"model":"serve_ckpt","prompt":"x","max_tokens":0}')
@@ -229,6 +253,7 @@ n = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), le
   echo "$r1" | head -c 400; echo
   gen=$(echo "$r1" | python3 -c "import json,sys; j=json.load(sys.stdin); print(j['usage']['completion_tokens'], j['choices'][0]['text'] == open('$OUT/gen_cuda.txt').read()[len('And God said'):][:len(j['choices'][0]['text'])])" 2>&1)
   add "serve --device cuda (tokens, = generate)" "$gen; stream events $r2; bad request $bad; exit $src"
+  echo "$models"
   [ "$src" = 0 ] && [ "$bad" = 400 ] || failures=$((failures + 1))
   fi
 fi
@@ -298,6 +323,44 @@ print('losses bitwise equal' if all(x==l[0] for x in l) and len(l[0])==60 else f
     "$OUT/dist_plain/metrics.jsonl" "$OUT/dist_launched/metrics.jsonl" "$OUT/dist_buckets/metrics.jsonl" \
     "$OUT/dist_nobuckets/metrics.jsonl" 2>&1)"
   grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
+fi
+
+if [ "$what" = bi ]; then
+  probes=${LMF_BI_PROBES:-1000}
+  train_ck() {  # preset steps dir [flags]
+    ./build-gpu/lmforge train --device cuda --preset "$1" -B 16 -T 128 --steps "$2" --warmup 5 --log-every 50 \
+      --eval-every 0 --out-dir "$OUT/$3" ${4:-} >"$OUT/$3.log" 2>&1 || { failures=$((failures + 1)); tail -3 "$OUT/$3.log"; }
+  }
+  train_ck tiny 150 bi_tiny
+  train_ck tiny-moe 150 bi_moe
+  train_ck tiny 10 bi_tiny10 --batch-invariant
+  for ck in bi_tiny bi_moe bi_tiny10; do
+    n=$probes; modes=default,batch-invariant
+    [ $ck = bi_tiny10 ] && n=64 && modes=batch-invariant
+    timeout 240 python3 tools/bi_serve_check.py --lmforge build-gpu/lmforge --checkpoint "$OUT/$ck" --probes "$n" \
+      --modes $modes --log "$OUT/bi_serve_$ck.log" >"$OUT/bi_serve_$ck.md" 2>&1
+    rc=$?
+    cat "$OUT/bi_serve_$ck.md"
+    add "bi_serve_check $ck ($n probes)" "rc=$rc $(grep -E '^\| (default|batch)' "$OUT/bi_serve_$ck.md" | \
+awk -F'|' '{printf "%s: %s distinct, trainer=server %s; ", $2, $4, $6}')"
+    [ $rc = 0 ] || failures=$((failures + 1))
+  done
+  # the cost, both modes in this run: serving (LMF_BI_SERVE_PRESET, 512 requests at once) and a training step
+  sp=${LMF_BI_SERVE_PRESET:-gpt2-124m}
+  for mode in default bi; do
+    flag=""; [ $mode = bi ] && flag="--batch-invariant"
+    timeout 200 ./build-gpu/lmforge_bench_serve --preset "$sp" --skip-batch1 $flag >"$OUT/bi_servebench_$mode.json" \
+      2>"$OUT/bi_servebench_$mode.log" || { failures=$((failures + 1)); tail -3 "$OUT/bi_servebench_$mode.log"; }
+    timeout 120 ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset gpt2-124m --batch-size 16 --seq-len 1024 \
+      --steps 5 --warmup-steps 2 --cuda-graph $flag >"$OUT/bi_trainbench_$mode.json" 2>"$OUT/bi_trainbench_$mode.log" \
+      || { failures=$((failures + 1)); tail -3 "$OUT/bi_trainbench_$mode.log"; }
+  done
+  add "batch-invariant cost" "$(python3 -c "import json,sys; o=sys.argv[1]; \
+ld=lambda f: json.loads(open(f).read().strip().splitlines()[-1]); \
+s=[ld(f'{o}/bi_servebench_{m}.json')['throughput']['output_tokens_per_s'] for m in ('default','bi')]; \
+t=[ld(f'{o}/bi_trainbench_{m}.json')['tok_s'] for m in ('default','bi')]; \
+print(f'serve {sys.argv[2]} {s[0]:.0f} -> {s[1]:.0f} tok/s ({s[1]/s[0]:.2f}x); GPT-2 train step {t[0]:.0f} -> {t[1]:.0f} tok/s ({t[1]/t[0]:.2f}x)')" \
+    "$OUT" "$sp" 2>&1 | tail -1)"
 fi
 
 if [ "$what" = servebench ]; then

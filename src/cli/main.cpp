@@ -51,6 +51,10 @@ using namespace lmf;
 
 namespace {
 
+constexpr const char* kBatchInvariantHelp =
+    "batch-invariant numerics: a sequence's logprobs do not depend on its batch, and training, evaluation, "
+    "generate and serve compute them bitwise alike (MoE dropless; slower: docs/BATCH_INVARIANCE.md)";
+
 // A number on the command line parses strictly: the whole text, never empty, never clamped when out
 // of the type's range, and finite for floating-point flags.
 template <class T>
@@ -175,9 +179,10 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
                 "mixed precision, fp32 master weights)")
       ->capture_default_str();
   c->add_option("--attention", o.attention,
-                 "bf16 flash attention kernels: auto (cuDNN's fused attention when available, else lmforge's), "
-                 "lmforge or cudnn")
+                 "bf16 flash attention kernels: auto (cuDNN's fused attention when available, else lmforge's; with "
+                 "--batch-invariant: split), lmforge, cudnn or split (serving's kernel for the forward)")
       ->capture_default_str();
+  c->add_flag("--batch-invariant", o.batch_invariant, kBatchInvariantHelp);
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   add_num(c, "--dp", o.dp, "data-parallel ranks (0: the world size the launcher set, / --tp)")->capture_default_str();
   add_num(c, "--tp", o.tp, "tensor-parallel ranks: each layer split over this many ranks (CPU; docs/DISTRIBUTED.md)")->capture_default_str();
@@ -260,6 +265,7 @@ struct GenerateOptions {
   int64_t max_new = 200;
   bool allow_nonfinite = false;
   bool chat = false;  // --chat: the prompt is a user message, put through the model's chat template
+  bool batch_invariant = false;
   SampleParams sample{0.8f, 0, 1.0f, 0, 1337, 0};
 };
 
@@ -295,6 +301,7 @@ int run_generate(const GenerateOptions& g) {
   EngineOptions eo;
   eo.max_seqs = 1;
   eo.max_prefill_tokens = std::min<int64_t>(ctx, 512);
+  eo.batch_invariant = g.batch_invariant;
   Engine engine(m.cfg, *m.params, eo);
 
   if (!g.chat) std::cout << g.prompt << std::flush;  // a chat shows the reply only
@@ -348,7 +355,7 @@ std::vector<T> parse_int_list(const std::string& text, const char* flag, const c
 
 struct ScoreOptions {
   std::string checkpoint, prompt, tokens, tokenizer = "auto", device = "auto", precision = "auto";
-  bool allow_nonfinite = false;
+  bool allow_nonfinite = false, batch_invariant = false;
 };
 
 // The log-probability of each token of a text (or of given token ids) under the model, as training
@@ -364,7 +371,7 @@ int run_score(const ScoreOptions& so) {
     const std::vector<int32_t> text_ids = m.tok->encode(so.prompt);
     ids.insert(ids.end(), text_ids.begin(), text_ids.end());
   }
-  SequenceScorer scorer(m.cfg, *m.params, so.precision);
+  SequenceScorer scorer(m.cfg, *m.params, so.precision, so.batch_invariant);
   const std::vector<float> lp = scorer.logprobs({ids});
   double sum = 0;
   for (float v : lp) sum += v;
@@ -534,6 +541,7 @@ int main(int argc, char** argv) {
   score->add_option("--precision", sco.precision, "auto (bf16 on a GPU, fp32 on the CPU), fp32, tf32 or bf16")
       ->capture_default_str();
   score->add_flag("--allow-nonfinite", sco.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  score->add_flag("--batch-invariant", sco.batch_invariant, kBatchInvariantHelp);
 
   InvarianceCommand ico;
   CLI::App* inv = app.add_subcommand(
@@ -550,6 +558,7 @@ int main(int argc, char** argv) {
   add_num(inv, "--new-tokens", ico.o.new_tokens, "tokens the probe decodes greedily")->capture_default_str();
   add_num(inv, "--seed", ico.o.seed, "seed of the probe and of the other sequences")->capture_default_str();
   inv->add_flag("--allow-nonfinite", ico.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  inv->add_flag("--batch-invariant", ico.o.batch_invariant, "check the trainer and the sampler in batch-invariant mode");
 
   CLI::App* gen = app.add_subcommand("generate", "sample text from a checkpoint (the serving engine, one request)");
   gen->add_option("--checkpoint", go.checkpoint,
@@ -565,6 +574,7 @@ int main(int argc, char** argv) {
   gen->add_option("--tokenizer", go.tokenizer, "tokenizer: auto (the checkpoint's tokenizer.json, else byte), byte, or a tokenizer.json")->capture_default_str();
   gen->add_option("--device", go.device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str();
   gen->add_flag("--allow-nonfinite", go.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  gen->add_flag("--batch-invariant", go.batch_invariant, kBatchInvariantHelp);
 
   ServeOptions sv;
   CLI::App* serve = app.add_subcommand("serve", "serve a checkpoint over HTTP (OpenAI-compatible /v1/completions)");
@@ -586,6 +596,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   add_num(serve, "--threads", sv.server.threads, "HTTP worker threads (each open request holds one)")->capture_default_str();
   serve->add_flag("--allow-nonfinite", sv.allow_nonfinite, "load a checkpoint holding NaN/Inf weights");
+  serve->add_flag("--batch-invariant", sv.engine.batch_invariant, kBatchInvariantHelp);
   sv.server.model_name.clear();
 
   PlotOptions plot_o;

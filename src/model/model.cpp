@@ -230,10 +230,16 @@ MoeConfig model_moe_config(const ModelConfig& c) {
   return m;
 }
 
+MoeConfig plan_moe_config(const ModelConfig& c, const ModelPlan& p) {
+  MoeConfig m = model_moe_config(c);
+  if (p.serve || p.batch_invariant) m.capacity_factor = 0;
+  return m;
+}
+
 size_t Model::plan_bytes(const ModelConfig& c, const ModelPlan& p, const ModelEnds& ends, const BlockKernels* kernels) {
   plan_validate(c, p);
   const BlockKernels k = kernels ? *kernels : block_kernels(c, p);
-  const MoeConfig moe = model_moe_config(c);
+  const MoeConfig moe = plan_moe_config(c, p);
   return checked_add(arena_plan_bytes(activation_specs(c, p, k, moe), "activations"),
                      arena_plan_bytes(workspace_specs(c, p, k, moe, ends), "workspace"), "activations + workspace");
 }
@@ -287,11 +293,9 @@ Model::Model(const ModelConfig& c, const ModelPlan& p, Parameters& params, Train
   LMF_CHECK((kernels_.attention == AttentionImpl::paged) == plan_.serve,
             "Model: paged attention is the serving plans' (and theirs only)");
   LMF_CHECK(!kernels_.gemm_reads_copy || params_.has_copy(), "Model: a bf16 plan needs parameters with a bf16 copy");
-  moe_cfg_ = model_moe_config(cfg_);
-  // Serving is dropless: with a capacity, whether a token reaches its experts would depend on what
-  // else is in the batch (the capacity factor is a training-time load-balancing device).
-  if (plan_.serve) moe_cfg_.capacity_factor = 0;
+  moe_cfg_ = plan_moe_config(cfg_, plan_);
   flops_ = block_flops(cfg_, moe_cfg_, plan_.B, plan_.T);
+  op_plans_.set_batch_invariant(plan_.batch_invariant);
   const OpPlansScope plans(op_plans_);  // cuDNN's attention plans are built at set-up, into this model's
   plan_activations();
   plan_workspace();

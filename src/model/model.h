@@ -40,6 +40,10 @@ std::vector<TensorSpec> trunk_param_specs(const ModelConfig& c);
 std::vector<TensorSpec> model_param_specs(const ModelConfig& c, const ModelEnds& ends);
 // The MoE layers' op configuration (ops/moe.h) for this model (C = d_model, F = d_expert).
 MoeConfig model_moe_config(const ModelConfig& c);
+// The MoE configuration a plan runs: dropless (no capacity) in serving and batch-invariant plans, where
+// whether a token reaches its experts must not depend on what else is in the batch (the capacity factor
+// is a training-time load-balancing device).
+MoeConfig plan_moe_config(const ModelConfig& c, const ModelPlan& p);
 
 class Model {
  public:

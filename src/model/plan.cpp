@@ -37,13 +37,15 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   p.B = B;
   p.T = T;
   p.training = training;
+  p.batch_invariant = f.batch_invariant;
   p.device = parse_device(f.device);
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
   plan_validate(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
-                                        {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention");
+                                        {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention",
+                                        p.batch_invariant);
   plan_validate(c, p);
   return p;
 }
@@ -72,6 +74,12 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())
     fail("--attention=cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run time); "
          "use --attention lmforge");
+  if (p.batch_invariant && gpu && !p.bf16())
+    fail("--batch-invariant on the GPU runs the bf16 kernels serving runs (--precision bf16, not ",
+         precision_name(p.precision), ")");
+  if (p.batch_invariant && p.bf16() && !p.serve && p.attention != FlashKernels::split)
+    fail("--attention=", flash_kernels_name(p.attention), ": --batch-invariant runs attention's forward with the split "
+         "kernels (--attention split or auto)");
   if (p.serve && (p.training || p.B != 1))
     fail("serving plans run the forward only, with B = 1 (rows of many sequences along T)");
   if (p.serve && (p.samples < 1 || p.samples > p.T))

@@ -41,6 +41,12 @@ struct ModelPlan {
   bool serve = false;      // serving (model/kv_cache.h): T rows of many sequences per step over a paged KV
                            // cache; B = 1, forward only; T may exceed context_length (rows, not positions)
   int64_t samples = 0;     // serving: rows whose next-token logits a step returns (1 <= samples <= T)
+  // --batch-invariant (docs/BATCH_INVARIANCE.md): every forward kernel computes a row's result in an
+  // order that depends on neither the batch's other rows, its size, the row's place in it, padding, nor
+  // prefill vs decode; so training, evaluation and serving give a sequence bitwise the same numbers.
+  // GEMMs take one algorithm per weight shape with no split-K (ops/gemm_cuda.h), attention's forward
+  // the serving kernel's fixed 256-position split (FlashKernels::split), MoE runs dropless.
+  bool batch_invariant = false;
 
   bool bf16() const { return precision == Precision::bf16; }
 };
@@ -50,6 +56,7 @@ struct PlanFlags {
   std::string device = "auto";     // auto (cuda when a GPU is visible) | cpu | cuda
   std::string precision = "auto";  // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 | bf16
   std::string attention = "auto";  // auto (cudnn when it runs the shape) | lmforge | cudnn
+  bool batch_invariant = false;    // --batch-invariant
 };
 // --device: "auto" (cuda when a GPU is visible) | "cpu" | "cuda" (errors name the flag).
 Device parse_device(const std::string& s);

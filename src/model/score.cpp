@@ -15,11 +15,11 @@ namespace {
 constexpr size_t kPlansKept = 4;  // each planned shape holds its own activations
 }
 
-SequenceScorer::SequenceScorer(const ModelConfig& c, Parameters& params, std::string precision)
-    : cfg_(c), params_(params), precision_(std::move(precision)) {
+SequenceScorer::SequenceScorer(const ModelConfig& c, Parameters& params, std::string precision, bool batch_invariant)
+    : cfg_(c), params_(params), precision_(std::move(precision)), batch_invariant_(batch_invariant) {
   if (c.family != ModelFamily::text) fail("logprobs: a ", "timeseries model has no tokens to score (lmforge forecast runs it)");
   // the precision flag fails here, not at the first call
-  (void)plan_from_flags(cfg_, {device_name(params_.device()), precision_, "auto"}, 1, 1, false);
+  (void)plan_from_flags(cfg_, {device_name(params_.device()), precision_, "auto", batch_invariant_}, 1, 1, false);
 }
 
 SequenceScorer::~SequenceScorer() = default;
@@ -51,7 +51,7 @@ SequenceScorer::Planned& SequenceScorer::planned(int64_t B, int64_t T) {
     plans_.erase(order_.front());
     order_.erase(order_.begin());
   }
-  const ModelPlan p = plan_from_flags(cfg_, {device_name(params_.device()), precision_, "auto"}, B, T, false);
+  const ModelPlan p = plan_from_flags(cfg_, {device_name(params_.device()), precision_, "auto", batch_invariant_}, B, T, false);
   Planned pl;
   pl.model = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TokenEnds>(cfg_));
   pl.io = Arena("scorer batch", {{"tokens", {B, T}, DType::i32}, {"targets", {B, T}, DType::i32}}, p.device);

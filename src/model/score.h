@@ -20,8 +20,10 @@ namespace lmf {
 class SequenceScorer {
  public:
   // params: the model's weights (on the GPU with their bf16 copy). precision: auto (bf16 on the GPU,
-  // fp32 on the CPU), fp32, tf32 or bf16, as --precision.
-  SequenceScorer(const ModelConfig& c, Parameters& params, std::string precision = "auto");
+  // fp32 on the CPU), fp32, tf32 or bf16, as --precision. batch_invariant: --batch-invariant's plans
+  // (model/plan.h): the numbers are bitwise the batch-invariant sampler's.
+  SequenceScorer(const ModelConfig& c, Parameters& params, std::string precision = "auto",
+                 bool batch_invariant = false);
   ~SequenceScorer();
 
   // rows: B sequences of the same length n, 2 <= n <= context_length + 1, every id in the vocabulary.
@@ -46,6 +48,7 @@ class SequenceScorer {
   ModelConfig cfg_;
   Parameters& params_;
   std::string precision_;
+  bool batch_invariant_ = false;
   ActivationTap tap_;
   std::map<std::pair<int64_t, int64_t>, Planned> plans_;  // by (B, T); the last few shapes
   std::vector<std::pair<int64_t, int64_t>> order_;      // oldest first

@@ -256,4 +256,30 @@ void loss_mean(Tensor dst, Tensor losses, float scale, bool accumulate) {
   }
 }
 
+void token_logprobs(Tensor logprobs, Tensor logits, Tensor tokens, int64_t vocab_size) {
+  const char* op = "token_logprobs";
+  check_f32(logprobs, op);
+  check_dtype(tokens, DType::i32, op);
+  check_same_device(op, {&logprobs, &logits, &tokens});
+  LMF_CHECK(logits.ndim == 2 && logprobs.ndim == 1 && tokens.ndim == 1 && logprobs.dim(0) == logits.dim(0) &&
+                tokens.dim(0) == logits.dim(0),
+            op, ": logprobs '", logprobs.name, "' ", logprobs.shape_str(), ", logits '", logits.name, "' ",
+            logits.shape_str(), " and tokens '", tokens.name, "' ", tokens.shape_str(), " must be (M), (M, W), (M)");
+  const int64_t M = logits.dim(0), W = logits.dim(1);
+  LMF_CHECK(vocab_size >= 1 && vocab_size <= W, op, ": vocab_size=", vocab_size, " must be in [1, W=", W, "]");
+  if (logits.device == Device::cpu) {
+    check_f32(logits, op);
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t t = tokens.i32()[m];
+      LMF_CHECK(t >= 0 && t < vocab_size, op, ": token ", t, " of row ", m, " is outside [0, ", vocab_size, ")");
+      const float* l = logits.f32() + m * W;
+      const float mx = row_max(l, vocab_size);
+      logprobs.f32()[m] = -neg_log_softmax(mx, l[t], cpu_math::row_sum_exp_double(l, vocab_size, mx));
+    }
+  } else {
+    check_dtype(logits, DType::bf16, op);
+    LMF_CUDA_DISPATCH(op, cuda::token_logprobs(logprobs.f32(), logits.ptr<bf16>(), tokens.i32(), M, vocab_size, W));
+  }
+}
+
 }  // namespace lmf

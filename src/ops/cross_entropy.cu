@@ -29,6 +29,7 @@
 
 #include "core/cuda_launch.cuh"
 #include "ops/cross_entropy.h"
+#include "ops/elementwise.cuh"
 #include "ops/block_reduce.cuh"
 #include "ops/ptx.cuh"
 #include "ops/gemm_cuda.h"
@@ -401,37 +402,47 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
   }
 }
 
+namespace {
+// The bf16 row kernels over `rows` rows of logits (ld Vp, V real columns): the losses and, with grad,
+// the rows overwritten by their gradient. The variant depends on Vp (and, pipe vs smem, which give the
+// same bits, on rows): one definition of a row's loss for training, evaluation and token_logprobs.
+void ce_rows_bf16(const char* op, const ShapeText& shapes, float* losses, bf16* logits, const int32_t* targets,
+                  int64_t rows, int64_t V, int64_t Vp, float grad_scale, bool grad) {
+  __nv_bfloat16* logits_k = as_nv(logits);
+  // The register-resident row kernel when the row fits (16-byte rows of at most 8 * 8 * 1024 = 64K).
+  const LaunchSpec row_spec{op, shapes, {rows, 1, 1}, {kRegThreads, 1, 1}, 0};
+  const bool vec_ok = Vp % 8 == 0 && aligned16(logits_k);
+  const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
+  if (vec_ok && Vp > 8 * 4 * kRegThreads && 4 * Vp <= kPipeSmemMaxBytes && rows > sms)
+    launch({op, shapes, {sms, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(4 * Vp)}, ce_row_bf16_pipe_kernel,
+           losses, logits_k, targets, static_cast<int>(rows), static_cast<int>(V), static_cast<int>(Vp), grad_scale,
+           grad);
+  else if (vec_ok && Vp > 8 * 4 * kRegThreads && Vp * 2 <= kSmemRowMaxBytes && Vp <= INT_MAX)
+    launch({op, shapes, {rows, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(Vp * 2)}, ce_row_bf16_smem_kernel,
+           losses, logits_k, targets, static_cast<int>(V), static_cast<int>(Vp), grad_scale, grad);
+  else if (vec_ok && Vp <= 8 * 4 * kRegThreads)
+    launch(row_spec, ce_row_bf16_reg_kernel<4>, losses, logits_k, targets, V, Vp, grad_scale, grad);
+  else if (vec_ok && Vp <= 8 * 8 * kRegThreads)
+    launch(row_spec, ce_row_bf16_reg_kernel<8>, losses, logits_k, targets, V, Vp, grad_scale, grad);
+  else
+    launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_bf16_kernel, losses, logits_k, targets, V, Vp,
+           grad_scale, grad);
+}
+}  // namespace
+
 void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
                            const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
                            int64_t R, float grad_scale, bool accumulate_dw) {
   const char* op = "lm_head_cross_entropy";
   const bool grad = dx != nullptr;
   const ShapeText shapes = dims(N, C, V, Vp, R);
-  __nv_bfloat16* logits_k = as_nv(logits);
   for (int64_t n0 = 0; n0 < N; n0 += R) {
     const int64_t rows = R < N - n0 ? R : N - n0;
     const bf16* xc = x + n0 * C;  // (rows, C)
     // Over all Vp (padded) columns, as the f32 path (see there).
     // logits[0:rows, 0:Vp] = bf16(xc W^T)
     gemm(op, false, true, rows, Vp, C, 1.0f, xc, C, w, C, 0.0f, logits, Vp);
-    // The register-resident row kernel when the row fits (16-byte rows of at most 8 * 8 * 1024 = 64K).
-    const LaunchSpec row_spec{op, shapes, {rows, 1, 1}, {kRegThreads, 1, 1}, 0};
-    const bool vec_ok = Vp % 8 == 0 && aligned16(logits_k);
-    const int sms = cuda_limits().sm_count > 0 ? cuda_limits().sm_count : 132;
-    if (vec_ok && Vp > 8 * 4 * kRegThreads && 4 * Vp <= kPipeSmemMaxBytes && rows > sms)
-      launch({op, shapes, {sms, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(4 * Vp)}, ce_row_bf16_pipe_kernel,
-             losses + n0, logits_k, targets + n0, static_cast<int>(rows), static_cast<int>(V), static_cast<int>(Vp),
-             grad_scale, grad);
-    else if (vec_ok && Vp > 8 * 4 * kRegThreads && Vp * 2 <= kSmemRowMaxBytes && Vp <= INT_MAX)
-      launch({op, shapes, {rows, 1, 1}, {kSmemThreads, 1, 1}, static_cast<size_t>(Vp * 2)}, ce_row_bf16_smem_kernel,
-             losses + n0, logits_k, targets + n0, static_cast<int>(V), static_cast<int>(Vp), grad_scale, grad);
-    else if (vec_ok && Vp <= 8 * 4 * kRegThreads)
-      launch(row_spec, ce_row_bf16_reg_kernel<4>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
-    else if (vec_ok && Vp <= 8 * 8 * kRegThreads)
-      launch(row_spec, ce_row_bf16_reg_kernel<8>, losses + n0, logits_k, targets + n0, V, Vp, grad_scale, grad);
-    else
-      launch({op, shapes, {rows, 1, 1}, {kRowThreads, 1, 1}, 0}, ce_row_bf16_kernel, losses + n0, logits_k,
-             targets + n0, V, Vp, grad_scale, grad);
+    ce_rows_bf16(op, shapes, losses + n0, logits, targets + n0, rows, V, Vp, grad_scale, grad);
     if (!grad) continue;
     // dx[n0:n0+rows] = bf16(dx + dlogits (rows, Vp) W (Vp, C))
     gemm(op, false, false, rows, C, Vp, 1.0f, logits, Vp, w, C, 1.0f, dx + n0 * C, C);
@@ -439,6 +450,14 @@ void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, co
     // instead when it is not accumulated
     gemm(op, true, false, Vp, C, rows, 1.0f, logits, Vp, xc, C, accumulate_dw || n0 > 0 ? 1.0f : 0.0f, dw, C);
   }
+}
+
+void token_logprobs(float* logprobs, const bf16* logits, const int32_t* tokens, int64_t M, int64_t V, int64_t W) {
+  const char* op = "token_logprobs";
+  if (M == 0) return;
+  // the rows' losses (no gradient: the logits are only read), then negated: exactly -(loss)
+  ce_rows_bf16(op, dims(M, 0, V, W, M), logprobs, const_cast<bf16*>(logits), tokens, M, V, W, 1.0f, false);
+  launch_elementwise(op, M, [=] __device__(int64_t i) { logprobs[i] = -logprobs[i]; });
 }
 
 }  // namespace cuda

@@ -54,6 +54,13 @@ void lm_head_cross_entropy_sharded(Tensor losses, Tensor dx, Tensor dw, Tensor x
 // the GPU until a log interval). losses: (N) f32.
 void loss_mean(Tensor dst, Tensor losses, float scale, bool accumulate);
 
+// logprobs (M) f32 = log softmax(logits[m, :V])[tokens[m]]: exactly minus the loss the training forward
+// computes for that row and target (the same row kernels), so a sampler reporting these agrees bitwise
+// with a trainer scoring the same logits (batch-invariant serving, docs/BATCH_INVARIANCE.md).
+// logits (M, W), W >= V: f32 on the CPU, bf16 on the GPU; tokens (M) i32 in [0, V) (checked on the CPU;
+// on the GPU an out-of-range token gives NaN).
+void token_logprobs(Tensor logprobs, Tensor logits, Tensor tokens, int64_t vocab_size);
+
 namespace cuda {  // launchers (cross_entropy.cu); called by the op entry after validation
 void loss_mean(float* dst, const float* losses, int64_t n, float scale, bool accumulate);
 // losses: (N); dx: (N, C) and dw: (Vp, C), both or neither (nullptr); x: (N, C); w: (Vp, C);
@@ -65,6 +72,7 @@ void lm_head_cross_entropy(float* losses, float* dx, float* dw, const float* x, 
 void lm_head_cross_entropy(float* losses, bf16* dx, float* dw, const bf16* x, const bf16* w,
                            const int32_t* targets, bf16* logits, int64_t N, int64_t C, int64_t V, int64_t Vp,
                            int64_t R, float grad_scale, bool accumulate_dw = true);
+void token_logprobs(float* logprobs, const bf16* logits, const int32_t* tokens, int64_t M, int64_t V, int64_t W);
 }  // namespace cuda
 
 }  // namespace lmf

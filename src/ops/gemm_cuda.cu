@@ -80,6 +80,7 @@ struct GemmKey {
   int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0, ldaux = 0;
   int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;  // strides 0 when batch == 1
   uint32_t align_a = 0, align_b = 0, align_c = 0, align_bias = 0, align_aux = 0;  // bytes, powers of two <= 256
+  bool invariant = false;  // a batch-invariant plan (see build_plan)
   bool operator==(const GemmKey&) const = default;
 };
 
@@ -225,7 +226,8 @@ void init_preference(cublasLtMatmulPreference_t pref, const GemmKey& k) {
   // Outputs of kSplitKMaxOutput elements or more have tiles enough to fill the GPU: no split-K there
   // (bf16; on the H200 the heuristic split the 768 x 3072 weight gradients over K = 16,384 in two, at
   // 107-110 us, where one pass takes 100-102).
-  const bool may_split = !is_bf16(k.prec) || k.M * k.N < kSplitKMaxOutput;
+  // Batch-invariant plans: never (a split's partial sums would depend on the grid, hence on M).
+  const bool may_split = !k.invariant && (!is_bf16(k.prec) || k.M * k.N < kSplitKMaxOutput);
   set_pref(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
            may_split ? kAllowedReductionSchemes : static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE));
   set_pref(pref, CUBLASLT_MATMUL_PREF_IMPL_MASK, t.impl_mask);
@@ -250,17 +252,38 @@ void check_algo(const cublasLtMatmulAlgo_t& algo, const GemmKey& k) {
                                                      sizeof(impl), &written));
   LMF_CHECK((scheme & ~kAllowedReductionSchemes) == 0, "cuBLASLt chose reduction scheme ", scheme, " (split-K ",
             splitk, ") outside the allowed out-of-place schemes: results could be nondeterministic");
+  LMF_CHECK(!k.invariant || (scheme == CUBLASLT_REDUCTION_SCHEME_NONE && splitk <= 1), "cuBLASLt chose split-K ",
+            splitk, " (reduction scheme ", scheme, ") for a batch-invariant plan");
   LMF_CHECK((impl & ~t.impl_mask) == 0, "cuBLASLt chose an algorithm with numerical implementation flags 0x", std::hex,
             impl, " outside the allowed mask 0x", t.impl_mask, " (tensor cores in an fp32 GEMM)");
+}
+
+// Batch-invariant plans (GemmKey::invariant, ops/op_plans.h) query the heuristic for their signature with
+// M replaced by this and every operand's alignment capped at 16 bytes (what any lmforge tensor has), and
+// no split-K: so every M of one weight shape (N, K, transposes, leading dimensions, epilogue) runs the
+// same kernel configuration, whose K loop, and so each row's summation order, does not depend on M.
+constexpr int64_t kInvariantM = 4096;
+constexpr uint32_t kInvariantAlign = 16;
+
+// The signature the heuristic is asked about for k (k itself, unless batch-invariant).
+GemmKey query_key(const GemmKey& k) {
+  if (!k.invariant) return k;
+  GemmKey q = k;
+  q.M = kInvariantM;
+  for (uint32_t* a : {&q.align_a, &q.align_b, &q.align_c, &q.align_bias, &q.align_aux})
+    *a = std::min(*a, kInvariantAlign);
+  if (q.trans_a) q.lda = std::max(q.lda, kInvariantM);  // A (K, M): the query's rows must hold its M
+  return q;
 }
 
 // Fills p for key k: descriptors, then one heuristic query with split-K reductions forbidden.
 void build_plan(GemmPlan& p, const GemmKey& k, const void* bias, const void* aux) {
   p.valid = false;
-  init_descriptors(p, k, bias, aux);
+  const GemmKey q = query_key(k);
+  init_descriptors(p, q, bias, aux);  // the query's descriptors first (the same as k's unless invariant)
   cublasLtMatmulPreferenceOpaque_t pref_storage;
   cublasLtMatmulPreference_t pref = &pref_storage;
-  init_preference(pref, k);
+  init_preference(pref, q);
   cublasLtMatmulHeuristicResult_t r;
   std::memset(&r, 0, sizeof(r));
   int found = 0;
@@ -273,6 +296,17 @@ void build_plan(GemmPlan& p, const GemmKey& k, const void* bias, const void* aux
             " bytes of workspace, more than kGemmWorkspaceBytes=", kGemmWorkspaceBytes);
 
   check_algo(r.algo, k);
+  if (k.invariant) {  // the query's algorithm on k's own descriptors: it must run at this M
+    init_descriptors(p, k, bias, aux);
+    cublasLtMatmulHeuristicResult_t chk;
+    std::memset(&chk, 0, sizeof(chk));
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoCheck(blaslt(), &p.desc, &p.lt_a, &p.lt_b, &p.lt_c, &p.lt_c, &r.algo, &chk);
+    LMF_CHECK(st == CUBLAS_STATUS_SUCCESS && chk.workspaceSize <= kGemmWorkspaceBytes,
+              "the batch-invariant algorithm of this weight shape (chosen at M=", kInvariantM,
+              ") does not run at M=", k.M, " (cublasLtMatmulAlgoCheck: ", static_cast<int>(st), ")");
+    r.workspaceSize = std::max(r.workspaceSize, chk.workspaceSize);
+  }
   p.algo = r.algo;
   p.workspace = r.workspaceSize;
   p.calls = p.epoch = p.epoch_calls = 0;
@@ -354,6 +388,7 @@ void gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
   k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc, ec), alignment_of_bytes(k.stride_c, ec)});
   k.align_bias = bias ? alignment_of(bias) : 0;
   k.align_aux = k.epilogue == GemmEpilogue::none ? 0 : std::min(alignment_of(ex.aux), alignment_of_bytes(k.ldaux, 2));
+  k.invariant = batch == 1 && batch_invariant_now();
   // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
   const uint32_t min_ab = static_cast<uint32_t>(ea), min_c = static_cast<uint32_t>(ec);
@@ -602,7 +637,9 @@ GemmTuneResult gemm_autotune(int candidates) {
   LMF_CUDA_CHECK(cudaEventCreate(&e0));
   LMF_CUDA_CHECK(cudaEventCreate(&e1));
   for (GemmPlan& p : c.plans) {
-    if (!p.valid || p.tuned || p.epoch != c.epoch || !is_bf16(p.key.prec) || p.key.batch != 1) continue;
+    // batch-invariant plans keep the algorithm of their weight shape: a candidate equal at this M may not be at others
+    if (!p.valid || p.tuned || p.epoch != c.epoch || !is_bf16(p.key.prec) || p.key.batch != 1 || p.key.invariant)
+      continue;
     p.tuned = true;
     ++res.plans;
     PlanTuner t(p, counters, ws);

@@ -20,9 +20,17 @@ class OpPlans {
   void* gemm() const { return gemm_; }    // the cuBLASLt plan table (gemm_cuda.cu), or null
   void* cudnn() const { return cudnn_; }  // the cuDNN plan cache (flash_attention_cudnn.cpp), or null
 
+  // Batch-invariant choices (ModelPlan::batch_invariant; set by the owner before the first call): GEMM
+  // plans take one algorithm per weight shape for every M, with no split-K, and are never re-tuned
+  // (ops/gemm_cuda.h); row kernels that pick a variant by the number of rows take the one fixed by the
+  // row's width (cross_entropy.cu). The one switch the launchers read; batch_invariant_now() below.
+  bool batch_invariant() const { return batch_invariant_; }
+  void set_batch_invariant(bool on) { batch_invariant_ = on; }
+
  private:
   void* gemm_ = nullptr;
   void* cudnn_ = nullptr;
+  bool batch_invariant_ = false;
 };
 
 class OpPlansScope {
@@ -38,6 +46,11 @@ class OpPlansScope {
 
 // The innermost bound OpPlans of this thread, or nullptr (the default tables).
 OpPlans* op_plans_current();
+// Whether the bound OpPlans asks for batch-invariant choices (false with none bound).
+inline bool batch_invariant_now() {
+  const OpPlans* p = op_plans_current();
+  return p != nullptr && p->batch_invariant();
+}
 
 // Implemented by the libraries' wrappers in CUDA builds (gemm_cuda.cu, flash_attention_cudnn.cpp).
 namespace detail {

@@ -65,6 +65,7 @@ using nv = __nv_bfloat16;
 constexpr const char* kOpWrite = "kv_cache_write";
 constexpr const char* kOpAttn = "paged_attention_forward";
 constexpr const char* kOpGather = "gather_rows";
+constexpr const char* kOpSplit = "flash_attention_forward (split kernels)";
 
 // Positions per split. Part of the numerics (the order of the softmax sums), so a constant: never
 // chosen from N or from the device.
@@ -79,6 +80,23 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ int64_t row_length(int32_t position, int64_t capacity) {
   return std::min<int64_t>(std::max<int64_t>(int64_t{position} + 1, 1), capacity);
 }
+
+// Where row n's keys and values are. Paged (block_tables given): its sequence and position from seqs and
+// positions. Contiguous (block_tables null, the split forward of training): rows are B sequences of T =
+// block_size positions in order, row n is position n % T of sequence n / T, whose keys are the rows
+// [seq T, seq T + T) of the caches (max_blocks == 1).
+struct RowKv {
+  int32_t seq, position;
+};
+__device__ __forceinline__ RowKv row_kv(int64_t n, const int32_t* block_tables, const int32_t* seqs,
+                                        const int32_t* positions, int block_size) {
+  if (block_tables == nullptr) return {static_cast<int32_t>(n / block_size), static_cast<int32_t>(n % block_size)};
+  return {seqs[n], positions[n]};
+}
+
+// ln sum_i exp(scale q.k_i) from the log2-domain max m and l = sum_i exp2(s_i - m): the flash kernels'
+// lse (attention.h), which their backward reads.
+__device__ __forceinline__ float natural_lse(float m, float l) { return (m + log2f(l)) * 0.6931471805599453f; }
 
 // 8 bf16 (one 16-byte load) widened to fp32.
 __device__ __forceinline__ void unpack8(float (&f)[8], const uint4& u) {
@@ -100,7 +118,8 @@ __global__ void __launch_bounds__(kThreads)
                                  const nv* __restrict__ qkv, const nv* __restrict__ k_cache,
                                  const nv* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
                                  const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int NH,
-                                 int NKV, int block_size, int max_blocks, int chunks, float scale_log2) {
+                                 int NKV, int block_size, int max_blocks, int chunks, float scale_log2,
+                                 int64_t kv_stride, float* __restrict__ lse) {
   constexpr int L = HS / 8;            // lanes per key, 8 elements each
   constexpr int kKeysWarp = 32 / L;    // keys a warp reads per step
   constexpr int kKeysCta = kKeysWarp * kWarps;
@@ -114,25 +133,27 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int j = lane / L, r = lane % L;  // key j of the warp's step, elements [8 r, 8 r + 8) of it
   const int G = NH / NKV;
-  const int64_t kv_stride = int64_t{NKV} * HS, row_stride = (int64_t{NH} + 2 * NKV) * HS;
+  const int64_t row_stride = (int64_t{NH} + 2 * NKV) * HS;
   nv* out_row = out + int64_t{n} * NH * HS;
 
-  const int32_t seq = seqs[n];
+  const RowKv row = row_kv(n, block_tables, seqs, positions, block_size);
+  const int32_t seq = row.seq;
   if (seq < 0) {  // padding row: zeros, from the chunk-0 CTA of each kv head
     if (c == 0)
       for (int i = tid; i < G * HS; i += kThreads) out_row[int64_t{g} * G * HS + i] = __float2bfloat16_rn(0.0f);
     return;
   }
-  const int64_t total = row_length(positions[n], int64_t{max_blocks} * block_size);
+  const int64_t total = row_length(row.position, int64_t{max_blocks} * block_size);
   const int64_t first = int64_t{c} * kChunk;
   if (first >= total) return;  // past the row's last position (uniform over the CTA)
   const int n_valid = static_cast<int>(std::min<int64_t>(kChunk, total - first));
   const bool single = total <= kChunk;  // the whole row in this CTA: write out directly
 
-  const int32_t* table = block_tables + int64_t{seq} * max_blocks;
+  const int32_t* table = block_tables != nullptr ? block_tables + int64_t{seq} * max_blocks : nullptr;
   for (int i = tid; i < n_valid; i += kThreads) {
     const int64_t p = first + i;
-    s_off[i] = (int64_t{table[p / block_size]} * block_size + p % block_size) * kv_stride + int64_t{g} * HS;
+    const int64_t block = table != nullptr ? int64_t{table[p / block_size]} : int64_t{seq};  // contiguous: its own
+    s_off[i] = (block * block_size + p % block_size) * kv_stride + int64_t{g} * HS;
   }
   __syncthreads();
 
@@ -260,6 +281,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 8; ++e) o[e] /= s_l[t];
         store_f32<8>(out_row + h * HS + d0, o);
+        if (lse != nullptr && d0 == 0) lse[(int64_t{seq} * NH + h) * block_size + row.position] = natural_lse(s_m[t], s_l[t]);
       } else {
         const int64_t part = (int64_t{n} * NH + h) * chunks + c;
         store_f32<8>(part_o + part * HS + d0, o);
@@ -276,7 +298,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int HS, int GT>
 void launch_chunks(nv* out, float* part_o, float* part_ml, const nv* qkv, const nv* k_cache, const nv* v_cache,
                    const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N, int NH,
-                   int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2) {
+                   int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2, int64_t kv_stride,
+                   float* lse) {
   launch({kOpAttn,
           shape_text("N=", N, " NH=", NH, " NKV=", NKV, " HS=", HS, " block_size=", block_size, " max_blocks=",
                      max_blocks),
@@ -284,30 +307,33 @@ void launch_chunks(nv* out, float* part_o, float* part_ml, const nv* qkv, const 
           {kThreads, 1, 1},
           0},
          paged_attention_chunk_kernel<HS, GT>, out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, seqs,
-         positions, NH, NKV, block_size, max_blocks, static_cast<int>(chunks), scale_log2);
+         positions, NH, NKV, block_size, max_blocks, static_cast<int>(chunks), scale_log2, kv_stride, lse);
 }
 
 // GT: the q heads per kv head, rounded up to 1, 2, 4 or 8 (more than 8 go in tiles of 8).
 template <int HS>
 void launch_chunks_hs(int G, nv* out, float* part_o, float* part_ml, const nv* qkv, const nv* k_cache,
                       const nv* v_cache, const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
-                      int64_t N, int NH, int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2) {
+                      int64_t N, int NH, int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2,
+                      int64_t kv_stride, float* lse) {
   const auto f = G == 1 ? launch_chunks<HS, 1>
                  : G == 2 ? launch_chunks<HS, 2>
                  : G <= 4 ? launch_chunks<HS, 4>
                           : launch_chunks<HS, 8>;
   f(out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, seqs, positions, N, NH, NKV, block_size, max_blocks,
-    chunks, scale_log2);
+    chunks, scale_log2, kv_stride, lse);
 }
 
 // Rows of more than one chunk: out[n, h, d0 .. d0 + 8) from the partials, chunks in order.
-void launch_combine(nv* out, const float* part_o, const float* part_ml, const int32_t* seqs,
-                    const int32_t* positions, int64_t N, int64_t NH, int64_t HS, int64_t chunks, int64_t capacity) {
+void launch_combine(nv* out, const float* part_o, const float* part_ml, const int32_t* block_tables,
+                    const int32_t* seqs, const int32_t* positions, int64_t N, int64_t NH, int64_t HS, int64_t chunks,
+                    int block_size, int64_t capacity, float* lse) {
   const int64_t P = HS / 8;
   launch_elementwise(kOpAttn, N * NH * P, [=] __device__(int64_t i) {
     const int64_t d0 = (i % P) * 8, nh = i / P, n = nh / NH;  // nh = n NH + h
-    if (seqs[n] < 0) return;
-    const int64_t nc = (row_length(positions[n], capacity) + kChunk - 1) / kChunk;
+    const RowKv row = row_kv(n, block_tables, seqs, positions, block_size);
+    if (row.seq < 0) return;
+    const int64_t nc = (row_length(row.position, capacity) + kChunk - 1) / kChunk;
     if (nc == 1) return;  // written by the chunk kernel
     const float* ml = part_ml + nh * chunks * 2;
     const float* po = part_o + nh * chunks * HS + d0;
@@ -325,6 +351,7 @@ void launch_combine(nv* out, const float* part_o, const float* part_ml, const in
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] /= l;
     store_f32<8>(out + nh * HS + d0, o);
+    if (lse != nullptr && d0 == 0) lse[(int64_t{row.seq} * NH + nh % NH) * block_size + row.position] = natural_lse(M, l);
   });
 }
 
@@ -380,11 +407,12 @@ size_t paged_attention_workspace(int64_t N, int64_t NH, int64_t HS, int64_t max_
   return static_cast<size_t>(N * NH * chunks * (HS + 2)) * sizeof(float);
 }
 
-void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
-                             const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N,
-                             int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
-                             float scale) {
-  if (N == 0) return;
+namespace {
+// Both entries: kv_stride elements between consecutive slots of the caches; lse (contiguous only) or null.
+void chunked_attention(bf16* out, float* lse, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                       int64_t kv_stride, const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
+                       int64_t N, int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
+                       float scale) {
   LMF_CHECK(NKV >= 1 && NH >= NKV && NH % NKV == 0 && NH <= INT_MAX, kOpAttn, ": NH=", NH,
             " must be a positive multiple of NKV=", NKV);
   LMF_CHECK(block_size >= 1 && max_blocks >= 1 && block_size * max_blocks <= INT_MAX, kOpAttn,
@@ -403,7 +431,7 @@ void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, co
   auto run = [&](auto launch_hs) {
     launch_hs(G, as_nv(out), part_o, part_ml, as_nv(qkv), as_nv(k_cache), as_nv(v_cache), block_tables, seqs,
               positions, N, static_cast<int>(NH), static_cast<int>(NKV), static_cast<int>(block_size),
-              static_cast<int>(max_blocks), chunks, scale_log2);
+              static_cast<int>(max_blocks), chunks, scale_log2, kv_stride, lse);
   };
   switch (HS) {
     case 16: run(launch_chunks_hs<16>); break;
@@ -413,7 +441,28 @@ void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, co
     case 256: run(launch_chunks_hs<256>); break;
     default: fail(kOpAttn, ": head size HS=", HS, " is not supported on the GPU (16, 32, 64, 128 or 256)");
   }
-  if (chunks > 1) launch_combine(as_nv(out), part_o, part_ml, seqs, positions, N, NH, HS, chunks, capacity);
+  if (chunks > 1)
+    launch_combine(as_nv(out), part_o, part_ml, block_tables, seqs, positions, N, NH, HS, chunks,
+                   static_cast<int>(block_size), capacity, lse);
+}
+}  // namespace
+
+void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                             const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N,
+                             int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
+                             float scale) {
+  if (N == 0) return;
+  chunked_attention(out, nullptr, qkv, k_cache, v_cache, NKV * HS, block_tables, seqs, positions, N, NH, NKV, HS,
+                    block_size, max_blocks, scale);
+}
+
+void split_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                             int64_t HS, float scale) {
+  if (B == 0 || T == 0) return;
+  LMF_CHECK(T <= INT_MAX && B * T <= INT_MAX, kOpSplit, ": B=", B, " T=", T, " out of range");
+  const int64_t row = (NH + 2 * NKV) * HS;
+  chunked_attention(out, lse, qkv, qkv + NH * HS, qkv + (NH + NKV) * HS, row, nullptr, nullptr, nullptr, B * T, NH,
+                    NKV, HS, T, 1, scale);
 }
 
 void gather_rows(bf16* out, const bf16* x, const int32_t* rows, int64_t M, int64_t C) {

@@ -8,6 +8,7 @@
 #include "core/device.h"
 #include "core/profiler.h"
 #include "model/token_ends.h"
+#include "ops/cross_entropy.h"
 
 namespace lmf {
 
@@ -160,6 +161,9 @@ void Engine::run_bucket(Bucket& b, bool top) {
   ProfileScope scope(prof_, "sample tokens");
   sample_tokens(b.next, b.logprobs, top ? b.top_ids : Tensor(), top ? b.top_logprobs : Tensor(), b.logits, b.params,
                 cfg_.vocab_size, b.order);
+  // batch-invariant: the sampled tokens' logprobs as the trainer's loss computes them (the sampler's own
+  // reduction is batch-invariant too, but a different one: its top-N logprobs keep it)
+  if (opt_.batch_invariant) token_logprobs(b.logprobs, b.logits, b.next, cfg_.vocab_size);
 }
 
 // CUDA graphs, one per bucket, captured at start: each bucket runs once eagerly on an all-padding batch
@@ -195,6 +199,7 @@ void Engine::plan_buckets() {
     p.attention = FlashKernels::lmforge;
     p.serve = true;
     p.samples = std::min<int64_t>(T, opt_.max_seqs);
+    p.batch_invariant = opt_.batch_invariant;
     Bucket b;
     b.model = std::make_unique<Model>(cfg_, p, params_, nullptr, std::make_unique<TokenEnds>(cfg_));
     buckets_.push_back(std::move(b));

@@ -30,6 +30,10 @@ struct EngineOptions {
   double kv_cache_gb = 0;            // --kv-cache-gb: the pool's size; 0: auto (see engine.cpp)
   int64_t max_top_logprobs = 5;      // the most top log-probabilities a request may ask for
   bool cuda_graphs = true;           // --cuda-graphs: each bucket's step (model + sampler) as one CUDA graph
+  // --batch-invariant (docs/BATCH_INVARIANCE.md): batch-invariant plans (model/plan.h), and each sampled
+  // token's logprob computed by the training loss's row kernels (token_logprobs), so it is bitwise the
+  // trainer's for the same sequence.
+  bool batch_invariant = false;
 };
 // One line naming the flag when an option is out of range ("" when fine).
 std::string engine_options_problem(const EngineOptions& o);

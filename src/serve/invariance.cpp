@@ -85,8 +85,9 @@ struct Decoded {
 
 // The probe decoded greedily by an engine that also serves `others` (random prompts and lengths).
 Decoded decode(const ModelConfig& c, Parameters& params, const std::vector<int32_t>& prompt, int64_t new_tokens,
-               int64_t others, int64_t prefill_budget, uint64_t seed) {
+               int64_t others, int64_t prefill_budget, uint64_t seed, bool batch_invariant) {
   EngineOptions eo;
+  eo.batch_invariant = batch_invariant;
   eo.max_seqs = static_cast<int32_t>(std::max<int64_t>(others + 1, 1));
   eo.max_prefill_tokens = prefill_budget;
   Engine e(c, params, eo);
@@ -165,14 +166,14 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
   const std::vector<int32_t> prompt = random_ids(o.seed, 1, P, V);
 
   // the reference: the probe decoded alone
-  const Decoded alone = decode(c, params, prompt, o.new_tokens, 0, 512, o.seed);
+  const Decoded alone = decode(c, params, prompt, o.new_tokens, 0, 512, o.seed, o.batch_invariant);
   LMF_CHECK(!alone.tokens.empty(), "check-invariance: the probe decoded no token");
   std::vector<int32_t> seq = prompt;
   seq.insert(seq.end(), alone.tokens.begin(), alone.tokens.end());
   const int64_t L = static_cast<int64_t>(seq.size()), G = static_cast<int64_t>(alone.tokens.size());
 
   // the trainer over the whole sequence (every position at once) = the sampler's decode
-  SequenceScorer scorer(c, params, o.precision);
+  SequenceScorer scorer(c, params, o.precision, o.batch_invariant);
   const std::vector<float> ref = scorer.logprobs({seq});  // L - 1 values
   std::vector<OpOutput> ref_captured;  // the reference forward's ops, captured when a check first differs
   auto ref_ops = [&]() -> const std::vector<OpOutput>& {
@@ -210,7 +211,7 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
   for (int64_t B : o.batches) {
     if (B == 1) continue;
     for (int64_t budget : {int64_t{7}, int64_t{512}}) {
-      const Decoded d = decode(c, params, prompt, o.new_tokens, B - 1, budget, o.seed);
+      const Decoded d = decode(c, params, prompt, o.new_tokens, B - 1, budget, o.seed, o.batch_invariant);
       InvarianceCheck ch;
       const int64_t n = std::min<int64_t>(G, static_cast<int64_t>(d.logprobs.size()));
       ch = compare(detail::concat("sampler among ", B - 1, " other requests, prefill budget ", budget), d.logprobs.data(),

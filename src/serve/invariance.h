@@ -25,6 +25,7 @@ struct InvarianceOptions {
   std::vector<int64_t> batches = {1, 2, 3, 4, 5, 8, 16, 32};  // batch sizes / concurrent requests swept
   uint64_t seed = 1;
   std::string precision = "auto";  // the trainer's (auto: bf16 on a GPU, fp32 on the CPU)
+  bool batch_invariant = false;    // --batch-invariant: the trainer's and the sampler's plans in that mode
 };
 // One line naming the option when one is out of range ("" when fine); vocab and context from the model.
 std::string invariance_options_problem(const InvarianceOptions& o, const ModelConfig& c);

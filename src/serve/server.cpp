@@ -493,7 +493,8 @@ void Server::Impl::routes() {
               });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     json m = {{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "lmforge"},
-              {"max_model_len", engine.config().context_length}};
+              {"max_model_len", engine.config().context_length},
+              {"batch_invariant", engine.options().batch_invariant}};
     res.set_content(dump(json{{"object", "list"}, {"data", json::array({m})}}), "application/json");
   });
   http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {

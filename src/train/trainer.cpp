@@ -107,7 +107,8 @@ std::string TrainOptions::to_json() const {
             {"out_dir", out_dir.empty() ? out_dir : fs::absolute(out_dir).lexically_normal().string()},
             {"device", device}, {"precision", precision}, {"attention", attention}, {"cuda_graph", cuda_graph},
             {"tune", gemm_tune}, {"dp", std::max<int64_t>(dp, 1)}, {"tp", tp}, {"zero", zero},
-            {"sequence_parallel", sequence_parallel}, {"grad_bucket_mb", grad_bucket_mb}};
+            {"sequence_parallel", sequence_parallel}, {"grad_bucket_mb", grad_bucket_mb},
+            {"batch_invariant", batch_invariant}};
   // (dp, tp, zero, sequence_parallel: for the record; a run may resume at another mesh)
   if (!init_from.empty()) j["init_from"] = init_from;  // for the record; a resume loads its own checkpoint
   return j.dump();
@@ -152,6 +153,7 @@ std::vector<std::string> TrainOptions::apply_json(const std::string& text, const
   take("cuda_graph", cuda_graph);
   take("tune", gemm_tune);
   take("grad_bucket_mb", grad_bucket_mb);  // (the buckets fix the order of the sums: resumes keep it)
+  take("batch_invariant", batch_invariant);
   // flags that state.json does not record (the Python package's train() passes them here too)
   take("init_from", init_from);
   take("resume", resume);
@@ -415,7 +417,8 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   const int64_t T = o_.seq_len == 0 ? cfg_.context_length : o_.seq_len;
   if (o_.batch_size > INT32_MAX / std::max<int64_t>(T, 1))
     fail("--batch-size=", o_.batch_size, " x --seq-len=", T, " tokens per micro-batch exceed ", INT32_MAX);
-  const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention}, o_.batch_size, T, true);
+  const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention, o_.batch_invariant}, o_.batch_size, T,
+                                         true);
   device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
   if (!dist_) dp_comm_ = tp_comm_ = &single_rank();  // (ZeRO-1 in one process: one slice, the identity)
@@ -710,8 +713,13 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
     log_ << "moe layers=" << moe_layers << "/" << cfg_.n_layer << " experts=" << m.experts << " top_k=" << m.top_k
          << " d_expert=" << cfg_.d_expert() << " shared=" << m.shared << " score=" << (m.sigmoid ? "sigmoid" : "softmax")
          << " capacity_factor=" << fmt("%g", m.capacity_factor) << " aux_coef=" << fmt("%g", m.aux_coef)
-         << " z_coef=" << fmt("%g", m.z_coef) << " bias_rate=" << fmt("%g", m.bias_rate) << "\n";
+         << " z_coef=" << fmt("%g", m.z_coef) << " bias_rate=" << fmt("%g", m.bias_rate)
+         << (plan.batch_invariant && m.capacity_factor > 0 ? " (capacity not applied: batch-invariant runs dropless)" : "")
+         << "\n";
   }
+  if (plan.batch_invariant)
+    log_ << "numerics batch-invariant: each row's forward independent of its batch (GEMMs: one algorithm per weight "
+            "shape, no split-K; attention forward: the split kernels; MoE dropless)\n";
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
     const bool cudnn = plan.bf16() && plan.attention == FlashKernels::cudnn;

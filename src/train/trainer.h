@@ -58,7 +58,10 @@ struct TrainOptions {
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
-  std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn
+  std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn | split
+  // --batch-invariant: training and evaluation forwards in batch-invariant plans (model/plan.h), bitwise
+  // the batch-invariant sampler's for the same sequence (docs/BATCH_INVARIANCE.md)
+  bool batch_invariant = false;
   double mfu_peak_tflops = 0;       // 0: the device's dense bf16 peak from a table (H100 SXM, H200: 989)
   std::string cuda_graph = "auto";  // auto (on for GPU runs with grad_accum 1) | on | off
   // Distributed runs (docs/DISTRIBUTED.md; the ranks come from the launcher's environment, dist/env.h):
