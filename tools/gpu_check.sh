@@ -112,7 +112,7 @@ targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
-[ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve"
+[ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
 [ "$what" = dist ] && targets="lmforge test_cuda_dist" && LMF_WITH_DIST=1
@@ -130,13 +130,15 @@ if [ -n "${base_pid:-}" ]; then
   add "baseline build ($base_src)" "ok ($(( $(date +%s) - t0 )) s)"
 fi
 
-if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ] || [ "$what" = serve ]; then
+if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = quick ] || [ "$what" = serve ] || [ "$what" = bi ]; then
   : >"$OUT/tests.log"
   tests=(build-gpu/tests/test_cuda_* build-gpu/tests/test_launch)
   [ "$what" = serve ] && tests=(build-gpu/tests/test_cuda_paged_attention build-gpu/tests/test_cuda_sampling
                                 build-gpu/tests/test_cuda_serve build-gpu/tests/test_cuda_rope build-gpu/tests/test_cuda_embedding
                                 build-gpu/tests/test_cuda_gemm build-gpu/tests/test_cuda_cross_entropy)
   [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
+  [ "$what" = bi ] && tests=(build-gpu/tests/test_cuda_gemm build-gpu/tests/test_cuda_paged_attention
+                             build-gpu/tests/test_cuda_cross_entropy)
   [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
   for t in "${tests[@]}"; do
     [ -x "$t" ] && [ -f "$t" ] && [[ "$t" != *.cmake ]] || continue
@@ -334,6 +336,17 @@ if [ "$what" = bi ]; then
   train_ck tiny 150 bi_tiny
   train_ck tiny-moe 150 bi_moe
   train_ck tiny 10 bi_tiny10 --batch-invariant
+  for ck in bi_tiny bi_moe; do
+    for mode in default batch-invariant; do
+      flag=""; [ $mode = batch-invariant ] && flag="--batch-invariant"
+      timeout 150 ./build-gpu/lmforge check-invariance --device cuda $flag --checkpoint "$OUT/$ck" \
+        >"$OUT/inv_${ck}_$mode.md" 2>"$OUT/inv_${ck}_$mode.log"
+      rc=$?
+      add "check-invariance $ck $mode" "rc=$rc $(tail -1 "$OUT/inv_${ck}_$mode.md")"
+      [ $mode = default ] || [ $rc = 0 ] || failures=$((failures + 1))
+      grep -v "| 0 | -1 | 0 |" "$OUT/inv_${ck}_$mode.md" | head -8 | cut -c1-200
+    done
+  done
   for ck in bi_tiny bi_moe bi_tiny10; do
     n=$probes; modes=default,batch-invariant
     [ $ck = bi_tiny10 ] && n=64 && modes=batch-invariant

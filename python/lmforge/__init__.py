@@ -313,21 +313,25 @@ class Model:
 
 
 def load(path: PathLike, *, device: str = "auto", tokenizer: PathLike = "auto", allow_nonfinite: bool = False,
-         max_seqs: int = 32) -> Model:
+         max_seqs: int = 32, batch_invariant: bool = False) -> Model:
     """Load a model: an lmforge checkpoint or training out-dir (its latest checkpoint), a Hugging Face
     model directory (config.json + safetensors) or a GGUF file.
 
     ``device``: "auto" (the GPU when there is one), "cpu" or "cuda". ``tokenizer``: "auto" (the
     model's own, else bytes), "byte" or a tokenizer.json path. ``max_seqs``: prompts that
-    :meth:`Model.generate` runs at once.
+    :meth:`Model.generate` runs at once. ``batch_invariant``: the CLI's ``--batch-invariant``
+    (docs/BATCH_INVARIANCE.md): :meth:`Model.generate` and :meth:`Model.logprobs` give a sequence the
+    same numbers whatever else is batched with it, and each other's bit for bit.
     """
     p = _path("load", "path", path)
     if not isinstance(device, str):
         raise _type_error("load", "device", "a str", device)
     if not isinstance(allow_nonfinite, bool):
         raise _type_error("load", "allow_nonfinite", "a bool", allow_nonfinite)
+    if not isinstance(batch_invariant, bool):
+        raise _type_error("load", "batch_invariant", "a bool", batch_invariant)
     return Model(_core.load(p, device, _path("load", "tokenizer", tokenizer), allow_nonfinite,
-                            _int("load", "max_seqs", max_seqs, bits=32)))
+                            _int("load", "max_seqs", max_seqs, bits=32), batch_invariant))
 
 
 # --------------------------------------------------------------------------------------------------

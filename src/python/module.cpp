@@ -130,6 +130,7 @@ struct PyModel {
   int32_t engine_seqs = 0;
   std::unique_ptr<SequenceScorer> scorer;
   std::string scorer_precision;
+  bool batch_invariant = false;  // lmforge.load(batch_invariant=...): the engine's and the scorer's plans
   std::mutex mu;  // one engine call at a time (Python threads may share a Model)
 
   Engine& engine_for(int32_t seqs) {
@@ -140,6 +141,7 @@ struct PyModel {
       // as `lmforge generate`: a single prompt runs through the very engine the CLI plans
       eo.max_prefill_tokens = std::min<int64_t>(m.cfg.context_length, 512);
       eo.max_top_logprobs = 20;
+      eo.batch_invariant = batch_invariant;
       engine = std::make_unique<Engine>(m.cfg, *m.params, eo);
       engine_seqs = seqs;
     }
@@ -148,7 +150,7 @@ struct PyModel {
   SequenceScorer& scorer_for(const std::string& precision) {
     if (!scorer || scorer_precision != precision) {
       scorer.reset();
-      scorer = std::make_unique<SequenceScorer>(m.cfg, *m.params, precision);
+      scorer = std::make_unique<SequenceScorer>(m.cfg, *m.params, precision, batch_invariant);
       scorer_precision = precision;
     }
     return *scorer;
@@ -156,7 +158,7 @@ struct PyModel {
 };
 
 std::unique_ptr<PyModel> load_model(const std::string& path, const std::string& device, const std::string& tokenizer,
-                                    bool allow_nonfinite, int32_t max_seqs) {
+                                    bool allow_nonfinite, int32_t max_seqs, bool batch_invariant) {
   if (max_seqs < 1 || max_seqs > 1024) fail("max_seqs=", max_seqs, " must be in [1, 1024]");
   auto pm = std::make_unique<PyModel>();
   {
@@ -165,6 +167,7 @@ std::unique_ptr<PyModel> load_model(const std::string& path, const std::string& 
   }
   pm->tok = std::shared_ptr<const Tokenizer>(std::move(pm->m.tok));
   pm->max_seqs = max_seqs;
+  pm->batch_invariant = batch_invariant;
   return pm;
 }
 
@@ -444,7 +447,7 @@ NB_MODULE(_core, mod) {
       .def("generate", &generate, "prompts"_a, "max_tokens"_a, "temperature"_a, "top_p"_a, "top_k"_a, "seeds"_a,
            "stop"_a, "stop_at_end_token"_a, "top_logprobs"_a);
   mod.def("load", &load_model, "path"_a, "device"_a = "auto", "tokenizer"_a = "auto", "allow_nonfinite"_a = false,
-          "max_seqs"_a = 32);
+          "max_seqs"_a = 32, "batch_invariant"_a = false);
 
   nb::class_<TrainRun>(mod, "TrainRun")
       .def(nb::init<const std::string&, const std::vector<std::string>&, bool>(), "options_json"_a, "given"_a,

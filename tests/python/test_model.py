@@ -160,3 +160,18 @@ def test_bad_input_raises_with_the_cli_message(tiny_model, tmp_path):
         m.logprobs([1, 2, 3], precision="fp8")
     # the model still works after every refusal
     assert len(m.generate("And", max_tokens=2, temperature=0).token_ids) == 2
+
+
+def test_batch_invariant_generation_and_logprobs_agree_bitwise(tiny_run):
+    """lmforge.load(batch_invariant=True) (docs/BATCH_INVARIANCE.md): a greedy completion is the same
+    alone and among other prompts, and its logprobs are bitwise Model.logprobs' of the same tokens."""
+    m = lmforge.load(tiny_run, device="cpu", batch_invariant=True, max_seqs=8)
+    prompt = "And God said"
+    alone = m.generate(prompt, max_tokens=20, temperature=0)
+    among = m.generate(["Jesus wept", prompt, "In the beginning was the Word", "A"], max_tokens=20, temperature=0)[1]
+    assert among.token_ids == alone.token_ids and among.logprobs == alone.logprobs
+    ids = m._prompt_ids(prompt)  # the prompt as generate() feeds it (the tokenizer's BOS, if any, first)
+    lp = m.logprobs(ids + alone.token_ids)
+    assert [float(v) for v in lp[-20:]] == alone.logprobs
+    with pytest.raises(TypeError, match="batch_invariant"):
+        lmforge.load(tiny_run, device="cpu", batch_invariant="yes")
