@@ -272,7 +272,6 @@ GemmKey query_key(const GemmKey& k) {
   q.M = kInvariantM;
   for (uint32_t* a : {&q.align_a, &q.align_b, &q.align_c, &q.align_bias, &q.align_aux})
     *a = std::min(*a, kInvariantAlign);
-  if (q.trans_a) q.lda = std::max(q.lda, kInvariantM);  // A (K, M): the query's rows must hold its M
   return q;
 }
 
@@ -388,7 +387,9 @@ void gemm_impl(const char* op, GemmPrecision prec, bool trans_a, bool trans_b, i
   k.align_c = std::min({alignment_of(C), alignment_of_bytes(ldc, ec), alignment_of_bytes(k.stride_c, ec)});
   k.align_bias = bias ? alignment_of(bias) : 0;
   k.align_aux = k.epilogue == GemmEpilogue::none ? 0 : std::min(alignment_of(ex.aux), alignment_of_bytes(k.ldaux, 2));
-  k.invariant = batch == 1 && batch_invariant_now();
+  // batch-invariant plans for the GEMMs whose rows are the batch's (A not transposed: forward layers, the
+  // LM head, activation gradients); weight gradients (A^T: M is a weight dimension) keep their plans
+  k.invariant = batch == 1 && !trans_a && batch_invariant_now();
   // Row-major operands: A is (M, K) or (K, M) when transposed, B (K, N) or (N, K), C (M, N).
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
   const uint32_t min_ab = static_cast<uint32_t>(ea), min_c = static_cast<uint32_t>(ec);

@@ -14,8 +14,11 @@
 //   workspace, added by a separate kernel in a fixed order; in-place split-K is excluded and the
 //   chosen scheme is checked), and the algorithm for a signature is chosen once and reused, so the
 //   same call gives bitwise identical results every time (the GPU tests run every GEMM shape twice).
-//   NOT batch-invariant: the heuristic may pick a different tile or split for a different M; the
-//   batch-invariant mode (later) will pin both.
+//   NOT batch-invariant by default: the heuristic may pick a different tile or split for a different M.
+//   Batch-invariant plans (an OpPlans bound with batch_invariant(), ops/op_plans.h; --batch-invariant)
+//   pin both for the GEMMs whose rows are the batch's (A not transposed): one algorithm per weight
+//   shape, the heuristic's for M = 4096 with alignments capped at 16 bytes and split-K excluded,
+//   checked with cublasLtMatmulAlgoCheck at each M; gemm_autotune leaves them alone.
 //
 // Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
 // alignment of every operand's rows, bias or not, batch count and strides) is chosen by

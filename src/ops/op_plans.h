@@ -20,10 +20,10 @@ class OpPlans {
   void* gemm() const { return gemm_; }    // the cuBLASLt plan table (gemm_cuda.cu), or null
   void* cudnn() const { return cudnn_; }  // the cuDNN plan cache (flash_attention_cudnn.cpp), or null
 
-  // Batch-invariant choices (ModelPlan::batch_invariant; set by the owner before the first call): GEMM
-  // plans take one algorithm per weight shape for every M, with no split-K, and are never re-tuned
-  // (ops/gemm_cuda.h); row kernels that pick a variant by the number of rows take the one fixed by the
-  // row's width (cross_entropy.cu). The one switch the launchers read; batch_invariant_now() below.
+  // Batch-invariant choices (ModelPlan::batch_invariant; set by the owner before the first call): the
+  // plans of GEMMs whose rows are the batch's (A not transposed) take one algorithm per weight shape for
+  // every M, with no split-K, and are never re-tuned (ops/gemm_cuda.cu). The switch the GEMM launcher
+  // reads; batch_invariant_now() below.
   bool batch_invariant() const { return batch_invariant_; }
   void set_batch_invariant(bool on) { batch_invariant_ = on; }
 
