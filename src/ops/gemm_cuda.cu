@@ -276,38 +276,59 @@ GemmKey query_key(const GemmKey& k) {
 }
 
 // Fills p for key k: descriptors, then one heuristic query with split-K reductions forbidden.
+// Batch-invariant keys take the first of the heuristic's candidates for the query signature (in its
+// order) that runs both at M = 1 and at k's M (cublasLtMatmulAlgoCheck): so every M of a weight shape
+// takes the same algorithm, whichever M built its plan first.
 void build_plan(GemmPlan& p, const GemmKey& k, const void* bias, const void* aux) {
+  constexpr int kInvariantCandidates = 8;
   p.valid = false;
   const GemmKey q = query_key(k);
   init_descriptors(p, q, bias, aux);  // the query's descriptors first (the same as k's unless invariant)
   cublasLtMatmulPreferenceOpaque_t pref_storage;
   cublasLtMatmulPreference_t pref = &pref_storage;
   init_preference(pref, q);
-  cublasLtMatmulHeuristicResult_t r;
-  std::memset(&r, 0, sizeof(r));
+  cublasLtMatmulHeuristicResult_t r[kInvariantCandidates];
+  std::memset(r, 0, sizeof(r));
   int found = 0;
   ++plan_cache().queries;
-  LMF_CUBLAS_CHECK(
-      cublasLtMatmulAlgoGetHeuristic(blaslt(), &p.desc, &p.lt_a, &p.lt_b, &p.lt_c, &p.lt_c, pref, 1, &r, &found));
-  LMF_CHECK(found >= 1 && r.state == CUBLAS_STATUS_SUCCESS, "cuBLASLt heuristic found no algorithm (returned ", found,
-            ", state ", static_cast<int>(r.state), ")");
-  LMF_CHECK(r.workspaceSize <= kGemmWorkspaceBytes, "cuBLASLt algorithm needs ", r.workspaceSize,
-            " bytes of workspace, more than kGemmWorkspaceBytes=", kGemmWorkspaceBytes);
-
-  check_algo(r.algo, k);
-  if (k.invariant) {  // the query's algorithm on k's own descriptors: it must run at this M
+  LMF_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(blaslt(), &p.desc, &p.lt_a, &p.lt_b, &p.lt_c, &p.lt_c, pref,
+                                                  k.invariant ? kInvariantCandidates : 1, r, &found));
+  LMF_CHECK(found >= 1 && r[0].state == CUBLAS_STATUS_SUCCESS, "cuBLASLt heuristic found no algorithm (returned ",
+            found, ", state ", static_cast<int>(r[0].state), ")");
+  int pick = 0;
+  size_t workspace = r[0].workspaceSize;
+  if (k.invariant) {
+    GemmKey one = q;
+    one.M = 1;
+    GemmPlan at_one;
+    init_descriptors(at_one, one, bias, aux);
     init_descriptors(p, k, bias, aux);
-    cublasLtMatmulHeuristicResult_t chk;
-    std::memset(&chk, 0, sizeof(chk));
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoCheck(blaslt(), &p.desc, &p.lt_a, &p.lt_b, &p.lt_c, &p.lt_c, &r.algo, &chk);
-    LMF_CHECK(st == CUBLAS_STATUS_SUCCESS && chk.workspaceSize <= kGemmWorkspaceBytes,
-              "the batch-invariant algorithm of this weight shape (chosen at M=", kInvariantM,
-              ") does not run at M=", k.M, " (cublasLtMatmulAlgoCheck: ", static_cast<int>(st), ")");
-    r.workspaceSize = std::max(r.workspaceSize, chk.workspaceSize);
+    auto runs = [&](GemmPlan& d, const cublasLtMatmulAlgo_t& algo, size_t& ws) {
+      cublasLtMatmulHeuristicResult_t chk;
+      std::memset(&chk, 0, sizeof(chk));
+      const cublasStatus_t st = cublasLtMatmulAlgoCheck(blaslt(), &d.desc, &d.lt_a, &d.lt_b, &d.lt_c, &d.lt_c, &algo, &chk);
+      ws = std::max(ws, chk.workspaceSize);
+      return st == CUBLAS_STATUS_SUCCESS && chk.workspaceSize <= kGemmWorkspaceBytes;
+    };
+    pick = -1;
+    for (int i = 0; i < found && pick < 0; ++i) {
+      size_t ws = r[i].workspaceSize;
+      if (r[i].state != CUBLAS_STATUS_SUCCESS || r[i].workspaceSize > kGemmWorkspaceBytes) continue;
+      try {
+        check_algo(r[i].algo, k);
+      } catch (const Error&) {
+        continue;
+      }
+      if (runs(at_one, r[i].algo, ws) && runs(p, r[i].algo, ws)) pick = i, workspace = ws;
+    }
+    LMF_CHECK(pick >= 0, "none of cuBLASLt's ", found, " candidates for this batch-invariant weight shape (queried at M=",
+              kInvariantM, ") runs at both M=1 and M=", k.M);
   }
-  p.algo = r.algo;
-  p.workspace = r.workspaceSize;
+  LMF_CHECK(workspace <= kGemmWorkspaceBytes, "cuBLASLt algorithm needs ", workspace,
+            " bytes of workspace, more than kGemmWorkspaceBytes=", kGemmWorkspaceBytes);
+  check_algo(r[pick].algo, k);
+  p.algo = r[pick].algo;
+  p.workspace = workspace;
   p.calls = p.epoch = p.epoch_calls = 0;
   p.tuned = false;
   p.valid = true;
