@@ -33,7 +33,8 @@
 #   tools/gpu_check.sh bi         # batch-invariant mode (docs/BATCH_INVARIANCE.md): tools/bi_serve_check.py (LMF_BI_PROBES
 #                                 # temperature-0 probes through lmforge serve among random others, both modes; trainer =
 #                                 # server logprobs) on tiny, tiny-moe and a tiny model after 10 --batch-invariant steps;
-#                                 # then the cost: lmforge_bench_serve and lmforge_bench (GPT-2 124M step) in both modes
+#                                 # then the cost: lmforge_bench_serve and lmforge_bench (GPT-2 124M step) in both modes;
+#                                 # LMF_BI_QUICK=1: only the GPU tests and the harness (check-invariance, both modes)
 #   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
@@ -113,6 +114,7 @@ targets=""
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
 [ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy"
+[ "$what" = bi ] && [ "${LMF_BI_QUICK:-0}" = 1 ] && targets="lmforge test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
 [ "$what" = dist ] && targets="lmforge test_cuda_dist" && LMF_WITH_DIST=1
@@ -347,7 +349,8 @@ if [ "$what" = bi ]; then
       grep -v "| 0 | -1 | 0 |" "$OUT/inv_${ck}_$mode.md" | head -8 | cut -c1-200
     done
   done
-  for ck in bi_tiny bi_moe bi_tiny10; do
+  [ "${LMF_BI_QUICK:-0}" = 1 ] && ckpts="" || ckpts="bi_tiny bi_moe bi_tiny10"
+  for ck in $ckpts; do
     n=$probes; modes=default,batch-invariant
     [ $ck = bi_tiny10 ] && n=64 && modes=batch-invariant
     timeout 240 python3 tools/bi_serve_check.py --lmforge build-gpu/lmforge --checkpoint "$OUT/$ck" --probes "$n" \
@@ -360,7 +363,8 @@ awk -F'|' '{printf "%s: %s distinct, trainer=server %s; ", $2, $4, $6}')"
   done
   # the cost, both modes in this run: serving (LMF_BI_SERVE_PRESET, 512 requests at once) and a training step
   sp=${LMF_BI_SERVE_PRESET:-gpt2-124m}
-  for mode in default bi; do
+  [ "${LMF_BI_QUICK:-0}" = 1 ] && cost_modes="" || cost_modes="default bi"
+  for mode in $cost_modes; do
     flag=""; [ $mode = bi ] && flag="--batch-invariant"
     timeout 200 ./build-gpu/lmforge_bench_serve --preset "$sp" --skip-batch1 $flag >"$OUT/bi_servebench_$mode.json" \
       2>"$OUT/bi_servebench_$mode.log" || { failures=$((failures + 1)); tail -3 "$OUT/bi_servebench_$mode.log"; }
@@ -368,7 +372,7 @@ awk -F'|' '{printf "%s: %s distinct, trainer=server %s; ", $2, $4, $6}')"
       --steps 5 --warmup-steps 2 --cuda-graph $flag >"$OUT/bi_trainbench_$mode.json" 2>"$OUT/bi_trainbench_$mode.log" \
       || { failures=$((failures + 1)); tail -3 "$OUT/bi_trainbench_$mode.log"; }
   done
-  add "batch-invariant cost" "$(python3 -c "import json,sys; o=sys.argv[1]; \
+  [ -n "$cost_modes" ] && add "batch-invariant cost" "$(python3 -c "import json,sys; o=sys.argv[1]; \
 ld=lambda f: json.loads(open(f).read().strip().splitlines()[-1]); \
 s=[ld(f'{o}/bi_servebench_{m}.json')['throughput']['output_tokens_per_s'] for m in ('default','bi')]; \
 t=[ld(f'{o}/bi_trainbench_{m}.json')['tok_s'] for m in ('default','bi')]; \
