@@ -381,7 +381,7 @@ int run_score(const ScoreOptions& so) {
 }
 
 struct InvarianceCommand {
-  std::string checkpoint, device = "auto", batches = "1,2,3,4,5,8,16,32";
+  std::string checkpoint, device = "auto", batches = "1,2,3,4,5,8,16,32,64,128,256";
   bool allow_nonfinite = false;
   InvarianceOptions o;
 };

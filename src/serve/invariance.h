@@ -22,7 +22,7 @@ namespace lmf {
 struct InvarianceOptions {
   int64_t prompt_len = 24;   // the probe's prompt (random ids)
   int64_t new_tokens = 16;   // tokens the probe decodes
-  std::vector<int64_t> batches = {1, 2, 3, 4, 5, 8, 16, 32};  // batch sizes / concurrent requests swept
+  std::vector<int64_t> batches = {1, 2, 3, 4, 5, 8, 16, 32, 64, 128, 256};  // batch sizes / concurrent requests swept
   uint64_t seed = 1;
   std::string precision = "auto";  // the trainer's (auto: bf16 on a GPU, fp32 on the CPU)
   bool batch_invariant = false;    // --batch-invariant: the trainer's and the sampler's plans in that mode
