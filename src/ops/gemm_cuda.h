@@ -17,8 +17,9 @@
 //   NOT batch-invariant by default: the heuristic may pick a different tile or split for a different M.
 //   Batch-invariant plans (an OpPlans bound with batch_invariant(), ops/op_plans.h; --batch-invariant)
 //   pin both for the GEMMs whose rows are the batch's (A not transposed): one algorithm per weight
-//   shape, the heuristic's for M = 4096 with alignments capped at 16 bytes and split-K excluded,
-//   checked with cublasLtMatmulAlgoCheck at each M; gemm_autotune leaves them alone.
+//   shape, the first of the heuristic's candidates for M = 4096 (alignments capped at 16 bytes, split-K
+//   excluded) that cublasLtMatmulAlgoCheck accepts at M = 1 and at the plan's M; gemm_autotune leaves
+//   them alone.
 //
 // Plans: the algorithm of each signature (precision, transposes, M, N, K, leading dimensions, the
 // alignment of every operand's rows, bias or not, batch count and strides) is chosen by
