@@ -42,6 +42,13 @@
 //
 // Positions are clamped on the device to the block table's capacity (the CPU entry checks them; the
 // GPU cannot without a host sync); block ids are trusted (the scheduler hands them out).
+//
+// split_attention_forward (FlashKernels::split, attention.h: --batch-invariant's training forward): the
+// same two kernels over a contiguous qkv (B, T, row): no block table (block_tables null: row n is
+// position n % T of sequence n / T, whose keys and values are rows [seq T, seq T + T) of qkv itself,
+// kv_stride = the qkv row), and an lse output (B, NH, T), ln of the softmax denominator as the flash
+// kernels store it, written by the one-chunk CTAs and by the combine. Each row's arithmetic is the
+// paged path's, so its output is bitwise serving's for that position.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -16,7 +16,8 @@
 // Deterministic and batch-invariant: a row's output depends only on its query and its own sequence's
 // cached keys and values, never on the other rows of the batch (the CPU computes each (row, head) with
 // the training forward's arithmetic, bitwise attention_forward's row; the GPU kernel splits the
-// positions into fixed chunks combined in a fixed order).
+// positions into fixed chunks combined in a fixed order). The same kernels run training's batch-invariant
+// attention forward over a contiguous qkv (cuda::split_attention_forward, declared in attention.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>
