@@ -54,6 +54,20 @@ def test_greedy_generation_on_the_gpu_is_bitwise_lmforge_generate(gpu_run):
     assert [len(x.token_ids) for x in many] == [16, 16, 16]
 
 
+def test_batch_invariant_generation_on_the_gpu_is_bitwise_the_trainers_logprobs(gpu_run):
+    """--batch-invariant on the GPU (docs/BATCH_INVARIANCE.md): a greedy completion alone and among other
+    prompts is the same, and its logprobs are bitwise Model.logprobs' (the trainer's forward + loss)."""
+    m = lmforge.load(gpu_run, device="cuda", batch_invariant=True, max_seqs=8)
+    prompt = "And God said"
+    alone = m.generate(prompt, max_tokens=24, temperature=0)
+    among = m.generate(["Jesus wept", prompt, "In the beginning was the Word", "A", "And"], max_tokens=24,
+                       temperature=0)[1]
+    assert among.token_ids == alone.token_ids and among.logprobs == alone.logprobs
+    lp = m.logprobs(m._prompt_ids(prompt) + alone.token_ids)
+    lp = lp.cpu().numpy() if hasattr(lp, "cpu") else np.asarray(lp)
+    assert np.array(alone.logprobs, dtype=np.float32).tobytes() == lp[-24:].astype(np.float32).tobytes()
+
+
 def test_gpu_training_is_bitwise_the_cli_run(tmp_path):
     a, b = tmp_path / "cli", tmp_path / "py"
     flags = ["--steps", "12", "-B", "8", "-T", "64", "--log-every", "1", "--eval-every", "6", "--device", "cuda"]
