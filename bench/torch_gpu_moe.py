@@ -85,6 +85,7 @@ class MoE(nn.Module):
         y, counts = self.expert_loop(xs, flat_e)
         y = y * comb.reshape(-1).index_select(0, order).unsqueeze(1).to(y.dtype)
         out = torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, tok, y)
+        self.last_counts = counts.detach()  # tools/moe_routing_compare.py reads the loads
         f = (counts.to(scores.dtype) / (N * K)).detach()
         P = scores.mean(dim=0)
         aux = self.aux_coef * E * (f * P).sum()
@@ -134,7 +135,8 @@ class MoEGPT(nn.Module):
                 out_proj = n.endswith("proj.weight") or n.endswith("w_out")
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * L) if out_proj else 0.02)
 
-    def forward(self, idx, targets):
+    def losses(self, idx, targets, vocab=None):
+        """(cross-entropy, summed aux or None); vocab: the logits' first columns only (a padded embedding)."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         aux_total = None
         for b in self.blocks:
@@ -142,7 +144,12 @@ class MoEGPT(nn.Module):
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         logits = F.linear(self.lnf(x), self.wte.weight)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        if vocab is not None:
+            logits = logits[..., :vocab]
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)), aux_total
+
+    def forward(self, idx, targets):
+        loss, aux_total = self.losses(idx, targets)
         return loss if aux_total is None else loss + aux_total
 
 

@@ -171,6 +171,9 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
       ->excludes(resume);
   add_num(c, "--keep-last", o.keep_last, "checkpoints to keep in the out-dir, newest first (0 = all)")->capture_default_str();
   c->add_flag("--overwrite", o.overwrite, "a new run may replace the run already in --out-dir");
+  c->add_flag("--save-init", o.save_init,
+              "also write the weights before the first step as checkpoints/step_000000 (e.g. to start another "
+              "framework from them: tools/moe_routing_compare.py)");
   c->add_flag("--allow-change", o.allow_change,
               "with --resume: let --data, --batch-size, --lr and the other settings of the run change");
   c->add_flag("--allow-nonfinite", o.allow_nonfinite, "with --resume or --init-from: load weights holding NaN/Inf values");

@@ -582,11 +582,15 @@ Model::MoeSummary Model::moe_summary() const {
   for (const MoeState& st : moe_states_) {
     tensor_to_host(moe_counts_host_.data(), st.counts);
     tensor_to_host(moe_stats_host_.data(), st.stats);
-    s.aux += static_cast<double>(moe_stats_host_[0]) + moe_stats_host_[1];
+    const double aux = static_cast<double>(moe_stats_host_[0]) + moe_stats_host_[1];
+    s.aux += aux;
+    s.layer_aux.push_back(aux);
     s.dropped += static_cast<int64_t>(moe_stats_host_[2]);
     s.assignments += NK;
+    std::vector<double>& loads = s.loads.emplace_back();
     for (int32_t c : moe_counts_host_) {
       const double f = static_cast<double>(c) / static_cast<double>(NK);
+      loads.push_back(f);
       s.load_min = std::min(s.load_min, f);
       s.load_max = std::max(s.load_max, f);
     }

@@ -98,6 +98,8 @@ class Model {
     int64_t dropped = 0;       // assignments dropped by the capacity, all layers
     int64_t assignments = 0;   // routed assignments, all layers (N K per layer)
     double load_min = 0, load_max = 0;  // min / max over layers and experts of count / (N K)
+    std::vector<std::vector<double>> loads;  // per MoE layer (layer order), per expert: count / (N K)
+    std::vector<double> layer_aux;           // per MoE layer: its aux + z terms
   };
   // Sums the last forward's MoE losses and loads (reads the device).
   MoeSummary moe_summary() const;

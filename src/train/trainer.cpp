@@ -1073,6 +1073,8 @@ void Trainer::log_step(double loss, double step_ms, int64_t steps) {
     j["aux"] = moe.aux;
     j["expert_load_min"] = moe.load_min;
     j["expert_load_max"] = moe.load_max;
+    j["expert_loads"] = moe.loads;    // [MoE layer][expert] share of the layer's assignments
+    j["aux_layers"] = moe.layer_aux;  // [MoE layer] its aux + z terms
     j["dropped"] = moe.dropped;
     j["dropped_frac"] = drop_frac;
   }
@@ -1147,6 +1149,10 @@ void Trainer::run() {
     log_.flush();
     write_metric(json({{"step", step_}, {"val_loss", vl}, {"time", unix_time()}}).dump());
   };
+  if (step_ == 0 && o_.save_init) {  // --save-init: the initial weights, before any step
+    const std::string dir = save();
+    if (writer_) log_ << "initial weights " << dir << "\n";
+  }
   if (step_ == 0) do_eval();  // the starting point of the validation curve
   // Step time is measured over each log interval: reading the loss at the interval's end waits
   // for the device, so the interval's wall time is the device time of its steps.

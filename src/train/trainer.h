@@ -55,6 +55,7 @@ struct TrainOptions {
   bool allow_change = false;        // --allow-change: on resume, the run's data/batch/optimizer may change
   bool allow_nonfinite = false;     // --allow-nonfinite: resume from a checkpoint holding NaN/Inf
   bool save_final_checkpoint = true;
+  bool save_init = false;           // --save-init: also checkpoint the weights before the first step (step 0)
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
