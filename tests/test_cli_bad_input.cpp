@@ -199,8 +199,8 @@ TEST_F(BadInput, UnknownFlagAndBadValues) {
                              {"--attention=cudnn", "--precision bf16 on --device cuda"}));
   EXPECT_TRUE(one_line_error(run_cli("train --attention flash3 --out-dir " + dir_ + "/run", dir_),
                              {"--attention", "unknown attention kernels 'flash3'"}));
-  EXPECT_TRUE(one_line_error(run_cli("train --batch-invariant --attention lmforge --out-dir " + dir_ + "/run", dir_),
-                             {"--attention=lmforge", "--batch-invariant", "split"}));
+  EXPECT_TRUE(one_line_error(run_cli("train --batch-invariant --attention cudnn --out-dir " + dir_ + "/run", dir_),
+                             {"--attention=cudnn", "--batch-invariant", "lmforge"}));
   EXPECT_TRUE(one_line_error(run_cli("generate --checkpoint " + dir_ + "/nowhere", dir_), {"nowhere", "not found"}));
   EXPECT_TRUE(one_line_error(run_cli("plot --metrics " + dir_ + "/nowhere", dir_), {"--metrics", "nowhere", "not found"}));
   EXPECT_TRUE(one_line_error(run_cli("check-invariance --device cpu --checkpoint " + dir_ + "/run --batches 2,x", dir_),

@@ -32,6 +32,7 @@
 
 #include "core/device.h"
 #include "ops/attention.h"
+#include "ops/op_plans.h"
 #include "ops/paged_attention.h"
 #include "support/gpu_util.h"
 #include "support/test_util.h"
@@ -268,20 +269,21 @@ TEST(CudaPagedAttention, MatchesCpuDeterministicAndBatchInvariant) {
   std::printf("[ measured ] paged attention bf16, worst rel_l2 vs the fp32 CPU reference: %.3g\n", worst_l2);
 }
 
-// FlashKernels::split (--batch-invariant's training forward, ops/attention.h): over B contiguous sequences
-// its output rows are bitwise what paged_attention_forward computes for the same positions from a paged
-// cache (block size 16, blocks in reverse order), i.e. what serving computes in prefill or decode; its
-// output and lse are close to lmforge's flash forward's (same tolerance as above for the output; the lse,
-// fp32 in both, within 1e-4 absolute), and lmforge's flash backward from its lse gives gradients close to
-// the flash forward's. Lengths 1, 37 and 300 (two 256-position chunks: the combine and its lse).
-TEST(CudaPagedAttention, SplitForwardIsBitwiseServingAndCloseToFlash) {
+// Batch-invariant plans (OpPlans::set_batch_invariant, --batch-invariant): paged_attention_forward runs the
+// training flash forward's own step per row (paged_attention_forward_invariant), so every row it computes
+// from a paged cache (block size 16, blocks in reverse order) is bitwise lmforge's flash_attention_forward
+// row for that position: all rows at once (prefill), each row alone (decode), and the rows in reverse
+// order beside padding rows. Head sizes 32, 64, 128; GQA groups 1, 2, 3, 4 and 20 (two 16-head strips);
+// lengths 1, 37, 64, 65 and 300 (key-tile edges).
+TEST(CudaPagedAttention, BatchInvariantRowsAreBitwiseTheFlashForwards) {
   LMF_REQUIRE_GPU();
-  struct SplitCase {
+  struct FlashCase {
     int NH, NKV;
     int64_t HS, B, T;
   };
-  const SplitCase cases[] = {{12, 12, 64, 3, 300}, {8, 2, 128, 2, 37}, {4, 1, 32, 4, 1}, {6, 3, 64, 2, 300}};
-  for (const SplitCase& c : cases) {
+  const FlashCase cases[] = {{12, 12, 64, 3, 300}, {8, 2, 128, 2, 37}, {4, 1, 32, 4, 1}, {6, 2, 64, 2, 65},
+                             {20, 1, 32, 1, 64}, {8, 4, 128, 1, 130}};
+  for (const FlashCase& c : cases) {
     const uint64_t seed = test::fresh_seed();
     const std::string what = "NH=" + std::to_string(c.NH) + " NKV=" + std::to_string(c.NKV) + " HS=" +
                              std::to_string(c.HS) + " B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) +
@@ -290,24 +292,13 @@ TEST(CudaPagedAttention, SplitForwardIsBitwiseServingAndCloseToFlash) {
     constexpr int64_t bs = 16;
     const int64_t mb = (c.T + bs - 1) / bs, blocks = c.B * mb;
     const std::vector<float> qkv_f = test::randn(static_cast<size_t>(N * row), seed, 1.0f);
-    DeviceBuffer qkv(test::to_bf16(qkv_f)), out_s(static_cast<size_t>(N * C) * sizeof(bf16)),
-        out_f(static_cast<size_t>(N * C) * sizeof(bf16)), out_p(static_cast<size_t>(N * C) * sizeof(bf16)),
-        lse_s(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float)),
-        lse_f(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float));
-    cuda_reserve_workspace(std::max(flash_attention_cuda_workspace(FlashKernels::split, c.B, c.T, c.NH, c.NKV, c.HS),
-                                    paged_attention_cuda_workspace(N, c.NH, c.HS, mb * bs)));
+    DeviceBuffer qkv(test::to_bf16(qkv_f)), out_f(static_cast<size_t>(N * C) * sizeof(bf16)),
+        out_p(static_cast<size_t>(N * C) * sizeof(bf16)), lse_f(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float));
     const Tensor tq = qkv.tensor(DType::bf16, {c.B, c.T, row}, "qkv");
-    out_s.poison();
-    lse_s.poison();
-    flash_attention_forward(out_s.tensor(DType::bf16, {c.B, c.T, C}, "out"),
-                            lse_s.tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), tq, c.NH, c.NKV, FlashKernels::split);
+    out_f.poison();
     flash_attention_forward(out_f.tensor(DType::bf16, {c.B, c.T, C}, "out"),
                             lse_f.tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), tq, c.NH, c.NKV, FlashKernels::lmforge);
-    const std::vector<float> got_s = test::from_bf16(out_s.download<bf16>());
-    const std::vector<float> got_f = test::from_bf16(out_f.download<bf16>());
-    EXPECT_TRUE(all_close("split vs flash forward " + what, got_s, to_double(got_f), kAtol, kRtol));
-    EXPECT_TRUE(all_close("split vs flash lse " + what, lse_s.download<float>(), to_double(lse_f.download<float>()),
-                          1e-4, 0.0));
+    const std::vector<bf16> flash = out_f.download<bf16>();
     // the same rows through a paged cache: sequence b's block j is block (blocks - 1 - (b mb + j))
     std::vector<int32_t> tables(static_cast<size_t>(c.B * mb)), slots(static_cast<size_t>(N)),
         seqs(static_cast<size_t>(N)), positions(static_cast<size_t>(N));
@@ -323,26 +314,49 @@ TEST(CudaPagedAttention, SplitForwardIsBitwiseServingAndCloseToFlash) {
         gt(tables), gslots(slots), gseqs(seqs), gpos(positions);
     const Tensor k_cache = kc.tensor(DType::bf16, {blocks, bs, kv}, "k_cache"),
                  v_cache = vc.tensor(DType::bf16, {blocks, bs, kv}, "v_cache"), flat = qkv.tensor(DType::bf16, {N, row}, "qkv");
+    const Tensor tables_t = gt.tensor(DType::i32, {c.B, mb}, "block_tables");
     kv_cache_write(k_cache, v_cache, flat, gslots.tensor(DType::i32, {N}, "slots"), c.NH, c.NKV);
+    OpPlans plans;
+    plans.set_batch_invariant(true);
+    const OpPlansScope scope(plans);
+    // 1. every row at once (a prefill of the whole sequences)
     out_p.poison();
-    paged_attention_forward(out_p.tensor(DType::bf16, {N, C}, "out"), flat, k_cache, v_cache,
-                            gt.tensor(DType::i32, {c.B, mb}, "block_tables"), gseqs.tensor(DType::i32, {N}, "seqs"),
-                            gpos.tensor(DType::i32, {N}, "positions"), c.NH, c.NKV);
-    EXPECT_EQ("", first_difference(got_s, test::from_bf16(out_p.download<bf16>())))
-        << "split forward vs paged attention (serving), " << what;
-    // backward: lmforge's kernels from either forward's out and lse
-    const std::vector<float> dout_f = test::randn(static_cast<size_t>(N * C), seed + 1, 1.0f);
-    DeviceBuffer dout(test::to_bf16(dout_f)), delta(static_cast<size_t>(c.B * c.NH * c.T) * sizeof(float)),
-        dq_s(static_cast<size_t>(N * row) * sizeof(bf16)), dq_f(static_cast<size_t>(N * row) * sizeof(bf16));
-    for (auto [dq, out, lse, k] : {std::tuple{&dq_s, &out_s, &lse_s, FlashKernels::split},
-                                   std::tuple{&dq_f, &out_f, &lse_f, FlashKernels::lmforge}})
-      flash_attention_backward(dq->tensor(DType::bf16, {c.B, c.T, row}, "dqkv"),
-                               delta.tensor(DType::f32, {c.B, c.NH, c.T}, "delta"),
-                               dout.tensor(DType::bf16, {c.B, c.T, C}, "dout"), tq,
-                               out->tensor(DType::bf16, {c.B, c.T, C}, "out"),
-                               lse->tensor(DType::f32, {c.B, c.NH, c.T}, "lse"), c.NH, c.NKV, GradMode::Overwrite, k);
-    const std::vector<float> g_s = test::from_bf16(dq_s.download<bf16>()), g_f = test::from_bf16(dq_f.download<bf16>());
-    EXPECT_LT(test::rel_l2_error(g_s, g_f), 1e-2) << "split vs flash: backward from each forward, " << what;
+    paged_attention_forward(out_p.tensor(DType::bf16, {N, C}, "out"), flat, k_cache, v_cache, tables_t,
+                            gseqs.tensor(DType::i32, {N}, "seqs"), gpos.tensor(DType::i32, {N}, "positions"), c.NH,
+                            c.NKV);
+    EXPECT_EQ("", first_difference(test::from_bf16(flash), test::from_bf16(out_p.download<bf16>())))
+        << "batch-invariant paged attention (all rows) vs the flash forward, " << what;
+    // 2. rows alone (decode) and 3. in reverse order after a padding row, at a few positions
+    const int64_t picks[] = {0, N / 3, N / 2, N - 1};
+    for (int64_t n : picks) {
+      const std::vector<float> q_row(qkv_f.begin() + n * row, qkv_f.begin() + (n + 1) * row);
+      DeviceBuffer gq(test::to_bf16(q_row)), gout(static_cast<size_t>(C) * sizeof(bf16)),
+          gs(std::vector<int32_t>{seqs[static_cast<size_t>(n)]}), gp(std::vector<int32_t>{positions[static_cast<size_t>(n)]});
+      gout.poison();
+      paged_attention_forward(gout.tensor(DType::bf16, {1, C}, "out"), gq.tensor(DType::bf16, {1, row}, "qkv"), k_cache,
+                              v_cache, tables_t, gs.tensor(DType::i32, {1}, "seqs"), gp.tensor(DType::i32, {1}, "positions"),
+                              c.NH, c.NKV);
+      EXPECT_EQ(0, std::memcmp(gout.download<bf16>().data(), flash.data() + n * C, static_cast<size_t>(C) * sizeof(bf16)))
+          << "row " << n << " alone (decode) differs from the flash forward's, " << what;
+    }
+    std::vector<float> rev_q(static_cast<size_t>((N + 1) * row), 0.0f);
+    std::vector<int32_t> rev_s{-1}, rev_p{0};
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t n = N - 1 - i;
+      std::copy(qkv_f.begin() + n * row, qkv_f.begin() + (n + 1) * row, rev_q.begin() + (i + 1) * row);
+      rev_s.push_back(seqs[static_cast<size_t>(n)]);
+      rev_p.push_back(positions[static_cast<size_t>(n)]);
+    }
+    DeviceBuffer rq(test::to_bf16(rev_q)), rout(static_cast<size_t>((N + 1) * C) * sizeof(bf16)), rs(rev_s), rp(rev_p);
+    rout.poison();
+    paged_attention_forward(rout.tensor(DType::bf16, {N + 1, C}, "out"), rq.tensor(DType::bf16, {N + 1, row}, "qkv"),
+                            k_cache, v_cache, tables_t, rs.tensor(DType::i32, {N + 1}, "seqs"),
+                            rp.tensor(DType::i32, {N + 1}, "positions"), c.NH, c.NKV);
+    const std::vector<bf16> rgot = rout.download<bf16>();
+    for (int64_t i = 0; i < C; ++i) EXPECT_EQ(0, rgot[static_cast<size_t>(i)].bits) << "padding row, " << what;
+    for (int64_t i = 0; i < N; ++i)
+      ASSERT_EQ(0, std::memcmp(rgot.data() + (i + 1) * C, flash.data() + (N - 1 - i) * C, static_cast<size_t>(C) * sizeof(bf16)))
+          << "row " << N - 1 - i << " in reverse order differs from the flash forward's, " << what;
   }
 }
 

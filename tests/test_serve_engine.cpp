@@ -293,7 +293,7 @@ TEST(Invariance, TheCpuIsBatchInvariantAndTheHarnessSeesACapacityFactor) {
 }
 
 // The batch-invariant plan rules (model/plan.h, plan_validate): on the GPU only the bf16 kernels that
-// serving runs, with the split attention forward; MoE plans run dropless.
+// serving runs, with lmforge's flash attention (not cuDNN's); MoE plans run dropless.
 TEST(Invariance, BatchInvariantPlansFollowTheirRules) {
   ModelConfig c = serving_config("test-moe");
   c.n_head = c.n_kv_head = 1;  // head size 32: the flash kernels' (the rule checked is the attention's)
@@ -312,12 +312,12 @@ TEST(Invariance, BatchInvariantPlansFollowTheirRules) {
     EXPECT_NE(std::string(e.what()).find("--batch-invariant"), std::string::npos) << e.what();
   }
   p.precision = Precision::bf16;
-  p.attention = FlashKernels::lmforge;
+  p.attention = FlashKernels::cudnn;
   try {
     plan_validate(c, p);
-    ADD_FAILURE() << "batch-invariant bf16 plan with flash attention accepted";
+    ADD_FAILURE() << "batch-invariant bf16 plan with cuDNN attention accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("split"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--attention=cudnn"), std::string::npos) << e.what();
   }
   ModelConfig capped = c;
   capped.moe.capacity_factor = 1.25f;

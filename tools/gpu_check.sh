@@ -38,6 +38,7 @@
 #   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
+# LMF_WITH_MOEROUTE=1 adds the MoE routing comparison against PyTorch (tools/moe_routing_compare.py, moe-bench).
 # LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both); LMF_WITH_TS=1
 # adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark). LMF_WITH_DIST=1 (or mode dist) runs the NCCL path at world
 # size 1: `lmforge launch -n 1 -- train --device cuda` (graphs on) against the plain run, bitwise (docs/DISTRIBUTED.md).
@@ -113,13 +114,14 @@ targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
-[ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy"
-[ "$what" = bi ] && [ "${LMF_BI_QUICK:-0}" = 1 ] && targets="lmforge test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy"
+[ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy test_cuda_flash_attention"
+[ "$what" = bi ] && [ "${LMF_BI_QUICK:-0}" = 1 ] && targets="lmforge test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy test_cuda_flash_attention"
 [ "$what" = ts ] && targets="lmforge test_cuda_timeseries"
 [ "$what" = ts ] && LMF_WITH_TS=1
 [ "$what" = dist ] && targets="lmforge test_cuda_dist" && LMF_WITH_DIST=1
 [ -n "$targets" ] && [ "${LMF_WITH_TS:-0}" = 1 ] && targets="$targets lmforge test_cuda_timeseries"
 [ -n "$targets" ] && [ "${LMF_WITH_DIST:-0}" = 1 ] && targets="$targets lmforge test_cuda_dist"
+[ -n "$targets" ] && [ "${LMF_WITH_MOEROUTE:-0}" = 1 ] && targets="$targets lmforge"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
@@ -140,7 +142,7 @@ if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = moe ] || [ "$what" = 
                                 build-gpu/tests/test_cuda_gemm build-gpu/tests/test_cuda_cross_entropy)
   [ "$what" = moe ] && tests=(build-gpu/tests/test_cuda_moe build-gpu/tests/test_cuda_grouped_gemm build-gpu/tests/test_cuda_train)
   [ "$what" = bi ] && tests=(build-gpu/tests/test_cuda_gemm build-gpu/tests/test_cuda_paged_attention
-                             build-gpu/tests/test_cuda_cross_entropy)
+                             build-gpu/tests/test_cuda_cross_entropy build-gpu/tests/test_cuda_flash_attention)
   [ -n "${LMF_TESTS:-}" ] && read -r -a tests <<<"$LMF_TESTS"
   for t in "${tests[@]}"; do
     [ -x "$t" ] && [ -f "$t" ] && [[ "$t" != *.cmake ]] || continue
@@ -378,6 +380,23 @@ s=[ld(f'{o}/bi_servebench_{m}.json')['throughput']['output_tokens_per_s'] for m 
 t=[ld(f'{o}/bi_trainbench_{m}.json')['tok_s'] for m in ('default','bi')]; \
 print(f'serve {sys.argv[2]} {s[0]:.0f} -> {s[1]:.0f} tok/s ({s[1]/s[0]:.2f}x); GPT-2 train step {t[0]:.0f} -> {t[1]:.0f} tok/s ({t[1]/t[0]:.2f}x)')" \
     "$OUT" "$sp" 2>&1 | tail -1)"
+fi
+
+if [ "${LMF_WITH_MOEROUTE:-0}" = 1 ]; then
+  # MoE routing health (issue 23): moe-bench trained by lmforge (bf16) and by the PyTorch reference MoE
+  # (bench/torch_gpu_moe.py, bf16 autocast) from the same weights on the same batches, per-layer expert loads
+  # compared step by step; LMF_MOEROUTE_LRS: "lr:warmup ..." (default: the gpu_check runs' 3e-3 with 2 steps)
+  for lw in ${LMF_MOEROUTE_LRS:-3e-3:2}; do
+    lr=${lw%%:*}; wu=${lw##*:}
+    timeout "${LMF_MOEROUTE_TIMEOUT:-200}" python3 tools/moe_routing_compare.py --lmforge build-gpu/lmforge \
+      --preset moe-bench -B 8 -T "${LMF_MOEROUTE_T:-2048}" --steps "${LMF_MOEROUTE_STEPS:-300}" --lr "$lr" --warmup "$wu" \
+      --device cuda --work "$OUT/moeroute_$lr" --json "$OUT/moeroute_$lr.json" >"$OUT/moeroute_$lr.md" 2>"$OUT/moeroute_$lr.log"
+    rc=$?
+    grep -v "^lmforge: /" "$OUT/moeroute_$lr.md"
+    [ $rc = 0 ] || { failures=$((failures + 1)); tail -5 "$OUT/moeroute_$lr.log"; }
+    add "MoE routing vs PyTorch (moe-bench, lr $lr warm-up $wu)" "rc=$rc $(grep -E '^step 1:' "$OUT/moeroute_$lr.md" | cut -c1-60)"
+    add "  health" "$(grep -E '^(lmforge|PyTorch): ' "$OUT/moeroute_$lr.md" | cut -c1-110 | tr '\n' ' ')"
+  done
 fi
 
 if [ "$what" = servebench ]; then

@@ -26,10 +26,12 @@ Prints a table (steps 1, 2, 5, 10, 20, 50, 100, ... and the last): each side's l
 most loaded expert's share over layers, and the largest per-expert share difference between the sides; then
 per side whether routing is healthy: after warm-up (--health-from, default max(2 warmup, 20)) every layer's
 every expert keeps a share above 1/(4E). Exit status 0 when the two sides agree on the first steps (loads
-within --tol at step 1; the loss within 2e-3 relative) -- the check that the comparison compares like with
+within --tol at step 1; the loss within 2e-3 relative, 1e-2 on the GPU) -- the check that the comparison compares like with
 like -- whatever the health verdict, which the table reports. --json FILE writes every step of both sides.
 """
 import argparse
+import array
+import bisect
 import json
 import math
 import os
@@ -37,31 +39,21 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-# ---- lmforge's counter RNG (src/core/rng.h, Philox4x32-10), vectorised over the index ----
+# ---- lmforge's counter RNG (src/core/rng.h, Philox4x32-10) ----
 def philox_u64(seed, stream, index):
-    M0, M1, W0, W1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
-    mask = np.uint64(0xFFFFFFFF)
-    idx = np.asarray(index, dtype=np.uint64)
-    c0, c1 = idx & mask, idx >> np.uint64(32)
-    c2 = np.full_like(c0, stream & 0xFFFFFFFF)
-    c3 = np.full_like(c0, (stream >> 32) & 0xFFFFFFFF)
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    M = 0xFFFFFFFF
+    c0, c1, c2, c3 = index & M, (index >> 32) & M, stream & M, (stream >> 32) & M
+    k0, k1 = seed & M, (seed >> 32) & M
     for _ in range(10):
-        p0 = M0 * c0  # 32 x 32 -> 64 bits: exact in uint64
-        p1 = M1 * c2
-        n0 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0)
-        n1 = p1 & mask
-        n2 = (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1)
-        n3 = p0 & mask
-        c0, c1, c2, c3 = n0, n1, n2, n3
-        k0, k1 = (k0 + W0) & 0xFFFFFFFF, (k1 + W1) & 0xFFFFFFFF
-    return (c1 << np.uint64(32)) | c0
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M, p1 & M, ((p0 >> 32) ^ c3 ^ k1) & M, p0 & M
+        k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
+    return (c1 << 32) | c0
 
 
 class Batches:
@@ -69,38 +61,38 @@ class Batches:
 
     def __init__(self, sources, B, T, seed):
         self.sources, self.B, self.T, self.seed = sources, B, T, seed
-        self.starts = np.cumsum([0] + [len(s) - T for s in sources])
+        self.starts = [0]
+        for s in sources:
+            self.starts.append(self.starts[-1] + len(s) - T)
 
-    def get(self, k):
-        w = philox_u64(self.seed, 0xDA7A, np.arange(k * self.B, (k + 1) * self.B, dtype=np.uint64))
-        w = (w % np.uint64(self.starts[-1])).astype(np.int64)
-        x = np.empty((self.B, self.T), np.int64)
-        y = np.empty((self.B, self.T), np.int64)
-        for b, wb in enumerate(w):
-            s = int(np.searchsorted(self.starts, wb, side="right") - 1)
-            at = int(wb - self.starts[s])
-            t = self.sources[s]
-            x[b], y[b] = t[at:at + self.T], t[at + 1:at + self.T + 1]
-        return x, y
+    def get(self, k):  # (inputs, targets): B lists of T token ids
+        xs, ys = [], []
+        for b in range(self.B):
+            w = philox_u64(self.seed, 0xDA7A, k * self.B + b) % self.starts[-1]
+            s = bisect.bisect_right(self.starts, w) - 1
+            at, t = w - self.starts[s], self.sources[s]
+            xs.append(list(t[at:at + self.T]))
+            ys.append(list(t[at + 1:at + self.T + 1]))
+        return xs, ys
 
 
 def read_shard(path, vocab):
     with open(path, "rb") as f:
-        head = np.frombuffer(f.read(256 * 4), dtype="<i4")
+        head = array.array("i", f.read(256 * 4))
         if head[0] != 20240520 or head[1] not in (1, 2):
             sys.exit(f"--data: {path} is not an llm.c shard (magic {head[0]}, version {head[1]})")
-        toks = np.frombuffer(f.read(), dtype="<u2" if head[1] == 1 else "<u4").astype(np.int64)
-    if len(toks) != head[2] or (len(toks) and toks.max() >= vocab):
+        toks = array.array("H" if head[1] == 1 else "I", f.read())
+    if len(toks) != head[2] or (len(toks) and max(toks) >= vocab):
         sys.exit(f"--data: {path}: {len(toks)} tokens for a header of {head[2]}, or a token >= vocab {vocab}")
     return toks
 
 
 def bundled_train_tokens():
     text = open(os.path.join(ROOT, "data", "kjv.txt"), "rb").read()  # src/train/trainer.cpp bundled_tokens
-    return np.frombuffer(text[: len(text) // 10 * 9], dtype=np.uint8).astype(np.int64)
+    return text[: len(text) // 10 * 9]  # bytes: byte-tokenized
 
 
-def read_safetensors(path):
+def read_safetensors(path):  # {name: (shape, little-endian f32 bytes)}, metadata
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         head = json.loads(f.read(n))
@@ -111,7 +103,7 @@ def read_safetensors(path):
         if v["dtype"] != "F32":
             sys.exit(f"{path}: tensor {k} is {v['dtype']}, expected F32")
         a, b = v["data_offsets"]
-        out[k] = np.frombuffer(blob[a:b], dtype="<f4").reshape(v["shape"]).copy()
+        out[k] = (tuple(v["shape"]), blob[a:b])
     return out, meta
 
 
@@ -174,7 +166,7 @@ def run_torch(a, cfg, weights, batches):
                               d_model=cfg["d_model"], heads=cfg["n_head"], experts=m["experts"],
                               d_expert=m["d_expert"], top_k=m["top_k"], aux_coef=m.get("aux_coef", 0.01), dense_ff=0)
     V = cfg["vocab_size"]
-    Vp = weights["tok_emb.weight"].shape[0]
+    Vp = weights["tok_emb.weight"][0][0]
     args.vocab = Vp
     torch.manual_seed(0)
     dev = a.device
@@ -195,10 +187,10 @@ def run_torch(a, cfg, weights, batches):
         sys.exit(f"weights: no match for {missing[:4]} (lmforge's checkpoint names changed?)")
     with torch.no_grad():
         for k, v in state.items():
-            w = torch.from_numpy(weights[names[k]])
-            if tuple(w.shape) != tuple(v.shape):
-                sys.exit(f"weights: {names[k]} is {tuple(w.shape)}, the reference's {k} is {tuple(v.shape)}")
-            v.copy_(w)
+            shape, data = weights[names[k]]
+            if shape != tuple(v.shape):
+                sys.exit(f"weights: {names[k]} is {shape}, the reference's {k} is {tuple(v.shape)}")
+            v.copy_(torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape))
     model.to(dev)
     moes = [b.mlp for b in model.blocks]
     stash = {}
@@ -214,7 +206,7 @@ def run_torch(a, cfg, weights, batches):
     out = {}
     for s in range(a.steps):
         x, y = batches.get(s)
-        x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+        x, y = torch.tensor(x, dtype=torch.long, device=dev), torch.tensor(y, dtype=torch.long, device=dev)
         stash.clear()
         for g in opt.param_groups:
             g["lr"] = lr_at(s, a)
@@ -286,6 +278,8 @@ def main():
     def health(run):
         bad = [(s, i, min(l)) for s, r in sorted(run.items()) if s >= health_from for i, l in enumerate(r["loads"])
                if min(l) <= floor]
+        if not any(k >= health_from for k in run):
+            return f"n/a: the run ends before step {health_from}"
         if not bad:
             return f"healthy: every expert's share > 1/(4E) = {floor:.4f} in every layer from step {health_from}"
         steps = sorted({b[0] for b in bad})
@@ -298,7 +292,8 @@ def main():
     L1, R1 = lmf.get(1), ref.get(1)
     d1 = max(abs(p - q) for lr_, rr in zip(L1["loads"], R1["loads"]) for p, q in zip(lr_, rr))
     rel = abs(L1["loss"] - R1["loss"]) / abs(R1["loss"])
-    same = d1 <= a.tol and rel <= 2e-3
+    rel_tol = 2e-3 if a.device == "cpu" else 1e-2  # fp32 both sides; bf16 kernels that round differently
+    same = d1 <= a.tol and rel <= rel_tol
     print(f"step 1: max share difference {d1:.4f} (tol {a.tol}), loss relative difference {rel:.2e}: "
           f"{'the two runs start alike' if same else 'THE RUNS DIFFER FROM THE FIRST STEP (not like with like)'}")
     if a.json:

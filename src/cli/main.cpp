@@ -183,7 +183,7 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
       ->capture_default_str();
   c->add_option("--attention", o.attention,
                  "bf16 flash attention kernels: auto (cuDNN's fused attention when available, else lmforge's; with "
-                 "--batch-invariant: split), lmforge, cudnn or split (serving's kernel for the forward)")
+                 "--batch-invariant: lmforge's), lmforge or cudnn")
       ->capture_default_str();
   c->add_flag("--batch-invariant", o.batch_invariant, kBatchInvariantHelp);
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");

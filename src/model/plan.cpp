@@ -42,8 +42,8 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
-  // batch-invariant plans run the split kernels whatever --attention says (a conflicting flag fails below)
-  if (p.batch_invariant) p.attention = FlashKernels::split;
+  // batch-invariant plans run lmforge's flash kernels (a conflicting --attention fails below)
+  if (p.batch_invariant) p.attention = FlashKernels::lmforge;
   plan_validate(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
                                         {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention",
@@ -71,17 +71,20 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.bf16() && !p.serve && HS != 32 && HS != 64 && HS != 128)
     fail("--precision=bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this "
          "model's head size is d_model/n_head = ", HS);
+  if (p.batch_invariant && gpu && !p.bf16())
+    fail("--batch-invariant on the GPU runs the bf16 kernels serving runs (--precision bf16, not ",
+         precision_name(p.precision), ")");
+  if (p.batch_invariant && p.bf16() && !p.serve && p.attention != FlashKernels::lmforge)
+    fail("--attention=", flash_kernels_name(p.attention), ": --batch-invariant runs attention with lmforge's flash "
+         "kernels (their forward is the step serving runs); use --attention lmforge or auto");
+  if (p.batch_invariant && p.bf16() && p.serve && HS != 32 && HS != 64 && HS != 128)
+    fail("--batch-invariant serving runs the flash forward's step, which supports head sizes 32, 64 and 128; this "
+         "model's head size is d_model/n_head = ", HS);
   if (p.attention == FlashKernels::cudnn && !(p.bf16() && gpu))
     fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())
     fail("--attention=cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run time); "
          "use --attention lmforge");
-  if (p.batch_invariant && gpu && !p.bf16())
-    fail("--batch-invariant on the GPU runs the bf16 kernels serving runs (--precision bf16, not ",
-         precision_name(p.precision), ")");
-  if (p.batch_invariant && p.bf16() && !p.serve && p.attention != FlashKernels::split)
-    fail("--attention=", flash_kernels_name(p.attention), ": --batch-invariant runs attention's forward with the split "
-         "kernels (--attention split or auto)");
   if (p.serve && (p.training || p.B != 1))
     fail("serving plans run the forward only, with B = 1 (rows of many sequences along T)");
   if (p.serve && (p.samples < 1 || p.samples > p.T))

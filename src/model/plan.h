@@ -44,8 +44,8 @@ struct ModelPlan {
   // --batch-invariant (docs/BATCH_INVARIANCE.md): every forward kernel computes a row's result in an
   // order that depends on neither the batch's other rows, its size, the row's place in it, padding, nor
   // prefill vs decode; so training, evaluation and serving give a sequence bitwise the same numbers.
-  // GEMMs take one algorithm per weight shape with no split-K (ops/gemm_cuda.h), attention's forward
-  // the serving kernel's fixed 256-position split (FlashKernels::split), MoE runs dropless.
+  // GEMMs take one algorithm per weight shape with no split-K (ops/gemm_cuda.h), attention lmforge's flash
+  // kernels, whose forward step serving's paged attention runs too (paged_attention.h), MoE runs dropless.
   bool batch_invariant = false;
 
   bool bf16() const { return precision == Precision::bf16; }

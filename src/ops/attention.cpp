@@ -219,7 +219,6 @@ void check_kernels_available(FlashKernels k, const char* op) {
 const char* flash_kernels_name(FlashKernels k) {
   switch (k) {
     case FlashKernels::cudnn: return "cudnn";
-    case FlashKernels::split: return "split";
     case FlashKernels::lmforge: break;
   }
   return "lmforge";
@@ -227,13 +226,12 @@ const char* flash_kernels_name(FlashKernels k) {
 
 FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, const FlashShape& shape,
                                      const char* what, bool batch_invariant) {
-  if (flag != "auto" && flag != "lmforge" && flag != "cudnn" && flag != "split")
-    fail(what, ": unknown attention kernels '", flag, "' (expected auto, lmforge, cudnn or split)");
-  if (batch_invariant && flag != "auto" && flag != "split")
-    fail(what, "=", flag, ": --batch-invariant runs attention's forward with the split kernels (serving's); use "
-         "--attention split or auto");
-  if (flag == "split" || batch_invariant) return FlashKernels::split;
-  if (flag == "lmforge") return FlashKernels::lmforge;
+  if (flag != "auto" && flag != "lmforge" && flag != "cudnn")
+    fail(what, ": unknown attention kernels '", flag, "' (expected auto, lmforge or cudnn)");
+  if (batch_invariant && flag == "cudnn")
+    fail(what, "=cudnn: --batch-invariant runs attention with lmforge's flash kernels (their forward is the step "
+         "serving runs); use --attention lmforge or auto");
+  if (flag == "lmforge" || batch_invariant) return FlashKernels::lmforge;
   if (flag == "cudnn") return FlashKernels::cudnn;
   const bool cudnn = bf16_on_gpu && cudnn_attention_available() &&
                      cudnn_attention_problem(shape.B, shape.T, shape.n_head, shape.n_kv_head, shape.HS).empty();
@@ -252,7 +250,6 @@ std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_h
 size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS) {
   const char* op = "flash_attention_cuda_workspace";
   if (k == FlashKernels::lmforge) return 0;
-  if (k == FlashKernels::split) return paged_attention_cuda_workspace(B * T, n_head, HS, T);
   check_kernels_available(k, op);
   check_flash_head_size(op, HS);
   LMF_CHECK(B >= 1 && T >= 1 && n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, op, ": bad sizes B=", B,
@@ -276,10 +273,7 @@ void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int
   for (const Tensor* t : {&out, &qkv}) check_aligned16(kOpFlashForward, *t);
   check_kernels_available(kernels, kOpFlashForward);
   if (B == 0 || T == 0) return;
-  if (kernels == FlashKernels::split)
-    LMF_CUDA_DISPATCH(kOpFlashForward, cuda::split_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(), B,
-                                                                     T, n_head, n_kv_head, HS, attention_scale(HS)));
-  else if (kernels == FlashKernels::cudnn)
+  if (kernels == FlashKernels::cudnn)
     LMF_CUDA_DISPATCH(kOpFlashForward, cuda::cudnn_flash_attention_forward(out.ptr<bf16>(), lse.f32(), qkv.ptr<bf16>(),
                                                                            B, T, n_head, n_kv_head, HS,
                                                                            attention_scale(HS)));

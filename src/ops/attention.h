@@ -38,14 +38,11 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
 //   FlashKernels::cudnn    cuDNN's fused SDPA through the cuDNN frontend graph API
 //                          (flash_attention_cudnn.cpp), backward in cuDNN's deterministic mode; needs
 //                          a build with cuDNN and the library at run time (cudnn_attention_available()).
-//   FlashKernels::split    the forward of batch-invariant runs (--batch-invariant, model/plan.h): serving's
-//                          paged attention kernel (paged_attention.cu) over the contiguous qkv, so a
-//                          row's output is bitwise what serving computes for that position in prefill or
-//                          decode (a fixed 256-position split combined in order); lmforge's backward.
-//                          Slower than flash for training (each row reads its keys itself); head sizes
-//                          as the backward's.
+// lmforge's are the batch-invariant set (--batch-invariant, model/plan.h): serving's batch-invariant paged
+// attention (paged_attention.h, paged_attention_forward_invariant) runs their forward's own per-row step
+// (ops/flash_tile.cuh), so a row's output is bitwise what serving computes for that position.
 // All store lse as the natural log, so any set can run the backward of another's forward.
-enum class FlashKernels { lmforge, cudnn, split };
+enum class FlashKernels { lmforge, cudnn };
 const char* flash_kernels_name(FlashKernels k);
 bool cudnn_attention_available();  // built with cuDNN, a GPU present, cuDNN >= 9 loaded
 // The loaded cuDNN library's version, e.g. "9.19.0" (the one that runs, which may differ from the
@@ -55,9 +52,9 @@ std::string cudnn_version_text();
 // Builds the plans (set-up time). Needs cudnn_attention_available().
 std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);
 
-// The --attention flag: "lmforge", "cudnn", "split", or "auto" (batch-invariant plans: split; else cudnn
-// for bf16 plans on the GPU when cuDNN is available and runs the plan's shape, else lmforge). Anything
-// else, or a set other than split in a batch-invariant plan: an error naming `what`.
+// The --attention flag: "lmforge", "cudnn", or "auto" (batch-invariant plans: lmforge; else cudnn for
+// bf16 plans on the GPU when cuDNN is available and runs the plan's shape, else lmforge). Anything else,
+// or cudnn in a batch-invariant plan: an error naming `what`.
 struct FlashShape {
   int64_t B, T;
   int n_head, n_kv_head;
@@ -66,8 +63,7 @@ struct FlashShape {
 FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, const FlashShape& shape,
                                      const char* what, bool batch_invariant = false);
 
-// Bytes of lmf::cuda_workspace the kernels need at this shape (0 for lmforge's; split: the partials of
-// rows longer than 256 positions, paged_attention_cuda_workspace(B T, ...)); for cudnn this builds
+// Bytes of lmf::cuda_workspace the kernels need at this shape (0 for lmforge's); for cudnn this builds
 // the forward and backward plans of the shape (set-up time: never inside a CUDA-graph capture).
 size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS);
 
@@ -103,9 +99,6 @@ void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv
 
 namespace cuda {  // launchers (flash_attention.cu); shapes as the op entries above, scale = 1/sqrt(HS)
 void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                             int64_t HS, float scale);
-// FlashKernels::split (paged_attention.cu): B sequences of T rows; lse (B, NH, T) natural log as above.
-void split_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                              int64_t HS, float scale);
 void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
                               const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,

@@ -16,6 +16,7 @@
 #include "core/parallel.h"
 #include "ops/attention_row.h"
 #include "ops/dispatch.h"
+#include "ops/op_plans.h"
 
 namespace lmf {
 namespace {
@@ -155,10 +156,17 @@ void paged_attention_forward(Tensor out, Tensor qkv, Tensor k_cache, Tensor v_ca
     attention_cpu(out.f32(), qkv.f32(), k_cache.f32(), v_cache.f32(), tab, sq, pos, N, n_head, n_kv_head, d.HS,
                   d.block_size, max_blocks);
   } else {
-    LMF_CUDA_DISPATCH(kOpAttn, cuda::paged_attention_forward(
-                                   out.ptr<bf16>(), qkv.ptr<bf16>(), k_cache.ptr<bf16>(), v_cache.ptr<bf16>(),
-                                   block_tables.i32(), seqs.i32(), positions.i32(), N, n_head, n_kv_head, d.HS,
-                                   d.block_size, max_blocks, 1.0f / std::sqrt(static_cast<float>(d.HS))));
+    const float scale = attention_scale(d.HS);  // the training forward's (attention_row.h)
+    if (batch_invariant_now())  // the training flash forward's step per row (paged_attention.h)
+      LMF_CUDA_DISPATCH(kOpAttn, cuda::paged_attention_forward_invariant(
+                                     out.ptr<bf16>(), qkv.ptr<bf16>(), k_cache.ptr<bf16>(), v_cache.ptr<bf16>(),
+                                     block_tables.i32(), seqs.i32(), positions.i32(), N, n_head, n_kv_head, d.HS,
+                                     d.block_size, max_blocks, scale));
+    else
+      LMF_CUDA_DISPATCH(kOpAttn, cuda::paged_attention_forward(
+                                     out.ptr<bf16>(), qkv.ptr<bf16>(), k_cache.ptr<bf16>(), v_cache.ptr<bf16>(),
+                                     block_tables.i32(), seqs.i32(), positions.i32(), N, n_head, n_kv_head, d.HS,
+                                     d.block_size, max_blocks, scale));
   }
 }
 

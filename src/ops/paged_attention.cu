@@ -30,6 +30,11 @@
 //        M = max_c m_c,  out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c,  c = 0, 1, ... in order.
 // Padding rows (seqs[n] < 0) get zeros from their chunk-0 CTAs.
 //
+// paged_attention_forward_invariant (--batch-invariant serving, prefill and decode alike): paged_flash_kernel,
+// one warp per (row, kv head, 16 of its q heads) walking the row's keys in key tiles of flash::kFwdBc through
+// flash::fwd_strip_tile, the step of the training forward (flash_attention.cu): each output row is bitwise
+// what the training forward (lmforge's flash kernels) computes for that position (tests/test_cuda_paged_attention).
+//
 // Determinism and batch invariance: no atomics; every sum has a fixed order that depends only on HS,
 // on kChunk (a constant) and on the row's own position: never on N, on the other rows, on the grid
 // or on the device. So a row's output is bitwise the same alone or in any batch, in any run.
@@ -42,13 +47,6 @@
 //
 // Positions are clamped on the device to the block table's capacity (the CPU entry checks them; the
 // GPU cannot without a host sync); block ids are trusted (the scheduler hands them out).
-//
-// split_attention_forward (FlashKernels::split, attention.h: --batch-invariant's training forward): the
-// same two kernels over a contiguous qkv (B, T, row): no block table (block_tables null: row n is
-// position n % T of sequence n / T, whose keys and values are rows [seq T, seq T + T) of qkv itself,
-// kv_stride = the qkv row), and an lse output (B, NH, T), ln of the softmax denominator as the flash
-// kernels store it, written by the one-chunk CTAs and by the combine. Each row's arithmetic is the
-// paged path's, so its output is bitwise serving's for that position.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -61,6 +59,7 @@
 #include "core/cuda_launch.cuh"
 #include "ops/block_reduce.cuh"
 #include "ops/elementwise.cuh"
+#include "ops/flash_tile.cuh"
 #include "ops/packed.cuh"
 #include "ops/paged_attention.h"
 
@@ -71,8 +70,8 @@ using nv = __nv_bfloat16;
 
 constexpr const char* kOpWrite = "kv_cache_write";
 constexpr const char* kOpAttn = "paged_attention_forward";
+constexpr const char* kOpAttnInvariant = "paged_attention_forward (batch-invariant: the flash forward's step)";
 constexpr const char* kOpGather = "gather_rows";
-constexpr const char* kOpSplit = "flash_attention_forward (split kernels)";
 
 // Positions per split. Part of the numerics (the order of the softmax sums), so a constant: never
 // chosen from N or from the device.
@@ -87,23 +86,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ int64_t row_length(int32_t position, int64_t capacity) {
   return std::min<int64_t>(std::max<int64_t>(int64_t{position} + 1, 1), capacity);
 }
-
-// Where row n's keys and values are. Paged (block_tables given): its sequence and position from seqs and
-// positions. Contiguous (block_tables null, the split forward of training): rows are B sequences of T =
-// block_size positions in order, row n is position n % T of sequence n / T, whose keys are the rows
-// [seq T, seq T + T) of the caches (max_blocks == 1).
-struct RowKv {
-  int32_t seq, position;
-};
-__device__ __forceinline__ RowKv row_kv(int64_t n, const int32_t* block_tables, const int32_t* seqs,
-                                        const int32_t* positions, int block_size) {
-  if (block_tables == nullptr) return {static_cast<int32_t>(n / block_size), static_cast<int32_t>(n % block_size)};
-  return {seqs[n], positions[n]};
-}
-
-// ln sum_i exp(scale q.k_i) from the log2-domain max m and l = sum_i exp2(s_i - m): the flash kernels'
-// lse (attention.h), which their backward reads.
-__device__ __forceinline__ float natural_lse(float m, float l) { return (m + log2f(l)) * 0.6931471805599453f; }
 
 // 8 bf16 (one 16-byte load) widened to fp32.
 __device__ __forceinline__ void unpack8(float (&f)[8], const uint4& u) {
@@ -125,8 +107,7 @@ __global__ void __launch_bounds__(kThreads)
                                  const nv* __restrict__ qkv, const nv* __restrict__ k_cache,
                                  const nv* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
                                  const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int NH,
-                                 int NKV, int block_size, int max_blocks, int chunks, float scale_log2,
-                                 int64_t kv_stride, float* __restrict__ lse) {
+                                 int NKV, int block_size, int max_blocks, int chunks, float scale_log2) {
   constexpr int L = HS / 8;            // lanes per key, 8 elements each
   constexpr int kKeysWarp = 32 / L;    // keys a warp reads per step
   constexpr int kKeysCta = kKeysWarp * kWarps;
@@ -140,27 +121,25 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int j = lane / L, r = lane % L;  // key j of the warp's step, elements [8 r, 8 r + 8) of it
   const int G = NH / NKV;
-  const int64_t row_stride = (int64_t{NH} + 2 * NKV) * HS;
+  const int64_t kv_stride = int64_t{NKV} * HS, row_stride = (int64_t{NH} + 2 * NKV) * HS;
   nv* out_row = out + int64_t{n} * NH * HS;
 
-  const RowKv row = row_kv(n, block_tables, seqs, positions, block_size);
-  const int32_t seq = row.seq;
+  const int32_t seq = seqs[n];
   if (seq < 0) {  // padding row: zeros, from the chunk-0 CTA of each kv head
     if (c == 0)
       for (int i = tid; i < G * HS; i += kThreads) out_row[int64_t{g} * G * HS + i] = __float2bfloat16_rn(0.0f);
     return;
   }
-  const int64_t total = row_length(row.position, int64_t{max_blocks} * block_size);
+  const int64_t total = row_length(positions[n], int64_t{max_blocks} * block_size);
   const int64_t first = int64_t{c} * kChunk;
   if (first >= total) return;  // past the row's last position (uniform over the CTA)
   const int n_valid = static_cast<int>(std::min<int64_t>(kChunk, total - first));
   const bool single = total <= kChunk;  // the whole row in this CTA: write out directly
 
-  const int32_t* table = block_tables != nullptr ? block_tables + int64_t{seq} * max_blocks : nullptr;
+  const int32_t* table = block_tables + int64_t{seq} * max_blocks;
   for (int i = tid; i < n_valid; i += kThreads) {
     const int64_t p = first + i;
-    const int64_t block = table != nullptr ? int64_t{table[p / block_size]} : int64_t{seq};  // contiguous: its own
-    s_off[i] = (block * block_size + p % block_size) * kv_stride + int64_t{g} * HS;
+    s_off[i] = (int64_t{table[p / block_size]} * block_size + p % block_size) * kv_stride + int64_t{g} * HS;
   }
   __syncthreads();
 
@@ -288,7 +267,6 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 8; ++e) o[e] /= s_l[t];
         store_f32<8>(out_row + h * HS + d0, o);
-        if (lse != nullptr && d0 == 0) lse[(int64_t{seq} * NH + h) * block_size + row.position] = natural_lse(s_m[t], s_l[t]);
       } else {
         const int64_t part = (int64_t{n} * NH + h) * chunks + c;
         store_f32<8>(part_o + part * HS + d0, o);
@@ -305,8 +283,7 @@ __global__ void __launch_bounds__(kThreads)
 template <int HS, int GT>
 void launch_chunks(nv* out, float* part_o, float* part_ml, const nv* qkv, const nv* k_cache, const nv* v_cache,
                    const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N, int NH,
-                   int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2, int64_t kv_stride,
-                   float* lse) {
+                   int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2) {
   launch({kOpAttn,
           shape_text("N=", N, " NH=", NH, " NKV=", NKV, " HS=", HS, " block_size=", block_size, " max_blocks=",
                      max_blocks),
@@ -314,33 +291,30 @@ void launch_chunks(nv* out, float* part_o, float* part_ml, const nv* qkv, const 
           {kThreads, 1, 1},
           0},
          paged_attention_chunk_kernel<HS, GT>, out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, seqs,
-         positions, NH, NKV, block_size, max_blocks, static_cast<int>(chunks), scale_log2, kv_stride, lse);
+         positions, NH, NKV, block_size, max_blocks, static_cast<int>(chunks), scale_log2);
 }
 
 // GT: the q heads per kv head, rounded up to 1, 2, 4 or 8 (more than 8 go in tiles of 8).
 template <int HS>
 void launch_chunks_hs(int G, nv* out, float* part_o, float* part_ml, const nv* qkv, const nv* k_cache,
                       const nv* v_cache, const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
-                      int64_t N, int NH, int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2,
-                      int64_t kv_stride, float* lse) {
+                      int64_t N, int NH, int NKV, int block_size, int max_blocks, int64_t chunks, float scale_log2) {
   const auto f = G == 1 ? launch_chunks<HS, 1>
                  : G == 2 ? launch_chunks<HS, 2>
                  : G <= 4 ? launch_chunks<HS, 4>
                           : launch_chunks<HS, 8>;
   f(out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, seqs, positions, N, NH, NKV, block_size, max_blocks,
-    chunks, scale_log2, kv_stride, lse);
+    chunks, scale_log2);
 }
 
 // Rows of more than one chunk: out[n, h, d0 .. d0 + 8) from the partials, chunks in order.
-void launch_combine(nv* out, const float* part_o, const float* part_ml, const int32_t* block_tables,
-                    const int32_t* seqs, const int32_t* positions, int64_t N, int64_t NH, int64_t HS, int64_t chunks,
-                    int block_size, int64_t capacity, float* lse) {
+void launch_combine(nv* out, const float* part_o, const float* part_ml, const int32_t* seqs,
+                    const int32_t* positions, int64_t N, int64_t NH, int64_t HS, int64_t chunks, int64_t capacity) {
   const int64_t P = HS / 8;
   launch_elementwise(kOpAttn, N * NH * P, [=] __device__(int64_t i) {
     const int64_t d0 = (i % P) * 8, nh = i / P, n = nh / NH;  // nh = n NH + h
-    const RowKv row = row_kv(n, block_tables, seqs, positions, block_size);
-    if (row.seq < 0) return;
-    const int64_t nc = (row_length(row.position, capacity) + kChunk - 1) / kChunk;
+    if (seqs[n] < 0) return;
+    const int64_t nc = (row_length(positions[n], capacity) + kChunk - 1) / kChunk;
     if (nc == 1) return;  // written by the chunk kernel
     const float* ml = part_ml + nh * chunks * 2;
     const float* po = part_o + nh * chunks * HS + d0;
@@ -358,11 +332,122 @@ void launch_combine(nv* out, const float* part_o, const float* part_ml, const in
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] /= l;
     store_f32<8>(out + nh * HS + d0, o);
-    if (lse != nullptr && d0 == 0) lse[(int64_t{row.seq} * NH + nh % NH) * block_size + row.position] = natural_lse(M, l);
   });
 }
 
 // ---- kv_cache_write: W elements per thread (8: 128-bit accesses) ----
+// ---- --batch-invariant: paged_flash_kernel<HS> (see paged_attention_forward_invariant in the header) ----
+// One warp per (row n = blockIdx.x, kv head g = blockIdx.y, strip z = blockIdx.z of 16 of the G q heads):
+// the strip's rows are the q heads g G + 16 z + i (i < 16, past G zero rows) of row n, all at the row's
+// position p. Key tiles of flash::kFwdBc keys, 0 .. p / kFwdBc, go from the paged cache (each key through
+// the block table; keys past p zero-filled) into shared memory, double-buffered, and each is added by
+// flash::fwd_strip_tile, the training forward's own step: so every output row is bitwise what
+// flash_fwd_kernel computes for that position of that sequence.
+template <int HS>
+struct PagedFlashCfg {
+  static constexpr int kBc = flash::kFwdBc, kLd = HS + flash::kPad;
+  static constexpr int kQElems = 16 * kLd, kKVElems = kBc * kLd;
+  static constexpr size_t kTileBytes = static_cast<size_t>(kQElems + 4 * kKVElems) * sizeof(nv);
+  static constexpr size_t kStageBytes = static_cast<size_t>(16) * (HS + 4) * sizeof(float);
+  static constexpr size_t kSmem = kTileBytes > kStageBytes ? kTileBytes : kStageBytes;
+};
+
+// Key tile [k0, k0 + kBc) of kv head g (positions < total are real, the rest zero-filled) into shared s,
+// by the warp, 16 bytes per cp.async.
+template <int HS>
+__device__ __forceinline__ void load_paged_tile(nv* s, const nv* cache, const int32_t* table, int block_size,
+                                                int64_t kv_stride, int g, int64_t k0, int64_t total, int lane) {
+  constexpr int kChunksPerRow = HS / 8, kChunks = PagedFlashCfg<HS>::kBc * kChunksPerRow;
+  static_assert(kChunks % 32 == 0, "whole passes of the warp");
+#pragma unroll 4
+  for (int i = 0; i < kChunks / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const int64_t p = k0 + r;
+    const bool ok = p < total;
+    const nv* src = cache;
+    if (ok) src = cache + (int64_t{table[p / block_size]} * block_size + p % block_size) * kv_stride + int64_t{g} * HS + col;
+    cp_async_16(s + r * PagedFlashCfg<HS>::kLd + col, src, ok);
+  }
+}
+
+template <int HS>
+__global__ void __launch_bounds__(32)
+    paged_flash_kernel(nv* __restrict__ out, const nv* __restrict__ qkv, const nv* __restrict__ k_cache,
+                       const nv* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
+                       const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int NH, int NKV,
+                       int block_size, int max_blocks, float scale_log2) {
+  using C = PagedFlashCfg<HS>;
+  constexpr int kLd = C::kLd, kBc = C::kBc;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  nv* sQ = reinterpret_cast<nv*>(smem_raw);
+  nv* sK = sQ + C::kQElems;            // stage s at sK + s kKVElems
+  nv* sV = sK + 2 * C::kKVElems;       // stage s at sV + s kKVElems
+  const int n = blockIdx.x, g = blockIdx.y, z = blockIdx.z, lane = threadIdx.x;
+  const int G = NH / NKV, h0 = g * G + 16 * z, gn = min(16, G - 16 * z);  // q heads [h0, h0 + gn)
+  const int64_t row_stride = (int64_t{NH} + 2 * NKV) * HS, kv_stride = int64_t{NKV} * HS;
+  nv* orow = out + int64_t{n} * NH * HS + int64_t{h0} * HS;  // the strip's heads are consecutive: row stride HS
+  const int32_t seq = seqs[n];
+  if (seq < 0) {  // padding row: zeros
+    for (int i = lane; i < gn * HS; i += 32) orow[i] = __float2bfloat16_rn(0.0f);
+    return;
+  }
+  const int64_t total = row_length(positions[n], int64_t{max_blocks} * block_size);
+  const int p = static_cast<int>(total - 1);  // the row's (clamped) position
+  const int32_t* table = block_tables + int64_t{seq} * max_blocks;
+
+  // Q: the strip's gn heads of row n (rows past gn zero-filled)
+  {
+    const nv* q = qkv + int64_t{n} * row_stride + int64_t{h0} * HS;
+    constexpr int kChunksPerRow = HS / 8;
+#pragma unroll
+    for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
+      const int c = lane + 32 * i;
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const bool ok = r < gn;
+      cp_async_16(sQ + r * kLd + col, ok ? q + r * HS + col : q, ok);
+    }
+  }
+  load_paged_tile<HS>(sK, k_cache, table, block_size, kv_stride, g, 0, total, lane);
+  load_paged_tile<HS>(sV, v_cache, table, block_size, kv_stride, g, 0, total, lane);
+  cp_async_commit();
+
+  flash::FwdStrip<HS> st;
+  st.init();
+  const int n_kt = p / kBc + 1;
+  for (int j = 0; j < n_kt; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < n_kt) {  // prefetch tile j + 1 into the other stage (freed by the __syncwarp ending j - 1)
+      const int64_t k1 = int64_t{j + 1} * kBc;
+      load_paged_tile<HS>(sK + (stage ^ 1) * C::kKVElems, k_cache, table, block_size, kv_stride, g, k1, total, lane);
+      load_paged_tile<HS>(sV + (stage ^ 1) * C::kKVElems, v_cache, table, block_size, kv_stride, g, k1, total, lane);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+    const int k0 = j * kBc;
+    flash::fwd_strip_tile<kLd, HS>(st, sQ, 0, sK + stage * C::kKVElems, sV + stage * C::kKVElems, k0,
+                                   k0 + kBc - 1 > p, p, p, scale_log2, lane);
+    __syncwarp();  // the warp is done with this stage before it is refilled
+  }
+  flash::fwd_strip_sums(st);
+  float* stage = reinterpret_cast<float*>(smem_raw);  // the tiles are dead: the output staging buffer
+  flash::warp_store_strip<HS>(orow, HS, gn, st.o, 1.0f / st.l_lo, 1.0f / st.l_hi, stage, lane, false);
+}
+
+template <int HS>
+void launch_paged_flash(nv* out, const nv* qkv, const nv* k_cache, const nv* v_cache, const int32_t* block_tables,
+                        const int32_t* seqs, const int32_t* positions, int64_t N, int NH, int NKV, int block_size,
+                        int max_blocks, float scale_log2) {
+  const int G = NH / NKV;
+  launch({kOpAttnInvariant, shape_text("N=", N, " NH=", NH, " NKV=", NKV, " HS=", HS),
+          {N, NKV, (G + 15) / 16}, {32, 1, 1}, PagedFlashCfg<HS>::kSmem},
+         paged_flash_kernel<HS>, out, qkv, k_cache, v_cache, block_tables, seqs, positions, NH, NKV, block_size,
+         max_blocks, scale_log2);
+}
+
 template <int W>
 void write_packs(nv* k_cache, nv* v_cache, const nv* qkv, const int32_t* slots, int64_t N, int64_t q_dim,
                  int64_t kv_dim, int64_t num_slots) {
@@ -414,12 +499,11 @@ size_t paged_attention_workspace(int64_t N, int64_t NH, int64_t HS, int64_t max_
   return static_cast<size_t>(N * NH * chunks * (HS + 2)) * sizeof(float);
 }
 
-namespace {
-// Both entries: kv_stride elements between consecutive slots of the caches; lse (contiguous only) or null.
-void chunked_attention(bf16* out, float* lse, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
-                       int64_t kv_stride, const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
-                       int64_t N, int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
-                       float scale) {
+void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                             const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N,
+                             int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
+                             float scale) {
+  if (N == 0) return;
   LMF_CHECK(NKV >= 1 && NH >= NKV && NH % NKV == 0 && NH <= INT_MAX, kOpAttn, ": NH=", NH,
             " must be a positive multiple of NKV=", NKV);
   LMF_CHECK(block_size >= 1 && max_blocks >= 1 && block_size * max_blocks <= INT_MAX, kOpAttn,
@@ -438,7 +522,7 @@ void chunked_attention(bf16* out, float* lse, const bf16* qkv, const bf16* k_cac
   auto run = [&](auto launch_hs) {
     launch_hs(G, as_nv(out), part_o, part_ml, as_nv(qkv), as_nv(k_cache), as_nv(v_cache), block_tables, seqs,
               positions, N, static_cast<int>(NH), static_cast<int>(NKV), static_cast<int>(block_size),
-              static_cast<int>(max_blocks), chunks, scale_log2, kv_stride, lse);
+              static_cast<int>(max_blocks), chunks, scale_log2);
   };
   switch (HS) {
     case 16: run(launch_chunks_hs<16>); break;
@@ -448,28 +532,31 @@ void chunked_attention(bf16* out, float* lse, const bf16* qkv, const bf16* k_cac
     case 256: run(launch_chunks_hs<256>); break;
     default: fail(kOpAttn, ": head size HS=", HS, " is not supported on the GPU (16, 32, 64, 128 or 256)");
   }
-  if (chunks > 1)
-    launch_combine(as_nv(out), part_o, part_ml, block_tables, seqs, positions, N, NH, HS, chunks,
-                   static_cast<int>(block_size), capacity, lse);
+  if (chunks > 1) launch_combine(as_nv(out), part_o, part_ml, seqs, positions, N, NH, HS, chunks, capacity);
 }
-}  // namespace
 
-void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
-                             const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N,
-                             int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
-                             float scale) {
+void paged_attention_forward_invariant(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                                       const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
+                                       int64_t N, int64_t NH, int64_t NKV, int64_t HS, int64_t block_size,
+                                       int64_t max_blocks, float scale) {
   if (N == 0) return;
-  chunked_attention(out, nullptr, qkv, k_cache, v_cache, NKV * HS, block_tables, seqs, positions, N, NH, NKV, HS,
-                    block_size, max_blocks, scale);
-}
-
-void split_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                             int64_t HS, float scale) {
-  if (B == 0 || T == 0) return;
-  LMF_CHECK(T <= INT_MAX && B * T <= INT_MAX, kOpSplit, ": B=", B, " T=", T, " out of range");
-  const int64_t row = (NH + 2 * NKV) * HS;
-  chunked_attention(out, lse, qkv, qkv + NH * HS, qkv + (NH + NKV) * HS, row, nullptr, nullptr, nullptr, B * T, NH,
-                    NKV, HS, T, 1, scale);
+  LMF_CHECK(NKV >= 1 && NH >= NKV && NH % NKV == 0 && NH <= INT_MAX && N <= INT_MAX, kOpAttnInvariant, ": NH=", NH,
+            " must be a positive multiple of NKV=", NKV, " (N=", N, ")");
+  LMF_CHECK(block_size >= 1 && max_blocks >= 1 && block_size * max_blocks <= INT_MAX, kOpAttnInvariant,
+            ": block_size=", block_size, " max_blocks=", max_blocks, " out of range");
+  LMF_CHECK(aligned16(out, qkv, k_cache, v_cache), kOpAttnInvariant,
+            ": out, qkv, k_cache and v_cache must be 16-byte aligned (cp.async of 8 bf16)");
+  const float scale_log2 = scale * kLog2e;  // as flash_attention_forward computes it
+  auto run = [&](auto f) {
+    f(as_nv(out), as_nv(qkv), as_nv(k_cache), as_nv(v_cache), block_tables, seqs, positions, N, static_cast<int>(NH),
+      static_cast<int>(NKV), static_cast<int>(block_size), static_cast<int>(max_blocks), scale_log2);
+  };
+  switch (HS) {
+    case 32: return run(launch_paged_flash<32>);
+    case 64: return run(launch_paged_flash<64>);
+    case 128: return run(launch_paged_flash<128>);
+    default: fail(kOpAttnInvariant, ": head size HS=", HS, " is not supported (32, 64 or 128: the flash forward's)");
+  }
 }
 
 void gather_rows(bf16* out, const bf16* x, const int32_t* rows, int64_t M, int64_t C) {

@@ -16,8 +16,9 @@
 // Deterministic and batch-invariant: a row's output depends only on its query and its own sequence's
 // cached keys and values, never on the other rows of the batch (the CPU computes each (row, head) with
 // the training forward's arithmetic, bitwise attention_forward's row; the GPU kernel splits the
-// positions into fixed chunks combined in a fixed order). The same kernels run training's batch-invariant
-// attention forward over a contiguous qkv (cuda::split_attention_forward, declared in attention.h).
+// positions into fixed chunks combined in a fixed order). With --batch-invariant (OpPlans::batch_invariant)
+// the GPU runs cuda::paged_attention_forward_invariant instead: the training flash forward's own step per
+// row (ops/flash_tile.cuh), so that serving's rows are bitwise training's too.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -46,6 +47,12 @@ void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, co
                              const int32_t* block_tables, const int32_t* seqs, const int32_t* positions, int64_t N,
                              int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
                              float scale);
+// --batch-invariant (OpPlans::batch_invariant): the training flash forward's arithmetic per row, so that
+// serving's rows are bitwise training's (HS 32, 64 or 128; no workspace).
+void paged_attention_forward_invariant(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                                       const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
+                                       int64_t N, int64_t NH, int64_t NKV, int64_t HS, int64_t block_size,
+                                       int64_t max_blocks, float scale);
 size_t paged_attention_workspace(int64_t N, int64_t NH, int64_t HS, int64_t max_context);
 void gather_rows(bf16* out, const bf16* x, const int32_t* rows, int64_t M, int64_t C);
 void gather_rows(float* out, const float* x, const int32_t* rows, int64_t M, int64_t C);
