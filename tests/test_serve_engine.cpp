@@ -4,6 +4,7 @@
 // small KV pool) against greedy decoding by full forwards, per-request seeds independent of the
 // batch, and the requests the engine refuses.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <sstream>
@@ -290,6 +291,36 @@ TEST(Invariance, TheCpuIsBatchInvariantAndTheHarnessSeesACapacityFactor) {
   ModelConfig bad = serving_config("test-gpt2");
   o.prompt_len = 40;  // + 10 > context 48
   EXPECT_NE(invariance_options_problem(o, bad).find("--prompt-len=40"), std::string::npos);
+}
+
+// The trainer-vs-sampler check names the first op whose output differs (serve/invariance.h
+// first_op_trainer_vs_sampler): with the same weights every op is bitwise equal at every position on the
+// CPU; with one element of layer 1's attention output projection changed on the sampler's side, the
+// first differing op is that layer's "output projection + residual", at position 0 (the prefill).
+TEST(Invariance, TheTrainerVsSamplerCheckNamesTheFirstDifferingOp) {
+  for (const char* preset : {"test-gpt2", "test-moe"}) {
+    const ModelConfig c = serving_config(preset);
+    auto w = random_weights(c, 21), planted = random_weights(c, 21);
+    planted->find("layers.1.attn.proj.weight").f32()[5] += 0.25f;
+    // the probe: a 12-token prompt and its greedy continuation (the trainer's sequence)
+    std::vector<int32_t> seq;
+    for (int i = 0; i < 12; ++i) seq.push_back((7 * i + 3) % static_cast<int>(c.vocab_size));
+    {
+      Engine e(c, *w, EngineOptions{});
+      RequestParams rp;
+      rp.sample.temperature = 0;
+      rp.max_tokens = 8;
+      e.add(0, seq, rp);
+      while (!e.idle())
+        for (const EngineEvent& ev : e.step()) seq.push_back(ev.out.token);
+    }
+    ASSERT_EQ(seq.size(), 20u) << preset;
+    EXPECT_EQ("", first_op_trainer_vs_sampler(c, *w, *w, seq, 12, "auto", false)) << preset;
+    const std::string op = first_op_trainer_vs_sampler(c, *w, *planted, seq, 12, "auto", false);
+    EXPECT_TRUE(op.starts_with("layer 1: output projection + residual (position 0)")) << preset << ": " << op;
+    const std::string op_bi = first_op_trainer_vs_sampler(c, *planted, *w, seq, 12, "auto", true);
+    EXPECT_TRUE(op_bi.starts_with("layer 1: output projection + residual (position 0)")) << preset << ": " << op_bi;
+  }
 }
 
 // The batch-invariant plan rules (model/plan.h, plan_validate): on the GPU only the bf16 kernels that

@@ -206,6 +206,11 @@ void Engine::plan_buckets() {
   }
 }
 
+void Engine::set_activation_tap(ActivationTap f) {
+  tapped_ = static_cast<bool>(f);
+  for (Bucket& b : buckets_) b.model->set_activation_tap(f);
+}
+
 void Engine::set_profiler(OpProfiler* p) {
   prof_ = p;
   for (Bucket& b : buckets_) b.model->set_profiler(p);
@@ -344,7 +349,7 @@ std::vector<EngineEvent> Engine::step() {
       const Tensor hb = host_.get("batch");
       copy_to_device_async(dev_.get("batch").data, hb.data, hb.nbytes());
     }
-    if (b.graph && !prof_) cuda_graph_replay(b.graph);
+    if (b.graph && !prof_ && !tapped_) cuda_graph_replay(b.graph);
     else run_bucket(b, opt_.max_top_logprobs > 0);
     copy_to_host_async(host_.base(), dev_.base(), outputs_bytes_);
     device_synchronize();

@@ -93,6 +93,14 @@ class Engine {
   // Attach an op profiler (nullptr detaches) to every bucket's model: while attached, steps run eagerly
   // (a graph replay has no per-op scopes) and each op, the batch upload and the sampler are timed.
   void set_profiler(OpProfiler* p);
+  // Every step's activations, op by op, to `f` (model/block.h ActivationTap; empty: none), from every
+  // bucket's model: the tensors hold the step's rows (padding rows too); while a tap is set, steps run
+  // eagerly. During the callback step_positions() / step_seqs() / step_tokens() give each row's position,
+  // batch sequence (-1: padding) and input token (the check-invariance harness, serve/invariance.h).
+  void set_activation_tap(ActivationTap f);
+  const int32_t* step_positions() const { return h_positions_.i32(); }
+  const int32_t* step_seqs() const { return h_seqs_.i32(); }
+  const int32_t* step_tokens() const { return h_tokens_.i32(); }
 
  private:
   struct Seq {
@@ -131,6 +139,7 @@ class Engine {
   std::map<int64_t, Seq> seqs_;
   EngineStats stats_;
   OpProfiler* prof_ = nullptr;
+  bool tapped_ = false;  // set_activation_tap: steps run eagerly
 };
 
 }  // namespace lmf

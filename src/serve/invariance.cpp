@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 
 #include "core/check.h"
 #include "core/rng.h"
@@ -78,6 +79,52 @@ std::string first_differing_op(const std::vector<OpOutput>& ref, const std::vect
   return "";
 }
 
+// The probe (the first prompt_len tokens of seq) decoded alone by an engine, eagerly, with every op's
+// output captured at each position it computes (prefill chunks, then one row per decode step), in the
+// forward order of a step. n: on entry the positions wanted ([0, n)); on return cut before the first
+// position not computed or whose input token is not seq's (a different input is no numerical difference).
+std::vector<OpOutput> capture_decode(const ModelConfig& c, Parameters& params, const std::vector<int32_t>& seq,
+                                     int64_t prompt_len, int64_t& n, bool batch_invariant) {
+  EngineOptions eo;
+  eo.batch_invariant = batch_invariant;
+  eo.max_seqs = 1;
+  eo.max_prefill_tokens = 512;
+  Engine e(c, params, eo);
+  RequestParams rp;
+  rp.sample.temperature = 0;
+  rp.max_tokens = static_cast<int64_t>(seq.size()) - prompt_len;
+  e.add(0, std::vector<int32_t>(seq.begin(), seq.begin() + prompt_len), rp);
+  std::vector<OpOutput> out;
+  std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
+  int64_t bad_input = n;
+  size_t k = 0;  // this step's op index
+  std::vector<uint8_t> host;
+  e.set_activation_tap([&](int layer, const char* op, Tensor t) {
+    const int64_t w = t.dim(t.ndim - 1), R = t.numel() / w;
+    const size_t rb = static_cast<size_t>(w) * dtype_size(t.dtype);
+    if (k == out.size()) out.push_back(OpOutput{layer, op, rb, std::vector<uint8_t>(static_cast<size_t>(n) * rb)});
+    OpOutput& o = out[k++];
+    host.resize(t.nbytes());
+    tensor_to_host(host.data(), t);
+    const int32_t *pos = e.step_positions(), *sq = e.step_seqs(), *tok = e.step_tokens();
+    for (int64_t r = 0; r < R; ++r) {
+      if (sq[r] < 0 || pos[r] < 0 || pos[r] >= n) continue;
+      std::memcpy(o.bytes.data() + static_cast<size_t>(pos[r]) * rb, host.data() + static_cast<size_t>(r) * rb, rb);
+      seen[static_cast<size_t>(pos[r])] = 1;
+      if (tok[r] != seq[static_cast<size_t>(pos[r])]) bad_input = std::min<int64_t>(bad_input, pos[r]);
+    }
+  });
+  while (!e.idle()) {
+    k = 0;
+    (void)e.step();
+  }
+  int64_t filled = 0;
+  while (filled < n && seen[static_cast<size_t>(filled)]) ++filled;
+  n = std::min(filled, bad_input);
+  for (OpOutput& o : out) o.bytes.resize(static_cast<size_t>(n) * o.row_bytes);
+  return out;
+}
+
 struct Decoded {
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;
@@ -122,6 +169,22 @@ Decoded decode(const ModelConfig& c, Parameters& params, const std::vector<int32
 }
 
 }  // namespace
+
+std::string first_op_trainer_vs_sampler(const ModelConfig& c, Parameters& trainer_params, Parameters& sampler_params,
+                                        const std::vector<int32_t>& seq, int64_t prompt_len,
+                                        const std::string& precision, bool batch_invariant) {
+  const int64_t L = static_cast<int64_t>(seq.size());
+  LMF_CHECK(prompt_len >= 1 && prompt_len < L, "first_op_trainer_vs_sampler: prompt_len=", prompt_len,
+            " must be in [1, ", L, ")");
+  SequenceScorer scorer(c, trainer_params, precision, batch_invariant);
+  const std::vector<OpOutput> ref = capture(scorer, {seq}, 0, L - 1);
+  int64_t n = L - 1;
+  const std::vector<OpOutput> got = capture_decode(c, sampler_params, seq, prompt_len, n, batch_invariant);
+  const std::string op = first_differing_op(ref, got);
+  if (!op.empty() || n == L - 1) return op;
+  return detail::concat("- (every op equal at positions 0 to ", n - 1, "; the decode's input differs from position ", n,
+                        ")");
+}
 
 std::string invariance_options_problem(const InvarianceOptions& o, const ModelConfig& c) {
   if (c.family != ModelFamily::text) return "check-invariance: the model is not a language model (family timeseries)";
@@ -180,8 +243,15 @@ InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, cons
     if (ref_captured.empty()) ref_captured = capture(scorer, {seq}, 0, L - 1);
     return ref_captured;
   };
-  add(compare("trainer (prefill, batch 1) vs sampler (decode, alone): the generated tokens' log-probabilities",
-              ref.data() + (P - 1), alone.logprobs.data(), G));
+  {
+    InvarianceCheck ch = compare("trainer (prefill, batch 1) vs sampler (decode, alone): the generated tokens' "
+                                 "log-probabilities", ref.data() + (P - 1), alone.logprobs.data(), G);
+    if (!ch.equal()) {  // the first op (every op's output captured at every position on both sides)
+      ch.first_op = first_op_trainer_vs_sampler(c, params, params, seq, P, o.precision, o.batch_invariant);
+      if (ch.first_op.empty()) ch.first_op = "the log-probability of the sampled token (every op before it equal)";
+    }
+    add(std::move(ch));
+  }
 
   // the trainer: the probe at a random row of B rows
   for (int64_t B : o.batches) {

@@ -36,7 +36,8 @@ struct InvarianceCheck {
   int64_t differing = 0;    // of them, not bitwise equal
   int64_t first = -1;       // index of the first differing value (-1: none)
   double worst_abs = 0;     // max |a - b|
-  std::string first_op;     // trainer checks that differ: the first op whose output differs, and where
+  std::string first_op;     // trainer checks (and trainer vs sampler) that differ: the first op whose output
+                            // differs, and where
   bool sampler = false;     // a sampler check (its tokens compared too)
   bool tokens_equal = true; // sampler checks: the same tokens
   bool equal() const { return differing == 0 && tokens_equal; }
@@ -48,6 +49,15 @@ struct InvarianceReport {
   // A table, one row per check, and a last line: "batch-invariant: yes" or "... no (k of n checks differ)".
   void print(std::ostream& os) const;
 };
+
+// The first op whose output differs between the trainer's forward over seq (SequenceScorer, every
+// position at once, trainer_params) and the decode of seq's first prompt_len tokens alone by an engine
+// (sampler_params: the same weights in check_invariance; tests plant a difference), each op compared at
+// every position both computed with the same input tokens: "layer 1: attention (position 3)", or "" when
+// every op's output is bitwise equal.
+std::string first_op_trainer_vs_sampler(const ModelConfig& c, Parameters& trainer_params, Parameters& sampler_params,
+                                        const std::vector<int32_t>& seq, int64_t prompt_len,
+                                        const std::string& precision, bool batch_invariant);
 
 // Runs every check (progress, one line per check, to `progress` when given).
 InvarianceReport check_invariance(const ModelConfig& c, Parameters& params, const InvarianceOptions& o,
