@@ -7,9 +7,11 @@
 // tiles of kFwdBc from tile 0 up) and HS: which other rows share its warp, its CTA or its batch, and
 // where in the 16-row strip it sits, change nothing (each mma output row is its own dot products; the
 // row max and sum are over the row's own quad; a tile past a row's diagonal is an exact no-op for it:
-// all -inf, so m stays, alpha = exp2(0) = 1, p = 0). fwd_strip_tile spells every rounding step with
+// all -inf, so m stays, alpha = exp2(0) = 1, p = 0). fwd_strip_softmax spells every rounding step with
 // an intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fmaf_rn) so that no kernel's FMA contraction can
-// make the two callers round differently. Every caller uses kFwdBc-key tiles from key 0 up.
+// make the two callers round differently. Every caller uses kFwdBc-key tiles from key 0 up; the mma
+// may run over the whole tile (fwd_strip_tile) or in 16-key pieces (fwd_scores_piece, fwd_pv_piece):
+// each accumulator gets the same sequence of mma either way.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -222,21 +224,17 @@ struct FwdStrip {
   }
 };
 
-// Adds keys [k0, k0 + kFwdBc) to the strip whose Q rows are rows [m0, m0 + 16) of the shared tile sQ;
-// tK, tV: the key tile's K and V rows (shared, row stride kLd; rows past the keys' end zero-filled).
-// Keys above a row's position (row_lo, row_hi: this thread's two rows) are masked to -inf; diag: the
-// tile may hold such keys for some row of the strip (false skips the compare, never changes a result).
-// The first tile a strip sees must be key tile 0 (every row has key 0 unmasked: m finite from then on).
-template <int kLd, int HS>
-__device__ __forceinline__ void fwd_strip_tile(FwdStrip<HS>& st, const nv_bf16* sQ, int m0, const nv_bf16* tK,
-                                               const nv_bf16* tV, int k0, bool diag, int row_lo, int row_hi,
-                                               float scale_log2, int lane) {
+// The online-softmax update of a strip by one key tile, in registers: s (the tile's S = Q K^T, C fragments
+// of 16 x kFwdBc, from mma_strip_abt or the 16-key pieces below) becomes P = exp2(s2 - m) (fp32; the P V
+// mma rounds it to bf16), m, l and O are updated. Keys above a row's position (row_lo, row_hi: this
+// thread's two rows) are masked to -inf; diag: the tile may hold such keys for some row of the strip
+// (false skips the compare, never changes a result). The first tile a strip sees must be key tile 0
+// (every row has key 0 unmasked: m finite from then on).
+template <int HS>
+__device__ __forceinline__ void fwd_strip_softmax(FwdStrip<HS>& st, float (&s)[kFwdBc / 8][4], int k0, bool diag,
+                                                  int row_lo, int row_hi, float scale_log2, int lane) {
   constexpr int kBc = kFwdBc;
   const int tig = lane & 3;
-  float s[kBc / 8][4];
-#pragma unroll
-  for (int i = 0; i < kBc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-  mma_strip_abt<kLd, HS, kBc>(s, sQ, m0, tK, lane);  // S = Q K^T (16 x kBc)
   float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
   for (int nt = 0; nt < kBc / 8; ++nt) {
@@ -280,8 +278,57 @@ __device__ __forceinline__ void fwd_strip_tile(FwdStrip<HS>& st, const nv_bf16* 
     st.o[i][2] = __fmul_rn(st.o[i][2], alpha_hi);
     st.o[i][3] = __fmul_rn(st.o[i][3], alpha_hi);
   }
-  // O += P V (P rounded to bf16 as the A operand; the sums l above use the fp32 values)
+}
+
+// Adds keys [k0, k0 + kFwdBc) to the strip whose Q rows are rows [m0, m0 + 16) of the shared tile sQ;
+// tK, tV: the key tile's K and V rows (shared, row stride kLd; rows past the keys' end zero-filled).
+// S = Q K^T, the softmax update, then O += P V (P rounded to bf16 as the A operand; l uses fp32 P).
+template <int kLd, int HS>
+__device__ __forceinline__ void fwd_strip_tile(FwdStrip<HS>& st, const nv_bf16* sQ, int m0, const nv_bf16* tK,
+                                               const nv_bf16* tV, int k0, bool diag, int row_lo, int row_hi,
+                                               float scale_log2, int lane) {
+  constexpr int kBc = kFwdBc;
+  float s[kBc / 8][4];
+#pragma unroll
+  for (int i = 0; i < kBc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+  mma_strip_abt<kLd, HS, kBc>(s, sQ, m0, tK, lane);
+  fwd_strip_softmax<HS>(st, s, k0, diag, row_lo, row_hi, scale_log2, lane);
   mma_strip_regs_b<kLd, kBc, HS>(st.o, s, tV, lane);
+}
+
+// The same tile in 16-key pieces (paged_attention.cu streams K and V through a small ring): each mma
+// accumulator sees the same mma sequence as in fwd_strip_tile, so the results are bitwise its.
+//   S piece i (keys 16 i .. 16 i + 15 of the tile, K rows at tK16, row stride kLd): s[2 i], s[2 i + 1]
+//   over the contraction slices ks = 0 .. HS / 16 - 1 in order, from the strip's Q A fragments qa
+//   (load_q_frags), as mma_abt's loops give each accumulator.
+template <int kLd, int HS>
+__device__ __forceinline__ void load_q_frags(uint32_t (&qa)[HS / 16][4], const nv_bf16* sQ, int m0, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < HS / 16; ++ks) load_a<kLd>(qa[ks], sQ, m0, ks * 16, lane);
+}
+template <int kLd, int HS>
+__device__ __forceinline__ void fwd_scores_piece(float (&s)[kFwdBc / 8][4], int i, const uint32_t (&qa)[HS / 16][4],
+                                                 const nv_bf16* tK16, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < HS / 16; ++ks) {
+    uint32_t b[4];
+    load_b_nk<kLd>(b, tK16, 0, ks * 16, lane);
+    mma_bf16(s[2 * i], qa[ks], b[0], b[1]);
+    mma_bf16(s[2 * i + 1], qa[ks], b[2], b[3]);
+  }
+}
+//   O piece i (values of keys 16 i .. 16 i + 15, V rows at tV16): every o[2 np], o[2 np + 1] += P slice i
+//   times V, np = 0 .. HS / 16 - 1, as mma_packed_b's loops give each accumulator for kk = i (pa: pack_a of P).
+template <int kLd, int HS>
+__device__ __forceinline__ void fwd_pv_piece(float (&o)[HS / 8][4], const uint32_t (&pa)[4], const nv_bf16* tV16,
+                                             int lane) {
+#pragma unroll
+  for (int np = 0; np < HS / 16; ++np) {
+    uint32_t b[4];
+    load_b_kn<kLd>(b, tV16, 0, np * 16, lane);
+    mma_bf16(o[2 * np], pa, b[0], b[1]);
+    mma_bf16(o[2 * np + 1], pa, b[2], b[3]);
+  }
 }
 
 // After the last tile: the full row sums over the quad (xor butterfly: the same bits in all 4 lanes).

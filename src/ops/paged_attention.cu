@@ -31,9 +31,10 @@
 // Padding rows (seqs[n] < 0) get zeros from their chunk-0 CTAs.
 //
 // paged_attention_forward_invariant (--batch-invariant serving, prefill and decode alike): paged_flash_kernel,
-// one warp per (row, kv head, 16 of its q heads) walking the row's keys in key tiles of flash::kFwdBc through
-// flash::fwd_strip_tile, the step of the training forward (flash_attention.cu): each output row is bitwise
-// what the training forward (lmforge's flash kernels) computes for that position (tests/test_cuda_paged_attention).
+// one warp per (strip of up to 16 rows of one sequence at consecutive positions, q head) walking the keys
+// in key tiles of flash::kFwdBc with the training forward's arithmetic (ops/flash_tile.cuh): each output
+// row is bitwise what the training forward (lmforge's flash kernels) computes for that position
+// (tests/test_cuda_paged_attention.cpp).
 //
 // Determinism and batch invariance: no atomics; every sum has a fixed order that depends only on HS,
 // on kChunk (a constant) and on the row's own position: never on N, on the other rows, on the grid
@@ -336,30 +337,34 @@ void launch_combine(nv* out, const float* part_o, const float* part_ml, const in
 }
 
 // ---- kv_cache_write: W elements per thread (8: 128-bit accesses) ----
-// ---- --batch-invariant: paged_flash_kernel<HS> (see paged_attention_forward_invariant in the header) ----
-// One warp per (row n = blockIdx.x, kv head g = blockIdx.y, strip z = blockIdx.z of 16 of the G q heads):
-// the strip's rows are the q heads g G + 16 z + i (i < 16, past G zero rows) of row n, all at the row's
-// position p. Key tiles of flash::kFwdBc keys, 0 .. p / kFwdBc, go from the paged cache (each key through
-// the block table; keys past p zero-filled) into shared memory, double-buffered, and each is added by
-// flash::fwd_strip_tile, the training forward's own step: so every output row is bitwise what
-// flash_fwd_kernel computes for that position of that sequence.
+// ---- --batch-invariant: paged_flash_kernel<HS> (paged_attention_forward_invariant in the header) ----
+// One single-warp CTA per (batch row n = blockIdx.x, q head h = blockIdx.y). The warp's 16-row strip holds
+// the rows of one sequence at consecutive positions from row n up to the next position that is a multiple
+// of 16 (at most 16 rows); row n leads a strip when it starts its sequence's run of rows in the batch or
+// sits at such a position, and the other rows' warps exit at once. A decode row is a strip of one row; a
+// prefill chunk of P rows, about P / 16 strips. The strip walks the keys of its sequence in tiles of
+// flash::kFwdBc from key 0 up to its last row's position, each tile as the training forward's step: S in
+// 16-key pieces (fwd_scores_piece), the softmax update (fwd_strip_softmax), P V in 16-key pieces
+// (fwd_pv_piece), every mma accumulator in the training forward's order: each row's output is bitwise
+// flash_fwd_kernel's for that position. K and V stream through a ring of kRing 16-key pieces (cp.async,
+// kRing - 1 in flight; keys past the strip's last position zero-filled), so a warp holds 16 + 16 kRing
+// shared rows (11.5 KB at HS 64) and many warps fit an SM.
 template <int HS>
 struct PagedFlashCfg {
-  static constexpr int kBc = flash::kFwdBc, kLd = HS + flash::kPad;
-  static constexpr int kQElems = 16 * kLd, kKVElems = kBc * kLd;
-  static constexpr size_t kTileBytes = static_cast<size_t>(kQElems + 4 * kKVElems) * sizeof(nv);
+  static constexpr int kBc = flash::kFwdBc, kLd = HS + flash::kPad, kRing = 4;
+  static constexpr int kTileElems = 16 * kLd;  // the Q strip, and each ring piece
+  static constexpr size_t kTileBytes = static_cast<size_t>((1 + kRing) * kTileElems) * sizeof(nv);
   static constexpr size_t kStageBytes = static_cast<size_t>(16) * (HS + 4) * sizeof(float);
   static constexpr size_t kSmem = kTileBytes > kStageBytes ? kTileBytes : kStageBytes;
 };
 
-// Key tile [k0, k0 + kBc) of kv head g (positions < total are real, the rest zero-filled) into shared s,
-// by the warp, 16 bytes per cp.async.
+// Keys [k0, k0 + 16) of kv head g from the cache (positions >= total zero-filled) into the piece s.
 template <int HS>
-__device__ __forceinline__ void load_paged_tile(nv* s, const nv* cache, const int32_t* table, int block_size,
-                                                int64_t kv_stride, int g, int64_t k0, int64_t total, int lane) {
-  constexpr int kChunksPerRow = HS / 8, kChunks = PagedFlashCfg<HS>::kBc * kChunksPerRow;
+__device__ __forceinline__ void load_paged_piece(nv* s, const nv* cache, const int32_t* table, int block_size,
+                                                 int64_t kv_stride, int g, int64_t k0, int64_t total, int lane) {
+  constexpr int kChunksPerRow = HS / 8, kChunks = 16 * kChunksPerRow;
   static_assert(kChunks % 32 == 0, "whole passes of the warp");
-#pragma unroll 4
+#pragma unroll
   for (int i = 0; i < kChunks / 32; ++i) {
     const int c = lane + 32 * i;
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
@@ -375,77 +380,108 @@ template <int HS>
 __global__ void __launch_bounds__(32)
     paged_flash_kernel(nv* __restrict__ out, const nv* __restrict__ qkv, const nv* __restrict__ k_cache,
                        const nv* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
-                       const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int NH, int NKV,
-                       int block_size, int max_blocks, float scale_log2) {
+                       const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int N, int NH,
+                       int NKV, int block_size, int max_blocks, float scale_log2) {
   using C = PagedFlashCfg<HS>;
-  constexpr int kLd = C::kLd, kBc = C::kBc;
+  constexpr int kLd = C::kLd, kBc = C::kBc, kRing = C::kRing, kPieces = 8;  // per key tile: 4 of K, 4 of V
   extern __shared__ __align__(16) unsigned char smem_raw[];
   nv* sQ = reinterpret_cast<nv*>(smem_raw);
-  nv* sK = sQ + C::kQElems;            // stage s at sK + s kKVElems
-  nv* sV = sK + 2 * C::kKVElems;       // stage s at sV + s kKVElems
-  const int n = blockIdx.x, g = blockIdx.y, z = blockIdx.z, lane = threadIdx.x;
-  const int G = NH / NKV, h0 = g * G + 16 * z, gn = min(16, G - 16 * z);  // q heads [h0, h0 + gn)
-  const int64_t row_stride = (int64_t{NH} + 2 * NKV) * HS, kv_stride = int64_t{NKV} * HS;
-  nv* orow = out + int64_t{n} * NH * HS + int64_t{h0} * HS;  // the strip's heads are consecutive: row stride HS
-  const int32_t seq = seqs[n];
+  nv* ring = sQ + C::kTileElems;  // piece q at ring + (q % kRing) kTileElems
+  const int n = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+  const int g = h / (NH / NKV);
+  const int64_t row_stride = (int64_t{NH} + 2 * NKV) * HS, kv_stride = int64_t{NKV} * HS, CO = int64_t{NH} * HS;
+  const int64_t capacity = int64_t{max_blocks} * block_size;
+  nv* orow = out + int64_t{n} * CO + int64_t{h} * HS;
+  const int32_t seq = seqs[n], pos = positions[n];
   if (seq < 0) {  // padding row: zeros
-    for (int i = lane; i < gn * HS; i += 32) orow[i] = __float2bfloat16_rn(0.0f);
+    for (int i = lane; i < HS; i += 32) orow[i] = __float2bfloat16_rn(0.0f);
     return;
   }
-  const int64_t total = row_length(positions[n], int64_t{max_blocks} * block_size);
-  const int p = static_cast<int>(total - 1);  // the row's (clamped) position
+  if (n > 0 && seqs[n - 1] == seq && positions[n - 1] == pos - 1 && pos % 16 != 0) return;  // not a strip leader
+  int cnt = 1;  // the strip: rows n .. n + cnt - 1 at positions pos .. pos + cnt - 1 (uniform over the warp)
+  while (cnt < 16 && n + cnt < N && seqs[n + cnt] == seq && positions[n + cnt] == pos + cnt && (pos + cnt) % 16 != 0)
+    ++cnt;
+  // positions clamped into the block table (as row_length does for the chunk kernel)
+  const int p_first = static_cast<int>(row_length(pos, capacity) - 1);
+  const int p_last = static_cast<int>(row_length(pos + cnt - 1, capacity) - 1);
+  const int gid = lane >> 2;
+  const int row_lo = static_cast<int>(row_length(pos + min(gid, cnt - 1), capacity) - 1);
+  const int row_hi = static_cast<int>(row_length(pos + min(gid + 8, cnt - 1), capacity) - 1);
   const int32_t* table = block_tables + int64_t{seq} * max_blocks;
+  const int64_t total = int64_t{p_last} + 1;
+  const int n_pieces = kPieces * (p_last / kBc + 1);
 
-  // Q: the strip's gn heads of row n (rows past gn zero-filled)
-  {
-    const nv* q = qkv + int64_t{n} * row_stride + int64_t{h0} * HS;
+  {  // Q: the strip's rows of head h (rows past cnt zero-filled), in the first cp.async group
+    const nv* q = qkv + int64_t{n} * row_stride + int64_t{h} * HS;
     constexpr int kChunksPerRow = HS / 8;
 #pragma unroll
     for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
       const int c = lane + 32 * i;
       const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const bool ok = r < gn;
-      cp_async_16(sQ + r * kLd + col, ok ? q + r * HS + col : q, ok);
+      const bool ok = r < cnt;
+      cp_async_16(sQ + r * kLd + col, ok ? q + r * row_stride + col : q, ok);
     }
   }
-  load_paged_tile<HS>(sK, k_cache, table, block_size, kv_stride, g, 0, total, lane);
-  load_paged_tile<HS>(sV, v_cache, table, block_size, kv_stride, g, 0, total, lane);
-  cp_async_commit();
+  auto issue = [&](int q) {  // piece q: key tile q / 8, K (q % 8 < 4) or V, keys 16 (q % 4) .. + 15 of the tile
+    const int64_t k0 = int64_t{q / kPieces} * kBc + 16 * (q % 4);
+    load_paged_piece<HS>(ring + (q % kRing) * C::kTileElems, (q % kPieces) < 4 ? k_cache : v_cache, table, block_size,
+                         kv_stride, g, k0, total, lane);
+  };
+  for (int q = 0; q < kRing - 1; ++q) {
+    if (q < n_pieces) issue(q);
+    cp_async_commit();
+  }
 
   flash::FwdStrip<HS> st;
   st.init();
-  const int n_kt = p / kBc + 1;
+  uint32_t qa[HS / 16][4];
+  float s[kBc / 8][4];
+  uint32_t pa[kBc / 16][4];
+  const int n_kt = n_pieces / kPieces;
   for (int j = 0; j < n_kt; ++j) {
-    const int stage = j & 1;
-    if (j + 1 < n_kt) {  // prefetch tile j + 1 into the other stage (freed by the __syncwarp ending j - 1)
-      const int64_t k1 = int64_t{j + 1} * kBc;
-      load_paged_tile<HS>(sK + (stage ^ 1) * C::kKVElems, k_cache, table, block_size, kv_stride, g, k1, total, lane);
-      load_paged_tile<HS>(sV + (stage ^ 1) * C::kKVElems, v_cache, table, block_size, kv_stride, g, k1, total, lane);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncwarp();
     const int k0 = j * kBc;
-    flash::fwd_strip_tile<kLd, HS>(st, sQ, 0, sK + stage * C::kKVElems, sV + stage * C::kKVElems, k0,
-                                   k0 + kBc - 1 > p, p, p, scale_log2, lane);
-    __syncwarp();  // the warp is done with this stage before it is refilled
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {  // unrolled: s, pa and the pieces' fragments stay in registers
+      const int q = j * kPieces + i;
+      if (q + kRing - 1 < n_pieces) issue(q + kRing - 1);
+      cp_async_commit();
+      cp_async_wait<kRing - 1>();  // piece q (and Q) landed
+      __syncwarp();
+      if (q == 0) flash::load_q_frags<kLd, HS>(qa, sQ, 0, lane);
+      const nv* piece = ring + (q % kRing) * C::kTileElems;
+      if (i == 0) {
+#pragma unroll
+        for (int t = 0; t < kBc / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+      }
+      if (i < 4) {
+        flash::fwd_scores_piece<kLd, HS>(s, i, qa, piece, lane);
+        if (i == 3) {
+          flash::fwd_strip_softmax<HS>(st, s, k0, k0 + kBc - 1 > p_first, row_lo, row_hi, scale_log2, lane);
+          flash::pack_a<1, kBc>(reinterpret_cast<uint32_t(&)[1][kBc / 16][4]>(pa),
+                                reinterpret_cast<const float(&)[1][kBc / 8][4]>(s));
+        }
+      } else {
+        flash::fwd_pv_piece<kLd, HS>(st.o, pa[i - 4], piece, lane);
+      }
+      __syncwarp();  // the warp is done with this slot before piece q + kRing is issued into it
+    }
   }
+  cp_async_wait<0>();
+  __syncwarp();
   flash::fwd_strip_sums(st);
   float* stage = reinterpret_cast<float*>(smem_raw);  // the tiles are dead: the output staging buffer
-  flash::warp_store_strip<HS>(orow, HS, gn, st.o, 1.0f / st.l_lo, 1.0f / st.l_hi, stage, lane, false);
+  flash::warp_store_strip<HS>(out + int64_t{n} * CO + int64_t{h} * HS, CO, cnt, st.o, 1.0f / st.l_lo,
+                              1.0f / st.l_hi, stage, lane, false);
 }
 
 template <int HS>
 void launch_paged_flash(nv* out, const nv* qkv, const nv* k_cache, const nv* v_cache, const int32_t* block_tables,
                         const int32_t* seqs, const int32_t* positions, int64_t N, int NH, int NKV, int block_size,
                         int max_blocks, float scale_log2) {
-  const int G = NH / NKV;
-  launch({kOpAttnInvariant, shape_text("N=", N, " NH=", NH, " NKV=", NKV, " HS=", HS),
-          {N, NKV, (G + 15) / 16}, {32, 1, 1}, PagedFlashCfg<HS>::kSmem},
-         paged_flash_kernel<HS>, out, qkv, k_cache, v_cache, block_tables, seqs, positions, NH, NKV, block_size,
-         max_blocks, scale_log2);
+  launch({kOpAttnInvariant, shape_text("N=", N, " NH=", NH, " NKV=", NKV, " HS=", HS), {N, NH, 1}, {32, 1, 1},
+          PagedFlashCfg<HS>::kSmem},
+         paged_flash_kernel<HS>, out, qkv, k_cache, v_cache, block_tables, seqs, positions, static_cast<int>(N), NH,
+         NKV, block_size, max_blocks, scale_log2);
 }
 
 template <int W>
