@@ -35,6 +35,8 @@
 #                                 # server logprobs) on tiny, tiny-moe and a tiny model after 10 --batch-invariant steps;
 #                                 # then the cost: lmforge_bench_serve and lmforge_bench (GPT-2 124M step) in both modes;
 #                                 # LMF_BI_QUICK=1: only the GPU tests and the harness (check-invariance, both modes)
+#   tools/gpu_check.sh shapes     # issue 23's shapes (GPT-2 124M, GPT-2 350M, Llama-style 1B; LMF_SHAPES "preset:B:T ...")
+#                                 # lmforge vs PyTorch eager and torch.compile: tok/s, MFU, peak GB, one table
 #   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
@@ -112,6 +114,7 @@ if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -
 fi
 targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
+[ "$what" = shapes ] && targets="lmforge_bench"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
 [ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy test_cuda_flash_attention"
@@ -397,6 +400,42 @@ if [ "${LMF_WITH_MOEROUTE:-0}" = 1 ]; then
     add "MoE routing vs PyTorch (moe-bench, lr $lr warm-up $wu)" "rc=$rc $(grep -E '^step 1:' "$OUT/moeroute_$lr.md" | cut -c1-60)"
     add "  health" "$(grep -E '^(lmforge|PyTorch): ' "$OUT/moeroute_$lr.md" | cut -c1-110 | tr '\n' ' ')"
   done
+fi
+
+if [ "$what" = shapes ]; then
+  # Issue 23's shapes, lmforge (bf16, the step as one CUDA graph) against PyTorch eager and torch.compile (bf16
+  # autocast, flash SDPA, fused AdamW; bench/torch_gpu_gpt2.py --shape) on this GPU in this run: tok/s, MFU, peak GB.
+  # LMF_SHAPES: "preset:B:T ..." (default the issue's table)
+  for st in ${LMF_SHAPES:-gpt2-124m:16:1024 gpt2-350m:8:1024 llama-1b:4:2048}; do
+    IFS=: read -r sp sb stt <<<"$st"
+    timeout 300 ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$sp" --batch-size "$sb" --seq-len "$stt" \
+      --steps 10 --warmup-steps 3 --cuda-graph >"$OUT/shape_lmf_$sp.json" 2>"$OUT/shape_lmf_$sp.err" ||
+      { failures=$((failures + 1)); tail -3 "$OUT/shape_lmf_$sp.err"; }
+    for mode in eager-bf16 compile-bf16; do
+      timeout 400 python3 bench/torch_gpu_gpt2.py --shape "$sp" --mode $mode --batch-size "$sb" --seq-len "$stt" \
+        --steps 10 --warmup-steps 3 >"$OUT/shape_torch_${sp}_$mode.json" 2>"$OUT/shape_torch_${sp}_$mode.err" ||
+        tail -3 "$OUT/shape_torch_${sp}_$mode.err"
+    done
+  done
+  python3 - "$OUT" ${LMF_SHAPES:-gpt2-124m:16:1024 gpt2-350m:8:1024 llama-1b:4:2048} <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def ld(f):
+    try:
+        return json.loads(open(os.path.join(out, f)).read().strip().splitlines()[-1])
+    except Exception as e:
+        return {"error": str(e)}
+print("| shape | B x T | lmforge tok/s | torch.compile tok/s | eager tok/s | lmforge / compile | MFU lmforge / compile "
+      "| peak GB lmforge / compile |")
+print("|---|---|---|---|---|---|---|---|")
+for st in sys.argv[2:]:
+    sp, b, t = st.split(":")
+    l, c, e = ld(f"shape_lmf_{sp}.json"), ld(f"shape_torch_{sp}_compile-bf16.json"), ld(f"shape_torch_{sp}_eager-bf16.json")
+    g = lambda r, k, f="%.0f": (f % r[k]) if k in r else "n/a"
+    ratio = "%.2f" % (l["tok_s"] / c["tok_s"]) if "tok_s" in l and "tok_s" in c else "n/a"
+    print(f"| {sp} | {b} x {t} | {g(l, 'tok_s')} | {g(c, 'tok_s')} | {g(e, 'tok_s')} | {ratio} | "
+          f"{g(l, 'mfu', '%.3f')} / {g(c, 'mfu', '%.3f')} | {g(l, 'peak_mem_gb', '%.1f')} / {g(c, 'peak_mem_gb', '%.1f')} |")
+PY
 fi
 
 if [ "$what" = servebench ]; then

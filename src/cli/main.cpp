@@ -136,9 +136,9 @@ std::string did_you_mean(CLI::App& app, const std::vector<std::string>& args) {
 
 void add_train_flags(CLI::App* c, TrainOptions& o) {
   auto* cfg = c->add_option("--config", o.config_path, "model config JSON (docs/MODEL.md)");
-  auto* preset = c->add_option("--preset", o.preset,
-                "model preset: tiny, tiny-moe, test-gpt2, test-llama, test-moe, gpt2-124m, llama-style, moe-bench, "
-                "moe-bench-dense")
+  std::string presets;
+  for (const std::string& p : config_preset_names()) presets += (presets.empty() ? "" : ", ") + p;
+  auto* preset = c->add_option("--preset", o.preset, "model preset: " + presets + " (README.md, Config format; docs/TIMESERIES.md)")
       ->capture_default_str()->excludes(cfg);
   c->add_option("--data", o.data, "training shards (llm.c .bin; wildcards ok); default: the bundled corpus");
   c->add_option("--val-data", o.val_data, "validation shards");

@@ -250,6 +250,9 @@ ModelConfig config_preset(const std::string& name) {
   } else if (name == "gpt2-124m") {
     c.vocab_size = 50257; c.pad_vocab_multiple = 128; c.context_length = 1024;
     c.n_layer = 12; c.n_head = 12; c.n_kv_head = 12; c.d_model = 768; c.d_ff = 3072;
+  } else if (name == "gpt2-350m") {  // GPT-2 medium's shape (issue 23's benchmark)
+    c.vocab_size = 50257; c.pad_vocab_multiple = 128; c.context_length = 1024;
+    c.n_layer = 24; c.n_head = 16; c.n_kv_head = 16; c.d_model = 1024; c.d_ff = 4096;
   } else if (name == "llama-style") {  // Llama architecture at GPT-2-small scale, GQA 12/4
     c.vocab_size = 32000; c.pad_vocab_multiple = 128; c.context_length = 2048;
     c.n_layer = 12; c.n_head = 12; c.n_kv_head = 4; c.d_model = 768; c.d_ff = 2048;
@@ -286,7 +289,7 @@ ModelConfig config_preset(const std::string& name) {
 }
 
 std::vector<std::string> config_preset_names() {
-  return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "llama-style", "llama-1b", "moe-bench",
+  return {"tiny", "tiny-moe", "test-gpt2", "test-llama", "test-moe", "gpt2-124m", "gpt2-350m", "llama-style", "llama-1b", "moe-bench",
           "moe-bench-dense", "tiny-ts", "timemoe-field"};
 }
 
