@@ -40,7 +40,8 @@
 #   tools/gpu_check.sh ts         # the time-series model (docs/TIMESERIES.md): test_cuda_timeseries, tiny-ts trained on
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
-# LMF_WITH_MOEROUTE=1 adds the MoE routing comparison against PyTorch (tools/moe_routing_compare.py, moe-bench).
+# LMF_WITH_MOEROUTE=1 adds the MoE routing comparison against PyTorch (tools/moe_routing_compare.py, moe-bench);
+# LMF_WITH_SHAPES=1 the shapes mode's table.
 # LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both); LMF_WITH_TS=1
 # adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark). LMF_WITH_DIST=1 (or mode dist) runs the NCCL path at world
 # size 1: `lmforge launch -n 1 -- train --device cuda` (graphs on) against the plain run, bitwise (docs/DISTRIBUTED.md).
@@ -125,6 +126,7 @@ targets=""
 [ -n "$targets" ] && [ "${LMF_WITH_TS:-0}" = 1 ] && targets="$targets lmforge test_cuda_timeseries"
 [ -n "$targets" ] && [ "${LMF_WITH_DIST:-0}" = 1 ] && targets="$targets lmforge test_cuda_dist"
 [ -n "$targets" ] && [ "${LMF_WITH_MOEROUTE:-0}" = 1 ] && targets="$targets lmforge"
+[ -n "$targets" ] && [ "${LMF_WITH_SHAPES:-0}" = 1 ] && targets="$targets lmforge_bench"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
@@ -402,7 +404,7 @@ if [ "${LMF_WITH_MOEROUTE:-0}" = 1 ]; then
   done
 fi
 
-if [ "$what" = shapes ]; then
+if [ "$what" = shapes ] || [ "${LMF_WITH_SHAPES:-0}" = 1 ]; then
   # Issue 23's shapes, lmforge (bf16, the step as one CUDA graph) against PyTorch eager and torch.compile (bf16
   # autocast, flash SDPA, fused AdamW; bench/torch_gpu_gpt2.py --shape) on this GPU in this run: tok/s, MFU, peak GB.
   # LMF_SHAPES: "preset:B:T ..." (default the issue's table)
