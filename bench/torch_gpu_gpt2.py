@@ -47,13 +47,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, V=50304, T=1024, L=12, d=768, nh=12, ff=None):
+    def __init__(self, V=50304, T=1024, L=12, d=768, nh=12):
         super().__init__()
         self.wte = nn.Embedding(V, d)
         self.wpe = nn.Embedding(T, d)
         self.blocks = nn.ModuleList(Block(d, nh) for _ in range(L))
-        if ff is not None and ff != 4 * d:
-            raise ValueError("GPT-2 blocks have an MLP of 4 d")
         self.lnf = nn.LayerNorm(d)
         for n, p in self.named_parameters():
             if p.dim() == 2:
