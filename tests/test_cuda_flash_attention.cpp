@@ -9,7 +9,8 @@
 // every element must be written). out, lse and the delta scratch are poisoned first; each run is
 // repeated and must give identical bits. Runs: lmforge (Accumulate and Overwrite), cudnn, and cuDNN's
 // backward after lmforge's forward (the lse contract is shared). Shapes: T = 1, tails of every tile
-// size (7, 65, 100, 200, 257), MHA and GQA, HS 32/64/128, the GPT-2 shape at B = 1. Both kernel sets:
+// size (7, 65, 100, 200, 257), MHA and GQA, HS 32/64/128, the GPT-2 shape at B = 1; HS 80, 96, 112,
+// 128, 256 at GQA group sizes 1, 2, 4, 8. Both kernel sets:
 // batch invariance, a graph-captured run matching a direct one bitwise. Bad input: unsupported head
 // size, bf16 tensors on the CPU, wrong dtypes, cudnn with Accumulate. Throughput at the GPT-2 training
 // shape is printed (not checked).
@@ -98,8 +99,11 @@ bool cudnn_required() {
 // The runs to check at a shape: lmforge's kernels in both modes, and with cuDNN available and running
 // the shape, its kernels and its backward after lmforge's forward (with LMF_REQUIRE_CUDNN=1 a missing
 // cuDNN is a failure; a shape cuDNN refuses is printed, and is a failure where cudnn_must_run).
+// Head sizes lmforge's kernels do not run (e.g. 256) are cuDNN's alone.
 std::vector<FlashRun> runs_to_check(const Dims& d, bool cudnn_must_run) {
-  std::vector<FlashRun> r = {kLmforge, {FlashKernels::lmforge, FlashKernels::lmforge, GradMode::Overwrite}};
+  const bool ours = flash_head_size_supported(FlashKernels::lmforge, d.HS);
+  std::vector<FlashRun> r;
+  if (ours) r = {kLmforge, {FlashKernels::lmforge, FlashKernels::lmforge, GradMode::Overwrite}};
   if (!cudnn_attention_available()) {
     EXPECT_FALSE(cudnn_required()) << "LMF_REQUIRE_CUDNN=1 but cudnn_attention_available() is false";
     return r;
@@ -111,7 +115,7 @@ std::vector<FlashRun> runs_to_check(const Dims& d, bool cudnn_must_run) {
     return r;
   }
   r.push_back(kCudnn);
-  r.push_back({FlashKernels::lmforge, FlashKernels::cudnn, GradMode::Overwrite});
+  if (ours) r.push_back({FlashKernels::lmforge, FlashKernels::cudnn, GradMode::Overwrite});
   return r;
 }
 
@@ -266,6 +270,24 @@ TEST(CudaFlashAttention, Hs64TailsMatchCpu) {
   LMF_REQUIRE_GPU();
   const Dims cases[] = {{1, 63, 2, 2, 64}, {2, 130, 4, 2, 64}, {3, 65, 3, 1, 64}, {2, 320, 4, 4, 64}};
   for (const Dims& d : cases) check_case(d);
+}
+
+// The head sizes of real models (80, 96, 112, 128, 256) at every GQA group size 1, 2, 4, 8, at tile
+// tails (T = 1, 33, 100, 129, 190 across the cases), both kernel sets where they run the size (256:
+// cuDNN only; every case must run somewhere, and with LMF_REQUIRE_CUDNN=1 cuDNN must run each T > 1).
+TEST(CudaFlashAttention, HeadSizesAndGroupsMatchCpu) {
+  LMF_REQUIRE_GPU();
+  const int64_t sizes[] = {80, 96, 112, 128, 256}, groups[] = {1, 2, 4, 8}, lengths[] = {33, 100, 129, 190};
+  int i = 0;
+  for (const int64_t hs : sizes)
+    for (const int64_t g : groups) {
+      const int64_t nkv = g == 8 ? 1 : 2, T = lengths[i++ % 4];
+      const Dims d{g == 1 ? 2 : 1, T, g * nkv, nkv, hs};
+      ASSERT_TRUE(flash_head_size_supported(FlashKernels::lmforge, hs) || cudnn_attention_available())
+          << "HS=" << hs << " runs on neither kernel set here";
+      check_case(d);
+    }
+  for (const int64_t hs : {80, 112}) check_case({1, 1, 2, 1, hs}, false);  // one row; cuDNN 9 refuses T = 1
 }
 
 // A sequence's outputs and gradient are bitwise the same alone (B = 1) and inside a batch of 3.
@@ -451,6 +473,15 @@ struct SmallCall {
         out(static_cast<size_t>(B * T * NH * HS) * 2), dout(static_cast<size_t>(B * T * NH * HS) * 2),
         lse(static_cast<size_t>(B * NH * T) * 4), delta(static_cast<size_t>(B * NH * T) * 4) {}
 };
+
+// No GPU needed: the one rule for head sizes.
+TEST(CudaFlashAttention, HeadSizeRule) {
+  for (const int64_t hs : {32, 64, 80, 96, 112, 128})
+    EXPECT_TRUE(flash_head_size_supported(FlashKernels::lmforge, hs)) << hs;
+  for (const int64_t hs : {0, 8, 16, 48, 72, 136, 256}) EXPECT_FALSE(flash_head_size_supported(FlashKernels::lmforge, hs)) << hs;
+  for (const int64_t hs : {8, 40, 72, 200, 256}) EXPECT_TRUE(flash_head_size_supported(FlashKernels::cudnn, hs)) << hs;
+  for (const int64_t hs : {0, 4, 12, 100, 264}) EXPECT_FALSE(flash_head_size_supported(FlashKernels::cudnn, hs)) << hs;
+}
 
 TEST(CudaFlashAttention, UnsupportedHeadSizeIsAnError) {
   LMF_REQUIRE_GPU();

@@ -68,18 +68,22 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.bf16() && p.serve && HS != 16 && HS != 32 && HS != 64 && HS != 128 && HS != 256)
     fail("serving on the GPU runs paged attention, which supports head sizes 16, 32, 64, 128 and 256; this "
          "model's head size is d_model/n_head = ", HS);
-  if (p.bf16() && !p.serve && HS != 32 && HS != 64 && HS != 128)
-    fail("--precision=bf16 runs attention as flash attention, which supports head sizes 32, 64 and 128; this "
-         "model's head size is d_model/n_head = ", HS);
+  if (p.bf16() && !p.serve && !flash_head_size_supported(p.attention, HS))
+    fail("model config: head size d_model/n_head = ", HS, " is not run by the ", flash_kernels_name(p.attention),
+         " flash attention kernels (", flash_head_sizes_text(p.attention), ")",
+         p.attention == FlashKernels::lmforge && !p.batch_invariant
+             ? (cudnn_attention_available() ? "" : "; cuDNN's (--attention cudnn) run multiples of 8 up to 256, but "
+                                                   "cuDNN is not available here")
+             : "");
   if (p.batch_invariant && gpu && !p.bf16())
     fail("--batch-invariant on the GPU runs the bf16 kernels serving runs (--precision bf16, not ",
          precision_name(p.precision), ")");
   if (p.batch_invariant && p.bf16() && !p.serve && p.attention != FlashKernels::lmforge)
     fail("--attention=", flash_kernels_name(p.attention), ": --batch-invariant runs attention with lmforge's flash "
          "kernels (their forward is the step serving runs); use --attention lmforge or auto");
-  if (p.batch_invariant && p.bf16() && p.serve && HS != 32 && HS != 64 && HS != 128)
-    fail("--batch-invariant serving runs the flash forward's step, which supports head sizes 32, 64 and 128; this "
-         "model's head size is d_model/n_head = ", HS);
+  if (p.batch_invariant && p.bf16() && p.serve && !flash_head_size_supported(FlashKernels::lmforge, HS))
+    fail("model config: head size d_model/n_head = ", HS, ": --batch-invariant serving runs the lmforge flash "
+         "forward's step, which runs head sizes ", flash_head_sizes_text(FlashKernels::lmforge));
   if (p.attention == FlashKernels::cudnn && !(p.bf16() && gpu))
     fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())

@@ -151,10 +151,9 @@ int64_t head_size(const char* op, const Tensor& qkv, int n_head, int n_kv_head) 
   return C3 / heads;
 }
 
-// The flash kernels' head sizes (template instances in flash_attention.cu).
-void check_flash_head_size(const char* op, int64_t HS) {
-  LMF_CHECK(HS == 32 || HS == 64 || HS == 128, op, ": head size HS=", HS,
-            " is not supported by the flash attention kernels (32, 64 or 128)");
+void check_flash_head_size(const char* op, int64_t HS, FlashKernels k) {
+  LMF_CHECK(flash_head_size_supported(k, HS), op, ": head size HS=", HS, " is not supported by the ",
+            flash_kernels_name(k), " flash attention kernels (", flash_head_sizes_text(k), ")");
 }
 
 // cp.async and the 16-byte stores of the flash kernels need 16-byte aligned bf16 tensors (arena
@@ -216,6 +215,15 @@ void check_kernels_available(FlashKernels k, const char* op) {
 }
 }  // namespace
 
+bool flash_head_size_supported(FlashKernels k, int64_t HS) {
+  if (k == FlashKernels::cudnn) return HS >= 8 && HS <= 256 && HS % 8 == 0;
+  return HS == 32 || HS == 64 || HS == 80 || HS == 96 || HS == 112 || HS == 128;
+}
+
+const char* flash_head_sizes_text(FlashKernels k) {
+  return k == FlashKernels::cudnn ? "multiples of 8 up to 256" : "32, 64, 80, 96, 112 or 128";
+}
+
 const char* flash_kernels_name(FlashKernels k) {
   switch (k) {
     case FlashKernels::cudnn: return "cudnn";
@@ -234,6 +242,7 @@ FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, 
   if (flag == "lmforge" || batch_invariant) return FlashKernels::lmforge;
   if (flag == "cudnn") return FlashKernels::cudnn;
   const bool cudnn = bf16_on_gpu && cudnn_attention_available() &&
+                     flash_head_size_supported(FlashKernels::cudnn, shape.HS) &&
                      cudnn_attention_problem(shape.B, shape.T, shape.n_head, shape.n_kv_head, shape.HS).empty();
   return cudnn ? FlashKernels::cudnn : FlashKernels::lmforge;
 }
@@ -241,7 +250,7 @@ FlashKernels flash_kernels_from_flag(const std::string& flag, bool bf16_on_gpu, 
 std::string cudnn_attention_problem(int64_t B, int64_t T, int n_head, int n_kv_head, int64_t HS) {
   const char* op = "cudnn_attention_problem";
   check_kernels_available(FlashKernels::cudnn, op);
-  check_flash_head_size(op, HS);
+  check_flash_head_size(op, HS, FlashKernels::cudnn);
   std::string why;
   LMF_CUDA_DISPATCH(op, why = cuda::cudnn_flash_attention_problem(B, T, n_head, n_kv_head, HS, attention_scale(HS)));
   return why;
@@ -251,7 +260,7 @@ size_t flash_attention_cuda_workspace(FlashKernels k, int64_t B, int64_t T, int 
   const char* op = "flash_attention_cuda_workspace";
   if (k == FlashKernels::lmforge) return 0;
   check_kernels_available(k, op);
-  check_flash_head_size(op, HS);
+  check_flash_head_size(op, HS, k);
   LMF_CHECK(B >= 1 && T >= 1 && n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0, op, ": bad sizes B=", B,
             " T=", T, " n_head=", n_head, " n_kv_head=", n_kv_head);
   size_t bytes = 0;
@@ -266,7 +275,7 @@ void flash_attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head, int
   check_dtype(lse, DType::f32, kOpFlashForward);
   check_same_device(kOpFlashForward, {&out, &lse, &qkv});
   const int64_t HS = head_size(kOpFlashForward, qkv, n_head, n_kv_head);
-  check_flash_head_size(kOpFlashForward, HS);
+  check_flash_head_size(kOpFlashForward, HS, kernels);
   const int64_t B = qkv.shape[0], T = qkv.shape[1];
   check_shape(out, {B, T, n_head * HS}, kOpFlashForward);
   check_shape(lse, {B, n_head, T}, kOpFlashForward);
@@ -290,7 +299,7 @@ void flash_attention_backward(Tensor dqkv, Tensor delta, Tensor dout, Tensor qkv
   check_dtype(lse, DType::f32, kOpFlashBackward);
   check_same_device(kOpFlashBackward, {&dqkv, &delta, &dout, &qkv, &out, &lse});
   const int64_t HS = head_size(kOpFlashBackward, qkv, n_head, n_kv_head);
-  check_flash_head_size(kOpFlashBackward, HS);
+  check_flash_head_size(kOpFlashBackward, HS, kernels);
   const int64_t B = qkv.shape[0], T = qkv.shape[1];
   check_shape(dqkv, {B, T, qkv.shape[2]}, kOpFlashBackward);
   check_shape(delta, {B, n_head, T}, kOpFlashBackward);

@@ -31,8 +31,8 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
 }  // namespace cuda
 
 // Fused causal flash attention in bf16 (docs/MIXED_PRECISION.md; GPU only): no (T, T) probabilities in
-// memory, the backward recomputes them from lse. Same qkv layout, GQA rule and scale as above; HS must
-// be 32, 64 or 128; any T >= 1. Deterministic (no atomics). Two kernel sets behind one contract:
+// memory, the backward recomputes them from lse. Same qkv layout, GQA rule and scale as above; any
+// T >= 1; head sizes per kernel set (flash_head_size_supported). Deterministic (no atomics). Two kernel sets behind one contract:
 //   FlashKernels::lmforge  lmforge's own kernels (flash_attention.cu, sm_90a): batch-invariant by
 //                          construction (every sum's order depends only on T, HS and NH / NKV);
 //   FlashKernels::cudnn    cuDNN's fused SDPA through the cuDNN frontend graph API
@@ -45,6 +45,12 @@ void attention_backward(float* dqkv, float* dprobs, const float* dout, const flo
 enum class FlashKernels { lmforge, cudnn };
 const char* flash_kernels_name(FlashKernels k);
 bool cudnn_attention_available();  // built with cuDNN, a GPU present, cuDNN >= 9 loaded
+// The head sizes each kernel set runs, the one rule every check asks: lmforge 32, 64, 80, 96, 112, 128
+// (template instances in flash_attention.cu); cudnn any multiple of 8 up to 256 (cuDNN's SDPA limits
+// on Hopper; cudnn_attention_problem has the last word for a whole shape). flash_head_sizes_text names
+// them for errors.
+bool flash_head_size_supported(FlashKernels k, int64_t HS);
+const char* flash_head_sizes_text(FlashKernels k);
 // The loaded cuDNN library's version, e.g. "9.19.0" (the one that runs, which may differ from the
 // headers lmforge was built with), or "none" in a build without cuDNN.
 std::string cudnn_version_text();

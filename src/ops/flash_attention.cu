@@ -269,13 +269,15 @@ __global__ void __launch_bounds__(BwdCfg<HS>::kThreads)
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t lrow = static_cast<int64_t>(bh) * T;
   {  // delta of the tile's rows (0 past T), while the tiles load; dO read from global as well (L2)
-    constexpr int kLanes = HS / 8, kChunks = kBq * kLanes;
-    static_assert(kLanes <= 32 && (kLanes & (kLanes - 1)) == 0 && kChunks % kThreads == 0, "row lanes in a warp");
+    // kLanes: HS / 8 rounded up to a power of 2 (the butterfly's width); lanes past HS add 0.
+    constexpr int kLanes = HS <= 64 ? HS / 8 : 16, kChunks = kBq * kLanes;
+    static_assert(kLanes * 8 >= HS && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0 && kChunks % kThreads == 0,
+                  "row lanes in a warp");
 #pragma unroll
     for (int i = 0; i < kChunks / kThreads; ++i) {
       const int c = tid + i * kThreads, r = c / kLanes, col = (c % kLanes) * 8;
       float acc = 0.0f;
-      if (q0 + r < T) {
+      if (q0 + r < T && col < HS) {
         const uint4 a = *reinterpret_cast<const uint4*>(dout + orow0 + r * CO + col);
         const uint4 y = *reinterpret_cast<const uint4*>(out + orow0 + r * CO + col);
         const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wy[4] = {y.x, y.y, y.z, y.w};
@@ -552,7 +554,8 @@ void check_dims(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, i
 }
 
 [[noreturn]] void unsupported_head_size(const char* op, int64_t HS) {
-  fail(op, ": head size HS=", HS, " is not supported by the flash attention kernels (32, 64 or 128)");
+  fail(op, ": head size HS=", HS, " is not supported by the lmforge flash attention kernels (",
+       flash_head_sizes_text(FlashKernels::lmforge), ")");
 }
 
 template <int HS>
@@ -586,10 +589,11 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, 
                              int64_t HS, float scale) {
   const char* op = "flash_attention_forward";
   check_dims(op, B, T, NH, NKV, HS);
-  switch (HS) {
-    case 32: return forward_hs<32>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
-    case 64: return forward_hs<64>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
-    case 128: return forward_hs<128>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
+  switch (HS) {  // the instances flash_head_size_supported(FlashKernels::lmforge, HS) lists
+#define LMF_FLASH_FWD(hs) \
+  case hs: return forward_hs<hs>(as_nv(out), lse, as_nv(qkv), B, T, NH, NKV, scale);
+    LMF_FLASH_FWD(32) LMF_FLASH_FWD(64) LMF_FLASH_FWD(80) LMF_FLASH_FWD(96) LMF_FLASH_FWD(112) LMF_FLASH_FWD(128)
+#undef LMF_FLASH_FWD
     default: unsupported_head_size(op, HS);
   }
 }
@@ -600,15 +604,12 @@ void flash_attention_backward(bf16* dqkv, float* delta, const bf16* dout, const 
   const char* op = "flash_attention_backward";
   check_dims(op, B, T, NH, NKV, HS);
   switch (HS) {
-    case 32:
-      return backward_hs<32>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
-                              accumulate);
-    case 64:
-      return backward_hs<64>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
-                              accumulate);
-    case 128:
-      return backward_hs<128>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale,
-                              accumulate);
+#define LMF_FLASH_BWD(hs)                                                                                         \
+  case hs:                                                                                                        \
+    return backward_hs<hs>(as_nv(dqkv), delta, as_nv(dout), as_nv(qkv), as_nv(out), lse, B, T, NH, NKV, scale, \
+                           accumulate);
+    LMF_FLASH_BWD(32) LMF_FLASH_BWD(64) LMF_FLASH_BWD(80) LMF_FLASH_BWD(96) LMF_FLASH_BWD(112) LMF_FLASH_BWD(128)
+#undef LMF_FLASH_BWD
     default: unsupported_head_size(op, HS);
   }
 }

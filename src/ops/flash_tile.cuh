@@ -145,14 +145,16 @@ __device__ __forceinline__ void mma_strip_regs_b(float (&acc)[kN / 8][4], const 
 
 // Rows [0, R) x columns [0, HS) of a bf16 tile at g (row stride ld elements) into shared s (row
 // stride HS + kPad), asynchronously; rows >= valid_rows are zero-filled (g itself must be a valid
-// address: callers pass a tile's first row, which is < T). Called by all kThreads threads.
+// address: callers pass a tile's first row, which is < T). Called by all kThreads threads; the tile's
+// 16-byte chunks go round the threads (a last partial round where they do not divide, e.g. HS 80).
 template <int R, int HS, int kThreads>
 __device__ __forceinline__ void load_tile_async(nv_bf16* s, const nv_bf16* g, int64_t ld, int valid_rows) {
   constexpr int kChunksPerRow = HS / 8, kChunks = R * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile chunks must divide among the threads");
+  static_assert(HS % 16 == 0, "head sizes are multiples of 16 (whole mma k-slices)");
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
+  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int c = static_cast<int>(threadIdx.x) + i * kThreads;
+    if (kChunks % kThreads != 0 && c >= kChunks) break;
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const bool ok = r < valid_rows;
     cp_async_16(s + r * (HS + kPad) + col, ok ? g + r * ld + col : g, ok);
