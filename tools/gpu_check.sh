@@ -41,7 +41,7 @@
 #                                 # the GPU (fp32, bf16), forecast on the GPU vs the CPU, and the speed benchmark
 #                                 # (bench/timeseries_gpu.py: timemoe-field, lmforge bf16/fp32 vs PyTorch eager/compile)
 # LMF_WITH_MOEROUTE=1 adds the MoE routing comparison against PyTorch (tools/moe_routing_compare.py, moe-bench);
-# LMF_WITH_SHAPES=1 the shapes mode's table.
+# LMF_WITH_SHAPES=1 the shapes mode's table; LMF_WITH_HEADS=1 its head-size training runs (HS 80, 96, 112, 256).
 # LMF_WITH_PYTHON=1 adds the python mode's build and tests to any other mode (one build for both); LMF_WITH_TS=1
 # adds the ts mode's (LMF_TS_BENCH=0 skips its benchmark). LMF_WITH_DIST=1 (or mode dist) runs the NCCL path at world
 # size 1: `lmforge launch -n 1 -- train --device cuda` (graphs on) against the plain run, bitwise (docs/DISTRIBUTED.md).
@@ -115,7 +115,7 @@ if ! cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMF_CUDA=ON -
 fi
 targets=""
 [ "$what" = servebench ] && targets="lmforge_bench_serve"
-[ "$what" = shapes ] && targets="lmforge_bench"
+[ "$what" = shapes ] && targets="lmforge_bench lmforge"
 [ "$what" = serve ] && targets="lmforge test_cuda_paged_attention test_cuda_sampling test_cuda_serve test_cuda_rope test_cuda_embedding test_cuda_gemm test_cuda_cross_entropy"
 [ "$what" = python ] && targets="lmforge"
 [ "$what" = bi ] && targets="lmforge lmforge_bench lmforge_bench_serve test_cuda_gemm test_cuda_paged_attention test_cuda_cross_entropy test_cuda_flash_attention"
@@ -127,6 +127,7 @@ targets=""
 [ -n "$targets" ] && [ "${LMF_WITH_DIST:-0}" = 1 ] && targets="$targets lmforge test_cuda_dist"
 [ -n "$targets" ] && [ "${LMF_WITH_MOEROUTE:-0}" = 1 ] && targets="$targets lmforge"
 [ -n "$targets" ] && [ "${LMF_WITH_SHAPES:-0}" = 1 ] && targets="$targets lmforge_bench"
+[ -n "$targets" ] && [ "${LMF_WITH_HEADS:-0}" = 1 ] && targets="$targets lmforge"
 [ -n "$targets" ] && [ -n "${LMF_EXTRA_TARGETS:-}" ] && targets="$targets $LMF_EXTRA_TARGETS"
 [ -n "$targets" ] && [ "${LMF_WITH_PYTHON:-0}" = 1 ] && targets="$targets lmforge _core _core_stub"
 if ! ninja -C build-gpu $targets >"$OUT/build.log" 2>&1; then
@@ -334,6 +335,30 @@ print('losses bitwise equal' if all(x==l[0] for x in l) and len(l[0])==60 else f
     "$OUT/dist_plain/metrics.jsonl" "$OUT/dist_launched/metrics.jsonl" "$OUT/dist_buckets/metrics.jsonl" \
     "$OUT/dist_nobuckets/metrics.jsonl" 2>&1)"
   grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
+fi
+
+if [ "$what" = shapes ] || [ "${LMF_WITH_HEADS:-0}" = 1 ]; then
+  # Head sizes beyond GPT-2's (issue 23): Llama-style models (RMSNorm, SwiGLU, RoPE, GQA) at head size 80, 96, 112
+  # (lmforge's kernels and cuDNN's) and 256 (cuDNN's), 30 steps with graphs on, again, and with graphs off: the
+  # losses of the three runs must be bitwise equal, and the first loss near ln(vocab).
+  for hk in 80:lmforge 96:lmforge 112:lmforge 80:cudnn 256:cudnn; do
+    IFS=: read -r hs kern <<<"$hk"
+    nh=4; cfg="$OUT/hs$hs.json"
+    printf '{"vocab_size": 512, "context_length": 256, "n_layer": 2, "n_head": %d, "n_kv_head": 2, "d_model": %d, "norm": "rmsnorm", "activation": "swiglu", "positions": "rope", "tied_embeddings": false, "bias": false}\n' \
+      $nh $((nh * hs)) >"$cfg"
+    for run in a b nograph; do
+      g=on; [ $run = nograph ] && g=off
+      ./build-gpu/lmforge train --device cuda --config "$cfg" --attention $kern -B 4 -T 200 --steps 30 --log-every 1 \
+        --cuda-graph $g --out-dir "$OUT/hs_${hk/:/_}_$run" >"$OUT/hs_${hk/:/_}_$run.log" 2>&1 ||
+        { echo "hs $hk $run rc=$?"; tail -3 "$OUT/hs_${hk/:/_}_$run.log"; }
+    done
+    add "train HS=$hs --attention $kern (a, b, no graph)" "$(python3 -c "import json,sys; \
+l=[[json.loads(x).get('loss') for x in open(p)] for p in sys.argv[1:]]; l=[[v for v in a if v is not None] for a in l]; \
+print(('losses bitwise equal' if all(x==l[0] for x in l) and len(l[0])==30 else f'DIFFER ({[len(x) for x in l]} steps)') \
++ f', loss {l[0][0]:.4f} -> {l[0][-1]:.4f}')" "$OUT/hs_${hk/:/_}_a/metrics.jsonl" "$OUT/hs_${hk/:/_}_b/metrics.jsonl" \
+      "$OUT/hs_${hk/:/_}_nograph/metrics.jsonl" 2>&1 | tail -1)"
+    grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
+  done
 fi
 
 if [ "$what" = bi ]; then
