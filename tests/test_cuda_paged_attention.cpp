@@ -7,7 +7,7 @@
 // over shuffled block ids. Contexts of 1, 2, 17, 300 and 1000 positions and a prompt chunk that crosses
 // the split-KV chunk boundary (256), so both the one-chunk path and the combine are taken. Block sizes
 // 16 and awkward ones (5, 7); MHA, GQA (groups of 2, 3, 4, 12: more than the kernel's 8-head tile) and
-// every head size the GPU supports (16 to 256).
+// every head size the GPU supports (16, 32, 64, 80, 96, 112, 128, 256).
 //
 // Compared (docs/MIXED_PRECISION.md): the CPU runs in fp32 on the bf16-rounded inputs, the GPU in bf16
 // storage with fp32 math.
@@ -211,7 +211,8 @@ const std::vector<SeqSpec>& mixed_specs() {
 TEST(CudaPagedAttention, MatchesCpuDeterministicAndBatchInvariant) {
   LMF_REQUIRE_GPU();
   const Case cases[] = {{8, 2, 128, 16},  {8, 2, 64, 5},   {4, 4, 64, 16},  {12, 12, 64, 16}, {16, 4, 128, 16},
-                        {6, 2, 32, 7},    {12, 1, 16, 16}, {2, 1, 256, 16}, {3, 3, 128, 5}};
+                        {6, 2, 32, 7},    {12, 1, 16, 16}, {2, 1, 256, 16}, {3, 3, 128, 5},  {8, 2, 80, 16},
+                        {4, 1, 96, 5},    {6, 3, 112, 16}, {2, 2, 80, 7}};
   double worst_l2 = 0;
   for (const Case& c : cases) {
     const uint64_t seed = test::fresh_seed();
@@ -273,7 +274,7 @@ TEST(CudaPagedAttention, MatchesCpuDeterministicAndBatchInvariant) {
 // training flash forward's own step per row (paged_attention_forward_invariant), so every row it computes
 // from a paged cache (block size 16, blocks in reverse order) is bitwise lmforge's flash_attention_forward
 // row for that position: all rows at once (prefill), each row alone (decode), and the rows in reverse
-// order beside padding rows. Head sizes 32, 64, 128; GQA groups 1, 2, 3, 4 and 20 (two 16-head strips);
+// order beside padding rows. Head sizes 32, 64, 80, 96, 112, 128; GQA groups 1, 2, 3, 4, 8 and 20 (two 16-head strips);
 // lengths 1, 37, 64, 65 and 300 (key-tile edges).
 TEST(CudaPagedAttention, BatchInvariantRowsAreBitwiseTheFlashForwards) {
   LMF_REQUIRE_GPU();
@@ -282,7 +283,8 @@ TEST(CudaPagedAttention, BatchInvariantRowsAreBitwiseTheFlashForwards) {
     int64_t HS, B, T;
   };
   const FlashCase cases[] = {{12, 12, 64, 3, 300}, {8, 2, 128, 2, 37}, {4, 1, 32, 4, 1}, {6, 2, 64, 2, 65},
-                             {20, 1, 32, 1, 64}, {8, 4, 128, 1, 130}};
+                             {20, 1, 32, 1, 64},  {8, 4, 128, 1, 130}, {4, 2, 80, 2, 70}, {6, 6, 96, 1, 129},
+                             {8, 1, 112, 2, 33}};
   for (const FlashCase& c : cases) {
     const uint64_t seed = test::fresh_seed();
     const std::string what = "NH=" + std::to_string(c.NH) + " NKV=" + std::to_string(c.NKV) + " HS=" +

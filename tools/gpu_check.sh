@@ -358,6 +358,21 @@ print(('losses bitwise equal' if all(x==l[0] for x in l) and len(l[0])==30 else 
 + f', loss {l[0][0]:.4f} -> {l[0][-1]:.4f}')" "$OUT/hs_${hk/:/_}_a/metrics.jsonl" "$OUT/hs_${hk/:/_}_b/metrics.jsonl" \
       "$OUT/hs_${hk/:/_}_nograph/metrics.jsonl" 2>&1 | tail -1)"
     grep -q "losses bitwise equal" <<<"${summary[-1]}" || failures=$((failures + 1))
+    # serving's paged attention at this head size: greedy generation on the GPU (default and batch-invariant,
+    # which runs the flash forward's step: lmforge's sizes only) against the CPU's, same bytes of 48
+    [ $kern = lmforge ] || [ $hs = 256 ] || continue
+    gens=""
+    for gm in cpu cuda cuda-bi; do
+      gd=${gm%-bi}; gf=""; [ $gm = cuda-bi ] && gf="--batch-invariant"
+      [ $gm = cuda-bi ] && [ $hs = 256 ] && continue
+      ./build-gpu/lmforge generate --device $gd $gf --checkpoint "$OUT/hs_${hk/:/_}_a" --prompt "And God said" \
+        --max-new-tokens 48 --temperature 0 >"$OUT/hs_gen_${hs}_$gm.txt" 2>"$OUT/hs_gen_${hs}_$gm.log" ||
+        { failures=$((failures + 1)); tail -2 "$OUT/hs_gen_${hs}_$gm.log"; }
+      [ $gm = cpu ] || gens="$gens $gm: $(python3 -c "import sys; a, b = (open(sys.argv[i], 'rb').read() for i in (1, 2)); \
+print(next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b))), 'of', len(b))" \
+        "$OUT/hs_gen_${hs}_$gm.txt" "$OUT/hs_gen_${hs}_cpu.txt" 2>&1)"
+    done
+    add "generate HS=$hs GPU vs CPU (same bytes)" "$gens"
   done
 fi
 

@@ -2,6 +2,7 @@
 
 #include "core/check.h"
 #include "core/device.h"
+#include "ops/paged_attention.h"
 
 namespace lmf {
 
@@ -65,9 +66,10 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.precision != Precision::fp32 && !gpu)
     fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
   const int64_t HS = c.head_size();
-  if (p.bf16() && p.serve && HS != 16 && HS != 32 && HS != 64 && HS != 128 && HS != 256)
-    fail("serving on the GPU runs paged attention, which supports head sizes 16, 32, 64, 128 and 256; this "
-         "model's head size is d_model/n_head = ", HS);
+  if (p.bf16() && p.serve && !paged_head_size_supported(HS, p.batch_invariant))
+    fail("model config: head size d_model/n_head = ", HS, " is not run by serving's GPU paged attention",
+         p.batch_invariant ? " under --batch-invariant (the lmforge flash forward's step: " : " (",
+         paged_head_sizes_text(p.batch_invariant), ")");
   if (p.bf16() && !p.serve && !flash_head_size_supported(p.attention, HS))
     fail("model config: head size d_model/n_head = ", HS, " is not run by the ", flash_kernels_name(p.attention),
          " flash attention kernels (", flash_head_sizes_text(p.attention), ")",
@@ -81,9 +83,6 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.batch_invariant && p.bf16() && !p.serve && p.attention != FlashKernels::lmforge)
     fail("--attention=", flash_kernels_name(p.attention), ": --batch-invariant runs attention with lmforge's flash "
          "kernels (their forward is the step serving runs); use --attention lmforge or auto");
-  if (p.batch_invariant && p.bf16() && p.serve && !flash_head_size_supported(FlashKernels::lmforge, HS))
-    fail("model config: head size d_model/n_head = ", HS, ": --batch-invariant serving runs the lmforge flash "
-         "forward's step, which runs head sizes ", flash_head_sizes_text(FlashKernels::lmforge));
   if (p.attention == FlashKernels::cudnn && !(p.bf16() && gpu))
     fail("--attention=cudnn runs bf16 flash attention on the GPU; it needs --precision bf16 on --device cuda");
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())

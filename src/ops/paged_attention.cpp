@@ -14,6 +14,7 @@
 
 #include "core/device.h"
 #include "core/parallel.h"
+#include "ops/attention.h"
 #include "ops/attention_row.h"
 #include "ops/dispatch.h"
 #include "ops/op_plans.h"
@@ -193,6 +194,15 @@ void gather_rows(Tensor out, Tensor x, Tensor rows) {
   } else {
     LMF_CUDA_DISPATCH(kOpGather, cuda::gather_rows(out.f32(), x.f32(), rows.i32(), M, C));
   }
+}
+
+bool paged_head_size_supported(int64_t HS, bool batch_invariant) {
+  if (batch_invariant) return flash_head_size_supported(FlashKernels::lmforge, HS);
+  return HS == 16 || HS == 32 || HS == 64 || HS == 80 || HS == 96 || HS == 112 || HS == 128 || HS == 256;
+}
+
+const char* paged_head_sizes_text(bool batch_invariant) {
+  return batch_invariant ? flash_head_sizes_text(FlashKernels::lmforge) : "16, 32, 64, 80, 96, 112, 128 or 256";
 }
 
 size_t paged_attention_cuda_workspace(int64_t N, int n_head, int64_t HS, int64_t max_context) {

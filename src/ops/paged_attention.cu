@@ -15,7 +15,8 @@
 //      last position exit at once. The CTA serves all G = NH / NKV q heads of kv head g (GT of them at
 //      a time, in registers), so each key and value is read from memory once per group.
 //        - slots: the chunk's positions go through the block table once, into shared memory.
-//        - scores: a key is read by L = HS / 8 lanes, 16 bytes (8 bf16) each; a warp reads 32 / L keys
+//        - scores: a key is read by L lanes (HS / 8 rounded up to a power of 2; lanes past the head's
+//          columns hold zeros), 16 bytes (8 bf16) each; a warp reads 32 / L keys
 //          at once (4 steps unrolled, all loads issued before the math). Each lane dots its 8 elements
 //          with the GT query heads in fp32, then the L lanes sum by an xor butterfly. Scores are kept
 //          in the log2 domain (scaled by scale log2(e)) in shared memory.
@@ -109,10 +110,12 @@ __global__ void __launch_bounds__(kThreads)
                                  const nv* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
                                  const int32_t* __restrict__ seqs, const int32_t* __restrict__ positions, int NH,
                                  int NKV, int block_size, int max_blocks, int chunks, float scale_log2) {
-  constexpr int L = HS / 8;            // lanes per key, 8 elements each
+  constexpr int kCols = HS / 8;        // 8-element column groups of a head
+  constexpr int L = kCols <= 1 ? 1 : kCols <= 2 ? 2 : kCols <= 4 ? 4 : kCols <= 8 ? 8 : kCols <= 16 ? 16 : 32;
+  // L: lanes per key (kCols rounded up to a power of 2; lanes r >= kCols hold zeros and store nothing)
   constexpr int kKeysWarp = 32 / L;    // keys a warp reads per step
   constexpr int kKeysCta = kKeysWarp * kWarps;
-  static_assert(HS % 8 == 0 && L >= 1 && L <= 32 && 32 % L == 0, "HS must be 8, 16, ..., 256 (a power of 2)");
+  static_assert(HS % 8 == 0 && kCols >= 1 && kCols <= 32, "HS must be a multiple of 8 up to 256");
   __shared__ int64_t s_off[kChunk];              // element offset of each position's k/v head in the cache
   __shared__ float s_p[GT][kChunk];              // scores (log2 domain), then exp2(s - m)
   __shared__ __align__(16) float s_red[kWarps][GT][HS];  // each warp's P V
@@ -121,6 +124,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n = blockIdx.x, g = blockIdx.y, c = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int j = lane / L, r = lane % L;  // key j of the warp's step, elements [8 r, 8 r + 8) of it
+  const bool col = kCols == L || r < kCols;  // this lane holds columns of the head
   const int G = NH / NKV;
   const int64_t kv_stride = int64_t{NKV} * HS, row_stride = (int64_t{NH} + 2 * NKV) * HS;
   nv* out_row = out + int64_t{n} * NH * HS;
@@ -153,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
       float q[GT][8];
 #pragma unroll
       for (int t = 0; t < GT; ++t) {
-        if (t < gn) {
+        if (t < gn && col) {
           unpack8(q[t], load16(qkv + int64_t{n} * row_stride + (h_first + t) * HS + 8 * r));
         } else {
 #pragma unroll
@@ -166,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int i = base + u * kKeysCta + j;
-          kr[u] = i < n_valid ? load16(k_cache + s_off[i] + 8 * r) : make_uint4(0, 0, 0, 0);
+          kr[u] = i < n_valid && col ? load16(k_cache + s_off[i] + 8 * r) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -219,7 +223,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int i = base + u * kKeysCta + j;
-          vr[u] = i < n_valid ? load16(v_cache + s_off[i] + 8 * r) : make_uint4(0, 0, 0, 0);
+          vr[u] = i < n_valid && col ? load16(v_cache + s_off[i] + 8 * r) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -244,7 +248,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 8; ++e)
 #pragma unroll
           for (int off = L; off < 32; off <<= 1) acc[t][e] += __shfl_xor_sync(0xffffffffu, acc[t][e], off);
-        if (j == 0) {
+        if (j == 0 && col) {
           float4* dst = reinterpret_cast<float4*>(&s_red[warp][t][8 * r]);
           dst[0] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
           dst[1] = make_float4(acc[t][4], acc[t][5], acc[t][6], acc[t][7]);
@@ -254,8 +258,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     // ---- the warps' sums in warp order; out (one chunk) or the partial (several) ----
-    for (int idx = tid; idx < gn * L; idx += kThreads) {
-      const int t = idx / L, d0 = (idx % L) * 8;
+    for (int idx = tid; idx < gn * kCols; idx += kThreads) {
+      const int t = idx / kCols, d0 = (idx % kCols) * 8;
       float o[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] = s_red[0][t][d0 + e];
@@ -560,13 +564,14 @@ void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, co
               positions, N, static_cast<int>(NH), static_cast<int>(NKV), static_cast<int>(block_size),
               static_cast<int>(max_blocks), chunks, scale_log2);
   };
-  switch (HS) {
-    case 16: run(launch_chunks_hs<16>); break;
-    case 32: run(launch_chunks_hs<32>); break;
-    case 64: run(launch_chunks_hs<64>); break;
-    case 128: run(launch_chunks_hs<128>); break;
-    case 256: run(launch_chunks_hs<256>); break;
-    default: fail(kOpAttn, ": head size HS=", HS, " is not supported on the GPU (16, 32, 64, 128 or 256)");
+  switch (HS) {  // the instances paged_head_size_supported(HS, false) lists
+#define LMF_PAGED_HS(hs) \
+  case hs: run(launch_chunks_hs<hs>); break;
+    LMF_PAGED_HS(16) LMF_PAGED_HS(32) LMF_PAGED_HS(64) LMF_PAGED_HS(80) LMF_PAGED_HS(96) LMF_PAGED_HS(112)
+    LMF_PAGED_HS(128) LMF_PAGED_HS(256)
+#undef LMF_PAGED_HS
+    default:
+      fail(kOpAttn, ": head size HS=", HS, " is not supported on the GPU (", paged_head_sizes_text(false), ")");
   }
   if (chunks > 1) launch_combine(as_nv(out), part_o, part_ml, seqs, positions, N, NH, HS, chunks, capacity);
 }
@@ -587,11 +592,15 @@ void paged_attention_forward_invariant(bf16* out, const bf16* qkv, const bf16* k
     f(as_nv(out), as_nv(qkv), as_nv(k_cache), as_nv(v_cache), block_tables, seqs, positions, N, static_cast<int>(NH),
       static_cast<int>(NKV), static_cast<int>(block_size), static_cast<int>(max_blocks), scale_log2);
   };
-  switch (HS) {
-    case 32: return run(launch_paged_flash<32>);
-    case 64: return run(launch_paged_flash<64>);
-    case 128: return run(launch_paged_flash<128>);
-    default: fail(kOpAttnInvariant, ": head size HS=", HS, " is not supported (32, 64 or 128: the flash forward's)");
+  switch (HS) {  // the instances paged_head_size_supported(HS, true) lists: the flash forward's
+#define LMF_PAGED_FLASH_HS(hs) \
+  case hs: return run(launch_paged_flash<hs>);
+    LMF_PAGED_FLASH_HS(32) LMF_PAGED_FLASH_HS(64) LMF_PAGED_FLASH_HS(80) LMF_PAGED_FLASH_HS(96)
+    LMF_PAGED_FLASH_HS(112) LMF_PAGED_FLASH_HS(128)
+#undef LMF_PAGED_FLASH_HS
+    default:
+      fail(kOpAttnInvariant, ": head size HS=", HS, " is not supported (", paged_head_sizes_text(true),
+           ": the flash forward's)");
   }
 }
 

@@ -29,6 +29,12 @@ namespace lmf {
 
 void kv_cache_write(Tensor k_cache, Tensor v_cache, Tensor qkv, Tensor slots, int n_head, int n_kv_head);
 
+// The head sizes the GPU kernels run (the one rule: plans and the launchers ask it): 16, 32, 64, 80, 96,
+// 112, 128, 256; with batch_invariant (the training flash forward's step) lmforge's flash set
+// (attention.h flash_head_size_supported). The CPU runs any head size. paged_head_sizes_text names them.
+bool paged_head_size_supported(int64_t HS, bool batch_invariant);
+const char* paged_head_sizes_text(bool batch_invariant);
+
 // out: (N, NH HS), same dtype as qkv; block_tables: (S, max_blocks) i32.
 void paged_attention_forward(Tensor out, Tensor qkv, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqs,
                              Tensor positions, int n_head, int n_kv_head);
@@ -48,7 +54,7 @@ void paged_attention_forward(bf16* out, const bf16* qkv, const bf16* k_cache, co
                              int64_t NH, int64_t NKV, int64_t HS, int64_t block_size, int64_t max_blocks,
                              float scale);
 // --batch-invariant (OpPlans::batch_invariant): the training flash forward's arithmetic per row, so that
-// serving's rows are bitwise training's (HS 32, 64 or 128; no workspace).
+// serving's rows are bitwise training's (no workspace).
 void paged_attention_forward_invariant(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
                                        const int32_t* block_tables, const int32_t* seqs, const int32_t* positions,
                                        int64_t N, int64_t NH, int64_t NKV, int64_t HS, int64_t block_size,
