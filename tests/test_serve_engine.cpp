@@ -358,6 +358,51 @@ TEST(Invariance, BatchInvariantPlansFollowTheirRules) {
   EXPECT_EQ(plan_moe_config(capped, cpu).capacity_factor, 0.0f);
 }
 
+// The head-size rules of GPU plans (plan_validate asks flash_head_size_supported and
+// paged_head_size_supported): training at the kernel set's sizes, serving at the paged kernels', a size
+// neither runs refused in one line naming d_model/n_head. No GPU needed: the rules are checked on the plan.
+TEST(Invariance, GpuPlansRefuseHeadSizesTheirKernelsDoNotRun) {
+  ModelConfig c = serving_config("test-llama");
+  c.n_kv_head = 1;
+  ModelPlan p;
+  p.B = 2;
+  p.T = 8;
+  p.device = Device::cuda;
+  p.precision = Precision::bf16;
+  p.attention = FlashKernels::lmforge;
+  const auto refusal = [&](int64_t hs) -> std::string {
+    c.d_model = 2 * static_cast<int>(hs);
+    c.n_head = 2;
+    try {
+      plan_validate(c, p);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  for (const int64_t hs : {32, 64, 80, 96, 112, 128}) EXPECT_EQ("", refusal(hs)) << "training HS=" << hs;
+  for (const int64_t hs : {48, 72, 256}) {
+    const std::string why = refusal(hs);
+    EXPECT_NE(why.find("d_model/n_head = " + std::to_string(hs)), std::string::npos) << why;
+    EXPECT_NE(why.find("lmforge flash attention kernels"), std::string::npos) << why;
+    EXPECT_EQ(why.find('\n'), std::string::npos) << why;
+  }
+  p.training = false;
+  p.serve = true;
+  p.B = 1;
+  p.samples = 1;
+  for (const int64_t hs : {16, 32, 64, 80, 96, 112, 128, 256}) EXPECT_EQ("", refusal(hs)) << "serving HS=" << hs;
+  for (const int64_t hs : {48, 72, 200}) {
+    const std::string why = refusal(hs);
+    EXPECT_NE(why.find("d_model/n_head = " + std::to_string(hs)), std::string::npos) << why;
+    EXPECT_NE(why.find("paged attention"), std::string::npos) << why;
+  }
+  p.batch_invariant = true;  // the flash forward's step: lmforge's sizes
+  EXPECT_EQ("", refusal(80));
+  const std::string why = refusal(256);
+  EXPECT_NE(why.find("--batch-invariant"), std::string::npos) << why;
+}
+
 TEST(Engine, SeededSamplesDoNotDependOnTheBatch) {
   const ModelConfig c = serving_config("test-llama");
   auto weights = random_weights(c, 3);
