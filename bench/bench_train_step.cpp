@@ -109,7 +109,9 @@ int main(int argc, char** argv) {
   std::string precision = "fp32";
   app.add_option("--precision", precision, "fp32, or tf32 / bf16 (GPU)");
   std::string attention = "auto";
-  app.add_option("--attention", attention, "bf16 flash attention kernels: auto, lmforge, cudnn or split");
+  app.add_option("--attention", attention, "bf16 flash attention kernels: auto, lmforge or cudnn");
+  std::string recompute = "none";
+  app.add_option("--recompute", recompute, "activation recompute: none, attention or full (model/plan.h)");
   bool profile = false;
   app.add_flag("--profile", profile, "print time per op (timed steps) against the measured ceilings (stderr)");
   bool graph = false;
@@ -127,7 +129,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     ModelConfig c = config.empty() ? config_preset(preset) : config_from_file(config);
-    const ModelPlan plan = plan_from_flags(c, {device, precision, attention, batch_invariant}, B, T, true);
+    const ModelPlan plan = plan_from_flags(c, {device, precision, attention, batch_invariant, recompute}, B, T, true);
     const Device dev = plan.device;
     const bool gpu = dev == Device::cuda;
     if (graph && (!gpu || profile)) fail("--cuda-graph needs --device cuda and no --profile");

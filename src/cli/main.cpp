@@ -186,6 +186,11 @@ void add_train_flags(CLI::App* c, TrainOptions& o) {
                  "--batch-invariant: lmforge's), lmforge or cudnn")
       ->capture_default_str();
   c->add_flag("--batch-invariant", o.batch_invariant, kBatchInvariantHelp);
+  c->add_option("--recompute", o.recompute,
+                "activation recompute, memory for time: none, attention (qkv, attention recomputed in the backward) "
+                "or full (each layer keeps its input and norm; the block reruns before its backward); bitwise the "
+                "same training")
+      ->capture_default_str();
   add_num(c, "--mfu-peak-tflops", o.mfu_peak_tflops, "peak TFLOP/s for MFU (default: the GPU's dense bf16 peak)");
   add_num(c, "--dp", o.dp, "data-parallel ranks (0: the world size the launcher set, / --tp)")->capture_default_str();
   add_num(c, "--tp", o.tp, "tensor-parallel ranks: each layer split over this many ranks (CPU; docs/DISTRIBUTED.md)")->capture_default_str();

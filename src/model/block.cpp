@@ -244,15 +244,16 @@ void attention_step_backward(const BlockStep& s) {
   }
 }
 
-}  // namespace
+void tap(const BlockStep& s, const char* op, Tensor out) {
+  if (s.tap) (*s.tap)(s.layer, op, out);
+}
 
-void block_forward(const BlockStep& s) {
+// ln1 -> qkv (projection, RoPE) -> att: the attention half's first part (block_forward, and
+// block_recompute's attention mode)
+void qkv_attention_forward(const BlockStep& s) {
   const ModelConfig& c = *s.cfg;
-  const BlockWeights &w = *s.w, &wg = *s.wg;
+  const BlockWeights& wg = *s.wg;
   BlockActs& a = *s.a;
-  auto tap = [&](const char* op, Tensor out) {
-    if (s.tap) (*s.tap)(s.layer, op, out);
-  };
   const Tensor ln1 = seq_gather(s, a.ln1.out, s.seq_gathered);
   timed(s, "linear qkv fwd", s.flops->qkv, [&] { linear_forward(a.qkv, ln1, wg.qkv_w, wg.qkv_b, s.k->gemm_math); });
   if (c.positions == PositionKind::rope)
@@ -260,9 +261,19 @@ void block_forward(const BlockStep& s) {
       if (s.batch) rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head, s.batch->positions);
       else rope_forward(a.qkv, s.rope_freqs, c.n_head, c.n_kv_head);
     });
-  tap(c.positions == PositionKind::rope ? "qkv projection + rope" : "qkv projection", a.qkv);
+  tap(s, c.positions == PositionKind::rope ? "qkv projection + rope" : "qkv projection", a.qkv);
   attention_step_forward(s);
-  tap("attention", a.att);
+  tap(s, "attention", a.att);
+}
+
+}  // namespace
+
+void block_forward(const BlockStep& s) {
+  const ModelConfig& c = *s.cfg;
+  const BlockWeights &w = *s.w, &wg = *s.wg;
+  BlockActs& a = *s.a;
+  auto tap = [&](const char* op, Tensor out) { lmf::tap(s, op, out); };
+  qkv_attention_forward(s);
   const Tensor proj_out = seq_par(s) ? s.seq_partial : a.res1;
   timed(s, "linear proj fwd", s.flops->proj, [&] {
     linear_forward(proj_out, a.att, wg.proj_w, row_bias(s, wg.proj_b), s.k->gemm_math);
@@ -315,6 +326,13 @@ void block_backward(const BlockStep& s) {
     linear_backward(qkv_dln, g.qkv_w, g.qkv_b, d.d_qkv, ln1, wg.qkv_w, act_grad(s, qkv_dln), wmode, s.k->gemm_math);
   });
   seq_reduce(s, qkv_dln, d.d_ln);
+}
+
+void block_recompute(const BlockStep& s, Recompute what) {
+  BlockStep r = s;
+  r.tap = nullptr;
+  if (what == Recompute::attention) qkv_attention_forward(r);
+  else if (what == Recompute::full) block_forward(r);
 }
 
 }  // namespace lmf

@@ -153,6 +153,10 @@ void block_forward(const BlockStep& s);
 // d(loss)/d(x) along every path but ln1's, and d_ln = d(loss)/d(ln1), for the norm that wrote ln1 (the
 // previous block's tail, or the trunk's head) to finish.
 void block_backward(const BlockStep& s);
+// Training with ModelPlan::recompute: rerun, right before block_backward(s), the part of the layer's forward
+// whose outputs live in shared buffers (attention: qkv projection, RoPE, attention; full: the whole
+// block_forward, which rewrites its kept outputs res2 and tail with the same bits). No activation taps.
+void block_recompute(const BlockStep& s, Recompute what);
 
 // The norms of docs/MODEL.md, dispatched on the config's kind (LayerNorm or RMSNorm).
 void norm_forward(const ModelConfig& c, const NormOut& out, Tensor inp, const NormWeights& w);

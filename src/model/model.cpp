@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <set>
 
 #include "core/device.h"
 #include "core/profiler.h"
@@ -17,7 +18,7 @@ namespace lmf {
 
 namespace {
 
-std::string layer_name(int i, const char* rest) { return "layers." + std::to_string(i) + "." + rest; }
+std::string layer_name(int i, const std::string& rest) { return "layers." + std::to_string(i) + "." + rest; }
 
 // One layer's views through `find` (a parameter, gradient or copy lookup); absent optional tensors
 // stay absent, a missing required one is an error naming it.
@@ -79,6 +80,21 @@ int64_t seq_rows(const BlockKernels& k, int64_t N) {
   return N / tp;
 }
 
+// Whether activation `what` of a training layer is one buffer shared by every layer (recomputed before
+// each layer's backward, ModelPlan::recompute) rather than the layer's own.
+bool recomputed(const ModelPlan& p, const std::string& what) {
+  if (!p.training || p.recompute == Recompute::none) return false;
+  if (what == "qkv" || what == "probs" || what == "att") return true;
+  if (p.recompute == Recompute::attention) return false;
+  return what != "ln1" && what != "ln1_mean" && what != "ln1_rstd" && what != "res2" &&
+         !(what.starts_with("moe.") && moe_state_is_routing(what.substr(4)));
+}
+
+// The name of layer l's activation `what` in the arena: "recompute.<what>" when shared.
+std::string act_name(const ModelPlan& p, int l, const std::string& what) {
+  return recomputed(p, what) ? "recompute." + what : layer_name(l, what);
+}
+
 // Everything the backward reads, per layer (the layer names match the parameters').
 std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan& plan, const BlockKernels& k,
                                          const MoeConfig& moe) {
@@ -86,8 +102,9 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
                 HS = cfg.head_size();
   const DType adt = plan.bf16() ? DType::bf16 : DType::f32;  // activations and their gradients
   std::vector<TensorSpec> as;
+  std::set<std::string> names;  // a shared (recomputed) buffer is added by the first layer that has it
   auto add = [&](std::string name, std::vector<int64_t> shape, DType dt = DType::f32) {
-    as.push_back({std::move(name), std::move(shape), dt});
+    if (names.insert(name).second) as.push_back({std::move(name), std::move(shape), dt});
   };
   add("encoded", {B, T, C}, adt);
   // the residual stream and the norms: this rank's rows under sequence parallelism (block.h)
@@ -100,27 +117,31 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
     return false;
   };
   for (int l = 0; l < sets; ++l) {
-    add(layer_name(l, "ln1"), stream, adt);
-    add(layer_name(l, "ln1_mean"), {Nl});
-    add(layer_name(l, "ln1_rstd"), {Nl});
-    add(layer_name(l, "qkv"), {B, T, cfg.qkv_dim()}, adt);
-    if (k.attention == AttentionImpl::flash) add(layer_name(l, "probs"), {B, NH, T});  // the log-sum-exp
-    else if (k.attention == AttentionImpl::reference) add(layer_name(l, "probs"), {B, NH, T, T});
-    add(layer_name(l, "att"), {B, T, NH * HS}, adt);
-    add(layer_name(l, "res1"), stream, adt);
-    add(layer_name(l, "ln2"), stream, adt);
-    add(layer_name(l, "ln2_mean"), {Nl});
-    add(layer_name(l, "ln2_rstd"), {Nl});
+    auto at = [&](const std::string& what) { return act_name(plan, l, what); };
+    add(at("ln1"), stream, adt);
+    add(at("ln1_mean"), {Nl});
+    add(at("ln1_rstd"), {Nl});
+    add(at("qkv"), {B, T, cfg.qkv_dim()}, adt);
+    if (k.attention == AttentionImpl::flash) add(at("probs"), {B, NH, T});  // the log-sum-exp
+    else if (k.attention == AttentionImpl::reference) add(at("probs"), {B, NH, T, T});
+    add(at("att"), {B, T, NH * HS}, adt);
+    add(at("res1"), stream, adt);
+    add(at("ln2"), stream, adt);
+    add(at("ln2_mean"), {Nl});
+    add(at("ln2_rstd"), {Nl});
     if (set_has(l, true)) {
-      for (TensorSpec& sp : moe_state_specs(moe, N, adt, layer_name(l, "moe."))) as.push_back(std::move(sp));
+      for (TensorSpec& sp : moe_state_specs(moe, N, adt, "moe.")) {
+        const std::string what = sp.name;  // "moe.<field>"
+        add(at(what), sp.shape, sp.dtype);
+      }
       // training: this layer's gathered input, kept for the backward (no second gather)
-      if (plan.training) add(layer_name(l, "moe.xg"), {moe_rows(moe, N), C}, adt);
+      if (plan.training) add(at("moe.xg"), {moe_rows(moe, N), C}, adt);
     }
     if (set_has(l, false)) {
-      add(layer_name(l, "fc"), {B, T, cfg.fc_dim()}, adt);
-      add(layer_name(l, "act"), {B, T, cfg.d_ff}, adt);
+      add(at("fc"), {B, T, cfg.fc_dim()}, adt);
+      add(at("act"), {B, T, cfg.d_ff}, adt);
     }
-    add(layer_name(l, "res2"), stream, adt);
+    add(at("res2"), stream, adt);
   }
   add("lnf", stream, adt);
   add("lnf_mean", {Nl});
@@ -316,30 +337,29 @@ void Model::plan_activations() {
   acts_ = Arena("activations", activation_specs(cfg_, plan_, kernels_, moe_cfg_), plan_.device);
 
   auto get = [&](const std::string& name) { return acts_.find(name) < 0 ? Tensor() : acts_.get(name); };
-  auto norm_out = [&](const std::string& stem) {
-    return NormOut{get(stem), get(stem + "_mean"), get(stem + "_rstd")};
-  };
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
-    const int k = l % sets;  // the layer's activation set
-    auto a = [&](const char* n) { return get(layer_name(k, n)); };
+    const int k = l % sets;  // the layer's activation set (or the shared recompute buffers)
+    auto a = [&](const std::string& n) { return get(act_name(plan_, k, n)); };
+    auto norm_out = [&](const std::string& stem) { return NormOut{a(stem), a(stem + "_mean"), a(stem + "_rstd")}; };
     BlockActs x;
-    x.ln1 = norm_out(layer_name(k, "ln1"));
+    x.ln1 = norm_out("ln1");
     x.qkv = a("qkv");
     x.probs = a("probs");
     x.att = a("att");
     x.res1 = a("res1");
-    x.ln2 = norm_out(layer_name(k, "ln2"));
+    x.ln2 = norm_out("ln2");
     x.fc = a("fc");
     x.act = a("act");
     x.res2 = a("res2");
     if (cfg_.is_moe_layer(l)) {
-      x.moe = moe_state_bind(acts_, moe_cfg_, layer_name(k, "moe."));
+      x.moe = moe_state_bind([&](const std::string& field) { return acts_.get(act_name(plan_, k, "moe." + field)); },
+                             moe_cfg_);
       moe_states_.push_back(x.moe);
     }
     acts_l_.push_back(x);
   }
-  lnf_ = norm_out("lnf");
+  lnf_ = NormOut{get("lnf"), get("lnf_mean"), get("lnf_rstd")};
   losses_ = acts_.get("losses");
 }
 
@@ -365,7 +385,7 @@ void Model::plan_workspace() {
   for (int l = 0; l < cfg_.n_layer; ++l) {
     acts_l_[static_cast<size_t>(l)].moe_scratch = shared;
     if (cfg_.is_moe_layer(l) && plan_.training) {
-      acts_l_[static_cast<size_t>(l)].moe_scratch.xg = acts_.get(layer_name(l, "moe.xg"));
+      acts_l_[static_cast<size_t>(l)].moe_scratch.xg = acts_.get(act_name(plan_, l, "moe.xg"));
       acts_l_[static_cast<size_t>(l)].moe_scratch.xg_saved = true;
     }
   }
@@ -480,6 +500,8 @@ void Model::trunk_backward(Tensor inputs, float loss_scale) {
     // tensor parallelism: every rank of the group adds the MoE losses' gradient to its partial router
     // gradient and input gradient, which the group sums: each adds its 1 / tp share
     s.d_aux = kernels_.comm ? loss_scale / static_cast<float>(kernels_.comm->world_size()) : loss_scale;
+    // recompute: the shared buffers hold the last layer's forward still; every other layer reruns its part
+    if (plan_.recompute != Recompute::none && l + 1 < cfg_.n_layer) block_recompute(s, plan_.recompute);
     block_backward(s);
     // layer l's backward wrote layer l + 1's first norm (its tail norm) and layer l's own gradients but
     // its first norm (the layer below writes that one, the head norm for layer 0)

@@ -6,6 +6,22 @@
 
 namespace lmf {
 
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::attention: return "attention";
+    case Recompute::full: return "full";
+    case Recompute::none: break;
+  }
+  return "none";
+}
+
+Recompute parse_recompute(const std::string& s, const char* flag) {
+  if (s == "none") return Recompute::none;
+  if (s == "attention") return Recompute::attention;
+  if (s == "full") return Recompute::full;
+  fail(flag, "=", s, " must be none, attention or full");
+}
+
 const char* precision_name(Precision p) {
   switch (p) {
     case Precision::fp32: return "fp32";
@@ -39,13 +55,14 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   p.T = T;
   p.training = training;
   p.batch_invariant = f.batch_invariant;
+  p.recompute = parse_recompute(f.recompute, "--recompute");
   p.device = parse_device(f.device);
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
   // batch-invariant plans run lmforge's flash kernels (a conflicting --attention fails below)
   if (p.batch_invariant) p.attention = FlashKernels::lmforge;
-  plan_validate(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
+  plan_validate_sizes(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
                                         {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention",
                                         p.batch_invariant);
@@ -53,7 +70,7 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   return p;
 }
 
-void plan_validate(const ModelConfig& c, const ModelPlan& p) {
+void plan_validate_sizes(const ModelConfig& c, const ModelPlan& p) {
   c.validate("model config");
   if (p.B < 1 || p.B > PlanLimits::B) fail("--batch-size=", p.B, " must be in [1, ", PlanLimits::B, "]");
   if (p.T < 1 || (p.T > c.context_length && !p.serve))
@@ -62,6 +79,10 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.B * p.T > PlanLimits::tokens)  // B and T are bounded above: the product fits
     fail("--batch-size=", p.B, " x --seq-len=", p.T, " = ", p.B * p.T, " tokens per micro-batch, at most ",
          PlanLimits::tokens);
+}
+
+void plan_validate(const ModelConfig& c, const ModelPlan& p) {
+  plan_validate_sizes(c, p);
   const bool gpu = p.device == Device::cuda;
   if (p.precision != Precision::fp32 && !gpu)
     fail("--precision=", precision_name(p.precision), " needs the GPU (--device cuda); the CPU computes in fp32");
@@ -88,6 +109,9 @@ void plan_validate(const ModelConfig& c, const ModelPlan& p) {
   if (p.attention == FlashKernels::cudnn && !cudnn_attention_available())
     fail("--attention=cudnn: cuDNN is not available (lmforge built without cuDNN, or no cuDNN >= 9 at run time); "
          "use --attention lmforge");
+  if (p.recompute != Recompute::none && !p.training)
+    fail("--recompute=", recompute_name(p.recompute), ": recompute saves the memory of training's backward; this "
+         "plan runs the forward only");
   if (p.serve && (p.training || p.B != 1))
     fail("serving plans run the forward only, with B = 1 (rows of many sequences along T)");
   if (p.serve && (p.samples < 1 || p.samples > p.T))

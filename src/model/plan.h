@@ -25,6 +25,18 @@ const char* precision_name(Precision p);
 Precision parse_precision(const std::string& s, const char* flag);
 
 // Bounds on a plan's sizes (every size computed from them fits int64; token indices fit int32).
+// Activation recompute of training plans (--recompute): what the backward recomputes instead of keeping
+// per layer. none: every layer keeps everything its backward reads. attention: the qkv projection, RoPE
+// and attention (qkv, the attention's saved softmax state, its output) are one shared buffer, recomputed
+// from the kept ln1 right before each layer's backward. full: each layer keeps only its norm1 output and
+// its output (the residual stream); the whole block forward is rerun before its backward (the MoE layers'
+// routing state stays per layer, their row buffers are shared). Recomputed values are bitwise the forward's
+// (the kernels are deterministic), so every mode trains bitwise alike; they trade time for memory.
+enum class Recompute { none, attention, full };
+const char* recompute_name(Recompute r);
+// "none" | "attention" | "full"; anything else throws naming `flag` and the accepted values.
+Recompute parse_recompute(const std::string& s, const char* flag);
+
 struct PlanLimits {
   static constexpr int64_t B = int64_t{1} << 24;          // micro-batch size
   static constexpr int64_t rows = int64_t{1} << 24;       // serving: rows per step
@@ -47,6 +59,7 @@ struct ModelPlan {
   // GEMMs take one algorithm per weight shape with no split-K (ops/gemm_cuda.h), attention lmforge's flash
   // kernels, whose forward step serving's paged attention runs too (paged_attention.h), MoE runs dropless.
   bool batch_invariant = false;
+  Recompute recompute = Recompute::none;  // training plans only
 
   bool bf16() const { return precision == Precision::bf16; }
 };
@@ -57,6 +70,7 @@ struct PlanFlags {
   std::string precision = "auto";  // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 | bf16
   std::string attention = "auto";  // auto (cudnn when it runs the shape) | lmforge | cudnn
   bool batch_invariant = false;    // --batch-invariant
+  std::string recompute = "none";  // --recompute: none | attention | full (training plans)
 };
 // --device: "auto" (cuda when a GPU is visible) | "cpu" | "cuda" (errors name the flag).
 Device parse_device(const std::string& s);
@@ -66,5 +80,7 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
 // Every rule about a plan: sizes, precision vs device, flash attention's head sizes and kernels,
 // MoE on the GPU. Throws one line naming the flag (--precision, --attention, ...) and the values.
 void plan_validate(const ModelConfig& c, const ModelPlan& p);
+// Its first part, the config and the sizes (B, T, tokens), which the kernel choice's shape queries need.
+void plan_validate_sizes(const ModelConfig& c, const ModelPlan& p);
 
 }  // namespace lmf

@@ -320,27 +320,36 @@ std::vector<TensorSpec> moe_state_specs(const MoeConfig& cfg, int64_t N, DType a
   return v;
 }
 
-MoeState moe_state_bind(const Arena& a, const MoeConfig& cfg, const std::string& p) {
+MoeState moe_state_bind(const std::function<Tensor(const std::string& field)>& get, const MoeConfig& cfg) {
   MoeState st;
-  st.logits = a.get(p + "logits");
-  st.scores = a.get(p + "scores");
-  st.topk_idx = a.get(p + "topk_idx");
-  st.topk_w = a.get(p + "topk_w");
-  st.slot_row = a.get(p + "slot_row");
-  st.counts = a.get(p + "counts");
-  st.offsets = a.get(p + "offsets");
-  st.perm = a.get(p + "perm");
-  st.pre = a.get(p + "pre");
-  st.act = a.get(p + "act");
-  st.y = a.get(p + "y");
-  st.stats = a.get(p + "stats");
+  st.logits = get("logits");
+  st.scores = get("scores");
+  st.topk_idx = get("topk_idx");
+  st.topk_w = get("topk_w");
+  st.slot_row = get("slot_row");
+  st.counts = get("counts");
+  st.offsets = get("offsets");
+  st.perm = get("perm");
+  st.pre = get("pre");
+  st.act = get("act");
+  st.y = get("y");
+  st.stats = get("stats");
   if (cfg.n_shared > 0) {
-    st.shared_pre = a.get(p + "shared_pre");
-    st.shared_act = a.get(p + "shared_act");
-    st.shared_y = a.get(p + "shared_y");
-    if (cfg.shared_gate) st.shared_g = a.get(p + "shared_g");
+    st.shared_pre = get("shared_pre");
+    st.shared_act = get("shared_act");
+    st.shared_y = get("shared_y");
+    if (cfg.shared_gate) st.shared_g = get("shared_g");
   }
   return st;
+}
+
+MoeState moe_state_bind(const Arena& a, const MoeConfig& cfg, const std::string& p) {
+  return moe_state_bind([&](const std::string& field) { return a.get(p + field); }, cfg);
+}
+
+bool moe_state_is_routing(const std::string& field) {
+  return field == "logits" || field == "scores" || field == "topk_idx" || field == "topk_w" || field == "slot_row" ||
+         field == "counts" || field == "offsets" || field == "perm" || field == "stats";
 }
 
 std::vector<TensorSpec> moe_scratch_specs(const MoeConfig& cfg, int64_t N, DType adt, bool training,

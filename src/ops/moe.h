@@ -36,6 +36,7 @@
 // Dimension names: N rows (B*T), C d_model, E experts, K top-k, F d_expert, R saved expert rows.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -142,6 +143,13 @@ struct MoeScratch {
 // an arena built from those specs.
 std::vector<TensorSpec> moe_state_specs(const MoeConfig& cfg, int64_t N, DType adt, const std::string& prefix);
 MoeState moe_state_bind(const Arena& arena, const MoeConfig& cfg, const std::string& prefix);
+// The same views through `get(field)` (field as in the specs without the prefix): the caller maps each
+// field to its tensor (the trunk shares the row buffers of recomputed layers, model/plan.h Recompute).
+MoeState moe_state_bind(const std::function<Tensor(const std::string& field)>& get, const MoeConfig& cfg);
+// The routing state among those fields (logits, scores, top-k, slots, counts, offsets, perm, stats: small,
+// and read after the backward by the selection-bias update and the metrics) as opposed to the row buffers
+// (the experts' pre-activations, activations and outputs).
+bool moe_state_is_routing(const std::string& field);
 std::vector<TensorSpec> moe_scratch_specs(const MoeConfig& cfg, int64_t N, DType adt, bool training,
                                           const std::string& prefix);
 MoeScratch moe_scratch_bind(const Arena& arena, const MoeConfig& cfg, bool training, const std::string& prefix);

@@ -417,7 +417,7 @@ Trainer::Trainer(const TrainOptions& opts, std::ostream& log) : o_(opts), log_(r
   const int64_t T = o_.seq_len == 0 ? cfg_.context_length : o_.seq_len;
   if (o_.batch_size > INT32_MAX / std::max<int64_t>(T, 1))
     fail("--batch-size=", o_.batch_size, " x --seq-len=", T, " tokens per micro-batch exceed ", INT32_MAX);
-  const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention, o_.batch_invariant}, o_.batch_size, T,
+  const ModelPlan plan = plan_from_flags(cfg_, {o_.device, o_.precision, o_.attention, o_.batch_invariant, o_.recompute}, o_.batch_size, T,
                                          true);
   device_ = plan.device;
   if (device_ == Device::cuda) monitor_ = std::make_unique<GpuMonitor>(0);
@@ -719,7 +719,11 @@ void Trainer::log_setup(int64_t T, const std::string& resume_dir) {
   }
   if (plan.batch_invariant)
     log_ << "numerics batch-invariant: each row's forward independent of its batch (GEMMs: one algorithm per weight "
-            "shape, no split-K; attention forward: the split kernels; MoE dropless)\n";
+            "shape, no split-K; attention: lmforge's flash kernels, whose forward step serving runs; MoE dropless)\n";
+  if (plan.recompute != Recompute::none)
+    log_ << "recompute " << recompute_name(plan.recompute) << ": the backward recomputes "
+         << (plan.recompute == Recompute::full ? "each layer's forward" : "each layer's qkv and attention")
+         << " instead of keeping it (the same bits, less memory)\n";
   if (device_ == Device::cuda) {
     peak_tflops_ = o_.mfu_peak_tflops > 0 ? o_.mfu_peak_tflops : gpu_peak_tflops(cuda_limits().name);
     const bool cudnn = plan.bf16() && plan.attention == FlashKernels::cudnn;

@@ -59,7 +59,8 @@ struct TrainOptions {
   bool progress = true;             // progress line on stderr when it is a terminal
   std::string device = "auto";      // cpu | cuda | auto (cuda when a GPU is present)
   std::string precision = "auto";   // auto (bf16 on a GPU, fp32 on the CPU) | fp32 | tf32 (GPU) | bf16 (GPU)
-  std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn | split
+  std::string attention = "auto";   // bf16 flash attention kernels: auto (cudnn when available) | lmforge | cudnn
+  std::string recompute = "none";   // activation recompute (model/plan.h Recompute): none | attention | full
   // --batch-invariant: training and evaluation forwards in batch-invariant plans (model/plan.h), bitwise
   // the batch-invariant sampler's for the same sequence (docs/BATCH_INVARIANCE.md)
   bool batch_invariant = false;
