@@ -62,6 +62,38 @@ TEST(Recompute, EveryModeTrainsBitwiseAlikeWithLessMemory) {
   }
 }
 
+// BlockKernels::recompute_act (GPU training plans take it: one shared activation buffer, recomputed from fc
+// before each mproj backward), run here on the CPU through the kernel table: bitwise the same gradients as
+// a buffer per layer, with less memory (GELU and SwiGLU).
+TEST(Recompute, SharedActivationBufferTrainsBitwiseAlike) {
+  for (const char* preset : {"test-gpt2", "test-llama"}) {
+    SCOPED_TRACE(preset);
+    const ModelConfig c = config_preset(preset);
+    const int64_t B = 2, T = 12;
+    const ModelPlan p{B, T, true};
+    std::vector<float> grads[2];
+    size_t bytes[2] = {0, 0};
+    for (int on = 0; on < 2; ++on) {
+      BlockKernels k = block_kernels(c, p);
+      k.recompute_act = on == 1;
+      Parameters params(model_param_specs(c, *make_ends(c)), p.device, false);
+      TrainingState state(params, Model::lazy_grads(c, p, *make_ends(c), &k), -1, -1);
+      Model m(c, p, params, &state, make_ends(c), &k);
+      params.init_gpt2(5, c.n_layer, c.vocab_size);
+      bytes[on] = Model::plan_bytes(c, p, m.ends(), &k);
+      state.zero_grad();
+      std::vector<int32_t> in = test::randint(B * T, 31, static_cast<int32_t>(c.vocab_size)),
+                           tg = test::randint(B * T, 41, static_cast<int32_t>(c.vocab_size));
+      m.forward_backward(test::tensor_of(in, {B, T}, "tokens"), test::tensor_of(tg, {B, T}, "targets"));
+      const Tensor flat = state.grads().flat_f32();
+      grads[on].assign(flat.f32(), flat.f32() + flat.numel());
+    }
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    EXPECT_EQ(0, std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)));
+    EXPECT_LT(bytes[1], bytes[0]);
+  }
+}
+
 TEST(Recompute, FlagErrorsNameTheFlag) {
   const ModelConfig c = config_preset("test-gpt2");
   EXPECT_TRUE(test::one_line_error([&] { plan_from_flags(c, {"cpu", "auto", "auto", false, "some"}, 2, 8, true); },

@@ -23,6 +23,7 @@ BlockKernels block_kernels(const ModelConfig& c, const ModelPlan& p) {
   k.gemm_reads_copy = fused;
   k.gemm_math = p.precision == Precision::tf32 ? GemmMath::tf32 : GemmMath::fp32;
   k.overwrite_act_grads = fused;
+  k.recompute_act = fused && p.training && !k.fused_bias_gelu;  // GPU training, where memory binds (SwiGLU)
   // Lazy weight gradients: the backward writes them (beta 0) instead of zero_grad clearing them and the
   // backward adding (GPT-2 on the CPU: 0.5 GB fewer written and read a step). The CPU MoE backward
   // always adds, so MoE models keep their gradients eager on the CPU.
@@ -149,6 +150,15 @@ MoeExtra moe_extra(const BlockStep& s) {
   return MoeExtra{s.wg->ws_in, s.wg->ws_out, s.w->ws_gate, s.w->sel_bias};
 }
 
+// act = the activation of fc (dense FFN, unfused): the forward, and recompute_act's backward
+void activation_forward(const BlockStep& s, const char* what) {
+  BlockActs& a = *s.a;
+  timed(s, what, 0, [&] {
+    if (s.cfg->activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
+    else swiglu_forward(a.act, a.fc);
+  });
+}
+
 // ln2 (every row) -> out (every row; the residual add comes later)
 void ffn_forward(const BlockStep& s, Tensor ln2, Tensor out) {
   const ModelConfig& c = *s.cfg;
@@ -166,10 +176,7 @@ void ffn_forward(const BlockStep& s, Tensor ln2, Tensor out) {
     timed(s, "linear fc + gelu fwd", s.flops->fc, [&] { linear_gelu_forward(a.act, a.fc, ln2, wg.fc_w, wg.fc_b); });
   } else {
     timed(s, "linear fc fwd", s.flops->fc, [&] { linear_forward(a.fc, ln2, wg.fc_w, wg.fc_b, s.k->gemm_math); });
-    timed(s, "activation fwd", 0, [&] {
-      if (c.activation == ActivationKind::gelu) gelu_forward(a.act, a.fc);
-      else swiglu_forward(a.act, a.fc);
-    });
+    activation_forward(s, "activation fwd");
   }
   timed(s, "linear mproj fwd", s.flops->mproj, [&] {
     linear_forward(out, a.act, wg.mproj_w, row_bias(s, wg.mproj_b), s.k->gemm_math);
@@ -208,6 +215,7 @@ void ffn_backward(const BlockStep& s, GradMode wmode, Tensor ln2, Tensor dout, T
       linear_backward_dgelu(d.d_fc, g.mproj_w, mproj_db, dout, a.act, wg.mproj_w, a.fc, wmode);
     });
   } else {
+    if (s.k->recompute_act) activation_forward(s, "activation fwd (recompute)");
     timed(s, "linear mproj bwd", 2 * f.mproj, [&] {
       linear_backward(d.d_act, g.mproj_w, mproj_db, dout, a.act, wg.mproj_w, act_grad(s, d.d_act), wmode,
                       s.k->gemm_math);

@@ -57,6 +57,10 @@ struct BlockKernels {
   bool gemm_reads_copy = false;      // GEMMs read the bf16 weight copy (norms, router, gates: the masters)
   GemmMath gemm_math = GemmMath::fp32;  // f32 GEMMs on the GPU: true fp32, or TF32 tensor cores (tf32 plans)
   bool overwrite_act_grads = false;  // backward ops overwrite activation gradients (else zero, then +=)
+  // training: the dense FFN's activation output (when not fused into the fc GEMM) is one buffer shared by
+  // the layers, recomputed from the kept fc output right before each layer's mproj backward (the same
+  // kernel: the same bits), instead of one (B, T, d_ff) buffer per layer
+  bool recompute_act = false;
   bool lazy_weight_grads = false;    // right after zero_grad the weight-gradient GEMMs overwrite (beta 0)
   Communicator* comm = nullptr;      // tensor parallelism's reductions (single_rank(): none)
   // Sequence parallelism (with tensor parallelism): the norms, residual adds and the residual stream

@@ -82,7 +82,8 @@ int64_t seq_rows(const BlockKernels& k, int64_t N) {
 
 // Whether activation `what` of a training layer is one buffer shared by every layer (recomputed before
 // each layer's backward, ModelPlan::recompute) rather than the layer's own.
-bool recomputed(const ModelPlan& p, const std::string& what) {
+bool recomputed(const ModelPlan& p, const BlockKernels& k, const std::string& what) {
+  if (p.training && k.recompute_act && what == "act") return true;
   if (!p.training || p.recompute == Recompute::none) return false;
   if (what == "qkv" || what == "probs" || what == "att") return true;
   if (p.recompute == Recompute::attention) return false;
@@ -91,8 +92,8 @@ bool recomputed(const ModelPlan& p, const std::string& what) {
 }
 
 // The name of layer l's activation `what` in the arena: "recompute.<what>" when shared.
-std::string act_name(const ModelPlan& p, int l, const std::string& what) {
-  return recomputed(p, what) ? "recompute." + what : layer_name(l, what);
+std::string act_name(const ModelPlan& p, const BlockKernels& k, int l, const std::string& what) {
+  return recomputed(p, k, what) ? "recompute." + what : layer_name(l, what);
 }
 
 // Everything the backward reads, per layer (the layer names match the parameters').
@@ -117,7 +118,7 @@ std::vector<TensorSpec> activation_specs(const ModelConfig& cfg, const ModelPlan
     return false;
   };
   for (int l = 0; l < sets; ++l) {
-    auto at = [&](const std::string& what) { return act_name(plan, l, what); };
+    auto at = [&](const std::string& what) { return act_name(plan, k, l, what); };
     add(at("ln1"), stream, adt);
     add(at("ln1_mean"), {Nl});
     add(at("ln1_rstd"), {Nl});
@@ -340,7 +341,7 @@ void Model::plan_activations() {
   encoded_ = acts_.get("encoded");
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const int k = l % sets;  // the layer's activation set (or the shared recompute buffers)
-    auto a = [&](const std::string& n) { return get(act_name(plan_, k, n)); };
+    auto a = [&](const std::string& n) { return get(act_name(plan_, kernels_, k, n)); };
     auto norm_out = [&](const std::string& stem) { return NormOut{a(stem), a(stem + "_mean"), a(stem + "_rstd")}; };
     BlockActs x;
     x.ln1 = norm_out("ln1");
@@ -353,7 +354,7 @@ void Model::plan_activations() {
     x.act = a("act");
     x.res2 = a("res2");
     if (cfg_.is_moe_layer(l)) {
-      x.moe = moe_state_bind([&](const std::string& field) { return acts_.get(act_name(plan_, k, "moe." + field)); },
+      x.moe = moe_state_bind([&](const std::string& field) { return acts_.get(act_name(plan_, kernels_, k, "moe." + field)); },
                              moe_cfg_);
       moe_states_.push_back(x.moe);
     }
@@ -385,7 +386,7 @@ void Model::plan_workspace() {
   for (int l = 0; l < cfg_.n_layer; ++l) {
     acts_l_[static_cast<size_t>(l)].moe_scratch = shared;
     if (cfg_.is_moe_layer(l) && plan_.training) {
-      acts_l_[static_cast<size_t>(l)].moe_scratch.xg = acts_.get(act_name(plan_, l, "moe.xg"));
+      acts_l_[static_cast<size_t>(l)].moe_scratch.xg = acts_.get(act_name(plan_, kernels_, l, "moe.xg"));
       acts_l_[static_cast<size_t>(l)].moe_scratch.xg_saved = true;
     }
   }
