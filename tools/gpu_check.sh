@@ -447,19 +447,23 @@ fi
 if [ "$what" = shapes ] || [ "${LMF_WITH_SHAPES:-0}" = 1 ]; then
   # Issue 23's shapes, lmforge (bf16, the step as one CUDA graph) against PyTorch eager and torch.compile (bf16
   # autocast, flash SDPA, fused AdamW; bench/torch_gpu_gpt2.py --shape) on this GPU in this run: tok/s, MFU, peak GB.
-  # LMF_SHAPES: "preset:B:T ..." (default the issue's table)
-  for st in ${LMF_SHAPES:-gpt2-124m:16:1024 gpt2-350m:8:1024 llama-1b:4:2048}; do
-    IFS=: read -r sp sb stt <<<"$st"
+  # LMF_SHAPES: "preset:B:T[:recompute] ..." (default the issue's table, and llama-1b with --recompute attention and
+  # full: lmforge's rows only, the same PyTorch rows)
+  shapes=${LMF_SHAPES:-gpt2-124m:16:1024 gpt2-350m:8:1024 llama-1b:4:2048 llama-1b:4:2048:attention llama-1b:4:2048:full}
+  for st in $shapes; do
+    IFS=: read -r sp sb stt src <<<"$st"
+    tag=$sp${src:+-$src}
     timeout 300 ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$sp" --batch-size "$sb" --seq-len "$stt" \
-      --steps 10 --warmup-steps 3 --cuda-graph >"$OUT/shape_lmf_$sp.json" 2>"$OUT/shape_lmf_$sp.err" ||
-      { failures=$((failures + 1)); tail -3 "$OUT/shape_lmf_$sp.err"; }
+      --steps 10 --warmup-steps 3 --cuda-graph --recompute "${src:-none}" >"$OUT/shape_lmf_$tag.json" 2>"$OUT/shape_lmf_$tag.err" ||
+      { failures=$((failures + 1)); tail -3 "$OUT/shape_lmf_$tag.err"; }
+    [ -n "$src" ] && continue  # the PyTorch rows of this shape ran with its plain row
     for mode in eager-bf16 compile-bf16; do
       timeout 400 python3 bench/torch_gpu_gpt2.py --shape "$sp" --mode $mode --batch-size "$sb" --seq-len "$stt" \
         --steps 10 --warmup-steps 3 >"$OUT/shape_torch_${sp}_$mode.json" 2>"$OUT/shape_torch_${sp}_$mode.err" ||
         tail -3 "$OUT/shape_torch_${sp}_$mode.err"
     done
   done
-  python3 - "$OUT" ${LMF_SHAPES:-gpt2-124m:16:1024 gpt2-350m:8:1024 llama-1b:4:2048} <<'PY'
+  python3 - "$OUT" $shapes <<'PY'
 import json, os, sys
 out = sys.argv[1]
 def ld(f):
@@ -471,11 +475,12 @@ print("| shape | B x T | lmforge tok/s | torch.compile tok/s | eager tok/s | lmf
       "| peak GB lmforge / compile |")
 print("|---|---|---|---|---|---|---|---|")
 for st in sys.argv[2:]:
-    sp, b, t = st.split(":")
-    l, c, e = ld(f"shape_lmf_{sp}.json"), ld(f"shape_torch_{sp}_compile-bf16.json"), ld(f"shape_torch_{sp}_eager-bf16.json")
+    sp, b, t, *rc = st.split(":")
+    tag = sp + ("-" + rc[0] if rc else "")
+    l, c, e = ld(f"shape_lmf_{tag}.json"), ld(f"shape_torch_{sp}_compile-bf16.json"), ld(f"shape_torch_{sp}_eager-bf16.json")
     g = lambda r, k, f="%.0f": (f % r[k]) if k in r else "n/a"
     ratio = "%.2f" % (l["tok_s"] / c["tok_s"]) if "tok_s" in l and "tok_s" in c else "n/a"
-    print(f"| {sp} | {b} x {t} | {g(l, 'tok_s')} | {g(c, 'tok_s')} | {g(e, 'tok_s')} | {ratio} | "
+    print(f"| {tag} | {b} x {t} | {g(l, 'tok_s')} | {g(c, 'tok_s')} | {g(e, 'tok_s')} | {ratio} | "
           f"{g(l, 'mfu', '%.3f')} / {g(c, 'mfu', '%.3f')} | {g(l, 'peak_mem_gb', '%.1f')} / {g(c, 'peak_mem_gb', '%.1f')} |")
 PY
 fi
