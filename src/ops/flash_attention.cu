@@ -31,8 +31,11 @@
 //      (Q, dO, lse, delta double-buffered), recomputing S^T = K Q^T and P^T = exp(S^T - lse) in
 //      registers; dV and dK accumulate in registers (fp32) and are added into dqkv once at the end.
 //      Key tile 0 (the most query tiles) is scheduled first.
-// Registers (ptxas, nvcc 13.0) at HS 32 / 64 / 128: forward 105 / 128 / 190 (2 CTAs per SM at HS <= 64
-// by __launch_bounds__); dQ 241 / 128 / 240; dK/dV 201 / 168 / 255 (8 bytes spilled at HS 128).
+// Head sizes: 32, 64, 80, 96, 112, 128 (attention.h flash_head_size_supported; any multiple of 16 fits
+// the fragment loops, the instances are the sizes real models use).
+// Registers (ptxas, nvcc 13.0) at HS 32 / 64 / 80 / 96 / 112 / 128: forward 103 / 127 / 162 / 186 / 198 / 198
+// (2 CTAs per SM at HS <= 64 by __launch_bounds__); dQ 241 / 128 / 171 / 175 / 240 / 240; dK/dV 202 / 168 /
+// 171 / 238 / 255 / 255 (spills: 16 bytes at HS 64, 8 at 112, 36 at 128).
 // Measured on an H200 at B=16, NH=12, T=1024, HS=64 (ncu per kernel): forward 139 us (events: 0.134
 // ms, ~190 TFLOP/s on the causal half); backward 0.443 ms by events (~146 TFLOP/s counted as 2.5x the
 // forward's FLOPs): dQ + delta 187 us, dK/dV 267 us (before this tiling: delta 15 + dQ 173 + dK/dV
