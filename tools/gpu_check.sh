@@ -457,6 +457,10 @@ if [ "$what" = shapes ] || [ "${LMF_WITH_SHAPES:-0}" = 1 ]; then
       --steps 10 --warmup-steps 3 --cuda-graph --recompute "${src:-none}" >"$OUT/shape_lmf_$tag.json" 2>"$OUT/shape_lmf_$tag.err" ||
       { failures=$((failures + 1)); tail -3 "$OUT/shape_lmf_$tag.err"; }
     [ -n "$src" ] && continue  # the PyTorch rows of this shape ran with its plain row
+    # where the step's time goes: per op against the GEMM and copy ceilings measured now (eager, --profile)
+    timeout 200 ./build-gpu/lmforge_bench --device cuda --precision bf16 --preset "$sp" --batch-size "$sb" --seq-len "$stt" \
+      --steps 3 --warmup-steps 2 --profile >/dev/null 2>"$OUT/shape_profile_$sp.txt" || tail -3 "$OUT/shape_profile_$sp.txt"
+    echo "== $sp B=$sb T=$stt: per-op profile (eager) =="; grep -A16 "^per-op time" "$OUT/shape_profile_$sp.txt"
     for mode in eager-bf16 compile-bf16; do
       timeout 400 python3 bench/torch_gpu_gpt2.py --shape "$sp" --mode $mode --batch-size "$sb" --seq-len "$stt" \
         --steps 10 --warmup-steps 3 >"$OUT/shape_torch_${sp}_$mode.json" 2>"$OUT/shape_torch_${sp}_$mode.err" ||
