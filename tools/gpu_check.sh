@@ -425,6 +425,14 @@ s=[ld(f'{o}/bi_servebench_{m}.json')['throughput']['output_tokens_per_s'] for m 
 t=[ld(f'{o}/bi_trainbench_{m}.json')['tok_s'] for m in ('default','bi')]; \
 print(f'serve {sys.argv[2]} {s[0]:.0f} -> {s[1]:.0f} tok/s ({s[1]/s[0]:.2f}x); GPT-2 train step {t[0]:.0f} -> {t[1]:.0f} tok/s ({t[1]/t[0]:.2f}x)')" \
     "$OUT" "$sp" 2>&1 | tail -1)"
+  # a decode step's ops in both modes, side by side (ms per step, 32 sequences, eager)
+  [ -n "$cost_modes" ] && python3 -c "import json,sys; o=sys.argv[1]; \
+ld=lambda f: json.loads(open(f).read().strip().splitlines()[-1]).get('decode_step_breakdown', {}); \
+d, b = ld(f'{o}/bi_servebench_default.json'), ld(f'{o}/bi_servebench_bi.json'); \
+dm = {r['op']: r['ms_per_step'] for r in d.get('ops', [])}; bm = {r['op']: r['ms_per_step'] for r in b.get('ops', [])}; \
+print(f\"decode step: default {d.get('total_ms', 0):.3f} ms, batch-invariant {b.get('total_ms', 0):.3f} ms\"); \
+[print(f'  {op:32s} {dm.get(op, 0):8.4f} {bm.get(op, 0):8.4f}') for op in sorted(set(dm) | set(bm), key=lambda k: -bm.get(k, 0))]" \
+    "$OUT" 2>&1 | head -20
 fi
 
 if [ "${LMF_WITH_MOEROUTE:-0}" = 1 ]; then
