@@ -60,8 +60,6 @@ ModelPlan plan_from_flags(const ModelConfig& c, const PlanFlags& f, int64_t B, i
   if (p.device == Device::cuda) cuda_set_device(0);
   p.precision = f.precision == "auto" ? (p.device == Device::cuda ? Precision::bf16 : Precision::fp32)
                                       : parse_precision(f.precision, "--precision");
-  // batch-invariant plans run lmforge's flash kernels (a conflicting --attention fails below)
-  if (p.batch_invariant) p.attention = FlashKernels::lmforge;
   plan_validate_sizes(c, p);  // sizes first: the cuDNN shape query below sees only bounded ones
   p.attention = flash_kernels_from_flag(f.attention, p.bf16() && p.device == Device::cuda,
                                         {B, T, c.n_head, c.n_kv_head, c.head_size()}, "--attention",
