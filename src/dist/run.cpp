@@ -41,6 +41,9 @@ DistRun::DistRun(const DistEnv& env, std::chrono::milliseconds timeout, bool gpu
   std::signal(SIGPIPE, SIG_IGN);
   store_ = std::make_unique<TcpStore>(env, timeout);
   comm_ = gpu ? make_nccl_communicator(*store_) : make_gloo_communicator(*store_, timeout);
+  std::vector<int> world(static_cast<size_t>(env.world_size));
+  for (int r = 0; r < env.world_size; ++r) world[static_cast<size_t>(r)] = r;
+  all_connected("world", world);
   std::shared_ptr<TcpStore> watch(store_->another_connection().release());
   const int me = env.rank;
   watchdog_ = std::thread([this, watch, me] {
@@ -96,7 +99,17 @@ void DistRun::agree(const std::string& what, const std::string& fingerprint) {
 Communicator& DistRun::group(const std::string& name, const std::vector<int>& ranks) {
   groups_.push_back(gpu_ ? make_nccl_communicator(*store_, name, ranks)
                          : make_gloo_communicator(*store_, timeout_, name, ranks));
+  all_connected(name, ranks);
   return *groups_.back();
+}
+
+// No member of a group goes on before every member has connected: a rank that fails right after (a
+// config error every rank hits) must not close its sockets under a peer still connecting, which would
+// then report the lost connection instead of its own error.
+void DistRun::all_connected(const std::string& name, const std::vector<int>& ranks) {
+  const std::string prefix = "lmf/connected/" + name + "/";
+  store_->set(prefix + std::to_string(env_.rank), to_bytes("1"));
+  for (const int r : ranks) (void)store_->get(prefix + std::to_string(r));
 }
 
 void DistRun::finish() {

@@ -50,6 +50,7 @@ class DistRun {
   void finish();
 
  private:
+  void all_connected(const std::string& name, const std::vector<int>& ranks);  // a store barrier of the group
   DistEnv env_;
   std::unique_ptr<TcpStore> store_;
   std::unique_ptr<Communicator> comm_;
